@@ -1,0 +1,52 @@
+# Two set-up commands for a new user: `make demo` and `make test`. Both create
+# .venv and build the C extension themselves.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+NATIVE_SOURCES := csrc/alpc_native.c csrc/alpc_native.h csrc/build_ffi.py
+PYTEST_ARGS ?=
+
+.PHONY: all venv build demo test test-native test-pure lint bench bench-quick clean
+
+all: build
+
+$(STAMP): pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+venv: $(STAMP)
+
+# Rebuild the extension in place whenever its sources change.
+alpc/.native-built: $(STAMP) $(NATIVE_SOURCES)
+	$(PY) setup.py --quiet build_ext --inplace
+	touch $@
+
+build: alpc/.native-built
+
+demo: build
+	$(PY) examples/demo.py
+
+test: build lint test-native test-pure
+
+test-native: build
+	ALPC_REQUIRE_NATIVE=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+test-pure: build
+	ALPC_PUREPYTHON=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check alpc tests benchmarks examples csrc
+	$(VENV)/bin/mypy
+
+bench: build
+	$(PY) -m benchmarks
+
+bench-quick: build
+	$(PY) -m benchmarks --quick
+
+clean:
+	rm -rf $(VENV) build alpc/_alpc_native* alpc/.native-built *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,55 @@
+"""alpc: Windows ALPC semantics for Python programs on Linux."""
+
+from .broker import Broker, list_ports
+from .config import Config, PortAttributes
+from .errors import (
+    AccessDenied,
+    AlpcError,
+    BrokerRunning,
+    BrokerUnavailable,
+    ConnectionClosed,
+    ConnectionRejected,
+    InvalidName,
+    MessageTooLarge,
+    NameInUse,
+    NativeBuildError,
+    PeerGone,
+    PortNotFound,
+    ProtocolError,
+    QuotaExceeded,
+    Timeout,
+)
+from .port import CommunicationPort, ConnectionPort, ConnectionRequest, connect, create_port
+from .protocol import Message
+from .security import PeerCred
+from .wire import MessageType
+
+__all__ = [
+    "AccessDenied",
+    "AlpcError",
+    "Broker",
+    "BrokerRunning",
+    "BrokerUnavailable",
+    "CommunicationPort",
+    "Config",
+    "ConnectionClosed",
+    "ConnectionPort",
+    "ConnectionRejected",
+    "ConnectionRequest",
+    "InvalidName",
+    "Message",
+    "MessageTooLarge",
+    "MessageType",
+    "NameInUse",
+    "NativeBuildError",
+    "PeerCred",
+    "PeerGone",
+    "PortAttributes",
+    "PortNotFound",
+    "ProtocolError",
+    "QuotaExceeded",
+    "Timeout",
+    "connect",
+    "create_port",
+    "list_ports",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from alpc.cli import main
+
+sys.exit(main())

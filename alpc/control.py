@@ -1,0 +1,274 @@
+"""Sans-IO bodies of the control messages: broker requests and the connect handshake.
+
+Bodies are msgpack maps, unpacked with tight limits and checked field by field,
+so a hostile peer gets a ProtocolError rather than a surprise type or a huge
+allocation. Nothing here touches a socket.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar, TypeVar
+
+import msgpack
+
+from .errors import (
+    AccessDenied,
+    AlpcError,
+    BrokerUnavailable,
+    InvalidName,
+    MessageTooLarge,
+    NameInUse,
+    PortNotFound,
+    ProtocolError,
+    QuotaExceeded,
+)
+from .security import PeerCred
+from .wire import MessageType
+
+__all__ = [
+    "MAX_CONTROL_BODY",
+    "MAX_NAME_LENGTH",
+    "Body",
+    "ClientInfo",
+    "Connect",
+    "ConnectionReply",
+    "ConnectionRequestInfo",
+    "CreatePort",
+    "ErrorCode",
+    "ErrorReply",
+    "ListPorts",
+    "PortCreated",
+    "PortInfo",
+    "PortList",
+    "PortStatus",
+    "Record",
+    "Shutdown",
+    "decode_body",
+    "encode_body",
+    "validate_port_name",
+]
+
+MAX_NAME_LENGTH = 128
+# Control bodies carry connect data; its own limit is enforced separately.
+MAX_CONTROL_BODY = 16 * 1024 * 1024
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:@/-]*")
+
+
+def validate_port_name(name: object) -> str:
+    """Return ``name`` if it is a valid port name, else raise InvalidName saying why."""
+    if not isinstance(name, str):
+        raise InvalidName(f"port name must be a str, not {type(name).__name__}")
+    if not 1 <= len(name) <= MAX_NAME_LENGTH:
+        raise InvalidName(f"port name must be 1..{MAX_NAME_LENGTH} characters, got {len(name)}")
+    if not _NAME.fullmatch(name):
+        raise InvalidName(
+            f"port name {name!r} may only use letters, digits and _ . : @ / -, "
+            "and must start with a letter, digit or _"
+        )
+    if ".." in name or "//" in name or name.endswith(("/", ".")):
+        raise InvalidName(f"port name {name!r} has an empty segment or a trailing separator")
+    return name
+
+
+class ErrorCode:
+    NAME_IN_USE = "name_in_use"
+    NOT_FOUND = "not_found"
+    INVALID_NAME = "invalid_name"
+    BUSY = "busy"
+    ACCESS_DENIED = "access_denied"
+    SHUTTING_DOWN = "shutting_down"
+    BAD_REQUEST = "bad_request"
+    TOO_LARGE = "too_large"
+
+
+_ERROR_TYPES: dict[str, type[AlpcError]] = {
+    ErrorCode.NAME_IN_USE: NameInUse,
+    ErrorCode.NOT_FOUND: PortNotFound,
+    ErrorCode.INVALID_NAME: InvalidName,
+    ErrorCode.BUSY: QuotaExceeded,
+    ErrorCode.ACCESS_DENIED: AccessDenied,
+    ErrorCode.SHUTTING_DOWN: BrokerUnavailable,
+    ErrorCode.BAD_REQUEST: ProtocolError,
+    ErrorCode.TOO_LARGE: MessageTooLarge,
+}
+
+R = TypeVar("R", bound="Record")
+T = TypeVar("T", bound="Body")
+
+
+@dataclass(frozen=True)
+class Record:
+    """A msgpack map with a fixed set of typed fields."""
+
+    @classmethod
+    def from_map(cls: type[R], raw: dict[str, Any]) -> R:
+        values: dict[str, Any] = {}
+        for spec in fields(cls):
+            if spec.name not in raw:
+                raise ProtocolError(f"{cls.__name__}: missing field {spec.name!r}")
+            values[spec.name] = _check_type(cls.__name__, spec.name, spec.type, raw[spec.name])
+        extra = set(raw) - set(values)
+        if extra:
+            raise ProtocolError(f"{cls.__name__}: unknown fields {sorted(map(repr, extra))}")
+        return cls(**values)
+
+
+def _check_type(owner: str, name: str, annotation: object, value: Any) -> Any:
+    expected = {"str": str, "bytes": bytes, "int": int, "bool": bool}.get(str(annotation))
+    if expected is not None:
+        # bool is an int subclass; keep the two apart so a flag is never a count.
+        if type(value) is not expected:
+            raise ProtocolError(f"{owner}.{name}: expected {expected.__name__}, got {type(value).__name__}")
+        return value
+    nested = _NESTED.get(str(annotation))
+    if nested is None:
+        raise TypeError(f"{owner}.{name}: unsupported annotation {annotation!r}")
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        raise ProtocolError(f"{owner}.{name}: expected a list of maps")
+    return tuple(nested.from_map(item) for item in value)
+
+
+@dataclass(frozen=True)
+class Body(Record):
+    """A control frame's body; subclasses name their frame type."""
+
+    TYPE: ClassVar[MessageType]
+
+
+@dataclass(frozen=True)
+class CreatePort(Body):
+    TYPE: ClassVar[MessageType] = MessageType.CREATE_PORT
+    name: str
+    max_message_length: int
+    max_connect_data: int
+    max_pending_connects: int
+
+
+@dataclass(frozen=True)
+class PortCreated(Body):
+    TYPE: ClassVar[MessageType] = MessageType.PORT_CREATED
+    name: str
+
+
+@dataclass(frozen=True)
+class Connect(Body):
+    TYPE: ClassVar[MessageType] = MessageType.CONNECT
+    name: str
+    data: bytes
+    max_message_length: int
+
+
+@dataclass(frozen=True)
+class ConnectionRequestInfo(Body):
+    """Broker to server, with the client's connected socket attached as an fd."""
+
+    TYPE: ClassVar[MessageType] = MessageType.CONNECTION_REQUEST
+    name: str
+    data: bytes
+    max_message_length: int
+
+
+@dataclass(frozen=True)
+class ConnectionReply(Body):
+    """Server to client, the first frame on the new channel."""
+
+    TYPE: ClassVar[MessageType] = MessageType.CONNECTION_REPLY
+    accepted: bool
+    data: bytes
+    reason: str
+    max_message_length: int
+
+
+@dataclass(frozen=True)
+class ErrorReply(Body):
+    TYPE: ClassVar[MessageType] = MessageType.ERROR
+    code: str
+    message: str
+
+    def exception(self) -> AlpcError:
+        return _ERROR_TYPES.get(self.code, ProtocolError)(self.message)
+
+
+@dataclass(frozen=True)
+class ListPorts(Body):
+    TYPE: ClassVar[MessageType] = MessageType.LIST_PORTS
+
+
+@dataclass(frozen=True)
+class ClientInfo(Record):
+    pid: int
+    uid: int
+    gid: int
+
+    @classmethod
+    def of(cls, cred: PeerCred) -> ClientInfo:
+        return cls(pid=cred.pid, uid=cred.uid, gid=cred.gid)
+
+
+@dataclass(frozen=True)
+class PortStatus(Body):
+    """Server to broker: who is connected now, for ``alpc ports``."""
+
+    TYPE: ClassVar[MessageType] = MessageType.PORT_STATUS
+    clients: tuple[ClientInfo, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class PortInfo(Record):
+    name: str
+    pid: int
+    uid: int
+    gid: int
+    max_message_length: int
+    clients: tuple[ClientInfo, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class PortList(Body):
+    TYPE: ClassVar[MessageType] = MessageType.PORT_LIST
+    ports: tuple[PortInfo, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class Shutdown(Body):
+    TYPE: ClassVar[MessageType] = MessageType.SHUTDOWN
+    reason: str
+
+
+_NESTED: dict[str, type[Record]] = {
+    "tuple[ClientInfo, ...]": ClientInfo,
+    "tuple[PortInfo, ...]": PortInfo,
+}
+
+_BODIES: dict[MessageType, type[Body]] = {
+    body.TYPE: body
+    for body in (CreatePort, PortCreated, Connect, ConnectionRequestInfo, ConnectionReply,
+                 ErrorReply, ListPorts, PortList, PortStatus, Shutdown)
+}
+
+
+def encode_body(body: Body) -> bytes:
+    packed: bytes = msgpack.packb(asdict(body), use_bin_type=True)
+    return packed
+
+
+def decode_body(message_type: MessageType, data: bytes, expected: type[T]) -> T:
+    """Decode ``data`` as the body ``expected``; anything else is a ProtocolError."""
+    if _BODIES.get(message_type) is not expected:
+        raise ProtocolError(f"expected a {expected.__name__} frame, got {message_type.name}")
+    if len(data) > MAX_CONTROL_BODY:
+        raise ProtocolError(f"{expected.__name__} body of {len(data)} bytes is too long")
+    try:
+        raw = msgpack.unpackb(
+            data, raw=False, strict_map_key=True, use_list=True,
+            max_str_len=64 * 1024,
+            max_bin_len=MAX_CONTROL_BODY, max_array_len=100_000, max_map_len=64,
+            max_ext_len=0,
+        )
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise ProtocolError(f"undecodable {expected.__name__} body: {type(exc).__name__}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ProtocolError(f"{expected.__name__} body is not a map")
+    return expected.from_map(raw)

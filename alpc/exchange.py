@@ -1,0 +1,57 @@
+"""Blocking control exchanges with the broker or a server: one frame out, one frame in.
+
+Shared by connect(), create_port() and the broker queries, so each reads
+replies the same way: exactly one frame, never a byte past it.
+"""
+
+from __future__ import annotations
+
+import os
+
+from . import control
+from .errors import ProtocolError, Timeout
+from .security import PeerCred
+from .transport import Stream, wait_readable
+from .wire import Frame, FrameDecoder, encode_header
+
+__all__ = ["control_frame", "read_frame"]
+
+_PID = os.getpid()
+
+
+def _refresh_pid() -> None:
+    global _PID
+    _PID = os.getpid()
+
+
+os.register_at_fork(after_in_child=_refresh_pid)
+
+
+def control_frame(body: control.Body, n_fds: int = 0) -> list[bytes]:
+    payload = control.encode_body(body)
+    return [encode_header(body.TYPE, len(payload), n_fds=n_fds, sender_pid=_PID), payload]
+
+
+def read_frame(
+    stream: Stream, decoder: FrameDecoder, deadline: float | None, what: str, max_fds: int = 0
+) -> tuple[Frame | None, PeerCred | None]:
+    """Read exactly one frame; returns (frame, sender credentials), or (None, _) at EOF.
+
+    Credentials come from SCM_CREDENTIALS when the stream has SO_PASSCRED set;
+    a frame assembled from two senders is refused.
+    """
+    cred: PeerCred | None = None
+    while True:
+        if not wait_readable([stream.fileno()], deadline):
+            raise Timeout(f"timed out waiting for {what}")
+        got = stream.recv_with_ancillary(decoder.wanted(), max_fds=max_fds, want_cred=True)
+        if got is None:
+            continue
+        if not got.data:
+            return None, cred
+        if cred is not None and got.cred != cred:
+            raise ProtocolError(f"{what} arrived from two different processes")
+        cred = got.cred
+        frames = decoder.feed(got.data, got.fds)
+        if frames:
+            return frames[0], cred

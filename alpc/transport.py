@@ -1,0 +1,341 @@
+"""The only module that touches sockets: Unix stream sockets, fds, and credentials.
+
+Every socket is non-blocking; waits go through ``poll`` with a deadline, so
+every blocking call in alpc has a timeout and can also watch a pidfd.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import os
+import select
+import socket
+import struct
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+from .errors import BrokerUnavailable, ConnectionClosed, Timeout
+from .security import PeerCred
+
+__all__ = [
+    "RECV_CHUNK",
+    "Buffer",
+    "SO_PEERPIDFD",
+    "Listener",
+    "Received",
+    "Stream",
+    "advance_buffers",
+    "close_fds",
+    "deadline_after",
+    "is_live_socket",
+    "pidfd_open",
+    "remaining",
+    "wait_readable",
+]
+
+# Python 3.11 lacks this constant (Linux 6.5+).
+SO_PEERPIDFD = 77
+RECV_CHUNK = 256 * 1024
+_UCRED = struct.Struct("3i")
+# What sendmsg takes; collections.abc.Buffer only arrived in 3.12.
+Buffer = bytes | bytearray | memoryview
+_FD_SIZE = array.array("i").itemsize
+_POLL_IN = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
+
+
+def deadline_after(timeout: float | None) -> float | None:
+    if timeout is None:
+        return None
+    if timeout < 0:
+        raise ValueError(f"timeout must be >= 0 or None, got {timeout}")
+    return time.monotonic() + timeout
+
+
+def remaining(deadline: float | None) -> float | None:
+    """Seconds left until ``deadline`` (never negative), or None for no deadline."""
+    if deadline is None:
+        return None
+    return max(0.0, deadline - time.monotonic())
+
+
+def _poll_ms(deadline: float | None) -> int | None:
+    left = remaining(deadline)
+    return None if left is None else int(left * 1000) + (1 if left > 0 else 0)
+
+
+def wait_readable(fds: Sequence[int], deadline: float | None) -> list[int]:
+    """Block until one of ``fds`` is readable (or hung up); [] when the deadline passes."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, _POLL_IN)
+    while True:
+        try:
+            return [fd for fd, _ in poller.poll(_poll_ms(deadline))]
+        except InterruptedError:
+            continue
+
+
+def pidfd_open(pid: int) -> int | None:
+    """A pidfd for ``pid`` (readable once it exits), or None if the kernel has none."""
+    try:
+        return os.pidfd_open(pid)
+    except (OSError, AttributeError):
+        return None
+
+
+class Received(NamedTuple):
+    data: bytes
+    fds: list[int]
+    cred: PeerCred | None
+
+
+class Stream:
+    """A connected, non-blocking Unix stream socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self._sock = sock
+        self._fd = sock.fileno()
+        self.broken = False
+
+    @classmethod
+    def connect(cls, path: Path, timeout: float | None = None) -> Stream:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            sock.close()
+            raise BrokerUnavailable(f"no broker listening at {path} ({exc.strerror})") from None
+        except OSError as exc:
+            sock.close()
+            if isinstance(exc, TimeoutError):
+                raise Timeout(f"connecting to the broker at {path} timed out") from None
+            raise BrokerUnavailable(f"cannot reach the broker at {path}: {exc}") from None
+        return cls(sock)
+
+    @classmethod
+    def from_fd(cls, fd: int) -> Stream:
+        """Adopt a received socket fd (the broker hands over a client's socket this way)."""
+        return cls(socket.socket(fileno=fd))
+
+    @classmethod
+    def pair(cls) -> tuple[Stream, Stream]:
+        left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        return cls(left), cls(right)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self._sock.fileno() < 0
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def shutdown(self) -> None:
+        """End both directions now, waking any thread blocked on this socket.
+
+        Unlike close, the fd stays valid, so a concurrent reader or writer gets
+        EOF/EPIPE instead of touching a closed (or reused) descriptor.
+        """
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def detach(self) -> int:
+        """Give up ownership of the fd (after passing it to another process)."""
+        return self._sock.detach()
+
+    # -- identity ------------------------------------------------------------
+
+    def peer_cred(self) -> PeerCred:
+        """SO_PEERCRED: who was on the other end when the connection was made."""
+        pid, uid, gid = _UCRED.unpack(self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+        return PeerCred(pid, uid, gid)
+
+    def peer_pidfd(self) -> int | None:
+        """SO_PEERPIDFD (Linux 6.5+), else a pidfd opened from SO_PEERCRED's pid."""
+        try:
+            return self._sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
+        except OSError:
+            return pidfd_open(self.peer_cred().pid)
+
+    def set_passcred(self, enabled: bool) -> None:
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, int(enabled))
+
+    # -- sending ---------------------------------------------------------------
+
+    def try_send(self, buffers: Sequence[Buffer], fds: Sequence[int] = ()) -> int:
+        """One non-blocking sendmsg; returns the bytes written (0 if the socket is full)."""
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        try:
+            return self._sock.sendmsg(buffers, ancillary)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise ConnectionClosed(f"the peer is gone ({exc.strerror})") from None
+
+    def send(self, buffers: Sequence[Buffer], fds: Sequence[int] = (), deadline: float | None = None) -> None:
+        """Write every byte of ``buffers`` (fds ride with the first byte).
+
+        A deadline that passes after part of a frame went out leaves the stream
+        unusable, so ``broken`` is set and the caller must drop the channel.
+        """
+        pending = [memoryview(b).cast("B") for b in buffers if len(b)]
+        total = sum(len(b) for b in pending)
+        sent_any = False
+        while pending:
+            written = self.try_send(pending, fds if not sent_any else ())
+            if written:
+                sent_any = True
+                total -= written
+                pending = advance_buffers(pending, written)
+                continue
+            if not self._wait_writable(deadline):
+                self.broken = sent_any
+                raise Timeout(f"send timed out with {total} bytes unsent")
+
+    def _wait_writable(self, deadline: float | None) -> bool:
+        poller = select.poll()
+        poller.register(self._fd, select.POLLOUT)
+        while True:
+            try:
+                return bool(poller.poll(_poll_ms(deadline)))
+            except InterruptedError:
+                continue
+
+    # -- receiving -------------------------------------------------------------
+
+    def recv(self, size: int = RECV_CHUNK) -> bytes | None:
+        """Non-blocking read; b"" at end of stream, None when nothing is there yet.
+
+        Any fds a peer attached are discarded by the kernel, never installed here.
+        """
+        try:
+            return self._sock.recv(size)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except ConnectionResetError:
+            return b""
+
+    def recv_with_ancillary(self, size: int = RECV_CHUNK, max_fds: int = 0, want_cred: bool = False) -> Received | None:
+        """Non-blocking recvmsg keeping fds and SCM_CREDENTIALS; None if nothing is there.
+
+        fds beyond ``max_fds`` are closed, never leaked.
+        """
+        space = socket.CMSG_SPACE(max(max_fds, 1) * _FD_SIZE)
+        if want_cred:
+            space += socket.CMSG_SPACE(_UCRED.size)
+        try:
+            data, ancillary, flags, _ = self._sock.recvmsg(size, space)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except ConnectionResetError:
+            return Received(b"", [], None)
+        fds: list[int] = []
+        cred = None
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                usable = len(payload) - len(payload) % _FD_SIZE
+                fds.extend(array.array("i", payload[:usable]))
+            elif level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                cred = PeerCred(*_UCRED.unpack_from(payload))
+        if len(fds) > max_fds or flags & socket.MSG_CTRUNC:
+            close_fds(fds)
+            fds = []
+        return Received(data, fds, cred)
+
+
+def close_fds(fds: Iterable[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def advance_buffers(buffers: list[memoryview], written: int) -> list[memoryview]:
+    """Drop ``written`` bytes from the front of ``buffers`` (after a partial write)."""
+    while written:
+        head = buffers[0]
+        if written >= len(head):
+            written -= len(head)
+            buffers.pop(0)
+        else:
+            buffers[0] = head[written:]
+            written = 0
+    return buffers
+
+
+class Listener:
+    """A listening pathname Unix socket; the file is removed again on close."""
+
+    def __init__(self, sock: socket.socket, path: Path | None) -> None:
+        sock.setblocking(False)
+        self._sock = sock
+        self.path = path
+
+    @classmethod
+    def bind(cls, path: Path, backlog: int = 512) -> Listener:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            old_umask = os.umask(0o177)
+            try:
+                sock.bind(str(path))
+            finally:
+                os.umask(old_umask)
+            sock.listen(backlog)
+        except OSError:
+            sock.close()
+            raise
+        return cls(sock, path)
+
+    @classmethod
+    def from_fd(cls, fd: int) -> Listener:
+        """Adopt an inherited listening socket (socket activation); the activator owns the file."""
+        sock = socket.socket(fileno=fd)
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            sock.detach()
+            raise ValueError(f"fd {fd} is not a Unix stream socket")
+        return cls(sock, None)
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def accept(self) -> Stream | None:
+        try:
+            sock, _ = self._sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED):
+                return None
+            raise
+        return Stream(sock)
+
+    def close(self, unlink: bool = True) -> None:
+        self._sock.close()
+        if unlink and self.path is not None:
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+
+
+def is_live_socket(path: Path) -> bool:
+    """Is something accepting connections at ``path``? (Distinguishes a stale file.)"""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()

@@ -1,0 +1,254 @@
+"""Sans-IO wire format: the fixed frame header, message types, and the frame decoder.
+
+A frame is ``header | attributes | data``. The header is 40 little-endian bytes
+(the size of ALPC's PORT_MESSAGE on x64)::
+
+    magic u16, version u8, type u8, flags u32, data_length u32, attr_length u32,
+    message_id u32, callback_id u32, sender_pid u32, sender_tid u32,
+    n_fds u16, reserved u16, reserved u32
+
+Nothing here knows about sockets: bytes and fds go in, frames come out.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import IntEnum, IntFlag
+from typing import NamedTuple
+
+from . import _native
+from .errors import ProtocolError
+
+__all__ = [
+    "HEADER",
+    "HEADER_SIZE",
+    "MAGIC",
+    "VERSION",
+    "Flag",
+    "Frame",
+    "FrameDecoder",
+    "FrameLimits",
+    "MessageType",
+    "encode_frame",
+    "encode_header",
+]
+
+MAGIC = 0xA1C5
+VERSION = 1
+HEADER = struct.Struct("<HBBIIIIIIIHHI")
+HEADER_SIZE = HEADER.size
+assert HEADER_SIZE == _native.HEADER_SIZE == 40
+
+
+class MessageType(IntEnum):
+    """Frame types; numbering follows ALPC's LPC_* values where one exists."""
+
+    REQUEST = 1
+    REPLY = 2
+    DATAGRAM = 3
+    LOST_REPLY = 4
+    PORT_CLOSED = 5
+    CLIENT_DIED = 6
+    CONNECTION_REQUEST = 10
+    CONNECTION_REPLY = 11
+    CANCEL = 12
+    PING = 20
+    PONG = 21
+    # Broker control traffic; never seen on an established channel.
+    CREATE_PORT = 32
+    PORT_CREATED = 33
+    CONNECT = 34
+    ERROR = 35
+    LIST_PORTS = 36
+    PORT_LIST = 37
+    PORT_STATUS = 38
+    SHUTDOWN = 39
+
+
+class Flag(IntFlag):
+    """Header flags. Unknown bits are a protocol error, so peers cannot smuggle state."""
+
+    NONE = 0
+
+
+KNOWN_FLAGS = 0
+
+
+def type_mask(types: Iterable[MessageType]) -> int:
+    mask = 0
+    for message_type in types:
+        mask |= 1 << int(message_type)
+    return mask
+
+
+@dataclass(frozen=True)
+class FrameLimits:
+    """What a receiver accepts; anything outside is a protocol error on that channel."""
+
+    allowed_types: frozenset[MessageType]
+    max_data: int
+    max_attr: int = 0
+    max_fds: int = 0
+    flag_mask: int = KNOWN_FLAGS
+
+    def native(self) -> _native.ScanLimits:
+        return _native.ScanLimits(
+            max_data=self.max_data,
+            max_attr=self.max_attr,
+            type_mask=type_mask(self.allowed_types),
+            flag_mask=self.flag_mask,
+            max_fds=self.max_fds,
+        )
+
+
+class Frame(NamedTuple):
+    type: MessageType
+    flags: int
+    message_id: int
+    callback_id: int
+    sender_pid: int
+    sender_tid: int
+    attrs: bytes
+    data: bytes
+    fds: tuple[int, ...]
+
+
+def encode_header(
+    message_type: int,
+    data_length: int,
+    *,
+    message_id: int = 0,
+    callback_id: int = 0,
+    flags: int = 0,
+    attr_length: int = 0,
+    n_fds: int = 0,
+    sender_pid: int = 0,
+    sender_tid: int = 0,
+) -> bytes:
+    return HEADER.pack(
+        MAGIC, VERSION, message_type, flags, data_length, attr_length,
+        message_id, callback_id, sender_pid, sender_tid, n_fds, 0, 0,
+    )
+
+
+def encode_frame(message_type: int, data: bytes = b"", **fields: int) -> bytes:
+    """One whole frame as bytes; the hot path sends header and data as separate buffers."""
+    return encode_header(message_type, len(data), **fields) + data
+
+
+_ERRORS = {
+    _native.E_MAGIC: "bad magic (not an alpc frame)",
+    _native.E_VERSION: "unsupported protocol version",
+    _native.E_TYPE: "message type not allowed here",
+    _native.E_FLAGS: "unknown flag bits",
+    _native.E_RESERVED: "reserved header fields are not zero",
+    _native.E_DATA: "data length exceeds the limit",
+    _native.E_ATTR: "attribute length exceeds the limit",
+    _native.E_FDS: "fd count exceeds the limit",
+}
+
+
+class FrameDecoder:
+    """Reassembles frames from a byte stream, validating every header before use.
+
+    fds arrive with the first byte of the ``sendmsg`` that carried them, so they
+    are queued and handed to frames in order by each header's ``n_fds``.
+    """
+
+    def __init__(self, limits: FrameLimits) -> None:
+        self._limits = limits
+        self._scan_limits = limits.native()
+        # Bytes of an incomplete frame, kept as chunks so a large frame arriving
+        # piecewise is joined once instead of re-copied on every read.
+        self._chunks: list[bytes] = []
+        self._buffered = 0
+        self._need = HEADER_SIZE
+        self._fds: deque[int] = deque()
+
+    @property
+    def buffered(self) -> int:
+        return self._buffered
+
+    def wanted(self) -> int:
+        """Bytes still missing from the frame being assembled (a header's worth if none).
+
+        Reading exactly this much never consumes bytes past one frame, which
+        the handshake needs: what follows belongs to whoever takes the socket next.
+        """
+        return self._need - self._buffered
+
+    def set_limits(self, limits: FrameLimits) -> None:
+        self._limits = limits
+        self._scan_limits = limits.native()
+
+    def feed(self, data: bytes, fds: Iterable[int] = ()) -> list[Frame]:
+        """Add received bytes (and fds); return every frame now complete.
+
+        On a violation the queued fds are closed and ProtocolError is raised; the
+        caller must then drop the channel, as the stream can no longer be trusted.
+        """
+        self._fds.extend(fds)
+        if self._chunks:
+            self._chunks.append(data)
+            self._buffered += len(data)
+            if self._buffered < self._need:
+                return []
+            buf = b"".join(self._chunks)
+            self._chunks = []
+        else:
+            buf = data
+        frames: list[Frame] = []
+        start = 0
+        while True:
+            ends, error = _native.scan_frames(buf, start, self._scan_limits)
+            for end in ends:
+                frames.append(self._frame_at(buf, start, end))
+                start = end
+            if error:
+                self.close_fds()
+                raise ProtocolError(f"malformed frame: {_ERRORS.get(error, error)}")
+            if len(ends) < _native.SCAN_BATCH:
+                break
+        self._keep_partial(buf, start)
+        if self._fds and not self._buffered:
+            self.close_fds()
+            raise ProtocolError("fds received that no frame announced")
+        return frames
+
+    def _keep_partial(self, buf: bytes, start: int) -> None:
+        rest = len(buf) - start
+        self._buffered = rest
+        if not rest:
+            self._need = HEADER_SIZE
+            return
+        self._chunks = [buf[start:] if start else buf]
+        if rest >= HEADER_SIZE:
+            # scan_frames already validated this header, so the length is bounded.
+            data_length, attr_length = struct.unpack_from("<II", buf, start + 8)
+            self._need = HEADER_SIZE + attr_length + data_length
+        else:
+            self._need = HEADER_SIZE
+
+    def _frame_at(self, buf: bytes, start: int, end: int) -> Frame:
+        (_, _, mtype, flags, _, attr_length, message_id, callback_id,
+         pid, tid, n_fds, _, _) = HEADER.unpack_from(buf, start)
+        attrs_start = start + HEADER_SIZE
+        data_start = attrs_start + attr_length
+        fds: tuple[int, ...] = ()
+        if n_fds:
+            if len(self._fds) < n_fds:
+                self.close_fds()
+                raise ProtocolError("frame announces more fds than were received")
+            fds = tuple(self._fds.popleft() for _ in range(n_fds))
+        return Frame(
+            MessageType(mtype), flags, message_id, callback_id, pid, tid,
+            buf[attrs_start:data_start], buf[data_start:end], fds,
+        )
+
+    def close_fds(self) -> None:
+        while self._fds:
+            os.close(self._fds.popleft())

@@ -1,0 +1,178 @@
+"""Shared fixtures: a private runtime dir, brokers, real peer processes, and a leak check."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+import alpc
+
+ROOT = Path(__file__).resolve().parent.parent
+PEERS = Path(__file__).resolve().parent / "peers.py"
+LINE_TIMEOUT = 20.0
+
+
+def _open_fds() -> set[int]:
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+def _fd_target(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return "?"
+
+
+def _shm_names() -> set[str]:
+    return {name for name in os.listdir("/dev/shm") if "alpc" in name}
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Iterator[None]:
+    """Fail any test that leaves an fd, a /dev/shm name or a child process behind."""
+    fds_before = _open_fds()
+    shm_before = _shm_names()
+    yield
+    me = psutil.Process()
+    children = me.children(recursive=True)
+    for child in children:
+        child.kill()
+    psutil.wait_procs(children, timeout=5)
+    leaked_fds = {fd: _fd_target(fd) for fd in _open_fds() - fds_before}
+    leaked_fds = {fd: target for fd, target in leaked_fds.items() if target != "?"}
+    leaked_shm = _shm_names() - shm_before
+    problems = []
+    if children:
+        problems.append(f"child processes left running: {[c.pid for c in children]}")
+    if leaked_fds:
+        problems.append(f"fds leaked: {leaked_fds}")
+    if leaked_shm:
+        for name in leaked_shm:
+            os.unlink(f"/dev/shm/{name}")
+        problems.append(f"/dev/shm names leaked: {sorted(leaked_shm)}")
+    if problems:
+        pytest.fail("; ".join(problems))
+
+
+@pytest.fixture
+def runtime_dir() -> Iterator[Path]:
+    """A private 0700 runtime dir; fails the test if a socket file is left in it."""
+    path = Path(tempfile.mkdtemp(prefix="alpc-test-"))
+    os.chmod(path, 0o700)
+    yield path
+    leftovers = sorted(p.name for p in path.iterdir())
+    for entry in path.iterdir():
+        entry.unlink()
+    path.rmdir()
+    if any(name.endswith(".sock") for name in leftovers):
+        pytest.fail(f"socket files left behind: {leftovers}")
+
+
+@pytest.fixture
+def config(runtime_dir: Path) -> alpc.Config:
+    return alpc.Config.from_env(runtime_dir)
+
+
+@pytest.fixture
+def broker(runtime_dir: Path) -> Iterator[alpc.Broker]:
+    with alpc.Broker(runtime_dir) as running:
+        yield running
+
+
+class Peer:
+    """A child process speaking the line protocol of tests/peers.py (or any READY-line program)."""
+
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, bufsize=1, cwd=ROOT, env=env,
+        )
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._stderr: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+        threading.Thread(target=self._pump_stderr, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.put(line.rstrip("\n"))
+        self._lines.put(None)
+
+    def _pump_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self._stderr.append(line)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def expect(self, prefix: str, timeout: float = LINE_TIMEOUT) -> list[str]:
+        """Wait for the next line starting with ``prefix``; returns its words after it."""
+        while True:
+            try:
+                line = self._lines.get(timeout=timeout)
+            except queue.Empty:
+                raise AssertionError(f"no {prefix!r} line within {timeout}s; stderr: {''.join(self._stderr)}") from None
+            if line is None:
+                raise AssertionError(f"peer exited before {prefix!r}; stderr: {''.join(self._stderr)}")
+            if line.startswith(prefix):
+                return line[len(prefix):].split()
+
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def stderr(self) -> str:
+        return "".join(self._stderr)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def close(self) -> None:
+        for stream in (self.proc.stdin,):
+            if stream is not None and not stream.closed:
+                try:
+                    stream.close()
+                except BrokenPipeError:
+                    pass
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+@pytest.fixture
+def spawn(runtime_dir: Path) -> Iterator[object]:
+    """spawn(role, name, *args) starts tests/peers.py; every peer is killed at teardown."""
+    peers: list[Peer] = []
+
+    def start(role: str, name: str, *args: str) -> Peer:
+        peer = Peer([sys.executable, str(PEERS), role, name, "--runtime-dir", str(runtime_dir), *args])
+        peers.append(peer)
+        return peer
+
+    def start_argv(argv: list[str], env: dict[str, str] | None = None) -> Peer:
+        peer = Peer(argv, env)
+        peers.append(peer)
+        return peer
+
+    start.argv = start_argv  # type: ignore[attr-defined]
+    yield start
+    for peer in peers:
+        peer.close()

@@ -1,0 +1,165 @@
+"""The broker daemon: readiness, clean shutdown, single instance, and garbage on its socket."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import alpc
+from alpc.wire import MessageType, encode_frame, encode_header
+
+
+def start_cli_broker(spawn, runtime_dir: Path, *extra: str):  # type: ignore[no-untyped-def]
+    broker = spawn.argv([sys.executable, "-m", "alpc", "--runtime-dir", str(runtime_dir), "broker", *extra])
+    assert broker.expect("READY") == [str(runtime_dir / "broker.sock")]
+    return broker
+
+
+def test_ready_line_socket_permissions_and_sigterm_cleanup(spawn, runtime_dir: Path, config: alpc.Config) -> None:
+    broker = start_cli_broker(spawn, runtime_dir)
+    sock = runtime_dir / "broker.sock"
+    assert stat.S_ISSOCK(sock.stat().st_mode)
+    assert sock.stat().st_mode & 0o077 == 0
+    assert runtime_dir.stat().st_mode & 0o777 == 0o700
+    with alpc.create_port("svc.told", config=config) as port:
+        broker.proc.send_signal(signal.SIGTERM)
+        assert broker.proc.wait(10) == 0
+        with pytest.raises(alpc.BrokerUnavailable, match="shut down"):
+            port.listen(timeout=5)
+    assert not sock.exists()
+    assert "broker stopped" in broker.stderr()
+
+
+def test_sigint_shuts_down_too(spawn, runtime_dir: Path) -> None:
+    broker = start_cli_broker(spawn, runtime_dir)
+    broker.proc.send_signal(signal.SIGINT)
+    assert broker.proc.wait(10) == 0
+    assert not (runtime_dir / "broker.sock").exists()
+
+
+def test_ready_fd(spawn, runtime_dir: Path) -> None:
+    read_end, write_end = os.pipe()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "alpc", "--runtime-dir", str(runtime_dir), "broker", "--ready-fd", str(write_end)],
+            pass_fds=[write_end], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        os.close(write_end)
+        write_end = -1
+        with os.fdopen(read_end, "rb") as ready:
+            read_end = -1
+            assert ready.readline() == b"READY\n"
+        assert (runtime_dir / "broker.sock").exists()
+        proc.terminate()
+        assert proc.wait(10) == 0
+    finally:
+        for fd in (read_end, write_end):
+            if fd >= 0:
+                os.close(fd)
+
+
+def test_second_broker_is_refused(broker: alpc.Broker, runtime_dir: Path, spawn) -> None:
+    with pytest.raises(alpc.BrokerRunning):
+        alpc.Broker(runtime_dir).start()
+    second = spawn.argv([sys.executable, "-m", "alpc", "--runtime-dir", str(runtime_dir), "broker"])
+    assert second.proc.wait(20) == 1
+    assert "BrokerRunning" in second.stderr()
+    # The running broker was not disturbed.
+    assert alpc.list_ports(alpc.Config.from_env(runtime_dir)) == ()
+
+
+def test_stale_socket_of_a_killed_broker_is_replaced(spawn, runtime_dir: Path, config: alpc.Config) -> None:
+    first = start_cli_broker(spawn, runtime_dir)
+    first.kill()
+    assert (runtime_dir / "broker.sock").exists()
+    with pytest.raises(alpc.BrokerUnavailable):
+        alpc.list_ports(config)
+    with alpc.Broker(runtime_dir):
+        assert alpc.list_ports(config) == ()
+    assert not (runtime_dir / "broker.sock").exists()
+
+
+def test_no_broker_fails_fast(config: alpc.Config) -> None:
+    started = time.monotonic()
+    with pytest.raises(alpc.BrokerUnavailable):
+        alpc.connect("svc.none", config=config, timeout=5)
+    with pytest.raises(alpc.BrokerUnavailable):
+        alpc.create_port("svc.none", config=config)
+    assert time.monotonic() - started < 1.0
+
+
+def _raw(config: alpc.Config) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(5)
+    sock.connect(str(config.broker_socket))
+    return sock
+
+
+def _closed_by_broker(sock: socket.socket) -> bool:
+    try:
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return True
+    except ConnectionResetError:
+        return True
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("payload", [
+    b"GET / HTTP/1.0\r\n\r\n" + b"\0" * 40,
+    encode_header(MessageType.CONNECT, 0xFFFFFFFF),
+    encode_frame(MessageType.REPLY, b"not a broker request"),
+    encode_frame(MessageType.CONNECT, b"\xc1\xc1 not msgpack"),
+    encode_frame(MessageType.CREATE_PORT, b"\x80"),
+])
+def test_garbage_closes_only_that_connection(broker: alpc.Broker, config: alpc.Config, payload: bytes) -> None:
+    with alpc.create_port("svc.survivor", config=config) as port:
+        innocent = _raw(config)
+        bad = _raw(config)
+        bad.sendall(payload)
+        assert _closed_by_broker(bad)
+        innocent.sendall(encode_frame(MessageType.LIST_PORTS, b"\x80"))
+        header = innocent.recv(40)
+        assert header[3] == MessageType.PORT_LIST
+        innocent.close()
+        assert [p.name for p in alpc.list_ports(config)] == ["svc.survivor"]
+        assert port.name == "svc.survivor"
+
+
+def test_truncated_frame_then_hangup_is_harmless(broker: alpc.Broker, config: alpc.Config) -> None:
+    bad = _raw(config)
+    bad.sendall(encode_frame(MessageType.CONNECT, b"x" * 100)[:60])
+    bad.close()
+    assert alpc.list_ports(config) == ()
+
+
+def test_in_process_broker_context_manager(runtime_dir: Path, config: alpc.Config) -> None:
+    with alpc.Broker(runtime_dir) as broker:
+        assert broker.socket_path.exists()
+        assert alpc.list_ports(config) == ()
+    assert not broker.socket_path.exists()
+
+
+def test_established_channel_survives_broker_death(spawn, runtime_dir: Path, config: alpc.Config) -> None:
+    broker = start_cli_broker(spawn, runtime_dir)
+    server = spawn("server", "svc.resilient")
+    server.expect("READY")
+    with alpc.connect("svc.resilient", config=config, timeout=5) as comm:
+        broker.kill()
+        assert comm.request(b"still here", timeout=5).data == b"STILL HERE"
+        started = time.monotonic()
+        with pytest.raises(alpc.BrokerUnavailable):
+            alpc.connect("svc.resilient", config=config, timeout=5)
+        assert time.monotonic() - started < 1.0
+    (runtime_dir / "broker.sock").unlink()
+    (runtime_dir / "broker.lock").unlink()

@@ -1,0 +1,71 @@
+"""The `alpc` command and the demo, run as a user would run them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import alpc
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(runtime_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "alpc", "--runtime-dir", str(runtime_dir), *args],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+
+
+def test_ports_json_and_table(broker: alpc.Broker, config: alpc.Config, runtime_dir: Path, spawn) -> None:
+    with alpc.create_port("svc.listed", config=config) as port:
+        client = spawn("client", "svc.listed")
+        comm = port.listen(timeout=10).accept()
+        client.expect("READY")
+        # The server reports its clients to the broker asynchronously; poll, bounded.
+        for _ in range(200):
+            listed = json.loads(run(runtime_dir, "ports", "--json").stdout)
+            if listed and listed[0]["clients"]:
+                break
+        assert listed == [{
+            "name": "svc.listed", "pid": os.getpid(), "uid": os.getuid(), "gid": os.getgid(),
+            "max_message_length": port.attributes.max_message_length,
+            "clients": [{"pid": client.pid, "uid": os.getuid(), "gid": os.getgid()}],
+        }]
+        table = run(runtime_dir, "ports").stdout
+        assert "svc.listed" in table and f"pid {client.pid}" in table
+        comm.close()
+
+
+def test_ports_empty(broker: alpc.Broker, runtime_dir: Path) -> None:
+    assert run(runtime_dir, "ports").stdout.strip() == "no ports"
+    assert json.loads(run(runtime_dir, "ports", "--json").stdout) == []
+
+
+def test_ping_round_trips(broker: alpc.Broker, runtime_dir: Path, spawn) -> None:
+    server = spawn("server", "svc.pingable")
+    server.expect("READY")
+    result = run(runtime_dir, "ping", "svc.pingable", "--count", "20")
+    assert result.returncode == 0, result.stderr
+    assert f"server pid {server.pid}" in result.stdout
+    assert "20 round trips" in result.stdout and "median" in result.stdout
+
+
+def test_errors_are_one_line_and_exit_1(broker: alpc.Broker, runtime_dir: Path, tmp_path: Path) -> None:
+    result = run(runtime_dir, "ping", "svc.nobody")
+    assert result.returncode == 1
+    assert result.stderr.strip().endswith("PortNotFound: no port named 'svc.nobody'")
+    nobroker = tmp_path / "empty"
+    nobroker.mkdir(mode=0o700)
+    result = run(nobroker, "ports")
+    assert result.returncode == 1 and "BrokerUnavailable" in result.stderr
+
+
+def test_demo_runs_end_to_end(runtime_dir: Path) -> None:
+    env = {**os.environ, "ALPC_RUNTIME_DIR": str(runtime_dir)}
+    result = subprocess.run([sys.executable, "examples/demo.py"], capture_output=True, text=True,
+                            timeout=120, cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "client: request b'ping' -> b'PING'" in result.stdout
+    assert "round trips" in result.stdout and "demo: done" in result.stdout

@@ -1,0 +1,389 @@
+"""Named ports, connect/accept/reject and messages, end to end with real processes."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+import alpc
+from alpc.wire import MessageType, encode_header
+
+NOTICE_DEADLINE = 0.1  # the issue's bound for death and close notices
+
+
+def serve_one(port: alpc.ConnectionPort, data: bytes = b"ok") -> alpc.CommunicationPort:
+    return port.listen(timeout=10).accept(data=data)
+
+
+# -- names -------------------------------------------------------------------------
+
+
+def test_second_create_of_a_live_name_fails(broker: alpc.Broker, config: alpc.Config, spawn) -> None:
+    server = spawn("server", "svc.taken")
+    server.expect("READY")
+    with pytest.raises(alpc.NameInUse, match=f"pid {server.pid}"):
+        alpc.create_port("svc.taken", config=config)
+    with alpc.create_port("svc.free", config=config), pytest.raises(alpc.NameInUse):
+        alpc.create_port("svc.free", config=config)
+
+
+def test_name_is_freed_on_close(broker: alpc.Broker, config: alpc.Config) -> None:
+    alpc.create_port("svc.reuse", config=config).close()
+    with alpc.create_port("svc.reuse", config=config) as port:
+        assert port.name == "svc.reuse"
+
+
+def test_name_is_freed_when_the_server_dies(broker: alpc.Broker, config: alpc.Config, spawn) -> None:
+    server = spawn("server", "svc.dies")
+    server.expect("READY")
+    server.kill()
+    deadline = time.monotonic() + 5
+    while True:  # the broker sees the EOF asynchronously; poll the name, bounded
+        try:
+            port = alpc.create_port("svc.dies", config=config)
+            break
+        except alpc.NameInUse:
+            assert time.monotonic() < deadline, "name not freed after the owner died"
+            threading.Event().wait(0.01)
+    port.close()
+
+
+@pytest.mark.parametrize("name", ["", "bad name", "x" * 200, "a..b"])
+def test_invalid_names_rejected_before_the_broker(config: alpc.Config, name: str) -> None:
+    with pytest.raises(alpc.InvalidName):
+        alpc.create_port(name, config=config)
+    with pytest.raises(alpc.InvalidName):
+        alpc.connect(name, config=config)
+
+
+def test_missing_name_fails_fast(broker: alpc.Broker, config: alpc.Config) -> None:
+    started = time.monotonic()
+    with pytest.raises(alpc.PortNotFound, match=r"svc\.missing"):
+        alpc.connect("svc.missing", config=config, timeout=10)
+    assert time.monotonic() - started < 1.0
+
+
+# -- connect / accept / reject ---------------------------------------------------------
+
+
+def test_identity_is_kernel_verified_both_ways(broker: alpc.Broker, config: alpc.Config, spawn) -> None:
+    with alpc.create_port("svc.who", config=config) as port:
+        client = spawn("client", "svc.who", "--data", "hi")
+        request = port.listen(timeout=10)
+        assert request.client == alpc.PeerCred(client.pid, os.getuid(), os.getgid())
+        assert request.data == b"hi"
+        comm = request.accept(data=b"hello there")
+        words = client.expect("READY")
+        assert words == [str(client.pid), str(os.getpid()), "hello", "there"]
+        assert comm.client.pid == client.pid
+        comm.close()
+
+
+def test_reject_reason_reaches_the_client(broker: alpc.Broker, config: alpc.Config, spawn) -> None:
+    server = spawn("server", "svc.picky", "--reject", "not today")
+    server.expect("READY")
+    with pytest.raises(alpc.ConnectionRejected) as caught:
+        alpc.connect("svc.picky", config=config, timeout=10)
+    assert caught.value.reason == "not today"
+    assert isinstance(caught.value, ConnectionRefusedError)
+    server.expect("REJECTED")
+
+
+def test_connect_timeout_and_the_abandoned_request_is_skipped(broker: alpc.Broker, config: alpc.Config) -> None:
+    with alpc.create_port("svc.slow", config=config) as port:
+        started = time.monotonic()
+        with pytest.raises(alpc.Timeout):
+            alpc.connect("svc.slow", config=config, timeout=0.3)
+        assert 0.25 < time.monotonic() - started < 2.0
+        with pytest.raises(alpc.Timeout):
+            port.listen(timeout=0.3)
+
+
+def test_connect_and_accept_data_are_bounded(broker: alpc.Broker, config: alpc.Config) -> None:
+    small = alpc.PortAttributes(max_connect_data=16)
+    with alpc.create_port("svc.bounded", small, config=config) as port:
+        with pytest.raises(alpc.MessageTooLarge, match="max_connect_data"):
+            alpc.connect("svc.bounded", data=b"x" * 17, config=config, timeout=5)
+        with pytest.raises(alpc.MessageTooLarge):
+            alpc.connect("svc.bounded", data=b"x" * (config.max_connect_data + 1), config=config)
+        outcome: list[BaseException] = []
+
+        def client() -> None:
+            try:
+                alpc.connect("svc.bounded", config=config, timeout=10)
+            except alpc.AlpcError as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=client)
+        thread.start()
+        request = port.listen(timeout=10)
+        with pytest.raises(alpc.MessageTooLarge):
+            request.accept(data=b"x" * (config.max_connect_data + 1))
+        request.reject("too chatty")  # a refused accept leaves the request answerable
+        with pytest.raises(ValueError, match="already answered"):
+            request.reject()
+        thread.join(10)
+        assert [type(e) for e in outcome] == [alpc.ConnectionRejected]
+
+
+def test_server_that_dies_before_answering(broker: alpc.Broker, config: alpc.Config, spawn) -> None:
+    server = spawn("server", "svc.unanswered", "--hold")
+    server.expect("READY")
+    outcome: list[BaseException] = []
+
+    def client() -> None:
+        try:
+            alpc.connect("svc.unanswered", config=config, timeout=10)
+        except alpc.AlpcError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    server.expect("HOLDING")
+    server.kill()
+    thread.join(10)
+    assert [type(e) for e in outcome] == [alpc.PeerGone]
+
+
+def test_unanswered_request_is_rejected_when_the_port_closes(broker: alpc.Broker, config: alpc.Config,
+                                                              spawn) -> None:
+    with alpc.create_port("svc.dropping", config=config) as port:
+        client = spawn("client", "svc.dropping")
+        port.listen(timeout=10)
+    assert client.proc.wait(10) == 1
+    assert "ConnectionRejected" in client.stderr() and "closed the port" in client.stderr()
+
+
+# -- messages -------------------------------------------------------------------------
+
+
+def test_request_reply_datagram_both_ways(broker: alpc.Broker, config: alpc.Config, spawn) -> None:
+    server = spawn("server", "svc.echo")
+    server.expect("READY")
+    with alpc.connect("svc.echo", config=config, timeout=5) as comm:
+        reply = comm.request(b"abc", timeout=5)
+        assert (reply.type, reply.data, reply.sender.pid) == (MessageType.REPLY, b"ABC", server.pid)
+        assert reply.sender_pid == server.pid
+        assert comm.request(b"push:from server", timeout=5).data == b"pushed"
+        pushed = comm.receive(timeout=5)
+        assert (pushed.type, pushed.data) == (MessageType.DATAGRAM, b"from server")
+        comm.send(b"one way")
+        assert server.expect("DATAGRAM") == ["one", "way"]
+        comm.ping(timeout=5)
+        assert comm.request(b"", timeout=5).data == b""
+
+
+def test_large_inline_message(broker: alpc.Broker, config: alpc.Config, spawn) -> None:
+    server = spawn("server", "svc.big")
+    server.expect("READY")
+    payload = os.urandom(4 * 1024 * 1024)
+    with alpc.connect("svc.big", config=config, timeout=5) as comm:
+        assert comm.request(payload, timeout=30).data == payload.upper()
+
+
+def test_oversized_message_refused_on_the_sender(broker: alpc.Broker, config: alpc.Config, spawn) -> None:
+    server = spawn("server", "svc.small", "--max-message-length", "1000")
+    server.expect("READY")
+    with alpc.connect("svc.small", config=config, timeout=5) as comm:
+        with pytest.raises(alpc.MessageTooLarge, match="1000"):
+            comm.request(b"x" * 1001, timeout=5)
+        with pytest.raises(alpc.MessageTooLarge):
+            comm.send(b"x" * 1001)
+        assert comm.request(b"x" * 1000, timeout=5).data == b"X" * 1000
+
+
+def test_lying_length_closes_only_that_channel(broker: alpc.Broker, config: alpc.Config, spawn) -> None:
+    server = spawn("server", "svc.victim", "--max-message-length", "1000")
+    server.expect("READY")
+    honest = alpc.connect("svc.victim", config=config, timeout=5)
+    hostile = alpc.connect("svc.victim", config=config, timeout=5)
+    hostile._stream.send([encode_header(MessageType.REQUEST, 5000, message_id=1)])
+    assert server.expect("CLIENT_DIED")[0] == str(os.getpid())
+    with pytest.raises(alpc.PeerGone):
+        hostile.request(b"anything", timeout=5)
+    assert honest.request(b"still served", timeout=5).data == b"STILL SERVED"
+    honest.close()
+    hostile.close()
+
+
+def test_garbage_on_a_channel_closes_only_that_channel(broker: alpc.Broker, config: alpc.Config, spawn) -> None:
+    server = spawn("server", "svc.garbage")
+    server.expect("READY")
+    with alpc.connect("svc.garbage", config=config, timeout=5) as honest:
+        hostile = alpc.connect("svc.garbage", config=config, timeout=5)
+        hostile._stream.send([b"\xde\xad\xbe\xef" * 20])
+        assert "protocol_error" in server.expect("CLIENT_DIED")[1]
+        hostile.close()
+        assert honest.request(b"ok", timeout=5).data == b"OK"
+
+
+def test_concurrent_requests_from_many_threads(broker: alpc.Broker, config: alpc.Config, spawn) -> None:
+    server = spawn("server", "svc.threads")
+    server.expect("READY")
+    errors: list[BaseException] = []
+    with alpc.connect("svc.threads", config=config, timeout=5) as comm:
+        def worker(index: int) -> None:
+            try:
+                for i in range(100):
+                    text = f"t{index}-{i}".encode()
+                    assert comm.request(text, timeout=10).data == text.upper()
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    assert errors == []
+
+
+def test_many_clients_served_by_one_wait_loop(broker: alpc.Broker, config: alpc.Config, spawn) -> None:
+    count = 8
+    with alpc.create_port("svc.many", config=config) as port:
+        clients = [spawn("client", "svc.many") for _ in range(count)]
+        served = closed = 0
+        for client in clients:
+            client.send("request hello")
+            client.send("close")
+        while closed < count:
+            event = port.wait(timeout=20)
+            if isinstance(event, alpc.ConnectionRequest):
+                event.accept()
+            elif event.type is MessageType.REQUEST:
+                event.reply(event.data.upper())
+                served += 1
+            elif event.type is MessageType.PORT_CLOSED:
+                closed += 1
+        for client in clients:
+            assert client.expect("REPLY") == ["HELLO"]
+        assert served == count
+        assert port.connections == []
+
+
+def test_request_timeout_then_late_reply_is_dropped(broker: alpc.Broker, config: alpc.Config) -> None:
+    with alpc.create_port("svc.late", config=config) as port:
+        thread_result: list[alpc.CommunicationPort] = []
+        connector = threading.Thread(target=lambda: thread_result.append(alpc.connect("svc.late", config=config)))
+        connector.start()
+        server_side = serve_one(port)
+        connector.join(10)
+        (client_side,) = thread_result
+        with client_side:
+            with pytest.raises(alpc.Timeout):
+                client_side.request(b"slow", timeout=0.2)
+            slow = server_side.receive(timeout=5)
+            slow.reply(b"too late")
+            ask = threading.Thread(target=lambda: thread_result.append(client_side.request(b"next", timeout=5)))
+            ask.start()
+            nxt = server_side.receive(timeout=5)
+            nxt.reply(b"on time")
+            ask.join(10)
+            assert thread_result[-1].data == b"on time"
+            with pytest.raises(alpc.Timeout):
+                client_side.receive(timeout=0.05)
+
+
+def test_closed_port_raises_connection_closed(broker: alpc.Broker, config: alpc.Config, spawn) -> None:
+    server = spawn("server", "svc.closing")
+    server.expect("READY")
+    comm = alpc.connect("svc.closing", config=config, timeout=5)
+    comm.close()
+    comm.close()
+    with pytest.raises(alpc.ConnectionClosed):
+        comm.request(b"x", timeout=1)
+    with pytest.raises(alpc.ConnectionClosed):
+        comm.receive(timeout=1)
+
+
+# -- death and close notices ----------------------------------------------------------
+
+
+def _accept_client(port: alpc.ConnectionPort, spawn, *args: str):  # type: ignore[no-untyped-def]
+    client = spawn("client", port.name, *args)
+    comm = serve_one(port)
+    client.expect("READY")
+    return client, comm
+
+
+def _notice_after(port: alpc.ConnectionPort, action) -> tuple[alpc.Message, float]:  # type: ignore[no-untyped-def]
+    started = time.monotonic()
+    action()
+    event = port.wait(timeout=5)
+    return event, time.monotonic() - started
+
+
+def test_client_sigkill_gives_client_died(broker: alpc.Broker, config: alpc.Config, spawn) -> None:
+    with alpc.create_port("svc.deaths", config=config) as port:
+        client, comm = _accept_client(port, spawn)
+        event, elapsed = _notice_after(port, client.kill)
+        assert isinstance(event, alpc.Message) and event.type is MessageType.CLIENT_DIED
+        assert event.port is comm and event.sender.pid == client.pid
+        assert elapsed < NOTICE_DEADLINE
+        assert port.connections == []
+        with pytest.raises(alpc.PeerGone):
+            comm.receive(timeout=1)
+
+
+def test_client_close_gives_port_closed(broker: alpc.Broker, config: alpc.Config, spawn) -> None:
+    with alpc.create_port("svc.closes", config=config) as port:
+        client, _ = _accept_client(port, spawn)
+        event, elapsed = _notice_after(port, lambda: client.send("close"))
+        assert isinstance(event, alpc.Message) and event.type is MessageType.PORT_CLOSED
+        assert elapsed < NOTICE_DEADLINE + 0.2  # includes the client reading its stdin
+        assert port.connections == []
+
+
+def test_death_seen_through_pidfd_when_a_child_holds_the_socket(
+    broker: alpc.Broker, config: alpc.Config, spawn
+) -> None:
+    with alpc.create_port("svc.forked", config=config) as port:
+        client, comm = _accept_client(port, spawn, "--fork-child")
+        child = int(client.expect("CHILD")[0])
+        try:
+            event, elapsed = _notice_after(port, client.kill)
+            assert isinstance(event, alpc.Message) and event.type is MessageType.CLIENT_DIED
+            assert "exited" in event.reason
+            assert elapsed < NOTICE_DEADLINE
+        finally:
+            os.kill(child, 9)
+            assert comm.closed
+
+
+def test_server_sigkill_fails_pending_and_later_calls(broker: alpc.Broker, config: alpc.Config, spawn) -> None:
+    server = spawn("server", "svc.crash")
+    server.expect("READY")
+    with alpc.connect("svc.crash", config=config, timeout=5) as comm:
+        failures: list[tuple[type[BaseException], float]] = []
+
+        def pending() -> None:
+            try:
+                comm.request(b"noreply", timeout=10)
+            except alpc.AlpcError as exc:
+                failures.append((type(exc), time.monotonic()))
+
+        waiter = threading.Thread(target=pending)
+        waiter.start()
+        server.expect("NOREPLY")
+        killed_at = time.monotonic()
+        server.kill()
+        waiter.join(5)
+        assert failures and failures[0][0] is alpc.PeerGone
+        assert failures[0][1] - killed_at < NOTICE_DEADLINE
+        with pytest.raises(alpc.PeerGone):
+            comm.request(b"again", timeout=1)
+        with pytest.raises(alpc.PeerGone):
+            comm.send(b"again")
+
+
+def test_server_close_reaches_clients(broker: alpc.Broker, config: alpc.Config, spawn) -> None:
+    port = alpc.create_port("svc.goodbye", config=config)
+    client, comm = _accept_client(port, spawn)
+    client.send("pending hello")
+    client.expect("WAITING")
+    comm.receive(timeout=5)  # the request arrived; now close instead of replying
+    port.close()
+    assert client.expect("ERROR") == ["PeerGone"]
