@@ -21,7 +21,7 @@ venv: $(STAMP)
 
 # Rebuild the extension in place whenever its sources change.
 alpc/.native-built: $(STAMP) $(NATIVE_SOURCES)
-	$(PY) setup.py --quiet build_ext --inplace
+	$(PY) -W ignore setup.py --quiet build_ext --inplace
 	touch $@
 
 build: alpc/.native-built
@@ -38,7 +38,7 @@ test-pure: build
 	ALPC_PUREPYTHON=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check alpc tests benchmarks examples csrc
+	$(VENV)/bin/ruff check $(wildcard alpc tests benchmarks examples csrc)
 	$(VENV)/bin/mypy
 
 bench: build
