@@ -138,16 +138,17 @@ typedef void (*op_fn)(const struct params *, void *);
 static void measure(const struct params *p, op_fn op, void *arg, long inner) {
     uint64_t start = now_ns();
     for (long i = 0; i < p->warmup && now_ns() - start < p->warmup_cap_ns; i++) op(p, arg);
-    uint64_t *samples = calloc((size_t)p->max_iters, sizeof *samples);
+    double *samples = calloc((size_t)p->max_iters, sizeof *samples);
     if (!samples) die("calloc");
     long n = 0;
     start = now_ns();
     while (n < p->max_iters && (n < p->min_iters || now_ns() - start < p->time_cap_ns)) {
         uint64_t t0 = now_ns();
         for (long k = 0; k < inner; k++) op(p, arg);
-        samples[n++] = (now_ns() - t0) / (uint64_t)inner;
+        /* Fractional: a run of tiny copies would otherwise round to whole nanoseconds. */
+        samples[n++] = (double)(now_ns() - t0) / (double)inner;
     }
-    for (long i = 0; i < n; i++) printf("%llu\n", (unsigned long long)samples[i]);
+    for (long i = 0; i < n; i++) printf("%.3f\n", samples[i]);
     free(samples);
 }
 

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -177,6 +177,17 @@ def _remove_leftover_names(tag: str) -> list[str]:
     return left
 
 
+def _kill_group(pid: int) -> None:
+    """Kill a runner and everything it started (its children also die with it).
+
+    Called before the runner is reaped, so its group id cannot have been reused.
+    """
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def run_repetition(ctx: Any, job: Job) -> dict[str, Any]:
     """Run one job in a fresh process from the forkserver; never raises for the job's own failures."""
     reader, writer = ctx.Pipe(duplex=False)
@@ -192,17 +203,16 @@ def run_repetition(ctx: Any, job: Job) -> dict[str, Any]:
             result = {"status": "error", "reason": f"timed out after {timeout:.0f} s"}
     except EOFError:
         result = {"status": "error", "reason": f"the runner died: {_tail(Path(job.workdir) / 'stderr.log')}"}
+    except BaseException:
+        # Ctrl-C reaches the harness only: the runner has its own process group.
+        _kill_group(process.pid)
+        raise
     finally:
         reader.close()
     if result["status"] == "ok":
         process.join(10)
     if process.is_alive() or result["status"] != "ok":
-        # Not yet reaped, so the group id cannot have been reused: this kills the
-        # runner and whatever it started (its children also die with it).
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        _kill_group(process.pid)
     process.join()
     leaked = _remove_leftover_names(job.tag)
     if leaked and result["status"] == "ok":
@@ -273,11 +283,27 @@ def _record(cell: Cell, meta: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
+class _Progress:
+    """Shows the repetition running now; silent unless a terminal is watching."""
+
+    def __init__(self, bar: Any = None, task: Any = None) -> None:
+        self._bar = bar
+        self._task = task
+
+    def start(self, description: str) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, description=description)
+
+    def finish(self) -> None:
+        if self._bar is not None:
+            self._bar.advance(self._task)
+
+
 @contextmanager
-def _progress(enabled: bool, total: int) -> Iterator[Callable[[str], None]]:
-    """Yields advance(description); a rich progress bar on a terminal, silence otherwise."""
+def _progress(enabled: bool, total: int) -> Iterator[_Progress]:
+    """A rich progress bar on stderr when enabled, a silent stand-in otherwise."""
     if not enabled:
-        yield lambda description: None
+        yield _Progress()
         return
     from rich.console import Console
     from rich.progress import (
@@ -289,15 +315,10 @@ def _progress(enabled: bool, total: int) -> Iterator[Callable[[str], None]]:
         TimeRemainingColumn,
     )
 
-    columns = (TextColumn("{task.description:<48}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    columns = (TextColumn("{task.description:<44}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True), refresh_per_second=4) as bar:
-        task = bar.add_task("starting", total=total)
-
-        def advance(description: str) -> None:
-            bar.update(task, advance=1, description=description)
-
-        yield advance
+        yield _Progress(bar, bar.add_task("starting", total=total))
 
 
 def _want_progress(options: Options) -> bool:
@@ -374,8 +395,10 @@ def run(options: Options) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     ctx.set_forkserver_preload(["alpc", "benchmarks.registry", "benchmarks.runner", "multiprocessing.shared_memory",
                                 "zmq"])
     try:
-        with _progress(_want_progress(options), _count_jobs(cells, options)) as advance:
+        with _progress(_want_progress(options), _count_jobs(cells, options)) as progress:
             for cell, job in _jobs(cells, options, broker, binary):
+                progress.start(f"{job.case} {job.impl} {cell.point.label(cell.case)} {job.pinning} "
+                               f"#{job.repetition + 1}")
                 if broker is not None and cell.impl.kind == "alpc":
                     broker.pin(job.server_cpu)
                 began = time.monotonic()
@@ -385,7 +408,7 @@ def run(options: Options) -> tuple[dict[str, Any], list[dict[str, Any]]]:
                     shutil.rmtree(job.workdir, ignore_errors=True)
                 result["seconds"] = time.monotonic() - began
                 cell.results.append(result)
-                advance(f"{job.case} {job.impl} {cell.point.label(cell.case)} {job.pinning} #{job.repetition + 1}")
+                progress.finish()
     finally:
         if broker is not None:
             broker.stop()
@@ -412,6 +435,8 @@ def parse_args(argv: Sequence[str] | None, cases: Sequence[str] | None = None) -
     args = parser.parse_args(argv)
     if args.reps is not None and args.reps < 1:
         parser.error("--reps must be at least 1")
+    if args.update_readme and args.quick:
+        parser.error("--update-readme publishes a full run; a --quick run is a smoke check")
     return Options(
         quick=args.quick,
         cases=args.case or list(cases or CASES),

@@ -226,6 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     document = json.loads(args.results.read_text())
     records = document.pop("records")
+    if args.update_readme and document["quick"]:
+        parser.error(f"{args.results} is from a --quick run; the README shows a full run (make bench)")
     write_results(args.results.parent, document, records)
     print(render_markdown(document, records, full=False))
     if args.update_readme:

@@ -138,3 +138,19 @@ def test_percentile_and_rate_conversion() -> None:
     assert throughput.convert(1e6, Point(1024 * 1024)) == pytest.approx(1000.0)
     rate = registry.CASES["rate"]
     assert rate.convert(1e9, Point(64)) == pytest.approx(rate.batch)
+
+
+def test_update_readme_replaces_only_the_marked_section(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\nbefore\n\n{report.README_BEGIN}\nold table\n{report.README_END}\n\nafter\n")
+    meta = {"generated": "2026-01-01 00:00 UTC", "commit": "abc123", "quick": False, "wall_seconds": 300.0,
+            "machine": {"cpu": "AMD EPYC", "cpus": 2, "memory_gib": 24, "kernel": "6.1", "python": "3.11.7",
+                        "alpc_path": "c"}}
+    records = [_fake("alpc", "alpc", 30.0), _fake("fast", "peer", 10.0)]
+    for _ in range(2):
+        report.update_readme(readme, meta, records)
+    text = readme.read_text()
+    assert "old table" not in text
+    assert text.startswith("# title\n\nbefore\n\n") and text.endswith(f"{report.README_END}\n\nafter\n")
+    assert text.count("| case | size |") == 1
+    assert "at commit `abc123`" in text and "AMD EPYC, 2 CPUs" in text and "3.00x slower" in text

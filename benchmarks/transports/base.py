@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import ClassVar, Literal
+from typing import Literal
 
 from ..core import SYNC, Job
 
@@ -78,10 +78,6 @@ class OneWayClient(Client):
 
 class Transport(ABC):
     """One implementation under test (alpc, a peer), created fresh in every process pair."""
-
-    # True when channels are made before the fork (socketpair, Pipe, shared
-    # memory); such transports cannot measure connecting.
-    pre_paired: ClassVar[bool] = False
 
     def __init__(self, job: Job) -> None:
         self.job = job

@@ -104,8 +104,6 @@ def _listening_socket(listener: mpc.Listener) -> socket.socket:
 class PipeTransport(Transport):
     """``multiprocessing.Pipe()`` made before the fork."""
 
-    pre_paired = True
-
     def prepare(self, channels: int, max_message: int) -> None:
         super().prepare(channels, max_message)
         self._pairs = [multiprocessing.Pipe(duplex=True) for _ in range(channels)]

@@ -106,8 +106,6 @@ class _ShmServer(Server):
 class _SharedMemoryTransport(Transport):
     """The ring layout; subclasses supply the segment and the semaphores."""
 
-    pre_paired = True
-
     def prepare(self, channels: int, max_message: int) -> None:
         super().prepare(channels, max_message)
         if channels != 1:

@@ -190,8 +190,6 @@ class _SocketServer(Server):
 class SocketPairTransport(Transport):
     """``socket.socketpair()`` made before the fork."""
 
-    pre_paired = True
-
     def prepare(self, channels: int, max_message: int) -> None:
         super().prepare(channels, max_message)
         self._pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(channels)]
