@@ -373,6 +373,8 @@ def run(options: Options) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         "commit": git_commit(),
         "machine": machine_info(),
         "quick": options.quick,
+        # Other work on the machine shows up in every figure; say how much there was.
+        "load_average": {"start": round(os.getloadavg()[0], 2)},
     }
     cells = plan(options)
     runnable = [c for c in cells if c.skip_reason is None]
@@ -413,6 +415,7 @@ def run(options: Options) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         if broker is not None:
             broker.stop()
     meta["wall_seconds"] = round(time.monotonic() - started, 1)
+    meta["load_average"]["end"] = round(os.getloadavg()[0], 2)
     return meta, [_record(cell, meta) for cell in cells]
 
 

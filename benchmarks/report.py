@@ -172,10 +172,12 @@ def _describe_machine(meta: dict[str, Any]) -> str:
 
 def render_markdown(meta: dict[str, Any], records: Sequence[dict[str, Any]], *, full: bool = True) -> str:
     mode = "quick (smoke check)" if meta["quick"] else "full"
+    load = meta.get("load_average") or {}
     lines = [
         f"Measured {meta['generated']} at commit `{meta['commit']}`, {mode} run, "
         f"{meta['wall_seconds']:.0f} s wall time.",
-        f"Machine: {_describe_machine(meta)}.",
+        f"Machine: {_describe_machine(meta)}; 1-minute load average {load.get('start', '?')} at the start, "
+        f"{load.get('end', '?')} at the end.",
         "",
         "Medians and p99 over all samples of every repetition (each repetition a fresh, pinned process pair); "
         "`reps min..max` is the range of the per-repetition medians. For rates, p99 is the rate at the "

@@ -73,6 +73,7 @@ def test_quick_run_writes_table_json_and_markdown(tmp_path: Path) -> None:
     document = json.loads((tmp_path / "latest.json").read_text())
     assert document["schema"] == report.SCHEMA_VERSION
     assert document["quick"] is True
+    assert set(document["load_average"]) == {"start", "end"}
     records = document["records"]
     for record in records:
         check_record(record)
