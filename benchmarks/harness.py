@@ -213,7 +213,9 @@ def run_repetition(ctx: Any, job: Job) -> dict[str, Any]:
         process.join(10)
     if process.is_alive() or result["status"] != "ok":
         _kill_group(process.pid)
-    process.join()
+    process.join(30)
+    if process.is_alive():
+        raise RuntimeError(f"the runner of {job.case}/{job.impl} survived SIGKILL (pid {process.pid})")
     leaked = _remove_leftover_names(job.tag)
     if leaked and result["status"] == "ok":
         result = {"status": "error", "reason": f"left /dev/shm names behind: {leaked}"}
