@@ -61,5 +61,6 @@ bench-readme: $(STAMP)
 	$(PY) -m benchmarks.report --update-readme
 
 clean:
-	rm -rf $(VENV) build alpc/_alpc_native* alpc/.native-built *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build alpc/_alpc_native* alpc/.native-built *.egg-info .pytest_cache .mypy_cache .ruff_cache \
+		benchmarks/results/quick
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
