@@ -4,10 +4,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.bench-installed
 NATIVE_SOURCES := csrc/alpc_native.c csrc/alpc_native.h csrc/build_ffi.py
 PYTEST_ARGS ?=
 
-.PHONY: all venv build demo test test-native test-pure lint bench bench-quick clean
+.PHONY: all venv build demo test test-native test-pure lint bench bench-quick bench-readme clean
 
 all: build
 
@@ -41,12 +42,25 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check $(wildcard alpc tests benchmarks examples csrc)
 	$(VENV)/bin/mypy
 
-bench: build
+# The bench extra (plot, progress bar, pyzmq and grpcio peers) only for the
+# benchmarks, so `make test` never waits for it.
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	touch $@
+
+# Full run (< 10 min on 2 cores): table on stdout, benchmarks/results/latest.{json,md,png}.
+bench: build $(BENCH_STAMP)
 	$(PY) -m benchmarks
 
-bench-quick: build
+# Smoke run (< 1 min): the same, written to benchmarks/results/quick/.
+bench-quick: build $(BENCH_STAMP)
 	$(PY) -m benchmarks --quick
 
+# Copy the summary of benchmarks/results/latest.json into README.md.
+bench-readme: $(STAMP)
+	$(PY) -m benchmarks.report --update-readme
+
 clean:
-	rm -rf $(VENV) build alpc/_alpc_native* alpc/.native-built *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build alpc/_alpc_native* alpc/.native-built *.egg-info .pytest_cache .mypy_cache .ruff_cache \
+		benchmarks/results/quick
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

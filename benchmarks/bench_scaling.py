@@ -1,0 +1,105 @@
+"""Question: how do round trips hold up as concurrent clients grow?
+
+N client processes (all pinned to the client CPU) each hold one connection
+and do 64-byte round trips against one server for the same time window; the
+record is the latency of a round trip under that load, with the aggregate
+rate of all clients as an extra. Run alone: ``python -m benchmarks.bench_scaling``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import multiprocessing
+import time
+from multiprocessing.connection import Connection
+
+from .bench_roundtrip import echo
+from .core import Case, Point, Timing
+from .runner import READY_TIMEOUT, Outcome, Pair, fork_process, make_payload, measure, stop
+
+__all__ = ["CASE"]
+
+
+def _receive(conn: Connection, what: str) -> object:
+    if not conn.poll(READY_TIMEOUT):
+        raise TimeoutError(f"a client sent no {what} within {READY_TIMEOUT}s")
+    return conn.recv()
+
+
+def _client(pair: Pair, index: int, control: Connection) -> None:
+    """One client process: connect, warm up, say ready, wait for go, measure, report."""
+    payload = make_payload(pair.point.size)
+    client = pair.transport.client(index)
+    timing = pair.timing
+
+    def one() -> None:
+        if len(client.request(payload)) != len(payload):
+            raise AssertionError("a reply had the wrong length")
+
+    warm_until = time.monotonic() + timing.warmup_cap
+    for _ in range(timing.warmup):
+        one()
+        if time.monotonic() >= warm_until:
+            break
+    control.send("ready")
+    if _receive(control, "go") != "go":
+        raise RuntimeError("expected go")
+    started = time.perf_counter()
+    samples = measure(one, dataclasses.replace(timing, warmup=0))
+    control.send((samples, time.perf_counter() - started))
+    client.close()
+
+
+def drive_scaling(pair: Pair) -> Outcome:
+    controls: list[Connection] = []
+    pids: list[int] = []
+    try:
+        for index in range(pair.point.connections):
+            mine, theirs = multiprocessing.Pipe()
+            pids.append(fork_process(pair.job.client_cpu, functools.partial(_client, pair, index, theirs)))
+            theirs.close()
+            controls.append(mine)
+        for control in controls:
+            if _receive(control, "ready") != "ready":
+                raise RuntimeError("expected ready")
+        for control in controls:
+            control.send("go")
+        samples: list[float] = []
+        rate = 0.0
+        for control in controls:
+            got = _receive(control, "samples")
+            assert isinstance(got, tuple)
+            client_samples, elapsed = got
+            samples.extend(client_samples)
+            rate += len(client_samples) / elapsed
+        return Outcome(samples, {"aggregate_rate": rate})
+    finally:
+        for pid in pids:
+            stop(pid)
+        for control in controls:
+            control.close()
+
+
+CASE: Case = Case(
+    name="scaling",
+    title="Round trip under N concurrent clients (64 B, one server)",
+    unit="us",
+    lower_is_better=True,
+    full_points=(Point(64, 1), Point(64, 4), Point(64, 16)),
+    quick_points=(Point(64, 4),),
+    full_timing=Timing(repetitions=3, warmup=200, warmup_cap=0.05, min_iterations=20, max_iterations=50_000,
+                       time_cap=0.3),
+    quick_timing=Timing(repetitions=1, warmup=50, warmup_cap=0.02, min_iterations=10, max_iterations=5_000,
+                        time_cap=0.06),
+    handler=echo,
+    drive=drive_scaling,
+    server_mode="many",
+    varies="connections",
+    pre_channels_per_connection=True,
+)
+
+if __name__ == "__main__":
+    from .harness import main
+
+    raise SystemExit(main(cases=[CASE.name]))

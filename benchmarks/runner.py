@@ -1,0 +1,228 @@
+"""The fresh side of every measurement: one repetition in a new, pinned process pair.
+
+The harness starts ``run_job`` in a new process (forked from a clean
+forkserver, never from the harness itself, which has threads). That process
+puts itself in its own process group, pins itself to the client CPU, prepares
+the transport, forks the server child pinned to the server CPU, drives the
+case's client side, and sends its samples back. Children die with it
+(PR_SET_PDEATHSIG), so a timed-out repetition is ended by killing one group.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import select
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from .core import SYNC, Case, Job, Point, Timing
+from .transports.base import Handler, Transport
+
+__all__ = [
+    "READY_TIMEOUT",
+    "Outcome",
+    "Pair",
+    "fork_process",
+    "make_payload",
+    "measure",
+    "pin",
+    "private_memory",
+    "run_job",
+    "stop",
+]
+
+READY_TIMEOUT = 30.0
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass
+class Outcome:
+    """Raw samples (ns per operation, or bytes) and figures a case adds to its record."""
+
+    samples: list[float]
+    extras: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Pair:
+    """What a case's client driver works with: the job, its transport and the live server."""
+
+    job: Job
+    case: Case
+    point: Point
+    transport: Transport
+    server_pid: int
+
+    @property
+    def timing(self) -> Timing:
+        return self.job.timing
+
+
+def pin(cpu: int) -> None:
+    os.sched_setaffinity(0, {cpu})
+
+
+def _die_with_parent(parent: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0 or os.getppid() != parent:
+        os._exit(3)
+
+
+def fork_process(cpu: int, body: Callable[[], None]) -> int:
+    """Fork a child pinned to ``cpu`` that runs ``body`` and exits; it dies with this process."""
+    parent = os.getpid()
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 0
+    try:
+        _die_with_parent(parent)
+        pin(cpu)
+        body()
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    finally:
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def stop(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    os.waitpid(pid, 0)
+
+
+def _start_server(transport: Transport, job: Job, case: Case, handler: Handler) -> int:
+    """Fork the server; returns its pid once it listens, or raises with its error."""
+    ready_r, ready_w = os.pipe()
+
+    def serve() -> None:
+        os.close(ready_r)
+        try:
+            server = transport.server(case.server_mode, handler)
+        except BaseException as exc:
+            os.write(ready_w, f"E{type(exc).__name__}: {exc}".encode()[:4000])
+            raise
+        os.write(ready_w, b"R")
+        os.close(ready_w)
+        server.serve()
+
+    pid = fork_process(job.server_cpu, serve)
+    os.close(ready_w)
+    try:
+        if not select.select([ready_r], [], [], READY_TIMEOUT)[0]:
+            raise TimeoutError(f"the server did not start within {READY_TIMEOUT}s")
+        answer = os.read(ready_r, 4096)
+    finally:
+        os.close(ready_r)
+    if answer != b"R":
+        stop(pid)
+        reason = answer[1:].decode(errors="replace") if answer else "it exited"
+        raise RuntimeError(f"the server failed to start: {reason}")
+    return pid
+
+
+def measure(op: Callable[[], Any], timing: Timing, untimed: Callable[[Any], None] | None = None) -> list[float]:
+    """Warm up, then time ``op`` (ns each) within the timing's iteration and time bounds.
+
+    ``untimed`` gets what ``op`` returned, outside the clock (closing a connection).
+    """
+    clock = time.perf_counter_ns
+    warm_until = clock() + int(timing.warmup_cap * 1e9)
+    for _ in range(timing.warmup):
+        result = op()
+        if untimed is not None:
+            untimed(result)
+        if clock() >= warm_until:
+            break
+    samples: list[float] = []
+    stop_at = clock() + int(timing.time_cap * 1e9)
+    while len(samples) < timing.max_iterations and (len(samples) < timing.min_iterations or clock() < stop_at):
+        started = clock()
+        result = op()
+        samples.append(clock() - started)
+        if untimed is not None:
+            untimed(result)
+    return samples
+
+
+def make_payload(size: int) -> bytes:
+    """Recognisable, non-constant bytes, so a wrong or truncated echo is caught."""
+    pattern = bytes(range(256))
+    return (pattern * (size // 256 + 1))[:size]
+
+
+def private_memory(pid: int | None = None) -> int:
+    """Bytes of memory only this process uses (Private_Clean + Private_Dirty)."""
+    target = "self" if pid is None else str(pid)
+    total = 0
+    for line in Path(f"/proc/{target}/smaps_rollup").read_text().splitlines():
+        if line.startswith(("Private_Clean:", "Private_Dirty:")):
+            total += int(line.split()[1]) * 1024
+    return total
+
+
+def max_message(case: Case, point: Point) -> int:
+    reply = point.size if case.reply_size is None else case.reply_size
+    return max(point.size, reply, len(SYNC), 8)
+
+
+def _run_pair(job: Job, case: Case, point: Point, transport_type: type[Transport]) -> Outcome:
+    transport = transport_type(job)
+    channels = point.connections if case.pre_channels_per_connection else 1
+    transport.prepare(channels, max_message(case, point))
+    try:
+        server_pid = _start_server(transport, job, case, case.handler(job))
+        try:
+            return case.drive(Pair(job, case, point, transport, server_pid))
+        finally:
+            stop(server_pid)
+    finally:
+        transport.cleanup()
+
+
+def execute(job: Job) -> Outcome:
+    from .registry import CASES, IMPLEMENTATIONS
+
+    case = CASES[job.case]
+    impl = IMPLEMENTATIONS[job.impl]
+    point = Point(job.size, job.connections)
+    if impl.native is not None:
+        from .native import run_native
+
+        return run_native(job, case, impl.native)
+    assert impl.transport is not None
+    return _run_pair(job, case, point, impl.transport)
+
+
+def run_job(job: Job, results: Connection) -> None:
+    """Entry point in the fresh process: run one repetition, send a result dict back."""
+    os.setpgid(0, 0)
+    pin(job.client_cpu)
+    # Tracebacks from this process and its children go to the job's log, not the progress bar.
+    log = os.open(Path(job.workdir) / "stderr.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(log, 2)
+    os.close(log)
+    result: dict[str, Any]
+    try:
+        outcome = execute(job)
+        if not outcome.samples:
+            raise RuntimeError("no samples were taken")
+        result = {"status": "ok", "samples": outcome.samples, "extras": outcome.extras,
+                  "client_cpus": sorted(os.sched_getaffinity(0))}
+    except BaseException as exc:
+        traceback.print_exc()
+        result = {"status": "error", "reason": f"{type(exc).__name__}: {exc}"}
+    results.send(result)
+    results.close()

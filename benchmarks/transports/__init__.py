@@ -1,0 +1,3 @@
+"""The implementations under test, one module per transport family; see ``base``."""
+
+__all__: list[str] = []
