@@ -112,15 +112,19 @@ class Broker:
     ``listen_fd`` serves an inherited listening socket (socket activation);
     ``replace`` takes the sockets and state of the broker already running on
     the runtime dir instead of refusing to start. ``on_status`` is called with
-    a one-line summary whenever it changes (for the service manager).
+    a one-line summary whenever it changes, ``on_stopping`` with the reason
+    when the loop begins to shut down (both from the loop, for the service manager).
     """
 
     def __init__(self, runtime_dir: str | os.PathLike[str] | None = None, *, listen_fd: int | None = None,
-                 replace: bool = False, on_status: Callable[[str], object] | None = None) -> None:
+                 replace: bool = False, on_status: Callable[[str], object] | None = None,
+                 on_stopping: Callable[[str], object] | None = None) -> None:
         self.config = Config.from_env(runtime_dir)
         self._listen_fd = listen_fd
         self._replace = replace
         self._on_status = on_status
+        self._on_stopping = on_stopping
+        self._stop_reason = "asked to stop"
         self._listener: Listener | None = None
         self._lock_fd: int | None = None
         self._selector = selectors.DefaultSelector()  # replaced, with the wake pipe, by bind()
@@ -222,8 +226,13 @@ class Broker:
         self._thread.start()
         return self
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Ask the loop to shut down (safe from a signal handler); waits if it runs in a thread."""
+    def stop(self, timeout: float = 10.0, reason: str = "asked to stop") -> None:
+        """Ask the loop to shut down; waits if it runs in a thread.
+
+        Safe from a signal handler: it only sets a flag and writes a byte (no
+        logging there, which could re-enter a write the handler interrupted).
+        """
+        self._stop_reason = reason
         self._stopping = True
         if self._wake_w >= 0:
             try:
@@ -291,6 +300,9 @@ class Broker:
                 self._drop(peer, "internal error")
 
     def _shutdown(self) -> None:
+        log.info("stopping: %s", self._stop_reason)
+        if self._on_stopping is not None:
+            self._on_stopping(self._stop_reason)
         notice = control.Shutdown(reason="the broker is shutting down")
         for peer in list(self._peers.values()):
             for item in peer.outbox:

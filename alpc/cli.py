@@ -40,7 +40,8 @@ def _cmd_broker(args: argparse.Namespace) -> int:
     if listen_fd is not None and args.replace:
         raise ActivationError("--replace takes the socket from the running broker; "
                               "a socket-activated broker gets it from its service manager")
-    broker = Broker(args.runtime_dir, listen_fd=listen_fd, replace=args.replace, on_status=notifier.status)
+    broker = Broker(args.runtime_dir, listen_fd=listen_fd, replace=args.replace, on_status=notifier.status,
+                    on_stopping=lambda reason: notifier.stopping(f"stopping: {reason}"))
 
     def on_ready() -> None:
         print(f"READY {broker.socket_path}", flush=True)
@@ -50,9 +51,7 @@ def _cmd_broker(args: argparse.Namespace) -> int:
         notifier.ready(f"serving {broker.socket_path}: {broker.status_line()}")
 
     def on_signal(signum: int, _frame: object) -> None:
-        log.info("received %s", signal.Signals(signum).name)
-        notifier.stopping(f"stopping on {signal.Signals(signum).name}")
-        broker.stop()
+        broker.stop(reason=f"received {signal.Signals(signum).name}")
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)

@@ -106,7 +106,11 @@ def serve(args: argparse.Namespace) -> None:
     fds_start = fd_count()
     say("READY", os.getpid())
     quiet_wanted = False
+    next_count = time.monotonic() + 1.0
     while not (commands.done and not port.connections):
+        if time.monotonic() >= next_count:  # what a SIGKILL would otherwise take with it
+            say("COUNT", json.dumps({**counts, "reregistrations": port.registrations - 1}))
+            next_count = time.monotonic() + 1.0
         command = commands.next(0)
         quiet_wanted = quiet_wanted or command == "quiet"
         if quiet_wanted and not port.connections:
@@ -183,6 +187,7 @@ def client(args: argparse.Namespace) -> None:
                     counts["bytes"] += size
         except alpc.AlpcError as exc:
             say("ERR", type(exc).__name__, server, str(exc).replace(" ", "_"))
+        say("COUNT", json.dumps(counts))
     say("BYE", json.dumps({**counts, "fds_start": fds_start, "fds_end": fd_count()}))
 
 
@@ -202,6 +207,7 @@ class Child:
         self.stderr: list[str] = []
         self.errors: list[str] = []
         self.bye: dict[str, int] | None = None
+        self.counts: dict[str, int] = {}  # the last COUNT (or BYE) line
         self.killed = False
         self.quiet: dict[str, tuple[int, int, int]] = {}  # phase -> (rss, fds, blocks), nothing in flight
         threading.Thread(target=self._pump, daemon=True).start()
@@ -218,7 +224,10 @@ class Child:
             if line.startswith("ERR "):
                 self.errors.append(line)
             elif line.startswith("BYE "):
-                self.bye = json.loads(line[4:])
+                self.bye = self.counts = json.loads(line[4:])
+            elif line.startswith("COUNT "):
+                self.counts = json.loads(line[6:])
+                continue
             self.lines.put(line)
         self.lines.put(None)
 
@@ -474,14 +483,15 @@ class Soak:
 
     def _tally(self) -> None:
         report = self.report
+        # Killed processes count up to their last COUNT line.
         for child in [*self.clients, *self.retired]:
-            if child.kind == "client" and child.bye is not None:
+            if child.kind == "client" and child.counts:
                 for key in ("connects", "requests", "datagrams", "bytes"):
-                    setattr(report, key, getattr(report, key) + child.bye[key])
+                    setattr(report, key, getattr(report, key) + child.counts[key])
         for child in [*self.servers.values(), *self.retired]:
-            if child.kind == "server" and child.bye is not None:
-                report.served_requests += child.bye["requests"]
-                report.reregistrations += child.bye["reregistrations"]
+            if child.kind == "server" and child.counts:
+                report.served_requests += child.counts["requests"]
+                report.reregistrations += child.counts["reregistrations"]
         for child in [*self.clients, *self.servers.values(), *self.retired]:
             for line in child.errors:
                 _, kind, peer, *_ = line.split(" ")
