@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import signal
 import sys
@@ -23,7 +22,6 @@ from .port import connect
 
 __all__ = ["main"]
 
-log = logging.getLogger(__name__)
 _CLEAR = "\x1b[H\x1b[2J"
 
 

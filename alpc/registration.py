@@ -94,6 +94,9 @@ class Registration:
         self._closed = False
         self._dirty = False
         self._reregister_until = 0.0
+        # The gap began with us hanging up on a live broker, which may not have
+        # seen that yet and still hold the name for us.
+        self._gap_by_us = False
         self._last_report = 0.0
         self._last_counters: control.PortCounters | None = None
         self._thread: threading.Thread | None = None
@@ -190,7 +193,7 @@ class Registration:
                     frames = self._decoder.feed(got.data, got.fds)
                 except ProtocolError as exc:
                     log.error("protocol error from the broker: %s", exc, extra=fields(port=self.name))
-                    self._lose(f"the broker sent a malformed frame: {exc}")
+                    self._lose(f"the broker sent a malformed frame: {exc}", by_us=True)
                     break
                 for frame in frames:
                     self._sort(frame, requests)
@@ -206,9 +209,10 @@ class Registration:
         elif self._live:
             log.error("unexpected %s frame from the broker", frame.type.name, extra=fields(port=self.name))
 
-    def _lose(self, reason: str) -> None:
+    def _lose(self, reason: str, by_us: bool = False) -> None:
         """The registration is gone (caller holds the lock): start a gap, or give up."""
         self._live = False
+        self._gap_by_us = by_us
         self._decoder.close_fds()
         self._decoder = FrameDecoder(REGISTRATION_LIMITS)
         if self._stream is not None:
@@ -268,7 +272,9 @@ class Registration:
             stream_fd = self._stream.fileno() if live and self._stream is not None else -1
             due = self._last_report + (MIN_REPORT_GAP if self._dirty else self.report_interval)
         hangup = [stream_fd] if live else []
-        fired = wait_readable_or_hangup([self._poke], hangup, due if live else None)
+        # Lost for good: nothing to do but wait for close(), still with a deadline.
+        deadline = due if live else time.monotonic() + self.report_interval
+        fired = wait_readable_or_hangup([self._poke], hangup, deadline)
         if self._poke in fired:
             _drain(self._poke)
         if self._stopping:
@@ -300,7 +306,7 @@ class Registration:
                 return  # the reader sees the EOF and starts the gap
             except Timeout:
                 if self._stream.broken:
-                    self._lose("a status report could not be sent")
+                    self._lose("a status report could not be sent", by_us=True)
                 return
         self._last_counters = status.counters
 
@@ -321,6 +327,11 @@ class Registration:
             except _Stopped:
                 return
             except NameInUse as exc:
+                if self._gap_by_us and time.monotonic() - started < ATTEMPT_TIMEOUT:
+                    # Most likely still our own old registration: the broker has yet to see our EOF.
+                    if self._pause(backoff.next_delay()):
+                        return
+                    continue
                 with self._lock:
                     if not self._stopping:
                         self._give_up(NameInUse(f"port {self.name!r} was taken while the broker was away: {exc}"))

@@ -210,3 +210,22 @@ def test_unit_files(instance: str, tmp_path: Path) -> None:
     result = subprocess.run(argv, capture_output=True, text=True, timeout=60,
                             env={**os.environ, "XDG_RUNTIME_DIR": str(tmp_path)})
     assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+
+
+def test_a_successor_leaves_the_activators_socket_file_alone(spawn, runtime_dir: Path, config: alpc.Config) -> None:
+    path = runtime_dir / "broker.sock"
+    listener = listening_socket(path)
+    try:
+        old = activated(spawn, runtime_dir, listener, None)
+        old.expect("READY")
+        with alpc.create_port("svc.moved", config=config):
+            new = spawn.argv([*BROKER, "--runtime-dir", str(runtime_dir), "broker", "--replace"])
+            assert new.expect("READY") == [str(path)]
+            assert old.proc.wait(10) == 0
+            assert [p.name for p in alpc.list_ports(config)] == ["svc.moved"]
+        new.proc.send_signal(signal.SIGTERM)
+        assert new.proc.wait(10) == 0
+        assert path.exists()  # still the activator's
+    finally:
+        listener.close()
+        path.unlink(missing_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -146,10 +147,12 @@ def test_stats_count_traffic_errors_refusals_and_latency(broker: alpc.Broker, co
         assert as_json["ports"][0]["counters"]["messages_in"] == 4
 
 
-def test_quota_refusals_are_counted_per_port(broker: alpc.Broker, config: alpc.Config) -> None:
+def test_quota_refusals_are_counted_per_port_and_logged_once(broker: alpc.Broker, config: alpc.Config,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
     """max_pending_connects bounds connects the broker holds for a server that is not reading."""
     attributes = alpc.PortAttributes(max_pending_connects=2)
-    with alpc.create_port("svc.swamped", attributes, config=config) as port:
+    with alpc.create_port("svc.swamped", attributes, config=config) as port, \
+            caplog.at_level(logging.INFO, "alpc.broker"):
         clients = []
         try:
             for number in range(16):
@@ -172,6 +175,8 @@ def test_quota_refusals_are_counted_per_port(broker: alpc.Broker, config: alpc.C
                 refused += header[3] == MessageType.ERROR
             assert refused == stats.quota_refusals
             assert port.registered
+            logged = [r for r in caplog.records if "max_pending_connects" in r.getMessage()]
+            assert len(logged) == 1 and logged[0].port == "svc.swamped"  # type: ignore[attr-defined]
         finally:
             for sock in clients:
                 sock.close()

@@ -149,3 +149,20 @@ def test_broker_under_journald_logs_refusals_once(spawn, runtime_dir: Path, conf
     assert len(dropped) == 1 and dropped[0].startswith("<4>") and "undecodable Connect body" in dropped[0]
     taken = [line for line in lines if "is owned by live" in line]
     assert len(taken) == 1 and "port=svc.taken" in taken[0]
+
+
+def test_log_level_option(spawn, runtime_dir: Path, config: alpc.Config) -> None:
+    broker = spawn.argv([sys.executable, "-m", "alpc", "--runtime-dir", str(runtime_dir), "--log-level", "warning",
+                         "broker"])
+    broker.expect("READY")
+    with pytest.raises(alpc.PortNotFound):
+        alpc.connect("svc.none", config=config, timeout=5)  # an INFO line: not shown
+    with alpc.create_port("svc.dup", config=config), pytest.raises(alpc.NameInUse):
+        alpc.create_port("svc.dup", config=config)  # a WARNING line: shown
+    broker.proc.terminate()
+    assert broker.proc.wait(10) == 0
+    deadline = time.monotonic() + 10
+    while "is owned by live" not in broker.stderr():
+        assert time.monotonic() < deadline, broker.stderr()
+        threading.Event().wait(0.01)  # handshake-free: draining a dead process's stderr
+    assert " INFO " not in broker.stderr()

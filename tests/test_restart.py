@@ -268,3 +268,22 @@ def test_handover_moves_half_read_and_unsent_bytes(broker: alpc.Broker, config: 
         finally:
             for client in clients:
                 client.close()
+
+
+def test_a_garbled_registration_is_replaced(broker: alpc.Broker, config: alpc.Config, spawn,
+                                            runtime_dir: Path) -> None:
+    """The port hangs up on a broker that sent garbage and registers again (the broker may still hold the name)."""
+    with alpc.create_port("svc.garbled", config=config, report_interval=0.05) as port:
+        owner = broker._ports["svc.garbled"].owner  # white-box: make the broker's end misbehave
+        owner.stream.try_send([b"\xde\xad" * 30])
+        with pytest.raises(alpc.Timeout):
+            port.listen(timeout=0.2)  # reads the garbage; the keeper registers again
+        connector = ops(spawn, "connector", "svc.garbled", runtime_dir, "--retry-timeout", "10")
+        connector.expect("READY")
+        connector.send("go")
+        comm = port.listen(timeout=10).accept()
+        message = comm.receive(timeout=10)
+        comm.reply(message, message.data.upper())
+        assert connector.expect("DONE") == ["ok=1", "failed=0"]
+        assert port.registered and port.registrations == 2
+        comm.close()
