@@ -778,11 +778,12 @@ class ConnectionPort:
             self._closed = True
             requests = list(self._unanswered)
             connections = list(self._connections)
+        # The link first: its keeper must not keep watching a port that no longer reads it.
+        self._link.close()
         for request in requests:
             request.close()
         for comm in connections:
             comm.close()
-        self._link.close()
 
     def __enter__(self) -> ConnectionPort:
         return self
