@@ -8,7 +8,7 @@ BENCH_STAMP := $(VENV)/.bench-installed
 NATIVE_SOURCES := csrc/alpc_native.c csrc/alpc_native.h csrc/build_ffi.py
 PYTEST_ARGS ?=
 
-.PHONY: all venv build demo test test-native test-pure lint bench bench-quick bench-readme clean
+.PHONY: all venv build demo test test-native test-pure lint soak bench bench-quick bench-readme clean
 
 all: build
 
@@ -41,6 +41,11 @@ test-pure: build
 lint: $(STAMP)
 	$(VENV)/bin/ruff check $(wildcard alpc tests benchmarks examples csrc)
 	$(VENV)/bin/mypy
+
+# Minutes, not hours: clients, servers and a chaos thread killing all of them (and the broker).
+SOAK_ARGS ?= --duration 180
+soak: build
+	$(PY) tests/soak.py $(SOAK_ARGS)
 
 # The bench extra (plot, progress bar, pyzmq and grpcio peers) only for the
 # benchmarks, so `make test` never waits for it.

@@ -4,6 +4,7 @@ from .broker import Broker, list_ports
 from .config import Config, PortAttributes
 from .errors import (
     AccessDenied,
+    ActivationError,
     AlpcError,
     BrokerRunning,
     BrokerUnavailable,
@@ -19,6 +20,7 @@ from .errors import (
     QuotaExceeded,
     Timeout,
 )
+from .introspect import list_peers, port_stats
 from .port import CommunicationPort, ConnectionPort, ConnectionRequest, connect, create_port
 from .protocol import Message
 from .security import PeerCred
@@ -26,6 +28,7 @@ from .wire import MessageType
 
 __all__ = [
     "AccessDenied",
+    "ActivationError",
     "AlpcError",
     "Broker",
     "BrokerRunning",
@@ -51,5 +54,7 @@ __all__ = [
     "Timeout",
     "connect",
     "create_port",
+    "list_peers",
     "list_ports",
+    "port_stats",
 ]

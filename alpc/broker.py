@@ -4,6 +4,10 @@ One thread runs a selector loop over non-blocking sockets. A client's own
 connected socket is handed to the server with SCM_RIGHTS, so SO_PEERCRED on the
 server's end names the client (kernel-verified) and the broker is out of the
 data path from then on: an established connection survives a broker crash.
+
+The broker also answers introspection queries (ports, peers, stats) from the
+figures servers report over their registration streams, and can hand its
+sockets to a successor for a restart that loses nothing (see ``handover``).
 """
 
 from __future__ import annotations
@@ -13,30 +17,37 @@ import logging
 import os
 import selectors
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import control
+from . import control, handover
 from .config import Config, ensure_runtime_dir
 from .errors import AlpcError, BrokerRunning, BrokerUnavailable, ProtocolError
 from .exchange import control_frame, read_frame
-from .security import PeerCred
+from .logs import LogLimiter, fields
+from .security import PeerCred, may_inspect, may_replace_broker
 from .transport import Listener, Stream, advance_buffers, deadline_after
 from .wire import Frame, FrameDecoder, FrameLimits, MessageType, encode_header
 
-__all__ = ["MAX_REQUEST", "Broker", "list_ports"]
+__all__ = ["MAX_REQUEST", "TICK", "Broker", "list_ports"]
 
 log = logging.getLogger(__name__)
 
 # No broker request legitimately needs more: connect data is bounded far below.
 MAX_REQUEST = 1024 * 1024
 LOCK_NAME = "broker.lock"
+# Housekeeping (suppressed-log summaries, service status) runs this often.
+TICK = 1.0
+# How long a successor may wait for the lock its predecessor releases.
+LOCK_WAIT = 5.0
 
-_NEW_PEER_TYPES = frozenset({MessageType.CREATE_PORT, MessageType.CONNECT, MessageType.LIST_PORTS})
+_QUERY_TYPES = frozenset({MessageType.LIST_PORTS, MessageType.PEERS, MessageType.STATS})
+_NEW_PEER_TYPES = frozenset({MessageType.CREATE_PORT, MessageType.CONNECT, MessageType.HANDOVER}) | _QUERY_TYPES
 _SERVER_TYPES = frozenset({MessageType.PORT_STATUS})
-_QUERY_TYPES = frozenset({MessageType.LIST_PORTS})
+_ROLE_TYPES = {"new": _NEW_PEER_TYPES, "server": _SERVER_TYPES, "query": _QUERY_TYPES}
 
 
 def _limits(types: frozenset[MessageType]) -> FrameLimits:
@@ -54,6 +65,7 @@ class _Outgoing:
 class _Peer:
     stream: Stream
     cred: PeerCred
+    role: str = "new"
     decoder: FrameDecoder = field(default_factory=lambda: FrameDecoder(_limits(_NEW_PEER_TYPES)))
     outbox: deque[_Outgoing] = field(default_factory=deque)
     port: str | None = None
@@ -62,13 +74,30 @@ class _Peer:
     def describe(self) -> str:
         return f"pid {self.cred.pid} uid {self.cred.uid}"
 
+    def become(self, role: str) -> None:
+        self.role = role
+        self.decoder.set_limits(_limits(_ROLE_TYPES[role]))
+
+    def fields(self, port: str | None = None) -> dict[str, object]:
+        return fields(port=port or self.port, pid=self.cred.pid, uid=self.cred.uid)
+
 
 @dataclass
 class _Port:
     name: str
     owner: _Peer
     request: control.CreatePort
-    clients: tuple[control.ClientInfo, ...] = ()
+    status: control.PortStatus | None = None
+    status_at: float = 0.0
+    connects_forwarded: int = 0
+    quota_refusals: int = 0
+    connects_refused: int = 0
+
+    def clients(self) -> tuple[control.ClientInfo, ...]:
+        return tuple(peer.client() for peer in self.status.peers) if self.status is not None else ()
+
+    def report_age_ms(self, now: float) -> int:
+        return int((now - self.status_at) * 1000) if self.status is not None else -1
 
 
 def _frame(body: control.Body, n_fds: int = 0) -> list[memoryview]:
@@ -78,11 +107,24 @@ def _frame(body: control.Body, n_fds: int = 0) -> list[memoryview]:
 
 
 class Broker:
-    """The broker, runnable in a thread (``with Broker(dir):``) or as the daemon's main loop."""
+    """The broker, runnable in a thread (``with Broker(dir):``) or as the daemon's main loop.
 
-    def __init__(self, runtime_dir: str | os.PathLike[str] | None = None, *, listen_fd: int | None = None) -> None:
+    ``listen_fd`` serves an inherited listening socket (socket activation);
+    ``replace`` takes the sockets and state of the broker already running on
+    the runtime dir instead of refusing to start. ``on_status`` is called with
+    a one-line summary whenever it changes, ``on_stopping`` with the reason
+    when the loop begins to shut down (both from the loop, for the service manager).
+    """
+
+    def __init__(self, runtime_dir: str | os.PathLike[str] | None = None, *, listen_fd: int | None = None,
+                 replace: bool = False, on_status: Callable[[str], object] | None = None,
+                 on_stopping: Callable[[str], object] | None = None) -> None:
         self.config = Config.from_env(runtime_dir)
         self._listen_fd = listen_fd
+        self._replace = replace
+        self._on_status = on_status
+        self._on_stopping = on_stopping
+        self._stop_reason = "asked to stop"
         self._listener: Listener | None = None
         self._lock_fd: int | None = None
         self._selector = selectors.DefaultSelector()  # replaced, with the wake pipe, by bind()
@@ -91,44 +133,78 @@ class Broker:
         self._peers: dict[int, _Peer] = {}
         self._ports: dict[str, _Port] = {}
         self._stopping = False
+        self._handed_over_to: int | None = None
         self._thread: threading.Thread | None = None
         self._finished = threading.Event()
+        self._limited = LogLimiter(log)
+        self._started = time.monotonic()
+        self._next_tick = 0.0
+        self._connects_unknown_port = 0
+        self._protocol_errors = 0
 
     @property
     def socket_path(self) -> Path:
+        if self._listener is not None and self._listener.path is not None:
+            return self._listener.path
         return self.config.broker_socket
+
+    @property
+    def handed_over_to(self) -> int | None:
+        """The successor's pid once this broker handed everything over."""
+        return self._handed_over_to
 
     # -- lifecycle -----------------------------------------------------------------
 
     def bind(self) -> None:
         """Claim the runtime directory and listen; fails if another broker runs there."""
         ensure_runtime_dir(self.config.runtime_dir)
-        self._lock_fd = self._take_lock()
-        try:
-            if self._listen_fd is not None:
-                self._listener = Listener.from_fd(self._listen_fd)
-            else:
-                # We hold the lock, so a socket file left here is a crashed broker's.
-                self.socket_path.unlink(missing_ok=True)
-                self._listener = Listener.bind(self.socket_path)
-        except BaseException:
-            self._release_lock()
-            raise
+        taken = handover.request_handover(self.config) if self._replace else None
+        if taken is not None:
+            self._lock_fd = self._take_lock(wait=LOCK_WAIT)
+            self._adopt(taken)
+        else:
+            if self._replace:
+                log.info("no broker was running on %s; starting a new one", self.config.runtime_dir)
+            self._lock_fd = self._take_lock()
+            try:
+                self._listener = self._listen()
+            except BaseException:
+                self._release_lock()
+                raise
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        assert self._listener is not None
         self._selector.register(self._listener.fileno(), selectors.EVENT_READ, None)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        for peer in self._peers.values():
+            self._selector.register(peer.stream.fileno(), self._interest(peer), None)
         log.info("broker listening on %s", self.socket_path)
 
-    def _take_lock(self) -> int:
+    def _listen(self) -> Listener:
+        if self._listen_fd is not None:
+            listener = Listener.from_fd(self._listen_fd)
+            if listener.path != self.config.broker_socket:
+                log.warning("the activated socket is %s, but clients look for %s",
+                            listener.path or "unnamed", self.config.broker_socket)
+            return listener
+        # We hold the lock, so a socket file left here is a crashed broker's.
+        self.config.broker_socket.unlink(missing_ok=True)
+        return Listener.bind(self.config.broker_socket)
+
+    def _take_lock(self, wait: float = 0.0) -> int:
         path = self.config.runtime_dir / LOCK_NAME
+        give_up = time.monotonic() + wait
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                raise BrokerRunning(f"a broker already serves {self.config.runtime_dir}") from None
+                if time.monotonic() >= give_up:
+                    raise BrokerRunning(f"a broker already serves {self.config.runtime_dir}") from None
+                # handshake-free: flock has no timed wait; the predecessor is exiting.
+                time.sleep(0.01)
+                continue
             # The previous owner may have unlinked the file between our open and lock.
             try:
                 if os.stat(path).st_ino == os.fstat(fd).st_ino:
@@ -150,8 +226,13 @@ class Broker:
         self._thread.start()
         return self
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Ask the loop to shut down (safe from a signal handler); waits if it runs in a thread."""
+    def stop(self, timeout: float = 10.0, reason: str = "asked to stop") -> None:
+        """Ask the loop to shut down; waits if it runs in a thread.
+
+        Safe from a signal handler: it only sets a flag and writes a byte (no
+        logging there, which could re-enter a write the handler interrupted).
+        """
+        self._stop_reason = reason
         self._stopping = True
         if self._wake_w >= 0:
             try:
@@ -174,11 +255,29 @@ class Broker:
             on_ready()
         try:
             while not self._stopping:
-                for key, events in self._selector.select():
+                for key, events in self._selector.select(TICK):
                     self._on_event(key.fd, events)
+                    if self._handed_over_to is not None:
+                        return
+                self._tick()
         finally:
-            self._shutdown()
+            if self._handed_over_to is None:
+                self._shutdown()
             self._finished.set()
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        if now < self._next_tick:
+            return
+        self._next_tick = now + TICK
+        self._limited.flush()
+        if self._on_status is not None:
+            self._on_status(self.status_line())
+
+    def status_line(self) -> str:
+        servers = sum(1 for peer in self._peers.values() if peer.role == "server")
+        clients = sum(port.status.peers_total for port in self._ports.values() if port.status is not None)
+        return f"{len(self._ports)} ports, {servers} servers, {clients} connected clients"
 
     def _on_event(self, fd: int, events: int) -> None:
         assert self._listener is not None
@@ -197,10 +296,13 @@ class Broker:
                 if events & selectors.EVENT_READ and fd in self._peers:
                     self._read(peer)
             except Exception:  # one bad peer must never take the broker down
-                log.exception("unexpected error serving %s", peer.describe())
+                log.exception("unexpected error serving %s", peer.describe(), extra=peer.fields())
                 self._drop(peer, "internal error")
 
     def _shutdown(self) -> None:
+        log.info("stopping: %s", self._stop_reason)
+        if self._on_stopping is not None:
+            self._on_stopping(self._stop_reason)
         notice = control.Shutdown(reason="the broker is shutting down")
         for peer in list(self._peers.values()):
             for item in peer.outbox:
@@ -210,14 +312,17 @@ class Broker:
             self._tell_shutdown(peer.stream, notice)
             self._drop(peer, None)
         if self._listener is not None:
-            self._listener.close(unlink=self._listen_fd is None)
+            self._listener.close()
             self._listener = None
+        self._close_loop()
+        log.info("broker stopped")
+
+    def _close_loop(self) -> None:
         self._selector.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
         self._wake_r = self._wake_w = -1
         self._release_lock()
-        log.info("broker stopped")
 
     @staticmethod
     def _tell_shutdown(stream: Stream, notice: control.Shutdown) -> None:
@@ -253,27 +358,69 @@ class Broker:
         try:
             for frame in peer.decoder.feed(data):
                 self._handle(peer, frame)
-                if peer.stream.fileno() not in self._peers:
+                if peer.stream.fileno() not in self._peers or self._handed_over_to is not None:
                     return
         except ProtocolError as exc:
+            self._protocol_errors += 1
             self._drop(peer, f"protocol error: {exc}")
 
     def _handle(self, peer: _Peer, frame: Frame) -> None:
-        if frame.type is MessageType.CREATE_PORT:
-            self._create_port(peer, control.decode_body(frame.type, frame.data, control.CreatePort))
-        elif frame.type is MessageType.CONNECT:
-            self._connect(peer, control.decode_body(frame.type, frame.data, control.Connect))
-        elif frame.type is MessageType.LIST_PORTS:
-            control.decode_body(frame.type, frame.data, control.ListPorts)
-            peer.decoder.set_limits(_limits(_QUERY_TYPES))
-            self._send(peer, _frame(self._port_list()))
-        elif frame.type is MessageType.PORT_STATUS:
-            status = control.decode_body(frame.type, frame.data, control.PortStatus)
-            if peer.port is not None:
-                self._ports[peer.port].clients = status.clients
+        kind = frame.type
+        if kind is MessageType.CREATE_PORT:
+            self._create_port(peer, control.decode_body(kind, frame.data, control.CreatePort))
+        elif kind is MessageType.CONNECT:
+            self._connect(peer, control.decode_body(kind, frame.data, control.Connect))
+        elif kind is MessageType.PORT_STATUS:
+            status = control.decode_body(kind, frame.data, control.PortStatus)
+            port = self._ports.get(peer.port) if peer.port is not None else None
+            if port is not None and port.owner is peer:
+                port.status, port.status_at = status, time.monotonic()
+        elif kind is MessageType.HANDOVER:
+            self._hand_over(peer, control.decode_body(kind, frame.data, control.Handover))
+        else:
+            self._query(peer, frame)
 
-    def _refuse(self, peer: _Peer, code: str, message: str) -> None:
-        log.warning("refused %s: %s", peer.describe(), message)
+    def _query(self, peer: _Peer, frame: Frame) -> None:
+        peer.become("query")
+        kind = frame.type
+        if kind is MessageType.LIST_PORTS:
+            control.decode_body(kind, frame.data, control.ListPorts)
+            self._send(peer, _frame(self._port_list(peer.cred)))
+        elif kind is MessageType.PEERS:
+            name = control.decode_body(kind, frame.data, control.Peers).name
+            port = self._inspected_port(peer, name)
+            if port is not None:
+                status = port.status or control.PortStatus()
+                self._send(peer, _frame(control.PeerList(
+                    name=port.name, pid=port.owner.cred.pid, report_age_ms=port.report_age_ms(time.monotonic()),
+                    peers_total=status.peers_total, peers=status.peers)))
+        elif kind is MessageType.STATS:
+            name = control.decode_body(kind, frame.data, control.Stats).name
+            if name:
+                port = self._inspected_port(peer, name)
+                ports = [port] if port is not None else None
+            else:
+                ports = [p for p in self._ports.values() if may_inspect(peer.cred, p.owner.cred)]
+            if ports is not None:
+                self._send(peer, _frame(self._stats(sorted(ports, key=lambda p: p.name))))
+
+    def _inspected_port(self, peer: _Peer, name: str) -> _Port | None:
+        """The port ``name`` if it exists and ``peer`` may see its details; else refuse and None."""
+        port = self._ports.get(name)
+        if port is None:
+            self._refuse(peer, control.ErrorCode.NOT_FOUND, f"no port named {name!r}", name)
+        elif not may_inspect(peer.cred, port.owner.cred):
+            self._refuse(peer, control.ErrorCode.ACCESS_DENIED,
+                         f"uid {peer.cred.uid} may not inspect port {name!r} of uid {port.owner.cred.uid}", name)
+        else:
+            return port
+        return None
+
+    def _refuse(self, peer: _Peer, code: str, message: str, port: str | None = None,
+                level: int = logging.WARNING) -> None:
+        """Answer with an error and hang up; logged once per peer and reason, never flooding."""
+        self._limited.log(level, (code, peer.cred.uid, peer.cred.pid), f"refused {peer.describe()}: {message}",
+                          extra=peer.fields(port))
         self._send(peer, _frame(control.ErrorReply(code=code, message=message)))
         peer.close_when_flushed = True
         self._flush(peer)
@@ -287,48 +434,161 @@ class Broker:
         if request.name in self._ports:
             owner = self._ports[request.name].owner
             self._refuse(peer, control.ErrorCode.NAME_IN_USE,
-                         f"port {request.name!r} is owned by live {owner.describe()}")
+                         f"port {request.name!r} is owned by live {owner.describe()}", request.name)
             return
         self._ports[request.name] = _Port(request.name, peer, request)
         peer.port = request.name
-        peer.decoder.set_limits(_limits(_SERVER_TYPES))
-        log.info("port %r created by %s", request.name, peer.describe())
+        peer.become("server")
+        log.info("port %r created by %s", request.name, peer.describe(), extra=peer.fields())
         self._send(peer, _frame(control.PortCreated(name=request.name)))
 
     def _connect(self, peer: _Peer, request: control.Connect) -> None:
         port = self._ports.get(request.name)
         if port is None:
-            self._refuse(peer, control.ErrorCode.NOT_FOUND, f"no port named {request.name!r}")
+            self._connects_unknown_port += 1
+            self._refuse(peer, control.ErrorCode.NOT_FOUND, f"no port named {request.name!r}", request.name,
+                         level=logging.INFO)
             return
         if len(request.data) > port.request.max_connect_data:
+            port.connects_refused += 1
             self._refuse(peer, control.ErrorCode.TOO_LARGE,
                          f"connect data of {len(request.data)} bytes exceeds the port's "
-                         f"max_connect_data of {port.request.max_connect_data}")
+                         f"max_connect_data of {port.request.max_connect_data}", port.name)
             return
         if len(port.owner.outbox) >= port.request.max_pending_connects:
+            port.connects_refused += 1
+            port.quota_refusals += 1
             self._refuse(peer, control.ErrorCode.BUSY,
-                         f"port {request.name!r} has {len(port.owner.outbox)} connects waiting; try again")
+                         f"port {request.name!r} has {len(port.owner.outbox)} connects waiting "
+                         f"(max_pending_connects); try again", port.name)
             return
         # From here on the client's socket belongs to the server.
+        port.connects_forwarded += 1
         self._forget(peer)
         info = control.ConnectionRequestInfo(name=request.name, data=request.data,
                                              max_message_length=request.max_message_length)
         port.owner.outbox.append(_Outgoing(_frame(info, n_fds=1), [peer.stream.fileno()], peer.stream))
         self._flush(port.owner)
 
-    def _port_list(self) -> control.PortList:
-        return control.PortList(ports=tuple(
-            control.PortInfo(name=port.name, pid=port.owner.cred.pid, uid=port.owner.cred.uid,
-                             gid=port.owner.cred.gid, max_message_length=port.request.max_message_length,
-                             clients=port.clients)
-            for port in sorted(self._ports.values(), key=lambda p: p.name)
-        ))
+    def _port_list(self, viewer: PeerCred) -> control.PortList:
+        ports = []
+        for port in sorted(self._ports.values(), key=lambda p: p.name):
+            details = may_inspect(viewer, port.owner.cred)
+            ports.append(control.PortInfo(
+                name=port.name, pid=port.owner.cred.pid, uid=port.owner.cred.uid, gid=port.owner.cred.gid,
+                max_message_length=port.request.max_message_length,
+                clients=port.clients() if details else (), details=details))
+        return control.PortList(ports=tuple(ports))
+
+    def _stats(self, ports: list[_Port]) -> control.StatsList:
+        now = time.monotonic()
+        return control.StatsList(
+            uptime_ms=int((now - self._started) * 1000), connects_unknown_port=self._connects_unknown_port,
+            protocol_errors=self._protocol_errors,
+            ports=tuple(control.PortStats(
+                name=port.name, pid=port.owner.cred.pid, uid=port.owner.cred.uid,
+                connections=port.status.peers_total if port.status is not None else 0,
+                report_age_ms=port.report_age_ms(now), connects_forwarded=port.connects_forwarded,
+                quota_refusals=port.quota_refusals, connects_refused=port.connects_refused,
+                counters=port.status.counters if port.status is not None else control.PortCounters(),
+            ) for port in ports))
+
+    # -- graceful restart --------------------------------------------------------------
+
+    def _hand_over(self, peer: _Peer, request: control.Handover) -> None:
+        if not may_replace_broker(peer.cred, os.getuid()):
+            self._refuse(peer, control.ErrorCode.ACCESS_DENIED,
+                         f"uid {peer.cred.uid} may not take over a broker of uid {os.getuid()}")
+            return
+        assert self._listener is not None
+        log.info("handing over to pid %d", peer.cred.pid, extra=peer.fields())
+        self._forget(peer)
+        deadline = deadline_after(handover.HANDOVER_TIMEOUT)
+        try:
+            handover.send_state(peer.stream, self._export(), self._listener.owns_file, deadline)
+            done = handover.await_done(peer.stream, deadline)
+        except (AlpcError, OSError) as exc:
+            done = False
+            log.error("handover to pid %d failed (%s); serving on", peer.cred.pid, exc, extra=peer.fields())
+        if not done:
+            peer.stream.close()
+            return
+        self._let_go()
+        self._handed_over_to = peer.cred.pid
+        log.info("handed over to pid %d", peer.cred.pid)
+        peer.stream.close()  # tells the successor the lock is free
+
+    def _export(self) -> handover.BrokerState:
+        """A description of everything this broker holds; nothing is changed or closed."""
+        assert self._listener is not None
+        state = handover.BrokerState(self._listener)
+        index: dict[int, int] = {}
+        for fd, peer in self._peers.items():
+            index[fd] = len(state.peers)
+            outbox = [handover.ItemState(b"".join(bytes(b) for b in item.buffers),
+                                         item.handoff if item.fds else None) for item in peer.outbox]
+            state.peers.append(handover.PeerState(peer.stream, peer.role, peer.decoder.partial(),
+                                                  peer.close_when_flushed, outbox))
+        for port in self._ports.values():
+            state.ports.append(handover.PortState(
+                port.name, index[port.owner.stream.fileno()], port.request, port.connects_forwarded,
+                port.quota_refusals, port.connects_refused, port.status))
+        return state
+
+    def _let_go(self) -> None:
+        """Close our copies of every socket without a word: the successor holds the same ones."""
+        for peer in self._peers.values():
+            for item in peer.outbox:
+                if item.handoff is not None:
+                    item.handoff.close()
+            peer.stream.close()
+        self._peers.clear()
+        self._ports.clear()
+        if self._listener is not None:
+            self._listener.close(unlink=False)
+            self._listener = None
+        self._close_loop()
+        self._stopping = True
+
+    def _adopt(self, state: handover.BrokerState) -> None:
+        """Serve what a predecessor handed over; identities are read afresh from the sockets."""
+        self._listener = state.listener
+        peers: list[_Peer | None] = []
+        for item in state.peers:
+            try:
+                cred = item.stream.peer_cred()
+            except OSError:
+                peers.append(None)
+                item.stream.close()
+                continue
+            peer = _Peer(item.stream, cred, close_when_flushed=item.close_when_flushed)
+            peer.become(item.role)
+            peer.decoder.feed(item.inbound)
+            for out in item.outbox:
+                fds = [out.handoff.fileno()] if out.handoff is not None else []
+                peer.outbox.append(_Outgoing([memoryview(out.data)], fds, out.handoff))
+            self._peers[item.stream.fileno()] = peer
+            peers.append(peer)
+        for port in state.ports:
+            owner = peers[port.owner]
+            if owner is None:
+                continue
+            owner.port = port.name
+            self._ports[port.name] = _Port(port.name, owner, port.request, port.status,
+                                           time.monotonic() if port.status is not None else 0.0,
+                                           port.connects_forwarded, port.quota_refusals, port.connects_refused)
+        log.info("took over %d ports and %d connections (socket %s)", len(self._ports), len(self._peers),
+                 state.listener.path)
 
     # -- output ------------------------------------------------------------------
 
     def _send(self, peer: _Peer, buffers: list[memoryview]) -> None:
         peer.outbox.append(_Outgoing(buffers, []))
         self._flush(peer)
+
+    @staticmethod
+    def _interest(peer: _Peer) -> int:
+        return selectors.EVENT_READ | (selectors.EVENT_WRITE if peer.outbox else 0)
 
     def _flush(self, peer: _Peer) -> None:
         fd = peer.stream.fileno()
@@ -350,7 +610,7 @@ class Broker:
         if not peer.outbox and peer.close_when_flushed:
             self._drop(peer, None)
             return
-        wanted = selectors.EVENT_READ | (selectors.EVENT_WRITE if peer.outbox else 0)
+        wanted = self._interest(peer)
         if self._selector.get_key(fd).events != wanted:
             self._selector.modify(fd, wanted, None)
 
@@ -367,7 +627,8 @@ class Broker:
 
     def _drop(self, peer: _Peer, problem: str | None) -> None:
         if problem is not None:
-            log.warning("dropping %s: %s", peer.describe(), problem)
+            self._limited.log(logging.WARNING, ("drop", peer.cred.uid, peer.cred.pid),
+                              f"dropping {peer.describe()}: {problem}", extra=peer.fields())
         self._forget(peer)
         for item in peer.outbox:
             if item.handoff is not None:
@@ -375,7 +636,7 @@ class Broker:
         peer.outbox.clear()
         if peer.port is not None and self._ports.get(peer.port, None) is not None:
             if self._ports[peer.port].owner is peer:
-                log.info("port %r released by %s", peer.port, peer.describe())
+                log.info("port %r released by %s", peer.port, peer.describe(), extra=peer.fields())
                 del self._ports[peer.port]
         peer.stream.close()
 

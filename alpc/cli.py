@@ -1,67 +1,183 @@
-"""The ``alpc`` command: run the broker, list ports, ping a port."""
+"""The ``alpc`` command: run the broker, look inside it, ping a port."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 
+from . import control, logs
 from .broker import Broker, list_ports
 from .config import Config
-from .errors import AlpcError
+from .daemon import ServiceNotifier, activation_listen_fd
+from .errors import ActivationError, AlpcError, BrokerUnavailable
+from .introspect import latency_percentile, list_peers, port_stats
 from .port import connect
 
 __all__ = ["main"]
+
+_CLEAR = "\x1b[H\x1b[2J"
 
 
 def _config(args: argparse.Namespace) -> Config:
     return Config.from_env(args.runtime_dir)
 
 
+# -- broker -------------------------------------------------------------------------
+
+
 def _cmd_broker(args: argparse.Namespace) -> int:
-    broker = Broker(args.runtime_dir)
+    notifier = ServiceNotifier()
+    listen_fd = activation_listen_fd()
+    if listen_fd is not None and args.replace:
+        raise ActivationError("--replace takes the socket from the running broker; "
+                              "a socket-activated broker gets it from its service manager")
+    broker = Broker(args.runtime_dir, listen_fd=listen_fd, replace=args.replace, on_status=notifier.status,
+                    on_stopping=lambda reason: notifier.stopping(f"stopping: {reason}"))
 
     def on_ready() -> None:
         print(f"READY {broker.socket_path}", flush=True)
         if args.ready_fd is not None:
             os.write(args.ready_fd, b"READY\n")
             os.close(args.ready_fd)
+        notifier.ready(f"serving {broker.socket_path}: {broker.status_line()}")
 
     def on_signal(signum: int, _frame: object) -> None:
-        logging.getLogger("alpc.broker").info("received %s", signal.Signals(signum).name)
-        broker.stop()
+        broker.stop(reason=f"received {signal.Signals(signum).name}")
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     broker.serve_forever(on_ready=on_ready)
+    if broker.handed_over_to is not None:
+        notifier.stopping(f"handed over to pid {broker.handed_over_to}")
+    return 0
+
+
+# -- introspection ----------------------------------------------------------------------
+
+
+def _watch(args: argparse.Namespace, render: Callable[[], str]) -> int:
+    """Print ``render()`` once, or refresh it every ``--interval`` with ``--watch``."""
+    if not args.watch:
+        print(render())
+        return 0
+    shown = 0
+    clear = sys.stdout.isatty()
+    while args.count is None or shown < args.count:
+        try:
+            text = render()
+        except BrokerUnavailable as exc:
+            text = f"broker unavailable: {exc}"  # keep watching: it may be restarting
+        stamp = time.strftime("%H:%M:%S")
+        print(f"{_CLEAR if clear else ''}--- {stamp} (every {args.interval:g}s, Ctrl-C to stop)\n{text}", flush=True)
+        shown += 1
+        if args.count is None or shown < args.count:
+            # handshake-free: this is the refresh period the user asked for.
+            time.sleep(args.interval)
     return 0
 
 
 def _cmd_ports(args: argparse.Namespace) -> int:
-    ports = list_ports(_config(args), timeout=args.timeout)
-    if args.json:
-        print(json.dumps([
-            {"name": p.name, "pid": p.pid, "uid": p.uid, "gid": p.gid,
-             "max_message_length": p.max_message_length,
-             "clients": [{"pid": c.pid, "uid": c.uid, "gid": c.gid} for c in p.clients]}
-            for p in ports
-        ], indent=2))
-        return 0
+    return _watch(args, lambda: _render_ports(list_ports(_config(args), timeout=args.timeout), args.json))
+
+
+def _render_ports(ports: tuple[control.PortInfo, ...], as_json: bool) -> str:
+    if as_json:
+        return json.dumps([asdict(port) for port in ports], indent=2)
     if not ports:
-        print("no ports")
-        return 0
+        return "no ports"
     width = max(len("NAME"), *(len(p.name) for p in ports))
-    print(f"{'NAME':<{width}}  {'PID':>7}  {'UID':>6}  CLIENTS")
+    lines = [f"{'NAME':<{width}}  {'PID':>7}  {'UID':>6}  CLIENTS"]
     for p in ports:
-        clients = ", ".join(f"pid {c.pid}/uid {c.uid}" for c in p.clients) or "-"
-        print(f"{p.name:<{width}}  {p.pid:>7}  {p.uid:>6}  {len(p.clients)}: {clients}")
-    return 0
+        if p.details:
+            clients = f"{len(p.clients)}: " + (", ".join(f"pid {c.pid}/uid {c.uid}" for c in p.clients) or "-")
+        else:
+            clients = "(not shown to this uid)"
+        lines.append(f"{p.name:<{width}}  {p.pid:>7}  {p.uid:>6}  {clients}")
+    return "\n".join(lines)
+
+
+def _cmd_peers(args: argparse.Namespace) -> int:
+    return _watch(args, lambda: _render_peers(list_peers(args.name, _config(args), timeout=args.timeout), args.json))
+
+
+def _age(ms: int) -> str:
+    return "never" if ms < 0 else f"{ms / 1000:.1f}s"
+
+
+def _render_peers(listing: control.PeerList, as_json: bool) -> str:
+    if as_json:
+        return json.dumps(asdict(listing), indent=2)
+    head = (f"port {listing.name} (server pid {listing.pid}): {listing.peers_total} clients, "
+            f"reported {_age(listing.report_age_ms)} ago")
+    if not listing.peers:
+        return head
+    lines = [head, f"{'PID':>7} {'UID':>6} {'CONNECTED':>10} {'QUEUE':>6} {'IN-FLIGHT':>9} {'OLDEST':>8} "
+                   f"{'MSGS IN':>9} {'MSGS OUT':>9} {'BYTES IN':>11} {'BYTES OUT':>11} {'ERRORS':>6} {'SECTIONS':>9}"]
+    for p in listing.peers:
+        oldest = f"{p.in_flight_ages_ms[0] / 1000:.2f}s" if p.in_flight_ages_ms else "-"
+        lines.append(f"{p.pid:>7} {p.uid:>6} {p.connected_ms / 1000:>9.1f}s {p.queue_depth:>6} {p.in_flight:>9} "
+                     f"{oldest:>8} {p.messages_in:>9} {p.messages_out:>9} {p.bytes_in:>11} {p.bytes_out:>11} "
+                     f"{p.errors:>6} {p.section_bytes:>9}")
+    if listing.peers_total > len(listing.peers):
+        lines.append(f"... and {listing.peers_total - len(listing.peers)} more")
+    return "\n".join(lines)
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    return _watch(args, lambda: _render_stats(port_stats(args.name or "", _config(args), timeout=args.timeout),
+                                              args.json, bool(args.name)))
+
+
+def _micros(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value == float("inf"):
+        return "long"
+    return f"<{value / 1000:g}ms" if value >= 1000 else f"<{value:g}us"
+
+
+def _render_stats(stats: control.StatsList, as_json: bool, histogram: bool) -> str:
+    if as_json:
+        return json.dumps(asdict(stats), indent=2)
+    lines = [f"broker up {stats.uptime_ms / 1000:.0f}s; connects to unknown ports {stats.connects_unknown_port}; "
+             f"protocol errors {stats.protocol_errors}"]
+    if not stats.ports:
+        return "\n".join([*lines, "no ports"])
+    width = max(len("NAME"), *(len(p.name) for p in stats.ports))
+    lines.append(f"{'NAME':<{width}} {'PID':>7} {'CONNS':>5} {'MSGS IN':>9} {'MSGS OUT':>9} {'BYTES IN':>11} "
+                 f"{'BYTES OUT':>11} {'ERRORS':>6} {'QUOTA':>5} {'REFUSED':>7} {'P50':>8} {'P99':>8} {'REPORTED':>8}")
+    for p in stats.ports:
+        c = p.counters
+        lines.append(f"{p.name:<{width}} {p.pid:>7} {p.connections:>5} {c.messages_in:>9} {c.messages_out:>9} "
+                     f"{c.bytes_in:>11} {c.bytes_out:>11} {c.errors:>6} {p.quota_refusals:>5} "
+                     f"{p.connects_refused + c.connects_rejected:>7} "
+                     f"{_micros(latency_percentile(c.latency_us, 0.5)):>8} "
+                     f"{_micros(latency_percentile(c.latency_us, 0.99)):>8} {_age(p.report_age_ms):>8}")
+        if histogram:
+            lines.extend(_histogram(c.latency_us))
+    return "\n".join(lines)
+
+
+def _histogram(buckets: tuple[int, ...]) -> list[str]:
+    total = sum(buckets)
+    if not total:
+        return ["  no requests served yet"]
+    lines = ["  request service time (receipt to reply):"]
+    for bucket, count in enumerate(buckets):
+        if count:
+            label = _micros(float(2**bucket) if bucket < len(buckets) - 1 else float("inf"))
+            lines.append(f"  {label:>9} {count:>9} {'#' * max(1, round(40 * count / total))}")
+    return lines
+
+
+# -- ping -----------------------------------------------------------------------------
 
 
 def _cmd_ping(args: argparse.Namespace) -> int:
@@ -81,22 +197,52 @@ def _cmd_ping(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- arguments ---------------------------------------------------------------------------
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _add_view_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--timeout", type=float, default=5.0)
+    parser.add_argument("--watch", action="store_true", help="refresh a live view until interrupted")
+    parser.add_argument("--interval", type=_positive, default=1.0, help="seconds between refreshes (--watch)")
+    parser.add_argument("--count", type=int, default=None, help="stop after this many refreshes (--watch)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alpc", description="ALPC-style local IPC for Python")
     parser.add_argument("--runtime-dir", type=Path, default=None,
                         help="broker runtime directory (default: $ALPC_RUNTIME_DIR, "
                              "$XDG_RUNTIME_DIR/alpc, /tmp/alpc-$UID)")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+                        type=str.upper)
     sub = parser.add_subparsers(dest="command", required=True)
 
     broker = sub.add_parser("broker", help="run the broker daemon")
     broker.add_argument("--ready-fd", type=int, default=None, help="write READY to this fd once listening")
+    broker.add_argument("--replace", action="store_true",
+                        help="take over the running broker's socket and connections (graceful restart)")
     broker.set_defaults(func=_cmd_broker)
 
     ports = sub.add_parser("ports", help="list live ports")
-    ports.add_argument("--json", action="store_true")
-    ports.add_argument("--timeout", type=float, default=5.0)
+    _add_view_options(ports)
     ports.set_defaults(func=_cmd_ports)
+
+    peers = sub.add_parser("peers", help="the clients of a port: identity, queue, requests in flight")
+    peers.add_argument("name")
+    _add_view_options(peers)
+    peers.set_defaults(func=_cmd_peers)
+
+    stats = sub.add_parser("stats", help="counters per port: messages, bytes, errors, refusals, latency")
+    stats.add_argument("name", nargs="?", default=None, help="one port (adds its latency histogram)")
+    _add_view_options(stats)
+    stats.set_defaults(func=_cmd_stats)
 
     ping = sub.add_parser("ping", help="connect to a port and time round trips")
     ping.add_argument("name")
@@ -108,10 +254,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logs.configure(args.log_level)
     try:
         return int(args.func(args))
     except AlpcError as exc:
         print(f"alpc: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 130

@@ -38,13 +38,28 @@ __all__ = [
     "CreatePort",
     "ErrorCode",
     "ErrorReply",
+    "Handover",
+    "HandoverDone",
+    "HandoverItem",
+    "HandoverPeer",
+    "HandoverPort",
+    "HandoverState",
+    "LATENCY_BUCKETS",
     "ListPorts",
+    "MAX_REPORTED_PEERS",
+    "PeerList",
+    "PeerReport",
+    "Peers",
+    "PortCounters",
     "PortCreated",
     "PortInfo",
     "PortList",
+    "PortStats",
     "PortStatus",
     "Record",
     "Shutdown",
+    "Stats",
+    "StatsList",
     "decode_body",
     "encode_body",
     "validate_port_name",
@@ -53,6 +68,10 @@ __all__ = [
 MAX_NAME_LENGTH = 128
 # Control bodies carry connect data; its own limit is enforced separately.
 MAX_CONTROL_BODY = 16 * 1024 * 1024
+# A server reports at most this many of its clients one by one (and the total).
+MAX_REPORTED_PEERS = 2048
+# Latency histogram: bucket i counts latencies below 2**i microseconds; the last is "longer".
+LATENCY_BUCKETS = 26
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:@/-]*")
 
 
@@ -122,6 +141,15 @@ def _check_type(owner: str, name: str, annotation: object, value: Any) -> Any:
         if type(value) is not expected:
             raise ProtocolError(f"{owner}.{name}: expected {expected.__name__}, got {type(value).__name__}")
         return value
+    if str(annotation) == "tuple[int, ...]":
+        if not isinstance(value, list) or not all(type(item) is int for item in value):
+            raise ProtocolError(f"{owner}.{name}: expected a list of ints")
+        return tuple(value)
+    single = _NESTED_ONE.get(str(annotation))
+    if single is not None:
+        if not isinstance(value, dict):
+            raise ProtocolError(f"{owner}.{name}: expected a map")
+        return single.from_map(value)
     nested = _NESTED.get(str(annotation))
     if nested is None:
         raise TypeError(f"{owner}.{name}: unsupported annotation {annotation!r}")
@@ -208,21 +236,197 @@ class ClientInfo(Record):
 
 
 @dataclass(frozen=True)
+class PeerReport(Record):
+    """One client of a port as its server's runtime sees it (``alpc peers``).
+
+    ``in_flight_ages_ms`` are the ages of the oldest requests still awaiting
+    the server's reply, oldest first (at most a handful; ``in_flight`` counts all).
+    """
+
+    pid: int
+    uid: int
+    gid: int
+    connected_ms: int
+    queue_depth: int
+    in_flight: int
+    in_flight_ages_ms: tuple[int, ...]
+    messages_in: int
+    messages_out: int
+    bytes_in: int
+    bytes_out: int
+    errors: int
+    section_bytes: int
+
+    def client(self) -> ClientInfo:
+        return ClientInfo(pid=self.pid, uid=self.uid, gid=self.gid)
+
+
+@dataclass(frozen=True)
+class PortCounters(Record):
+    """A port's totals since it was created, kept by its server's runtime (``alpc stats``).
+
+    ``latency_us`` is the histogram of request service times (receipt to reply):
+    bucket i counts those under 2**i microseconds, the last one everything longer.
+    """
+
+    connects_accepted: int = 0
+    connects_rejected: int = 0
+    disconnects: int = 0
+    messages_in: int = 0
+    messages_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    errors: int = 0
+    latency_us: tuple[int, ...] = field(default=(0,) * LATENCY_BUCKETS)
+
+    def __post_init__(self) -> None:
+        if len(self.latency_us) != LATENCY_BUCKETS:
+            raise ProtocolError(f"PortCounters.latency_us: expected {LATENCY_BUCKETS} buckets, "
+                                f"got {len(self.latency_us)}")
+
+
+@dataclass(frozen=True)
 class PortStatus(Body):
-    """Server to broker: who is connected now, for ``alpc ports``."""
+    """Server to broker, periodically and rate-limited: its clients and counters."""
 
     TYPE: ClassVar[MessageType] = MessageType.PORT_STATUS
-    clients: tuple[ClientInfo, ...] = field(default=())
+    peers: tuple[PeerReport, ...] = field(default=())
+    peers_total: int = 0
+    counters: PortCounters = field(default_factory=PortCounters)
+
+    def __post_init__(self) -> None:
+        if len(self.peers) > MAX_REPORTED_PEERS:
+            raise ProtocolError(f"PortStatus reports {len(self.peers)} peers, more than {MAX_REPORTED_PEERS}")
 
 
 @dataclass(frozen=True)
 class PortInfo(Record):
+    """One live port for ``alpc ports``; ``details`` is False when the asker may not see its clients."""
+
     name: str
     pid: int
     uid: int
     gid: int
     max_message_length: int
     clients: tuple[ClientInfo, ...] = field(default=())
+    details: bool = True
+
+
+@dataclass(frozen=True)
+class Peers(Body):
+    """``alpc peers NAME``: the clients of one port."""
+
+    TYPE: ClassVar[MessageType] = MessageType.PEERS
+    name: str
+
+
+@dataclass(frozen=True)
+class PeerList(Body):
+    """``report_age_ms`` is how old the server's last report is (-1: none yet)."""
+
+    TYPE: ClassVar[MessageType] = MessageType.PEER_LIST
+    name: str
+    pid: int
+    report_age_ms: int
+    peers_total: int
+    peers: tuple[PeerReport, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class Stats(Body):
+    """``alpc stats [NAME]``: counters of one port, or of every port the asker may see (name "")."""
+
+    TYPE: ClassVar[MessageType] = MessageType.STATS
+    name: str
+
+
+@dataclass(frozen=True)
+class PortStats(Record):
+    """The server's counters plus what only the broker knows (connects it forwarded or refused)."""
+
+    name: str
+    pid: int
+    uid: int
+    connections: int
+    report_age_ms: int
+    connects_forwarded: int
+    quota_refusals: int
+    connects_refused: int
+    counters: PortCounters
+
+
+@dataclass(frozen=True)
+class StatsList(Body):
+    TYPE: ClassVar[MessageType] = MessageType.STATS_LIST
+    uptime_ms: int
+    connects_unknown_port: int
+    protocol_errors: int
+    ports: tuple[PortStats, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class Handover(Body):
+    """A successor asks the running broker for its listening socket and state."""
+
+    TYPE: ClassVar[MessageType] = MessageType.HANDOVER
+    pid: int
+
+
+@dataclass(frozen=True)
+class HandoverPeer(Record):
+    """A broker peer in transit; its socket rides as an fd, in order.
+
+    ``role`` is new, server or query; ``inbound`` holds the bytes of a frame
+    the old broker had only partly read.
+    """
+
+    id: int
+    role: str
+    inbound: bytes
+    close_when_flushed: bool
+
+
+@dataclass(frozen=True)
+class HandoverItem(Record):
+    """Unsent bytes queued for a peer; ``with_fd`` when a client socket still rides with them."""
+
+    peer: int
+    data: bytes
+    with_fd: bool
+
+
+@dataclass(frozen=True)
+class HandoverPort(Record):
+    name: str
+    owner: int
+    max_message_length: int
+    max_connect_data: int
+    max_pending_connects: int
+    connects_forwarded: int
+    quota_refusals: int
+    connects_refused: int
+    status: bytes
+
+
+@dataclass(frozen=True)
+class HandoverState(Body):
+    """One chunk of the old broker's state; fds: the listener (first chunk), then peers, then items."""
+
+    TYPE: ClassVar[MessageType] = MessageType.HANDOVER_STATE
+    listener: bool
+    owns_socket_file: bool
+    last: bool
+    peers: tuple[HandoverPeer, ...] = field(default=())
+    items: tuple[HandoverItem, ...] = field(default=())
+    ports: tuple[HandoverPort, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class HandoverDone(Body):
+    """The successor holds every fd: the old broker may close its copies and exit."""
+
+    TYPE: ClassVar[MessageType] = MessageType.HANDOVER_DONE
+    pid: int
 
 
 @dataclass(frozen=True)
@@ -240,12 +444,21 @@ class Shutdown(Body):
 _NESTED: dict[str, type[Record]] = {
     "tuple[ClientInfo, ...]": ClientInfo,
     "tuple[PortInfo, ...]": PortInfo,
+    "tuple[PeerReport, ...]": PeerReport,
+    "tuple[PortStats, ...]": PortStats,
+    "tuple[HandoverPeer, ...]": HandoverPeer,
+    "tuple[HandoverItem, ...]": HandoverItem,
+    "tuple[HandoverPort, ...]": HandoverPort,
+}
+_NESTED_ONE: dict[str, type[Record]] = {
+    "PortCounters": PortCounters,
 }
 
 _BODIES: dict[MessageType, type[Body]] = {
     body.TYPE: body
     for body in (CreatePort, PortCreated, Connect, ConnectionRequestInfo, ConnectionReply,
-                 ErrorReply, ListPorts, PortList, PortStatus, Shutdown)
+                 ErrorReply, ListPorts, PortList, PortStatus, Shutdown, Peers, PeerList, Stats,
+                 StatsList, Handover, HandoverState, HandoverDone)
 }
 
 

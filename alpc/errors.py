@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "AccessDenied",
+    "ActivationError",
     "AlpcError",
     "BrokerRunning",
     "BrokerUnavailable",
@@ -91,3 +92,7 @@ class QuotaExceeded(AlpcError, OSError):
 
 class NativeBuildError(AlpcError, ImportError):
     """The compiled extension does not match its sources: rebuild with ``make build``."""
+
+
+class ActivationError(AlpcError, ValueError):
+    """The service manager passed sockets alpc cannot serve on (count, family or type)."""

@@ -22,12 +22,17 @@ from .errors import (
     ConnectionRejected,
     MessageTooLarge,
     PeerGone,
+    PortNotFound,
     ProtocolError,
     Timeout,
 )
 from .exchange import control_frame, read_frame
+from .logs import LogLimiter, fields
 from .protocol import Channel, Message
+from .registration import Registration
+from .retry import retry_until
 from .security import PeerCred
+from .stats import ConnectionStats, LiveConnection, PortStatistics
 from .transport import Stream, close_fds, deadline_after, pidfd_open, remaining, wait_readable
 from .wire import Frame, FrameDecoder, FrameLimits, MessageType
 
@@ -40,6 +45,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+# A hostile client reconnecting to send garbage must not flood the server's log.
+_limited = LogLimiter(log)
 
 T = TypeVar("T")
 
@@ -78,6 +85,7 @@ class CommunicationPort:
         self._failure: ConnectionClosed | None = None
         self._release_wanted = False
         self._released = False
+        self.stats = ConnectionStats()
 
     # -- identity --------------------------------------------------------------
 
@@ -101,6 +109,11 @@ class CommunicationPort:
     def fileno(self) -> int:
         return self._stream.fileno()
 
+    @property
+    def queue_depth(self) -> int:
+        """Messages received and not yet taken by the application."""
+        return len(self._inbox)
+
     def __repr__(self) -> str:
         side = "server" if self._is_server else "client"
         state = "closed" if self.closed else "open"
@@ -112,6 +125,7 @@ class CommunicationPort:
         """Send a request and wait for its reply."""
         deadline = deadline_after(timeout)
         message_id = self._send_new(lambda: self._channel.request(bytes(data)), deadline)
+        self.stats.sent(len(data))
         return self._await_reply(message_id, deadline)
 
     def ping(self, timeout: float | None = None) -> None:
@@ -123,12 +137,14 @@ class CommunicationPort:
     def send(self, data: bytes = b"", timeout: float | None = None) -> None:
         """Send a datagram (no reply expected)."""
         self._send(lambda: self._channel.datagram(bytes(data)), deadline_after(timeout))
+        self.stats.sent(len(data))
 
     def reply(self, message: Message, data: bytes = b"", timeout: float | None = None) -> None:
         """Answer ``message``, a request received on this port."""
         if message.type is not MessageType.REQUEST:
             raise ValueError(f"only a REQUEST can be replied to, not {message.type.name}")
         self._send(lambda: self._channel.reply(message.id, bytes(data)), deadline_after(timeout))
+        self.stats.replied(message.id, len(data))
 
     def _send_new(self, make: Callable[[], tuple[int, list[bytes]]], deadline: float | None) -> int:
         message_id = 0
@@ -159,9 +175,11 @@ class CommunicationPort:
             self._stream.send(frames, deadline=deadline)
         except Timeout:
             if self._stream.broken:
+                self.stats.errors += 1
                 self._fail(ConnectionClosed("a send timed out mid-frame; the connection was dropped"))
             raise
         except ConnectionClosed:
+            self.stats.errors += 1
             self._connection_lost("the peer's socket is closed")
             self._raise_if_failed()
             raise
@@ -280,7 +298,11 @@ class CommunicationPort:
                 messages = self._channel.receive(data)
                 automatic = self._channel.take_automatic()
         except ProtocolError as exc:
-            log.warning("protocol error from pid %d, dropping the connection: %s", self.peer.pid, exc)
+            self.stats.errors += 1
+            peer = self.peer
+            _limited.log(logging.WARNING, ("protocol", peer.uid, peer.pid),
+                         f"protocol error from pid {peer.pid}, dropping the connection: {exc}",
+                         extra=fields(pid=peer.pid, uid=peer.uid, gid=peer.gid))
             self._fail(PeerGone(f"protocol error: {exc}"), notice=f"protocol error: {exc}")
             return True
         if automatic:
@@ -290,6 +312,7 @@ class CommunicationPort:
 
     def _dispatch(self, messages: list[Message]) -> None:
         with self._cv:
+            self.stats.received(messages)
             for message in messages:
                 message.port = self
                 if message.type is MessageType.REPLY or message.type is MessageType.PONG:
@@ -390,18 +413,39 @@ _HANDSHAKE_LIMITS = FrameLimits(
 )
 
 
+# What a restarting broker or server looks like to a connecting client.
+RETRYABLE_CONNECT_ERRORS = (BrokerUnavailable, PortNotFound, PeerGone)
+
+
 def connect(
     name: str,
     data: bytes = b"",
     *,
     timeout: float | None = None,
     config: Config | None = None,
+    retry_timeout: float | None = None,
 ) -> CommunicationPort:
     """Connect to the named port; returns the client communication port once accepted.
 
     Raises PortNotFound, ConnectionRejected (with the server's reason), Timeout,
     BrokerUnavailable, or PeerGone if the server vanished before answering.
+    With ``retry_timeout`` (seconds), BrokerUnavailable, PortNotFound and that
+    PeerGone are retried with backoff while the broker or the server restarts;
+    no attempt starts after it runs out, and each attempt has ``timeout``.
     """
+    if retry_timeout:
+        return retry_until(lambda: _connect_once(name, data, timeout=timeout, config=config),
+                           retry_timeout, RETRYABLE_CONNECT_ERRORS)
+    return _connect_once(name, data, timeout=timeout, config=config)
+
+
+def _connect_once(
+    name: str,
+    data: bytes = b"",
+    *,
+    timeout: float | None = None,
+    config: Config | None = None,
+) -> CommunicationPort:
     config = config or Config.from_env()
     validate_port_name(name)
     data = bytes(data)
@@ -413,7 +457,10 @@ def connect(
     try:
         stream.set_passcred(True)
         request = control.Connect(name=name, data=data, max_message_length=config.max_message_length)
-        stream.send(control_frame(request), deadline=deadline)
+        try:
+            stream.send(control_frame(request), deadline=deadline)
+        except ConnectionClosed:
+            raise BrokerUnavailable("the broker went away during the connect") from None
         reply, server = _await_connection_reply(stream, name, deadline)
         if not reply.accepted:
             raise ConnectionRejected(reply.reason)
@@ -489,6 +536,7 @@ class ConnectionRequest:
     def reject(self, reason: str = "rejected") -> None:
         """Refuse: the client's connect() raises ConnectionRejected carrying ``reason``."""
         stream = self._take_stream()
+        self._port._stats.connects_rejected += 1
         reply = control.ConnectionReply(accepted=False, data=b"", reason=str(reason)[:1024], max_message_length=0)
         try:
             stream.try_send(control_frame(reply))
@@ -509,68 +557,61 @@ class ConnectionRequest:
             self.reject("the server closed the port")
 
 
-_REGISTRATION_LIMITS = FrameLimits(
-    allowed_types=frozenset({MessageType.PORT_CREATED, MessageType.ERROR,
-                             MessageType.CONNECTION_REQUEST, MessageType.SHUTDOWN}),
-    max_data=control.MAX_CONTROL_BODY,
-    max_fds=1,
-)
-
-
 def create_port(
     name: str,
     attributes: PortAttributes | None = None,
     *,
     config: Config | None = None,
     timeout: float | None = None,
+    reregister_timeout: float = 60.0,
+    report_interval: float = 1.0,
 ) -> ConnectionPort:
     """Create a named connection port through the broker.
 
     Raises NameInUse if a live port has the name, InvalidName for a bad name,
-    BrokerUnavailable if no broker runs.
+    BrokerUnavailable if no broker runs. If the broker goes away later, the
+    port registers its name again by itself, with backoff, for up to
+    ``reregister_timeout`` seconds (0: never); established connections keep
+    working meanwhile. ``report_interval`` is how often the port reports its
+    figures to the broker (``alpc peers``, ``alpc stats``).
     """
     config = config or Config.from_env()
     attributes = attributes or PortAttributes()
     validate_port_name(name)
     timeout = config.connect_timeout if timeout is None else timeout
-    deadline = deadline_after(timeout)
-    stream = Stream.connect(config.broker_socket, timeout)
-    decoder = FrameDecoder(_REGISTRATION_LIMITS)
+    link = Registration(name, attributes, config, reregister_timeout=reregister_timeout,
+                        report_interval=report_interval)
     try:
-        request = control.CreatePort(
-            name=name, max_message_length=attributes.max_message_length,
-            max_connect_data=attributes.max_connect_data,
-            max_pending_connects=attributes.max_pending_connects,
-        )
-        stream.send(control_frame(request), deadline=deadline)
-        frame, _ = read_frame(stream, decoder, deadline, "the broker to create the port")
-        if frame is None:
-            raise BrokerUnavailable("the broker closed the connection while creating the port")
-        if frame.type is MessageType.ERROR:
-            raise control.decode_body(frame.type, frame.data, control.ErrorReply).exception()
-        control.decode_body(frame.type, frame.data, control.PortCreated)
+        link.open(timeout)
     except BaseException:
-        decoder.close_fds()
-        stream.close()
+        link.close()
         raise
-    return ConnectionPort(name, stream, decoder, attributes, config)
+    port = ConnectionPort(name, link, attributes, config)
+    link.start(port._status, port._drain_registration)
+    return port
 
 
 class ConnectionPort:
-    """A named server port: listen for connections and wait on every client at once."""
+    """A named server port: listen for connections and wait on every client at once.
 
-    def __init__(self, name: str, registration: Stream, decoder: FrameDecoder,
-                 attributes: PortAttributes, config: Config) -> None:
+    If the broker goes away, the port keeps serving its established
+    connections and registers its name again when the broker is back. Should
+    that fail (the timeout ran out, or another process took the name
+    meanwhile), ``listen`` raises the error (BrokerUnavailable or NameInUse)
+    and ``wait`` raises it once, then goes on delivering messages.
+    """
+
+    def __init__(self, name: str, link: Registration, attributes: PortAttributes, config: Config) -> None:
         self.name = name
         self.attributes = attributes
         self.config = config
-        self._registration = registration
-        self._decoder = decoder
+        self._link = link
         self._lock = threading.RLock()
         self._requests: deque[ConnectionRequest] = deque()
         self._unanswered: set[ConnectionRequest] = set()
         self._connections: list[CommunicationPort] = []
-        self._broker_error: BrokerUnavailable | None = None
+        self._stats = PortStatistics()
+        self._error_reported = False
         self._closed = False
         self._turn = 0
 
@@ -582,6 +623,16 @@ class ConnectionPort:
         with self._lock:
             return list(self._connections)
 
+    @property
+    def registered(self) -> bool:
+        """Whether the broker knows this port now (False during a broker restart)."""
+        return self._link.live
+
+    @property
+    def registrations(self) -> int:
+        """How many times the name was registered: 1, plus one per re-registration."""
+        return self._link.registrations
+
     # -- connection requests ---------------------------------------------------
 
     def listen(self, timeout: float | None = None) -> ConnectionRequest:
@@ -592,7 +643,8 @@ class ConnectionPort:
                 request = self._next_request()
                 if request is not None:
                     return request
-            if not wait_readable([self._registration.fileno()], deadline):
+                fds = self._link.wait_fds()
+            if not wait_readable(fds, deadline):
                 raise Timeout("no connection request arrived in time")
             with self._lock:
                 self._read_registration()
@@ -601,8 +653,9 @@ class ConnectionPort:
         self._check_open()
         if self._requests:
             return self._requests.popleft()
-        if self._broker_error is not None:
-            raise type(self._broker_error)(*self._broker_error.args)
+        error = self._link.error
+        if error is not None:
+            raise type(error)(*error.args)
         return None
 
     def _check_open(self) -> None:
@@ -610,38 +663,24 @@ class ConnectionPort:
             raise ConnectionClosed(f"port {self.name!r} is closed")
 
     def _read_registration(self) -> None:
-        if self._broker_error is not None or self._closed:
+        # Caller holds _lock.
+        if self._closed:
             return
-        got = self._registration.recv_with_ancillary(max_fds=16)
-        if got is None:
-            return
-        if not got.data:
-            self._broker_error = BrokerUnavailable("the broker went away; established connections still work")
-            return
-        try:
-            frames = self._decoder.feed(got.data, got.fds)
-        except ProtocolError as exc:
-            log.error("protocol error from the broker: %s", exc)
-            self._broker_error = BrokerUnavailable(f"the broker sent a malformed frame: {exc}")
-            return
-        for frame in frames:
+        for frame in self._link.read():
             self._handle_registration_frame(frame)
 
+    def _drain_registration(self) -> None:
+        """The keeper saw the broker hang up: take what it sent before, and notice the EOF."""
+        with self._lock:
+            self._read_registration()
+
     def _handle_registration_frame(self, frame: Frame) -> None:
-        if frame.type is MessageType.SHUTDOWN:
-            self._broker_error = BrokerUnavailable("the broker shut down; established connections still work")
-            close_fds(frame.fds)
-            return
-        if frame.type is not MessageType.CONNECTION_REQUEST or len(frame.fds) != 1:
-            close_fds(frame.fds)
-            log.error("unexpected %s frame from the broker", frame.type.name)
-            return
         try:
             info = control.decode_body(frame.type, frame.data, control.ConnectionRequestInfo)
             stream = Stream.from_fd(frame.fds[0])
         except (ProtocolError, OSError) as exc:
             close_fds(frame.fds)
-            log.error("bad connection request from the broker: %s", exc)
+            log.error("bad connection request from the broker: %s", exc, extra=fields(port=self.name))
             return
         if wait_readable([stream.fileno()], 0.0):
             # The client already gave up (timeout or death); nobody to answer.
@@ -661,25 +700,22 @@ class ConnectionPort:
         comm = CommunicationPort(stream, channel, peer_pidfd=pidfd, is_server=True, on_gone=self._forget)
         with self._lock:
             self._connections.append(comm)
-        self._report_status()
+            self._stats.connects_accepted += 1
+        self._link.report_soon()
         return comm
 
     def _forget(self, comm: CommunicationPort) -> None:
         with self._lock:
             if comm in self._connections:
                 self._connections.remove(comm)
-        self._report_status()
+                self._stats.retire(comm.stats)
+        self._link.report_soon()
 
-    def _report_status(self) -> None:
-        """Tell the broker who is connected, for ``alpc ports``; best effort."""
+    def _status(self) -> control.PortStatus:
+        """The report the keeper sends the broker: every client and the port's counters."""
         with self._lock:
-            if self._closed or self._broker_error is not None:
-                return
-            clients = tuple(control.ClientInfo.of(comm.peer) for comm in self._connections)
-            try:
-                self._registration.try_send(control_frame(control.PortStatus(clients=clients)))
-            except ConnectionClosed:
-                pass
+            live = [LiveConnection(comm.peer, comm.stats, comm.queue_depth) for comm in self._connections]
+            return self._stats.report(live)
 
     def wait(self, timeout: float | None = None) -> ConnectionRequest | Message:
         """The next event on this port: a connection request, or a message from any client.
@@ -708,9 +744,7 @@ class ConnectionPort:
                         self._read_registration()
 
     def _wait_owners(self) -> dict[int, ConnectionPort | CommunicationPort]:
-        owners: dict[int, ConnectionPort | CommunicationPort] = {}
-        if self._broker_error is None:
-            owners[self._registration.fileno()] = self
+        owners: dict[int, ConnectionPort | CommunicationPort] = dict.fromkeys(self._link.wait_fds(), self)
         for comm in self._connections:
             for fd in comm.wait_fds():
                 owners[fd] = comm
@@ -720,6 +754,10 @@ class ConnectionPort:
         self._check_open()
         if self._requests:
             return self._requests.popleft()
+        error = self._link.error
+        if error is not None and not self._error_reported:
+            self._error_reported = True
+            raise type(error)(*error.args)
         count = len(self._connections)
         for step in range(count):
             comm = self._connections[(self._turn + step) % count]
@@ -740,12 +778,12 @@ class ConnectionPort:
             self._closed = True
             requests = list(self._unanswered)
             connections = list(self._connections)
+        # The link first: its keeper must not keep watching a port that no longer reads it.
+        self._link.close()
         for request in requests:
             request.close()
         for comm in connections:
             comm.close()
-        self._registration.close()
-        self._decoder.close_fds()
 
     def __enter__(self) -> ConnectionPort:
         return self

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from .errors import BrokerUnavailable, ConnectionClosed, Timeout
+from .errors import ActivationError, BrokerUnavailable, ConnectionClosed, Timeout
 from .security import PeerCred
 
 __all__ = [
@@ -31,9 +31,11 @@ __all__ = [
     "close_fds",
     "deadline_after",
     "is_live_socket",
+    "notify_service_manager",
     "pidfd_open",
     "remaining",
     "wait_readable",
+    "wait_readable_or_hangup",
 ]
 
 # Python 3.11 lacks this constant (Linux 6.5+).
@@ -74,6 +76,23 @@ def wait_readable(fds: Sequence[int], deadline: float | None) -> list[int]:
     poller = select.poll()
     for fd in fds:
         poller.register(fd, _POLL_IN)
+    while True:
+        try:
+            return [fd for fd, _ in poller.poll(_poll_ms(deadline))]
+        except InterruptedError:
+            continue
+
+
+def wait_readable_or_hangup(readable: Sequence[int], hangup: Sequence[int], deadline: float | None) -> list[int]:
+    """Like wait_readable, but ``hangup`` fds only count once their peer hung up.
+
+    Lets a watcher notice a dead peer on a socket whose data belongs to another thread.
+    """
+    poller = select.poll()
+    for fd in readable:
+        poller.register(fd, _POLL_IN)
+    for fd in hangup:
+        poller.register(fd, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
     while True:
         try:
             return [fd for fd, _ in poller.poll(_poll_ms(deadline))]
@@ -151,6 +170,16 @@ class Stream:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+    def replace_with(self, other: Stream) -> None:
+        """Make this stream's fd refer to ``other``'s socket (dup2), then close ``other``.
+
+        The fd number stays the same, so a thread still polling it can never
+        find it closed or reused by an unrelated file.
+        """
+        os.dup2(other.fileno(), self._fd, inheritable=False)
+        other.close()
+        self.broken = False
 
     def detach(self) -> int:
         """Give up ownership of the fd (after passing it to another process)."""
@@ -289,6 +318,7 @@ class Listener:
         sock.setblocking(False)
         self._sock = sock
         self.path = path
+        self.owns_file = path is not None
 
     @classmethod
     def bind(cls, path: Path, backlog: int = 512) -> Listener:
@@ -307,12 +337,30 @@ class Listener:
 
     @classmethod
     def from_fd(cls, fd: int) -> Listener:
-        """Adopt an inherited listening socket (socket activation); the activator owns the file."""
-        sock = socket.socket(fileno=fd)
-        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        """Adopt an inherited listening socket (socket activation, or a broker's handover).
+
+        Whoever created the socket owns its file, so ``close`` leaves it alone
+        unless the caller sets ``owns_file``.
+        """
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            raise ActivationError(f"fd {fd} is not a socket ({exc.strerror})") from None
+        try:
+            if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+                raise ActivationError(f"fd {fd} is a {sock.family.name} {sock.type.name} socket, "
+                                      "not a Unix stream socket (ListenStream= with a path)")
+            if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                raise ActivationError(f"fd {fd} is a Unix stream socket that is not listening")
+            name = sock.getsockname()
+        except BaseException:
             sock.detach()
-            raise ValueError(f"fd {fd} is not a Unix stream socket")
-        return cls(sock, None)
+            raise
+        # An abstract address (leading NUL) has no file; an unnamed one has no address.
+        path = Path(name) if isinstance(name, str) and name and not name.startswith("\0") else None
+        listener = cls(sock, path)
+        listener.owns_file = False
+        return listener
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -330,7 +378,7 @@ class Listener:
 
     def close(self, unlink: bool = True) -> None:
         self._sock.close()
-        if unlink and self.path is not None:
+        if unlink and self.owns_file and self.path is not None:
             try:
                 self.path.unlink()
             except FileNotFoundError:
@@ -348,3 +396,27 @@ def is_live_socket(path: Path) -> bool:
         return False
     finally:
         probe.close()
+
+
+def notify_service_manager(state: str, environ: dict[str, str] | None = None) -> bool:
+    """sd_notify(3): send ``state`` (``READY=1``, ``STATUS=...``) to ``$NOTIFY_SOCKET``.
+
+    Returns False when no service manager asked for notifications. A path
+    starting with ``@`` is an abstract socket name.
+    """
+    address = (os.environ if environ is None else environ).get("NOTIFY_SOCKET", "")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    elif not address.startswith("/"):
+        return False
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(1.0)
+        sock.sendto(state.encode(), address)
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.close()

@@ -67,6 +67,14 @@ class MessageType(IntEnum):
     PORT_LIST = 37
     PORT_STATUS = 38
     SHUTDOWN = 39
+    # Introspection and graceful restart, also broker-only.
+    PEERS = 40
+    PEER_LIST = 41
+    STATS = 42
+    STATS_LIST = 43
+    HANDOVER = 44
+    HANDOVER_STATE = 45
+    HANDOVER_DONE = 46
 
 
 class Flag(IntFlag):
@@ -180,6 +188,10 @@ class FrameDecoder:
         the handshake needs: what follows belongs to whoever takes the socket next.
         """
         return self._need - self._buffered
+
+    def partial(self) -> bytes:
+        """The bytes of the incomplete frame held so far (a restarting broker hands them on)."""
+        return b"".join(self._chunks)
 
     def set_limits(self, limits: FrameLimits) -> None:
         self._limits = limits

@@ -92,10 +92,10 @@ def broker(runtime_dir: Path) -> Iterator[alpc.Broker]:
 class Peer:
     """A child process speaking the line protocol of tests/peers.py (or any READY-line program)."""
 
-    def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None, pass_fds: tuple[int, ...] = ()) -> None:
         self.proc = subprocess.Popen(
             argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, bufsize=1, cwd=ROOT, env=env,
+            text=True, bufsize=1, cwd=ROOT, env=env, pass_fds=pass_fds,
         )
         self._lines: queue.Queue[str | None] = queue.Queue()
         self._stderr: list[str] = []
@@ -167,8 +167,8 @@ def spawn(runtime_dir: Path) -> Iterator[object]:
         peers.append(peer)
         return peer
 
-    def start_argv(argv: list[str], env: dict[str, str] | None = None) -> Peer:
-        peer = Peer(argv, env)
+    def start_argv(argv: list[str], env: dict[str, str] | None = None, pass_fds: tuple[int, ...] = ()) -> Peer:
+        peer = Peer(argv, env, pass_fds)
         peers.append(peer)
         return peer
 

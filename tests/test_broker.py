@@ -29,7 +29,7 @@ def test_ready_line_socket_permissions_and_sigterm_cleanup(spawn, runtime_dir: P
     assert stat.S_ISSOCK(sock.stat().st_mode)
     assert sock.stat().st_mode & 0o077 == 0
     assert runtime_dir.stat().st_mode & 0o777 == 0o700
-    with alpc.create_port("svc.told", config=config) as port:
+    with alpc.create_port("svc.told", config=config, reregister_timeout=0) as port:
         broker.proc.send_signal(signal.SIGTERM)
         assert broker.proc.wait(10) == 0
         with pytest.raises(alpc.BrokerUnavailable, match="shut down"):

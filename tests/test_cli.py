@@ -32,6 +32,7 @@ def test_ports_json_and_table(broker: alpc.Broker, config: alpc.Config, runtime_
             "name": "svc.listed", "pid": os.getpid(), "uid": os.getuid(), "gid": os.getgid(),
             "max_message_length": port.attributes.max_message_length,
             "clients": [{"pid": client.pid, "uid": os.getuid(), "gid": os.getgid()}],
+            "details": True,
         }]
         table = run(runtime_dir, "ports").stdout
         assert "svc.listed" in table and f"pid {client.pid}" in table

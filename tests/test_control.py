@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import msgpack
 import pytest
 from hypothesis import given, settings
@@ -91,5 +93,72 @@ def test_wrong_shaped_maps_only_raise_protocol_error(raw: dict[str, object]) -> 
     data = msgpack.packb(raw, use_bin_type=True)
     try:
         control.decode_body(MessageType.CONNECT, data, control.Connect)
+    except ProtocolError:
+        pass
+
+
+def _counters() -> control.PortCounters:
+    return control.PortCounters(messages_in=3, bytes_in=10, latency_us=tuple(range(control.LATENCY_BUCKETS)))
+
+
+def _peer_report() -> control.PeerReport:
+    return control.PeerReport(pid=1, uid=2, gid=3, connected_ms=4, queue_depth=5, in_flight=2,
+                              in_flight_ages_ms=(9, 8), messages_in=6, messages_out=7, bytes_in=8, bytes_out=9,
+                              errors=0, section_bytes=0)
+
+
+@pytest.mark.parametrize("body", [
+    control.PortStatus(peers=(_peer_report(),), peers_total=1, counters=_counters()),
+    control.PeerList(name="svc.a", pid=1, report_age_ms=-1, peers_total=1, peers=(_peer_report(),)),
+    control.StatsList(uptime_ms=1, connects_unknown_port=2, protocol_errors=3, ports=(control.PortStats(
+        name="svc.a", pid=1, uid=2, connections=3, report_age_ms=4, connects_forwarded=5, quota_refusals=6,
+        connects_refused=7, counters=_counters()),)),
+    control.HandoverState(listener=True, owns_socket_file=False, last=True,
+                          peers=(control.HandoverPeer(id=0, role="server", inbound=b"x", close_when_flushed=False),),
+                          items=(control.HandoverItem(peer=0, data=b"frame", with_fd=True),),
+                          ports=(control.HandoverPort(name="svc.a", owner=0, max_message_length=1, max_connect_data=2,
+                                                      max_pending_connects=3, connects_forwarded=4, quota_refusals=5,
+                                                      connects_refused=6, status=b""),)),
+    control.Peers(name="svc.a"), control.Stats(name=""), control.Handover(pid=1), control.HandoverDone(pid=2),
+])
+def test_roundtrip_operations_bodies(body: control.Body) -> None:
+    assert control.decode_body(body.TYPE, control.encode_body(body), type(body)) == body
+
+
+@pytest.mark.parametrize(("raw", "why"), [
+    ({"peers": [], "peers_total": 0, "counters": []}, "expected a map"),
+    ({"peers": [], "peers_total": 0, "counters": {**asdict(control.PortCounters()), "latency_us": [1, 2]}},
+     "expected 26 buckets"),
+    ({"peers": [], "peers_total": 0, "counters": {**asdict(control.PortCounters()), "latency_us": ["x"] * 26}},
+     "expected a list of ints"),
+])
+def test_status_report_checks(raw: dict[str, object], why: str) -> None:
+    with pytest.raises(ProtocolError, match=why):
+        control.decode_body(MessageType.PORT_STATUS, msgpack.packb(raw, use_bin_type=True), control.PortStatus)
+
+
+def test_a_report_naming_too_many_peers_is_refused() -> None:
+    peer = asdict(_peer_report())
+    raw = {"peers": [peer] * (control.MAX_REPORTED_PEERS + 1), "peers_total": 0,
+           "counters": asdict(control.PortCounters())}
+    with pytest.raises(ProtocolError, match="more than"):
+        control.decode_body(MessageType.PORT_STATUS, msgpack.packb(raw, use_bin_type=True), control.PortStatus)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_garbage_operations_bodies_only_raise_protocol_error(data: bytes) -> None:
+    for body in (control.PortStatus, control.PeerList, control.StatsList, control.HandoverState):
+        try:
+            control.decode_body(body.TYPE, data, body)
+        except ProtocolError:
+            pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["peers", "peers_total", "counters", "x"]), _VALUES))
+def test_wrong_shaped_reports_only_raise_protocol_error(raw: dict[str, object]) -> None:
+    try:
+        control.decode_body(MessageType.PORT_STATUS, msgpack.packb(raw, use_bin_type=True), control.PortStatus)
     except ProtocolError:
         pass

@@ -1,0 +1,268 @@
+"""Live introspection: `alpc peers`, `alpc stats`, `--watch`, from figures the servers report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+import alpc
+from alpc import control
+from alpc.introspect import latency_percentile
+from alpc.security import PeerCred, may_inspect
+from alpc.stats import ConnectionStats, latency_bucket
+from alpc.wire import MessageType, encode_frame
+
+ROOT = Path(__file__).resolve().parent.parent
+OPS = Path(__file__).resolve().parent / "ops_peers.py"
+T = TypeVar("T")
+
+
+def run(runtime_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "alpc", "--runtime-dir", str(runtime_dir), *args],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+
+
+def eventually(fetch: Callable[[], T], ok: Callable[[T], bool], timeout: float = 10.0) -> T:
+    """Servers report asynchronously (every report_interval); poll the broker's view, bounded."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fetch()
+        if ok(value):
+            return value
+        assert time.monotonic() < deadline, f"never satisfied: {value}"
+        threading.Event().wait(0.02)  # handshake-free: waiting for the server's next report
+
+
+def only_peer(config: alpc.Config, name: str) -> Callable[[], control.PeerReport | None]:
+    def fetch() -> control.PeerReport | None:
+        listing = alpc.list_peers(name, config)
+        return listing.peers[0] if listing.peers else None
+    return fetch
+
+
+def test_peers_show_queue_depth_in_flight_requests_and_their_age(broker: alpc.Broker, config: alpc.Config,
+                                                                 runtime_dir: Path, spawn) -> None:
+    with alpc.create_port("svc.inspect", config=config, report_interval=0.05) as port:
+        client = spawn("client", "svc.inspect")
+        comm = port.listen(timeout=10).accept()
+        client.expect("READY")
+        for number in range(5):
+            client.send(f"send d{number}")
+            client.expect("SENT")
+        # All five are in the socket: one read takes them, the application takes one.
+        assert comm.receive(timeout=5).data == b"d0"
+        peer = eventually(only_peer(config, "svc.inspect"), lambda p: p is not None and p.queue_depth == 4)
+        assert peer is not None
+        assert (peer.pid, peer.uid, peer.gid) == (client.pid, os.getuid(), os.getgid())
+        assert peer.messages_in == 5 and peer.bytes_in == 10 and peer.in_flight == 0
+        assert peer.section_bytes == 0
+        for _ in range(4):
+            comm.receive(timeout=5)
+        client.send("pending held")
+        request = comm.receive(timeout=5)
+        assert request.type is alpc.MessageType.REQUEST
+        peer = eventually(only_peer(config, "svc.inspect"),
+                          lambda p: p is not None and p.in_flight == 1 and p.in_flight_ages_ms[0] >= 200)
+        assert peer is not None and peer.queue_depth == 0
+        table = run(runtime_dir, "peers", "svc.inspect")
+        assert table.returncode == 0, table.stderr
+        assert str(client.pid) in table.stdout and "IN-FLIGHT" in table.stdout
+        comm.reply(request, b"done")
+        client.expect("REPLY")
+        peer = eventually(only_peer(config, "svc.inspect"), lambda p: p is not None and p.in_flight == 0)
+        assert peer is not None and peer.messages_out == 1 and peer.bytes_out == 4
+        listing = json.loads(run(runtime_dir, "peers", "svc.inspect", "--json").stdout)
+        assert listing["name"] == "svc.inspect" and listing["pid"] == os.getpid()
+        assert listing["peers"][0]["pid"] == client.pid and listing["peers_total"] == 1
+        comm.close()
+
+
+def _garbage_client(config: alpc.Config, name: str) -> None:
+    hostile = alpc.connect(name, config=config, timeout=5)
+    hostile._stream.send([b"\xde\xad\xbe\xef" * 20])
+    hostile.close()
+
+
+def test_stats_count_traffic_errors_refusals_and_latency(broker: alpc.Broker, config: alpc.Config,
+                                                         runtime_dir: Path) -> None:
+    attributes = alpc.PortAttributes(max_connect_data=100)
+    with alpc.create_port("svc.counted", attributes, config=config, report_interval=0.05) as port:
+        results: dict[str, object] = {}
+
+        def clients() -> None:
+            with alpc.connect("svc.counted", config=config, timeout=5) as comm:
+                results["replies"] = [comm.request(b"x" * size, timeout=5).data for size in (1, 10, 100)]
+                comm.send(b"datagram")
+            with pytest.raises(alpc.ConnectionRejected):
+                alpc.connect("svc.counted", b"please", config=config, timeout=5)
+            with pytest.raises(alpc.MessageTooLarge):
+                alpc.connect("svc.counted", b"y" * 200, config=config, timeout=5)
+            _garbage_client(config, "svc.counted")
+            results["done"] = True
+
+        thread = threading.Thread(target=clients)
+        thread.start()
+        notices = 0
+        while notices < 2:
+            event = port.wait(timeout=10)
+            if isinstance(event, alpc.ConnectionRequest):
+                event.reject("no") if event.data == b"please" else event.accept()
+            elif event.type is MessageType.REQUEST:
+                event.reply(event.data.upper())
+            elif event.type in (MessageType.PORT_CLOSED, MessageType.CLIENT_DIED):
+                notices += 1
+        thread.join(10)
+        assert results["done"] and results["replies"] == [b"X", b"X" * 10, b"X" * 100]
+
+        def fetch() -> control.PortStats:
+            return alpc.port_stats("svc.counted", config).ports[0]
+
+        stats = eventually(fetch, lambda s: s.counters.disconnects == 2)
+        c = stats.counters
+        assert (c.connects_accepted, c.connects_rejected, c.disconnects) == (2, 1, 2)
+        assert (c.messages_in, c.messages_out) == (4, 3)
+        assert (c.bytes_in, c.bytes_out) == (111 + 8, 111)
+        assert c.errors == 1  # the garbage
+        assert sum(c.latency_us) == 3
+        assert stats.connects_forwarded == 3 and stats.connects_refused == 1 and stats.quota_refusals == 0
+        assert stats.pid == os.getpid() and stats.connections == 0
+        everything = alpc.port_stats(config=config)
+        assert [p.name for p in everything.ports] == ["svc.counted"]
+        assert everything.protocol_errors == 0  # the garbage went to the server, not the broker
+        table = run(runtime_dir, "stats", "svc.counted")
+        assert table.returncode == 0, table.stderr
+        assert "svc.counted" in table.stdout and "request service time" in table.stdout
+        as_json = json.loads(run(runtime_dir, "stats", "--json").stdout)
+        assert as_json["ports"][0]["counters"]["messages_in"] == 4
+
+
+def test_quota_refusals_are_counted_per_port_and_logged_once(broker: alpc.Broker, config: alpc.Config,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """max_pending_connects bounds connects the broker holds for a server that is not reading."""
+    attributes = alpc.PortAttributes(max_pending_connects=2)
+    with alpc.create_port("svc.swamped", attributes, config=config) as port, \
+            caplog.at_level(logging.INFO, "alpc.broker"):
+        clients = []
+        try:
+            for number in range(16):
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                clients.append(sock)
+                sock.connect(str(config.broker_socket))
+                body = control.Connect(name="svc.swamped", data=b"%02d" % number + b"." * 60_000,
+                                       max_message_length=1 << 20)
+                sock.sendall(encode_frame(MessageType.CONNECT, control.encode_body(body)))
+            stats = eventually(lambda: alpc.port_stats("svc.swamped", config).ports[0],
+                               lambda s: s.connects_forwarded + s.quota_refusals == 16)
+            assert stats.quota_refusals >= 1 and stats.connects_refused == stats.quota_refusals
+            refused = 0
+            for sock in clients:
+                sock.setblocking(False)
+                try:
+                    header = sock.recv(40)
+                except BlockingIOError:
+                    continue  # forwarded to the server, which has not answered
+                refused += header[3] == MessageType.ERROR
+            assert refused == stats.quota_refusals
+            assert port.registered
+            logged = [r for r in caplog.records if "max_pending_connects" in r.getMessage()]
+            assert len(logged) == 1 and logged[0].port == "svc.swamped"  # type: ignore[attr-defined]
+        finally:
+            for sock in clients:
+                sock.close()
+
+
+def test_watch_refreshes_and_survives_a_missing_broker(broker: alpc.Broker, config: alpc.Config,
+                                                       runtime_dir: Path, tmp_path: Path) -> None:
+    with alpc.create_port("svc.watched", config=config):
+        result = run(runtime_dir, "stats", "--watch", "--interval", "0.05", "--count", "3")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.count("--- ") == 3 and result.stdout.count("svc.watched") == 3
+        result = run(runtime_dir, "peers", "svc.watched", "--watch", "--interval", "0.05", "--count", "2")
+        assert result.stdout.count("port svc.watched") == 2
+    empty = tmp_path / "nobroker"
+    empty.mkdir(mode=0o700)
+    result = run(empty, "ports", "--watch", "--interval", "0.05", "--count", "2")
+    assert result.returncode == 0 and result.stdout.count("broker unavailable") == 2
+
+
+def test_unknown_port_and_bad_names(broker: alpc.Broker, config: alpc.Config, runtime_dir: Path) -> None:
+    with pytest.raises(alpc.PortNotFound):
+        alpc.list_peers("svc.ghost", config)
+    with pytest.raises(alpc.PortNotFound):
+        alpc.port_stats("svc.ghost", config)
+    with pytest.raises(alpc.InvalidName):
+        alpc.list_peers("bad name", config)
+    result = run(runtime_dir, "peers", "svc.ghost")
+    assert result.returncode == 1 and "PortNotFound" in result.stderr
+
+
+def test_details_only_for_the_owner_uid_and_root() -> None:
+    owner = PeerCred(pid=10, uid=1000, gid=1000)
+    assert may_inspect(PeerCred(11, 1000, 5), owner)
+    assert may_inspect(PeerCred(12, 0, 0), owner)
+    assert not may_inspect(PeerCred(13, 1001, 1000), owner)  # same group is not enough
+
+
+NOBODY = 65534
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run the broker and a viewer as another uid")
+def test_another_uid_sees_names_but_no_details(spawn, runtime_dir: Path, config: alpc.Config) -> None:
+    os.chown(runtime_dir, NOBODY, NOBODY)
+    broker = spawn.argv([sys.executable, str(OPS), "as-uid", str(NOBODY), "--", "--runtime-dir", str(runtime_dir),
+                         "broker"])
+    broker.expect("READY")
+    with alpc.create_port("svc.private", config=config, report_interval=0.05) as port:
+        client = spawn("client", "svc.private")
+        port.listen(timeout=10).accept()
+        client.expect("READY")
+        # root (the owner here) sees everything.
+        eventually(lambda: alpc.list_peers("svc.private", config).peers_total, lambda n: n == 1)
+
+        def as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, str(OPS), "as-uid", str(NOBODY), "--", "--runtime-dir",
+                                   str(runtime_dir), *args], capture_output=True, text=True, timeout=60, cwd=ROOT)
+
+        denied = as_nobody("peers", "svc.private")
+        assert denied.returncode == 1 and "AccessDenied" in denied.stderr
+        assert "may not inspect port 'svc.private'" in denied.stderr
+        denied = as_nobody("stats", "svc.private")
+        assert denied.returncode == 1 and "AccessDenied" in denied.stderr
+        assert json.loads(as_nobody("stats", "--json").stdout)["ports"] == []
+        listed = json.loads(as_nobody("ports", "--json").stdout)
+        assert [(p["name"], p["details"], p["clients"]) for p in listed] == [("svc.private", False, [])]
+        assert alpc.list_ports(config)[0].details  # root still sees the clients
+        for comm in port.connections:
+            comm.close()
+    broker.proc.terminate()
+    assert broker.proc.wait(10) == 0
+
+
+def test_connection_stats_and_histogram_buckets() -> None:
+    assert [latency_bucket(s) for s in (0, 0.5e-6, 1e-6, 1.5e-6, 3e-6, 1e-3, 1e6)] == [0, 0, 1, 1, 2, 10, 25]
+    stats = ConnectionStats()
+    sender = PeerCred(1, 2, 3)
+    stats.received([alpc.Message(MessageType.REQUEST, 7, 0, b"abc", sender),
+                    alpc.Message(MessageType.DATAGRAM, 8, 0, b"de", sender),
+                    alpc.Message(MessageType.PORT_CLOSED, 0, 0, b"", sender)])
+    assert (stats.messages_in, stats.bytes_in, list(stats.in_flight)) == (2, 5, [7])
+    stats.replied(7, 4)
+    assert (stats.messages_out, stats.bytes_out, stats.in_flight, sum(stats.latency)) == (1, 4, {}, 1)
+    stats.replied(99, 1)  # not a request we saw: counted, no latency
+    assert sum(stats.latency) == 1
+    assert latency_percentile((0,) * 26, 0.5) is None
+    histogram = tuple([0, 0, 0, 98, 1, 0, 1] + [0] * 19)
+    assert latency_percentile(histogram, 0.5) == 8.0
+    assert latency_percentile(histogram, 0.99) == 16.0
+    assert latency_percentile(histogram, 1.0) == 64.0
