@@ -312,7 +312,8 @@ class Broker:
         # From here on the client's socket belongs to the server.
         self._forget(peer)
         info = control.ConnectionRequestInfo(name=request.name, data=request.data,
-                                             max_message_length=request.max_message_length)
+                                             max_message_length=request.max_message_length,
+                                             max_section_bytes=request.max_section_bytes)
         port.owner.outbox.append(_Outgoing(_frame(info, n_fds=1), [peer.stream.fileno()], peer.stream))
         self._flush(port.owner)
 
