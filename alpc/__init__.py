@@ -17,10 +17,13 @@ from .errors import (
     PortNotFound,
     ProtocolError,
     QuotaExceeded,
+    SectionError,
     Timeout,
 )
+from .grant import MemoryGrant, PeerMemory
 from .port import CommunicationPort, ConnectionPort, ConnectionRequest, connect, create_port
 from .protocol import Message
+from .section import Section, SectionView, View, sweep_stale_names
 from .security import PeerCred
 from .wire import MessageType
 
@@ -37,6 +40,7 @@ __all__ = [
     "ConnectionRejected",
     "ConnectionRequest",
     "InvalidName",
+    "MemoryGrant",
     "Message",
     "MessageTooLarge",
     "MessageType",
@@ -44,12 +48,18 @@ __all__ = [
     "NativeBuildError",
     "PeerCred",
     "PeerGone",
+    "PeerMemory",
     "PortAttributes",
     "PortNotFound",
     "ProtocolError",
     "QuotaExceeded",
+    "Section",
+    "SectionError",
+    "SectionView",
     "Timeout",
+    "View",
     "connect",
     "create_port",
     "list_ports",
+    "sweep_stale_names",
 ]

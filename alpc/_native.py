@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from .errors import NativeBuildError
+from .errors import NativeBuildError, SectionError
 
 __all__ = [
     "ATTR_SIZES",
@@ -328,7 +328,7 @@ class _PinnedPy:
                 self.length = view.nbytes
                 return
             if writable:
-                raise TypeError("a writable grant needs a writable buffer")
+                raise SectionError("a writable grant needs a writable buffer")
             obj = bytes(view)
         pointer = ctypes.c_char_p(obj)
         self._keep = (obj, pointer)
@@ -345,8 +345,8 @@ def buffer_address(obj: Any, writable: bool) -> Pinned:
         return _PinnedPy(obj, writable)
     try:
         return _PinnedC(obj, writable)
-    except TypeError as exc:
-        raise TypeError(f"cannot grant {type(obj).__name__}: {exc}") from None
+    except (TypeError, BufferError) as exc:
+        raise SectionError(f"cannot grant {type(obj).__name__}: {exc}") from None
 
 
 class _IoVec(ctypes.Structure):
@@ -358,7 +358,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 def _vm_move_py(write: bool, pid: int, base: int, grant_len: int, offset: int, local: Any) -> int:
     view = memoryview(local).cast("B")
-    if offset > grant_len or view.nbytes > grant_len - offset:
+    if offset > grant_len or view.nbytes > grant_len - offset or base > (1 << 64) - 1 - grant_len:
         return E_RANGE
     pinned = _PinnedPy(local, writable=not write)
     call = _libc.process_vm_writev if write else _libc.process_vm_readv

@@ -503,8 +503,9 @@ class Channel:
             return self._notice(MessageType.PORT_CLOSED, "the peer closed its port")
         elif kind is not MessageType.DATAGRAM:
             return self._runtime(frame, attrs)
+        # A frame's fd (a new section) is consumed by the section layer, never handed on.
         message = Message(kind, frame.message_id, frame.callback_id, frame.data, self.peer,
-                          sender_pid=frame.sender_pid, sender_tid=frame.sender_tid, fds=frame.fds)
+                          sender_pid=frame.sender_pid, sender_tid=frame.sender_tid)
         if attrs is not None:
             self._attach(message, attrs)
         return message

@@ -166,12 +166,15 @@ class View:
     reuse the space afterwards, so never keep ``memory`` beyond it.
     """
 
-    __slots__ = ("__weakref__", "_finalizer", "_wake", "length", "memory", "offset")
+    __slots__ = ("__weakref__", "_finalizer", "_wake", "length", "memory", "offset", "secure")
 
     def __init__(self, mapping: _Mapping, offset: int, length: int,
-                 on_gone: Callable[[], None] | None = None, wake: Callable[[], None] | None = None) -> None:
+                 on_gone: Callable[[], None] | None = None, wake: Callable[[], None] | None = None,
+                 secure: bool = False) -> None:
         self.offset = offset
         self.length = length
+        # True when the section is write-sealed: nobody can change these bytes.
+        self.secure = secure
         self.memory = mapping.acquire(offset, length)
         self._wake = wake
         # Runs exactly once: on release(), or when the view is garbage collected,
@@ -388,7 +391,7 @@ class Section:
             raise SectionError(f"range [{offset}, +{length}) is outside the {self.size}-byte section")
         if self._mapping is None:
             raise SectionError("the section is not mapped here")
-        return View(self._mapping, offset, length, on_gone, wake)
+        return View(self._mapping, offset, length, on_gone, wake, self.secure)
 
     def seal(self) -> None:
         """Make the section immutable: unmap our copy and add F_SEAL_WRITE.
@@ -449,18 +452,17 @@ class SectionView(View):
     Releasing it unsent gives the space back.
     """
 
-    __slots__ = ("_pool", "announced", "section_id", "secure", "sent", "slot")
+    __slots__ = ("_pool", "announced", "section_id", "sent", "slot")
 
     def __init__(self, pool: SectionPool, section: Section, slot: Slot) -> None:
         self._pool = pool
         self.slot = slot
         self.section_id = slot.section_id
-        self.secure = slot.secure
         self.sent = False
         self.announced = False
         mapping = section._mapping
         assert mapping is not None
-        super().__init__(mapping, slot.offset, slot.length, on_gone=_returner(pool, slot, self))
+        super().__init__(mapping, slot.offset, slot.length, on_gone=_returner(pool, slot, self), secure=slot.secure)
 
     def belongs_to(self, pool: SectionPool) -> bool:
         return self._pool is pool
