@@ -328,9 +328,8 @@ class Channel:
         if retired:
             frames += self._frame(MessageType.SECTION_CLOSE, encode_section_ids(retired))
         new, fd = sections.pool.prepare(view)
-        flags = (SectionFlag.VIEW if as_view else SectionFlag.NONE) | (
-            SectionFlag.SECURE if view.secure else SectionFlag.NONE)
-        attrs = Attributes(ref=SectionRef(view.section_id, int(flags), view.offset, view.length), new=new,
+        flags = (_VIEW if as_view else 0) | (_SECURE if view.secure else 0)
+        attrs = Attributes(ref=SectionRef(view.section_id, flags, view.offset, view.length), new=new,
                            grant=grant.attr if grant is not None else None, range=span)
         message_id = self._allocate_id() if kind in _NUMBERED else 0
         frames += self._frame(kind, b"", message_id=message_id, callback_id=callback_id,
@@ -532,7 +531,7 @@ class Channel:
             assert self.sections is not None
             view = self.sections.peer.resolve(attrs.ref)
             message._data = None
-            if attrs.ref.flags & SectionFlag.VIEW:
+            if attrs.ref.flags & _VIEW:
                 message.view = view
             else:
                 message._copy = view
@@ -635,6 +634,9 @@ class Channel:
         return self._notice(MessageType.CLIENT_DIED, reason)
 
 
+# Plain ints: IntFlag arithmetic costs microseconds on a per-message path.
+_VIEW = int(SectionFlag.VIEW)
+_SECURE = int(SectionFlag.SECURE)
 _NUMBERED = frozenset({MessageType.REQUEST, MessageType.REPLY, MessageType.DATAGRAM})
 
 

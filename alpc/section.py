@@ -31,7 +31,6 @@ import re
 import secrets
 import stat
 import threading
-import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -60,6 +59,7 @@ __all__ = [
 # write() calls, while mappings that already exist stay writable.
 F_SEAL_FUTURE_WRITE = 0x10
 _SIZE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+_SECURE = int(SectionFlag.SECURE)
 _SHM_DIR = "/dev/shm"
 _PREFIX_OK = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -166,7 +166,7 @@ class View:
     reuse the space afterwards, so never keep ``memory`` beyond it.
     """
 
-    __slots__ = ("__weakref__", "_finalizer", "_wake", "length", "memory", "offset", "secure")
+    __slots__ = ("_mapping", "_on_gone", "_wake", "length", "memory", "offset", "secure")
 
     def __init__(self, mapping: _Mapping, offset: int, length: int,
                  on_gone: Callable[[], None] | None = None, wake: Callable[[], None] | None = None,
@@ -175,19 +175,34 @@ class View:
         self.length = length
         # True when the section is write-sealed: nobody can change these bytes.
         self.secure = secure
-        self.memory = mapping.acquire(offset, length)
+        self._on_gone = on_gone
         self._wake = wake
-        # Runs exactly once: on release(), or when the view is garbage collected,
-        # so a view the application forgot still gives its range back.
-        self._finalizer = weakref.finalize(self, _view_gone, mapping, on_gone)
+        self._mapping: _Mapping | None = None
+        self.memory = mapping.acquire(offset, length)
+        self._mapping = mapping
 
     @property
     def released(self) -> bool:
-        return not self._finalizer.alive
+        return self._mapping is None
 
     @property
     def readonly(self) -> bool:
         return self.memory.readonly
+
+    def _gone(self) -> bool:
+        """Drop our mapping reference and give the range back, exactly once."""
+        with _RELEASE_LOCK:
+            mapping, self._mapping = self._mapping, None
+        if mapping is None:
+            return False
+        _release_memory(self.memory)
+        mapping.drop()
+        self._finished()
+        return True
+
+    def _finished(self) -> None:
+        if self._on_gone is not None:
+            self._on_gone()
 
     def release(self, *, notify: bool = True) -> None:
         """Unmap this view (once the last view of its section goes) and give its range back.
@@ -195,12 +210,14 @@ class View:
         ``notify`` (the default) also tells the peer at once; the runtime
         passes False where it batches releases itself.
         """
-        if not self._finalizer.alive:
-            return
-        _release_memory(self.memory)
-        self._finalizer()
-        if notify and self._wake is not None:
+        if self._gone() and notify and self._wake is not None:
             self._wake()
+
+    def __del__(self) -> None:
+        # A view the application dropped without releasing still gives its
+        # range back; the peer hears of it with the next batch of releases.
+        if self._mapping is not None:
+            self._gone()
 
     def tobytes(self) -> bytes:
         """A copy of the view's bytes (the one call for those who want bytes)."""
@@ -224,10 +241,8 @@ class View:
         return f"<{type(self).__name__} offset={self.offset} length={self.length} {state}>"
 
 
-def _view_gone(mapping: _Mapping, on_gone: Callable[[], None] | None) -> None:
-    mapping.drop()
-    if on_gone is not None:
-        on_gone()
+# Release may race between threads (or a thread and __del__); the swap is tiny.
+_RELEASE_LOCK = threading.Lock()
 
 
 class Section:
@@ -462,21 +477,15 @@ class SectionView(View):
         self.announced = False
         mapping = section._mapping
         assert mapping is not None
-        super().__init__(mapping, slot.offset, slot.length, on_gone=_returner(pool, slot, self), secure=slot.secure)
+        super().__init__(mapping, slot.offset, slot.length, secure=slot.secure)
 
     def belongs_to(self, pool: SectionPool) -> bool:
         return self._pool is pool
 
-
-def _returner(pool: SectionPool, slot: Slot, view: SectionView) -> Callable[[], None]:
-    ref = weakref.ref(view)
-
-    def gone() -> None:
-        alive = ref()
-        if alive is None or not alive.sent:
-            pool.give_back(slot)
-
-    return gone
+    def _finished(self) -> None:
+        # Released (or dropped) before being sent: the space is ours again.
+        if not self.sent:
+            self._pool.give_back(self.slot)
 
 
 class SectionPool:
@@ -557,8 +566,7 @@ class SectionPool:
         if not view.announced:
             return None, None
         self.ledger.set_announced(view.section_id, True)
-        flags = SectionFlag.SECURE if view.secure else SectionFlag.NONE
-        return SectionNew(view.section_id, int(flags), section.size), section.fd
+        return SectionNew(view.section_id, _SECURE if view.secure else 0, section.size), section.fd
 
     def after_send(self, view: SectionView, written: bool) -> None:
         """The frame went out (or, if not ``written``, nothing of it did)."""
@@ -631,7 +639,7 @@ class PeerSections:
             os.close(fd)
             raise
         try:
-            section = Section.adopt(fd, new.size, secure=bool(new.flags & SectionFlag.SECURE),
+            section = Section.adopt(fd, new.size, secure=bool(new.flags & _SECURE),
                                     allow_unsealed=self.allow_unsealed)
         except OSError as exc:
             self.ledger.forget(new.section_id)

@@ -22,7 +22,9 @@ PEERS = Path(__file__).resolve().parent / "peers.py"
 LINE_TIMEOUT = 20.0
 # Every POSIX shm name this session (and every child it starts) creates carries
 # this prefix, so test runs sharing the machine never see each other's names.
-SHM_PREFIX = f"alpc-t{os.getpid()}-"
+# It avoids the substring "alpc" on purpose: older leak checks unlink any new
+# name containing it, which would delete this session's live sections.
+SHM_PREFIX = f"lpct{os.getpid()}-"
 os.environ["ALPC_SHM_PREFIX"] = SHM_PREFIX
 
 
