@@ -283,7 +283,7 @@ def copy_out(src: memoryview) -> bytes:
     # else sees it), so the page faults of a fresh buffer happen without the GIL.
     result: bytes = _new_bytes(None, src.nbytes)
     with ffi.from_buffer(result) as target, ffi.from_buffer(src) as source:
-        lib.alpc_copy(target, source, len(source))
+        lib.alpc_copy_fresh(target, source, len(source))
     return result
 
 

@@ -161,6 +161,8 @@ class OutboundLedger:
         self._pending_grow: Grow | None = None
         self._retired: list[int] = []
         self.budget_blocked = False
+        # Ranges sent and not yet released: each may bring a RELEASE frame back.
+        self.unreleased = 0
 
     @property
     def section_ids(self) -> list[int]:
@@ -278,12 +280,14 @@ class OutboundLedger:
     def mark_sent(self, slot: Slot) -> None:
         section = self._sections[slot.section_id]
         section.lent[slot.offset] = (slot.length, True)
+        self.unreleased += 1
 
     def unsend(self, slot: Slot) -> None:
         """The frame that carried ``slot`` never left: the peer does not hold it."""
         section = self._sections.get(slot.section_id)
-        if section is not None and slot.offset in section.lent:
+        if section is not None and section.lent.get(slot.offset, (0, False))[1]:
             section.lent[slot.offset] = (slot.length, False)
+            self.unreleased -= 1
 
     def cancel(self, slot: Slot) -> bool:
         """Take back a range that was never sent; True if its section is gone too."""
@@ -314,6 +318,7 @@ class OutboundLedger:
                                 f"offset {entry.offset} length {entry.length}")
         del section.lent[entry.offset]
         section.allocator.free(entry.offset, entry.length)
+        self.unreleased -= 1
         if section.secure:
             self._drop(entry.section_id)
             return True
@@ -335,6 +340,7 @@ class OutboundLedger:
     def clear(self) -> None:
         for section_id in list(self._sections):
             self._drop(section_id)
+        self.unreleased = 0
 
 
 @dataclass

@@ -55,6 +55,8 @@ _BUDGET_RECHECK = 0.05
 _RELEASE_SEND_TIMEOUT = 1.0
 # fds one read may carry: one per frame, one fd-carrying frame per sendmsg.
 _MAX_FDS_PER_READ = 4
+# With this many section messages unreleased, a sender reads its socket (without blocking).
+_DRAIN_EVERY = 64
 
 
 # What request/send/reply take: bytes-like, or a filled view of the connection's section.
@@ -107,8 +109,10 @@ class CommunicationPort:
         # Constant for the connection; read on every send.
         self._inline_threshold = channel.inline_threshold
         self._peer_sections = None if channel.sections is None else channel.sections.peer
+        # Releases held back to ride with our next frame (usually the reply).
+        self._releases_owed = False
         if self._peer_sections is not None:
-            self._peer_sections.wake = self._flush_releases
+            self._peer_sections.wake = self._releases_due
 
     # -- identity --------------------------------------------------------------
 
@@ -148,7 +152,8 @@ class CommunicationPort:
         sends it write-sealed; ``grant`` lends the server a buffer for this request.
         """
         deadline = deadline_after(timeout)
-        if grant is not None or isinstance(data, SectionView) or _size(data) > self._inline_threshold:
+        size = data.nbytes if type(data) is memoryview else len(data)
+        if grant is not None or isinstance(data, SectionView) or size > self._inline_threshold:
             return self._request_large(data, deadline, secure, grant)
         message_id = self._send_new(lambda: self._channel.request(bytes(data)), deadline)
         return self._await_reply(message_id, deadline)
@@ -162,7 +167,8 @@ class CommunicationPort:
     def send(self, data: Payload = b"", timeout: float | None = None, *, secure: bool = False) -> None:
         """Send a datagram (no reply expected)."""
         deadline = deadline_after(timeout)
-        if isinstance(data, SectionView) or _size(data) > self._inline_threshold:
+        size = data.nbytes if type(data) is memoryview else len(data)
+        if isinstance(data, SectionView) or size > self._inline_threshold:
             self._send_section(MessageType.DATAGRAM, data, deadline, secure)
             return
         self._send(lambda: self._channel.datagram(bytes(data)), deadline)
@@ -173,7 +179,8 @@ class CommunicationPort:
         if message.type is not MessageType.REQUEST:
             raise ValueError(f"only a REQUEST can be replied to, not {message.type.name}")
         deadline = deadline_after(timeout)
-        if isinstance(data, SectionView) or _size(data) > self._inline_threshold:
+        size = data.nbytes if type(data) is memoryview else len(data)
+        if isinstance(data, SectionView) or size > self._inline_threshold:
             self._send_section(MessageType.REPLY, data, deadline, secure, callback_id=message.id)
             return
         self._send(lambda: self._channel.reply(message.id, bytes(data)), deadline)
@@ -267,7 +274,10 @@ class CommunicationPort:
                 raise
             written = False
             try:
-                self._write(frames, deadline, fds)
+                if self._releases_owed:
+                    self._write_with_releases(frames, deadline, fds)
+                else:
+                    self._write(frames, deadline, fds)
                 written = True
             except BaseException:
                 written = self._stream.broken
@@ -278,26 +288,59 @@ class CommunicationPort:
             finally:
                 with self._state:
                     self._channel.section_sent(view, written)
+        self._drain_releases()
         return message_id
 
+    def _drain_releases(self) -> None:
+        """Read the peer's releases now and then while sending many section messages.
+
+        A sender that never reads would otherwise let them pile up in its socket
+        until the peer blocks writing them.
+        """
+        sections = self._channel.sections
+        if sections is not None:
+            unreleased = sections.pool.ledger.unreleased
+            if unreleased >= _DRAIN_EVERY and unreleased % _DRAIN_EVERY == 0:
+                self.pump()
+
+    def _releases_due(self, urgent: bool = False) -> None:
+        """Ranges were released: tell the peer now, or with our next frame.
+
+        While we owe the peer replies, the reply is coming and can carry the
+        releases in the same sendmsg, saving the peer a wake-up per request. A
+        sender short of space says so (RELEASE_WANTED), which makes it urgent.
+        """
+        if urgent or not self._channel.owes_replies:
+            self._flush_releases()
+        else:
+            self._releases_owed = True
+
     def _flush_releases(self) -> None:
-        """Tell the peer which of its ranges we are done with (batched per read)."""
+        """Send every release not yet told to the peer, as one frame of its own."""
         if self._failure is not None or not self._channel.releases_pending:
             return
         with self._send_lock:
-            with self._state:
-                entries = self._channel.take_releases()
-                frames = self._channel.release_frames(entries)
-            if not frames:
-                return
-            try:
-                self._write(frames, deadline_after(_RELEASE_SEND_TIMEOUT))
-            except Timeout:
-                if not self._stream.broken:
-                    with self._state:
-                        self._channel.requeue_releases(entries)
-            except ConnectionClosed:
-                pass
+            self._write_with_releases([], deadline_after(_RELEASE_SEND_TIMEOUT))
+
+    def _write_with_releases(self, frames: list[bytes], deadline: float | None,
+                             fds: list[int] | None = None) -> None:
+        """Write ``frames`` preceded by the pending RELEASE frames (caller holds _send_lock)."""
+        self._releases_owed = False
+        with self._state:
+            entries = self._channel.take_releases()
+            releases = self._channel.release_frames(entries)
+        try:
+            self._write(releases + frames, deadline, fds)
+        except Timeout:
+            if entries and not self._stream.broken:
+                with self._state:
+                    self._channel.requeue_releases(entries)
+                self._releases_owed = True
+            if frames:
+                raise
+        except ConnectionClosed:
+            if frames:
+                raise
 
     def _send_new(self, make: Callable[[], tuple[int, list[bytes]]], deadline: float | None) -> int:
         message_id = 0
@@ -321,7 +364,10 @@ class CommunicationPort:
             self._raise_if_failed()
             with self._state:
                 frames = make()
-            self._write(frames, deadline)
+            if self._releases_owed:
+                self._write_with_releases(frames, deadline)
+            else:
+                self._write(frames, deadline)
 
     def _write(self, frames: list[bytes], deadline: float | None, fds: list[int] | None = None) -> None:
         try:
@@ -564,6 +610,7 @@ class CommunicationPort:
                 messages = self._channel.receive(data, fds)
                 automatic = self._channel.take_automatic()
                 copies, self._channel.copies_waiting = self._channel.copies_waiting, False
+                urgent, self._channel.releases_urgent = self._channel.releases_urgent, False
             if copies:
                 materialize(messages)
         except ProtocolError as exc:
@@ -573,7 +620,7 @@ class CommunicationPort:
         if automatic:
             self._send(lambda: automatic, deadline_after(1.0))
         if self._peer_sections is not None and (copies or self._peer_sections.pending or self._channel.unsent_releases):
-            self._flush_releases()
+            self._releases_due(urgent)
         self._dispatch(messages)
         return True
 
@@ -661,10 +708,10 @@ class CommunicationPort:
         with self._send_lock:
             self._stream.close()
         with self._state:
-            swept = self._channel.sections is not None and self._channel.sections.peer.saw_unsealed
             self._channel.release_resources()
-        if swept and self._pidfd is not None and wait_readable([self._pidfd], 0.0):
-            # A peer killed while creating a POSIX section may have left its name.
+        if self._pidfd is not None and wait_readable([self._pidfd], 0.0):
+            # A peer killed between creating a POSIX section and unlinking its
+            # name (a few syscalls) leaves the name behind: clean up after it.
             sweep_stale_names(self.peer.pid)
         if self._pidfd is not None:
             close_fds([self._pidfd])

@@ -137,6 +137,10 @@ class Message:
             data = self._data = self.view.tobytes()
         return data
 
+    @data.setter
+    def data(self, value: bytes) -> None:
+        self._data = value
+
     def reply(self, data: Any = b"", timeout: float | None = None, **options: Any) -> None:
         """Reply to this request on the port it arrived on."""
         if self.port is None:
@@ -204,6 +208,9 @@ class Channel:
         self.unsent_releases: list[Release] = []
         # Set when a received body still has to be copied out of its section.
         self.copies_waiting = False
+        # Set when the peer must hear of our releases at once: it asked
+        # (RELEASE_WANTED), or it sent a body that no reply of ours will follow.
+        self.releases_urgent = False
         self.peer_closed = False
         self.closed = False
         self.close_reason = ""
@@ -233,7 +240,8 @@ class Channel:
         return [header, data] if data else [header]
 
     def _check_size(self, data: bytes) -> None:
-        self.check_length(len(data))
+        if len(data) > self.send_limit:
+            self.check_length(len(data))
 
     def check_length(self, length: int) -> None:
         if length > self.send_limit:
@@ -346,6 +354,11 @@ class Channel:
         """After ``section_message``: did its frames leave (``written``) or not at all?"""
         if self.sections is not None:
             self.sections.pool.after_send(view, written)
+
+    @property
+    def owes_replies(self) -> bool:
+        """Requests received and not yet answered: a reply will go out soon."""
+        return bool(self._unreplied)
 
     @property
     def releases_pending(self) -> bool:
@@ -536,6 +549,8 @@ class Channel:
             else:
                 message._copy = view
                 self.copies_waiting = True
+            if message.type is not MessageType.REQUEST:
+                self.releases_urgent = True
         if attrs.grant is not None:
             memory = PeerMemory(message, attrs.grant)
             message.grant = memory
@@ -564,7 +579,8 @@ class Channel:
             sections.peer.retire(decode_section_ids(frame.data))
             return None
         if kind is MessageType.RELEASE_WANTED:
-            return None  # the driver sends our releases after every read anyway
+            self.releases_urgent = True
+            return None
         if kind is MessageType.GRANT_READ:
             return self._grant_read_received(frame, attrs)
         if kind is MessageType.GRANT_DATA:

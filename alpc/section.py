@@ -629,7 +629,6 @@ class PeerSections:
         self.pending: deque[tuple[int, int]] = deque()
         self.wake: Callable[[], None] | None = None
         self.closed = False
-        self.saw_unsealed = False
 
     def add(self, new: SectionNew, fd: int) -> None:
         """Map a section the peer announced; always consumes ``fd``."""
@@ -648,7 +647,6 @@ class PeerSections:
             self.ledger.forget(new.section_id)
             raise
         self._sections[new.section_id] = section
-        self.saw_unsealed = self.saw_unsealed or section.backend == "posix"
 
     def resolve(self, ref: SectionRef) -> View:
         """The read-only view a peer's reference names, after checking it."""

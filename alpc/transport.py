@@ -233,7 +233,7 @@ class Stream:
         beyond ``max_fds`` (or a truncated set) are closed, never leaked.
         """
         try:
-            data, ancillary, flags, _ = self._sock.recvmsg(size, self._fd_space(max_fds))
+            data, ancillary, flags, _ = self._sock.recvmsg(size, _FD_SPACE.get(max_fds) or _fd_space(max_fds))
         except (BlockingIOError, InterruptedError):
             return None
         except ConnectionResetError:
@@ -249,13 +249,6 @@ class Stream:
             close_fds(fds)
             fds = []
         return data, fds
-
-    @staticmethod
-    def _fd_space(max_fds: int) -> int:
-        space = _FD_SPACE.get(max_fds)
-        if space is None:
-            space = _FD_SPACE[max_fds] = socket.CMSG_SPACE(max(max_fds, 1) * _FD_SIZE)
-        return space
 
     def recv_with_ancillary(self, size: int = RECV_CHUNK, max_fds: int = 0, want_cred: bool = False) -> Received | None:
         """Non-blocking recvmsg keeping fds and SCM_CREDENTIALS; None if nothing is there.
@@ -283,6 +276,11 @@ class Stream:
             close_fds(fds)
             fds = []
         return Received(data, fds, cred)
+
+
+def _fd_space(max_fds: int) -> int:
+    space = _FD_SPACE[max_fds] = socket.CMSG_SPACE(max(max_fds, 1) * _FD_SIZE)
+    return space
 
 
 def close_fds(fds: Iterable[int]) -> None:

@@ -5,6 +5,7 @@
 
 #include <errno.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/uio.h>
 
 #ifndef ALPC_SOURCE_HASH
@@ -170,6 +171,22 @@ void alpc_copy(void *dst, const void *src, size_t n)
 {
     if (n != 0)
         memcpy(dst, src, n);
+}
+
+#define HUGE_PAGE ((uintptr_t)2 << 20)
+#define HUGE_WORTH ((size_t)8 << 20)
+
+void alpc_copy_fresh(void *dst, const void *src, size_t n)
+{
+#ifdef MADV_HUGEPAGE
+    if (n >= HUGE_WORTH) {
+        uintptr_t start = ((uintptr_t)dst + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1);
+        uintptr_t end = ((uintptr_t)dst + n) & ~(HUGE_PAGE - 1);
+        if (end > start)
+            (void)madvise((void *)start, end - start, MADV_HUGEPAGE);
+    }
+#endif
+    alpc_copy(dst, src, n);
 }
 
 /* Shared by both directions: check the range, then loop over partial moves. */

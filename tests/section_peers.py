@@ -146,6 +146,9 @@ def client_config(args: argparse.Namespace) -> alpc.Config:
 
 def streamer(args: argparse.Namespace) -> None:
     comm = alpc.connect(args.name, config=client_config(args), timeout=10)
+    if args.leave_name:
+        # What a SIGKILL between shm_open and shm_unlink would leave behind.
+        say("LEFT", alpc.Section.create(4096, backend="posix", named=True).name)
     say("READY", os.getpid())
     payload = pattern(args.size)
     announced = False
@@ -202,6 +205,7 @@ def main() -> None:
     parser.add_argument("--hold-views", action="store_true")
     parser.add_argument("--size", type=int, default=1 << 20)
     parser.add_argument("--view", action="store_true")
+    parser.add_argument("--leave-name", action="store_true")
     args = parser.parse_args()
     become(args.as_user)
     if args.role == "server":

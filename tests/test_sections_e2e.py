@@ -84,8 +84,11 @@ def test_the_pool_is_reused_in_steady_state(broker, config, section_server) -> N
             assert comm.request(payload, timeout=10).data.startswith(b"sha:")
             comm.send(payload)
         assert pool.ledger.section_ids == sections and memfds() == fds
-        assert pool.ledger.lent_bytes() <= 100 * 1024  # the datagrams come back as they are read
-        comm.ping(timeout=5)
+        comm.ping(timeout=5)  # the server has read every datagram: all ranges are back
+        assert pool.ledger.lent_bytes() == 0
+        comm.trim_sections()  # idle sections unmapped on both sides
+        assert pool.ledger.section_ids == [] and memfds() < fds
+        assert comm.request(payload, timeout=10).data.startswith(b"sha:")
 
 
 def test_a_message_of_max_message_length_works(broker, config, section_server) -> None:  # type: ignore[no-untyped-def]
@@ -349,6 +352,22 @@ def test_a_client_killed_mid_transfer_leaves_nothing(broker, config, spawn, runt
             if isinstance(event, alpc.Message) and event.view is not None:
                 event.view.release()
         assert port.connections == []
+
+
+def test_a_dead_peers_leftover_names_are_swept(broker, config, spawn, runtime_dir) -> None:  # type: ignore[no-untyped-def]
+    with alpc.create_port("svc.sweep", config=config) as port:
+        streamer = spawn.argv([sys.executable, str(SECTION_PEERS), "streamer", "svc.sweep", "--runtime-dir",
+                               str(runtime_dir), "--leave-name", "--size", "1000"])
+        comm = port.listen(timeout=10).accept()
+        (name,) = streamer.expect("LEFT")
+        streamer.expect("SENDING")
+        assert name.lstrip("/") in os.listdir("/dev/shm")
+        streamer.kill()
+        while True:
+            event = port.wait(timeout=10)
+            if isinstance(event, alpc.Message) and event.type is alpc.MessageType.CLIENT_DIED:
+                break
+        assert comm.closed and name.lstrip("/") not in os.listdir("/dev/shm")
 
 
 def test_a_server_killed_mid_transfer_fails_the_client_cleanly(broker, runtime_dir, section_server) -> None:  # type: ignore[no-untyped-def]
