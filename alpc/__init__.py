@@ -18,11 +18,14 @@ from .errors import (
     PortNotFound,
     ProtocolError,
     QuotaExceeded,
+    SectionError,
     Timeout,
 )
+from .grant import MemoryGrant, PeerMemory
 from .introspect import list_peers, port_stats
 from .port import CommunicationPort, ConnectionPort, ConnectionRequest, connect, create_port
 from .protocol import Message
+from .section import Section, SectionView, View, sweep_stale_names
 from .security import PeerCred
 from .wire import MessageType
 
@@ -40,6 +43,7 @@ __all__ = [
     "ConnectionRejected",
     "ConnectionRequest",
     "InvalidName",
+    "MemoryGrant",
     "Message",
     "MessageTooLarge",
     "MessageType",
@@ -47,14 +51,20 @@ __all__ = [
     "NativeBuildError",
     "PeerCred",
     "PeerGone",
+    "PeerMemory",
     "PortAttributes",
     "PortNotFound",
     "ProtocolError",
     "QuotaExceeded",
+    "Section",
+    "SectionError",
+    "SectionView",
     "Timeout",
+    "View",
     "connect",
     "create_port",
     "list_peers",
     "list_ports",
     "port_stats",
+    "sweep_stale_names",
 ]

@@ -8,31 +8,48 @@ would silently run code that no longer matches the sources.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import os
 import struct
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from .errors import NativeBuildError
+from .errors import NativeBuildError, SectionError
 
 __all__ = [
+    "ATTR_SIZES",
+    "COPY_IN_C_ABOVE",
     "E_ATTR",
+    "E_ATTR_DUP",
+    "E_ATTR_KIND",
+    "E_ATTR_LENGTH",
+    "E_ATTR_TRUNC",
+    "E_ATTR_VALUE",
     "E_DATA",
     "E_FDS",
     "E_FLAGS",
     "E_MAGIC",
+    "E_RANGE",
     "E_RESERVED",
     "E_TYPE",
     "E_VERSION",
     "HEADER_SIZE",
     "IMPLEMENTATION",
     "SCAN_BATCH",
+    "Pinned",
     "ScanLimits",
+    "buffer_address",
+    "check_range",
+    "copy_into",
+    "copy_out",
+    "parse_attributes",
     "scan_frames",
     "source_hash",
+    "vm_read",
+    "vm_write",
 ]
 
 log = logging.getLogger(__name__)
@@ -40,6 +57,11 @@ log = logging.getLogger(__name__)
 HEADER_SIZE = 40
 SCAN_BATCH = 256
 E_MAGIC, E_VERSION, E_TYPE, E_FLAGS, E_RESERVED, E_DATA, E_ATTR, E_FDS = range(-1, -9, -1)
+E_ATTR_KIND, E_ATTR_LENGTH, E_ATTR_DUP, E_ATTR_TRUNC, E_ATTR_VALUE, E_RANGE = range(-10, -16, -1)
+# Value sizes of the attribute kinds (SECTION_REF, SECTION_NEW, GRANT, RANGE).
+ATTR_SIZES = {1: 24, 2: 16, 3: 24, 4: 16}
+_SECTION_FLAGS = 3
+_ACCESS_FLAGS = 3
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
 _SOURCES = ("alpc_native.h", "alpc_native.c")
@@ -156,3 +178,222 @@ ScanFunction = Callable[[bytes, int, ScanLimits], tuple[list[int], int]]
 # error (0 if none). The header of a trailing incomplete frame is validated too,
 # so a lying length is caught as soon as its header arrives.
 scan_frames: ScanFunction = _scan_frames_py if _ext is None else _scan_frames_c
+
+
+# -- attributes and ranges from a peer ---------------------------------------------
+
+AttrFields = tuple[int, int, int, int, int, int, int, int, int, int, int, int, int]
+_NO_ATTRS: AttrFields = (0,) * 13
+_TLV = struct.Struct("<HH")
+_ATTR_VALUES = {1: struct.Struct("<IIQQ"), 2: struct.Struct("<IIQ"), 3: struct.Struct("<QQII"), 4: struct.Struct("<QQ")}
+
+
+def _parse_attributes_py(raw: bytes, allowed: int) -> tuple[int, AttrFields]:
+    present = 0
+    values: dict[int, tuple[int, ...]] = {}
+    pos = 0
+    while pos < len(raw):
+        if len(raw) - pos < _TLV.size:
+            return E_ATTR_TRUNC, _NO_ATTRS
+        kind, length = _TLV.unpack_from(raw, pos)
+        pos += _TLV.size
+        if kind >= 32 or not (allowed >> kind) & 1 or kind not in ATTR_SIZES:
+            return E_ATTR_KIND, _NO_ATTRS
+        if length != ATTR_SIZES[kind]:
+            return E_ATTR_LENGTH, _NO_ATTRS
+        if len(raw) - pos < length:
+            return E_ATTR_TRUNC, _NO_ATTRS
+        if present & (1 << kind):
+            return E_ATTR_DUP, _NO_ATTRS
+        present |= 1 << kind
+        value = _ATTR_VALUES[kind].unpack_from(raw, pos)
+        if (kind in (1, 2) and value[1] & ~_SECTION_FLAGS) or (kind == 3 and (value[3] or value[2] & ~_ACCESS_FLAGS)):
+            return E_ATTR_VALUE, _NO_ATTRS
+        values[kind] = value
+        pos += length
+    ref = values.get(1, (0, 0, 0, 0))
+    new = values.get(2, (0, 0, 0))
+    grant = values.get(3, (0, 0, 0, 0))[:3]
+    span = values.get(4, (0, 0))
+    return 0, (present, *ref, *new, *grant, *span)  # type: ignore[return-value]
+
+
+def _parse_attributes_c(raw: bytes, allowed: int) -> tuple[int, AttrFields]:
+    assert _ext is not None
+    ffi, lib = _ext
+    out = ffi.new("alpc_attrs *")
+    error = lib.alpc_parse_attrs(ffi.from_buffer(raw), len(raw), allowed, out)
+    if error:
+        return error, _NO_ATTRS
+    return 0, (out.present, out.ref_section, out.ref_flags, out.ref_offset, out.ref_length,
+               out.new_section, out.new_flags, out.new_size, out.grant_address, out.grant_length,
+               out.grant_access, out.range_offset, out.range_length)
+
+
+# (error, fields): fields are present-bits, then SECTION_REF (id, flags, offset,
+# length), SECTION_NEW (id, flags, size), GRANT (address, length, access) and
+# RANGE (offset, length), zero where absent.
+parse_attributes: Callable[[bytes, int], tuple[int, AttrFields]] = (
+    _parse_attributes_py if _ext is None else _parse_attributes_c
+)
+
+
+def _check_range_py(offset: int, length: int, size: int, max_length: int) -> bool:
+    return 0 < length <= max_length and offset <= size and length <= size - offset
+
+
+def _check_range_c(offset: int, length: int, size: int, max_length: int) -> bool:
+    assert _ext is not None
+    return bool(_ext[1].alpc_check_range(offset, length, size, max_length) == 0)
+
+
+# Is [offset, offset + length) a non-empty range inside a section of ``size``
+# bytes, no longer than max_length? Every operand comes from a peer.
+check_range: Callable[[int, int, int, int], bool] = _check_range_py if _ext is None else _check_range_c
+
+
+# -- copies ------------------------------------------------------------------------
+
+# Below this, a C call costs more than it saves; above it the copy runs in C
+# with the GIL released so other threads keep running.
+COPY_IN_C_ABOVE = 256 * 1024
+_new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
+_new_bytes.restype = ctypes.py_object
+_new_bytes.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t]
+
+
+def copy_into(dst: memoryview, src: Any) -> None:
+    """dst[:] = src, for a writable byte memoryview and a buffer of the same size."""
+    if _ext is None or dst.nbytes < COPY_IN_C_ABOVE:
+        dst[:] = src if not isinstance(src, memoryview) else src.cast("B")
+        return
+    ffi, lib = _ext
+    with ffi.from_buffer(dst, require_writable=True) as target, ffi.from_buffer(src) as source:
+        if len(source) != len(target):
+            raise ValueError(f"copy of {len(source)} bytes into {len(target)}")
+        lib.alpc_copy(target, source, len(target))
+
+
+def copy_out(src: memoryview) -> bytes:
+    """bytes(src), copied in C with the GIL released when it is large."""
+    if _ext is None or src.nbytes < COPY_IN_C_ABOVE:
+        return bytes(src)
+    ffi, lib = _ext
+    # An uninitialised bytes object (the C API allows filling it before anyone
+    # else sees it), so the page faults of a fresh buffer happen without the GIL.
+    result: bytes = _new_bytes(None, src.nbytes)
+    with ffi.from_buffer(result) as target, ffi.from_buffer(src) as source:
+        lib.alpc_copy_fresh(target, source, len(source))
+    return result
+
+
+# -- direct access to a client's memory --------------------------------------------
+
+
+class Pinned(Protocol):
+    """A buffer held in place so its address can be granted to a peer."""
+
+    address: int
+    length: int
+
+    def release(self) -> None: ...
+
+
+class _PinnedC:
+    __slots__ = ("_cdata", "address", "length")
+
+    def __init__(self, obj: Any, writable: bool) -> None:
+        assert _ext is not None
+        ffi = _ext[0]
+        self._cdata: Any = ffi.from_buffer(obj, require_writable=writable)
+        self.address = int(ffi.cast("uintptr_t", self._cdata))
+        self.length = len(self._cdata)
+
+    def release(self) -> None:
+        if self._cdata is not None:
+            _ext[0].release(self._cdata)  # type: ignore[index]
+            self._cdata = None
+
+
+class _PinnedPy:
+    __slots__ = ("_keep", "address", "length")
+
+    def __init__(self, obj: Any, writable: bool) -> None:
+        if writable or not isinstance(obj, bytes):
+            view = memoryview(obj).cast("B")
+            if not view.readonly:
+                array = (ctypes.c_char * view.nbytes).from_buffer(view)
+                self._keep: Any = (view, array)
+                self.address = ctypes.addressof(array)
+                self.length = view.nbytes
+                return
+            if writable:
+                raise SectionError("a writable grant needs a writable buffer")
+            obj = bytes(view)
+        pointer = ctypes.c_char_p(obj)
+        self._keep = (obj, pointer)
+        self.address = ctypes.cast(pointer, ctypes.c_void_p).value or 0
+        self.length = len(obj)
+
+    def release(self) -> None:
+        self._keep = None
+
+
+def buffer_address(obj: Any, writable: bool) -> Pinned:
+    """Pin ``obj`` (a contiguous buffer) and return its address and length."""
+    if _ext is None:
+        return _PinnedPy(obj, writable)
+    try:
+        return _PinnedC(obj, writable)
+    except (TypeError, BufferError) as exc:
+        raise SectionError(f"cannot grant {type(obj).__name__}: {exc}") from None
+
+
+class _IoVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("length", ctypes.c_size_t)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _vm_move_py(write: bool, pid: int, base: int, grant_len: int, offset: int, local: Any) -> int:
+    view = memoryview(local).cast("B")
+    if offset > grant_len or view.nbytes > grant_len - offset or base > (1 << 64) - 1 - grant_len:
+        return E_RANGE
+    pinned = _PinnedPy(local, writable=not write)
+    call = _libc.process_vm_writev if write else _libc.process_vm_readv
+    done = 0
+    try:
+        while done < pinned.length:
+            mine = _IoVec(pinned.address + done, pinned.length - done)
+            theirs = _IoVec(base + offset + done, pinned.length - done)
+            moved = call(pid, ctypes.byref(mine), 1, ctypes.byref(theirs), 1, 0)
+            if moved < 0:
+                err = ctypes.get_errno()
+                if err == 4:  # EINTR
+                    continue
+                return -err
+            if moved == 0:
+                return -14  # EFAULT
+            done += moved
+    finally:
+        pinned.release()
+    return done
+
+
+def _vm_move_c(write: bool, pid: int, base: int, grant_len: int, offset: int, local: Any) -> int:
+    assert _ext is not None
+    ffi, lib = _ext
+    with ffi.from_buffer(local, require_writable=not write) as buf:
+        call = lib.alpc_vm_write if write else lib.alpc_vm_read
+        return int(call(pid, base, grant_len, offset, buf, len(buf)))
+
+
+def vm_read(pid: int, base: int, grant_len: int, offset: int, into: Any) -> int:
+    """Fill ``into`` from the grant of ``pid``; bytes read, E_RANGE, or -errno."""
+    return (_vm_move_py if _ext is None else _vm_move_c)(False, pid, base, grant_len, offset, into)
+
+
+def vm_write(pid: int, base: int, grant_len: int, offset: int, data: Any) -> int:
+    """Write ``data`` into the grant of ``pid``; bytes written, E_RANGE, or -errno."""
+    return (_vm_move_py if _ext is None else _vm_move_c)(True, pid, base, grant_len, offset, data)

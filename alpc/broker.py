@@ -466,7 +466,8 @@ class Broker:
         port.connects_forwarded += 1
         self._forget(peer)
         info = control.ConnectionRequestInfo(name=request.name, data=request.data,
-                                             max_message_length=request.max_message_length)
+                                             max_message_length=request.max_message_length,
+                                             max_section_bytes=request.max_section_bytes)
         port.owner.outbox.append(_Outgoing(_frame(info, n_fds=1), [peer.stream.fileno()], peer.stream))
         self._flush(port.owner)
 

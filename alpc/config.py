@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,7 +14,9 @@ __all__ = [
     "BROKER_SOCKET_NAME",
     "Config",
     "PortAttributes",
+    "SECTION_BACKENDS",
     "default_runtime_dir",
+    "default_section_backend",
     "ensure_runtime_dir",
 ]
 
@@ -21,6 +24,33 @@ BROKER_SOCKET_NAME = "broker.sock"
 
 KIB = 1024
 MIB = 1024 * KIB
+GIB = 1024 * MIB
+
+# "memfd": sealed memfd passed by SCM_RIGHTS (Linux); "posix": POSIX shared
+# memory through posix_ipc, which cannot be sealed (non-Linux systems).
+SECTION_BACKENDS = ("memfd", "posix")
+_ON_LINUX = sys.platform.startswith("linux") and hasattr(os, "memfd_create")
+
+
+def default_section_backend() -> str:
+    return "memfd" if _ON_LINUX else "posix"
+
+
+def _check_sections(owner: str, max_message_length: int, section_size: int, max_section_bytes: int,
+                    backend: str) -> None:
+    """Shared validation of the section settings of PortAttributes and Config."""
+    for name, value in (("max_message_length", max_message_length), ("section_size", section_size),
+                        ("max_section_bytes", max_section_bytes)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{owner}.{name} must be a positive int, got {value!r}")
+    if max_message_length > 0xFFFFFFFF:
+        raise ValueError(f"{owner}.max_message_length must fit in 32 bits")
+    if section_size < 4096 or max_section_bytes < section_size:
+        raise ValueError(f"{owner}: need 4096 <= section_size <= max_section_bytes")
+    if backend not in SECTION_BACKENDS:
+        raise ValueError(f"{owner}.section_backend must be one of {SECTION_BACKENDS}, got {backend!r}")
+    if backend == "memfd" and not _ON_LINUX:
+        raise ValueError(f"{owner}.section_backend 'memfd' needs Linux")
 
 
 def default_runtime_dir() -> Path:
@@ -60,29 +90,69 @@ class PortAttributes:
 
     ``max_message_length`` bounds what the port accepts from a client and is
     announced to the client, which refuses to send anything larger.
+
+    Sections (both directions of every connection of this port):
+
+    - ``inline_threshold``: messages longer than this travel through a shared
+      section instead of the socket (announced to the client, which uses it too).
+    - ``section_size``: the smallest pooled section; larger ones are made for
+      larger messages.
+    - ``max_section_bytes``: per connection and direction, the most section
+      memory one side may lend the other (ALPC MaxTotalSectionSize); a sender
+      that needs more waits for the receiver to release space.
+    - ``max_port_section_bytes``: the most section memory this server lends over
+      all its connections together.
+    - ``secure_views``: every section message is a secure (write-sealed) view.
+    - ``section_backend``: "memfd" (sealed, the default on Linux) or "posix".
+    - ``allow_unsealed_sections``: map sections a client could truncate (POSIX
+      shared memory); only for trusted clients, since a truncation would SIGBUS.
+    - ``direct_memory``: read/write a client's granted buffers with
+      process_vm_readv/writev; False forces the section fallback.
     """
 
-    max_message_length: int = 64 * MIB
+    max_message_length: int = GIB
     max_connect_data: int = 64 * KIB
     max_pending_connects: int = 128
+    inline_threshold: int = 256
+    section_size: int = 2 * MIB
+    max_section_bytes: int = 2 * GIB
+    max_port_section_bytes: int = 8 * GIB
+    secure_views: bool = False
+    section_backend: str = field(default_factory=default_section_backend)
+    allow_unsealed_sections: bool = not _ON_LINUX
+    direct_memory: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("max_message_length", "max_connect_data", "max_pending_connects"):
+        for name in ("max_connect_data", "max_pending_connects", "max_port_section_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"PortAttributes.{name} must be a positive int, got {value!r}")
-        if self.max_message_length > 0xFFFFFFFF:
-            raise ValueError("PortAttributes.max_message_length must fit in 32 bits")
+        if not isinstance(self.inline_threshold, int) or not 0 <= self.inline_threshold <= 16 * MIB:
+            raise ValueError(f"PortAttributes.inline_threshold must be 0..16 MiB, got {self.inline_threshold!r}")
+        _check_sections("PortAttributes", self.max_message_length, self.section_size, self.max_section_bytes,
+                        self.section_backend)
 
 
 @dataclass(frozen=True)
 class Config:
-    """Where the broker lives and the limits this process applies."""
+    """Where the broker lives and the limits this process applies.
+
+    The section settings mean what they mean in PortAttributes, for the
+    connections this process makes as a client.
+    """
 
     runtime_dir: Path = field(default_factory=default_runtime_dir)
     connect_timeout: float = 10.0
-    max_message_length: int = 64 * MIB
+    max_message_length: int = GIB
     max_connect_data: int = 64 * KIB
+    section_size: int = 2 * MIB
+    max_section_bytes: int = 2 * GIB
+    section_backend: str = field(default_factory=default_section_backend)
+    allow_unsealed_sections: bool = not _ON_LINUX
+
+    def __post_init__(self) -> None:
+        _check_sections("Config", self.max_message_length, self.section_size, self.max_section_bytes,
+                        self.section_backend)
 
     @property
     def broker_socket(self) -> Path:

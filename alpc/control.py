@@ -186,6 +186,8 @@ class Connect(Body):
     name: str
     data: bytes
     max_message_length: int
+    # The most section memory the client maps from the server (its receive quota).
+    max_section_bytes: int
 
 
 @dataclass(frozen=True)
@@ -196,6 +198,7 @@ class ConnectionRequestInfo(Body):
     name: str
     data: bytes
     max_message_length: int
+    max_section_bytes: int
 
 
 @dataclass(frozen=True)
@@ -207,6 +210,10 @@ class ConnectionReply(Body):
     data: bytes
     reason: str
     max_message_length: int
+    # The port's section settings, used by both directions of the connection.
+    inline_threshold: int = 0
+    max_section_bytes: int = 0
+    secure_views: bool = False
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ __all__ = [
     "PortNotFound",
     "ProtocolError",
     "QuotaExceeded",
+    "SectionError",
     "Timeout",
 ]
 
@@ -88,6 +89,10 @@ class MessageTooLarge(AlpcError, ValueError):
 
 class QuotaExceeded(AlpcError, OSError):
     """A port or broker limit is exhausted (pending connects, connections, ...)."""
+
+
+class SectionError(AlpcError, ValueError):
+    """A section, view or memory grant was used outside its bounds, after release, or wrongly."""
 
 
 class NativeBuildError(AlpcError, ImportError):

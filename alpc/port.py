@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-from . import control
+from . import _native, control
 from .config import Config, PortAttributes
 from .control import validate_port_name
 from .errors import (
@@ -24,17 +24,21 @@ from .errors import (
     PeerGone,
     PortNotFound,
     ProtocolError,
+    SectionError,
     Timeout,
 )
 from .exchange import control_frame, read_frame
+from .grant import LocalGrant, MemoryGrant, PeerMemory, direct_read, direct_write
+from .ledger import Budget
 from .logs import LogLimiter, fields
-from .protocol import Channel, Message
+from .protocol import Channel, Message, materialize
 from .registration import Registration
 from .retry import retry_until
+from .section import ConnectionSections, SectionView, sweep_stale_names
 from .security import PeerCred
 from .stats import ConnectionStats, LiveConnection, PortStatistics
-from .transport import Stream, close_fds, deadline_after, pidfd_open, remaining, wait_readable
-from .wire import Frame, FrameDecoder, FrameLimits, MessageType
+from .transport import Buffer, Stream, close_fds, deadline_after, pidfd_open, remaining, wait_readable
+from .wire import Frame, FrameDecoder, FrameLimits, MessageType, Range
 
 __all__ = [
     "CommunicationPort",
@@ -49,6 +53,25 @@ log = logging.getLogger(__name__)
 _limited = LogLimiter(log)
 
 T = TypeVar("T")
+
+# A sender waiting for section space on a port-wide budget (which other
+# connections free) re-checks this often; its own releases wake it at once.
+_BUDGET_RECHECK = 0.05
+# Releases go out from the reader; a peer that stops reading for this long
+# keeps them queued rather than stalling our reads.
+_RELEASE_SEND_TIMEOUT = 1.0
+# fds one read may carry: one per frame, one fd-carrying frame per sendmsg.
+_MAX_FDS_PER_READ = 4
+# With this many section messages unreleased, a sender reads its socket (without blocking).
+_DRAIN_EVERY = 64
+
+
+# What request/send/reply take: bytes-like, or a filled view of the connection's section.
+Payload = Buffer | SectionView
+
+
+def _size(data: object) -> int:
+    return data.nbytes if isinstance(data, memoryview) else len(data)  # type: ignore[arg-type]
 
 
 class CommunicationPort:
@@ -86,6 +109,18 @@ class CommunicationPort:
         self._release_wanted = False
         self._released = False
         self.stats = ConnectionStats()
+        # Memory grants: client side, the server's fallback reads/writes for each
+        # request in flight; server side, the client's answers to our reads.
+        self._grant_ops: dict[int, deque[Message]] = {}
+        self._grant_data: dict[int, Message] = {}
+        self._vm_refused = False
+        # Constant for the connection; read on every send.
+        self._inline_threshold = channel.inline_threshold
+        self._peer_sections = None if channel.sections is None else channel.sections.peer
+        # Releases held back to ride with our next frame (usually the reply).
+        self._releases_owed = False
+        if self._peer_sections is not None:
+            self._peer_sections.wake = self._releases_due
 
     # -- identity --------------------------------------------------------------
 
@@ -121,11 +156,21 @@ class CommunicationPort:
 
     # -- sending ----------------------------------------------------------------
 
-    def request(self, data: bytes = b"", timeout: float | None = None) -> Message:
-        """Send a request and wait for its reply."""
+    def request(self, data: Payload = b"", timeout: float | None = None, *, secure: bool = False,
+                grant: MemoryGrant | None = None) -> Message:
+        """Send a request and wait for its reply.
+
+        ``data`` longer than the inline threshold goes through a shared section;
+        a ``SectionView`` from ``create_view`` goes with no copy at all. ``secure``
+        sends it write-sealed; ``grant`` lends the server a buffer for this request.
+        """
         deadline = deadline_after(timeout)
+        size = data.nbytes if type(data) is memoryview else len(data)
+        if grant is not None or isinstance(data, SectionView) or size > self._inline_threshold:
+            self.stats.sent(size)
+            return self._request_large(data, deadline, secure, grant)
         message_id = self._send_new(lambda: self._channel.request(bytes(data)), deadline)
-        self.stats.sent(len(data))
+        self.stats.sent(size)
         return self._await_reply(message_id, deadline)
 
     def ping(self, timeout: float | None = None) -> None:
@@ -134,17 +179,185 @@ class CommunicationPort:
         message_id = self._send_new(self._channel.ping, deadline)
         self._await_reply(message_id, deadline)
 
-    def send(self, data: bytes = b"", timeout: float | None = None) -> None:
+    def send(self, data: Payload = b"", timeout: float | None = None, *, secure: bool = False) -> None:
         """Send a datagram (no reply expected)."""
-        self._send(lambda: self._channel.datagram(bytes(data)), deadline_after(timeout))
-        self.stats.sent(len(data))
+        deadline = deadline_after(timeout)
+        size = data.nbytes if type(data) is memoryview else len(data)
+        if isinstance(data, SectionView) or size > self._inline_threshold:
+            self._send_section(MessageType.DATAGRAM, data, deadline, secure)
+        else:
+            self._send(lambda: self._channel.datagram(bytes(data)), deadline)
+        self.stats.sent(size)
 
-    def reply(self, message: Message, data: bytes = b"", timeout: float | None = None) -> None:
+    def reply(self, message: Message, data: Payload = b"", timeout: float | None = None, *,
+              secure: bool = False) -> None:
         """Answer ``message``, a request received on this port."""
         if message.type is not MessageType.REQUEST:
             raise ValueError(f"only a REQUEST can be replied to, not {message.type.name}")
-        self._send(lambda: self._channel.reply(message.id, bytes(data)), deadline_after(timeout))
-        self.stats.replied(message.id, len(data))
+        deadline = deadline_after(timeout)
+        size = data.nbytes if type(data) is memoryview else len(data)
+        if isinstance(data, SectionView) or size > self._inline_threshold:
+            self._send_section(MessageType.REPLY, data, deadline, secure, callback_id=message.id)
+        else:
+            self._send(lambda: self._channel.reply(message.id, bytes(data)), deadline)
+        self.stats.replied(message.id, size)
+
+    # -- sections ------------------------------------------------------------------
+
+    def create_view(self, size: int, *, secure: bool = False, timeout: float | None = None) -> SectionView:
+        """Writable space in this connection's section (NtAlpcCreateSectionView).
+
+        Fill ``view.memory`` in place and pass the view to ``send``, ``request``
+        or ``reply``: the peer gets a read-only view of the same memory, with no
+        copy. Waits (up to ``timeout``) while the peer holds the section's space.
+        ``secure`` gives the view its own section, write-sealed when sent.
+        """
+        if size <= 0:
+            raise SectionError(f"a view needs a positive size, not {size}")
+        return self._reserve(size, secure, deadline_after(timeout))
+
+    def trim_sections(self, timeout: float | None = None) -> None:
+        """Unmap the idle sections of this side's pool (and the peer's mappings of them)."""
+        self._send(self._channel.trim, deadline_after(timeout))
+
+    def _reserve(self, size: int, secure: bool, deadline: float | None) -> SectionView:
+        """Section space for ``size`` bytes, waiting for the peer's releases if needed."""
+        self._raise_if_failed()
+        with self._state:
+            view = self._channel.reserve(size, secure)
+        if view is not None:
+            return view
+        self._send(self._channel.release_wanted, deadline)
+
+        def attempt() -> SectionView | None:
+            with self._state:
+                return self._channel.reserve(size, secure)
+
+        while True:
+            window = deadline
+            sections = self._channel.sections
+            if sections is not None and sections.pool.ledger.budget_blocked:
+                window = deadline_after(_BUDGET_RECHECK)
+                if deadline is not None and window is not None:
+                    window = min(window, deadline)
+            try:
+                return self._wait_for(attempt, window, "space in the connection's sections")
+            except Timeout:
+                if window == deadline or remaining(deadline) == 0:
+                    raise
+
+    def _request_large(self, data: Payload, deadline: float | None, secure: bool,
+                       grant: MemoryGrant | None) -> Message:
+        pinned = grant.pin() if grant is not None else None
+        try:
+            if not isinstance(data, SectionView) and _size(data) <= self._channel.inline_threshold:
+                message_id = self._send_new(lambda: self._channel.request(bytes(data), pinned), deadline)
+            else:
+                message_id = self._send_section(MessageType.REQUEST, data, deadline, secure, grant=pinned)
+        except BaseException:
+            if pinned is not None:
+                pinned.release()
+            raise
+        if pinned is None:
+            return self._await_reply(message_id, deadline)
+        return self._await_granted_reply(message_id, pinned, deadline)
+
+    def _send_section(self, kind: MessageType, data: Payload, deadline: float | None, secure: bool, *,
+                      callback_id: int = 0, grant: LocalGrant | None = None, span: Range | None = None,
+                      as_view: bool | None = None) -> int:
+        """Send a body through a section: fill a reserved range (unless ``data`` is a
+        view already), then send the small frame naming it. Returns the message id."""
+        if isinstance(data, SectionView):
+            view, explicit = data, True
+        else:
+            self._channel.check_length(_size(data))
+            view, explicit = self._reserve(_size(data), secure, deadline), False
+            try:
+                _native.copy_into(view.memory, data)
+            except BaseException:
+                view.release()
+                raise
+        message_id = 0
+        with self._send_lock:
+            try:
+                self._raise_if_failed()
+                with self._state:
+                    message_id, frames, fds = self._channel.section_message(
+                        kind, view, as_view=explicit if as_view is None else as_view,
+                        callback_id=callback_id, grant=grant, span=span)
+            except BaseException:
+                if not explicit:
+                    view.release()
+                raise
+            written = False
+            try:
+                if self._releases_owed:
+                    self._write_with_releases(frames, deadline, fds)
+                else:
+                    self._write(frames, deadline, fds)
+                written = True
+            except BaseException:
+                written = self._stream.broken
+                if kind is MessageType.REQUEST and message_id:
+                    with self._state:
+                        self._channel.abandon(message_id)
+                raise
+            finally:
+                with self._state:
+                    self._channel.section_sent(view, written)
+        self._drain_releases()
+        return message_id
+
+    def _drain_releases(self) -> None:
+        """Read the peer's releases now and then while sending many section messages.
+
+        A sender that never reads would otherwise let them pile up in its socket
+        until the peer blocks writing them.
+        """
+        sections = self._channel.sections
+        if sections is not None:
+            unreleased = sections.pool.ledger.unreleased
+            if unreleased >= _DRAIN_EVERY and unreleased % _DRAIN_EVERY == 0:
+                self.pump()
+
+    def _releases_due(self, urgent: bool = False) -> None:
+        """Ranges were released: tell the peer now, or with our next frame.
+
+        While we owe the peer replies, the reply is coming and can carry the
+        releases in the same sendmsg, saving the peer a wake-up per request. A
+        sender short of space says so (RELEASE_WANTED), which makes it urgent.
+        """
+        if urgent or not self._channel.owes_replies:
+            self._flush_releases()
+        else:
+            self._releases_owed = True
+
+    def _flush_releases(self) -> None:
+        """Send every release not yet told to the peer, as one frame of its own."""
+        if self._failure is not None or not self._channel.releases_pending:
+            return
+        with self._send_lock:
+            self._write_with_releases([], deadline_after(_RELEASE_SEND_TIMEOUT))
+
+    def _write_with_releases(self, frames: list[bytes], deadline: float | None,
+                             fds: list[int] | None = None) -> None:
+        """Write ``frames`` preceded by the pending RELEASE frames (caller holds _send_lock)."""
+        self._releases_owed = False
+        with self._state:
+            entries = self._channel.take_releases()
+            releases = self._channel.release_frames(entries)
+        try:
+            self._write(releases + frames, deadline, fds)
+        except Timeout:
+            if entries and not self._stream.broken:
+                with self._state:
+                    self._channel.requeue_releases(entries)
+                self._releases_owed = True
+            if frames:
+                raise
+        except ConnectionClosed:
+            if frames:
+                raise
 
     def _send_new(self, make: Callable[[], tuple[int, list[bytes]]], deadline: float | None) -> int:
         message_id = 0
@@ -168,11 +381,14 @@ class CommunicationPort:
             self._raise_if_failed()
             with self._state:
                 frames = make()
-            self._write(frames, deadline)
+            if self._releases_owed:
+                self._write_with_releases(frames, deadline)
+            else:
+                self._write(frames, deadline)
 
-    def _write(self, frames: list[bytes], deadline: float | None) -> None:
+    def _write(self, frames: list[bytes], deadline: float | None, fds: list[int] | None = None) -> None:
         try:
-            self._stream.send(frames, deadline=deadline)
+            self._stream.send(frames, fds or (), deadline=deadline)
         except Timeout:
             if self._stream.broken:
                 self.stats.errors += 1
@@ -231,6 +447,119 @@ class CommunicationPort:
                 self._replies.pop(message_id, None)
             raise
 
+    # -- memory grants ----------------------------------------------------------
+
+    def _await_granted_reply(self, message_id: int, grant: LocalGrant, deadline: float | None) -> Message:
+        """Wait for the reply, serving the server's fallback reads and writes meanwhile.
+
+        They come here, to the thread that made the request, in the order they
+        were sent: every write into the grant lands before the reply returns.
+        """
+        def take() -> Message | None:
+            ops = self._grant_ops.get(message_id)
+            if ops:
+                return ops.popleft()
+            return self._replies.pop(message_id, None)
+
+        try:
+            while True:
+                message = self._wait_for(take, deadline, "the reply")
+                if message.type is MessageType.GRANT_READ:
+                    self._answer_grant_read(message_id, message, grant, deadline)
+                elif message.type is MessageType.GRANT_WRITE:
+                    self._apply_grant_write(message, grant)
+                else:
+                    return message
+        except BaseException:
+            with self._state:
+                self._channel.abandon(message_id)
+            with self._cv:
+                self._replies.pop(message_id, None)
+                leftovers = self._grant_ops.pop(message_id, deque())
+            for op in leftovers:
+                if op.view is not None:
+                    op.view.release()
+            raise
+        finally:
+            with self._cv:
+                self._grant_ops.pop(message_id, None)
+
+    def _answer_grant_read(self, request_id: int, message: Message, grant: LocalGrant,
+                           deadline: float | None) -> None:
+        span: Range = message.grant
+        chunk = grant.memory[span.offset:span.offset + span.length]
+        if span.length <= self._channel.inline_threshold:
+            self._send(lambda: self._channel.grant_payload(MessageType.GRANT_DATA, request_id, span, bytes(chunk)),
+                       deadline)
+        else:
+            self._send_section(MessageType.GRANT_DATA, chunk, deadline, False, callback_id=request_id, span=span,
+                               as_view=True)
+
+    @staticmethod
+    def _apply_grant_write(message: Message, grant: LocalGrant) -> None:
+        span: Range = message.grant
+        target = grant.memory[span.offset:span.offset + span.length]
+        if message.view is not None:
+            with message.view as memory:
+                _native.copy_into(target, memory)
+        else:
+            _native.copy_into(target, message.data)
+
+    def _direct_ok(self, memory: PeerMemory) -> bool:
+        """May we touch the client's memory directly for ``memory`` now?"""
+        with self._state:
+            if not self._channel.grant_active(memory):
+                raise SectionError("the grant ended: its request was already replied to")
+        self._raise_if_failed()
+        if self._pidfd is not None and wait_readable([self._pidfd], 0.0):
+            raise PeerGone("the client process exited")
+        sections = self._channel.sections
+        return sections is not None and sections.direct_memory and not self._vm_refused
+
+    def _grant_read(self, memory: PeerMemory, offset: int, into: memoryview, timeout: float | None) -> None:
+        if self._direct_ok(memory):
+            if direct_read(self.peer.pid, memory.attr, offset, into):
+                memory.direct = True
+                return
+            self._vm_refused = True  # EPERM: the kernel will refuse the rest of this connection too
+        memory.direct = False
+        deadline = deadline_after(timeout)
+        self._send(lambda: self._channel.grant_read(memory, offset, into.nbytes), deadline)
+        try:
+            answer = self._wait_for(lambda: self._grant_data.pop(memory.request_id, None), deadline,
+                                    "the client's granted data")
+        except BaseException:
+            with self._state:
+                self._channel.grant_read_abandoned(memory)
+            with self._cv:
+                late = self._grant_data.pop(memory.request_id, None)
+            if late is not None and late.view is not None:
+                late.view.release()
+            raise
+        if answer.grant is None:
+            raise SectionError("the client withdrew the grant (its request is over)")
+        if answer.view is not None:
+            with answer.view as source:
+                _native.copy_into(into, source)
+        else:
+            _native.copy_into(into, answer.data)
+
+    def _grant_write(self, memory: PeerMemory, offset: int, payload: memoryview, timeout: float | None) -> None:
+        if self._direct_ok(memory):
+            if direct_write(self.peer.pid, memory.attr, offset, payload):
+                memory.direct = True
+                return
+            self._vm_refused = True
+        memory.direct = False
+        deadline = deadline_after(timeout)
+        span = Range(offset, payload.nbytes)
+        if payload.nbytes <= self._channel.inline_threshold:
+            self._send(lambda: self._channel.grant_payload(MessageType.GRANT_WRITE, memory.request_id, span,
+                                                           bytes(payload)), deadline)
+        else:
+            self._send_section(MessageType.GRANT_WRITE, payload, deadline, False, callback_id=memory.request_id,
+                               span=span, as_view=True)
+
     def _wait_for(self, take: Callable[[], T | None], deadline: float | None, what: str) -> T:
         while True:
             with self._cv:
@@ -285,18 +614,24 @@ class CommunicationPort:
         """Read once and dispatch; False if nothing arrived before the deadline."""
         if block and not wait_readable(self.wait_fds(), deadline):
             return False
-        data = self._stream.recv()
-        if data is None:
+        got = self._stream.recv_fds(_MAX_FDS_PER_READ)
+        if got is None:
             if self._pidfd is not None and wait_readable([self._pidfd], 0.0):
                 self._connection_lost("the peer process exited")
             return True
+        data, fds = got
         if not data:
+            close_fds(fds)
             self._connection_lost("the peer process died or dropped the connection")
             return True
         try:
             with self._state:
-                messages = self._channel.receive(data)
+                messages = self._channel.receive(data, fds)
                 automatic = self._channel.take_automatic()
+                copies, self._channel.copies_waiting = self._channel.copies_waiting, False
+                urgent, self._channel.releases_urgent = self._channel.releases_urgent, False
+            if copies:
+                materialize(messages)
         except ProtocolError as exc:
             self.stats.errors += 1
             peer = self.peer
@@ -307,6 +642,8 @@ class CommunicationPort:
             return True
         if automatic:
             self._send(lambda: automatic, deadline_after(1.0))
+        if self._peer_sections is not None and (copies or self._peer_sections.pending or self._channel.unsent_releases):
+            self._releases_due(urgent)
         self._dispatch(messages)
         return True
 
@@ -315,10 +652,15 @@ class CommunicationPort:
             self.stats.received(messages)
             for message in messages:
                 message.port = self
-                if message.type is MessageType.REPLY or message.type is MessageType.PONG:
+                kind = message.type
+                if kind is MessageType.REPLY or kind is MessageType.PONG:
                     self._replies[message.callback_id] = message
-                elif message.type is MessageType.PORT_CLOSED:
+                elif kind is MessageType.PORT_CLOSED:
                     self._set_failure(PeerGone(message.reason), message)
+                elif kind is MessageType.GRANT_READ or kind is MessageType.GRANT_WRITE:
+                    self._grant_ops.setdefault(message.callback_id, deque()).append(message)
+                elif kind is MessageType.GRANT_DATA:
+                    self._grant_data[message.callback_id] = message
                 else:
                     self._inbox.append(message)
 
@@ -389,6 +731,12 @@ class CommunicationPort:
         self._stream.shutdown()
         with self._send_lock:
             self._stream.close()
+        with self._state:
+            self._channel.release_resources()
+        if self._pidfd is not None and wait_readable([self._pidfd], 0.0):
+            # A peer killed between creating a POSIX section and unlinking its
+            # name (a few syscalls) leaves the name behind: clean up after it.
+            sweep_stale_names(self.peer.pid)
         if self._pidfd is not None:
             close_fds([self._pidfd])
             self._pidfd = None
@@ -456,7 +804,8 @@ def _connect_once(
     stream = Stream.connect(config.broker_socket, timeout)
     try:
         stream.set_passcred(True)
-        request = control.Connect(name=name, data=data, max_message_length=config.max_message_length)
+        request = control.Connect(name=name, data=data, max_message_length=config.max_message_length,
+                                  max_section_bytes=config.max_section_bytes)
         try:
             stream.send(control_frame(request), deadline=deadline)
         except ConnectionClosed:
@@ -468,8 +817,15 @@ def _connect_once(
     except BaseException:
         stream.close()
         raise
+    sections = ConnectionSections.build(
+        inline_threshold=reply.inline_threshold,
+        send_quota=min(config.max_section_bytes, reply.max_section_bytes),
+        recv_quota=config.max_section_bytes, max_length=config.max_message_length,
+        section_size=config.section_size, backend=config.section_backend,
+        allow_unsealed=config.allow_unsealed_sections, secure=reply.secure_views,
+    )
     channel = Channel(server, send_limit=reply.max_message_length,
-                      recv_limit=config.max_message_length, local_pid=os.getpid())
+                      recv_limit=config.max_message_length, local_pid=os.getpid(), sections=sections)
     return CommunicationPort(stream, channel, peer_pidfd=pidfd_open(server.pid), is_server=False,
                              accept_data=reply.data)
 
@@ -486,7 +842,10 @@ def _await_connection_reply(
         raise BrokerUnavailable("the broker is shutting down")
     if cred is None:
         raise ProtocolError("the connection reply carried no credentials")
-    return control.decode_body(frame.type, frame.data, control.ConnectionReply), cred
+    reply = control.decode_body(frame.type, frame.data, control.ConnectionReply)
+    if reply.accepted and (reply.inline_threshold < 0 or reply.max_section_bytes < 0 or reply.max_message_length < 0):
+        raise ProtocolError("the connection reply announced negative limits")
+    return reply, cred
 
 
 # -- server side -------------------------------------------------------------------
@@ -503,6 +862,7 @@ class ConnectionRequest:
         self.data = info.data
         self.port_name = info.name
         self._client_max_message = info.max_message_length
+        self._client_max_sections = info.max_section_bytes
 
     def __repr__(self) -> str:
         return f"<ConnectionRequest to {self.port_name!r} from pid {self.client.pid} uid {self.client.uid}>"
@@ -521,16 +881,28 @@ class ConnectionRequest:
             raise MessageTooLarge(f"accept data of {len(data)} bytes exceeds {self._port.config.max_connect_data}")
         stream = self._take_stream()
         pidfd, self._pidfd = self._pidfd, None
+        attributes = self._port.attributes
         reply = control.ConnectionReply(accepted=True, data=data, reason="",
-                                        max_message_length=self._port.attributes.max_message_length)
+                                        max_message_length=attributes.max_message_length,
+                                        inline_threshold=attributes.inline_threshold,
+                                        max_section_bytes=attributes.max_section_bytes,
+                                        secure_views=attributes.secure_views)
         try:
             stream.send(control_frame(reply), deadline=deadline_after(timeout))
         except (ConnectionClosed, Timeout):
             stream.close()
             close_fds([pidfd] if pidfd is not None else [])
             raise PeerGone(f"client pid {self.client.pid} went away before the accept") from None
+        sections = ConnectionSections.build(
+            inline_threshold=attributes.inline_threshold,
+            send_quota=min(attributes.max_section_bytes, max(self._client_max_sections, 0)),
+            recv_quota=attributes.max_section_bytes, max_length=attributes.max_message_length,
+            section_size=attributes.section_size, backend=attributes.section_backend,
+            allow_unsealed=attributes.allow_unsealed_sections, secure=attributes.secure_views,
+            budget=self._port._section_budget, direct_memory=attributes.direct_memory,
+        )
         channel = Channel(self.client, send_limit=self._client_max_message,
-                          recv_limit=self._port.attributes.max_message_length, local_pid=os.getpid())
+                          recv_limit=attributes.max_message_length, local_pid=os.getpid(), sections=sections)
         return self._port._adopt(stream, channel, pidfd)
 
     def reject(self, reason: str = "rejected") -> None:
@@ -614,6 +986,7 @@ class ConnectionPort:
         self._error_reported = False
         self._closed = False
         self._turn = 0
+        self._section_budget = Budget(attributes.max_port_section_bytes)
 
     def __repr__(self) -> str:
         return f"<ConnectionPort {self.name!r} with {len(self._connections)} clients>"

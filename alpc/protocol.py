@@ -6,28 +6,62 @@ and send the frames this returns; the rules live here once.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterable
 from typing import Any, Protocol
 
-from .errors import ConnectionClosed, MessageTooLarge, ProtocolError
+from .errors import ConnectionClosed, MessageTooLarge, ProtocolError, SectionError
+from .grant import LocalGrant, PeerMemory
+from .section import ConnectionSections, SectionView, View
 from .security import PeerCred
-from .wire import Frame, FrameDecoder, FrameLimits, MessageType, encode_header
+from .wire import (
+    MAX_ATTR_LENGTH,
+    MAX_RELEASES_PER_FRAME,
+    Access,
+    Attributes,
+    Frame,
+    FrameDecoder,
+    FrameLimits,
+    MessageType,
+    Range,
+    Release,
+    SectionFlag,
+    SectionRef,
+    decode_attributes,
+    decode_releases,
+    decode_section_ids,
+    encode_attributes,
+    encode_header,
+    encode_releases,
+    encode_section_ids,
+)
 
 __all__ = [
     "CHANNEL_TYPES",
+    "INLINE_FLOOR",
     "MAX_ABANDONED",
     "MAX_UNREPLIED",
+    "SECTION_TYPES",
     "Channel",
     "Message",
     "Replier",
     "channel_limits",
+    "materialize",
 ]
 
 CHANNEL_TYPES = frozenset({
     MessageType.REQUEST, MessageType.REPLY, MessageType.DATAGRAM,
     MessageType.PORT_CLOSED, MessageType.PING, MessageType.PONG,
 })
+# Runtime traffic of a connection with sections: releases, retirements, grants.
+SECTION_TYPES = frozenset({
+    MessageType.RELEASE, MessageType.SECTION_CLOSE, MessageType.RELEASE_WANTED,
+    MessageType.GRANT_READ, MessageType.GRANT_DATA, MessageType.GRANT_WRITE,
+})
+# However small the inline threshold, inline frames up to this size are
+# accepted, so runtime frames (release lists) always fit.
+INLINE_FLOOR = 64 * 1024
 # Late replies to requests we gave up on are dropped; remember this many ids.
 MAX_ABANDONED = 65536
 # A peer with more requests than this awaiting our reply is flooding us.
@@ -35,8 +69,11 @@ MAX_UNREPLIED = 65536
 _ID_MASK = 0xFFFFFFFF
 
 
-def channel_limits(max_data: int) -> FrameLimits:
-    return FrameLimits(allowed_types=CHANNEL_TYPES, max_data=max_data)
+def channel_limits(max_data: int, sections: bool = False) -> FrameLimits:
+    if not sections:
+        return FrameLimits(allowed_types=CHANNEL_TYPES, max_data=max_data)
+    return FrameLimits(allowed_types=CHANNEL_TYPES | SECTION_TYPES, max_data=max_data,
+                       max_attr=MAX_ATTR_LENGTH, max_fds=1)
 
 
 class Replier(Protocol):
@@ -50,10 +87,15 @@ class Message:
     ``sender`` is the kernel-verified identity of the peer; ``sender_pid`` and
     ``sender_tid`` are what the peer wrote in the header, informational only.
     ``reason`` explains a PORT_CLOSED or CLIENT_DIED notice.
+
+    A message its sender sent as a view carries ``view``: a read-only
+    memoryview into the sender's section (``with message.view as memory:``),
+    released when the block ends; ``data`` is then a copy, made on first use.
+    A request whose client granted memory carries ``grant`` (a PeerMemory).
     """
 
-    __slots__ = ("callback_id", "data", "fds", "id", "port", "reason", "sender", "sender_pid",
-                 "sender_tid", "type")
+    __slots__ = ("_copy", "_data", "callback_id", "fds", "grant", "id", "port", "reason", "sender", "sender_pid",
+                 "sender_tid", "type", "view")
 
     def __init__(
         self,
@@ -71,7 +113,10 @@ class Message:
         self.type = message_type
         self.id = message_id
         self.callback_id = callback_id
-        self.data = data
+        self._data: bytes | None = data
+        self._copy: View | None = None  # a section body still to copy out (automatic path)
+        self.view: View | None = None
+        self.grant: Any = None
         self.sender = sender
         self.sender_pid = sender_pid
         self.sender_tid = sender_tid
@@ -79,44 +124,123 @@ class Message:
         self.reason = reason
         self.port: Any = None
 
-    def reply(self, data: bytes = b"") -> None:
+    @property
+    def data(self) -> bytes:
+        """The body as bytes (for a view message, a copy of the view)."""
+        data = self._data
+        if data is None:
+            if self._copy is not None:
+                materialize([self])
+                return self._data or b""
+            if self.view is None:
+                raise SectionError("the message body is gone")
+            data = self._data = self.view.tobytes()
+        return data
+
+    @data.setter
+    def data(self, value: bytes) -> None:
+        self._data = value
+
+    @property
+    def size(self) -> int:
+        """The body's length, without copying a section body out."""
+        if self._data is not None:
+            return len(self._data)
+        body = self._copy if self._copy is not None else self.view
+        return 0 if body is None else len(body)
+
+    def reply(self, data: Any = b"", timeout: float | None = None, **options: Any) -> None:
         """Reply to this request on the port it arrived on."""
         if self.port is None:
             raise ConnectionClosed("this message is not attached to a port")
-        self.port.reply(self, data)
+        self.port.reply(self, data, timeout, **options)
 
     def __repr__(self) -> str:
         extra = f" reason={self.reason!r}" if self.reason else ""
+        size = len(self.view) if self.view is not None else len(self._data or b"")
+        kind = " view" if self.view is not None else ""
         return (f"<Message {self.type.name} id={self.id} callback_id={self.callback_id} "
-                f"len={len(self.data)} from pid {self.sender.pid}{extra}>")
+                f"len={size}{kind} from pid {self.sender.pid}{extra}>")
+
+
+def materialize(messages: list[Message]) -> None:
+    """Copy out the bodies that came through a section automatically, releasing their ranges.
+
+    Drivers call this outside the connection's lock: the copy of a large
+    body is the one slow step of receiving it.
+    """
+    for message in messages:
+        view = message._copy
+        if view is not None:
+            message._copy = None
+            try:
+                message._data = view.tobytes()
+            finally:
+                view.release(notify=False)
 
 
 Frames = list[bytes]
 
 
 class Channel:
-    """Protocol state of one established connection, seen from one side."""
+    """Protocol state of one established connection, seen from one side.
 
-    def __init__(self, peer: PeerCred, *, send_limit: int, recv_limit: int, local_pid: int) -> None:
+    With ``sections`` the channel also carries large bodies through shared
+    sections (the caller reserves a ``SectionView``, fills it, and sends it
+    with ``section_message``), memory grants, and the runtime frames both
+    need. Without, every body travels inline (tests of the bare protocol).
+    """
+
+    def __init__(self, peer: PeerCred, *, send_limit: int, recv_limit: int, local_pid: int,
+                 sections: ConnectionSections | None = None) -> None:
         self.peer = peer
         self.send_limit = send_limit
-        self._decoder = FrameDecoder(channel_limits(recv_limit))
+        self.recv_limit = recv_limit
+        self.sections = sections
+        inline_cap = recv_limit
+        if sections is not None:
+            inline_cap = min(recv_limit, max(sections.inline_threshold, INLINE_FLOOR))
+        self._decoder = FrameDecoder(channel_limits(inline_cap, sections is not None))
         self._local_pid = local_pid
         self._next_id = 1
         self._pending: set[int] = set()
         self._abandoned: dict[int, None] = {}
         self._unreplied: set[int] = set()
         self._automatic: Frames = []
+        # Client side: grants of requests in flight. Server side: grants of
+        # requests not yet replied to, and the fallback reads awaiting data.
+        self._grants: dict[int, LocalGrant] = {}
+        self._peer_grants: dict[int, PeerMemory] = {}
+        self._grant_reads: dict[int, Range] = {}
+        self._late_grant_reads: dict[int, None] = {}
+        self.unsent_releases: list[Release] = []
+        # Set when a received body still has to be copied out of its section.
+        self.copies_waiting = False
+        # Set when the peer must hear of our releases at once: it asked
+        # (RELEASE_WANTED), or it sent a body that no reply of ours will follow.
+        self.releases_urgent = False
         self.peer_closed = False
         self.closed = False
         self.close_reason = ""
 
+    @property
+    def inline_threshold(self) -> int:
+        """Bodies longer than this go through a section (never, without sections)."""
+        return self.sections.inline_threshold if self.sections is not None else self.send_limit
+
     # -- sending -----------------------------------------------------------
 
     def _frame(self, message_type: MessageType, data: bytes, *, message_id: int = 0,
-               callback_id: int = 0) -> Frames:
+               callback_id: int = 0, attrs: bytes = b"", n_fds: int = 0) -> Frames:
         if self.closed:
             raise ConnectionClosed(self.close_reason or "the channel is closed")
+        if attrs:
+            header = encode_header(
+                message_type, len(data), message_id=message_id, callback_id=callback_id,
+                sender_pid=self._local_pid, sender_tid=threading.get_native_id(),
+                attr_length=len(attrs), n_fds=n_fds,
+            )
+            return [header, attrs, data] if data else [header, attrs]
         header = encode_header(
             message_type, len(data), message_id=message_id, callback_id=callback_id,
             sender_pid=self._local_pid, sender_tid=threading.get_native_id(),
@@ -125,8 +249,12 @@ class Channel:
 
     def _check_size(self, data: bytes) -> None:
         if len(data) > self.send_limit:
+            self.check_length(len(data))
+
+    def check_length(self, length: int) -> None:
+        if length > self.send_limit:
             raise MessageTooLarge(
-                f"message of {len(data)} bytes exceeds the peer's max_message_length of {self.send_limit}"
+                f"message of {length} bytes exceeds the peer's max_message_length of {self.send_limit}"
             )
 
     def _allocate_id(self) -> int:
@@ -136,13 +264,22 @@ class Channel:
         self._next_id = (message_id + 1) & _ID_MASK or 1
         return message_id
 
-    def request(self, data: bytes) -> tuple[int, Frames]:
+    def request(self, data: bytes, grant: LocalGrant | None = None) -> tuple[int, Frames]:
         """Frames for a request; its reply is matched by the returned id."""
         self._check_size(data)
         message_id = self._allocate_id()
-        frames = self._frame(MessageType.REQUEST, data, message_id=message_id)
+        if grant is None:
+            frames = self._frame(MessageType.REQUEST, data, message_id=message_id)
+        else:
+            frames = self._frame(MessageType.REQUEST, data, message_id=message_id, attrs=self._grant_attrs(grant))
+            self._grants[message_id] = grant
         self._pending.add(message_id)
         return message_id, frames
+
+    def _grant_attrs(self, grant: LocalGrant) -> bytes:
+        if self.sections is None:
+            raise SectionError("memory grants need a connection with sections")
+        return encode_attributes(Attributes(grant=grant.attr))
 
     def ping(self) -> tuple[int, Frames]:
         message_id = self._allocate_id()
@@ -160,7 +297,150 @@ class Channel:
         self._check_size(data)
         frames = self._frame(MessageType.REPLY, data, message_id=self._allocate_id(), callback_id=request_id)
         self._unreplied.discard(request_id)
+        if self._peer_grants:
+            self._replied(request_id)
         return frames
+
+    def _check_reply(self, request_id: int) -> None:
+        if request_id not in self._unreplied:
+            raise ValueError(f"message {request_id} is not a request awaiting a reply on this port")
+
+    def _replied(self, request_id: int) -> None:
+        self._unreplied.discard(request_id)
+        if self._peer_grants:
+            self._peer_grants.pop(request_id, None)
+            self._grant_reads.pop(request_id, None)
+
+    # -- sending through sections ---------------------------------------------------
+
+    def _require_sections(self) -> ConnectionSections:
+        if self.sections is None:
+            raise SectionError("this connection has no sections")
+        if self.closed:
+            raise ConnectionClosed(self.close_reason or "the channel is closed")
+        return self.sections
+
+    def reserve(self, length: int, secure: bool = False) -> SectionView | None:
+        """Space for a body of ``length`` bytes, or None: wait for the peer's releases."""
+        sections = self._require_sections()
+        self.check_length(length)
+        return sections.pool.reserve(length, secure or sections.secure)
+
+    def section_message(self, kind: MessageType, view: SectionView, *, as_view: bool, callback_id: int = 0,
+                        grant: LocalGrant | None = None, span: Range | None = None) -> tuple[int, Frames, list[int]]:
+        """Frames (and the fd to pass) carrying a filled ``view`` as a message of ``kind``.
+
+        ``as_view`` asks the receiver for a view instead of a copy. The view is
+        handed over: call ``section_sent`` once the frames went out (or not).
+        """
+        sections = self._require_sections()
+        if not view.belongs_to(sections.pool):
+            raise SectionError("the view belongs to another connection")
+        self.check_length(view.length)
+        if kind is MessageType.REPLY:
+            self._check_reply(callback_id)
+        frames: Frames = []
+        retired = sections.pool.take_retired()
+        if retired:
+            frames += self._frame(MessageType.SECTION_CLOSE, encode_section_ids(retired))
+        new, fd = sections.pool.prepare(view)
+        flags = (_VIEW if as_view else 0) | (_SECURE if view.secure else 0)
+        attrs = Attributes(ref=SectionRef(view.section_id, flags, view.offset, view.length), new=new,
+                           grant=grant.attr if grant is not None else None, range=span)
+        message_id = self._allocate_id() if kind in _NUMBERED else 0
+        frames += self._frame(kind, b"", message_id=message_id, callback_id=callback_id,
+                              attrs=encode_attributes(attrs), n_fds=1 if fd is not None else 0)
+        if kind is MessageType.REQUEST:
+            self._pending.add(message_id)
+            if grant is not None:
+                self._grants[message_id] = grant
+        elif kind is MessageType.REPLY:
+            self._replied(callback_id)
+        return message_id, frames, [] if fd is None else [fd]
+
+    def section_sent(self, view: SectionView, written: bool) -> None:
+        """After ``section_message``: did its frames leave (``written``) or not at all?"""
+        if self.sections is not None:
+            self.sections.pool.after_send(view, written)
+
+    @property
+    def owes_replies(self) -> bool:
+        """Requests received and not yet answered: a reply will go out soon."""
+        return bool(self._unreplied)
+
+    @property
+    def releases_pending(self) -> bool:
+        sections = self.sections
+        return sections is not None and (bool(self.unsent_releases) or bool(sections.peer.pending))
+
+    def take_releases(self) -> list[Release]:
+        """Every range our side finished with and has not told the peer about yet."""
+        if self.sections is None or self.closed:
+            return []
+        entries, self.unsent_releases = self.unsent_releases, []
+        return entries + self.sections.peer.take_releases()
+
+    def requeue_releases(self, entries: list[Release]) -> None:
+        """Their RELEASE frames could not be sent (the peer is not reading): later."""
+        self.unsent_releases = entries + self.unsent_releases
+
+    def release_frames(self, entries: list[Release]) -> Frames:
+        """RELEASE frames for ``entries``."""
+        frames: Frames = []
+        for start in range(0, len(entries), MAX_RELEASES_PER_FRAME):
+            frames += self._frame(MessageType.RELEASE,
+                                  encode_releases(entries[start:start + MAX_RELEASES_PER_FRAME]))
+        return frames
+
+    def release_wanted(self) -> Frames:
+        """Ask the peer to send its releases now (a sender waiting for space)."""
+        return self._frame(MessageType.RELEASE_WANTED, b"")
+
+    def trim(self) -> Frames:
+        """Unmap our idle pooled sections and tell the peer to do the same."""
+        retired = self._require_sections().pool.trim()
+        retired += self.sections.pool.take_retired() if self.sections is not None else []
+        return self._frame(MessageType.SECTION_CLOSE, encode_section_ids(sorted(set(retired)))) if retired else []
+
+    # -- memory grants ------------------------------------------------------------------
+
+    def grant_read(self, memory: PeerMemory, offset: int, length: int) -> Frames:
+        """Server: ask the client's runtime for a range of its grant (the kernel refused us)."""
+        self._check_grant(memory)
+        if memory.request_id in self._grant_reads:
+            raise SectionError("one fallback read per request at a time")
+        span = Range(offset, length)
+        frames = self._frame(MessageType.GRANT_READ, b"", callback_id=memory.request_id,
+                             attrs=encode_attributes(Attributes(range=span)))
+        self._grant_reads[memory.request_id] = span
+        return frames
+
+    def grant_read_abandoned(self, memory: PeerMemory) -> None:
+        """The server stopped waiting for a fallback read; its answer will be dropped."""
+        if self._grant_reads.pop(memory.request_id, None) is not None:
+            self._late_grant_reads[memory.request_id] = None
+            if len(self._late_grant_reads) > MAX_ABANDONED:
+                del self._late_grant_reads[next(iter(self._late_grant_reads))]
+
+    def grant_active(self, memory: PeerMemory) -> bool:
+        return self._peer_grants.get(memory.request_id) is memory
+
+    def grant_payload(self, kind: MessageType, callback_id: int, span: Range | None, data: bytes) -> Frames:
+        """An inline GRANT_DATA (client) or GRANT_WRITE (server) frame."""
+        if kind is MessageType.GRANT_WRITE:
+            self._check_grant(self._peer_grants.get(callback_id))
+        attrs = encode_attributes(Attributes(range=span)) if span is not None else b""
+        return self._frame(kind, data, callback_id=callback_id, attrs=attrs)
+
+    def _check_grant(self, memory: PeerMemory | None) -> None:
+        if memory is None or self._peer_grants.get(memory.request_id) is not memory:
+            raise SectionError("the grant ended: its request was already replied to")
+
+    def finish_grant(self, request_id: int) -> None:
+        """Client: the request is over (reply, abandon, close); unpin its buffer."""
+        grant = self._grants.pop(request_id, None)
+        if grant is not None:
+            grant.release()
 
     def close_notice(self) -> Frames:
         """The PORT_CLOSED frame to send before closing; marks the channel closed."""
@@ -175,6 +455,7 @@ class Channel:
             self._abandoned[request_id] = None
             if len(self._abandoned) > MAX_ABANDONED:
                 del self._abandoned[next(iter(self._abandoned))]
+        self.finish_grant(request_id)
 
     def take_automatic(self) -> Frames:
         """Frames the protocol answers by itself (PONG), to be sent by the driver."""
@@ -191,6 +472,14 @@ class Channel:
             self.close_reason = reason
             self._decoder.close_fds()
 
+    def release_resources(self) -> None:
+        """Unmap every section and unpin every grant (views still held stay valid)."""
+        self.mark_closed(self.close_reason or "the channel is closed")
+        if self.sections is not None:
+            self.sections.close()
+        for request_id in list(self._grants):
+            self.finish_grant(request_id)
+
     # -- receiving ---------------------------------------------------------
 
     def receive(self, data: bytes, fds: Iterable[int] = ()) -> list[Message]:
@@ -204,7 +493,10 @@ class Channel:
 
     def _dispatch(self, frame: Frame) -> Message | None:
         if self.peer_closed:
+            for fd in frame.fds:
+                _close_fd(fd)
             raise ProtocolError(f"{frame.type.name} frame after the peer closed its port")
+        attrs = self._attributes(frame) if frame.attrs or frame.fds else None
         kind = frame.type
         if kind is MessageType.REQUEST:
             if frame.message_id in self._unreplied:
@@ -215,8 +507,11 @@ class Channel:
         elif kind is MessageType.REPLY or kind is MessageType.PONG:
             if frame.callback_id in self._pending:
                 self._pending.discard(frame.callback_id)
+                if self._grants:
+                    self.finish_grant(frame.callback_id)
             elif frame.callback_id in self._abandoned:
                 del self._abandoned[frame.callback_id]
+                self._drop_body(attrs)
                 return None
             else:
                 raise ProtocolError(f"reply to message id {frame.callback_id}, which was never sent")
@@ -226,8 +521,129 @@ class Channel:
         elif kind is MessageType.PORT_CLOSED:
             self.peer_closed = True
             return self._notice(MessageType.PORT_CLOSED, "the peer closed its port")
-        return Message(kind, frame.message_id, frame.callback_id, frame.data, self.peer,
-                       sender_pid=frame.sender_pid, sender_tid=frame.sender_tid, fds=frame.fds)
+        elif kind is not MessageType.DATAGRAM:
+            return self._runtime(frame, attrs)
+        # A frame's fd (a new section) is consumed by the section layer, never handed on.
+        message = Message(kind, frame.message_id, frame.callback_id, frame.data, self.peer,
+                          sender_pid=frame.sender_pid, sender_tid=frame.sender_tid)
+        if attrs is not None:
+            self._attach(message, attrs)
+        return message
+
+    def _attributes(self, frame: Frame) -> Attributes:
+        """Validate a frame's attributes and map the section it introduces, if any."""
+        if self.sections is None:
+            for fd in frame.fds:
+                _close_fd(fd)
+            raise ProtocolError("attributes or fds on a connection without sections")
+        try:
+            attrs = decode_attributes(frame)
+        except ProtocolError:
+            for fd in frame.fds:
+                _close_fd(fd)
+            raise
+        if attrs.new is not None:
+            self.sections.peer.add(attrs.new, frame.fds[0])
+        return attrs
+
+    def _attach(self, message: Message, attrs: Attributes) -> None:
+        """Give a message its section body (view or copy) and its grant."""
+        if attrs.ref is not None:
+            assert self.sections is not None
+            view = self.sections.peer.resolve(attrs.ref)
+            message._data = None
+            if attrs.ref.flags & _VIEW:
+                message.view = view
+            else:
+                message._copy = view
+                self.copies_waiting = True
+            if message.type is not MessageType.REQUEST:
+                self.releases_urgent = True
+        if attrs.grant is not None:
+            memory = PeerMemory(message, attrs.grant)
+            message.grant = memory
+            self._peer_grants[message.id] = memory
+
+    def _drop_body(self, attrs: Attributes | None) -> None:
+        """A body nobody will read (a late reply): give its range back at once."""
+        if attrs is not None and attrs.ref is not None and self.sections is not None:
+            self.sections.peer.resolve(attrs.ref).release(notify=False)
+
+    def _body_length(self, frame: Frame, attrs: Attributes | None) -> int:
+        return attrs.ref.length if attrs is not None and attrs.ref is not None else len(frame.data)
+
+    def _runtime(self, frame: Frame, attrs: Attributes | None) -> Message | None:
+        """Section and grant bookkeeping frames; most never reach the application."""
+        sections = self.sections
+        if frame.type not in SECTION_TYPES:
+            raise ProtocolError(f"{frame.type.name} frame is not allowed on a channel")
+        if sections is None:
+            raise ProtocolError(f"{frame.type.name} frame on a connection without sections")
+        kind = frame.type
+        if kind is MessageType.RELEASE:
+            sections.pool.released(decode_releases(frame.data))
+            return None
+        if kind is MessageType.SECTION_CLOSE:
+            sections.peer.retire(decode_section_ids(frame.data))
+            return None
+        if kind is MessageType.RELEASE_WANTED:
+            self.releases_urgent = True
+            return None
+        if kind is MessageType.GRANT_READ:
+            return self._grant_read_received(frame, attrs)
+        if kind is MessageType.GRANT_DATA:
+            return self._grant_data_received(frame, attrs)
+        return self._grant_write_received(frame, attrs)
+
+    def _grant_message(self, frame: Frame, attrs: Attributes | None, span: Range | None) -> Message:
+        message = Message(frame.type, frame.message_id, frame.callback_id, frame.data, self.peer,
+                          sender_pid=frame.sender_pid, sender_tid=frame.sender_tid)
+        message.grant = span
+        if attrs is not None:
+            self._attach(message, attrs)
+        return message
+
+    def _grant_read_received(self, frame: Frame, attrs: Attributes | None) -> Message | None:
+        span = attrs.range if attrs is not None else None
+        if span is None:
+            raise ProtocolError("GRANT_READ without a range")
+        grant = self._grants.get(frame.callback_id)
+        if grant is None:
+            # The request is over (abandoned): refuse, so the server stops waiting.
+            self._automatic += self._frame(MessageType.GRANT_DATA, b"", callback_id=frame.callback_id)
+            return None
+        if not grant.allows(span, Access.READ):
+            raise ProtocolError(f"GRANT_READ of [{span.offset}, +{span.length}) outside what the grant allows")
+        return self._grant_message(frame, None, span)
+
+    def _grant_data_received(self, frame: Frame, attrs: Attributes | None) -> Message | None:
+        asked = self._grant_reads.pop(frame.callback_id, None)
+        span = attrs.range if attrs is not None else None
+        if asked is None and frame.callback_id in self._late_grant_reads:
+            del self._late_grant_reads[frame.callback_id]
+            self._drop_body(attrs)
+            return None
+        if asked is None:
+            raise ProtocolError(f"GRANT_DATA for request {frame.callback_id}, which asked for none")
+        if span is not None and (span != asked or self._body_length(frame, attrs) != span.length):
+            raise ProtocolError("GRANT_DATA does not match the range asked for")
+        if span is None and (frame.data or (attrs is not None and attrs.ref is not None)):
+            raise ProtocolError("a refused GRANT_DATA carries a body")
+        return self._grant_message(frame, attrs, span)
+
+    def _grant_write_received(self, frame: Frame, attrs: Attributes | None) -> Message | None:
+        span = attrs.range if attrs is not None else None
+        if span is None or self._body_length(frame, attrs) != span.length:
+            raise ProtocolError("GRANT_WRITE without a range matching its body")
+        grant = self._grants.get(frame.callback_id)
+        if grant is None:
+            if frame.callback_id in self._abandoned:
+                self._drop_body(attrs)
+                return None
+            raise ProtocolError(f"GRANT_WRITE for request {frame.callback_id}, which granted nothing")
+        if not grant.allows(span, Access.WRITE):
+            raise ProtocolError(f"GRANT_WRITE of [{span.offset}, +{span.length}) outside what the grant allows")
+        return self._grant_message(frame, attrs, span)
 
     def _notice(self, kind: MessageType, reason: str) -> Message:
         return Message(kind, 0, 0, b"", self.peer, reason=reason)
@@ -240,3 +656,16 @@ class Channel:
         if self._decoder.buffered:
             reason += " (mid-frame)"
         return self._notice(MessageType.CLIENT_DIED, reason)
+
+
+# Plain ints: IntFlag arithmetic costs microseconds on a per-message path.
+_VIEW = int(SectionFlag.VIEW)
+_SECURE = int(SectionFlag.SECURE)
+_NUMBERED = frozenset({MessageType.REQUEST, MessageType.REPLY, MessageType.DATAGRAM})
+
+
+def _close_fd(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass

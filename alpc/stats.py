@@ -60,7 +60,7 @@ class ConnectionStats:
             elif kind is not _REPLY and kind is not _DATAGRAM:
                 continue  # notices carry no traffic
             self.messages_in += 1
-            self.bytes_in += len(message.data)
+            self.bytes_in += message.size
 
     def sent(self, n_bytes: int) -> None:
         self.messages_out += 1

@@ -7,6 +7,11 @@ A frame is ``header | attributes | data``. The header is 40 little-endian bytes
     message_id u32, callback_id u32, sender_pid u32, sender_tid u32,
     n_fds u16, reserved u16, reserved u32
 
+The attribute area is a sequence of TLVs (kind u16, length u16, value), each
+kind at most once, each with the fixed length of its kind (ALPC's message
+attributes: a section reference is the VIEW attribute, a memory grant the
+legacy PORT_DATA_INFORMATION).
+
 Nothing here knows about sockets: bytes and fds go in, frames come out.
 """
 
@@ -24,17 +29,35 @@ from . import _native
 from .errors import ProtocolError
 
 __all__ = [
+    "ATTR_TYPES",
     "HEADER",
     "HEADER_SIZE",
     "MAGIC",
+    "MAX_ATTR_LENGTH",
+    "MAX_RELEASES_PER_FRAME",
     "VERSION",
+    "Access",
+    "AttrKind",
+    "Attributes",
     "Flag",
     "Frame",
     "FrameDecoder",
     "FrameLimits",
+    "GrantAttr",
     "MessageType",
+    "Range",
+    "Release",
+    "SectionFlag",
+    "SectionNew",
+    "SectionRef",
+    "decode_attributes",
+    "decode_releases",
+    "decode_section_ids",
+    "encode_attributes",
     "encode_frame",
     "encode_header",
+    "encode_releases",
+    "encode_section_ids",
 ]
 
 MAGIC = 0xA1C5
@@ -58,6 +81,13 @@ class MessageType(IntEnum):
     CANCEL = 12
     PING = 20
     PONG = 21
+    # Section and memory-grant bookkeeping, answered by the runtime itself.
+    RELEASE = 22
+    SECTION_CLOSE = 23
+    RELEASE_WANTED = 24
+    GRANT_READ = 25
+    GRANT_DATA = 26
+    GRANT_WRITE = 27
     # Broker control traffic; never seen on an established channel.
     CREATE_PORT = 32
     PORT_CREATED = 33
@@ -264,3 +294,164 @@ class FrameDecoder:
     def close_fds(self) -> None:
         while self._fds:
             os.close(self._fds.popleft())
+
+
+# -- attributes ----------------------------------------------------------------
+
+
+class AttrKind(IntEnum):
+    SECTION_REF = 1   # the message body lives in a section: id, flags, offset, length
+    SECTION_NEW = 2   # a section this frame introduces, passed as the frame's one fd
+    GRANT = 3         # a request grants the server access to a client buffer
+    RANGE = 4         # offset and length inside a grant (GRANT_* frames)
+
+
+class SectionFlag(IntFlag):
+    """Flags of SECTION_REF and SECTION_NEW; unknown bits are a protocol error."""
+
+    NONE = 0
+    VIEW = 1     # deliver as a read-only view instead of copying out
+    SECURE = 2   # a one-shot section the sender write-sealed (immutable)
+
+
+class Access(IntFlag):
+    NONE = 0
+    READ = 1
+    WRITE = 2
+
+
+class SectionRef(NamedTuple):
+    section_id: int
+    flags: int
+    offset: int
+    length: int
+
+
+class SectionNew(NamedTuple):
+    section_id: int
+    flags: int
+    size: int
+
+
+class GrantAttr(NamedTuple):
+    address: int
+    length: int
+    access: int
+
+
+class Range(NamedTuple):
+    offset: int
+    length: int
+
+
+class Attributes(NamedTuple):
+    ref: SectionRef | None = None
+    new: SectionNew | None = None
+    grant: GrantAttr | None = None
+    range: Range | None = None
+
+
+_TLV = struct.Struct("<HH")
+_REF = struct.Struct("<IIQQ")
+_NEW = struct.Struct("<IIQ")
+_GRANT = struct.Struct("<QQII")
+_RANGE = struct.Struct("<QQ")
+assert (_REF.size, _NEW.size, _GRANT.size, _RANGE.size) == (
+    _native.ATTR_SIZES[1], _native.ATTR_SIZES[2], _native.ATTR_SIZES[3], _native.ATTR_SIZES[4])
+MAX_ATTR_LENGTH = 4 * _TLV.size + _REF.size + _NEW.size + _GRANT.size + _RANGE.size
+
+_REF_ONLY = (1 << AttrKind.SECTION_REF) | (1 << AttrKind.SECTION_NEW)
+# Which attributes each frame type may carry; everything else must be empty.
+ATTR_TYPES: dict[MessageType, int] = {
+    MessageType.REQUEST: _REF_ONLY | (1 << AttrKind.GRANT),
+    MessageType.REPLY: _REF_ONLY,
+    MessageType.DATAGRAM: _REF_ONLY,
+    MessageType.GRANT_READ: 1 << AttrKind.RANGE,
+    MessageType.GRANT_DATA: _REF_ONLY | (1 << AttrKind.RANGE),
+    MessageType.GRANT_WRITE: _REF_ONLY | (1 << AttrKind.RANGE),
+}
+
+
+def encode_attributes(attrs: Attributes) -> bytes:
+    parts: list[bytes] = []
+    if attrs.ref is not None:
+        parts += [_TLV.pack(AttrKind.SECTION_REF, _REF.size), _REF.pack(*attrs.ref)]
+    if attrs.new is not None:
+        parts += [_TLV.pack(AttrKind.SECTION_NEW, _NEW.size), _NEW.pack(*attrs.new)]
+    if attrs.grant is not None:
+        parts += [_TLV.pack(AttrKind.GRANT, _GRANT.size), _GRANT.pack(*attrs.grant, 0)]
+    if attrs.range is not None:
+        parts += [_TLV.pack(AttrKind.RANGE, _RANGE.size), _RANGE.pack(*attrs.range)]
+    return b"".join(parts)
+
+
+_ATTR_ERRORS = {
+    _native.E_ATTR_KIND: "unknown attribute kind, or one this frame type may not carry",
+    _native.E_ATTR_LENGTH: "attribute length does not match its kind",
+    _native.E_ATTR_DUP: "attribute appears twice",
+    _native.E_ATTR_TRUNC: "attribute area ends inside an attribute",
+    _native.E_ATTR_VALUE: "attribute has unknown flags or non-zero reserved bits",
+}
+
+
+def decode_attributes(frame: Frame) -> Attributes:
+    """Validate a frame's attributes, and their agreement with its fds and data.
+
+    A section is introduced by the first frame that refers to it, so SECTION_NEW
+    comes with a SECTION_REF to the same id and exactly one fd; a frame whose
+    body is in a section carries no inline data.
+    """
+    allowed = ATTR_TYPES.get(frame.type, 0)
+    error, fields = _native.parse_attributes(frame.attrs, allowed)
+    if error:
+        raise ProtocolError(f"{frame.type.name} frame: {_ATTR_ERRORS.get(error, error)}")
+    present = fields[0]
+    attrs = Attributes(
+        SectionRef(*fields[1:5]) if present & (1 << AttrKind.SECTION_REF) else None,
+        SectionNew(*fields[5:8]) if present & (1 << AttrKind.SECTION_NEW) else None,
+        GrantAttr(*fields[8:11]) if present & (1 << AttrKind.GRANT) else None,
+        Range(*fields[11:13]) if present & (1 << AttrKind.RANGE) else None,
+    )
+    if len(frame.fds) != (attrs.new is not None):
+        raise ProtocolError(f"{frame.type.name} frame carries {len(frame.fds)} fds; only a new section may carry one")
+    if attrs.new is not None and (attrs.ref is None or attrs.ref.section_id != attrs.new.section_id):
+        raise ProtocolError("a new section must come with a reference into it")
+    if attrs.ref is not None and frame.data:
+        raise ProtocolError("a frame whose body is in a section carries inline data too")
+    return attrs
+
+
+class Release(NamedTuple):
+    section_id: int
+    offset: int
+    length: int
+
+
+_RELEASE = struct.Struct("<IIQQ")
+_SECTION_ID = struct.Struct("<I")
+MAX_RELEASES_PER_FRAME = 2048
+
+
+def encode_releases(entries: Iterable[Release]) -> bytes:
+    return b"".join(_RELEASE.pack(sid, 0, offset, length) for sid, offset, length in entries)
+
+
+def decode_releases(data: bytes) -> list[Release]:
+    if len(data) % _RELEASE.size or len(data) > MAX_RELEASES_PER_FRAME * _RELEASE.size:
+        raise ProtocolError(f"RELEASE body of {len(data)} bytes is not a whole number of entries")
+    entries = []
+    for sid, reserved, offset, length in _RELEASE.iter_unpack(data):
+        if reserved:
+            raise ProtocolError("RELEASE entry has non-zero reserved bits")
+        entries.append(Release(sid, offset, length))
+    return entries
+
+
+def encode_section_ids(ids: Iterable[int]) -> bytes:
+    return b"".join(_SECTION_ID.pack(sid) for sid in ids)
+
+
+def decode_section_ids(data: bytes) -> list[int]:
+    if len(data) % _SECTION_ID.size or len(data) > MAX_RELEASES_PER_FRAME * _SECTION_ID.size:
+        raise ProtocolError(f"SECTION_CLOSE body of {len(data)} bytes is not a whole number of ids")
+    return [sid for (sid,) in _SECTION_ID.iter_unpack(data)]

@@ -1,5 +1,12 @@
-/* alpc native fast path: bounds-checked parsing of peer-supplied frames. */
+/* alpc native fast path: bounds-checked parsing of peer-supplied frames,
+ * section copies and direct access to a client's granted memory. */
+#define _GNU_SOURCE
 #include "alpc_native.h"
+
+#include <errno.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/uio.h>
 
 #ifndef ALPC_SOURCE_HASH
 #error "build_ffi.py defines ALPC_SOURCE_HASH"
@@ -15,6 +22,8 @@ static uint32_t le32(const uint8_t *p)
     return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) |
            ((uint32_t)p[3] << 24);
 }
+
+static uint64_t le64(const uint8_t *p) { return (uint64_t)le32(p) | ((uint64_t)le32(p + 4) << 32); }
 
 /* Header offsets, mirrored by wire.HEADER. */
 enum {
@@ -76,6 +85,147 @@ int alpc_scan_frames(const uint8_t *buf, size_t len, size_t start,
     }
     *count = n;
     return 0;
+}
+
+static size_t attr_size(uint16_t kind)
+{
+    switch (kind) {
+    case ALPC_ATTR_SECTION_REF: return ALPC_REF_SIZE;
+    case ALPC_ATTR_SECTION_NEW: return ALPC_NEW_SIZE;
+    case ALPC_ATTR_GRANT: return ALPC_GRANT_SIZE;
+    case ALPC_ATTR_RANGE: return ALPC_RANGE_SIZE;
+    default: return 0;
+    }
+}
+
+/* Store one attribute value (its length already checked) into out. */
+static int store_attr(uint16_t kind, const uint8_t *v, alpc_attrs *out)
+{
+    switch (kind) {
+    case ALPC_ATTR_SECTION_REF:
+        out->ref_section = le32(v);
+        out->ref_flags = le32(v + 4);
+        out->ref_offset = le64(v + 8);
+        out->ref_length = le64(v + 16);
+        return (out->ref_flags & ~(uint32_t)ALPC_SECTION_FLAGS) ? ALPC_E_ATTR_VALUE : 0;
+    case ALPC_ATTR_SECTION_NEW:
+        out->new_section = le32(v);
+        out->new_flags = le32(v + 4);
+        out->new_size = le64(v + 8);
+        return (out->new_flags & ~(uint32_t)ALPC_SECTION_FLAGS) ? ALPC_E_ATTR_VALUE : 0;
+    case ALPC_ATTR_GRANT:
+        out->grant_address = le64(v);
+        out->grant_length = le64(v + 8);
+        out->grant_access = le32(v + 16);
+        if (le32(v + 20) != 0 || (out->grant_access & ~(uint32_t)ALPC_ACCESS_FLAGS))
+            return ALPC_E_ATTR_VALUE;
+        return 0;
+    default: /* ALPC_ATTR_RANGE: attr_size() admitted no other kind */
+        out->range_offset = le64(v);
+        out->range_length = le64(v + 8);
+        return 0;
+    }
+}
+
+int alpc_parse_attrs(const uint8_t *buf, size_t len, uint32_t allowed, alpc_attrs *out)
+{
+    size_t pos = 0;
+
+    if (out == NULL || (buf == NULL && len != 0))
+        return ALPC_E_ARGS;
+    memset(out, 0, sizeof(*out));
+    while (pos < len) {
+        uint16_t kind, vlen;
+        int rc;
+
+        if (len - pos < 4)
+            return ALPC_E_ATTR_TRUNC;
+        kind = le16(buf + pos);
+        vlen = le16(buf + pos + 2);
+        pos += 4;
+        if (kind >= 32 || !((allowed >> kind) & 1u) || attr_size(kind) == 0)
+            return ALPC_E_ATTR_KIND;
+        if (vlen != attr_size(kind))
+            return ALPC_E_ATTR_LENGTH;
+        if (len - pos < vlen)
+            return ALPC_E_ATTR_TRUNC;
+        if (out->present & (1u << kind))
+            return ALPC_E_ATTR_DUP;
+        out->present |= 1u << kind;
+        rc = store_attr(kind, buf + pos, out);
+        if (rc != 0)
+            return rc;
+        pos += vlen;
+    }
+    return 0;
+}
+
+int alpc_check_range(uint64_t offset, uint64_t length, uint64_t size, uint64_t max_length)
+{
+    if (length == 0 || length > max_length || offset > size || length > size - offset)
+        return ALPC_E_RANGE;
+    return 0;
+}
+
+void alpc_copy(void *dst, const void *src, size_t n)
+{
+    if (n != 0)
+        memcpy(dst, src, n);
+}
+
+#define HUGE_PAGE ((uintptr_t)2 << 20)
+#define HUGE_WORTH ((size_t)8 << 20)
+
+void alpc_copy_fresh(void *dst, const void *src, size_t n)
+{
+#ifdef MADV_HUGEPAGE
+    if (n >= HUGE_WORTH) {
+        uintptr_t start = ((uintptr_t)dst + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1);
+        uintptr_t end = ((uintptr_t)dst + n) & ~(HUGE_PAGE - 1);
+        if (end > start)
+            (void)madvise((void *)start, end - start, MADV_HUGEPAGE);
+    }
+#endif
+    alpc_copy(dst, src, n);
+}
+
+/* Shared by both directions: check the range, then loop over partial moves. */
+static int64_t vm_move(int32_t pid, uint64_t base, uint64_t grant_len, uint64_t offset,
+                       void *local, size_t len, int write)
+{
+    size_t done = 0;
+
+    if (local == NULL && len != 0)
+        return ALPC_E_ARGS;
+    if (offset > grant_len || len > grant_len - offset || base > UINT64_MAX - grant_len)
+        return ALPC_E_RANGE;
+    while (done < len) {
+        struct iovec mine = {(uint8_t *)local + done, len - done};
+        struct iovec theirs = {(void *)(uintptr_t)(base + offset + done), len - done};
+        ssize_t moved = write ? process_vm_writev(pid, &mine, 1, &theirs, 1, 0)
+                              : process_vm_readv(pid, &mine, 1, &theirs, 1, 0);
+        if (moved < 0) {
+            if (errno == EINTR)
+                continue;
+            return -(int64_t)errno;
+        }
+        if (moved == 0)
+            return -(int64_t)EFAULT;
+        done += (size_t)moved;
+    }
+    return (int64_t)done;
+}
+
+int64_t alpc_vm_read(int32_t pid, uint64_t base, uint64_t grant_len, uint64_t offset,
+                     void *local, size_t len)
+{
+    return vm_move(pid, base, grant_len, offset, local, len, 0);
+}
+
+int64_t alpc_vm_write(int32_t pid, uint64_t base, uint64_t grant_len, uint64_t offset,
+                      const void *local, size_t len)
+{
+    return vm_move(pid, base, grant_len, offset, (void *)(uintptr_t)local, len, 1);
 }
 
 const char *alpc_source_hash(void) { return ALPC_SOURCE_HASH; }

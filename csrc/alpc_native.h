@@ -16,7 +16,27 @@ enum {
     ALPC_E_DATA = -6,
     ALPC_E_ATTR = -7,
     ALPC_E_FDS = -8,
-    ALPC_E_ARGS = -9
+    ALPC_E_ARGS = -9,
+    ALPC_E_ATTR_KIND = -10,
+    ALPC_E_ATTR_LENGTH = -11,
+    ALPC_E_ATTR_DUP = -12,
+    ALPC_E_ATTR_TRUNC = -13,
+    ALPC_E_ATTR_VALUE = -14,
+    ALPC_E_RANGE = -15
+};
+
+/* Attribute kinds and their fixed value sizes (mirrored by wire.AttrKind). */
+enum {
+    ALPC_ATTR_SECTION_REF = 1,
+    ALPC_ATTR_SECTION_NEW = 2,
+    ALPC_ATTR_GRANT = 3,
+    ALPC_ATTR_RANGE = 4,
+    ALPC_REF_SIZE = 24,
+    ALPC_NEW_SIZE = 16,
+    ALPC_GRANT_SIZE = 24,
+    ALPC_RANGE_SIZE = 16,
+    ALPC_SECTION_FLAGS = 3,
+    ALPC_ACCESS_FLAGS = 3
 };
 
 typedef struct {
@@ -27,6 +47,23 @@ typedef struct {
     uint32_t max_fds;
 } alpc_limits;
 
+/* The attributes of one frame; bit k of present is set when kind k was seen. */
+typedef struct {
+    uint32_t present;
+    uint32_t ref_section;
+    uint32_t ref_flags;
+    uint64_t ref_offset;
+    uint64_t ref_length;
+    uint32_t new_section;
+    uint32_t new_flags;
+    uint64_t new_size;
+    uint64_t grant_address;
+    uint64_t grant_length;
+    uint32_t grant_access;
+    uint64_t range_offset;
+    uint64_t range_length;
+} alpc_attrs;
+
 /* Walk the frames in buf[start:len], validating every header (including the
  * header of a trailing incomplete frame) against lim. Stores the end offset of
  * each complete frame in ends[0..*count), at most cap of them. Returns 0, or a
@@ -35,6 +72,34 @@ typedef struct {
 int alpc_scan_frames(const uint8_t *buf, size_t len, size_t start,
                      const alpc_limits *lim, size_t *ends, size_t cap,
                      size_t *count);
+
+/* Parse a frame's attribute area (TLVs: kind u16, length u16, value) into out.
+ * allowed has bit k set for each kind this frame type may carry. Returns 0 or
+ * ALPC_E_ATTR_* for an unknown/forbidden kind, a wrong length, a duplicate, a
+ * truncated TLV, or unknown flag / non-zero reserved bits in a value. */
+int alpc_parse_attrs(const uint8_t *buf, size_t len, uint32_t allowed, alpc_attrs *out);
+
+/* 0 when 0 < length <= max_length and [offset, offset + length) lies inside
+ * [0, size), computed without overflow; ALPC_E_RANGE otherwise. */
+int alpc_check_range(uint64_t offset, uint64_t length, uint64_t size, uint64_t max_length);
+
+/* memcpy; cffi releases the GIL around it, so large copies run in parallel. */
+void alpc_copy(void *dst, const void *src, size_t n);
+
+/* memcpy into a freshly allocated destination: when it is large, first ask
+ * for transparent huge pages on its 2 MiB-aligned interior (MADV_HUGEPAGE;
+ * refused advice is ignored), so it faults in 512 times fewer pages. */
+void alpc_copy_fresh(void *dst, const void *src, size_t n);
+
+/* Move len bytes between local and the grant [base, base + grant_len) of
+ * process pid, starting offset bytes into the grant (process_vm_readv /
+ * process_vm_writev, retried on partial transfers). The range is checked
+ * against the grant first. Returns the bytes moved, ALPC_E_RANGE, or -errno
+ * (-EPERM when the kernel refuses access to pid). */
+int64_t alpc_vm_read(int32_t pid, uint64_t base, uint64_t grant_len, uint64_t offset,
+                     void *local, size_t len);
+int64_t alpc_vm_write(int32_t pid, uint64_t base, uint64_t grant_len, uint64_t offset,
+                      const void *local, size_t len);
 
 /* Hash of the sources this library was built from, to detect a stale build. */
 const char *alpc_source_hash(void);

@@ -20,6 +20,12 @@ import alpc
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = Path(__file__).resolve().parent / "peers.py"
 LINE_TIMEOUT = 20.0
+# Every POSIX shm name this session (and every child it starts) creates carries
+# this prefix, so test runs sharing the machine never see each other's names.
+# It avoids the substring "alpc" on purpose: older leak checks unlink any new
+# name containing it, which would delete this session's live sections.
+SHM_PREFIX = f"lpct{os.getpid()}-"
+os.environ["ALPC_SHM_PREFIX"] = SHM_PREFIX
 
 
 def _open_fds() -> set[int]:
@@ -34,7 +40,7 @@ def _fd_target(fd: int) -> str:
 
 
 def _shm_names() -> set[str]:
-    return {name for name in os.listdir("/dev/shm") if "alpc" in name}
+    return {name for name in os.listdir("/dev/shm") if name.startswith(SHM_PREFIX)}
 
 
 @pytest.fixture(autouse=True)

@@ -52,7 +52,7 @@ def test_roundtrip_nested() -> None:
     ({"name": "x"}, "missing field 'data'"),
     ({"name": "x", "data": "text not bytes", "max_message_length": 1}, "expected bytes"),
     ({"name": "x", "data": b"", "max_message_length": True}, "expected int"),
-    ({"name": "x", "data": b"", "max_message_length": 1, "evil": 1}, "unknown fields"),
+    ({"name": "x", "data": b"", "max_message_length": 1, "max_section_bytes": 1, "evil": 1}, "unknown fields"),
 ])
 def test_field_checks(raw: dict[str, object], why: str) -> None:
     with pytest.raises(ProtocolError, match=why):

@@ -160,7 +160,7 @@ def test_quota_refusals_are_counted_per_port_and_logged_once(broker: alpc.Broker
                 clients.append(sock)
                 sock.connect(str(config.broker_socket))
                 body = control.Connect(name="svc.swamped", data=b"%02d" % number + b"." * 60_000,
-                                       max_message_length=1 << 20)
+                                       max_message_length=1 << 20, max_section_bytes=1 << 20)
                 sock.sendall(encode_frame(MessageType.CONNECT, control.encode_body(body)))
             stats = eventually(lambda: alpc.port_stats("svc.swamped", config).ports[0],
                                lambda s: s.connects_forwarded + s.quota_refusals == 16)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import site
@@ -10,8 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from alpc import _native
+from alpc.errors import SectionError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,9 +41,14 @@ def test_selected_implementation_matches_the_environment() -> None:
 
 def test_error_codes_agree_with_the_c_header() -> None:
     header = (ROOT / "csrc" / "alpc_native.h").read_text()
-    for name in ("MAGIC", "VERSION", "TYPE", "FLAGS", "RESERVED", "DATA", "ATTR", "FDS"):
+    for name in ("MAGIC", "VERSION", "TYPE", "FLAGS", "RESERVED", "DATA", "ATTR", "FDS",
+                 "ATTR_KIND", "ATTR_LENGTH", "ATTR_DUP", "ATTR_TRUNC", "ATTR_VALUE"):
         value = getattr(_native, f"E_{name}")
         assert f"ALPC_E_{name} = {value}," in header
+    assert f"ALPC_E_RANGE = {_native.E_RANGE}\n" in header
+    sizes = dict(zip((1, 2, 3, 4), ("REF", "NEW", "GRANT", "RANGE"), strict=True))
+    for kind, name in sizes.items():
+        assert f"ALPC_{name}_SIZE = {_native.ATTR_SIZES[kind]}" in header
 
 
 def test_source_hash_changes_with_the_sources(tmp_path: Path) -> None:
@@ -84,3 +93,63 @@ def test_c_scanner_rejects_bad_arguments() -> None:
     assert lib.alpc_scan_frames(buf, 8, 9, limits, ends, 4, count) == lib.ALPC_E_ARGS
     assert lib.alpc_scan_frames(ffi.NULL, 0, 0, limits, ends, 4, count) == lib.ALPC_E_ARGS
     assert lib.alpc_scan_frames(buf, 8, 0, limits, ends, 4, ffi.NULL) == lib.ALPC_E_ARGS
+
+
+# -- ranges, copies, direct memory --------------------------------------------------------
+
+_U64 = st.integers(0, (1 << 64) - 1)
+
+
+@settings(max_examples=500)
+@given(_U64, _U64, _U64, _U64)
+def test_range_checks_agree_and_never_overflow(offset: int, length: int, size: int, max_length: int) -> None:
+    expected = 0 < length <= max_length and offset + length <= size
+    assert _native._check_range_py(offset, length, size, max_length) is expected
+    if _native.IMPLEMENTATION == "c":
+        assert _native._check_range_c(offset, length, size, max_length) is expected
+
+
+@pytest.mark.parametrize("size", [10, _native.COPY_IN_C_ABOVE + 3])
+def test_copies_small_and_large(size: int) -> None:
+    source = os.urandom(size)
+    target = bytearray(size)
+    _native.copy_into(memoryview(target), source)
+    assert target == source
+    assert _native.copy_out(memoryview(source)) == source
+    with pytest.raises((ValueError, TypeError)):
+        _native.copy_into(memoryview(target), source + b"x")
+
+
+def test_direct_memory_is_checked_against_the_grant() -> None:
+    buffer = bytearray(b"0123456789")
+    pinned = _native.buffer_address(buffer, True)
+    try:
+        into = bytearray(4)
+        assert _native.vm_read(os.getpid(), pinned.address, pinned.length, 3, into) == 4 and into == b"3456"
+        assert _native.vm_write(os.getpid(), pinned.address, pinned.length, 8, b"ab") == 2
+        assert buffer == b"01234567ab"
+        assert _native.vm_read(os.getpid(), pinned.address, pinned.length, 8, into) == _native.E_RANGE
+        assert _native.vm_write(os.getpid(), pinned.address, pinned.length, 11, b"") == _native.E_RANGE
+        assert _native.vm_read(os.getpid(), pinned.address, (1 << 64) - 1, 0, into) == _native.E_RANGE
+        assert _native.vm_read(os.getpid(), 8, 16, 0, into) == -errno.EFAULT
+    finally:
+        pinned.release()
+
+
+def test_pinning_read_only_and_writable_buffers() -> None:
+    data = b"immutable"
+    pinned = _native.buffer_address(data, False)
+    into = bytearray(len(data))
+    assert _native.vm_read(os.getpid(), pinned.address, pinned.length, 0, into) == len(data) and into == data
+    pinned.release()
+    pinned.release()
+    with pytest.raises(SectionError, match="writable"):
+        _native.buffer_address(data, True)
+
+
+@pytest.mark.skipif(_native.IMPLEMENTATION != "c", reason="needs the built extension")
+def test_c_helpers_reject_bad_arguments() -> None:
+    ffi, lib = _native._ext  # type: ignore[misc]
+    assert lib.alpc_parse_attrs(ffi.NULL, 4, 0, ffi.new("alpc_attrs *")) == lib.ALPC_E_ARGS
+    assert lib.alpc_parse_attrs(ffi.NULL, 0, 0, ffi.NULL) == lib.ALPC_E_ARGS
+    assert lib.alpc_vm_read(os.getpid(), 0, 16, 0, ffi.NULL, 4) == lib.ALPC_E_ARGS

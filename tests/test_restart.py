@@ -228,7 +228,8 @@ def test_a_failed_handover_leaves_the_old_broker_serving(broker: alpc.Broker, co
 
 
 def _connect_frame(name: str, data: bytes) -> bytes:
-    body = control.encode_body(control.Connect(name=name, data=data, max_message_length=1 << 20))
+    body = control.encode_body(control.Connect(name=name, data=data, max_message_length=1 << 20,
+                                                max_section_bytes=1 << 20))
     return encode_frame(MessageType.CONNECT, body)
 
 

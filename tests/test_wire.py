@@ -12,14 +12,29 @@ from hypothesis import strategies as st
 from alpc import _native
 from alpc.errors import ProtocolError
 from alpc.wire import (
+    ATTR_TYPES,
     HEADER,
     HEADER_SIZE,
     MAGIC,
+    Attributes,
+    AttrKind,
+    Frame,
     FrameDecoder,
     FrameLimits,
+    GrantAttr,
     MessageType,
+    Range,
+    Release,
+    SectionNew,
+    SectionRef,
+    decode_attributes,
+    decode_releases,
+    decode_section_ids,
+    encode_attributes,
     encode_frame,
     encode_header,
+    encode_releases,
+    encode_section_ids,
 )
 
 CHANNEL = FrameLimits(
@@ -165,3 +180,108 @@ def test_mutated_headers_match_between_implementations(data: bytes) -> None:
 
 def test_magic_constant_matches_header_layout() -> None:
     assert HEADER.unpack(encode_header(MessageType.REQUEST, 0))[0] == MAGIC
+
+
+# -- attributes ------------------------------------------------------------------------
+
+
+_U32 = st.integers(0, 0xFFFFFFFF)
+_U64 = st.integers(0, (1 << 64) - 1)
+
+
+def attr_frame(kind: MessageType, attrs: bytes, data: bytes = b"", fds: tuple[int, ...] = ()) -> Frame:
+    return Frame(kind, 0, 1, 0, 0, 0, attrs, data, fds)
+
+
+@settings(max_examples=200)
+@given(
+    st.none() | st.tuples(_U32, st.integers(0, 3), _U64, _U64),
+    st.none() | st.tuples(_U32, st.integers(0, 3), _U64),
+    st.none() | st.tuples(_U64, _U64, st.integers(1, 3)),
+)
+def test_attributes_roundtrip(ref: tuple[int, ...] | None, new: tuple[int, ...] | None,
+                              grant: tuple[int, ...] | None) -> None:
+    if new is not None:
+        ref = (new[0], *(ref or (0, 0, 0, 1))[1:])
+    attrs = Attributes(
+        ref=SectionRef(*ref) if ref is not None else None,
+        new=SectionNew(*new) if new is not None else None,
+        grant=GrantAttr(*grant) if grant is not None else None,
+    )
+    frame = attr_frame(MessageType.REQUEST, encode_attributes(attrs), fds=(7,) if new is not None else ())
+    assert decode_attributes(frame) == attrs
+
+
+def tlv(kind: int, value: bytes) -> bytes:
+    return struct.pack("<HH", kind, len(value)) + value
+
+
+REF = struct.pack("<IIQQ", 1, 0, 0, 10)
+
+
+@pytest.mark.parametrize(("kind", "attrs", "why"), [
+    (MessageType.REQUEST, tlv(9, b"x" * 8), "unknown attribute kind"),
+    (MessageType.REPLY, tlv(AttrKind.GRANT, b"\0" * 24), "may not carry"),
+    (MessageType.PING, tlv(AttrKind.SECTION_REF, REF), "may not carry"),
+    (MessageType.REQUEST, tlv(AttrKind.SECTION_REF, REF[:-1]), "length does not match"),
+    (MessageType.REQUEST, tlv(AttrKind.SECTION_REF, REF) * 2, "twice"),
+    (MessageType.REQUEST, tlv(AttrKind.SECTION_REF, REF)[:-3], "ends inside"),
+    (MessageType.REQUEST, b"\x01\x00", "ends inside"),
+    (MessageType.REQUEST, tlv(AttrKind.SECTION_REF, struct.pack("<IIQQ", 1, 8, 0, 1)), "unknown flags"),
+    (MessageType.REQUEST, tlv(AttrKind.GRANT, struct.pack("<QQII", 0, 1, 1, 5)), "reserved"),
+    (MessageType.REQUEST, tlv(AttrKind.GRANT, struct.pack("<QQII", 0, 1, 4, 0)), "unknown flags"),
+])
+def test_bad_attributes_are_protocol_errors(kind: MessageType, attrs: bytes, why: str) -> None:
+    with pytest.raises(ProtocolError, match=why):
+        decode_attributes(attr_frame(kind, attrs))
+
+
+def test_attributes_must_agree_with_fds_and_data() -> None:
+    new = tlv(AttrKind.SECTION_NEW, struct.pack("<IIQ", 1, 0, 4096))
+    ref = tlv(AttrKind.SECTION_REF, REF)
+    with pytest.raises(ProtocolError, match="fds"):
+        decode_attributes(attr_frame(MessageType.DATAGRAM, ref, fds=(5,)))
+    with pytest.raises(ProtocolError, match="fds"):
+        decode_attributes(attr_frame(MessageType.DATAGRAM, ref + new))
+    with pytest.raises(ProtocolError, match="reference into it"):
+        decode_attributes(attr_frame(MessageType.DATAGRAM, new, fds=(5,)))
+    other = tlv(AttrKind.SECTION_REF, struct.pack("<IIQQ", 2, 0, 0, 10))
+    with pytest.raises(ProtocolError, match="reference into it"):
+        decode_attributes(attr_frame(MessageType.DATAGRAM, other + new, fds=(5,)))
+    with pytest.raises(ProtocolError, match="inline data too"):
+        decode_attributes(attr_frame(MessageType.DATAGRAM, ref, data=b"x"))
+    assert decode_attributes(attr_frame(MessageType.DATAGRAM, ref + new, fds=(5,))).new == SectionNew(1, 0, 4096)
+
+
+def test_each_frame_type_allows_only_its_attributes() -> None:
+    assert ATTR_TYPES[MessageType.REQUEST] & (1 << AttrKind.GRANT)
+    assert not ATTR_TYPES[MessageType.DATAGRAM] & (1 << AttrKind.GRANT)
+    assert ATTR_TYPES[MessageType.GRANT_READ] == 1 << AttrKind.RANGE
+    span = tlv(AttrKind.RANGE, struct.pack("<QQ", 5, 6))
+    assert decode_attributes(attr_frame(MessageType.GRANT_READ, span)).range == Range(5, 6)
+
+
+@settings(max_examples=500)
+@given(st.binary(max_size=120), st.integers(0, 0xFFFFFFFF))
+def test_attribute_parsers_agree_between_implementations(raw: bytes, allowed: int) -> None:
+    expected = _native._parse_attributes_py(raw, allowed)
+    if _native.IMPLEMENTATION == "c":
+        assert _native._parse_attributes_c(raw, allowed) == expected
+
+
+@settings(max_examples=200)
+@given(st.lists(st.tuples(_U32, _U64, _U64), max_size=30))
+def test_release_and_close_bodies_roundtrip(entries: list[tuple[int, int, int]]) -> None:
+    releases = [Release(*entry) for entry in entries]
+    assert decode_releases(encode_releases(releases)) == releases
+    ids = [entry[0] for entry in entries]
+    assert decode_section_ids(encode_section_ids(ids)) == ids
+
+
+def test_bad_release_bodies() -> None:
+    with pytest.raises(ProtocolError, match="whole number"):
+        decode_releases(b"\0" * 23)
+    with pytest.raises(ProtocolError, match="reserved"):
+        decode_releases(struct.pack("<IIQQ", 1, 1, 0, 1))
+    with pytest.raises(ProtocolError, match="whole number"):
+        decode_section_ids(b"\0" * 5)

@@ -1,0 +1,716 @@
+"""Shared-memory sections: sealed memfds and POSIX shared memory, views, and pools.
+
+One ``Section`` type serves both backends:
+
+- **memfd** (Linux, the default): sealed against shrinking and growing at
+  creation and passed by SCM_RIGHTS, so a receiver that checked the seals can
+  map it without any risk of SIGBUS; never named, so nothing can leak in
+  /dev/shm. A secure section is also write-sealed after its writer unmapped it,
+  so the receiver's view is immutable.
+- **posix** (posix_ipc): a named object in /dev/shm, created O_CREX with mode
+  0600 and a random name carrying ``$ALPC_SHM_PREFIX`` (default ``alpc-``) and
+  the creator's pid. It serves named sections a third process opens by name,
+  and systems without memfd. It cannot be sealed, so only a trusting receiver
+  maps one from a peer.
+
+Mappings are reference-counted: the section and every view hold one
+reference, and the memory is unmapped when the last is released, so a view
+still exported when its connection closes stays valid.
+
+``SectionPool`` (the sender's sections of one connection) and ``PeerSections``
+(the sections the peer lent us) put memory behind the sans-IO ``ledger``; both
+are driven under the connection's lock by ``protocol.Channel``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import re
+import secrets
+import stat
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import posix_ipc
+
+from . import _native
+from .config import default_section_backend
+from .errors import ConnectionClosed, ProtocolError, QuotaExceeded, SectionError
+from .ledger import Grow, InboundLedger, OutboundLedger, Slot
+from .wire import Release, SectionFlag, SectionNew, SectionRef
+
+__all__ = [
+    "F_SEAL_FUTURE_WRITE",
+    "ConnectionSections",
+    "PeerSections",
+    "Section",
+    "SectionPool",
+    "SectionView",
+    "View",
+    "shm_prefix",
+    "sweep_stale_names",
+]
+
+# Python 3.11 lacks this constant (Linux 5.1+): no new writable mappings or
+# write() calls, while mappings that already exist stay writable.
+F_SEAL_FUTURE_WRITE = 0x10
+_SIZE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+_SECURE = int(SectionFlag.SECURE)
+_SHM_DIR = "/dev/shm"
+_PREFIX_OK = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def shm_prefix() -> str:
+    """The prefix of every POSIX shm name alpc creates (``$ALPC_SHM_PREFIX``, default ``alpc-``)."""
+    prefix = os.environ.get("ALPC_SHM_PREFIX", "alpc-")
+    if not _PREFIX_OK.fullmatch(prefix):
+        raise SectionError(f"ALPC_SHM_PREFIX {prefix!r} may use only letters, digits and . _ - (1-64)")
+    return prefix
+
+
+def _new_name() -> str:
+    return f"/{shm_prefix()}{os.getpid()}-{secrets.token_hex(8)}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_names(pid: int | None = None) -> list[str]:
+    """Unlink POSIX shm names with this process's prefix whose creator is dead.
+
+    A creator unlinks its names as soon as every party holds an fd, but a
+    SIGKILL between creating and unlinking would leave one behind; the names
+    carry the creator's pid so a survivor can clean up. ``pid`` limits the
+    sweep to that creator. Returns the names removed.
+    """
+    try:
+        entries = os.listdir(_SHM_DIR)
+    except OSError:
+        return []
+    prefix = shm_prefix()
+    removed = []
+    for entry in entries:
+        if not entry.startswith(prefix):
+            continue
+        owner, _, rest = entry[len(prefix):].partition("-")
+        if not owner.isdigit() or not rest or (pid is not None and int(owner) != pid) or _alive(int(owner)):
+            continue
+        try:
+            posix_ipc.unlink_shared_memory("/" + entry)
+            removed.append(entry)
+        except (posix_ipc.ExistentialError, PermissionError, OSError):
+            pass
+    return removed
+
+
+class _Mapping:
+    """One mmap shared by its section and every view into it; unmapped by the last user."""
+
+    def __init__(self, mm: mmap.mmap, size: int, writable: bool) -> None:
+        self._mm = mm
+        self._base = memoryview(mm)
+        self.size = size
+        self.writable = writable
+        self._users = 1  # the section itself
+        # Reentrant: a view's finalizer may run inside another call on this mapping.
+        self._lock = threading.RLock()
+
+    @property
+    def users(self) -> int:
+        return self._users
+
+    def acquire(self, offset: int, length: int) -> memoryview:
+        with self._lock:
+            if self._users <= 0:
+                raise SectionError("the section is unmapped")
+            self._users += 1
+            return self._base[offset:offset + length]
+
+    def drop(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users != 0:
+                return
+        self._base.release()
+        try:
+            self._mm.close()
+        except BufferError:
+            # A memoryview derived from a view is still alive: Python refuses to
+            # unmap under it, and the mapping goes when that memoryview does.
+            pass
+
+
+def _release_memory(memory: memoryview) -> None:
+    try:
+        memory.release()
+    except BufferError:
+        pass  # something holds a buffer export of it; the mapping outlives it
+
+
+class View:
+    """A range of a mapped section: ``memory`` is a memoryview into it, no copy.
+
+    A context manager (entering gives the memoryview, leaving releases it).
+    Releasing is what frees the range: for a received view, the sender may
+    reuse the space afterwards, so never keep ``memory`` beyond it.
+    """
+
+    __slots__ = ("_mapping", "_on_gone", "_wake", "length", "memory", "offset", "secure")
+
+    def __init__(self, mapping: _Mapping, offset: int, length: int,
+                 on_gone: Callable[[], None] | None = None, wake: Callable[[], None] | None = None,
+                 secure: bool = False) -> None:
+        self.offset = offset
+        self.length = length
+        # True when the section is write-sealed: nobody can change these bytes.
+        self.secure = secure
+        self._on_gone = on_gone
+        self._wake = wake
+        self._mapping: _Mapping | None = None
+        self.memory = mapping.acquire(offset, length)
+        self._mapping = mapping
+
+    @property
+    def released(self) -> bool:
+        return self._mapping is None
+
+    @property
+    def readonly(self) -> bool:
+        return self.memory.readonly
+
+    def _gone(self) -> bool:
+        """Drop our mapping reference and give the range back, exactly once."""
+        with _RELEASE_LOCK:
+            mapping, self._mapping = self._mapping, None
+        if mapping is None:
+            return False
+        _release_memory(self.memory)
+        mapping.drop()
+        self._finished()
+        return True
+
+    def _finished(self) -> None:
+        if self._on_gone is not None:
+            self._on_gone()
+
+    def release(self, *, notify: bool = True) -> None:
+        """Unmap this view (once the last view of its section goes) and give its range back.
+
+        ``notify`` (the default) also tells the peer at once; the runtime
+        passes False where it batches releases itself.
+        """
+        if self._gone() and notify and self._wake is not None:
+            self._wake()
+
+    def __del__(self) -> None:
+        # A view the application dropped without releasing still gives its
+        # range back; the peer hears of it with the next batch of releases.
+        if self._mapping is not None:
+            self._gone()
+
+    def tobytes(self) -> bytes:
+        """A copy of the view's bytes (the one call for those who want bytes)."""
+        if self.released:
+            raise SectionError("the view was released")
+        return _native.copy_out(self.memory)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __enter__(self) -> memoryview:
+        if self.released:
+            raise SectionError("the view was released")
+        return self.memory
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        state = "released" if self.released else ("read-only" if self.readonly else "writable")
+        return f"<{type(self).__name__} offset={self.offset} length={self.length} {state}>"
+
+
+# Release may race between threads (or a thread and __del__); the swap is tiny.
+_RELEASE_LOCK = threading.Lock()
+
+
+class Section:
+    """A shared-memory object and this process's mapping of it.
+
+    Create one with ``Section.create``; open a named one with ``Section.open``.
+    ``view(offset, length)`` gives a ``View`` (writable if the mapping is).
+    """
+
+    def __init__(self, *, fd: int | None, size: int, backend: str, mapping: _Mapping | None,
+                 name: str | None = None, secure: bool = False) -> None:
+        self._fd = fd
+        self.size = size
+        self.backend = backend
+        self._mapping = mapping
+        self.name = name
+        self.secure = secure
+
+    # -- creating, adopting, opening --------------------------------------------------
+
+    @classmethod
+    def create(cls, size: int, *, backend: str | None = None, named: bool = False, secure: bool = False) -> Section:
+        """A new section of ``size`` bytes, mapped read-write.
+
+        ``named`` (posix only) keeps its name so another process can ``open`` it;
+        the creator must ``unlink`` it once every party holds it. ``secure``
+        (memfd only) prepares it to be write-sealed by ``seal``.
+        """
+        backend = backend or default_section_backend()
+        if size <= 0:
+            raise SectionError(f"a section needs a positive size, not {size}")
+        if backend == "memfd":
+            if named:
+                raise SectionError("a memfd section has no name; named sections use backend='posix'")
+            return cls._create_memfd(size, secure)
+        if backend == "posix":
+            if secure:
+                raise SectionError("secure sections need the sealed memfd backend")
+            return cls._create_posix(size, named)
+        raise SectionError(f"unknown section backend {backend!r}")
+
+    @classmethod
+    def _create_memfd(cls, size: int, secure: bool) -> Section:
+        fd = os.memfd_create("alpc-section", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, size)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SIZE_SEALS)
+            mm = mmap.mmap(fd, size)
+            if not secure:
+                # Our mapping stays writable; the peer's copy of the fd cannot
+                # write or map writable, so only the owner writes its sections.
+                try:
+                    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, F_SEAL_FUTURE_WRITE)
+                except OSError:
+                    pass  # kernels before 5.1
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(fd=fd, size=size, backend="memfd", mapping=_Mapping(mm, size, True), secure=secure)
+
+    @classmethod
+    def _create_posix(cls, size: int, named: bool) -> Section:
+        sweep_stale_names()
+        name = _new_name()
+        shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=size)
+        try:
+            fd = os.dup(shm.fd)
+        finally:
+            shm.close_fd()
+            if not named:
+                # We hold the fd; the peer gets it by SCM_RIGHTS. Nothing needs the name.
+                posix_ipc.unlink_shared_memory(name)
+        try:
+            mm = mmap.mmap(fd, size)
+        except BaseException:
+            os.close(fd)
+            if named:
+                posix_ipc.unlink_shared_memory(name)
+            raise
+        return cls(fd=fd, size=size, backend="posix", mapping=_Mapping(mm, size, True),
+                   name=name if named else None)
+
+    @classmethod
+    def open(cls, name: str, *, writable: bool = False) -> Section:
+        """Open a named (posix) section another process created.
+
+        It cannot be sealed: open only sections of a creator you trust not to
+        truncate them.
+        """
+        try:
+            shm = posix_ipc.SharedMemory(name, read_only=not writable)
+        except posix_ipc.ExistentialError:
+            raise SectionError(f"no section named {name!r}") from None
+        try:
+            fd = os.dup(shm.fd)
+        finally:
+            shm.close_fd()
+        try:
+            size = os.fstat(fd).st_size
+            if size <= 0:
+                raise SectionError(f"section {name!r} is empty")
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            mm = mmap.mmap(fd, size, prot=prot)
+        finally:
+            os.close(fd)
+        return cls(fd=None, size=size, backend="posix", mapping=_Mapping(mm, size, writable), name=name)
+
+    @classmethod
+    def adopt(cls, fd: int, size: int, *, secure: bool, allow_unsealed: bool) -> Section:
+        """Map a peer's section read-only after checking it cannot hurt us.
+
+        Takes ownership of ``fd``. Refuses (ProtocolError) anything that is not a
+        shared-memory file of exactly ``size`` bytes sealed against shrinking and
+        growing (unless ``allow_unsealed``), and a ``secure`` one not write-sealed:
+        with the seals checked first, no truncation can SIGBUS us and no write can
+        change a secure view after we looked.
+        """
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise ProtocolError("a section fd is not a shared-memory file")
+            try:
+                seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+            except OSError:
+                seals = 0
+            if seals & _SIZE_SEALS != _SIZE_SEALS and not allow_unsealed:
+                raise ProtocolError("a section is not sealed against shrinking and growing "
+                                    "(a peer could truncate it under us)")
+            if secure and not seals & fcntl.F_SEAL_WRITE:
+                raise ProtocolError("a secure section is not write-sealed")
+            if info.st_size != size:
+                raise ProtocolError(f"a section is {info.st_size} bytes, announced as {size}")
+            mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        return cls(fd=None, size=size, backend="memfd" if seals & _SIZE_SEALS else "posix",
+                   mapping=_Mapping(mm, size, False), secure=secure)
+
+    # -- using ----------------------------------------------------------------------------
+
+    @property
+    def fd(self) -> int:
+        if self._fd is None:
+            raise SectionError("this section has no fd of its own")
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self._mapping is None and self._fd is None
+
+    @property
+    def writable(self) -> bool:
+        return self._mapping is not None and self._mapping.writable
+
+    def view(self, offset: int = 0, length: int | None = None, *,
+             on_gone: Callable[[], None] | None = None, wake: Callable[[], None] | None = None) -> View:
+        """A view of [offset, offset + length) (to the end by default)."""
+        if length is None:
+            length = self.size - offset
+        if not _native.check_range(offset, length, self.size, self.size):
+            raise SectionError(f"range [{offset}, +{length}) is outside the {self.size}-byte section")
+        if self._mapping is None:
+            raise SectionError("the section is not mapped here")
+        return View(self._mapping, offset, length, on_gone, wake, self.secure)
+
+    def seal(self) -> None:
+        """Make the section immutable: unmap our copy and add F_SEAL_WRITE.
+
+        Every view must be released first; the kernel itself refuses the seal
+        while any writable mapping exists, so no writer can remain.
+        """
+        if not self.secure or self._fd is None:
+            raise SectionError("only a secure section this process created can be sealed")
+        mapping = self._mapping
+        if mapping is not None:
+            if mapping.users > 1:
+                raise SectionError("release every view of a secure section before sending it")
+            self._mapping = None
+            mapping.drop()
+        try:
+            fcntl.fcntl(self._fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)
+        except OSError as exc:
+            raise SectionError(f"cannot write-seal the section (a memoryview of it is still alive?): {exc}") from None
+
+    def unlink(self) -> None:
+        """Remove the name of a named section (every party already holds it)."""
+        if self.name is not None:
+            try:
+                posix_ipc.unlink_shared_memory(self.name)
+            except posix_ipc.ExistentialError:
+                pass
+            self.name = None
+
+    def close(self) -> None:
+        """Drop this section's own mapping and fd; views keep the memory until released."""
+        mapping, self._mapping = self._mapping, None
+        if mapping is not None:
+            mapping.drop()
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __enter__(self) -> Section:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        name = f" {self.name}" if self.name else ""
+        return f"<Section {self.backend}{name} {self.size} bytes{' secure' if self.secure else ''}>"
+
+
+# -- the sender's side of one connection ---------------------------------------------------
+
+
+class SectionView(View):
+    """Writable space in a connection's section (NtAlpcCreateSectionView).
+
+    Fill ``memory`` in place, then pass the view to ``send``/``request``/``reply``:
+    it goes to the peer with no copy, and ``memory`` is released on sending.
+    Releasing it unsent gives the space back.
+    """
+
+    __slots__ = ("_pool", "announced", "section_id", "sent", "slot")
+
+    def __init__(self, pool: SectionPool, section: Section, slot: Slot) -> None:
+        self._pool = pool
+        self.slot = slot
+        self.section_id = slot.section_id
+        self.sent = False
+        self.announced = False
+        mapping = section._mapping
+        assert mapping is not None
+        super().__init__(mapping, slot.offset, slot.length, secure=slot.secure)
+
+    def belongs_to(self, pool: SectionPool) -> bool:
+        return self._pool is pool
+
+    def _finished(self) -> None:
+        # Released (or dropped) before being sent: the space is ours again.
+        if not self.sent:
+            self._pool.give_back(self.slot)
+
+
+class SectionPool:
+    """The sections this side lends the peer over one connection, reused message after message.
+
+    All methods except ``give_back`` run under the connection's lock.
+    """
+
+    def __init__(self, ledger: OutboundLedger, *, backend: str) -> None:
+        self.ledger = ledger
+        self.backend = backend
+        self._sections: dict[int, Section] = {}
+        self._returns: deque[Slot] = deque()  # unsent views given back from any thread
+        self._retired: list[int] = []
+        self.closed = False
+
+    def give_back(self, slot: Slot) -> None:
+        self._returns.append(slot)
+
+    def _drain_returns(self) -> None:
+        while self._returns:
+            slot = self._returns.popleft()
+            if self.ledger.cancel(slot):
+                self._close_section(slot.section_id)
+
+    def reserve(self, length: int, secure: bool) -> SectionView | None:
+        """Space for ``length`` bytes, or None when the sender must wait for releases."""
+        if self.closed:
+            raise ConnectionClosed("the connection is closed")
+        self._drain_returns()
+        placed = self.ledger.place(length, secure)
+        self._retired += self.ledger.take_retired()
+        if placed is None:
+            return None
+        if isinstance(placed, Grow):
+            placed = self._grow(placed, length)
+        return SectionView(self, self._sections[placed.section_id], placed)
+
+    def _grow(self, plan: Grow, length: int) -> Slot:
+        for section_id in plan.retire:
+            self._close_section(section_id)
+            self._retired.append(section_id)
+        try:
+            section = Section.create(plan.size, backend="memfd" if plan.secure else self.backend, secure=plan.secure)
+        except OSError as exc:
+            self.ledger.abandon(plan)
+            raise QuotaExceeded(f"cannot create a {plan.size}-byte section: {exc}") from None
+        self.ledger.commit(plan)
+        self._sections[plan.section_id] = section
+        return self.ledger.allocate_in(plan.section_id, length)
+
+    def take_retired(self) -> list[int]:
+        """Ids of sections retired since the last call: the peer must hear of them first."""
+        retired, self._retired = self._retired, []
+        return retired
+
+    def prepare(self, view: SectionView) -> tuple[SectionNew | None, int | None]:
+        """Hand ``view`` over for sending: what to announce, and the fd to pass (if new).
+
+        The view's memory is released here: once sent, the range belongs to
+        the peer until it releases it. A secure view's section is write-sealed.
+        """
+        if view.sent or view.released:
+            raise SectionError("this view was already sent or released")
+        section = self._sections[view.section_id]
+        view.sent = True
+        view.release()
+        if view.secure:
+            try:
+                section.seal()
+            except SectionError:
+                view.sent = False
+                if self.ledger.cancel(view.slot):
+                    self._close_section(view.section_id)
+                raise
+        self.ledger.mark_sent(view.slot)
+        view.announced = self.ledger.needs_announce(view.section_id)
+        if not view.announced:
+            return None, None
+        self.ledger.set_announced(view.section_id, True)
+        return SectionNew(view.section_id, _SECURE if view.secure else 0, section.size), section.fd
+
+    def after_send(self, view: SectionView, written: bool) -> None:
+        """The frame went out (or, if not ``written``, nothing of it did)."""
+        if not written:
+            if view.announced:
+                self.ledger.set_announced(view.section_id, False)
+            self.ledger.unsend(view.slot)
+            if self.ledger.cancel(view.slot):
+                self._close_section(view.section_id)
+        elif view.secure:
+            # The peer holds its own fd now; a sealed one-shot needs nothing of ours.
+            section = self._sections.get(view.section_id)
+            if section is not None:
+                section.close()
+
+    def released(self, entries: list[Release]) -> None:
+        """The peer's RELEASE frame: those ranges are ours again."""
+        self._drain_returns()
+        for entry in entries:
+            if self.ledger.release(entry):
+                self._close_section(entry.section_id)
+
+    def _close_section(self, section_id: int) -> None:
+        section = self._sections.pop(section_id, None)
+        if section is not None:
+            section.close()
+
+    def trim(self) -> list[int]:
+        """Unmap every idle pooled section (memory back to the system); ids to announce."""
+        retired = self.ledger.retire_idle()
+        for section_id in retired:
+            self._close_section(section_id)
+        self._retired += retired
+        return retired
+
+    def close(self) -> None:
+        self.closed = True
+        for section_id in list(self._sections):
+            self._close_section(section_id)
+        self.ledger.clear()
+        self._returns.clear()
+
+
+# -- the receiver's side -------------------------------------------------------------------
+
+
+class PeerSections:
+    """The sections the peer lent us over one connection, mapped read-only.
+
+    ``add``/``resolve``/``retire``/``take_releases`` run under the connection's
+    lock; a view's release (from any thread, or its garbage collection) only
+    queues the range, and ``wake`` asks the driver to send the queued releases.
+    """
+
+    def __init__(self, ledger: InboundLedger, *, allow_unsealed: bool) -> None:
+        self.ledger = ledger
+        self.allow_unsealed = allow_unsealed
+        self._sections: dict[int, Section] = {}
+        # Ranges released (by the application or a collected view) and not yet told.
+        self.pending: deque[tuple[int, int]] = deque()
+        self.wake: Callable[[], None] | None = None
+        self.closed = False
+
+    def add(self, new: SectionNew, fd: int) -> None:
+        """Map a section the peer announced; always consumes ``fd``."""
+        try:
+            self.ledger.add(new)
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            section = Section.adopt(fd, new.size, secure=bool(new.flags & _SECURE),
+                                    allow_unsealed=self.allow_unsealed)
+        except OSError as exc:
+            self.ledger.forget(new.section_id)
+            raise ProtocolError(f"cannot map section {new.section_id}: {exc}") from None
+        except BaseException:
+            self.ledger.forget(new.section_id)
+            raise
+        self._sections[new.section_id] = section
+
+    def resolve(self, ref: SectionRef) -> View:
+        """The read-only view a peer's reference names, after checking it."""
+        self.ledger.take(ref)
+        section = self._sections[ref.section_id]
+        released = self.pending
+        key = (ref.section_id, ref.offset)
+        return section.view(ref.offset, ref.length, on_gone=lambda: released.append(key), wake=self._wake)
+
+    def _wake(self) -> None:
+        if self.wake is not None and not self.closed:
+            self.wake()
+
+
+    def take_releases(self) -> list[Release]:
+        """Ranges our side finished with since the last call, to tell the peer."""
+        entries: list[Release] = []
+        if self.closed:
+            self.pending.clear()
+            return entries
+        while self.pending:
+            section_id, offset = self.pending.popleft()
+            entry, finished = self.ledger.release(section_id, offset)
+            entries.append(entry)
+            if finished:
+                self._sections.pop(section_id).close()
+        return entries
+
+    def retire(self, section_ids: list[int]) -> None:
+        for section_id in section_ids:
+            self.ledger.close(section_id)
+            self._sections.pop(section_id).close()
+
+    def close(self) -> None:
+        self.closed = True
+        for section in self._sections.values():
+            section.close()
+        self._sections.clear()
+        self.ledger.clear()
+        self.pending.clear()
+
+
+class ConnectionSections:
+    """Everything about sections on one connection, for ``protocol.Channel``."""
+
+    def __init__(self, *, inline_threshold: int, pool: SectionPool, peer: PeerSections,
+                 secure: bool = False, direct_memory: bool = True) -> None:
+        self.inline_threshold = inline_threshold
+        self.pool = pool
+        self.peer = peer
+        self.secure = secure
+        self.direct_memory = direct_memory
+
+    @classmethod
+    def build(cls, *, inline_threshold: int, send_quota: int, recv_quota: int, max_length: int,
+              section_size: int, backend: str, allow_unsealed: bool, secure: bool,
+              budget: Any = None, direct_memory: bool = True) -> ConnectionSections:
+        pool = SectionPool(OutboundLedger(quota=send_quota, section_size=section_size, budget=budget),
+                           backend=backend)
+        peer = PeerSections(InboundLedger(quota=recv_quota, max_length=max_length, require_secure=secure),
+                            allow_unsealed=allow_unsealed)
+        return cls(inline_threshold=inline_threshold, pool=pool, peer=peer, secure=secure,
+                   direct_memory=direct_memory)
+
+    def close(self) -> None:
+        self.pool.close()
+        self.peer.close()

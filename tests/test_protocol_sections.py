@@ -1,0 +1,182 @@
+"""The channel core with sections and grants, driven by hand: frames and fds in, events out."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from alpc.errors import ConnectionClosed, ProtocolError, SectionError
+from alpc.grant import MemoryGrant
+from alpc.protocol import Channel, Message, materialize
+from alpc.section import ConnectionSections, SectionView
+from alpc.security import PeerCred
+from alpc.wire import Attributes, MessageType, Range, encode_attributes, encode_frame, encode_header
+
+PEER = PeerCred(100, 1000, 1000)
+MIB = 1 << 20
+
+
+def sections(quota: int = 64 * MIB, secure: bool = False) -> ConnectionSections:
+    return ConnectionSections.build(inline_threshold=256, send_quota=quota, recv_quota=quota, max_length=quota,
+                                    section_size=MIB, backend="memfd", allow_unsealed=False, secure=secure)
+
+
+@pytest.fixture
+def pair():  # type: ignore[no-untyped-def]
+    client = Channel(PEER, send_limit=64 * MIB, recv_limit=64 * MIB, local_pid=1, sections=sections())
+    server = Channel(PEER, send_limit=64 * MIB, recv_limit=64 * MIB, local_pid=2, sections=sections())
+    yield client, server
+    client.release_resources()
+    server.release_resources()
+
+
+def deliver(frames: list[bytes], fds: list[int], to: Channel) -> list[Message]:
+    """What the driver does: the kernel dups passed fds, so the receiver gets its own."""
+    return to.receive(b"".join(frames), [os.dup(fd) for fd in fds])
+
+
+def send_body(sender: Channel, kind: MessageType, body: bytes, *, as_view: bool = False,
+              callback_id: int = 0) -> tuple[int, list[bytes], list[int], SectionView]:
+    view = sender.reserve(len(body))
+    assert view is not None
+    view.memory[:] = body
+    message_id, frames, fds = sender.section_message(kind, view, as_view=as_view, callback_id=callback_id)
+    return message_id, frames, fds, view
+
+
+def test_a_section_body_round_trip_and_its_release(pair) -> None:  # type: ignore[no-untyped-def]
+    client, server = pair
+    body = os.urandom(300_000)
+    request_id, frames, fds, view = send_body(client, MessageType.REQUEST, body)
+    assert len(fds) == 1 and len(b"".join(frames)) < 200  # a small frame names the body
+    (request,) = deliver(frames, fds, server)
+    client.section_sent(view, True)
+    assert request._copy is not None and server.copies_waiting and not server.releases_urgent
+    materialize([request])
+    assert request.data == body and server.owes_replies
+    entries = server.take_releases()
+    assert len(entries) == 1
+    assert client.sections.pool.ledger.lent_bytes() == len(body)
+    deliver(server.release_frames(entries) + server.reply(request_id, b"ok"), [], client)
+    assert client.sections.pool.ledger.lent_bytes() == 0 and not server.owes_replies
+
+
+def test_a_view_arrives_as_a_view_and_a_second_message_reuses_the_section(pair) -> None:  # type: ignore[no-untyped-def]
+    client, server = pair
+    _, frames, fds, view = send_body(client, MessageType.DATAGRAM, b"v" * 1000, as_view=True)
+    (message,) = deliver(frames, fds, server)
+    client.section_sent(view, True)
+    assert message.view is not None and message.view.readonly and server.releases_urgent
+    assert message.data == b"v" * 1000  # a copy on request; the view stays
+    message.view.release()
+    deliver(server.release_frames(server.take_releases()), [], client)
+    _, frames, fds, again = send_body(client, MessageType.DATAGRAM, b"w" * 1000)
+    assert fds == [] and again.section_id == view.section_id  # announced once, reused since
+    client.section_sent(again, True)
+    (second,) = deliver(frames, fds, server)
+    materialize([second])
+    assert second.data == b"w" * 1000
+
+
+def test_release_wanted_makes_releases_urgent(pair) -> None:  # type: ignore[no-untyped-def]
+    client, server = pair
+    assert server.receive(b"".join(client.release_wanted())) == []
+    assert server.releases_urgent
+
+
+def test_an_unsent_view_gives_its_space_back(pair) -> None:  # type: ignore[no-untyped-def]
+    client, _ = pair
+    view = client.reserve(1000)
+    assert view is not None and client.sections.pool.ledger.lent_bytes() == 1000
+    del view
+    assert client.reserve(10) is not None  # draining the returned range first
+    assert client.sections.pool.ledger.lent_bytes() == 10
+
+
+def test_views_of_another_connection_and_sends_after_close_are_refused(pair) -> None:  # type: ignore[no-untyped-def]
+    client, server = pair
+    foreign = server.reserve(100)
+    assert foreign is not None
+    with pytest.raises(SectionError, match="another connection"):
+        client.section_message(MessageType.DATAGRAM, foreign, as_view=True)
+    foreign.release()
+    client.mark_closed("gone")
+    with pytest.raises(ConnectionClosed):
+        client.reserve(100)
+
+
+def test_attributes_on_a_channel_without_sections_are_a_protocol_error() -> None:
+    bare = Channel(PEER, send_limit=MIB, recv_limit=MIB, local_pid=1)
+    attrs = encode_attributes(Attributes(range=Range(0, 1)))
+    frame = encode_header(MessageType.REQUEST, 0, message_id=1, attr_length=len(attrs)) + attrs
+    with pytest.raises(ProtocolError):
+        bare.receive(frame)
+
+
+# -- grants ----------------------------------------------------------------------------
+
+
+def granted_request(client: Channel, server: Channel, buffer: bytearray, write: bool) -> tuple[int, Message]:
+    grant = MemoryGrant(buffer, read=True, write=write).pin()
+    request_id, frames = client.request(b"go", grant)
+    (request,) = server.receive(b"".join(frames))
+    assert request.grant is not None and request.grant.length == len(buffer)
+    return request_id, request
+
+
+def test_fallback_reads_and_writes_are_checked_on_both_sides(pair) -> None:  # type: ignore[no-untyped-def]
+    client, server = pair
+    buffer = bytearray(b"0123456789")
+    request_id, request = granted_request(client, server, buffer, write=True)
+    (ask,) = client.receive(b"".join(server.grant_read(request.grant, 2, 4)))
+    assert ask.type is MessageType.GRANT_READ and ask.grant == Range(2, 4)
+    (answer,) = server.receive(b"".join(client.grant_payload(MessageType.GRANT_DATA, request_id, Range(2, 4),
+                                                               bytes(buffer[2:6]))))
+    assert answer.type is MessageType.GRANT_DATA and answer.data == b"2345"
+    (write,) = client.receive(b"".join(server.grant_payload(MessageType.GRANT_WRITE, request_id, Range(8, 2), b"ab")))
+    assert write.grant == Range(8, 2) and write.data == b"ab"
+    with pytest.raises(ProtocolError, match="outside"):
+        client.receive(b"".join(server.grant_payload(MessageType.GRANT_WRITE, request_id, Range(9, 2), b"ab")))
+
+
+def test_grant_frames_nobody_asked_for_are_protocol_errors(pair) -> None:  # type: ignore[no-untyped-def]
+    client, server = pair
+    _, request = granted_request(client, server, bytearray(10), write=False)
+    with pytest.raises(ProtocolError, match="asked for none"):
+        server.receive(encode_frame(MessageType.GRANT_DATA, b"", callback_id=request.id))
+    client2 = Channel(PEER, send_limit=MIB, recv_limit=MIB, local_pid=1, sections=sections())
+    server2 = Channel(PEER, send_limit=MIB, recv_limit=MIB, local_pid=2, sections=sections())
+    request_id, _ = granted_request(client2, server2, bytearray(10), write=False)
+    with pytest.raises(ProtocolError, match="outside what the grant allows"):
+        client2.receive(b"".join(server2.grant_payload(MessageType.GRANT_WRITE, request_id, Range(0, 1), b"x")))
+    client2.release_resources()
+    server2.release_resources()
+
+
+def test_a_late_answer_to_an_abandoned_read_is_dropped(pair) -> None:  # type: ignore[no-untyped-def]
+    client, server = pair
+    request_id, request = granted_request(client, server, bytearray(b"abcdef"), write=False)
+    client.receive(b"".join(server.grant_read(request.grant, 0, 3)))
+    server.grant_read_abandoned(request.grant)
+    late = client.grant_payload(MessageType.GRANT_DATA, request_id, Range(0, 3), b"abc")
+    assert server.receive(b"".join(late)) == []
+
+
+def test_reading_a_grant_after_the_request_was_abandoned_is_refused(pair) -> None:  # type: ignore[no-untyped-def]
+    client, server = pair
+    request_id, request = granted_request(client, server, bytearray(10), write=False)
+    client.abandon(request_id)
+    assert client.receive(b"".join(server.grant_read(request.grant, 0, 1))) == []
+    (refusal,) = server.receive(b"".join(client.take_automatic()))
+    assert refusal.type is MessageType.GRANT_DATA and refusal.grant is None
+
+
+def test_the_grant_ends_with_the_reply(pair) -> None:  # type: ignore[no-untyped-def]
+    client, server = pair
+    request_id, request = granted_request(client, server, bytearray(10), write=True)
+    client.receive(b"".join(server.reply(request.id, b"done")))
+    assert not server.grant_active(request.grant)
+    with pytest.raises(SectionError, match="ended"):
+        server.grant_read(request.grant, 0, 1)
+    assert request_id not in client._grants
