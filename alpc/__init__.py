@@ -23,10 +23,11 @@ from .errors import (
 )
 from .grant import MemoryGrant, PeerMemory
 from .introspect import list_peers, port_stats
-from .port import CommunicationPort, ConnectionPort, ConnectionRequest, connect, create_port
+from .port import CommunicationPort, connect
 from .protocol import Message
 from .section import Section, SectionView, View, sweep_stale_names
 from .security import PeerCred
+from .server import ConnectionPort, ConnectionRequest, create_port
 from .wire import MessageType
 
 __all__ = [

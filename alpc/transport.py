@@ -25,6 +25,7 @@ __all__ = [
     "Buffer",
     "SO_PEERPIDFD",
     "Listener",
+    "Poller",
     "Received",
     "Stream",
     "advance_buffers",
@@ -50,6 +51,7 @@ Buffer = bytes | bytearray | memoryview
 _FD_SIZE = array.array("i").itemsize
 _FD_SPACE: dict[int, int] = {}
 _POLL_IN = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
+_EPOLL_IN = select.EPOLLIN | select.EPOLLPRI | select.EPOLLHUP | select.EPOLLERR
 
 
 def deadline_after(timeout: float | None) -> float | None:
@@ -99,6 +101,41 @@ def wait_readable_or_hangup(readable: Sequence[int], hangup: Sequence[int], dead
             return [fd for fd, _ in poller.poll(_poll_ms(deadline))]
         except InterruptedError:
             continue
+
+
+class Poller:
+    """An epoll set kept for a multiplexer's lifetime: register once, wait many times.
+
+    Level-triggered, readable-or-hung-up interest only. Its own fd can be
+    polled beside other fds (it is readable when an event is waiting).
+    """
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+
+    def fileno(self) -> int:
+        return self._epoll.fileno()
+
+    def register(self, fd: int) -> None:
+        self._epoll.register(fd, _EPOLL_IN)
+
+    def unregister(self, fd: int) -> None:
+        try:
+            self._epoll.unregister(fd)
+        except (OSError, ValueError):
+            pass  # already gone (closed fds leave the set by themselves), or the poller is closed
+
+    def poll(self, deadline: float | None, max_events: int = 1024) -> list[int]:
+        """The fds that are ready, waiting until ``deadline``; [] when it passes."""
+        while True:
+            left = remaining(deadline)
+            try:
+                return [fd for fd, _ in self._epoll.poll(-1 if left is None else left, max_events)]
+            except InterruptedError:
+                continue
+
+    def close(self) -> None:
+        self._epoll.close()
 
 
 def pidfd_open(pid: int) -> int | None:
