@@ -30,6 +30,7 @@ Entry points:
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
@@ -41,9 +42,10 @@ from .protocol import Channel, Frames, Message, materialize
 from .section import SectionView, View
 from .security import PeerCred
 from .stats import ConnectionStats
-from .wire import MessageType, Range, Release
+from .wire import HEADER_SIZE, MessageType, Range, Release
 
-__all__ = ["NOTICES", "Batch", "Connection", "Wake"]
+__all__ = ["FILED_ERROR", "FILED_INBOX", "FILED_NOTHING", "FILED_REPLY", "NOTICES", "NOT_FILED", "Batch",
+           "Connection", "Wake"]
 
 NOTICES = (MessageType.PORT_CLOSED, MessageType.CLIENT_DIED)
 # Unflushed datagrams (send(..., flush=False)) beyond this many bytes go out at once.
@@ -52,6 +54,10 @@ BACKLOG_LIMIT = 64 * 1024
 DRAIN_EVERY = 64
 
 _REPLY, _PONG, _PORT_CLOSED = MessageType.REPLY, MessageType.PONG, MessageType.PORT_CLOSED
+_REQUEST = MessageType.REQUEST
+_monotonic = time.monotonic
+# What receive_one did.
+NOT_FILED, FILED_REPLY, FILED_INBOX, FILED_NOTHING, FILED_ERROR = 0, 1, 2, 3, 4
 _GRANT_READ, _GRANT_WRITE, _GRANT_DATA = MessageType.GRANT_READ, MessageType.GRANT_WRITE, MessageType.GRANT_DATA
 
 
@@ -96,6 +102,8 @@ class Connection:
         self._grant_ops: dict[int, deque[Message]] = {}
         self._grant_data: dict[int, Message] = {}
         self.vm_refused = False
+        # The last protocol violation, for the driver's log.
+        self.error = ""
         # Constant for the connection; read on every send.
         self.inline_threshold = channel.inline_threshold
         self._peer_sections = None if channel.sections is None else channel.sections.peer
@@ -340,6 +348,42 @@ class Connection:
         if urgent:
             channel.releases_urgent = False
         return Batch(messages, copies, urgent, None)
+
+    def receive_one(self, data: bytes) -> int:
+        """The common read in one step: one plain reply, request or datagram, decoded and filed.
+
+        Returns FILED_REPLY, FILED_INBOX or FILED_NOTHING (a late reply
+        dropped) when done, FILED_ERROR after a protocol violation (the
+        connection ended; ``error`` says why), or NOT_FILED (nothing
+        consumed: use ``receive``) for anything that needs more (several
+        frames, fds, sections, runtime frames, releases to send).
+        """
+        peer = self._peer_sections
+        if peer is not None and (peer.pending or self.channel.unsent_releases):
+            return NOT_FILED
+        try:
+            message = self.channel.receive_one(data)
+        except ProtocolError as exc:
+            self.stats.errors += 1
+            self.fail(PeerGone(f"protocol error: {exc}"), notice=f"protocol error: {exc}")
+            self.error = str(exc)
+            return FILED_ERROR
+        if message is False:
+            return NOT_FILED
+        if message is None or message is True:
+            return FILED_NOTHING
+        kind = message.type
+        message.port = self.owner
+        stats = self.stats
+        stats.messages_in += 1
+        stats.bytes_in += len(data) - HEADER_SIZE
+        if kind is _REPLY:
+            self.replies[message.callback_id] = message
+            return FILED_REPLY
+        if kind is _REQUEST:
+            stats.in_flight[message.id] = _monotonic()
+        self.inbox.append(message)
+        return FILED_INBOX
 
     def outgoing(self, batch: Batch) -> tuple[Frames, list[Release]]:
         """After a read: frames the runtime owes the peer now (automatic answers, releases

@@ -21,7 +21,7 @@ from typing import TypeVar
 
 from . import _native, control
 from .config import Config
-from .connection import NOTICES, Batch, Connection
+from .connection import FILED_ERROR, FILED_INBOX, NOTICES, Connection
 from .control import validate_port_name
 from .errors import (
     BrokerUnavailable,
@@ -107,10 +107,13 @@ class CommunicationPort:
         self._state = threading.Lock()
         # Reentrant: a failing write may itself need to send (never to finalize).
         self._send_lock = threading.RLock()
-        self._cv = threading.Condition()
+        self._cv = threading.Condition(threading.Lock())
+        # Threads blocked in _cv.wait(): the reader notifies only when there are some.
+        self._waiters = 0
         self._reading = False
         self._released = False
         self.stats = core.stats
+        stream.watch([peer_pidfd] if peer_pidfd is not None else [])
 
     # -- identity --------------------------------------------------------------
 
@@ -160,7 +163,14 @@ class CommunicationPort:
             self.stats.sent(size)
             return self._request_large(data, deadline, secure, grant)
         core = self._core
-        message_id = self._send_new(lambda: core.request(bytes(data)), deadline)
+        with self._send_lock:
+            with self._state:
+                message_id, frames = core.request(data if type(data) is bytes else bytes(data))
+            try:
+                self._write(frames, deadline)
+            except BaseException:
+                self._abandon(message_id)
+                raise
         self.stats.sent(size)
         return self._await_reply(message_id, deadline)
 
@@ -380,7 +390,8 @@ class CommunicationPort:
         PORT_CLOSED / CLIENT_DIED message; later calls raise PeerGone.
         """
         message = self._wait_for(self._core.take_message, deadline_after(timeout), "a message")
-        self._maybe_finalize()
+        if self._core.finalize_wanted:
+            self._maybe_finalize()
         return message
 
     def __iter__(self) -> Iterator[Message]:
@@ -508,7 +519,12 @@ class CommunicationPort:
                     if not self._reading:
                         self._reading = True
                         break
-                    if not self._cv.wait(remaining(deadline)):
+                    self._waiters += 1
+                    try:
+                        woken = self._cv.wait(remaining(deadline))
+                    finally:
+                        self._waiters -= 1
+                    if not woken:
                         raise Timeout(f"timed out waiting for {what}")
             try:
                 if not self._read(deadline):
@@ -517,10 +533,13 @@ class CommunicationPort:
                 self._end_read()
 
     def _end_read(self) -> None:
+        # Every read ends here, so whatever it filed wakes the waiters now.
         with self._cv:
             self._reading = False
-            self._cv.notify_all()
-        self._maybe_finalize()
+            if self._waiters:
+                self._cv.notify_all()
+        if self._core.finalize_wanted:
+            self._maybe_finalize()
 
     def pump(self) -> None:
         """Read whatever is waiting without blocking, unless another thread is reading."""
@@ -552,7 +571,7 @@ class CommunicationPort:
 
     def _read(self, deadline: float | None, block: bool = True) -> bool:
         """Read once and dispatch; False if nothing arrived before the deadline."""
-        if block and not wait_readable(self.wait_fds(), deadline):
+        if block and not self._stream.wait_readable(deadline):
             return False
         got = self._stream.recv_fds(_MAX_FDS_PER_READ)
         if got is None:
@@ -570,28 +589,35 @@ class CommunicationPort:
     def _deliver(self, data: bytes, fds: list[int]) -> None:
         """Hand one read to the core, send what it owes the peer, wake whoever waits."""
         core = self._core
+        if not fds:
+            with self._state:
+                filed = core.receive_one(data)
+            if filed:
+                if filed == FILED_INBOX and self._on_ready is not None:
+                    self._on_ready(self)
+                elif filed == FILED_ERROR:
+                    self._protocol_error(core.error)
+                return
         with self._state:
             batch = core.receive(data, fds)
         if batch.error is not None:
-            self._protocol_error(batch)
+            self._protocol_error(batch.error)
             return
         batch.finish()
         with self._state:
             frames, entries = core.outgoing(batch)
         if frames:
             self._write_runtime(frames, entries)
-        with self._cv:
-            with self._state:
-                wake = core.route(batch)
-            if wake.ids or wake.inbox:
-                self._cv.notify_all()
+        with self._state:
+            wake = core.route(batch)
+        # Waiters wake in _end_read, which every read goes through.
         if wake.inbox and self._on_ready is not None:
             self._on_ready(self)
 
-    def _protocol_error(self, batch: Batch) -> None:
+    def _protocol_error(self, error: str) -> None:
         peer = self.peer
         _limited.log(logging.WARNING, ("protocol", peer.uid, peer.pid),
-                     f"protocol error from pid {peer.pid}, dropping the connection: {batch.error}",
+                     f"protocol error from pid {peer.pid}, dropping the connection: {error}",
                      extra=fields(pid=peer.pid, uid=peer.uid, gid=peer.gid))
         self._ended()
 

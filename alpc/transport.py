@@ -12,6 +12,7 @@ import os
 import select
 import socket
 import struct
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -49,6 +50,7 @@ _UCRED = struct.Struct("3i")
 # What sendmsg takes; collections.abc.Buffer only arrived in 3.12.
 Buffer = bytes | bytearray | memoryview
 _FD_SIZE = array.array("i").itemsize
+_scratch = threading.local()
 _FD_SPACE: dict[int, int] = {}
 _POLL_IN = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
 _EPOLL_IN = select.EPOLLIN | select.EPOLLPRI | select.EPOLLHUP | select.EPOLLERR
@@ -161,6 +163,7 @@ class Stream:
         self._fd = sock.fileno()
         self.broken = False
         self._buffer: memoryview | None = None
+        self._poller: select.poll | None = None
 
     @classmethod
     def connect(cls, path: Path, timeout: float | None = None) -> Stream:
@@ -258,9 +261,24 @@ class Stream:
         A deadline that passes after part of a frame went out leaves the stream
         unusable, so ``broken`` is set and the caller must drop the channel.
         """
-        pending = [memoryview(b).cast("B") for b in buffers if len(b)]
+        if not fds and len(buffers) == 1:
+            # The per-message path: one small frame, written at once in the common case.
+            try:
+                written = self._sock.send(buffers[0])
+            except (BlockingIOError, InterruptedError):
+                written = 0
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                raise ConnectionClosed(f"the peer is gone ({exc.strerror})") from None
+            if written == len(buffers[0]):
+                return
+            rest = [memoryview(buffers[0]).cast("B")[written:]]
+            self._send_rest(rest, (), written > 0, deadline)
+            return
+        self._send_rest([memoryview(b).cast("B") for b in buffers if len(b)], fds, False, deadline)
+
+    def _send_rest(self, pending: list[memoryview], fds: Sequence[int], sent_any: bool,
+                   deadline: float | None) -> None:
         total = sum(len(b) for b in pending)
-        sent_any = False
         while pending:
             written = self.try_send(pending, fds if not sent_any else ())
             if written:
@@ -271,6 +289,24 @@ class Stream:
             if not self._wait_writable(deadline):
                 self.broken = sent_any
                 raise Timeout(f"send timed out with {total} bytes unsent")
+
+    def watch(self, extra: Sequence[int] = ()) -> None:
+        """Keep a poll set of this socket and ``extra`` (a peer's pidfd) for ``wait_readable``."""
+        poller = select.poll()
+        for fd in (self._fd, *extra):
+            poller.register(fd, _POLL_IN)
+        self._poller = poller
+
+    def wait_readable(self, deadline: float | None) -> bool:
+        """Wait until the socket (or a watched fd) is readable; False when the deadline passes."""
+        poller = self._poller
+        if poller is None:
+            return bool(wait_readable([self._fd], deadline))
+        while True:
+            try:
+                return bool(poller.poll(_poll_ms(deadline)))
+            except InterruptedError:
+                continue
 
     def _wait_writable(self, deadline: float | None) -> bool:
         poller = select.poll()
@@ -308,7 +344,18 @@ class Stream:
         beyond ``max_fds`` (or a truncated set) are closed, never leaked.
         """
         try:
-            data, ancillary, flags, _ = self._sock.recvmsg(size, _FD_SPACE.get(max_fds) or _fd_space(max_fds))
+            if size == RECV_CHUNK:
+                # Into one buffer per thread (not per stream: an idle connection
+                # should cost little): asking recvmsg for 64 KiB makes CPython
+                # allocate (and shrink) that much on every call.
+                buffer = getattr(_scratch, "buffer", None)
+                if buffer is None:
+                    buffer = _scratch.buffer = memoryview(bytearray(RECV_CHUNK))
+                received, ancillary, flags, _ = self._sock.recvmsg_into(
+                    [buffer], _FD_SPACE.get(max_fds) or _fd_space(max_fds))
+                data = buffer[:received].tobytes()
+            else:
+                data, ancillary, flags, _ = self._sock.recvmsg(size, _FD_SPACE.get(max_fds) or _fd_space(max_fds))
         except (BlockingIOError, InterruptedError):
             return None
         except ConnectionResetError:

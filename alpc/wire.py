@@ -178,6 +178,9 @@ def encode_frame(message_type: int, data: bytes = b"", **fields: int) -> bytes:
     return encode_header(message_type, len(data), **fields) + data
 
 
+_unpack_header = HEADER.unpack_from
+_TYPES = {int(kind): kind for kind in MessageType}
+
 _ERRORS = {
     _native.E_MAGIC: "bad magic (not an alpc frame)",
     _native.E_VERSION: "unsupported protocol version",
@@ -233,7 +236,12 @@ class FrameDecoder:
         On a violation the queued fds are closed and ProtocolError is raised; the
         caller must then drop the channel, as the stream can no longer be trusted.
         """
-        self._fds.extend(fds)
+        if fds:
+            self._fds.extend(fds)
+        elif not self._chunks and len(data) >= HEADER_SIZE:
+            single = self.single(data)
+            if single is not None:
+                return single
         if self._chunks:
             self._chunks.append(data)
             self._buffered += len(data)
@@ -260,6 +268,28 @@ class FrameDecoder:
             self.close_fds()
             raise ProtocolError("fds received that no frame announced")
         return frames
+
+    def single(self, data: bytes) -> list[Frame] | None:
+        """The common read, exactly one whole frame with no fds, decoded without a scan call.
+
+        None (nothing consumed) for anything else: ``feed`` takes it and names any error.
+        """
+        if self._chunks or len(data) < HEADER_SIZE:
+            return None
+        (magic, version, mtype, flags, data_length, attr_length, message_id, callback_id,
+         pid, tid, n_fds, reserved16, reserved32) = _unpack_header(data)
+        limits = self._limits
+        if (HEADER_SIZE + attr_length + data_length != len(data) or magic != MAGIC or version != VERSION
+                or n_fds or reserved16 or reserved32 or flags & ~limits.flag_mask
+                or data_length > limits.max_data or attr_length > limits.max_attr
+                or mtype not in limits.allowed_types or self._fds):
+            return None  # anything unusual takes the full path, which names the error
+        if attr_length:
+            attrs = data[HEADER_SIZE:HEADER_SIZE + attr_length]
+            body = data[HEADER_SIZE + attr_length:]
+        else:
+            attrs, body = b"", data[HEADER_SIZE:]
+        return [Frame(_TYPES[mtype], flags, message_id, callback_id, pid, tid, attrs, body, ())]
 
     def _keep_partial(self, buf: bytes, start: int) -> None:
         rest = len(buf) - start
