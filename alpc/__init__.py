@@ -1,6 +1,7 @@
 """alpc: Windows ALPC semantics for Python programs on Linux."""
 
 from .broker import Broker, list_ports
+from .completion import CompletionPort
 from .config import Config, PortAttributes
 from .errors import (
     AccessDenied,
@@ -8,8 +9,10 @@ from .errors import (
     AlpcError,
     BrokerRunning,
     BrokerUnavailable,
+    Cancelled,
     ConnectionClosed,
     ConnectionRejected,
+    DeadlineExceeded,
     InvalidName,
     MessageTooLarge,
     NameInUse,
@@ -23,7 +26,7 @@ from .errors import (
 )
 from .grant import MemoryGrant, PeerMemory
 from .introspect import list_peers, port_stats
-from .port import CommunicationPort, connect
+from .port import CommunicationPort, PendingRequest, connect
 from .protocol import Message
 from .section import Section, SectionView, View, sweep_stale_names
 from .security import PeerCred
@@ -37,11 +40,14 @@ __all__ = [
     "Broker",
     "BrokerRunning",
     "BrokerUnavailable",
+    "Cancelled",
     "CommunicationPort",
+    "CompletionPort",
     "Config",
     "ConnectionClosed",
     "ConnectionPort",
     "ConnectionRejected",
+    "DeadlineExceeded",
     "ConnectionRequest",
     "InvalidName",
     "MemoryGrant",
@@ -53,6 +59,7 @@ __all__ = [
     "PeerCred",
     "PeerGone",
     "PeerMemory",
+    "PendingRequest",
     "PortAttributes",
     "PortNotFound",
     "ProtocolError",

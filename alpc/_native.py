@@ -59,7 +59,7 @@ SCAN_BATCH = 256
 E_MAGIC, E_VERSION, E_TYPE, E_FLAGS, E_RESERVED, E_DATA, E_ATTR, E_FDS = range(-1, -9, -1)
 E_ATTR_KIND, E_ATTR_LENGTH, E_ATTR_DUP, E_ATTR_TRUNC, E_ATTR_VALUE, E_RANGE = range(-10, -16, -1)
 # Value sizes of the attribute kinds (SECTION_REF, SECTION_NEW, GRANT, RANGE).
-ATTR_SIZES = {1: 24, 2: 16, 3: 24, 4: 16}
+ATTR_SIZES = {1: 24, 2: 16, 3: 24, 4: 16, 5: 8}
 _SECTION_FLAGS = 3
 _ACCESS_FLAGS = 3
 
@@ -182,10 +182,11 @@ scan_frames: ScanFunction = _scan_frames_py if _ext is None else _scan_frames_c
 
 # -- attributes and ranges from a peer ---------------------------------------------
 
-AttrFields = tuple[int, int, int, int, int, int, int, int, int, int, int, int, int]
-_NO_ATTRS: AttrFields = (0,) * 13
+AttrFields = tuple[int, int, int, int, int, int, int, int, int, int, int, int, int, int]
+_NO_ATTRS: AttrFields = (0,) * 14
 _TLV = struct.Struct("<HH")
-_ATTR_VALUES = {1: struct.Struct("<IIQQ"), 2: struct.Struct("<IIQ"), 3: struct.Struct("<QQII"), 4: struct.Struct("<QQ")}
+_ATTR_VALUES = {1: struct.Struct("<IIQQ"), 2: struct.Struct("<IIQ"), 3: struct.Struct("<QQII"), 4: struct.Struct("<QQ"),
+                5: struct.Struct("<Q")}
 
 
 def _parse_attributes_py(raw: bytes, allowed: int) -> tuple[int, AttrFields]:
@@ -215,7 +216,8 @@ def _parse_attributes_py(raw: bytes, allowed: int) -> tuple[int, AttrFields]:
     new = values.get(2, (0, 0, 0))
     grant = values.get(3, (0, 0, 0, 0))[:3]
     span = values.get(4, (0, 0))
-    return 0, (present, *ref, *new, *grant, *span)  # type: ignore[return-value]
+    deadline = values.get(5, (0,))
+    return 0, (present, *ref, *new, *grant, *span, *deadline)  # type: ignore[return-value]
 
 
 def _parse_attributes_c(raw: bytes, allowed: int) -> tuple[int, AttrFields]:
@@ -227,12 +229,12 @@ def _parse_attributes_c(raw: bytes, allowed: int) -> tuple[int, AttrFields]:
         return error, _NO_ATTRS
     return 0, (out.present, out.ref_section, out.ref_flags, out.ref_offset, out.ref_length,
                out.new_section, out.new_flags, out.new_size, out.grant_address, out.grant_length,
-               out.grant_access, out.range_offset, out.range_length)
+               out.grant_access, out.range_offset, out.range_length, out.deadline_ns)
 
 
 # (error, fields): fields are present-bits, then SECTION_REF (id, flags, offset,
 # length), SECTION_NEW (id, flags, size), GRANT (address, length, access) and
-# RANGE (offset, length), zero where absent.
+# RANGE (offset, length) and DEADLINE (CLOCK_MONOTONIC ns), zero where absent.
 parse_attributes: Callable[[bytes, int], tuple[int, AttrFields]] = (
     _parse_attributes_py if _ext is None else _parse_attributes_c
 )

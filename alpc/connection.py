@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 from . import _native
-from .errors import ConnectionClosed, PeerGone, ProtocolError, SectionError
+from .errors import Cancelled, ConnectionClosed, DeadlineExceeded, PeerGone, ProtocolError, SectionError
 from .grant import LocalGrant, PeerMemory
 from .protocol import Channel, Frames, Message, materialize
 from .section import SectionView, View
@@ -80,6 +80,7 @@ class Wake(NamedTuple):
     ids: list[int]  # requests with a reply, grant operation or grant data now waiting
     inbox: bool  # requests, datagrams or a notice for receive()
     failed: bool  # the connection ended: every waiter should look
+    cancelled: bool = False  # the peer cancelled requests: take_cancelled() names them
 
 
 _NOTHING = Wake([], False, False)
@@ -102,6 +103,8 @@ class Connection:
         self._grant_ops: dict[int, deque[Message]] = {}
         self._grant_data: dict[int, Message] = {}
         self.vm_refused = False
+        # Requests cancelled here while a thread may be waiting for their reply.
+        self._cancelled_ids: set[int] = set()
         # The last protocol violation, for the driver's log.
         self.error = ""
         # Constant for the connection; read on every send.
@@ -135,9 +138,21 @@ class Connection:
 
     # -- sending --------------------------------------------------------------------
 
-    def request(self, data: bytes, grant: LocalGrant | None = None) -> tuple[int, Frames]:
+    def request(self, data: bytes, grant: LocalGrant | None = None,
+                deadline: float | None = None) -> tuple[int, Frames]:
         self.check_open()
-        return self.channel.request(data, grant)
+        return self.channel.request(data, grant, deadline)
+
+    def cancel(self, request_id: int) -> tuple[Frames, list[View]]:
+        """Cancel a request in flight: the CANCEL frame for the peer (empty if it is not in
+        flight any more) and views to release outside the lock. A thread waiting for its
+        reply gets Cancelled; its reply, if one comes, is dropped."""
+        if request_id not in self.channel.pending_ids:
+            return [], []
+        frames = self.channel.cancel(request_id) if self.failure is None else []
+        views = self.abandon(request_id)
+        self._cancelled_ids.add(request_id)
+        return frames, views
 
     def ping(self) -> tuple[int, Frames]:
         self.check_open()
@@ -147,9 +162,16 @@ class Connection:
         self.check_open()
         return self.channel.datagram(data)
 
-    def reply(self, request_id: int, data: bytes) -> Frames:
+    def reply(self, message: Message, data: bytes) -> Frames:
+        """The reply's frames; none for a request the client cancelled (nobody waits for it)."""
+        if message.cancelled:
+            return []
         self.check_open()
-        return self.channel.reply(request_id, data)
+        return self.channel.reply(message.id, data)
+
+    @staticmethod
+    def wants_reply(message: Message) -> bool:
+        return not message.cancelled
 
     def trim(self) -> Frames:
         self.check_open()
@@ -182,6 +204,9 @@ class Connection:
             entries = self.channel.take_releases()
             frames = self.channel.release_frames(entries)
         backlog, self._backlog, self._backlog_bytes = self._backlog, [], 0
+        if len(backlog) > 1:
+            # One buffer for the kernel instead of hundreds of iovecs (a copy of at most 64 KiB).
+            backlog = [b"".join(backlog)]
         self.owed = False
         return frames + backlog, (entries, backlog)
 
@@ -214,10 +239,11 @@ class Connection:
         return sections is not None and sections.pool.ledger.budget_blocked
 
     def section_message(self, kind: MessageType, view: SectionView, *, as_view: bool, callback_id: int = 0,
-                        grant: LocalGrant | None = None, span: Range | None = None) -> tuple[int, Frames, list[int]]:
+                        grant: LocalGrant | None = None, span: Range | None = None,
+                        deadline: float | None = None) -> tuple[int, Frames, list[int]]:
         self.check_open()
         return self.channel.section_message(kind, view, as_view=as_view, callback_id=callback_id, grant=grant,
-                                            span=span)
+                                            span=span, deadline=deadline)
 
     def section_sent(self, view: SectionView, written: bool) -> None:
         self.channel.section_sent(view, written)
@@ -399,8 +425,11 @@ class Connection:
     def route(self, batch: Batch) -> Wake:
         """File the messages of a read; returns who should wake."""
         messages = batch.messages
+        cancelled = bool(self.channel.cancelled)
         if not messages:
-            return _NOTHING if batch.error is None else Wake([], True, True)
+            if batch.error is None:
+                return _NOTHING if not cancelled else Wake([], False, False, True)
+            return Wake([], True, True)
         self.stats.received(messages)
         ids: list[int] = []
         inbox = failed = False
@@ -423,21 +452,65 @@ class Connection:
             else:
                 self.inbox.append(message)
                 inbox = True
-        return Wake(ids, inbox, failed)
+        return Wake(ids, inbox, failed, cancelled)
 
     # -- taking -----------------------------------------------------------------------
 
     def take_reply(self, request_id: int) -> Message | None:
-        return self.replies.pop(request_id, None)
+        """The reply to ``request_id`` if it came; raises Cancelled or DeadlineExceeded for a
+        request cancelled here, or dropped by the peer because its deadline passed."""
+        message = self.replies.pop(request_id, None)
+        if message is None:
+            if request_id in self._cancelled_ids:
+                self._cancelled_ids.discard(request_id)
+                raise Cancelled(f"request {request_id} was cancelled")
+            return None
+        if message.cancelled:
+            raise DeadlineExceeded(f"the peer dropped request {request_id}: its deadline passed before dispatch")
+        return message
+
+    def forget_cancelled(self, request_id: int) -> None:
+        self._cancelled_ids.discard(request_id)
 
     def take_message(self) -> Message | None:
-        """The next request, datagram or notice for the application, or None."""
-        if not self.inbox:
-            return None
-        message = self.inbox.popleft()
-        if message.type in NOTICES:
-            self.finalize_wanted = True
-        return message
+        """The next request, datagram or notice for the application, or None.
+
+        A request whose deadline passed is never handed out: the peer gets a
+        CANCELLED reply instead (``take_automatic`` has it for the driver).
+        """
+        inbox = self.inbox
+        while inbox:
+            message = inbox.popleft()
+            if message.cancelled:
+                continue  # the client cancelled it before anyone took it
+            deadline = message.deadline
+            if deadline is not None and deadline <= _monotonic():
+                self.channel.expire(message)
+                self.stats.in_flight.pop(message.id, None)
+                continue
+            if message.type in NOTICES:
+                self.finalize_wanted = True
+            return message
+        return None
+
+    def take_automatic(self) -> Frames:
+        """Frames the runtime owes the peer after ``take_message`` (answers to expired requests)."""
+        return self.channel.take_automatic()
+
+    def take_cancelled(self) -> list[Message]:
+        """Requests the peer cancelled since the last call, already out of the inbox: their
+        handlers should stop (their ``cancelled`` is set, and their replies are dropped)."""
+        cancelled = self.channel.cancelled
+        if not cancelled:
+            return cancelled
+        self.channel.cancelled = []
+        for message in cancelled:
+            self.stats.in_flight.pop(message.id, None)
+            try:
+                self.inbox.remove(message)
+            except ValueError:
+                pass  # already handed to the application
+        return cancelled
 
     # -- the end ------------------------------------------------------------------------
 

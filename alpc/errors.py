@@ -6,7 +6,11 @@ Every exception also subclasses the builtin a caller would already catch, so
 
 from __future__ import annotations
 
+import concurrent.futures
+
 __all__ = [
+    "Cancelled",
+    "DeadlineExceeded",
     "AccessDenied",
     "ActivationError",
     "AlpcError",
@@ -57,6 +61,14 @@ class ConnectionRejected(AlpcError, ConnectionRefusedError):
 
 class Timeout(AlpcError, TimeoutError):
     """A wait ran out of time."""
+
+
+class DeadlineExceeded(Timeout):
+    """A request's deadline passed before the server dispatched it (its runtime dropped it)."""
+
+
+class Cancelled(AlpcError, concurrent.futures.CancelledError):
+    """The request was cancelled (``PendingRequest.cancel()``) while a thread waited for its reply."""
 
 
 class BrokerUnavailable(AlpcError, ConnectionError):

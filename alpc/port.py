@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 from . import _native, control
@@ -27,6 +27,7 @@ from .errors import (
     BrokerUnavailable,
     ConnectionClosed,
     ConnectionRejected,
+    DeadlineExceeded,
     MessageTooLarge,
     PeerGone,
     PortNotFound,
@@ -48,6 +49,7 @@ __all__ = [
     "RETRYABLE_CONNECT_ERRORS",
     "CommunicationPort",
     "Payload",
+    "PendingRequest",
     "connect",
 ]
 
@@ -104,6 +106,8 @@ class CommunicationPort:
         self._on_gone = on_gone
         # A multiplexer (ConnectionPort) hears when the inbox gets something.
         self._on_ready: Callable[[CommunicationPort], None] | None = None
+        # ... and which requests the client cancelled (a completion port stops their handlers).
+        self._on_cancel: Callable[[list[Message]], None] | None = None
         self._state = threading.Lock()
         # Reentrant: a failing write may itself need to send (never to finalize).
         self._send_lock = threading.RLock()
@@ -150,13 +154,19 @@ class CommunicationPort:
     # -- sending ----------------------------------------------------------------
 
     def request(self, data: Payload = b"", timeout: float | None = None, *, secure: bool = False,
-                grant: MemoryGrant | None = None) -> Message:
+                grant: MemoryGrant | None = None, deadline: float | None = None) -> Message:
         """Send a request and wait for its reply.
 
         ``data`` longer than the inline threshold goes through a shared section;
         a ``SectionView`` from ``create_view`` goes with no copy at all. ``secure``
         sends it write-sealed; ``grant`` lends the server a buffer for this request.
+        ``deadline`` (a ``time.monotonic()`` value) travels with the request: the
+        server never dispatches it later, and this call waits at most until then
+        (DeadlineExceeded). A timeout cancels the request at the server (CANCEL).
         """
+        if deadline is not None:
+            return self.start_request(data, secure=secure, grant=grant, deadline=deadline,
+                                      timeout=timeout).result(timeout)
         deadline = deadline_after(timeout)
         size = data.nbytes if type(data) is memoryview else len(data)
         if grant is not None or isinstance(data, SectionView) or size > self._core.inline_threshold:
@@ -180,16 +190,86 @@ class CommunicationPort:
         message_id = self._send_new(self._core.ping, deadline)
         self._await_reply(message_id, deadline)
 
-    def send(self, data: Payload = b"", timeout: float | None = None, *, secure: bool = False) -> None:
-        """Send a datagram (no reply expected)."""
+    def send(self, data: Payload = b"", timeout: float | None = None, *, secure: bool = False,
+             flush: bool = True) -> None:
+        """Send a datagram (no reply expected).
+
+        ``flush=False`` queues a small datagram instead of writing it: queued
+        datagrams go out together, in one system call, with the next write on
+        this port (any send, request or reply), on ``flush()``, or by themselves
+        once 64 KiB are queued. Order is kept either way.
+        """
         deadline = deadline_after(timeout)
         size = data.nbytes if type(data) is memoryview else len(data)
-        if isinstance(data, SectionView) or size > self._core.inline_threshold:
+        core = self._core
+        if isinstance(data, SectionView) or size > core.inline_threshold:
             self._send_section(MessageType.DATAGRAM, data, deadline, secure)
+        elif flush:
+            self._send(lambda: core.datagram(data if type(data) is bytes else bytes(data)), deadline)
         else:
-            core = self._core
-            self._send(lambda: core.datagram(bytes(data)), deadline)
+            with self._state:
+                full = core.queue(core.datagram(data if type(data) is bytes else bytes(data)))
+            if full:
+                self.flush(timeout)
         self.stats.sent(size)
+
+    def send_many(self, items: Iterable[Payload], timeout: float | None = None) -> None:
+        """Send datagrams in as few system calls as possible (one per 64 KiB of small ones)."""
+        for item in items:
+            self.send(item, timeout, flush=False)
+        self.flush(timeout)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Write every datagram queued by ``send(..., flush=False)``."""
+        if self._core.owed:
+            with self._send_lock:
+                self._write([], deadline_after(timeout))
+
+    def start_request(self, data: Payload = b"", timeout: float | None = None, *, secure: bool = False,
+                      grant: MemoryGrant | None = None, deadline: float | None = None) -> PendingRequest:
+        """Send a request without waiting: ``result(timeout)`` waits for the reply, and any
+        thread may ``cancel()`` it meanwhile (the server sees the cancel; no reply is
+        delivered after it). ``timeout`` bounds the send only."""
+        send_by = deadline_after(timeout)
+        if deadline is not None and (send_by is None or deadline < send_by):
+            send_by = deadline
+        core = self._core
+        size = data.nbytes if type(data) is memoryview else len(data)
+        pinned = grant.pin() if grant is not None else None
+        try:
+            if isinstance(data, SectionView) or size > core.inline_threshold:
+                message_id = self._send_section(MessageType.REQUEST, data, send_by, secure, grant=pinned,
+                                                deadline_attr=deadline)
+            else:
+                body = data if type(data) is bytes else bytes(data)
+                message_id = self._send_new(lambda: core.request(body, pinned, deadline), send_by)
+        except BaseException:
+            if pinned is not None:
+                pinned.release()
+            raise
+        self.stats.sent(size)
+        return PendingRequest(self, message_id, pinned, deadline)
+
+    def cancel(self, message_id: int, timeout: float | None = 1.0) -> bool:
+        """Cancel request ``message_id`` (NtAlpcCancelMessage): False if it is not in flight.
+
+        The server's runtime answers for it (its handler sees ``message.cancelled``),
+        a thread waiting for it gets Cancelled, and a late reply is dropped.
+        """
+        with self._state:
+            frames, views = self._core.cancel(message_id)
+        for view in views:
+            view.release()
+        with self._cv:
+            self._cv.notify_all()
+        if not frames:
+            return False
+        try:
+            with self._send_lock:
+                self._write(frames, deadline_after(timeout))
+        except (Timeout, ConnectionClosed):
+            pass  # the request is dropped here anyway; a dead or stuck peer will not answer it
+        return True
 
     def reply(self, message: Message, data: Payload = b"", timeout: float | None = None, *,
               secure: bool = False) -> None:
@@ -198,11 +278,15 @@ class CommunicationPort:
             raise ValueError(f"only a REQUEST can be replied to, not {message.type.name}")
         deadline = deadline_after(timeout)
         size = data.nbytes if type(data) is memoryview else len(data)
-        if isinstance(data, SectionView) or size > self._core.inline_threshold:
+        core = self._core
+        if not core.wants_reply(message):
+            if isinstance(data, SectionView):
+                data.release()
+            return
+        if isinstance(data, SectionView) or size > core.inline_threshold:
             self._send_section(MessageType.REPLY, data, deadline, secure, callback_id=message.id)
         else:
-            core = self._core
-            self._send(lambda: core.reply(message.id, bytes(data)), deadline)
+            self._send(lambda: core.reply(message, data if type(data) is bytes else bytes(data)), deadline)
         self.stats.replied(message.id, size)
 
     # -- sections ------------------------------------------------------------------
@@ -266,7 +350,7 @@ class CommunicationPort:
 
     def _send_section(self, kind: MessageType, data: Payload, deadline: float | None, secure: bool, *,
                       callback_id: int = 0, grant: LocalGrant | None = None, span: Range | None = None,
-                      as_view: bool | None = None) -> int:
+                      as_view: bool | None = None, deadline_attr: float | None = None) -> int:
         """Send a body through a section: fill a reserved range (unless ``data`` is a
         view already), then send the small frame naming it. Returns the message id."""
         core = self._core
@@ -286,7 +370,7 @@ class CommunicationPort:
                 with self._state:
                     message_id, frames, fds = core.section_message(
                         kind, view, as_view=explicit if as_view is None else as_view,
-                        callback_id=callback_id, grant=grant, span=span)
+                        callback_id=callback_id, grant=grant, span=span, deadline=deadline_attr)
             except BaseException:
                 if not explicit:
                     view.release()
@@ -390,9 +474,18 @@ class CommunicationPort:
         PORT_CLOSED / CLIENT_DIED message; later calls raise PeerGone.
         """
         message = self._wait_for(self._core.take_message, deadline_after(timeout), "a message")
-        if self._core.finalize_wanted:
-            self._maybe_finalize()
+        self._after_take()
         return message
+
+    def _after_take(self) -> None:
+        core = self._core
+        if core.channel._automatic:
+            with self._state:
+                frames = core.take_automatic()
+            if frames:
+                self._write_runtime(frames, [])
+        if core.finalize_wanted:
+            self._maybe_finalize()
 
     def __iter__(self) -> Iterator[Message]:
         """Messages until the peer goes away."""
@@ -409,6 +502,12 @@ class CommunicationPort:
         core = self._core
         try:
             return self._wait_for(lambda: core.take_reply(message_id), deadline, "the reply")
+        except Timeout:
+            if not self.cancel(message_id):
+                self._abandon(message_id)
+            with self._state:
+                core.forget_cancelled(message_id)
+            raise
         except BaseException:
             self._abandon(message_id)
             raise
@@ -437,6 +536,12 @@ class CommunicationPort:
                     core.apply_grant_write(message, grant)
                 else:
                     return message
+        except Timeout:
+            if not self.cancel(message_id):
+                self._abandon(message_id)
+            with self._state:
+                core.forget_cancelled(message_id)
+            raise
         except BaseException:
             self._abandon(message_id)
             raise
@@ -611,6 +716,11 @@ class CommunicationPort:
         with self._state:
             wake = core.route(batch)
         # Waiters wake in _end_read, which every read goes through.
+        if wake.cancelled:
+            with self._state:
+                cancelled = core.take_cancelled()
+            if cancelled and self._on_cancel is not None:
+                self._on_cancel(cancelled)
         if wake.inbox and self._on_ready is not None:
             self._on_ready(self)
 
@@ -733,6 +843,16 @@ def _connect_once(
     timeout: float | None = None,
     config: Config | None = None,
 ) -> CommunicationPort:
+    stream, channel, pidfd, accept_data = open_channel(name, data, timeout=timeout, config=config)
+    return CommunicationPort(stream, channel, peer_pidfd=pidfd, is_server=False, accept_data=accept_data)
+
+
+def open_channel(name: str, data: bytes = b"", *, timeout: float | None = None,
+                 config: Config | None = None) -> tuple[Stream, Channel, int | None, bytes]:
+    """The connect handshake: the established stream, its channel, the server's pidfd and accept data.
+
+    Blocking; a driver (this module, or ``aio``) wraps the result in its port.
+    """
     config = config or Config.from_env()
     validate_port_name(name)
     data = bytes(data)
@@ -765,8 +885,7 @@ def _connect_once(
     )
     channel = Channel(server, send_limit=reply.max_message_length,
                       recv_limit=config.max_message_length, local_pid=os.getpid(), sections=sections)
-    return CommunicationPort(stream, channel, peer_pidfd=pidfd_open(server.pid), is_server=False,
-                             accept_data=reply.data)
+    return stream, channel, pidfd_open(server.pid), reply.data
 
 
 def _await_connection_reply(
@@ -787,3 +906,41 @@ def _await_connection_reply(
     return reply, cred
 
 
+
+
+class PendingRequest:
+    """A request in flight (``CommunicationPort.start_request``): wait for it, or cancel it."""
+
+    def __init__(self, port: CommunicationPort, message_id: int, grant: LocalGrant | None,
+                 deadline: float | None) -> None:
+        self._port = port
+        self.id = message_id
+        self._grant = grant
+        self.deadline = deadline
+        self._done = False
+
+    def result(self, timeout: float | None = None) -> Message:
+        """The reply; Timeout (the request is then cancelled at the server), Cancelled, or
+        DeadlineExceeded once the request's deadline passed."""
+        if self._done:
+            raise ValueError("the reply of this request was already taken")
+        wait_until = deadline_after(timeout)
+        if self.deadline is not None and (wait_until is None or self.deadline < wait_until):
+            wait_until = self.deadline
+        self._done = True
+        port = self._port
+        try:
+            if self._grant is None:
+                return port._await_reply(self.id, wait_until)
+            return port._await_granted_reply(self.id, self._grant, wait_until)
+        except Timeout as exc:
+            if self.deadline is not None and wait_until == self.deadline:
+                raise DeadlineExceeded(f"request {self.id} ran past its deadline") from exc
+            raise
+
+    def cancel(self) -> bool:
+        """Cancel it (from any thread): False if its reply already came or it was cancelled."""
+        return self._port.cancel(self.id)
+
+    def __repr__(self) -> str:
+        return f"<PendingRequest {self.id} on {self._port!r}>"

@@ -16,6 +16,7 @@ from .grant import LocalGrant, PeerMemory
 from .section import ConnectionSections, SectionView, View
 from .security import PeerCred
 from .wire import (
+    CHANNEL_FLAGS,
     HEADER,
     MAGIC,
     MAX_ATTR_LENGTH,
@@ -23,6 +24,7 @@ from .wire import (
     VERSION,
     Access,
     Attributes,
+    Flag,
     Frame,
     FrameDecoder,
     FrameLimits,
@@ -55,7 +57,7 @@ __all__ = [
 
 CHANNEL_TYPES = frozenset({
     MessageType.REQUEST, MessageType.REPLY, MessageType.DATAGRAM,
-    MessageType.PORT_CLOSED, MessageType.PING, MessageType.PONG,
+    MessageType.PORT_CLOSED, MessageType.PING, MessageType.PONG, MessageType.CANCEL,
 })
 # Runtime traffic of a connection with sections: releases, retirements, grants.
 SECTION_TYPES = frozenset({
@@ -74,9 +76,9 @@ _ID_MASK = 0xFFFFFFFF
 
 def channel_limits(max_data: int, sections: bool = False) -> FrameLimits:
     if not sections:
-        return FrameLimits(allowed_types=CHANNEL_TYPES, max_data=max_data)
+        return FrameLimits(allowed_types=CHANNEL_TYPES, max_data=max_data, flag_mask=CHANNEL_FLAGS)
     return FrameLimits(allowed_types=CHANNEL_TYPES | SECTION_TYPES, max_data=max_data,
-                       max_attr=MAX_ATTR_LENGTH, max_fds=1)
+                       max_attr=MAX_ATTR_LENGTH, max_fds=1, flag_mask=CHANNEL_FLAGS)
 
 
 class Replier(Protocol):
@@ -97,7 +99,8 @@ class Message:
     A request whose client granted memory carries ``grant`` (a PeerMemory).
     """
 
-    __slots__ = ("_copy", "_data", "callback_id", "fds", "grant", "id", "port", "reason", "sender", "sender_pid",
+    __slots__ = ("_copy", "_data", "callback_id", "cancelled", "deadline", "fds", "grant", "id", "port", "reason",
+                 "sender", "sender_pid",
                  "sender_tid", "type", "view")
 
     def __init__(
@@ -126,6 +129,11 @@ class Message:
         self.fds = fds
         self.reason = reason
         self.port: Any = None
+        # A request the client cancelled (or whose deadline passed): a handler
+        # polls this; its reply is dropped.
+        self.cancelled = False
+        # The client's absolute deadline (time.monotonic() seconds), or None.
+        self.deadline: float | None = None
 
     @property
     def data(self) -> bytes:
@@ -152,11 +160,11 @@ class Message:
         body = self._copy if self._copy is not None else self.view
         return 0 if body is None else len(body)
 
-    def reply(self, data: Any = b"", timeout: float | None = None, **options: Any) -> None:
-        """Reply to this request on the port it arrived on."""
+    def reply(self, data: Any = b"", timeout: float | None = None, **options: Any) -> Any:
+        """Reply to this request on the port it arrived on (on an asyncio port, await the result)."""
         if self.port is None:
             raise ConnectionClosed("this message is not attached to a port")
-        self.port.reply(self, data, timeout, **options)
+        return self.port.reply(self, data, timeout, **options)
 
     def __repr__(self) -> str:
         extra = f" reason={self.reason!r}" if self.reason else ""
@@ -208,7 +216,10 @@ class Channel:
         self._next_id = 1
         self._pending: set[int] = set()
         self._abandoned: dict[int, None] = {}
-        self._unreplied: set[int] = set()
+        # Requests awaiting our reply: id -> the message handed to the application.
+        self._unreplied: dict[int, Message | None] = {}
+        # Requests the peer cancelled since the driver last looked (their handlers should stop).
+        self.cancelled: list[Message] = []
         self._automatic: Frames = []
         # Client side: grants of requests in flight. Server side: grants of
         # requests not yet replied to, and the fallback reads awaiting data.
@@ -269,22 +280,66 @@ class Channel:
         self._next_id = (message_id + 1) & _ID_MASK or 1
         return message_id
 
-    def request(self, data: bytes, grant: LocalGrant | None = None) -> tuple[int, Frames]:
-        """Frames for a request; its reply is matched by the returned id."""
+    def request(self, data: bytes, grant: LocalGrant | None = None,
+                deadline: float | None = None) -> tuple[int, Frames]:
+        """Frames for a request; its reply is matched by the returned id.
+
+        ``deadline`` (time.monotonic() seconds, a clock every process on the
+        machine shares) travels with it: the peer never dispatches it later.
+        """
         self._check_size(data)
         message_id = self._allocate_id()
-        if grant is None:
+        if grant is None and deadline is None:
             frames = self._frame(MessageType.REQUEST, data, message_id=message_id)
         else:
-            frames = self._frame(MessageType.REQUEST, data, message_id=message_id, attrs=self._grant_attrs(grant))
-            self._grants[message_id] = grant
+            attrs = self._request_attrs(grant, deadline)
+            frames = self._frame(MessageType.REQUEST, data, message_id=message_id, attrs=attrs)
+            if grant is not None:
+                self._grants[message_id] = grant
         self._pending.add(message_id)
         return message_id, frames
 
-    def _grant_attrs(self, grant: LocalGrant) -> bytes:
+    def _request_attrs(self, grant: LocalGrant | None, deadline: float | None) -> bytes:
         if self.sections is None:
-            raise SectionError("memory grants need a connection with sections")
-        return encode_attributes(Attributes(grant=grant.attr))
+            raise SectionError("memory grants and deadlines need a connection with sections")
+        return encode_attributes(Attributes(grant=None if grant is None else grant.attr,
+                                            deadline=None if deadline is None else _deadline_ns(deadline)))
+
+    def cancel(self, request_id: int) -> Frames:
+        """Stop waiting for a request and tell the peer (CANCEL); its reply, if any comes, is dropped.
+
+        Empty when the request is not in flight (answered already, or never sent).
+        """
+        if request_id not in self._pending:
+            return []
+        self.abandon(request_id)
+        return self._frame(MessageType.CANCEL, b"", callback_id=request_id)
+
+    def _cancel_received(self, request_id: int) -> None:
+        """The peer gave up on a request of its: answer for the application, which never will.
+
+        A CANCEL racing the reply (already sent) finds nothing and is ignored.
+        """
+        if request_id not in self._unreplied:
+            return
+        message = self._unreplied.get(request_id)
+        self._answer_cancelled(request_id)
+        if message is not None:
+            message.cancelled = True
+            self.cancelled.append(message)
+
+    def expire(self, message: Message) -> None:
+        """A request whose deadline passed before dispatch: answer it as cancelled instead."""
+        if message.id in self._unreplied and self._unreplied[message.id] is message:
+            message.cancelled = True
+            self._answer_cancelled(message.id)
+
+    def _answer_cancelled(self, request_id: int) -> None:
+        header = _pack_header(MAGIC, VERSION, MessageType.REPLY, _CANCELLED, 0, 0, self._allocate_id(), request_id,
+                              self._local_pid, _native_tid(), 0, 0, 0)
+        self._automatic.append(header)
+        self._replied(request_id)
+
 
     def ping(self) -> tuple[int, Frames]:
         message_id = self._allocate_id()
@@ -301,7 +356,7 @@ class Channel:
             raise ValueError(f"message {request_id} is not a request awaiting a reply on this port")
         self._check_size(data)
         frames = self._frame(MessageType.REPLY, data, message_id=self._allocate_id(), callback_id=request_id)
-        self._unreplied.discard(request_id)
+        self._unreplied.pop(request_id, None)
         if self._peer_grants:
             self._replied(request_id)
         return frames
@@ -311,7 +366,7 @@ class Channel:
             raise ValueError(f"message {request_id} is not a request awaiting a reply on this port")
 
     def _replied(self, request_id: int) -> None:
-        self._unreplied.discard(request_id)
+        self._unreplied.pop(request_id, None)
         if self._peer_grants:
             self._peer_grants.pop(request_id, None)
             self._grant_reads.pop(request_id, None)
@@ -332,7 +387,8 @@ class Channel:
         return sections.pool.reserve(length, secure or sections.secure)
 
     def section_message(self, kind: MessageType, view: SectionView, *, as_view: bool, callback_id: int = 0,
-                        grant: LocalGrant | None = None, span: Range | None = None) -> tuple[int, Frames, list[int]]:
+                        grant: LocalGrant | None = None, span: Range | None = None,
+                        deadline: float | None = None) -> tuple[int, Frames, list[int]]:
         """Frames (and the fd to pass) carrying a filled ``view`` as a message of ``kind``.
 
         ``as_view`` asks the receiver for a view instead of a copy. The view is
@@ -351,7 +407,8 @@ class Channel:
         new, fd = sections.pool.prepare(view)
         flags = (_VIEW if as_view else 0) | (_SECURE if view.secure else 0)
         attrs = Attributes(ref=SectionRef(view.section_id, flags, view.offset, view.length), new=new,
-                           grant=grant.attr if grant is not None else None, range=span)
+                           grant=grant.attr if grant is not None else None, range=span,
+                           deadline=None if deadline is None else _deadline_ns(deadline))
         message_id = self._allocate_id() if kind in _NUMBERED else 0
         frames += self._frame(kind, b"", message_id=message_id, callback_id=callback_id,
                               attrs=encode_attributes(attrs), n_fds=1 if fd is not None else 0)
@@ -471,6 +528,11 @@ class Channel:
     def pending_requests(self) -> frozenset[int]:
         return frozenset(self._pending)
 
+    @property
+    def pending_ids(self) -> set[int]:
+        """Requests in flight (the live set, for membership tests; do not modify)."""
+        return self._pending
+
     def mark_closed(self, reason: str) -> None:
         if not self.closed:
             self.closed = True
@@ -517,12 +579,17 @@ class Channel:
             raise ProtocolError(f"{frame.type.name} frame after the peer closed its port")
         attrs = self._attributes(frame) if frame.attrs or frame.fds else None
         kind = frame.type
+        if frame.flags and (kind is not MessageType.REPLY or frame.data or attrs is not None):
+            raise ProtocolError(f"{kind.name} frame with the CANCELLED flag (only an empty REPLY has it)")
         if kind is MessageType.REQUEST:
             if frame.message_id in self._unreplied:
                 raise ProtocolError(f"request id {frame.message_id} reused while awaiting its reply")
             if len(self._unreplied) >= MAX_UNREPLIED:
                 raise ProtocolError("too many requests awaiting a reply")
-            self._unreplied.add(frame.message_id)
+            self._unreplied[frame.message_id] = None
+        elif kind is MessageType.CANCEL:
+            self._cancel_received(frame.callback_id)
+            return None
         elif kind is MessageType.REPLY or kind is MessageType.PONG:
             if frame.callback_id in self._pending:
                 self._pending.discard(frame.callback_id)
@@ -547,6 +614,10 @@ class Channel:
                           sender_pid=frame.sender_pid, sender_tid=frame.sender_tid)
         if attrs is not None:
             self._attach(message, attrs)
+        if kind is MessageType.REQUEST:
+            self._unreplied[frame.message_id] = message
+        elif frame.flags:
+            message.cancelled = True
         return message
 
     def _attributes(self, frame: Frame) -> Attributes:
@@ -578,6 +649,8 @@ class Channel:
                 self.copies_waiting = True
             if message.type is not MessageType.REQUEST:
                 self.releases_urgent = True
+        if attrs.deadline is not None:
+            message.deadline = attrs.deadline / 1e9
         if attrs.grant is not None:
             memory = PeerMemory(message, attrs.grant)
             message.grant = memory
@@ -678,6 +751,11 @@ class Channel:
 
 
 _pack_header = HEADER.pack
+_CANCELLED = int(Flag.CANCELLED)
+
+
+def _deadline_ns(deadline: float) -> int:
+    return max(0, int(deadline * 1e9))
 _PLAIN = frozenset({MessageType.REQUEST, MessageType.REPLY, MessageType.DATAGRAM})
 _native_tid = threading.get_native_id
 _JOIN_BELOW = 16 * 1024

@@ -59,6 +59,11 @@ class ConnectionRequest:
 
     def accept(self, data: bytes = b"", timeout: float | None = 5.0) -> CommunicationPort:
         """Accept: the client's connect() returns with ``data`` as its accept_data."""
+        stream, channel, pidfd = self.accept_channel(data, timeout)
+        return self._port._adopt(stream, channel, pidfd)
+
+    def accept_channel(self, data: bytes = b"", timeout: float | None = 5.0) -> tuple[Stream, Channel, int | None]:
+        """Answer the client and build the channel; a driver (blocking or asyncio) adopts it."""
         data = bytes(data)
         if len(data) > self._port.config.max_connect_data:
             raise MessageTooLarge(f"accept data of {len(data)} bytes exceeds {self._port.config.max_connect_data}")
@@ -86,7 +91,8 @@ class ConnectionRequest:
         )
         channel = Channel(self.client, send_limit=self._client_max_message,
                           recv_limit=attributes.max_message_length, local_pid=os.getpid(), sections=sections)
-        return self._port._adopt(stream, channel, pidfd)
+        self._port._stats.connects_accepted += 1
+        return stream, channel, pidfd
 
     def reject(self, reason: str = "rejected") -> None:
         """Refuse: the client's connect() raises ConnectionRejected carrying ``reason``."""
@@ -261,7 +267,6 @@ class ConnectionPort:
         comm._on_ready = self._ready.append
         with self._lock:
             self._connections[comm] = None
-            self._stats.connects_accepted += 1
             for fd in comm.wait_fds():
                 self._owners[fd] = comm
                 self._poller.register(fd)

@@ -51,6 +51,8 @@ _UCRED = struct.Struct("3i")
 Buffer = bytes | bytearray | memoryview
 _FD_SIZE = array.array("i").itemsize
 _scratch = threading.local()
+# sendmsg refuses more buffers than this (EMSGSIZE).
+_IOV_MAX = 1024
 _FD_SPACE: dict[int, int] = {}
 _POLL_IN = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
 _EPOLL_IN = select.EPOLLIN | select.EPOLLPRI | select.EPOLLHUP | select.EPOLLERR
@@ -280,7 +282,7 @@ class Stream:
                    deadline: float | None) -> None:
         total = sum(len(b) for b in pending)
         while pending:
-            written = self.try_send(pending, fds if not sent_any else ())
+            written = self.try_send(pending[:_IOV_MAX], fds if not sent_any else ())
             if written:
                 sent_any = True
                 total -= written

@@ -30,6 +30,7 @@ from .errors import ProtocolError
 
 __all__ = [
     "ATTR_TYPES",
+    "CHANNEL_FLAGS",
     "HEADER",
     "HEADER_SIZE",
     "MAGIC",
@@ -111,9 +112,14 @@ class Flag(IntFlag):
     """Header flags. Unknown bits are a protocol error, so peers cannot smuggle state."""
 
     NONE = 0
+    # A REPLY the peer's runtime sent for a request its application never
+    # answered: cancelled by the client, or its deadline passed before dispatch.
+    CANCELLED = 1
 
 
 KNOWN_FLAGS = 0
+# Flags an established channel accepts (the broker's control frames take none).
+CHANNEL_FLAGS = int(Flag.CANCELLED)
 
 
 def type_mask(types: Iterable[MessageType]) -> int:
@@ -334,6 +340,7 @@ class AttrKind(IntEnum):
     SECTION_NEW = 2   # a section this frame introduces, passed as the frame's one fd
     GRANT = 3         # a request grants the server access to a client buffer
     RANGE = 4         # offset and length inside a grant (GRANT_* frames)
+    DEADLINE = 5      # a request's absolute deadline, CLOCK_MONOTONIC nanoseconds
 
 
 class SectionFlag(IntFlag):
@@ -379,6 +386,7 @@ class Attributes(NamedTuple):
     new: SectionNew | None = None
     grant: GrantAttr | None = None
     range: Range | None = None
+    deadline: int | None = None
 
 
 _TLV = struct.Struct("<HH")
@@ -386,14 +394,15 @@ _REF = struct.Struct("<IIQQ")
 _NEW = struct.Struct("<IIQ")
 _GRANT = struct.Struct("<QQII")
 _RANGE = struct.Struct("<QQ")
+_DEADLINE = struct.Struct("<Q")
 assert (_REF.size, _NEW.size, _GRANT.size, _RANGE.size) == (
     _native.ATTR_SIZES[1], _native.ATTR_SIZES[2], _native.ATTR_SIZES[3], _native.ATTR_SIZES[4])
-MAX_ATTR_LENGTH = 4 * _TLV.size + _REF.size + _NEW.size + _GRANT.size + _RANGE.size
+MAX_ATTR_LENGTH = 5 * _TLV.size + _REF.size + _NEW.size + _GRANT.size + _RANGE.size + _DEADLINE.size
 
 _REF_ONLY = (1 << AttrKind.SECTION_REF) | (1 << AttrKind.SECTION_NEW)
 # Which attributes each frame type may carry; everything else must be empty.
 ATTR_TYPES: dict[MessageType, int] = {
-    MessageType.REQUEST: _REF_ONLY | (1 << AttrKind.GRANT),
+    MessageType.REQUEST: _REF_ONLY | (1 << AttrKind.GRANT) | (1 << AttrKind.DEADLINE),
     MessageType.REPLY: _REF_ONLY,
     MessageType.DATAGRAM: _REF_ONLY,
     MessageType.GRANT_READ: 1 << AttrKind.RANGE,
@@ -412,6 +421,8 @@ def encode_attributes(attrs: Attributes) -> bytes:
         parts += [_TLV.pack(AttrKind.GRANT, _GRANT.size), _GRANT.pack(*attrs.grant, 0)]
     if attrs.range is not None:
         parts += [_TLV.pack(AttrKind.RANGE, _RANGE.size), _RANGE.pack(*attrs.range)]
+    if attrs.deadline is not None:
+        parts += [_TLV.pack(AttrKind.DEADLINE, _DEADLINE.size), _DEADLINE.pack(attrs.deadline)]
     return b"".join(parts)
 
 
@@ -441,6 +452,7 @@ def decode_attributes(frame: Frame) -> Attributes:
         SectionNew(*fields[5:8]) if present & (1 << AttrKind.SECTION_NEW) else None,
         GrantAttr(*fields[8:11]) if present & (1 << AttrKind.GRANT) else None,
         Range(*fields[11:13]) if present & (1 << AttrKind.RANGE) else None,
+        fields[13] if present & (1 << AttrKind.DEADLINE) else None,
     )
     if len(frame.fds) != (attrs.new is not None):
         raise ProtocolError(f"{frame.type.name} frame carries {len(frame.fds)} fds; only a new section may carry one")

@@ -94,6 +94,7 @@ static size_t attr_size(uint16_t kind)
     case ALPC_ATTR_SECTION_NEW: return ALPC_NEW_SIZE;
     case ALPC_ATTR_GRANT: return ALPC_GRANT_SIZE;
     case ALPC_ATTR_RANGE: return ALPC_RANGE_SIZE;
+    case ALPC_ATTR_DEADLINE: return ALPC_DEADLINE_SIZE;
     default: return 0;
     }
 }
@@ -119,6 +120,9 @@ static int store_attr(uint16_t kind, const uint8_t *v, alpc_attrs *out)
         out->grant_access = le32(v + 16);
         if (le32(v + 20) != 0 || (out->grant_access & ~(uint32_t)ALPC_ACCESS_FLAGS))
             return ALPC_E_ATTR_VALUE;
+        return 0;
+    case ALPC_ATTR_DEADLINE:
+        out->deadline_ns = le64(v);
         return 0;
     default: /* ALPC_ATTR_RANGE: attr_size() admitted no other kind */
         out->range_offset = le64(v);

@@ -31,10 +31,12 @@ enum {
     ALPC_ATTR_SECTION_NEW = 2,
     ALPC_ATTR_GRANT = 3,
     ALPC_ATTR_RANGE = 4,
+    ALPC_ATTR_DEADLINE = 5,
     ALPC_REF_SIZE = 24,
     ALPC_NEW_SIZE = 16,
     ALPC_GRANT_SIZE = 24,
     ALPC_RANGE_SIZE = 16,
+    ALPC_DEADLINE_SIZE = 8,
     ALPC_SECTION_FLAGS = 3,
     ALPC_ACCESS_FLAGS = 3
 };
@@ -62,6 +64,7 @@ typedef struct {
     uint32_t grant_access;
     uint64_t range_offset;
     uint64_t range_length;
+    uint64_t deadline_ns;
 } alpc_attrs;
 
 /* Walk the frames in buf[start:len], validating every header (including the

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 
 import pytest
 
 from alpc.connection import BACKLOG_LIMIT, Connection
-from alpc.errors import ConnectionClosed, PeerGone
+from alpc.errors import Cancelled, ConnectionClosed, DeadlineExceeded, PeerGone
 from alpc.protocol import Channel
 from alpc.section import ConnectionSections
 from alpc.security import PeerCred
@@ -50,7 +51,7 @@ def test_a_request_is_filed_in_the_inbox_and_its_reply_by_id(pair) -> None:  # t
     message = server.take_message()
     assert message is not None and message.data == b"ping" and message.port == "the server's port"
     assert server.take_message() is None
-    wake, _ = deliver(server.reply(message.id, b"pong"), client)
+    wake, _ = deliver(server.reply(message, b"pong"), client)
     assert wake.ids == [request_id] and not wake.inbox
     reply = client.take_reply(request_id)
     assert reply is not None and reply.data == b"pong"
@@ -64,7 +65,7 @@ def test_an_abandoned_request_never_gets_its_late_reply(pair) -> None:  # type: 
     message = server.take_message()
     assert message is not None
     assert client.abandon(request_id) == []
-    wake, _ = deliver(server.reply(message.id, b"late"), client)
+    wake, _ = deliver(server.reply(message, b"late"), client)
     assert wake.ids == [] and client.take_reply(request_id) is None
 
 
@@ -93,7 +94,7 @@ def test_releases_ride_with_the_reply_while_one_is_owed(pair) -> None:  # type: 
     assert message is not None and message.data == body
     owed, _ = server.take_owed()
     assert MessageType(owed[0][3]) is MessageType.RELEASE
-    deliver(owed + server.reply(message.id, b"ok"), client)
+    deliver(owed + server.reply(message, b"ok"), client)
     assert client.channel.sections is not None and client.channel.sections.pool.ledger.lent_bytes() == 0
     assert client.take_reply(request_id) is not None
 
@@ -106,6 +107,10 @@ def test_a_failed_write_keeps_what_was_owed(pair) -> None:  # type: ignore[no-un
     client.restore_owed(token)
     again, _ = client.take_owed()
     assert again == owed
+    client.queue(client.datagram(b"b"))
+    client.queue(client.datagram(b"c"))
+    (joined,), _ = client.take_owed()
+    assert joined.endswith(b"c") and b"b" in joined
 
 
 def test_the_backlog_asks_for_a_flush_when_full(pair) -> None:  # type: ignore[no-untyped-def]
@@ -145,3 +150,33 @@ def test_close_sends_port_closed_once(pair) -> None:  # type: ignore[no-untyped-
         client.request(b"x")
     wake, _ = deliver(frames, server)
     assert wake.failed and server.take_message() is not None
+
+
+def test_cancel_reaches_the_peer_which_answers_for_its_application(pair) -> None:  # type: ignore[no-untyped-def]
+    client, server = pair
+    request_id, frames = client.request(b"work")
+    deliver(frames, server)
+    cancel, _ = client.cancel(request_id)
+    wake, (out, _) = deliver(cancel, server)
+    assert wake.cancelled and server.take_message() is None  # never dispatched
+    assert server.take_cancelled()[0].cancelled
+    with pytest.raises(Cancelled):
+        client.take_reply(request_id)
+    wake, _ = deliver(out, client)  # the runtime's CANCELLED reply is dropped: nobody waits
+    assert client.take_reply(request_id) is None
+    assert client.cancel(request_id) == ([], [])
+
+
+def test_a_request_past_its_deadline_is_answered_as_cancelled(pair) -> None:  # type: ignore[no-untyped-def]
+    client, server = pair
+    request_id, frames = client.request(b"late", None, time.monotonic() - 1)
+    deliver(frames, server)
+    assert server.take_message() is None
+    (answer,) = server.take_automatic()
+    deliver([answer], client)
+    with pytest.raises(DeadlineExceeded):
+        client.take_reply(request_id)
+    _, frames = client.request(b"fresh", None, time.monotonic() + 60)
+    deliver(frames, server)
+    message = server.take_message()
+    assert message is not None and message.deadline is not None and message.deadline > time.monotonic()

@@ -46,7 +46,7 @@ def test_error_codes_agree_with_the_c_header() -> None:
         value = getattr(_native, f"E_{name}")
         assert f"ALPC_E_{name} = {value}," in header
     assert f"ALPC_E_RANGE = {_native.E_RANGE}\n" in header
-    sizes = dict(zip((1, 2, 3, 4), ("REF", "NEW", "GRANT", "RANGE"), strict=True))
+    sizes = dict(zip((1, 2, 3, 4, 5), ("REF", "NEW", "GRANT", "RANGE", "DEADLINE"), strict=True))
     for kind, name in sizes.items():
         assert f"ALPC_{name}_SIZE = {_native.ATTR_SIZES[kind]}" in header
 
