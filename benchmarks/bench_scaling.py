@@ -86,7 +86,7 @@ CASE: Case = Case(
     title="Round trip under N concurrent clients (64 B, one server)",
     unit="us",
     lower_is_better=True,
-    full_points=(Point(64, 1), Point(64, 4), Point(64, 16)),
+    full_points=(Point(64, 1), Point(64, 16), Point(64, 256), Point(64, 1000)),
     quick_points=(Point(64, 4),),
     full_timing=Timing(repetitions=3, warmup=200, warmup_cap=0.05, min_iterations=20, max_iterations=50_000,
                        time_cap=0.3),
