@@ -50,12 +50,25 @@ Handler = Callable[[Message], "Awaitable[Buffer | None] | Buffer | None"]
 _MAX_FDS_PER_READ = 4
 
 
-async def _within(awaitable: Awaitable[Any], deadline: float | None, what: str) -> Any:
+async def _within(waiter: asyncio.Future[Any], deadline: float | None, what: str) -> Any:
+    """Await ``waiter`` until ``deadline``; cheaper than asyncio.wait_for (no wrapper, one timer)."""
+    if deadline is None:
+        return await waiter
     left = remaining(deadline)
+    if not left:
+        if waiter.done():
+            return waiter.result()
+        raise Timeout(f"timed out waiting for {what}")
+    timer = asyncio.get_running_loop().call_later(left, _expire, waiter, what)
     try:
-        return await asyncio.wait_for(awaitable, left)
-    except TimeoutError:
-        raise Timeout(f"timed out waiting for {what}") from None
+        return await waiter
+    finally:
+        timer.cancel()
+
+
+def _expire(waiter: asyncio.Future[Any], what: str) -> None:
+    if not waiter.done():
+        waiter.set_exception(Timeout(f"timed out waiting for {what}"))
 
 
 class AsyncCommunicationPort:
@@ -82,6 +95,8 @@ class AsyncCommunicationPort:
         self._drained: asyncio.Future[None] | None = None
         # Handler tasks of requests in flight (serve()), cancelled when the client cancels.
         self._tasks: dict[int, asyncio.Task[Any]] = {}
+        # serve(): messages go straight from the reader callback to this, no task switch.
+        self._dispatch: Callable[[Message], bool] | None = None
         self._released = False
         self._loop.add_reader(stream.fileno(), self._on_readable)
         if peer_pidfd is not None:
@@ -241,10 +256,10 @@ class AsyncCommunicationPort:
             # Space freed by other connections of a port-wide budget comes without a read here.
             window = deadline if not core.budget_blocked else deadline_after(0.05)
             try:
-                await asyncio.wait_for(waiter, remaining(window))
-            except TimeoutError:
+                await _within(waiter, window, "space in the connection's sections")
+            except Timeout:
                 if window == deadline or remaining(deadline) == 0:
-                    raise Timeout("timed out waiting for space in the connection's sections") from None
+                    raise
 
     async def _send_section(self, kind: MessageType, data: Payload, deadline: float | None, secure: bool, *,
                             callback_id: int = 0, deadline_attr: float | None = None) -> int:
@@ -448,6 +463,9 @@ class AsyncCommunicationPort:
             self._wake_id(message_id)
 
     def _wake_inbox(self) -> None:
+        if self._dispatch is not None:
+            self._feed()
+            return
         waiters, self._inbox_waiters = self._inbox_waiters, []
         for waiter in waiters:
             if not waiter.done():
@@ -461,6 +479,19 @@ class AsyncCommunicationPort:
             if not waiter.done():
                 waiter.set_result(None)
         self._space_waiters.clear()
+
+    def _feed(self) -> None:
+        """serve(): hand every waiting message to the dispatcher while it takes them."""
+        dispatch = self._dispatch
+        core = self._core
+        while dispatch is not None and core.inbox:
+            message = core.take_message()
+            if message is None:
+                break
+            if not dispatch(message):
+                core.inbox.appendleft(message)  # at its limit: fed again when a handler ends
+                break
+        self._post(core.take_automatic())
 
     async def _wait(self, take: Callable[[], Message | None], message_id: int | None, deadline: float | None,
                     what: str) -> Message:
@@ -639,11 +670,11 @@ class AsyncConnectionPort:
                     max_tasks: int = 1024, timeout: float | None = None) -> None:
         """Accept clients (``accept`` may refuse one) and answer every message with ``handler``.
 
-        Each request runs as a task (at most ``max_tasks`` at once per port); a
-        request its client cancels has its task cancelled. Returns when no
-        client connects within ``timeout`` while none is connected.
+        Each message runs as a task started from the socket's readiness
+        callback (at most ``max_tasks`` at once per client); a request its
+        client cancels has its task cancelled. Returns when no client
+        connects within ``timeout`` while none is connected.
         """
-        limit = asyncio.Semaphore(max_tasks)
         clients: set[asyncio.Task[None]] = set()
         try:
             while True:
@@ -658,23 +689,43 @@ class AsyncConnectionPort:
                     continue
                 comm = await request.accept()
                 self._comms.add(comm)
-                task = asyncio.create_task(self._serve_one(comm, handler, limit))
+                task = asyncio.create_task(self._serve_one(comm, handler, max_tasks))
                 clients.add(task)
                 task.add_done_callback(clients.discard)
         finally:
             for task in clients:
                 task.cancel()
 
-    async def _serve_one(self, comm: AsyncCommunicationPort, handler: Handler, limit: asyncio.Semaphore) -> None:
+    async def _serve_one(self, comm: AsyncCommunicationPort, handler: Handler, max_tasks: int) -> None:
+        ended: asyncio.Future[None] = self._loop.create_future()
+        running = 0
+
+        def finished(task: asyncio.Task[None], message: Message) -> None:
+            nonlocal running
+            running -= 1
+            if comm._tasks.get(message.id) is task:
+                del comm._tasks[message.id]
+            comm._feed()
+
+        def dispatch(message: Message) -> bool:
+            nonlocal running
+            if message.type in NOTICES:
+                if not ended.done():
+                    ended.set_result(None)
+                return True
+            if running >= max_tasks:
+                return False
+            running += 1
+            task = self._loop.create_task(_handle(comm, message, handler))
+            if message.type is MessageType.REQUEST:
+                comm._tasks[message.id] = task
+            task.add_done_callback(lambda done: finished(done, message))
+            return True
+
+        comm._dispatch = dispatch
         try:
-            async for message in comm:
-                if message.type in NOTICES:
-                    return
-                await limit.acquire()
-                task = asyncio.create_task(_handle(comm, message, handler))
-                if message.type is MessageType.REQUEST:
-                    comm._tasks[message.id] = task
-                task.add_done_callback(_finished(comm, message, limit))
+            comm._feed()
+            await ended
         finally:
             self._comms.discard(comm)
             await comm.close()
@@ -689,15 +740,6 @@ class AsyncConnectionPort:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-
-def _finished(comm: AsyncCommunicationPort, message: Message,
-              limit: asyncio.Semaphore) -> Callable[[asyncio.Task[None]], None]:
-    def done(_: asyncio.Task[None]) -> None:
-        limit.release()
-        if comm._tasks.get(message.id) is _:
-            del comm._tasks[message.id]
-    return done
 
 
 async def _handle(comm: AsyncCommunicationPort, message: Message, handler: Handler) -> None:
