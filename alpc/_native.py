@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import struct
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,6 +34,9 @@ __all__ = [
     "E_FLAGS",
     "E_MAGIC",
     "E_RANGE",
+    "E_TIMEOUT",
+    "E_WATCH",
+    "RECV_SIZE",
     "E_RESERVED",
     "E_TYPE",
     "E_VERSION",
@@ -47,6 +51,8 @@ __all__ = [
     "copy_out",
     "parse_attributes",
     "scan_frames",
+    "sock_send",
+    "sock_wait_recv",
     "source_hash",
     "vm_read",
     "vm_write",
@@ -58,6 +64,8 @@ HEADER_SIZE = 40
 SCAN_BATCH = 256
 E_MAGIC, E_VERSION, E_TYPE, E_FLAGS, E_RESERVED, E_DATA, E_ATTR, E_FDS = range(-1, -9, -1)
 E_ATTR_KIND, E_ATTR_LENGTH, E_ATTR_DUP, E_ATTR_TRUNC, E_ATTR_VALUE, E_RANGE = range(-10, -16, -1)
+# sock_wait_recv: the wait timed out / only the watched fd (a pidfd) fired.
+E_TIMEOUT, E_WATCH = -16, -17
 # Value sizes of the attribute kinds (SECTION_REF, SECTION_NEW, GRANT, RANGE).
 ATTR_SIZES = {1: 24, 2: 16, 3: 24, 4: 16, 5: 8}
 _SECTION_FLAGS = 3
@@ -399,3 +407,47 @@ def vm_read(pid: int, base: int, grant_len: int, offset: int, into: Any) -> int:
 def vm_write(pid: int, base: int, grant_len: int, offset: int, data: Any) -> int:
     """Write ``data`` into the grant of ``pid``; bytes written, E_RANGE, or -errno."""
     return (_vm_move_py if _ext is None else _vm_move_c)(True, pid, base, grant_len, offset, data)
+
+
+# -- the socket path of every message ------------------------------------------------
+#
+# One C call per send and one per wait-and-read, the GIL released inside: the
+# per-message cost of a small frame is then the two system calls and little
+# else. Without the extension these are None and ``transport.Stream`` uses its
+# own pure-Python twins (only ``transport`` may touch socket objects).
+
+RECV_SIZE = 64 * 1024
+_MAX_RECV_FDS = 16
+_scratch = threading.local()
+
+
+def _sock_send_c(fd: int, data: bytes) -> int:
+    """Bytes written by one non-blocking send, or -errno."""
+    assert _ext is not None
+    return int(_ext[1].alpc_sock_send(fd, data, len(data)))
+
+
+def _recv_scratch() -> tuple[Any, Any, Any, Any]:
+    scratch = getattr(_scratch, "c", None)
+    if scratch is None:
+        assert _ext is not None
+        ffi = _ext[0]
+        buf = ffi.new("uint8_t[]", RECV_SIZE)
+        scratch = _scratch.c = (buf, ffi.buffer(buf), ffi.new("int[]", _MAX_RECV_FDS), ffi.new("int *"))
+    return scratch
+
+
+def _sock_wait_recv_c(fd: int, watch: int, timeout_ms: int, max_fds: int) -> tuple[int, bytes, list[int]]:
+    """(n, data, fds): n bytes read (0: end of stream), E_TIMEOUT, E_WATCH or -errno."""
+    assert _ext is not None
+    buf, view, fds, nfds = _recv_scratch()
+    n = _ext[1].alpc_sock_wait_recv(fd, watch, timeout_ms, buf, RECV_SIZE, fds, max_fds, nfds)
+    if n <= 0:
+        return int(n), b"", []
+    count = nfds[0]
+    return int(n), view[0:n], ([fds[i] for i in range(count)] if count else [])
+
+
+sock_send: Callable[[int, bytes], int] | None = None if _ext is None else _sock_send_c
+sock_wait_recv: Callable[[int, int, int, int], tuple[int, bytes, list[int]]] | None = (
+    None if _ext is None else _sock_wait_recv_c)

@@ -286,7 +286,11 @@ class CommunicationPort:
         if isinstance(data, SectionView) or size > core.inline_threshold:
             self._send_section(MessageType.REPLY, data, deadline, secure, callback_id=message.id)
         else:
-            self._send(lambda: core.reply(message, data if type(data) is bytes else bytes(data)), deadline)
+            body = data if type(data) is bytes else bytes(data)
+            with self._send_lock:
+                with self._state:
+                    frames = core.reply(message, body)
+                self._write(frames, deadline)
         self.stats.replied(message.id, size)
 
     # -- sections ------------------------------------------------------------------
@@ -501,7 +505,7 @@ class CommunicationPort:
     def _await_reply(self, message_id: int, deadline: float | None) -> Message:
         core = self._core
         try:
-            return self._wait_for(lambda: core.take_reply(message_id), deadline, "the reply")
+            return self._wait_reply(message_id, deadline)
         except Timeout:
             if not self.cancel(message_id):
                 self._abandon(message_id)
@@ -611,31 +615,82 @@ class CommunicationPort:
 
     def _wait_for(self, take: Callable[[], T | None], deadline: float | None, what: str) -> T:
         """Wait until ``take`` (run under the core's lock) finds something, reading meanwhile."""
-        state = self._state
+        try:
+            return self._wait_locked(take, deadline, what)
+        finally:
+            if self._core.finalize_wanted:
+                self._maybe_finalize()
+
+    def _wait_reply(self, message_id: int, deadline: float | None) -> Message:
+        """_wait_for(take_reply) with the loop written out: the per-request path."""
         core = self._core
-        while True:
-            with self._cv:
+        cv = self._cv
+        state = self._state
+        try:
+            with cv:
                 while True:
                     with state:
-                        found = take()
+                        found = core.take_reply(message_id)
                     if found is not None:
                         return found
                     core.check_open()
-                    if not self._reading:
-                        self._reading = True
-                        break
+                    if self._reading:
+                        self._waiters += 1
+                        try:
+                            woken = cv.wait(remaining(deadline))
+                        finally:
+                            self._waiters -= 1
+                        if not woken:
+                            raise Timeout("timed out waiting for the reply")
+                        continue
+                    self._reading = True
+                    cv.release()
+                    try:
+                        arrived = self._read(deadline)
+                    finally:
+                        cv.acquire()
+                        self._reading = False
+                        if self._waiters:
+                            cv.notify_all()
+                    if not arrived:
+                        raise Timeout("timed out waiting for the reply")
+        finally:
+            if core.finalize_wanted:
+                self._maybe_finalize()
+
+    def _wait_locked(self, take: Callable[[], T | None], deadline: float | None, what: str) -> T:
+        # One thread at a time reads (the reader role, under _cv); the others
+        # wait on _cv and are woken at the end of each read.
+        state = self._state
+        core = self._core
+        cv = self._cv
+        with cv:
+            while True:
+                with state:
+                    found = take()
+                if found is not None:
+                    return found
+                core.check_open()
+                if self._reading:
                     self._waiters += 1
                     try:
-                        woken = self._cv.wait(remaining(deadline))
+                        woken = cv.wait(remaining(deadline))
                     finally:
                         self._waiters -= 1
                     if not woken:
                         raise Timeout(f"timed out waiting for {what}")
-            try:
-                if not self._read(deadline):
+                    continue
+                self._reading = True
+                cv.release()
+                try:
+                    arrived = self._read(deadline)
+                finally:
+                    cv.acquire()
+                    self._reading = False
+                    if self._waiters:
+                        cv.notify_all()
+                if not arrived:
                     raise Timeout(f"timed out waiting for {what}")
-            finally:
-                self._end_read()
 
     def _end_read(self) -> None:
         # Every read ends here, so whatever it filed wakes the waiters now.
@@ -676,13 +731,14 @@ class CommunicationPort:
 
     def _read(self, deadline: float | None, block: bool = True) -> bool:
         """Read once and dispatch; False if nothing arrived before the deadline."""
-        if block and not self._stream.wait_readable(deadline):
+        got = self._stream.read(deadline if block else 0.0, _MAX_FDS_PER_READ)
+        if got is False and block:
             return False
-        got = self._stream.recv_fds(_MAX_FDS_PER_READ)
-        if got is None:
+        if not got:
             if self._pidfd is not None and wait_readable([self._pidfd], 0.0):
                 self._connection_lost("the peer process exited")
             return True
+        assert not isinstance(got, bool)
         data, fds = got
         if not data:
             close_fds(fds)

@@ -18,6 +18,7 @@ from .security import PeerCred
 from .wire import (
     CHANNEL_FLAGS,
     HEADER,
+    HEADER_SIZE,
     MAGIC,
     MAX_ATTR_LENGTH,
     MAX_RELEASES_PER_FRAME,
@@ -287,6 +288,18 @@ class Channel:
         ``deadline`` (time.monotonic() seconds, a clock every process on the
         machine shares) travels with it: the peer never dispatches it later.
         """
+        if grant is None and deadline is None and len(data) <= _JOIN_BELOW and not self.closed:
+            # The per-message path, inlined: _check_size, _allocate_id and _frame in one.
+            if len(data) > self.send_limit:
+                self.check_length(len(data))
+            message_id = self._next_id
+            pending = self._pending
+            while message_id in pending or message_id in self._abandoned:
+                message_id = (message_id + 1) & _ID_MASK or 1
+            self._next_id = (message_id + 1) & _ID_MASK or 1
+            pending.add(message_id)
+            return message_id, [_pack_header(MAGIC, VERSION, _REQUEST_INT, 0, len(data), 0, message_id, 0,
+                                             self._local_pid, _native_tid(), 0, 0, 0) + data]
         self._check_size(data)
         message_id = self._allocate_id()
         if grant is None and deadline is None:
@@ -354,9 +367,10 @@ class Channel:
     def reply(self, request_id: int, data: bytes) -> Frames:
         if request_id not in self._unreplied:
             raise ValueError(f"message {request_id} is not a request awaiting a reply on this port")
-        self._check_size(data)
+        if len(data) > self.send_limit:
+            self.check_length(len(data))
         frames = self._frame(MessageType.REPLY, data, message_id=self._allocate_id(), callback_id=request_id)
-        self._unreplied.pop(request_id, None)
+        del self._unreplied[request_id]
         if self._peer_grants:
             self._replied(request_id)
         return frames
@@ -562,15 +576,51 @@ class Channel:
         """The common read: exactly one plain frame (no fds, no attributes), decoded in one step.
 
         Returns the message, None when the frame needs no delivery (a late
-        reply), or False when ``data`` is anything else, with nothing consumed:
-        use ``receive``. Raises ProtocolError on a violation, as ``receive`` does.
+        reply), or False when ``data`` is anything else (or anything wrong),
+        with nothing consumed: use ``receive``, which names any violation.
+        The same rules as ``_dispatch``, for the three frame types that carry
+        almost all traffic, without building a Frame first.
         """
-        if self._automatic:
+        decoder = self._decoder
+        if self._automatic or self.peer_closed or decoder.busy or len(data) < HEADER_SIZE:
             return False
-        frames = self._decoder.single(data)
-        if frames is None or frames[0].attrs or frames[0].type not in _PLAIN:
+        (magic, version, kind, flags, data_length, attr_length, message_id, callback_id,
+         pid, tid, n_fds, reserved16, reserved32) = _unpack_header(data)
+        if (attr_length or n_fds or reserved16 or reserved32 or magic != MAGIC or version != VERSION
+                or HEADER_SIZE + data_length != len(data) or data_length > decoder.max_data):
             return False
-        return self._dispatch(frames[0])
+        if kind == _REPLY_INT:
+            if flags and (flags != _CANCELLED or data_length):
+                return False
+            pending = self._pending
+            if callback_id in pending:
+                pending.discard(callback_id)
+                if self._grants:
+                    self.finish_grant(callback_id)
+            elif callback_id in self._abandoned:
+                del self._abandoned[callback_id]
+                return None
+            else:
+                return False
+            message = Message(MessageType.REPLY, message_id, callback_id, data[HEADER_SIZE:], self.peer,
+                              sender_pid=pid, sender_tid=tid)
+            if flags:
+                message.cancelled = True
+            return message
+        if flags:
+            return False
+        if kind == _REQUEST_INT:
+            unreplied = self._unreplied
+            if message_id in unreplied or len(unreplied) >= MAX_UNREPLIED:
+                return False
+            message = Message(MessageType.REQUEST, message_id, callback_id, data[HEADER_SIZE:], self.peer,
+                              sender_pid=pid, sender_tid=tid)
+            unreplied[message_id] = message
+            return message
+        if kind == _DATAGRAM_INT:
+            return Message(MessageType.DATAGRAM, message_id, callback_id, data[HEADER_SIZE:], self.peer,
+                           sender_pid=pid, sender_tid=tid)
+        return False
 
     def _dispatch(self, frame: Frame) -> Message | None:
         if self.peer_closed:
@@ -751,6 +801,8 @@ class Channel:
 
 
 _pack_header = HEADER.pack
+_unpack_header = HEADER.unpack_from
+_REQUEST_INT, _REPLY_INT, _DATAGRAM_INT = int(MessageType.REQUEST), int(MessageType.REPLY), int(MessageType.DATAGRAM)
 _CANCELLED = int(Flag.CANCELLED)
 
 

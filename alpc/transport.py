@@ -18,6 +18,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+from ._native import E_TIMEOUT as _E_TIMEOUT
+from ._native import E_WATCH as _E_WATCH
+from ._native import sock_send as _sock_send
+from ._native import sock_wait_recv as _sock_wait_recv
 from .errors import ActivationError, BrokerUnavailable, ConnectionClosed, Timeout
 from .security import PeerCred
 
@@ -51,6 +55,7 @@ _UCRED = struct.Struct("3i")
 Buffer = bytes | bytearray | memoryview
 _FD_SIZE = array.array("i").itemsize
 _scratch = threading.local()
+_monotonic = time.monotonic
 # sendmsg refuses more buffers than this (EMSGSIZE).
 _IOV_MAX = 1024
 _FD_SPACE: dict[int, int] = {}
@@ -166,6 +171,7 @@ class Stream:
         self.broken = False
         self._buffer: memoryview | None = None
         self._poller: select.poll | None = None
+        self._watch = -1
 
     @classmethod
     def connect(cls, path: Path, timeout: float | None = None) -> Stream:
@@ -265,12 +271,22 @@ class Stream:
         """
         if not fds and len(buffers) == 1:
             # The per-message path: one small frame, written at once in the common case.
-            try:
-                written = self._sock.send(buffers[0])
-            except (BlockingIOError, InterruptedError):
-                written = 0
-            except (BrokenPipeError, ConnectionResetError) as exc:
-                raise ConnectionClosed(f"the peer is gone ({exc.strerror})") from None
+            only = buffers[0]
+            if _sock_send is not None and type(only) is bytes:
+                written = _sock_send(self._fd, only)
+                if written < 0:
+                    if written in (-errno.EPIPE, -errno.ECONNRESET):
+                        raise ConnectionClosed(f"the peer is gone ({os.strerror(-written)})")
+                    if written not in (-errno.EAGAIN, -errno.EINTR):
+                        raise OSError(-written, os.strerror(-written))
+                    written = 0
+            else:
+                try:
+                    written = self._sock.send(only)
+                except (BlockingIOError, InterruptedError):
+                    written = 0
+                except (BrokenPipeError, ConnectionResetError) as exc:
+                    raise ConnectionClosed(f"the peer is gone ({exc.strerror})") from None
             if written == len(buffers[0]):
                 return
             rest = [memoryview(buffers[0]).cast("B")[written:]]
@@ -298,6 +314,36 @@ class Stream:
         for fd in (self._fd, *extra):
             poller.register(fd, _POLL_IN)
         self._poller = poller
+        self._watch = extra[0] if extra else -1
+
+    def read(self, deadline: float | None, max_fds: int) -> tuple[bytes, list[int]] | bool | None:
+        """Wait for data (until ``deadline``), then read once: (data, fds), b"" at end of stream.
+
+        False when the deadline passed; None when woken with nothing to read
+        (the watched pidfd fired, or a spurious wake-up). One C call with the
+        extension (the GIL released while it waits), else poll and recvmsg.
+        """
+        if _sock_wait_recv is not None:
+            if deadline is None:
+                timeout = -1
+            else:
+                left = deadline - _monotonic()
+                timeout = int(left * 1000) + 1 if left > 0 else 0
+            n, data, fds = _sock_wait_recv(self._fd, self._watch, timeout, max_fds)
+            if n > 0:
+                return data, fds
+            if n == 0:
+                return b"", []
+            if n == _E_TIMEOUT:
+                return False
+            if n == _E_WATCH or n in (-errno.EAGAIN, -errno.EINTR):
+                return None
+            if n == -errno.ECONNRESET:
+                return b"", []
+            raise OSError(-n, os.strerror(-n))
+        if not self.wait_readable(deadline):
+            return False
+        return self.recv_fds(max_fds)
 
     def wait_readable(self, deadline: float | None) -> bool:
         """Wait until the socket (or a watched fd) is readable; False when the deadline passes."""

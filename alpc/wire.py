@@ -220,6 +220,15 @@ class FrameDecoder:
     def buffered(self) -> int:
         return self._buffered
 
+    @property
+    def busy(self) -> bool:
+        """Part of a frame, or fds, are held: the next bytes continue them."""
+        return bool(self._chunks) or bool(self._fds)
+
+    @property
+    def max_data(self) -> int:
+        return self._limits.max_data
+
     def wanted(self) -> int:
         """Bytes still missing from the frame being assembled (a header's worth if none).
 
