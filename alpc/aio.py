@@ -190,10 +190,22 @@ class AsyncCommunicationPort:
         self.stats.sent(size)
 
     async def send_many(self, items: Iterable[Payload], timeout: float | None = None) -> None:
-        """Send datagrams in as few system calls as possible."""
+        """Send datagrams in order, in as few system calls as possible."""
+        deadline = deadline_after(timeout)
+        core = self._core
+        small: list[bytes] = []
         for item in items:
-            await self.send(item, timeout, flush=False)
-        await self.flush(timeout)
+            size = item.nbytes if type(item) is memoryview else len(item)
+            if isinstance(item, SectionView) or size > core.inline_threshold:
+                if small:
+                    await self._write(core.datagrams(small), deadline)
+                    small = []
+                await self.send(item, remaining(deadline))
+                continue
+            small.append(item if type(item) is bytes else bytes(item))
+        if small:
+            await self._write(core.datagrams(small), deadline)
+            self.stats.messages_out += len(small)
 
     async def flush(self, timeout: float | None = None) -> None:
         """Write every datagram queued with ``flush=False``."""
@@ -521,6 +533,17 @@ class AsyncCommunicationPort:
         if self._core.finalize_wanted:
             self._finalize()
         return message
+
+    async def receive_many(self, max_messages: int = 1024, timeout: float | None = None) -> list[Message]:
+        """Every message waiting, in order (at least one, at most ``max_messages``)."""
+        first = await self._wait(self._core.take_message, None, deadline_after(timeout), "a message")
+        batch = [first]
+        if first.type not in NOTICES:
+            self._core.take_messages(batch, max_messages)
+        self._post(self._core.take_automatic())
+        if self._core.finalize_wanted:
+            self._finalize()
+        return batch
 
     def __aiter__(self) -> AsyncIterator[Message]:
         return self._messages()

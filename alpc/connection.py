@@ -162,6 +162,11 @@ class Connection:
         self.check_open()
         return self.channel.datagram(data)
 
+    def datagrams(self, items: list[bytes]) -> Frames:
+        """Small datagrams as one frame buffer, after anything owed (one write for all)."""
+        self.check_open()
+        return [self.channel.datagrams(items)]
+
     def reply(self, message: Message, data: bytes) -> Frames:
         """The reply's frames; none for a request the client cancelled (nobody waits for it)."""
         if message.cancelled:
@@ -492,6 +497,16 @@ class Connection:
                 self.finalize_wanted = True
             return message
         return None
+
+    def take_messages(self, into: list[Message], limit: int) -> None:
+        """More of ``take_message`` into ``into``, up to ``limit`` in all; stops after a notice."""
+        while len(into) < limit:
+            message = self.take_message()
+            if message is None:
+                return
+            into.append(message)
+            if message.type in NOTICES:
+                return
 
     def take_automatic(self) -> Frames:
         """Frames the runtime owes the peer after ``take_message`` (answers to expired requests)."""

@@ -65,6 +65,8 @@ _BUDGET_RECHECK = 0.05
 # Runtime frames (releases, PONG) go out from the reader; a peer that stops
 # reading for this long keeps them queued rather than stalling our reads.
 _RUNTIME_SEND_TIMEOUT = 1.0
+# send_many writes at most this many small datagrams per system call.
+_BATCH_FRAMES = 1024
 # fds one read may carry: one per frame, one fd-carrying frame per sendmsg.
 _MAX_FDS_PER_READ = 4
 
@@ -214,10 +216,34 @@ class CommunicationPort:
         self.stats.sent(size)
 
     def send_many(self, items: Iterable[Payload], timeout: float | None = None) -> None:
-        """Send datagrams in as few system calls as possible (one per 64 KiB of small ones)."""
+        """Send datagrams in order, in as few system calls as possible (small ones are framed
+        together and written at once; large ones go through the section as usual)."""
+        deadline = deadline_after(timeout)
+        core = self._core
+        small: list[bytes] = []
         for item in items:
-            self.send(item, timeout, flush=False)
-        self.flush(timeout)
+            size = item.nbytes if type(item) is memoryview else len(item)
+            if isinstance(item, SectionView) or size > core.inline_threshold:
+                self._send_small(small, deadline)
+                self.send(item, remaining(deadline))
+                continue
+            small.append(item if type(item) is bytes else bytes(item))
+            if len(small) >= _BATCH_FRAMES:
+                self._send_small(small, deadline)
+        self._send_small(small, deadline)
+
+    def _send_small(self, items: list[bytes], deadline: float | None) -> None:
+        if not items:
+            return
+        core = self._core
+        with self._send_lock:
+            with self._state:
+                frames = core.datagrams(items)
+            self._write(frames, deadline)
+        stats = self.stats
+        stats.messages_out += len(items)
+        stats.bytes_out += sum(len(item) for item in items)
+        items.clear()
 
     def flush(self, timeout: float | None = None) -> None:
         """Write every datagram queued by ``send(..., flush=False)``."""
@@ -480,6 +506,20 @@ class CommunicationPort:
         message = self._wait_for(self._core.take_message, deadline_after(timeout), "a message")
         self._after_take()
         return message
+
+    def receive_many(self, max_messages: int = 1024, timeout: float | None = None) -> list[Message]:
+        """Every message waiting, in order (at least one, at most ``max_messages``).
+
+        For consumers of many small messages: one wait and one lock for the
+        lot. A notice (server side) ends the list.
+        """
+        first = self._wait_for(self._core.take_message, deadline_after(timeout), "a message")
+        batch = [first]
+        if first.type not in NOTICES:
+            with self._state:
+                self._core.take_messages(batch, max_messages)
+        self._after_take()
+        return batch
 
     def _after_take(self) -> None:
         core = self._core

@@ -7,6 +7,7 @@ and send the frames this returns; the rules live here once.
 from __future__ import annotations
 
 import os
+import struct
 import threading
 from collections.abc import Iterable
 from typing import Any, Protocol
@@ -360,6 +361,20 @@ class Channel:
         self._pending.add(message_id)
         return message_id, frames
 
+    def datagrams(self, items: list[bytes]) -> bytes:
+        """Many small datagrams as one buffer (ids allocated in order): a batch for one write."""
+        parts: list[bytes] = []
+        pid, tid = self._local_pid, _native_tid()
+        if self.closed:
+            raise ConnectionClosed(self.close_reason or "the channel is closed")
+        for data in items:
+            if len(data) > self.send_limit:
+                self.check_length(len(data))
+            parts.append(_pack_header(MAGIC, VERSION, _DATAGRAM_INT, 0, len(data), 0, self._allocate_id(), 0,
+                                      pid, tid, 0, 0, 0))
+            parts.append(data)
+        return b"".join(parts)
+
     def datagram(self, data: bytes) -> Frames:
         self._check_size(data)
         return self._frame(MessageType.DATAGRAM, data, message_id=self._allocate_id())
@@ -566,6 +581,14 @@ class Channel:
     def receive(self, data: bytes, fds: Iterable[int] = ()) -> list[Message]:
         """Decode received bytes into messages. Raises ProtocolError on a violation."""
         messages: list[Message] = []
+        if not fds and not self._automatic and not self._decoder.busy:
+            # A batch of plain frames (many datagrams in one read) decodes
+            # without building Frames; the rest takes the general path.
+            start = self._plain_run(data, messages)
+            if start:
+                if start == len(data):
+                    return messages
+                data = data[start:]
         for frame in self._decoder.feed(data, fds):
             message = self._dispatch(frame)
             if message is not None:
@@ -578,20 +601,44 @@ class Channel:
         Returns the message, None when the frame needs no delivery (a late
         reply), or False when ``data`` is anything else (or anything wrong),
         with nothing consumed: use ``receive``, which names any violation.
-        The same rules as ``_dispatch``, for the three frame types that carry
-        almost all traffic, without building a Frame first.
         """
-        decoder = self._decoder
-        if self._automatic or self.peer_closed or decoder.busy or len(data) < HEADER_SIZE:
+        if self._automatic or self._decoder.busy or len(data) < HEADER_SIZE:
             return False
+        data_length, attr_length = _unpack_lengths(data, 8)
+        if HEADER_SIZE + data_length + attr_length != len(data):
+            return False  # not exactly one frame: nothing is consumed
+        message, end = self._plain(data, 0)
+        if not end:
+            return False
+        return message
+
+    def _plain_run(self, data: bytes, messages: list[Message]) -> int:
+        """Decode the leading run of plain frames of ``data`` into ``messages``; returns where it stopped."""
+        pos = 0
+        size = len(data)
+        while size - pos >= HEADER_SIZE:
+            message, end = self._plain(data, pos)
+            if not end:
+                break
+            if message is not None:
+                messages.append(message)
+            pos = end
+        return pos
+
+    def _plain(self, data: bytes, pos: int) -> tuple[Message | None, int]:
+        """The frame at ``pos`` if it is a whole plain REPLY/REQUEST/DATAGRAM (no fds, no
+        attributes) that is valid here: (message or None for a late reply, its end); (None, 0)
+        for anything else, with nothing consumed (the general path then names any violation).
+        The rules of ``_dispatch`` for the frames that carry almost all traffic."""
         (magic, version, kind, flags, data_length, attr_length, message_id, callback_id,
-         pid, tid, n_fds, reserved16, reserved32) = _unpack_header(data)
+         pid, tid, n_fds, reserved16, reserved32) = _unpack_header(data, pos)
+        end = pos + HEADER_SIZE + data_length
         if (attr_length or n_fds or reserved16 or reserved32 or magic != MAGIC or version != VERSION
-                or HEADER_SIZE + data_length != len(data) or data_length > decoder.max_data):
-            return False
+                or end > len(data) or data_length > self._decoder.max_data or self.peer_closed):
+            return None, 0
         if kind == _REPLY_INT:
             if flags and (flags != _CANCELLED or data_length):
-                return False
+                return None, 0
             pending = self._pending
             if callback_id in pending:
                 pending.discard(callback_id)
@@ -599,28 +646,28 @@ class Channel:
                     self.finish_grant(callback_id)
             elif callback_id in self._abandoned:
                 del self._abandoned[callback_id]
-                return None
+                return None, end
             else:
-                return False
-            message = Message(MessageType.REPLY, message_id, callback_id, data[HEADER_SIZE:], self.peer,
+                return None, 0
+            message = Message(MessageType.REPLY, message_id, callback_id, data[pos + HEADER_SIZE:end], self.peer,
                               sender_pid=pid, sender_tid=tid)
             if flags:
                 message.cancelled = True
-            return message
+            return message, end
         if flags:
-            return False
+            return None, 0
+        if kind == _DATAGRAM_INT:
+            return Message(MessageType.DATAGRAM, message_id, callback_id, data[pos + HEADER_SIZE:end], self.peer,
+                           sender_pid=pid, sender_tid=tid), end
         if kind == _REQUEST_INT:
             unreplied = self._unreplied
             if message_id in unreplied or len(unreplied) >= MAX_UNREPLIED:
-                return False
-            message = Message(MessageType.REQUEST, message_id, callback_id, data[HEADER_SIZE:], self.peer,
+                return None, 0
+            message = Message(MessageType.REQUEST, message_id, callback_id, data[pos + HEADER_SIZE:end], self.peer,
                               sender_pid=pid, sender_tid=tid)
             unreplied[message_id] = message
-            return message
-        if kind == _DATAGRAM_INT:
-            return Message(MessageType.DATAGRAM, message_id, callback_id, data[HEADER_SIZE:], self.peer,
-                           sender_pid=pid, sender_tid=tid)
-        return False
+            return message, end
+        return None, 0
 
     def _dispatch(self, frame: Frame) -> Message | None:
         if self.peer_closed:
@@ -802,6 +849,7 @@ class Channel:
 
 _pack_header = HEADER.pack
 _unpack_header = HEADER.unpack_from
+_unpack_lengths = struct.Struct("<II").unpack_from
 _REQUEST_INT, _REPLY_INT, _DATAGRAM_INT = int(MessageType.REQUEST), int(MessageType.REPLY), int(MessageType.DATAGRAM)
 _CANCELLED = int(Flag.CANCELLED)
 

@@ -93,8 +93,34 @@ class _BatchClient(AlpcClient):
         return self.request(SYNC)
 
 
+class _BatchServer(Server):
+    """Takes every waiting message at once (receive_many) and answers them in order."""
+
+    def __init__(self, port: alpc.ConnectionPort, handler: Handler) -> None:
+        super().__init__(handler)
+        self._port = port
+
+    def serve(self) -> None:
+        handler = self.handler
+        comm = self._port.listen(timeout=WAIT_TIMEOUT).accept()
+        while True:
+            for message in comm.receive_many(timeout=WAIT_TIMEOUT):
+                if message.type is alpc.MessageType.DATAGRAM:
+                    handler(message.data)
+                elif message.type is alpc.MessageType.REQUEST:
+                    reply = handler(message.data)
+                    comm.reply(message, _as_bytes(reply if reply is not None else b""))
+                else:
+                    return
+
+
 class AlpcBatchTransport(AlpcTransport):
-    """The blocking API with send_many: one-way messages written many per system call."""
+    """The blocking API batched both ways: send_many (many datagrams per system call) and
+    receive_many (every decoded message of a read taken at once)."""
+
+    def server(self, mode: ServerMode, handler: Handler) -> Server:
+        port = alpc.create_port(self.name, self.attributes, config=self.config, timeout=WAIT_TIMEOUT)
+        return _BatchServer(port, handler)
 
     def client(self, index: int) -> _BatchClient:
         return _BatchClient(alpc.connect(self.name, config=self.config, timeout=WAIT_TIMEOUT))
