@@ -19,7 +19,7 @@ from typing import Literal
 from . import bench_connect, bench_memory, bench_rate, bench_roundtrip, bench_scaling, bench_throughput
 from .core import Case
 from .transports.alpc_impl import AlpcTransport
-from .transports.alpc_variants import AlpcAioTransport, AlpcBatchTransport
+from .transports.alpc_variants import AlpcAioTransport, AlpcBatchTransport, AlpcCompletionTransport
 from .transports.base import Transport
 from .transports.grpc_impl import GrpcTransport
 from .transports.mpconn import ListenerTransport, PipeTransport
@@ -61,6 +61,7 @@ IMPLEMENTATIONS: dict[str, Impl] = {impl.name: impl for impl in (
     Impl("alpc", "alpc", AlpcTransport, _ALL),
     Impl("alpc-aio", "alpc", AlpcAioTransport, frozenset({"roundtrip", "rate"})),
     Impl("alpc-batch", "alpc", AlpcBatchTransport, frozenset({"rate"})),
+    Impl("alpc-iocp", "alpc", AlpcCompletionTransport, frozenset({"scaling"})),
     Impl("socketpair", "peer", SocketPairTransport, _MESSAGES | {"scaling"}),
     Impl("unix-socket", "peer", UnixSocketTransport, _CONNECTED),
     Impl("mp.Pipe", "peer", PipeTransport, _MESSAGES | {"scaling"}),

@@ -13,7 +13,7 @@ from ..core import SYNC
 from .alpc_impl import AlpcClient, AlpcTransport, _as_bytes
 from .base import WAIT_TIMEOUT, Buffer, Client, Handler, Server, ServerMode
 
-__all__ = ["AlpcAioTransport", "AlpcBatchTransport"]
+__all__ = ["AlpcAioTransport", "AlpcBatchTransport", "AlpcCompletionTransport"]
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -124,3 +124,26 @@ class AlpcBatchTransport(AlpcTransport):
 
     def client(self, index: int) -> _BatchClient:
         return _BatchClient(alpc.connect(self.name, config=self.config, timeout=WAIT_TIMEOUT))
+
+
+class _CompletionServer(Server):
+    def __init__(self, port: alpc.ConnectionPort, handler: Handler) -> None:
+        super().__init__(handler)
+        self._port = port
+
+    def serve(self) -> None:
+        handler = self.handler
+
+        def handle(message: alpc.Message) -> Buffer | None:
+            return handler(message.data)
+
+        with alpc.CompletionPort(self._port, handle, max_workers=4) as completion:
+            completion.serve(timeout=WAIT_TIMEOUT)
+
+
+class AlpcCompletionTransport(AlpcTransport):
+    """The server is an alpc.CompletionPort: one loop over every client, handlers on a thread pool."""
+
+    def server(self, mode: ServerMode, handler: Handler) -> Server:
+        port = alpc.create_port(self.name, self.attributes, config=self.config, timeout=WAIT_TIMEOUT)
+        return _CompletionServer(port, handler)
