@@ -487,11 +487,13 @@ class Connection:
         while inbox:
             message = inbox.popleft()
             if message.cancelled:
-                continue  # the client cancelled it before anyone took it
+                self._drop_body(message)  # the client cancelled it before anyone took it
+                continue
             deadline = message.deadline
             if deadline is not None and deadline <= _monotonic():
                 self.channel.expire(message)
                 self.stats.in_flight.pop(message.id, None)
+                self._drop_body(message)
                 continue
             if message.type in NOTICES:
                 self.finalize_wanted = True
@@ -507,6 +509,15 @@ class Connection:
             into.append(message)
             if message.type in NOTICES:
                 return
+
+    def _drop_body(self, message: Message) -> None:
+        """A request nobody will handle: its section range goes back with our next frame."""
+        body = message._copy if message._copy is not None else message.view
+        if body is not None:
+            message._copy = None
+            body.release(notify=False)
+            self._releases_owed = True
+            self.owed = True
 
     def take_automatic(self) -> Frames:
         """Frames the runtime owes the peer after ``take_message`` (answers to expired requests)."""
@@ -524,7 +535,8 @@ class Connection:
             try:
                 self.inbox.remove(message)
             except ValueError:
-                pass  # already handed to the application
+                continue  # already handed to the application, which owns its body
+            self._drop_body(message)
         return cancelled
 
     # -- the end ------------------------------------------------------------------------
