@@ -503,8 +503,15 @@ class CommunicationPort:
         On the server side a closed or dead client is reported once as a
         PORT_CLOSED / CLIENT_DIED message; later calls raise PeerGone.
         """
-        message = self._wait_for(self._core.take_message, deadline_after(timeout), "a message")
-        self._after_take()
+        core = self._core
+        message = None
+        if core.inbox:
+            with self._state:
+                message = core.take_message()
+        if message is None:
+            message = self._wait_for(core.take_message, deadline_after(timeout), "a message")
+        if core.finalize_wanted or core.channel._automatic:
+            self._after_take()
         return message
 
     def receive_many(self, max_messages: int = 1024, timeout: float | None = None) -> list[Message]:
