@@ -26,7 +26,7 @@ from .errors import (
     Timeout,
 )
 from .exchange import control_frame, read_frame
-from .protocol import Channel, Message
+from .protocol import Channel, Frames, Message, Payload
 from .security import PeerCred
 from .transport import Stream, close_fds, deadline_after, pidfd_open, remaining, wait_readable
 from .wire import Frame, FrameDecoder, FrameLimits, MessageType
@@ -108,11 +108,24 @@ class CommunicationPort:
 
     # -- sending ----------------------------------------------------------------
 
-    def request(self, data: bytes = b"", timeout: float | None = None) -> Message:
-        """Send a request and wait for its reply."""
+    def request(
+        self,
+        data: Payload = b"",
+        timeout: float | None = None,
+        *,
+        on_message: Callable[[Message], None] | None = None,
+    ) -> Message:
+        """Send a request and wait for its reply.
+
+        ``data`` is one buffer, or a sequence of buffers sent as one message
+        without being joined. With ``on_message``, every REQUEST or DATAGRAM the
+        peer sends while this call waits is handed to it on this thread, so the
+        peer may call back into us (ALPC's nested callbacks) instead of its
+        request waiting in the inbox behind our own wait.
+        """
         deadline = deadline_after(timeout)
-        message_id = self._send_new(lambda: self._channel.request(bytes(data)), deadline)
-        return self._await_reply(message_id, deadline)
+        message_id = self._send_new(lambda: self._channel.request(_owned(data)), deadline)
+        return self._await_reply(message_id, deadline, on_message)
 
     def ping(self, timeout: float | None = None) -> None:
         """Round-trip a PING that the peer's runtime answers without its application."""
@@ -120,20 +133,20 @@ class CommunicationPort:
         message_id = self._send_new(self._channel.ping, deadline)
         self._await_reply(message_id, deadline)
 
-    def send(self, data: bytes = b"", timeout: float | None = None) -> None:
+    def send(self, data: Payload = b"", timeout: float | None = None) -> None:
         """Send a datagram (no reply expected)."""
-        self._send(lambda: self._channel.datagram(bytes(data)), deadline_after(timeout))
+        self._send(lambda: self._channel.datagram(_owned(data)), deadline_after(timeout))
 
-    def reply(self, message: Message, data: bytes = b"", timeout: float | None = None) -> None:
+    def reply(self, message: Message, data: Payload = b"", timeout: float | None = None) -> None:
         """Answer ``message``, a request received on this port."""
         if message.type is not MessageType.REQUEST:
             raise ValueError(f"only a REQUEST can be replied to, not {message.type.name}")
-        self._send(lambda: self._channel.reply(message.id, bytes(data)), deadline_after(timeout))
+        self._send(lambda: self._channel.reply(message.id, _owned(data)), deadline_after(timeout))
 
-    def _send_new(self, make: Callable[[], tuple[int, list[bytes]]], deadline: float | None) -> int:
+    def _send_new(self, make: Callable[[], tuple[int, Frames]], deadline: float | None) -> int:
         message_id = 0
 
-        def frames() -> list[bytes]:
+        def frames() -> Frames:
             nonlocal message_id
             message_id, out = make()
             return out
@@ -147,14 +160,14 @@ class CommunicationPort:
             raise
         return message_id
 
-    def _send(self, make: Callable[[], list[bytes]], deadline: float | None) -> None:
+    def _send(self, make: Callable[[], Frames], deadline: float | None) -> None:
         with self._send_lock:
             self._raise_if_failed()
             with self._state:
                 frames = make()
             self._write(frames, deadline)
 
-    def _write(self, frames: list[bytes], deadline: float | None) -> None:
+    def _write(self, frames: Frames, deadline: float | None) -> None:
         try:
             self._stream.send(frames, deadline=deadline)
         except Timeout:
@@ -203,9 +216,28 @@ class CommunicationPort:
             self._release_wanted = True
         return message
 
-    def _await_reply(self, message_id: int, deadline: float | None) -> Message:
+    def _pop_incoming(self) -> Message | None:
+        # Caller holds _cv. Notices stay queued for receive() / ConnectionPort.wait().
+        if self._inbox and self._inbox[0].type in _INCOMING:
+            return self._inbox.popleft()
+        return None
+
+    def _await_reply(self, message_id: int, deadline: float | None,
+                     on_message: Callable[[Message], None] | None = None) -> Message:
         try:
-            return self._wait_for(lambda: self._replies.pop(message_id, None), deadline, "the reply")
+            if on_message is None:
+                return self._wait_for(lambda: self._replies.pop(message_id, None), deadline, "the reply")
+            # Incoming messages are taken before the reply: one read may bring
+            # both, and whatever this thread leaves in the inbox would wait for a
+            # poll wake-up that already happened.
+            def take() -> Message | None:
+                return self._pop_incoming() or self._replies.pop(message_id, None)
+
+            while True:
+                found = self._wait_for(take, deadline, "the reply")
+                if found.type is MessageType.REPLY:
+                    return found
+                on_message(found)
         except BaseException:
             with self._state:
                 self._channel.abandon(message_id)
@@ -380,6 +412,20 @@ class CommunicationPort:
 
 
 _NOTICES = (MessageType.PORT_CLOSED, MessageType.CLIENT_DIED)
+_INCOMING = (MessageType.REQUEST, MessageType.DATAGRAM)
+
+
+def _owned(data: Payload) -> Payload:
+    """A single buffer is copied to bytes as before; parts are sent as given.
+
+    Parts are written to the kernel before send/request/reply return, so the
+    caller may reuse its buffers afterwards.
+    """
+    if isinstance(data, bytes):
+        return data
+    if isinstance(data, (bytearray, memoryview)):
+        return bytes(data)
+    return tuple(data)
 
 
 # -- client side ------------------------------------------------------------------

@@ -1,0 +1,390 @@
+"""The I/O-free dispatch core: exported objects, access checks, deadlines, the call context.
+
+A driver (the blocking server and client today, an asyncio server later) hands
+it the data of each received call and sends whatever it returns. Running a
+call is split into ``prepare`` (decode, look up, check) and ``complete`` /
+``fail`` (encode the outcome), so an async driver can await the handler in
+between; ``handle`` does all three for a synchronous handler.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, NamedTuple
+
+from ..errors import (
+    AccessDenied,
+    BadArguments,
+    DeadlineExceeded,
+    MarshalError,
+    MessageTooLarge,
+    UnknownMethod,
+    remote_error_class,
+)
+from ..protocol import Payload
+from ..security import PeerCred
+from .codec import Call, Codec, ObjectRef, exception_type_name
+from .interface import Interface, MethodSpec, ResolvedAccess, interface_methods
+
+__all__ = [
+    "Binding",
+    "CallContext",
+    "CallInfo",
+    "Dispatcher",
+    "Exported",
+    "ErrorCode",
+    "ObjectTable",
+    "Prepared",
+    "current_call",
+    "current_deadline",
+    "error_for",
+]
+
+log = logging.getLogger("alpc.rpc")
+
+
+class ErrorCode:
+    """The ``code`` of an ERROR reply; the caller raises the matching alpc error."""
+
+    REMOTE = "remote"
+    UNKNOWN_METHOD = "unknown_method"
+    BAD_ARGUMENTS = "bad_arguments"
+    MARSHAL = "marshal"
+    ACCESS_DENIED = "access_denied"
+    DEADLINE = "deadline"
+    TOO_LARGE = "too_large"
+
+
+# Errors a handler may raise on purpose that keep their own type across the wire.
+_TYPED_ERRORS: tuple[tuple[type[Exception], str], ...] = (
+    (AccessDenied, ErrorCode.ACCESS_DENIED),
+    (DeadlineExceeded, ErrorCode.DEADLINE),
+    (BadArguments, ErrorCode.BAD_ARGUMENTS),
+    (UnknownMethod, ErrorCode.UNKNOWN_METHOD),
+    (MarshalError, ErrorCode.MARSHAL),
+    (MessageTooLarge, ErrorCode.TOO_LARGE),
+)
+
+
+@dataclass(slots=True)
+class CallContext:
+    """What a handler knows about the call it is running (``current_call()``).
+
+    ``caller`` is the kernel-verified identity of the peer; ``deadline`` is on
+    the CLOCK_MONOTONIC clock shared by the processes of one machine.
+    """
+
+    caller: PeerCred
+    interface: str
+    method: str
+    deadline: float | None
+    oneway: bool
+
+    def remaining(self) -> float | None:
+        """Seconds left before the caller's deadline (never negative); None if it set none."""
+        if self.deadline is None:
+            return None
+        return max(0.0, self.deadline - time.monotonic())
+
+    @property
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+
+# The running call as a plain tuple (caller, interface, method, deadline, oneway):
+# cheaper to make per call than a CallContext, which is built only when asked for.
+CallInfo = tuple[PeerCred, str, str, float | None, bool]
+_current: ContextVar[CallInfo | None] = ContextVar("alpc_rpc_call", default=None)
+
+
+def current_call() -> CallContext:
+    """The context of the RPC call this handler runs; LookupError outside one."""
+    info = _current.get()
+    if info is None:
+        raise LookupError("not inside an RPC call")
+    return CallContext(*info)
+
+
+def current_deadline() -> float | None:
+    info = _current.get()
+    return None if info is None else info[3]
+
+
+# -- exported objects ---------------------------------------------------------------
+
+
+class Binding(NamedTuple):
+    """One callable method of one exported object, with its arity precomputed."""
+
+    spec: MethodSpec
+    fn: Callable[..., Any]
+    access: ResolvedAccess | None
+    # A call with no kwargs and fast_min <= len(args) <= fast_max binds for sure;
+    # anything else is checked against the signature.
+    fast_min: int
+    fast_max: int
+    signature: inspect.Signature | None
+
+
+@lru_cache(maxsize=1024)
+def _arity(function: Callable[..., Any]) -> tuple[int, int, inspect.Signature | None]:
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):
+        return 1, 0, None
+    params = list(signature.parameters.values())[1:]  # drop self
+    signature = signature.replace(parameters=params)
+    kinds = inspect.Parameter
+    positional = [p for p in params if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)]
+    required = sum(1 for p in positional if p.default is p.empty)
+    if any(p.kind is kinds.KEYWORD_ONLY and p.default is p.empty for p in params):
+        return 1, 0, signature  # never fast: a required keyword-only argument
+    if any(p.kind is kinds.VAR_POSITIONAL for p in params):
+        return required, sys.maxsize, signature
+    return required, len(positional), signature
+
+
+class Exported:
+    """An object in an ObjectTable, with its method table built once."""
+
+    __slots__ = ("bindings", "interface", "obj", "ref", "refs")
+
+    def __init__(self, object_id: int, obj: Interface) -> None:
+        specs = interface_methods(obj) or {}
+        self.obj = obj
+        self.interface = type(obj).__alpc_name__
+        self.bindings = {name: _bind(obj, spec) for name, spec in specs.items()}
+        self.ref = ObjectRef(object_id, self.interface, {name: spec.oneway for name, spec in specs.items()})
+        self.refs = 0
+
+
+def _bind(obj: Interface, spec: MethodSpec) -> Binding:
+    unbound = getattr(type(obj), spec.name)
+    bound = getattr(obj, spec.name)
+    if inspect.isfunction(unbound):
+        fast_min, fast_max, signature = _arity(unbound)
+    else:
+        fast_min, fast_max, signature = 1, 0, None
+    access = spec.access.resolve() if spec.access is not None else None
+    return Binding(spec, bound, access, fast_min, fast_max, signature)
+
+
+class ObjectTable:
+    """The objects one side of a connection lets the other call, by object id.
+
+    Id 0 is the object a server serves; objects passed as call arguments get
+    ids from 1 and stay exported while a call that carries them is running.
+    """
+
+    def __init__(self, served: Interface | None = None) -> None:
+        self._lock = threading.Lock()
+        self._objects: dict[int, Exported] = {}
+        self._ids: dict[int, int] = {}  # id(obj) -> object id, for exported arguments
+        self._next_id = 1
+        if served is not None:
+            self._objects[0] = Exported(0, served)
+
+    def get(self, object_id: int) -> Exported | None:
+        return self._objects.get(object_id)
+
+    def export(self, obj: object) -> ObjectRef | None:
+        """Export ``obj`` for the duration of one call; None if it is not an interface object."""
+        if not isinstance(obj, Interface):
+            return None
+        with self._lock:
+            object_id = self._ids.get(id(obj))
+            if object_id is None:
+                object_id = self._allocate()
+                entry = Exported(object_id, obj)
+                self._objects[object_id] = entry
+                self._ids[id(obj)] = object_id
+            else:
+                entry = self._objects[object_id]
+            entry.refs += 1
+            return entry.ref
+
+    def _allocate(self) -> int:
+        while self._next_id in self._objects:
+            self._next_id = self._next_id % 0xFFFFFFFF + 1
+        object_id = self._next_id
+        self._next_id = self._next_id % 0xFFFFFFFF + 1
+        return object_id
+
+    def release(self, object_ids: list[int]) -> None:
+        with self._lock:
+            for object_id in object_ids:
+                entry = self._objects.get(object_id)
+                if entry is None or object_id == 0:
+                    continue
+                entry.refs -= 1
+                if entry.refs <= 0:
+                    del self._objects[object_id]
+                    del self._ids[id(entry.obj)]
+
+    def __len__(self) -> int:
+        return len(self._objects)
+
+
+# -- dispatch -------------------------------------------------------------------------
+
+
+# A call that passed every check, ready to run: (handler, args, kwargs, call info).
+Prepared = tuple[Callable[..., Any], list[Any], dict[str, Any], CallInfo]
+
+
+class _Refused(Exception):
+    """Internal: a call refused before it ran, with the error to send back."""
+
+    def __init__(self, code: str, type_name: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.type_name = type_name
+        self.message = message
+
+
+_NO_KWARGS: dict[str, Any] = {}
+
+
+class Dispatcher:
+    """Runs received calls against an ObjectTable and encodes their outcome."""
+
+    def __init__(self, codec: Codec, objects: ObjectTable, *, caller: PeerCred, send_tracebacks: bool = False) -> None:
+        self._codec = codec
+        self._objects = objects
+        self._caller = caller
+        self._send_tracebacks = send_tracebacks
+        self._allowed: dict[ResolvedAccess, bool] = {}
+
+    def handle(self, data: bytes, *, expects_reply: bool = True) -> Payload | None:
+        """Decode, check, run and encode one call; None when no reply is to be sent."""
+        prepared = self.prepare(data, expects_reply=expects_reply)
+        if isinstance(prepared, bytes):
+            return prepared if expects_reply else None
+        return self.run(prepared)
+
+    def prepare(self, data: bytes, *, expects_reply: bool = True) -> Prepared | bytes:
+        """The call ready to run, or the error reply refusing it."""
+        try:
+            call = self._codec.decode_call(data)
+        except MarshalError as exc:
+            return self._refusal(_Refused(ErrorCode.MARSHAL, "MarshalError", str(exc)))
+        object_id, name, args, kwargs, deadline = call
+        entry = self._objects.get(object_id)
+        binding = None if entry is None else entry.bindings.get(name)
+        if (binding is not None and binding.access is None and not kwargs
+                and binding.fast_min <= len(args) <= binding.fast_max
+                and (deadline is None or time.monotonic() < deadline)):
+            assert entry is not None
+            return binding.fn, args, _NO_KWARGS, (self._caller, entry.interface, name, deadline, not expects_reply)
+        try:
+            return self._prepare_checked(entry, binding, call, expects_reply)
+        except _Refused as refusal:
+            return self._refusal(refusal)
+
+    def _refusal(self, refusal: _Refused) -> bytes:
+        log.debug("refused a call from pid %d: %s", self._caller.pid, refusal.message)
+        return self._codec.encode_error(refusal.code, refusal.type_name, refusal.message)
+
+    def _prepare_checked(self, entry: Exported | None, binding: Binding | None, call: Call,
+                         expects_reply: bool) -> Prepared:
+        object_id, name, args, kwargs, deadline = call
+        if entry is None:
+            raise _Refused(ErrorCode.UNKNOWN_METHOD, "UnknownMethod",
+                           f"no object {object_id} on this connection (a callback is only valid during its call)")
+        if binding is None:
+            raise _Refused(ErrorCode.UNKNOWN_METHOD, "UnknownMethod",
+                           f"interface {entry.interface!r} has no method {name[:100]!r}")
+        if binding.access is not None and not self._allows(binding.access):
+            raise _Refused(ErrorCode.ACCESS_DENIED, "AccessDenied",
+                           f"uid {self._caller.uid} gid {self._caller.gid} may not call {entry.interface}.{name}")
+        if deadline is not None and time.monotonic() >= deadline:
+            raise _Refused(ErrorCode.DEADLINE, "DeadlineExceeded",
+                           f"the deadline of {entry.interface}.{name} passed before it started")
+        kwargs = self._check_arguments(binding, args, kwargs, f"{entry.interface}.{name}")
+        return binding.fn, args, kwargs, (self._caller, entry.interface, name, deadline, not expects_reply)
+
+    def _allows(self, access: ResolvedAccess) -> bool:
+        # The caller's identity is fixed for the connection, so decide once per rule.
+        allowed = self._allowed.get(access)
+        if allowed is None:
+            allowed = self._allowed[access] = access.allows(self._caller)
+        return allowed
+
+    def _check_arguments(self, binding: Binding, args: list[Any], kwargs: dict[Any, Any] | None,
+                         where: str) -> dict[str, Any]:
+        kwargs = kwargs or _NO_KWARGS
+        for key in kwargs:
+            if type(key) is not str:
+                raise _Refused(ErrorCode.BAD_ARGUMENTS, "BadArguments", "keyword argument names must be strings")
+        if binding.signature is not None:
+            try:
+                binding.signature.bind(*args, **kwargs)
+            except TypeError as exc:
+                raise _Refused(ErrorCode.BAD_ARGUMENTS, "BadArguments", f"{where}: {exc}") from None
+        return kwargs
+
+    def run(self, prepared: Prepared) -> Payload | None:
+        """Run a prepared synchronous call; its reply, or None for a one-way call."""
+        fn, args, kwargs, info = prepared
+        token = _current.set(info)
+        try:
+            result = fn(*args, **kwargs) if kwargs else fn(*args)
+        except Exception as exc:
+            if info[4]:
+                log.warning("one-way call %s.%s from pid %d raised %s: %s", info[1], info[2],
+                            self._caller.pid, type(exc).__name__, exc)
+                return None
+            return self.fail(exc)
+        finally:
+            _current.reset(token)
+        return None if info[4] else self.complete(result)
+
+    def complete(self, result: Any) -> Payload:
+        """The reply for a call that returned ``result``."""
+        try:
+            return self._codec.encode_result(result)
+        except MarshalError as exc:
+            return self._codec.encode_error(ErrorCode.MARSHAL, "MarshalError", f"cannot marshal the result: {exc}")
+
+    def fail(self, exc: BaseException) -> Payload:
+        """The reply for a call whose handler raised ``exc``."""
+        code = ErrorCode.REMOTE
+        for cls, typed_code in _TYPED_ERRORS:
+            if isinstance(exc, cls):
+                code = typed_code
+                break
+        tb = "".join(traceback.format_exception(exc)) if self._send_tracebacks else None
+        try:
+            message = str(exc)
+        except Exception:  # a broken __str__ must not take the server down
+            message = f"<unprintable {type(exc).__name__}>"
+        return self._codec.encode_error(code, exception_type_name(exc), message, tb)
+
+
+_ERROR_TYPES: dict[str, type[Exception]] = {
+    ErrorCode.UNKNOWN_METHOD: UnknownMethod,
+    ErrorCode.BAD_ARGUMENTS: BadArguments,
+    ErrorCode.MARSHAL: MarshalError,
+    ErrorCode.ACCESS_DENIED: AccessDenied,
+    ErrorCode.DEADLINE: DeadlineExceeded,
+    ErrorCode.TOO_LARGE: MessageTooLarge,
+}
+
+
+def error_for(code: str, type_name: str, message: str, tb: str | None) -> Exception:
+    """The local exception for an ERROR reply."""
+    if code == ErrorCode.REMOTE:
+        return remote_error_class(type_name)(type_name, message, tb)
+    cls = _ERROR_TYPES.get(code)
+    if cls is None:
+        return remote_error_class(type_name)(type_name, f"[{code}] {message}", tb)
+    return cls(f"remote: {message}")
