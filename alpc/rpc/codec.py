@@ -41,7 +41,16 @@ from typing import Any, NamedTuple
 
 import msgpack
 
-from ..errors import MarshalError, RemoteError, remote_error_class
+from ..errors import (
+    AccessDenied,
+    BadArguments,
+    DeadlineExceeded,
+    MarshalError,
+    MessageTooLarge,
+    RemoteError,
+    UnknownMethod,
+    remote_error_class,
+)
 from ..protocol import Buffer, Payload
 
 __all__ = [
@@ -51,6 +60,7 @@ __all__ = [
     "RPC_VERSION",
     "Call",
     "Codec",
+    "ErrorCode",
     "ErrorReply",
     "Ext",
     "Hello",
@@ -59,8 +69,10 @@ __all__ = [
     "ObjectRef",
     "decode_hello",
     "encode_hello",
+    "error_for",
     "exception_type_name",
     "parse_call",
+    "typed_error_code",
 ]
 
 RPC_VERSION = 1
@@ -154,6 +166,47 @@ _BUFFERS = frozenset({bytes, bytearray, memoryview})
 _NO_SEGMENTS: list[memoryview] = []
 
 
+class ErrorCode:
+    """The ``code`` of an ERROR reply; the caller raises the matching alpc error."""
+
+    REMOTE = "remote"
+    UNKNOWN_METHOD = "unknown_method"
+    BAD_ARGUMENTS = "bad_arguments"
+    MARSHAL = "marshal"
+    ACCESS_DENIED = "access_denied"
+    DEADLINE = "deadline"
+    TOO_LARGE = "too_large"
+
+
+# Errors that keep their own type across the wire, also when a handler raises them on purpose.
+_TYPED_ERRORS: dict[str, type[Exception]] = {
+    ErrorCode.ACCESS_DENIED: AccessDenied,
+    ErrorCode.DEADLINE: DeadlineExceeded,
+    ErrorCode.BAD_ARGUMENTS: BadArguments,
+    ErrorCode.UNKNOWN_METHOD: UnknownMethod,
+    ErrorCode.MARSHAL: MarshalError,
+    ErrorCode.TOO_LARGE: MessageTooLarge,
+}
+
+
+def typed_error_code(exc: BaseException) -> str:
+    """The code to send for a handler's exception."""
+    for code, cls in _TYPED_ERRORS.items():
+        if isinstance(exc, cls):
+            return code
+    return ErrorCode.REMOTE
+
+
+def error_for(code: str, type_name: str, message: str, tb: str | None) -> Exception:
+    """The local exception for an ERROR reply."""
+    if code == ErrorCode.REMOTE:
+        return remote_error_class(type_name)(type_name, message, tb)
+    cls = _TYPED_ERRORS.get(code)
+    if cls is None:
+        return remote_error_class(type_name)(type_name, f"[{code}] {message}", tb)
+    return cls(f"remote: {message}")
+
+
 def exception_type_name(exc: BaseException) -> str:
     """Builtins by bare name (so the peer can mirror them), others fully qualified."""
     if isinstance(exc, RemoteError):
@@ -170,6 +223,14 @@ _ERROR_HEAD = HEAD.pack(RPC_VERSION, Kind.ERROR, 0)
 _NO_EXPORTS: list[int] = []
 # One msgpack Packer per thread: making one per message costs as much as packing.
 _local = threading.local()
+
+
+def _packer() -> Any:
+    try:
+        return _local.packer
+    except AttributeError:
+        packer = _local.packer = msgpack.Packer(default=_default)
+        return packer
 
 
 class Codec:
@@ -194,7 +255,8 @@ class Codec:
         self._export = export
         self._import = import_object
         self._options = limits.unpack_options()
-        self._ext_options = dict(self._options, ext_hook=self._refuse_ext)
+        self._hook = self._refuse_ext  # bound once, not per message
+        self._ext_options = dict(self._options, ext_hook=self._hook)
         # msgpack's own limits are the length of its input, so an envelope no
         # longer than every configured limit needs no explicit limits at all.
         self._small = min(limits.max_str_len, limits.max_bin_len, limits.max_array_len,
@@ -218,7 +280,10 @@ class Codec:
                 if kind not in _PLAIN and (kind is not bytes or len(value) > threshold):
                     break
             else:
-                return _CALL_HEAD + self._pack([object_id, method, args, None, deadline]), _NO_EXPORTS
+                try:
+                    return _CALL_HEAD + _packer().pack([object_id, method, args, None, deadline]), _NO_EXPORTS
+                except (TypeError, ValueError, OverflowError):
+                    pass  # the general path below names the problem
         segments = _NO_SEGMENTS
         exported: list[int] = []
         if args:
@@ -232,7 +297,11 @@ class Codec:
     def encode_result(self, value: Any) -> Payload:
         kind = type(value)
         if (kind in _PLAIN and kind is not tuple) or (kind is bytes and len(value) <= self.inline_threshold):
-            return _RESULT_HEAD + self._pack(value)
+            try:
+                packed: bytes = _packer().pack(value)
+                return _RESULT_HEAD + packed
+            except (TypeError, ValueError, OverflowError):
+                pass  # the general path below names the problem
         segments = _NO_SEGMENTS
         if kind is tuple:
             value, segments = self._lift_all(value, segments, None)
@@ -283,11 +352,7 @@ class Codec:
 
     def _pack(self, value: Any) -> bytes:
         try:
-            packer = _local.packer
-        except AttributeError:
-            packer = _local.packer = msgpack.Packer(default=_default)
-        try:
-            packed: bytes = packer.pack(value)
+            packed: bytes = _packer().pack(value)
         except MarshalError:
             raise
         except (TypeError, ValueError, OverflowError) as exc:
@@ -324,7 +389,7 @@ class Codec:
         """The envelope of a message without segments."""
         if len(data) <= self._small:
             try:
-                return msgpack.unpackb(data[HEAD.size:], ext_hook=self._refuse_ext)
+                return msgpack.unpackb(data[HEAD.size:], ext_hook=self._hook)
             except MarshalError:
                 raise
             except (ValueError, TypeError, OverflowError, RecursionError) as exc:
@@ -417,6 +482,20 @@ class Codec:
                     and (kwargs is None or type(kwargs) is dict) and (deadline is None or type(deadline) is float)):
                 return envelope
         return parse_call(envelope)
+
+    def result(self, data: bytes) -> Any:
+        """The value of a RESULT reply; raises the error an ERROR reply carries."""
+        if data[:HEAD.size] == _RESULT_HEAD and len(data) <= self._small:
+            try:
+                return msgpack.unpackb(data[HEAD.size:], ext_hook=self._hook)
+            except MarshalError:
+                raise
+            except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+                raise MarshalError(f"malformed msgpack: {type(exc).__name__}: {exc}") from None
+        kind, value = self.decode_reply(data)
+        if kind is Kind.ERROR:
+            raise error_for(*value)
+        return value
 
     def decode_reply(self, data: bytes) -> tuple[Kind, Any]:
         """(RESULT, value) or (ERROR, ErrorReply); MarshalError for anything else."""

@@ -21,58 +21,26 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, NamedTuple
 
-from ..errors import (
-    AccessDenied,
-    BadArguments,
-    DeadlineExceeded,
-    MarshalError,
-    MessageTooLarge,
-    UnknownMethod,
-    remote_error_class,
-)
+from ..errors import MarshalError
 from ..protocol import Payload
 from ..security import PeerCred
-from .codec import Call, Codec, ObjectRef, exception_type_name
+from .codec import Call, Codec, ErrorCode, ObjectRef, exception_type_name, typed_error_code
 from .interface import Interface, MethodSpec, ResolvedAccess, interface_methods
 
 __all__ = [
+    "CALL_INFO",
     "Binding",
     "CallContext",
     "CallInfo",
     "Dispatcher",
     "Exported",
-    "ErrorCode",
     "ObjectTable",
     "Prepared",
     "current_call",
     "current_deadline",
-    "error_for",
 ]
 
 log = logging.getLogger("alpc.rpc")
-
-
-class ErrorCode:
-    """The ``code`` of an ERROR reply; the caller raises the matching alpc error."""
-
-    REMOTE = "remote"
-    UNKNOWN_METHOD = "unknown_method"
-    BAD_ARGUMENTS = "bad_arguments"
-    MARSHAL = "marshal"
-    ACCESS_DENIED = "access_denied"
-    DEADLINE = "deadline"
-    TOO_LARGE = "too_large"
-
-
-# Errors a handler may raise on purpose that keep their own type across the wire.
-_TYPED_ERRORS: tuple[tuple[type[Exception], str], ...] = (
-    (AccessDenied, ErrorCode.ACCESS_DENIED),
-    (DeadlineExceeded, ErrorCode.DEADLINE),
-    (BadArguments, ErrorCode.BAD_ARGUMENTS),
-    (UnknownMethod, ErrorCode.UNKNOWN_METHOD),
-    (MarshalError, ErrorCode.MARSHAL),
-    (MessageTooLarge, ErrorCode.TOO_LARGE),
-)
 
 
 @dataclass(slots=True)
@@ -103,19 +71,19 @@ class CallContext:
 # The running call as a plain tuple (caller, interface, method, deadline, oneway):
 # cheaper to make per call than a CallContext, which is built only when asked for.
 CallInfo = tuple[PeerCred, str, str, float | None, bool]
-_current: ContextVar[CallInfo | None] = ContextVar("alpc_rpc_call", default=None)
+CALL_INFO: ContextVar[CallInfo | None] = ContextVar("alpc_rpc_call", default=None)
 
 
 def current_call() -> CallContext:
     """The context of the RPC call this handler runs; LookupError outside one."""
-    info = _current.get()
+    info = CALL_INFO.get()
     if info is None:
         raise LookupError("not inside an RPC call")
     return CallContext(*info)
 
 
 def current_deadline() -> float | None:
-    info = _current.get()
+    info = CALL_INFO.get()
     return None if info is None else info[3]
 
 
@@ -263,32 +231,68 @@ class Dispatcher:
         self._caller = caller
         self._send_tracebacks = send_tracebacks
         self._allowed: dict[ResolvedAccess, bool] = {}
+        # Bound once: the per-call path below is the RPC layer's whole server-side cost.
+        self._decode_call = codec.decode_call
+        self._encode_result = codec.encode_result
+        self._lookup = objects.get
 
     def handle(self, data: bytes, *, expects_reply: bool = True) -> Payload | None:
-        """Decode, check, run and encode one call; None when no reply is to be sent."""
-        prepared = self.prepare(data, expects_reply=expects_reply)
-        if isinstance(prepared, bytes):
-            return prepared if expects_reply else None
-        return self.run(prepared)
+        """Decode, check, run and encode one call; None when no reply is to be sent.
+
+        The common call (positional arguments that fit, no access rule, deadline
+        not passed) runs inline here; everything else goes through prepare/run.
+        """
+        try:
+            call = self._decode_call(data)
+        except MarshalError as exc:
+            refusal = self._refusal(_Refused(ErrorCode.MARSHAL, "MarshalError", str(exc)))
+            return refusal if expects_reply else None
+        object_id, name, args, kwargs, deadline = call
+        entry = self._lookup(object_id)
+        binding = None if entry is None else entry.bindings.get(name)
+        if (binding is None or binding.access is not None or kwargs
+                or not binding.fast_min <= len(args) <= binding.fast_max
+                or (deadline is not None and time.monotonic() >= deadline)):
+            try:
+                prepared = self._prepare_checked(entry, binding, call, expects_reply)
+            except _Refused as refusal:
+                return self._refusal(refusal) if expects_reply else None
+            return self.run(prepared)
+        assert entry is not None
+        token = CALL_INFO.set((self._caller, entry.interface, name, deadline, not expects_reply))
+        try:
+            result = binding.fn(*args)
+        except Exception as exc:
+            if expects_reply:
+                return self.fail(exc)
+            self._log_oneway(entry.interface, name, exc)
+            return None
+        finally:
+            CALL_INFO.reset(token)
+        if not expects_reply:
+            return None
+        try:
+            return self._encode_result(result)
+        except MarshalError as exc:
+            return self._codec.encode_error(ErrorCode.MARSHAL, "MarshalError", f"cannot marshal the result: {exc}")
 
     def prepare(self, data: bytes, *, expects_reply: bool = True) -> Prepared | bytes:
-        """The call ready to run, or the error reply refusing it."""
+        """The call ready to run, or the error reply refusing it (for drivers that run calls themselves)."""
         try:
             call = self._codec.decode_call(data)
         except MarshalError as exc:
             return self._refusal(_Refused(ErrorCode.MARSHAL, "MarshalError", str(exc)))
-        object_id, name, args, kwargs, deadline = call
-        entry = self._objects.get(object_id)
+        object_id, name, _, _, _ = call
+        entry = self._lookup(object_id)
         binding = None if entry is None else entry.bindings.get(name)
-        if (binding is not None and binding.access is None and not kwargs
-                and binding.fast_min <= len(args) <= binding.fast_max
-                and (deadline is None or time.monotonic() < deadline)):
-            assert entry is not None
-            return binding.fn, args, _NO_KWARGS, (self._caller, entry.interface, name, deadline, not expects_reply)
         try:
             return self._prepare_checked(entry, binding, call, expects_reply)
         except _Refused as refusal:
             return self._refusal(refusal)
+
+    def _log_oneway(self, interface: str, name: str, exc: Exception) -> None:
+        log.warning("one-way call %s.%s from pid %d raised %s: %s", interface, name, self._caller.pid,
+                    type(exc).__name__, exc)
 
     def _refusal(self, refusal: _Refused) -> bytes:
         log.debug("refused a call from pid %d: %s", self._caller.pid, refusal.message)
@@ -335,17 +339,16 @@ class Dispatcher:
     def run(self, prepared: Prepared) -> Payload | None:
         """Run a prepared synchronous call; its reply, or None for a one-way call."""
         fn, args, kwargs, info = prepared
-        token = _current.set(info)
+        token = CALL_INFO.set(info)
         try:
-            result = fn(*args, **kwargs) if kwargs else fn(*args)
+            result = fn(*args, **kwargs)
         except Exception as exc:
-            if info[4]:
-                log.warning("one-way call %s.%s from pid %d raised %s: %s", info[1], info[2],
-                            self._caller.pid, type(exc).__name__, exc)
-                return None
-            return self.fail(exc)
+            if not info[4]:
+                return self.fail(exc)
+            self._log_oneway(info[1], info[2], exc)
+            return None
         finally:
-            _current.reset(token)
+            CALL_INFO.reset(token)
         return None if info[4] else self.complete(result)
 
     def complete(self, result: Any) -> Payload:
@@ -357,34 +360,10 @@ class Dispatcher:
 
     def fail(self, exc: BaseException) -> Payload:
         """The reply for a call whose handler raised ``exc``."""
-        code = ErrorCode.REMOTE
-        for cls, typed_code in _TYPED_ERRORS:
-            if isinstance(exc, cls):
-                code = typed_code
-                break
+        code = typed_error_code(exc)
         tb = "".join(traceback.format_exception(exc)) if self._send_tracebacks else None
         try:
             message = str(exc)
         except Exception:  # a broken __str__ must not take the server down
             message = f"<unprintable {type(exc).__name__}>"
         return self._codec.encode_error(code, exception_type_name(exc), message, tb)
-
-
-_ERROR_TYPES: dict[str, type[Exception]] = {
-    ErrorCode.UNKNOWN_METHOD: UnknownMethod,
-    ErrorCode.BAD_ARGUMENTS: BadArguments,
-    ErrorCode.MARSHAL: MarshalError,
-    ErrorCode.ACCESS_DENIED: AccessDenied,
-    ErrorCode.DEADLINE: DeadlineExceeded,
-    ErrorCode.TOO_LARGE: MessageTooLarge,
-}
-
-
-def error_for(code: str, type_name: str, message: str, tb: str | None) -> Exception:
-    """The local exception for an ERROR reply."""
-    if code == ErrorCode.REMOTE:
-        return remote_error_class(type_name)(type_name, message, tb)
-    cls = _ERROR_TYPES.get(code)
-    if cls is None:
-        return remote_error_class(type_name)(type_name, f"[{code}] {message}", tb)
-    return cls(f"remote: {message}")

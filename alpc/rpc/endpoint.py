@@ -18,8 +18,8 @@ from ..errors import ConnectionClosed, DeadlineExceeded, MarshalError, MessageTo
 from ..port import CommunicationPort
 from ..protocol import Message
 from ..wire import MessageType
-from .codec import DEFAULT_LIMITS, INLINE_THRESHOLD, Codec, Kind, Limits, ObjectRef
-from .dispatch import Dispatcher, ErrorCode, ObjectTable, current_deadline, error_for
+from .codec import DEFAULT_LIMITS, INLINE_THRESHOLD, Codec, ErrorCode, Limits, ObjectRef
+from .dispatch import CALL_INFO, Dispatcher, ObjectTable
 from .interface import Interface
 
 __all__ = [
@@ -57,24 +57,25 @@ class Endpoint:
         self.reply_timeout = reply_timeout
         self.call_timeout = call_timeout
         self._serve = self.serve  # bound once, handed to every request
+        self._handle = self.dispatcher.handle
 
     # -- calling out -------------------------------------------------------------
 
     def call(self, object_id: int, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
              timeout: float | None) -> Any:
         """A two-way call; serves the peer's nested calls while it waits."""
-        deadline = current_deadline() if timeout is None else _deadline(timeout)
-        wait = None if deadline is None else _remaining(deadline, method)
+        if timeout is None and CALL_INFO.get() is None:
+            deadline = wait = None
+        else:
+            deadline = _deadline(timeout)
+            wait = _remaining(deadline, method)
         payload, exported = self.codec.encode_call(object_id, method, args, kwargs, deadline)
         try:
             reply = self.comm.request(payload, wait, on_message=self._serve)
         finally:
             if exported:
                 self.objects.release(exported)
-        kind, value = self.codec.decode_reply(reply.data)
-        if kind is Kind.RESULT:
-            return value
-        raise error_for(*value)
+        return self.codec.result(reply.data)
 
     def notify(self, object_id: int, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                timeout: float | None) -> None:
@@ -93,12 +94,12 @@ class Endpoint:
 
     def serve(self, message: Message) -> None:
         """Run one received call (REQUEST or DATAGRAM) and reply to a REQUEST."""
-        if message.type is MessageType.DATAGRAM:
-            self.dispatcher.handle(message.data, expects_reply=False)
+        kind = message.type
+        if kind is not _REQUEST:
+            if kind is MessageType.DATAGRAM:
+                self._handle(message.data, expects_reply=False)
             return
-        if message.type is not MessageType.REQUEST:
-            return
-        payload = self.dispatcher.handle(message.data)
+        payload = self._handle(message.data)
         assert payload is not None
         try:
             try:
@@ -113,10 +114,14 @@ class Endpoint:
             pass  # the caller went away; its notice reaches whoever waits on the port
 
 
+_REQUEST = MessageType.REQUEST
+
+
 def _deadline(timeout: float | None) -> float | None:
     """Our own deadline, or the one of the call we are serving if that ends sooner."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    inherited = current_deadline()
+    info = CALL_INFO.get()
+    inherited = None if info is None else info[3]
     if inherited is not None and (deadline is None or inherited < deadline):
         deadline = inherited
     return deadline
@@ -203,7 +208,9 @@ class RemoteObject(Proxy):
         return self._ref.interface
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
-        oneway = None if name.startswith("_") else self._ref.methods.get(name)
+        if name.startswith("_"):
+            raise AttributeError(name)
+        oneway = self._ref.methods.get(name)
         if oneway is None:
             raise AttributeError(f"remote {self._ref.interface!r} object has no method {name!r}")
         caller = _caller(name, oneway)

@@ -28,10 +28,13 @@ from .codec import DEFAULT_LIMITS, INLINE_THRESHOLD, RPC_VERSION, Limits, decode
 from .dispatch import ObjectTable
 from .endpoint import Endpoint
 from .interface import Interface, version_compatible
+from .turns import Turns
 
 __all__ = ["Admission", "Server"]
 
 log = logging.getLogger("alpc.rpc")
+
+_REQUEST = MessageType.REQUEST
 
 
 class Admission:
@@ -76,9 +79,11 @@ class Server:
     """Serves Interface objects on the named port ``name``.
 
     ``workers`` bounds how many calls run at once (and so how many threads
-    exist). ``start()`` returns at once, for embedding in a program that does
-    other work; ``serve_forever()`` blocks. Use as a context manager to start
-    and stop it.
+    exist); ``takeover_after`` is how long one call may run before another
+    worker takes over waiting for events (0: hand over on every event).
+    ``start()`` returns at once, for embedding in a program that does other
+    work; ``serve_forever()`` blocks. Use as a context manager to start and
+    stop it.
     """
 
     def __init__(
@@ -92,6 +97,7 @@ class Server:
         inline_threshold: int = INLINE_THRESHOLD,
         send_tracebacks: bool = False,
         reply_timeout: float = 5.0,
+        takeover_after: float = 0.002,
         poll_interval: float = 0.1,
     ) -> None:
         if workers < 1:
@@ -107,7 +113,7 @@ class Server:
         self._port: ConnectionPort | None = None
         self._endpoints: dict[CommunicationPort, Endpoint] = {}
         self._endpoints_lock = threading.Lock()
-        self._leadership = threading.Lock()
+        self._turns = Turns(takeover_after=takeover_after)
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -141,6 +147,7 @@ class Server:
     def stop(self, timeout: float = 5.0) -> None:
         """Stop taking events, let running calls finish (up to ``timeout``), close every connection."""
         self._stopping.set()
+        self._turns.stop()
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             if thread is not threading.current_thread():
@@ -161,27 +168,33 @@ class Server:
     def _work(self) -> None:
         port = self._port
         assert port is not None
-        while True:
-            with self._leadership:
-                if self._stopping.is_set():
+        turns = self._turns
+        while turns.lead():
+            while True:
+                if turns.stopping:
+                    turns.resign()
                     return
                 try:
                     event = port.wait(timeout=self._poll_interval)
                 except Timeout:
                     continue
                 except ConnectionClosed:
+                    turns.resign()
                     return
-            try:
-                self._handle(event)
-            except Exception:
-                log.exception("unexpected error while handling %r", event)
+                turns.busy()
+                try:
+                    self._handle(event)
+                except Exception:
+                    log.exception("unexpected error while handling %r", event)
+                if not turns.done():
+                    break  # another worker took over the wait while this call ran
 
     def _handle(self, event: ConnectionRequest | Message) -> None:
         if isinstance(event, ConnectionRequest):
             self._admit(event)
             return
-        if event.type is MessageType.REQUEST or event.type is MessageType.DATAGRAM:
-            endpoint = self._endpoint_for(event.port)
+        if event.type is _REQUEST or event.type is MessageType.DATAGRAM:
+            endpoint = self._endpoints.get(event.port) or self._endpoint_for(event.port)
             if endpoint is not None:
                 endpoint.serve(event)
             return
@@ -204,8 +217,6 @@ class Server:
             self._endpoints[comm] = self._make_endpoint(comm, ObjectTable(choice))
 
     def _endpoint_for(self, comm: CommunicationPort) -> Endpoint | None:
-        endpoint = self._endpoints.get(comm)
-        if endpoint is None:
-            with self._endpoints_lock:
-                endpoint = self._endpoints.get(comm)
-        return endpoint
+        # A message can beat its endpoint into the table while _admit holds the lock.
+        with self._endpoints_lock:
+            return self._endpoints.get(comm)
