@@ -22,9 +22,8 @@ from alpc.rpc.codec import (
     Kind,
     Limits,
     ObjectRef,
-    decode_hello,
-    encode_hello,
 )
+from alpc.rpc.hello import decode_hello, encode_hello
 
 codec = Codec()
 

@@ -19,8 +19,9 @@ from alpc.errors import (
     UnknownMethod,
 )
 from alpc.rpc import Interface, callback, current_call, method
-from alpc.rpc.codec import HEAD, RPC_VERSION, Codec, Kind, error_for
+from alpc.rpc.codec import HEAD, RPC_VERSION, Codec, Kind
 from alpc.rpc.dispatch import Dispatcher, ObjectTable
+from alpc.rpc.faults import error_for
 from alpc.rpc.interface import Access, version_compatible
 from alpc.security import PeerCred
 

@@ -26,7 +26,8 @@ from alpc.errors import (
     UnknownMethod,
     VersionMismatch,
 )
-from alpc.rpc.codec import HEAD, RPC_VERSION, Codec, Ext, Kind, encode_hello
+from alpc.rpc.codec import HEAD, RPC_VERSION, Codec, Ext, Kind
+from alpc.rpc.hello import encode_hello
 
 RPC_PEERS = str(Path(__file__).resolve().parent / "rpc_peers.py")
 NAME = "svc.store"

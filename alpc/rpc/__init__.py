@@ -6,9 +6,10 @@ README section "Embedding alpc in a service".
 """
 
 from .client import Client, connect
-from .codec import INLINE_THRESHOLD, RPC_VERSION, Limits
+from .codec import INLINE_THRESHOLD, Limits
 from .dispatch import CallContext, current_call
 from .endpoint import RemoteObject, with_timeout
+from .hello import RPC_VERSION
 from .interface import Callback, Interface, callback, method
 from .server import Server
 

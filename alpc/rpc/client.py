@@ -8,9 +8,10 @@ from .. import port as _port
 from ..config import Config
 from ..errors import ConnectionRejected, MarshalError, VersionMismatch
 from ..security import PeerCred
-from .codec import DEFAULT_LIMITS, INLINE_THRESHOLD, RPC_VERSION, Hello, Limits, decode_hello, encode_hello
+from .codec import DEFAULT_LIMITS, INLINE_THRESHOLD, Limits
 from .dispatch import ObjectTable
 from .endpoint import Endpoint, make_proxy, with_timeout
+from .hello import RPC_VERSION, Hello, decode_hello, encode_hello
 from .interface import Interface, version_compatible
 
 __all__ = ["INCOMPATIBLE", "Client", "connect"]

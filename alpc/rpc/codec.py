@@ -41,17 +41,10 @@ from typing import Any, NamedTuple
 
 import msgpack
 
-from ..errors import (
-    AccessDenied,
-    BadArguments,
-    DeadlineExceeded,
-    MarshalError,
-    MessageTooLarge,
-    RemoteError,
-    UnknownMethod,
-    remote_error_class,
-)
+from ..errors import MarshalError, RemoteError, remote_error_class
 from ..protocol import Buffer, Payload
+from .faults import error_for, exception_type_name
+from .hello import RPC_VERSION
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -60,22 +53,14 @@ __all__ = [
     "RPC_VERSION",
     "Call",
     "Codec",
-    "ErrorCode",
     "ErrorReply",
     "Ext",
-    "Hello",
     "Kind",
     "Limits",
     "ObjectRef",
-    "decode_hello",
-    "encode_hello",
-    "error_for",
-    "exception_type_name",
     "parse_call",
-    "typed_error_code",
 ]
 
-RPC_VERSION = 1
 HEAD = struct.Struct("<BBH")
 _U32 = struct.Struct("<I")
 _TIMEDELTA = struct.Struct("<iii")
@@ -164,57 +149,6 @@ Importer = Callable[[ObjectRef], object]
 _PLAIN = frozenset({int, str, float, bool, type(None), list, dict, tuple})
 _BUFFERS = frozenset({bytes, bytearray, memoryview})
 _NO_SEGMENTS: list[memoryview] = []
-
-
-class ErrorCode:
-    """The ``code`` of an ERROR reply; the caller raises the matching alpc error."""
-
-    REMOTE = "remote"
-    UNKNOWN_METHOD = "unknown_method"
-    BAD_ARGUMENTS = "bad_arguments"
-    MARSHAL = "marshal"
-    ACCESS_DENIED = "access_denied"
-    DEADLINE = "deadline"
-    TOO_LARGE = "too_large"
-
-
-# Errors that keep their own type across the wire, also when a handler raises them on purpose.
-_TYPED_ERRORS: dict[str, type[Exception]] = {
-    ErrorCode.ACCESS_DENIED: AccessDenied,
-    ErrorCode.DEADLINE: DeadlineExceeded,
-    ErrorCode.BAD_ARGUMENTS: BadArguments,
-    ErrorCode.UNKNOWN_METHOD: UnknownMethod,
-    ErrorCode.MARSHAL: MarshalError,
-    ErrorCode.TOO_LARGE: MessageTooLarge,
-}
-
-
-def typed_error_code(exc: BaseException) -> str:
-    """The code to send for a handler's exception."""
-    for code, cls in _TYPED_ERRORS.items():
-        if isinstance(exc, cls):
-            return code
-    return ErrorCode.REMOTE
-
-
-def error_for(code: str, type_name: str, message: str, tb: str | None) -> Exception:
-    """The local exception for an ERROR reply."""
-    if code == ErrorCode.REMOTE:
-        return remote_error_class(type_name)(type_name, message, tb)
-    cls = _TYPED_ERRORS.get(code)
-    if cls is None:
-        return remote_error_class(type_name)(type_name, f"[{code}] {message}", tb)
-    return cls(f"remote: {message}")
-
-
-def exception_type_name(exc: BaseException) -> str:
-    """Builtins by bare name (so the peer can mirror them), others fully qualified."""
-    if isinstance(exc, RemoteError):
-        return exc.type_name
-    cls = type(exc)
-    if cls.__module__ == "builtins":
-        return cls.__qualname__
-    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 _CALL_HEAD = HEAD.pack(RPC_VERSION, Kind.CALL, 0)
@@ -569,39 +503,3 @@ def _default(value: Any) -> Any:
     except TypeError:
         raise MarshalError(f"cannot marshal a {type(value).__qualname__}") from None
     return view.tobytes() if not view.c_contiguous else view.cast("B")
-
-
-# -- connect and accept data ------------------------------------------------------------
-
-
-class Hello(NamedTuple):
-    """What each side tells the other when connecting: protocol, interface and its version."""
-
-    rpc: int
-    interface: str
-    version: tuple[int, int]
-
-
-_HELLO_LIMITS = {"raw": False, "strict_map_key": True, "max_str_len": 256, "max_bin_len": 0,
-                 "max_array_len": 8, "max_map_len": 16, "max_ext_len": 0}
-
-
-def encode_hello(interface: str, version: tuple[int, int]) -> bytes:
-    packed: bytes = msgpack.packb({"rpc": RPC_VERSION, "interface": interface, "version": list(version)})
-    return packed
-
-
-def decode_hello(data: bytes) -> Hello:
-    """Parse connect or accept data; MarshalError if it is not an RPC hello."""
-    try:
-        fields = msgpack.unpackb(data, **_HELLO_LIMITS)
-    except (ValueError, TypeError, OverflowError) as exc:
-        raise MarshalError(f"not an RPC hello: {exc}") from None
-    if not isinstance(fields, dict):
-        raise MarshalError("an RPC hello is a map")
-    rpc, interface, version = fields.get("rpc"), fields.get("interface"), fields.get("version")
-    if type(rpc) is not int or type(interface) is not str:
-        raise MarshalError("an RPC hello names the protocol version and the interface")
-    if not (isinstance(version, list) and len(version) == 2 and all(type(v) is int and v >= 0 for v in version)):
-        raise MarshalError("an RPC hello's interface version is [major, minor]")
-    return Hello(rpc, interface, (version[0], version[1]))

@@ -24,7 +24,8 @@ from typing import Any, NamedTuple
 from ..errors import MarshalError
 from ..protocol import Payload
 from ..security import PeerCred
-from .codec import Call, Codec, ErrorCode, ObjectRef, exception_type_name, typed_error_code
+from .codec import Call, Codec, ObjectRef
+from .faults import ErrorCode, exception_type_name, typed_error_code
 from .interface import Interface, MethodSpec, ResolvedAccess, interface_methods
 
 __all__ = [

@@ -18,8 +18,9 @@ from ..errors import ConnectionClosed, DeadlineExceeded, MarshalError, MessageTo
 from ..port import CommunicationPort
 from ..protocol import Message
 from ..wire import MessageType
-from .codec import DEFAULT_LIMITS, INLINE_THRESHOLD, Codec, ErrorCode, Limits, ObjectRef
+from .codec import DEFAULT_LIMITS, INLINE_THRESHOLD, Codec, Limits, ObjectRef
 from .dispatch import CALL_INFO, Dispatcher, ObjectTable
+from .faults import ErrorCode
 from .interface import Interface
 
 __all__ = [

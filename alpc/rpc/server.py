@@ -24,9 +24,10 @@ from ..port import CommunicationPort, ConnectionPort, ConnectionRequest
 from ..protocol import Message
 from ..wire import MessageType
 from .client import INCOMPATIBLE
-from .codec import DEFAULT_LIMITS, INLINE_THRESHOLD, RPC_VERSION, Limits, decode_hello, encode_hello
+from .codec import DEFAULT_LIMITS, INLINE_THRESHOLD, Limits
 from .dispatch import ObjectTable
 from .endpoint import Endpoint
+from .hello import RPC_VERSION, decode_hello, encode_hello
 from .interface import Interface, version_compatible
 from .turns import Turns
 
