@@ -8,7 +8,7 @@ import msgpack
 
 from ..errors import MarshalError
 
-__all__ = ["Hello", "decode_hello", "encode_hello"]
+__all__ = ["RPC_VERSION", "Hello", "decode_hello", "encode_hello"]
 
 RPC_VERSION = 1
 
