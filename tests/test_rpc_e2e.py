@@ -435,3 +435,27 @@ def test_a_client_that_stops_reading_replies_is_dropped(broker: alpc.Broker, spa
             assert client.proxy.pid() == server.pid
         with pytest.raises(alpc.ConnectionClosed):
             stalled.request(raw_call([0, "pid", [], None, None]), timeout=10)
+
+
+def test_the_server_forgets_connections_that_end(broker: alpc.Broker, config: alpc.Config) -> None:
+    from rpc_peers import StoreImpl
+
+    def settles(expected: int) -> None:
+        deadline = time.monotonic() + 10
+        while server.connections != expected:
+            assert time.monotonic() < deadline, server.connections
+            threading.Event().wait(0.01)  # handshake-free: the notice reaches the server's own thread
+
+    with rpc.Server(NAME, StoreImpl(), config=config, reply_timeout=0.3) as server:
+        first, second = connect(config), connect(config)
+        assert first.proxy.pid() == second.proxy.pid() == os.getpid()
+        settles(2)
+        first.close()
+        settles(1)
+        with alpc.connect(NAME, encode_hello("test.store", (2, 3)), config=config, timeout=10) as stalled:
+            settles(2)
+            with pytest.raises(alpc.Timeout):
+                stalled.request(raw_call([0, "blob", [16 * 1024 * 1024], None, None]), timeout=0)
+            settles(1)  # dropped by the server for not reading its reply
+        second.close()
+        settles(0)

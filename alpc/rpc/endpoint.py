@@ -49,8 +49,10 @@ class Endpoint:
         send_tracebacks: bool = False,
         reply_timeout: float = 5.0,
         call_timeout: float | None = None,
+        on_drop: Callable[[Endpoint], None] | None = None,
     ) -> None:
         self.comm = comm
+        self._on_drop = on_drop
         self.objects = objects
         self.codec = Codec(limits=limits, inline_threshold=inline_threshold,
                            export=objects.export, import_object=self._import)
@@ -111,6 +113,8 @@ class Endpoint:
         except Timeout:
             log.warning("pid %d does not read its replies; closing the connection", self.comm.peer.pid)
             self.comm.close()
+            if self._on_drop is not None:
+                self._on_drop(self)  # no notice will come for a connection we closed ourselves
         except ConnectionClosed:
             pass  # the caller went away; its notice reaches whoever waits on the port
 

@@ -215,7 +215,11 @@ class Server:
                 comm = request.accept(accept_data)
             except PeerGone:
                 return
-            self._endpoints[comm] = self._make_endpoint(comm, ObjectTable(choice))
+            self._endpoints[comm] = self._make_endpoint(comm, ObjectTable(choice), on_drop=self._drop)
+
+    def _drop(self, endpoint: Endpoint) -> None:
+        with self._endpoints_lock:
+            self._endpoints.pop(endpoint.comm, None)
 
     def _endpoint_for(self, comm: CommunicationPort) -> Endpoint | None:
         # A message can beat its endpoint into the table while _admit holds the lock.
