@@ -301,3 +301,36 @@ def test_exported_objects_live_while_referenced() -> None:
     objects.release([first.object_id])
     assert objects.get(first.object_id) is None
     assert callback(print, oneway=True).__alpc_methods__["call"].oneway
+
+
+def test_static_class_and_instance_methods_bind_with_their_own_signatures() -> None:
+    class Kinds(Interface, name="test.kinds"):
+        @method
+        def plain(self, a: int) -> int:
+            return a
+
+        @method
+        @staticmethod
+        def static(a: int, b: int) -> int:
+            return a + b
+
+        @method
+        @classmethod
+        def klass(cls, a: int) -> str:
+            return f"{cls.__name__}:{a}"
+
+        @method
+        def replaced(self) -> str:
+            return "class"
+
+    kinds = Kinds()
+    kinds.replaced = lambda suffix: "instance " + suffix  # type: ignore[method-assign]
+    objects = ObjectTable(kinds)
+    codec = Codec()
+    dispatcher = Dispatcher(codec, objects, caller=ME)
+    assert call(dispatcher, codec, "plain", 1) == 1
+    assert call(dispatcher, codec, "static", 1, 2) == 3
+    assert call(dispatcher, codec, "klass", 4) == "Kinds:4"
+    assert call(dispatcher, codec, "replaced", "x") == "instance x"
+    with pytest.raises(BadArguments):
+        call(dispatcher, codec, "static", 1)

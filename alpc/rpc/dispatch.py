@@ -105,13 +105,17 @@ class Binding(NamedTuple):
 
 
 @lru_cache(maxsize=1024)
-def _arity(function: Callable[..., Any]) -> tuple[int, int, inspect.Signature | None]:
+def _method_arity(function: Callable[..., Any]) -> tuple[int, int, inspect.Signature | None]:
+    """The arity of a plain method, cached per function (every export of a class shares it)."""
     try:
         signature = inspect.signature(function)
     except (TypeError, ValueError):
         return 1, 0, None
-    params = list(signature.parameters.values())[1:]  # drop self
-    signature = signature.replace(parameters=params)
+    return _arity(signature.replace(parameters=list(signature.parameters.values())[1:]))  # drop self
+
+
+def _arity(signature: inspect.Signature) -> tuple[int, int, inspect.Signature | None]:
+    params = list(signature.parameters.values())
     kinds = inspect.Parameter
     positional = [p for p in params if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)]
     required = sum(1 for p in positional if p.default is p.empty)
@@ -137,12 +141,15 @@ class Exported:
 
 
 def _bind(obj: Interface, spec: MethodSpec) -> Binding:
-    unbound = getattr(type(obj), spec.name)
     bound = getattr(obj, spec.name)
-    if inspect.isfunction(unbound):
-        fast_min, fast_max, signature = _arity(unbound)
-    else:
-        fast_min, fast_max, signature = 1, 0, None
+    declared = inspect.getattr_static(type(obj), spec.name, None)
+    if inspect.isfunction(declared) and spec.name not in getattr(obj, "__dict__", {}):
+        fast_min, fast_max, signature = _method_arity(declared)
+    else:  # a staticmethod, classmethod, callable object or per-instance attribute
+        try:
+            fast_min, fast_max, signature = _arity(inspect.signature(bound))
+        except (TypeError, ValueError):
+            fast_min, fast_max, signature = 1, 0, None
     access = spec.access.resolve() if spec.access is not None else None
     return Binding(spec, bound, access, fast_min, fast_max, signature)
 
@@ -161,6 +168,8 @@ class ObjectTable:
         self._next_id = 1
         if served is not None:
             self._objects[0] = Exported(0, served)
+        # The table's own dict.get: looked up on every call.
+        self.lookup: Callable[[int], Exported | None] = self._objects.get
 
     def get(self, object_id: int) -> Exported | None:
         return self._objects.get(object_id)
@@ -235,7 +244,7 @@ class Dispatcher:
         # Bound once: the per-call path below is the RPC layer's whole server-side cost.
         self._decode_call = codec.decode_call
         self._encode_result = codec.encode_result
-        self._lookup = objects.get
+        self._lookup = objects.lookup
 
     def handle(self, data: bytes, *, expects_reply: bool = True) -> Payload | None:
         """Decode, check, run and encode one call; None when no reply is to be sent.

@@ -136,7 +136,7 @@ def method(
     access = Access(uids, groups) if uids or groups else None
 
     def mark(function: F) -> F:
-        if not callable(function):
+        if not (callable(function) or isinstance(function, classmethod)):
             raise TypeError(f"@method decorates a function, not {function!r}")
         function.__alpc_rpc__ = _Marker(bool(oneway), access)  # type: ignore[attr-defined]
         return function
