@@ -118,10 +118,12 @@ class CommunicationPort:
         """Send a request and wait for its reply.
 
         ``data`` is one buffer, or a sequence of buffers sent as one message
-        without being joined. With ``on_message``, every REQUEST or DATAGRAM the
-        peer sends while this call waits is handed to it on this thread, so the
+        without being joined. With ``on_message``, the REQUEST and DATAGRAM
+        messages that arrive while this call waits (and that no other thread
+        takes first with receive()) are handed to it on this thread, so the
         peer may call back into us (ALPC's nested callbacks) instead of its
-        request waiting in the inbox behind our own wait.
+        request waiting in the inbox behind our own wait. If ``on_message``
+        raises, the request is abandoned and the exception propagates.
         """
         deadline = deadline_after(timeout)
         message_id = self._send_new(lambda: self._channel.request(_owned(data)), deadline)
