@@ -459,3 +459,61 @@ def test_the_server_forgets_connections_that_end(broker: alpc.Broker, config: al
             settles(1)  # dropped by the server for not reading its reply
         second.close()
         settles(0)
+
+
+def test_serve_forever_until_stopped_and_name_reuse(broker: alpc.Broker, config: alpc.Config) -> None:
+    from rpc_peers import StoreImpl
+
+    server = rpc.Server(NAME, StoreImpl(), config=config, workers=2)
+    assert "test.store 2.3" in repr(server)
+    runner = threading.Thread(target=server.serve_forever, kwargs={"timeout": 30})
+    runner.start()
+    client = None
+    deadline = time.monotonic() + 10
+    while client is None:  # serve_forever creates the port on its own thread
+        try:
+            client = connect(config)
+        except alpc.PortNotFound:
+            assert time.monotonic() < deadline
+            threading.Event().wait(0.01)  # handshake-free: polls for the port, bounded by the deadline
+    with client:
+        assert client.proxy.pid() == os.getpid() and "test.store" in repr(client)
+    server.stop()
+    runner.join(10)
+    assert not runner.is_alive()
+    with pytest.raises(RuntimeError, match="already started"):
+        server.start()
+    with rpc.Server(NAME, StoreImpl(), config=config), connect(config) as again:
+        assert again.proxy.pid() == os.getpid()
+
+
+def test_server_arguments_are_checked() -> None:
+    from rpc_peers import StoreImpl
+
+    with pytest.raises(ValueError, match="workers"):
+        rpc.Server(NAME, StoreImpl(), workers=0)
+    with pytest.raises(ValueError, match="at least one"):
+        rpc.Server(NAME)
+    with pytest.raises(ValueError, match="two objects"):
+        rpc.Server(NAME, StoreImpl(), StoreImpl())
+    with pytest.raises(TypeError, match="Interface objects"):
+        rpc.Server(NAME, object())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="Interface subclass"):
+        rpc.connect(object, NAME)  # type: ignore[type-var]
+
+
+class Ping(rpc.Interface, name="test.ping", version=(1, 0)):
+    @rpc.method
+    def ping(self) -> str:
+        return "pong from " + rpc.current_call().interface
+
+
+def test_one_port_serves_several_interfaces(broker: alpc.Broker, spawn: Any, config: alpc.Config,
+                                            runtime_dir: Path) -> None:
+    from rpc_peers import StoreImpl
+
+    with rpc.Server(NAME, StoreImpl(), Ping(), config=config):
+        with connect(config) as store, connect(config, Ping) as ping:
+            assert ping.proxy.ping() == "pong from test.ping"
+            assert store.proxy.pid() == os.getpid()
+            assert ping.server.pid == store.server.pid == os.getpid()
