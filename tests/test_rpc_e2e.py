@@ -508,8 +508,7 @@ class Ping(rpc.Interface, name="test.ping", version=(1, 0)):
         return "pong from " + rpc.current_call().interface
 
 
-def test_one_port_serves_several_interfaces(broker: alpc.Broker, spawn: Any, config: alpc.Config,
-                                            runtime_dir: Path) -> None:
+def test_one_port_serves_several_interfaces(broker: alpc.Broker, config: alpc.Config) -> None:
     from rpc_peers import StoreImpl
 
     with rpc.Server(NAME, StoreImpl(), Ping(), config=config):
