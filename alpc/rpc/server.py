@@ -98,7 +98,7 @@ class Server:
         inline_threshold: int = INLINE_THRESHOLD,
         send_tracebacks: bool = False,
         reply_timeout: float = 5.0,
-        takeover_after: float = 0.002,
+        takeover_after: float = 0.005,
         poll_interval: float = 0.1,
     ) -> None:
         if workers < 1:
