@@ -218,12 +218,6 @@ class CommunicationPort:
             self._release_wanted = True
         return message
 
-    def _pop_incoming(self) -> Message | None:
-        # Caller holds _cv. Notices stay queued for receive() / ConnectionPort.wait().
-        if self._inbox and self._inbox[0].type in _INCOMING:
-            return self._inbox.popleft()
-        return None
-
     def _await_reply(self, message_id: int, deadline: float | None,
                      on_message: Callable[[Message], None] | None = None) -> Message:
         try:
@@ -231,9 +225,14 @@ class CommunicationPort:
                 return self._wait_for(lambda: self._replies.pop(message_id, None), deadline, "the reply")
             # Incoming messages are taken before the reply: one read may bring
             # both, and whatever this thread leaves in the inbox would wait for a
-            # poll wake-up that already happened.
+            # poll wake-up that already happened. Notices stay queued for
+            # receive() / ConnectionPort.wait(). (take runs with _cv held.)
+            inbox, replies = self._inbox, self._replies
+
             def take() -> Message | None:
-                return self._pop_incoming() or self._replies.pop(message_id, None)
+                if inbox and inbox[0].type in _INCOMING:
+                    return inbox.popleft()
+                return replies.pop(message_id, None)
 
             while True:
                 found = self._wait_for(take, deadline, "the reply")

@@ -59,8 +59,13 @@ class Endpoint:
         self.dispatcher = Dispatcher(self.codec, objects, caller=comm.peer, send_tracebacks=send_tracebacks)
         self.reply_timeout = reply_timeout
         self.call_timeout = call_timeout
-        self._serve = self.serve  # bound once, handed to every request
+        # Bound once: these run on every call.
+        self._serve = self.serve
         self._handle = self.dispatcher.handle
+        self._encode_call = self.codec.encode_call
+        self._result = self.codec.result
+        self._request = comm.request
+        self._reply = comm.reply
 
     # -- calling out -------------------------------------------------------------
 
@@ -72,13 +77,13 @@ class Endpoint:
         else:
             deadline = _deadline(timeout)
             wait = _remaining(deadline, method)
-        payload, exported = self.codec.encode_call(object_id, method, args, kwargs, deadline)
+        payload, exported = self._encode_call(object_id, method, args, kwargs, deadline)
         try:
-            reply = self.comm.request(payload, wait, on_message=self._serve)
+            reply = self._request(payload, wait, on_message=self._serve)
         finally:
             if exported:
                 self.objects.release(exported)
-        return self.codec.result(reply.data)
+        return self._result(reply.data)
 
     def notify(self, object_id: int, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                timeout: float | None) -> None:
@@ -106,7 +111,7 @@ class Endpoint:
         assert payload is not None
         try:
             try:
-                self.comm.reply(message, payload, self.reply_timeout)
+                self._reply(message, payload, self.reply_timeout)
             except MessageTooLarge as exc:
                 self.comm.reply(message, self.codec.encode_error(ErrorCode.TOO_LARGE, "MessageTooLarge", str(exc)),
                                 self.reply_timeout)
