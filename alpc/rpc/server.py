@@ -170,6 +170,7 @@ class Server:
         port = self._port
         assert port is not None
         turns = self._turns
+        shared = self._workers > 1  # a lone worker has nobody to hand the wait to
         while turns.lead():
             while True:
                 if turns.stopping:
@@ -182,12 +183,13 @@ class Server:
                 except ConnectionClosed:
                     turns.resign()
                     return
-                turns.busy()
+                if shared:
+                    turns.busy()
                 try:
                     self._handle(event)
                 except Exception:
                     log.exception("unexpected error while handling %r", event)
-                if not turns.done():
+                if shared and not turns.done():
                     break  # another worker took over the wait while this call ran
 
     def _handle(self, event: ConnectionRequest | Message) -> None:
