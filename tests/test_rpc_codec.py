@@ -311,3 +311,16 @@ def test_hello_round_trip_and_garbage() -> None:
                     msgpack.packb({"rpc": 1, "interface": "x" * 300, "version": [1, 0]})):
         with pytest.raises(MarshalError):
             decode_hello(garbage)
+
+
+def test_container_count_is_bounded_in_large_messages() -> None:
+    limited = Codec(limits=Limits(max_containers=1000))
+    many = [[] for _ in range(1500)]
+    payload, _ = limited.encode_call(0, "f", (many,), None, None)
+    with pytest.raises(MarshalError, match="more than 1000 lists and maps"):
+        limited.decode_call(joined(payload))
+    assert len(limited.decode_call(joined(limited.encode_call(0, "f", ([[]] * 900,), None, None)[0]))[2][0]) == 900
+    # The default bound makes a wire byte per empty list cost at most ~16 MB of lists.
+    huge = HEAD.pack(RPC_VERSION, Kind.CALL, 0) + msgpack.packb([0, "f", [[[]] * 70_000] * 5, None, None])
+    with pytest.raises(MarshalError, match="lists and maps"):
+        codec.decode_call(huge)

@@ -94,8 +94,11 @@ class Limits:
     """What an unpacker accepts, so a hostile peer cannot make us allocate without bound.
 
     msgpack also refuses any length larger than the bytes actually received.
-    Map keys must be str or bytes (msgpack's strict_map_key): hashing
-    attacker-chosen ints would make building a dict quadratic.
+    Each length limit bounds one object; ``max_containers`` bounds how many
+    lists and dicts one message may build, because an empty one costs a byte
+    on the wire and ~60 in memory. Map keys must be str or bytes (msgpack's
+    strict_map_key): hashing attacker-chosen ints would make a dict quadratic.
+    Large buffers are segments, not msgpack, and none of this applies to them.
     """
 
     max_str_len: int = 16 * MIB
@@ -103,6 +106,7 @@ class Limits:
     max_array_len: int = 1 << 20
     max_map_len: int = 1 << 18
     max_ext_len: int = 64 * KIB
+    max_containers: int = 1 << 18
     max_segments: int = 1024
 
     def unpack_options(self) -> dict[str, Any]:
@@ -194,7 +198,7 @@ class Codec:
         # msgpack's own limits are the length of its input, so an envelope no
         # longer than every configured limit needs no explicit limits at all.
         self._small = min(limits.max_str_len, limits.max_bin_len, limits.max_array_len,
-                          2 * limits.max_map_len, limits.max_ext_len)
+                          2 * limits.max_map_len, limits.max_ext_len, limits.max_containers)
 
     # -- encoding ----------------------------------------------------------------
 
@@ -358,8 +362,17 @@ class Codec:
         return self._unpack(view[table_end:envelope_end], dict(self._options, ext_hook=hook))
 
     def _unpack(self, buf: bytes | memoryview, options: dict[str, Any]) -> Any:
+        left = self.limits.max_containers
+
+        def count(container: Any) -> Any:
+            nonlocal left
+            left -= 1
+            if left < 0:
+                raise MarshalError(f"more than {self.limits.max_containers} lists and maps in one message")
+            return container
+
         try:
-            return msgpack.unpackb(buf, **options)
+            return msgpack.unpackb(buf, list_hook=count, object_hook=count, **options)
         except MarshalError:
             raise
         except (ValueError, TypeError, OverflowError, RecursionError) as exc:
