@@ -481,7 +481,7 @@ def test_serve_forever_until_stopped_and_name_reuse(broker: alpc.Broker, config:
     server.stop()
     runner.join(10)
     assert not runner.is_alive()
-    with pytest.raises(RuntimeError, match="already started"):
+    with pytest.raises(RuntimeError, match="starts once"):
         server.start()
     with rpc.Server(NAME, StoreImpl(), config=config), connect(config) as again:
         assert again.proxy.pid() == os.getpid()

@@ -116,6 +116,7 @@ class Server:
         self._endpoints_lock = threading.Lock()
         self._turns = Turns(takeover_after=takeover_after)
         self._stopping = threading.Event()
+        self._lifecycle = threading.Lock()
         self._threads: list[threading.Thread] = []
 
     def __repr__(self) -> str:
@@ -130,13 +131,14 @@ class Server:
 
     def start(self) -> Server:
         """Create the port and start the worker threads. Raises NameInUse, BrokerUnavailable..."""
-        if self._port is not None:
-            raise RuntimeError("the server is already started")
-        self._port = _port.create_port(self.name, self._attributes, config=self._config)
-        for index in range(self._workers):
-            thread = threading.Thread(target=self._work, name=f"alpc-rpc-{self.name}-{index}", daemon=True)
-            self._threads.append(thread)
-            thread.start()
+        with self._lifecycle:
+            if self._port is not None or self._stopping.is_set():
+                raise RuntimeError("the server was already started or stopped (a Server starts once)")
+            self._port = _port.create_port(self.name, self._attributes, config=self._config)
+            for index in range(self._workers):
+                thread = threading.Thread(target=self._work, name=f"alpc-rpc-{self.name}-{index}", daemon=True)
+                thread.start()
+                self._threads.append(thread)
         return self
 
     def serve_forever(self, timeout: float | None = None) -> None:
@@ -150,11 +152,12 @@ class Server:
         self._stopping.set()
         self._turns.stop()
         deadline = time.monotonic() + timeout
-        for thread in self._threads:
-            if thread is not threading.current_thread():
-                thread.join(max(0.0, deadline - time.monotonic()))
-        if self._port is not None:
-            self._port.close()
+        with self._lifecycle:  # a start() on another thread finishes first
+            for thread in self._threads:
+                if thread is not threading.current_thread():
+                    thread.join(max(0.0, deadline - time.monotonic()))
+            if self._port is not None:
+                self._port.close()
         with self._endpoints_lock:
             self._endpoints.clear()
 
