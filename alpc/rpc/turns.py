@@ -13,10 +13,10 @@ The watcher polls with timed waits only while events are flowing: after
 ``idle_after`` seconds without an event it sleeps until the leader's next
 event arms it again, so an idle server has no periodic wake-ups here. Each
 look costs a wake-up and a GIL hand-off. Measured with client and server
-pinned to one CPU (a 60 us raw round trip): no watcher (one worker) adds
-nothing, looking every 2 ms added ~10 us per call, every 5-20 ms ~5 us,
-every 100 ms ~1 us. 5 ms is the default: a blocked call holds up the others
-for at most ~10 ms.
+pinned to one CPU (a ~60 us raw round trip, on a shared 2-core VM): looking
+every 2 ms added ~10 us per call; every 5 ms or more stayed within the
+run-to-run noise (+-5 us) of one worker with no watcher. 5 ms is the
+default: a blocked call holds up the others for at most ~10 ms.
 """
 
 from __future__ import annotations
