@@ -286,7 +286,10 @@ def test_the_server_calls_back_into_a_passed_object(server: Any, config: alpc.Co
         assert fired == [0, 1, 2, 3]  # one-way callbacks arrive before the reply
 
 
-def test_callbacks_nest_across_processes(server: Any, config: alpc.Config) -> None:
+@pytest.mark.parametrize("workers", ["1", "4"])
+def test_callbacks_nest_across_processes(broker: alpc.Broker, spawn: Any, runtime_dir: Path,
+                                         config: alpc.Config, workers: str) -> None:
+    server = start_server(spawn, runtime_dir, "--workers", workers)
     with connect(config) as client:
         pids = client.proxy.bounce(Bouncer(client.proxy), 4)
         assert pids == [server.pid, os.getpid()] * 4 + [server.pid]
