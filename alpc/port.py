@@ -10,7 +10,7 @@ import logging
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 from . import _native, control
@@ -31,7 +31,8 @@ from .exchange import control_frame, read_frame
 from .grant import LocalGrant, MemoryGrant, PeerMemory, direct_read, direct_write
 from .ledger import Budget
 from .logs import LogLimiter, fields
-from .protocol import Channel, Message, materialize
+from .protocol import Channel, Frames, Message, materialize, payload_parts
+from .protocol import Payload as WirePayload
 from .registration import Registration
 from .retry import retry_until
 from .section import ConnectionSections, SectionView, sweep_stale_names
@@ -66,12 +67,29 @@ _MAX_FDS_PER_READ = 4
 _DRAIN_EVERY = 64
 
 
-# What request/send/reply take: bytes-like, or a filled view of the connection's section.
-Payload = Buffer | SectionView
+# What request/send/reply take: one bytes-like buffer, parts sent back to back
+# without being joined first, or a filled view of the connection's section.
+Payload = Buffer | Sequence[Buffer] | SectionView
 
 
-def _size(data: object) -> int:
-    return data.nbytes if isinstance(data, memoryview) else len(data)  # type: ignore[arg-type]
+def _size(data: Payload) -> int:
+    if isinstance(data, (bytes, bytearray, SectionView)):
+        return len(data)
+    if isinstance(data, memoryview):
+        return data.nbytes
+    return payload_parts(data)[1]
+
+
+def _copy_body(into: memoryview, data: Buffer | Sequence[Buffer]) -> None:
+    """Copy a body (one buffer, or parts back to back) into reserved section space."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        _native.copy_into(into, data)
+        return
+    offset = 0
+    for part in payload_parts(data)[0]:
+        size = len(part) if isinstance(part, bytes) else memoryview(part).nbytes
+        _native.copy_into(into[offset:offset + size], part)
+        offset += size
 
 
 class CommunicationPort:
@@ -156,22 +174,37 @@ class CommunicationPort:
 
     # -- sending ----------------------------------------------------------------
 
-    def request(self, data: Payload = b"", timeout: float | None = None, *, secure: bool = False,
-                grant: MemoryGrant | None = None) -> Message:
+    def request(
+        self,
+        data: Payload = b"",
+        timeout: float | None = None,
+        *,
+        secure: bool = False,
+        grant: MemoryGrant | None = None,
+        on_message: Callable[[Message], None] | None = None,
+    ) -> Message:
         """Send a request and wait for its reply.
 
-        ``data`` longer than the inline threshold goes through a shared section;
-        a ``SectionView`` from ``create_view`` goes with no copy at all. ``secure``
-        sends it write-sealed; ``grant`` lends the server a buffer for this request.
+        ``data`` is one buffer, a sequence of buffers sent as one message
+        without being joined, or a ``SectionView`` from ``create_view`` (sent
+        with no copy at all). A body longer than the inline threshold goes
+        through a shared section. ``secure`` sends it write-sealed; ``grant``
+        lends the server a buffer for this request.
+
+        With ``on_message``, the REQUEST and DATAGRAM messages that arrive while
+        this call waits (and that no other thread takes first with receive())
+        are handed to it on this thread, so the peer may call back into us
+        (ALPC's nested callbacks) instead of its request waiting in the inbox
+        behind our own wait. If ``on_message`` raises, the request is abandoned
+        and the exception propagates.
         """
         deadline = deadline_after(timeout)
-        size = data.nbytes if type(data) is memoryview else len(data)
-        if grant is not None or isinstance(data, SectionView) or size > self._inline_threshold:
-            self.stats.sent(size)
-            return self._request_large(data, deadline, secure, grant)
-        message_id = self._send_new(lambda: self._channel.request(bytes(data)), deadline)
+        size = _size(data)
         self.stats.sent(size)
-        return self._await_reply(message_id, deadline)
+        if grant is not None or isinstance(data, SectionView) or size > self._inline_threshold:
+            return self._request_large(data, deadline, secure, grant, on_message)
+        message_id = self._send_new(lambda: self._channel.request(_owned(data)), deadline)
+        return self._await_reply(message_id, deadline, on_message)
 
     def ping(self, timeout: float | None = None) -> None:
         """Round-trip a PING that the peer's runtime answers without its application."""
@@ -180,13 +213,13 @@ class CommunicationPort:
         self._await_reply(message_id, deadline)
 
     def send(self, data: Payload = b"", timeout: float | None = None, *, secure: bool = False) -> None:
-        """Send a datagram (no reply expected)."""
+        """Send a datagram (no reply expected); ``data`` as for ``request``."""
         deadline = deadline_after(timeout)
-        size = data.nbytes if type(data) is memoryview else len(data)
+        size = _size(data)
         if isinstance(data, SectionView) or size > self._inline_threshold:
             self._send_section(MessageType.DATAGRAM, data, deadline, secure)
         else:
-            self._send(lambda: self._channel.datagram(bytes(data)), deadline)
+            self._send(lambda: self._channel.datagram(_owned(data)), deadline)
         self.stats.sent(size)
 
     def reply(self, message: Message, data: Payload = b"", timeout: float | None = None, *,
@@ -195,11 +228,11 @@ class CommunicationPort:
         if message.type is not MessageType.REQUEST:
             raise ValueError(f"only a REQUEST can be replied to, not {message.type.name}")
         deadline = deadline_after(timeout)
-        size = data.nbytes if type(data) is memoryview else len(data)
+        size = _size(data)
         if isinstance(data, SectionView) or size > self._inline_threshold:
             self._send_section(MessageType.REPLY, data, deadline, secure, callback_id=message.id)
         else:
-            self._send(lambda: self._channel.reply(message.id, bytes(data)), deadline)
+            self._send(lambda: self._channel.reply(message.id, _owned(data)), deadline)
         self.stats.replied(message.id, size)
 
     # -- sections ------------------------------------------------------------------
@@ -247,11 +280,13 @@ class CommunicationPort:
                     raise
 
     def _request_large(self, data: Payload, deadline: float | None, secure: bool,
-                       grant: MemoryGrant | None) -> Message:
+                       grant: MemoryGrant | None, on_message: Callable[[Message], None] | None) -> Message:
+        if grant is not None and on_message is not None:
+            raise ValueError("a request cannot both grant memory and serve callbacks (on_message)")
         pinned = grant.pin() if grant is not None else None
         try:
             if not isinstance(data, SectionView) and _size(data) <= self._channel.inline_threshold:
-                message_id = self._send_new(lambda: self._channel.request(bytes(data), pinned), deadline)
+                message_id = self._send_new(lambda: self._channel.request(_owned(data), pinned), deadline)
             else:
                 message_id = self._send_section(MessageType.REQUEST, data, deadline, secure, grant=pinned)
         except BaseException:
@@ -259,7 +294,7 @@ class CommunicationPort:
                 pinned.release()
             raise
         if pinned is None:
-            return self._await_reply(message_id, deadline)
+            return self._await_reply(message_id, deadline, on_message)
         return self._await_granted_reply(message_id, pinned, deadline)
 
     def _send_section(self, kind: MessageType, data: Payload, deadline: float | None, secure: bool, *,
@@ -273,7 +308,7 @@ class CommunicationPort:
             self._channel.check_length(_size(data))
             view, explicit = self._reserve(_size(data), secure, deadline), False
             try:
-                _native.copy_into(view.memory, data)
+                _copy_body(view.memory, data)
             except BaseException:
                 view.release()
                 raise
@@ -339,7 +374,7 @@ class CommunicationPort:
         with self._send_lock:
             self._write_with_releases([], deadline_after(_RELEASE_SEND_TIMEOUT))
 
-    def _write_with_releases(self, frames: list[bytes], deadline: float | None,
+    def _write_with_releases(self, frames: Frames, deadline: float | None,
                              fds: list[int] | None = None) -> None:
         """Write ``frames`` preceded by the pending RELEASE frames (caller holds _send_lock)."""
         self._releases_owed = False
@@ -347,7 +382,7 @@ class CommunicationPort:
             entries = self._channel.take_releases()
             releases = self._channel.release_frames(entries)
         try:
-            self._write(releases + frames, deadline, fds)
+            self._write([*releases, *frames], deadline, fds)
         except Timeout:
             if entries and not self._stream.broken:
                 with self._state:
@@ -359,10 +394,10 @@ class CommunicationPort:
             if frames:
                 raise
 
-    def _send_new(self, make: Callable[[], tuple[int, list[bytes]]], deadline: float | None) -> int:
+    def _send_new(self, make: Callable[[], tuple[int, Frames]], deadline: float | None) -> int:
         message_id = 0
 
-        def frames() -> list[bytes]:
+        def frames() -> Frames:
             nonlocal message_id
             message_id, out = make()
             return out
@@ -376,7 +411,7 @@ class CommunicationPort:
             raise
         return message_id
 
-    def _send(self, make: Callable[[], list[bytes]], deadline: float | None) -> None:
+    def _send(self, make: Callable[[], Frames], deadline: float | None) -> None:
         with self._send_lock:
             self._raise_if_failed()
             with self._state:
@@ -386,7 +421,7 @@ class CommunicationPort:
             else:
                 self._write(frames, deadline)
 
-    def _write(self, frames: list[bytes], deadline: float | None, fds: list[int] | None = None) -> None:
+    def _write(self, frames: Frames, deadline: float | None, fds: list[int] | None = None) -> None:
         try:
             self._stream.send(frames, fds or (), deadline=deadline)
         except Timeout:
@@ -437,9 +472,27 @@ class CommunicationPort:
             self._release_wanted = True
         return message
 
-    def _await_reply(self, message_id: int, deadline: float | None) -> Message:
+    def _await_reply(self, message_id: int, deadline: float | None,
+                     on_message: Callable[[Message], None] | None = None) -> Message:
         try:
-            return self._wait_for(lambda: self._replies.pop(message_id, None), deadline, "the reply")
+            if on_message is None:
+                return self._wait_for(lambda: self._replies.pop(message_id, None), deadline, "the reply")
+            # Incoming messages are taken before the reply: one read may bring
+            # both, and whatever this thread leaves in the inbox would wait for a
+            # poll wake-up that already happened. Notices stay queued for
+            # receive() / ConnectionPort.wait(). (take runs with _cv held.)
+            inbox, replies = self._inbox, self._replies
+
+            def take() -> Message | None:
+                if inbox and inbox[0].type in _INCOMING:
+                    return inbox.popleft()
+                return replies.pop(message_id, None)
+
+            while True:
+                found = self._wait_for(take, deadline, "the reply")
+                if found.type is MessageType.REPLY:
+                    return found
+                on_message(found)
         except BaseException:
             with self._state:
                 self._channel.abandon(message_id)
@@ -751,6 +804,20 @@ class CommunicationPort:
 
 
 _NOTICES = (MessageType.PORT_CLOSED, MessageType.CLIENT_DIED)
+_INCOMING = (MessageType.REQUEST, MessageType.DATAGRAM)
+
+
+def _owned(data: Buffer | Sequence[Buffer]) -> WirePayload:
+    """A single buffer is copied to bytes as before; parts are sent as given.
+
+    Parts are written to the kernel before send/request/reply return, so the
+    caller may reuse its buffers afterwards.
+    """
+    if isinstance(data, bytes):
+        return data
+    if isinstance(data, (bytearray, memoryview)):
+        return bytes(data)
+    return tuple(data)
 
 
 # -- client side ------------------------------------------------------------------

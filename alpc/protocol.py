@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 from .errors import ConnectionClosed, MessageTooLarge, ProtocolError, SectionError
@@ -43,11 +43,15 @@ __all__ = [
     "MAX_ABANDONED",
     "MAX_UNREPLIED",
     "SECTION_TYPES",
+    "Buffer",
     "Channel",
+    "Frames",
     "Message",
+    "Payload",
     "Replier",
     "channel_limits",
     "materialize",
+    "payload_parts",
 ]
 
 CHANNEL_TYPES = frozenset({
@@ -179,7 +183,33 @@ def materialize(messages: list[Message]) -> None:
                 view.release(notify=False)
 
 
-Frames = list[bytes]
+Buffer = bytes | bytearray | memoryview
+# One buffer, or several parts sent back to back as one message without being
+# joined first, so a large part reaches the socket without an extra copy.
+Payload = bytes | Sequence[Buffer]
+Frames = list[Buffer]
+
+
+def payload_parts(data: Payload) -> tuple[Frames, int]:
+    """The non-empty parts of ``data`` as flat byte buffers, and their total length."""
+    if isinstance(data, bytes):
+        return ([data] if data else []), len(data)
+    parts: Frames = []
+    total = 0
+    for part in data:
+        if isinstance(part, bytes):
+            view: Buffer = part
+            size = len(part)
+        else:
+            flat = memoryview(part)
+            if not flat.c_contiguous:
+                raise ValueError("message parts must be contiguous buffers")
+            view = flat.cast("B") if flat.ndim != 1 or flat.format != "B" else flat
+            size = flat.nbytes
+        if size:
+            parts.append(view)
+            total += size
+    return parts, total
 
 
 class Channel:
@@ -230,26 +260,22 @@ class Channel:
 
     # -- sending -----------------------------------------------------------
 
-    def _frame(self, message_type: MessageType, data: bytes, *, message_id: int = 0,
+    def _frame(self, message_type: MessageType, data: Payload, *, message_id: int = 0,
                callback_id: int = 0, attrs: bytes = b"", n_fds: int = 0) -> Frames:
         if self.closed:
             raise ConnectionClosed(self.close_reason or "the channel is closed")
-        if attrs:
-            header = encode_header(
-                message_type, len(data), message_id=message_id, callback_id=callback_id,
-                sender_pid=self._local_pid, sender_tid=threading.get_native_id(),
-                attr_length=len(attrs), n_fds=n_fds,
-            )
-            return [header, attrs, data] if data else [header, attrs]
+        parts, length = payload_parts(data)
         header = encode_header(
-            message_type, len(data), message_id=message_id, callback_id=callback_id,
+            message_type, length, message_id=message_id, callback_id=callback_id,
             sender_pid=self._local_pid, sender_tid=threading.get_native_id(),
+            attr_length=len(attrs), n_fds=n_fds,
         )
-        return [header, data] if data else [header]
+        return [header, attrs, *parts] if attrs else [header, *parts]
 
-    def _check_size(self, data: bytes) -> None:
-        if len(data) > self.send_limit:
-            self.check_length(len(data))
+    def _check_size(self, data: Payload) -> None:
+        length = len(data) if isinstance(data, bytes) else payload_parts(data)[1]
+        if length > self.send_limit:
+            self.check_length(length)
 
     def check_length(self, length: int) -> None:
         if length > self.send_limit:
@@ -264,7 +290,7 @@ class Channel:
         self._next_id = (message_id + 1) & _ID_MASK or 1
         return message_id
 
-    def request(self, data: bytes, grant: LocalGrant | None = None) -> tuple[int, Frames]:
+    def request(self, data: Payload, grant: LocalGrant | None = None) -> tuple[int, Frames]:
         """Frames for a request; its reply is matched by the returned id."""
         self._check_size(data)
         message_id = self._allocate_id()
@@ -287,11 +313,11 @@ class Channel:
         self._pending.add(message_id)
         return message_id, frames
 
-    def datagram(self, data: bytes) -> Frames:
+    def datagram(self, data: Payload) -> Frames:
         self._check_size(data)
         return self._frame(MessageType.DATAGRAM, data, message_id=self._allocate_id())
 
-    def reply(self, request_id: int, data: bytes) -> Frames:
+    def reply(self, request_id: int, data: Payload) -> Frames:
         if request_id not in self._unreplied:
             raise ValueError(f"message {request_id} is not a request awaiting a reply on this port")
         self._check_size(data)
