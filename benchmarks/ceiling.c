@@ -25,8 +25,8 @@
  *             Python sender fills a view) and the receiver checks it where
  *             it lies, copying nothing (what a section view does at best).
  * rr: one message, then a reply (for throughput an 8-byte acknowledgement in
- * shared memory). stream: BATCH messages into a ring of BATCH slots (the
- * sender never waits for space within a batch), then the sender waits until
+ * shared memory). stream: BATCH messages through a ring of about 4 MiB (2 to
+ * BATCH slots; the sender waits for a free slot), then the sender waits until
  * the receiver has checked and freed all of them.
  */
 #define _GNU_SOURCE
@@ -52,6 +52,8 @@
 #define WAIT_SECONDS 30
 /* Less than a page and prime to the payload's 256-byte period, as in runner.py. */
 #define CHECK_STRIDE 4095
+/* The one-way ring's size (the shared-memory peers use 4 MiB rings too). */
+#define RING_BYTES (4u << 20)
 
 struct params {
     const char *mechanism, *pattern, *path;
@@ -418,27 +420,46 @@ static void run_inplace_rr(const struct params *p) {
 /* ---- futex/stream and inplace/stream: one-way messages through a ring ---- */
 
 /* head: messages the sender published; tail: messages the receiver checked
- * and freed. Each on its own cache line. */
-struct ring { _Atomic uint32_t head; char pad1[60]; _Atomic uint32_t tail; char pad2[60]; };
+ * and freed. Each side wakes the other only when it says it sleeps (the
+ * *_sleeping flags), so a flowing stream makes no system calls: the best
+ * case, not a wake-up per message. Each word on its own cache line. */
+struct ring {
+    _Atomic uint32_t head; char pad1[60];
+    _Atomic uint32_t head_sleeping; char pad2[60];
+    _Atomic uint32_t tail; char pad3[60];
+    _Atomic uint32_t tail_sleeping; char pad4[60];
+};
 
 struct stream_arg { struct ring *ring; char *slots, *src, *dst; uint32_t nslots; int inplace; };
 
-/* Waits while *word still holds `seen`; returns its new value. */
-static uint32_t futex_wait_change(_Atomic uint32_t *word, uint32_t seen) {
+/* Waits while *word still holds `seen`, saying so in *sleeping; returns the new value.
+ * The flag is set before the word is read again (both seq_cst), and the
+ * publisher stores the word before it reads the flag: one of them sees the
+ * other, so no wake-up is lost. FUTEX_WAIT itself rechecks the word. */
+static uint32_t ring_wait(_Atomic uint32_t *word, _Atomic uint32_t *sleeping, uint32_t seen) {
     struct timespec timeout = {.tv_sec = WAIT_SECONDS, .tv_nsec = 0};
     uint32_t now;
     while ((now = atomic_load_explicit(word, memory_order_acquire)) == seen) {
+        atomic_store(sleeping, 1);
+        if ((now = atomic_load(word)) != seen) break;
         long rc = syscall(SYS_futex, (uint32_t *)word, FUTEX_WAIT, seen, &timeout, NULL, 0);
         if (rc != 0 && errno == ETIMEDOUT) die("futex wait");
     }
+    atomic_store(sleeping, 0);
     return now;
+}
+
+static void ring_publish(_Atomic uint32_t *word, _Atomic uint32_t *sleeping, uint32_t value) {
+    atomic_store(word, value);
+    if (atomic_load(sleeping)) syscall(SYS_futex, (uint32_t *)word, FUTEX_WAKE, 1, NULL, NULL, 0);
 }
 
 static void stream_serve(const struct params *p, void *arg) {
     struct stream_arg *a = arg;
+    struct ring *r = a->ring;
     uint32_t tail = 0;
     for (;;) {
-        uint32_t head = futex_wait_change(&a->ring->head, tail);
+        uint32_t head = ring_wait(&r->head, &r->head_sleeping, tail);
         while (tail != head) {
             char *slot = a->slots + (size_t)(tail % a->nslots) * p->size;
             if (a->inplace) {
@@ -447,33 +468,39 @@ static void stream_serve(const struct params *p, void *arg) {
                 memcpy(a->dst, slot, p->size);
                 check_message(p, a->dst, a->src);
             }
-            futex_set(&a->ring->tail, ++tail);
+            ring_publish(&r->tail, &r->tail_sleeping, ++tail);
         }
     }
 }
 
 static void stream_op(const struct params *p, void *arg) {
     struct stream_arg *a = arg;
-    uint32_t head = atomic_load_explicit(&a->ring->head, memory_order_relaxed);
+    struct ring *r = a->ring;
+    uint32_t head = atomic_load_explicit(&r->head, memory_order_relaxed);
     for (long i = 0; i < p->batch; i++) {
-        uint32_t tail = atomic_load_explicit(&a->ring->tail, memory_order_acquire);
-        while (head - tail >= a->nslots) tail = futex_wait_change(&a->ring->tail, tail);
+        uint32_t tail = atomic_load_explicit(&r->tail, memory_order_acquire);
+        while (head - tail >= a->nslots) tail = ring_wait(&r->tail, &r->tail_sleeping, tail);
         memcpy(a->slots + (size_t)(head % a->nslots) * p->size, a->src, p->size);
-        futex_set(&a->ring->head, ++head);
+        ring_publish(&r->head, &r->head_sleeping, ++head);
     }
     /* The sync: every message of the batch was received and checked. */
-    uint32_t tail = atomic_load_explicit(&a->ring->tail, memory_order_acquire);
-    while (tail != head) tail = futex_wait_change(&a->ring->tail, tail);
+    uint32_t tail = atomic_load_explicit(&r->tail, memory_order_acquire);
+    while (tail != head) tail = ring_wait(&r->tail, &r->tail_sleeping, tail);
 }
 
 static void run_stream(const struct params *p, int inplace) {
-    uint32_t nslots = (uint32_t)p->batch;
+    /* A ring of about RING_BYTES stays in cache, as the Python peers' rings and
+     * alpc's reused section ranges do; a deeper one is slower, not faster. */
+    size_t fit = RING_BYTES / p->size;
+    uint32_t nslots = (uint32_t)(fit < 2 ? 2 : fit > (size_t)p->batch ? (size_t)p->batch : fit);
     char *shared = alloc_touched(sizeof(struct ring) + (size_t)nslots * p->size, 1);
     struct stream_arg a = {(struct ring *)shared, shared + sizeof(struct ring), alloc_touched(p->size, 0),
                            inplace ? NULL : alloc_touched(p->size, 0), nslots, inplace};
     fill_pattern(a.src, p->size);
     atomic_store(&a.ring->head, 0);
+    atomic_store(&a.ring->head_sleeping, 0);
     atomic_store(&a.ring->tail, 0);
+    atomic_store(&a.ring->tail_sleeping, 0);
     pid_t pid = fork_server(p, stream_serve, &a);
     measure(p, stream_op, &a, 1, p->batch);
     stop_server(pid);
