@@ -38,7 +38,7 @@ from typing import NamedTuple
 from . import _native
 from .errors import Cancelled, ConnectionClosed, DeadlineExceeded, PeerGone, ProtocolError, SectionError
 from .grant import LocalGrant, PeerMemory
-from .protocol import Channel, Frames, Message, materialize
+from .protocol import Channel, Frames, Message, Payload, materialize
 from .section import SectionView, View
 from .security import PeerCred
 from .stats import ConnectionStats
@@ -55,6 +55,7 @@ DRAIN_EVERY = 64
 
 _REPLY, _PONG, _PORT_CLOSED = MessageType.REPLY, MessageType.PONG, MessageType.PORT_CLOSED
 _REQUEST = MessageType.REQUEST
+_INCOMING = (MessageType.REQUEST, MessageType.DATAGRAM)
 _monotonic = time.monotonic
 # What receive_one did.
 NOT_FILED, FILED_REPLY, FILED_INBOX, FILED_NOTHING, FILED_ERROR = 0, 1, 2, 3, 4
@@ -138,7 +139,7 @@ class Connection:
 
     # -- sending --------------------------------------------------------------------
 
-    def request(self, data: bytes, grant: LocalGrant | None = None,
+    def request(self, data: Payload, grant: LocalGrant | None = None,
                 deadline: float | None = None) -> tuple[int, Frames]:
         self.check_open()
         return self.channel.request(data, grant, deadline)
@@ -158,7 +159,7 @@ class Connection:
         self.check_open()
         return self.channel.ping()
 
-    def datagram(self, data: bytes) -> Frames:
+    def datagram(self, data: Payload) -> Frames:
         self.check_open()
         return self.channel.datagram(data)
 
@@ -167,7 +168,7 @@ class Connection:
         self.check_open()
         return [self.channel.datagrams(items)]
 
-    def reply(self, message: Message, data: bytes) -> Frames:
+    def reply(self, message: Message, data: Payload) -> Frames:
         """The reply's frames; none for a request the client cancelled (nobody waits for it)."""
         if message.cancelled:
             return []
@@ -486,19 +487,35 @@ class Connection:
         inbox = self.inbox
         while inbox:
             message = inbox.popleft()
-            if message.cancelled:
-                self._drop_body(message)  # the client cancelled it before anyone took it
-                continue
-            deadline = message.deadline
-            if deadline is not None and deadline <= _monotonic():
-                self.channel.expire(message)
-                self.stats.in_flight.pop(message.id, None)
-                self._drop_body(message)
+            if not self._dispatchable(message):
                 continue
             if message.type in NOTICES:
                 self.finalize_wanted = True
             return message
         return None
+
+    def _dispatchable(self, message: Message) -> bool:
+        """False (and dealt with) for a request cancelled, or past its deadline, before dispatch."""
+        if message.cancelled:
+            self._drop_body(message)  # the client cancelled it before anyone took it
+            return False
+        deadline = message.deadline
+        if deadline is not None and deadline <= _monotonic():
+            self.channel.expire(message)
+            self.stats.in_flight.pop(message.id, None)
+            self._drop_body(message)
+            return False
+        return True
+
+    def take_callback(self, request_id: int) -> Message | None:
+        """While a request waits for its reply: a request or datagram from the peer first (a
+        nested callback, ALPC-style), else the reply. Notices stay queued for receive()."""
+        inbox = self.inbox
+        while inbox and inbox[0].type in _INCOMING:
+            message = inbox.popleft()
+            if self._dispatchable(message):
+                return message
+        return self.take_reply(request_id)
 
     def take_messages(self, into: list[Message], limit: int) -> None:
         """More of ``take_message`` into ``into``, up to ``limit`` in all; stops after a notice."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TypeVar
 
 from . import _native, control
@@ -38,7 +38,8 @@ from .errors import (
 from .exchange import control_frame, read_frame
 from .grant import LocalGrant, MemoryGrant, PeerMemory, direct_read, direct_write
 from .logs import LogLimiter, fields
-from .protocol import Channel, Frames, Message
+from .protocol import Channel, Frames, Message, payload_parts
+from .protocol import Payload as WirePayload
 from .retry import retry_until
 from .section import ConnectionSections, SectionView, sweep_stale_names
 from .security import PeerCred
@@ -71,12 +72,42 @@ _BATCH_FRAMES = 1024
 _MAX_FDS_PER_READ = 4
 
 
-# What request/send/reply take: bytes-like, or a filled view of the connection's section.
-Payload = Buffer | SectionView
+# What request/send/reply take: one bytes-like buffer, parts sent back to back
+# without being joined first, or a filled view of the connection's section.
+Payload = Buffer | Sequence[Buffer] | SectionView
 
 
-def _size(data: object) -> int:
-    return data.nbytes if isinstance(data, memoryview) else len(data)  # type: ignore[arg-type]
+def _size(data: Payload) -> int:
+    if type(data) is bytes or isinstance(data, (bytearray, SectionView)):
+        return len(data)
+    if isinstance(data, memoryview):
+        return data.nbytes
+    return payload_parts(data)[1]
+
+
+def _copy_body(into: memoryview, data: Buffer | Sequence[Buffer]) -> None:
+    """Copy a body (one buffer, or parts back to back) into reserved section space."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        _native.copy_into(into, data)
+        return
+    offset = 0
+    for part in payload_parts(data)[0]:
+        size = len(part) if isinstance(part, bytes) else memoryview(part).nbytes
+        _native.copy_into(into[offset:offset + size], part)
+        offset += size
+
+
+def _owned(data: Buffer | Sequence[Buffer]) -> WirePayload:
+    """A single buffer is copied to bytes as before; parts are sent as given.
+
+    Parts are written to the kernel before send/request/reply return, so the
+    caller may reuse its buffers afterwards.
+    """
+    if type(data) is bytes:
+        return data
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)
+    return tuple(data)
 
 
 class CommunicationPort:
@@ -156,7 +187,8 @@ class CommunicationPort:
     # -- sending ----------------------------------------------------------------
 
     def request(self, data: Payload = b"", timeout: float | None = None, *, secure: bool = False,
-                grant: MemoryGrant | None = None, deadline: float | None = None) -> Message:
+                grant: MemoryGrant | None = None, deadline: float | None = None,
+                on_message: Callable[[Message], None] | None = None) -> Message:
         """Send a request and wait for its reply.
 
         ``data`` longer than the inline threshold goes through a shared section;
@@ -165,19 +197,32 @@ class CommunicationPort:
         ``deadline`` (a ``time.monotonic()`` value) travels with the request: the
         server never dispatches it later, and this call waits at most until then
         (DeadlineExceeded). A timeout cancels the request at the server (CANCEL).
+        ``data`` may also be a sequence of buffers, sent as one message without
+        being joined.
+
+        With ``on_message``, the REQUEST and DATAGRAM messages that arrive while
+        this call waits (and that no other thread takes first with receive())
+        are handed to it on this thread, so the peer may call back into us
+        (ALPC's nested callbacks) instead of its request waiting in the inbox
+        behind our own wait. If ``on_message`` raises, the request is abandoned
+        and the exception propagates.
         """
+        if on_message is not None:
+            if grant is not None or deadline is not None:
+                raise ValueError("on_message cannot be combined with a memory grant or a deadline")
+            return self._request_serving(data, timeout, secure, on_message)
         if deadline is not None:
             return self.start_request(data, secure=secure, grant=grant, deadline=deadline,
                                       timeout=timeout).result(timeout)
         deadline = deadline_after(timeout)
-        size = data.nbytes if type(data) is memoryview else len(data)
+        size = len(data) if type(data) is bytes else _size(data)
         if grant is not None or isinstance(data, SectionView) or size > self._core.inline_threshold:
             self.stats.sent(size)
             return self._request_large(data, deadline, secure, grant)
         core = self._core
         with self._send_lock:
             with self._state:
-                message_id, frames = core.request(data if type(data) is bytes else bytes(data))
+                message_id, frames = core.request(_owned(data))
             try:
                 self._write(frames, deadline)
             except BaseException:
@@ -185,6 +230,33 @@ class CommunicationPort:
                 raise
         self.stats.sent(size)
         return self._await_reply(message_id, deadline)
+
+    def _request_serving(self, data: Payload, timeout: float | None, secure: bool,
+                         on_message: Callable[[Message], None]) -> Message:
+        """request(on_message=...): the peer's nested requests are served while we wait."""
+        deadline = deadline_after(timeout)
+        core = self._core
+        size = _size(data)
+        if isinstance(data, SectionView) or size > core.inline_threshold:
+            message_id = self._send_section(MessageType.REQUEST, data, deadline, secure)
+        else:
+            message_id = self._send_new(lambda: core.request(_owned(data)), deadline)
+        self.stats.sent(size)
+        try:
+            while True:
+                found = self._wait_for(lambda: core.take_callback(message_id), deadline, "the reply")
+                if found.type is MessageType.REPLY:
+                    return found
+                on_message(found)
+        except Timeout:
+            if not self.cancel(message_id):
+                self._abandon(message_id)
+            with self._state:
+                core.forget_cancelled(message_id)
+            raise
+        except BaseException:
+            self._abandon(message_id)
+            raise
 
     def ping(self, timeout: float | None = None) -> None:
         """Round-trip a PING that the peer's runtime answers without its application."""
@@ -202,15 +274,15 @@ class CommunicationPort:
         once 64 KiB are queued. Order is kept either way.
         """
         deadline = deadline_after(timeout)
-        size = data.nbytes if type(data) is memoryview else len(data)
+        size = len(data) if type(data) is bytes else _size(data)
         core = self._core
         if isinstance(data, SectionView) or size > core.inline_threshold:
             self._send_section(MessageType.DATAGRAM, data, deadline, secure)
         elif flush:
-            self._send(lambda: core.datagram(data if type(data) is bytes else bytes(data)), deadline)
+            self._send(lambda: core.datagram(_owned(data)), deadline)
         else:
             with self._state:
-                full = core.queue(core.datagram(data if type(data) is bytes else bytes(data)))
+                full = core.queue(core.datagram(_owned(data)))
             if full:
                 self.flush(timeout)
         self.stats.sent(size)
@@ -222,8 +294,9 @@ class CommunicationPort:
         core = self._core
         small: list[bytes] = []
         for item in items:
-            size = item.nbytes if type(item) is memoryview else len(item)
-            if isinstance(item, SectionView) or size > core.inline_threshold:
+            size = len(item) if type(item) is bytes else _size(item)
+            if isinstance(item, SectionView) or size > core.inline_threshold or not isinstance(
+                    item, (bytes, bytearray, memoryview)):
                 self._send_small(small, deadline)
                 self.send(item, remaining(deadline))
                 continue
@@ -260,14 +333,14 @@ class CommunicationPort:
         if deadline is not None and (send_by is None or deadline < send_by):
             send_by = deadline
         core = self._core
-        size = data.nbytes if type(data) is memoryview else len(data)
+        size = _size(data)
         pinned = grant.pin() if grant is not None else None
         try:
             if isinstance(data, SectionView) or size > core.inline_threshold:
                 message_id = self._send_section(MessageType.REQUEST, data, send_by, secure, grant=pinned,
                                                 deadline_attr=deadline)
             else:
-                body = data if type(data) is bytes else bytes(data)
+                body = _owned(data)
                 message_id = self._send_new(lambda: core.request(body, pinned, deadline), send_by)
         except BaseException:
             if pinned is not None:
@@ -303,7 +376,7 @@ class CommunicationPort:
         if message.type is not MessageType.REQUEST:
             raise ValueError(f"only a REQUEST can be replied to, not {message.type.name}")
         deadline = deadline_after(timeout)
-        size = data.nbytes if type(data) is memoryview else len(data)
+        size = len(data) if type(data) is bytes else _size(data)
         core = self._core
         if not core.wants_reply(message):
             if isinstance(data, SectionView):
@@ -312,7 +385,7 @@ class CommunicationPort:
         if isinstance(data, SectionView) or size > core.inline_threshold:
             self._send_section(MessageType.REPLY, data, deadline, secure, callback_id=message.id)
         else:
-            body = data if type(data) is bytes else bytes(data)
+            body = _owned(data)
             with self._send_lock:
                 with self._state:
                     frames = core.reply(message, body)
@@ -367,7 +440,7 @@ class CommunicationPort:
         core = self._core
         try:
             if not isinstance(data, SectionView) and _size(data) <= core.inline_threshold:
-                message_id = self._send_new(lambda: core.request(bytes(data), pinned), deadline)
+                message_id = self._send_new(lambda: core.request(_owned(data), pinned), deadline)
             else:
                 message_id = self._send_section(MessageType.REQUEST, data, deadline, secure, grant=pinned)
         except BaseException:
@@ -390,7 +463,7 @@ class CommunicationPort:
             self._channel.check_length(_size(data))
             view, explicit = self._reserve(_size(data), secure, deadline), False
             try:
-                _native.copy_into(view.memory, data)
+                _copy_body(view.memory, data)
             except BaseException:
                 view.release()
                 raise
@@ -1047,3 +1120,13 @@ class PendingRequest:
 
     def __repr__(self) -> str:
         return f"<PendingRequest {self.id} on {self._port!r}>"
+
+
+def __getattr__(name: str) -> object:
+    # The server side moved to ``server``; its names stay importable from here
+    # (resolved on first use: ``server`` itself imports this module).
+    if name in ("ConnectionPort", "ConnectionRequest", "create_port"):
+        from . import server
+
+        return getattr(server, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

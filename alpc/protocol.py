@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import struct
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 from .errors import ConnectionClosed, MessageTooLarge, ProtocolError, SectionError
@@ -50,11 +50,15 @@ __all__ = [
     "MAX_ABANDONED",
     "MAX_UNREPLIED",
     "SECTION_TYPES",
+    "Buffer",
     "Channel",
+    "Frames",
     "Message",
+    "Payload",
     "Replier",
     "channel_limits",
     "materialize",
+    "payload_parts",
 ]
 
 CHANNEL_TYPES = frozenset({
@@ -192,7 +196,33 @@ def materialize(messages: list[Message]) -> None:
                 view.release(notify=False)
 
 
-Frames = list[bytes]
+Buffer = bytes | bytearray | memoryview
+# One buffer, or several parts sent back to back as one message without being
+# joined first, so a large part reaches the socket without an extra copy.
+Payload = bytes | Sequence[Buffer]
+Frames = list[Buffer]
+
+
+def payload_parts(data: Payload) -> tuple[Frames, int]:
+    """The non-empty parts of ``data`` as flat byte buffers, and their total length."""
+    if isinstance(data, bytes):
+        return ([data] if data else []), len(data)
+    parts: Frames = []
+    total = 0
+    for part in data:
+        if isinstance(part, bytes):
+            view: Buffer = part
+            size = len(part)
+        else:
+            flat = memoryview(part)
+            if not flat.c_contiguous:
+                raise ValueError("message parts must be contiguous buffers")
+            view = flat.cast("B") if flat.ndim != 1 or flat.format != "B" else flat
+            size = flat.nbytes
+        if size:
+            parts.append(view)
+            total += size
+    return parts, total
 
 
 class Channel:
@@ -246,17 +276,18 @@ class Channel:
 
     # -- sending -----------------------------------------------------------
 
-    def _frame(self, message_type: MessageType, data: bytes, *, message_id: int = 0,
+    def _frame(self, message_type: MessageType, data: Payload, *, message_id: int = 0,
                callback_id: int = 0, attrs: bytes = b"", n_fds: int = 0) -> Frames:
         if self.closed:
             raise ConnectionClosed(self.close_reason or "the channel is closed")
-        if attrs:
+        if attrs or type(data) is not bytes:
+            parts, length = payload_parts(data)
             header = encode_header(
-                message_type, len(data), message_id=message_id, callback_id=callback_id,
+                message_type, length, message_id=message_id, callback_id=callback_id,
                 sender_pid=self._local_pid, sender_tid=threading.get_native_id(),
                 attr_length=len(attrs), n_fds=n_fds,
             )
-            return [header, attrs, data] if data else [header, attrs]
+            return [header, attrs, *parts] if attrs else [header, *parts]
         # The per-message path: positional packing, and one buffer for a small
         # body (joining 100 bytes costs less than a second iovec).
         header = _pack_header(MAGIC, VERSION, message_type, 0, len(data), 0, message_id, callback_id,
@@ -265,9 +296,10 @@ class Channel:
             return [header + data]
         return [header, data]
 
-    def _check_size(self, data: bytes) -> None:
-        if len(data) > self.send_limit:
-            self.check_length(len(data))
+    def _check_size(self, data: Payload) -> None:
+        length = len(data) if isinstance(data, bytes) else payload_parts(data)[1]
+        if length > self.send_limit:
+            self.check_length(length)
 
     def check_length(self, length: int) -> None:
         if length > self.send_limit:
@@ -282,14 +314,16 @@ class Channel:
         self._next_id = (message_id + 1) & _ID_MASK or 1
         return message_id
 
-    def request(self, data: bytes, grant: LocalGrant | None = None,
+    def request(self, data: Payload, grant: LocalGrant | None = None,
                 deadline: float | None = None) -> tuple[int, Frames]:
         """Frames for a request; its reply is matched by the returned id.
 
         ``deadline`` (time.monotonic() seconds, a clock every process on the
         machine shares) travels with it: the peer never dispatches it later.
+        ``data`` is one buffer, or parts sent back to back without being joined.
         """
-        if grant is None and deadline is None and len(data) <= _JOIN_BELOW and not self.closed:
+        if (grant is None and deadline is None and type(data) is bytes and len(data) <= _JOIN_BELOW
+                and not self.closed):
             # The per-message path, inlined: _check_size, _allocate_id and _frame in one.
             if len(data) > self.send_limit:
                 self.check_length(len(data))
@@ -375,15 +409,18 @@ class Channel:
             parts.append(data)
         return b"".join(parts)
 
-    def datagram(self, data: bytes) -> Frames:
+    def datagram(self, data: Payload) -> Frames:
         self._check_size(data)
         return self._frame(MessageType.DATAGRAM, data, message_id=self._allocate_id())
 
-    def reply(self, request_id: int, data: bytes) -> Frames:
+    def reply(self, request_id: int, data: Payload) -> Frames:
         if request_id not in self._unreplied:
             raise ValueError(f"message {request_id} is not a request awaiting a reply on this port")
-        if len(data) > self.send_limit:
-            self.check_length(len(data))
+        if type(data) is bytes:
+            if len(data) > self.send_limit:
+                self.check_length(len(data))
+        else:
+            self._check_size(data)
         frames = self._frame(MessageType.REPLY, data, message_id=self._allocate_id(), callback_id=request_id)
         del self._unreplied[request_id]
         if self._peer_grants:

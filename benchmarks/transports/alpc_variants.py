@@ -10,7 +10,7 @@ import alpc
 from alpc import aio
 
 from ..core import SYNC
-from .alpc_impl import AlpcClient, AlpcTransport, _as_bytes
+from .alpc_impl import AlpcClient, AlpcTransport, as_bytes
 from .base import WAIT_TIMEOUT, Buffer, Client, Handler, Server, ServerMode
 
 __all__ = ["AlpcAioTransport", "AlpcBatchTransport", "AlpcCompletionTransport"]
@@ -60,12 +60,12 @@ class _AioClient(Client):
         return self._loop.run_until_complete(work)
 
     def request(self, data: Buffer) -> Buffer:
-        message = self._run(self._comm.request(_as_bytes(data), timeout=WAIT_TIMEOUT))
+        message = self._run(self._comm.request(as_bytes(data), timeout=WAIT_TIMEOUT))
         return message.data  # type: ignore[no-any-return]
 
     def send_batch(self, data: Buffer, count: int) -> Buffer:
         async def batch() -> Buffer:
-            payload = _as_bytes(data)
+            payload = as_bytes(data)
             await self._comm.send_many([payload] * count, timeout=WAIT_TIMEOUT)
             reply: Buffer = (await self._comm.request(SYNC, timeout=WAIT_TIMEOUT)).data
             return reply
@@ -89,7 +89,7 @@ class AlpcAioTransport(AlpcTransport):
 
 class _BatchClient(AlpcClient):
     def send_batch(self, data: Buffer, count: int) -> Buffer:
-        self._comm.send_many([_as_bytes(data)] * count, timeout=WAIT_TIMEOUT)
+        self._comm.send_many([as_bytes(data)] * count, timeout=WAIT_TIMEOUT)
         return self.request(SYNC)
 
 
@@ -109,7 +109,7 @@ class _BatchServer(Server):
                     handler(message.data)
                 elif message.type is alpc.MessageType.REQUEST:
                     reply = handler(message.data)
-                    comm.reply(message, _as_bytes(reply if reply is not None else b""))
+                    comm.reply(message, as_bytes(reply if reply is not None else b""))
                 else:
                     return
 
