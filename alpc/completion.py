@@ -2,12 +2,13 @@
 
 Like an I/O completion port, one ``CompletionPort`` multiplexes every
 communication port of a ``ConnectionPort`` (through the port's epoll set,
-so thousands of clients cost nothing per wait) and hands each message to a
-handler on a bounded pool: threads for a plain function, tasks on a private
-event loop for a coroutine function. The pool grows while work waits and
-every worker is busy, up to ``max_workers``, and shrinks back to
-``min_workers`` once workers sit idle for ``idle_timeout`` (the completion
-port's concurrency value). ``ordered=True`` keeps each client's requests in
+so thousands of clients cost nothing per wait) and runs a handler for each
+message on a bounded pool: threads for a plain function (leader/followers:
+the thread that takes a message runs it, another takes over the wait),
+tasks on a private event loop for a coroutine function. The pool grows
+while every thread is busy in a handler, up to ``max_workers`` (the
+completion port's concurrency value), and shrinks back to ``min_workers``
+once threads sit idle for ``idle_timeout``. ``ordered=True`` keeps each client's requests in
 order: one message per client is handled at a time.
 
 A request its client cancels is flagged (``message.cancelled``, which a
@@ -63,11 +64,13 @@ class CompletionPort:
         self.ordered = ordered
         self._async = inspect.iscoroutinefunction(handler)
         self._lock = threading.Lock()
-        self._work: deque[Message] = deque()
-        self._has_work = threading.Condition(self._lock)
+        # Held by the one thread waiting on the port (the leader).
+        self._leader = threading.Lock()
         self._workers = 0
-        self._idle = 0
+        self._followers = 0
         self._running = 0
+        self._quiet_limit: float | None = None
+        self._last_event = 0.0
         # ordered: clients with a message being handled, and what waits behind it.
         self._busy: dict[Any, deque[Message]] = {}
         self._stopping = threading.Event()
@@ -77,33 +80,92 @@ class CompletionPort:
         self.handled = 0
 
     # -- the loop ------------------------------------------------------------------
+    #
+    # Sync handlers run leader/followers, as an I/O completion port releases its
+    # threads: one thread at a time (the leader) waits on the port; the thread
+    # that gets an event hands the wait to the next (spawning one if nobody is
+    # waiting and the pool may grow) and runs the handler itself. No message
+    # changes threads, so a lone request costs no hand-off. Async handlers are
+    # handed to a private event loop instead.
 
     def serve(self, timeout: float | None = None) -> None:
-        """Run the loop in this thread until ``stop()``, or until nothing arrives for ``timeout``."""
+        """Run the loop (this thread is one of the pool) until ``stop()``, or until nothing
+        arrives for ``timeout`` seconds."""
         if self._async:
             self._start_loop()
-        quiet_since = time.monotonic()
+        self._quiet_limit = timeout
+        self._last_event = time.monotonic()
+        with self._lock:
+            self._workers += 1
         try:
-            while not self._stopping.is_set():
-                try:
-                    event = self.port.wait(timeout=_TICK)
-                except Timeout:
-                    if timeout is not None and time.monotonic() - quiet_since > timeout:
-                        return
-                    continue
-                except ConnectionClosed:
-                    return
-                quiet_since = time.monotonic()
-                if isinstance(event, ConnectionRequest):
-                    self._connect(event)
-                else:
-                    self._dispatch(event)
+            self._lead(main=True)
         finally:
             self._shutdown()
 
     def stop(self) -> None:
-        """Ask ``serve`` to return (within a fraction of a second)."""
+        """Ask ``serve`` (and every pool thread) to return, within a fraction of a second."""
         self._stopping.set()
+
+    def _lead(self, main: bool) -> None:
+        idle_since = time.monotonic()
+        while not self._stopping.is_set():
+            with self._lock:
+                self._followers += 1
+            try:
+                leading = self._leader.acquire(timeout=_TICK)
+            finally:
+                with self._lock:
+                    self._followers -= 1
+            if not leading:
+                if not main and self._retire(idle_since):
+                    return
+                continue
+            try:
+                event = self._next_event(main)
+            finally:
+                self._leader.release()
+            if event is None:
+                if not main and self._retire(idle_since):
+                    return
+                continue
+            self._promote()
+            if isinstance(event, ConnectionRequest):
+                self._connect(event)
+            else:
+                self._dispatch(event)
+            idle_since = time.monotonic()
+
+    def _next_event(self, main: bool) -> ConnectionRequest | Message | None:
+        try:
+            event = self.port.wait(timeout=_TICK)
+        except Timeout:
+            quiet = self._quiet_limit
+            if main and quiet is not None and time.monotonic() - self._last_event > quiet:
+                self._stopping.set()
+            return None
+        except ConnectionClosed:
+            self._stopping.set()
+            return None
+        self._last_event = time.monotonic()
+        return event
+
+    def _promote(self) -> None:
+        """Someone must wait on the port while this thread handles: spawn one if nobody will."""
+        with self._lock:
+            if self._followers or self._workers >= self.max_workers or self._async:
+                return
+            self._workers += 1
+        threading.Thread(target=self._lead, args=(False,), name="alpc-completion", daemon=True).start()
+
+    def _retire(self, idle_since: float) -> bool:
+        """An extra thread idle for idle_timeout leaves (the pool shrinks to min_workers)."""
+        if time.monotonic() - idle_since < self.idle_timeout and not self._stopping.is_set():
+            return False
+        with self._lock:
+            if self._workers > max(self.min_workers, 1) or self._stopping.is_set():
+                self._workers -= 1
+                return True
+        return False
 
     def _connect(self, request: ConnectionRequest) -> None:
         if self.on_connect is not None and not self.on_connect(request):
@@ -122,47 +184,19 @@ class CompletionPort:
             with self._lock:
                 queued = self._busy.get(message.port)
                 if queued is not None:
-                    queued.append(message)
+                    queued.append(message)  # handled by the thread busy with this client
                     return
                 self._busy[message.port] = deque()
-        self._submit(message)
-
-    def _submit(self, message: Message) -> None:
         if self._async:
             self._submit_task(message)
             return
-        with self._lock:
-            self._work.append(message)
-            if self._idle:
-                self._has_work.notify()
-            elif self._workers < self.max_workers:
-                self._workers += 1
-                threading.Thread(target=self._worker, name="alpc-completion", daemon=True).start()
-
-    # -- threads for sync handlers ----------------------------------------------------
-
-    def _worker(self) -> None:
-        while True:
-            with self._lock:
-                while not self._work:
-                    if self._stopping.is_set():
-                        self._workers -= 1
-                        return
-                    self._idle += 1
-                    woken = self._has_work.wait(self.idle_timeout)
-                    self._idle -= 1
-                    if not woken and not self._work and self._workers > self.min_workers:
-                        self._workers -= 1
-                        return
-                message = self._work.popleft()
-                self._running += 1
-            try:
-                self._run(message)
-            finally:
-                with self._lock:
-                    self._running -= 1
+        current: Message | None = message
+        while current is not None:
+            self._run(current)
+            current = self._next_for(current)
 
     def _run(self, message: Message) -> None:
+        self._running += 1
         try:
             if not message.cancelled:
                 result = self.handler(message)
@@ -171,8 +205,8 @@ class CompletionPort:
             log.exception("handler failed on %r", message)
             self._answer(message, b"")
         finally:
+            self._running -= 1
             self.handled += 1
-            self._done(message)
 
     @staticmethod
     def _answer(message: Message, result: Buffer | None) -> None:
@@ -182,16 +216,16 @@ class CompletionPort:
             except ConnectionClosed:
                 pass
 
-    def _done(self, message: Message) -> None:
+    def _next_for(self, message: Message) -> Message | None:
+        """ordered: the client's next message that waited behind ``message``, if any."""
         if not self.ordered:
-            return
+            return None
         with self._lock:
             queued = self._busy.get(message.port)
             following = queued.popleft() if queued else None
             if following is None:
                 self._busy.pop(message.port, None)
-        if following is not None:
-            self._submit(following)
+        return following
 
     # -- tasks for async handlers -------------------------------------------------------
 
@@ -233,7 +267,9 @@ class CompletionPort:
             self._tasks.pop(key, None)
         self._slots.release()
         self.handled += 1
-        self._done(message)
+        following = self._next_for(message)
+        if following is not None:
+            self._submit_task(following)
 
     def _cancelled(self, messages: list[Message]) -> None:
         """The client cancelled these (their ``cancelled`` flag is set): stop their tasks."""
@@ -249,13 +285,13 @@ class CompletionPort:
 
     @property
     def workers(self) -> int:
-        """Threads in the pool now (sync handlers)."""
+        """Threads in the pool now (sync handlers; the one running ``serve`` included)."""
         return self._workers
 
     def _shutdown(self) -> None:
         self._stopping.set()
         with self._lock:
-            self._has_work.notify_all()
+            self._workers -= 1
         if self._loop is not None:
             loop = self._loop
             for future in list(self._tasks.values()):

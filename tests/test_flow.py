@@ -208,3 +208,35 @@ def test_completion_port_with_an_async_handler_in_process(broker, config) -> Non
         finally:
             completion.stop()
             loop_thread.join(10)
+
+
+def test_completion_port_pool_grows_with_blocked_handlers_and_shrinks_when_idle(broker, config) -> None:  # type: ignore[no-untyped-def]
+    release = threading.Event()
+    inside = threading.Semaphore(0)
+
+    def handle(message: alpc.Message) -> bytes:
+        if message.data == b"block":
+            inside.release()
+            release.wait(10)
+        return message.data
+
+    with alpc.create_port("flow.pool", config=config) as port:
+        completion = alpc.CompletionPort(port, handle, max_workers=3, min_workers=1, idle_timeout=0.2)
+        loop_thread = threading.Thread(target=completion.serve, kwargs={"timeout": 30})
+        loop_thread.start()
+        try:
+            with alpc.connect("flow.pool", config=config, timeout=10) as comm:
+                blocked = [comm.start_request(b"block") for _ in range(3)]
+                for _ in range(3):
+                    assert inside.acquire(timeout=10)  # three handlers run at once: the pool grew
+                assert completion.workers == 3
+                release.set()
+                assert [p.result(timeout=10).data for p in blocked] == [b"block"] * 3
+                deadline = time.monotonic() + 10
+                while completion.workers > 1:
+                    assert time.monotonic() < deadline, completion.workers
+                    time.sleep(0.02)  # handshake-free: waits out the pool's idle_timeout, bounded
+                assert comm.request(b"again", timeout=10).data == b"again"
+        finally:
+            completion.stop()
+            loop_thread.join(10)
