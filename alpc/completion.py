@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 Handler = Callable[[Message], "Buffer | Awaitable[Buffer | None] | None"]
 # How often the loop looks up from an idle wait (to notice stop()).
 _TICK = 0.2
+# How long serve() waits for each pool thread (in a handler) when it stops.
+_JOIN_TIMEOUT = 5.0
 
 
 class CompletionPort:
@@ -71,6 +73,7 @@ class CompletionPort:
         self._running = 0
         self._quiet_limit: float | None = None
         self._last_event = 0.0
+        self._threads: list[threading.Thread] = []
         # ordered: clients with a message being handled, and what waits behind it.
         self._busy: dict[Any, deque[Message]] = {}
         self._stopping = threading.Event()
@@ -155,7 +158,10 @@ class CompletionPort:
             if self._followers or self._workers >= self.max_workers or self._async:
                 return
             self._workers += 1
-        threading.Thread(target=self._lead, args=(False,), name="alpc-completion", daemon=True).start()
+        thread = threading.Thread(target=self._lead, args=(False,), name="alpc-completion", daemon=True)
+        with self._lock:
+            self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+        thread.start()
 
     def _retire(self, idle_since: float) -> bool:
         """An extra thread idle for idle_timeout leaves (the pool shrinks to min_workers)."""
@@ -292,6 +298,10 @@ class CompletionPort:
         self._stopping.set()
         with self._lock:
             self._workers -= 1
+            threads = list(self._threads)
+        # The pool leaves the port before serve() returns, so the caller may close it.
+        for thread in threads:
+            thread.join(_JOIN_TIMEOUT)
         if self._loop is not None:
             loop = self._loop
             for future in list(self._tasks.values()):

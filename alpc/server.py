@@ -311,17 +311,22 @@ class ConnectionPort:
     def _poll(self, deadline: float | None) -> bool:
         """Wait for the broker link or any connection, and read what came; False on timeout."""
         with self._lock:
+            self._check_open()
             link = self._link.wait_fds()
         # The link's fd changes across broker restarts, so it is polled beside
         # the epoll set rather than kept in it.
-        fired = wait_readable([self._poller.fileno(), *link], deadline)
+        poller = self._poller
+        fired = wait_readable([poller.fileno(), *link], deadline)
         if not fired:
             return False
-        if any(fd != self._poller.fileno() for fd in fired):
+        if any(fd != poller.fileno() for fd in fired):
             with self._lock:
                 self._read_registration()
-        if self._poller.fileno() in fired:
-            for fd in self._poller.poll(0.0):
+        if poller.fileno() in fired:
+            with self._lock:
+                self._check_open()  # close() may have run while this thread waited
+                ready = poller.poll(0.0)
+            for fd in ready:
                 owner = self._owners.get(fd)
                 if owner is not None:
                     owner.pump()
@@ -362,7 +367,8 @@ class ConnectionPort:
             request.close()
         for comm in connections:
             comm.close()
-        self._poller.close()
+        with self._lock:  # a waiter looks at the set only under the lock, after checking _closed
+            self._poller.close()
 
     def __enter__(self) -> ConnectionPort:
         return self

@@ -121,9 +121,14 @@ class Poller:
 
     def __init__(self) -> None:
         self._epoll = select.epoll()
+        self._fd = self._epoll.fileno()
 
     def fileno(self) -> int:
-        return self._epoll.fileno()
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self._epoll.closed
 
     def register(self, fd: int) -> None:
         self._epoll.register(fd, _EPOLL_IN)
