@@ -144,7 +144,10 @@ class CommunicationPort:
         self._state = threading.Lock()
         # Reentrant: a failing write may itself need to send (never to finalize).
         self._send_lock = threading.RLock()
-        self._cv = threading.Condition(threading.Lock())
+        # _cv's lock, entered directly on the per-message path (Condition's own
+        # __enter__ is a Python-level call).
+        self._cv_lock = threading.Lock()
+        self._cv = threading.Condition(self._cv_lock)
         # Threads blocked in _cv.wait(): the reader notifies only when there are some.
         self._waiters = 0
         self._reading = False
@@ -359,7 +362,7 @@ class CommunicationPort:
             frames, views = self._core.cancel(message_id)
         for view in views:
             view.release()
-        with self._cv:
+        with self._cv_lock:
             self._cv.notify_all()
         if not frames:
             return False
@@ -747,7 +750,7 @@ class CommunicationPort:
         cv = self._cv
         state = self._state
         try:
-            with cv:
+            with self._cv_lock:
                 while True:
                     with state:
                         found = core.take_reply(message_id)
@@ -784,7 +787,7 @@ class CommunicationPort:
         state = self._state
         core = self._core
         cv = self._cv
-        with cv:
+        with self._cv_lock:
             while True:
                 with state:
                     found = take()
@@ -814,7 +817,7 @@ class CommunicationPort:
 
     def _end_read(self) -> None:
         # Every read ends here, so whatever it filed wakes the waiters now.
-        with self._cv:
+        with self._cv_lock:
             self._reading = False
             if self._waiters:
                 self._cv.notify_all()
@@ -823,7 +826,7 @@ class CommunicationPort:
 
     def pump(self) -> None:
         """Read whatever is waiting without blocking, unless another thread is reading."""
-        with self._cv:
+        with self._cv_lock:
             if self._reading or self._core.failure is not None:
                 return
             self._reading = True
@@ -908,7 +911,7 @@ class CommunicationPort:
         self._ended()
 
     def _ended(self) -> None:
-        with self._cv:
+        with self._cv_lock:
             self._cv.notify_all()
         if self._on_ready is not None:
             self._on_ready(self)
@@ -938,7 +941,7 @@ class CommunicationPort:
                 pass
             finally:
                 self._send_lock.release()
-        with self._cv:
+        with self._cv_lock:
             self._cv.notify_all()
         # Wake a reader blocked in poll or a writer waiting for buffer space.
         self._stream.shutdown()
@@ -950,7 +953,7 @@ class CommunicationPort:
         Never called with _cv held, and a sender holding _send_lock does not call
         it, so the lock order _cv -> _send_lock is never inverted.
         """
-        with self._cv:
+        with self._cv_lock:
             if not self._core.finalize_wanted or self._released or self._reading:
                 return
             self._released = True

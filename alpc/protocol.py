@@ -284,7 +284,7 @@ class Channel:
             parts, length = payload_parts(data)
             header = encode_header(
                 message_type, length, message_id=message_id, callback_id=callback_id,
-                sender_pid=self._local_pid, sender_tid=threading.get_native_id(),
+                sender_pid=self._local_pid, sender_tid=_native_tid(),
                 attr_length=len(attrs), n_fds=n_fds,
             )
             return [header, attrs, *parts] if attrs else [header, *parts]
@@ -894,7 +894,22 @@ _CANCELLED = int(Flag.CANCELLED)
 def _deadline_ns(deadline: float) -> int:
     return max(0, int(deadline * 1e9))
 _PLAIN = frozenset({MessageType.REQUEST, MessageType.REPLY, MessageType.DATAGRAM})
-_native_tid = threading.get_native_id
+_tids = threading.local()
+
+
+def _native_tid() -> int:
+    """This thread's id for the header, asked of the kernel (gettid) once per thread."""
+    tid: int | None = getattr(_tids, "tid", None)
+    if tid is None:
+        tid = _tids.tid = threading.get_native_id()
+    return tid
+
+
+def _forget_tid() -> None:
+    _tids.__dict__.pop("tid", None)  # a forked child's thread has a new id
+
+
+os.register_at_fork(after_in_child=_forget_tid)
 _JOIN_BELOW = 16 * 1024
 
 # Plain ints: IntFlag arithmetic costs microseconds on a per-message path.
