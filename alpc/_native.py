@@ -67,7 +67,9 @@ __all__ = [
     "copy_into",
     "copy_out",
     "parse_attributes",
+    "quick_hold",
     "quick_region_size",
+    "quick_unhold",
     "scan_frames",
     "source_hash",
     "vm_read",
@@ -444,6 +446,17 @@ QUICK_ERRORS = {
     Q_E_RESERVED: "a ring entry with reserved words set or a missing id",
     Q_E_LAYOUT: "the ring region's header does not match the agreed geometry",
 }
+
+
+def quick_hold() -> bool:
+    """Keep Quick-LPC's watcher thread while no connection needs it; False if it cannot start."""
+    return _ext is not None and int(_ext[1].qlpc_hold()) == 0
+
+
+def quick_unhold() -> None:
+    """Release one ``quick_hold``; the thread stops once nothing needs it."""
+    if _ext is not None:
+        _ext[1].qlpc_unhold()
 
 
 def quick_region_size(slots: int, slot_size: int) -> int:

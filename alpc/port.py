@@ -1194,6 +1194,8 @@ class ConnectionPort:
         self._closed = False
         self._turn = 0
         self._section_budget = Budget(attributes.max_port_section_bytes)
+        # Quick-LPC: the watcher thread lives as long as a port offering the rings.
+        self._quick_held = attributes.quick_lpc and qlpc.hold_watcher()
 
     def __repr__(self) -> str:
         return f"<ConnectionPort {self.name!r} with {len(self._connections)} clients>"
@@ -1373,6 +1375,9 @@ class ConnectionPort:
             request.close()
         for comm in connections:
             comm.close()
+        if self._quick_held:
+            self._quick_held = False
+            qlpc.release_watcher()
 
     def __enter__(self) -> ConnectionPort:
         return self

@@ -67,7 +67,7 @@ from .wire import MessageType
 if TYPE_CHECKING:
     from .port import CommunicationPort
 
-__all__ = ["QuickLink", "available", "offer", "unavailable_reason"]
+__all__ = ["QuickLink", "available", "hold_watcher", "offer", "release_watcher", "unavailable_reason"]
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,16 @@ def unavailable_reason() -> str | None:
 
 def available() -> bool:
     return _native.QUICK_UNAVAILABLE is None
+
+
+def hold_watcher() -> bool:
+    """A server port offering the rings keeps the C watcher thread for its whole life,
+    so clients coming and going do not start and stop a thread each. True if held."""
+    return available() and _native.quick_hold()
+
+
+def release_watcher() -> None:
+    _native.quick_unhold()
 
 
 def _timeout_ns(deadline: float | None) -> int:

@@ -13,12 +13,16 @@ must be importable; a missing one is reported as skipped, never dropped.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
+
+from alpc import qlpc
 
 from . import bench_connect, bench_memory, bench_rate, bench_roundtrip, bench_scaling, bench_throughput
 from .core import Case
 from .transports.alpc_impl import AlpcTransport
+from .transports.alpc_quick import AlpcQuickTransport
 from .transports.base import Transport
 from .transports.grpc_impl import GrpcTransport
 from .transports.mpconn import ListenerTransport, PipeTransport
@@ -54,10 +58,14 @@ class Impl:
     # For the C ceiling: the mechanism argument of benchmarks/ceiling.c.
     native: str | None = None
     install_hint: str = ""
+    # Why it cannot run in this process's configuration (None: it can).
+    unavailable: Callable[[], str | None] | None = None
 
 
 IMPLEMENTATIONS: dict[str, Impl] = {impl.name: impl for impl in (
     Impl("alpc", "alpc", AlpcTransport, _ALL),
+    Impl("alpc-quick", "alpc", AlpcQuickTransport, frozenset({"roundtrip", "connect", "scaling"}),
+         unavailable=qlpc.unavailable_reason),
     Impl("socketpair", "peer", SocketPairTransport, _MESSAGES | {"scaling"}),
     Impl("unix-socket", "peer", UnixSocketTransport, _CONNECTED),
     Impl("mp.Pipe", "peer", PipeTransport, _MESSAGES | {"scaling"}),
@@ -79,7 +87,11 @@ def implementations_for(case: str) -> list[Impl]:
 
 
 def missing_requirement(impl: Impl) -> str | None:
-    """Why ``impl`` cannot run here (a module is not installed), or None."""
+    """Why ``impl`` cannot run here (a module is not installed, ALPC_PUREPYTHON=1), or None."""
+    if impl.unavailable is not None:
+        reason = impl.unavailable()
+        if reason is not None:
+            return reason
     for module in impl.requires:
         if importlib.util.find_spec(module) is None:
             hint = f"; install with {impl.install_hint}" if impl.install_hint else ""

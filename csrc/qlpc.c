@@ -9,8 +9,11 @@
  *
  * Waking: a waiter spins only while the peer runs on another CPU (each side
  * publishes sched_getcpu() and whether it is running, spinning, blocked in
- * the futex or waiting in poll()), otherwise it blocks in FUTEX_WAIT at once.
- * A producer calls FUTEX_WAKE only when the consumer says it is blocked.
+ * the futex or waiting in poll()), and only for about twice what the peer has
+ * been taking to answer (each entry carries its posting time); otherwise it
+ * blocks in FUTEX_WAIT at once. A producer calls FUTEX_WAKE only when the
+ * consumer says it is blocked, and rings a socket doorbell (the caller sends
+ * it) only when the consumer says it waits in poll().
  *
  * Death: a per-process watcher thread holds the connections' sockets and
  * pidfds in an epoll set; when a peer hangs up or its process exits it wakes
@@ -206,6 +209,7 @@ static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct watch *g_watch;  /* the one new channels join */
 static struct watch *g_all;    /* every watch with a live thread */
 static uint64_t g_token;
+static unsigned g_holds;       /* qlpc_hold calls not yet released */
 static pthread_once_t g_once = PTHREAD_ONCE_INIT;
 
 static void hung_up(qlpc_chan *ch)
@@ -330,6 +334,7 @@ static void after_fork_child(void)
     }
     g_all = NULL;
     g_watch = NULL;
+    g_holds = 0;
     t_tid = 0;
     pthread_mutex_unlock(&g_lock);
 }
@@ -337,6 +342,50 @@ static void after_fork_child(void)
 static void install_fork_handlers(void)
 {
     pthread_atfork(before_fork, after_fork_parent, after_fork_child);
+}
+
+/* The current watch, started if there is none. Called with g_lock held. */
+static struct watch *current_watch(void)
+{
+    if (g_watch == NULL)
+        g_watch = watch_start();
+    return g_watch;
+}
+
+/* Is w idle and not kept alive by a hold? Then it should stop. Called with g_lock held. */
+static int idle(struct watch *w)
+{
+    return w->count == 0 && !(w == g_watch && g_holds > 0);
+}
+
+int qlpc_hold(void)
+{
+    int rc = 0;
+
+    pthread_once(&g_once, install_fork_handlers);
+    pthread_mutex_lock(&g_lock);
+    if (current_watch() == NULL)
+        rc = QLPC_E_SYSTEM;
+    else
+        g_holds++;
+    pthread_mutex_unlock(&g_lock);
+    return rc;
+}
+
+void qlpc_unhold(void)
+{
+    struct watch *stop = NULL;
+
+    pthread_mutex_lock(&g_lock);
+    if (g_holds > 0)
+        g_holds--;
+    if (g_watch != NULL && idle(g_watch)) {
+        stop = g_watch;
+        g_watch = NULL;
+    }
+    pthread_mutex_unlock(&g_lock);
+    if (stop != NULL)
+        watch_stop(stop);
 }
 
 static int watch_add(qlpc_chan *ch)
@@ -347,14 +396,10 @@ static int watch_add(qlpc_chan *ch)
 
     pthread_once(&g_once, install_fork_handlers);
     pthread_mutex_lock(&g_lock);
-    w = g_watch;
+    w = current_watch();
     if (w == NULL) {
-        w = watch_start();
-        if (w == NULL) {
-            pthread_mutex_unlock(&g_lock);
-            return -1;
-        }
-        g_watch = w;
+        pthread_mutex_unlock(&g_lock);
+        return -1;
     }
     ch->token = ++g_token;
     /* Hang-up only: the data on the socket is the application's to read. */
@@ -379,7 +424,7 @@ static int watch_add(qlpc_chan *ch)
     return 0;
 fail:
     saved = errno;
-    if (w->count == 0) {
+    if (idle(w)) {
         g_watch = NULL;
         pthread_mutex_unlock(&g_lock);
         watch_stop(w);
@@ -407,9 +452,11 @@ static void watch_remove(qlpc_chan *ch)
             }
         }
         ch->watch = NULL;
-        if (--w->count == 0) {
-            /* The last one out stops the thread, so an idle process keeps no
-             * thread and no fds; the next channel starts a fresh watch. */
+        w->count--;
+        if (idle(w)) {
+            /* The last one out stops the thread (unless a port holds it), so an
+             * idle process keeps no thread and no fds; the next channel starts
+             * a fresh watch. */
             if (g_watch == w)
                 g_watch = NULL;
             stop = w;
@@ -796,9 +843,12 @@ static int wait_entry(qlpc_chan *ch, uint64_t deadline, uint64_t *since)
     atomic_store_explicit(&ch->me->state, ST_SPIN, memory_order_relaxed);
     *since = 0;
     rc = ready(ch);
-    if (rc != 0 || deadline == 0)
-        return rc != 0 ? rc : QLPC_TIMEOUT;
-    *since = now_ns();
+    if (rc != 0)
+        return rc;
+    if (deadline == 0 || (*since = now_ns()) >= deadline) {
+        *since = 0;
+        return QLPC_TIMEOUT;
+    }
     for (;;) {
         uint32_t seen;
         uint64_t now;
@@ -884,6 +934,7 @@ static int receive(qlpc_chan *ch, uint32_t want, uint64_t deadline, qlpc_info *i
     return rc;
 }
 
+/* A caller's deadline in our terms: -1 is none; any moment already past only looks. */
 static uint64_t absolute(int64_t deadline_ns)
 {
     return deadline_ns < 0 ? NO_DEADLINE : deadline_ns == 0 ? 1 : (uint64_t)deadline_ns;

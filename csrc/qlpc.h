@@ -94,6 +94,13 @@ qlpc_chan *qlpc_open(int memfd, uint64_t size, uint32_t slots, uint32_t slot_siz
  * Idempotent; the struct itself stays valid until qlpc_free. */
 void qlpc_close(qlpc_chan *ch);
 
+/* Keep the watcher thread running even with no channel (a server port that
+ * offers the rings holds it, so connections coming and going do not start
+ * and stop a thread each). 0 or QLPC_E_SYSTEM. Every hold is released by one
+ * qlpc_unhold. */
+int qlpc_hold(void);
+void qlpc_unhold(void);
+
 /* qlpc_close, then free the struct (the cffi finalizer). */
 void qlpc_free(qlpc_chan *ch);
 

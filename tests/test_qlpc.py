@@ -320,3 +320,28 @@ def test_the_peers_script_runs_standalone() -> None:
     done = subprocess.run([sys.executable, str(QLPC_PEERS), "--help"], capture_output=True, text=True,
                           cwd=ROOT, timeout=30)
     assert done.returncode == 0 and "hostile" in done.stdout
+
+
+@native
+def test_both_sides_in_one_process_leave_nothing_behind(broker, config) -> None:  # type: ignore[no-untyped-def]
+    """The port holds the watcher thread while it lives; closing everything stops it (no fds left)."""
+    with alpc.create_port("q.local", alpc.PortAttributes(quick_lpc=True), config=config) as port:
+        def accept(into: list[alpc.CommunicationPort]) -> None:
+            into.append(port.listen(timeout=10).accept())
+
+        for round_ in range(3):
+            accepted: list[alpc.CommunicationPort] = []
+            listener = threading.Thread(target=accept, args=(accepted,))
+            listener.start()
+            client = connect(config, "q.local")
+            listener.join(10)
+            server = accepted[0]
+            serving = threading.Thread(target=server.serve_requests, args=(lambda body: body[::-1], 10))
+            serving.start()
+            assert client.quick
+            for i in range(50):
+                assert client.call(f"{round_}-{i}".encode()) == f"{round_}-{i}".encode()[::-1]
+            client.close()
+            serving.join(10)
+            assert not serving.is_alive()
+            server.close()
