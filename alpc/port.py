@@ -117,6 +117,8 @@ class CommunicationPort:
         self._quick = quick
         if quick is not None and not is_server:
             channel.quick_claims = quick.claims
+            # The lean call is one Python frame around the C call on this connection.
+            self.call = quick.bind_call(self)  # type: ignore[method-assign]
         self._channel = channel
         self._pidfd = peer_pidfd
         self._is_server = is_server
@@ -227,15 +229,10 @@ class CommunicationPort:
     def call(self, data: bytes, timeout: float | None = None) -> bytes:
         """``request(data, timeout).data``, without a Message: Quick-LPC's lean call.
 
-        Over Quick-LPC rings this is one C call with the GIL released; on any
-        other connection (or for a body too large for a ring slot) it is
-        ``request``.
+        Over Quick-LPC rings this is one C call with the GIL released (the
+        instance then carries ``qlpc.QuickLink.bind_call``'s version); on any
+        other connection it is ``request``.
         """
-        quick = self._quick
-        if quick is not None and type(data) is bytes and len(data) <= quick.payload_max:
-            body = quick.call(self, data, timeout)
-            if body is not None:
-                return body
         return self.request(data, timeout).data
 
     def serve_requests(self, handler: Callable[[bytes], Buffer], timeout: float | None = None) -> Message:

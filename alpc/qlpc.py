@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NoReturn
 
@@ -75,6 +76,7 @@ _REQUEST = MessageType.REQUEST
 # Statuses after which the message did not go into the ring: send it over the socket.
 _REFUSED = frozenset({Q_FULL, Q_ORDER, Q_TOO_LARGE, Q_BUSY, Q_CHECK, Q_CLOSED})
 _DOORBELL_TIMEOUT = 1.0
+_monotonic_ns = time.monotonic_ns
 
 Handler = Callable[[bytes], Buffer]
 
@@ -180,16 +182,32 @@ class QuickLink:
 
     # -- client ---------------------------------------------------------------------
 
-    def call(self, port: CommunicationPort, data: bytes, timeout: float | None) -> bytes | None:
-        """The lean request: the reply's body, or None when the ring cannot take
-        this request now (another one of ours is in flight, the ring is full,
-        the socket has bytes the server has not read): use the socket."""
-        deadline_ns = -1 if timeout is None else time.monotonic_ns() + int(timeout * 1e9)
-        status = self._call(data, len(data), deadline_ns)
-        if status >= 0:
-            return self._unpack(status)
-        got = self._call_slow(port, status, deadline_ns)
-        return None if got is None else got[0]
+    def bind_call(self, port: CommunicationPort) -> Callable[..., bytes]:
+        """``port.call`` for a client with rings: a single Python frame around the C call.
+
+        The reply's body; anything the rings cannot take now (a large body,
+        another call of ours in flight, a full ring, socket bytes the server
+        has not read yet) goes through ``port.request``.
+        """
+        c_call = self._call
+        unpack = self._unpack
+        payload_max = self.payload_max
+        slow = self._call_slow
+        # Weak: the port holds this function, and must stay free to be collected.
+        port_ref = weakref.ref(port)
+
+        def call(data: bytes, timeout: float | None = None) -> bytes:
+            if type(data) is bytes and len(data) <= payload_max:
+                deadline_ns = -1 if timeout is None else _monotonic_ns() + int(timeout * 1e9)
+                status = c_call(data, len(data), deadline_ns)
+                if status >= 0:
+                    return unpack(status)
+                got = slow(_alive(port_ref), status, deadline_ns)
+                if got is not None:
+                    return got[0]
+            return _alive(port_ref).request(data, timeout).data
+
+        return call
 
     def request(self, port: CommunicationPort, data: bytes, deadline: float | None) -> Message | None:
         """``call`` for ``request()``: the REPLY as a Message."""
@@ -446,6 +464,13 @@ class QuickLink:
         reason = self._protocol_error(port, status)
         port._raise_if_failed()
         raise PeerGone(reason)
+
+
+def _alive(port_ref: weakref.ref[CommunicationPort]) -> CommunicationPort:
+    port = port_ref()
+    if port is None:
+        raise ConnectionClosed("the port is gone")
+    return port
 
 
 def _socket_round(port: CommunicationPort, message_id: int, deadline: float | None) -> Message | None:
