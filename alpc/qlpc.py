@@ -294,9 +294,8 @@ class QuickLink:
             return None
         status = self.ring.reply_wait(0, b"", 0, _timeout_ns(deadline))
         if status >= 0:
-            messages = [self._request(port, status)]
-            messages += self.drain(port)
-            port._dispatch(messages)
+            # Any more in the ring come with the next read, still before socket bytes.
+            port._dispatch([self._request(port, status)])
             return True
         if status == Q_TIMEOUT:
             return False

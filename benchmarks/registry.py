@@ -22,7 +22,7 @@ from alpc import qlpc
 from . import bench_connect, bench_memory, bench_rate, bench_roundtrip, bench_scaling, bench_throughput
 from .core import Case
 from .transports.alpc_impl import AlpcTransport
-from .transports.alpc_quick import AlpcQuickTransport
+from .transports.alpc_quick import AlpcQuickMessageTransport, AlpcQuickTransport
 from .transports.base import Transport
 from .transports.grpc_impl import GrpcTransport
 from .transports.mpconn import ListenerTransport, PipeTransport
@@ -65,6 +65,8 @@ class Impl:
 IMPLEMENTATIONS: dict[str, Impl] = {impl.name: impl for impl in (
     Impl("alpc", "alpc", AlpcTransport, _ALL),
     Impl("alpc-quick", "alpc", AlpcQuickTransport, frozenset({"roundtrip", "connect", "scaling"}),
+         unavailable=qlpc.unavailable_reason),
+    Impl("alpc-quick-msg", "alpc", AlpcQuickMessageTransport, frozenset({"roundtrip"}),
          unavailable=qlpc.unavailable_reason),
     Impl("socketpair", "peer", SocketPairTransport, _MESSAGES | {"scaling"}),
     Impl("unix-socket", "peer", UnixSocketTransport, _CONNECTED),

@@ -1,6 +1,10 @@
-"""alpc's Quick-LPC fast path (``alpc.qlpc``): a port that offers the rings, a
-client calling ``CommunicationPort.call`` and a server answering with
-``serve_requests``, the lean calls that stay in C for the whole wait."""
+"""alpc's Quick-LPC fast path (``alpc.qlpc``): a port that offers the rings.
+
+``alpc-quick`` uses the lean calls that stay in C for the whole wait (the
+client's ``CommunicationPort.call``, the server's ``serve_requests``);
+``alpc-quick-msg`` the Message API over the same rings (``request``,
+``receive`` / ``reply``).
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from alpc import qlpc
 from .alpc_impl import AlpcClient, AlpcServer, AlpcTransport, _answer
 from .base import WAIT_TIMEOUT, Buffer, Handler, Server, ServerMode
 
-__all__ = ["AlpcQuickTransport"]
+__all__ = ["AlpcQuickMessageTransport", "AlpcQuickTransport"]
 
 
 class AlpcQuickClient(AlpcClient):
@@ -39,23 +43,43 @@ class AlpcQuickServer(AlpcServer):
                 return
 
 
-class AlpcQuickTransport(AlpcTransport):
-    """Quick-LPC: small requests and replies through shared-memory rings with futex wake-ups."""
+class _QuickPort(AlpcTransport):
+    """A port offering Quick-LPC rings, and clients that must take them."""
 
     def prepare(self, channels: int, max_message: int) -> None:
         super().prepare(channels, max_message)
-        limit = self.attributes.max_message_length
-        self.attributes = alpc.PortAttributes(max_message_length=limit, quick_lpc=True)
         reason = qlpc.unavailable_reason()
         if reason is not None:
             raise RuntimeError(f"Quick-LPC is unavailable here: {reason}")
+        self.attributes = alpc.PortAttributes(max_message_length=self.attributes.max_message_length,
+                                              quick_lpc=True)
 
-    def server(self, mode: ServerMode, handler: Handler) -> Server:
-        port = alpc.create_port(self.name, self.attributes, config=self.config, timeout=WAIT_TIMEOUT)
-        return AlpcQuickServer(port, mode, handler)
+    def _port(self) -> alpc.ConnectionPort:
+        return alpc.create_port(self.name, self.attributes, config=self.config, timeout=WAIT_TIMEOUT)
 
-    def client(self, index: int) -> AlpcQuickClient:
+    def _connect(self) -> alpc.CommunicationPort:
         comm = alpc.connect(self.name, config=self.config, timeout=WAIT_TIMEOUT)
         if not comm.quick:
+            comm.close()
             raise RuntimeError("the connection did not take up Quick-LPC")
-        return AlpcQuickClient(comm)
+        return comm
+
+
+class AlpcQuickTransport(_QuickPort):
+    """Quick-LPC through the lean calls: call() and serve_requests()."""
+
+    def server(self, mode: ServerMode, handler: Handler) -> Server:
+        return AlpcQuickServer(self._port(), mode, handler)
+
+    def client(self, index: int) -> AlpcQuickClient:
+        return AlpcQuickClient(self._connect())
+
+
+class AlpcQuickMessageTransport(_QuickPort):
+    """Quick-LPC through the Message API: request(), receive() and reply()."""
+
+    def server(self, mode: ServerMode, handler: Handler) -> Server:
+        return AlpcServer(self._port(), mode, handler)
+
+    def client(self, index: int) -> AlpcClient:
+        return AlpcClient(self._connect())
