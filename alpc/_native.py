@@ -56,6 +56,7 @@ __all__ = [
     "Q_E_RESERVED",
     "Q_E_SYSTEM",
     "Q_FULL",
+    "Q_INTR",
     "Q_ORDER",
     "Q_TIMEOUT",
     "Q_TOO_LARGE",
@@ -435,7 +436,7 @@ QUICK_UNAVAILABLE: str | None = (
 )
 # Geometry limits and statuses, mirrored from qlpc.h (tests check they agree).
 QUICK_DEFAULTS = {"region_header": 512, "entry_header": 32, "max_slots": 1024, "min_slot": 64, "max_slot": 65536}
-Q_TIMEOUT, Q_CHECK, Q_CLOSED, Q_FULL, Q_ORDER, Q_TOO_LARGE, Q_DOORBELL, Q_BUSY = range(-1, -9, -1)
+Q_TIMEOUT, Q_CHECK, Q_CLOSED, Q_FULL, Q_ORDER, Q_TOO_LARGE, Q_DOORBELL, Q_BUSY, Q_INTR = range(-1, -10, -1)
 Q_E_INDEX, Q_E_KIND, Q_E_LENGTH, Q_E_RESERVED, Q_E_LAYOUT, Q_E_ARGS, Q_E_SYSTEM = range(-20, -27, -1)
 QUICK_COUNTERS = ("messages_in", "bytes_in", "messages_out", "bytes_out", "spins_caught", "spins_missed",
                   "sleeps", "wakes")

@@ -51,6 +51,7 @@ from ._native import (
     Q_CLOSED,
     Q_DOORBELL,
     Q_FULL,
+    Q_INTR,
     Q_ORDER,
     Q_TIMEOUT,
     Q_TOO_LARGE,
@@ -252,8 +253,9 @@ class QuickLink:
                 elif status == Q_CLOSED:
                     port._raise_if_failed()
                     raise ConnectionClosed("the port is closed")
-                else:
+                elif status != Q_INTR:
                     self._raise_protocol_error(port, status)
+                # (Q_INTR: a signal handler ran on the way back here, and did not raise.)
                 status = ring.wait_reply(deadline_ns)
         except BaseException:
             self._abandon(port, request_id)
@@ -301,7 +303,7 @@ class QuickLink:
             return False
         if status == Q_CHECK:
             return None
-        if status not in (Q_CLOSED, Q_BUSY):
+        if status not in (Q_CLOSED, Q_BUSY, Q_INTR):
             self._protocol_error(port, status)
         return True
 
@@ -412,6 +414,8 @@ class QuickLink:
     def _slow_status(self, port: CommunicationPort, status: int, handler: Handler,
                      timeout: float | None) -> Message | None:
         """What the serving loop does about anything but a request from the ring."""
+        if status == Q_INTR:
+            return None  # a signal handler ran on the way back here, and did not raise
         if status == Q_DOORBELL:
             port._send(port._channel.doorbell, deadline_after(_DOORBELL_TIMEOUT))
         elif status == Q_CHECK:

@@ -139,10 +139,13 @@ static inline void cpu_relax(void)
 #endif
 }
 
-static void futex_wait(_Atomic uint32_t *word, uint32_t expected, int64_t ns, int private_)
+/* 1 if a signal interrupted the wait, else 0 (woken, timed out, or the word had changed). */
+static int futex_wait(_Atomic uint32_t *word, uint32_t expected, int64_t ns, int private_)
 {
     struct timespec ts = {.tv_sec = (time_t)(ns / 1000000000LL), .tv_nsec = (long)(ns % 1000000000LL)};
-    syscall(SYS_futex, (uint32_t *)word, private_ ? FUTEX_WAIT_PRIVATE : FUTEX_WAIT, expected, &ts, NULL, 0);
+    long rc = syscall(SYS_futex, (uint32_t *)word, private_ ? FUTEX_WAIT_PRIVATE : FUTEX_WAIT, expected, &ts,
+                      NULL, 0);
+    return rc != 0 && errno == EINTR;
 }
 
 static void futex_wake(_Atomic uint32_t *word, int private_)
@@ -853,6 +856,7 @@ static int wait_entry(qlpc_chan *ch, uint64_t deadline, uint64_t *since)
         uint32_t seen;
         uint64_t now;
         int64_t slice;
+        int interrupted;
 
         if (worth_spinning(ch, cpu, woke) && spin(ch, cpu, woke, deadline))
             return 1;
@@ -870,7 +874,7 @@ static int wait_entry(qlpc_chan *ch, uint64_t deadline, uint64_t *since)
         }
         slice = deadline - now > (uint64_t)SAFETY_SLICE_NS ? SAFETY_SLICE_NS : (int64_t)(deadline - now);
         count(ch, QLPC_SLEEPS);
-        futex_wait(&ch->peer->seq, seen, slice, 0);
+        interrupted = futex_wait(&ch->peer->seq, seen, slice, 0);
         atomic_store_explicit(&ch->me->state, ST_SPIN, memory_order_relaxed);
         if (slice == SAFETY_SLICE_NS && atomic_load(&ch->peer->seq) == seen)
             ch->force_poll = 1;
@@ -880,6 +884,9 @@ static int wait_entry(qlpc_chan *ch, uint64_t deadline, uint64_t *since)
         rc = ready(ch);
         if (rc != 0)
             return rc;
+        /* Back to Python, whose handler may raise (Ctrl-C); the caller waits on. */
+        if (interrupted)
+            return QLPC_INTR;
     }
 }
 

@@ -43,6 +43,7 @@ enum {
     QLPC_TOO_LARGE = -6,  /* the payload does not fit a slot: send over the socket */
     QLPC_DOORBELL = -7,   /* posted; the peer waits in poll(): ring its socket doorbell */
     QLPC_BUSY = -8,       /* another thread is posting: send over the socket */
+    QLPC_INTR = -9,       /* a signal arrived while blocked: run its handler, then wait on */
     /* The peer broke the ring protocol; the connection must be dropped. */
     QLPC_E_INDEX = -20,   /* an index claims more entries than the ring holds */
     QLPC_E_KIND = -21,    /* an entry of the wrong kind for this direction */

@@ -5,6 +5,7 @@ either side while the other waits on the rings."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -345,3 +346,70 @@ def test_both_sides_in_one_process_leave_nothing_behind(broker, config) -> None:
             serving.join(10)
             assert not serving.is_alive()
             server.close()
+
+
+@native
+def test_a_signal_handler_interrupts_a_blocked_call(broker, config, peer) -> None:  # type: ignore[no-untyped-def]
+    """A call blocked on the rings still lets Python run signal handlers (Ctrl-C, alarms)."""
+    class Alarm(Exception):
+        pass
+
+    def ring(*_: object) -> None:
+        raise Alarm
+
+    server = peer("server", "q.signal", "--mode", "receive")
+    previous = signal.signal(signal.SIGALRM, ring)
+    try:
+        with connect(config, "q.signal") as comm:
+            assert comm.call(b"warm") == b"WARM"
+            started = time.monotonic()
+            signal.setitimer(signal.ITIMER_REAL, 0.3)
+            with pytest.raises(Alarm):
+                comm.call(b"noreply", timeout=30)
+            assert time.monotonic() - started < 5
+            server.expect("NOREPLY")
+            # The abandoned request's reply would be dropped; the connection goes on.
+            assert comm.call(b"next") == b"NEXT"
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@native
+def test_a_forked_child_does_not_disturb_the_parent(broker, config, peer) -> None:  # type: ignore[no-untyped-def]
+    """The fork handlers leave the child a usable library and the parent its watcher."""
+    peer("server", "q.fork")
+    with connect(config, "q.fork") as comm:
+        assert comm.call(b"before") == b"BEFORE"
+        child = os.fork()
+        if child == 0:
+            os._exit(0)
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        for i in range(20):
+            assert comm.call(f"after{i}".encode()) == f"AFTER{i}".encode()
+
+
+@native
+def test_many_clients_of_one_multiplexing_server(broker, config, peer) -> None:  # type: ignore[no-untyped-def]
+    """ConnectionPort.wait() serves every client; ring requests reach it through doorbells."""
+    peer("server", "q.many", "--mode", "wait")
+    comms = [connect(config, "q.many") for _ in range(6)]
+    errors: list[str] = []
+    try:
+        def caller(n: int) -> None:
+            for i in range(100):
+                body = f"c{n}-{i}".encode()
+                if comms[n].call(body, timeout=10) != body.upper():
+                    errors.append(body.decode())
+
+        threads = [threading.Thread(target=caller, args=(n,)) for n in range(len(comms))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert not errors
+        assert all(comm.quick for comm in comms)
+    finally:
+        for comm in comms:
+            comm.close()
