@@ -1122,14 +1122,11 @@ def _offer_quick(attributes: PortAttributes, stream: Stream,
     if not attributes.quick_lpc or not qlpc.available():
         return None, []
     try:
-        quick, section = qlpc.offer(attributes.quick_slots, attributes.quick_slot_size, attributes.quick_spin_us,
-                                    stream.fileno(), pidfd)
+        quick, fd = qlpc.offer(attributes.quick_slots, attributes.quick_slot_size, attributes.quick_spin_us,
+                               stream.fileno(), pidfd)
     except (QuotaExceeded, OSError) as exc:
         log.warning("cannot offer Quick-LPC rings, the connection uses its socket: %s", exc)
         return None, []
-    # The fd is ours to close once sent; the section's own mapping goes with it.
-    fd = os.dup(section.fd)
-    section.close()
     return quick, [fd]
 
 

@@ -39,6 +39,7 @@ typed against it, so a change there shows up in mypy here.
 from __future__ import annotations
 
 import logging
+import os
 import time
 import weakref
 from collections.abc import Callable
@@ -108,20 +109,23 @@ def _timeout_ns(deadline: float | None) -> int:
     return int(left * 1e9) if left > 0 else 0
 
 
-def offer(slots: int, slot_size: int, spin_us: int, sock_fd: int, pidfd: int | None) -> tuple[QuickLink, Section]:
-    """Server: create the rings for a new connection; send ``section.fd`` with the reply, then close it."""
+def offer(slots: int, slot_size: int, spin_us: int, sock_fd: int, pidfd: int | None) -> tuple[QuickLink, int]:
+    """Server: set up the rings of a new connection. Returns them and an fd of
+    their memfd to pass with the connection reply; the caller closes that fd
+    once it is sent (the rings stay mapped)."""
     size = quick_region_size(slots, slot_size)
     if not size:
         raise ValueError(f"invalid Quick-LPC geometry: {slots} slots of {slot_size} bytes")
     # Both sides write it (each its own half), so no F_SEAL_FUTURE_WRITE.
-    section = Section.create(size, backend="memfd", shared_writable=True)
-    try:
+    with Section.create(size, backend="memfd", shared_writable=True) as section:
         ring = QuickRing(section.fd, size, slots, slot_size, server=True, sock_fd=sock_fd, pidfd=pidfd,
                          spin_ns=spin_us * 1000)
-    except BaseException:
-        section.close()
-        raise
-    return QuickLink(ring, server=True), section
+        try:
+            fd = os.dup(section.fd)
+        except BaseException:
+            ring.close()
+            raise
+    return QuickLink(ring, server=True), fd
 
 
 class QuickLink:

@@ -202,12 +202,12 @@ def server(args: argparse.Namespace) -> None:
                 threading.Thread(target=serve_client, args=(comm, args.mode), daemon=True).start()
 
 
-def keep_offer(grab: list[Region], original: Callable[..., tuple[qlpc.QuickLink, object]]
-               ) -> Callable[..., tuple[qlpc.QuickLink, object]]:
-    def offer(slots: int, slot_size: int, *rest: object) -> tuple[qlpc.QuickLink, object]:
-        link, section = original(slots, slot_size, *rest)
-        grab.append(Region(os.dup(section.fd), slots, slot_size))  # type: ignore[attr-defined]
-        return link, section
+def keep_offer(grab: list[Region], original: Callable[..., tuple[qlpc.QuickLink, int]]
+               ) -> Callable[..., tuple[qlpc.QuickLink, int]]:
+    def offer(slots: int, slot_size: int, *rest: object) -> tuple[qlpc.QuickLink, int]:
+        link, fd = original(slots, slot_size, *rest)
+        grab.append(Region(os.dup(fd), slots, slot_size))
+        return link, fd
     return offer
 
 
