@@ -64,7 +64,7 @@ class Impl:
 
 IMPLEMENTATIONS: dict[str, Impl] = {impl.name: impl for impl in (
     Impl("alpc", "alpc", AlpcTransport, _ALL),
-    Impl("alpc-quick", "alpc", AlpcQuickTransport, frozenset({"roundtrip", "connect", "scaling"}),
+    Impl("alpc-quick", "alpc", AlpcQuickTransport, frozenset({"roundtrip", "connect", "scaling", "memory"}),
          unavailable=qlpc.unavailable_reason),
     Impl("alpc-quick-msg", "alpc", AlpcQuickMessageTransport, frozenset({"roundtrip"}),
          unavailable=qlpc.unavailable_reason),

@@ -560,8 +560,10 @@ qlpc_chan *qlpc_open(int memfd, uint64_t size, uint32_t slots, uint32_t slot_siz
             *error = rc;
             goto fail;
         }
-        ch->tail = atomic_load(&ch->me->tail);
-        ch->head = atomic_load(&ch->me->head);
+        /* Our words are ours from now on, whatever the server left in them. */
+        atomic_store(&ch->me->tail, 0);
+        atomic_store(&ch->me->head, 0);
+        atomic_store(&ch->me->consumed, 0);
         atomic_store(&ch->me->state, ST_BUSY);
         atomic_store(&ch->me->cpu, this_cpu());
     }
