@@ -19,12 +19,23 @@ from typing import Literal
 
 from alpc import qlpc
 
-from . import bench_connect, bench_memory, bench_rate, bench_roundtrip, bench_scaling, bench_throughput
+from . import (
+    bench_connect,
+    bench_memory,
+    bench_oneway,
+    bench_rate,
+    bench_roundtrip,
+    bench_scaling,
+    bench_throughput,
+)
 from .core import Case
 from .transports.alpc_impl import AlpcTransport
 from .transports.alpc_quick import AlpcQuickMessageTransport, AlpcQuickTransport
+from .transports.alpc_rpc import AlpcRpcTransport
+from .transports.alpc_view import AlpcViewTransport
 from .transports.base import Transport
 from .transports.grpc_impl import GrpcTransport
+from .transports.managers import ManagersTransport
 from .transports.mpconn import ListenerTransport, PipeTransport
 from .transports.shm import MpSharedMemoryTransport, PosixIpcTransport
 from .transports.sockets import SocketPairTransport, UnixSocketTransport
@@ -37,6 +48,7 @@ Kind = Literal["alpc", "peer", "ceiling"]
 CASES: dict[str, Case] = {case.name: case for case in (
     bench_roundtrip.CASE,
     bench_throughput.CASE,
+    bench_oneway.CASE,
     bench_connect.CASE,
     bench_rate.CASE,
     bench_scaling.CASE,
@@ -45,7 +57,9 @@ CASES: dict[str, Case] = {case.name: case for case in (
 
 _MESSAGES = frozenset({"roundtrip", "throughput", "rate"})
 _CONNECTED = frozenset({"connect", "memory"})
-_ALL = frozenset(CASES)
+# Issue 4's one-way transfers: alpc's two paths beside the peers it names.
+_STREAM = frozenset({"oneway"})
+_ALL = frozenset(CASES) - _STREAM
 
 
 @dataclass(frozen=True)
@@ -63,24 +77,28 @@ class Impl:
 
 
 IMPLEMENTATIONS: dict[str, Impl] = {impl.name: impl for impl in (
-    Impl("alpc", "alpc", AlpcTransport, _ALL),
+    Impl("alpc", "alpc", AlpcTransport, _ALL | _STREAM),
     Impl("alpc-quick", "alpc", AlpcQuickTransport, frozenset({"roundtrip", "connect", "scaling", "memory"}),
          unavailable=qlpc.unavailable_reason),
     Impl("alpc-quick-msg", "alpc", AlpcQuickMessageTransport, frozenset({"roundtrip"}),
          unavailable=qlpc.unavailable_reason),
-    Impl("socketpair", "peer", SocketPairTransport, _MESSAGES | {"scaling"}),
+    Impl("alpc-view", "alpc", AlpcViewTransport, frozenset({"throughput"}) | _STREAM),
+    Impl("alpc-rpc", "alpc", AlpcRpcTransport, frozenset({"roundtrip", "rate", "scaling"})),
+    Impl("socketpair", "peer", SocketPairTransport, _MESSAGES | {"scaling"} | _STREAM),
     Impl("unix-socket", "peer", UnixSocketTransport, _CONNECTED),
-    Impl("mp.Pipe", "peer", PipeTransport, _MESSAGES | {"scaling"}),
+    Impl("mp.Pipe", "peer", PipeTransport, _MESSAGES | {"scaling"} | _STREAM),
     Impl("mp.connection", "peer", ListenerTransport, _ALL),
-    Impl("mp.shared_memory", "peer", MpSharedMemoryTransport, _MESSAGES),
+    Impl("mp.shared_memory", "peer", MpSharedMemoryTransport, _MESSAGES | _STREAM),
+    Impl("mp.managers", "peer", ManagersTransport, frozenset({"roundtrip", "scaling"})),
     Impl("posix_ipc", "peer", PosixIpcTransport, _MESSAGES, requires=("posix_ipc",)),
     Impl("zmq", "peer", ZmqTransport, _ALL, requires=("zmq",),
          install_hint="pip install -e '.[bench]' (pyzmq)"),
     Impl("grpc", "peer", GrpcTransport, _ALL, requires=("grpc",),
          install_hint="pip install -e '.[bench]' (grpcio)"),
     Impl("c-uds", "ceiling", None, frozenset({"roundtrip", "throughput", "rate", "connect"}), native="uds"),
-    Impl("c-futex", "ceiling", None, frozenset({"roundtrip", "throughput"}), native="futex"),
-    Impl("c-memcpy", "ceiling", None, frozenset({"throughput"}), native="memcpy"),
+    Impl("c-futex", "ceiling", None, frozenset({"roundtrip", "throughput"}) | _STREAM, native="futex"),
+    Impl("c-inplace", "ceiling", None, frozenset({"throughput"}) | _STREAM, native="inplace"),
+    Impl("c-memcpy", "ceiling", None, frozenset({"throughput"}) | _STREAM, native="memcpy"),
 )}
 
 
