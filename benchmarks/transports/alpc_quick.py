@@ -14,7 +14,7 @@ from typing import cast
 import alpc
 from alpc import qlpc
 
-from .alpc_impl import AlpcClient, AlpcServer, AlpcTransport, _answer
+from .alpc_impl import AlpcClient, AlpcServer, AlpcTransport, answer, as_bytes
 from .base import WAIT_TIMEOUT, Buffer, Handler, Server, ServerMode
 
 __all__ = ["AlpcQuickMessageTransport", "AlpcQuickTransport"]
@@ -22,7 +22,7 @@ __all__ = ["AlpcQuickMessageTransport", "AlpcQuickTransport"]
 
 class AlpcQuickClient(AlpcClient):
     def request(self, data: Buffer) -> Buffer:
-        return self._comm.call(data if isinstance(data, bytes) else bytes(data), timeout=WAIT_TIMEOUT)
+        return self._comm.call(as_bytes(data), timeout=WAIT_TIMEOUT)
 
 
 class AlpcQuickServer(AlpcServer):
@@ -39,7 +39,7 @@ class AlpcQuickServer(AlpcServer):
         comm = self._port.listen(timeout=WAIT_TIMEOUT).accept()
         while True:
             other = comm.serve_requests(replies, timeout=WAIT_TIMEOUT)
-            if not _answer(other, handler):
+            if not answer(other, handler):
                 return
 
 
