@@ -20,8 +20,11 @@ The rules that keep the two paths one ordered connection:
   messages.
 - A client keeps one ring request in flight (concurrent requests from other
   threads take the socket), and a reply takes the ring only when its request
-  did. Ids and owed replies live in ``protocol.Channel`` as for the socket,
-  so a reply may take either path.
+  did. Ring request ids are chosen in C with ``protocol.QUICK_ID_BIT`` set,
+  which socket ids never have; a reply may still take the socket (too large,
+  ring full), and the client's channel then claims it through
+  ``quick_claims``. A server owes replies to the ring requests it hands out as
+  Messages in its channel, exactly as to socket ones.
 - A server waiting in poll() (``ConnectionPort.wait``) arms a doorbell: the
   first client post after that sends a QUICK_DOORBELL frame over the socket.
 
