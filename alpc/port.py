@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
-from . import _native, control
+from . import _native, control, qlpc
 from .config import Config, PortAttributes
 from .control import validate_port_name
 from .errors import (
@@ -24,6 +24,7 @@ from .errors import (
     PeerGone,
     PortNotFound,
     ProtocolError,
+    QuotaExceeded,
     SectionError,
     Timeout,
 )
@@ -109,8 +110,15 @@ class CommunicationPort:
         is_server: bool,
         accept_data: bytes = b"",
         on_gone: Callable[[CommunicationPort], None] | None = None,
+        quick: qlpc.QuickLink | None = None,
     ) -> None:
         self._stream = stream
+        # Quick-LPC rings beside the socket (alpc.qlpc), when negotiated.
+        self._quick = quick
+        if quick is not None and not is_server:
+            channel.quick_claims = quick.claims
+            # The lean call is one Python frame around the C call on this connection.
+            self.call = quick.bind_call(self)  # type: ignore[method-assign]
         self._channel = channel
         self._pidfd = peer_pidfd
         self._is_server = is_server
@@ -159,6 +167,11 @@ class CommunicationPort:
     def closed(self) -> bool:
         return self._failure is not None
 
+    @property
+    def quick(self) -> bool:
+        """Whether small requests and their replies go through Quick-LPC rings (alpc.qlpc)."""
+        return self._quick is not None and self._failure is None and self._quick.active
+
     def fileno(self) -> int:
         return self._stream.fileno()
 
@@ -201,10 +214,46 @@ class CommunicationPort:
         deadline = deadline_after(timeout)
         size = _size(data)
         self.stats.sent(size)
+        quick = self._quick
+        if (quick is not None and size <= quick.payload_max and isinstance(data, (bytes, bytearray, memoryview))
+                and grant is None and on_message is None and not secure):
+            # Quick-LPC: the ring, unless it cannot take this one now.
+            reply = quick.request(self, data if type(data) is bytes else bytes(data), deadline)
+            if reply is not None:
+                return reply
         if grant is not None or isinstance(data, SectionView) or size > self._inline_threshold:
             return self._request_large(data, deadline, secure, grant, on_message)
         message_id = self._send_new(lambda: self._channel.request(_owned(data)), deadline)
         return self._await_reply(message_id, deadline, on_message)
+
+    def call(self, data: bytes, timeout: float | None = None) -> bytes:
+        """``request(data, timeout).data``, without a Message: Quick-LPC's lean call.
+
+        Over Quick-LPC rings this is one C call with the GIL released (the
+        instance then carries ``qlpc.QuickLink.bind_call``'s version); on any
+        other connection it is ``request``.
+        """
+        return self.request(data, timeout).data
+
+    def serve_requests(self, handler: Callable[[bytes], Buffer], timeout: float | None = None) -> Message:
+        """Answer each REQUEST with ``handler(body)`` until another message arrives, and return it.
+
+        The other message is a datagram or a notice (PORT_CLOSED, CLIENT_DIED);
+        ``timeout`` bounds each wait for the next message (Timeout). Over
+        Quick-LPC rings each reply and the wait for the next request are one C
+        call (ALPC's reply-and-receive); otherwise it is receive() and reply().
+        """
+        quick = self._quick
+        while True:
+            if quick is not None and quick.server and quick.active:
+                other = quick.serve(self, handler, timeout)
+                if other is not None:
+                    return other
+            # The slow way, one message at a time (the rings may be taken up meanwhile).
+            message = self.receive(timeout)
+            if message.type is not MessageType.REQUEST:
+                return message
+            self.reply(message, handler(message.data), timeout)
 
     def ping(self, timeout: float | None = None) -> None:
         """Round-trip a PING that the peer's runtime answers without its application."""
@@ -229,6 +278,12 @@ class CommunicationPort:
             raise ValueError(f"only a REQUEST can be replied to, not {message.type.name}")
         deadline = deadline_after(timeout)
         size = _size(data)
+        quick = self._quick
+        if (quick is not None and quick.ring_requests and size <= quick.payload_max and not secure
+                and isinstance(data, (bytes, bytearray)) and quick.reply(self, message.id, bytes(data))):
+            # Quick-LPC: a request that came through the ring, answered the same way.
+            self.stats.replied(message.id, size)
+            return
         if isinstance(data, SectionView) or size > self._inline_threshold:
             self._send_section(MessageType.REPLY, data, deadline, secure, callback_id=message.id)
         else:
@@ -424,6 +479,9 @@ class CommunicationPort:
     def _write(self, frames: Frames, deadline: float | None, fds: list[int] | None = None) -> None:
         try:
             self._stream.send(frames, fds or (), deadline=deadline)
+            if self._quick is not None:
+                # Quick-LPC: ring posts wait until the peer read these bytes.
+                self._quick.sent(frames)
         except Timeout:
             if self._stream.broken:
                 self.stats.errors += 1
@@ -665,6 +723,12 @@ class CommunicationPort:
 
     def _read(self, deadline: float | None, block: bool = True) -> bool:
         """Read once and dispatch; False if nothing arrived before the deadline."""
+        quick = self._quick
+        if quick is not None:
+            # Quick-LPC: wait on the ring and the socket together; None means read the socket.
+            done = quick.before_read(self, deadline, block)
+            if done is not None:
+                return done
         if block and not wait_readable(self.wait_fds(), deadline):
             return False
         got = self._stream.recv_fds(_MAX_FDS_PER_READ)
@@ -697,7 +761,12 @@ class CommunicationPort:
             self._send(lambda: automatic, deadline_after(1.0))
         if self._peer_sections is not None and (copies or self._peer_sections.pending or self._channel.unsent_releases):
             self._releases_due(urgent)
+        if quick is not None:
+            # Quick-LPC: what waits in the ring was sent before these bytes.
+            messages = quick.drain(self) + messages
         self._dispatch(messages)
+        if quick is not None:
+            quick.consumed(len(data))
         return True
 
     def _dispatch(self, messages: list[Message]) -> None:
@@ -766,6 +835,9 @@ class CommunicationPort:
             self._inbox.clear()
             self._release_wanted = True
             self._cv.notify_all()
+        if self._quick is not None:
+            # Quick-LPC: wake a thread waiting on the rings.
+            self._quick.close()
         # Wake a reader blocked in poll or a writer waiting for buffer space.
         self._stream.shutdown()
         self._maybe_finalize()
@@ -782,6 +854,8 @@ class CommunicationPort:
             self._released = True
             self._reading = True  # nobody reads a released stream again
         self._stream.shutdown()
+        if self._quick is not None:
+            self._quick.close()
         with self._send_lock:
             self._stream.close()
         with self._state:
@@ -825,6 +899,8 @@ def _owned(data: Buffer | Sequence[Buffer]) -> WirePayload:
 _HANDSHAKE_LIMITS = FrameLimits(
     allowed_types=frozenset({MessageType.CONNECTION_REPLY, MessageType.ERROR, MessageType.SHUTDOWN}),
     max_data=control.MAX_CONTROL_BODY,
+    # A reply offering Quick-LPC rings carries their memfd.
+    max_fds=1,
 )
 
 
@@ -877,12 +953,19 @@ def _connect_once(
             stream.send(control_frame(request), deadline=deadline)
         except ConnectionClosed:
             raise BrokerUnavailable("the broker went away during the connect") from None
-        reply, server = _await_connection_reply(stream, name, deadline)
+        reply, server, quick_fd = _await_connection_reply(stream, name, deadline)
         if not reply.accepted:
             raise ConnectionRejected(reply.reason)
         stream.set_passcred(False)
     except BaseException:
         stream.close()
+        raise
+    pidfd = pidfd_open(server.pid)
+    try:
+        quick = _accept_quick(reply, quick_fd, config, stream, pidfd)
+    except BaseException:
+        stream.close()
+        close_fds([pidfd] if pidfd is not None else [])
         raise
     sections = ConnectionSections.build(
         inline_threshold=reply.inline_threshold,
@@ -893,16 +976,43 @@ def _connect_once(
     )
     channel = Channel(server, send_limit=reply.max_message_length,
                       recv_limit=config.max_message_length, local_pid=os.getpid(), sections=sections)
-    return CommunicationPort(stream, channel, peer_pidfd=pidfd_open(server.pid), is_server=False,
-                             accept_data=reply.data)
+    return CommunicationPort(stream, channel, peer_pidfd=pidfd, is_server=False, accept_data=reply.data,
+                             quick=quick)
+
+
+def _accept_quick(reply: control.ConnectionReply, fd: int | None, config: Config, stream: Stream,
+                  pidfd: int | None) -> qlpc.QuickLink | None:
+    """Quick-LPC: map the rings the server offered, or decline them (the connection stays on the socket)."""
+    if (fd is None) != (reply.quick_slots == 0):
+        close_fds([fd] if fd is not None else [])
+        raise ProtocolError("the connection reply's Quick-LPC offer and its fd do not match")
+    if fd is None:
+        return None
+    if not config.quick_lpc or not qlpc.available():
+        close_fds([fd])
+        return None
+    return qlpc.QuickLink.accept(fd, reply.quick_slots, reply.quick_slot_size, config.quick_spin_us,
+                                 stream.fileno(), pidfd)
 
 
 def _await_connection_reply(
     stream: Stream, name: str, deadline: float | None
-) -> tuple[control.ConnectionReply, PeerCred]:
-    frame, cred = read_frame(stream, FrameDecoder(_HANDSHAKE_LIMITS), deadline, f"port {name!r} to answer")
+) -> tuple[control.ConnectionReply, PeerCred, int | None]:
+    frame, cred = read_frame(stream, FrameDecoder(_HANDSHAKE_LIMITS), deadline, f"port {name!r} to answer",
+                             max_fds=1)
     if frame is None:
         raise PeerGone(f"the server of {name!r} went away before answering the connect")
+    try:
+        reply, server = _connection_reply(frame, cred)
+    except BaseException:
+        close_fds(frame.fds)
+        raise
+    return reply, server, frame.fds[0] if frame.fds else None
+
+
+def _connection_reply(frame: Frame, cred: PeerCred | None) -> tuple[control.ConnectionReply, PeerCred]:
+    if frame.type is not MessageType.CONNECTION_REPLY and frame.fds:
+        raise ProtocolError(f"a {frame.type.name} frame carried an fd")
     if frame.type is MessageType.ERROR:
         raise control.decode_body(frame.type, frame.data, control.ErrorReply).exception()
     if frame.type is MessageType.SHUTDOWN:
@@ -912,6 +1022,8 @@ def _await_connection_reply(
     reply = control.decode_body(frame.type, frame.data, control.ConnectionReply)
     if reply.accepted and (reply.inline_threshold < 0 or reply.max_section_bytes < 0 or reply.max_message_length < 0):
         raise ProtocolError("the connection reply announced negative limits")
+    if not reply.accepted and frame.fds:
+        raise ProtocolError("a rejection carried an fd")
     return reply, cred
 
 
@@ -949,17 +1061,25 @@ class ConnectionRequest:
         stream = self._take_stream()
         pidfd, self._pidfd = self._pidfd, None
         attributes = self._port.attributes
+        quick, ring_fds = _offer_quick(attributes, stream, pidfd)
         reply = control.ConnectionReply(accepted=True, data=data, reason="",
                                         max_message_length=attributes.max_message_length,
                                         inline_threshold=attributes.inline_threshold,
                                         max_section_bytes=attributes.max_section_bytes,
-                                        secure_views=attributes.secure_views)
+                                        secure_views=attributes.secure_views,
+                                        quick_slots=attributes.quick_slots if quick else 0,
+                                        quick_slot_size=attributes.quick_slot_size if quick else 0)
         try:
-            stream.send(control_frame(reply), deadline=deadline_after(timeout))
+            stream.send(control_frame(reply, n_fds=len(ring_fds)), ring_fds, deadline=deadline_after(timeout))
         except (ConnectionClosed, Timeout):
+            if quick is not None:
+                quick.close()
             stream.close()
             close_fds([pidfd] if pidfd is not None else [])
             raise PeerGone(f"client pid {self.client.pid} went away before the accept") from None
+        finally:
+            # The client holds its own copy now (the rings stay mapped on our side).
+            close_fds(ring_fds)
         sections = ConnectionSections.build(
             inline_threshold=attributes.inline_threshold,
             send_quota=min(attributes.max_section_bytes, max(self._client_max_sections, 0)),
@@ -970,7 +1090,7 @@ class ConnectionRequest:
         )
         channel = Channel(self.client, send_limit=self._client_max_message,
                           recv_limit=attributes.max_message_length, local_pid=os.getpid(), sections=sections)
-        return self._port._adopt(stream, channel, pidfd)
+        return self._port._adopt(stream, channel, pidfd, quick)
 
     def reject(self, reason: str = "rejected") -> None:
         """Refuse: the client's connect() raises ConnectionRejected carrying ``reason``."""
@@ -994,6 +1114,20 @@ class ConnectionRequest:
         """Drop an unanswered request (the client sees the server go away)."""
         if self._stream is not None:
             self.reject("the server closed the port")
+
+
+def _offer_quick(attributes: PortAttributes, stream: Stream,
+                 pidfd: int | None) -> tuple[qlpc.QuickLink | None, list[int]]:
+    """Quick-LPC: the rings to offer with an accept (and the fd to pass), if the port offers them."""
+    if not attributes.quick_lpc or not qlpc.available():
+        return None, []
+    try:
+        quick, fd = qlpc.offer(attributes.quick_slots, attributes.quick_slot_size, attributes.quick_spin_us,
+                               stream.fileno(), pidfd)
+    except (QuotaExceeded, OSError) as exc:
+        log.warning("cannot offer Quick-LPC rings, the connection uses its socket: %s", exc)
+        return None, []
+    return quick, [fd]
 
 
 def create_port(
@@ -1054,6 +1188,8 @@ class ConnectionPort:
         self._closed = False
         self._turn = 0
         self._section_budget = Budget(attributes.max_port_section_bytes)
+        # Quick-LPC: the watcher thread lives as long as a port offering the rings.
+        self._quick_held = attributes.quick_lpc and qlpc.hold_watcher()
 
     def __repr__(self) -> str:
         return f"<ConnectionPort {self.name!r} with {len(self._connections)} clients>"
@@ -1136,8 +1272,10 @@ class ConnectionPort:
 
     # -- communication ports ----------------------------------------------------
 
-    def _adopt(self, stream: Stream, channel: Channel, pidfd: int | None) -> CommunicationPort:
-        comm = CommunicationPort(stream, channel, peer_pidfd=pidfd, is_server=True, on_gone=self._forget)
+    def _adopt(self, stream: Stream, channel: Channel, pidfd: int | None,
+               quick: qlpc.QuickLink | None = None) -> CommunicationPort:
+        comm = CommunicationPort(stream, channel, peer_pidfd=pidfd, is_server=True, on_gone=self._forget,
+                                 quick=quick)
         with self._lock:
             self._connections.append(comm)
             self._stats.connects_accepted += 1
@@ -1168,13 +1306,16 @@ class ConnectionPort:
             with self._lock:
                 ready = self._next_event()
                 owners = self._wait_owners() if ready is None else {}
+                hot = self._quick_armed() if ready is None else []
             if isinstance(ready, Message):
                 ready.port._maybe_finalize()
             if ready is not None:
                 return ready
-            fired = wait_readable(list(owners), deadline)
-            if not fired:
+            fired = wait_readable(list(owners), 0.0 if hot else deadline)
+            if not fired and not hot:
                 raise Timeout("nothing arrived on the port in time")
+            for comm in hot:
+                comm.pump()
             for fd in fired:
                 owner = owners[fd]
                 if isinstance(owner, CommunicationPort):
@@ -1189,6 +1330,10 @@ class ConnectionPort:
             for fd in comm.wait_fds():
                 owners[fd] = comm
         return owners
+
+    def _quick_armed(self) -> list[CommunicationPort]:
+        """Quick-LPC: ring each client's doorbell from now on; those whose ring already holds requests."""
+        return [comm for comm in self._connections if comm._quick is not None and comm._quick.arm()]
 
     def _next_event(self) -> ConnectionRequest | Message | None:
         self._check_open()
@@ -1224,6 +1369,9 @@ class ConnectionPort:
             request.close()
         for comm in connections:
             comm.close()
+        if self._quick_held:
+            self._quick_held = False
+            qlpc.release_watcher()
 
     def __enter__(self) -> ConnectionPort:
         return self
