@@ -625,8 +625,9 @@ async def connect(name: str, data: bytes = b"", *, timeout: float | None = None,
                   config: Config | None = None) -> AsyncCommunicationPort:
     """Connect to the named port (the handshake runs in the default executor)."""
     loop = asyncio.get_running_loop()
-    stream, channel, pidfd, accept_data = await loop.run_in_executor(
-        None, lambda: port.open_channel(name, data, timeout=timeout, config=config))
+    # The asyncio driver does not drive Quick-LPC rings: it declines them.
+    stream, channel, pidfd, accept_data, _ = await loop.run_in_executor(
+        None, lambda: port.open_channel(name, data, timeout=timeout, config=config, quick_ok=False))
     return AsyncCommunicationPort(stream, channel, peer_pidfd=pidfd, is_server=False, accept_data=accept_data)
 
 
@@ -642,7 +643,7 @@ class AsyncConnectionRequest:
         self.data = request.data
 
     async def accept(self, data: bytes = b"", timeout: float | None = 5.0) -> AsyncCommunicationPort:
-        stream, channel, pidfd = self._request.accept_channel(data, timeout)
+        stream, channel, pidfd, _ = self._request.accept_channel(data, timeout, quick_ok=False)
         return AsyncCommunicationPort(stream, channel, peer_pidfd=pidfd, is_server=True)
 
     def reject(self, reason: str = "rejected") -> None:

@@ -214,6 +214,10 @@ class ConnectionReply(Body):
     inline_threshold: int = 0
     max_section_bytes: int = 0
     secure_views: bool = False
+    # Quick-LPC rings offered (alpc.qlpc): their geometry, 0 when none; the
+    # region's memfd rides with this frame.
+    quick_slots: int = 0
+    quick_slot_size: int = 0
 
 
 @dataclass(frozen=True)

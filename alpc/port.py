@@ -16,12 +16,13 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TypeVar
 
-from . import _native, control
+from . import _native, control, qlpc
 from .config import Config
-from .connection import FILED_ERROR, FILED_INBOX, NOTICES, Connection
+from .connection import FILED_ERROR, FILED_INBOX, NOTICES, Batch, Connection
 from .control import validate_port_name
 from .errors import (
     BrokerUnavailable,
@@ -44,7 +45,7 @@ from .retry import retry_until
 from .section import ConnectionSections, SectionView, sweep_stale_names
 from .security import PeerCred
 from .transport import Buffer, Stream, close_fds, deadline_after, pidfd_open, remaining, wait_readable
-from .wire import FrameDecoder, FrameLimits, MessageType, Range, Release
+from .wire import Frame, FrameDecoder, FrameLimits, MessageType, Range, Release
 
 __all__ = [
     "RETRYABLE_CONNECT_ERRORS",
@@ -127,8 +128,15 @@ class CommunicationPort:
         is_server: bool,
         accept_data: bytes = b"",
         on_gone: Callable[[CommunicationPort], None] | None = None,
+        quick: qlpc.QuickLink | None = None,
     ) -> None:
         self._stream = stream
+        # Quick-LPC rings beside the socket (alpc.qlpc), when negotiated.
+        self._quick = quick
+        if quick is not None and not is_server:
+            channel.quick_claims = quick.claims
+            # The lean call is one Python frame around the C call on this connection.
+            self.call = quick.bind_call(self)  # type: ignore[method-assign]
         self._channel = channel
         self._core = core = Connection(channel, is_server=is_server)
         core.owner = self
@@ -169,6 +177,35 @@ class CommunicationPort:
     @property
     def client(self) -> PeerCred:
         return self._channel.peer
+
+    @property
+    def quick(self) -> bool:
+        """Whether small requests and their replies go through Quick-LPC rings (alpc.qlpc)."""
+        return self._quick is not None and self._core.failure is None and self._quick.active
+
+    # What qlpc (which drives the rings for this driver) reads of its state.
+    @property
+    def _replies(self) -> dict[int, Message]:
+        return self._core.replies
+
+    @property
+    def _inbox(self) -> deque[Message]:
+        return self._core.inbox
+
+    @property
+    def _failure(self) -> ConnectionClosed | None:
+        return self._core.failure
+
+    def _pop_inbox(self) -> Message | None:
+        with self._state:
+            return self._core.take_message()
+
+    def _dispatch(self, messages: list[Message]) -> None:
+        """File messages that came through the rings, as if read from the socket."""
+        with self._state:
+            wake = self._core.route(Batch(messages, False, False, None))
+        if wake.inbox and self._on_ready is not None:
+            self._on_ready(self)
 
     @property
     def closed(self) -> bool:
@@ -219,6 +256,16 @@ class CommunicationPort:
                                       timeout=timeout).result(timeout)
         deadline = deadline_after(timeout)
         size = len(data) if type(data) is bytes else _size(data)
+        quick = self._quick
+        if (quick is not None and size <= quick.payload_max and isinstance(data, (bytes, bytearray, memoryview))
+                and grant is None and not secure):
+            # Quick-LPC: the ring, unless it cannot take this one now.
+            self.stats.sent(size)
+            reply = quick.request(self, data if type(data) is bytes else bytes(data), deadline)
+            if reply is not None:
+                return reply
+            self.stats.messages_out -= 1
+            self.stats.bytes_out -= size
         if grant is not None or isinstance(data, SectionView) or size > self._core.inline_threshold:
             self.stats.sent(size)
             return self._request_large(data, deadline, secure, grant)
@@ -233,6 +280,35 @@ class CommunicationPort:
                 raise
         self.stats.sent(size)
         return self._await_reply(message_id, deadline)
+
+    def call(self, data: bytes, timeout: float | None = None) -> bytes:
+        """``request(data, timeout).data``, without a Message: Quick-LPC's lean call.
+
+        Over Quick-LPC rings this is one C call with the GIL released (the
+        instance then carries ``qlpc.QuickLink.bind_call``'s version); on any
+        other connection it is ``request``.
+        """
+        return self.request(data, timeout).data
+
+    def serve_requests(self, handler: Callable[[bytes], Buffer], timeout: float | None = None) -> Message:
+        """Answer each REQUEST with ``handler(body)`` until another message arrives, and return it.
+
+        The other message is a datagram or a notice (PORT_CLOSED, CLIENT_DIED);
+        ``timeout`` bounds each wait for the next message (Timeout). Over
+        Quick-LPC rings each reply and the wait for the next request are one C
+        call (ALPC's reply-and-receive); otherwise it is receive() and reply().
+        """
+        quick = self._quick
+        while True:
+            if quick is not None and quick.server and quick.active:
+                other = quick.serve(self, handler, timeout)
+                if other is not None:
+                    return other
+            # The slow way, one message at a time (the rings may be taken up meanwhile).
+            message = self.receive(timeout)
+            if message.type is not MessageType.REQUEST:
+                return message
+            self.reply(message, handler(message.data), timeout)
 
     def _request_serving(self, data: Payload, timeout: float | None, secure: bool,
                          on_message: Callable[[Message], None]) -> Message:
@@ -384,6 +460,12 @@ class CommunicationPort:
         if not core.wants_reply(message):
             if isinstance(data, SectionView):
                 data.release()
+            return
+        quick = self._quick
+        if (quick is not None and quick.ring_requests and size <= quick.payload_max and not secure
+                and isinstance(data, (bytes, bytearray)) and quick.reply(self, message.id, bytes(data))):
+            # Quick-LPC: a request that came through the ring, answered the same way.
+            self.stats.replied(message.id, size)
             return
         if isinstance(data, SectionView) or size > core.inline_threshold:
             self._send_section(MessageType.REPLY, data, deadline, secure, callback_id=message.id)
@@ -554,6 +636,9 @@ class CommunicationPort:
             frames = owed + frames
         try:
             self._stream.send(frames, fds or (), deadline=deadline)
+            if self._quick is not None:
+                # Quick-LPC: ring posts wait until the peer read these bytes.
+                self._quick.sent(frames)
         except Timeout:
             if self._stream.broken:
                 self.stats.errors += 1
@@ -854,6 +939,12 @@ class CommunicationPort:
 
     def _read(self, deadline: float | None, block: bool = True) -> bool:
         """Read once and dispatch; False if nothing arrived before the deadline."""
+        quick = self._quick
+        if quick is not None:
+            # Quick-LPC: wait on the ring and the socket together; None means read the socket.
+            done = quick.before_read(self, deadline, block)
+            if done is not None:
+                return done
         got = self._stream.read(deadline if block else 0.0, _MAX_FDS_PER_READ)
         if got is False and block:
             return False
@@ -873,7 +964,8 @@ class CommunicationPort:
     def _deliver(self, data: bytes, fds: list[int]) -> None:
         """Hand one read to the core, send what it owes the peer, wake whoever waits."""
         core = self._core
-        if not fds:
+        quick = self._quick
+        if not fds and quick is None:
             with self._state:
                 filed = core.receive_one(data)
             if filed:
@@ -892,8 +984,13 @@ class CommunicationPort:
             frames, entries = core.outgoing(batch)
         if frames:
             self._write_runtime(frames, entries)
+        if quick is not None:
+            # Quick-LPC: what waits in the ring was sent before these bytes.
+            batch = batch._replace(messages=quick.drain(self) + batch.messages)
         with self._state:
             wake = core.route(batch)
+        if quick is not None:
+            quick.consumed(len(data))
         # Waiters wake in _end_read, which every read goes through.
         if wake.cancelled:
             with self._state:
@@ -943,6 +1040,9 @@ class CommunicationPort:
                 self._send_lock.release()
         with self._cv_lock:
             self._cv.notify_all()
+        if self._quick is not None:
+            # Quick-LPC: wake a thread waiting on the rings.
+            self._quick.close()
         # Wake a reader blocked in poll or a writer waiting for buffer space.
         self._stream.shutdown()
         self._maybe_finalize()
@@ -959,6 +1059,8 @@ class CommunicationPort:
             self._released = True
             self._reading = True  # nobody reads a released stream again
         self._stream.shutdown()
+        if self._quick is not None:
+            self._quick.close()
         # Before the fds close: a multiplexer must let go of their numbers first.
         if self._on_gone is not None:
             self._on_gone(self)
@@ -986,6 +1088,8 @@ class CommunicationPort:
 _HANDSHAKE_LIMITS = FrameLimits(
     allowed_types=frozenset({MessageType.CONNECTION_REPLY, MessageType.ERROR, MessageType.SHUTDOWN}),
     max_data=control.MAX_CONTROL_BODY,
+    # A reply offering Quick-LPC rings carries their memfd.
+    max_fds=1,
 )
 
 
@@ -1022,15 +1126,17 @@ def _connect_once(
     timeout: float | None = None,
     config: Config | None = None,
 ) -> CommunicationPort:
-    stream, channel, pidfd, accept_data = open_channel(name, data, timeout=timeout, config=config)
-    return CommunicationPort(stream, channel, peer_pidfd=pidfd, is_server=False, accept_data=accept_data)
+    stream, channel, pidfd, accept_data, quick = open_channel(name, data, timeout=timeout, config=config)
+    return CommunicationPort(stream, channel, peer_pidfd=pidfd, is_server=False, accept_data=accept_data,
+                             quick=quick)
 
 
-def open_channel(name: str, data: bytes = b"", *, timeout: float | None = None,
-                 config: Config | None = None) -> tuple[Stream, Channel, int | None, bytes]:
-    """The connect handshake: the established stream, its channel, the server's pidfd and accept data.
+def open_channel(name: str, data: bytes = b"", *, timeout: float | None = None, config: Config | None = None,
+                 quick_ok: bool = True) -> tuple[Stream, Channel, int | None, bytes, qlpc.QuickLink | None]:
+    """The connect handshake: the established stream, its channel, the server's pidfd, accept
+    data, and the Quick-LPC rings if the server offered them and ``quick_ok`` takes them.
 
-    Blocking; a driver (this module, or ``aio``) wraps the result in its port.
+    Blocking; a driver (this module, or ``aio``, which declines the rings) wraps the result.
     """
     config = config or Config.from_env()
     validate_port_name(name)
@@ -1048,12 +1154,19 @@ def open_channel(name: str, data: bytes = b"", *, timeout: float | None = None,
             stream.send(control_frame(request), deadline=deadline)
         except ConnectionClosed:
             raise BrokerUnavailable("the broker went away during the connect") from None
-        reply, server = _await_connection_reply(stream, name, deadline)
+        reply, server, quick_fd = _await_connection_reply(stream, name, deadline)
         if not reply.accepted:
             raise ConnectionRejected(reply.reason)
         stream.set_passcred(False)
     except BaseException:
         stream.close()
+        raise
+    pidfd = pidfd_open(server.pid)
+    try:
+        quick = _accept_quick(reply, quick_fd, config if quick_ok else None, stream, pidfd)
+    except BaseException:
+        stream.close()
+        close_fds([pidfd] if pidfd is not None else [])
         raise
     sections = ConnectionSections.build(
         inline_threshold=reply.inline_threshold,
@@ -1064,15 +1177,42 @@ def open_channel(name: str, data: bytes = b"", *, timeout: float | None = None,
     )
     channel = Channel(server, send_limit=reply.max_message_length,
                       recv_limit=config.max_message_length, local_pid=os.getpid(), sections=sections)
-    return stream, channel, pidfd_open(server.pid), reply.data
+    return stream, channel, pidfd, reply.data, quick
+
+
+def _accept_quick(reply: control.ConnectionReply, fd: int | None, config: Config | None, stream: Stream,
+                  pidfd: int | None) -> qlpc.QuickLink | None:
+    """Quick-LPC: map the rings the server offered, or decline them (the connection stays on the socket)."""
+    if (fd is None) != (reply.quick_slots == 0):
+        close_fds([fd] if fd is not None else [])
+        raise ProtocolError("the connection reply's Quick-LPC offer and its fd do not match")
+    if fd is None:
+        return None
+    if config is None or not config.quick_lpc or not qlpc.available():
+        close_fds([fd])
+        return None
+    return qlpc.QuickLink.accept(fd, reply.quick_slots, reply.quick_slot_size, config.quick_spin_us,
+                                 stream.fileno(), pidfd)
 
 
 def _await_connection_reply(
     stream: Stream, name: str, deadline: float | None
-) -> tuple[control.ConnectionReply, PeerCred]:
-    frame, cred = read_frame(stream, FrameDecoder(_HANDSHAKE_LIMITS), deadline, f"port {name!r} to answer")
+) -> tuple[control.ConnectionReply, PeerCred, int | None]:
+    frame, cred = read_frame(stream, FrameDecoder(_HANDSHAKE_LIMITS), deadline, f"port {name!r} to answer",
+                             max_fds=1)
     if frame is None:
         raise PeerGone(f"the server of {name!r} went away before answering the connect")
+    try:
+        reply, server = _connection_reply(frame, cred)
+    except BaseException:
+        close_fds(frame.fds)
+        raise
+    return reply, server, frame.fds[0] if frame.fds else None
+
+
+def _connection_reply(frame: Frame, cred: PeerCred | None) -> tuple[control.ConnectionReply, PeerCred]:
+    if frame.type is not MessageType.CONNECTION_REPLY and frame.fds:
+        raise ProtocolError(f"a {frame.type.name} frame carried an fd")
     if frame.type is MessageType.ERROR:
         raise control.decode_body(frame.type, frame.data, control.ErrorReply).exception()
     if frame.type is MessageType.SHUTDOWN:
@@ -1082,6 +1222,8 @@ def _await_connection_reply(
     reply = control.decode_body(frame.type, frame.data, control.ConnectionReply)
     if reply.accepted and (reply.inline_threshold < 0 or reply.max_section_bytes < 0 or reply.max_message_length < 0):
         raise ProtocolError("the connection reply announced negative limits")
+    if not reply.accepted and frame.fds:
+        raise ProtocolError("a rejection carried an fd")
     return reply, cred
 
 

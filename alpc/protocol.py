@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import struct
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 from .errors import ConnectionClosed, MessageTooLarge, ProtocolError, SectionError
@@ -49,6 +49,7 @@ __all__ = [
     "INLINE_FLOOR",
     "MAX_ABANDONED",
     "MAX_UNREPLIED",
+    "QUICK_ID_BIT",
     "SECTION_TYPES",
     "Buffer",
     "Channel",
@@ -64,6 +65,7 @@ __all__ = [
 CHANNEL_TYPES = frozenset({
     MessageType.REQUEST, MessageType.REPLY, MessageType.DATAGRAM,
     MessageType.PORT_CLOSED, MessageType.PING, MessageType.PONG, MessageType.CANCEL,
+    MessageType.QUICK_DOORBELL,
 })
 # Runtime traffic of a connection with sections: releases, retirements, grants.
 SECTION_TYPES = frozenset({
@@ -77,7 +79,10 @@ INLINE_FLOOR = 64 * 1024
 MAX_ABANDONED = 65536
 # A peer with more requests than this awaiting our reply is flooding us.
 MAX_UNREPLIED = 65536
-_ID_MASK = 0xFFFFFFFF
+# Ids of requests sent through Quick-LPC rings have this bit set (the C side
+# picks them); ours never do, so the two kinds cannot collide.
+QUICK_ID_BIT = 0x40000000
+_ID_MASK = QUICK_ID_BIT - 1
 
 
 def channel_limits(max_data: int, sections: bool = False) -> FrameLimits:
@@ -253,6 +258,9 @@ class Channel:
         # Requests the peer cancelled since the driver last looked (their handlers should stop).
         self.cancelled: list[Message] = []
         self._automatic: Frames = []
+        # Client with Quick-LPC rings: is a socket reply to ring request id
+        # awaited (True), late (False, dropped)? ProtocolError if neither.
+        self.quick_claims: Callable[[int], bool] | None = None
         # Client side: grants of requests in flight. Server side: grants of
         # requests not yet replied to, and the fallback reads awaiting data.
         self._grants: dict[int, LocalGrant] = {}
@@ -570,6 +578,29 @@ class Channel:
         if grant is not None:
             grant.release()
 
+    # -- Quick-LPC (alpc.qlpc): small requests and their replies through shared rings --
+    # A client's ring requests (ids with QUICK_ID_BIT) are tracked by the C
+    # side; a reply to one that comes over the socket is claimed through
+    # ``quick_claims``. A server owes replies to ring requests it handed out
+    # as Messages here, exactly as to socket ones.
+
+    def quick_request_received(self, message_id: int) -> None:
+        """Server: a request came through the ring (ProtocolError if its id is in use)."""
+        self._request_received(message_id)
+
+    def quick_replying(self, request_id: int) -> None:
+        """Server: a reply is about to go through the ring (ValueError if none is owed)."""
+        self._check_reply(request_id)
+        self._replied(request_id)
+
+    def quick_reply_failed(self, request_id: int) -> None:
+        """Server: the ring refused that reply after all; it is owed again."""
+        self._unreplied[request_id] = None
+
+    def doorbell(self) -> Frames:
+        """Tell a peer waiting in poll() to look at its ring."""
+        return self._frame(MessageType.QUICK_DOORBELL, b"")
+
     def close_notice(self) -> Frames:
         """The PORT_CLOSED frame to send before closing; marks the channel closed."""
         frames = [] if self.closed or self.peer_closed else self._frame(MessageType.PORT_CLOSED, b"")
@@ -716,11 +747,7 @@ class Channel:
         if frame.flags and (kind is not MessageType.REPLY or frame.data or attrs is not None):
             raise ProtocolError(f"{kind.name} frame with the CANCELLED flag (only an empty REPLY has it)")
         if kind is MessageType.REQUEST:
-            if frame.message_id in self._unreplied:
-                raise ProtocolError(f"request id {frame.message_id} reused while awaiting its reply")
-            if len(self._unreplied) >= MAX_UNREPLIED:
-                raise ProtocolError("too many requests awaiting a reply")
-            self._unreplied[frame.message_id] = None
+            self._request_received(frame.message_id)
         elif kind is MessageType.CANCEL:
             self._cancel_received(frame.callback_id)
             return None
@@ -733,10 +760,18 @@ class Channel:
                 del self._abandoned[frame.callback_id]
                 self._drop_body(attrs)
                 return None
+            elif kind is MessageType.REPLY and frame.callback_id & QUICK_ID_BIT and self.quick_claims is not None:
+                if not self.quick_claims(frame.callback_id):
+                    self._drop_body(attrs)
+                    return None
             else:
                 raise ProtocolError(f"reply to message id {frame.callback_id}, which was never sent")
         elif kind is MessageType.PING:
             self._automatic += self._frame(MessageType.PONG, b"", callback_id=frame.message_id)
+            return None
+        elif kind is MessageType.QUICK_DOORBELL:
+            if frame.data or attrs is not None:
+                raise ProtocolError("a QUICK_DOORBELL frame carries nothing")
             return None
         elif kind is MessageType.PORT_CLOSED:
             self.peer_closed = True
@@ -753,6 +788,13 @@ class Channel:
         elif frame.flags:
             message.cancelled = True
         return message
+
+    def _request_received(self, message_id: int) -> None:
+        if message_id in self._unreplied:
+            raise ProtocolError(f"request id {message_id} reused while awaiting its reply")
+        if len(self._unreplied) >= MAX_UNREPLIED:
+            raise ProtocolError("too many requests awaiting a reply")
+        self._unreplied[message_id] = None
 
     def _attributes(self, frame: Frame) -> Attributes:
         """Validate a frame's attributes and map the section it introduces, if any."""

@@ -14,10 +14,10 @@ import os
 import threading
 from collections import deque
 
-from . import control
+from . import control, qlpc
 from .config import Config, PortAttributes
 from .control import validate_port_name
-from .errors import ConnectionClosed, MessageTooLarge, PeerGone, ProtocolError, Timeout
+from .errors import ConnectionClosed, MessageTooLarge, PeerGone, ProtocolError, QuotaExceeded, Timeout
 from .exchange import control_frame
 from .ledger import Budget
 from .logs import fields
@@ -59,28 +59,40 @@ class ConnectionRequest:
 
     def accept(self, data: bytes = b"", timeout: float | None = 5.0) -> CommunicationPort:
         """Accept: the client's connect() returns with ``data`` as its accept_data."""
-        stream, channel, pidfd = self.accept_channel(data, timeout)
-        return self._port._adopt(stream, channel, pidfd)
+        stream, channel, pidfd, quick = self.accept_channel(data, timeout)
+        return self._port._adopt(stream, channel, pidfd, quick)
 
-    def accept_channel(self, data: bytes = b"", timeout: float | None = 5.0) -> tuple[Stream, Channel, int | None]:
-        """Answer the client and build the channel; a driver (blocking or asyncio) adopts it."""
+    def accept_channel(self, data: bytes = b"", timeout: float | None = 5.0, *, quick_ok: bool = True
+                       ) -> tuple[Stream, Channel, int | None, qlpc.QuickLink | None]:
+        """Answer the client and build the channel; a driver (blocking or asyncio) adopts it.
+
+        With ``quick_ok`` (the blocking driver) a port with ``quick_lpc`` offers its rings.
+        """
         data = bytes(data)
         if len(data) > self._port.config.max_connect_data:
             raise MessageTooLarge(f"accept data of {len(data)} bytes exceeds {self._port.config.max_connect_data}")
         stream = self._take_stream()
         pidfd, self._pidfd = self._pidfd, None
         attributes = self._port.attributes
+        quick, ring_fds = _offer_quick(attributes, stream, pidfd) if quick_ok else (None, [])
         reply = control.ConnectionReply(accepted=True, data=data, reason="",
                                         max_message_length=attributes.max_message_length,
                                         inline_threshold=attributes.inline_threshold,
                                         max_section_bytes=attributes.max_section_bytes,
-                                        secure_views=attributes.secure_views)
+                                        secure_views=attributes.secure_views,
+                                        quick_slots=attributes.quick_slots if quick else 0,
+                                        quick_slot_size=attributes.quick_slot_size if quick else 0)
         try:
-            stream.send(control_frame(reply), deadline=deadline_after(timeout))
+            stream.send(control_frame(reply, n_fds=len(ring_fds)), ring_fds, deadline=deadline_after(timeout))
         except (ConnectionClosed, Timeout):
+            if quick is not None:
+                quick.close()
             stream.close()
             close_fds([pidfd] if pidfd is not None else [])
             raise PeerGone(f"client pid {self.client.pid} went away before the accept") from None
+        finally:
+            # The client holds its own copy now (the rings stay mapped on our side).
+            close_fds(ring_fds)
         sections = ConnectionSections.build(
             inline_threshold=attributes.inline_threshold,
             send_quota=min(attributes.max_section_bytes, max(self._client_max_sections, 0)),
@@ -92,7 +104,7 @@ class ConnectionRequest:
         channel = Channel(self.client, send_limit=self._client_max_message,
                           recv_limit=attributes.max_message_length, local_pid=os.getpid(), sections=sections)
         self._port._stats.connects_accepted += 1
-        return stream, channel, pidfd
+        return stream, channel, pidfd, quick
 
     def reject(self, reason: str = "rejected") -> None:
         """Refuse: the client's connect() raises ConnectionRejected carrying ``reason``."""
@@ -116,6 +128,20 @@ class ConnectionRequest:
         """Drop an unanswered request (the client sees the server go away)."""
         if self._stream is not None:
             self.reject("the server closed the port")
+
+
+def _offer_quick(attributes: PortAttributes, stream: Stream,
+                 pidfd: int | None) -> tuple[qlpc.QuickLink | None, list[int]]:
+    """Quick-LPC: the rings to offer with an accept (and the fd to pass), if the port offers them."""
+    if not attributes.quick_lpc or not qlpc.available():
+        return None, []
+    try:
+        quick, fd = qlpc.offer(attributes.quick_slots, attributes.quick_slot_size, attributes.quick_spin_us,
+                               stream.fileno(), pidfd)
+    except (QuotaExceeded, OSError) as exc:
+        log.warning("cannot offer Quick-LPC rings, the connection uses its socket: %s", exc)
+        return None, []
+    return quick, [fd]
 
 
 def create_port(
@@ -180,6 +206,10 @@ class ConnectionPort:
         self._error_reported = False
         self._closed = False
         self._section_budget = Budget(attributes.max_port_section_bytes)
+        # Quick-LPC: the watcher thread lives as long as a port offering the rings;
+        # the connections with rings are looked at on every wait.
+        self._quick_held = attributes.quick_lpc and qlpc.hold_watcher()
+        self._quick_comms: set[CommunicationPort] = set()
 
     def __repr__(self) -> str:
         return f"<ConnectionPort {self.name!r} with {len(self._connections)} clients>"
@@ -262,11 +292,15 @@ class ConnectionPort:
 
     # -- communication ports ----------------------------------------------------
 
-    def _adopt(self, stream: Stream, channel: Channel, pidfd: int | None) -> CommunicationPort:
-        comm = CommunicationPort(stream, channel, peer_pidfd=pidfd, is_server=True, on_gone=self._forget)
+    def _adopt(self, stream: Stream, channel: Channel, pidfd: int | None,
+               quick: qlpc.QuickLink | None = None) -> CommunicationPort:
+        comm = CommunicationPort(stream, channel, peer_pidfd=pidfd, is_server=True, on_gone=self._forget,
+                                 quick=quick)
         comm._on_ready = self._ready.append
         with self._lock:
             self._connections[comm] = None
+            if quick is not None:
+                self._quick_comms.add(comm)
             for fd in comm.wait_fds():
                 self._owners[fd] = comm
                 self._poller.register(fd)
@@ -276,6 +310,7 @@ class ConnectionPort:
     def _forget(self, comm: CommunicationPort) -> None:
         # Called before the comm closes its fds, so a reused fd number never meets a stale entry.
         with self._lock:
+            self._quick_comms.discard(comm)
             if comm in self._connections:
                 del self._connections[comm]
                 self._stats.retire(comm.stats)
@@ -301,12 +336,20 @@ class ConnectionPort:
         while True:
             with self._lock:
                 ready = self._next_event()
+                hot = self._quick_armed() if ready is None and self._quick_comms else []
             if isinstance(ready, Message):
                 ready.port._maybe_finalize()
             if ready is not None:
                 return ready
-            if not self._poll(deadline):
+            polled = self._poll(0.0 if hot else deadline)
+            for comm in hot:
+                comm.pump()
+            if not polled and not hot:
                 raise Timeout("nothing arrived on the port in time")
+
+    def _quick_armed(self) -> list[CommunicationPort]:
+        """Quick-LPC: ring each client's doorbell from now on; those whose ring already holds requests."""
+        return [comm for comm in self._quick_comms if comm._quick is not None and comm._quick.arm()]
 
     def _poll(self, deadline: float | None) -> bool:
         """Wait for the broker link or any connection, and read what came; False on timeout."""
@@ -369,6 +412,9 @@ class ConnectionPort:
             comm.close()
         with self._lock:  # a waiter looks at the set only under the lock, after checking _closed
             self._poller.close()
+        if self._quick_held:
+            self._quick_held = False
+            qlpc.release_watcher()
 
     def __enter__(self) -> ConnectionPort:
         return self

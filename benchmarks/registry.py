@@ -13,8 +13,11 @@ must be importable; a missing one is reported as skipped, never dropped.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
+
+from alpc import qlpc
 
 from . import (
     bench_connect,
@@ -27,6 +30,7 @@ from . import (
 )
 from .core import Case
 from .transports.alpc_impl import AlpcTransport
+from .transports.alpc_quick import AlpcQuickMessageTransport, AlpcQuickTransport
 from .transports.alpc_rpc import AlpcRpcTransport
 from .transports.alpc_variants import AlpcAioTransport, AlpcBatchTransport, AlpcCompletionTransport
 from .transports.alpc_view import AlpcViewTransport
@@ -69,10 +73,16 @@ class Impl:
     # For the C ceiling: the mechanism argument of benchmarks/ceiling.c.
     native: str | None = None
     install_hint: str = ""
+    # Why it cannot run in this process's configuration (None: it can).
+    unavailable: Callable[[], str | None] | None = None
 
 
 IMPLEMENTATIONS: dict[str, Impl] = {impl.name: impl for impl in (
     Impl("alpc", "alpc", AlpcTransport, _ALL | _STREAM),
+    Impl("alpc-quick", "alpc", AlpcQuickTransport, frozenset({"roundtrip", "connect", "scaling", "memory"}),
+         unavailable=qlpc.unavailable_reason),
+    Impl("alpc-quick-msg", "alpc", AlpcQuickMessageTransport, frozenset({"roundtrip"}),
+         unavailable=qlpc.unavailable_reason),
     Impl("alpc-view", "alpc", AlpcViewTransport, frozenset({"throughput"}) | _STREAM),
     Impl("alpc-rpc", "alpc", AlpcRpcTransport, frozenset({"roundtrip", "rate", "scaling"})),
     Impl("alpc-aio", "alpc", AlpcAioTransport, frozenset({"roundtrip", "rate"})),
@@ -101,7 +111,11 @@ def implementations_for(case: str) -> list[Impl]:
 
 
 def missing_requirement(impl: Impl) -> str | None:
-    """Why ``impl`` cannot run here (a module is not installed), or None."""
+    """Why ``impl`` cannot run here (a module is not installed, ALPC_PUREPYTHON=1), or None."""
+    if impl.unavailable is not None:
+        reason = impl.unavailable()
+        if reason is not None:
+            return reason
     for module in impl.requires:
         if importlib.util.find_spec(module) is None:
             hint = f"; install with {impl.install_hint}" if impl.install_hint else ""

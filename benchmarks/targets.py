@@ -30,6 +30,8 @@ class Target:
     reference: str
     measure: Literal["speed", "time"]
     bound: float
+    # Where the target applies (some are set for one pinning only).
+    pinnings: tuple[str, ...] = ("same", "split")
 
     def describe(self) -> str:
         if self.measure == "speed":
@@ -46,6 +48,10 @@ TARGETS: tuple[Target, ...] = (
     # Issue 7: an RPC call against the raw alpc request and grpcio over a unix socket.
     Target("issue 7", "roundtrip", (64,), "alpc-rpc", "alpc", "time", 1.3),
     Target("issue 7", "roundtrip", (64,), "alpc-rpc", "grpc", "speed", 5.0),
+    # Issue 6: Quick-LPC's lean calls against the raw socketpair across CPUs,
+    # and against the C futex ping-pong on one CPU.
+    Target("issue 6", "roundtrip", (64,), "alpc-quick", "socketpair", "speed", 20.0, pinnings=("split",)),
+    Target("issue 6", "roundtrip", (64,), "alpc-quick", "c-futex", "time", 2.0, pinnings=("same",)),
 )
 
 
@@ -66,6 +72,8 @@ def target_rows(records: Sequence[dict[str, Any]],
     for target in targets:
         for size in target.sizes:
             for pinning in pinnings:
+                if pinning not in target.pinnings:
+                    continue
                 impl = ok.get((target.case, size, pinning, target.impl))
                 ref = ok.get((target.case, size, pinning, target.reference))
                 if impl is None or ref is None:

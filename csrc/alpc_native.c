@@ -281,9 +281,9 @@ int64_t alpc_sock_wait_recv(int fd, int watch, int timeout_ms, uint8_t *buf, siz
         pfd[1].revents = 0;
         count = 2;
     }
-    do {
-        rc = poll(pfd, count, timeout_ms);
-    } while (rc < 0 && errno == EINTR);
+    /* EINTR goes back to Python (as -EINTR), which runs its signal handlers
+     * before the caller waits again: a blocked call stays interruptible. */
+    rc = poll(pfd, count, timeout_ms);
     if (rc < 0)
         return -(int64_t)errno;
     if (rc == 0)

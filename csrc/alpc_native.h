@@ -116,7 +116,8 @@ int64_t alpc_sock_send(int fd, const uint8_t *buf, size_t len);
  * buf[0..cap), keeping up to max_fds passed fds (SCM_RIGHTS) in
  * fds[0..*nfds); fds beyond max_fds, or a truncated set, are closed. Returns
  * the bytes read (0 at end of stream), ALPC_E_TIMEOUT, ALPC_E_WATCH when only
- * the watched fd fired, or -errno (-EAGAIN: woken, but nothing to read). */
+ * the watched fd fired, or -errno (-EAGAIN: woken, but nothing to read;
+ * -EINTR: a signal arrived, so Python can run its handlers). */
 int64_t alpc_sock_wait_recv(int fd, int watch, int timeout_ms, uint8_t *buf, size_t cap,
                             int *fds, int max_fds, int *nfds);
 

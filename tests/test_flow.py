@@ -240,3 +240,29 @@ def test_completion_port_pool_grows_with_blocked_handlers_and_shrinks_when_idle(
         finally:
             completion.stop()
             loop_thread.join(10)
+
+
+def test_a_signal_interrupts_a_request_blocked_on_the_socket(broker, config, flow) -> None:  # type: ignore[no-untyped-def]
+    import signal
+
+    class Alarm(Exception):
+        pass
+
+    def ring(*_: object) -> None:
+        raise Alarm
+
+    server = flow("watch", "flow.signal")
+    previous = signal.signal(signal.SIGALRM, ring)
+    try:
+        with alpc.connect("flow.signal", config=config, timeout=10) as comm:
+            started = time.monotonic()
+            signal.setitimer(signal.ITIMER_REAL, 0.3)
+            with pytest.raises(Alarm):
+                comm.request(b"hold", timeout=30)
+            assert time.monotonic() - started < 5
+            server.expect("GOT hold")
+            server.send("go")
+            assert comm.request(b"next", timeout=10).data == b"NEXT"
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
