@@ -1,6 +1,7 @@
 """alpc: Windows ALPC semantics for Python programs on Linux."""
 
 from .broker import Broker, list_ports
+from .completion import CompletionPort
 from .config import Config, PortAttributes
 from .errors import (
     AccessDenied,
@@ -9,6 +10,7 @@ from .errors import (
     BadArguments,
     BrokerRunning,
     BrokerUnavailable,
+    Cancelled,
     ConnectionClosed,
     ConnectionRejected,
     DeadlineExceeded,
@@ -30,10 +32,11 @@ from .errors import (
 )
 from .grant import MemoryGrant, PeerMemory
 from .introspect import list_peers, port_stats
-from .port import CommunicationPort, ConnectionPort, ConnectionRequest, connect, create_port
+from .port import CommunicationPort, PendingRequest, connect
 from .protocol import Message
 from .section import Section, SectionView, View, sweep_stale_names
 from .security import PeerCred
+from .server import ConnectionPort, ConnectionRequest, create_port
 from .wire import MessageType
 
 __all__ = [
@@ -44,13 +47,15 @@ __all__ = [
     "Broker",
     "BrokerRunning",
     "BrokerUnavailable",
+    "Cancelled",
     "CommunicationPort",
+    "CompletionPort",
     "Config",
     "ConnectionClosed",
     "ConnectionPort",
     "ConnectionRejected",
-    "ConnectionRequest",
     "DeadlineExceeded",
+    "ConnectionRequest",
     "InvalidName",
     "MarshalError",
     "MemoryGrant",
@@ -62,6 +67,7 @@ __all__ = [
     "PeerCred",
     "PeerGone",
     "PeerMemory",
+    "PendingRequest",
     "PortAttributes",
     "PortNotFound",
     "ProtocolError",

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import struct
+import threading
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -34,6 +35,9 @@ __all__ = [
     "E_FLAGS",
     "E_MAGIC",
     "E_RANGE",
+    "E_TIMEOUT",
+    "E_WATCH",
+    "RECV_SIZE",
     "E_RESERVED",
     "E_TYPE",
     "E_VERSION",
@@ -72,6 +76,8 @@ __all__ = [
     "quick_region_size",
     "quick_unhold",
     "scan_frames",
+    "sock_send",
+    "sock_wait_recv",
     "source_hash",
     "vm_read",
     "vm_write",
@@ -83,8 +89,10 @@ HEADER_SIZE = 40
 SCAN_BATCH = 256
 E_MAGIC, E_VERSION, E_TYPE, E_FLAGS, E_RESERVED, E_DATA, E_ATTR, E_FDS = range(-1, -9, -1)
 E_ATTR_KIND, E_ATTR_LENGTH, E_ATTR_DUP, E_ATTR_TRUNC, E_ATTR_VALUE, E_RANGE = range(-10, -16, -1)
+# sock_wait_recv: the wait timed out / only the watched fd (a pidfd) fired.
+E_TIMEOUT, E_WATCH = -16, -17
 # Value sizes of the attribute kinds (SECTION_REF, SECTION_NEW, GRANT, RANGE).
-ATTR_SIZES = {1: 24, 2: 16, 3: 24, 4: 16}
+ATTR_SIZES = {1: 24, 2: 16, 3: 24, 4: 16, 5: 8}
 _SECTION_FLAGS = 3
 _ACCESS_FLAGS = 3
 
@@ -207,10 +215,11 @@ scan_frames: ScanFunction = _scan_frames_py if _ext is None else _scan_frames_c
 
 # -- attributes and ranges from a peer ---------------------------------------------
 
-AttrFields = tuple[int, int, int, int, int, int, int, int, int, int, int, int, int]
-_NO_ATTRS: AttrFields = (0,) * 13
+AttrFields = tuple[int, int, int, int, int, int, int, int, int, int, int, int, int, int]
+_NO_ATTRS: AttrFields = (0,) * 14
 _TLV = struct.Struct("<HH")
-_ATTR_VALUES = {1: struct.Struct("<IIQQ"), 2: struct.Struct("<IIQ"), 3: struct.Struct("<QQII"), 4: struct.Struct("<QQ")}
+_ATTR_VALUES = {1: struct.Struct("<IIQQ"), 2: struct.Struct("<IIQ"), 3: struct.Struct("<QQII"), 4: struct.Struct("<QQ"),
+                5: struct.Struct("<Q")}
 
 
 def _parse_attributes_py(raw: bytes, allowed: int) -> tuple[int, AttrFields]:
@@ -240,7 +249,8 @@ def _parse_attributes_py(raw: bytes, allowed: int) -> tuple[int, AttrFields]:
     new = values.get(2, (0, 0, 0))
     grant = values.get(3, (0, 0, 0, 0))[:3]
     span = values.get(4, (0, 0))
-    return 0, (present, *ref, *new, *grant, *span)  # type: ignore[return-value]
+    deadline = values.get(5, (0,))
+    return 0, (present, *ref, *new, *grant, *span, *deadline)  # type: ignore[return-value]
 
 
 def _parse_attributes_c(raw: bytes, allowed: int) -> tuple[int, AttrFields]:
@@ -252,12 +262,12 @@ def _parse_attributes_c(raw: bytes, allowed: int) -> tuple[int, AttrFields]:
         return error, _NO_ATTRS
     return 0, (out.present, out.ref_section, out.ref_flags, out.ref_offset, out.ref_length,
                out.new_section, out.new_flags, out.new_size, out.grant_address, out.grant_length,
-               out.grant_access, out.range_offset, out.range_length)
+               out.grant_access, out.range_offset, out.range_length, out.deadline_ns)
 
 
 # (error, fields): fields are present-bits, then SECTION_REF (id, flags, offset,
 # length), SECTION_NEW (id, flags, size), GRANT (address, length, access) and
-# RANGE (offset, length), zero where absent.
+# RANGE (offset, length) and DEADLINE (CLOCK_MONOTONIC ns), zero where absent.
 parse_attributes: Callable[[bytes, int], tuple[int, AttrFields]] = (
     _parse_attributes_py if _ext is None else _parse_attributes_c
 )
@@ -422,6 +432,50 @@ def vm_read(pid: int, base: int, grant_len: int, offset: int, into: Any) -> int:
 def vm_write(pid: int, base: int, grant_len: int, offset: int, data: Any) -> int:
     """Write ``data`` into the grant of ``pid``; bytes written, E_RANGE, or -errno."""
     return (_vm_move_py if _ext is None else _vm_move_c)(True, pid, base, grant_len, offset, data)
+
+
+# -- the socket path of every message ------------------------------------------------
+#
+# One C call per send and one per wait-and-read, the GIL released inside: the
+# per-message cost of a small frame is then the two system calls and little
+# else. Without the extension these are None and ``transport.Stream`` uses its
+# own pure-Python twins (only ``transport`` may touch socket objects).
+
+RECV_SIZE = 64 * 1024
+_MAX_RECV_FDS = 16
+_scratch = threading.local()
+
+
+def _sock_send_c(fd: int, data: bytes) -> int:
+    """Bytes written by one non-blocking send, or -errno."""
+    assert _ext is not None
+    return int(_ext[1].alpc_sock_send(fd, data, len(data)))
+
+
+def _recv_scratch() -> tuple[Any, Any, Any, Any]:
+    scratch = getattr(_scratch, "c", None)
+    if scratch is None:
+        assert _ext is not None
+        ffi = _ext[0]
+        buf = ffi.new("uint8_t[]", RECV_SIZE)
+        scratch = _scratch.c = (buf, ffi.buffer(buf), ffi.new("int[]", _MAX_RECV_FDS), ffi.new("int *"))
+    return scratch
+
+
+def _sock_wait_recv_c(fd: int, watch: int, timeout_ms: int, max_fds: int) -> tuple[int, bytes, list[int]]:
+    """(n, data, fds): n bytes read (0: end of stream), E_TIMEOUT, E_WATCH or -errno."""
+    assert _ext is not None
+    buf, view, fds, nfds = _recv_scratch()
+    n = _ext[1].alpc_sock_wait_recv(fd, watch, timeout_ms, buf, RECV_SIZE, fds, max_fds, nfds)
+    if n <= 0:
+        return int(n), b"", []
+    count = nfds[0]
+    return int(n), view[0:n], ([fds[i] for i in range(count)] if count else [])
+
+
+sock_send: Callable[[int, bytes], int] | None = None if _ext is None else _sock_send_c
+sock_wait_recv: Callable[[int, int, int, int], tuple[int, bytes, list[int]]] | None = (
+    None if _ext is None else _sock_wait_recv_c)
 
 
 # -- Quick-LPC rings (csrc/qlpc.c) --------------------------------------------------

@@ -6,9 +6,12 @@ Every exception also subclasses the builtin a caller would already catch, so
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
 
 __all__ = [
+    "Cancelled",
+    "DeadlineExceeded",
     "AccessDenied",
     "ActivationError",
     "AlpcError",
@@ -17,7 +20,6 @@ __all__ = [
     "BrokerUnavailable",
     "ConnectionClosed",
     "ConnectionRejected",
-    "DeadlineExceeded",
     "InvalidName",
     "MarshalError",
     "MessageTooLarge",
@@ -69,6 +71,14 @@ class Timeout(AlpcError, TimeoutError):
     """A wait ran out of time."""
 
 
+class DeadlineExceeded(Timeout):
+    """A request's (or an RPC call's) deadline passed before the server dispatched it."""
+
+
+class Cancelled(AlpcError, concurrent.futures.CancelledError):
+    """The request was cancelled (``PendingRequest.cancel()``) while a thread waited for its reply."""
+
+
 class BrokerUnavailable(AlpcError, ConnectionError):
     """The broker daemon is not running, not reachable, or shutting down."""
 
@@ -116,10 +126,6 @@ class ActivationError(AlpcError, ValueError):
 
 class VersionMismatch(ConnectionRejected):
     """The server does not offer a compatible version of the interface (or RPC protocol)."""
-
-
-class DeadlineExceeded(Timeout):
-    """The call's deadline passed before the server started it."""
 
 
 class RpcError(AlpcError):

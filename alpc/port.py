@@ -1,7 +1,14 @@
-"""The blocking API: connection ports, communication ports, connect().
+"""The blocking API: communication ports and connect().
 
-A thin driver of the sans-IO core: it moves bytes between ``transport`` streams
-and ``protocol.Channel`` objects and holds no protocol rules of its own.
+A thin driver of the sans-IO core (``connection.Connection``): it moves bytes
+between a ``transport`` stream and the core, and wakes waiting threads. Every
+rule (what to send, where a message goes, when releases go out, what a dead
+peer means) lives in the core, shared with the asyncio driver (``aio``).
+
+Locks: ``_cv`` (waiters; also the reader role) -> ``_send_lock`` (one writer
+at a time) -> ``_state`` (the core; a leaf, held briefly). Never finalize
+(close the socket) while holding ``_cv`` or from a thread holding
+``_send_lock``. The server side (``ConnectionPort``) lives in ``server``.
 """
 
 from __future__ import annotations
@@ -10,44 +17,42 @@ import logging
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TypeVar
 
 from . import _native, control, qlpc
-from .config import Config, PortAttributes
+from .config import Config
+from .connection import FILED_ERROR, FILED_INBOX, NOTICES, Batch, Connection
 from .control import validate_port_name
 from .errors import (
     BrokerUnavailable,
     ConnectionClosed,
     ConnectionRejected,
+    DeadlineExceeded,
     MessageTooLarge,
     PeerGone,
     PortNotFound,
     ProtocolError,
-    QuotaExceeded,
     SectionError,
     Timeout,
 )
 from .exchange import control_frame, read_frame
 from .grant import LocalGrant, MemoryGrant, PeerMemory, direct_read, direct_write
-from .ledger import Budget
 from .logs import LogLimiter, fields
-from .protocol import Channel, Frames, Message, materialize, payload_parts
+from .protocol import Channel, Frames, Message, payload_parts
 from .protocol import Payload as WirePayload
-from .registration import Registration
 from .retry import retry_until
 from .section import ConnectionSections, SectionView, sweep_stale_names
 from .security import PeerCred
-from .stats import ConnectionStats, LiveConnection, PortStatistics
 from .transport import Buffer, Stream, close_fds, deadline_after, pidfd_open, remaining, wait_readable
-from .wire import Frame, FrameDecoder, FrameLimits, MessageType, Range
+from .wire import Frame, FrameDecoder, FrameLimits, MessageType, Range, Release
 
 __all__ = [
+    "RETRYABLE_CONNECT_ERRORS",
     "CommunicationPort",
-    "ConnectionPort",
-    "ConnectionRequest",
+    "Payload",
+    "PendingRequest",
     "connect",
-    "create_port",
 ]
 
 log = logging.getLogger(__name__)
@@ -59,13 +64,13 @@ T = TypeVar("T")
 # A sender waiting for section space on a port-wide budget (which other
 # connections free) re-checks this often; its own releases wake it at once.
 _BUDGET_RECHECK = 0.05
-# Releases go out from the reader; a peer that stops reading for this long
-# keeps them queued rather than stalling our reads.
-_RELEASE_SEND_TIMEOUT = 1.0
+# Runtime frames (releases, PONG) go out from the reader; a peer that stops
+# reading for this long keeps them queued rather than stalling our reads.
+_RUNTIME_SEND_TIMEOUT = 1.0
+# send_many writes at most this many small datagrams per system call.
+_BATCH_FRAMES = 1024
 # fds one read may carry: one per frame, one fd-carrying frame per sendmsg.
 _MAX_FDS_PER_READ = 4
-# With this many section messages unreleased, a sender reads its socket (without blocking).
-_DRAIN_EVERY = 64
 
 
 # What request/send/reply take: one bytes-like buffer, parts sent back to back
@@ -74,7 +79,7 @@ Payload = Buffer | Sequence[Buffer] | SectionView
 
 
 def _size(data: Payload) -> int:
-    if isinstance(data, (bytes, bytearray, SectionView)):
+    if type(data) is bytes or isinstance(data, (bytearray, SectionView)):
         return len(data)
     if isinstance(data, memoryview):
         return data.nbytes
@@ -91,6 +96,19 @@ def _copy_body(into: memoryview, data: Buffer | Sequence[Buffer]) -> None:
         size = len(part) if isinstance(part, bytes) else memoryview(part).nbytes
         _native.copy_into(into[offset:offset + size], part)
         offset += size
+
+
+def _owned(data: Buffer | Sequence[Buffer]) -> WirePayload:
+    """A single buffer is copied to bytes as before; parts are sent as given.
+
+    Parts are written to the kernel before send/request/reply return, so the
+    caller may reuse its buffers afterwards.
+    """
+    if type(data) is bytes:
+        return data
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)
+    return tuple(data)
 
 
 class CommunicationPort:
@@ -120,33 +138,30 @@ class CommunicationPort:
             # The lean call is one Python frame around the C call on this connection.
             self.call = quick.bind_call(self)  # type: ignore[method-assign]
         self._channel = channel
+        self._core = core = Connection(channel, is_server=is_server)
+        core.owner = self
+        core.on_releases_due = self._flush_releases
         self._pidfd = peer_pidfd
         self._is_server = is_server
         self.accept_data = accept_data
         self._on_gone = on_gone
+        # A multiplexer (ConnectionPort) hears when the inbox gets something.
+        self._on_ready: Callable[[CommunicationPort], None] | None = None
+        # ... and which requests the client cancelled (a completion port stops their handlers).
+        self._on_cancel: Callable[[list[Message]], None] | None = None
         self._state = threading.Lock()
         # Reentrant: a failing write may itself need to send (never to finalize).
         self._send_lock = threading.RLock()
-        self._cv = threading.Condition()
+        # _cv's lock, entered directly on the per-message path (Condition's own
+        # __enter__ is a Python-level call).
+        self._cv_lock = threading.Lock()
+        self._cv = threading.Condition(self._cv_lock)
+        # Threads blocked in _cv.wait(): the reader notifies only when there are some.
+        self._waiters = 0
         self._reading = False
-        self._replies: dict[int, Message] = {}
-        self._inbox: deque[Message] = deque()
-        self._failure: ConnectionClosed | None = None
-        self._release_wanted = False
         self._released = False
-        self.stats = ConnectionStats()
-        # Memory grants: client side, the server's fallback reads/writes for each
-        # request in flight; server side, the client's answers to our reads.
-        self._grant_ops: dict[int, deque[Message]] = {}
-        self._grant_data: dict[int, Message] = {}
-        self._vm_refused = False
-        # Constant for the connection; read on every send.
-        self._inline_threshold = channel.inline_threshold
-        self._peer_sections = None if channel.sections is None else channel.sections.peer
-        # Releases held back to ride with our next frame (usually the reply).
-        self._releases_owed = False
-        if self._peer_sections is not None:
-            self._peer_sections.wake = self._releases_due
+        self.stats = core.stats
+        stream.watch([peer_pidfd] if peer_pidfd is not None else [])
 
     # -- identity --------------------------------------------------------------
 
@@ -164,13 +179,37 @@ class CommunicationPort:
         return self._channel.peer
 
     @property
-    def closed(self) -> bool:
-        return self._failure is not None
-
-    @property
     def quick(self) -> bool:
         """Whether small requests and their replies go through Quick-LPC rings (alpc.qlpc)."""
-        return self._quick is not None and self._failure is None and self._quick.active
+        return self._quick is not None and self._core.failure is None and self._quick.active
+
+    # What qlpc (which drives the rings for this driver) reads of its state.
+    @property
+    def _replies(self) -> dict[int, Message]:
+        return self._core.replies
+
+    @property
+    def _inbox(self) -> deque[Message]:
+        return self._core.inbox
+
+    @property
+    def _failure(self) -> ConnectionClosed | None:
+        return self._core.failure
+
+    def _pop_inbox(self) -> Message | None:
+        with self._state:
+            return self._core.take_message()
+
+    def _dispatch(self, messages: list[Message]) -> None:
+        """File messages that came through the rings, as if read from the socket."""
+        with self._state:
+            wake = self._core.route(Batch(messages, False, False, None))
+        if wake.inbox and self._on_ready is not None:
+            self._on_ready(self)
+
+    @property
+    def closed(self) -> bool:
+        return self._core.failure is not None
 
     def fileno(self) -> int:
         return self._stream.fileno()
@@ -178,7 +217,7 @@ class CommunicationPort:
     @property
     def queue_depth(self) -> int:
         """Messages received and not yet taken by the application."""
-        return len(self._inbox)
+        return len(self._core.inbox)
 
     def __repr__(self) -> str:
         side = "server" if self._is_server else "client"
@@ -187,22 +226,19 @@ class CommunicationPort:
 
     # -- sending ----------------------------------------------------------------
 
-    def request(
-        self,
-        data: Payload = b"",
-        timeout: float | None = None,
-        *,
-        secure: bool = False,
-        grant: MemoryGrant | None = None,
-        on_message: Callable[[Message], None] | None = None,
-    ) -> Message:
+    def request(self, data: Payload = b"", timeout: float | None = None, *, secure: bool = False,
+                grant: MemoryGrant | None = None, deadline: float | None = None,
+                on_message: Callable[[Message], None] | None = None) -> Message:
         """Send a request and wait for its reply.
 
-        ``data`` is one buffer, a sequence of buffers sent as one message
-        without being joined, or a ``SectionView`` from ``create_view`` (sent
-        with no copy at all). A body longer than the inline threshold goes
-        through a shared section. ``secure`` sends it write-sealed; ``grant``
-        lends the server a buffer for this request.
+        ``data`` longer than the inline threshold goes through a shared section;
+        a ``SectionView`` from ``create_view`` goes with no copy at all. ``secure``
+        sends it write-sealed; ``grant`` lends the server a buffer for this request.
+        ``deadline`` (a ``time.monotonic()`` value) travels with the request: the
+        server never dispatches it later, and this call waits at most until then
+        (DeadlineExceeded). A timeout cancels the request at the server (CANCEL).
+        ``data`` may also be a sequence of buffers, sent as one message without
+        being joined.
 
         With ``on_message``, the REQUEST and DATAGRAM messages that arrive while
         this call waits (and that no other thread takes first with receive())
@@ -211,20 +247,39 @@ class CommunicationPort:
         behind our own wait. If ``on_message`` raises, the request is abandoned
         and the exception propagates.
         """
+        if on_message is not None:
+            if grant is not None or deadline is not None:
+                raise ValueError("on_message cannot be combined with a memory grant or a deadline")
+            return self._request_serving(data, timeout, secure, on_message)
+        if deadline is not None:
+            return self.start_request(data, secure=secure, grant=grant, deadline=deadline,
+                                      timeout=timeout).result(timeout)
         deadline = deadline_after(timeout)
-        size = _size(data)
-        self.stats.sent(size)
+        size = len(data) if type(data) is bytes else _size(data)
         quick = self._quick
         if (quick is not None and size <= quick.payload_max and isinstance(data, (bytes, bytearray, memoryview))
-                and grant is None and on_message is None and not secure):
+                and grant is None and not secure):
             # Quick-LPC: the ring, unless it cannot take this one now.
+            self.stats.sent(size)
             reply = quick.request(self, data if type(data) is bytes else bytes(data), deadline)
             if reply is not None:
                 return reply
-        if grant is not None or isinstance(data, SectionView) or size > self._inline_threshold:
-            return self._request_large(data, deadline, secure, grant, on_message)
-        message_id = self._send_new(lambda: self._channel.request(_owned(data)), deadline)
-        return self._await_reply(message_id, deadline, on_message)
+            self.stats.messages_out -= 1
+            self.stats.bytes_out -= size
+        if grant is not None or isinstance(data, SectionView) or size > self._core.inline_threshold:
+            self.stats.sent(size)
+            return self._request_large(data, deadline, secure, grant)
+        core = self._core
+        with self._send_lock:
+            with self._state:
+                message_id, frames = core.request(_owned(data))
+            try:
+                self._write(frames, deadline)
+            except BaseException:
+                self._abandon(message_id)
+                raise
+        self.stats.sent(size)
+        return self._await_reply(message_id, deadline)
 
     def call(self, data: bytes, timeout: float | None = None) -> bytes:
         """``request(data, timeout).data``, without a Message: Quick-LPC's lean call.
@@ -255,21 +310,144 @@ class CommunicationPort:
                 return message
             self.reply(message, handler(message.data), timeout)
 
+    def _request_serving(self, data: Payload, timeout: float | None, secure: bool,
+                         on_message: Callable[[Message], None]) -> Message:
+        """request(on_message=...): the peer's nested requests are served while we wait."""
+        deadline = deadline_after(timeout)
+        core = self._core
+        size = _size(data)
+        if isinstance(data, SectionView) or size > core.inline_threshold:
+            message_id = self._send_section(MessageType.REQUEST, data, deadline, secure)
+        else:
+            message_id = self._send_new(lambda: core.request(_owned(data)), deadline)
+        self.stats.sent(size)
+        try:
+            while True:
+                found = self._wait_for(lambda: core.take_callback(message_id), deadline, "the reply")
+                if found.type is MessageType.REPLY:
+                    return found
+                on_message(found)
+        except Timeout:
+            if not self.cancel(message_id):
+                self._abandon(message_id)
+            with self._state:
+                core.forget_cancelled(message_id)
+            raise
+        except BaseException:
+            self._abandon(message_id)
+            raise
+
     def ping(self, timeout: float | None = None) -> None:
         """Round-trip a PING that the peer's runtime answers without its application."""
         deadline = deadline_after(timeout)
-        message_id = self._send_new(self._channel.ping, deadline)
+        message_id = self._send_new(self._core.ping, deadline)
         self._await_reply(message_id, deadline)
 
-    def send(self, data: Payload = b"", timeout: float | None = None, *, secure: bool = False) -> None:
-        """Send a datagram (no reply expected); ``data`` as for ``request``."""
+    def send(self, data: Payload = b"", timeout: float | None = None, *, secure: bool = False,
+             flush: bool = True) -> None:
+        """Send a datagram (no reply expected).
+
+        ``flush=False`` queues a small datagram instead of writing it: queued
+        datagrams go out together, in one system call, with the next write on
+        this port (any send, request or reply), on ``flush()``, or by themselves
+        once 64 KiB are queued. Order is kept either way.
+        """
         deadline = deadline_after(timeout)
-        size = _size(data)
-        if isinstance(data, SectionView) or size > self._inline_threshold:
+        size = len(data) if type(data) is bytes else _size(data)
+        core = self._core
+        if isinstance(data, SectionView) or size > core.inline_threshold:
             self._send_section(MessageType.DATAGRAM, data, deadline, secure)
+        elif flush:
+            self._send(lambda: core.datagram(_owned(data)), deadline)
         else:
-            self._send(lambda: self._channel.datagram(_owned(data)), deadline)
+            with self._state:
+                full = core.queue(core.datagram(_owned(data)))
+            if full:
+                self.flush(timeout)
         self.stats.sent(size)
+
+    def send_many(self, items: Iterable[Payload], timeout: float | None = None) -> None:
+        """Send datagrams in order, in as few system calls as possible (small ones are framed
+        together and written at once; large ones go through the section as usual)."""
+        deadline = deadline_after(timeout)
+        core = self._core
+        small: list[bytes] = []
+        for item in items:
+            size = len(item) if type(item) is bytes else _size(item)
+            if isinstance(item, SectionView) or size > core.inline_threshold or not isinstance(
+                    item, (bytes, bytearray, memoryview)):
+                self._send_small(small, deadline)
+                self.send(item, remaining(deadline))
+                continue
+            small.append(item if type(item) is bytes else bytes(item))
+            if len(small) >= _BATCH_FRAMES:
+                self._send_small(small, deadline)
+        self._send_small(small, deadline)
+
+    def _send_small(self, items: list[bytes], deadline: float | None) -> None:
+        if not items:
+            return
+        core = self._core
+        with self._send_lock:
+            with self._state:
+                frames = core.datagrams(items)
+            self._write(frames, deadline)
+        stats = self.stats
+        stats.messages_out += len(items)
+        stats.bytes_out += sum(len(item) for item in items)
+        items.clear()
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Write every datagram queued by ``send(..., flush=False)``."""
+        if self._core.owed:
+            with self._send_lock:
+                self._write([], deadline_after(timeout))
+
+    def start_request(self, data: Payload = b"", timeout: float | None = None, *, secure: bool = False,
+                      grant: MemoryGrant | None = None, deadline: float | None = None) -> PendingRequest:
+        """Send a request without waiting: ``result(timeout)`` waits for the reply, and any
+        thread may ``cancel()`` it meanwhile (the server sees the cancel; no reply is
+        delivered after it). ``timeout`` bounds the send only."""
+        send_by = deadline_after(timeout)
+        if deadline is not None and (send_by is None or deadline < send_by):
+            send_by = deadline
+        core = self._core
+        size = _size(data)
+        pinned = grant.pin() if grant is not None else None
+        try:
+            if isinstance(data, SectionView) or size > core.inline_threshold:
+                message_id = self._send_section(MessageType.REQUEST, data, send_by, secure, grant=pinned,
+                                                deadline_attr=deadline)
+            else:
+                body = _owned(data)
+                message_id = self._send_new(lambda: core.request(body, pinned, deadline), send_by)
+        except BaseException:
+            if pinned is not None:
+                pinned.release()
+            raise
+        self.stats.sent(size)
+        return PendingRequest(self, message_id, pinned, deadline)
+
+    def cancel(self, message_id: int, timeout: float | None = 1.0) -> bool:
+        """Cancel request ``message_id`` (NtAlpcCancelMessage): False if it is not in flight.
+
+        The server's runtime answers for it (its handler sees ``message.cancelled``),
+        a thread waiting for it gets Cancelled, and a late reply is dropped.
+        """
+        with self._state:
+            frames, views = self._core.cancel(message_id)
+        for view in views:
+            view.release()
+        with self._cv_lock:
+            self._cv.notify_all()
+        if not frames:
+            return False
+        try:
+            with self._send_lock:
+                self._write(frames, deadline_after(timeout))
+        except (Timeout, ConnectionClosed):
+            pass  # the request is dropped here anyway; a dead or stuck peer will not answer it
+        return True
 
     def reply(self, message: Message, data: Payload = b"", timeout: float | None = None, *,
               secure: bool = False) -> None:
@@ -277,17 +455,26 @@ class CommunicationPort:
         if message.type is not MessageType.REQUEST:
             raise ValueError(f"only a REQUEST can be replied to, not {message.type.name}")
         deadline = deadline_after(timeout)
-        size = _size(data)
+        size = len(data) if type(data) is bytes else _size(data)
+        core = self._core
+        if not core.wants_reply(message):
+            if isinstance(data, SectionView):
+                data.release()
+            return
         quick = self._quick
         if (quick is not None and quick.ring_requests and size <= quick.payload_max and not secure
                 and isinstance(data, (bytes, bytearray)) and quick.reply(self, message.id, bytes(data))):
             # Quick-LPC: a request that came through the ring, answered the same way.
             self.stats.replied(message.id, size)
             return
-        if isinstance(data, SectionView) or size > self._inline_threshold:
+        if isinstance(data, SectionView) or size > core.inline_threshold:
             self._send_section(MessageType.REPLY, data, deadline, secure, callback_id=message.id)
         else:
-            self._send(lambda: self._channel.reply(message.id, _owned(data)), deadline)
+            body = _owned(data)
+            with self._send_lock:
+                with self._state:
+                    frames = core.reply(message, body)
+                self._write(frames, deadline)
         self.stats.replied(message.id, size)
 
     # -- sections ------------------------------------------------------------------
@@ -306,25 +493,23 @@ class CommunicationPort:
 
     def trim_sections(self, timeout: float | None = None) -> None:
         """Unmap the idle sections of this side's pool (and the peer's mappings of them)."""
-        self._send(self._channel.trim, deadline_after(timeout))
+        self._send(self._core.trim, deadline_after(timeout))
 
     def _reserve(self, size: int, secure: bool, deadline: float | None) -> SectionView:
         """Section space for ``size`` bytes, waiting for the peer's releases if needed."""
-        self._raise_if_failed()
+        core = self._core
         with self._state:
-            view = self._channel.reserve(size, secure)
+            view = core.reserve(size, secure)
         if view is not None:
             return view
-        self._send(self._channel.release_wanted, deadline)
+        self._send(core.space_wanted, deadline)
 
         def attempt() -> SectionView | None:
-            with self._state:
-                return self._channel.reserve(size, secure)
+            return core.reserve(size, secure)
 
         while True:
             window = deadline
-            sections = self._channel.sections
-            if sections is not None and sections.pool.ledger.budget_blocked:
+            if core.budget_blocked:
                 window = deadline_after(_BUDGET_RECHECK)
                 if deadline is not None and window is not None:
                     window = min(window, deadline)
@@ -335,13 +520,12 @@ class CommunicationPort:
                     raise
 
     def _request_large(self, data: Payload, deadline: float | None, secure: bool,
-                       grant: MemoryGrant | None, on_message: Callable[[Message], None] | None) -> Message:
-        if grant is not None and on_message is not None:
-            raise ValueError("a request cannot both grant memory and serve callbacks (on_message)")
+                       grant: MemoryGrant | None) -> Message:
         pinned = grant.pin() if grant is not None else None
+        core = self._core
         try:
-            if not isinstance(data, SectionView) and _size(data) <= self._channel.inline_threshold:
-                message_id = self._send_new(lambda: self._channel.request(_owned(data), pinned), deadline)
+            if not isinstance(data, SectionView) and _size(data) <= core.inline_threshold:
+                message_id = self._send_new(lambda: core.request(_owned(data), pinned), deadline)
             else:
                 message_id = self._send_section(MessageType.REQUEST, data, deadline, secure, grant=pinned)
         except BaseException:
@@ -349,14 +533,15 @@ class CommunicationPort:
                 pinned.release()
             raise
         if pinned is None:
-            return self._await_reply(message_id, deadline, on_message)
+            return self._await_reply(message_id, deadline)
         return self._await_granted_reply(message_id, pinned, deadline)
 
     def _send_section(self, kind: MessageType, data: Payload, deadline: float | None, secure: bool, *,
                       callback_id: int = 0, grant: LocalGrant | None = None, span: Range | None = None,
-                      as_view: bool | None = None) -> int:
+                      as_view: bool | None = None, deadline_attr: float | None = None) -> int:
         """Send a body through a section: fill a reserved range (unless ``data`` is a
         view already), then send the small frame naming it. Returns the message id."""
+        core = self._core
         if isinstance(data, SectionView):
             view, explicit = data, True
         else:
@@ -370,84 +555,54 @@ class CommunicationPort:
         message_id = 0
         with self._send_lock:
             try:
-                self._raise_if_failed()
                 with self._state:
-                    message_id, frames, fds = self._channel.section_message(
+                    message_id, frames, fds = core.section_message(
                         kind, view, as_view=explicit if as_view is None else as_view,
-                        callback_id=callback_id, grant=grant, span=span)
+                        callback_id=callback_id, grant=grant, span=span, deadline=deadline_attr)
             except BaseException:
                 if not explicit:
                     view.release()
                 raise
             written = False
             try:
-                if self._releases_owed:
-                    self._write_with_releases(frames, deadline, fds)
-                else:
-                    self._write(frames, deadline, fds)
+                self._write(frames, deadline, fds)
                 written = True
             except BaseException:
                 written = self._stream.broken
                 if kind is MessageType.REQUEST and message_id:
-                    with self._state:
-                        self._channel.abandon(message_id)
+                    self._abandon(message_id)
                 raise
             finally:
                 with self._state:
-                    self._channel.section_sent(view, written)
-        self._drain_releases()
+                    core.section_sent(view, written)
+        if core.should_drain():
+            # A sender that never reads would let the peer's releases pile up
+            # in its socket until the peer blocks writing them.
+            self.pump()
         return message_id
 
-    def _drain_releases(self) -> None:
-        """Read the peer's releases now and then while sending many section messages.
-
-        A sender that never reads would otherwise let them pile up in its socket
-        until the peer blocks writing them.
-        """
-        sections = self._channel.sections
-        if sections is not None:
-            unreleased = sections.pool.ledger.unreleased
-            if unreleased >= _DRAIN_EVERY and unreleased % _DRAIN_EVERY == 0:
-                self.pump()
-
-    def _releases_due(self, urgent: bool = False) -> None:
-        """Ranges were released: tell the peer now, or with our next frame.
-
-        While we owe the peer replies, the reply is coming and can carry the
-        releases in the same sendmsg, saving the peer a wake-up per request. A
-        sender short of space says so (RELEASE_WANTED), which makes it urgent.
-        """
-        if urgent or not self._channel.owes_replies:
-            self._flush_releases()
-        else:
-            self._releases_owed = True
-
     def _flush_releases(self) -> None:
-        """Send every release not yet told to the peer, as one frame of its own."""
-        if self._failure is not None or not self._channel.releases_pending:
+        """Send every release not yet told to the peer, as one write of its own."""
+        core = self._core
+        if core.failure is not None:
             return
         with self._send_lock:
-            self._write_with_releases([], deadline_after(_RELEASE_SEND_TIMEOUT))
+            with self._state:
+                frames, entries = core.release_frames()
+            if frames:
+                self._write_runtime(frames, entries)
 
-    def _write_with_releases(self, frames: Frames, deadline: float | None,
-                             fds: list[int] | None = None) -> None:
-        """Write ``frames`` preceded by the pending RELEASE frames (caller holds _send_lock)."""
-        self._releases_owed = False
-        with self._state:
-            entries = self._channel.take_releases()
-            releases = self._channel.release_frames(entries)
-        try:
-            self._write([*releases, *frames], deadline, fds)
-        except Timeout:
-            if entries and not self._stream.broken:
-                with self._state:
-                    self._channel.requeue_releases(entries)
-                self._releases_owed = True
-            if frames:
-                raise
-        except ConnectionClosed:
-            if frames:
-                raise
+    def _write_runtime(self, frames: Frames, entries: list[Release]) -> None:
+        """Frames the runtime owes the peer; a peer not reading keeps its releases queued."""
+        with self._send_lock:
+            try:
+                self._write(frames, deadline_after(_RUNTIME_SEND_TIMEOUT))
+            except Timeout:
+                if not self._stream.broken:
+                    with self._state:
+                        self._core.requeue_releases(entries)
+            except ConnectionClosed:
+                pass
 
     def _send_new(self, make: Callable[[], tuple[int, Frames]], deadline: float | None) -> int:
         message_id = 0
@@ -461,22 +616,24 @@ class CommunicationPort:
             self._send(frames, deadline)
         except BaseException:
             if message_id:
-                with self._state:
-                    self._channel.abandon(message_id)
+                self._abandon(message_id)
             raise
         return message_id
 
     def _send(self, make: Callable[[], Frames], deadline: float | None) -> None:
         with self._send_lock:
-            self._raise_if_failed()
             with self._state:
                 frames = make()
-            if self._releases_owed:
-                self._write_with_releases(frames, deadline)
-            else:
-                self._write(frames, deadline)
+            self._write(frames, deadline)
 
     def _write(self, frames: Frames, deadline: float | None, fds: list[int] | None = None) -> None:
+        """Write ``frames`` after whatever the core owes the peer (caller holds _send_lock)."""
+        core = self._core
+        token = None
+        if core.owed:
+            with self._state:
+                owed, token = core.take_owed()
+            frames = owed + frames
         try:
             self._stream.send(frames, fds or (), deadline=deadline)
             if self._quick is not None:
@@ -486,6 +643,9 @@ class CommunicationPort:
             if self._stream.broken:
                 self.stats.errors += 1
                 self._fail(ConnectionClosed("a send timed out mid-frame; the connection was dropped"))
+            elif token is not None:
+                with self._state:
+                    core.restore_owed(token)
             raise
         except ConnectionClosed:
             self.stats.errors += 1
@@ -494,9 +654,7 @@ class CommunicationPort:
             raise
 
     def _raise_if_failed(self) -> None:
-        failure = self._failure
-        if failure is not None:
-            raise type(failure)(*failure.args)
+        self._core.check_open()
 
     # -- receiving -------------------------------------------------------------
 
@@ -506,9 +664,40 @@ class CommunicationPort:
         On the server side a closed or dead client is reported once as a
         PORT_CLOSED / CLIENT_DIED message; later calls raise PeerGone.
         """
-        message = self._wait_for(self._pop_inbox, deadline_after(timeout), "a message")
-        self._maybe_finalize()
+        core = self._core
+        message = None
+        if core.inbox:
+            with self._state:
+                message = core.take_message()
+        if message is None:
+            message = self._wait_for(core.take_message, deadline_after(timeout), "a message")
+        if core.finalize_wanted or core.channel._automatic:
+            self._after_take()
         return message
+
+    def receive_many(self, max_messages: int = 1024, timeout: float | None = None) -> list[Message]:
+        """Every message waiting, in order (at least one, at most ``max_messages``).
+
+        For consumers of many small messages: one wait and one lock for the
+        lot. A notice (server side) ends the list.
+        """
+        first = self._wait_for(self._core.take_message, deadline_after(timeout), "a message")
+        batch = [first]
+        if first.type not in NOTICES:
+            with self._state:
+                self._core.take_messages(batch, max_messages)
+        self._after_take()
+        return batch
+
+    def _after_take(self) -> None:
+        core = self._core
+        if core.channel._automatic:
+            with self._state:
+                frames = core.take_automatic()
+            if frames:
+                self._write_runtime(frames, [])
+        if core.finalize_wanted:
+            self._maybe_finalize()
 
     def __iter__(self) -> Iterator[Message]:
         """Messages until the peer goes away."""
@@ -518,45 +707,28 @@ class CommunicationPort:
             except ConnectionClosed:
                 return
             yield message
-            if message.type in _NOTICES:
+            if message.type in NOTICES:
                 return
 
-    def _pop_inbox(self) -> Message | None:
-        # Caller holds _cv.
-        if not self._inbox:
-            return None
-        message = self._inbox.popleft()
-        if message.type in _NOTICES:
-            self._release_wanted = True
-        return message
-
-    def _await_reply(self, message_id: int, deadline: float | None,
-                     on_message: Callable[[Message], None] | None = None) -> Message:
+    def _await_reply(self, message_id: int, deadline: float | None) -> Message:
+        core = self._core
         try:
-            if on_message is None:
-                return self._wait_for(lambda: self._replies.pop(message_id, None), deadline, "the reply")
-            # Incoming messages are taken before the reply: one read may bring
-            # both, and whatever this thread leaves in the inbox would wait for a
-            # poll wake-up that already happened. Notices stay queued for
-            # receive() / ConnectionPort.wait(). (take runs with _cv held.)
-            inbox, replies = self._inbox, self._replies
-
-            def take() -> Message | None:
-                if inbox and inbox[0].type in _INCOMING:
-                    return inbox.popleft()
-                return replies.pop(message_id, None)
-
-            while True:
-                found = self._wait_for(take, deadline, "the reply")
-                if found.type is MessageType.REPLY:
-                    return found
-                on_message(found)
-        except BaseException:
+            return self._wait_reply(message_id, deadline)
+        except Timeout:
+            if not self.cancel(message_id):
+                self._abandon(message_id)
             with self._state:
-                self._channel.abandon(message_id)
-            with self._cv:
-                self._replies.pop(message_id, None)
+                core.forget_cancelled(message_id)
             raise
+        except BaseException:
+            self._abandon(message_id)
+            raise
+
+    def _abandon(self, message_id: int) -> None:
+        with self._state:
+            leftovers = self._core.abandon(message_id)
+        for view in leftovers:
+            view.release()
 
     # -- memory grants ----------------------------------------------------------
 
@@ -566,140 +738,181 @@ class CommunicationPort:
         They come here, to the thread that made the request, in the order they
         were sent: every write into the grant lands before the reply returns.
         """
-        def take() -> Message | None:
-            ops = self._grant_ops.get(message_id)
-            if ops:
-                return ops.popleft()
-            return self._replies.pop(message_id, None)
-
+        core = self._core
         try:
             while True:
-                message = self._wait_for(take, deadline, "the reply")
+                message = self._wait_for(lambda: core.take_granted(message_id), deadline, "the reply")
                 if message.type is MessageType.GRANT_READ:
                     self._answer_grant_read(message_id, message, grant, deadline)
                 elif message.type is MessageType.GRANT_WRITE:
-                    self._apply_grant_write(message, grant)
+                    core.apply_grant_write(message, grant)
                 else:
                     return message
-        except BaseException:
+        except Timeout:
+            if not self.cancel(message_id):
+                self._abandon(message_id)
             with self._state:
-                self._channel.abandon(message_id)
-            with self._cv:
-                self._replies.pop(message_id, None)
-                leftovers = self._grant_ops.pop(message_id, deque())
-            for op in leftovers:
-                if op.view is not None:
-                    op.view.release()
+                core.forget_cancelled(message_id)
+            raise
+        except BaseException:
+            self._abandon(message_id)
             raise
         finally:
-            with self._cv:
-                self._grant_ops.pop(message_id, None)
+            with self._state:
+                core.end_granted(message_id)
 
     def _answer_grant_read(self, request_id: int, message: Message, grant: LocalGrant,
                            deadline: float | None) -> None:
-        span: Range = message.grant
-        chunk = grant.memory[span.offset:span.offset + span.length]
-        if span.length <= self._channel.inline_threshold:
-            self._send(lambda: self._channel.grant_payload(MessageType.GRANT_DATA, request_id, span, bytes(chunk)),
-                       deadline)
+        with self._state:
+            answer = self._core.grant_read_answer(request_id, message, grant)
+        if isinstance(answer, memoryview):
+            self._send_section(MessageType.GRANT_DATA, answer, deadline, False, callback_id=request_id,
+                               span=message.grant, as_view=True)
         else:
-            self._send_section(MessageType.GRANT_DATA, chunk, deadline, False, callback_id=request_id, span=span,
-                               as_view=True)
-
-    @staticmethod
-    def _apply_grant_write(message: Message, grant: LocalGrant) -> None:
-        span: Range = message.grant
-        target = grant.memory[span.offset:span.offset + span.length]
-        if message.view is not None:
-            with message.view as memory:
-                _native.copy_into(target, memory)
-        else:
-            _native.copy_into(target, message.data)
+            with self._send_lock:
+                self._write(answer, deadline)
 
     def _direct_ok(self, memory: PeerMemory) -> bool:
         """May we touch the client's memory directly for ``memory`` now?"""
         with self._state:
-            if not self._channel.grant_active(memory):
-                raise SectionError("the grant ended: its request was already replied to")
-        self._raise_if_failed()
+            ok = self._core.direct_ok(memory)
         if self._pidfd is not None and wait_readable([self._pidfd], 0.0):
             raise PeerGone("the client process exited")
-        sections = self._channel.sections
-        return sections is not None and sections.direct_memory and not self._vm_refused
+        return ok
 
     def _grant_read(self, memory: PeerMemory, offset: int, into: memoryview, timeout: float | None) -> None:
+        core = self._core
         if self._direct_ok(memory):
             if direct_read(self.peer.pid, memory.attr, offset, into):
                 memory.direct = True
                 return
-            self._vm_refused = True  # EPERM: the kernel will refuse the rest of this connection too
+            core.vm_refused = True  # EPERM: the kernel will refuse the rest of this connection too
         memory.direct = False
         deadline = deadline_after(timeout)
-        self._send(lambda: self._channel.grant_read(memory, offset, into.nbytes), deadline)
+        self._send(lambda: core.grant_read(memory, offset, into.nbytes), deadline)
         try:
-            answer = self._wait_for(lambda: self._grant_data.pop(memory.request_id, None), deadline,
+            answer = self._wait_for(lambda: core.take_grant_data(memory.request_id), deadline,
                                     "the client's granted data")
         except BaseException:
             with self._state:
-                self._channel.grant_read_abandoned(memory)
-            with self._cv:
-                late = self._grant_data.pop(memory.request_id, None)
-            if late is not None and late.view is not None:
-                late.view.release()
+                late = core.grant_read_abandoned(memory)
+            for view in late:
+                view.release()
             raise
-        if answer.grant is None:
-            raise SectionError("the client withdrew the grant (its request is over)")
-        if answer.view is not None:
-            with answer.view as source:
-                _native.copy_into(into, source)
-        else:
-            _native.copy_into(into, answer.data)
+        core.grant_data_into(answer, into)
 
     def _grant_write(self, memory: PeerMemory, offset: int, payload: memoryview, timeout: float | None) -> None:
+        core = self._core
         if self._direct_ok(memory):
             if direct_write(self.peer.pid, memory.attr, offset, payload):
                 memory.direct = True
                 return
-            self._vm_refused = True
+            core.vm_refused = True
         memory.direct = False
         deadline = deadline_after(timeout)
-        span = Range(offset, payload.nbytes)
-        if payload.nbytes <= self._channel.inline_threshold:
-            self._send(lambda: self._channel.grant_payload(MessageType.GRANT_WRITE, memory.request_id, span,
-                                                           bytes(payload)), deadline)
-        else:
-            self._send_section(MessageType.GRANT_WRITE, payload, deadline, False, callback_id=memory.request_id,
-                               span=span, as_view=True)
+        with self._send_lock:
+            with self._state:
+                frames = core.grant_write(memory, offset, payload)
+            if frames is not None:
+                self._write(frames, deadline)
+                return
+        self._send_section(MessageType.GRANT_WRITE, payload, deadline, False, callback_id=memory.request_id,
+                           span=Range(offset, payload.nbytes), as_view=True)
+
+    # -- waiting and reading -----------------------------------------------------
 
     def _wait_for(self, take: Callable[[], T | None], deadline: float | None, what: str) -> T:
-        while True:
-            with self._cv:
+        """Wait until ``take`` (run under the core's lock) finds something, reading meanwhile."""
+        try:
+            return self._wait_locked(take, deadline, what)
+        finally:
+            if self._core.finalize_wanted:
+                self._maybe_finalize()
+
+    def _wait_reply(self, message_id: int, deadline: float | None) -> Message:
+        """_wait_for(take_reply) with the loop written out: the per-request path."""
+        core = self._core
+        cv = self._cv
+        state = self._state
+        try:
+            with self._cv_lock:
                 while True:
-                    found = take()
+                    with state:
+                        found = core.take_reply(message_id)
                     if found is not None:
                         return found
-                    self._raise_if_failed()
-                    if not self._reading:
-                        self._reading = True
-                        break
-                    if not self._cv.wait(remaining(deadline)):
+                    core.check_open()
+                    if self._reading:
+                        self._waiters += 1
+                        try:
+                            woken = cv.wait(remaining(deadline))
+                        finally:
+                            self._waiters -= 1
+                        if not woken:
+                            raise Timeout("timed out waiting for the reply")
+                        continue
+                    self._reading = True
+                    cv.release()
+                    try:
+                        arrived = self._read(deadline)
+                    finally:
+                        cv.acquire()
+                        self._reading = False
+                        if self._waiters:
+                            cv.notify_all()
+                    if not arrived:
+                        raise Timeout("timed out waiting for the reply")
+        finally:
+            if core.finalize_wanted:
+                self._maybe_finalize()
+
+    def _wait_locked(self, take: Callable[[], T | None], deadline: float | None, what: str) -> T:
+        # One thread at a time reads (the reader role, under _cv); the others
+        # wait on _cv and are woken at the end of each read.
+        state = self._state
+        core = self._core
+        cv = self._cv
+        with self._cv_lock:
+            while True:
+                with state:
+                    found = take()
+                if found is not None:
+                    return found
+                core.check_open()
+                if self._reading:
+                    self._waiters += 1
+                    try:
+                        woken = cv.wait(remaining(deadline))
+                    finally:
+                        self._waiters -= 1
+                    if not woken:
                         raise Timeout(f"timed out waiting for {what}")
-            try:
-                if not self._read(deadline):
+                    continue
+                self._reading = True
+                cv.release()
+                try:
+                    arrived = self._read(deadline)
+                finally:
+                    cv.acquire()
+                    self._reading = False
+                    if self._waiters:
+                        cv.notify_all()
+                if not arrived:
                     raise Timeout(f"timed out waiting for {what}")
-            finally:
-                self._end_read()
 
     def _end_read(self) -> None:
-        with self._cv:
+        # Every read ends here, so whatever it filed wakes the waiters now.
+        with self._cv_lock:
             self._reading = False
-            self._cv.notify_all()
-        self._maybe_finalize()
+            if self._waiters:
+                self._cv.notify_all()
+        if self._core.finalize_wanted:
+            self._maybe_finalize()
 
     def pump(self) -> None:
         """Read whatever is waiting without blocking, unless another thread is reading."""
-        with self._cv:
-            if self._reading or self._failure is not None:
+        with self._cv_lock:
+            if self._reading or self._core.failure is not None:
                 return
             self._reading = True
         try:
@@ -708,17 +921,20 @@ class CommunicationPort:
             self._end_read()
 
     def has_ready_message(self) -> bool:
-        return bool(self._inbox)
+        return bool(self._core.inbox)
 
     def next_ready_message(self) -> Message | None:
         """Pop a received message without reading; call _maybe_finalize() after a notice."""
-        with self._cv:
-            return self._pop_inbox()
+        with self._state:
+            return self._core.take_message()
 
     def wait_fds(self) -> list[int]:
         """What a multiplexer should poll for this port: its socket and the peer's pidfd."""
         if self._released:
             return []
+        return self._fds()
+
+    def _fds(self) -> list[int]:
         return [self._stream.fileno()] + ([self._pidfd] if self._pidfd is not None else [])
 
     def _read(self, deadline: float | None, block: bool = True) -> bool:
@@ -729,99 +945,92 @@ class CommunicationPort:
             done = quick.before_read(self, deadline, block)
             if done is not None:
                 return done
-        if block and not wait_readable(self.wait_fds(), deadline):
+        got = self._stream.read(deadline if block else 0.0, _MAX_FDS_PER_READ)
+        if got is False and block:
             return False
-        got = self._stream.recv_fds(_MAX_FDS_PER_READ)
-        if got is None:
+        if not got:
             if self._pidfd is not None and wait_readable([self._pidfd], 0.0):
                 self._connection_lost("the peer process exited")
             return True
+        assert not isinstance(got, bool)
         data, fds = got
         if not data:
             close_fds(fds)
             self._connection_lost("the peer process died or dropped the connection")
             return True
-        try:
-            with self._state:
-                messages = self._channel.receive(data, fds)
-                automatic = self._channel.take_automatic()
-                copies, self._channel.copies_waiting = self._channel.copies_waiting, False
-                urgent, self._channel.releases_urgent = self._channel.releases_urgent, False
-            if copies:
-                materialize(messages)
-        except ProtocolError as exc:
-            self.stats.errors += 1
-            peer = self.peer
-            _limited.log(logging.WARNING, ("protocol", peer.uid, peer.pid),
-                         f"protocol error from pid {peer.pid}, dropping the connection: {exc}",
-                         extra=fields(pid=peer.pid, uid=peer.uid, gid=peer.gid))
-            self._fail(PeerGone(f"protocol error: {exc}"), notice=f"protocol error: {exc}")
-            return True
-        if automatic:
-            self._send(lambda: automatic, deadline_after(1.0))
-        if self._peer_sections is not None and (copies or self._peer_sections.pending or self._channel.unsent_releases):
-            self._releases_due(urgent)
-        if quick is not None:
-            # Quick-LPC: what waits in the ring was sent before these bytes.
-            messages = quick.drain(self) + messages
-        self._dispatch(messages)
-        if quick is not None:
-            quick.consumed(len(data))
+        self._deliver(data, fds)
         return True
 
-    def _dispatch(self, messages: list[Message]) -> None:
-        with self._cv:
-            self.stats.received(messages)
-            for message in messages:
-                message.port = self
-                kind = message.type
-                if kind is MessageType.REPLY or kind is MessageType.PONG:
-                    self._replies[message.callback_id] = message
-                elif kind is MessageType.PORT_CLOSED:
-                    self._set_failure(PeerGone(message.reason), message)
-                elif kind is MessageType.GRANT_READ or kind is MessageType.GRANT_WRITE:
-                    self._grant_ops.setdefault(message.callback_id, deque()).append(message)
-                elif kind is MessageType.GRANT_DATA:
-                    self._grant_data[message.callback_id] = message
-                else:
-                    self._inbox.append(message)
+    def _deliver(self, data: bytes, fds: list[int]) -> None:
+        """Hand one read to the core, send what it owes the peer, wake whoever waits."""
+        core = self._core
+        quick = self._quick
+        if not fds and quick is None:
+            with self._state:
+                filed = core.receive_one(data)
+            if filed:
+                if filed == FILED_INBOX and self._on_ready is not None:
+                    self._on_ready(self)
+                elif filed == FILED_ERROR:
+                    self._protocol_error(core.error)
+                return
+        with self._state:
+            batch = core.receive(data, fds)
+        if batch.error is not None:
+            self._protocol_error(batch.error)
+            return
+        batch.finish()
+        with self._state:
+            frames, entries = core.outgoing(batch)
+        if frames:
+            self._write_runtime(frames, entries)
+        if quick is not None:
+            # Quick-LPC: what waits in the ring was sent before these bytes.
+            batch = batch._replace(messages=quick.drain(self) + batch.messages)
+        with self._state:
+            wake = core.route(batch)
+        if quick is not None:
+            quick.consumed(len(data))
+        # Waiters wake in _end_read, which every read goes through.
+        if wake.cancelled:
+            with self._state:
+                cancelled = core.take_cancelled()
+            if cancelled and self._on_cancel is not None:
+                self._on_cancel(cancelled)
+        if wake.inbox and self._on_ready is not None:
+            self._on_ready(self)
+
+    def _protocol_error(self, error: str) -> None:
+        peer = self.peer
+        _limited.log(logging.WARNING, ("protocol", peer.uid, peer.pid),
+                     f"protocol error from pid {peer.pid}, dropping the connection: {error}",
+                     extra=fields(pid=peer.pid, uid=peer.uid, gid=peer.gid))
+        self._ended()
+
+    def _ended(self) -> None:
+        with self._cv_lock:
+            self._cv.notify_all()
+        if self._on_ready is not None:
+            self._on_ready(self)
 
     def _connection_lost(self, reason: str) -> None:
         with self._state:
-            notice = self._channel.connection_lost(reason)
-        if notice is not None:
-            notice.port = self
-            with self._cv:
-                self._set_failure(PeerGone(reason), notice)
-
-    def _set_failure(self, failure: ConnectionClosed, notice: Message | None) -> None:
-        # Caller holds _cv. The server side sees the notice as a message and
-        # releases the socket when it is taken; the client side sees PeerGone
-        # on every pending and later call and releases at once.
-        if self._failure is None:
-            self._failure = failure
-        if notice is not None and self._is_server:
-            self._inbox.append(notice)
-        else:
-            self._release_wanted = True
-        self._cv.notify_all()
+            news = self._core.connection_lost(reason)
+        if news:
+            self._ended()
 
     def _fail(self, failure: ConnectionClosed, notice: str | None = None) -> None:
         with self._state:
-            self._channel.mark_closed(str(failure))
-        message = None
-        if notice is not None:
-            message = Message(MessageType.CLIENT_DIED, 0, 0, b"", self.peer, reason=notice)
-            message.port = self
-        with self._cv:
-            self._set_failure(failure, message)
+            self._core.fail(failure, notice)
+        self._ended()
 
     # -- closing ----------------------------------------------------------------
 
     def close(self) -> None:
         """Tell the peer (PORT_CLOSED) and release the connection. Idempotent."""
+        core = self._core
         with self._state:
-            notice = [] if self._failure is not None else self._channel.close_notice()
+            notice = core.close()
         if notice and self._send_lock.acquire(timeout=1.0):
             try:
                 self._stream.try_send(notice)
@@ -829,11 +1038,7 @@ class CommunicationPort:
                 pass
             finally:
                 self._send_lock.release()
-        with self._cv:
-            if self._failure is None:
-                self._failure = ConnectionClosed("the port is closed")
-            self._inbox.clear()
-            self._release_wanted = True
+        with self._cv_lock:
             self._cv.notify_all()
         if self._quick is not None:
             # Quick-LPC: wake a thread waiting on the rings.
@@ -846,20 +1051,23 @@ class CommunicationPort:
         """Close the socket and pidfd once nobody is using them any more.
 
         Never called with _cv held, and a sender holding _send_lock does not call
-        it, so the lock order port -> _cv -> _send_lock is never inverted.
+        it, so the lock order _cv -> _send_lock is never inverted.
         """
-        with self._cv:
-            if not self._release_wanted or self._released or self._reading:
+        with self._cv_lock:
+            if not self._core.finalize_wanted or self._released or self._reading:
                 return
             self._released = True
             self._reading = True  # nobody reads a released stream again
         self._stream.shutdown()
         if self._quick is not None:
             self._quick.close()
+        # Before the fds close: a multiplexer must let go of their numbers first.
+        if self._on_gone is not None:
+            self._on_gone(self)
         with self._send_lock:
             self._stream.close()
         with self._state:
-            self._channel.release_resources()
+            self._core.release_resources()
         if self._pidfd is not None and wait_readable([self._pidfd], 0.0):
             # A peer killed between creating a POSIX section and unlinking its
             # name (a few syscalls) leaves the name behind: clean up after it.
@@ -867,31 +1075,12 @@ class CommunicationPort:
         if self._pidfd is not None:
             close_fds([self._pidfd])
             self._pidfd = None
-        if self._on_gone is not None:
-            self._on_gone(self)
 
     def __enter__(self) -> CommunicationPort:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-_NOTICES = (MessageType.PORT_CLOSED, MessageType.CLIENT_DIED)
-_INCOMING = (MessageType.REQUEST, MessageType.DATAGRAM)
-
-
-def _owned(data: Buffer | Sequence[Buffer]) -> WirePayload:
-    """A single buffer is copied to bytes as before; parts are sent as given.
-
-    Parts are written to the kernel before send/request/reply return, so the
-    caller may reuse its buffers afterwards.
-    """
-    if isinstance(data, bytes):
-        return data
-    if isinstance(data, (bytearray, memoryview)):
-        return bytes(data)
-    return tuple(data)
 
 
 # -- client side ------------------------------------------------------------------
@@ -937,6 +1126,18 @@ def _connect_once(
     timeout: float | None = None,
     config: Config | None = None,
 ) -> CommunicationPort:
+    stream, channel, pidfd, accept_data, quick = open_channel(name, data, timeout=timeout, config=config)
+    return CommunicationPort(stream, channel, peer_pidfd=pidfd, is_server=False, accept_data=accept_data,
+                             quick=quick)
+
+
+def open_channel(name: str, data: bytes = b"", *, timeout: float | None = None, config: Config | None = None,
+                 quick_ok: bool = True) -> tuple[Stream, Channel, int | None, bytes, qlpc.QuickLink | None]:
+    """The connect handshake: the established stream, its channel, the server's pidfd, accept
+    data, and the Quick-LPC rings if the server offered them and ``quick_ok`` takes them.
+
+    Blocking; a driver (this module, or ``aio``, which declines the rings) wraps the result.
+    """
     config = config or Config.from_env()
     validate_port_name(name)
     data = bytes(data)
@@ -962,7 +1163,7 @@ def _connect_once(
         raise
     pidfd = pidfd_open(server.pid)
     try:
-        quick = _accept_quick(reply, quick_fd, config, stream, pidfd)
+        quick = _accept_quick(reply, quick_fd, config if quick_ok else None, stream, pidfd)
     except BaseException:
         stream.close()
         close_fds([pidfd] if pidfd is not None else [])
@@ -976,11 +1177,10 @@ def _connect_once(
     )
     channel = Channel(server, send_limit=reply.max_message_length,
                       recv_limit=config.max_message_length, local_pid=os.getpid(), sections=sections)
-    return CommunicationPort(stream, channel, peer_pidfd=pidfd, is_server=False, accept_data=reply.data,
-                             quick=quick)
+    return stream, channel, pidfd, reply.data, quick
 
 
-def _accept_quick(reply: control.ConnectionReply, fd: int | None, config: Config, stream: Stream,
+def _accept_quick(reply: control.ConnectionReply, fd: int | None, config: Config | None, stream: Stream,
                   pidfd: int | None) -> qlpc.QuickLink | None:
     """Quick-LPC: map the rings the server offered, or decline them (the connection stays on the socket)."""
     if (fd is None) != (reply.quick_slots == 0):
@@ -988,7 +1188,7 @@ def _accept_quick(reply: control.ConnectionReply, fd: int | None, config: Config
         raise ProtocolError("the connection reply's Quick-LPC offer and its fd do not match")
     if fd is None:
         return None
-    if not config.quick_lpc or not qlpc.available():
+    if config is None or not config.quick_lpc or not qlpc.available():
         close_fds([fd])
         return None
     return qlpc.QuickLink.accept(fd, reply.quick_slots, reply.quick_slot_size, config.quick_spin_us,
@@ -1027,354 +1227,51 @@ def _connection_reply(frame: Frame, cred: PeerCred | None) -> tuple[control.Conn
     return reply, cred
 
 
-# -- server side -------------------------------------------------------------------
 
 
-class ConnectionRequest:
-    """A client asking to connect; ``client`` is its kernel-verified identity."""
+class PendingRequest:
+    """A request in flight (``CommunicationPort.start_request``): wait for it, or cancel it."""
 
-    def __init__(self, port: ConnectionPort, stream: Stream, info: control.ConnectionRequestInfo) -> None:
+    def __init__(self, port: CommunicationPort, message_id: int, grant: LocalGrant | None,
+                 deadline: float | None) -> None:
         self._port = port
-        self._stream: Stream | None = stream
-        self.client = stream.peer_cred()
-        self._pidfd = stream.peer_pidfd()
-        self.data = info.data
-        self.port_name = info.name
-        self._client_max_message = info.max_message_length
-        self._client_max_sections = info.max_section_bytes
+        self.id = message_id
+        self._grant = grant
+        self.deadline = deadline
+        self._done = False
+
+    def result(self, timeout: float | None = None) -> Message:
+        """The reply; Timeout (the request is then cancelled at the server), Cancelled, or
+        DeadlineExceeded once the request's deadline passed."""
+        if self._done:
+            raise ValueError("the reply of this request was already taken")
+        wait_until = deadline_after(timeout)
+        if self.deadline is not None and (wait_until is None or self.deadline < wait_until):
+            wait_until = self.deadline
+        self._done = True
+        port = self._port
+        try:
+            if self._grant is None:
+                return port._await_reply(self.id, wait_until)
+            return port._await_granted_reply(self.id, self._grant, wait_until)
+        except Timeout as exc:
+            if self.deadline is not None and wait_until == self.deadline:
+                raise DeadlineExceeded(f"request {self.id} ran past its deadline") from exc
+            raise
+
+    def cancel(self) -> bool:
+        """Cancel it (from any thread): False if its reply already came or it was cancelled."""
+        return self._port.cancel(self.id)
 
     def __repr__(self) -> str:
-        return f"<ConnectionRequest to {self.port_name!r} from pid {self.client.pid} uid {self.client.uid}>"
-
-    def _take_stream(self) -> Stream:
-        if self._stream is None:
-            raise ValueError("this connection request was already answered")
-        stream, self._stream = self._stream, None
-        self._port._forget_request(self)
-        return stream
-
-    def accept(self, data: bytes = b"", timeout: float | None = 5.0) -> CommunicationPort:
-        """Accept: the client's connect() returns with ``data`` as its accept_data."""
-        data = bytes(data)
-        if len(data) > self._port.config.max_connect_data:
-            raise MessageTooLarge(f"accept data of {len(data)} bytes exceeds {self._port.config.max_connect_data}")
-        stream = self._take_stream()
-        pidfd, self._pidfd = self._pidfd, None
-        attributes = self._port.attributes
-        quick, ring_fds = _offer_quick(attributes, stream, pidfd)
-        reply = control.ConnectionReply(accepted=True, data=data, reason="",
-                                        max_message_length=attributes.max_message_length,
-                                        inline_threshold=attributes.inline_threshold,
-                                        max_section_bytes=attributes.max_section_bytes,
-                                        secure_views=attributes.secure_views,
-                                        quick_slots=attributes.quick_slots if quick else 0,
-                                        quick_slot_size=attributes.quick_slot_size if quick else 0)
-        try:
-            stream.send(control_frame(reply, n_fds=len(ring_fds)), ring_fds, deadline=deadline_after(timeout))
-        except (ConnectionClosed, Timeout):
-            if quick is not None:
-                quick.close()
-            stream.close()
-            close_fds([pidfd] if pidfd is not None else [])
-            raise PeerGone(f"client pid {self.client.pid} went away before the accept") from None
-        finally:
-            # The client holds its own copy now (the rings stay mapped on our side).
-            close_fds(ring_fds)
-        sections = ConnectionSections.build(
-            inline_threshold=attributes.inline_threshold,
-            send_quota=min(attributes.max_section_bytes, max(self._client_max_sections, 0)),
-            recv_quota=attributes.max_section_bytes, max_length=attributes.max_message_length,
-            section_size=attributes.section_size, backend=attributes.section_backend,
-            allow_unsealed=attributes.allow_unsealed_sections, secure=attributes.secure_views,
-            budget=self._port._section_budget, direct_memory=attributes.direct_memory,
-        )
-        channel = Channel(self.client, send_limit=self._client_max_message,
-                          recv_limit=attributes.max_message_length, local_pid=os.getpid(), sections=sections)
-        return self._port._adopt(stream, channel, pidfd, quick)
-
-    def reject(self, reason: str = "rejected") -> None:
-        """Refuse: the client's connect() raises ConnectionRejected carrying ``reason``."""
-        stream = self._take_stream()
-        self._port._stats.connects_rejected += 1
-        reply = control.ConnectionReply(accepted=False, data=b"", reason=str(reason)[:1024], max_message_length=0)
-        try:
-            stream.try_send(control_frame(reply))
-        except ConnectionClosed:
-            pass
-        finally:
-            stream.close()
-            self._close_pidfd()
-
-    def _close_pidfd(self) -> None:
-        if self._pidfd is not None:
-            close_fds([self._pidfd])
-            self._pidfd = None
-
-    def close(self) -> None:
-        """Drop an unanswered request (the client sees the server go away)."""
-        if self._stream is not None:
-            self.reject("the server closed the port")
+        return f"<PendingRequest {self.id} on {self._port!r}>"
 
 
-def _offer_quick(attributes: PortAttributes, stream: Stream,
-                 pidfd: int | None) -> tuple[qlpc.QuickLink | None, list[int]]:
-    """Quick-LPC: the rings to offer with an accept (and the fd to pass), if the port offers them."""
-    if not attributes.quick_lpc or not qlpc.available():
-        return None, []
-    try:
-        quick, fd = qlpc.offer(attributes.quick_slots, attributes.quick_slot_size, attributes.quick_spin_us,
-                               stream.fileno(), pidfd)
-    except (QuotaExceeded, OSError) as exc:
-        log.warning("cannot offer Quick-LPC rings, the connection uses its socket: %s", exc)
-        return None, []
-    return quick, [fd]
+def __getattr__(name: str) -> object:
+    # The server side moved to ``server``; its names stay importable from here
+    # (resolved on first use: ``server`` itself imports this module).
+    if name in ("ConnectionPort", "ConnectionRequest", "create_port"):
+        from . import server
 
-
-def create_port(
-    name: str,
-    attributes: PortAttributes | None = None,
-    *,
-    config: Config | None = None,
-    timeout: float | None = None,
-    reregister_timeout: float = 60.0,
-    report_interval: float = 1.0,
-) -> ConnectionPort:
-    """Create a named connection port through the broker.
-
-    Raises NameInUse if a live port has the name, InvalidName for a bad name,
-    BrokerUnavailable if no broker runs. If the broker goes away later, the
-    port registers its name again by itself, with backoff, for up to
-    ``reregister_timeout`` seconds (0: never); established connections keep
-    working meanwhile. ``report_interval`` is how often the port reports its
-    figures to the broker (``alpc peers``, ``alpc stats``).
-    """
-    config = config or Config.from_env()
-    attributes = attributes or PortAttributes()
-    validate_port_name(name)
-    timeout = config.connect_timeout if timeout is None else timeout
-    link = Registration(name, attributes, config, reregister_timeout=reregister_timeout,
-                        report_interval=report_interval)
-    try:
-        link.open(timeout)
-    except BaseException:
-        link.close()
-        raise
-    port = ConnectionPort(name, link, attributes, config)
-    link.start(port._status, port._drain_registration)
-    return port
-
-
-class ConnectionPort:
-    """A named server port: listen for connections and wait on every client at once.
-
-    If the broker goes away, the port keeps serving its established
-    connections and registers its name again when the broker is back. Should
-    that fail (the timeout ran out, or another process took the name
-    meanwhile), ``listen`` raises the error (BrokerUnavailable or NameInUse)
-    and ``wait`` raises it once, then goes on delivering messages.
-    """
-
-    def __init__(self, name: str, link: Registration, attributes: PortAttributes, config: Config) -> None:
-        self.name = name
-        self.attributes = attributes
-        self.config = config
-        self._link = link
-        self._lock = threading.RLock()
-        self._requests: deque[ConnectionRequest] = deque()
-        self._unanswered: set[ConnectionRequest] = set()
-        self._connections: list[CommunicationPort] = []
-        self._stats = PortStatistics()
-        self._error_reported = False
-        self._closed = False
-        self._turn = 0
-        self._section_budget = Budget(attributes.max_port_section_bytes)
-        # Quick-LPC: the watcher thread lives as long as a port offering the rings.
-        self._quick_held = attributes.quick_lpc and qlpc.hold_watcher()
-
-    def __repr__(self) -> str:
-        return f"<ConnectionPort {self.name!r} with {len(self._connections)} clients>"
-
-    @property
-    def connections(self) -> list[CommunicationPort]:
-        with self._lock:
-            return list(self._connections)
-
-    @property
-    def registered(self) -> bool:
-        """Whether the broker knows this port now (False during a broker restart)."""
-        return self._link.live
-
-    @property
-    def registrations(self) -> int:
-        """How many times the name was registered: 1, plus one per re-registration."""
-        return self._link.registrations
-
-    # -- connection requests ---------------------------------------------------
-
-    def listen(self, timeout: float | None = None) -> ConnectionRequest:
-        """Wait for the next connection request."""
-        deadline = deadline_after(timeout)
-        while True:
-            with self._lock:
-                request = self._next_request()
-                if request is not None:
-                    return request
-                fds = self._link.wait_fds()
-            if not wait_readable(fds, deadline):
-                raise Timeout("no connection request arrived in time")
-            with self._lock:
-                self._read_registration()
-
-    def _next_request(self) -> ConnectionRequest | None:
-        self._check_open()
-        if self._requests:
-            return self._requests.popleft()
-        error = self._link.error
-        if error is not None:
-            raise type(error)(*error.args)
-        return None
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ConnectionClosed(f"port {self.name!r} is closed")
-
-    def _read_registration(self) -> None:
-        # Caller holds _lock.
-        if self._closed:
-            return
-        for frame in self._link.read():
-            self._handle_registration_frame(frame)
-
-    def _drain_registration(self) -> None:
-        """The keeper saw the broker hang up: take what it sent before, and notice the EOF."""
-        with self._lock:
-            self._read_registration()
-
-    def _handle_registration_frame(self, frame: Frame) -> None:
-        try:
-            info = control.decode_body(frame.type, frame.data, control.ConnectionRequestInfo)
-            stream = Stream.from_fd(frame.fds[0])
-        except (ProtocolError, OSError) as exc:
-            close_fds(frame.fds)
-            log.error("bad connection request from the broker: %s", exc, extra=fields(port=self.name))
-            return
-        if wait_readable([stream.fileno()], 0.0):
-            # The client already gave up (timeout or death); nobody to answer.
-            stream.close()
-            return
-        request = ConnectionRequest(self, stream, info)
-        self._unanswered.add(request)
-        self._requests.append(request)
-
-    def _forget_request(self, request: ConnectionRequest) -> None:
-        with self._lock:
-            self._unanswered.discard(request)
-
-    # -- communication ports ----------------------------------------------------
-
-    def _adopt(self, stream: Stream, channel: Channel, pidfd: int | None,
-               quick: qlpc.QuickLink | None = None) -> CommunicationPort:
-        comm = CommunicationPort(stream, channel, peer_pidfd=pidfd, is_server=True, on_gone=self._forget,
-                                 quick=quick)
-        with self._lock:
-            self._connections.append(comm)
-            self._stats.connects_accepted += 1
-        self._link.report_soon()
-        return comm
-
-    def _forget(self, comm: CommunicationPort) -> None:
-        with self._lock:
-            if comm in self._connections:
-                self._connections.remove(comm)
-                self._stats.retire(comm.stats)
-        self._link.report_soon()
-
-    def _status(self) -> control.PortStatus:
-        """The report the keeper sends the broker: every client and the port's counters."""
-        with self._lock:
-            live = [LiveConnection(comm.peer, comm.stats, comm.queue_depth) for comm in self._connections]
-            return self._stats.report(live)
-
-    def wait(self, timeout: float | None = None) -> ConnectionRequest | Message:
-        """The next event on this port: a connection request, or a message from any client.
-
-        Messages carry ``message.port``, the communication port to answer on.
-        Client death and close arrive as CLIENT_DIED / PORT_CLOSED messages.
-        """
-        deadline = deadline_after(timeout)
-        while True:
-            with self._lock:
-                ready = self._next_event()
-                owners = self._wait_owners() if ready is None else {}
-                hot = self._quick_armed() if ready is None else []
-            if isinstance(ready, Message):
-                ready.port._maybe_finalize()
-            if ready is not None:
-                return ready
-            fired = wait_readable(list(owners), 0.0 if hot else deadline)
-            if not fired and not hot:
-                raise Timeout("nothing arrived on the port in time")
-            for comm in hot:
-                comm.pump()
-            for fd in fired:
-                owner = owners[fd]
-                if isinstance(owner, CommunicationPort):
-                    owner.pump()
-                else:
-                    with self._lock:
-                        self._read_registration()
-
-    def _wait_owners(self) -> dict[int, ConnectionPort | CommunicationPort]:
-        owners: dict[int, ConnectionPort | CommunicationPort] = dict.fromkeys(self._link.wait_fds(), self)
-        for comm in self._connections:
-            for fd in comm.wait_fds():
-                owners[fd] = comm
-        return owners
-
-    def _quick_armed(self) -> list[CommunicationPort]:
-        """Quick-LPC: ring each client's doorbell from now on; those whose ring already holds requests."""
-        return [comm for comm in self._connections if comm._quick is not None and comm._quick.arm()]
-
-    def _next_event(self) -> ConnectionRequest | Message | None:
-        self._check_open()
-        if self._requests:
-            return self._requests.popleft()
-        error = self._link.error
-        if error is not None and not self._error_reported:
-            self._error_reported = True
-            raise type(error)(*error.args)
-        count = len(self._connections)
-        for step in range(count):
-            comm = self._connections[(self._turn + step) % count]
-            if comm.has_ready_message():
-                message = comm.next_ready_message()
-                if message is not None:
-                    self._turn = (self._turn + step + 1) % max(count, 1)
-                    return message
-        return None
-
-    # -- closing -----------------------------------------------------------------
-
-    def close(self) -> None:
-        """Close every connection and give the name back to the broker."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            requests = list(self._unanswered)
-            connections = list(self._connections)
-        # The link first: its keeper must not keep watching a port that no longer reads it.
-        self._link.close()
-        for request in requests:
-            request.close()
-        for comm in connections:
-            comm.close()
-        if self._quick_held:
-            self._quick_held = False
-            qlpc.release_watcher()
-
-    def __enter__(self) -> ConnectionPort:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        return getattr(server, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,6 +7,7 @@ and send the frames this returns; the rules live here once.
 from __future__ import annotations
 
 import os
+import struct
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
@@ -16,10 +17,16 @@ from .grant import LocalGrant, PeerMemory
 from .section import ConnectionSections, SectionView, View
 from .security import PeerCred
 from .wire import (
+    CHANNEL_FLAGS,
+    HEADER,
+    HEADER_SIZE,
+    MAGIC,
     MAX_ATTR_LENGTH,
     MAX_RELEASES_PER_FRAME,
+    VERSION,
     Access,
     Attributes,
+    Flag,
     Frame,
     FrameDecoder,
     FrameLimits,
@@ -57,7 +64,7 @@ __all__ = [
 
 CHANNEL_TYPES = frozenset({
     MessageType.REQUEST, MessageType.REPLY, MessageType.DATAGRAM,
-    MessageType.PORT_CLOSED, MessageType.PING, MessageType.PONG,
+    MessageType.PORT_CLOSED, MessageType.PING, MessageType.PONG, MessageType.CANCEL,
     MessageType.QUICK_DOORBELL,
 })
 # Runtime traffic of a connection with sections: releases, retirements, grants.
@@ -80,9 +87,9 @@ _ID_MASK = QUICK_ID_BIT - 1
 
 def channel_limits(max_data: int, sections: bool = False) -> FrameLimits:
     if not sections:
-        return FrameLimits(allowed_types=CHANNEL_TYPES, max_data=max_data)
+        return FrameLimits(allowed_types=CHANNEL_TYPES, max_data=max_data, flag_mask=CHANNEL_FLAGS)
     return FrameLimits(allowed_types=CHANNEL_TYPES | SECTION_TYPES, max_data=max_data,
-                       max_attr=MAX_ATTR_LENGTH, max_fds=1)
+                       max_attr=MAX_ATTR_LENGTH, max_fds=1, flag_mask=CHANNEL_FLAGS)
 
 
 class Replier(Protocol):
@@ -103,7 +110,8 @@ class Message:
     A request whose client granted memory carries ``grant`` (a PeerMemory).
     """
 
-    __slots__ = ("_copy", "_data", "callback_id", "fds", "grant", "id", "port", "reason", "sender", "sender_pid",
+    __slots__ = ("_copy", "_data", "callback_id", "cancelled", "deadline", "fds", "grant", "id", "port", "reason",
+                 "sender", "sender_pid",
                  "sender_tid", "type", "view")
 
     def __init__(
@@ -132,6 +140,11 @@ class Message:
         self.fds = fds
         self.reason = reason
         self.port: Any = None
+        # A request the client cancelled (or whose deadline passed): a handler
+        # polls this; its reply is dropped.
+        self.cancelled = False
+        # The client's absolute deadline (time.monotonic() seconds), or None.
+        self.deadline: float | None = None
 
     @property
     def data(self) -> bytes:
@@ -158,11 +171,11 @@ class Message:
         body = self._copy if self._copy is not None else self.view
         return 0 if body is None else len(body)
 
-    def reply(self, data: Any = b"", timeout: float | None = None, **options: Any) -> None:
-        """Reply to this request on the port it arrived on."""
+    def reply(self, data: Any = b"", timeout: float | None = None, **options: Any) -> Any:
+        """Reply to this request on the port it arrived on (on an asyncio port, await the result)."""
         if self.port is None:
             raise ConnectionClosed("this message is not attached to a port")
-        self.port.reply(self, data, timeout, **options)
+        return self.port.reply(self, data, timeout, **options)
 
     def __repr__(self) -> str:
         extra = f" reason={self.reason!r}" if self.reason else ""
@@ -240,7 +253,10 @@ class Channel:
         self._next_id = 1
         self._pending: set[int] = set()
         self._abandoned: dict[int, None] = {}
-        self._unreplied: set[int] = set()
+        # Requests awaiting our reply: id -> the message handed to the application.
+        self._unreplied: dict[int, Message | None] = {}
+        # Requests the peer cancelled since the driver last looked (their handlers should stop).
+        self.cancelled: list[Message] = []
         self._automatic: Frames = []
         # Client with Quick-LPC rings: is a socket reply to ring request id
         # awaited (True), late (False, dropped)? ProtocolError if neither.
@@ -272,13 +288,21 @@ class Channel:
                callback_id: int = 0, attrs: bytes = b"", n_fds: int = 0) -> Frames:
         if self.closed:
             raise ConnectionClosed(self.close_reason or "the channel is closed")
-        parts, length = payload_parts(data)
-        header = encode_header(
-            message_type, length, message_id=message_id, callback_id=callback_id,
-            sender_pid=self._local_pid, sender_tid=threading.get_native_id(),
-            attr_length=len(attrs), n_fds=n_fds,
-        )
-        return [header, attrs, *parts] if attrs else [header, *parts]
+        if attrs or type(data) is not bytes:
+            parts, length = payload_parts(data)
+            header = encode_header(
+                message_type, length, message_id=message_id, callback_id=callback_id,
+                sender_pid=self._local_pid, sender_tid=_native_tid(),
+                attr_length=len(attrs), n_fds=n_fds,
+            )
+            return [header, attrs, *parts] if attrs else [header, *parts]
+        # The per-message path: positional packing, and one buffer for a small
+        # body (joining 100 bytes costs less than a second iovec).
+        header = _pack_header(MAGIC, VERSION, message_type, 0, len(data), 0, message_id, callback_id,
+                              self._local_pid, _native_tid(), 0, 0, 0)
+        if len(data) <= _JOIN_BELOW:
+            return [header + data]
+        return [header, data]
 
     def _check_size(self, data: Payload) -> None:
         length = len(data) if isinstance(data, bytes) else payload_parts(data)[1]
@@ -298,28 +322,100 @@ class Channel:
         self._next_id = (message_id + 1) & _ID_MASK or 1
         return message_id
 
-    def request(self, data: Payload, grant: LocalGrant | None = None) -> tuple[int, Frames]:
-        """Frames for a request; its reply is matched by the returned id."""
+    def request(self, data: Payload, grant: LocalGrant | None = None,
+                deadline: float | None = None) -> tuple[int, Frames]:
+        """Frames for a request; its reply is matched by the returned id.
+
+        ``deadline`` (time.monotonic() seconds, a clock every process on the
+        machine shares) travels with it: the peer never dispatches it later.
+        ``data`` is one buffer, or parts sent back to back without being joined.
+        """
+        if (grant is None and deadline is None and type(data) is bytes and len(data) <= _JOIN_BELOW
+                and not self.closed):
+            # The per-message path, inlined: _check_size, _allocate_id and _frame in one.
+            if len(data) > self.send_limit:
+                self.check_length(len(data))
+            message_id = self._next_id
+            pending = self._pending
+            while message_id in pending or message_id in self._abandoned:
+                message_id = (message_id + 1) & _ID_MASK or 1
+            self._next_id = (message_id + 1) & _ID_MASK or 1
+            pending.add(message_id)
+            return message_id, [_pack_header(MAGIC, VERSION, _REQUEST_INT, 0, len(data), 0, message_id, 0,
+                                             self._local_pid, _native_tid(), 0, 0, 0) + data]
         self._check_size(data)
         message_id = self._allocate_id()
-        if grant is None:
+        if grant is None and deadline is None:
             frames = self._frame(MessageType.REQUEST, data, message_id=message_id)
         else:
-            frames = self._frame(MessageType.REQUEST, data, message_id=message_id, attrs=self._grant_attrs(grant))
-            self._grants[message_id] = grant
+            attrs = self._request_attrs(grant, deadline)
+            frames = self._frame(MessageType.REQUEST, data, message_id=message_id, attrs=attrs)
+            if grant is not None:
+                self._grants[message_id] = grant
         self._pending.add(message_id)
         return message_id, frames
 
-    def _grant_attrs(self, grant: LocalGrant) -> bytes:
+    def _request_attrs(self, grant: LocalGrant | None, deadline: float | None) -> bytes:
         if self.sections is None:
-            raise SectionError("memory grants need a connection with sections")
-        return encode_attributes(Attributes(grant=grant.attr))
+            raise SectionError("memory grants and deadlines need a connection with sections")
+        return encode_attributes(Attributes(grant=None if grant is None else grant.attr,
+                                            deadline=None if deadline is None else _deadline_ns(deadline)))
+
+    def cancel(self, request_id: int) -> Frames:
+        """Stop waiting for a request and tell the peer (CANCEL); its reply, if any comes, is dropped.
+
+        Empty when the request is not in flight (answered already, or never sent).
+        """
+        if request_id not in self._pending:
+            return []
+        self.abandon(request_id)
+        return self._frame(MessageType.CANCEL, b"", callback_id=request_id)
+
+    def _cancel_received(self, request_id: int) -> None:
+        """The peer gave up on a request of its: answer for the application, which never will.
+
+        A CANCEL racing the reply (already sent) finds nothing and is ignored.
+        """
+        if request_id not in self._unreplied:
+            return
+        message = self._unreplied.get(request_id)
+        self._answer_cancelled(request_id)
+        if message is not None:
+            message.cancelled = True
+            self.cancelled.append(message)
+
+    def expire(self, message: Message) -> None:
+        """A request whose deadline passed before dispatch: answer it as cancelled instead."""
+        if message.id in self._unreplied and self._unreplied[message.id] is message:
+            message.cancelled = True
+            self._answer_cancelled(message.id)
+
+    def _answer_cancelled(self, request_id: int) -> None:
+        header = _pack_header(MAGIC, VERSION, MessageType.REPLY, _CANCELLED, 0, 0, self._allocate_id(), request_id,
+                              self._local_pid, _native_tid(), 0, 0, 0)
+        self._automatic.append(header)
+        self._replied(request_id)
+
 
     def ping(self) -> tuple[int, Frames]:
         message_id = self._allocate_id()
         frames = self._frame(MessageType.PING, b"", message_id=message_id)
         self._pending.add(message_id)
         return message_id, frames
+
+    def datagrams(self, items: list[bytes]) -> bytes:
+        """Many small datagrams as one buffer (ids allocated in order): a batch for one write."""
+        parts: list[bytes] = []
+        pid, tid = self._local_pid, _native_tid()
+        if self.closed:
+            raise ConnectionClosed(self.close_reason or "the channel is closed")
+        for data in items:
+            if len(data) > self.send_limit:
+                self.check_length(len(data))
+            parts.append(_pack_header(MAGIC, VERSION, _DATAGRAM_INT, 0, len(data), 0, self._allocate_id(), 0,
+                                      pid, tid, 0, 0, 0))
+            parts.append(data)
+        return b"".join(parts)
 
     def datagram(self, data: Payload) -> Frames:
         self._check_size(data)
@@ -328,9 +424,13 @@ class Channel:
     def reply(self, request_id: int, data: Payload) -> Frames:
         if request_id not in self._unreplied:
             raise ValueError(f"message {request_id} is not a request awaiting a reply on this port")
-        self._check_size(data)
+        if type(data) is bytes:
+            if len(data) > self.send_limit:
+                self.check_length(len(data))
+        else:
+            self._check_size(data)
         frames = self._frame(MessageType.REPLY, data, message_id=self._allocate_id(), callback_id=request_id)
-        self._unreplied.discard(request_id)
+        del self._unreplied[request_id]
         if self._peer_grants:
             self._replied(request_id)
         return frames
@@ -340,7 +440,7 @@ class Channel:
             raise ValueError(f"message {request_id} is not a request awaiting a reply on this port")
 
     def _replied(self, request_id: int) -> None:
-        self._unreplied.discard(request_id)
+        self._unreplied.pop(request_id, None)
         if self._peer_grants:
             self._peer_grants.pop(request_id, None)
             self._grant_reads.pop(request_id, None)
@@ -361,7 +461,8 @@ class Channel:
         return sections.pool.reserve(length, secure or sections.secure)
 
     def section_message(self, kind: MessageType, view: SectionView, *, as_view: bool, callback_id: int = 0,
-                        grant: LocalGrant | None = None, span: Range | None = None) -> tuple[int, Frames, list[int]]:
+                        grant: LocalGrant | None = None, span: Range | None = None,
+                        deadline: float | None = None) -> tuple[int, Frames, list[int]]:
         """Frames (and the fd to pass) carrying a filled ``view`` as a message of ``kind``.
 
         ``as_view`` asks the receiver for a view instead of a copy. The view is
@@ -380,7 +481,8 @@ class Channel:
         new, fd = sections.pool.prepare(view)
         flags = (_VIEW if as_view else 0) | (_SECURE if view.secure else 0)
         attrs = Attributes(ref=SectionRef(view.section_id, flags, view.offset, view.length), new=new,
-                           grant=grant.attr if grant is not None else None, range=span)
+                           grant=grant.attr if grant is not None else None, range=span,
+                           deadline=None if deadline is None else _deadline_ns(deadline))
         message_id = self._allocate_id() if kind in _NUMBERED else 0
         frames += self._frame(kind, b"", message_id=message_id, callback_id=callback_id,
                               attrs=encode_attributes(attrs), n_fds=1 if fd is not None else 0)
@@ -493,7 +595,7 @@ class Channel:
 
     def quick_reply_failed(self, request_id: int) -> None:
         """Server: the ring refused that reply after all; it is owed again."""
-        self._unreplied.add(request_id)
+        self._unreplied[request_id] = None
 
     def doorbell(self) -> Frames:
         """Tell a peer waiting in poll() to look at its ring."""
@@ -523,6 +625,11 @@ class Channel:
     def pending_requests(self) -> frozenset[int]:
         return frozenset(self._pending)
 
+    @property
+    def pending_ids(self) -> set[int]:
+        """Requests in flight (the live set, for membership tests; do not modify)."""
+        return self._pending
+
     def mark_closed(self, reason: str) -> None:
         if not self.closed:
             self.closed = True
@@ -542,11 +649,93 @@ class Channel:
     def receive(self, data: bytes, fds: Iterable[int] = ()) -> list[Message]:
         """Decode received bytes into messages. Raises ProtocolError on a violation."""
         messages: list[Message] = []
+        if not fds and not self._automatic and not self._decoder.busy:
+            # A batch of plain frames (many datagrams in one read) decodes
+            # without building Frames; the rest takes the general path.
+            start = self._plain_run(data, messages)
+            if start:
+                if start == len(data):
+                    return messages
+                data = data[start:]
         for frame in self._decoder.feed(data, fds):
             message = self._dispatch(frame)
             if message is not None:
                 messages.append(message)
         return messages
+
+    def receive_one(self, data: bytes) -> Message | bool | None:
+        """The common read: exactly one plain frame (no fds, no attributes), decoded in one step.
+
+        Returns the message, None when the frame needs no delivery (a late
+        reply), or False when ``data`` is anything else (or anything wrong),
+        with nothing consumed: use ``receive``, which names any violation.
+        """
+        if self._automatic or self._decoder.busy or len(data) < HEADER_SIZE:
+            return False
+        data_length, attr_length = _unpack_lengths(data, 8)
+        if HEADER_SIZE + data_length + attr_length != len(data):
+            return False  # not exactly one frame: nothing is consumed
+        message, end = self._plain(data, 0)
+        if not end:
+            return False
+        return message
+
+    def _plain_run(self, data: bytes, messages: list[Message]) -> int:
+        """Decode the leading run of plain frames of ``data`` into ``messages``; returns where it stopped."""
+        pos = 0
+        size = len(data)
+        while size - pos >= HEADER_SIZE:
+            message, end = self._plain(data, pos)
+            if not end:
+                break
+            if message is not None:
+                messages.append(message)
+            pos = end
+        return pos
+
+    def _plain(self, data: bytes, pos: int) -> tuple[Message | None, int]:
+        """The frame at ``pos`` if it is a whole plain REPLY/REQUEST/DATAGRAM (no fds, no
+        attributes) that is valid here: (message or None for a late reply, its end); (None, 0)
+        for anything else, with nothing consumed (the general path then names any violation).
+        The rules of ``_dispatch`` for the frames that carry almost all traffic."""
+        (magic, version, kind, flags, data_length, attr_length, message_id, callback_id,
+         pid, tid, n_fds, reserved16, reserved32) = _unpack_header(data, pos)
+        end = pos + HEADER_SIZE + data_length
+        if (attr_length or n_fds or reserved16 or reserved32 or magic != MAGIC or version != VERSION
+                or end > len(data) or data_length > self._decoder.max_data or self.peer_closed):
+            return None, 0
+        if kind == _REPLY_INT:
+            if flags and (flags != _CANCELLED or data_length):
+                return None, 0
+            pending = self._pending
+            if callback_id in pending:
+                pending.discard(callback_id)
+                if self._grants:
+                    self.finish_grant(callback_id)
+            elif callback_id in self._abandoned:
+                del self._abandoned[callback_id]
+                return None, end
+            else:
+                return None, 0
+            message = Message(MessageType.REPLY, message_id, callback_id, data[pos + HEADER_SIZE:end], self.peer,
+                              sender_pid=pid, sender_tid=tid)
+            if flags:
+                message.cancelled = True
+            return message, end
+        if flags:
+            return None, 0
+        if kind == _DATAGRAM_INT:
+            return Message(MessageType.DATAGRAM, message_id, callback_id, data[pos + HEADER_SIZE:end], self.peer,
+                           sender_pid=pid, sender_tid=tid), end
+        if kind == _REQUEST_INT:
+            unreplied = self._unreplied
+            if message_id in unreplied or len(unreplied) >= MAX_UNREPLIED:
+                return None, 0
+            message = Message(MessageType.REQUEST, message_id, callback_id, data[pos + HEADER_SIZE:end], self.peer,
+                              sender_pid=pid, sender_tid=tid)
+            unreplied[message_id] = message
+            return message, end
+        return None, 0
 
     def _dispatch(self, frame: Frame) -> Message | None:
         if self.peer_closed:
@@ -555,8 +744,13 @@ class Channel:
             raise ProtocolError(f"{frame.type.name} frame after the peer closed its port")
         attrs = self._attributes(frame) if frame.attrs or frame.fds else None
         kind = frame.type
+        if frame.flags and (kind is not MessageType.REPLY or frame.data or attrs is not None):
+            raise ProtocolError(f"{kind.name} frame with the CANCELLED flag (only an empty REPLY has it)")
         if kind is MessageType.REQUEST:
             self._request_received(frame.message_id)
+        elif kind is MessageType.CANCEL:
+            self._cancel_received(frame.callback_id)
+            return None
         elif kind is MessageType.REPLY or kind is MessageType.PONG:
             if frame.callback_id in self._pending:
                 self._pending.discard(frame.callback_id)
@@ -589,6 +783,10 @@ class Channel:
                           sender_pid=frame.sender_pid, sender_tid=frame.sender_tid)
         if attrs is not None:
             self._attach(message, attrs)
+        if kind is MessageType.REQUEST:
+            self._unreplied[frame.message_id] = message
+        elif frame.flags:
+            message.cancelled = True
         return message
 
     def _request_received(self, message_id: int) -> None:
@@ -596,7 +794,7 @@ class Channel:
             raise ProtocolError(f"request id {message_id} reused while awaiting its reply")
         if len(self._unreplied) >= MAX_UNREPLIED:
             raise ProtocolError("too many requests awaiting a reply")
-        self._unreplied.add(message_id)
+        self._unreplied[message_id] = None
 
     def _attributes(self, frame: Frame) -> Attributes:
         """Validate a frame's attributes and map the section it introduces, if any."""
@@ -627,6 +825,8 @@ class Channel:
                 self.copies_waiting = True
             if message.type is not MessageType.REQUEST:
                 self.releases_urgent = True
+        if attrs.deadline is not None:
+            message.deadline = attrs.deadline / 1e9
         if attrs.grant is not None:
             memory = PeerMemory(message, attrs.grant)
             message.grant = memory
@@ -725,6 +925,34 @@ class Channel:
             reason += " (mid-frame)"
         return self._notice(MessageType.CLIENT_DIED, reason)
 
+
+_pack_header = HEADER.pack
+_unpack_header = HEADER.unpack_from
+_unpack_lengths = struct.Struct("<II").unpack_from
+_REQUEST_INT, _REPLY_INT, _DATAGRAM_INT = int(MessageType.REQUEST), int(MessageType.REPLY), int(MessageType.DATAGRAM)
+_CANCELLED = int(Flag.CANCELLED)
+
+
+def _deadline_ns(deadline: float) -> int:
+    return max(0, int(deadline * 1e9))
+_PLAIN = frozenset({MessageType.REQUEST, MessageType.REPLY, MessageType.DATAGRAM})
+_tids = threading.local()
+
+
+def _native_tid() -> int:
+    """This thread's id for the header, asked of the kernel (gettid) once per thread."""
+    tid: int | None = getattr(_tids, "tid", None)
+    if tid is None:
+        tid = _tids.tid = threading.get_native_id()
+    return tid
+
+
+def _forget_tid() -> None:
+    _tids.__dict__.pop("tid", None)  # a forked child's thread has a new id
+
+
+os.register_at_fork(after_in_child=_forget_tid)
+_JOIN_BELOW = 16 * 1024
 
 # Plain ints: IntFlag arithmetic costs microseconds on a per-message path.
 _VIEW = int(SectionFlag.VIEW)

@@ -12,11 +12,16 @@ import os
 import select
 import socket
 import struct
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+from ._native import E_TIMEOUT as _E_TIMEOUT
+from ._native import E_WATCH as _E_WATCH
+from ._native import sock_send as _sock_send
+from ._native import sock_wait_recv as _sock_wait_recv
 from .errors import ActivationError, BrokerUnavailable, ConnectionClosed, Timeout
 from .security import PeerCred
 
@@ -25,6 +30,7 @@ __all__ = [
     "Buffer",
     "SO_PEERPIDFD",
     "Listener",
+    "Poller",
     "Received",
     "Stream",
     "advance_buffers",
@@ -48,8 +54,13 @@ _UCRED = struct.Struct("3i")
 # What sendmsg takes; collections.abc.Buffer only arrived in 3.12.
 Buffer = bytes | bytearray | memoryview
 _FD_SIZE = array.array("i").itemsize
+_scratch = threading.local()
+_monotonic = time.monotonic
+# sendmsg refuses more buffers than this (EMSGSIZE).
+_IOV_MAX = 1024
 _FD_SPACE: dict[int, int] = {}
 _POLL_IN = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
+_EPOLL_IN = select.EPOLLIN | select.EPOLLPRI | select.EPOLLHUP | select.EPOLLERR
 
 
 def deadline_after(timeout: float | None) -> float | None:
@@ -101,6 +112,46 @@ def wait_readable_or_hangup(readable: Sequence[int], hangup: Sequence[int], dead
             continue
 
 
+class Poller:
+    """An epoll set kept for a multiplexer's lifetime: register once, wait many times.
+
+    Level-triggered, readable-or-hung-up interest only. Its own fd can be
+    polled beside other fds (it is readable when an event is waiting).
+    """
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._fd = self._epoll.fileno()
+
+    def fileno(self) -> int:
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self._epoll.closed
+
+    def register(self, fd: int) -> None:
+        self._epoll.register(fd, _EPOLL_IN)
+
+    def unregister(self, fd: int) -> None:
+        try:
+            self._epoll.unregister(fd)
+        except (OSError, ValueError):
+            pass  # already gone (closed fds leave the set by themselves), or the poller is closed
+
+    def poll(self, deadline: float | None, max_events: int = 1024) -> list[int]:
+        """The fds that are ready, waiting until ``deadline``; [] when it passes."""
+        while True:
+            left = remaining(deadline)
+            try:
+                return [fd for fd, _ in self._epoll.poll(-1 if left is None else left, max_events)]
+            except InterruptedError:
+                continue
+
+    def close(self) -> None:
+        self._epoll.close()
+
+
 def pidfd_open(pid: int) -> int | None:
     """A pidfd for ``pid`` (readable once it exits), or None if the kernel has none."""
     try:
@@ -124,6 +175,8 @@ class Stream:
         self._fd = sock.fileno()
         self.broken = False
         self._buffer: memoryview | None = None
+        self._poller: select.poll | None = None
+        self._watch = -1
 
     @classmethod
     def connect(cls, path: Path, timeout: float | None = None) -> Stream:
@@ -221,11 +274,36 @@ class Stream:
         A deadline that passes after part of a frame went out leaves the stream
         unusable, so ``broken`` is set and the caller must drop the channel.
         """
-        pending = [memoryview(b).cast("B") for b in buffers if len(b)]
+        if not fds and len(buffers) == 1:
+            # The per-message path: one small frame, written at once in the common case.
+            only = buffers[0]
+            if _sock_send is not None and type(only) is bytes:
+                written = _sock_send(self._fd, only)
+                if written < 0:
+                    if written in (-errno.EPIPE, -errno.ECONNRESET):
+                        raise ConnectionClosed(f"the peer is gone ({os.strerror(-written)})")
+                    if written not in (-errno.EAGAIN, -errno.EINTR):
+                        raise OSError(-written, os.strerror(-written))
+                    written = 0
+            else:
+                try:
+                    written = self._sock.send(only)
+                except (BlockingIOError, InterruptedError):
+                    written = 0
+                except (BrokenPipeError, ConnectionResetError) as exc:
+                    raise ConnectionClosed(f"the peer is gone ({exc.strerror})") from None
+            if written == len(buffers[0]):
+                return
+            rest = [memoryview(buffers[0]).cast("B")[written:]]
+            self._send_rest(rest, (), written > 0, deadline)
+            return
+        self._send_rest([memoryview(b).cast("B") for b in buffers if len(b)], fds, False, deadline)
+
+    def _send_rest(self, pending: list[memoryview], fds: Sequence[int], sent_any: bool,
+                   deadline: float | None) -> None:
         total = sum(len(b) for b in pending)
-        sent_any = False
         while pending:
-            written = self.try_send(pending, fds if not sent_any else ())
+            written = self.try_send(pending[:_IOV_MAX], fds if not sent_any else ())
             if written:
                 sent_any = True
                 total -= written
@@ -234,6 +312,54 @@ class Stream:
             if not self._wait_writable(deadline):
                 self.broken = sent_any
                 raise Timeout(f"send timed out with {total} bytes unsent")
+
+    def watch(self, extra: Sequence[int] = ()) -> None:
+        """Keep a poll set of this socket and ``extra`` (a peer's pidfd) for ``wait_readable``."""
+        poller = select.poll()
+        for fd in (self._fd, *extra):
+            poller.register(fd, _POLL_IN)
+        self._poller = poller
+        self._watch = extra[0] if extra else -1
+
+    def read(self, deadline: float | None, max_fds: int) -> tuple[bytes, list[int]] | bool | None:
+        """Wait for data (until ``deadline``), then read once: (data, fds), b"" at end of stream.
+
+        False when the deadline passed; None when woken with nothing to read
+        (the watched pidfd fired, or a spurious wake-up). One C call with the
+        extension (the GIL released while it waits), else poll and recvmsg.
+        """
+        if _sock_wait_recv is not None:
+            if deadline is None:
+                timeout = -1
+            else:
+                left = deadline - _monotonic()
+                timeout = int(left * 1000) + 1 if left > 0 else 0
+            n, data, fds = _sock_wait_recv(self._fd, self._watch, timeout, max_fds)
+            if n > 0:
+                return data, fds
+            if n == 0:
+                return b"", []
+            if n == _E_TIMEOUT:
+                return False
+            if n == _E_WATCH or n in (-errno.EAGAIN, -errno.EINTR):
+                return None
+            if n == -errno.ECONNRESET:
+                return b"", []
+            raise OSError(-n, os.strerror(-n))
+        if not self.wait_readable(deadline):
+            return False
+        return self.recv_fds(max_fds)
+
+    def wait_readable(self, deadline: float | None) -> bool:
+        """Wait until the socket (or a watched fd) is readable; False when the deadline passes."""
+        poller = self._poller
+        if poller is None:
+            return bool(wait_readable([self._fd], deadline))
+        while True:
+            try:
+                return bool(poller.poll(_poll_ms(deadline)))
+            except InterruptedError:
+                continue
 
     def _wait_writable(self, deadline: float | None) -> bool:
         poller = select.poll()
@@ -271,7 +397,18 @@ class Stream:
         beyond ``max_fds`` (or a truncated set) are closed, never leaked.
         """
         try:
-            data, ancillary, flags, _ = self._sock.recvmsg(size, _FD_SPACE.get(max_fds) or _fd_space(max_fds))
+            if size == RECV_CHUNK:
+                # Into one buffer per thread (not per stream: an idle connection
+                # should cost little): asking recvmsg for 64 KiB makes CPython
+                # allocate (and shrink) that much on every call.
+                buffer = getattr(_scratch, "buffer", None)
+                if buffer is None:
+                    buffer = _scratch.buffer = memoryview(bytearray(RECV_CHUNK))
+                received, ancillary, flags, _ = self._sock.recvmsg_into(
+                    [buffer], _FD_SPACE.get(max_fds) or _fd_space(max_fds))
+                data = buffer[:received].tobytes()
+            else:
+                data, ancillary, flags, _ = self._sock.recvmsg(size, _FD_SPACE.get(max_fds) or _fd_space(max_fds))
         except (BlockingIOError, InterruptedError):
             return None
         except ConnectionResetError:

@@ -30,6 +30,7 @@ from .errors import ProtocolError
 
 __all__ = [
     "ATTR_TYPES",
+    "CHANNEL_FLAGS",
     "HEADER",
     "HEADER_SIZE",
     "MAGIC",
@@ -113,9 +114,14 @@ class Flag(IntFlag):
     """Header flags. Unknown bits are a protocol error, so peers cannot smuggle state."""
 
     NONE = 0
+    # A REPLY the peer's runtime sent for a request its application never
+    # answered: cancelled by the client, or its deadline passed before dispatch.
+    CANCELLED = 1
 
 
 KNOWN_FLAGS = 0
+# Flags an established channel accepts (the broker's control frames take none).
+CHANNEL_FLAGS = int(Flag.CANCELLED)
 
 
 def type_mask(types: Iterable[MessageType]) -> int:
@@ -180,6 +186,9 @@ def encode_frame(message_type: int, data: bytes = b"", **fields: int) -> bytes:
     return encode_header(message_type, len(data), **fields) + data
 
 
+_unpack_header = HEADER.unpack_from
+_TYPES = {int(kind): kind for kind in MessageType}
+
 _ERRORS = {
     _native.E_MAGIC: "bad magic (not an alpc frame)",
     _native.E_VERSION: "unsupported protocol version",
@@ -213,6 +222,15 @@ class FrameDecoder:
     def buffered(self) -> int:
         return self._buffered
 
+    @property
+    def busy(self) -> bool:
+        """Part of a frame, or fds, are held: the next bytes continue them."""
+        return bool(self._chunks) or bool(self._fds)
+
+    @property
+    def max_data(self) -> int:
+        return self._limits.max_data
+
     def wanted(self) -> int:
         """Bytes still missing from the frame being assembled (a header's worth if none).
 
@@ -235,7 +253,12 @@ class FrameDecoder:
         On a violation the queued fds are closed and ProtocolError is raised; the
         caller must then drop the channel, as the stream can no longer be trusted.
         """
-        self._fds.extend(fds)
+        if fds:
+            self._fds.extend(fds)
+        elif not self._chunks and len(data) >= HEADER_SIZE:
+            single = self.single(data)
+            if single is not None:
+                return single
         if self._chunks:
             self._chunks.append(data)
             self._buffered += len(data)
@@ -262,6 +285,28 @@ class FrameDecoder:
             self.close_fds()
             raise ProtocolError("fds received that no frame announced")
         return frames
+
+    def single(self, data: bytes) -> list[Frame] | None:
+        """The common read, exactly one whole frame with no fds, decoded without a scan call.
+
+        None (nothing consumed) for anything else: ``feed`` takes it and names any error.
+        """
+        if self._chunks or len(data) < HEADER_SIZE:
+            return None
+        (magic, version, mtype, flags, data_length, attr_length, message_id, callback_id,
+         pid, tid, n_fds, reserved16, reserved32) = _unpack_header(data)
+        limits = self._limits
+        if (HEADER_SIZE + attr_length + data_length != len(data) or magic != MAGIC or version != VERSION
+                or n_fds or reserved16 or reserved32 or flags & ~limits.flag_mask
+                or data_length > limits.max_data or attr_length > limits.max_attr
+                or mtype not in limits.allowed_types or self._fds):
+            return None  # anything unusual takes the full path, which names the error
+        if attr_length:
+            attrs = data[HEADER_SIZE:HEADER_SIZE + attr_length]
+            body = data[HEADER_SIZE + attr_length:]
+        else:
+            attrs, body = b"", data[HEADER_SIZE:]
+        return [Frame(_TYPES[mtype], flags, message_id, callback_id, pid, tid, attrs, body, ())]
 
     def _keep_partial(self, buf: bytes, start: int) -> None:
         rest = len(buf) - start
@@ -306,6 +351,7 @@ class AttrKind(IntEnum):
     SECTION_NEW = 2   # a section this frame introduces, passed as the frame's one fd
     GRANT = 3         # a request grants the server access to a client buffer
     RANGE = 4         # offset and length inside a grant (GRANT_* frames)
+    DEADLINE = 5      # a request's absolute deadline, CLOCK_MONOTONIC nanoseconds
 
 
 class SectionFlag(IntFlag):
@@ -351,6 +397,7 @@ class Attributes(NamedTuple):
     new: SectionNew | None = None
     grant: GrantAttr | None = None
     range: Range | None = None
+    deadline: int | None = None
 
 
 _TLV = struct.Struct("<HH")
@@ -358,14 +405,15 @@ _REF = struct.Struct("<IIQQ")
 _NEW = struct.Struct("<IIQ")
 _GRANT = struct.Struct("<QQII")
 _RANGE = struct.Struct("<QQ")
+_DEADLINE = struct.Struct("<Q")
 assert (_REF.size, _NEW.size, _GRANT.size, _RANGE.size) == (
     _native.ATTR_SIZES[1], _native.ATTR_SIZES[2], _native.ATTR_SIZES[3], _native.ATTR_SIZES[4])
-MAX_ATTR_LENGTH = 4 * _TLV.size + _REF.size + _NEW.size + _GRANT.size + _RANGE.size
+MAX_ATTR_LENGTH = 5 * _TLV.size + _REF.size + _NEW.size + _GRANT.size + _RANGE.size + _DEADLINE.size
 
 _REF_ONLY = (1 << AttrKind.SECTION_REF) | (1 << AttrKind.SECTION_NEW)
 # Which attributes each frame type may carry; everything else must be empty.
 ATTR_TYPES: dict[MessageType, int] = {
-    MessageType.REQUEST: _REF_ONLY | (1 << AttrKind.GRANT),
+    MessageType.REQUEST: _REF_ONLY | (1 << AttrKind.GRANT) | (1 << AttrKind.DEADLINE),
     MessageType.REPLY: _REF_ONLY,
     MessageType.DATAGRAM: _REF_ONLY,
     MessageType.GRANT_READ: 1 << AttrKind.RANGE,
@@ -384,6 +432,8 @@ def encode_attributes(attrs: Attributes) -> bytes:
         parts += [_TLV.pack(AttrKind.GRANT, _GRANT.size), _GRANT.pack(*attrs.grant, 0)]
     if attrs.range is not None:
         parts += [_TLV.pack(AttrKind.RANGE, _RANGE.size), _RANGE.pack(*attrs.range)]
+    if attrs.deadline is not None:
+        parts += [_TLV.pack(AttrKind.DEADLINE, _DEADLINE.size), _DEADLINE.pack(attrs.deadline)]
     return b"".join(parts)
 
 
@@ -413,6 +463,7 @@ def decode_attributes(frame: Frame) -> Attributes:
         SectionNew(*fields[5:8]) if present & (1 << AttrKind.SECTION_NEW) else None,
         GrantAttr(*fields[8:11]) if present & (1 << AttrKind.GRANT) else None,
         Range(*fields[11:13]) if present & (1 << AttrKind.RANGE) else None,
+        fields[13] if present & (1 << AttrKind.DEADLINE) else None,
     )
     if len(frame.fds) != (attrs.new is not None):
         raise ProtocolError(f"{frame.type.name} frame carries {len(frame.fds)} fds; only a new section may carry one")

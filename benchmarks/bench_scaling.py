@@ -1,6 +1,7 @@
 """Question: how do round trips hold up as concurrent clients grow?
 
-N client processes (all pinned to the client CPU) each hold one connection
+N clients (all pinned to the client CPU; one process each up to 16, then 16
+processes running N/16 connections from threads) each hold one connection
 and do 64-byte round trips against one server for the same time window; the
 record is the latency of a round trip under that load, with the aggregate
 rate of all clients as an extra. Run alone: ``python -m benchmarks.bench_scaling``.
@@ -11,12 +12,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import multiprocessing
+import threading
 import time
 from multiprocessing.connection import Connection
 
 from .bench_roundtrip import echo
 from .core import Case, Point, Timing
 from .runner import READY_TIMEOUT, Outcome, Pair, fork_process, make_payload, measure, stop
+from .transports.base import Client
 
 __all__ = ["CASE"]
 
@@ -27,37 +30,67 @@ def _receive(conn: Connection, what: str) -> object:
     return conn.recv()
 
 
-def _client(pair: Pair, index: int, control: Connection) -> None:
-    """One client process: connect, warm up, say ready, wait for go, measure, report."""
+# Up to this many client processes; beyond, each process drives several
+# connections from threads (1000 processes would measure fork, not alpc).
+MAX_PROCESSES = 16
+
+
+def _client(pair: Pair, indices: list[int], control: Connection) -> None:
+    """One client process: connect, warm up, say ready, wait for go, measure, report.
+
+    With several connections, each runs in its own thread, so all of them
+    are in flight at once as far as the server can tell.
+    """
     payload = make_payload(pair.point.size)
-    client = pair.transport.client(index)
+    clients = [pair.transport.client(index) for index in indices]
     timing = pair.timing
 
-    def one() -> None:
-        if len(client.request(payload)) != len(payload):
-            raise AssertionError("a reply had the wrong length")
+    def run(client: Client, warm: bool, out: list[float]) -> None:
+        def one() -> None:
+            if len(client.request(payload)) != len(payload):
+                raise AssertionError("a reply had the wrong length")
 
-    warm_until = time.monotonic() + timing.warmup_cap
-    for _ in range(timing.warmup):
-        one()
-        if time.monotonic() >= warm_until:
-            break
+        if warm:
+            warm_until = time.monotonic() + timing.warmup_cap
+            for _ in range(timing.warmup):
+                one()
+                if time.monotonic() >= warm_until:
+                    break
+            return
+        out.extend(measure(one, dataclasses.replace(timing, warmup=0)))
+
+    def all_of(warm: bool) -> list[float]:
+        samples: list[float] = []
+        if len(clients) == 1:
+            run(clients[0], warm, samples)
+            return samples
+        threads = [threading.Thread(target=run, args=(client, warm, samples)) for client in clients]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(READY_TIMEOUT)
+        return samples
+
+    all_of(True)
     control.send("ready")
     if _receive(control, "go") != "go":
         raise RuntimeError("expected go")
     started = time.perf_counter()
-    samples = measure(one, dataclasses.replace(timing, warmup=0))
+    samples = all_of(False)
     control.send((samples, time.perf_counter() - started))
-    client.close()
+    for client in clients:
+        client.close()
 
 
 def drive_scaling(pair: Pair) -> Outcome:
     controls: list[Connection] = []
     pids: list[int] = []
+    count = pair.point.connections
+    groups = [list(range(start, count, MAX_PROCESSES)) for start in range(min(count, MAX_PROCESSES))]
     try:
-        for index in range(pair.point.connections):
+        for indices in groups:
             mine, theirs = multiprocessing.Pipe()
-            pids.append(fork_process(pair.job.client_cpu, functools.partial(_client, pair, index, theirs)))
+            pids.append(fork_process(pair.job.client_cpu, functools.partial(_client, pair, indices, theirs)))
             theirs.close()
             controls.append(mine)
         for control in controls:
@@ -86,7 +119,7 @@ CASE: Case = Case(
     title="Round trip under N concurrent clients (64 B, one server)",
     unit="us",
     lower_is_better=True,
-    full_points=(Point(64, 1), Point(64, 4), Point(64, 16)),
+    full_points=(Point(64, 1), Point(64, 16), Point(64, 256), Point(64, 1000)),
     quick_points=(Point(64, 4),),
     full_timing=Timing(repetitions=3, warmup=200, warmup_cap=0.05, min_iterations=20, max_iterations=50_000,
                        time_cap=0.3),

@@ -32,6 +32,7 @@ from .core import Case
 from .transports.alpc_impl import AlpcTransport
 from .transports.alpc_quick import AlpcQuickMessageTransport, AlpcQuickTransport
 from .transports.alpc_rpc import AlpcRpcTransport
+from .transports.alpc_variants import AlpcAioTransport, AlpcBatchTransport, AlpcCompletionTransport
 from .transports.alpc_view import AlpcViewTransport
 from .transports.base import Transport
 from .transports.grpc_impl import GrpcTransport
@@ -84,6 +85,9 @@ IMPLEMENTATIONS: dict[str, Impl] = {impl.name: impl for impl in (
          unavailable=qlpc.unavailable_reason),
     Impl("alpc-view", "alpc", AlpcViewTransport, frozenset({"throughput"}) | _STREAM),
     Impl("alpc-rpc", "alpc", AlpcRpcTransport, frozenset({"roundtrip", "rate", "scaling"})),
+    Impl("alpc-aio", "alpc", AlpcAioTransport, frozenset({"roundtrip", "rate"})),
+    Impl("alpc-batch", "alpc", AlpcBatchTransport, frozenset({"rate"})),
+    Impl("alpc-iocp", "alpc", AlpcCompletionTransport, frozenset({"scaling"})),
     Impl("socketpair", "peer", SocketPairTransport, _MESSAGES | {"scaling"} | _STREAM),
     Impl("unix-socket", "peer", UnixSocketTransport, _CONNECTED),
     Impl("mp.Pipe", "peer", PipeTransport, _MESSAGES | {"scaling"} | _STREAM),

@@ -124,7 +124,10 @@ def _start_server(transport: Transport, job: Job, case: Case, handler: Handler) 
     pid = fork_process(job.server_cpu, serve)
     os.close(ready_w)
     try:
-        if not select.select([ready_r], [], [], READY_TIMEOUT)[0]:
+        # poll, not select: with 1000 pre-made channels the pipe's fd is above FD_SETSIZE.
+        waiter = select.poll()
+        waiter.register(ready_r, select.POLLIN)
+        if not waiter.poll(READY_TIMEOUT * 1000):
             raise TimeoutError(f"the server did not start within {READY_TIMEOUT}s")
         answer = os.read(ready_r, 4096)
     finally:

@@ -4,9 +4,12 @@
 #include "alpc_native.h"
 
 #include <errno.h>
+#include <poll.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/uio.h>
+#include <unistd.h>
 
 #ifndef ALPC_SOURCE_HASH
 #error "build_ffi.py defines ALPC_SOURCE_HASH"
@@ -94,6 +97,7 @@ static size_t attr_size(uint16_t kind)
     case ALPC_ATTR_SECTION_NEW: return ALPC_NEW_SIZE;
     case ALPC_ATTR_GRANT: return ALPC_GRANT_SIZE;
     case ALPC_ATTR_RANGE: return ALPC_RANGE_SIZE;
+    case ALPC_ATTR_DEADLINE: return ALPC_DEADLINE_SIZE;
     default: return 0;
     }
 }
@@ -119,6 +123,9 @@ static int store_attr(uint16_t kind, const uint8_t *v, alpc_attrs *out)
         out->grant_access = le32(v + 16);
         if (le32(v + 20) != 0 || (out->grant_access & ~(uint32_t)ALPC_ACCESS_FLAGS))
             return ALPC_E_ATTR_VALUE;
+        return 0;
+    case ALPC_ATTR_DEADLINE:
+        out->deadline_ns = le64(v);
         return 0;
     default: /* ALPC_ATTR_RANGE: attr_size() admitted no other kind */
         out->range_offset = le64(v);
@@ -229,3 +236,97 @@ int64_t alpc_vm_write(int32_t pid, uint64_t base, uint64_t grant_len, uint64_t o
 }
 
 const char *alpc_source_hash(void) { return ALPC_SOURCE_HASH; }
+
+int64_t alpc_sock_send(int fd, const uint8_t *buf, size_t len)
+{
+    ssize_t n;
+
+    if (buf == NULL && len != 0)
+        return ALPC_E_ARGS;
+    do {
+        n = send(fd, buf, len, MSG_DONTWAIT | MSG_NOSIGNAL);
+    } while (n < 0 && errno == EINTR);
+    return n < 0 ? -(int64_t)errno : (int64_t)n;
+}
+
+/* Room for up to 16 passed fds; more than max_fds are closed anyway. */
+#define ALPC_MAX_RECV_FDS 16
+
+int64_t alpc_sock_wait_recv(int fd, int watch, int timeout_ms, uint8_t *buf, size_t cap,
+                            int *fds, int max_fds, int *nfds)
+{
+    struct pollfd pfd[2];
+    nfds_t count = 1;
+    union {
+        struct cmsghdr align;
+        char space[CMSG_SPACE(sizeof(int) * ALPC_MAX_RECV_FDS)];
+    } control;
+    struct iovec iov;
+    struct msghdr msg;
+    struct cmsghdr *cmsg;
+    ssize_t n;
+    int rc, kept = 0;
+    int received[ALPC_MAX_RECV_FDS];
+
+    if (buf == NULL || nfds == NULL || (fds == NULL && max_fds > 0) || max_fds < 0 ||
+        max_fds > ALPC_MAX_RECV_FDS)
+        return ALPC_E_ARGS;
+    *nfds = 0;
+    pfd[0].fd = fd;
+    pfd[0].events = POLLIN | POLLPRI;
+    pfd[0].revents = 0;
+    if (watch >= 0) {
+        pfd[1].fd = watch;
+        pfd[1].events = POLLIN;
+        pfd[1].revents = 0;
+        count = 2;
+    }
+    /* EINTR goes back to Python (as -EINTR), which runs its signal handlers
+     * before the caller waits again: a blocked call stays interruptible. */
+    rc = poll(pfd, count, timeout_ms);
+    if (rc < 0)
+        return -(int64_t)errno;
+    if (rc == 0)
+        return ALPC_E_TIMEOUT;
+    if (pfd[0].revents == 0)
+        return ALPC_E_WATCH;
+    iov.iov_base = buf;
+    iov.iov_len = cap;
+    memset(&msg, 0, sizeof(msg));
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.space;
+    msg.msg_controllen = sizeof(control.space);
+    do {
+        n = recvmsg(fd, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0)
+        return errno == ECONNRESET ? 0 : -(int64_t)errno;
+    for (cmsg = CMSG_FIRSTHDR(&msg); cmsg != NULL; cmsg = CMSG_NXTHDR(&msg, cmsg)) {
+        size_t i, got;
+        const unsigned char *passed;
+
+        if (cmsg->cmsg_level != SOL_SOCKET || cmsg->cmsg_type != SCM_RIGHTS ||
+            cmsg->cmsg_len < CMSG_LEN(0))
+            continue;
+        got = (cmsg->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        passed = CMSG_DATA(cmsg);
+        for (i = 0; i < got; i++) {
+            int one;
+            memcpy(&one, passed + i * sizeof(int), sizeof(one));
+            if (kept < ALPC_MAX_RECV_FDS)
+                received[kept++] = one;
+            else
+                close(one);
+        }
+    }
+    /* More than the caller takes, or a truncated set: none is trusted, all are closed. */
+    if (kept > max_fds || (msg.msg_flags & MSG_CTRUNC)) {
+        while (kept > 0)
+            close(received[--kept]);
+    }
+    if (kept > 0)
+        memcpy(fds, received, (size_t)kept * sizeof(int));
+    *nfds = kept;
+    return (int64_t)n;
+}

@@ -22,7 +22,9 @@ enum {
     ALPC_E_ATTR_DUP = -12,
     ALPC_E_ATTR_TRUNC = -13,
     ALPC_E_ATTR_VALUE = -14,
-    ALPC_E_RANGE = -15
+    ALPC_E_RANGE = -15,
+    ALPC_E_TIMEOUT = -16,
+    ALPC_E_WATCH = -17
 };
 
 /* Attribute kinds and their fixed value sizes (mirrored by wire.AttrKind). */
@@ -31,10 +33,12 @@ enum {
     ALPC_ATTR_SECTION_NEW = 2,
     ALPC_ATTR_GRANT = 3,
     ALPC_ATTR_RANGE = 4,
+    ALPC_ATTR_DEADLINE = 5,
     ALPC_REF_SIZE = 24,
     ALPC_NEW_SIZE = 16,
     ALPC_GRANT_SIZE = 24,
     ALPC_RANGE_SIZE = 16,
+    ALPC_DEADLINE_SIZE = 8,
     ALPC_SECTION_FLAGS = 3,
     ALPC_ACCESS_FLAGS = 3
 };
@@ -62,6 +66,7 @@ typedef struct {
     uint32_t grant_access;
     uint64_t range_offset;
     uint64_t range_length;
+    uint64_t deadline_ns;
 } alpc_attrs;
 
 /* Walk the frames in buf[start:len], validating every header (including the
@@ -100,6 +105,21 @@ int64_t alpc_vm_read(int32_t pid, uint64_t base, uint64_t grant_len, uint64_t of
                      void *local, size_t len);
 int64_t alpc_vm_write(int32_t pid, uint64_t base, uint64_t grant_len, uint64_t offset,
                       const void *local, size_t len);
+
+/* One non-blocking send of buf[0..len) (MSG_DONTWAIT | MSG_NOSIGNAL) on a
+ * connected stream socket. Returns the bytes written (maybe fewer than len),
+ * or -errno (-EAGAIN when the socket buffer is full). */
+int64_t alpc_sock_send(int fd, const uint8_t *buf, size_t len);
+
+/* Wait until fd, or watch when watch >= 0 (a peer's pidfd), is readable, for
+ * up to timeout_ms (-1: no limit); then one non-blocking recvmsg on fd into
+ * buf[0..cap), keeping up to max_fds passed fds (SCM_RIGHTS) in
+ * fds[0..*nfds); fds beyond max_fds, or a truncated set, are closed. Returns
+ * the bytes read (0 at end of stream), ALPC_E_TIMEOUT, ALPC_E_WATCH when only
+ * the watched fd fired, or -errno (-EAGAIN: woken, but nothing to read;
+ * -EINTR: a signal arrived, so Python can run its handlers). */
+int64_t alpc_sock_wait_recv(int fd, int watch, int timeout_ms, uint8_t *buf, size_t cap,
+                            int *fds, int max_fds, int *nfds);
 
 /* Hash of the sources this library was built from, to detect a stale build. */
 const char *alpc_source_hash(void);

@@ -45,8 +45,10 @@ def test_error_codes_agree_with_the_c_header() -> None:
                  "ATTR_KIND", "ATTR_LENGTH", "ATTR_DUP", "ATTR_TRUNC", "ATTR_VALUE"):
         value = getattr(_native, f"E_{name}")
         assert f"ALPC_E_{name} = {value}," in header
-    assert f"ALPC_E_RANGE = {_native.E_RANGE}\n" in header
-    sizes = dict(zip((1, 2, 3, 4), ("REF", "NEW", "GRANT", "RANGE"), strict=True))
+    assert f"ALPC_E_RANGE = {_native.E_RANGE}," in header
+    assert f"ALPC_E_TIMEOUT = {_native.E_TIMEOUT}," in header
+    assert f"ALPC_E_WATCH = {_native.E_WATCH}\n" in header
+    sizes = dict(zip((1, 2, 3, 4, 5), ("REF", "NEW", "GRANT", "RANGE", "DEADLINE"), strict=True))
     for kind, name in sizes.items():
         assert f"ALPC_{name}_SIZE = {_native.ATTR_SIZES[kind]}" in header
 
@@ -153,3 +155,56 @@ def test_c_helpers_reject_bad_arguments() -> None:
     assert lib.alpc_parse_attrs(ffi.NULL, 4, 0, ffi.new("alpc_attrs *")) == lib.ALPC_E_ARGS
     assert lib.alpc_parse_attrs(ffi.NULL, 0, 0, ffi.NULL) == lib.ALPC_E_ARGS
     assert lib.alpc_vm_read(os.getpid(), 0, 16, 0, ffi.NULL, 4) == lib.ALPC_E_ARGS
+
+
+@pytest.mark.skipif(_native.IMPLEMENTATION != "c", reason="needs the built extension")
+def test_socket_calls_of_the_extension(tmp_path: Path) -> None:
+    from alpc.transport import Stream
+
+    left, right = Stream.pair()
+    try:
+        assert _native.sock_send is not None and _native.sock_wait_recv is not None
+        assert _native.sock_send(left.fileno(), b"hello") == 5
+        assert _native.sock_wait_recv(right.fileno(), -1, 1000, 4) == (5, b"hello", [])
+        assert _native.sock_wait_recv(right.fileno(), -1, 0, 4)[0] == _native.E_TIMEOUT
+        # A passed fd arrives with its bytes; more than max_fds are all closed, none leaks.
+        with open(tmp_path / "f", "w") as f:
+            left.send([b"x"], [f.fileno()])
+            n, data, fds = _native.sock_wait_recv(right.fileno(), -1, 1000, 4)
+            assert (n, data, len(fds)) == (1, b"x", 1)
+            os.close(fds[0])
+            left.send([b"y"], [f.fileno(), f.fileno()])
+            assert _native.sock_wait_recv(right.fileno(), -1, 1000, 1) == (1, b"y", [])
+        # The watched fd firing alone is reported as such.
+        watch_r, watch_w = os.pipe()
+        os.write(watch_w, b"!")
+        assert _native.sock_wait_recv(right.fileno(), watch_r, 1000, 4)[0] == _native.E_WATCH
+        os.close(watch_r)
+        os.close(watch_w)
+        left.close()
+        assert _native.sock_wait_recv(right.fileno(), -1, 1000, 4) == (0, b"", [])
+        assert _native.sock_send(right.fileno(), b"z") == -errno.EPIPE
+    finally:
+        left.close()
+        right.close()
+
+
+def test_stream_read_behaves_the_same_in_both_implementations() -> None:
+    from alpc.transport import Stream
+
+    left, right = Stream.pair()
+    watch_r, watch_w = os.pipe()
+    try:
+        right.watch([watch_r])
+        assert right.read(0.0, 4) is False
+        left.send([b"abc"])
+        assert right.read(None, 4) == (b"abc", [])
+        os.write(watch_w, b"!")
+        assert right.read(None, 4) is None  # only the watched fd (a pidfd, in use) fired
+        left.close()
+        assert right.read(None, 4) == (b"", [])
+    finally:
+        left.close()
+        right.close()
+        os.close(watch_r)
+        os.close(watch_w)

@@ -273,10 +273,20 @@ def test_request_timeout_then_late_reply_is_dropped(broker: alpc.Broker, config:
         connector.join(10)
         (client_side,) = thread_result
         with client_side:
-            with pytest.raises(alpc.Timeout):
-                client_side.request(b"slow", timeout=0.2)
-            slow = server_side.receive(timeout=5)
-            slow.reply(b"too late")
+            timed_out: list[BaseException] = []
+
+            def slow_request() -> None:
+                try:
+                    client_side.request(b"slow", timeout=0.3)
+                except alpc.Timeout as exc:
+                    timed_out.append(exc)
+
+            asker = threading.Thread(target=slow_request)
+            asker.start()
+            slow = server_side.receive(timeout=5)  # taken before the client gives up
+            asker.join(10)
+            assert timed_out
+            slow.reply(b"too late")  # the client cancelled it: dropped on one side or the other
             ask = threading.Thread(target=lambda: thread_result.append(client_side.request(b"next", timeout=5)))
             ask.start()
             nxt = server_side.receive(timeout=5)

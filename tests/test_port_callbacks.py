@@ -45,14 +45,27 @@ def test_the_peer_calls_back_while_we_wait(broker: alpc.Broker, config: alpc.Con
 
 def test_without_the_hook_the_callback_waits_in_the_inbox(broker: alpc.Broker, config: alpc.Config,
                                                           spawn: Any, runtime_dir: Path) -> None:
-    server = start_callback_server(spawn, runtime_dir, "svc.parked", "--callback-timeout", "0.3")
+    start_callback_server(spawn, runtime_dir, "svc.parked", "--callback-timeout", "3")
     with alpc.connect("svc.parked", config=config, timeout=10) as comm:
+        pending = comm.start_request(b"x", timeout=10)
+        assert comm.receive(timeout=5).data == b"note:x"
+        parked = comm.receive(timeout=5)
+        assert (parked.type, parked.data) == (alpc.MessageType.REQUEST, b"callback:x")
+        parked.reply(b"late")
+        assert pending.result(timeout=10).data == b"done:late"
+
+
+def test_a_callback_its_server_gave_up_on_is_withdrawn(broker: alpc.Broker, config: alpc.Config,
+                                                       spawn: Any, runtime_dir: Path) -> None:
+    server = start_callback_server(spawn, runtime_dir, "svc.withdrawn", "--callback-timeout", "0.3")
+    with alpc.connect("svc.withdrawn", config=config, timeout=10) as comm:
         with pytest.raises(alpc.Timeout):
             comm.request(b"x", timeout=1.0)
         server.expect("CALLBACK_TIMEOUT")
         assert comm.receive(timeout=5).data == b"note:x"
-        parked = comm.receive(timeout=5)
-        assert (parked.type, parked.data) == (alpc.MessageType.REQUEST, b"callback:x")
+        # The server's timed-out callback request was cancelled: it is never dispatched here.
+        with pytest.raises(alpc.Timeout):
+            comm.receive(timeout=0.3)
 
 
 def test_an_error_in_the_hook_abandons_the_request(broker: alpc.Broker, config: alpc.Config, spawn: Any,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from alpc.errors import ConnectionClosed, MessageTooLarge, ProtocolError
 from alpc.protocol import Channel
@@ -135,3 +137,36 @@ def test_messages_carry_the_kernel_identity_not_the_header() -> None:
     (message,) = server.receive(encode_frame(MessageType.DATAGRAM, b"x", sender_pid=666))
     assert message.sender == PEER
     assert message.sender_pid == 666
+
+
+# -- the plain-frame fast path agrees with the general decoder ------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(bodies=st.lists(st.binary(max_size=300), min_size=1, max_size=40),
+       kinds=st.lists(st.sampled_from(["request", "datagram", "ping"]), min_size=40, max_size=40),
+       cuts=st.lists(st.integers(min_value=0, max_value=20_000), max_size=6))
+def test_plain_frames_decode_the_same_however_the_reads_fall(bodies: list[bytes], kinds: list[str],
+                                                              cuts: list[int]) -> None:
+    client, _ = pair(limit=1 << 20)
+    stream = b""
+    expected: list[tuple[MessageType, bytes]] = []
+    for body, kind in zip(bodies, kinds, strict=False):
+        if kind == "request":
+            stream += wire(client.request(body)[1])
+            expected.append((MessageType.REQUEST, body))
+        elif kind == "datagram":
+            stream += wire(client.datagram(body))
+            expected.append((MessageType.DATAGRAM, body))
+        else:
+            stream += wire(client.ping()[1])  # a runtime frame in the middle of plain ones
+    _, whole = pair(limit=1 << 20)
+    _, pieces = pair(limit=1 << 20)
+    at_once = [(m.type, m.data) for m in whole.receive(stream)]
+    piecewise: list[tuple[MessageType, bytes]] = []
+    start = 0
+    for cut in sorted({min(c, len(stream)) for c in cuts} | {len(stream)}):
+        piecewise += [(m.type, m.data) for m in pieces.receive(stream[start:cut])]
+        start = cut
+    assert at_once == piecewise == expected
+    assert len(whole.take_automatic()) == len(pieces.take_automatic()) == kinds[:len(bodies)].count("ping")

@@ -17,11 +17,12 @@ import threading
 import time
 from collections.abc import Iterable
 
-from .. import port as _port
+from .. import server as _server
 from ..config import Config, PortAttributes
 from ..errors import ConnectionClosed, MarshalError, PeerGone, Timeout
-from ..port import CommunicationPort, ConnectionPort, ConnectionRequest
+from ..port import CommunicationPort
 from ..protocol import Message
+from ..server import ConnectionPort, ConnectionRequest
 from ..wire import MessageType
 from .client import INCOMPATIBLE
 from .codec import DEFAULT_LIMITS, INLINE_THRESHOLD, Limits
@@ -134,7 +135,7 @@ class Server:
         with self._lifecycle:
             if self._port is not None or self._stopping.is_set():
                 raise RuntimeError("the server was already started or stopped (a Server starts once)")
-            self._port = _port.create_port(self.name, self._attributes, config=self._config)
+            self._port = _server.create_port(self.name, self._attributes, config=self._config)
             for index in range(self._workers):
                 thread = threading.Thread(target=self._work, name=f"alpc-rpc-{self.name}-{index}", daemon=True)
                 thread.start()

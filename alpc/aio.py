@@ -1,0 +1,793 @@
+"""The asyncio API: the same ports, awaited, over the same sans-IO core as the blocking API.
+
+A communication port here is driven by the event loop's readiness callbacks
+(``loop.add_reader`` on its socket and on the peer's pidfd, ``add_writer``
+only while a write waits for buffer space): no thread per connection. Every
+decision comes from ``connection.Connection``, exactly as for
+``port.CommunicationPort``; this module only moves bytes and resolves
+futures. The one-off handshakes (registering a name, the connect exchange)
+run in the loop's default executor. Works with any asyncio loop, uvloop
+included.
+
+Cancelling a task awaiting ``request`` cancels the request at the server
+(CANCEL); a handler run by ``AsyncConnectionPort.serve`` gets CancelledError
+when its client cancels. Memory grants are served by the blocking API only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any
+
+from . import _native, port, server
+from .config import Config, PortAttributes
+from .connection import FILED_ERROR, FILED_INBOX, NOTICES, Connection
+from .errors import Cancelled, ConnectionClosed, DeadlineExceeded, SectionError, Timeout
+from .protocol import Channel, Frames, Message
+from .section import SectionView, sweep_stale_names
+from .security import PeerCred
+from .transport import Buffer, Stream, close_fds, deadline_after, remaining, wait_readable
+from .wire import MessageType
+
+__all__ = [
+    "AsyncCommunicationPort",
+    "AsyncConnectionPort",
+    "AsyncConnectionRequest",
+    "Handler",
+    "connect",
+    "create_port",
+]
+
+log = logging.getLogger(__name__)
+
+Payload = Buffer | SectionView
+# A handler of ``serve``: the reply to a request (None for a datagram), sync or async.
+Handler = Callable[[Message], "Awaitable[Buffer | None] | Buffer | None"]
+_MAX_FDS_PER_READ = 4
+
+
+async def _within(waiter: asyncio.Future[Any], deadline: float | None, what: str) -> Any:
+    """Await ``waiter`` until ``deadline``; cheaper than asyncio.wait_for (no wrapper, one timer)."""
+    if deadline is None:
+        return await waiter
+    left = remaining(deadline)
+    if not left:
+        if waiter.done():
+            return waiter.result()
+        raise Timeout(f"timed out waiting for {what}")
+    timer = asyncio.get_running_loop().call_later(left, _expire, waiter, what)
+    try:
+        return await waiter
+    finally:
+        timer.cancel()
+
+
+def _expire(waiter: asyncio.Future[Any], what: str) -> None:
+    if not waiter.done():
+        waiter.set_exception(Timeout(f"timed out waiting for {what}"))
+
+
+class AsyncCommunicationPort:
+    """One end of an established connection, for asyncio. Use it from its loop only."""
+
+    def __init__(self, stream: Stream, channel: Channel, *, peer_pidfd: int | None, is_server: bool,
+                 accept_data: bytes = b"") -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stream = stream
+        self._channel = channel
+        self._core = core = Connection(channel, is_server=is_server)
+        core.owner = self
+        core.on_releases_due = self._releases_due
+        self._pidfd = peer_pidfd
+        self._is_server = is_server
+        self.accept_data = accept_data
+        self.stats = core.stats
+        # Futures of tasks waiting: per request id, for the inbox, for section space.
+        self._waiting: dict[int, asyncio.Future[None]] = {}
+        self._inbox_waiters: list[asyncio.Future[None]] = []
+        self._space_waiters: list[asyncio.Future[None]] = []
+        # Bytes a write could not hand to the kernel yet; later writes queue behind.
+        self._unsent: deque[memoryview] = deque()
+        self._drained: asyncio.Future[None] | None = None
+        # Handler tasks of requests in flight (serve()), cancelled when the client cancels.
+        self._tasks: dict[int, asyncio.Task[Any]] = {}
+        # serve(): messages go straight from the reader callback to this, no task switch.
+        self._dispatch: Callable[[Message], bool] | None = None
+        self._released = False
+        self._loop.add_reader(stream.fileno(), self._on_readable)
+        if peer_pidfd is not None:
+            self._loop.add_reader(peer_pidfd, self._on_pidfd)
+
+    # -- identity -------------------------------------------------------------------
+
+    @property
+    def peer(self) -> PeerCred:
+        return self._channel.peer
+
+    @property
+    def server(self) -> PeerCred:
+        return self._channel.peer
+
+    @property
+    def client(self) -> PeerCred:
+        return self._channel.peer
+
+    @property
+    def closed(self) -> bool:
+        return self._core.failure is not None
+
+    def __repr__(self) -> str:
+        side = "server" if self._is_server else "client"
+        return f"<AsyncCommunicationPort {side} side, peer pid {self.peer.pid}, {'closed' if self.closed else 'open'}>"
+
+    # -- sending ------------------------------------------------------------------------
+
+    async def request(self, data: Payload = b"", timeout: float | None = None, *, secure: bool = False,
+                      deadline: float | None = None) -> Message:
+        """Send a request and await its reply. Cancelling the awaiting task cancels the request
+        at the server; ``deadline`` (``time.monotonic()``) travels with it."""
+        wait_until = deadline_after(timeout)
+        if deadline is not None and (wait_until is None or deadline < wait_until):
+            wait_until = deadline
+        core = self._core
+        size = data.nbytes if type(data) is memoryview else len(data)
+        if isinstance(data, SectionView) or size > core.inline_threshold:
+            message_id = await self._send_section(MessageType.REQUEST, data, wait_until, secure,
+                                                  deadline_attr=deadline)
+        else:
+            message_id, frames = core.request(data if type(data) is bytes else bytes(data), None, deadline)
+            try:
+                await self._write(frames, wait_until)
+            except BaseException:
+                self._drop(core.abandon(message_id))
+                raise
+        self.stats.sent(size)
+        try:
+            return await self._wait(lambda: core.take_reply(message_id), message_id, wait_until, "the reply")
+        except Timeout as exc:
+            self.cancel(message_id)
+            core.forget_cancelled(message_id)
+            if deadline is not None and wait_until == deadline:
+                raise DeadlineExceeded(f"request {message_id} ran past its deadline") from exc
+            raise
+        except asyncio.CancelledError:
+            self.cancel(message_id)
+            core.forget_cancelled(message_id)
+            raise
+        except Cancelled:
+            raise
+        except BaseException:
+            self._drop(core.abandon(message_id))
+            raise
+
+    def cancel(self, message_id: int) -> bool:
+        """Cancel request ``message_id`` at the server; False if it is not in flight."""
+        frames, views = self._core.cancel(message_id)
+        self._drop(views)
+        self._wake_id(message_id)
+        if frames:
+            self._post(frames)
+        return bool(frames)
+
+    async def send(self, data: Payload = b"", timeout: float | None = None, *, secure: bool = False,
+                   flush: bool = True) -> None:
+        """Send a datagram; ``flush=False`` queues a small one for the next write (batching)."""
+        deadline = deadline_after(timeout)
+        core = self._core
+        size = data.nbytes if type(data) is memoryview else len(data)
+        if isinstance(data, SectionView) or size > core.inline_threshold:
+            await self._send_section(MessageType.DATAGRAM, data, deadline, secure)
+        else:
+            frames = core.datagram(data if type(data) is bytes else bytes(data))
+            if flush:
+                await self._write(frames, deadline)
+            elif core.queue(frames):
+                await self._write([], deadline)
+        self.stats.sent(size)
+
+    async def send_many(self, items: Iterable[Payload], timeout: float | None = None) -> None:
+        """Send datagrams in order, in as few system calls as possible."""
+        deadline = deadline_after(timeout)
+        core = self._core
+        small: list[bytes] = []
+        for item in items:
+            size = item.nbytes if type(item) is memoryview else len(item)
+            if isinstance(item, SectionView) or size > core.inline_threshold:
+                if small:
+                    await self._write(core.datagrams(small), deadline)
+                    small = []
+                await self.send(item, remaining(deadline))
+                continue
+            small.append(item if type(item) is bytes else bytes(item))
+        if small:
+            await self._write(core.datagrams(small), deadline)
+            self.stats.messages_out += len(small)
+
+    async def flush(self, timeout: float | None = None) -> None:
+        """Write every datagram queued with ``flush=False``."""
+        if self._core.owed or self._unsent:
+            await self._write([], deadline_after(timeout))
+
+    async def reply(self, message: Message, data: Payload = b"", timeout: float | None = None, *,
+                    secure: bool = False) -> None:
+        """Answer ``message``, a request received on this port (nothing is sent if it was cancelled)."""
+        if message.type is not MessageType.REQUEST:
+            raise ValueError(f"only a REQUEST can be replied to, not {message.type.name}")
+        core = self._core
+        if not core.wants_reply(message):
+            if isinstance(data, SectionView):
+                data.release()
+            return
+        deadline = deadline_after(timeout)
+        size = data.nbytes if type(data) is memoryview else len(data)
+        if isinstance(data, SectionView) or size > core.inline_threshold:
+            await self._send_section(MessageType.REPLY, data, deadline, secure, callback_id=message.id)
+        else:
+            await self._write(core.reply(message, data if type(data) is bytes else bytes(data)), deadline)
+        self.stats.replied(message.id, size)
+
+    async def ping(self, timeout: float | None = None) -> None:
+        deadline = deadline_after(timeout)
+        core = self._core
+        message_id, frames = core.ping()
+        await self._write(frames, deadline)
+        try:
+            await self._wait(lambda: core.take_reply(message_id), message_id, deadline, "the pong")
+        except BaseException:
+            self._drop(core.abandon(message_id))
+            raise
+
+    # -- sections ---------------------------------------------------------------------------
+
+    async def create_view(self, size: int, *, secure: bool = False, timeout: float | None = None) -> SectionView:
+        """Writable space in this connection's section, to fill and send with no copy."""
+        if size <= 0:
+            raise SectionError(f"a view needs a positive size, not {size}")
+        return await self._reserve(size, secure, deadline_after(timeout))
+
+    async def trim_sections(self, timeout: float | None = None) -> None:
+        await self._write(self._core.trim(), deadline_after(timeout))
+
+    async def _reserve(self, size: int, secure: bool, deadline: float | None) -> SectionView:
+        core = self._core
+        view = core.reserve(size, secure)
+        if view is not None:
+            return view
+        await self._write(core.space_wanted(), deadline)
+        while True:
+            view = core.reserve(size, secure)
+            if view is not None:
+                return view
+            core.check_open()
+            waiter = self._loop.create_future()
+            self._space_waiters.append(waiter)
+            # Space freed by other connections of a port-wide budget comes without a read here.
+            window = deadline if not core.budget_blocked else deadline_after(0.05)
+            try:
+                await _within(waiter, window, "space in the connection's sections")
+            except Timeout:
+                if window == deadline or remaining(deadline) == 0:
+                    raise
+
+    async def _send_section(self, kind: MessageType, data: Payload, deadline: float | None, secure: bool, *,
+                            callback_id: int = 0, deadline_attr: float | None = None) -> int:
+        core = self._core
+        if isinstance(data, SectionView):
+            view, explicit = data, True
+        else:
+            size = data.nbytes if type(data) is memoryview else len(data)
+            self._channel.check_length(size)
+            view, explicit = await self._reserve(size, secure, deadline), False
+            try:
+                _native.copy_into(view.memory, data)
+            except BaseException:
+                view.release()
+                raise
+        try:
+            message_id, frames, fds = core.section_message(kind, view, as_view=explicit, callback_id=callback_id,
+                                                           deadline=deadline_attr)
+        except BaseException:
+            if not explicit:
+                view.release()
+            raise
+        written = False
+        try:
+            await self._write(frames, deadline, fds)
+            written = True
+        except BaseException:
+            written = self._stream.broken
+            if kind is MessageType.REQUEST and message_id:
+                self._drop(core.abandon(message_id))
+            raise
+        finally:
+            core.section_sent(view, written)
+        return message_id
+
+    # -- writing ----------------------------------------------------------------------------
+
+    async def _write(self, frames: Frames, deadline: float | None, fds: list[int] | None = None) -> None:
+        """Hand ``frames`` (after whatever the core owes the peer) to the kernel, waiting for room."""
+        core = self._core
+        core.check_open()
+        if core.owed:
+            owed, _ = core.take_owed()
+            frames = owed + frames
+        if fds and self._unsent:
+            await self._drain(deadline)  # fds ride with the first byte of their own sendmsg
+        if not self._unsent:
+            try:
+                written = self._stream.try_send(frames, fds or ())
+            except ConnectionClosed:
+                self._lost("the peer's socket is closed")
+                core.check_open()
+                raise
+            views = [memoryview(frame).cast("B") for frame in frames if len(frame)]
+            rest = _advance(views, written)
+            if not rest:
+                return
+            self._unsent.extend(rest)
+        else:
+            self._unsent.extend(memoryview(frame).cast("B") for frame in frames if len(frame))
+        await self._drain(deadline)
+
+    def _post(self, frames: Frames) -> None:
+        """Write runtime frames without awaiting (from callbacks); what does not fit queues."""
+        if self._core.failure is not None or not frames:
+            return
+        if self._unsent:
+            self._unsent.extend(memoryview(frame).cast("B") for frame in frames if len(frame))
+            self._want_writable()
+            return
+        try:
+            written = self._stream.try_send(frames)
+        except ConnectionClosed:
+            self._lost("the peer's socket is closed")
+            return
+        rest = _advance([memoryview(frame).cast("B") for frame in frames if len(frame)], written)
+        if rest:
+            self._unsent.extend(rest)
+            self._want_writable()
+
+    async def _drain(self, deadline: float | None) -> None:
+        while self._unsent:
+            self._core.check_open()
+            if self._drained is None or self._drained.done():
+                self._drained = self._loop.create_future()
+            self._want_writable()
+            try:
+                await _within(asyncio.shield(self._drained), deadline, "room in the socket")
+            except Timeout:
+                # Part of a frame may be out: the stream cannot be trusted any more.
+                self._stream.broken = True
+                self._core.fail(ConnectionClosed("a send timed out mid-frame; the connection was dropped"))
+                self._wake_all()
+                raise
+
+    def _want_writable(self) -> None:
+        if self._drained is None or self._drained.done():
+            self._drained = self._loop.create_future()
+        self._loop.add_writer(self._stream.fileno(), self._on_writable)
+
+    def _on_writable(self) -> None:
+        unsent = self._unsent
+        try:
+            while unsent:
+                written = self._stream.try_send(list(unsent)[:512])
+                if not written:
+                    return
+                rest = _advance(list(unsent), written)
+                unsent.clear()
+                unsent.extend(rest)
+        except ConnectionClosed:
+            unsent.clear()
+            self._lost("the peer's socket is closed")
+        self._loop.remove_writer(self._stream.fileno())
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    def _releases_due(self) -> None:
+        # A received view was released, maybe on another thread (its garbage collection).
+        self._loop.call_soon_threadsafe(self._flush_releases)
+
+    def _flush_releases(self) -> None:
+        frames, _ = self._core.release_frames()
+        self._post(frames)
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        got = self._stream.recv_fds(_MAX_FDS_PER_READ)
+        if got is None:
+            return
+        data, fds = got
+        if not data:
+            close_fds(fds)
+            self._lost("the peer process died or dropped the connection")
+            return
+        core = self._core
+        if not fds:
+            filed = core.receive_one(data)
+            if filed:
+                if filed == FILED_INBOX:
+                    self._wake_inbox()
+                elif filed == FILED_ERROR:
+                    log.warning("protocol error from pid %s, dropping the connection: %s", self.peer.pid, core.error)
+                    self._ended()
+                else:
+                    self._wake_replies()
+                return
+        batch = core.receive(data, fds)
+        if batch.error is not None:
+            log.warning("protocol error from pid %s, dropping the connection: %s", self.peer.pid, batch.error)
+            self._ended()
+            return
+        batch.finish()
+        frames, _ = core.outgoing(batch)
+        self._post(frames)
+        wake = core.route(batch)
+        for message_id in wake.ids:
+            self._wake_id(message_id)
+        if wake.cancelled:
+            for message in core.take_cancelled():
+                task = self._tasks.pop(message.id, None)
+                if task is not None:
+                    task.cancel()
+        if wake.inbox:
+            self._wake_inbox()
+        if wake.failed:
+            self._wake_all()
+        for waiter in self._space_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._space_waiters.clear()
+
+    def _on_pidfd(self) -> None:
+        if self._pidfd is not None and wait_readable([self._pidfd], 0.0):
+            # Whatever the peer sent before dying is read first.
+            self._on_readable()
+            self._lost("the peer process exited")
+
+    def _lost(self, reason: str) -> None:
+        if self._core.connection_lost(reason):
+            self._ended()
+
+    def _ended(self) -> None:
+        self._unwatch()
+        self._wake_all()
+
+    def _unwatch(self) -> None:
+        if not self._released:
+            self._loop.remove_reader(self._stream.fileno())
+            if self._pidfd is not None:
+                self._loop.remove_reader(self._pidfd)
+
+    def _wake_id(self, message_id: int) -> None:
+        waiter = self._waiting.pop(message_id, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _wake_replies(self) -> None:
+        for message_id in [i for i in self._waiting if i in self._core.replies]:
+            self._wake_id(message_id)
+
+    def _wake_inbox(self) -> None:
+        if self._dispatch is not None:
+            self._feed()
+            return
+        waiters, self._inbox_waiters = self._inbox_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _wake_all(self) -> None:
+        for message_id in list(self._waiting):
+            self._wake_id(message_id)
+        self._wake_inbox()
+        for waiter in self._space_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._space_waiters.clear()
+
+    def _feed(self) -> None:
+        """serve(): hand every waiting message to the dispatcher while it takes them."""
+        dispatch = self._dispatch
+        core = self._core
+        while dispatch is not None and core.inbox:
+            message = core.take_message()
+            if message is None:
+                break
+            if not dispatch(message):
+                core.inbox.appendleft(message)  # at its limit: fed again when a handler ends
+                break
+        self._post(core.take_automatic())
+
+    async def _wait(self, take: Callable[[], Message | None], message_id: int | None, deadline: float | None,
+                    what: str) -> Message:
+        core = self._core
+        while True:
+            found = take()
+            if found is not None:
+                return found
+            core.check_open()
+            waiter = self._loop.create_future()
+            if message_id is None:
+                self._inbox_waiters.append(waiter)
+            else:
+                self._waiting[message_id] = waiter
+            try:
+                await _within(waiter, deadline, what)
+            finally:
+                if message_id is not None and self._waiting.get(message_id) is waiter:
+                    del self._waiting[message_id]
+
+    # -- receiving ------------------------------------------------------------------------------
+
+    async def receive(self, timeout: float | None = None) -> Message:
+        """The next request or datagram (a server also gets PORT_CLOSED / CLIENT_DIED once)."""
+        message = await self._wait(self._core.take_message, None, deadline_after(timeout), "a message")
+        self._post(self._core.take_automatic())
+        if self._core.finalize_wanted:
+            self._finalize()
+        return message
+
+    async def receive_many(self, max_messages: int = 1024, timeout: float | None = None) -> list[Message]:
+        """Every message waiting, in order (at least one, at most ``max_messages``)."""
+        first = await self._wait(self._core.take_message, None, deadline_after(timeout), "a message")
+        batch = [first]
+        if first.type not in NOTICES:
+            self._core.take_messages(batch, max_messages)
+        self._post(self._core.take_automatic())
+        if self._core.finalize_wanted:
+            self._finalize()
+        return batch
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        return self._messages()
+
+    async def _messages(self) -> AsyncIterator[Message]:
+        while True:
+            try:
+                message = await self.receive()
+            except ConnectionClosed:
+                return
+            yield message
+            if message.type in NOTICES:
+                return
+
+    # -- closing ---------------------------------------------------------------------------------
+
+    async def close(self, timeout: float | None = 1.0) -> None:
+        """Flush what is queued, tell the peer (PORT_CLOSED) and release the connection."""
+        core = self._core
+        if core.failure is None and (core.owed or self._unsent):
+            try:
+                await self._write([], deadline_after(timeout))
+            except (Timeout, ConnectionClosed):
+                pass
+        notice = core.close()
+        if notice and not self._unsent:
+            try:
+                self._stream.try_send(notice)
+            except ConnectionClosed:
+                pass
+        self._wake_all()
+        self._finalize()
+
+    def _finalize(self) -> None:
+        if self._released:
+            return
+        self._unwatch()
+        self._loop.remove_writer(self._stream.fileno())
+        self._released = True
+        self._stream.shutdown()
+        self._stream.close()
+        self._core.release_resources()
+        for task in self._tasks.values():
+            task.cancel()
+        if self._pidfd is not None:
+            if wait_readable([self._pidfd], 0.0):
+                sweep_stale_names(self.peer.pid)
+            close_fds([self._pidfd])
+            self._pidfd = None
+
+    @staticmethod
+    def _drop(views: list[Any]) -> None:
+        for view in views:
+            view.release()
+
+    async def __aenter__(self) -> AsyncCommunicationPort:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def _advance(views: list[memoryview], written: int) -> list[memoryview]:
+    while written and views:
+        head = views[0]
+        if written >= len(head):
+            written -= len(head)
+            views.pop(0)
+        else:
+            views[0] = head[written:]
+            written = 0
+    return views
+
+
+# -- connecting ------------------------------------------------------------------------------------
+
+
+async def connect(name: str, data: bytes = b"", *, timeout: float | None = None,
+                  config: Config | None = None) -> AsyncCommunicationPort:
+    """Connect to the named port (the handshake runs in the default executor)."""
+    loop = asyncio.get_running_loop()
+    # The asyncio driver does not drive Quick-LPC rings: it declines them.
+    stream, channel, pidfd, accept_data, _ = await loop.run_in_executor(
+        None, lambda: port.open_channel(name, data, timeout=timeout, config=config, quick_ok=False))
+    return AsyncCommunicationPort(stream, channel, peer_pidfd=pidfd, is_server=False, accept_data=accept_data)
+
+
+# -- serving ---------------------------------------------------------------------------------------
+
+
+class AsyncConnectionRequest:
+    """A client asking to connect; ``client`` is its kernel-verified identity."""
+
+    def __init__(self, request: server.ConnectionRequest) -> None:
+        self._request = request
+        self.client = request.client
+        self.data = request.data
+
+    async def accept(self, data: bytes = b"", timeout: float | None = 5.0) -> AsyncCommunicationPort:
+        stream, channel, pidfd, _ = self._request.accept_channel(data, timeout, quick_ok=False)
+        return AsyncCommunicationPort(stream, channel, peer_pidfd=pidfd, is_server=True)
+
+    def reject(self, reason: str = "rejected") -> None:
+        self._request.reject(reason)
+
+    def __repr__(self) -> str:
+        return f"<AsyncConnectionRequest from pid {self.client.pid} uid {self.client.uid}>"
+
+
+class AsyncConnectionPort:
+    """A named server port for asyncio: ``listen`` for clients, or ``serve`` them all with a handler."""
+
+    def __init__(self, inner: server.ConnectionPort) -> None:
+        self._port = inner
+        self.name = inner.name
+        self._loop = asyncio.get_running_loop()
+        self._comms: set[AsyncCommunicationPort] = set()
+
+    async def listen(self, timeout: float | None = None) -> AsyncConnectionRequest:
+        """The next connection request, waiting on the broker link through the loop."""
+        deadline = deadline_after(timeout)
+        inner = self._port
+        while True:
+            with inner._lock:
+                request = inner._next_request()
+                fds = inner._link.wait_fds()
+            if request is not None:
+                return AsyncConnectionRequest(request)
+            await _within(self._readable(fds), deadline, "a connection request")
+            with inner._lock:
+                inner._read_registration()
+
+    def _readable(self, fds: list[int]) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = self._loop.create_future()
+
+        def fired() -> None:
+            for fd in fds:
+                self._loop.remove_reader(fd)
+            if not future.done():
+                future.set_result(None)
+
+        for fd in fds:
+            self._loop.add_reader(fd, fired)
+        future.add_done_callback(lambda _: [self._loop.remove_reader(fd) for fd in fds])
+        return future
+
+    async def serve(self, handler: Handler, *, accept: Callable[[AsyncConnectionRequest], bool] | None = None,
+                    max_tasks: int = 1024, timeout: float | None = None) -> None:
+        """Accept clients (``accept`` may refuse one) and answer every message with ``handler``.
+
+        Each message runs as a task started from the socket's readiness
+        callback (at most ``max_tasks`` at once per client); a request its
+        client cancels has its task cancelled. Returns when no client
+        connects within ``timeout`` while none is connected.
+        """
+        clients: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                try:
+                    request = await self.listen(None if self._comms else timeout)
+                except Timeout:
+                    if not self._comms:
+                        return
+                    continue
+                if accept is not None and not accept(request):
+                    request.reject("refused")
+                    continue
+                comm = await request.accept()
+                self._comms.add(comm)
+                task = asyncio.create_task(self._serve_one(comm, handler, max_tasks))
+                clients.add(task)
+                task.add_done_callback(clients.discard)
+        finally:
+            for task in clients:
+                task.cancel()
+
+    async def _serve_one(self, comm: AsyncCommunicationPort, handler: Handler, max_tasks: int) -> None:
+        ended: asyncio.Future[None] = self._loop.create_future()
+        running = 0
+
+        def finished(task: asyncio.Task[None], message: Message) -> None:
+            nonlocal running
+            running -= 1
+            if comm._tasks.get(message.id) is task:
+                del comm._tasks[message.id]
+            comm._feed()
+
+        def dispatch(message: Message) -> bool:
+            nonlocal running
+            if message.type in NOTICES:
+                if not ended.done():
+                    ended.set_result(None)
+                return True
+            if running >= max_tasks:
+                return False
+            running += 1
+            task = self._loop.create_task(_handle(comm, message, handler))
+            if message.type is MessageType.REQUEST:
+                comm._tasks[message.id] = task
+            task.add_done_callback(lambda done: finished(done, message))
+            return True
+
+        comm._dispatch = dispatch
+        try:
+            comm._feed()
+            await ended
+        finally:
+            self._comms.discard(comm)
+            await comm.close()
+
+    async def close(self) -> None:
+        for comm in list(self._comms):
+            await comm.close()
+        await self._loop.run_in_executor(None, self._port.close)
+
+    async def __aenter__(self) -> AsyncConnectionPort:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+async def _handle(comm: AsyncCommunicationPort, message: Message, handler: Handler) -> None:
+    try:
+        result = handler(message)
+        if inspect.isawaitable(result):
+            result = await result
+    except asyncio.CancelledError:
+        return  # the client cancelled: the runtime already answered for us
+    except Exception:
+        log.exception("handler failed on %r", message)
+        result = b""
+    if message.type is MessageType.REQUEST and not message.cancelled and not comm.closed:
+        try:
+            await comm.reply(message, result if result is not None else b"")
+        except ConnectionClosed:
+            pass
+
+
+async def create_port(name: str, attributes: PortAttributes | None = None, *, config: Config | None = None,
+                      timeout: float | None = None, reregister_timeout: float = 60.0) -> AsyncConnectionPort:
+    """Create a named connection port (registration runs in the default executor)."""
+    loop = asyncio.get_running_loop()
+    inner = await loop.run_in_executor(None, lambda: server.create_port(
+        name, attributes, config=config, timeout=timeout, reregister_timeout=reregister_timeout))
+    return AsyncConnectionPort(inner)
+

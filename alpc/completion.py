@@ -1,0 +1,320 @@
+"""The completion-port server loop: every client of a port, one loop, a pool that breathes.
+
+Like an I/O completion port, one ``CompletionPort`` multiplexes every
+communication port of a ``ConnectionPort`` (through the port's epoll set,
+so thousands of clients cost nothing per wait) and runs a handler for each
+message on a bounded pool: threads for a plain function (leader/followers:
+the thread that takes a message runs it, another takes over the wait),
+tasks on a private event loop for a coroutine function. The pool grows
+while every thread is busy in a handler, up to ``max_workers`` (the
+completion port's concurrency value), and shrinks back to ``min_workers``
+once threads sit idle for ``idle_timeout``. ``ordered=True`` keeps each client's requests in
+order: one message per client is handled at a time.
+
+A request its client cancels is flagged (``message.cancelled``, which a
+sync handler polls) and an async handler's task is cancelled
+(CancelledError); either way no reply goes out for it. A request whose
+deadline passed before dispatch is never handed to a handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import inspect
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from .connection import NOTICES
+from .errors import ConnectionClosed, Timeout
+from .protocol import Message
+from .server import ConnectionPort, ConnectionRequest
+from .transport import Buffer
+from .wire import MessageType
+
+__all__ = ["CompletionPort", "Handler"]
+
+log = logging.getLogger(__name__)
+
+# The reply to a request (None for a datagram); a coroutine function runs as a task.
+Handler = Callable[[Message], "Buffer | Awaitable[Buffer | None] | None"]
+# How often the loop looks up from an idle wait (to notice stop()).
+_TICK = 0.2
+# How long serve() waits for each pool thread (in a handler) when it stops.
+_JOIN_TIMEOUT = 5.0
+
+
+class CompletionPort:
+    """Serve every client of ``port`` with ``handler`` on a bounded, self-sizing pool."""
+
+    def __init__(self, port: ConnectionPort, handler: Handler, *,
+                 on_connect: Callable[[ConnectionRequest], bool] | None = None,
+                 max_workers: int = 16, min_workers: int = 1, idle_timeout: float = 5.0,
+                 ordered: bool = False) -> None:
+        if max_workers < 1 or min_workers < 0 or min_workers > max_workers:
+            raise ValueError("need 0 <= min_workers <= max_workers and max_workers >= 1")
+        self.port = port
+        self.handler = handler
+        self.on_connect = on_connect
+        self.max_workers = max_workers
+        self.min_workers = min_workers
+        self.idle_timeout = idle_timeout
+        self.ordered = ordered
+        self._async = inspect.iscoroutinefunction(handler)
+        self._lock = threading.Lock()
+        # Held by the one thread waiting on the port (the leader).
+        self._leader = threading.Lock()
+        self._workers = 0
+        self._followers = 0
+        self._running = 0
+        self._quiet_limit: float | None = None
+        self._last_event = 0.0
+        self._threads: list[threading.Thread] = []
+        # ordered: clients with a message being handled, and what waits behind it.
+        self._busy: dict[Any, deque[Message]] = {}
+        self._stopping = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+        self._tasks: dict[tuple[Any, int], concurrent.futures.Future[Any]] = {}
+        self.handled = 0
+
+    # -- the loop ------------------------------------------------------------------
+    #
+    # Sync handlers run leader/followers, as an I/O completion port releases its
+    # threads: one thread at a time (the leader) waits on the port; the thread
+    # that gets an event hands the wait to the next (spawning one if nobody is
+    # waiting and the pool may grow) and runs the handler itself. No message
+    # changes threads, so a lone request costs no hand-off. Async handlers are
+    # handed to a private event loop instead.
+
+    def serve(self, timeout: float | None = None) -> None:
+        """Run the loop (this thread is one of the pool) until ``stop()``, or until nothing
+        arrives for ``timeout`` seconds."""
+        if self._async:
+            self._start_loop()
+        self._quiet_limit = timeout
+        self._last_event = time.monotonic()
+        with self._lock:
+            self._workers += 1
+        try:
+            self._lead(main=True)
+        finally:
+            self._shutdown()
+
+    def stop(self) -> None:
+        """Ask ``serve`` (and every pool thread) to return, within a fraction of a second."""
+        self._stopping.set()
+
+    def _lead(self, main: bool) -> None:
+        idle_since = time.monotonic()
+        while not self._stopping.is_set():
+            with self._lock:
+                self._followers += 1
+            try:
+                leading = self._leader.acquire(timeout=_TICK)
+            finally:
+                with self._lock:
+                    self._followers -= 1
+            if not leading:
+                if not main and self._retire(idle_since):
+                    return
+                continue
+            try:
+                event = self._next_event(main)
+            finally:
+                self._leader.release()
+            if event is None:
+                if not main and self._retire(idle_since):
+                    return
+                continue
+            self._promote()
+            if isinstance(event, ConnectionRequest):
+                self._connect(event)
+            else:
+                self._dispatch(event)
+            idle_since = time.monotonic()
+
+    def _next_event(self, main: bool) -> ConnectionRequest | Message | None:
+        try:
+            event = self.port.wait(timeout=_TICK)
+        except Timeout:
+            quiet = self._quiet_limit
+            if main and quiet is not None and time.monotonic() - self._last_event > quiet:
+                self._stopping.set()
+            return None
+        except ConnectionClosed:
+            self._stopping.set()
+            return None
+        self._last_event = time.monotonic()
+        return event
+
+    def _promote(self) -> None:
+        """Someone must wait on the port while this thread handles: spawn one if nobody will."""
+        with self._lock:
+            if self._followers or self._workers >= self.max_workers or self._async:
+                return
+            self._workers += 1
+        thread = threading.Thread(target=self._lead, args=(False,), name="alpc-completion", daemon=True)
+        with self._lock:
+            self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+        thread.start()
+
+    def _retire(self, idle_since: float) -> bool:
+        """An extra thread idle for idle_timeout leaves (the pool shrinks to min_workers)."""
+        if time.monotonic() - idle_since < self.idle_timeout and not self._stopping.is_set():
+            return False
+        with self._lock:
+            if self._workers > max(self.min_workers, 1) or self._stopping.is_set():
+                self._workers -= 1
+                return True
+        return False
+
+    def _connect(self, request: ConnectionRequest) -> None:
+        if self.on_connect is not None and not self.on_connect(request):
+            request.reject("refused")
+            return
+        try:
+            comm = request.accept()
+        except ConnectionClosed:
+            return
+        comm._on_cancel = self._cancelled
+
+    def _dispatch(self, message: Message) -> None:
+        if message.type in NOTICES:
+            return
+        if self.ordered:
+            with self._lock:
+                queued = self._busy.get(message.port)
+                if queued is not None:
+                    queued.append(message)  # handled by the thread busy with this client
+                    return
+                self._busy[message.port] = deque()
+        if self._async:
+            self._submit_task(message)
+            return
+        current: Message | None = message
+        while current is not None:
+            self._run(current)
+            current = self._next_for(current)
+
+    def _run(self, message: Message) -> None:
+        self._running += 1
+        try:
+            if not message.cancelled:
+                result = self.handler(message)
+                self._answer(message, result)  # type: ignore[arg-type]
+        except Exception:
+            log.exception("handler failed on %r", message)
+            self._answer(message, b"")
+        finally:
+            self._running -= 1
+            self.handled += 1
+
+    @staticmethod
+    def _answer(message: Message, result: Buffer | None) -> None:
+        if message.type is MessageType.REQUEST and not message.cancelled:
+            try:
+                message.reply(result if result is not None else b"")
+            except ConnectionClosed:
+                pass
+
+    def _next_for(self, message: Message) -> Message | None:
+        """ordered: the client's next message that waited behind ``message``, if any."""
+        if not self.ordered:
+            return None
+        with self._lock:
+            queued = self._busy.get(message.port)
+            following = queued.popleft() if queued else None
+            if following is None:
+                self._busy.pop(message.port, None)
+        return following
+
+    # -- tasks for async handlers -------------------------------------------------------
+
+    def _start_loop(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        self._loop_thread = threading.Thread(target=loop.run_forever, name="alpc-completion-loop", daemon=True)
+        self._loop_thread.start()
+        self._slots = threading.BoundedSemaphore(self.max_workers)
+
+    def _submit_task(self, message: Message) -> None:
+        assert self._loop is not None
+        # A bounded number of tasks: the loop thread waits here while all are busy.
+        while not self._slots.acquire(timeout=_TICK):
+            if self._stopping.is_set():
+                return
+        future = asyncio.run_coroutine_threadsafe(self._run_async(message), self._loop)
+        key = (message.port, message.id)
+        if message.type is MessageType.REQUEST:
+            with self._lock:
+                self._tasks[key] = future
+        future.add_done_callback(lambda _: self._task_done(key, message))
+
+    async def _run_async(self, message: Message) -> None:
+        if message.cancelled:
+            return
+        try:
+            result = await self.handler(message)  # type: ignore[misc]
+        except asyncio.CancelledError:
+            return
+        except Exception:
+            log.exception("handler failed on %r", message)
+            result = b""
+        # Replies are written from the loop thread; the blocking port is thread-safe.
+        self._answer(message, result)
+
+    def _task_done(self, key: tuple[Any, int], message: Message) -> None:
+        with self._lock:
+            self._tasks.pop(key, None)
+        self._slots.release()
+        self.handled += 1
+        following = self._next_for(message)
+        if following is not None:
+            self._submit_task(following)
+
+    def _cancelled(self, messages: list[Message]) -> None:
+        """The client cancelled these (their ``cancelled`` flag is set): stop their tasks."""
+        if not self._async:
+            return
+        for message in messages:
+            with self._lock:
+                future = self._tasks.pop((message.port, message.id), None)
+            if future is not None:
+                future.cancel()
+
+    # -- figures and shutdown --------------------------------------------------------------
+
+    @property
+    def workers(self) -> int:
+        """Threads in the pool now (sync handlers; the one running ``serve`` included)."""
+        return self._workers
+
+    def _shutdown(self) -> None:
+        self._stopping.set()
+        with self._lock:
+            self._workers -= 1
+            threads = list(self._threads)
+        # The pool leaves the port before serve() returns, so the caller may close it.
+        for thread in threads:
+            thread.join(_JOIN_TIMEOUT)
+        if self._loop is not None:
+            loop = self._loop
+            for future in list(self._tasks.values()):
+                future.cancel()
+            loop.call_soon_threadsafe(loop.stop)
+            if self._loop_thread is not None:
+                self._loop_thread.join(5.0)
+            if not loop.is_running():
+                loop.close()
+            self._loop = None
+
+    def __enter__(self) -> CompletionPort:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

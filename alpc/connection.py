@@ -1,0 +1,600 @@
+"""The sans-IO core of one communication port: every decision, for both drivers.
+
+The blocking driver (``port.CommunicationPort``) and the asyncio driver
+(``aio``) move bytes, fds and wake-ups; what to send, where a received
+message goes, when section releases go out, how a memory grant falls back
+to the connection, and what a dead or closed peer means is decided here,
+once. Nothing here touches a socket, a lock or a clock-based wait: a driver
+calls these methods under its own lock and writes the frames they return.
+
+Entry points:
+
+- **sending** -- ``request``, ``datagram``, ``reply``, ``ping``, ``trim``,
+  ``section_message``/``section_sent`` and ``reserve``/``space_wanted``
+  return the frames (``list[bytes]``) to write. Before writing, a driver
+  with ``owed`` set prefixes ``take_owed()`` (releases held back for this
+  frame, queued datagrams) and, if the write failed with nothing written,
+  gives them back with ``restore_owed``.
+- **receiving** -- ``receive(data, fds)`` decodes a read into a ``Batch``;
+  the driver calls ``batch.finish()`` *outside* its lock (large copies out
+  of sections), then ``route(batch)``, which files every message (replies
+  by id, requests and datagrams in the inbox, grant traffic by request) and
+  returns a ``Wake`` naming what arrived. ``outgoing()`` then gives the
+  frames the runtime owes the peer at once (PONG, urgent releases).
+  ``connection_lost`` and ``fail`` end the connection.
+- **taking** -- ``take_reply``, ``take_message``, ``take_grant_op``,
+  ``take_grant_data`` hand a waiting caller what it waits for (or None).
+- **closing** -- ``close()`` gives the PORT_CLOSED frame; ``finalize_wanted``
+  says when the driver may close the socket, ``release_resources`` unmaps.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
+
+from . import _native
+from .errors import Cancelled, ConnectionClosed, DeadlineExceeded, PeerGone, ProtocolError, SectionError
+from .grant import LocalGrant, PeerMemory
+from .protocol import Channel, Frames, Message, Payload, materialize
+from .section import SectionView, View
+from .security import PeerCred
+from .stats import ConnectionStats
+from .wire import HEADER_SIZE, MessageType, Range, Release
+
+__all__ = ["FILED_ERROR", "FILED_INBOX", "FILED_NOTHING", "FILED_REPLY", "NOTICES", "NOT_FILED", "Batch",
+           "Connection", "Wake"]
+
+NOTICES = (MessageType.PORT_CLOSED, MessageType.CLIENT_DIED)
+# Unflushed datagrams (send(..., flush=False)) beyond this many bytes go out at once.
+BACKLOG_LIMIT = 64 * 1024
+# With this many section messages unreleased, a sender reads its socket (without blocking).
+DRAIN_EVERY = 64
+
+_REPLY, _PONG, _PORT_CLOSED = MessageType.REPLY, MessageType.PONG, MessageType.PORT_CLOSED
+_REQUEST = MessageType.REQUEST
+_INCOMING = (MessageType.REQUEST, MessageType.DATAGRAM)
+_monotonic = time.monotonic
+# What receive_one did.
+NOT_FILED, FILED_REPLY, FILED_INBOX, FILED_NOTHING, FILED_ERROR = 0, 1, 2, 3, 4
+_GRANT_READ, _GRANT_WRITE, _GRANT_DATA = MessageType.GRANT_READ, MessageType.GRANT_WRITE, MessageType.GRANT_DATA
+
+
+class Batch(NamedTuple):
+    """What one read decoded, before it is filed."""
+
+    messages: list[Message]
+    copies: bool  # section bodies still to copy out (finish() does it, outside the lock)
+    urgent: bool  # the peer must hear of our releases at once
+    error: str | None  # a protocol violation: the connection is dropped
+
+    def finish(self) -> None:
+        if self.copies:
+            materialize(self.messages)
+
+
+class Wake(NamedTuple):
+    """What ``route`` filed: whom a driver should wake."""
+
+    ids: list[int]  # requests with a reply, grant operation or grant data now waiting
+    inbox: bool  # requests, datagrams or a notice for receive()
+    failed: bool  # the connection ended: every waiter should look
+    cancelled: bool = False  # the peer cancelled requests: take_cancelled() names them
+
+
+_NOTHING = Wake([], False, False)
+
+
+class Connection:
+    """The state and rules of one communication port, seen from one side."""
+
+    def __init__(self, channel: Channel, *, is_server: bool) -> None:
+        self.channel = channel
+        self.is_server = is_server
+        self.stats = ConnectionStats()
+        self.replies: dict[int, Message] = {}
+        self.inbox: deque[Message] = deque()
+        self.failure: ConnectionClosed | None = None
+        # Set once the socket may be closed: the notice was taken, or nobody will read again.
+        self.finalize_wanted = False
+        # Memory grants: client side, the server's fallback reads/writes for each
+        # request in flight; server side, the client's answers to our reads.
+        self._grant_ops: dict[int, deque[Message]] = {}
+        self._grant_data: dict[int, Message] = {}
+        self.vm_refused = False
+        # Requests cancelled here while a thread may be waiting for their reply.
+        self._cancelled_ids: set[int] = set()
+        # The last protocol violation, for the driver's log.
+        self.error = ""
+        # Constant for the connection; read on every send.
+        self.inline_threshold = channel.inline_threshold
+        self._peer_sections = None if channel.sections is None else channel.sections.peer
+        # Frames to go before the next one we write: releases held back for it,
+        # datagrams queued by send(..., flush=False).
+        self.owed = False
+        self._releases_owed = False
+        self._backlog: Frames = []
+        self._backlog_bytes = 0
+        # The driver's hook for releases that must go out now (called from any thread).
+        self.on_releases_due: Callable[[], None] | None = None
+        # The driver object: every message and notice names it as ``message.port``.
+        self.owner: object = None
+        if self._peer_sections is not None:
+            self._peer_sections.wake = self._view_released
+
+    @property
+    def peer(self) -> PeerCred:
+        return self.channel.peer
+
+    @property
+    def closed(self) -> bool:
+        return self.failure is not None
+
+    def check_open(self) -> None:
+        failure = self.failure
+        if failure is not None:
+            raise type(failure)(*failure.args)
+
+    # -- sending --------------------------------------------------------------------
+
+    def request(self, data: Payload, grant: LocalGrant | None = None,
+                deadline: float | None = None) -> tuple[int, Frames]:
+        self.check_open()
+        return self.channel.request(data, grant, deadline)
+
+    def cancel(self, request_id: int) -> tuple[Frames, list[View]]:
+        """Cancel a request in flight: the CANCEL frame for the peer (empty if it is not in
+        flight any more) and views to release outside the lock. A thread waiting for its
+        reply gets Cancelled; its reply, if one comes, is dropped."""
+        if request_id not in self.channel.pending_ids:
+            return [], []
+        frames = self.channel.cancel(request_id) if self.failure is None else []
+        views = self.abandon(request_id)
+        self._cancelled_ids.add(request_id)
+        return frames, views
+
+    def ping(self) -> tuple[int, Frames]:
+        self.check_open()
+        return self.channel.ping()
+
+    def datagram(self, data: Payload) -> Frames:
+        self.check_open()
+        return self.channel.datagram(data)
+
+    def datagrams(self, items: list[bytes]) -> Frames:
+        """Small datagrams as one frame buffer, after anything owed (one write for all)."""
+        self.check_open()
+        return [self.channel.datagrams(items)]
+
+    def reply(self, message: Message, data: Payload) -> Frames:
+        """The reply's frames; none for a request the client cancelled (nobody waits for it)."""
+        if message.cancelled:
+            return []
+        self.check_open()
+        return self.channel.reply(message.id, data)
+
+    @staticmethod
+    def wants_reply(message: Message) -> bool:
+        return not message.cancelled
+
+    def trim(self) -> Frames:
+        self.check_open()
+        return self.channel.trim()
+
+    def abandon(self, request_id: int) -> list[View]:
+        """The caller stopped waiting: drop its reply (now or when it comes) and grant traffic.
+
+        Returns views the driver releases once it dropped its lock (a release
+        may want to send).
+        """
+        self.channel.abandon(request_id)
+        self.replies.pop(request_id, None)
+        leftovers = self._grant_ops.pop(request_id, None)
+        return [op.view for op in leftovers or () if op.view is not None]
+
+    def queue(self, frames: Frames) -> bool:
+        """Hold ``frames`` for the next write (batching); True when the backlog should be flushed now."""
+        self._backlog += frames
+        self._backlog_bytes += sum(len(frame) for frame in frames)
+        self.owed = True
+        return self._backlog_bytes >= BACKLOG_LIMIT
+
+    def take_owed(self) -> tuple[Frames, tuple[list[Release], Frames]]:
+        """Frames owed before the next write, and a token to give them back if it fails."""
+        entries: list[Release] = []
+        frames: Frames = []
+        if self._releases_owed:
+            self._releases_owed = False
+            entries = self.channel.take_releases()
+            frames = self.channel.release_frames(entries)
+        backlog, self._backlog, self._backlog_bytes = self._backlog, [], 0
+        if len(backlog) > 1:
+            # One buffer for the kernel instead of hundreds of iovecs (a copy of at most 64 KiB).
+            backlog = [b"".join(backlog)]
+        self.owed = False
+        return frames + backlog, (entries, backlog)
+
+    def restore_owed(self, token: tuple[list[Release], Frames]) -> None:
+        """The write that carried ``take_owed()``'s frames sent none of them: keep them owed."""
+        entries, backlog = token
+        if entries:
+            self.channel.requeue_releases(entries)
+            self._releases_owed = True
+            self.owed = True
+        if backlog:
+            self._backlog = backlog + self._backlog
+            self._backlog_bytes += sum(len(frame) for frame in backlog)
+            self.owed = True
+
+    # -- sections -------------------------------------------------------------------
+
+    def reserve(self, size: int, secure: bool) -> SectionView | None:
+        """Section space for ``size`` bytes, or None: send ``space_wanted()`` and wait for releases."""
+        self.check_open()
+        return self.channel.reserve(size, secure)
+
+    def space_wanted(self) -> Frames:
+        return self.channel.release_wanted()
+
+    @property
+    def budget_blocked(self) -> bool:
+        """Waiting on the port-wide budget (other connections free it, without telling us)."""
+        sections = self.channel.sections
+        return sections is not None and sections.pool.ledger.budget_blocked
+
+    def section_message(self, kind: MessageType, view: SectionView, *, as_view: bool, callback_id: int = 0,
+                        grant: LocalGrant | None = None, span: Range | None = None,
+                        deadline: float | None = None) -> tuple[int, Frames, list[int]]:
+        self.check_open()
+        return self.channel.section_message(kind, view, as_view=as_view, callback_id=callback_id, grant=grant,
+                                            span=span, deadline=deadline)
+
+    def section_sent(self, view: SectionView, written: bool) -> None:
+        self.channel.section_sent(view, written)
+
+    def should_drain(self) -> bool:
+        """A sender of many section messages should read the peer's releases now and then."""
+        sections = self.channel.sections
+        if sections is None:
+            return False
+        unreleased = sections.pool.ledger.unreleased
+        return unreleased >= DRAIN_EVERY and unreleased % DRAIN_EVERY == 0
+
+    def _view_released(self) -> None:
+        # A received view was released (any thread, or its garbage collection).
+        if self.releases_due() and self.on_releases_due is not None:
+            self.on_releases_due()
+
+    def releases_due(self, urgent: bool = False) -> bool:
+        """Ranges were released: True when the peer must hear now (send ``release_frames()``).
+
+        While we owe the peer replies, the reply is coming and carries the
+        releases in the same write, saving the peer a wake-up per request. A
+        sender short of space says so (RELEASE_WANTED), which makes it urgent.
+        """
+        if urgent or not self.channel.owes_replies:
+            return True
+        self._releases_owed = True
+        self.owed = True
+        return False
+
+    def release_frames(self) -> tuple[Frames, list[Release]]:
+        """Every release not yet told to the peer, as frames of their own."""
+        if self.failure is not None or not self.channel.releases_pending:
+            return [], []
+        self._releases_owed = False
+        entries = self.channel.take_releases()
+        return self.channel.release_frames(entries), entries
+
+    def requeue_releases(self, entries: list[Release]) -> None:
+        if entries:
+            self.channel.requeue_releases(entries)
+            self._releases_owed = True
+            self.owed = True
+
+    # -- memory grants ---------------------------------------------------------------
+
+    def take_granted(self, request_id: int) -> Message | None:
+        """Client: the next fallback operation of a granted request, else its reply."""
+        ops = self._grant_ops.get(request_id)
+        if ops:
+            return ops.popleft()
+        return self.replies.pop(request_id, None)
+
+    def end_granted(self, request_id: int) -> None:
+        self._grant_ops.pop(request_id, None)
+
+    def grant_read_answer(self, request_id: int, message: Message, grant: LocalGrant) -> Frames | memoryview:
+        """Client: the server asked for part of the grant. Inline frames, or the chunk to send through a section."""
+        span: Range = message.grant
+        chunk = grant.memory[span.offset:span.offset + span.length]
+        if span.length <= self.inline_threshold:
+            return self.channel.grant_payload(MessageType.GRANT_DATA, request_id, span, bytes(chunk))
+        return chunk
+
+    @staticmethod
+    def apply_grant_write(message: Message, grant: LocalGrant) -> None:
+        """Client: the server wrote into the grant through the connection."""
+        span: Range = message.grant
+        target = grant.memory[span.offset:span.offset + span.length]
+        if message.view is not None:
+            with message.view as memory:
+                _native.copy_into(target, memory)
+        else:
+            _native.copy_into(target, message.data)
+
+    def direct_ok(self, memory: PeerMemory) -> bool:
+        """Server: may we touch the client's memory directly for ``memory`` (else the fallback)?"""
+        if not self.channel.grant_active(memory):
+            raise SectionError("the grant ended: its request was already replied to")
+        self.check_open()
+        sections = self.channel.sections
+        return sections is not None and sections.direct_memory and not self.vm_refused
+
+    def grant_read(self, memory: PeerMemory, offset: int, length: int) -> Frames:
+        return self.channel.grant_read(memory, offset, length)
+
+    def take_grant_data(self, request_id: int) -> Message | None:
+        return self._grant_data.pop(request_id, None)
+
+    def grant_read_abandoned(self, memory: PeerMemory) -> list[View]:
+        """The server stopped waiting for a fallback read; views to release (outside the lock)."""
+        self.channel.grant_read_abandoned(memory)
+        late = self._grant_data.pop(memory.request_id, None)
+        return [late.view] if late is not None and late.view is not None else []
+
+    @staticmethod
+    def grant_data_into(answer: Message, into: memoryview) -> None:
+        if answer.grant is None:
+            raise SectionError("the client withdrew the grant (its request is over)")
+        if answer.view is not None:
+            with answer.view as source:
+                _native.copy_into(into, source)
+        else:
+            _native.copy_into(into, answer.data)
+
+    def grant_write(self, memory: PeerMemory, offset: int, payload: memoryview) -> Frames | None:
+        """Server: inline GRANT_WRITE frames, or None: send ``payload`` through a section."""
+        if payload.nbytes <= self.inline_threshold:
+            return self.channel.grant_payload(MessageType.GRANT_WRITE, memory.request_id,
+                                              Range(offset, payload.nbytes), bytes(payload))
+        return None
+
+    # -- receiving --------------------------------------------------------------------
+
+    def receive(self, data: bytes, fds: Iterable[int] = ()) -> Batch:
+        """Decode one read. A protocol violation ends the connection (``Batch.error``)."""
+        channel = self.channel
+        try:
+            messages = channel.receive(data, fds)
+        except ProtocolError as exc:
+            self.stats.errors += 1
+            self.fail(PeerGone(f"protocol error: {exc}"), notice=f"protocol error: {exc}")
+            return Batch([], False, False, str(exc))
+        copies = channel.copies_waiting
+        urgent = channel.releases_urgent
+        if copies:
+            channel.copies_waiting = False
+        if urgent:
+            channel.releases_urgent = False
+        return Batch(messages, copies, urgent, None)
+
+    def receive_one(self, data: bytes) -> int:
+        """The common read in one step: one plain reply, request or datagram, decoded and filed.
+
+        Returns FILED_REPLY, FILED_INBOX or FILED_NOTHING (a late reply
+        dropped) when done, FILED_ERROR after a protocol violation (the
+        connection ended; ``error`` says why), or NOT_FILED (nothing
+        consumed: use ``receive``) for anything that needs more (several
+        frames, fds, sections, runtime frames, releases to send).
+        """
+        peer = self._peer_sections
+        if peer is not None and (peer.pending or self.channel.unsent_releases):
+            return NOT_FILED
+        try:
+            message = self.channel.receive_one(data)
+        except ProtocolError as exc:
+            self.stats.errors += 1
+            self.fail(PeerGone(f"protocol error: {exc}"), notice=f"protocol error: {exc}")
+            self.error = str(exc)
+            return FILED_ERROR
+        if message is False:
+            return NOT_FILED
+        if message is None or message is True:
+            return FILED_NOTHING
+        kind = message.type
+        message.port = self.owner
+        stats = self.stats
+        stats.messages_in += 1
+        stats.bytes_in += len(data) - HEADER_SIZE
+        if kind is _REPLY:
+            self.replies[message.callback_id] = message
+            return FILED_REPLY
+        if kind is _REQUEST:
+            stats.in_flight[message.id] = _monotonic()
+        self.inbox.append(message)
+        return FILED_INBOX
+
+    def outgoing(self, batch: Batch) -> tuple[Frames, list[Release]]:
+        """After a read: frames the runtime owes the peer now (automatic answers, releases
+        that cannot wait), and the releases among them to requeue if that write times out."""
+        frames = self.channel.take_automatic()
+        peer = self._peer_sections
+        if peer is not None and (batch.copies or peer.pending or self.channel.unsent_releases):
+            if self.releases_due(batch.urgent):
+                releases, entries = self.release_frames()
+                return frames + releases, entries
+        return frames, []
+
+    def route(self, batch: Batch) -> Wake:
+        """File the messages of a read; returns who should wake."""
+        messages = batch.messages
+        cancelled = bool(self.channel.cancelled)
+        if not messages:
+            if batch.error is None:
+                return _NOTHING if not cancelled else Wake([], False, False, True)
+            return Wake([], True, True)
+        self.stats.received(messages)
+        ids: list[int] = []
+        inbox = failed = False
+        owner = self.owner
+        for message in messages:
+            message.port = owner
+            kind = message.type
+            if kind is _REPLY or kind is _PONG:
+                self.replies[message.callback_id] = message
+                ids.append(message.callback_id)
+            elif kind is _PORT_CLOSED:
+                self._set_failure(PeerGone(message.reason), message)
+                inbox = failed = True
+            elif kind is _GRANT_READ or kind is _GRANT_WRITE:
+                self._grant_ops.setdefault(message.callback_id, deque()).append(message)
+                ids.append(message.callback_id)
+            elif kind is _GRANT_DATA:
+                self._grant_data[message.callback_id] = message
+                ids.append(message.callback_id)
+            else:
+                self.inbox.append(message)
+                inbox = True
+        return Wake(ids, inbox, failed, cancelled)
+
+    # -- taking -----------------------------------------------------------------------
+
+    def take_reply(self, request_id: int) -> Message | None:
+        """The reply to ``request_id`` if it came; raises Cancelled or DeadlineExceeded for a
+        request cancelled here, or dropped by the peer because its deadline passed."""
+        message = self.replies.pop(request_id, None)
+        if message is None:
+            if request_id in self._cancelled_ids:
+                self._cancelled_ids.discard(request_id)
+                raise Cancelled(f"request {request_id} was cancelled")
+            return None
+        if message.cancelled:
+            raise DeadlineExceeded(f"the peer dropped request {request_id}: its deadline passed before dispatch")
+        return message
+
+    def forget_cancelled(self, request_id: int) -> None:
+        self._cancelled_ids.discard(request_id)
+
+    def take_message(self) -> Message | None:
+        """The next request, datagram or notice for the application, or None.
+
+        A request whose deadline passed is never handed out: the peer gets a
+        CANCELLED reply instead (``take_automatic`` has it for the driver).
+        """
+        inbox = self.inbox
+        while inbox:
+            message = inbox.popleft()
+            if not self._dispatchable(message):
+                continue
+            if message.type in NOTICES:
+                self.finalize_wanted = True
+            return message
+        return None
+
+    def _dispatchable(self, message: Message) -> bool:
+        """False (and dealt with) for a request cancelled, or past its deadline, before dispatch."""
+        if message.cancelled:
+            self._drop_body(message)  # the client cancelled it before anyone took it
+            return False
+        deadline = message.deadline
+        if deadline is not None and deadline <= _monotonic():
+            self.channel.expire(message)
+            self.stats.in_flight.pop(message.id, None)
+            self._drop_body(message)
+            return False
+        return True
+
+    def take_callback(self, request_id: int) -> Message | None:
+        """While a request waits for its reply: a request or datagram from the peer first (a
+        nested callback, ALPC-style), else the reply. Notices stay queued for receive()."""
+        inbox = self.inbox
+        while inbox and inbox[0].type in _INCOMING:
+            message = inbox.popleft()
+            if self._dispatchable(message):
+                return message
+        return self.take_reply(request_id)
+
+    def take_messages(self, into: list[Message], limit: int) -> None:
+        """More of ``take_message`` into ``into``, up to ``limit`` in all; stops after a notice."""
+        while len(into) < limit:
+            message = self.take_message()
+            if message is None:
+                return
+            into.append(message)
+            if message.type in NOTICES:
+                return
+
+    def _drop_body(self, message: Message) -> None:
+        """A request nobody will handle: its section range goes back with our next frame."""
+        body = message._copy if message._copy is not None else message.view
+        if body is not None:
+            message._copy = None
+            body.release(notify=False)
+            self._releases_owed = True
+            self.owed = True
+
+    def take_automatic(self) -> Frames:
+        """Frames the runtime owes the peer after ``take_message`` (answers to expired requests)."""
+        return self.channel.take_automatic()
+
+    def take_cancelled(self) -> list[Message]:
+        """Requests the peer cancelled since the last call, already out of the inbox: their
+        handlers should stop (their ``cancelled`` is set, and their replies are dropped)."""
+        cancelled = self.channel.cancelled
+        if not cancelled:
+            return cancelled
+        self.channel.cancelled = []
+        for message in cancelled:
+            self.stats.in_flight.pop(message.id, None)
+            try:
+                self.inbox.remove(message)
+            except ValueError:
+                continue  # already handed to the application, which owns its body
+            self._drop_body(message)
+        return cancelled
+
+    # -- the end ------------------------------------------------------------------------
+
+    def connection_lost(self, reason: str) -> bool:
+        """The stream ended or the peer process died. True if that is news."""
+        notice = self.channel.connection_lost(reason)
+        if notice is None:
+            return False
+        self._set_failure(PeerGone(reason), notice)
+        return True
+
+    def fail(self, failure: ConnectionClosed, notice: str | None = None) -> None:
+        """End the connection (a protocol error, a broken stream); ``notice`` for the server's application."""
+        self.channel.mark_closed(str(failure))
+        message = None
+        if notice is not None:
+            message = Message(MessageType.CLIENT_DIED, 0, 0, b"", self.channel.peer, reason=notice)
+        self._set_failure(failure, message)
+
+    def _set_failure(self, failure: ConnectionClosed, notice: Message | None) -> None:
+        # The server side sees the notice as a message and releases the socket
+        # when it is taken; the client side sees PeerGone on every pending and
+        # later call and releases at once.
+        if self.failure is None:
+            self.failure = failure
+        if notice is not None:
+            notice.port = self.owner
+        if notice is not None and self.is_server:
+            self.inbox.append(notice)
+        else:
+            self.finalize_wanted = True
+
+    def close(self) -> Frames:
+        """The PORT_CLOSED frame to send (unless the connection already ended); ends it."""
+        frames = [] if self.failure is not None else self.channel.close_notice()
+        if self.failure is None:
+            self.failure = ConnectionClosed("the port is closed")
+        self.inbox.clear()
+        self.finalize_wanted = True
+        return frames
+
+    def release_resources(self) -> None:
+        self.channel.release_resources()

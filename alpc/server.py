@@ -1,0 +1,423 @@
+"""The server side of the blocking API: connection ports, connection requests, create_port().
+
+A ``ConnectionPort`` owns a named port's link to the broker and every
+communication port accepted on it. ``wait`` multiplexes all of them through
+one epoll set kept for the port's lifetime (thousands of clients cost
+nothing per wait) and a queue of the connections that have messages, served
+round-robin.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import deque
+
+from . import control, qlpc
+from .config import Config, PortAttributes
+from .control import validate_port_name
+from .errors import ConnectionClosed, MessageTooLarge, PeerGone, ProtocolError, QuotaExceeded, Timeout
+from .exchange import control_frame
+from .ledger import Budget
+from .logs import fields
+from .port import CommunicationPort
+from .protocol import Channel, Message
+from .registration import Registration
+from .section import ConnectionSections
+from .stats import LiveConnection, PortStatistics
+from .transport import Poller, Stream, close_fds, deadline_after, wait_readable
+from .wire import Frame
+
+__all__ = ["ConnectionPort", "ConnectionRequest", "create_port"]
+
+log = logging.getLogger(__name__)
+
+
+class ConnectionRequest:
+    """A client asking to connect; ``client`` is its kernel-verified identity."""
+
+    def __init__(self, port: ConnectionPort, stream: Stream, info: control.ConnectionRequestInfo) -> None:
+        self._port = port
+        self._stream: Stream | None = stream
+        self.client = stream.peer_cred()
+        self._pidfd = stream.peer_pidfd()
+        self.data = info.data
+        self.port_name = info.name
+        self._client_max_message = info.max_message_length
+        self._client_max_sections = info.max_section_bytes
+
+    def __repr__(self) -> str:
+        return f"<ConnectionRequest to {self.port_name!r} from pid {self.client.pid} uid {self.client.uid}>"
+
+    def _take_stream(self) -> Stream:
+        if self._stream is None:
+            raise ValueError("this connection request was already answered")
+        stream, self._stream = self._stream, None
+        self._port._forget_request(self)
+        return stream
+
+    def accept(self, data: bytes = b"", timeout: float | None = 5.0) -> CommunicationPort:
+        """Accept: the client's connect() returns with ``data`` as its accept_data."""
+        stream, channel, pidfd, quick = self.accept_channel(data, timeout)
+        return self._port._adopt(stream, channel, pidfd, quick)
+
+    def accept_channel(self, data: bytes = b"", timeout: float | None = 5.0, *, quick_ok: bool = True
+                       ) -> tuple[Stream, Channel, int | None, qlpc.QuickLink | None]:
+        """Answer the client and build the channel; a driver (blocking or asyncio) adopts it.
+
+        With ``quick_ok`` (the blocking driver) a port with ``quick_lpc`` offers its rings.
+        """
+        data = bytes(data)
+        if len(data) > self._port.config.max_connect_data:
+            raise MessageTooLarge(f"accept data of {len(data)} bytes exceeds {self._port.config.max_connect_data}")
+        stream = self._take_stream()
+        pidfd, self._pidfd = self._pidfd, None
+        attributes = self._port.attributes
+        quick, ring_fds = _offer_quick(attributes, stream, pidfd) if quick_ok else (None, [])
+        reply = control.ConnectionReply(accepted=True, data=data, reason="",
+                                        max_message_length=attributes.max_message_length,
+                                        inline_threshold=attributes.inline_threshold,
+                                        max_section_bytes=attributes.max_section_bytes,
+                                        secure_views=attributes.secure_views,
+                                        quick_slots=attributes.quick_slots if quick else 0,
+                                        quick_slot_size=attributes.quick_slot_size if quick else 0)
+        try:
+            stream.send(control_frame(reply, n_fds=len(ring_fds)), ring_fds, deadline=deadline_after(timeout))
+        except (ConnectionClosed, Timeout):
+            if quick is not None:
+                quick.close()
+            stream.close()
+            close_fds([pidfd] if pidfd is not None else [])
+            raise PeerGone(f"client pid {self.client.pid} went away before the accept") from None
+        finally:
+            # The client holds its own copy now (the rings stay mapped on our side).
+            close_fds(ring_fds)
+        sections = ConnectionSections.build(
+            inline_threshold=attributes.inline_threshold,
+            send_quota=min(attributes.max_section_bytes, max(self._client_max_sections, 0)),
+            recv_quota=attributes.max_section_bytes, max_length=attributes.max_message_length,
+            section_size=attributes.section_size, backend=attributes.section_backend,
+            allow_unsealed=attributes.allow_unsealed_sections, secure=attributes.secure_views,
+            budget=self._port._section_budget, direct_memory=attributes.direct_memory,
+        )
+        channel = Channel(self.client, send_limit=self._client_max_message,
+                          recv_limit=attributes.max_message_length, local_pid=os.getpid(), sections=sections)
+        self._port._stats.connects_accepted += 1
+        return stream, channel, pidfd, quick
+
+    def reject(self, reason: str = "rejected") -> None:
+        """Refuse: the client's connect() raises ConnectionRejected carrying ``reason``."""
+        stream = self._take_stream()
+        self._port._stats.connects_rejected += 1
+        reply = control.ConnectionReply(accepted=False, data=b"", reason=str(reason)[:1024], max_message_length=0)
+        try:
+            stream.try_send(control_frame(reply))
+        except ConnectionClosed:
+            pass
+        finally:
+            stream.close()
+            self._close_pidfd()
+
+    def _close_pidfd(self) -> None:
+        if self._pidfd is not None:
+            close_fds([self._pidfd])
+            self._pidfd = None
+
+    def close(self) -> None:
+        """Drop an unanswered request (the client sees the server go away)."""
+        if self._stream is not None:
+            self.reject("the server closed the port")
+
+
+def _offer_quick(attributes: PortAttributes, stream: Stream,
+                 pidfd: int | None) -> tuple[qlpc.QuickLink | None, list[int]]:
+    """Quick-LPC: the rings to offer with an accept (and the fd to pass), if the port offers them."""
+    if not attributes.quick_lpc or not qlpc.available():
+        return None, []
+    try:
+        quick, fd = qlpc.offer(attributes.quick_slots, attributes.quick_slot_size, attributes.quick_spin_us,
+                               stream.fileno(), pidfd)
+    except (QuotaExceeded, OSError) as exc:
+        log.warning("cannot offer Quick-LPC rings, the connection uses its socket: %s", exc)
+        return None, []
+    return quick, [fd]
+
+
+def create_port(
+    name: str,
+    attributes: PortAttributes | None = None,
+    *,
+    config: Config | None = None,
+    timeout: float | None = None,
+    reregister_timeout: float = 60.0,
+    report_interval: float = 1.0,
+) -> ConnectionPort:
+    """Create a named connection port through the broker.
+
+    Raises NameInUse if a live port has the name, InvalidName for a bad name,
+    BrokerUnavailable if no broker runs. If the broker goes away later, the
+    port registers its name again by itself, with backoff, for up to
+    ``reregister_timeout`` seconds (0: never); established connections keep
+    working meanwhile. ``report_interval`` is how often the port reports its
+    figures to the broker (``alpc peers``, ``alpc stats``).
+    """
+    config = config or Config.from_env()
+    attributes = attributes or PortAttributes()
+    validate_port_name(name)
+    timeout = config.connect_timeout if timeout is None else timeout
+    link = Registration(name, attributes, config, reregister_timeout=reregister_timeout,
+                        report_interval=report_interval)
+    try:
+        link.open(timeout)
+    except BaseException:
+        link.close()
+        raise
+    port = ConnectionPort(name, link, attributes, config)
+    link.start(port._status, port._drain_registration)
+    return port
+
+
+class ConnectionPort:
+    """A named server port: listen for connections and wait on every client at once.
+
+    If the broker goes away, the port keeps serving its established
+    connections and registers its name again when the broker is back. Should
+    that fail (the timeout ran out, or another process took the name
+    meanwhile), ``listen`` raises the error (BrokerUnavailable or NameInUse)
+    and ``wait`` raises it once, then goes on delivering messages.
+    """
+
+    def __init__(self, name: str, link: Registration, attributes: PortAttributes, config: Config) -> None:
+        self.name = name
+        self.attributes = attributes
+        self.config = config
+        self._link = link
+        self._lock = threading.RLock()
+        self._requests: deque[ConnectionRequest] = deque()
+        self._unanswered: set[ConnectionRequest] = set()
+        # Insertion-ordered set of the accepted connections.
+        self._connections: dict[CommunicationPort, None] = {}
+        self._owners: dict[int, CommunicationPort] = {}
+        self._poller = Poller()
+        # Connections whose inbox got something since they were last served.
+        self._ready: deque[CommunicationPort] = deque()
+        self._stats = PortStatistics()
+        self._error_reported = False
+        self._closed = False
+        self._section_budget = Budget(attributes.max_port_section_bytes)
+        # Quick-LPC: the watcher thread lives as long as a port offering the rings;
+        # the connections with rings are looked at on every wait.
+        self._quick_held = attributes.quick_lpc and qlpc.hold_watcher()
+        self._quick_comms: set[CommunicationPort] = set()
+
+    def __repr__(self) -> str:
+        return f"<ConnectionPort {self.name!r} with {len(self._connections)} clients>"
+
+    @property
+    def connections(self) -> list[CommunicationPort]:
+        with self._lock:
+            return list(self._connections)
+
+    @property
+    def registered(self) -> bool:
+        """Whether the broker knows this port now (False during a broker restart)."""
+        return self._link.live
+
+    @property
+    def registrations(self) -> int:
+        """How many times the name was registered: 1, plus one per re-registration."""
+        return self._link.registrations
+
+    # -- connection requests ---------------------------------------------------
+
+    def listen(self, timeout: float | None = None) -> ConnectionRequest:
+        """Wait for the next connection request."""
+        deadline = deadline_after(timeout)
+        while True:
+            with self._lock:
+                request = self._next_request()
+                if request is not None:
+                    return request
+                fds = self._link.wait_fds()
+            if not wait_readable(fds, deadline):
+                raise Timeout("no connection request arrived in time")
+            with self._lock:
+                self._read_registration()
+
+    def _next_request(self) -> ConnectionRequest | None:
+        self._check_open()
+        if self._requests:
+            return self._requests.popleft()
+        error = self._link.error
+        if error is not None:
+            raise type(error)(*error.args)
+        return None
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ConnectionClosed(f"port {self.name!r} is closed")
+
+    def _read_registration(self) -> None:
+        # Caller holds _lock.
+        if self._closed:
+            return
+        for frame in self._link.read():
+            self._handle_registration_frame(frame)
+
+    def _drain_registration(self) -> None:
+        """The keeper saw the broker hang up: take what it sent before, and notice the EOF."""
+        with self._lock:
+            self._read_registration()
+
+    def _handle_registration_frame(self, frame: Frame) -> None:
+        try:
+            info = control.decode_body(frame.type, frame.data, control.ConnectionRequestInfo)
+            stream = Stream.from_fd(frame.fds[0])
+        except (ProtocolError, OSError) as exc:
+            close_fds(frame.fds)
+            log.error("bad connection request from the broker: %s", exc, extra=fields(port=self.name))
+            return
+        if wait_readable([stream.fileno()], 0.0):
+            # The client already gave up (timeout or death); nobody to answer.
+            stream.close()
+            return
+        request = ConnectionRequest(self, stream, info)
+        self._unanswered.add(request)
+        self._requests.append(request)
+
+    def _forget_request(self, request: ConnectionRequest) -> None:
+        with self._lock:
+            self._unanswered.discard(request)
+
+    # -- communication ports ----------------------------------------------------
+
+    def _adopt(self, stream: Stream, channel: Channel, pidfd: int | None,
+               quick: qlpc.QuickLink | None = None) -> CommunicationPort:
+        comm = CommunicationPort(stream, channel, peer_pidfd=pidfd, is_server=True, on_gone=self._forget,
+                                 quick=quick)
+        comm._on_ready = self._ready.append
+        with self._lock:
+            self._connections[comm] = None
+            if quick is not None:
+                self._quick_comms.add(comm)
+            for fd in comm.wait_fds():
+                self._owners[fd] = comm
+                self._poller.register(fd)
+        self._link.report_soon()
+        return comm
+
+    def _forget(self, comm: CommunicationPort) -> None:
+        # Called before the comm closes its fds, so a reused fd number never meets a stale entry.
+        with self._lock:
+            self._quick_comms.discard(comm)
+            if comm in self._connections:
+                del self._connections[comm]
+                self._stats.retire(comm.stats)
+            for fd in comm._fds():
+                if self._owners.get(fd) is comm:
+                    del self._owners[fd]
+                    self._poller.unregister(fd)
+        self._link.report_soon()
+
+    def _status(self) -> control.PortStatus:
+        """The report the keeper sends the broker: every client and the port's counters."""
+        with self._lock:
+            live = [LiveConnection(comm.peer, comm.stats, comm.queue_depth) for comm in self._connections]
+            return self._stats.report(live)
+
+    def wait(self, timeout: float | None = None) -> ConnectionRequest | Message:
+        """The next event on this port: a connection request, or a message from any client.
+
+        Messages carry ``message.port``, the communication port to answer on.
+        Client death and close arrive as CLIENT_DIED / PORT_CLOSED messages.
+        """
+        deadline = deadline_after(timeout)
+        while True:
+            with self._lock:
+                ready = self._next_event()
+                hot = self._quick_armed() if ready is None and self._quick_comms else []
+            if isinstance(ready, Message):
+                ready.port._maybe_finalize()
+            if ready is not None:
+                return ready
+            polled = self._poll(0.0 if hot else deadline)
+            for comm in hot:
+                comm.pump()
+            if not polled and not hot:
+                raise Timeout("nothing arrived on the port in time")
+
+    def _quick_armed(self) -> list[CommunicationPort]:
+        """Quick-LPC: ring each client's doorbell from now on; those whose ring already holds requests."""
+        return [comm for comm in self._quick_comms if comm._quick is not None and comm._quick.arm()]
+
+    def _poll(self, deadline: float | None) -> bool:
+        """Wait for the broker link or any connection, and read what came; False on timeout."""
+        with self._lock:
+            self._check_open()
+            link = self._link.wait_fds()
+        # The link's fd changes across broker restarts, so it is polled beside
+        # the epoll set rather than kept in it.
+        poller = self._poller
+        fired = wait_readable([poller.fileno(), *link], deadline)
+        if not fired:
+            return False
+        if any(fd != poller.fileno() for fd in fired):
+            with self._lock:
+                self._read_registration()
+        if poller.fileno() in fired:
+            with self._lock:
+                self._check_open()  # close() may have run while this thread waited
+                ready = poller.poll(0.0)
+            for fd in ready:
+                owner = self._owners.get(fd)
+                if owner is not None:
+                    owner.pump()
+        return True
+
+    def _next_event(self) -> ConnectionRequest | Message | None:
+        self._check_open()
+        if self._requests:
+            return self._requests.popleft()
+        error = self._link.error
+        if error is not None and not self._error_reported:
+            self._error_reported = True
+            raise type(error)(*error.args)
+        ready = self._ready
+        while ready:
+            comm = ready.popleft()
+            message = comm.next_ready_message()
+            if message is None:
+                continue
+            if comm.has_ready_message():
+                ready.append(comm)  # round-robin: one message per connection per turn
+            return message
+        return None
+
+    # -- closing -----------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close every connection and give the name back to the broker."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            requests = list(self._unanswered)
+            connections = list(self._connections)
+        # The link first: its keeper must not keep watching a port that no longer reads it.
+        self._link.close()
+        for request in requests:
+            request.close()
+        for comm in connections:
+            comm.close()
+        with self._lock:  # a waiter looks at the set only under the lock, after checking _closed
+            self._poller.close()
+        if self._quick_held:
+            self._quick_held = False
+            qlpc.release_watcher()
+
+    def __enter__(self) -> ConnectionPort:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
