@@ -10,6 +10,7 @@ from .errors import (
     BrokerUnavailable,
     ConnectionClosed,
     ConnectionRejected,
+    HandleNotAllowed,
     InvalidName,
     MessageTooLarge,
     NameInUse,
@@ -19,14 +20,17 @@ from .errors import (
     ProtocolError,
     QuotaExceeded,
     SectionError,
+    Throttled,
     Timeout,
 )
 from .grant import MemoryGrant, PeerMemory
+from .handles import Handle
 from .introspect import list_peers, port_stats
 from .port import CommunicationPort, ConnectionPort, ConnectionRequest, connect, create_port
 from .protocol import Message
+from .quotas import BrokerLimits, Limit
 from .section import Section, SectionView, View, sweep_stale_names
-from .security import PeerCred
+from .security import HandleKind, PeerCred, PortAcl
 from .wire import MessageType
 
 __all__ = [
@@ -34,6 +38,7 @@ __all__ = [
     "ActivationError",
     "AlpcError",
     "Broker",
+    "BrokerLimits",
     "BrokerRunning",
     "BrokerUnavailable",
     "CommunicationPort",
@@ -42,7 +47,11 @@ __all__ = [
     "ConnectionPort",
     "ConnectionRejected",
     "ConnectionRequest",
+    "Handle",
+    "HandleKind",
+    "HandleNotAllowed",
     "InvalidName",
+    "Limit",
     "MemoryGrant",
     "Message",
     "MessageTooLarge",
@@ -52,6 +61,7 @@ __all__ = [
     "PeerCred",
     "PeerGone",
     "PeerMemory",
+    "PortAcl",
     "PortAttributes",
     "PortNotFound",
     "ProtocolError",
@@ -59,6 +69,7 @@ __all__ = [
     "Section",
     "SectionError",
     "SectionView",
+    "Throttled",
     "Timeout",
     "View",
     "connect",

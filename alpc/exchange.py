@@ -11,7 +11,7 @@ import os
 from . import control
 from .errors import ProtocolError, Timeout
 from .security import PeerCred
-from .transport import Stream, wait_readable
+from .transport import Stream, close_fds, wait_readable
 from .wire import Frame, FrameDecoder, encode_header
 
 __all__ = ["control_frame", "read_frame"]
@@ -33,23 +33,33 @@ def control_frame(body: control.Body, n_fds: int = 0) -> list[bytes]:
 
 
 def read_frame(
-    stream: Stream, decoder: FrameDecoder, deadline: float | None, what: str, max_fds: int = 0
+    stream: Stream, decoder: FrameDecoder, deadline: float | None, what: str, max_fds: int = 0,
+    pidfds: list[int] | None = None,
 ) -> tuple[Frame | None, PeerCred | None]:
     """Read exactly one frame; returns (frame, sender credentials), or (None, _) at EOF.
 
     Credentials come from SCM_CREDENTIALS when the stream has SO_PASSCRED set;
-    a frame assembled from two senders is refused.
+    a frame assembled from two senders is refused. With ``pidfds`` (and
+    SO_PASSPIDFD set) the sender's SCM_PIDFD is appended there, for the caller
+    to own, whatever happens.
     """
     cred: PeerCred | None = None
     while True:
         if not wait_readable([stream.fileno()], deadline):
             raise Timeout(f"timed out waiting for {what}")
-        got = stream.recv_with_ancillary(decoder.wanted(), max_fds=max_fds, want_cred=True)
+        got = stream.recv_with_ancillary(decoder.wanted(), max_fds=max_fds, want_cred=True,
+                                         want_pidfd=pidfds is not None)
         if got is None:
             continue
+        if got.pidfd is not None:
+            if pidfds is not None and not pidfds:
+                pidfds.append(got.pidfd)
+            else:
+                close_fds([got.pidfd])
         if not got.data:
             return None, cred
         if cred is not None and got.cred != cred:
+            close_fds(got.fds)
             raise ProtocolError(f"{what} arrived from two different processes")
         cred = got.cred
         frames = decoder.feed(got.data, got.fds)

@@ -10,13 +10,14 @@ import logging
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 from . import _native, control
 from .config import Config, PortAttributes
 from .control import validate_port_name
 from .errors import (
+    AccessDenied,
     BrokerUnavailable,
     ConnectionClosed,
     ConnectionRejected,
@@ -24,18 +25,21 @@ from .errors import (
     PeerGone,
     PortNotFound,
     ProtocolError,
+    QuotaExceeded,
     SectionError,
+    Throttled,
     Timeout,
 )
 from .exchange import control_frame, read_frame
 from .grant import LocalGrant, MemoryGrant, PeerMemory, direct_read, direct_write
 from .ledger import Budget
 from .logs import LogLimiter, fields
-from .protocol import Channel, Message, materialize
+from .protocol import Channel, ConnectionPolicy, Message, materialize
+from .quotas import FlowLimits, Limit, WindowClosed
 from .registration import Registration
 from .retry import retry_until
 from .section import ConnectionSections, SectionView, sweep_stale_names
-from .security import PeerCred
+from .security import PeerCred, kinds_from_mask, kinds_mask
 from .stats import ConnectionStats, LiveConnection, PortStatistics
 from .transport import Buffer, Stream, close_fds, deadline_after, pidfd_open, remaining, wait_readable
 from .wire import Frame, FrameDecoder, FrameLimits, MessageType, Range
@@ -60,8 +64,8 @@ _BUDGET_RECHECK = 0.05
 # Releases go out from the reader; a peer that stops reading for this long
 # keeps them queued rather than stalling our reads.
 _RELEASE_SEND_TIMEOUT = 1.0
-# fds one read may carry: one per frame, one fd-carrying frame per sendmsg.
-_MAX_FDS_PER_READ = 4
+# A read stops after the write that carried fds, and a sender passes fds with
+# one frame per write: a section's fd, then that message's handles.
 # With this many section messages unreleased, a sender reads its socket (without blocking).
 _DRAIN_EVERY = 64
 
@@ -91,10 +95,15 @@ class CommunicationPort:
         is_server: bool,
         accept_data: bytes = b"",
         on_gone: Callable[[CommunicationPort], None] | None = None,
+        send_timeout: float | None = None,
     ) -> None:
         self._stream = stream
         self._channel = channel
         self._pidfd = peer_pidfd
+        # A server bounds every send (its caller's None included): a client that
+        # stops reading must not hold the server's thread forever.
+        self._send_timeout = send_timeout
+        self._max_fds_per_read = 1 + channel.policy.local.max_handles_per_message
         self._is_server = is_server
         self.accept_data = accept_data
         self._on_gone = on_gone
@@ -138,6 +147,11 @@ class CommunicationPort:
         return self._channel.peer
 
     @property
+    def peer_pidfd(self) -> int | None:
+        """A pidfd of the peer process (SO_PEERPIDFD / SCM_PIDFD), owned by this port; None if none."""
+        return self._pidfd
+
+    @property
     def closed(self) -> bool:
         return self._failure is not None
 
@@ -157,19 +171,25 @@ class CommunicationPort:
     # -- sending ----------------------------------------------------------------
 
     def request(self, data: Payload = b"", timeout: float | None = None, *, secure: bool = False,
-                grant: MemoryGrant | None = None) -> Message:
+                grant: MemoryGrant | None = None, fds: Sequence[int] = ()) -> Message:
         """Send a request and wait for its reply.
 
         ``data`` longer than the inline threshold goes through a shared section;
         a ``SectionView`` from ``create_view`` goes with no copy at all. ``secure``
         sends it write-sealed; ``grant`` lends the server a buffer for this request.
+        ``fds`` are passed along (the peer gets copies; these stay yours).
+        While the peer holds ``max_pending_requests`` of ours, this waits for a
+        reply first (Throttled when ``timeout`` runs out meanwhile).
         """
-        deadline = deadline_after(timeout)
+        deadline = self._deadline(timeout)
         size = data.nbytes if type(data) is memoryview else len(data)
+        if fds:
+            self._channel.check_handles(fds)
         if grant is not None or isinstance(data, SectionView) or size > self._inline_threshold:
             self.stats.sent(size)
-            return self._request_large(data, deadline, secure, grant)
-        message_id = self._send_new(lambda: self._channel.request(bytes(data)), deadline)
+            return self._request_large(data, deadline, secure, grant, fds)
+        message_id = self._flow(lambda: self._send_new(lambda: self._channel.request(bytes(data), fds=fds),
+                                                       deadline, fds), deadline)
         self.stats.sent(size)
         return self._await_reply(message_id, deadline)
 
@@ -179,28 +199,84 @@ class CommunicationPort:
         message_id = self._send_new(self._channel.ping, deadline)
         self._await_reply(message_id, deadline)
 
-    def send(self, data: Payload = b"", timeout: float | None = None, *, secure: bool = False) -> None:
-        """Send a datagram (no reply expected)."""
-        deadline = deadline_after(timeout)
+    def send(self, data: Payload = b"", timeout: float | None = None, *, secure: bool = False,
+             fds: Sequence[int] = ()) -> None:
+        """Send a datagram (no reply expected), with ``fds`` passed along.
+
+        While the peer's application has ``max_queued_datagrams`` of ours still
+        to take, this waits (Throttled when ``timeout`` runs out meanwhile).
+        """
+        deadline = self._deadline(timeout)
         size = data.nbytes if type(data) is memoryview else len(data)
+        if fds:
+            self._channel.check_handles(fds)
         if isinstance(data, SectionView) or size > self._inline_threshold:
-            self._send_section(MessageType.DATAGRAM, data, deadline, secure)
+            self._flow(lambda: self._send_section(MessageType.DATAGRAM, data, deadline, secure, fds=fds), deadline)
         else:
-            self._send(lambda: self._channel.datagram(bytes(data)), deadline)
+            self._flow(lambda: self._send(lambda: self._channel.datagram(bytes(data), fds=fds), deadline, fds),
+                       deadline)
         self.stats.sent(size)
 
     def reply(self, message: Message, data: Payload = b"", timeout: float | None = None, *,
-              secure: bool = False) -> None:
-        """Answer ``message``, a request received on this port."""
+              secure: bool = False, fds: Sequence[int] = ()) -> None:
+        """Answer ``message``, a request received on this port (with ``fds`` passed along).
+
+        On a server, a reply that cannot be written within the port's
+        ``send_timeout`` (or ``timeout``) means the client stopped reading: its
+        connection is dropped and PeerGone raised.
+        """
         if message.type is not MessageType.REQUEST:
             raise ValueError(f"only a REQUEST can be replied to, not {message.type.name}")
-        deadline = deadline_after(timeout)
+        deadline = self._deadline(timeout)
         size = data.nbytes if type(data) is memoryview else len(data)
-        if isinstance(data, SectionView) or size > self._inline_threshold:
-            self._send_section(MessageType.REPLY, data, deadline, secure, callback_id=message.id)
-        else:
-            self._send(lambda: self._channel.reply(message.id, bytes(data)), deadline)
+        if fds:
+            self._channel.check_handles(fds)
+        try:
+            if isinstance(data, SectionView) or size > self._inline_threshold:
+                self._send_section(MessageType.REPLY, data, deadline, secure, callback_id=message.id, fds=fds)
+            else:
+                self._send(lambda: self._channel.reply(message.id, bytes(data), fds=fds), deadline, fds)
+        except Timeout:
+            if not self._is_server:
+                raise
+            self.stats.errors += 1
+            self._fail(PeerGone("the client stopped reading its replies; its connection was dropped"),
+                       notice="the client stopped reading its replies")
+            self._raise_if_failed()
         self.stats.replied(message.id, size)
+
+    # -- flow control ------------------------------------------------------------------
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        return deadline_after(self._send_timeout if timeout is None else timeout)
+
+    def _flow(self, send: Callable[[], T], deadline: float | None) -> T:
+        """Run ``send``; while the peer's limits hold it back, wait for replies or credits and retry."""
+        while True:
+            try:
+                return send()
+            except WindowClosed as closed:
+                if closed.limit is Limit.MAX_HANDLES_PER_MESSAGE:
+                    raise QuotaExceeded("more fds than the peer takes in one message", limit=closed.limit) from None
+                self._await_window(closed, deadline)
+
+    def _await_window(self, closed: WindowClosed, deadline: float | None) -> None:
+        """Wait until a reply or a credit frees something the peer counts (or raise Throttled)."""
+        flow = self._channel.flow
+
+        def counts() -> tuple[int, int, int]:
+            return flow.requests_out, flow.datagrams_out, flow.handles_out
+
+        before = counts()
+
+        def freed() -> bool | None:
+            return True if any(now < was for now, was in zip(counts(), before, strict=True)) else None
+
+        try:
+            self._wait_for(freed, deadline, f"the peer to free its {closed.limit}")
+        except Timeout:
+            raise Throttled(f"waited for the peer to free its {closed.limit} until the timeout ({closed})",
+                            limit=closed.limit) from None
 
     # -- sections ------------------------------------------------------------------
 
@@ -244,16 +320,20 @@ class CommunicationPort:
                 return self._wait_for(attempt, window, "space in the connection's sections")
             except Timeout:
                 if window == deadline or remaining(deadline) == 0:
-                    raise
+                    port_wide = sections is not None and sections.pool.ledger.budget_blocked
+                    limit = Limit.MAX_PORT_SECTION_BYTES if port_wide else Limit.MAX_SECTION_BYTES
+                    raise Throttled(f"no section space freed up before the timeout ({limit})", limit=limit) from None
 
     def _request_large(self, data: Payload, deadline: float | None, secure: bool,
-                       grant: MemoryGrant | None) -> Message:
+                       grant: MemoryGrant | None, fds: Sequence[int] = ()) -> Message:
         pinned = grant.pin() if grant is not None else None
         try:
             if not isinstance(data, SectionView) and _size(data) <= self._channel.inline_threshold:
-                message_id = self._send_new(lambda: self._channel.request(bytes(data), pinned), deadline)
+                message_id = self._flow(lambda: self._send_new(
+                    lambda: self._channel.request(bytes(data), pinned, fds=fds), deadline, fds), deadline)
             else:
-                message_id = self._send_section(MessageType.REQUEST, data, deadline, secure, grant=pinned)
+                message_id = self._flow(lambda: self._send_section(
+                    MessageType.REQUEST, data, deadline, secure, grant=pinned, fds=fds), deadline)
         except BaseException:
             if pinned is not None:
                 pinned.release()
@@ -264,7 +344,7 @@ class CommunicationPort:
 
     def _send_section(self, kind: MessageType, data: Payload, deadline: float | None, secure: bool, *,
                       callback_id: int = 0, grant: LocalGrant | None = None, span: Range | None = None,
-                      as_view: bool | None = None) -> int:
+                      as_view: bool | None = None, fds: Sequence[int] = ()) -> int:
         """Send a body through a section: fill a reserved range (unless ``data`` is a
         view already), then send the small frame naming it. Returns the message id."""
         if isinstance(data, SectionView):
@@ -282,9 +362,9 @@ class CommunicationPort:
             try:
                 self._raise_if_failed()
                 with self._state:
-                    message_id, frames, fds = self._channel.section_message(
+                    message_id, frames, passed = self._channel.section_message(
                         kind, view, as_view=explicit if as_view is None else as_view,
-                        callback_id=callback_id, grant=grant, span=span)
+                        callback_id=callback_id, grant=grant, span=span, fds=fds)
             except BaseException:
                 if not explicit:
                     view.release()
@@ -292,15 +372,18 @@ class CommunicationPort:
             written = False
             try:
                 if self._releases_owed:
-                    self._write_with_releases(frames, deadline, fds)
+                    self._write_with_releases(frames, deadline, passed)
                 else:
-                    self._write(frames, deadline, fds)
+                    self._write(frames, deadline, passed)
                 written = True
             except BaseException:
                 written = self._stream.broken
                 if kind is MessageType.REQUEST and message_id:
                     with self._state:
-                        self._channel.abandon(message_id)
+                        if written:
+                            self._channel.abandon(message_id)
+                        else:
+                            self._channel.unsent(message_id)
                 raise
             finally:
                 with self._state:
@@ -333,25 +416,32 @@ class CommunicationPort:
             self._releases_owed = True
 
     def _flush_releases(self) -> None:
-        """Send every release not yet told to the peer, as one frame of its own."""
-        if self._failure is not None or not self._channel.releases_pending:
+        """Send every release (and credit) not yet told to the peer, as frames of their own."""
+        if self._failure is not None or not (self._channel.releases_pending or self._channel.flow.credit_owed):
             return
         with self._send_lock:
             self._write_with_releases([], deadline_after(_RELEASE_SEND_TIMEOUT))
 
+    def _credit_check(self) -> None:
+        """The application took a datagram: return credits once enough are owed (after taking, never under _cv)."""
+        if self._channel.flow.credit_due:
+            self._flush_releases()
+
     def _write_with_releases(self, frames: list[bytes], deadline: float | None,
                              fds: list[int] | None = None) -> None:
-        """Write ``frames`` preceded by the pending RELEASE frames (caller holds _send_lock)."""
+        """Write ``frames`` preceded by the pending RELEASE and CREDIT frames (caller holds _send_lock)."""
         self._releases_owed = False
         with self._state:
             entries = self._channel.take_releases()
             releases = self._channel.release_frames(entries)
+            credit, credit_frames = self._channel.take_credit()
         try:
-            self._write(releases + frames, deadline, fds)
+            self._write(releases + credit_frames + frames, deadline, fds)
         except Timeout:
-            if entries and not self._stream.broken:
+            if (entries or credit_frames) and not self._stream.broken:
                 with self._state:
                     self._channel.requeue_releases(entries)
+                    self._channel.restore_credit(credit)
                 self._releases_owed = True
             if frames:
                 raise
@@ -359,7 +449,8 @@ class CommunicationPort:
             if frames:
                 raise
 
-    def _send_new(self, make: Callable[[], tuple[int, list[bytes]]], deadline: float | None) -> int:
+    def _send_new(self, make: Callable[[], tuple[int, list[bytes]]], deadline: float | None,
+                  fds: Sequence[int] = ()) -> int:
         message_id = 0
 
         def frames() -> list[bytes]:
@@ -368,23 +459,26 @@ class CommunicationPort:
             return out
 
         try:
-            self._send(frames, deadline)
+            self._send(frames, deadline, fds)
         except BaseException:
             if message_id:
                 with self._state:
-                    self._channel.abandon(message_id)
+                    if self._stream.broken:
+                        self._channel.abandon(message_id)
+                    else:
+                        self._channel.unsent(message_id)  # nothing of it was written
             raise
         return message_id
 
-    def _send(self, make: Callable[[], list[bytes]], deadline: float | None) -> None:
+    def _send(self, make: Callable[[], list[bytes]], deadline: float | None, fds: Sequence[int] = ()) -> None:
         with self._send_lock:
             self._raise_if_failed()
             with self._state:
                 frames = make()
             if self._releases_owed:
-                self._write_with_releases(frames, deadline)
+                self._write_with_releases(frames, deadline, list(fds))
             else:
-                self._write(frames, deadline)
+                self._write(frames, deadline, list(fds))
 
     def _write(self, frames: list[bytes], deadline: float | None, fds: list[int] | None = None) -> None:
         try:
@@ -415,6 +509,7 @@ class CommunicationPort:
         """
         message = self._wait_for(self._pop_inbox, deadline_after(timeout), "a message")
         self._maybe_finalize()
+        self._credit_check()
         return message
 
     def __iter__(self) -> Iterator[Message]:
@@ -435,6 +530,9 @@ class CommunicationPort:
         message = self._inbox.popleft()
         if message.type in _NOTICES:
             self._release_wanted = True
+        elif message.type is MessageType.DATAGRAM:
+            with self._state:
+                self._channel.consumed(message)
         return message
 
     def _await_reply(self, message_id: int, deadline: float | None) -> Message:
@@ -614,19 +712,19 @@ class CommunicationPort:
         """Read once and dispatch; False if nothing arrived before the deadline."""
         if block and not wait_readable(self.wait_fds(), deadline):
             return False
-        got = self._stream.recv_fds(_MAX_FDS_PER_READ)
+        got = self._stream.recv_fds(self._max_fds_per_read)
         if got is None:
             if self._pidfd is not None and wait_readable([self._pidfd], 0.0):
                 self._connection_lost("the peer process exited")
             return True
-        data, fds = got
+        data = got.data
         if not data:
-            close_fds(fds)
+            close_fds(got.fds)
             self._connection_lost("the peer process died or dropped the connection")
             return True
         try:
             with self._state:
-                messages = self._channel.receive(data, fds)
+                messages = self._channel.receive(data, got.fds, got.cred, got.truncated)
                 automatic = self._channel.take_automatic()
                 copies, self._channel.copies_waiting = self._channel.copies_waiting, False
                 urgent, self._channel.releases_urgent = self._channel.releases_urgent, False
@@ -761,8 +859,8 @@ _HANDSHAKE_LIMITS = FrameLimits(
 )
 
 
-# What a restarting broker or server looks like to a connecting client.
-RETRYABLE_CONNECT_ERRORS = (BrokerUnavailable, PortNotFound, PeerGone)
+# What a restarting broker or server (or a full one: QuotaExceeded) looks like to a connecting client.
+RETRYABLE_CONNECT_ERRORS = (BrokerUnavailable, PortNotFound, PeerGone, QuotaExceeded)
 
 
 def connect(
@@ -772,19 +870,26 @@ def connect(
     timeout: float | None = None,
     config: Config | None = None,
     retry_timeout: float | None = None,
+    server_uid: int | None = None,
 ) -> CommunicationPort:
     """Connect to the named port; returns the client communication port once accepted.
 
     Raises PortNotFound, ConnectionRejected (with the server's reason), Timeout,
-    BrokerUnavailable, or PeerGone if the server vanished before answering.
-    With ``retry_timeout`` (seconds), BrokerUnavailable, PortNotFound and that
-    PeerGone are retried with backoff while the broker or the server restarts;
-    no attempt starts after it runs out, and each attempt has ``timeout``.
+    BrokerUnavailable, AccessDenied (the port's ACL refused us, or its owner
+    is not ``server_uid``), QuotaExceeded (a limit of the port or the broker is
+    full), or PeerGone if the server vanished before answering.
+    ``server_uid`` pins the server (ALPC's RequiredServerSid): the broker
+    refuses a port owned by another uid before the connect data leaves, and
+    this side checks the kernel's credentials of the server's reply too.
+    With ``retry_timeout`` (seconds), BrokerUnavailable, PortNotFound, that
+    PeerGone and QuotaExceeded are retried with backoff while the broker or the
+    server restarts or is full; no attempt starts after it runs out, and each
+    attempt has ``timeout``.
     """
     if retry_timeout:
-        return retry_until(lambda: _connect_once(name, data, timeout=timeout, config=config),
+        return retry_until(lambda: _connect_once(name, data, timeout=timeout, config=config, server_uid=server_uid),
                            retry_timeout, RETRYABLE_CONNECT_ERRORS)
-    return _connect_once(name, data, timeout=timeout, config=config)
+    return _connect_once(name, data, timeout=timeout, config=config, server_uid=server_uid)
 
 
 def _connect_once(
@@ -793,6 +898,7 @@ def _connect_once(
     *,
     timeout: float | None = None,
     config: Config | None = None,
+    server_uid: int | None = None,
 ) -> CommunicationPort:
     config = config or Config.from_env()
     validate_port_name(name)
@@ -801,21 +907,36 @@ def _connect_once(
         raise MessageTooLarge(f"connect data of {len(data)} bytes exceeds {config.max_connect_data}")
     timeout = config.connect_timeout if timeout is None else timeout
     deadline = deadline_after(timeout)
+    if server_uid is not None and (type(server_uid) is not int or server_uid < 0):
+        raise ValueError(f"server_uid must be a uid (int >= 0), not {server_uid!r}")
+    local_flow = config.flow_limits()
     stream = Stream.connect(config.broker_socket, timeout)
+    pidfds: list[int] = []
     try:
+        # SO_PASSCRED stays on: every read of the channel brings the sender's credentials.
         stream.set_passcred(True)
+        # For the handshake only: the server's reply brings a pidfd of the server (SCM_PIDFD).
+        passpidfd = stream.set_passpidfd(True)
         request = control.Connect(name=name, data=data, max_message_length=config.max_message_length,
-                                  max_section_bytes=config.max_section_bytes)
+                                  max_section_bytes=config.max_section_bytes,
+                                  flow=control.FlowSpec.of(local_flow, kinds_mask(config.handle_kinds)),
+                                  required_server_uid=-1 if server_uid is None else server_uid)
         try:
             stream.send(control_frame(request), deadline=deadline)
         except ConnectionClosed:
             raise BrokerUnavailable("the broker went away during the connect") from None
-        reply, server = _await_connection_reply(stream, name, deadline)
+        reply, server = _await_connection_reply(stream, name, deadline, pidfds if passpidfd else None)
         if not reply.accepted:
             raise ConnectionRejected(reply.reason)
-        stream.set_passcred(False)
+        if server_uid is not None and server.uid != server_uid:
+            # The broker said otherwise, or was not asked: the kernel's word wins.
+            raise AccessDenied(f"the server of {name!r} runs as uid {server.uid}, not the required uid {server_uid}")
+        peer_flow = reply.flow.limits()
+        if passpidfd:
+            stream.set_passpidfd(False)
     except BaseException:
         stream.close()
+        close_fds(pidfds)
         raise
     sections = ConnectionSections.build(
         inline_threshold=reply.inline_threshold,
@@ -824,16 +945,20 @@ def _connect_once(
         section_size=config.section_size, backend=config.section_backend,
         allow_unsealed=config.allow_unsealed_sections, secure=reply.secure_views,
     )
+    policy = ConnectionPolicy(local=local_flow, peer=peer_flow, accept_kinds=config.accept_kinds(),
+                              peer_kinds=kinds_from_mask(reply.flow.handle_kinds),
+                              refuse_identity_change=config.refuse_identity_change)
     channel = Channel(server, send_limit=reply.max_message_length,
-                      recv_limit=config.max_message_length, local_pid=os.getpid(), sections=sections)
-    return CommunicationPort(stream, channel, peer_pidfd=pidfd_open(server.pid), is_server=False,
-                             accept_data=reply.data)
+                      recv_limit=config.max_message_length, local_pid=os.getpid(), sections=sections, policy=policy)
+    pidfd = pidfds[0] if pidfds else pidfd_open(server.pid)
+    return CommunicationPort(stream, channel, peer_pidfd=pidfd, is_server=False, accept_data=reply.data)
 
 
 def _await_connection_reply(
-    stream: Stream, name: str, deadline: float | None
+    stream: Stream, name: str, deadline: float | None, pidfds: list[int] | None = None,
 ) -> tuple[control.ConnectionReply, PeerCred]:
-    frame, cred = read_frame(stream, FrameDecoder(_HANDSHAKE_LIMITS), deadline, f"port {name!r} to answer")
+    frame, cred = read_frame(stream, FrameDecoder(_HANDSHAKE_LIMITS), deadline, f"port {name!r} to answer",
+                             pidfds=pidfds)
     if frame is None:
         raise PeerGone(f"the server of {name!r} went away before answering the connect")
     if frame.type is MessageType.ERROR:
@@ -852,17 +977,27 @@ def _await_connection_reply(
 
 
 class ConnectionRequest:
-    """A client asking to connect; ``client`` is its kernel-verified identity."""
+    """A client asking to connect; ``client`` is its kernel-verified identity.
 
-    def __init__(self, port: ConnectionPort, stream: Stream, info: control.ConnectionRequestInfo) -> None:
+    ``groups`` are its supplementary groups (SO_PEERGROUPS). The port's ACL
+    has admitted it already (the broker checked, and this runtime again).
+    """
+
+    def __init__(self, port: ConnectionPort, stream: Stream, info: control.ConnectionRequestInfo,
+                 client: PeerCred, groups: tuple[int, ...], peer_flow: FlowLimits) -> None:
         self._port = port
         self._stream: Stream | None = stream
-        self.client = stream.peer_cred()
+        self.client = client
+        self.groups = groups
+        # Every read of the channel brings the sender's SCM_CREDENTIALS from now on.
+        stream.set_passcred(True)
         self._pidfd = stream.peer_pidfd()
         self.data = info.data
         self.port_name = info.name
         self._client_max_message = info.max_message_length
         self._client_max_sections = info.max_section_bytes
+        self._peer_flow = peer_flow
+        self._peer_kinds = kinds_from_mask(info.flow.handle_kinds)
 
     def __repr__(self) -> str:
         return f"<ConnectionRequest to {self.port_name!r} from pid {self.client.pid} uid {self.client.uid}>"
@@ -882,11 +1017,13 @@ class ConnectionRequest:
         stream = self._take_stream()
         pidfd, self._pidfd = self._pidfd, None
         attributes = self._port.attributes
+        local_flow = attributes.flow_limits()
         reply = control.ConnectionReply(accepted=True, data=data, reason="",
                                         max_message_length=attributes.max_message_length,
                                         inline_threshold=attributes.inline_threshold,
                                         max_section_bytes=attributes.max_section_bytes,
-                                        secure_views=attributes.secure_views)
+                                        secure_views=attributes.secure_views,
+                                        flow=control.FlowSpec.of(local_flow, kinds_mask(attributes.handle_kinds)))
         try:
             stream.send(control_frame(reply), deadline=deadline_after(timeout))
         except (ConnectionClosed, Timeout):
@@ -901,8 +1038,12 @@ class ConnectionRequest:
             allow_unsealed=attributes.allow_unsealed_sections, secure=attributes.secure_views,
             budget=self._port._section_budget, direct_memory=attributes.direct_memory,
         )
+        policy = ConnectionPolicy(local=local_flow, peer=self._peer_flow, accept_kinds=attributes.accept_kinds(),
+                                  peer_kinds=self._peer_kinds,
+                                  refuse_identity_change=attributes.refuse_identity_change)
         channel = Channel(self.client, send_limit=self._client_max_message,
-                          recv_limit=attributes.max_message_length, local_pid=os.getpid(), sections=sections)
+                          recv_limit=attributes.max_message_length, local_pid=os.getpid(), sections=sections,
+                          policy=policy)
         return self._port._adopt(stream, channel, pidfd)
 
     def reject(self, reason: str = "rejected") -> None:
@@ -1050,6 +1191,7 @@ class ConnectionPort:
     def _handle_registration_frame(self, frame: Frame) -> None:
         try:
             info = control.decode_body(frame.type, frame.data, control.ConnectionRequestInfo)
+            peer_flow = info.flow.limits()
             stream = Stream.from_fd(frame.fds[0])
         except (ProtocolError, OSError) as exc:
             close_fds(frame.fds)
@@ -1059,9 +1201,45 @@ class ConnectionPort:
             # The client already gave up (timeout or death); nobody to answer.
             stream.close()
             return
-        request = ConnectionRequest(self, stream, info)
+        try:
+            client, groups = stream.peer_cred(), stream.peer_groups()
+        except OSError:
+            stream.close()
+            return
+        refusal = self._refusal(client, groups)
+        if refusal is not None:
+            self._turn_away(stream, client, *refusal)
+            return
+        request = ConnectionRequest(self, stream, info, client, groups, peer_flow)
         self._unanswered.add(request)
         self._requests.append(request)
+
+    def _refusal(self, client: PeerCred, groups: tuple[int, ...]) -> tuple[str, str, str] | None:
+        """Why this runtime refuses a client before the application sees it: (code, message, limit).
+
+        The broker checked the ACL already; checking again here, against the
+        kernel's identity of the very socket we were handed, keeps the port
+        closed even to a broker that erred.
+        """
+        decision = self.attributes.acl.check(client, groups, os.geteuid())
+        if not decision.allowed:
+            self._stats.connects_rejected += 1
+            return control.ErrorCode.ACCESS_DENIED, f"access to port {self.name!r} denied: {decision.reason}", ""
+        held = len(self._connections) + len(self._unanswered)
+        if held >= self.attributes.max_connections:
+            self._stats.connects_rejected += 1
+            return (control.ErrorCode.BUSY, f"port {self.name!r} has {held} connections, its max_connections",
+                    Limit.MAX_CONNECTIONS)
+        return None
+
+    def _turn_away(self, stream: Stream, client: PeerCred, code: str, message: str, limit: str) -> None:
+        _limited.log(logging.WARNING, ("refused", code, client.uid), f"refused pid {client.pid} uid {client.uid}: "
+                     f"{message}", extra=fields(port=self.name, pid=client.pid, uid=client.uid))
+        try:
+            stream.try_send(control_frame(control.ErrorReply(code=code, message=message, limit=limit)))
+        except ConnectionClosed:
+            pass
+        stream.close()
 
     def _forget_request(self, request: ConnectionRequest) -> None:
         with self._lock:
@@ -1070,7 +1248,8 @@ class ConnectionPort:
     # -- communication ports ----------------------------------------------------
 
     def _adopt(self, stream: Stream, channel: Channel, pidfd: int | None) -> CommunicationPort:
-        comm = CommunicationPort(stream, channel, peer_pidfd=pidfd, is_server=True, on_gone=self._forget)
+        comm = CommunicationPort(stream, channel, peer_pidfd=pidfd, is_server=True, on_gone=self._forget,
+                                 send_timeout=self.attributes.send_timeout)
         with self._lock:
             self._connections.append(comm)
             self._stats.connects_accepted += 1
@@ -1103,6 +1282,7 @@ class ConnectionPort:
                 owners = self._wait_owners() if ready is None else {}
             if isinstance(ready, Message):
                 ready.port._maybe_finalize()
+                ready.port._credit_check()
             if ready is not None:
                 return ready
             fired = wait_readable(list(owners), deadline)

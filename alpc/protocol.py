@@ -6,15 +6,17 @@ and send the frames this returns; the rules live here once.
 
 from __future__ import annotations
 
-import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .errors import ConnectionClosed, MessageTooLarge, ProtocolError, SectionError
 from .grant import LocalGrant, PeerMemory
+from .handles import Classifier, Handle, ReceivedHandles, check_outgoing, classify, close_quietly, sort_received
+from .quotas import Flow, FlowLimits, decode_credit, encode_credit
 from .section import ConnectionSections, SectionView, View
-from .security import PeerCred
+from .security import HandleKind, PeerCred, identity_changed
 from .wire import (
     MAX_ATTR_LENGTH,
     MAX_RELEASES_PER_FRAME,
@@ -44,6 +46,7 @@ __all__ = [
     "MAX_UNREPLIED",
     "SECTION_TYPES",
     "Channel",
+    "ConnectionPolicy",
     "Message",
     "Replier",
     "channel_limits",
@@ -52,7 +55,7 @@ __all__ = [
 
 CHANNEL_TYPES = frozenset({
     MessageType.REQUEST, MessageType.REPLY, MessageType.DATAGRAM,
-    MessageType.PORT_CLOSED, MessageType.PING, MessageType.PONG,
+    MessageType.PORT_CLOSED, MessageType.PING, MessageType.PONG, MessageType.CREDIT,
 })
 # Runtime traffic of a connection with sections: releases, retirements, grants.
 SECTION_TYPES = frozenset({
@@ -69,11 +72,30 @@ MAX_UNREPLIED = 65536
 _ID_MASK = 0xFFFFFFFF
 
 
-def channel_limits(max_data: int, sections: bool = False) -> FrameLimits:
+def channel_limits(max_data: int, sections: bool = False, max_handles: int = 0) -> FrameLimits:
+    """What a channel accepts: a frame's fds are the section it introduces (if any) and its handles."""
     if not sections:
-        return FrameLimits(allowed_types=CHANNEL_TYPES, max_data=max_data)
+        return FrameLimits(allowed_types=CHANNEL_TYPES, max_data=max_data, max_fds=max_handles)
     return FrameLimits(allowed_types=CHANNEL_TYPES | SECTION_TYPES, max_data=max_data,
-                       max_attr=MAX_ATTR_LENGTH, max_fds=1)
+                       max_attr=MAX_ATTR_LENGTH, max_fds=1 + max_handles)
+
+
+@dataclass(frozen=True)
+class ConnectionPolicy:
+    """The security settings of one connection, from both sides' announcements.
+
+    ``local``/``peer``: the flow limits this side enforces / the peer enforces.
+    ``accept_kinds``: handle kinds this side keeps (others are closed on
+    arrival); ``peer_kinds``: what the peer keeps, checked before sending.
+    ``refuse_identity_change``: drop the connection when a message arrives
+    from another uid/gid than the one that connected, instead of flagging it.
+    """
+
+    local: FlowLimits = field(default_factory=FlowLimits)
+    peer: FlowLimits = field(default_factory=FlowLimits)
+    accept_kinds: frozenset[HandleKind] = frozenset()
+    peer_kinds: frozenset[HandleKind] = frozenset()
+    refuse_identity_change: bool = False
 
 
 class Replier(Protocol):
@@ -92,10 +114,18 @@ class Message:
     memoryview into the sender's section (``with message.view as memory:``),
     released when the block ends; ``data`` is then a copy, made on first use.
     A request whose client granted memory carries ``grant`` (a PeerMemory).
+
+    ``sender`` comes from the SCM_CREDENTIALS of the read that carried the
+    message; ``identity_changed`` is True when its uid or gid is not the one
+    that connected (the peer called setuid() since, or passed the socket on).
+    ``handles`` are the fds the message brought, each with the kind the
+    receiver found (``refused_handles`` lists the kinds it closed instead);
+    the message owns them until ``take_handles()``, and closes untaken ones
+    when it is dropped.
     """
 
-    __slots__ = ("_copy", "_data", "callback_id", "fds", "grant", "id", "port", "reason", "sender", "sender_pid",
-                 "sender_tid", "type", "view")
+    __slots__ = ("_copy", "_data", "_handles", "_n_handles", "callback_id", "grant", "id", "identity_changed", "port",
+                 "reason", "refused_handles", "sender", "sender_pid", "sender_tid", "type", "view")
 
     def __init__(
         self,
@@ -107,8 +137,8 @@ class Message:
         *,
         sender_pid: int = 0,
         sender_tid: int = 0,
-        fds: tuple[int, ...] = (),
         reason: str = "",
+        identity_changed: bool = False,
     ) -> None:
         self.type = message_type
         self.id = message_id
@@ -120,8 +150,11 @@ class Message:
         self.sender = sender
         self.sender_pid = sender_pid
         self.sender_tid = sender_tid
-        self.fds = fds
         self.reason = reason
+        self.identity_changed = identity_changed
+        self._handles: ReceivedHandles | None = None
+        self._n_handles = 0
+        self.refused_handles: tuple[HandleKind, ...] = ()
         self.port: Any = None
 
     @property
@@ -142,6 +175,36 @@ class Message:
         self._data = value
 
     @property
+    def handles(self) -> tuple[Handle, ...]:
+        """The fds this message brought (and still owns), with their kinds."""
+        return self._handles.handles if self._handles is not None else ()
+
+    @property
+    def fds(self) -> tuple[int, ...]:
+        return tuple(handle.fd for handle in self.handles)
+
+    def take_handles(self) -> tuple[Handle, ...]:
+        """Take the fds over (the caller closes them from now on)."""
+        return self._handles.take() if self._handles is not None else ()
+
+    def close_handles(self) -> None:
+        if self._handles is not None:
+            self._handles.close()
+
+    @property
+    def pidfd(self) -> int | None:
+        """A pidfd for the sending process (the connection's), when the kernel gave one.
+
+        None when the message came from another process than the one that
+        connected (a forked child sharing the socket). Owned by the port.
+        """
+        port = self.port
+        if port is None or self.sender.pid != port.peer.pid:
+            return None
+        pidfd: int | None = port.peer_pidfd
+        return pidfd
+
+    @property
     def size(self) -> int:
         """The body's length, without copying a section body out."""
         if self._data is not None:
@@ -159,6 +222,8 @@ class Message:
         extra = f" reason={self.reason!r}" if self.reason else ""
         size = len(self.view) if self.view is not None else len(self._data or b"")
         kind = " view" if self.view is not None else ""
+        if self._handles is not None and len(self._handles):
+            kind += f" +{len(self._handles)} fds"
         return (f"<Message {self.type.name} id={self.id} callback_id={self.callback_id} "
                 f"len={size}{kind} from pid {self.sender.pid}{extra}>")
 
@@ -192,15 +257,24 @@ class Channel:
     """
 
     def __init__(self, peer: PeerCred, *, send_limit: int, recv_limit: int, local_pid: int,
-                 sections: ConnectionSections | None = None) -> None:
+                 sections: ConnectionSections | None = None, policy: ConnectionPolicy | None = None,
+                 classifier: Classifier = classify) -> None:
         self.peer = peer
         self.send_limit = send_limit
         self.recv_limit = recv_limit
         self.sections = sections
+        self.policy = policy = policy or ConnectionPolicy()
+        self.flow = Flow(policy.local, policy.peer)
+        self._classify = classifier
         inline_cap = recv_limit
         if sections is not None:
             inline_cap = min(recv_limit, max(sections.inline_threshold, INLINE_FLOOR))
-        self._decoder = FrameDecoder(channel_limits(inline_cap, sections is not None))
+        self._decoder = FrameDecoder(channel_limits(inline_cap, sections is not None,
+                                                    policy.local.max_handles_per_message))
+        # The credentials of the read that began the frame still incomplete.
+        self._partial_sender: PeerCred | None = None
+        self._last_sender = peer
+        self._last_changed = False
         self._local_pid = local_pid
         self._next_id = 1
         self._pending: set[int] = set()
@@ -234,13 +308,13 @@ class Channel:
                callback_id: int = 0, attrs: bytes = b"", n_fds: int = 0) -> Frames:
         if self.closed:
             raise ConnectionClosed(self.close_reason or "the channel is closed")
-        if attrs:
+        if attrs or n_fds:
             header = encode_header(
                 message_type, len(data), message_id=message_id, callback_id=callback_id,
                 sender_pid=self._local_pid, sender_tid=threading.get_native_id(),
                 attr_length=len(attrs), n_fds=n_fds,
             )
-            return [header, attrs, data] if data else [header, attrs]
+            return [header, attrs, data] if data else [header, attrs] if attrs else [header]
         header = encode_header(
             message_type, len(data), message_id=message_id, callback_id=callback_id,
             sender_pid=self._local_pid, sender_tid=threading.get_native_id(),
@@ -264,16 +338,28 @@ class Channel:
         self._next_id = (message_id + 1) & _ID_MASK or 1
         return message_id
 
-    def request(self, data: bytes, grant: LocalGrant | None = None) -> tuple[int, Frames]:
-        """Frames for a request; its reply is matched by the returned id."""
+    def check_handles(self, fds: Sequence[int]) -> None:
+        """Refuse fds the peer would not take (HandleNotAllowed), before anything is sent."""
+        policy = self.policy
+        check_outgoing(fds, policy.peer_kinds, policy.peer.max_handles_per_message, self._classify)
+
+    def request(self, data: bytes, grant: LocalGrant | None = None, fds: Sequence[int] = ()) -> tuple[int, Frames]:
+        """Frames for a request; its reply is matched by the returned id.
+
+        Raises WindowClosed while the peer holds ``max_pending_requests`` of ours
+        (or too many of our fds): the driver waits for replies and retries.
+        """
         self._check_size(data)
+        self.flow.check_request(len(fds))
         message_id = self._allocate_id()
         if grant is None:
-            frames = self._frame(MessageType.REQUEST, data, message_id=message_id)
+            frames = self._frame(MessageType.REQUEST, data, message_id=message_id, n_fds=len(fds))
         else:
-            frames = self._frame(MessageType.REQUEST, data, message_id=message_id, attrs=self._grant_attrs(grant))
+            frames = self._frame(MessageType.REQUEST, data, message_id=message_id, attrs=self._grant_attrs(grant),
+                                 n_fds=len(fds))
             self._grants[message_id] = grant
         self._pending.add(message_id)
+        self.flow.sent_request(message_id, len(fds))
         return message_id, frames
 
     def _grant_attrs(self, grant: LocalGrant) -> bytes:
@@ -287,18 +373,22 @@ class Channel:
         self._pending.add(message_id)
         return message_id, frames
 
-    def datagram(self, data: bytes) -> Frames:
+    def datagram(self, data: bytes, fds: Sequence[int] = ()) -> Frames:
+        """Frames for a datagram; raises WindowClosed while the peer's queue is full."""
         self._check_size(data)
-        return self._frame(MessageType.DATAGRAM, data, message_id=self._allocate_id())
+        self.flow.check_datagram(len(fds))
+        frames = self._frame(MessageType.DATAGRAM, data, message_id=self._allocate_id(), n_fds=len(fds))
+        self.flow.sent_datagram(len(fds))
+        return frames
 
-    def reply(self, request_id: int, data: bytes) -> Frames:
+    def reply(self, request_id: int, data: bytes, fds: Sequence[int] = ()) -> Frames:
+        """Frames for a reply; never held back by flow control (room for replies is reserved)."""
         if request_id not in self._unreplied:
             raise ValueError(f"message {request_id} is not a request awaiting a reply on this port")
         self._check_size(data)
-        frames = self._frame(MessageType.REPLY, data, message_id=self._allocate_id(), callback_id=request_id)
-        self._unreplied.discard(request_id)
-        if self._peer_grants:
-            self._replied(request_id)
+        frames = self._frame(MessageType.REPLY, data, message_id=self._allocate_id(), callback_id=request_id,
+                             n_fds=len(fds))
+        self._replied(request_id)
         return frames
 
     def _check_reply(self, request_id: int) -> None:
@@ -307,6 +397,7 @@ class Channel:
 
     def _replied(self, request_id: int) -> None:
         self._unreplied.discard(request_id)
+        self.flow.replied(request_id)
         if self._peer_grants:
             self._peer_grants.pop(request_id, None)
             self._grant_reads.pop(request_id, None)
@@ -327,11 +418,13 @@ class Channel:
         return sections.pool.reserve(length, secure or sections.secure)
 
     def section_message(self, kind: MessageType, view: SectionView, *, as_view: bool, callback_id: int = 0,
-                        grant: LocalGrant | None = None, span: Range | None = None) -> tuple[int, Frames, list[int]]:
-        """Frames (and the fd to pass) carrying a filled ``view`` as a message of ``kind``.
+                        grant: LocalGrant | None = None, span: Range | None = None,
+                        fds: Sequence[int] = ()) -> tuple[int, Frames, list[int]]:
+        """Frames (and the fds to pass) carrying a filled ``view`` as a message of ``kind``.
 
         ``as_view`` asks the receiver for a view instead of a copy. The view is
         handed over: call ``section_sent`` once the frames went out (or not).
+        ``fds`` are the message's handles; they follow the section's fd, if any.
         """
         sections = self._require_sections()
         if not view.belongs_to(sections.pool):
@@ -339,6 +432,10 @@ class Channel:
         self.check_length(view.length)
         if kind is MessageType.REPLY:
             self._check_reply(callback_id)
+        elif kind is MessageType.REQUEST:
+            self.flow.check_request(len(fds))
+        elif kind is MessageType.DATAGRAM:
+            self.flow.check_datagram(len(fds))
         frames: Frames = []
         retired = sections.pool.take_retired()
         if retired:
@@ -349,14 +446,17 @@ class Channel:
                            grant=grant.attr if grant is not None else None, range=span)
         message_id = self._allocate_id() if kind in _NUMBERED else 0
         frames += self._frame(kind, b"", message_id=message_id, callback_id=callback_id,
-                              attrs=encode_attributes(attrs), n_fds=1 if fd is not None else 0)
+                              attrs=encode_attributes(attrs), n_fds=(fd is not None) + len(fds))
         if kind is MessageType.REQUEST:
             self._pending.add(message_id)
+            self.flow.sent_request(message_id, len(fds))
             if grant is not None:
                 self._grants[message_id] = grant
         elif kind is MessageType.REPLY:
             self._replied(callback_id)
-        return message_id, frames, [] if fd is None else [fd]
+        elif kind is MessageType.DATAGRAM:
+            self.flow.sent_datagram(len(fds))
+        return message_id, frames, ([] if fd is None else [fd]) + list(fds)
 
     def section_sent(self, view: SectionView, written: bool) -> None:
         """After ``section_message``: did its frames leave (``written``) or not at all?"""
@@ -391,6 +491,24 @@ class Channel:
             frames += self._frame(MessageType.RELEASE,
                                   encode_releases(entries[start:start + MAX_RELEASES_PER_FRAME]))
         return frames
+
+    # -- flow control ------------------------------------------------------------------------
+
+    def consumed(self, message: Message) -> None:
+        """The application took ``message`` from the queue: a datagram's slot (and fds) free up."""
+        if message.type is MessageType.DATAGRAM:
+            self.flow.consumed_datagram(message._n_handles)
+
+    def take_credit(self) -> tuple[tuple[int, int], Frames]:
+        """The CREDIT frame owed to the peer, if any; ``restore_credit`` if it was not sent."""
+        if not self.flow.credit_owed or self.closed:
+            return (0, 0), []
+        credit = self.flow.take_credit()
+        return credit, self._frame(MessageType.CREDIT, encode_credit(*credit))
+
+    def restore_credit(self, credit: tuple[int, int]) -> None:
+        if credit != (0, 0):
+            self.flow.restore_credit(credit)
 
     def release_wanted(self) -> Frames:
         """Ask the peer to send its releases now (a sender waiting for space)."""
@@ -448,6 +566,12 @@ class Channel:
         self.mark_closed("the port was closed")
         return frames
 
+    def unsent(self, request_id: int) -> None:
+        """A request whose frames never left (nothing of them was written): forget it entirely."""
+        self._pending.discard(request_id)
+        self.flow.unsent_request(request_id)
+        self.finish_grant(request_id)
+
     def abandon(self, request_id: int) -> None:
         """Forget a request whose caller stopped waiting; its late reply is dropped."""
         if request_id in self._pending:
@@ -482,67 +606,124 @@ class Channel:
 
     # -- receiving ---------------------------------------------------------
 
-    def receive(self, data: bytes, fds: Iterable[int] = ()) -> list[Message]:
-        """Decode received bytes into messages. Raises ProtocolError on a violation."""
+    def receive(self, data: bytes, fds: Iterable[int] = (), sender: PeerCred | None = None,
+                truncated: bool = False) -> list[Message]:
+        """Decode received bytes into messages. Raises ProtocolError on a violation.
+
+        ``sender`` is the SCM_CREDENTIALS of the read that brought ``data`` (the
+        kernel never joins two senders' writes in one read); without it, the
+        identity from connect time is used. ``truncated``: the read had more
+        fds attached than this side takes (MSG_CTRUNC; they were closed).
+        """
+        if truncated:
+            close_quietly(fds)
+            raise ProtocolError("the peer attached more fds to one write than this side takes (MSG_CTRUNC)")
+        if sender is None:
+            sender = self.peer
+        elif self._decoder.buffered and sender != self._partial_sender:
+            close_quietly(fds)
+            first = self._partial_sender.pid if self._partial_sender is not None else 0
+            raise ProtocolError(f"a frame arrived in pieces from two processes (pids {first} and {sender.pid})")
+        if sender is not self._last_sender:
+            self._last_sender = sender
+            self._last_changed = identity_changed(self.peer, sender)
+        changed = self._last_changed
+        if changed and self.policy.refuse_identity_change:
+            close_quietly(fds)
+            raise ProtocolError(f"the sender's identity changed since connect (uid {self.peer.uid}/gid {self.peer.gid} "
+                                f"became uid {sender.uid}/gid {sender.gid}) and the port refuses that")
         messages: list[Message] = []
         for frame in self._decoder.feed(data, fds):
-            message = self._dispatch(frame)
+            message = self._dispatch(frame, sender, changed)
             if message is not None:
                 messages.append(message)
+        self._partial_sender = sender if self._decoder.buffered else None
         return messages
 
-    def _dispatch(self, frame: Frame) -> Message | None:
+    def _dispatch(self, frame: Frame, sender: PeerCred, changed: bool) -> Message | None:
         if self.peer_closed:
-            for fd in frame.fds:
-                _close_fd(fd)
+            close_quietly(frame.fds)
             raise ProtocolError(f"{frame.type.name} frame after the peer closed its port")
         attrs = self._attributes(frame) if frame.attrs or frame.fds else None
+        handle_fds = frame.fds[1:] if attrs is not None and attrs.new is not None else frame.fds
+        try:
+            message = self._dispatch_frame(frame, attrs, len(handle_fds), sender, changed)
+        except BaseException:
+            close_quietly(handle_fds)
+            raise
+        if handle_fds:
+            if message is None:
+                close_quietly(handle_fds)  # a late reply nobody waits for
+            else:
+                self._give_handles(message, handle_fds)
+        return message
+
+    def _dispatch_frame(self, frame: Frame, attrs: Attributes | None, handles: int, sender: PeerCred,
+                        changed: bool) -> Message | None:
         kind = frame.type
+        if handles > self.policy.local.max_handles_per_message:
+            raise ProtocolError(f"{kind.name} frame carries {handles} fds; this side takes at most "
+                                f"{self.policy.local.max_handles_per_message} per message")
         if kind is MessageType.REQUEST:
             if frame.message_id in self._unreplied:
                 raise ProtocolError(f"request id {frame.message_id} reused while awaiting its reply")
             if len(self._unreplied) >= MAX_UNREPLIED:
                 raise ProtocolError("too many requests awaiting a reply")
+            self.flow.received_request(frame.message_id, handles)
             self._unreplied.add(frame.message_id)
         elif kind is MessageType.REPLY or kind is MessageType.PONG:
             if frame.callback_id in self._pending:
                 self._pending.discard(frame.callback_id)
+                self.flow.reply_received(frame.callback_id)
                 if self._grants:
                     self.finish_grant(frame.callback_id)
             elif frame.callback_id in self._abandoned:
                 del self._abandoned[frame.callback_id]
+                self.flow.reply_received(frame.callback_id)
                 self._drop_body(attrs)
                 return None
             else:
                 raise ProtocolError(f"reply to message id {frame.callback_id}, which was never sent")
+        elif kind is MessageType.DATAGRAM:
+            self.flow.received_datagram(handles)
+        elif kind is MessageType.CREDIT:
+            self.flow.credit_received(*decode_credit(frame.data))
+            return None
         elif kind is MessageType.PING:
             self._automatic += self._frame(MessageType.PONG, b"", callback_id=frame.message_id)
             return None
         elif kind is MessageType.PORT_CLOSED:
             self.peer_closed = True
             return self._notice(MessageType.PORT_CLOSED, "the peer closed its port")
-        elif kind is not MessageType.DATAGRAM:
+        else:
             return self._runtime(frame, attrs)
         # A frame's fd (a new section) is consumed by the section layer, never handed on.
-        message = Message(kind, frame.message_id, frame.callback_id, frame.data, self.peer,
-                          sender_pid=frame.sender_pid, sender_tid=frame.sender_tid)
+        message = Message(kind, frame.message_id, frame.callback_id, frame.data, sender,
+                          sender_pid=frame.sender_pid, sender_tid=frame.sender_tid, identity_changed=changed)
         if attrs is not None:
             self._attach(message, attrs)
         return message
 
+    def _give_handles(self, message: Message, fds: Sequence[int]) -> None:
+        """Keep the fds of the kinds this side accepts; close the others now."""
+        message._n_handles = len(fds)
+        kept, refused = sort_received(fds, self.policy.accept_kinds, self._classify)
+        if kept:
+            message._handles = ReceivedHandles(kept)
+        message.refused_handles = tuple(refused)
+
     def _attributes(self, frame: Frame) -> Attributes:
         """Validate a frame's attributes and map the section it introduces, if any."""
-        if self.sections is None:
-            for fd in frame.fds:
-                _close_fd(fd)
-            raise ProtocolError("attributes or fds on a connection without sections")
+        if self.sections is None and frame.attrs:
+            close_quietly(frame.fds)
+            raise ProtocolError("attributes on a connection without sections")
         try:
             attrs = decode_attributes(frame)
         except ProtocolError:
-            for fd in frame.fds:
-                _close_fd(fd)
+            close_quietly(frame.fds)
             raise
         if attrs.new is not None:
+            assert self.sections is not None
             self.sections.peer.add(attrs.new, frame.fds[0])
         return attrs
 
@@ -596,8 +777,9 @@ class Channel:
         return self._grant_write_received(frame, attrs)
 
     def _grant_message(self, frame: Frame, attrs: Attributes | None, span: Range | None) -> Message:
-        message = Message(frame.type, frame.message_id, frame.callback_id, frame.data, self.peer,
-                          sender_pid=frame.sender_pid, sender_tid=frame.sender_tid)
+        message = Message(frame.type, frame.message_id, frame.callback_id, frame.data, self._last_sender,
+                          sender_pid=frame.sender_pid, sender_tid=frame.sender_tid,
+                          identity_changed=self._last_changed)
         message.grant = span
         if attrs is not None:
             self._attach(message, attrs)
@@ -664,8 +846,4 @@ _SECURE = int(SectionFlag.SECURE)
 _NUMBERED = frozenset({MessageType.REQUEST, MessageType.REPLY, MessageType.DATAGRAM})
 
 
-def _close_fd(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass
+

@@ -17,11 +17,14 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from .errors import ActivationError, BrokerUnavailable, ConnectionClosed, Timeout
+from .errors import AccessDenied, ActivationError, BrokerUnavailable, ConnectionClosed, Timeout
 from .security import PeerCred
 
 __all__ = [
     "RECV_CHUNK",
+    "SCM_PIDFD",
+    "SO_PASSPIDFD",
+    "SO_PEERGROUPS",
     "Buffer",
     "SO_PEERPIDFD",
     "Listener",
@@ -38,8 +41,13 @@ __all__ = [
     "wait_readable_or_hangup",
 ]
 
-# Python 3.11 lacks this constant (Linux 6.5+).
+# Python 3.11 lacks these constants (Linux 6.5+, SO_PEERGROUPS since 4.13).
 SO_PEERPIDFD = 77
+SO_PASSPIDFD = 76
+SCM_PIDFD = 0x04
+SO_PEERGROUPS = 59
+# NGROUPS_MAX: the most supplementary groups a process can have.
+_MAX_GROUPS = 65536
 # Reads up to this size go through one preallocated buffer per stream: asking
 # recv() for more makes CPython allocate (and, past malloc's mmap threshold,
 # mmap and unmap) that much for every call, which cost ~20 us per small message.
@@ -110,9 +118,21 @@ def pidfd_open(pid: int) -> int | None:
 
 
 class Received(NamedTuple):
+    """One read: its bytes, the fds that came with them, the sender's SCM_CREDENTIALS.
+
+    ``truncated``: the sender attached more fds than the read had room for
+    (MSG_CTRUNC); every fd that arrived was closed, and the peer broke its limit.
+    """
+
     data: bytes
     fds: list[int]
     cred: PeerCred | None
+    truncated: bool = False
+    pidfd: int | None = None
+
+
+_CRED_SPACE = socket.CMSG_SPACE(_UCRED.size)
+_PIDFD_SPACE = socket.CMSG_SPACE(_FD_SIZE)
 
 
 class Stream:
@@ -124,6 +144,9 @@ class Stream:
         self._fd = sock.fileno()
         self.broken = False
         self._buffer: memoryview | None = None
+        # The last SCM_CREDENTIALS seen and its PeerCred: most reads repeat them.
+        self._cred_raw = b""
+        self._cred: PeerCred | None = None
 
     @classmethod
     def connect(cls, path: Path, timeout: float | None = None) -> Stream:
@@ -134,6 +157,10 @@ class Stream:
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             sock.close()
             raise BrokerUnavailable(f"no broker listening at {path} ({exc.strerror})") from None
+        except PermissionError as exc:
+            sock.close()
+            # A private (0700) runtime dir of another user: its broker is not ours to use.
+            raise AccessDenied(f"not allowed to reach the broker at {path} ({exc.strerror})") from None
         except OSError as exc:
             sock.close()
             if isinstance(exc, TimeoutError):
@@ -193,6 +220,25 @@ class Stream:
         pid, uid, gid = _UCRED.unpack(self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
         return PeerCred(pid, uid, gid)
 
+    def peer_groups(self) -> tuple[int, ...]:
+        """SO_PEERGROUPS: the peer's supplementary groups when it connected, as the kernel recorded them.
+
+        Never read from /proc by pid: a pid can be reused, the socket's record cannot.
+        """
+        size = 64 * _FD_SIZE
+        while True:
+            try:
+                raw = self._sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
+            except OSError as exc:
+                if exc.errno == errno.ERANGE and size < _MAX_GROUPS * _FD_SIZE:
+                    size *= 16
+                    continue
+                if exc.errno in (errno.ENOPROTOOPT, errno.EINVAL):
+                    return ()  # a kernel before 4.13: supplementary groups are unknown
+                raise
+            usable = len(raw) - len(raw) % _FD_SIZE
+            return tuple(array.array("I", raw[:usable]))
+
     def peer_pidfd(self) -> int | None:
         """SO_PEERPIDFD (Linux 6.5+), else a pidfd opened from SO_PEERCRED's pid."""
         try:
@@ -202,6 +248,14 @@ class Stream:
 
     def set_passcred(self, enabled: bool) -> None:
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, int(enabled))
+
+    def set_passpidfd(self, enabled: bool) -> bool:
+        """Ask for SCM_PIDFD (a pidfd of each sender) on reads; False if the kernel has none."""
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, SO_PASSPIDFD, int(enabled))
+        except OSError:
+            return False
+        return True
 
     # -- sending ---------------------------------------------------------------
 
@@ -263,39 +317,55 @@ class Stream:
         except ConnectionResetError:
             return b""
 
-    def recv_fds(self, max_fds: int, size: int = RECV_CHUNK) -> tuple[bytes, list[int]] | None:
-        """Non-blocking read keeping up to ``max_fds`` passed fds; None when nothing is there.
+    def recv_fds(self, max_fds: int, size: int = RECV_CHUNK) -> Received | None:
+        """Non-blocking read keeping up to ``max_fds`` passed fds and the sender's credentials.
 
-        The channel's hot path: a plain recv would let the kernel discard fds
-        that arrive, so channels that accept sections read this way. fds
-        beyond ``max_fds`` (or a truncated set) are closed, never leaked.
+        The channel's hot path (the socket has SO_PASSCRED set, so every read
+        brings SCM_CREDENTIALS; the kernel never joins two senders' writes in
+        one read). A plain recv would let the kernel discard fds that arrive,
+        so channels read this way. fds beyond ``max_fds`` (or a truncated set)
+        are closed, never leaked, and the read is marked ``truncated``.
+        None when nothing is there.
         """
         try:
             data, ancillary, flags, _ = self._sock.recvmsg(size, _FD_SPACE.get(max_fds) or _fd_space(max_fds))
         except (BlockingIOError, InterruptedError):
             return None
         except ConnectionResetError:
-            return b"", []
+            return Received(b"", [], None)
         if not ancillary:
-            return data, []
+            return Received(data, [], None, bool(flags & socket.MSG_CTRUNC))
         fds: list[int] = []
+        cred = None
         for level, kind, payload in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            if level != socket.SOL_SOCKET:
+                continue
+            if kind == socket.SCM_CREDENTIALS:
+                if payload != self._cred_raw:
+                    self._cred_raw = payload
+                    self._cred = PeerCred(*_UCRED.unpack_from(payload))
+                cred = self._cred
+            elif kind == socket.SCM_RIGHTS:
                 usable = len(payload) - len(payload) % _FD_SIZE
                 fds.extend(array.array("i", payload[:usable]))
-        if len(fds) > max_fds or flags & socket.MSG_CTRUNC:
+        truncated = len(fds) > max_fds or bool(flags & socket.MSG_CTRUNC)
+        if truncated:
             close_fds(fds)
             fds = []
-        return data, fds
+        return Received(data, fds, cred, truncated)
 
-    def recv_with_ancillary(self, size: int = RECV_CHUNK, max_fds: int = 0, want_cred: bool = False) -> Received | None:
-        """Non-blocking recvmsg keeping fds and SCM_CREDENTIALS; None if nothing is there.
+    def recv_with_ancillary(self, size: int = RECV_CHUNK, max_fds: int = 0, want_cred: bool = False,
+                            want_pidfd: bool = False) -> Received | None:
+        """Non-blocking recvmsg keeping fds, SCM_CREDENTIALS and SCM_PIDFD; None if nothing is there.
 
-        fds beyond ``max_fds`` are closed, never leaked.
+        fds beyond ``max_fds`` are closed, never leaked. A pidfd is kept only
+        when asked for (``want_pidfd``, after ``set_passpidfd``); the caller owns it.
         """
         space = socket.CMSG_SPACE(max(max_fds, 1) * _FD_SIZE)
         if want_cred:
-            space += socket.CMSG_SPACE(_UCRED.size)
+            space += _CRED_SPACE
+        if want_pidfd:
+            space += _PIDFD_SPACE
         try:
             data, ancillary, flags, _ = self._sock.recvmsg(size, space)
         except (BlockingIOError, InterruptedError):
@@ -304,20 +374,30 @@ class Stream:
             return Received(b"", [], None)
         fds: list[int] = []
         cred = None
+        pidfd = None
         for level, kind, payload in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            if level != socket.SOL_SOCKET:
+                continue
+            if kind == socket.SCM_RIGHTS:
                 usable = len(payload) - len(payload) % _FD_SIZE
                 fds.extend(array.array("i", payload[:usable]))
-            elif level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+            elif kind == socket.SCM_CREDENTIALS:
                 cred = PeerCred(*_UCRED.unpack_from(payload))
-        if len(fds) > max_fds or flags & socket.MSG_CTRUNC:
+            elif kind == SCM_PIDFD and len(payload) >= _FD_SIZE:
+                received = array.array("i", payload[:_FD_SIZE])[0]
+                if want_pidfd and pidfd is None:
+                    pidfd = received
+                else:
+                    close_fds([received])
+        truncated = len(fds) > max_fds or bool(flags & socket.MSG_CTRUNC)
+        if truncated:
             close_fds(fds)
             fds = []
-        return Received(data, fds, cred)
+        return Received(data, fds, cred, truncated, pidfd)
 
 
 def _fd_space(max_fds: int) -> int:
-    space = _FD_SPACE[max_fds] = socket.CMSG_SPACE(max(max_fds, 1) * _FD_SIZE)
+    space = _FD_SPACE[max_fds] = socket.CMSG_SPACE(max(max_fds, 1) * _FD_SIZE) + _CRED_SPACE
     return space
 
 
@@ -352,10 +432,15 @@ class Listener:
         self.owns_file = path is not None
 
     @classmethod
-    def bind(cls, path: Path, backlog: int = 512) -> Listener:
+    def bind(cls, path: Path, backlog: int = 512, shared: bool = False) -> Listener:
+        """Listen at ``path``: mode 0600 (only our uid may connect), or 0666 when ``shared``.
+
+        A shared broker lets every local user reach it; its port ACLs are
+        what keep them out of each port.
+        """
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            old_umask = os.umask(0o177)
+            old_umask = os.umask(0o111 if shared else 0o177)
             try:
                 sock.bind(str(path))
             finally:
