@@ -404,7 +404,9 @@ class Broker:
         if kind is MessageType.CREATE_PORT:
             self._create_port(peer, control.decode_body(kind, frame.data, control.CreatePort))
         elif kind is MessageType.CONNECT:
-            self._connect(peer, control.decode_body(kind, frame.data, control.Connect))
+            request = control.decode_body(kind, frame.data, control.Connect)
+            request.flow.limits()  # what no honest client announces never reaches a server
+            self._connect(peer, request)
         elif kind is MessageType.PORT_STATUS:
             status = control.decode_body(kind, frame.data, control.PortStatus)
             port = self._ports.get(peer.port) if peer.port is not None else None

@@ -91,6 +91,8 @@ def ensure_runtime_dir(path: Path, shared: bool = False) -> Path:
     if not shared and info.st_mode & 0o077:
         raise AccessDenied(f"runtime dir {path} is accessible to others (mode {info.st_mode & 0o777:o}); "
                            "a broker for several users runs with --shared")
+    if shared and stat.S_IMODE(info.st_mode) != mode:
+        os.chmod(path, mode)  # our own private dir, opened up because the operator asked for --shared
     return path
 
 

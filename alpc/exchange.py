@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 
 from . import control
-from .errors import ProtocolError, Timeout
+from .errors import AlpcError, ProtocolError, Timeout
 from .security import PeerCred
-from .transport import Stream, close_fds, wait_readable
-from .wire import Frame, FrameDecoder, encode_header
+from .transport import Stream, close_fds, deadline_after, wait_readable
+from .wire import Frame, FrameDecoder, FrameLimits, MessageType, encode_header
 
-__all__ = ["control_frame", "read_frame"]
+__all__ = ["control_frame", "read_frame", "refusal_after_hangup"]
 
 _PID = os.getpid()
 
@@ -65,3 +65,26 @@ def read_frame(
         frames = decoder.feed(got.data, got.fds)
         if frames:
             return frames[0], cred
+
+
+_REFUSAL_LIMITS = FrameLimits(allowed_types=frozenset({MessageType.ERROR}), max_data=control.MAX_CONTROL_BODY)
+# A refusal is written before the hang-up, so it is there already; this only bounds a stall.
+_REFUSAL_WAIT = 0.5
+
+
+def refusal_after_hangup(stream: Stream) -> AlpcError | None:
+    """Why the broker hung up on us, if it said so first (an ERROR frame left unread).
+
+    A broker that turns a connection away (a per-uid quota) writes its refusal
+    and closes at once, so our own send can fail before we read the reason.
+    """
+    try:
+        frame, _ = read_frame(stream, FrameDecoder(_REFUSAL_LIMITS), deadline_after(_REFUSAL_WAIT), "a refusal")
+    except AlpcError:
+        return None
+    if frame is None:
+        return None
+    try:
+        return control.decode_body(frame.type, frame.data, control.ErrorReply).exception()
+    except ProtocolError:
+        return None

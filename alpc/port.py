@@ -30,7 +30,7 @@ from .errors import (
     Throttled,
     Timeout,
 )
-from .exchange import control_frame, read_frame
+from .exchange import control_frame, read_frame, refusal_after_hangup
 from .grant import LocalGrant, MemoryGrant, PeerMemory, direct_read, direct_write
 from .ledger import Budget
 from .logs import LogLimiter, fields
@@ -239,9 +239,10 @@ class CommunicationPort:
         except Timeout:
             if not self._is_server:
                 raise
-            self.stats.errors += 1
-            self._fail(PeerGone("the client stopped reading its replies; its connection was dropped"),
-                       notice="the client stopped reading its replies")
+            if self._failure is None:
+                self.stats.errors += 1
+                self._fail(PeerGone("the client stopped reading its replies; its connection was dropped"),
+                           notice="the client stopped reading its replies")
             self._raise_if_failed()
         self.stats.replied(message.id, size)
 
@@ -486,7 +487,8 @@ class CommunicationPort:
         except Timeout:
             if self._stream.broken:
                 self.stats.errors += 1
-                self._fail(ConnectionClosed("a send timed out mid-frame; the connection was dropped"))
+                self._fail(PeerGone("the peer stopped reading: a send timed out mid-frame; the connection was dropped"),
+                           notice="the peer stopped reading (a send timed out mid-frame)")
             raise
         except ConnectionClosed:
             self.stats.errors += 1
@@ -924,7 +926,8 @@ def _connect_once(
         try:
             stream.send(control_frame(request), deadline=deadline)
         except ConnectionClosed:
-            raise BrokerUnavailable("the broker went away during the connect") from None
+            raise refusal_after_hangup(stream) or BrokerUnavailable("the broker went away during the connect") \
+                from None
         reply, server = _await_connection_reply(stream, name, deadline, pidfds if passpidfd else None)
         if not reply.accepted:
             raise ConnectionRejected(reply.reason)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from . import control
 from .config import Config, PortAttributes
 from .errors import AlpcError, BrokerUnavailable, ConnectionClosed, NameInUse, ProtocolError, Timeout
-from .exchange import control_frame
+from .exchange import control_frame, refusal_after_hangup
 from .logs import fields
 from .retry import Backoff
 from .transport import (
@@ -144,7 +144,8 @@ class Registration:
             try:
                 stream.send(control_frame(request), deadline=deadline)
             except ConnectionClosed:
-                raise BrokerUnavailable("the broker went away while creating the port") from None
+                raise refusal_after_hangup(stream) or BrokerUnavailable(
+                    "the broker went away while creating the port") from None
             frame = self._await_reply(stream, decoder, deadline, interruptible)
             if frame is None:
                 raise BrokerUnavailable("the broker closed the connection while creating the port")

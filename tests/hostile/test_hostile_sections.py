@@ -27,7 +27,7 @@ from alpc.wire import (
     encode_section_ids,
 )
 
-SECTION_PEERS = Path(__file__).resolve().parent / "section_peers.py"
+SECTION_PEERS = Path(__file__).resolve().parent.parent / "section_peers.py"
 VIEW = int(SectionFlag.VIEW)
 SECURE = int(SectionFlag.SECURE)
 
