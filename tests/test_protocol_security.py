@@ -6,11 +6,14 @@ import os
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from alpc.errors import HandleNotAllowed, ProtocolError
 from alpc.protocol import Channel, ConnectionPolicy
 from alpc.quotas import FlowLimits, Limit, WindowClosed, encode_credit
 from alpc.security import HandleKind, PeerCred
+from alpc.transport import Stream
 from alpc.wire import MessageType, encode_frame
 
 CLIENT = PeerCred(100, 1000, 1000)
@@ -213,3 +216,76 @@ def test_a_forged_credit_breaks_the_protocol() -> None:
 
     with pytest.raises(ProtocolError, match="more than were sent"):
         client.receive(encode_frame(MessageType.CREDIT, encode_credit(5, 0)), (), SERVER)
+
+
+# -- property tests: the whole dispatcher, and fds through a real socket -------------------------
+
+
+_FRAMES = st.lists(st.one_of(
+    st.builds(lambda kind, data, mid, cid: encode_frame(kind, data, message_id=mid, callback_id=cid),
+              st.sampled_from(list(MessageType)), st.binary(max_size=24), st.integers(0, 6), st.integers(0, 6)),
+    st.binary(max_size=48),
+), max_size=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_FRAMES, st.integers(1, 64), st.lists(st.integers(0, 1), max_size=4))
+def test_any_bytes_give_messages_or_a_protocol_error_and_never_leak(frames: list[bytes], cut: int,
+                                                                    changes: list[int]) -> None:
+    limits = FlowLimits(4, 4, 2, 4)
+    _, server = pair(limits, limits, kinds=frozenset({HandleKind.PIPE}))
+    raw = b"".join(frames)
+    before = _pipes()
+    opened: list[int] = []
+    try:
+        for number, start in enumerate(range(0, len(raw), cut)):
+            read_end, write_end = os.pipe()
+            opened.append(write_end)
+            sender = PeerCred(100, 1000 + (changes[number % len(changes)] if changes else 0), 1000)
+            for message in server.receive(raw[start:start + cut], [read_end], sender):
+                message.close_handles()
+    except ProtocolError:
+        pass
+    finally:
+        server.release_resources()
+        for fd in opened:
+            os.close(fd)
+    # Every read end handed in is closed: kept by a message (then closed), refused, or dropped.
+    assert _pipes() == before
+
+
+def _pipes() -> set[str]:
+    return {fd for fd in os.listdir("/proc/self/fd") if "pipe:" in _link(fd)}
+
+
+def _link(fd: str) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return ""
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 12), st.integers(0, 6))
+def test_the_transport_keeps_at_most_max_fds_and_closes_the_rest(sent: int, max_fds: int) -> None:
+    left, right = Stream.pair()
+    read_end, write_end = os.pipe()
+    try:
+        right.set_passcred(True)
+        left.send([b"x"], [read_end] * sent)
+        got = None
+        while got is None:
+            got = right.recv_fds(max_fds)
+        kept = len(got.fds)
+        if sent <= max_fds:
+            assert kept == sent and not got.truncated
+        else:
+            assert kept == 0 and got.truncated  # none kept: the read broke the sender's limit
+        assert got.cred == PeerCred(os.getpid(), os.getuid(), os.getgid())
+        for fd in got.fds:
+            os.close(fd)
+    finally:
+        left.close()
+        right.close()
+        os.close(read_end)
+        os.close(write_end)
