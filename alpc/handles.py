@@ -137,10 +137,13 @@ class ReceivedHandles:
     called), so a receiver that ignores them never leaks them.
     """
 
-    __slots__ = ("_handles",)
+    __slots__ = ("_handles", "received", "refused")
 
-    def __init__(self, handles: Sequence[Handle]) -> None:
+    def __init__(self, handles: Sequence[Handle], refused: Sequence[HandleKind] = (), received: int = -1) -> None:
         self._handles: tuple[Handle, ...] | None = tuple(handles)
+        # The kinds closed on arrival, and how many fds came in all (what the peer counts).
+        self.refused = tuple(refused)
+        self.received = len(self._handles) + len(self.refused) if received < 0 else received
 
     @property
     def handles(self) -> tuple[Handle, ...]:

@@ -181,15 +181,20 @@ class CommunicationPort:
         While the peer holds ``max_pending_requests`` of ours, this waits for a
         reply first (Throttled when ``timeout`` runs out meanwhile).
         """
-        deadline = self._deadline(timeout)
+        deadline = deadline_after(self._send_timeout if timeout is None else timeout)
         size = data.nbytes if type(data) is memoryview else len(data)
         if fds:
             self._channel.check_handles(fds)
         if grant is not None or isinstance(data, SectionView) or size > self._inline_threshold:
             self.stats.sent(size)
             return self._request_large(data, deadline, secure, grant, fds)
-        message_id = self._flow(lambda: self._send_new(lambda: self._channel.request(bytes(data), fds=fds),
-                                                       deadline, fds), deadline)
+        def send() -> int:
+            return self._send_new(lambda: self._channel.request(bytes(data), fds=fds), deadline, fds)
+
+        try:
+            message_id = send()
+        except WindowClosed as closed:
+            message_id = self._flow(send, deadline, closed)
         self.stats.sent(size)
         return self._await_reply(message_id, deadline)
 
@@ -206,15 +211,20 @@ class CommunicationPort:
         While the peer's application has ``max_queued_datagrams`` of ours still
         to take, this waits (Throttled when ``timeout`` runs out meanwhile).
         """
-        deadline = self._deadline(timeout)
+        deadline = deadline_after(self._send_timeout if timeout is None else timeout)
         size = data.nbytes if type(data) is memoryview else len(data)
         if fds:
             self._channel.check_handles(fds)
-        if isinstance(data, SectionView) or size > self._inline_threshold:
-            self._flow(lambda: self._send_section(MessageType.DATAGRAM, data, deadline, secure, fds=fds), deadline)
-        else:
-            self._flow(lambda: self._send(lambda: self._channel.datagram(bytes(data), fds=fds), deadline, fds),
-                       deadline)
+        def send() -> None:
+            if isinstance(data, SectionView) or size > self._inline_threshold:
+                self._send_section(MessageType.DATAGRAM, data, deadline, secure, fds=fds)
+            else:
+                self._send(lambda: self._channel.datagram(bytes(data), fds=fds), deadline, fds)
+
+        try:
+            send()
+        except WindowClosed as closed:
+            self._flow(send, deadline, closed)
         self.stats.sent(size)
 
     def reply(self, message: Message, data: Payload = b"", timeout: float | None = None, *,
@@ -227,7 +237,7 @@ class CommunicationPort:
         """
         if message.type is not MessageType.REQUEST:
             raise ValueError(f"only a REQUEST can be replied to, not {message.type.name}")
-        deadline = self._deadline(timeout)
+        deadline = deadline_after(self._send_timeout if timeout is None else timeout)
         size = data.nbytes if type(data) is memoryview else len(data)
         if fds:
             self._channel.check_handles(fds)
@@ -248,18 +258,16 @@ class CommunicationPort:
 
     # -- flow control ------------------------------------------------------------------
 
-    def _deadline(self, timeout: float | None) -> float | None:
-        return deadline_after(self._send_timeout if timeout is None else timeout)
-
-    def _flow(self, send: Callable[[], T], deadline: float | None) -> T:
-        """Run ``send``; while the peer's limits hold it back, wait for replies or credits and retry."""
+    def _flow(self, send: Callable[[], T], deadline: float | None, closed: WindowClosed) -> T:
+        """``send`` found the peer's window closed: wait for replies or credits and retry, until it goes."""
         while True:
+            if closed.limit is Limit.MAX_HANDLES_PER_MESSAGE:
+                raise QuotaExceeded("more fds than the peer takes in one message", limit=closed.limit)
+            self._await_window(closed, deadline)
             try:
                 return send()
-            except WindowClosed as closed:
-                if closed.limit is Limit.MAX_HANDLES_PER_MESSAGE:
-                    raise QuotaExceeded("more fds than the peer takes in one message", limit=closed.limit) from None
-                self._await_window(closed, deadline)
+            except WindowClosed as again:
+                closed = again
 
     def _await_window(self, closed: WindowClosed, deadline: float | None) -> None:
         """Wait until a reply or a credit frees something the peer counts (or raise Throttled)."""
@@ -329,12 +337,15 @@ class CommunicationPort:
                        grant: MemoryGrant | None, fds: Sequence[int] = ()) -> Message:
         pinned = grant.pin() if grant is not None else None
         try:
-            if not isinstance(data, SectionView) and _size(data) <= self._channel.inline_threshold:
-                message_id = self._flow(lambda: self._send_new(
-                    lambda: self._channel.request(bytes(data), pinned, fds=fds), deadline, fds), deadline)
-            else:
-                message_id = self._flow(lambda: self._send_section(
-                    MessageType.REQUEST, data, deadline, secure, grant=pinned, fds=fds), deadline)
+            def send() -> int:
+                if not isinstance(data, SectionView) and _size(data) <= self._channel.inline_threshold:
+                    return self._send_new(lambda: self._channel.request(bytes(data), pinned, fds=fds), deadline, fds)
+                return self._send_section(MessageType.REQUEST, data, deadline, secure, grant=pinned, fds=fds)
+
+            try:
+                message_id = send()
+            except WindowClosed as closed:
+                message_id = self._flow(send, deadline, closed)
         except BaseException:
             if pinned is not None:
                 pinned.release()
@@ -511,7 +522,8 @@ class CommunicationPort:
         """
         message = self._wait_for(self._pop_inbox, deadline_after(timeout), "a message")
         self._maybe_finalize()
-        self._credit_check()
+        if self._channel.flow.credit_due:
+            self._flush_releases()
         return message
 
     def __iter__(self) -> Iterator[Message]:
@@ -719,14 +731,14 @@ class CommunicationPort:
             if self._pidfd is not None and wait_readable([self._pidfd], 0.0):
                 self._connection_lost("the peer process exited")
             return True
-        data = got.data
+        data, fds, sender, truncated = got
         if not data:
-            close_fds(got.fds)
+            close_fds(fds)
             self._connection_lost("the peer process died or dropped the connection")
             return True
         try:
             with self._state:
-                messages = self._channel.receive(data, got.fds, got.cred, got.truncated)
+                messages = self._channel.receive(data, fds, sender, truncated)
                 automatic = self._channel.take_automatic()
                 copies, self._channel.copies_waiting = self._channel.copies_waiting, False
                 urgent, self._channel.releases_urgent = self._channel.releases_urgent, False
@@ -1285,7 +1297,8 @@ class ConnectionPort:
                 owners = self._wait_owners() if ready is None else {}
             if isinstance(ready, Message):
                 ready.port._maybe_finalize()
-                ready.port._credit_check()
+                if ready.type is MessageType.DATAGRAM:
+                    ready.port._credit_check()
             if ready is not None:
                 return ready
             fired = wait_readable(list(owners), deadline)

@@ -124,8 +124,8 @@ class Message:
     when it is dropped.
     """
 
-    __slots__ = ("_copy", "_data", "_handles", "_n_handles", "callback_id", "grant", "id", "identity_changed", "port",
-                 "reason", "refused_handles", "sender", "sender_pid", "sender_tid", "type", "view")
+    __slots__ = ("_copy", "_data", "_handles", "callback_id", "grant", "id", "identity_changed", "port",
+                 "reason", "sender", "sender_pid", "sender_tid", "type", "view")
 
     def __init__(
         self,
@@ -153,8 +153,6 @@ class Message:
         self.reason = reason
         self.identity_changed = identity_changed
         self._handles: ReceivedHandles | None = None
-        self._n_handles = 0
-        self.refused_handles: tuple[HandleKind, ...] = ()
         self.port: Any = None
 
     @property
@@ -178,6 +176,11 @@ class Message:
     def handles(self) -> tuple[Handle, ...]:
         """The fds this message brought (and still owns), with their kinds."""
         return self._handles.handles if self._handles is not None else ()
+
+    @property
+    def refused_handles(self) -> tuple[HandleKind, ...]:
+        """The kinds of the fds this message brought that this side closed on arrival."""
+        return self._handles.refused if self._handles is not None else ()
 
     @property
     def fds(self) -> tuple[int, ...]:
@@ -265,6 +268,7 @@ class Channel:
         self.sections = sections
         self.policy = policy = policy or ConnectionPolicy()
         self.flow = Flow(policy.local, policy.peer)
+        self._max_handles = policy.local.max_handles_per_message
         self._classify = classifier
         inline_cap = recv_limit
         if sections is not None:
@@ -350,16 +354,13 @@ class Channel:
         (or too many of our fds): the driver waits for replies and retries.
         """
         self._check_size(data)
-        self.flow.check_request(len(fds))
         message_id = self._allocate_id()
-        if grant is None:
-            frames = self._frame(MessageType.REQUEST, data, message_id=message_id, n_fds=len(fds))
-        else:
-            frames = self._frame(MessageType.REQUEST, data, message_id=message_id, attrs=self._grant_attrs(grant),
-                                 n_fds=len(fds))
+        attrs = b"" if grant is None else self._grant_attrs(grant)
+        frames = self._frame(MessageType.REQUEST, data, message_id=message_id, attrs=attrs, n_fds=len(fds))
+        self.flow.take_request(message_id, len(fds))
+        if grant is not None:
             self._grants[message_id] = grant
         self._pending.add(message_id)
-        self.flow.sent_request(message_id, len(fds))
         return message_id, frames
 
     def _grant_attrs(self, grant: LocalGrant) -> bytes:
@@ -376,9 +377,8 @@ class Channel:
     def datagram(self, data: bytes, fds: Sequence[int] = ()) -> Frames:
         """Frames for a datagram; raises WindowClosed while the peer's queue is full."""
         self._check_size(data)
-        self.flow.check_datagram(len(fds))
         frames = self._frame(MessageType.DATAGRAM, data, message_id=self._allocate_id(), n_fds=len(fds))
-        self.flow.sent_datagram(len(fds))
+        self.flow.take_datagram(len(fds))
         return frames
 
     def reply(self, request_id: int, data: bytes, fds: Sequence[int] = ()) -> Frames:
@@ -388,7 +388,11 @@ class Channel:
         self._check_size(data)
         frames = self._frame(MessageType.REPLY, data, message_id=self._allocate_id(), callback_id=request_id,
                              n_fds=len(fds))
-        self._replied(request_id)
+        self._unreplied.discard(request_id)
+        self.flow.replied(request_id)
+        if self._peer_grants:
+            self._peer_grants.pop(request_id, None)
+            self._grant_reads.pop(request_id, None)
         return frames
 
     def _check_reply(self, request_id: int) -> None:
@@ -497,7 +501,7 @@ class Channel:
     def consumed(self, message: Message) -> None:
         """The application took ``message`` from the queue: a datagram's slot (and fds) free up."""
         if message.type is MessageType.DATAGRAM:
-            self.flow.consumed_datagram(message._n_handles)
+            self.flow.consumed_datagram(message._handles.received if message._handles is not None else 0)
 
     def take_credit(self) -> tuple[tuple[int, int], Frames]:
         """The CREDIT frame owed to the peer, if any; ``restore_credit`` if it was not sent."""
@@ -618,12 +622,12 @@ class Channel:
         if truncated:
             close_quietly(fds)
             raise ProtocolError("the peer attached more fds to one write than this side takes (MSG_CTRUNC)")
+        partial = self._partial_sender
         if sender is None:
             sender = self.peer
-        elif self._decoder.buffered and sender != self._partial_sender:
+        elif partial is not None and sender != partial:
             close_quietly(fds)
-            first = self._partial_sender.pid if self._partial_sender is not None else 0
-            raise ProtocolError(f"a frame arrived in pieces from two processes (pids {first} and {sender.pid})")
+            raise ProtocolError(f"a frame arrived in pieces from two processes (pids {partial.pid} and {sender.pid})")
         if sender is not self._last_sender:
             self._last_sender = sender
             self._last_changed = identity_changed(self.peer, sender)
@@ -645,72 +649,65 @@ class Channel:
             close_quietly(frame.fds)
             raise ProtocolError(f"{frame.type.name} frame after the peer closed its port")
         attrs = self._attributes(frame) if frame.attrs or frame.fds else None
+        # A frame's fds: the section it introduces (kept by the section layer), then its handles.
         handle_fds = frame.fds[1:] if attrs is not None and attrs.new is not None else frame.fds
+        handles = len(handle_fds)
+        kind = frame.type
         try:
-            message = self._dispatch_frame(frame, attrs, len(handle_fds), sender, changed)
+            if handles > self._max_handles:
+                raise ProtocolError(f"{kind.name} frame carries {handles} fds; this side takes at most "
+                                    f"{self._max_handles} per message")
+            if kind is MessageType.REQUEST:
+                if frame.message_id in self._unreplied:
+                    raise ProtocolError(f"request id {frame.message_id} reused while awaiting its reply")
+                if len(self._unreplied) >= MAX_UNREPLIED:
+                    raise ProtocolError("too many requests awaiting a reply")
+                self.flow.received_request(frame.message_id, handles)
+                self._unreplied.add(frame.message_id)
+            elif kind is MessageType.REPLY or kind is MessageType.PONG:
+                if frame.callback_id in self._pending:
+                    self._pending.discard(frame.callback_id)
+                    self.flow.reply_received(frame.callback_id)
+                    if self._grants:
+                        self.finish_grant(frame.callback_id)
+                elif frame.callback_id in self._abandoned:
+                    del self._abandoned[frame.callback_id]
+                    self.flow.reply_received(frame.callback_id)
+                    self._drop_body(attrs)
+                    close_quietly(handle_fds)  # a late reply nobody waits for
+                    return None
+                else:
+                    raise ProtocolError(f"reply to message id {frame.callback_id}, which was never sent")
+            elif kind is MessageType.DATAGRAM:
+                self.flow.received_datagram(handles)
+            elif kind is MessageType.CREDIT:
+                self.flow.credit_received(*decode_credit(frame.data))
+                return None
+            elif kind is MessageType.PING:
+                self._automatic += self._frame(MessageType.PONG, b"", callback_id=frame.message_id)
+                return None
+            elif kind is MessageType.PORT_CLOSED:
+                self.peer_closed = True
+                return self._notice(MessageType.PORT_CLOSED, "the peer closed its port")
+            else:
+                return self._runtime(frame, attrs)
+            message = Message(kind, frame.message_id, frame.callback_id, frame.data, sender,
+                              sender_pid=frame.sender_pid, sender_tid=frame.sender_tid)
+            if changed:
+                message.identity_changed = True
+            if attrs is not None:
+                self._attach(message, attrs)
         except BaseException:
             close_quietly(handle_fds)
             raise
         if handle_fds:
-            if message is None:
-                close_quietly(handle_fds)  # a late reply nobody waits for
-            else:
-                self._give_handles(message, handle_fds)
-        return message
-
-    def _dispatch_frame(self, frame: Frame, attrs: Attributes | None, handles: int, sender: PeerCred,
-                        changed: bool) -> Message | None:
-        kind = frame.type
-        if handles > self.policy.local.max_handles_per_message:
-            raise ProtocolError(f"{kind.name} frame carries {handles} fds; this side takes at most "
-                                f"{self.policy.local.max_handles_per_message} per message")
-        if kind is MessageType.REQUEST:
-            if frame.message_id in self._unreplied:
-                raise ProtocolError(f"request id {frame.message_id} reused while awaiting its reply")
-            if len(self._unreplied) >= MAX_UNREPLIED:
-                raise ProtocolError("too many requests awaiting a reply")
-            self.flow.received_request(frame.message_id, handles)
-            self._unreplied.add(frame.message_id)
-        elif kind is MessageType.REPLY or kind is MessageType.PONG:
-            if frame.callback_id in self._pending:
-                self._pending.discard(frame.callback_id)
-                self.flow.reply_received(frame.callback_id)
-                if self._grants:
-                    self.finish_grant(frame.callback_id)
-            elif frame.callback_id in self._abandoned:
-                del self._abandoned[frame.callback_id]
-                self.flow.reply_received(frame.callback_id)
-                self._drop_body(attrs)
-                return None
-            else:
-                raise ProtocolError(f"reply to message id {frame.callback_id}, which was never sent")
-        elif kind is MessageType.DATAGRAM:
-            self.flow.received_datagram(handles)
-        elif kind is MessageType.CREDIT:
-            self.flow.credit_received(*decode_credit(frame.data))
-            return None
-        elif kind is MessageType.PING:
-            self._automatic += self._frame(MessageType.PONG, b"", callback_id=frame.message_id)
-            return None
-        elif kind is MessageType.PORT_CLOSED:
-            self.peer_closed = True
-            return self._notice(MessageType.PORT_CLOSED, "the peer closed its port")
-        else:
-            return self._runtime(frame, attrs)
-        # A frame's fd (a new section) is consumed by the section layer, never handed on.
-        message = Message(kind, frame.message_id, frame.callback_id, frame.data, sender,
-                          sender_pid=frame.sender_pid, sender_tid=frame.sender_tid, identity_changed=changed)
-        if attrs is not None:
-            self._attach(message, attrs)
+            self._give_handles(message, handle_fds)
         return message
 
     def _give_handles(self, message: Message, fds: Sequence[int]) -> None:
         """Keep the fds of the kinds this side accepts; close the others now."""
-        message._n_handles = len(fds)
         kept, refused = sort_received(fds, self.policy.accept_kinds, self._classify)
-        if kept:
-            message._handles = ReceivedHandles(kept)
-        message.refused_handles = tuple(refused)
+        message._handles = ReceivedHandles(kept, refused, len(fds))
 
     def _attributes(self, frame: Frame) -> Attributes:
         """Validate a frame's attributes and map the section it introduces, if any."""

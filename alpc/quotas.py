@@ -107,9 +107,9 @@ class Flow:
     what the peer announced (and this side respects when sending).
     """
 
-    __slots__ = ("_credit_due_at", "_datagrams_out", "_handles_out", "_owed", "_owed_handles", "_recv_datagrams",
-                 "_recv_handles", "_request_handles_in", "_request_handles_out", "_requests_in", "_requests_out",
-                 "local", "peer")
+    __slots__ = ("_credit_due_at", "_datagrams_out", "_handles_out", "_max_requests", "_owed", "_owed_handles",
+                 "_recv_datagrams", "_recv_handles", "_request_handles_in", "_request_handles_out", "_requests_in",
+                 "_requests_out", "credit_due", "local", "peer")
 
     def __init__(self, local: FlowLimits, peer: FlowLimits) -> None:
         self.local = local
@@ -127,6 +127,10 @@ class Flow:
         self._owed = 0
         self._owed_handles = 0
         self._credit_due_at = max(1, local.max_queued_datagrams // 4)
+        # Should a CREDIT frame go out now? (Soon enough that a waiting sender never
+        # stalls: a quarter of the window, or any fds.) Kept current, read per message.
+        self.credit_due = False
+        self._max_requests = peer.max_pending_requests
 
     # -- sending -------------------------------------------------------------------------
 
@@ -158,9 +162,21 @@ class Flow:
             self._request_handles_out[request_id] = handles
             self._handles_out += handles
 
+    def take_request(self, request_id: int, handles: int = 0) -> None:
+        """check_request, then sent_request: the one call of the small-message path."""
+        if handles or len(self._requests_out) >= self._max_requests:
+            self.check_request(handles)
+            self.sent_request(request_id, handles)
+        else:
+            self._requests_out.add(request_id)
+
     def sent_datagram(self, handles: int = 0) -> None:
         self._datagrams_out += 1
         self._handles_out += handles
+
+    def take_datagram(self, handles: int = 0) -> None:
+        self.check_datagram(handles)
+        self.sent_datagram(handles)
 
     def unsent_request(self, request_id: int) -> None:
         """The request's frames never left (nothing written): it holds no slot."""
@@ -223,11 +239,7 @@ class Flow:
         """The application took a datagram (carrying ``handles`` fds) from the queue."""
         self._owed += 1
         self._owed_handles += handles
-
-    @property
-    def credit_due(self) -> bool:
-        """Should a CREDIT frame go out now? (Soon enough that a waiting sender never stalls.)"""
-        return self._owed >= self._credit_due_at or (self._owed_handles > 0)
+        self.credit_due = self._owed >= self._credit_due_at or self._owed_handles > 0
 
     @property
     def credit_owed(self) -> bool:
@@ -239,6 +251,7 @@ class Flow:
         self._recv_datagrams -= self._owed
         self._recv_handles -= self._owed_handles
         self._owed = self._owed_handles = 0
+        self.credit_due = False
         return credit
 
     def restore_credit(self, credit: tuple[int, int]) -> None:
@@ -247,6 +260,7 @@ class Flow:
         self._recv_handles += handles
         self._owed += datagrams
         self._owed_handles += handles
+        self.credit_due = self._owed >= self._credit_due_at or self._owed_handles > 0
 
 
 @dataclass(frozen=True)

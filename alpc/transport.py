@@ -26,6 +26,7 @@ __all__ = [
     "SO_PASSPIDFD",
     "SO_PEERGROUPS",
     "Buffer",
+    "ChannelRead",
     "SO_PEERPIDFD",
     "Listener",
     "Received",
@@ -131,8 +132,17 @@ class Received(NamedTuple):
     pidfd: int | None = None
 
 
+# What Stream.recv_fds returns: data, fds, the sender's credentials, and whether fds were truncated.
+ChannelRead = tuple[bytes, list[int], PeerCred | None, bool]
+
 _CRED_SPACE = socket.CMSG_SPACE(_UCRED.size)
 _PIDFD_SPACE = socket.CMSG_SPACE(_FD_SIZE)
+# Plain ints: socket.MSG_CTRUNC is an IntFlag, and enum arithmetic costs a
+# microsecond or more per message on the read path.
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
+_SOL_SOCKET = int(socket.SOL_SOCKET)
+_SCM_CREDENTIALS = int(socket.SCM_CREDENTIALS)
+_SCM_RIGHTS = int(socket.SCM_RIGHTS)
 
 
 class Stream:
@@ -317,42 +327,48 @@ class Stream:
         except ConnectionResetError:
             return b""
 
-    def recv_fds(self, max_fds: int, size: int = RECV_CHUNK) -> Received | None:
+    def recv_fds(self, max_fds: int, size: int = RECV_CHUNK) -> ChannelRead | None:
         """Non-blocking read keeping up to ``max_fds`` passed fds and the sender's credentials.
 
-        The channel's hot path (the socket has SO_PASSCRED set, so every read
-        brings SCM_CREDENTIALS; the kernel never joins two senders' writes in
-        one read). A plain recv would let the kernel discard fds that arrive,
-        so channels read this way. fds beyond ``max_fds`` (or a truncated set)
-        are closed, never leaked, and the read is marked ``truncated``.
-        None when nothing is there.
+        Returns (data, fds, credentials, truncated), or None when nothing is
+        there. The channel's hot path: the socket has SO_PASSCRED set, so every
+        read brings SCM_CREDENTIALS (the kernel never joins two senders' writes
+        in one read), and a plain recv would let the kernel discard fds. fds
+        beyond ``max_fds`` (or a truncated set) are closed, never leaked, and
+        the read is marked truncated. A plain tuple and int constants: this
+        runs once per message.
         """
         try:
             data, ancillary, flags, _ = self._sock.recvmsg(size, _FD_SPACE.get(max_fds) or _fd_space(max_fds))
         except (BlockingIOError, InterruptedError):
             return None
         except ConnectionResetError:
-            return Received(b"", [], None)
-        if not ancillary:
-            return Received(data, [], None, bool(flags & socket.MSG_CTRUNC))
+            return b"", [], None, False
+        if len(ancillary) == 1 and not flags & _MSG_CTRUNC:
+            level, kind, payload = ancillary[0]
+            if kind == _SCM_CREDENTIALS and level == _SOL_SOCKET:
+                if payload != self._cred_raw:
+                    self._cred_raw = payload
+                    self._cred = PeerCred(*_UCRED.unpack_from(payload))
+                return data, [], self._cred, False
         fds: list[int] = []
         cred = None
         for level, kind, payload in ancillary:
-            if level != socket.SOL_SOCKET:
+            if level != _SOL_SOCKET:
                 continue
-            if kind == socket.SCM_CREDENTIALS:
+            if kind == _SCM_CREDENTIALS:
                 if payload != self._cred_raw:
                     self._cred_raw = payload
                     self._cred = PeerCred(*_UCRED.unpack_from(payload))
                 cred = self._cred
-            elif kind == socket.SCM_RIGHTS:
+            elif kind == _SCM_RIGHTS:
                 usable = len(payload) - len(payload) % _FD_SIZE
                 fds.extend(array.array("i", payload[:usable]))
-        truncated = len(fds) > max_fds or bool(flags & socket.MSG_CTRUNC)
+        truncated = len(fds) > max_fds or bool(flags & _MSG_CTRUNC)
         if truncated:
             close_fds(fds)
             fds = []
-        return Received(data, fds, cred, truncated)
+        return data, fds, cred, truncated
 
     def recv_with_ancillary(self, size: int = RECV_CHUNK, max_fds: int = 0, want_cred: bool = False,
                             want_pidfd: bool = False) -> Received | None:
