@@ -188,13 +188,11 @@ class CommunicationPort:
         if grant is not None or isinstance(data, SectionView) or size > self._inline_threshold:
             self.stats.sent(size)
             return self._request_large(data, deadline, secure, grant, fds)
-        def send() -> int:
-            return self._send_new(lambda: self._channel.request(bytes(data), fds=fds), deadline, fds)
-
         try:
-            message_id = send()
+            message_id = self._send_new(lambda: self._channel.request(bytes(data), fds=fds), deadline, fds)
         except WindowClosed as closed:
-            message_id = self._flow(send, deadline, closed)
+            message_id = self._flow(lambda: self._send_new(lambda: self._channel.request(bytes(data), fds=fds),
+                                                           deadline, fds), deadline, closed)
         self.stats.sent(size)
         return self._await_reply(message_id, deadline)
 
@@ -440,7 +438,7 @@ class CommunicationPort:
             self._flush_releases()
 
     def _write_with_releases(self, frames: list[bytes], deadline: float | None,
-                             fds: list[int] | None = None) -> None:
+                             fds: Sequence[int] = ()) -> None:
         """Write ``frames`` preceded by the pending RELEASE and CREDIT frames (caller holds _send_lock)."""
         self._releases_owed = False
         with self._state:
@@ -488,13 +486,13 @@ class CommunicationPort:
             with self._state:
                 frames = make()
             if self._releases_owed:
-                self._write_with_releases(frames, deadline, list(fds))
+                self._write_with_releases(frames, deadline, fds)
             else:
-                self._write(frames, deadline, list(fds))
+                self._write(frames, deadline, fds)
 
-    def _write(self, frames: list[bytes], deadline: float | None, fds: list[int] | None = None) -> None:
+    def _write(self, frames: list[bytes], deadline: float | None, fds: Sequence[int] = ()) -> None:
         try:
-            self._stream.send(frames, fds or (), deadline=deadline)
+            self._stream.send(frames, fds, deadline=deadline)
         except Timeout:
             if self._stream.broken:
                 self.stats.errors += 1
