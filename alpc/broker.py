@@ -558,7 +558,8 @@ class Broker:
                 name=port.name, pid=port.owner.cred.pid, uid=port.owner.cred.uid, gid=port.owner.cred.gid,
                 max_message_length=port.request.max_message_length,
                 clients=port.clients() if details else (), details=details, limits=port.request.limits,
-                acl=port.request.acl if details else control.AclSpec()))
+                acl=port.request.acl if details else control.AclSpec(),
+                owner_quota=self._owner_quota(port.owner.cred.uid, details)))
         return control.PortList(ports=tuple(ports))
 
     def _stats(self, ports: list[_Port], viewer: PeerCred) -> control.StatsList:
@@ -574,6 +575,13 @@ class Broker:
                 counters=port.status.counters if port.status is not None else control.PortCounters(),
             ) for port in ports),
             broker=self._quota(viewer))
+
+    def _owner_quota(self, uid: int, details: bool) -> control.OwnerQuota:
+        limits = self.limits
+        if not details:
+            return control.OwnerQuota(limits.max_connections_per_uid, limits.max_ports_per_uid)
+        return control.OwnerQuota(limits.max_connections_per_uid, limits.max_ports_per_uid,
+                                  self._usage.connections(uid), self._usage.ports(uid))
 
     def _quota(self, viewer: PeerCred) -> control.BrokerQuota:
         """The broker's quotas, and how much of them the viewer's uid uses (every uid's, for root)."""

@@ -48,6 +48,7 @@ __all__ = [
     "HandoverPeer",
     "HandoverPort",
     "HandoverState",
+    "OwnerQuota",
     "LATENCY_BUCKETS",
     "ListPorts",
     "MAX_REPORTED_PEERS",
@@ -404,6 +405,16 @@ class PortStatus(Body):
 
 
 @dataclass(frozen=True)
+class OwnerQuota(Record):
+    """The broker's per-uid quotas as they apply to a port's owner; usage is -1 when not shown."""
+
+    max_connections_per_uid: int = 0
+    max_ports_per_uid: int = 0
+    connections: int = -1
+    ports: int = -1
+
+
+@dataclass(frozen=True)
 class PortInfo(Record):
     """One live port for ``alpc ports``; ``details`` is False when the asker may not see its clients."""
 
@@ -417,6 +428,7 @@ class PortInfo(Record):
     limits: PortLimits = field(default_factory=PortLimits)
     # The ACL is shown only with ``details`` (to the owner and root); empty otherwise.
     acl: AclSpec = field(default_factory=AclSpec)
+    owner_quota: OwnerQuota = field(default_factory=OwnerQuota)
 
 
 @dataclass(frozen=True)
@@ -588,6 +600,7 @@ _NESTED_ONE: dict[str, type[Record]] = {
     "AclSpec": AclSpec,
     "PortLimits": PortLimits,
     "FlowSpec": FlowSpec,
+    "OwnerQuota": OwnerQuota,
     "BrokerQuota": BrokerQuota,
 }
 

@@ -42,6 +42,9 @@ def test_ports_json_and_table(broker: alpc.Broker, config: alpc.Config, runtime_
             },
             "acl": {"allow_uids": [], "allow_gids": [], "deny_uids": [], "deny_gids": [], "allow_root": False,
                     "allow_everyone": False},
+            # The broker's per-uid quotas for the owner: its registration and this query are its connections.
+            "owner_quota": {"max_connections_per_uid": 1024, "max_ports_per_uid": 256, "connections": 2,
+                            "ports": 1},
         }]
         table = run(runtime_dir, "ports").stdout
         assert "svc.listed" in table and f"pid {client.pid}" in table

@@ -127,6 +127,8 @@ def test_every_limit_is_visible_in_ports_and_stats(runtime_dir: Path, config: al
             "refuse_identity_change": True,
         }
         assert port["acl"]["allow_gids"] == [4242] and port["acl"]["allow_root"] is True
+        assert port["owner_quota"] == {"max_connections_per_uid": 77, "max_ports_per_uid": 5, "connections": 2,
+                                       "ports": 1}
         broker = json.loads(cli(runtime_dir, "stats", "--json"))["broker"]
         assert broker["shared"] is True
         assert (broker["max_connections_per_uid"], broker["max_ports_per_uid"]) == (77, 5)

@@ -1,5 +1,6 @@
 """Hostile bytes on an established channel, both ways: malformed frames, lying lengths,
-unknown types, replies to ids never sent. The offender's channel is dropped; everyone
+unknown types, replies to ids never sent, and (from a server) bad section references and a
+section truncated under its client. The offender's channel is dropped; everyone
 else is still served; nothing leaks (the other side's fds are counted)."""
 
 from __future__ import annotations
@@ -9,7 +10,16 @@ import os
 import pytest
 
 import alpc
-from alpc.wire import MessageType, encode_frame, encode_header
+from alpc.section import Section
+from alpc.wire import (
+    Attributes,
+    MessageType,
+    SectionNew,
+    SectionRef,
+    encode_attributes,
+    encode_frame,
+    encode_header,
+)
 
 
 def test_lying_length_closes_only_that_channel(broker: alpc.Broker, config: alpc.Config, spawn) -> None:
@@ -71,6 +81,33 @@ SERVER_ATTACKS = {
 }
 
 
+def _reply_attrs(attrs: Attributes, n_fds: int = 0) -> bytes:
+    """A reply to the client's first request (id 1 on a fresh connection) whose body is in a section."""
+    raw = encode_attributes(attrs)
+    return encode_header(MessageType.REPLY, 0, callback_id=1, attr_length=len(raw), n_fds=n_fds) + raw
+
+
+SERVER_ATTACKS["unknown_section_reference"] = [_reply_attrs(Attributes(ref=SectionRef(9, 0, 0, 100)))]
+SERVER_ATTACKS["section_reference_out_of_range"] = [
+    _reply_attrs(Attributes(ref=SectionRef(1, 0, 4000, 200), new=SectionNew(1, 0, 4096)), n_fds=1)]
+SERVER_ATTACKS["unsealed_section_truncated"] = [
+    _reply_attrs(Attributes(ref=SectionRef(1, 0, 0, 100), new=SectionNew(1, 0, 4096)), n_fds=1)]
+
+
+def _section_fd(attack: str) -> int | None:
+    """The memfd an attack passes: sealed for the range attack, unsealed (then truncated) for the other."""
+    if attack == "section_reference_out_of_range":
+        section = Section.create(4096)
+        fd = os.dup(section.fd)
+        section.close()
+        return fd
+    if attack == "unsealed_section_truncated":
+        fd = os.memfd_create("hostile")
+        os.ftruncate(fd, 4096)
+        return fd
+    return None
+
+
 @pytest.mark.parametrize("attack", sorted(SERVER_ATTACKS))
 def test_a_malicious_server_cannot_hurt_its_client(broker: alpc.Broker, config: alpc.Config, role,  # type: ignore[no-untyped-def]
                                                    attack: str) -> None:
@@ -82,7 +119,14 @@ def test_a_malicious_server_cannot_hurt_its_client(broker: alpc.Broker, config: 
         client.expect("READY")
         client.send("request echo:first")
         request = comm.receive(timeout=10)
-        comm._stream.send(SERVER_ATTACKS[attack])
+        fd = _section_fd(attack)
+        try:
+            comm._stream.send(SERVER_ATTACKS[attack], [fd] if fd is not None else [])
+            if attack == "unsealed_section_truncated":
+                os.ftruncate(fd, 0)  # would SIGBUS a client that had mapped it
+        finally:
+            if fd is not None:
+                os.close(fd)
         assert client.expect("ERROR")[0] in ("PeerGone", "ConnectionClosed")
         assert request.type is MessageType.REQUEST
         comm.close()
