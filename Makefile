@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.bench-installed
-NATIVE_SOURCES := csrc/alpc_native.c csrc/alpc_native.h csrc/build_ffi.py
+NATIVE_SOURCES := csrc/alpc_native.c csrc/alpc_native.h csrc/qlpc.c csrc/qlpc.h csrc/build_ffi.py
 PYTEST_ARGS ?=
 
 .PHONY: all venv build demo test test-native test-pure lint soak bench bench-quick bench-readme fuzz asan clean

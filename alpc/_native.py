@@ -14,10 +14,11 @@ import logging
 import os
 import struct
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
-from .errors import NativeBuildError, SectionError
+from .errors import NativeBuildError, ProtocolError, QuotaExceeded, SectionError
 
 __all__ = [
     "ATTR_SIZES",
@@ -39,13 +40,37 @@ __all__ = [
     "HEADER_SIZE",
     "IMPLEMENTATION",
     "SCAN_BATCH",
+    "QUICK_COUNTERS",
+    "QUICK_DEFAULTS",
+    "QUICK_ERRORS",
+    "QUICK_UNAVAILABLE",
+    "Q_BUSY",
+    "Q_CHECK",
+    "Q_CLOSED",
+    "Q_DOORBELL",
+    "Q_E_ARGS",
+    "Q_E_INDEX",
+    "Q_E_KIND",
+    "Q_E_LAYOUT",
+    "Q_E_LENGTH",
+    "Q_E_RESERVED",
+    "Q_E_SYSTEM",
+    "Q_FULL",
+    "Q_INTR",
+    "Q_ORDER",
+    "Q_TIMEOUT",
+    "Q_TOO_LARGE",
     "Pinned",
+    "QuickRing",
     "ScanLimits",
     "buffer_address",
     "check_range",
     "copy_into",
     "copy_out",
     "parse_attributes",
+    "quick_hold",
+    "quick_region_size",
+    "quick_unhold",
     "scan_frames",
     "source_hash",
     "vm_read",
@@ -64,7 +89,7 @@ _SECTION_FLAGS = 3
 _ACCESS_FLAGS = 3
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
-_SOURCES = ("alpc_native.h", "alpc_native.c")
+_SOURCES = ("alpc_native.h", "alpc_native.c", "qlpc.h", "qlpc.c")
 
 
 def source_hash(csrc: Path = _CSRC) -> str | None:
@@ -397,3 +422,128 @@ def vm_read(pid: int, base: int, grant_len: int, offset: int, into: Any) -> int:
 def vm_write(pid: int, base: int, grant_len: int, offset: int, data: Any) -> int:
     """Write ``data`` into the grant of ``pid``; bytes written, E_RANGE, or -errno."""
     return (_vm_move_py if _ext is None else _vm_move_c)(True, pid, base, grant_len, offset, data)
+
+
+# -- Quick-LPC rings (csrc/qlpc.c) --------------------------------------------------
+#
+# Quick-LPC exists only with the C extension: its whole point is a round trip
+# with the GIL released and no Python in the wait. Without the extension the
+# connect negotiation declines it (QUICK_UNAVAILABLE says why) and connections
+# use the socket path; nothing pretends to be the fast path.
+
+QUICK_UNAVAILABLE: str | None = (
+    "Quick-LPC needs the C extension (ALPC_PUREPYTHON=1 or the extension is not built)" if _ext is None else None
+)
+# Geometry limits and statuses, mirrored from qlpc.h (tests check they agree).
+QUICK_DEFAULTS = {"region_header": 512, "entry_header": 32, "max_slots": 1024, "min_slot": 64, "max_slot": 65536}
+Q_TIMEOUT, Q_CHECK, Q_CLOSED, Q_FULL, Q_ORDER, Q_TOO_LARGE, Q_DOORBELL, Q_BUSY, Q_INTR = range(-1, -10, -1)
+Q_E_INDEX, Q_E_KIND, Q_E_LENGTH, Q_E_RESERVED, Q_E_LAYOUT, Q_E_ARGS, Q_E_SYSTEM = range(-20, -27, -1)
+QUICK_COUNTERS = ("messages_in", "bytes_in", "messages_out", "bytes_out", "spins_caught", "spins_missed",
+                  "sleeps", "wakes")
+QUICK_ERRORS = {
+    Q_E_INDEX: "a ring index claims more entries than the ring holds",
+    Q_E_KIND: "a ring entry of the wrong kind for its direction",
+    Q_E_LENGTH: "a ring entry longer than its slot",
+    Q_E_RESERVED: "a ring entry with reserved words set or a missing id",
+    Q_E_LAYOUT: "the ring region's header does not match the agreed geometry",
+}
+
+
+def quick_hold() -> bool:
+    """Keep Quick-LPC's watcher thread while no connection needs it; False if it cannot start."""
+    return _ext is not None and int(_ext[1].qlpc_hold()) == 0
+
+
+def quick_unhold() -> None:
+    """Release one ``quick_hold``; the thread stops once nothing needs it."""
+    if _ext is not None:
+        _ext[1].qlpc_unhold()
+
+
+def quick_region_size(slots: int, slot_size: int) -> int:
+    """Bytes of a Quick-LPC region with this geometry, 0 if the geometry is invalid."""
+    if _ext is not None:
+        return int(_ext[1].qlpc_region_size(slots, slot_size))
+    if not 1 <= slots <= QUICK_DEFAULTS["max_slots"] or slots & (slots - 1):
+        return 0
+    if not QUICK_DEFAULTS["min_slot"] <= slot_size <= QUICK_DEFAULTS["max_slot"] or slot_size % 64:
+        return 0
+    return QUICK_DEFAULTS["region_header"] + 2 * slots * slot_size
+
+
+class QuickRing:
+    """This side of one connection's Quick-LPC rings: a thin, allocation-free
+    wrapper of qlpc.c; every call runs in C with the GIL released.
+
+    The hot calls are bound to this ring's state (its info struct and payload
+    buffer, allocated once), so a call passes only what changes:
+
+    - ``call(data, len(data), deadline_ns)``: client, request and wait for its reply
+    - ``wait_reply(deadline_ns)``: client, keep waiting for the call in flight
+    - ``reply_wait(callback_id, data, len(data), timeout_ns)``: server, reply (0: none) and wait
+    - ``unpack(length)``: the payload the last wait received, as bytes
+
+    They return a payload length (>= 0; the ids are then in ``info``) or a Q_*
+    status. Deadlines are absolute CLOCK_MONOTONIC nanoseconds
+    (time.monotonic_ns), timeouts relative; -1 means none.
+    """
+
+    __slots__ = ("_buf", "_ch", "_lib", "call", "info", "payload_max", "reply_wait", "unpack", "wait_reply")
+
+    def __init__(self, memfd: int, size: int, slots: int, slot_size: int, *, server: bool, sock_fd: int,
+                 pidfd: int | None, spin_ns: int) -> None:
+        if _ext is None:
+            raise NativeBuildError(QUICK_UNAVAILABLE or "no C extension")
+        ffi, lib = _ext
+        error = ffi.new("int *")
+        role = lib.QLPC_SERVER if server else lib.QLPC_CLIENT
+        ch = lib.qlpc_open(memfd, size, slots, slot_size, role, sock_fd, -1 if pidfd is None else pidfd,
+                           spin_ns, error)
+        if ch == ffi.NULL:
+            code = error[0]
+            if code in QUICK_ERRORS:
+                raise ProtocolError(QUICK_ERRORS[code])
+            raise QuotaExceeded(f"cannot set up the Quick-LPC rings ({os.strerror(ffi.errno) or code})")
+        self._ch: Any = ffi.gc(ch, lib.qlpc_free)
+        self._lib = lib
+        self.payload_max = int(lib.qlpc_payload_max(ch))
+        self.info: Any = ffi.new("qlpc_info *")
+        self._buf: Any = ffi.new("char[]", max(self.payload_max, 1))
+        self.call: Callable[[bytes, int, int], int] = partial(lib.qlpc_call, self._ch, self.info, self._buf)
+        self.wait_reply: Callable[[int], int] = partial(lib.qlpc_wait_reply, self._ch, self.info, self._buf)
+        self.reply_wait: Callable[[int, bytes, int, int], int] = partial(
+            lib.qlpc_reply_wait, self._ch, self.info, self._buf)
+        self.unpack: Callable[[int], bytes] = partial(ffi.unpack, self._buf)
+
+    def reply(self, callback_id: int, data: bytes) -> int:
+        """Server: post a reply without waiting (0, Q_DOORBELL, or why it was not posted)."""
+        return int(self._lib.qlpc_reply(self._ch, callback_id, data, len(data)))
+
+    def in_flight(self) -> int:
+        """Client: the id of the call in flight, 0 if none."""
+        return int(self._lib.qlpc_in_flight(self._ch))
+
+    def call_done(self) -> None:
+        """Client: the call in flight is over (its reply came over the socket, or it was abandoned)."""
+        self._lib.qlpc_call_done(self._ch)
+
+    def sent(self, nbytes: int) -> None:
+        self._lib.qlpc_sent(self._ch, nbytes)
+
+    def consumed(self, nbytes: int) -> None:
+        self._lib.qlpc_consumed(self._ch, nbytes)
+
+    def arm_poll(self) -> int:
+        return int(self._lib.qlpc_arm_poll(self._ch))
+
+    def peer_attached(self) -> bool:
+        return bool(self._lib.qlpc_peer_attached(self._ch))
+
+    def counts(self) -> dict[str, int]:
+        """This side's counters: traffic through the rings and how its waits went."""
+        count = self._lib.qlpc_count
+        return {name: int(count(self._ch, which)) for which, name in enumerate(QUICK_COUNTERS)}
+
+    def close(self) -> None:
+        """Wake every waiter, unmap, stop watching; the object stays safe to call (Q_CLOSED)."""
+        self._lib.qlpc_close(self._ch)

@@ -8,6 +8,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ._native import quick_region_size
 from .errors import AccessDenied
 from .quotas import FlowLimits
 from .security import HandleKind, PortAcl
@@ -53,6 +54,17 @@ def _check_sections(owner: str, max_message_length: int, section_size: int, max_
         raise ValueError(f"{owner}.section_backend must be one of {SECTION_BACKENDS}, got {backend!r}")
     if backend == "memfd" and not _ON_LINUX:
         raise ValueError(f"{owner}.section_backend 'memfd' needs Linux")
+
+
+def _check_quick(owner: str, slots: int, slot_size: int, spin_us: int) -> None:
+    for name, value in (("quick_slots", slots), ("quick_slot_size", slot_size), ("quick_spin_us", spin_us)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"{owner}.{name} must be an int, got {value!r}")
+    if not quick_region_size(slots, slot_size):
+        raise ValueError(f"{owner}: quick_slots must be a power of two up to 1024 and quick_slot_size "
+                         f"a multiple of 64 in 64..65536, got {slots} and {slot_size}")
+    if not 0 <= spin_us <= 1_000_000:
+        raise ValueError(f"{owner}.quick_spin_us must be 0..1000000, got {spin_us!r}")
 
 
 def default_runtime_dir() -> Path:
@@ -158,6 +170,17 @@ class PortAttributes:
       that time drops the connection (the client stopped reading its replies).
     - ``refuse_identity_change``: drop a connection whose messages come from
       another uid/gid than connected, instead of flagging them.
+
+    Quick-LPC (``alpc.qlpc``), opt-in:
+
+    - ``quick_lpc``: offer each client a pair of shared-memory rings for small
+      requests and their replies (needs the C extension on both sides; a
+      client that cannot or will not use them stays on the socket).
+    - ``quick_slots`` / ``quick_slot_size``: ring depth (a power of two) and
+      slot size (a multiple of 64, of which 32 bytes are the entry header);
+      larger messages take the socket path.
+    - ``quick_spin_us``: how long the server may spin waiting for a request
+      while the client runs on another CPU (0: never spin).
     """
 
     max_message_length: int = GIB
@@ -180,8 +203,13 @@ class PortAttributes:
     max_inflight_handles: int = 64
     send_timeout: float = 5.0
     refuse_identity_change: bool = False
+    quick_lpc: bool = False
+    quick_slots: int = 8
+    quick_slot_size: int = 512
+    quick_spin_us: int = 50
 
     def __post_init__(self) -> None:
+        _check_quick("PortAttributes", self.quick_slots, self.quick_slot_size, self.quick_spin_us)
         object.__setattr__(self, "handle_kinds", frozenset(self.handle_kinds))
         if not isinstance(self.acl, PortAcl):
             raise ValueError(f"PortAttributes.acl must be a PortAcl, got {self.acl!r}")
@@ -190,6 +218,9 @@ class PortAttributes:
                              f"got {self.send_timeout!r}")
         _check_handles("PortAttributes", self.handle_kinds, self.max_handles_per_message, self.max_inflight_handles)
         self.flow_limits()
+        if self.quick_lpc and self.refuse_identity_change:
+            raise ValueError("PortAttributes: Quick-LPC ring messages carry no SCM_CREDENTIALS, so a port that "
+                             "refuses identity changes cannot offer them (quick_lpc with refuse_identity_change)")
         for name in ("max_connect_data", "max_pending_connects", "max_port_section_bytes", "max_connections"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -214,6 +245,9 @@ class Config:
 
     The section, flow, handle and identity settings mean what they mean in
     PortAttributes, for the connections this process makes as a client.
+    ``quick_lpc`` accepts a server's Quick-LPC offer (when the C extension is
+    in use); ``quick_spin_us`` bounds how long a request spins for its reply
+    while the server runs on another CPU.
     """
 
     runtime_dir: Path = field(default_factory=default_runtime_dir)
@@ -230,9 +264,12 @@ class Config:
     max_handles_per_message: int = 16
     max_inflight_handles: int = 64
     refuse_identity_change: bool = False
+    quick_lpc: bool = True
+    quick_spin_us: int = 50
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "handle_kinds", frozenset(self.handle_kinds))
+        _check_quick("Config", 1, 64, self.quick_spin_us)
         _check_sections("Config", self.max_message_length, self.section_size, self.max_section_bytes,
                         self.section_backend)
         _check_handles("Config", self.handle_kinds, self.max_handles_per_message, self.max_inflight_handles)

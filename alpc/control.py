@@ -306,6 +306,10 @@ class ConnectionReply(Body):
     max_section_bytes: int = 0
     secure_views: bool = False
     flow: FlowSpec = field(default_factory=FlowSpec)
+    # Quick-LPC rings offered (alpc.qlpc): their geometry, 0 when none; the
+    # region's memfd rides with this frame.
+    quick_slots: int = 0
+    quick_slot_size: int = 0
 
 
 @dataclass(frozen=True)

@@ -6,16 +6,21 @@ Every exception also subclasses the builtin a caller would already catch, so
 
 from __future__ import annotations
 
+import threading
+
 __all__ = [
     "AccessDenied",
     "ActivationError",
     "AlpcError",
+    "BadArguments",
     "BrokerRunning",
     "BrokerUnavailable",
     "ConnectionClosed",
     "ConnectionRejected",
+    "DeadlineExceeded",
     "HandleNotAllowed",
     "InvalidName",
+    "MarshalError",
     "MessageTooLarge",
     "NameInUse",
     "NativeBuildError",
@@ -23,9 +28,14 @@ __all__ = [
     "PortNotFound",
     "ProtocolError",
     "QuotaExceeded",
+    "RemoteError",
+    "RpcError",
     "SectionError",
     "Throttled",
     "Timeout",
+    "UnknownMethod",
+    "VersionMismatch",
+    "remote_error_class",
 ]
 
 
@@ -126,3 +136,85 @@ class NativeBuildError(AlpcError, ImportError):
 
 class ActivationError(AlpcError, ValueError):
     """The service manager passed sockets alpc cannot serve on (count, family or type)."""
+# -- RPC ----------------------------------------------------------------------------
+
+
+class VersionMismatch(ConnectionRejected):
+    """The server does not offer a compatible version of the interface (or RPC protocol)."""
+
+
+class DeadlineExceeded(Timeout):
+    """The call's deadline passed before the server started it."""
+
+
+class RpcError(AlpcError):
+    """Base of the errors the RPC layer reports about a call."""
+
+
+class UnknownMethod(RpcError, AttributeError):
+    """The interface declares no such method, or the target object no longer exists."""
+
+
+class BadArguments(RpcError, TypeError):
+    """The arguments do not fit the method's signature."""
+
+
+class MarshalError(RpcError, ValueError):
+    """A value cannot be marshalled, or received bytes are not a well-formed RPC message."""
+
+
+class RemoteError(RpcError, RuntimeError):
+    """A handler raised; ``type_name``, ``remote_message`` and ``remote_traceback`` describe it.
+
+    For a remote builtin exception the error also subclasses that builtin (see
+    ``remote_error_class``), so ``except KeyError`` catches a remote KeyError.
+    """
+
+    def __init__(self, type_name: str, message: str, traceback: str | None = None) -> None:
+        super().__init__(message)
+        self.type_name = type_name
+        self.remote_message = message
+        self.remote_traceback = traceback
+
+    def __str__(self) -> str:
+        text = f"{self.type_name}: {self.remote_message}" if self.remote_message else self.type_name
+        if self.remote_traceback:
+            text += "\n--- remote traceback ---\n" + self.remote_traceback
+        return text
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # The mirrored classes are made at run time, so rebuild through the factory.
+        return (_rebuild_remote_error, (self.type_name, self.remote_message, self.remote_traceback))
+
+
+# Remote builtins that also subclass their local builtin. Only types whose
+# constructor takes a plain message qualify (not UnicodeDecodeError, StopIteration, ...).
+_MIRRORED_BUILTINS: dict[str, type[Exception]] = {
+    cls.__name__: cls
+    for cls in (
+        ArithmeticError, AssertionError, AttributeError, BlockingIOError, BrokenPipeError, ConnectionError,
+        EOFError, FileExistsError, FileNotFoundError, FloatingPointError, IndexError, InterruptedError,
+        IsADirectoryError, KeyError, LookupError, MemoryError, NotADirectoryError, NotImplementedError,
+        OSError, OverflowError, PermissionError, ProcessLookupError, RecursionError, RuntimeError,
+        TimeoutError, TypeError, ValueError, ZeroDivisionError,
+    )
+}
+_remote_classes: dict[str, type[RemoteError]] = {}
+_remote_classes_lock = threading.Lock()
+
+
+def remote_error_class(type_name: str) -> type[RemoteError]:
+    """The RemoteError class for a remote exception type name (cached)."""
+    builtin = _MIRRORED_BUILTINS.get(type_name)
+    if builtin is None:
+        return RemoteError
+    with _remote_classes_lock:
+        cls = _remote_classes.get(type_name)
+        if cls is None:
+            cls = type(f"Remote{type_name}", (RemoteError, builtin), {"__module__": __name__})
+            _remote_classes[type_name] = cls
+        return cls
+
+
+def _rebuild_remote_error(type_name: str, message: str, traceback: str | None) -> RemoteError:
+    return remote_error_class(type_name)(type_name, message, traceback)

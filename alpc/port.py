@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
-from . import _native, control
+from . import _native, control, qlpc
 from .config import Config, PortAttributes
 from .control import validate_port_name
 from .errors import (
@@ -34,7 +34,8 @@ from .exchange import control_frame, read_frame, refusal_after_hangup
 from .grant import LocalGrant, MemoryGrant, PeerMemory, direct_read, direct_write
 from .ledger import Budget
 from .logs import LogLimiter, fields
-from .protocol import Channel, ConnectionPolicy, Message, materialize
+from .protocol import Channel, ConnectionPolicy, Frames, Message, materialize, payload_parts
+from .protocol import Payload as WirePayload
 from .quotas import FlowLimits, Limit, WindowClosed
 from .registration import Registration
 from .retry import retry_until
@@ -70,12 +71,29 @@ _RELEASE_SEND_TIMEOUT = 1.0
 _DRAIN_EVERY = 64
 
 
-# What request/send/reply take: bytes-like, or a filled view of the connection's section.
-Payload = Buffer | SectionView
+# What request/send/reply take: one bytes-like buffer, parts sent back to back
+# without being joined first, or a filled view of the connection's section.
+Payload = Buffer | Sequence[Buffer] | SectionView
 
 
-def _size(data: object) -> int:
-    return data.nbytes if isinstance(data, memoryview) else len(data)  # type: ignore[arg-type]
+def _size(data: Payload) -> int:
+    if isinstance(data, (bytes, bytearray, SectionView)):
+        return len(data)
+    if isinstance(data, memoryview):
+        return data.nbytes
+    return payload_parts(data)[1]
+
+
+def _copy_body(into: memoryview, data: Buffer | Sequence[Buffer]) -> None:
+    """Copy a body (one buffer, or parts back to back) into reserved section space."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        _native.copy_into(into, data)
+        return
+    offset = 0
+    for part in payload_parts(data)[0]:
+        size = len(part) if isinstance(part, bytes) else memoryview(part).nbytes
+        _native.copy_into(into[offset:offset + size], part)
+        offset += size
 
 
 class CommunicationPort:
@@ -96,8 +114,15 @@ class CommunicationPort:
         accept_data: bytes = b"",
         on_gone: Callable[[CommunicationPort], None] | None = None,
         send_timeout: float | None = None,
+        quick: qlpc.QuickLink | None = None,
     ) -> None:
         self._stream = stream
+        # Quick-LPC rings beside the socket (alpc.qlpc), when negotiated.
+        self._quick = quick
+        if quick is not None and not is_server:
+            channel.quick_claims = quick.claims
+            # The lean call is one Python frame around the C call on this connection.
+            self.call = quick.bind_call(self)  # type: ignore[method-assign]
         self._channel = channel
         self._pidfd = peer_pidfd
         # A server bounds every send (its caller's None included): a client that
@@ -155,6 +180,11 @@ class CommunicationPort:
     def closed(self) -> bool:
         return self._failure is not None
 
+    @property
+    def quick(self) -> bool:
+        """Whether small requests and their replies go through Quick-LPC rings (alpc.qlpc)."""
+        return self._quick is not None and self._failure is None and self._quick.active
+
     def fileno(self) -> int:
         return self._stream.fileno()
 
@@ -170,31 +200,83 @@ class CommunicationPort:
 
     # -- sending ----------------------------------------------------------------
 
-    def request(self, data: Payload = b"", timeout: float | None = None, *, secure: bool = False,
-                grant: MemoryGrant | None = None, fds: Sequence[int] = ()) -> Message:
+    def request(
+        self,
+        data: Payload = b"",
+        timeout: float | None = None,
+        *,
+        secure: bool = False,
+        grant: MemoryGrant | None = None,
+        on_message: Callable[[Message], None] | None = None,
+        fds: Sequence[int] = (),
+    ) -> Message:
         """Send a request and wait for its reply.
 
-        ``data`` longer than the inline threshold goes through a shared section;
-        a ``SectionView`` from ``create_view`` goes with no copy at all. ``secure``
-        sends it write-sealed; ``grant`` lends the server a buffer for this request.
-        ``fds`` are passed along (the peer gets copies; these stay yours).
-        While the peer holds ``max_pending_requests`` of ours, this waits for a
-        reply first (Throttled when ``timeout`` runs out meanwhile).
+        ``data`` is one buffer, a sequence of buffers sent as one message
+        without being joined, or a ``SectionView`` from ``create_view`` (sent
+        with no copy at all). A body longer than the inline threshold goes
+        through a shared section. ``secure`` sends it write-sealed; ``grant``
+        lends the server a buffer for this request. ``fds`` are passed along
+        (the peer gets copies; these stay yours). While the peer holds
+        ``max_pending_requests`` of ours, this waits for a reply first
+        (Throttled when ``timeout`` runs out meanwhile).
+
+        With ``on_message``, the REQUEST and DATAGRAM messages that arrive while
+        this call waits (and that no other thread takes first with receive())
+        are handed to it on this thread, so the peer may call back into us
+        (ALPC's nested callbacks) instead of its request waiting in the inbox
+        behind our own wait. If ``on_message`` raises, the request is abandoned
+        and the exception propagates.
         """
         deadline = deadline_after(self._send_timeout if timeout is None else timeout)
-        size = data.nbytes if type(data) is memoryview else len(data)
+        size = _size(data)
         if fds:
             self._channel.check_handles(fds)
-        if grant is not None or isinstance(data, SectionView) or size > self._inline_threshold:
-            self.stats.sent(size)
-            return self._request_large(data, deadline, secure, grant, fds)
-        try:
-            message_id = self._send_new(lambda: self._channel.request(bytes(data), fds=fds), deadline, fds)
-        except WindowClosed as closed:
-            message_id = self._flow(lambda: self._send_new(lambda: self._channel.request(bytes(data), fds=fds),
-                                                           deadline, fds), deadline, closed)
         self.stats.sent(size)
-        return self._await_reply(message_id, deadline)
+        quick = self._quick
+        if (quick is not None and size <= quick.payload_max and isinstance(data, (bytes, bytearray, memoryview))
+                and grant is None and on_message is None and not secure and not fds):
+            # Quick-LPC: the ring, unless it cannot take this one now.
+            reply = quick.request(self, data if type(data) is bytes else bytes(data), deadline)
+            if reply is not None:
+                return reply
+        if grant is not None or isinstance(data, SectionView) or size > self._inline_threshold:
+            return self._request_large(data, deadline, secure, grant, on_message, fds)
+        try:
+            message_id = self._send_new(lambda: self._channel.request(_owned(data), fds=fds), deadline, fds)
+        except WindowClosed as closed:
+            message_id = self._flow(lambda: self._send_new(lambda: self._channel.request(_owned(data), fds=fds),
+                                                           deadline, fds), deadline, closed)
+        return self._await_reply(message_id, deadline, on_message)
+
+    def call(self, data: bytes, timeout: float | None = None) -> bytes:
+        """``request(data, timeout).data``, without a Message: Quick-LPC's lean call.
+
+        Over Quick-LPC rings this is one C call with the GIL released (the
+        instance then carries ``qlpc.QuickLink.bind_call``'s version); on any
+        other connection it is ``request``.
+        """
+        return self.request(data, timeout).data
+
+    def serve_requests(self, handler: Callable[[bytes], Buffer], timeout: float | None = None) -> Message:
+        """Answer each REQUEST with ``handler(body)`` until another message arrives, and return it.
+
+        The other message is a datagram or a notice (PORT_CLOSED, CLIENT_DIED);
+        ``timeout`` bounds each wait for the next message (Timeout). Over
+        Quick-LPC rings each reply and the wait for the next request are one C
+        call (ALPC's reply-and-receive); otherwise it is receive() and reply().
+        """
+        quick = self._quick
+        while True:
+            if quick is not None and quick.server and quick.active:
+                other = quick.serve(self, handler, timeout)
+                if other is not None:
+                    return other
+            # The slow way, one message at a time (the rings may be taken up meanwhile).
+            message = self.receive(timeout)
+            if message.type is not MessageType.REQUEST:
+                return message
+            self.reply(message, handler(message.data), timeout)
 
     def ping(self, timeout: float | None = None) -> None:
         """Round-trip a PING that the peer's runtime answers without its application."""
@@ -204,20 +286,21 @@ class CommunicationPort:
 
     def send(self, data: Payload = b"", timeout: float | None = None, *, secure: bool = False,
              fds: Sequence[int] = ()) -> None:
-        """Send a datagram (no reply expected), with ``fds`` passed along.
+        """Send a datagram (no reply expected); ``data`` as for ``request``, ``fds`` passed along.
 
         While the peer's application has ``max_queued_datagrams`` of ours still
         to take, this waits (Throttled when ``timeout`` runs out meanwhile).
         """
         deadline = deadline_after(self._send_timeout if timeout is None else timeout)
-        size = data.nbytes if type(data) is memoryview else len(data)
+        size = _size(data)
         if fds:
             self._channel.check_handles(fds)
+
         def send() -> None:
             if isinstance(data, SectionView) or size > self._inline_threshold:
                 self._send_section(MessageType.DATAGRAM, data, deadline, secure, fds=fds)
             else:
-                self._send(lambda: self._channel.datagram(bytes(data), fds=fds), deadline, fds)
+                self._send(lambda: self._channel.datagram(_owned(data), fds=fds), deadline, fds)
 
         try:
             send()
@@ -231,27 +314,37 @@ class CommunicationPort:
 
         On a server, a reply that cannot be written within the port's
         ``send_timeout`` (or ``timeout``) means the client stopped reading: its
-        connection is dropped and PeerGone raised.
+        connection is dropped (a CLIENT_DIED notice follows) and Throttled raised.
         """
         if message.type is not MessageType.REQUEST:
             raise ValueError(f"only a REQUEST can be replied to, not {message.type.name}")
         deadline = deadline_after(self._send_timeout if timeout is None else timeout)
-        size = data.nbytes if type(data) is memoryview else len(data)
+        size = _size(data)
         if fds:
             self._channel.check_handles(fds)
+        quick = self._quick
+        if (quick is not None and quick.ring_requests and size <= quick.payload_max and not secure and not fds
+                and isinstance(data, (bytes, bytearray)) and quick.reply(self, message.id, bytes(data))):
+            # Quick-LPC: a request that came through the ring, answered the same way.
+            self.stats.replied(message.id, size)
+            return
         try:
             if isinstance(data, SectionView) or size > self._inline_threshold:
                 self._send_section(MessageType.REPLY, data, deadline, secure, callback_id=message.id, fds=fds)
             else:
-                self._send(lambda: self._channel.reply(message.id, bytes(data), fds=fds), deadline, fds)
-        except Timeout:
+                self._send(lambda: self._channel.reply(message.id, _owned(data), fds=fds), deadline, fds)
+        except Timeout as exc:
             if not self._is_server:
                 raise
+            # A reply that cannot go out is lost (it cannot be sent again), and the
+            # client would wait for it forever: the client stopped reading, drop it.
             if self._failure is None:
                 self.stats.errors += 1
                 self._fail(PeerGone("the client stopped reading its replies; its connection was dropped"),
                            notice="the client stopped reading its replies")
-            self._raise_if_failed()
+            limit = exc.limit if isinstance(exc, Throttled) else Limit.SEND_TIMEOUT
+            raise Throttled("the reply could not be written in time: the client stopped reading its replies, "
+                            "and its connection was dropped", limit=limit) from None
         self.stats.replied(message.id, size)
 
     # -- flow control ------------------------------------------------------------------
@@ -331,13 +424,16 @@ class CommunicationPort:
                     limit = Limit.MAX_PORT_SECTION_BYTES if port_wide else Limit.MAX_SECTION_BYTES
                     raise Throttled(f"no section space freed up before the timeout ({limit})", limit=limit) from None
 
-    def _request_large(self, data: Payload, deadline: float | None, secure: bool,
-                       grant: MemoryGrant | None, fds: Sequence[int] = ()) -> Message:
+    def _request_large(self, data: Payload, deadline: float | None, secure: bool, grant: MemoryGrant | None,
+                       on_message: Callable[[Message], None] | None, fds: Sequence[int] = ()) -> Message:
+        if grant is not None and on_message is not None:
+            raise ValueError("a request cannot both grant memory and serve callbacks (on_message)")
         pinned = grant.pin() if grant is not None else None
         try:
             def send() -> int:
                 if not isinstance(data, SectionView) and _size(data) <= self._channel.inline_threshold:
-                    return self._send_new(lambda: self._channel.request(bytes(data), pinned, fds=fds), deadline, fds)
+                    return self._send_new(lambda: self._channel.request(_owned(data), pinned, fds=fds), deadline,
+                                          fds)
                 return self._send_section(MessageType.REQUEST, data, deadline, secure, grant=pinned, fds=fds)
 
             try:
@@ -349,7 +445,7 @@ class CommunicationPort:
                 pinned.release()
             raise
         if pinned is None:
-            return self._await_reply(message_id, deadline)
+            return self._await_reply(message_id, deadline, on_message)
         return self._await_granted_reply(message_id, pinned, deadline)
 
     def _send_section(self, kind: MessageType, data: Payload, deadline: float | None, secure: bool, *,
@@ -363,7 +459,7 @@ class CommunicationPort:
             self._channel.check_length(_size(data))
             view, explicit = self._reserve(_size(data), secure, deadline), False
             try:
-                _native.copy_into(view.memory, data)
+                _copy_body(view.memory, data)
             except BaseException:
                 view.release()
                 raise
@@ -437,7 +533,7 @@ class CommunicationPort:
         if self._channel.flow.credit_due:
             self._flush_releases()
 
-    def _write_with_releases(self, frames: list[bytes], deadline: float | None,
+    def _write_with_releases(self, frames: Frames, deadline: float | None,
                              fds: Sequence[int] = ()) -> None:
         """Write ``frames`` preceded by the pending RELEASE and CREDIT frames (caller holds _send_lock)."""
         self._releases_owed = False
@@ -446,7 +542,7 @@ class CommunicationPort:
             releases = self._channel.release_frames(entries)
             credit, credit_frames = self._channel.take_credit()
         try:
-            self._write(releases + credit_frames + frames, deadline, fds)
+            self._write([*releases, *credit_frames, *frames], deadline, fds)
         except Timeout:
             if (entries or credit_frames) and not self._stream.broken:
                 with self._state:
@@ -459,11 +555,11 @@ class CommunicationPort:
             if frames:
                 raise
 
-    def _send_new(self, make: Callable[[], tuple[int, list[bytes]]], deadline: float | None,
+    def _send_new(self, make: Callable[[], tuple[int, Frames]], deadline: float | None,
                   fds: Sequence[int] = ()) -> int:
         message_id = 0
 
-        def frames() -> list[bytes]:
+        def frames() -> Frames:
             nonlocal message_id
             message_id, out = make()
             return out
@@ -480,7 +576,7 @@ class CommunicationPort:
             raise
         return message_id
 
-    def _send(self, make: Callable[[], list[bytes]], deadline: float | None, fds: Sequence[int] = ()) -> None:
+    def _send(self, make: Callable[[], Frames], deadline: float | None, fds: Sequence[int] = ()) -> None:
         with self._send_lock:
             self._raise_if_failed()
             with self._state:
@@ -490,9 +586,12 @@ class CommunicationPort:
             else:
                 self._write(frames, deadline, fds)
 
-    def _write(self, frames: list[bytes], deadline: float | None, fds: Sequence[int] = ()) -> None:
+    def _write(self, frames: Frames, deadline: float | None, fds: Sequence[int] = ()) -> None:
         try:
             self._stream.send(frames, fds, deadline=deadline)
+            if self._quick is not None:
+                # Quick-LPC: ring posts wait until the peer read these bytes.
+                self._quick.sent(frames)
         except Timeout:
             if self._stream.broken:
                 self.stats.errors += 1
@@ -547,9 +646,27 @@ class CommunicationPort:
                 self._channel.consumed(message)
         return message
 
-    def _await_reply(self, message_id: int, deadline: float | None) -> Message:
+    def _await_reply(self, message_id: int, deadline: float | None,
+                     on_message: Callable[[Message], None] | None = None) -> Message:
         try:
-            return self._wait_for(lambda: self._replies.pop(message_id, None), deadline, "the reply")
+            if on_message is None:
+                return self._wait_for(lambda: self._replies.pop(message_id, None), deadline, "the reply")
+            # Incoming messages are taken before the reply: one read may bring
+            # both, and whatever this thread leaves in the inbox would wait for a
+            # poll wake-up that already happened. Notices stay queued for
+            # receive() / ConnectionPort.wait(). (take runs with _cv held.)
+            inbox, replies = self._inbox, self._replies
+
+            def take() -> Message | None:
+                if inbox and inbox[0].type in _INCOMING:
+                    return inbox.popleft()
+                return replies.pop(message_id, None)
+
+            while True:
+                found = self._wait_for(take, deadline, "the reply")
+                if found.type is MessageType.REPLY:
+                    return found
+                on_message(found)
         except BaseException:
             with self._state:
                 self._channel.abandon(message_id)
@@ -722,6 +839,12 @@ class CommunicationPort:
 
     def _read(self, deadline: float | None, block: bool = True) -> bool:
         """Read once and dispatch; False if nothing arrived before the deadline."""
+        quick = self._quick
+        if quick is not None:
+            # Quick-LPC: wait on the ring and the socket together; None means read the socket.
+            done = quick.before_read(self, deadline, block)
+            if done is not None:
+                return done
         if block and not wait_readable(self.wait_fds(), deadline):
             return False
         got = self._stream.recv_fds(self._max_fds_per_read)
@@ -754,7 +877,12 @@ class CommunicationPort:
             self._send(lambda: automatic, deadline_after(1.0))
         if self._peer_sections is not None and (copies or self._peer_sections.pending or self._channel.unsent_releases):
             self._releases_due(urgent)
+        if quick is not None:
+            # Quick-LPC: what waits in the ring was sent before these bytes.
+            messages = quick.drain(self) + messages
         self._dispatch(messages)
+        if quick is not None:
+            quick.consumed(len(data))
         return True
 
     def _dispatch(self, messages: list[Message]) -> None:
@@ -823,6 +951,9 @@ class CommunicationPort:
             self._inbox.clear()
             self._release_wanted = True
             self._cv.notify_all()
+        if self._quick is not None:
+            # Quick-LPC: wake a thread waiting on the rings.
+            self._quick.close()
         # Wake a reader blocked in poll or a writer waiting for buffer space.
         self._stream.shutdown()
         self._maybe_finalize()
@@ -839,6 +970,8 @@ class CommunicationPort:
             self._released = True
             self._reading = True  # nobody reads a released stream again
         self._stream.shutdown()
+        if self._quick is not None:
+            self._quick.close()
         with self._send_lock:
             self._stream.close()
         with self._state:
@@ -861,6 +994,20 @@ class CommunicationPort:
 
 
 _NOTICES = (MessageType.PORT_CLOSED, MessageType.CLIENT_DIED)
+_INCOMING = (MessageType.REQUEST, MessageType.DATAGRAM)
+
+
+def _owned(data: Buffer | Sequence[Buffer]) -> WirePayload:
+    """A single buffer is copied to bytes as before; parts are sent as given.
+
+    Parts are written to the kernel before send/request/reply return, so the
+    caller may reuse its buffers afterwards.
+    """
+    if isinstance(data, bytes):
+        return data
+    if isinstance(data, (bytearray, memoryview)):
+        return bytes(data)
+    return tuple(data)
 
 
 # -- client side ------------------------------------------------------------------
@@ -868,6 +1015,8 @@ _NOTICES = (MessageType.PORT_CLOSED, MessageType.CLIENT_DIED)
 _HANDSHAKE_LIMITS = FrameLimits(
     allowed_types=frozenset({MessageType.CONNECTION_REPLY, MessageType.ERROR, MessageType.SHUTDOWN}),
     max_data=control.MAX_CONTROL_BODY,
+    # A reply offering Quick-LPC rings carries their memfd.
+    max_fds=1,
 )
 
 
@@ -924,6 +1073,7 @@ def _connect_once(
     local_flow = config.flow_limits()
     stream = Stream.connect(config.broker_socket, timeout)
     pidfds: list[int] = []
+    quick_fd: int | None = None
     try:
         # SO_PASSCRED stays on: every read of the channel brings the sender's credentials.
         stream.set_passcred(True)
@@ -938,7 +1088,7 @@ def _connect_once(
         except ConnectionClosed:
             raise refusal_after_hangup(stream) or BrokerUnavailable("the broker went away during the connect") \
                 from None
-        reply, server = _await_connection_reply(stream, name, deadline, pidfds if passpidfd else None)
+        reply, server, quick_fd = _await_connection_reply(stream, name, deadline, pidfds if passpidfd else None)
         if not reply.accepted:
             raise ConnectionRejected(reply.reason)
         if server_uid is not None and server.uid != server_uid:
@@ -949,7 +1099,14 @@ def _connect_once(
             stream.set_passpidfd(False)
     except BaseException:
         stream.close()
-        close_fds(pidfds)
+        close_fds(pidfds + ([quick_fd] if quick_fd is not None else []))
+        raise
+    pidfd = pidfds[0] if pidfds else pidfd_open(server.pid)
+    try:
+        quick = _accept_quick(reply, quick_fd, config, stream, pidfd)
+    except BaseException:
+        stream.close()
+        close_fds([pidfd] if pidfd is not None else [])
         raise
     sections = ConnectionSections.build(
         inline_threshold=reply.inline_threshold,
@@ -963,17 +1120,44 @@ def _connect_once(
                               refuse_identity_change=config.refuse_identity_change)
     channel = Channel(server, send_limit=reply.max_message_length,
                       recv_limit=config.max_message_length, local_pid=os.getpid(), sections=sections, policy=policy)
-    pidfd = pidfds[0] if pidfds else pidfd_open(server.pid)
-    return CommunicationPort(stream, channel, peer_pidfd=pidfd, is_server=False, accept_data=reply.data)
+    return CommunicationPort(stream, channel, peer_pidfd=pidfd, is_server=False, accept_data=reply.data,
+                             quick=quick)
+
+
+def _accept_quick(reply: control.ConnectionReply, fd: int | None, config: Config, stream: Stream,
+                  pidfd: int | None) -> qlpc.QuickLink | None:
+    """Quick-LPC: map the rings the server offered, or decline them (the connection stays on the socket)."""
+    if (fd is None) != (reply.quick_slots == 0):
+        close_fds([fd] if fd is not None else [])
+        raise ProtocolError("the connection reply's Quick-LPC offer and its fd do not match")
+    if fd is None:
+        return None
+    if not config.quick_lpc or config.refuse_identity_change or not qlpc.available():
+        # (Ring messages carry no SCM_CREDENTIALS: a side that refuses identity changes keeps to the socket.)
+        close_fds([fd])
+        return None
+    return qlpc.QuickLink.accept(fd, reply.quick_slots, reply.quick_slot_size, config.quick_spin_us,
+                                 stream.fileno(), pidfd)
 
 
 def _await_connection_reply(
     stream: Stream, name: str, deadline: float | None, pidfds: list[int] | None = None,
-) -> tuple[control.ConnectionReply, PeerCred]:
+) -> tuple[control.ConnectionReply, PeerCred, int | None]:
     frame, cred = read_frame(stream, FrameDecoder(_HANDSHAKE_LIMITS), deadline, f"port {name!r} to answer",
-                             pidfds=pidfds)
+                             max_fds=1, pidfds=pidfds)
     if frame is None:
         raise PeerGone(f"the server of {name!r} went away before answering the connect")
+    try:
+        reply, server = _connection_reply(frame, cred)
+    except BaseException:
+        close_fds(frame.fds)
+        raise
+    return reply, server, frame.fds[0] if frame.fds else None
+
+
+def _connection_reply(frame: Frame, cred: PeerCred | None) -> tuple[control.ConnectionReply, PeerCred]:
+    if frame.type is not MessageType.CONNECTION_REPLY and frame.fds:
+        raise ProtocolError(f"a {frame.type.name} frame carried an fd")
     if frame.type is MessageType.ERROR:
         raise control.decode_body(frame.type, frame.data, control.ErrorReply).exception()
     if frame.type is MessageType.SHUTDOWN:
@@ -983,6 +1167,8 @@ def _await_connection_reply(
     reply = control.decode_body(frame.type, frame.data, control.ConnectionReply)
     if reply.accepted and (reply.inline_threshold < 0 or reply.max_section_bytes < 0 or reply.max_message_length < 0):
         raise ProtocolError("the connection reply announced negative limits")
+    if not reply.accepted and frame.fds:
+        raise ProtocolError("a rejection carried an fd")
     return reply, cred
 
 
@@ -1031,18 +1217,26 @@ class ConnectionRequest:
         pidfd, self._pidfd = self._pidfd, None
         attributes = self._port.attributes
         local_flow = attributes.flow_limits()
+        quick, ring_fds = _offer_quick(attributes, stream, pidfd)
         reply = control.ConnectionReply(accepted=True, data=data, reason="",
                                         max_message_length=attributes.max_message_length,
                                         inline_threshold=attributes.inline_threshold,
                                         max_section_bytes=attributes.max_section_bytes,
                                         secure_views=attributes.secure_views,
-                                        flow=control.FlowSpec.of(local_flow, kinds_mask(attributes.handle_kinds)))
+                                        flow=control.FlowSpec.of(local_flow, kinds_mask(attributes.handle_kinds)),
+                                        quick_slots=attributes.quick_slots if quick else 0,
+                                        quick_slot_size=attributes.quick_slot_size if quick else 0)
         try:
-            stream.send(control_frame(reply), deadline=deadline_after(timeout))
+            stream.send(control_frame(reply, n_fds=len(ring_fds)), ring_fds, deadline=deadline_after(timeout))
         except (ConnectionClosed, Timeout):
+            if quick is not None:
+                quick.close()
             stream.close()
             close_fds([pidfd] if pidfd is not None else [])
             raise PeerGone(f"client pid {self.client.pid} went away before the accept") from None
+        finally:
+            # The client holds its own copy now (the rings stay mapped on our side).
+            close_fds(ring_fds)
         sections = ConnectionSections.build(
             inline_threshold=attributes.inline_threshold,
             send_quota=min(attributes.max_section_bytes, max(self._client_max_sections, 0)),
@@ -1057,7 +1251,7 @@ class ConnectionRequest:
         channel = Channel(self.client, send_limit=self._client_max_message,
                           recv_limit=attributes.max_message_length, local_pid=os.getpid(), sections=sections,
                           policy=policy)
-        return self._port._adopt(stream, channel, pidfd)
+        return self._port._adopt(stream, channel, pidfd, quick)
 
     def reject(self, reason: str = "rejected") -> None:
         """Refuse: the client's connect() raises ConnectionRejected carrying ``reason``."""
@@ -1081,6 +1275,20 @@ class ConnectionRequest:
         """Drop an unanswered request (the client sees the server go away)."""
         if self._stream is not None:
             self.reject("the server closed the port")
+
+
+def _offer_quick(attributes: PortAttributes, stream: Stream,
+                 pidfd: int | None) -> tuple[qlpc.QuickLink | None, list[int]]:
+    """Quick-LPC: the rings to offer with an accept (and the fd to pass), if the port offers them."""
+    if not attributes.quick_lpc or not qlpc.available():
+        return None, []
+    try:
+        quick, fd = qlpc.offer(attributes.quick_slots, attributes.quick_slot_size, attributes.quick_spin_us,
+                               stream.fileno(), pidfd)
+    except (QuotaExceeded, OSError) as exc:
+        log.warning("cannot offer Quick-LPC rings, the connection uses its socket: %s", exc)
+        return None, []
+    return quick, [fd]
 
 
 def create_port(
@@ -1141,6 +1349,8 @@ class ConnectionPort:
         self._closed = False
         self._turn = 0
         self._section_budget = Budget(attributes.max_port_section_bytes)
+        # Quick-LPC: the watcher thread lives as long as a port offering the rings.
+        self._quick_held = attributes.quick_lpc and qlpc.hold_watcher()
 
     def __repr__(self) -> str:
         return f"<ConnectionPort {self.name!r} with {len(self._connections)} clients>"
@@ -1260,9 +1470,10 @@ class ConnectionPort:
 
     # -- communication ports ----------------------------------------------------
 
-    def _adopt(self, stream: Stream, channel: Channel, pidfd: int | None) -> CommunicationPort:
+    def _adopt(self, stream: Stream, channel: Channel, pidfd: int | None,
+               quick: qlpc.QuickLink | None = None) -> CommunicationPort:
         comm = CommunicationPort(stream, channel, peer_pidfd=pidfd, is_server=True, on_gone=self._forget,
-                                 send_timeout=self.attributes.send_timeout)
+                                 send_timeout=self.attributes.send_timeout, quick=quick)
         with self._lock:
             self._connections.append(comm)
             self._stats.connects_accepted += 1
@@ -1293,15 +1504,18 @@ class ConnectionPort:
             with self._lock:
                 ready = self._next_event()
                 owners = self._wait_owners() if ready is None else {}
+                hot = self._quick_armed() if ready is None else []
             if isinstance(ready, Message):
                 ready.port._maybe_finalize()
                 if ready.type is MessageType.DATAGRAM:
                     ready.port._credit_check()
             if ready is not None:
                 return ready
-            fired = wait_readable(list(owners), deadline)
-            if not fired:
+            fired = wait_readable(list(owners), 0.0 if hot else deadline)
+            if not fired and not hot:
                 raise Timeout("nothing arrived on the port in time")
+            for comm in hot:
+                comm.pump()
             for fd in fired:
                 owner = owners[fd]
                 if isinstance(owner, CommunicationPort):
@@ -1316,6 +1530,10 @@ class ConnectionPort:
             for fd in comm.wait_fds():
                 owners[fd] = comm
         return owners
+
+    def _quick_armed(self) -> list[CommunicationPort]:
+        """Quick-LPC: ring each client's doorbell from now on; those whose ring already holds requests."""
+        return [comm for comm in self._connections if comm._quick is not None and comm._quick.arm()]
 
     def _next_event(self) -> ConnectionRequest | Message | None:
         self._check_open()
@@ -1351,6 +1569,9 @@ class ConnectionPort:
             request.close()
         for comm in connections:
             comm.close()
+        if self._quick_held:
+            self._quick_held = False
+            qlpc.release_watcher()
 
     def __enter__(self) -> ConnectionPort:
         return self

@@ -7,7 +7,7 @@ and send the frames this returns; the rules live here once.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -44,18 +44,24 @@ __all__ = [
     "INLINE_FLOOR",
     "MAX_ABANDONED",
     "MAX_UNREPLIED",
+    "QUICK_ID_BIT",
     "SECTION_TYPES",
+    "Buffer",
     "Channel",
     "ConnectionPolicy",
+    "Frames",
     "Message",
+    "Payload",
     "Replier",
     "channel_limits",
     "materialize",
+    "payload_parts",
 ]
 
 CHANNEL_TYPES = frozenset({
     MessageType.REQUEST, MessageType.REPLY, MessageType.DATAGRAM,
     MessageType.PORT_CLOSED, MessageType.PING, MessageType.PONG, MessageType.CREDIT,
+    MessageType.QUICK_DOORBELL,
 })
 # Runtime traffic of a connection with sections: releases, retirements, grants.
 SECTION_TYPES = frozenset({
@@ -69,7 +75,10 @@ INLINE_FLOOR = 64 * 1024
 MAX_ABANDONED = 65536
 # A peer with more requests than this awaiting our reply is flooding us.
 MAX_UNREPLIED = 65536
-_ID_MASK = 0xFFFFFFFF
+# Ids of requests sent through Quick-LPC rings have this bit set (the C side
+# picks them); ours never do, so the two kinds cannot collide.
+QUICK_ID_BIT = 0x40000000
+_ID_MASK = QUICK_ID_BIT - 1
 
 
 def channel_limits(max_data: int, sections: bool = False, max_handles: int = 0) -> FrameLimits:
@@ -247,7 +256,33 @@ def materialize(messages: list[Message]) -> None:
                 view.release(notify=False)
 
 
-Frames = list[bytes]
+Buffer = bytes | bytearray | memoryview
+# One buffer, or several parts sent back to back as one message without being
+# joined first, so a large part reaches the socket without an extra copy.
+Payload = bytes | Sequence[Buffer]
+Frames = list[Buffer]
+
+
+def payload_parts(data: Payload) -> tuple[Frames, int]:
+    """The non-empty parts of ``data`` as flat byte buffers, and their total length."""
+    if isinstance(data, bytes):
+        return ([data] if data else []), len(data)
+    parts: Frames = []
+    total = 0
+    for part in data:
+        if isinstance(part, bytes):
+            view: Buffer = part
+            size = len(part)
+        else:
+            flat = memoryview(part)
+            if not flat.c_contiguous:
+                raise ValueError("message parts must be contiguous buffers")
+            view = flat.cast("B") if flat.ndim != 1 or flat.format != "B" else flat
+            size = flat.nbytes
+        if size:
+            parts.append(view)
+            total += size
+    return parts, total
 
 
 class Channel:
@@ -285,6 +320,9 @@ class Channel:
         self._abandoned: dict[int, None] = {}
         self._unreplied: set[int] = set()
         self._automatic: Frames = []
+        # Client with Quick-LPC rings: is a socket reply to ring request id
+        # awaited (True), late (False, dropped)? ProtocolError if neither.
+        self.quick_claims: Callable[[int], bool] | None = None
         # Client side: grants of requests in flight. Server side: grants of
         # requests not yet replied to, and the fallback reads awaiting data.
         self._grants: dict[int, LocalGrant] = {}
@@ -308,26 +346,22 @@ class Channel:
 
     # -- sending -----------------------------------------------------------
 
-    def _frame(self, message_type: MessageType, data: bytes, *, message_id: int = 0,
+    def _frame(self, message_type: MessageType, data: Payload, *, message_id: int = 0,
                callback_id: int = 0, attrs: bytes = b"", n_fds: int = 0) -> Frames:
         if self.closed:
             raise ConnectionClosed(self.close_reason or "the channel is closed")
-        if attrs or n_fds:
-            header = encode_header(
-                message_type, len(data), message_id=message_id, callback_id=callback_id,
-                sender_pid=self._local_pid, sender_tid=threading.get_native_id(),
-                attr_length=len(attrs), n_fds=n_fds,
-            )
-            return [header, attrs, data] if data else [header, attrs] if attrs else [header]
+        parts, length = payload_parts(data)
         header = encode_header(
-            message_type, len(data), message_id=message_id, callback_id=callback_id,
+            message_type, length, message_id=message_id, callback_id=callback_id,
             sender_pid=self._local_pid, sender_tid=threading.get_native_id(),
+            attr_length=len(attrs), n_fds=n_fds,
         )
-        return [header, data] if data else [header]
+        return [header, attrs, *parts] if attrs else [header, *parts]
 
-    def _check_size(self, data: bytes) -> None:
-        if len(data) > self.send_limit:
-            self.check_length(len(data))
+    def _check_size(self, data: Payload) -> None:
+        length = len(data) if isinstance(data, bytes) else payload_parts(data)[1]
+        if length > self.send_limit:
+            self.check_length(length)
 
     def check_length(self, length: int) -> None:
         if length > self.send_limit:
@@ -347,7 +381,7 @@ class Channel:
         policy = self.policy
         check_outgoing(fds, policy.peer_kinds, policy.peer.max_handles_per_message, self._classify)
 
-    def request(self, data: bytes, grant: LocalGrant | None = None, fds: Sequence[int] = ()) -> tuple[int, Frames]:
+    def request(self, data: Payload, grant: LocalGrant | None = None, fds: Sequence[int] = ()) -> tuple[int, Frames]:
         """Frames for a request; its reply is matched by the returned id.
 
         Raises WindowClosed while the peer holds ``max_pending_requests`` of ours
@@ -374,14 +408,14 @@ class Channel:
         self._pending.add(message_id)
         return message_id, frames
 
-    def datagram(self, data: bytes, fds: Sequence[int] = ()) -> Frames:
+    def datagram(self, data: Payload, fds: Sequence[int] = ()) -> Frames:
         """Frames for a datagram; raises WindowClosed while the peer's queue is full."""
         self._check_size(data)
         frames = self._frame(MessageType.DATAGRAM, data, message_id=self._allocate_id(), n_fds=len(fds))
         self.flow.take_datagram(len(fds))
         return frames
 
-    def reply(self, request_id: int, data: bytes, fds: Sequence[int] = ()) -> Frames:
+    def reply(self, request_id: int, data: Payload, fds: Sequence[int] = ()) -> Frames:
         """Frames for a reply; never held back by flow control (room for replies is reserved)."""
         if request_id not in self._unreplied:
             raise ValueError(f"message {request_id} is not a request awaiting a reply on this port")
@@ -389,7 +423,8 @@ class Channel:
         frames = self._frame(MessageType.REPLY, data, message_id=self._allocate_id(), callback_id=request_id,
                              n_fds=len(fds))
         self._unreplied.discard(request_id)
-        self.flow.replied(request_id)
+        if not request_id & QUICK_ID_BIT:  # ring requests are bounded by their ring, not the flow window
+            self.flow.replied(request_id)
         if self._peer_grants:
             self._peer_grants.pop(request_id, None)
             self._grant_reads.pop(request_id, None)
@@ -401,7 +436,8 @@ class Channel:
 
     def _replied(self, request_id: int) -> None:
         self._unreplied.discard(request_id)
-        self.flow.replied(request_id)
+        if not request_id & QUICK_ID_BIT:
+            self.flow.replied(request_id)
         if self._peer_grants:
             self._peer_grants.pop(request_id, None)
             self._grant_reads.pop(request_id, None)
@@ -564,6 +600,29 @@ class Channel:
         if grant is not None:
             grant.release()
 
+    # -- Quick-LPC (alpc.qlpc): small requests and their replies through shared rings --
+    # A client's ring requests (ids with QUICK_ID_BIT) are tracked by the C
+    # side; a reply to one that comes over the socket is claimed through
+    # ``quick_claims``. A server owes replies to ring requests it handed out
+    # as Messages here, exactly as to socket ones.
+
+    def quick_request_received(self, message_id: int) -> None:
+        """Server: a request came through the ring (ProtocolError if its id is in use)."""
+        self._request_received(message_id)
+
+    def quick_replying(self, request_id: int) -> None:
+        """Server: a reply is about to go through the ring (ValueError if none is owed)."""
+        self._check_reply(request_id)
+        self._replied(request_id)
+
+    def quick_reply_failed(self, request_id: int) -> None:
+        """Server: the ring refused that reply after all; it is owed again."""
+        self._unreplied.add(request_id)
+
+    def doorbell(self) -> Frames:
+        """Tell a peer waiting in poll() to look at its ring."""
+        return self._frame(MessageType.QUICK_DOORBELL, b"")
+
     def close_notice(self) -> Frames:
         """The PORT_CLOSED frame to send before closing; marks the channel closed."""
         frames = [] if self.closed or self.peer_closed else self._frame(MessageType.PORT_CLOSED, b"")
@@ -658,12 +717,10 @@ class Channel:
                 raise ProtocolError(f"{kind.name} frame carries {handles} fds; this side takes at most "
                                     f"{self._max_handles} per message")
             if kind is MessageType.REQUEST:
-                if frame.message_id in self._unreplied:
-                    raise ProtocolError(f"request id {frame.message_id} reused while awaiting its reply")
-                if len(self._unreplied) >= MAX_UNREPLIED:
-                    raise ProtocolError("too many requests awaiting a reply")
+                if frame.message_id & QUICK_ID_BIT:
+                    raise ProtocolError(f"request id {frame.message_id} on the socket is a Quick-LPC ring id")
+                self._request_received(frame.message_id)
                 self.flow.received_request(frame.message_id, handles)
-                self._unreplied.add(frame.message_id)
             elif kind is MessageType.REPLY or kind is MessageType.PONG:
                 if frame.callback_id in self._pending:
                     self._pending.discard(frame.callback_id)
@@ -676,6 +733,11 @@ class Channel:
                     self._drop_body(attrs)
                     close_quietly(handle_fds)  # a late reply nobody waits for
                     return None
+                elif kind is MessageType.REPLY and frame.callback_id & QUICK_ID_BIT and self.quick_claims is not None:
+                    if not self.quick_claims(frame.callback_id):
+                        self._drop_body(attrs)
+                        close_quietly(handle_fds)
+                        return None
                 else:
                     raise ProtocolError(f"reply to message id {frame.callback_id}, which was never sent")
             elif kind is MessageType.DATAGRAM:
@@ -685,6 +747,10 @@ class Channel:
                 return None
             elif kind is MessageType.PING:
                 self._automatic += self._frame(MessageType.PONG, b"", callback_id=frame.message_id)
+                return None
+            elif kind is MessageType.QUICK_DOORBELL:
+                if frame.data or attrs is not None:
+                    raise ProtocolError("a QUICK_DOORBELL frame carries nothing")
                 return None
             elif kind is MessageType.PORT_CLOSED:
                 self.peer_closed = True
@@ -704,10 +770,18 @@ class Channel:
             self._give_handles(message, handle_fds)
         return message
 
+    def _request_received(self, message_id: int) -> None:
+        if message_id in self._unreplied:
+            raise ProtocolError(f"request id {message_id} reused while awaiting its reply")
+        if len(self._unreplied) >= MAX_UNREPLIED:
+            raise ProtocolError("too many requests awaiting a reply")
+        self._unreplied.add(message_id)
+
     def _give_handles(self, message: Message, fds: Sequence[int]) -> None:
         """Keep the fds of the kinds this side accepts; close the others now."""
         kept, refused = sort_received(fds, self.policy.accept_kinds, self._classify)
         message._handles = ReceivedHandles(kept, refused, len(fds))
+
 
     def _attributes(self, frame: Frame) -> Attributes:
         """Validate a frame's attributes and map the section it introduces, if any."""

@@ -51,6 +51,7 @@ __all__ = [
     "SectionPool",
     "SectionView",
     "View",
+    "check_peer_fd",
     "shm_prefix",
     "sweep_stale_names",
 ]
@@ -245,6 +246,31 @@ class View:
 _RELEASE_LOCK = threading.Lock()
 
 
+def check_peer_fd(fd: int, size: int, *, allow_unsealed: bool = False, writable: bool = False) -> int:
+    """Check a peer's shared-memory fd before mapping it; returns its seals.
+
+    Refuses (ProtocolError) anything that is not a shared-memory file of
+    exactly ``size`` bytes sealed against shrinking and growing (unless
+    ``allow_unsealed``), so no truncation can SIGBUS us; with ``writable``, also
+    one whose seals forbid the writable mapping we are about to make.
+    """
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        raise ProtocolError("a section fd is not a shared-memory file")
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        seals = 0
+    if seals & _SIZE_SEALS != _SIZE_SEALS and not allow_unsealed:
+        raise ProtocolError("a section is not sealed against shrinking and growing "
+                            "(a peer could truncate it under us)")
+    if writable and seals & (fcntl.F_SEAL_WRITE | F_SEAL_FUTURE_WRITE):
+        raise ProtocolError("a shared writable section is sealed against writing")
+    if info.st_size != size:
+        raise ProtocolError(f"a section is {info.st_size} bytes, announced as {size}")
+    return seals
+
+
 class Section:
     """A shared-memory object and this process's mapping of it.
 
@@ -264,12 +290,15 @@ class Section:
     # -- creating, adopting, opening --------------------------------------------------
 
     @classmethod
-    def create(cls, size: int, *, backend: str | None = None, named: bool = False, secure: bool = False) -> Section:
+    def create(cls, size: int, *, backend: str | None = None, named: bool = False, secure: bool = False,
+               shared_writable: bool = False) -> Section:
         """A new section of ``size`` bytes, mapped read-write.
 
         ``named`` (posix only) keeps its name so another process can ``open`` it;
         the creator must ``unlink`` it once every party holds it. ``secure``
-        (memfd only) prepares it to be write-sealed by ``seal``.
+        (memfd only) prepares it to be write-sealed by ``seal``. ``shared_writable``
+        (memfd only) leaves out F_SEAL_FUTURE_WRITE, so the peer may map it
+        writable too (Quick-LPC's rings, where each side writes its own half).
         """
         backend = backend or default_section_backend()
         if size <= 0:
@@ -277,7 +306,9 @@ class Section:
         if backend == "memfd":
             if named:
                 raise SectionError("a memfd section has no name; named sections use backend='posix'")
-            return cls._create_memfd(size, secure)
+            return cls._create_memfd(size, secure, shared_writable)
+        if shared_writable:
+            raise SectionError("a shared writable section needs the sealed memfd backend")
         if backend == "posix":
             if secure:
                 raise SectionError("secure sections need the sealed memfd backend")
@@ -285,13 +316,13 @@ class Section:
         raise SectionError(f"unknown section backend {backend!r}")
 
     @classmethod
-    def _create_memfd(cls, size: int, secure: bool) -> Section:
+    def _create_memfd(cls, size: int, secure: bool, shared_writable: bool = False) -> Section:
         fd = os.memfd_create("alpc-section", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, size)
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SIZE_SEALS)
             mm = mmap.mmap(fd, size)
-            if not secure:
+            if not secure and not shared_writable:
                 # Our mapping stays writable; the peer's copy of the fd cannot
                 # write or map writable, so only the owner writes its sections.
                 try:
@@ -361,20 +392,9 @@ class Section:
         change a secure view after we looked.
         """
         try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise ProtocolError("a section fd is not a shared-memory file")
-            try:
-                seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-            except OSError:
-                seals = 0
-            if seals & _SIZE_SEALS != _SIZE_SEALS and not allow_unsealed:
-                raise ProtocolError("a section is not sealed against shrinking and growing "
-                                    "(a peer could truncate it under us)")
+            seals = check_peer_fd(fd, size, allow_unsealed=allow_unsealed)
             if secure and not seals & fcntl.F_SEAL_WRITE:
                 raise ProtocolError("a secure section is not write-sealed")
-            if info.st_size != size:
-                raise ProtocolError(f"a section is {info.st_size} bytes, announced as {size}")
             mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
         finally:
             os.close(fd)

@@ -89,8 +89,10 @@ class MessageType(IntEnum):
     GRANT_READ = 25
     GRANT_DATA = 26
     GRANT_WRITE = 27
+    # Quick-LPC (alpc.qlpc): "look at your ring", for a receiver waiting in poll().
+    QUICK_DOORBELL = 28
     # Flow control: the receiver's application took datagrams (and their fds).
-    CREDIT = 28
+    CREDIT = 29
     # Broker control traffic; never seen on an established channel.
     CREATE_PORT = 32
     PORT_CREATED = 33

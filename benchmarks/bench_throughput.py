@@ -1,21 +1,26 @@
 """Question: how fast do messages of each size move, from 64 B to 256 MiB?
 
-The client sends one message of SIZE bytes; the server receives all of it and
-answers with its length (8 bytes). Time per transfer gives both the latency
-curve and the throughput curve. Run alone: ``python -m benchmarks.bench_throughput``.
+The client sends one message of SIZE bytes; the server receives all of it,
+checks it (``runner.payload_checker``) and answers with its length (8 bytes).
+Time per transfer gives both the latency curve and the throughput curve. Run
+alone: ``python -m benchmarks.bench_throughput``.
 """
 
 from __future__ import annotations
 
 from .bench_roundtrip import drive_request_reply
 from .core import KIB, MIB, Case, Job, Point, Timing
+from .runner import payload_checker
 from .transports.base import Buffer, Handler
 
-__all__ = ["CASE"]
+__all__ = ["CASE", "acknowledge_length"]
 
 
 def acknowledge_length(job: Job) -> Handler:
+    check = payload_checker(job.size)
+
     def handle(data: Buffer) -> Buffer:
+        check(data)
         return len(data).to_bytes(8, "little")
 
     return handle
@@ -26,7 +31,7 @@ _QUICK_SIZES = (64, 1 * MIB)
 
 CASE: Case = Case(
     name="throughput",
-    title="Throughput by message size (SIZE request, 8 B acknowledgement)",
+    title="Request/reply throughput by message size (SIZE request, 8 B acknowledgement)",
     unit="MiB/s",
     lower_is_better=False,
     full_points=tuple(Point(size) for size in _FULL_SIZES),

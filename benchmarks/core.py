@@ -116,6 +116,9 @@ class Case:
     reply_size: int | None = None
     # Messages per sample in the one-way pattern.
     batch: int = 1
+    # For one-way transfers of large messages: at most this many bytes per batch
+    # (the batch shrinks with the size, never below 2 messages); see batch_for.
+    batch_bytes: int | None = None
     # Caps bytes moved per repetition, so 256 MiB cases stay within budget.
     byte_budget: int | None = None
     pinnings: tuple[Pinning, ...] = CPU_PINNINGS
@@ -126,9 +129,17 @@ class Case:
     def points(self, quick: bool) -> tuple[Point, ...]:
         return self.quick_points if quick else self.full_points
 
+    def batch_for(self, point: Point) -> int:
+        """Messages per one-way batch at ``point``: ``batch``, fewer for large messages."""
+        if self.batch_bytes is None:
+            return self.batch
+        return max(2, min(self.batch, self.batch_bytes // max(point.size, 1)))
+
     def timing(self, quick: bool, point: Point) -> Timing:
         base = self.quick_timing if quick else self.full_timing
-        return base.scaled_for(point.size, self.byte_budget)
+        # A sample of a one-way transfer moves a whole batch.
+        per_sample = point.size * (self.batch_for(point) if self.batch_bytes is not None else 1)
+        return base.scaled_for(per_sample, self.byte_budget)
 
     def convert(self, raw: float, point: Point) -> float:
         """A raw sample (ns per operation, or bytes) in the unit the table shows."""

@@ -155,7 +155,10 @@ def plan(options: Options) -> list[Cell]:
 
 def _job_timeout(job: Job) -> float:
     timing = job.timing
-    transfers = timing.warmup + timing.min_iterations + 1
+    case = CASES[job.case]
+    # A one-way sample moves a whole batch.
+    per_sample = case.batch_for(Point(job.size, job.connections)) if case.batch_bytes is not None else 1
+    transfers = (timing.warmup + timing.min_iterations + 1) * per_sample
     return JOB_SLACK + 2 * (timing.time_cap + timing.warmup_cap) + transfers * job.size / SLOWEST_BYTES_PER_SECOND
 
 

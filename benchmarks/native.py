@@ -56,7 +56,7 @@ def native_argv(job: Job, case: Case, mechanism: str) -> list[str]:
     reply = point.size if case.reply_size is None else case.reply_size
     timing = job.timing
     argv = [
-        job.native_binary, mechanism, pattern, str(point.size), str(max(1, reply)), str(case.batch),
+        job.native_binary, mechanism, pattern, str(point.size), str(max(1, reply)), str(case.batch_for(point)),
         str(job.client_cpu), str(job.server_cpu), str(timing.warmup), str(int(timing.warmup_cap * 1000)),
         str(timing.min_iterations), str(timing.max_iterations), str(int(timing.time_cap * 1000)),
     ]

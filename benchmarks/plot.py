@@ -16,6 +16,7 @@ __all__ = ["plot_results"]
 
 _CASE = "throughput"
 _PINNINGS = ("same", "split")
+_ALPC_LINES = (("-", "o"), ("--", "s"), (":", "^"))
 
 
 def _series(records: Sequence[dict[str, Any]], pinning: str) -> dict[str, list[dict[str, Any]]]:
@@ -36,9 +37,14 @@ def _styles(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     kinds = {r["implementation"]: r["kind"] for r in records if r["case"] == _CASE}
     styles: dict[str, dict[str, Any]] = {}
     others = 0
+    variants = 0
     for name in sorted(kinds):
         if kinds[name] == "alpc":
-            styles[name] = {"color": "black", "linewidth": 2.8, "marker": "o", "zorder": 5}
+            # alpc and its variants (alpc-view, alpc-rpc): bold black, told apart by line and marker.
+            line, marker = _ALPC_LINES[variants % len(_ALPC_LINES)]
+            styles[name] = {"color": "black", "linewidth": 2.8 if variants == 0 else 2.0, "linestyle": line,
+                            "marker": marker, "zorder": 5}
+            variants += 1
             continue
         style: dict[str, Any] = {"color": palette(others % palette.N), "linewidth": 1.2, "marker": "."}
         if kinds[name] == "ceiling":

@@ -13,14 +13,29 @@ must be importable; a missing one is reported as skipped, never dropped.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from . import bench_connect, bench_memory, bench_rate, bench_roundtrip, bench_scaling, bench_throughput
+from alpc import qlpc
+
+from . import (
+    bench_connect,
+    bench_memory,
+    bench_oneway,
+    bench_rate,
+    bench_roundtrip,
+    bench_scaling,
+    bench_throughput,
+)
 from .core import Case
 from .transports.alpc_impl import AlpcTransport
+from .transports.alpc_quick import AlpcQuickMessageTransport, AlpcQuickTransport
+from .transports.alpc_rpc import AlpcRpcTransport
+from .transports.alpc_view import AlpcViewTransport
 from .transports.base import Transport
 from .transports.grpc_impl import GrpcTransport
+from .transports.managers import ManagersTransport
 from .transports.mpconn import ListenerTransport, PipeTransport
 from .transports.shm import MpSharedMemoryTransport, PosixIpcTransport
 from .transports.sockets import SocketPairTransport, UnixSocketTransport
@@ -33,6 +48,7 @@ Kind = Literal["alpc", "peer", "ceiling"]
 CASES: dict[str, Case] = {case.name: case for case in (
     bench_roundtrip.CASE,
     bench_throughput.CASE,
+    bench_oneway.CASE,
     bench_connect.CASE,
     bench_rate.CASE,
     bench_scaling.CASE,
@@ -41,7 +57,9 @@ CASES: dict[str, Case] = {case.name: case for case in (
 
 _MESSAGES = frozenset({"roundtrip", "throughput", "rate"})
 _CONNECTED = frozenset({"connect", "memory"})
-_ALL = frozenset(CASES)
+# Issue 4's one-way transfers: alpc's two paths beside the peers it names.
+_STREAM = frozenset({"oneway"})
+_ALL = frozenset(CASES) - _STREAM
 
 
 @dataclass(frozen=True)
@@ -54,23 +72,33 @@ class Impl:
     # For the C ceiling: the mechanism argument of benchmarks/ceiling.c.
     native: str | None = None
     install_hint: str = ""
+    # Why it cannot run in this process's configuration (None: it can).
+    unavailable: Callable[[], str | None] | None = None
 
 
 IMPLEMENTATIONS: dict[str, Impl] = {impl.name: impl for impl in (
-    Impl("alpc", "alpc", AlpcTransport, _ALL),
-    Impl("socketpair", "peer", SocketPairTransport, _MESSAGES | {"scaling"}),
+    Impl("alpc", "alpc", AlpcTransport, _ALL | _STREAM),
+    Impl("alpc-quick", "alpc", AlpcQuickTransport, frozenset({"roundtrip", "connect", "scaling", "memory"}),
+         unavailable=qlpc.unavailable_reason),
+    Impl("alpc-quick-msg", "alpc", AlpcQuickMessageTransport, frozenset({"roundtrip"}),
+         unavailable=qlpc.unavailable_reason),
+    Impl("alpc-view", "alpc", AlpcViewTransport, frozenset({"throughput"}) | _STREAM),
+    Impl("alpc-rpc", "alpc", AlpcRpcTransport, frozenset({"roundtrip", "rate", "scaling"})),
+    Impl("socketpair", "peer", SocketPairTransport, _MESSAGES | {"scaling"} | _STREAM),
     Impl("unix-socket", "peer", UnixSocketTransport, _CONNECTED),
-    Impl("mp.Pipe", "peer", PipeTransport, _MESSAGES | {"scaling"}),
+    Impl("mp.Pipe", "peer", PipeTransport, _MESSAGES | {"scaling"} | _STREAM),
     Impl("mp.connection", "peer", ListenerTransport, _ALL),
-    Impl("mp.shared_memory", "peer", MpSharedMemoryTransport, _MESSAGES),
+    Impl("mp.shared_memory", "peer", MpSharedMemoryTransport, _MESSAGES | _STREAM),
+    Impl("mp.managers", "peer", ManagersTransport, frozenset({"roundtrip", "scaling"})),
     Impl("posix_ipc", "peer", PosixIpcTransport, _MESSAGES, requires=("posix_ipc",)),
     Impl("zmq", "peer", ZmqTransport, _ALL, requires=("zmq",),
          install_hint="pip install -e '.[bench]' (pyzmq)"),
     Impl("grpc", "peer", GrpcTransport, _ALL, requires=("grpc",),
          install_hint="pip install -e '.[bench]' (grpcio)"),
     Impl("c-uds", "ceiling", None, frozenset({"roundtrip", "throughput", "rate", "connect"}), native="uds"),
-    Impl("c-futex", "ceiling", None, frozenset({"roundtrip", "throughput"}), native="futex"),
-    Impl("c-memcpy", "ceiling", None, frozenset({"throughput"}), native="memcpy"),
+    Impl("c-futex", "ceiling", None, frozenset({"roundtrip", "throughput"}) | _STREAM, native="futex"),
+    Impl("c-inplace", "ceiling", None, frozenset({"throughput"}) | _STREAM, native="inplace"),
+    Impl("c-memcpy", "ceiling", None, frozenset({"throughput"}) | _STREAM, native="memcpy"),
 )}
 
 
@@ -79,7 +107,11 @@ def implementations_for(case: str) -> list[Impl]:
 
 
 def missing_requirement(impl: Impl) -> str | None:
-    """Why ``impl`` cannot run here (a module is not installed), or None."""
+    """Why ``impl`` cannot run here (a module is not installed, ALPC_PUREPYTHON=1), or None."""
+    if impl.unavailable is not None:
+        reason = impl.unavailable()
+        if reason is not None:
+            return reason
     for module in impl.requires:
         if importlib.util.find_spec(module) is None:
             hint = f"; install with {impl.install_hint}" if impl.install_hint else ""

@@ -16,6 +16,7 @@ from typing import Any
 
 from .core import format_size
 from .machine import REPO_ROOT
+from .targets import target_rows
 
 __all__ = [
     "README_BEGIN",
@@ -27,6 +28,7 @@ __all__ = [
     "main",
     "render_markdown",
     "summary_table",
+    "targets_table",
     "update_readme",
     "write_results",
 ]
@@ -134,6 +136,14 @@ def summary_table(records: Sequence[dict[str, Any]]) -> str:
     return _table(header, rows)
 
 
+def targets_table(records: Sequence[dict[str, Any]]) -> str | None:
+    """The issues' speed targets (``targets.py``) against this run, or None if none was measured."""
+    rows = target_rows(records)
+    if not rows:
+        return None
+    return _table(["from", "target", "case", "size", "CPUs", "measured", "met"], rows)
+
+
 def _extras(record: dict[str, Any]) -> str:
     """The case-specific figures worth a glance (aggregate rate, memory split)."""
     extras = record.get("extras") or {}
@@ -186,6 +196,10 @@ def render_markdown(meta: dict[str, Any], records: Sequence[dict[str, Any]], *, 
         "",
         summary_table(records),
     ]
+    targets = targets_table(records)
+    if targets is not None:
+        lines += ["", "Targets (ratios of medians in the same run and pinning; see benchmarks/targets.py):", "",
+                  targets]
     skipped = [r for r in records if r["status"] != "ok"]
     if skipped:
         lines += ["", "Not measured:", ""]

@@ -11,6 +11,7 @@ case's client side, and sends its samples back. Children die with it
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import select
 import signal
@@ -24,15 +25,17 @@ from pathlib import Path
 from typing import Any
 
 from .core import SYNC, Case, Job, Point, Timing
-from .transports.base import Handler, Transport
+from .transports.base import Buffer, Handler, Transport
 
 __all__ = [
+    "CHECK_STRIDE",
     "READY_TIMEOUT",
     "Outcome",
     "Pair",
     "fork_process",
     "make_payload",
     "measure",
+    "payload_checker",
     "pin",
     "private_memory",
     "run_job",
@@ -157,10 +160,50 @@ def measure(op: Callable[[], Any], timing: Timing, untimed: Callable[[Any], None
     return samples
 
 
+@functools.lru_cache(maxsize=2)
 def make_payload(size: int) -> bytes:
-    """Recognisable, non-constant bytes, so a wrong or truncated echo is caught."""
+    """Recognisable, non-constant bytes, so a wrong or truncated echo is caught.
+
+    Cached: the server's checker and the client of one repetition share one
+    copy (256 MiB takes a while to build and to fault in).
+    """
     pattern = bytes(range(256))
+    if size % 256 == 0:
+        return pattern * (size // 256)
     return (pattern * (size // 256 + 1))[:size]
+
+
+# One byte in every this many is checked: less than a page, so every page of a
+# message is touched, and prime to the payload's 256-byte period, so the
+# checked bytes differ from each other.
+CHECK_STRIDE = 4095
+
+
+def payload_checker(size: int) -> Callable[[Buffer], None]:
+    """A receiver's check that ``make_payload(size)`` arrived: raises AssertionError if not.
+
+    The first message is compared byte for byte; every later one by length and
+    one byte per CHECK_STRIDE (a strided gather, so the check costs ~1/4000 of
+    the message). Every receiver of a transfer case runs it, on the bytes a
+    copying transport hands over or in place on a zero-copy view alike;
+    ``benchmarks/ceiling.c`` does the same.
+    """
+    payload = make_payload(size)
+    samples = payload[::CHECK_STRIDE]
+    first = True
+
+    def check(data: Buffer) -> None:
+        nonlocal first
+        if len(data) != size:
+            raise AssertionError(f"a {len(data)}-byte message, expected {size}")
+        if first:
+            if (data if isinstance(data, bytes) else bytes(data)) != payload:
+                raise AssertionError("the first message differs from the payload")
+            first = False
+        elif memoryview(data)[::CHECK_STRIDE].tobytes() != samples:
+            raise AssertionError("a message differs from the payload")
+
+    return check
 
 
 def private_memory(pid: int | None = None) -> int:

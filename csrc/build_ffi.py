@@ -9,7 +9,9 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ("alpc_native.h", "alpc_native.c")
+SOURCES = ("alpc_native.h", "alpc_native.c", "qlpc.h", "qlpc.c")
+# The headers double as the cdef, in this order.
+HEADERS = ("alpc_native.h", "qlpc.h")
 
 
 def source_hash() -> str:
@@ -20,19 +22,24 @@ def source_hash() -> str:
 
 
 def cdef_text() -> str:
-    header = (HERE / "alpc_native.h").read_text()
-    return "\n".join(line for line in header.splitlines() if not line.lstrip().startswith("#"))
+    lines = []
+    for name in HEADERS:
+        header = (HERE / name).read_text()
+        lines += [line for line in header.splitlines() if not line.lstrip().startswith("#")]
+    return "\n".join(lines)
 
 
 ffibuilder = FFI()
 ffibuilder.cdef(re.sub(r"/\*.*?\*/", "", cdef_text(), flags=re.S))
 ffibuilder.set_source(
     "alpc._alpc_native",
-    '#include "alpc_native.h"',
+    '#include "alpc_native.h"\n#include "qlpc.h"',
     # setuptools insists on paths relative to setup.py, which sits one level up.
-    sources=["csrc/alpc_native.c"],
+    sources=["csrc/alpc_native.c", "csrc/qlpc.c"],
     include_dirs=["csrc"],
     define_macros=[("ALPC_SOURCE_HASH", f'"{source_hash()}"')],
-    extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror", "-std=c11"],
+    extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror", "-std=c11", "-pthread"],
+    # Quick-LPC's watcher is a thread (glibc >= 2.34 has pthreads in libc; older ones need this).
+    extra_link_args=["-pthread"],
 )
 

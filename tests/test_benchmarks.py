@@ -15,9 +15,10 @@ from typing import Any
 
 import pytest
 
-from benchmarks import harness, registry, report
+from benchmarks import harness, native, registry, report, targets
 from benchmarks.core import Point, percentile
 from benchmarks.registry import Impl
+from benchmarks.runner import CHECK_STRIDE, make_payload, payload_checker
 from benchmarks.transports.sockets import SocketPairTransport
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -155,3 +156,91 @@ def test_update_readme_replaces_only_the_marked_section(tmp_path: Path) -> None:
     assert text.startswith("# title\n\nbefore\n\n") and text.endswith(f"{report.README_END}\n\nafter\n")
     assert text.count("| case | size |") == 1
     assert "at commit `abc123`" in text and "AMD EPYC, 2 CPUs" in text and "3.00x slower" in text
+
+
+def test_new_transfer_and_rpc_rows_run_end_to_end(tmp_path: Path) -> None:
+    """alpc-view and the C ceilings in the one-way case, alpc-rpc and mp.managers in the round trip."""
+    argv = [sys.executable, "-m", "benchmarks", "--quick", "--case", "oneway", "--case", "roundtrip",
+            "--impl", "alpc", "--impl", "alpc-view", "--impl", "alpc-rpc", "--impl", "mp.managers",
+            "--impl", "c-futex", "--impl", "c-inplace", "--pinning", "same", "--reps", "1",
+            "--out", str(tmp_path), "--no-plot", "--no-progress"]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    records = json.loads((tmp_path / "latest.json").read_text())["records"]
+    cells = {(r["case"], r["implementation"]) for r in records}
+    assert cells == {("oneway", "alpc"), ("oneway", "alpc-view"), ("oneway", "c-futex"), ("oneway", "c-inplace"),
+                     ("roundtrip", "alpc"), ("roundtrip", "alpc-rpc"), ("roundtrip", "mp.managers"),
+                     ("roundtrip", "c-futex")}
+    for record in records:
+        check_record(record)
+        assert record["status"] == "ok", record["reason"]
+        assert record["median"] > 0 and record["samples"] > 0
+    # Every target with both sides measured gets a row; the one-way ones here, and RPC against raw alpc.
+    assert "| issue 4 | alpc-view >= 0.8x c-inplace | oneway | 1 MiB | same |" in done.stdout
+    assert "| issue 7 | alpc-rpc time <= 1.3x alpc | roundtrip | 64 B | same |" in done.stdout
+
+
+@pytest.mark.parametrize("mechanism,pattern", [("futex", "rr"), ("futex", "stream"), ("inplace", "rr"),
+                                               ("inplace", "stream"), ("uds", "rr")])
+def test_ceiling_patterns_give_one_sample_per_iteration(mechanism: str, pattern: str) -> None:
+    binary = native.build_ceiling()
+    cpu = min(os.sched_getaffinity(0))
+    size, batch, iterations = 3 * 4096 + 17, 4, 5
+    argv = [str(binary), mechanism, pattern, str(size), "8", str(batch), str(cpu), str(cpu), "2", "50",
+            str(iterations), str(iterations), "0"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    samples = [float(line) for line in done.stdout.split()]
+    assert len(samples) == iterations and all(s > 0 for s in samples)
+
+
+def test_payload_checker_checks_first_message_fully_and_later_ones_by_sample() -> None:
+    size = 3 * CHECK_STRIDE + 5
+    payload = make_payload(size)
+    check = payload_checker(size)
+    with pytest.raises(AssertionError, match="first message"):
+        check(payload[:-1] + b"\xff")
+    check(memoryview(payload))  # the first good message, as a zero-copy receiver sees it
+    check(bytearray(payload))
+    with pytest.raises(AssertionError, match="expected"):
+        check(payload[:-1])
+    sampled = bytearray(payload)
+    sampled[2 * CHECK_STRIDE] ^= 0xFF
+    with pytest.raises(AssertionError, match="differs"):
+        check(sampled)
+    # Between samples a later message is not compared: the check costs ~1/4000 of the message.
+    between = bytearray(payload)
+    between[1] ^= 0xFF
+    check(between)
+
+
+def test_one_way_batches_shrink_with_size_and_count_in_the_time_budget() -> None:
+    oneway = registry.CASES["oneway"]
+    assert oneway.batch_for(Point(64 * 1024)) == oneway.batch
+    assert oneway.batch_for(Point(1024 * 1024)) == 16
+    assert oneway.batch_for(Point(256 * 1024 * 1024)) == 2
+    assert registry.CASES["rate"].batch_for(Point(64)) == registry.CASES["rate"].batch
+    # A 256 MiB batch moves 512 MiB: one warm-up and one timed batch.
+    timing = oneway.timing(False, Point(256 * 1024 * 1024))
+    assert (timing.warmup, timing.min_iterations, timing.max_iterations) == (1, 1, 1)
+    # Samples are per message, so MiB/s is the message size over the sample.
+    assert oneway.convert(1e6, Point(1024 * 1024)) == pytest.approx(1000.0)
+
+
+def test_targets_compare_with_the_named_reference_per_pinning() -> None:
+    def transfer(impl: str, kind: str, median: float, pinning: str) -> dict[str, Any]:
+        return {**_fake(impl, kind, median, "MiB/s", False), "case": "oneway", "size": 1024 * 1024,
+                "pinning": pinning}
+
+    records = [transfer("alpc", "alpc", 900.0, "same"), transfer("c-futex", "ceiling", 1000.0, "same"),
+               transfer("alpc", "alpc", 500.0, "split"), transfer("c-futex", "ceiling", 1000.0, "split"),
+               transfer("mp.Pipe", "peer", 100.0, "same"),
+               _fake("alpc", "alpc", 40.0), _fake("alpc-rpc", "alpc", 60.0), _fake("grpc", "peer", 300.0)]
+    rows = {(row[1], row[2], row[4]): (row[5], row[6]) for row in targets.target_rows(records)}
+    assert rows[("alpc >= 0.8x c-futex", "oneway", "same")] == ("0.90x", "yes")
+    assert rows[("alpc >= 0.8x c-futex", "oneway", "split")] == ("0.50x", "**no**")
+    assert rows[("alpc >= 5x mp.Pipe", "oneway", "same")] == ("9.00x", "yes")
+    assert rows[("alpc-rpc time <= 1.3x alpc", "roundtrip", "same")] == ("1.50x", "**no**")
+    assert rows[("alpc-rpc >= 5x grpc", "roundtrip", "same")] == ("5.00x", "yes")
+    # Nothing for a target whose reference was not measured.
+    assert not any(key[0].startswith("alpc-view") for key in rows)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import alpc
+from alpc import qlpc
 
 ROOT = Path(__file__).resolve().parent.parent
 HOSTILE_PEERS = ROOT / "tests" / "hostile" / "hostile_peers.py"
@@ -134,3 +135,21 @@ def test_every_limit_is_visible_in_ports_and_stats(runtime_dir: Path, config: al
         assert (broker["max_connections_per_uid"], broker["max_ports_per_uid"]) == (77, 5)
         assert {"uid": os.getuid(), "connections": 2, "ports": 1} in broker["usage"]  # the port, and this query
         assert "per-uid quotas: 77 connections, 5 ports" in cli(runtime_dir, "stats")
+
+
+def test_quick_lpc_rings_leave_fds_and_identity_to_the_socket(broker: alpc.Broker, role) -> None:  # type: ignore[no-untyped-def]
+    if not qlpc.available():
+        pytest.skip(qlpc.unavailable_reason() or "Quick-LPC unavailable")
+    server = role("server", "svc.quickfd", "--quick", "--kinds", "pipe")
+    server.expect("READY")
+    client = role("client", "svc.quickfd")
+    client.expect("READY")
+    server.expect("ACCEPTED")
+    client.send("request echo:ring")
+    assert client.expect("REPLY") == ["RING"]
+    assert "changed=False" in server.expect("REQUEST")
+    client.send("requestfd pipe")  # a message with fds never takes the ring
+    assert client.expect("REPLY") == ["WITH-FD", "quick=True"]
+    assert "fds=pipe" in server.expect("REQUEST")
+    with pytest.raises(ValueError, match="Quick-LPC"):
+        alpc.PortAttributes(quick_lpc=True, refuse_identity_change=True)

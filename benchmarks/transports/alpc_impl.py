@@ -6,6 +6,7 @@ and overrides ``server``/``client``; ``benchmarks/registry.py`` then lists it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import alpc
@@ -13,7 +14,7 @@ import alpc
 from ..core import KIB, MIB
 from .base import WAIT_TIMEOUT, Buffer, Handler, OneWayClient, Server, ServerMode, Transport
 
-__all__ = ["AlpcClient", "AlpcServer", "AlpcTransport"]
+__all__ = ["AlpcClient", "AlpcServer", "AlpcTransport", "answer", "as_bytes"]
 
 # alpc's own default; raised for the 256 MiB case on both sides (a client
 # refuses replies above its Config.max_message_length).
@@ -21,7 +22,7 @@ _DEFAULT_LIMIT = 64 * MIB
 _WIRE_LIMIT = 0xFFFFFFFF
 
 
-def _as_bytes(data: Buffer) -> bytes:
+def as_bytes(data: Buffer) -> bytes:
     # The harness passes bytes; converting anything else keeps alpc's API typed.
     return data if isinstance(data, bytes) else bytes(data)
 
@@ -31,10 +32,10 @@ class AlpcClient(OneWayClient):
         self._comm = comm
 
     def request(self, data: Buffer) -> Buffer:
-        return self._comm.request(_as_bytes(data), timeout=WAIT_TIMEOUT).data
+        return self._comm.request(as_bytes(data), timeout=WAIT_TIMEOUT).data
 
     def send(self, data: Buffer) -> None:
-        self._comm.send(_as_bytes(data), timeout=WAIT_TIMEOUT)
+        self._comm.send(as_bytes(data), timeout=WAIT_TIMEOUT)
 
     def close(self) -> None:
         self._comm.close()
@@ -49,27 +50,31 @@ class AlpcServer(Server):
         self._mode = mode
 
     def serve(self) -> None:
+        self.serve_with(answer)
+
+    def serve_with(self, answer_one: Callable[[alpc.Message, Handler], bool]) -> None:
+        """The serving loop, with ``answer_one`` handling each message (variants change only that)."""
         handler = self.handler
         if self._mode == "single":
             comm = self._port.listen(timeout=WAIT_TIMEOUT).accept()
             while True:
-                if not _answer(comm.receive(timeout=WAIT_TIMEOUT), handler):
+                if not answer_one(comm.receive(timeout=WAIT_TIMEOUT), handler):
                     return
         while True:
             event = self._port.wait(timeout=WAIT_TIMEOUT)
             if isinstance(event, alpc.ConnectionRequest):
                 event.accept()
             else:
-                _answer(event, handler)
+                answer_one(event, handler)
 
 
-def _answer(message: alpc.Message, handler: Handler) -> bool:
+def answer(message: alpc.Message, handler: Handler) -> bool:
     """Handle one message; False when it says the client is gone."""
     if message.type is alpc.MessageType.REQUEST:
         reply = handler(message.data)
         if reply is None:
             raise ValueError("the handler gave no reply to a request")
-        message.reply(_as_bytes(reply))
+        message.reply(as_bytes(reply))
         return True
     if message.type is alpc.MessageType.DATAGRAM:
         if handler(message.data) is not None:
@@ -94,5 +99,5 @@ class AlpcTransport(Transport):
         port = alpc.create_port(self.name, self.attributes, config=self.config, timeout=WAIT_TIMEOUT)
         return AlpcServer(port, mode, handler)
 
-    def client(self, index: int) -> AlpcClient:
+    def client(self, index: int) -> OneWayClient:
         return AlpcClient(alpc.connect(self.name, config=self.config, timeout=WAIT_TIMEOUT))

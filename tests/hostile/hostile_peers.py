@@ -13,7 +13,7 @@ after every import: the interpreter lives under /root, which is 0700.
   says ``go``. stdin: ``go``, ``fds`` (the open fd count), ``conns``.
 - ``client``: connects (``--server-uid`` pins the server), then obeys stdin:
   ``request TEXT``, ``send TEXT``, ``sendfd KIND``, ``datagrams N TIMEOUT``,
-  ``setuid UID``, ``flood N`` (N raw requests, never reading a reply), ``other
+  ``requestfd KIND``, ``setuid UID``, ``flood N`` (N raw requests, never reading a reply), ``other
   NAME`` (a request on a second connection, to another port), ``sendfds N KIND
   TIMEOUT``, ``burst N TIMEOUT`` (N requests from N threads), ``close``.
 - ``hog``: holds ``--count`` connections to the broker, or as many as it allows.
@@ -73,6 +73,7 @@ def port_attributes(args: argparse.Namespace) -> alpc.PortAttributes:
         max_queued_datagrams=args.max_datagrams, max_connections=args.max_connections,
         max_pending_connects=args.max_pending_connects, send_timeout=args.send_timeout,
         refuse_identity_change=args.refuse_identity_change, inline_threshold=args.inline_threshold,
+        quick_lpc=args.quick,
     )
 
 
@@ -132,7 +133,7 @@ class Server:
             except alpc.HandleNotAllowed as exc:  # the client takes no fds of this kind
                 say("UNANSWERED", message.sender.pid, type(exc).__name__, str(exc))
                 message.reply(b"refused")
-            except alpc.ConnectionClosed as exc:
+            except (alpc.ConnectionClosed, alpc.Timeout) as exc:
                 say("UNANSWERED", message.sender.pid, type(exc).__name__, str(exc))
             finally:
                 for fd in passed:
@@ -209,6 +210,14 @@ def obey(comm: alpc.CommunicationPort, command: str, rest: str, args: argparse.N
             for each in opened:
                 os.close(each)
         say("SENT")
+    elif command == "requestfd":
+        fd, opened = make_fd(rest)
+        try:
+            say("REPLY", comm.request(b"echo:with-fd", timeout=args.timeout, fds=[fd]).data.decode(),
+                f"quick={comm.quick}")
+        finally:
+            for each in opened:
+                os.close(each)
     elif command == "sendfds":
         count, kind, timeout = rest.split()
         sent = 0
@@ -332,6 +341,7 @@ def main() -> None:
     parser.add_argument("--inline-threshold", type=int, default=256)
     parser.add_argument("--refuse-identity-change", action="store_true")
     parser.add_argument("--pause-after", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="offer Quick-LPC rings")
     parser.add_argument("--server-uid", type=int, default=None)
     args = parser.parse_args()
     become(args)

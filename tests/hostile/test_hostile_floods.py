@@ -128,6 +128,6 @@ def test_a_client_that_stops_reading_is_dropped_and_the_rest_are_served(broker: 
         deaf.send("flood 64")  # 64 requests for 60 KB replies, never reading one
         deaf.expect("FLOODED")
         unanswered = server.expect("UNANSWERED")
-        assert unanswered[1] == "PeerGone" and "stopped_reading" in unanswered[2]
+        assert unanswered[1] == "Throttled" and "stopped_reading" in unanswered[2]
         assert "stopped_reading" in server.expect("CLIENT_DIED")[1]
         assert honest.request(b"echo:served", timeout=5).data == b"SERVED"

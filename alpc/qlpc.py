@@ -1,0 +1,508 @@
+"""Quick-LPC: a connection's fast path over a pair of shared-memory rings.
+
+NT's Quick LPC idea on Linux. Small requests and their replies travel through
+two rings in one sealed memfd that both sides map, with futex wake-ups; the C
+extension drives them with the GIL released (``csrc/qlpc.c``): one C call
+sends a request and waits for its reply, one call replies and waits for the
+next request. The connection's Unix socket stays open beside the rings: it
+carries whatever the rings do not, and it is how a hang-up or a death is
+seen (a watcher thread in C wakes a waiter blocked in the futex at once).
+
+The rules that keep the two paths one ordered connection:
+
+- The rings carry small REQUESTs (client to server) and the REPLYs to them
+  (server to client), nothing else. Every other message takes the socket, and
+  so does a ring message when the ring is full, the body is too large for a
+  slot, or another thread is posting.
+- A side posts to its ring only once the peer has read every socket byte it
+  sent before (the peer publishes its count), and a receiver takes its ring
+  before dispatching socket bytes: the two paths never reorder one sender's
+  messages.
+- A client keeps one ring request in flight (concurrent requests from other
+  threads take the socket), and a reply takes the ring only when its request
+  did. Ring request ids are chosen in C with ``protocol.QUICK_ID_BIT`` set,
+  which socket ids never have; a reply may still take the socket (too large,
+  ring full), and the client's channel then claims it through
+  ``quick_claims``. A server owes replies to the ring requests it hands out as
+  Messages in its channel, exactly as to socket ones.
+- A server waiting in poll() (``ConnectionPort.wait``) arms a doorbell: the
+  first client post after that sends a QUICK_DOORBELL frame over the socket.
+
+Negotiation: a port with ``PortAttributes(quick_lpc=True)`` offers the rings
+in its connection reply (the memfd rides with it); a client with the C
+extension and ``Config.quick_lpc`` maps them, otherwise it closes the fd and
+the connection stays on the socket. Without the C extension Quick-LPC is not
+offered nor accepted: ``unavailable_reason()`` says why.
+
+This module drives the rings for ``port.CommunicationPort``; it reaches into
+the port's state (its channel, locks, reader flag, inbox and replies) and is
+typed against it, so a change there shows up in mypy here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NoReturn
+
+from . import _native
+from ._native import (
+    Q_BUSY,
+    Q_CHECK,
+    Q_CLOSED,
+    Q_DOORBELL,
+    Q_FULL,
+    Q_INTR,
+    Q_ORDER,
+    Q_TIMEOUT,
+    Q_TOO_LARGE,
+    QUICK_ERRORS,
+    QuickRing,
+    quick_region_size,
+)
+from .errors import ConnectionClosed, PeerGone, ProtocolError, Timeout
+from .logs import fields
+from .protocol import MAX_ABANDONED, Message
+from .section import Section, check_peer_fd
+from .transport import Buffer, close_fds, deadline_after, remaining
+from .wire import MessageType
+
+if TYPE_CHECKING:
+    from .port import CommunicationPort
+
+__all__ = ["QuickLink", "available", "hold_watcher", "offer", "release_watcher", "unavailable_reason"]
+
+log = logging.getLogger(__name__)
+
+_REQUEST = MessageType.REQUEST
+# Statuses after which the message did not go into the ring: send it over the socket.
+_REFUSED = frozenset({Q_FULL, Q_ORDER, Q_TOO_LARGE, Q_BUSY, Q_CHECK, Q_CLOSED})
+_DOORBELL_TIMEOUT = 1.0
+_monotonic_ns = time.monotonic_ns
+
+Handler = Callable[[bytes], Buffer]
+
+
+def unavailable_reason() -> str | None:
+    """Why this process can neither offer nor use Quick-LPC, or None when it can."""
+    return _native.QUICK_UNAVAILABLE
+
+
+def available() -> bool:
+    return _native.QUICK_UNAVAILABLE is None
+
+
+def hold_watcher() -> bool:
+    """A server port offering the rings keeps the C watcher thread for its whole life,
+    so clients coming and going do not start and stop a thread each. True if held."""
+    return available() and _native.quick_hold()
+
+
+def release_watcher() -> None:
+    _native.quick_unhold()
+
+
+def _timeout_ns(deadline: float | None) -> int:
+    if deadline is None:
+        return -1
+    left = deadline - time.monotonic()
+    return int(left * 1e9) if left > 0 else 0
+
+
+def offer(slots: int, slot_size: int, spin_us: int, sock_fd: int, pidfd: int | None) -> tuple[QuickLink, int]:
+    """Server: set up the rings of a new connection. Returns them and an fd of
+    their memfd to pass with the connection reply; the caller closes that fd
+    once it is sent (the rings stay mapped)."""
+    size = quick_region_size(slots, slot_size)
+    if not size:
+        raise ValueError(f"invalid Quick-LPC geometry: {slots} slots of {slot_size} bytes")
+    # Both sides write it (each its own half), so no F_SEAL_FUTURE_WRITE.
+    with Section.create(size, backend="memfd", shared_writable=True) as section:
+        ring = QuickRing(section.fd, size, slots, slot_size, server=True, sock_fd=sock_fd, pidfd=pidfd,
+                         spin_ns=spin_us * 1000)
+        try:
+            fd = os.dup(section.fd)
+        except BaseException:
+            ring.close()
+            raise
+    return QuickLink(ring, server=True), fd
+
+
+class QuickLink:
+    """This side of one connection's Quick-LPC rings."""
+
+    def __init__(self, ring: QuickRing, *, server: bool) -> None:
+        self.ring = ring
+        self.server = server
+        self.payload_max = ring.payload_max
+        self._call = ring.call
+        self._unpack = ring.unpack
+        # Client: ring requests given up on, whose replies may still come over the socket.
+        self._late: dict[int, None] = {}
+        # Server: ring requests handed out as Messages and not yet replied to.
+        self.ring_requests: set[int] = set()
+        # Server: ring traffic of the Message paths, which count in the port's
+        # statistics already (a serving loop adds only the rest).
+        self._counted = [0, 0, 0, 0]
+        # Server: the client maps the rings (a client that declined never does).
+        self._attached = not server
+
+    @classmethod
+    def accept(cls, fd: int, slots: int, slot_size: int, spin_us: int, sock_fd: int,
+               pidfd: int | None) -> QuickLink:
+        """Client: map the rings the server offered (consumes ``fd``; ProtocolError if unsafe)."""
+        try:
+            size = quick_region_size(slots, slot_size)
+            if not size:
+                raise ProtocolError(f"the server offered Quick-LPC rings of an invalid geometry "
+                                    f"({slots} slots of {slot_size} bytes)")
+            # Sealed against shrinking (no SIGBUS) and not against our writes.
+            check_peer_fd(fd, size, writable=True)
+            ring = QuickRing(fd, size, slots, slot_size, server=False, sock_fd=sock_fd, pidfd=pidfd,
+                             spin_ns=spin_us * 1000)
+        finally:
+            close_fds([fd])
+        return cls(ring, server=False)
+
+    @property
+    def active(self) -> bool:
+        """Are the rings in use (on the server: has the client attached)?"""
+        if not self._attached and self.ring.peer_attached():
+            self._attached = True
+        return self._attached
+
+    def close(self) -> None:
+        """Wake every waiter (they see the port closed) and unmap the rings."""
+        self.ring.close()
+
+    # -- socket bookkeeping (both sides) --------------------------------------------
+
+    def sent(self, frames: list[Buffer]) -> None:
+        """Bytes went out over the socket: hold ring posts until the peer read them."""
+        self.ring.sent(sum(b.nbytes if isinstance(b, memoryview) else len(b) for b in frames))
+
+    def consumed(self, nbytes: int) -> None:
+        """Socket bytes read and dispatched: let the peer use its ring again."""
+        self.ring.consumed(nbytes)
+
+    # -- client ---------------------------------------------------------------------
+
+    def bind_call(self, port: CommunicationPort) -> Callable[..., bytes]:
+        """``port.call`` for a client with rings: a single Python frame around the C call.
+
+        The reply's body; anything the rings cannot take now (a large body,
+        another call of ours in flight, a full ring, socket bytes the server
+        has not read yet) goes through ``port.request``.
+        """
+        c_call = self._call
+        unpack = self._unpack
+        payload_max = self.payload_max
+        slow = self._call_slow
+        # Weak: the port holds this function, and must stay free to be collected.
+        port_ref = weakref.ref(port)
+
+        def call(data: bytes, timeout: float | None = None) -> bytes:
+            if type(data) is bytes and len(data) <= payload_max:
+                deadline_ns = -1 if timeout is None else _monotonic_ns() + int(timeout * 1e9)
+                status = c_call(data, len(data), deadline_ns)
+                if status >= 0:
+                    return unpack(status)
+                got = slow(_alive(port_ref), status, deadline_ns)
+                if got is not None:
+                    return got[0]
+            return _alive(port_ref).request(data, timeout).data
+
+        return call
+
+    def request(self, port: CommunicationPort, data: bytes, deadline: float | None) -> Message | None:
+        """``call`` for ``request()``: the REPLY as a Message."""
+        deadline_ns = -1 if deadline is None else int(deadline * 1e9)
+        status = self._call(data, len(data), deadline_ns)
+        info = self.ring.info
+        if status >= 0:
+            got: tuple[bytes, int, int] | None = (self._unpack(status), info.sender_tid, info.callback_id)
+        else:
+            got = self._call_slow(port, status, deadline_ns)
+        if got is None:
+            return None
+        body, tid, request_id = got
+        message = Message(MessageType.REPLY, 0, request_id, body, port.peer, sender_pid=port.peer.pid,
+                          sender_tid=tid)
+        message.port = port
+        port.stats.received((message,))
+        return message
+
+    def _call_slow(self, port: CommunicationPort, status: int, deadline_ns: int) -> tuple[bytes, int, int] | None:
+        """Anything but a reply at once: (body, sender tid, request id), or None if the request was not sent."""
+        ring = self.ring
+        if not ring.info.posted:
+            if status in _REFUSED:
+                return None
+            self._raise_protocol_error(port, status)
+        request_id = ring.in_flight()
+        deadline = None if deadline_ns < 0 else deadline_ns / 1e9
+        try:
+            while True:
+                if status >= 0:
+                    return self._unpack(status), ring.info.sender_tid, request_id
+                if status == Q_DOORBELL:
+                    port._send(port._channel.doorbell, deadline_after(_DOORBELL_TIMEOUT))
+                elif status == Q_CHECK or status == Q_BUSY:
+                    found = _socket_round(port, request_id, deadline)
+                    if found is not None:
+                        ring.call_done()
+                        return found.data, found.sender_tid, request_id
+                elif status == Q_TIMEOUT:
+                    raise Timeout("timed out waiting for the reply")
+                elif status == Q_CLOSED:
+                    port._raise_if_failed()
+                    raise ConnectionClosed("the port is closed")
+                elif status != Q_INTR:
+                    self._raise_protocol_error(port, status)
+                # (Q_INTR: a signal handler ran on the way back here, and did not raise.)
+                status = ring.wait_reply(deadline_ns)
+        except BaseException:
+            self._abandon(port, request_id)
+            raise
+
+    def _abandon(self, port: CommunicationPort, request_id: int) -> None:
+        """Give up on the call in flight; its reply is dropped on whichever path it comes."""
+        self._late[request_id] = None
+        if len(self._late) > MAX_ABANDONED:
+            del self._late[next(iter(self._late))]
+        self.ring.call_done()
+        with port._cv:
+            port._replies.pop(request_id, None)
+
+    def claims(self, request_id: int) -> bool:
+        """A reply to a ring request came over the socket: deliver it (True) or drop it (False)."""
+        if request_id == self.ring.in_flight():
+            return True
+        if request_id in self._late:
+            del self._late[request_id]
+            return False
+        raise ProtocolError(f"reply to ring request {request_id}, which was never sent")
+
+    # -- server ---------------------------------------------------------------------
+
+    def before_read(self, port: CommunicationPort, deadline: float | None, block: bool) -> bool | None:
+        """The reader's turn (the caller holds the port's reader role).
+
+        Waits on the ring and the socket together (with ``block``), delivering
+        ring requests to the port's inbox. Returns True when it delivered
+        something (or the port failed), False on timeout, None when the socket
+        needs reading now.
+        """
+        if not self.server or not self.active:
+            return None
+        if not block:
+            port._dispatch(self.drain(port))
+            return None
+        status = self.ring.reply_wait(0, b"", 0, _timeout_ns(deadline))
+        if status >= 0:
+            # Any more in the ring come with the next read, still before socket bytes.
+            port._dispatch([self._request(port, status)])
+            return True
+        if status == Q_TIMEOUT:
+            return False
+        if status == Q_CHECK:
+            return None
+        if status not in (Q_CLOSED, Q_BUSY, Q_INTR):
+            self._protocol_error(port, status)
+        return True
+
+    def drain(self, port: CommunicationPort) -> list[Message]:
+        """Server: every request waiting in the ring, as Messages (before any socket bytes)."""
+        if not self.server or not self.active:
+            return []
+        messages: list[Message] = []
+        reply_wait = self.ring.reply_wait
+        while True:
+            status = reply_wait(0, b"", 0, 0)
+            if status < 0:
+                if status in QUICK_ERRORS:
+                    self._protocol_error(port, status)
+                return messages
+            messages.append(self._request(port, status))
+
+    def _request(self, port: CommunicationPort, length: int) -> Message:
+        info = self.ring.info
+        peer = port.peer
+        message = Message(_REQUEST, info.message_id, 0, self._unpack(length), peer, sender_pid=peer.pid,
+                          sender_tid=info.sender_tid)
+        with port._state:
+            port._channel.quick_request_received(message.id)
+        self.ring_requests.add(message.id)
+        self._counted[0] += 1
+        self._counted[1] += length
+        return message
+
+    def reply(self, port: CommunicationPort, request_id: int, data: bytes) -> bool:
+        """Server: answer a ring request through the ring; False: send it over the socket."""
+        with port._state:
+            if request_id not in self.ring_requests:
+                return False
+            port._channel.quick_replying(request_id)
+            self.ring_requests.discard(request_id)
+        status = self.ring.reply(request_id, data)
+        if status == 0 or status == Q_DOORBELL:
+            self._counted[2] += 1
+            self._counted[3] += len(data)
+            if status == Q_DOORBELL:
+                port._send(port._channel.doorbell, deadline_after(_DOORBELL_TIMEOUT))
+            return True
+        with port._state:
+            port._channel.quick_reply_failed(request_id)
+        if status not in _REFUSED:
+            self._raise_protocol_error(port, status)
+        return False
+
+    def arm(self) -> bool:
+        """Server: about to wait in poll(); True if requests already wait in the ring."""
+        if not self.active:
+            return False
+        return self.ring.arm_poll() != 0
+
+    def serve(self, port: CommunicationPort, handler: Handler, timeout: float | None) -> Message | None:
+        """Server: answer requests with ``handler`` until another kind of message arrives.
+
+        Returns that message (a datagram, a notice), or None when another
+        thread reads this port (the caller then serves the slow way).
+        """
+        with port._cv:
+            if port._reading or port._inbox or port._failure is not None:
+                return None
+            port._reading = True
+        before = self.ring.counts()
+        counted = list(self._counted)
+        try:
+            return self._serve(port, handler, -1 if timeout is None else max(0, int(timeout * 1e9)), timeout)
+        finally:
+            self._fold_counts(port, before, counted)
+            port._end_read()
+
+    def _serve(self, port: CommunicationPort, handler: Handler, timeout_ns: int,
+               timeout: float | None) -> Message | None:
+        # The hot loop: one C call per request (its reply and the wait for the
+        # next), then the handler. Counting happens in C.
+        reply_wait = self.ring.reply_wait
+        unpack = self._unpack
+        info = self.ring.info
+        reply_id = 0
+        reply = b""
+        while True:
+            status = reply_wait(reply_id, reply, len(reply), timeout_ns)
+            if status >= 0:
+                reply_id = info.message_id
+                answer = handler(unpack(status))
+                reply = answer if type(answer) is bytes else bytes(answer)
+                continue
+            if reply_id and not info.posted:
+                self._socket_reply(port, reply_id, reply)
+            reply_id = 0
+            other = self._slow_status(port, status, handler, timeout)
+            if other is not None:
+                return other
+
+    def _fold_counts(self, port: CommunicationPort, before: dict[str, int], counted: list[int]) -> None:
+        """Add what a serving loop moved through the rings to the port's statistics."""
+        after = self.ring.counts()
+        stats = port.stats
+        names = ("messages_in", "bytes_in", "messages_out", "bytes_out")
+        lean = [after[name] - before[name] - (self._counted[i] - counted[i]) for i, name in enumerate(names)]
+        stats.messages_in += lean[0]
+        stats.bytes_in += lean[1]
+        stats.messages_out += lean[2]
+        stats.bytes_out += lean[3]
+
+    def _slow_status(self, port: CommunicationPort, status: int, handler: Handler,
+                     timeout: float | None) -> Message | None:
+        """What the serving loop does about anything but a request from the ring."""
+        if status == Q_INTR:
+            return None  # a signal handler ran on the way back here, and did not raise
+        if status == Q_DOORBELL:
+            port._send(port._channel.doorbell, deadline_after(_DOORBELL_TIMEOUT))
+        elif status == Q_CHECK:
+            port._read(0.0, block=False)
+            with port._cv:
+                port._cv.notify_all()
+            return self._answer_inbox(port, handler, timeout)
+        elif status == Q_TIMEOUT:
+            raise Timeout("no message arrived in time")
+        elif status == Q_CLOSED:
+            port._raise_if_failed()
+            raise ConnectionClosed("the port is closed")
+        elif status not in _REFUSED:
+            self._protocol_error(port, status)
+            return self._answer_inbox(port, handler, timeout)
+        return None
+
+    def _socket_reply(self, port: CommunicationPort, request_id: int, data: bytes) -> None:
+        """A reply the ring would not take now: owe it in the channel and send it the usual way."""
+        with port._state:
+            port._channel.quick_request_received(request_id)
+        port.reply(Message(_REQUEST, request_id, 0, b"", port.peer), data)
+
+    def _answer_inbox(self, port: CommunicationPort, handler: Handler, timeout: float | None) -> Message | None:
+        """Requests that came the slow way are answered here too; anything else ends serving."""
+        while True:
+            with port._cv:
+                message = port._pop_inbox()
+            if message is None:
+                return None
+            if message.type is not _REQUEST:
+                return message
+            port.reply(message, handler(message.data), timeout)
+
+    # -- both -----------------------------------------------------------------------
+
+    def _protocol_error(self, port: CommunicationPort, status: int) -> str:
+        """The peer broke the ring protocol: drop the connection as for a bad frame."""
+        reason = f"protocol error: {QUICK_ERRORS.get(status, f'Quick-LPC status {status}')}"
+        port.stats.errors += 1
+        peer = port.peer
+        log.warning("protocol error from pid %d on its Quick-LPC rings, dropping the connection: %s",
+                    peer.pid, reason, extra=fields(pid=peer.pid, uid=peer.uid, gid=peer.gid))
+        self.ring.close()
+        port._fail(PeerGone(reason), notice=reason if self.server else None)
+        return reason
+
+    def _raise_protocol_error(self, port: CommunicationPort, status: int) -> NoReturn:
+        reason = self._protocol_error(port, status)
+        port._raise_if_failed()
+        raise PeerGone(reason)
+
+
+def _alive(port_ref: weakref.ref[CommunicationPort]) -> CommunicationPort:
+    port = port_ref()
+    if port is None:
+        raise ConnectionClosed("the port is gone")
+    return port
+
+
+def _socket_round(port: CommunicationPort, message_id: int, deadline: float | None) -> Message | None:
+    """The socket stirred while a ring request waits: read it once, or let the
+    thread reading it finish its round. Returns the reply if it came that way."""
+    with port._cv:
+        found = port._replies.pop(message_id, None)
+        if found is not None:
+            return found
+        port._raise_if_failed()
+        if port._reading:
+            if not port._cv.wait(remaining(deadline)):
+                raise Timeout("timed out waiting for the reply")
+            return port._replies.pop(message_id, None)
+        port._reading = True
+    try:
+        port._read(0.0, block=False)
+    finally:
+        port._end_read()
+    with port._cv:
+        found = port._replies.pop(message_id, None)
+        if found is None:
+            port._raise_if_failed()
+        return found
+

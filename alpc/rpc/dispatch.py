@@ -1,0 +1,379 @@
+"""The I/O-free dispatch core: exported objects, access checks, deadlines, the call context.
+
+A driver (the blocking server and client today, an asyncio server later) hands
+it the data of each received call and sends whatever it returns. Running a
+call is split into ``prepare`` (decode, look up, check) and ``complete`` /
+``fail`` (encode the outcome), so an async driver can await the handler in
+between; ``handle`` does all three for a synchronous handler.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, NamedTuple
+
+from ..errors import MarshalError
+from ..protocol import Payload
+from ..security import PeerCred
+from .codec import Call, Codec, ObjectRef
+from .faults import ErrorCode, exception_type_name, typed_error_code
+from .interface import Interface, MethodSpec, ResolvedAccess, interface_methods
+
+__all__ = [
+    "CALL_INFO",
+    "Binding",
+    "CallContext",
+    "CallInfo",
+    "Dispatcher",
+    "Exported",
+    "ObjectTable",
+    "Prepared",
+    "current_call",
+    "current_deadline",
+]
+
+log = logging.getLogger("alpc.rpc")
+
+
+@dataclass(slots=True)
+class CallContext:
+    """What a handler knows about the call it is running (``current_call()``).
+
+    ``caller`` is the kernel-verified identity of the peer; ``deadline`` is on
+    the CLOCK_MONOTONIC clock shared by the processes of one machine.
+    """
+
+    caller: PeerCred
+    interface: str
+    method: str
+    deadline: float | None
+    oneway: bool
+
+    def remaining(self) -> float | None:
+        """Seconds left before the caller's deadline (never negative); None if it set none."""
+        if self.deadline is None:
+            return None
+        return max(0.0, self.deadline - time.monotonic())
+
+    @property
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+
+# The running call as a plain tuple (caller, interface, method, deadline, oneway):
+# cheaper to make per call than a CallContext, which is built only when asked for.
+CallInfo = tuple[PeerCred, str, str, float | None, bool]
+CALL_INFO: ContextVar[CallInfo | None] = ContextVar("alpc_rpc_call", default=None)
+
+
+def current_call() -> CallContext:
+    """The context of the RPC call this handler runs; LookupError outside one."""
+    info = CALL_INFO.get()
+    if info is None:
+        raise LookupError("not inside an RPC call")
+    return CallContext(*info)
+
+
+def current_deadline() -> float | None:
+    info = CALL_INFO.get()
+    return None if info is None else info[3]
+
+
+# -- exported objects ---------------------------------------------------------------
+
+
+class Binding(NamedTuple):
+    """One callable method of one exported object, with its arity precomputed."""
+
+    spec: MethodSpec
+    fn: Callable[..., Any]
+    access: ResolvedAccess | None
+    # A call with no kwargs and fast_min <= len(args) <= fast_max binds for sure;
+    # anything else is checked against the signature.
+    fast_min: int
+    fast_max: int
+    signature: inspect.Signature | None
+
+
+@lru_cache(maxsize=1024)
+def _method_arity(function: Callable[..., Any]) -> tuple[int, int, inspect.Signature | None]:
+    """The arity of a plain method, cached per function (every export of a class shares it)."""
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):
+        return 1, 0, None
+    return _arity(signature.replace(parameters=list(signature.parameters.values())[1:]))  # drop self
+
+
+def _arity(signature: inspect.Signature) -> tuple[int, int, inspect.Signature | None]:
+    params = list(signature.parameters.values())
+    kinds = inspect.Parameter
+    positional = [p for p in params if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)]
+    required = sum(1 for p in positional if p.default is p.empty)
+    if any(p.kind is kinds.KEYWORD_ONLY and p.default is p.empty for p in params):
+        return 1, 0, signature  # never fast: a required keyword-only argument
+    if any(p.kind is kinds.VAR_POSITIONAL for p in params):
+        return required, sys.maxsize, signature
+    return required, len(positional), signature
+
+
+class Exported:
+    """An object in an ObjectTable, with its method table built once."""
+
+    __slots__ = ("bindings", "interface", "obj", "ref", "refs")
+
+    def __init__(self, object_id: int, obj: Interface) -> None:
+        specs = interface_methods(obj) or {}
+        self.obj = obj
+        self.interface = type(obj).__alpc_name__
+        self.bindings = {name: _bind(obj, spec) for name, spec in specs.items()}
+        self.ref = ObjectRef(object_id, self.interface, {name: spec.oneway for name, spec in specs.items()})
+        self.refs = 0
+
+
+def _bind(obj: Interface, spec: MethodSpec) -> Binding:
+    bound = getattr(obj, spec.name)
+    declared = inspect.getattr_static(type(obj), spec.name, None)
+    if inspect.isfunction(declared) and spec.name not in getattr(obj, "__dict__", {}):
+        fast_min, fast_max, signature = _method_arity(declared)
+    else:  # a staticmethod, classmethod, callable object or per-instance attribute
+        try:
+            fast_min, fast_max, signature = _arity(inspect.signature(bound))
+        except (TypeError, ValueError):
+            fast_min, fast_max, signature = 1, 0, None
+    access = spec.access.resolve() if spec.access is not None else None
+    return Binding(spec, bound, access, fast_min, fast_max, signature)
+
+
+class ObjectTable:
+    """The objects one side of a connection lets the other call, by object id.
+
+    Id 0 is the object a server serves; objects passed as call arguments get
+    ids from 1 and stay exported while a call that carries them is running.
+    """
+
+    def __init__(self, served: Interface | None = None) -> None:
+        self._lock = threading.Lock()
+        self._objects: dict[int, Exported] = {}
+        self._ids: dict[int, int] = {}  # id(obj) -> object id, for exported arguments
+        self._next_id = 1
+        if served is not None:
+            self._objects[0] = Exported(0, served)
+        # The table's own dict.get: looked up on every call.
+        self.lookup: Callable[[int], Exported | None] = self._objects.get
+
+    def get(self, object_id: int) -> Exported | None:
+        return self._objects.get(object_id)
+
+    def export(self, obj: object) -> ObjectRef | None:
+        """Export ``obj`` for the duration of one call; None if it is not an interface object."""
+        if not isinstance(obj, Interface):
+            return None
+        with self._lock:
+            object_id = self._ids.get(id(obj))
+            if object_id is None:
+                object_id = self._allocate()
+                entry = Exported(object_id, obj)
+                self._objects[object_id] = entry
+                self._ids[id(obj)] = object_id
+            else:
+                entry = self._objects[object_id]
+            entry.refs += 1
+            return entry.ref
+
+    def _allocate(self) -> int:
+        while self._next_id in self._objects:
+            self._next_id = self._next_id % 0xFFFFFFFF + 1
+        object_id = self._next_id
+        self._next_id = self._next_id % 0xFFFFFFFF + 1
+        return object_id
+
+    def release(self, object_ids: list[int]) -> None:
+        with self._lock:
+            for object_id in object_ids:
+                entry = self._objects.get(object_id)
+                if entry is None or object_id == 0:
+                    continue
+                entry.refs -= 1
+                if entry.refs <= 0:
+                    del self._objects[object_id]
+                    del self._ids[id(entry.obj)]
+
+    def __len__(self) -> int:
+        return len(self._objects)
+
+
+# -- dispatch -------------------------------------------------------------------------
+
+
+# A call that passed every check, ready to run: (handler, args, kwargs, call info).
+Prepared = tuple[Callable[..., Any], list[Any], dict[str, Any], CallInfo]
+
+
+class _Refused(Exception):
+    """Internal: a call refused before it ran, with the error to send back."""
+
+    def __init__(self, code: str, type_name: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.type_name = type_name
+        self.message = message
+
+
+_NO_KWARGS: dict[str, Any] = {}
+
+
+class Dispatcher:
+    """Runs received calls against an ObjectTable and encodes their outcome."""
+
+    def __init__(self, codec: Codec, objects: ObjectTable, *, caller: PeerCred, send_tracebacks: bool = False) -> None:
+        self._codec = codec
+        self._objects = objects
+        self._caller = caller
+        self._send_tracebacks = send_tracebacks
+        self._allowed: dict[ResolvedAccess, bool] = {}
+        # Bound once: the per-call path below is the RPC layer's whole server-side cost.
+        self._decode_call = codec.decode_call
+        self._encode_result = codec.encode_result
+        self._lookup = objects.lookup
+
+    def handle(self, data: bytes, *, expects_reply: bool = True) -> Payload | None:
+        """Decode, check, run and encode one call; None when no reply is to be sent.
+
+        The common call (positional arguments that fit, no access rule, deadline
+        not passed) runs inline here; everything else goes through prepare/run.
+        """
+        try:
+            call = self._decode_call(data)
+        except MarshalError as exc:
+            refusal = self._refusal(_Refused(ErrorCode.MARSHAL, "MarshalError", str(exc)))
+            return refusal if expects_reply else None
+        object_id, name, args, kwargs, deadline = call
+        entry = self._lookup(object_id)
+        binding = None if entry is None else entry.bindings.get(name)
+        if (binding is None or binding.access is not None or kwargs
+                or not binding.fast_min <= len(args) <= binding.fast_max
+                or (deadline is not None and time.monotonic() >= deadline)):
+            try:
+                prepared = self._prepare_checked(entry, binding, call, expects_reply)
+            except _Refused as refusal:
+                return self._refusal(refusal) if expects_reply else None
+            return self.run(prepared)
+        assert entry is not None
+        token = CALL_INFO.set((self._caller, entry.interface, name, deadline, not expects_reply))
+        try:
+            result = binding.fn(*args)
+        except Exception as exc:
+            if expects_reply:
+                return self.fail(exc)
+            self._log_oneway(entry.interface, name, exc)
+            return None
+        finally:
+            CALL_INFO.reset(token)
+        if not expects_reply:
+            return None
+        try:
+            return self._encode_result(result)
+        except MarshalError as exc:
+            return self._codec.encode_error(ErrorCode.MARSHAL, "MarshalError", f"cannot marshal the result: {exc}")
+
+    def prepare(self, data: bytes, *, expects_reply: bool = True) -> Prepared | bytes:
+        """The call ready to run, or the error reply refusing it (for drivers that run calls themselves)."""
+        try:
+            call = self._codec.decode_call(data)
+        except MarshalError as exc:
+            return self._refusal(_Refused(ErrorCode.MARSHAL, "MarshalError", str(exc)))
+        object_id, name, _, _, _ = call
+        entry = self._lookup(object_id)
+        binding = None if entry is None else entry.bindings.get(name)
+        try:
+            return self._prepare_checked(entry, binding, call, expects_reply)
+        except _Refused as refusal:
+            return self._refusal(refusal)
+
+    def _log_oneway(self, interface: str, name: str, exc: Exception) -> None:
+        log.warning("one-way call %s.%s from pid %d raised %s: %s", interface, name, self._caller.pid,
+                    type(exc).__name__, exc)
+
+    def _refusal(self, refusal: _Refused) -> bytes:
+        log.debug("refused a call from pid %d: %s", self._caller.pid, refusal.message)
+        return self._codec.encode_error(refusal.code, refusal.type_name, refusal.message)
+
+    def _prepare_checked(self, entry: Exported | None, binding: Binding | None, call: Call,
+                         expects_reply: bool) -> Prepared:
+        object_id, name, args, kwargs, deadline = call
+        if entry is None:
+            raise _Refused(ErrorCode.UNKNOWN_METHOD, "UnknownMethod",
+                           f"no object {object_id} on this connection (a callback is only valid during its call)")
+        if binding is None:
+            raise _Refused(ErrorCode.UNKNOWN_METHOD, "UnknownMethod",
+                           f"interface {entry.interface!r} has no method {name[:100]!r}")
+        if binding.access is not None and not self._allows(binding.access):
+            raise _Refused(ErrorCode.ACCESS_DENIED, "AccessDenied",
+                           f"uid {self._caller.uid} gid {self._caller.gid} may not call {entry.interface}.{name}")
+        if deadline is not None and time.monotonic() >= deadline:
+            raise _Refused(ErrorCode.DEADLINE, "DeadlineExceeded",
+                           f"the deadline of {entry.interface}.{name} passed before it started")
+        kwargs = self._check_arguments(binding, args, kwargs, f"{entry.interface}.{name}")
+        return binding.fn, args, kwargs, (self._caller, entry.interface, name, deadline, not expects_reply)
+
+    def _allows(self, access: ResolvedAccess) -> bool:
+        # The caller's identity is fixed for the connection, so decide once per rule.
+        allowed = self._allowed.get(access)
+        if allowed is None:
+            allowed = self._allowed[access] = access.allows(self._caller)
+        return allowed
+
+    def _check_arguments(self, binding: Binding, args: list[Any], kwargs: dict[Any, Any] | None,
+                         where: str) -> dict[str, Any]:
+        kwargs = kwargs or _NO_KWARGS
+        for key in kwargs:
+            if type(key) is not str:
+                raise _Refused(ErrorCode.BAD_ARGUMENTS, "BadArguments", "keyword argument names must be strings")
+        if binding.signature is not None:
+            try:
+                binding.signature.bind(*args, **kwargs)
+            except TypeError as exc:
+                raise _Refused(ErrorCode.BAD_ARGUMENTS, "BadArguments", f"{where}: {exc}") from None
+        return kwargs
+
+    def run(self, prepared: Prepared) -> Payload | None:
+        """Run a prepared synchronous call; its reply, or None for a one-way call."""
+        fn, args, kwargs, info = prepared
+        token = CALL_INFO.set(info)
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as exc:
+            if not info[4]:
+                return self.fail(exc)
+            self._log_oneway(info[1], info[2], exc)
+            return None
+        finally:
+            CALL_INFO.reset(token)
+        return None if info[4] else self.complete(result)
+
+    def complete(self, result: Any) -> Payload:
+        """The reply for a call that returned ``result``."""
+        try:
+            return self._codec.encode_result(result)
+        except MarshalError as exc:
+            return self._codec.encode_error(ErrorCode.MARSHAL, "MarshalError", f"cannot marshal the result: {exc}")
+
+    def fail(self, exc: BaseException) -> Payload:
+        """The reply for a call whose handler raised ``exc``."""
+        code = typed_error_code(exc)
+        tb = "".join(traceback.format_exception(exc)) if self._send_tracebacks else None
+        try:
+            message = str(exc)
+        except Exception:  # a broken __str__ must not take the server down
+            message = f"<unprintable {type(exc).__name__}>"
+        return self._codec.encode_error(code, exception_type_name(exc), message, tb)

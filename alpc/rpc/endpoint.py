@@ -1,0 +1,242 @@
+"""One RPC connection, either side: calls out through proxies and serves the calls that come in.
+
+Client and server are symmetric here: each side has an ObjectTable of what it
+lets the peer call (the served object on a server, callback objects passed as
+arguments on either side) and makes calls on the peer's objects. While a call
+waits for its reply, the calls the peer makes back (nested callbacks) are
+served on the waiting thread, through ``CommunicationPort.request(on_message=)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+from ..errors import ConnectionClosed, DeadlineExceeded, MarshalError, MessageTooLarge, Timeout
+from ..port import CommunicationPort
+from ..protocol import Message
+from ..wire import MessageType
+from .codec import DEFAULT_LIMITS, INLINE_THRESHOLD, Codec, Limits, ObjectRef
+from .dispatch import CALL_INFO, Dispatcher, ObjectTable
+from .faults import ErrorCode
+from .interface import Interface
+
+__all__ = [
+    "Endpoint",
+    "Proxy",
+    "RemoteObject",
+    "make_proxy",
+    "with_timeout",
+]
+
+log = logging.getLogger("alpc.rpc")
+
+P = TypeVar("P")
+
+
+class Endpoint:
+    """Calls and serving for one established connection."""
+
+    def __init__(
+        self,
+        comm: CommunicationPort,
+        objects: ObjectTable,
+        *,
+        limits: Limits = DEFAULT_LIMITS,
+        inline_threshold: int = INLINE_THRESHOLD,
+        send_tracebacks: bool = False,
+        reply_timeout: float = 5.0,
+        call_timeout: float | None = None,
+        on_drop: Callable[[Endpoint], None] | None = None,
+    ) -> None:
+        self.comm = comm
+        self._on_drop = on_drop
+        self.objects = objects
+        self.codec = Codec(limits=limits, inline_threshold=inline_threshold,
+                           export=objects.export, import_object=self._import)
+        self.dispatcher = Dispatcher(self.codec, objects, caller=comm.peer, send_tracebacks=send_tracebacks)
+        self.reply_timeout = reply_timeout
+        self.call_timeout = call_timeout
+        # Bound once: these run on every call.
+        self._serve = self.serve
+        self._handle = self.dispatcher.handle
+        self._encode_call = self.codec.encode_call
+        self._result = self.codec.result
+        self._request = comm.request
+        self._reply = comm.reply
+
+    # -- calling out -------------------------------------------------------------
+
+    def call(self, object_id: int, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+             timeout: float | None) -> Any:
+        """A two-way call; serves the peer's nested calls while it waits."""
+        if timeout is None and CALL_INFO.get() is None:
+            deadline = wait = None
+        else:
+            deadline = _deadline(timeout)
+            wait = _remaining(deadline, method)
+        payload, exported = self._encode_call(object_id, method, args, kwargs, deadline)
+        try:
+            reply = self._request(payload, wait, on_message=self._serve)
+        finally:
+            if exported:
+                self.objects.release(exported)
+        return self._result(reply.data)
+
+    def notify(self, object_id: int, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+               timeout: float | None) -> None:
+        """A one-way call: a datagram, no reply, errors stay on the peer's side."""
+        deadline = _deadline(timeout)
+        payload, exported = self.codec.encode_call(object_id, method, args, kwargs, deadline)
+        if exported:
+            self.objects.release(exported)
+            raise MarshalError(f"{method} is one-way: nobody would serve the objects passed to it")
+        self.comm.send(payload, _remaining(deadline, method))
+
+    def _import(self, ref: ObjectRef) -> RemoteObject:
+        return RemoteObject(self, ref, self.call_timeout)
+
+    # -- serving -----------------------------------------------------------------
+
+    def serve(self, message: Message) -> None:
+        """Run one received call (REQUEST or DATAGRAM) and reply to a REQUEST."""
+        kind = message.type
+        if kind is not _REQUEST:
+            if kind is MessageType.DATAGRAM:
+                self._handle(message.data, expects_reply=False)
+            return
+        payload = self._handle(message.data)
+        assert payload is not None
+        try:
+            try:
+                self._reply(message, payload, self.reply_timeout)
+            except MessageTooLarge as exc:
+                self.comm.reply(message, self.codec.encode_error(ErrorCode.TOO_LARGE, "MessageTooLarge", str(exc)),
+                                self.reply_timeout)
+        except Timeout:
+            log.warning("pid %d does not read its replies; closing the connection", self.comm.peer.pid)
+            self.comm.close()
+            if self._on_drop is not None:
+                self._on_drop(self)  # no notice will come for a connection we closed ourselves
+        except ConnectionClosed:
+            pass  # the caller went away; its notice reaches whoever waits on the port
+
+
+_REQUEST = MessageType.REQUEST
+
+
+def _deadline(timeout: float | None) -> float | None:
+    """Our own deadline, or the one of the call we are serving if that ends sooner."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    info = CALL_INFO.get()
+    inherited = None if info is None else info[3]
+    if inherited is not None and (deadline is None or inherited < deadline):
+        deadline = inherited
+    return deadline
+
+
+def _remaining(deadline: float | None, method: str) -> float | None:
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise DeadlineExceeded(f"the deadline for {method} passed before the call was sent")
+    return left
+
+
+# -- proxies ------------------------------------------------------------------------
+
+
+class Proxy:
+    """Base of every proxy: calls go to object ``_object_id`` on the peer."""
+
+    __slots__ = ("_endpoint", "_object_id", "_timeout")
+
+    def __init__(self, endpoint: Endpoint, object_id: int, timeout: float | None) -> None:
+        self._endpoint = endpoint
+        self._object_id = object_id
+        self._timeout = timeout
+
+    def _copy(self, timeout: float | None) -> Proxy:
+        clone = object.__new__(type(self))
+        Proxy.__init__(clone, self._endpoint, self._object_id, timeout)
+        return clone
+
+
+def _caller(name: str, oneway: bool) -> Callable[..., Any]:
+    if oneway:
+        def call(self: Proxy, *args: Any, **kwargs: Any) -> Any:
+            self._endpoint.notify(self._object_id, name, args, kwargs, self._timeout)
+    else:
+        def call(self: Proxy, *args: Any, **kwargs: Any) -> Any:
+            return self._endpoint.call(self._object_id, name, args, kwargs, self._timeout)
+    call.__name__ = call.__qualname__ = name
+    return call
+
+
+_proxy_classes: dict[type[Interface], type[Proxy]] = {}
+
+
+def proxy_class(interface: type[Interface]) -> type[Proxy]:
+    """A Proxy subclass with one method per declared method, built once per interface."""
+    cls = _proxy_classes.get(interface)
+    if cls is None:
+        namespace: dict[str, Any] = {"__slots__": ()}
+        for name, spec in interface.__alpc_methods__.items():
+            namespace[name] = _caller(name, spec.oneway)
+        cls = _proxy_classes.setdefault(interface, type(f"{interface.__name__}Proxy", (Proxy,), namespace))
+    return cls
+
+
+def make_proxy(interface: type[P], endpoint: Endpoint, object_id: int, timeout: float | None) -> P:
+    if not (isinstance(interface, type) and issubclass(interface, Interface)):
+        raise TypeError(f"an RPC interface is an Interface subclass, not {interface!r}")
+    spec: type[Interface] = interface
+    return cast(P, proxy_class(spec)(endpoint, object_id, timeout))
+
+
+class RemoteObject(Proxy):
+    """An object the peer passed us (a callback): valid until the call that passed it returns.
+
+    Its methods are the ones the peer declared; call it like the local object,
+    or like a function if it is an ``alpc.rpc.callback``.
+    """
+
+    __slots__ = ("_ref",)
+
+    def __init__(self, endpoint: Endpoint, ref: ObjectRef, timeout: float | None) -> None:
+        super().__init__(endpoint, ref.object_id, timeout)
+        self._ref = ref
+
+    def _copy(self, timeout: float | None) -> Proxy:
+        return RemoteObject(self._endpoint, self._ref, timeout)
+
+    @property
+    def interface(self) -> str:
+        return self._ref.interface
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        oneway = self._ref.methods.get(name)
+        if oneway is None:
+            raise AttributeError(f"remote {self._ref.interface!r} object has no method {name!r}")
+        caller = _caller(name, oneway)
+        return lambda *args, **kwargs: caller(self, *args, **kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.__getattr__("call")(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<RemoteObject {self._ref.interface!r} id {self._ref.object_id}>"
+
+
+def with_timeout(proxy: P, timeout: float | None) -> P:
+    """The same proxy with another per-call timeout (the deadline the server sees)."""
+    if not isinstance(proxy, Proxy):
+        raise TypeError(f"not an RPC proxy: {proxy!r}")
+    if timeout is not None and timeout < 0:
+        raise ValueError(f"timeout must be >= 0 or None, got {timeout}")
+    return cast(P, proxy._copy(timeout))

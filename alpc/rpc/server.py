@@ -1,0 +1,232 @@
+"""The blocking RPC server: serve interface objects on a named port to many clients at once.
+
+A bounded pool of threads takes turns at ``ConnectionPort.wait()`` (leader and
+followers): one thread waits, and when an event arrives it hands the wait to
+the next thread and runs the call itself, so a call is served on the thread
+that received it, with no hand-off on the latency path. The loop holds no RPC
+logic: connections are admitted by ``Admission`` and calls run by each
+connection's ``Endpoint`` / ``Dispatcher``, so a completion-port or asyncio
+loop can reuse both.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from collections.abc import Iterable
+
+from .. import port as _port
+from ..config import Config, PortAttributes
+from ..errors import ConnectionClosed, MarshalError, PeerGone, Timeout
+from ..port import CommunicationPort, ConnectionPort, ConnectionRequest
+from ..protocol import Message
+from ..wire import MessageType
+from .client import INCOMPATIBLE
+from .codec import DEFAULT_LIMITS, INLINE_THRESHOLD, Limits
+from .dispatch import ObjectTable
+from .endpoint import Endpoint
+from .hello import RPC_VERSION, decode_hello, encode_hello
+from .interface import Interface, version_compatible
+from .turns import Turns
+
+__all__ = ["Admission", "Server"]
+
+log = logging.getLogger("alpc.rpc")
+
+_REQUEST = MessageType.REQUEST
+
+
+class Admission:
+    """Decides which interface object a connecting client gets, from its connect data (no I/O)."""
+
+    def __init__(self, objects: Iterable[Interface]) -> None:
+        self._objects: dict[str, Interface] = {}
+        for obj in objects:
+            if not isinstance(obj, Interface):
+                raise TypeError(f"only Interface objects can be served, not {obj!r}")
+            name = type(obj).__alpc_name__
+            if name in self._objects:
+                raise ValueError(f"two objects serve interface {name!r}")
+            self._objects[name] = obj
+        if not self._objects:
+            raise ValueError("a server needs at least one Interface object")
+
+    def choose(self, connect_data: bytes) -> Interface | str:
+        """The object to serve, or the reason to reject the client."""
+        try:
+            hello = decode_hello(connect_data)
+        except MarshalError as exc:
+            return f"not an alpc RPC client: {exc}"
+        if hello.rpc != RPC_VERSION:
+            return f"{INCOMPATIBLE} RPC protocol version {hello.rpc}; this server speaks {RPC_VERSION}"
+        obj = self._objects.get(hello.interface)
+        if obj is None:
+            return f"interface {hello.interface[:128]!r} is not served here (serving: {', '.join(self.describe())})"
+        version = type(obj).__alpc_version__
+        if not version_compatible(hello.version, version):
+            return (f"{INCOMPATIBLE} interface version: the client wants {hello.interface} "
+                    f"{hello.version[0]}.{hello.version[1]}, the server has {version[0]}.{version[1]} "
+                    f"(same major version and a server minor at least the client's are needed)")
+        return obj
+
+    def describe(self) -> list[str]:
+        return [f"{name} {type(obj).__alpc_version__[0]}.{type(obj).__alpc_version__[1]}"
+                for name, obj in sorted(self._objects.items())]
+
+
+class Server:
+    """Serves Interface objects on the named port ``name``.
+
+    ``workers`` bounds how many calls run at once (and so how many threads
+    exist); ``takeover_after`` is how long one call may run before another
+    worker takes over waiting for events (0: hand over on every event).
+    ``start()`` returns at once, for embedding in a program that does other
+    work; ``serve_forever()`` blocks. Use as a context manager to start and
+    stop it.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *objects: Interface,
+        workers: int = 4,
+        attributes: PortAttributes | None = None,
+        config: Config | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+        inline_threshold: int = INLINE_THRESHOLD,
+        send_tracebacks: bool = False,
+        reply_timeout: float = 5.0,
+        takeover_after: float = 0.005,
+        poll_interval: float = 0.1,
+    ) -> None:
+        if workers < 1:
+            raise ValueError("workers must be >= 1")
+        self.name = name
+        self._admission = Admission(objects)
+        self._workers = workers
+        self._attributes = attributes
+        self._config = config
+        self._make_endpoint = functools.partial(Endpoint, limits=limits, inline_threshold=inline_threshold,
+                                                send_tracebacks=send_tracebacks, reply_timeout=reply_timeout)
+        self._poll_interval = poll_interval
+        self._port: ConnectionPort | None = None
+        self._endpoints: dict[CommunicationPort, Endpoint] = {}
+        self._endpoints_lock = threading.Lock()
+        self._turns = Turns(takeover_after=takeover_after)
+        self._stopping = threading.Event()
+        self._lifecycle = threading.Lock()
+        self._threads: list[threading.Thread] = []
+
+    def __repr__(self) -> str:
+        return f"<rpc.Server {self.name!r} serving {', '.join(self._admission.describe())}>"
+
+    @property
+    def connections(self) -> int:
+        with self._endpoints_lock:
+            return len(self._endpoints)
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self) -> Server:
+        """Create the port and start the worker threads. Raises NameInUse, BrokerUnavailable..."""
+        with self._lifecycle:
+            if self._port is not None or self._stopping.is_set():
+                raise RuntimeError("the server was already started or stopped (a Server starts once)")
+            self._port = _port.create_port(self.name, self._attributes, config=self._config)
+            for index in range(self._workers):
+                thread = threading.Thread(target=self._work, name=f"alpc-rpc-{self.name}-{index}", daemon=True)
+                thread.start()
+                self._threads.append(thread)
+        return self
+
+    def serve_forever(self, timeout: float | None = None) -> None:
+        """Start (if needed) and block until ``stop()`` is called or ``timeout`` passes."""
+        if self._port is None:
+            self.start()
+        self._stopping.wait(timeout)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop taking events, let running calls finish (up to ``timeout``), close every connection."""
+        self._stopping.set()
+        self._turns.stop()
+        deadline = time.monotonic() + timeout
+        with self._lifecycle:  # a start() on another thread finishes first
+            for thread in self._threads:
+                if thread is not threading.current_thread():
+                    thread.join(max(0.0, deadline - time.monotonic()))
+            if self._port is not None:
+                self._port.close()
+        with self._endpoints_lock:
+            self._endpoints.clear()
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- the loop ------------------------------------------------------------------
+
+    def _work(self) -> None:
+        port = self._port
+        assert port is not None
+        turns = self._turns
+        shared = self._workers > 1  # a lone worker has nobody to hand the wait to
+        while turns.lead():
+            while True:
+                if turns.stopping:
+                    turns.resign()
+                    return
+                try:
+                    event = port.wait(timeout=self._poll_interval)
+                except Timeout:
+                    continue
+                except ConnectionClosed:
+                    turns.resign()
+                    return
+                if shared:
+                    turns.busy()
+                try:
+                    self._handle(event)
+                except Exception:
+                    log.exception("unexpected error while handling %r", event)
+                if shared and not turns.done():
+                    break  # another worker took over the wait while this call ran
+
+    def _handle(self, event: ConnectionRequest | Message) -> None:
+        if isinstance(event, ConnectionRequest):
+            self._admit(event)
+            return
+        if event.type is _REQUEST or event.type is MessageType.DATAGRAM:
+            endpoint = self._endpoints.get(event.port) or self._endpoint_for(event.port)
+            if endpoint is not None:
+                endpoint.serve(event)
+            return
+        with self._endpoints_lock:
+            self._endpoints.pop(event.port, None)
+
+    def _admit(self, request: ConnectionRequest) -> None:
+        choice = self._admission.choose(request.data)
+        if isinstance(choice, str):
+            log.info("rejected pid %d: %s", request.client.pid, choice)
+            request.reject(choice)
+            return
+        accept_data = encode_hello(type(choice).__alpc_name__, type(choice).__alpc_version__)
+        with self._endpoints_lock:
+            # Held across accept so a first call cannot arrive before its endpoint exists.
+            try:
+                comm = request.accept(accept_data)
+            except PeerGone:
+                return
+            self._endpoints[comm] = self._make_endpoint(comm, ObjectTable(choice), on_drop=self._drop)
+
+    def _drop(self, endpoint: Endpoint) -> None:
+        with self._endpoints_lock:
+            self._endpoints.pop(endpoint.comm, None)
+
+    def _endpoint_for(self, comm: CommunicationPort) -> Endpoint | None:
+        # A message can beat its endpoint into the table while _admit holds the lock.
+        with self._endpoints_lock:
+            return self._endpoints.get(comm)

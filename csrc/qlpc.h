@@ -1,0 +1,161 @@
+/* Quick-LPC: a connection's pair of shared-memory rings with futex wake-ups.
+ * This header is also part of the cffi cdef (build_ffi.py strips the include
+ * guard): keep it free of other macros.
+ *
+ * Layout of the region (one sealed memfd, created by the server, mapped
+ * read-write by both sides):
+ *
+ *   0                     region header: magic, version, slots, slot_size
+ *   128                   the server's side words (see struct side in qlpc.c)
+ *   256                   the client's side words
+ *   512                   ring the server produces (replies), slots x slot_size
+ *   512 + slots*slot_size ring the client produces (requests)
+ *
+ * Every slot starts with a 32-byte entry header (kind, length, message id,
+ * callback id, sender tid, three reserved words) followed by the payload.
+ * Each side writes only its own words and its own ring, and keeps its own
+ * indices privately: what it reads from the other side is checked first.
+ */
+#ifndef ALPC_QLPC_H
+#define ALPC_QLPC_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+enum {
+    QLPC_SERVER = 0,
+    QLPC_CLIENT = 1,
+    QLPC_REQUEST = 1,
+    QLPC_REPLY = 2,
+    QLPC_REGION_HEADER = 512,
+    QLPC_ENTRY_HEADER = 32,
+    QLPC_MIN_SLOTS = 1,
+    QLPC_MAX_SLOTS = 1024,
+    QLPC_MIN_SLOT_SIZE = 64,
+    QLPC_MAX_SLOT_SIZE = 65536,
+    QLPC_ID_BIT = 0x40000000, /* set in the ids of ring requests, never in socket ones */
+    /* Statuses. A non-negative result is the length of a received payload. */
+    QLPC_TIMEOUT = -1,    /* nothing arrived in time */
+    QLPC_CHECK = -2,      /* the socket has something (or the peer hung up): read it */
+    QLPC_CLOSED = -3,     /* this side closed the channel */
+    QLPC_FULL = -4,       /* the ring has no free slot: send over the socket */
+    QLPC_ORDER = -5,      /* the peer has not read all our socket bytes: send over the socket */
+    QLPC_TOO_LARGE = -6,  /* the payload does not fit a slot: send over the socket */
+    QLPC_DOORBELL = -7,   /* posted; the peer waits in poll(): ring its socket doorbell */
+    QLPC_BUSY = -8,       /* another thread is posting: send over the socket */
+    QLPC_INTR = -9,       /* a signal arrived while blocked: run its handler, then wait on */
+    /* The peer broke the ring protocol; the connection must be dropped. */
+    QLPC_E_INDEX = -20,   /* an index claims more entries than the ring holds */
+    QLPC_E_KIND = -21,    /* an entry of the wrong kind for this direction */
+    QLPC_E_LENGTH = -22,  /* an entry longer than a slot's payload */
+    QLPC_E_RESERVED = -23,/* non-zero reserved words, or a zero message id */
+    QLPC_E_LAYOUT = -24,  /* the region header does not match what was agreed */
+    QLPC_E_ARGS = -25,    /* bad arguments (a bug in the caller) */
+    QLPC_E_SYSTEM = -26,  /* mmap, dup or the watcher failed */
+    /* Counters for qlpc_count. */
+    QLPC_MESSAGES_IN = 0,
+    QLPC_BYTES_IN = 1,
+    QLPC_MESSAGES_OUT = 2,
+    QLPC_BYTES_OUT = 3,
+    QLPC_SPINS_CAUGHT = 4, /* spins that saw the entry arrive */
+    QLPC_SPINS_MISSED = 5, /* spins that gave up */
+    QLPC_SLEEPS = 6,       /* FUTEX_WAITs */
+    QLPC_WAKES = 7,        /* FUTEX_WAKEs sent to the peer */
+    QLPC_COUNTERS = 8
+};
+
+/* One side's private state of a channel; opaque to Python. */
+typedef struct qlpc_chan qlpc_chan;
+
+/* What a wait received besides the payload. */
+typedef struct {
+    uint32_t message_id;
+    uint32_t callback_id;
+    uint32_t sender_tid;
+    uint32_t posted;   /* 1 when the call's own message went into the ring */
+    uint32_t dropped;  /* stale replies (to abandoned requests) skipped */
+} qlpc_info;
+
+/* Bytes of a region with this geometry, or 0 if the geometry is invalid
+ * (slots a power of two in [1, 1024], slot_size a multiple of 64 in
+ * [64, 65536]). */
+uint64_t qlpc_region_size(uint32_t slots, uint32_t slot_size);
+
+/* Map the region in memfd (which stays the caller's) as `role`, and watch
+ * sock_fd and pidfd (both duplicated; pidfd may be -1) for the peer hanging
+ * up or dying, so a waiter blocked in the futex wakes at once. The server
+ * initialises the region; the client checks its header against the
+ * geometry agreed at connect. spin_ns bounds a wait's spinning. Returns NULL
+ * with *error set to a QLPC_E_* code on failure (errno tells more). */
+qlpc_chan *qlpc_open(int memfd, uint64_t size, uint32_t slots, uint32_t slot_size, int role,
+                     int sock_fd, int pidfd, uint32_t spin_ns, int *error);
+
+/* Stop: wake every waiter (they return QLPC_CLOSED), stop watching, wait
+ * for calls in progress to leave, unmap and close the duplicates.
+ * Idempotent; the struct itself stays valid until qlpc_free. */
+void qlpc_close(qlpc_chan *ch);
+
+/* Keep the watcher thread running even with no channel (a server port that
+ * offers the rings holds it, so connections coming and going do not start
+ * and stop a thread each). 0 or QLPC_E_SYSTEM. Every hold is released by one
+ * qlpc_unhold. */
+int qlpc_hold(void);
+void qlpc_unhold(void);
+
+/* qlpc_close, then free the struct (the cffi finalizer). */
+void qlpc_free(qlpc_chan *ch);
+
+/* 1 once the peer has attached to the rings (the client announces it). */
+int qlpc_peer_attached(qlpc_chan *ch);
+
+/* Largest payload a slot carries. */
+uint32_t qlpc_payload_max(qlpc_chan *ch);
+
+/* Client: send a request through the ring and wait for its reply (replies
+ * to abandoned requests are skipped). The request's id, chosen here, has
+ * QLPC_ID_BIT set (ids of requests sent over the socket never do) and is in
+ * info->message_id. Returns the reply's length (payload in buf, which holds
+ * qlpc_payload_max bytes), or a status; info->posted tells whether the
+ * request went out (if not, send it over the socket). One call is in flight
+ * at a time (QLPC_BUSY). deadline_ns is absolute CLOCK_MONOTONIC, -1 none. */
+int qlpc_call(qlpc_chan *ch, qlpc_info *info, char *buf, const char *data, uint32_t len, int64_t deadline_ns);
+
+/* Client: keep waiting for the reply of the call in flight (after
+ * QLPC_CHECK, QLPC_TIMEOUT or QLPC_DOORBELL from qlpc_call). */
+int qlpc_wait_reply(qlpc_chan *ch, qlpc_info *info, char *buf, int64_t deadline_ns);
+
+/* Client: the call in flight is over without a reply from the ring (its reply
+ * came over the socket, or the caller gave up: a late reply is dropped). */
+void qlpc_call_done(qlpc_chan *ch);
+
+/* Client: the id of the call in flight, 0 if none. */
+uint32_t qlpc_in_flight(qlpc_chan *ch);
+
+/* Server: reply to callback_id through the ring (none if it is 0), then wait
+ * for the next request (ALPC's reply-and-receive). Returns the request's
+ * length with its ids in info, or a status; info->posted tells whether the
+ * reply went out. timeout_ns is relative: -1 none, 0 only looks. */
+int qlpc_reply_wait(qlpc_chan *ch, qlpc_info *info, char *buf, uint32_t callback_id, const char *data,
+                    uint32_t len, int64_t timeout_ns);
+
+/* Server: reply to callback_id through the ring without waiting for anything.
+ * Returns 0 or a status (nothing was posted unless it is 0 or QLPC_DOORBELL). */
+int qlpc_reply(qlpc_chan *ch, uint32_t callback_id, const char *data, uint32_t len);
+
+/* We wrote nbytes to the socket: count them (a ring message is held back
+ * until the peer has read them, keeping the two paths in order) and wake a
+ * peer blocked in the futex so it looks at the socket. */
+void qlpc_sent(qlpc_chan *ch, uint64_t nbytes);
+
+/* We read and dispatched nbytes from the socket: tell the peer. */
+void qlpc_consumed(qlpc_chan *ch, uint64_t nbytes);
+
+/* This side is about to wait in poll() instead of the futex: a peer posting
+ * now must ring the socket doorbell. Returns 1 if entries are already
+ * waiting (do not block), 0 otherwise, or a status. */
+int qlpc_arm_poll(qlpc_chan *ch);
+
+/* This side's counters (QLPC_MESSAGES_IN ... QLPC_WAKES). */
+uint64_t qlpc_count(qlpc_chan *ch, int which);
+
+#endif

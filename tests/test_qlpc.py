@@ -1,0 +1,415 @@
+"""Quick-LPC end to end with real processes: negotiation (and declining it),
+correctness next to the socket path, timeouts, hostile rings, and SIGKILL of
+either side while the other waits on the rings."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+import alpc
+from alpc import _native, qlpc
+
+QLPC_PEERS = Path(__file__).resolve().parent / "qlpc_peers.py"
+ROOT = Path(__file__).resolve().parent.parent
+native = pytest.mark.skipif(_native.QUICK_UNAVAILABLE is not None, reason=str(_native.QUICK_UNAVAILABLE))
+# How long a survivor may take to notice a SIGKILLed peer (it is a watcher thread's
+# epoll wake-up; the bound is loose for a loaded machine).
+PROMPT = 2.0
+
+Start = Callable[..., object]
+
+
+@pytest.fixture
+def peer(spawn, runtime_dir: Path) -> Start:  # type: ignore[no-untyped-def]
+    """peer(role, name, *options, env=None) starts tests/qlpc_peers.py and waits for READY."""
+    def start(role: str, name: str, *options: str, env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+        process = spawn.argv([sys.executable, str(QLPC_PEERS), role, name, "--runtime-dir", str(runtime_dir),
+                              *options], env=env)
+        process.ready = process.expect("READY")
+        return process
+    return start
+
+
+def pure_env() -> dict[str, str]:
+    return {**os.environ, "ALPC_PUREPYTHON": "1"}
+
+
+def connect(config: alpc.Config, name: str, **options: object) -> alpc.CommunicationPort:
+    if options:
+        config = alpc.Config(runtime_dir=config.runtime_dir, **options)  # type: ignore[arg-type]
+    return alpc.connect(name, config=config, timeout=10)
+
+
+def shm_names_of(*pids: int) -> list[str]:
+    return [name for name in os.listdir("/dev/shm") if any(f"{pid}-" in name for pid in pids)]
+
+
+# -- negotiation ------------------------------------------------------------------
+
+
+@native
+def test_both_sides_use_the_rings_when_both_can(broker, config, peer) -> None:  # type: ignore[no-untyped-def]
+    server = peer("server", "q.both")
+    with connect(config, "q.both") as comm:
+        assert comm.quick
+        # The first post may find the server still in poll() and ring its socket
+        # doorbell; the next one then waits for the server to read that.
+        for i in range(3):
+            assert comm.call(f"hello{i}".encode()) == f"HELLO{i}".encode()
+        reply = comm.request(b"world", timeout=5)
+        assert (reply.type, reply.data) == (alpc.MessageType.REPLY, b"WORLD")
+        assert reply.callback_id & 0x40000000  # a ring request's id
+        server.expect("ACCEPTED")
+        counts = comm._quick.ring.counts()  # type: ignore[union-attr]
+        assert counts["messages_out"] == counts["messages_in"] >= 3
+
+
+def test_a_client_without_the_extension_declines_and_uses_the_socket(broker, config, peer) -> None:  # type: ignore[no-untyped-def]
+    """ALPC_PUREPYTHON=1 does not fake the rings: it declines them, and says why."""
+    peer("server", "q.pure")
+    client = peer("client", "q.pure", env=pure_env())
+    assert client.ready[1] == "False"
+    client.send("call abc")
+    assert client.expect("REPLY") == ["ABC"]
+
+
+def test_a_server_without_the_extension_offers_nothing(broker, config, peer) -> None:  # type: ignore[no-untyped-def]
+    server = peer("server", "q.pureserver", env=pure_env())
+    assert server.ready[1] == "False"
+    with connect(config, "q.pureserver") as comm:
+        assert not comm.quick
+        assert comm.call(b"abc") == b"ABC"
+
+
+def test_a_client_may_decline(broker, config, peer) -> None:  # type: ignore[no-untyped-def]
+    peer("server", "q.decline")
+    with connect(config, "q.decline", quick_lpc=False) as comm:
+        assert not comm.quick
+        assert comm.call(b"abc") == b"ABC"
+
+
+def test_a_port_that_does_not_opt_in_offers_nothing(broker, config, peer) -> None:  # type: ignore[no-untyped-def]
+    peer("server", "q.off", "--no-quick")
+    with connect(config, "q.off") as comm:
+        assert not comm.quick
+        assert comm.call(b"abc") == b"ABC"
+
+
+def test_unavailable_reason_matches_the_mode() -> None:
+    assert qlpc.available() == (qlpc.unavailable_reason() is None)
+    assert qlpc.available() == (_native.IMPLEMENTATION == "c")
+
+
+# -- correctness next to the socket path ------------------------------------------
+
+
+@native
+@pytest.mark.parametrize("mode", ["serve", "receive", "wait"])
+def test_small_and_large_messages_on_every_server_loop(broker, config, peer, mode: str) -> None:  # type: ignore[no-untyped-def]
+    """Small bodies take the rings, large ones the socket and sections, in both directions."""
+    peer("server", f"q.mix.{mode}", "--mode", mode)
+    with connect(config, f"q.mix.{mode}") as comm:
+        assert comm.quick
+        payload_max = comm._quick.payload_max  # type: ignore[union-attr]
+        for size in (0, 1, 64, payload_max, payload_max + 1, 4096, 1 << 20):
+            body = bytes(range(256)) * (size // 256) + b"z" * (size % 256)
+            assert comm.call(body) == body.upper()
+        for size in (10, payload_max + 1, 70000):
+            assert len(comm.call(f"big:{size}".encode())) == size
+            assert comm.request(f"big:{size}".encode(), timeout=5).data == b"b" * size
+        ring = comm._quick.ring.counts()  # type: ignore[union-attr]
+        assert ring["messages_out"] >= 4
+
+
+@native
+def test_one_senders_datagrams_and_requests_stay_in_order(broker, config, peer) -> None:  # type: ignore[no-untyped-def]
+    """Datagrams take the socket and requests the ring; the server still sees them in send order."""
+    peer("server", "q.order", "--mode", "receive")
+    with connect(config, "q.order") as comm:
+        expected = []
+        for i in range(40):
+            comm.send(f"d{i}".encode())
+            expected.append(f"D:d{i}")
+            assert comm.call(f"r{i}".encode()) == f"R{i}".encode()
+            expected.append(f"r{i}")
+            if i % 7 == 0:
+                comm.send(b"x" * 2000)  # a section datagram now and then
+                expected.append("D:" + "x" * 2000)
+        assert comm.call(b"order").decode().split(" ") == expected
+
+
+@native
+def test_a_reply_after_a_datagram_from_the_server_is_not_overtaken(broker, config, peer) -> None:  # type: ignore[no-untyped-def]
+    peer("server", "q.push")
+    with connect(config, "q.push") as comm:
+        for i in range(20):
+            assert comm.call(f"push:p{i}".encode()) == b"pushed"
+            assert comm.receive(timeout=0).data == f"p{i}".encode()
+
+
+@native
+def test_concurrent_callers_get_their_own_replies(broker, config, peer) -> None:  # type: ignore[no-untyped-def]
+    """One call at a time takes the rings; the others take the socket; every reply is matched."""
+    peer("server", "q.threads", "--mode", "receive")
+    errors: list[str] = []
+    with connect(config, "q.threads") as comm:
+        def caller(n: int) -> None:
+            for i in range(150):
+                body = f"t{n}-{i}".encode()
+                got = comm.call(body, timeout=10) if i % 2 else comm.request(body, timeout=10).data
+                if got != body.upper():
+                    errors.append(f"{body!r} got {got!r}")
+
+        threads = [threading.Thread(target=caller, args=(n,)) for n in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert not errors
+        counts = comm._quick.ring.counts()  # type: ignore[union-attr]
+        assert 0 < counts["messages_out"] < 900
+
+
+@native
+def test_a_call_times_out_and_its_late_reply_is_dropped(broker, config, peer) -> None:  # type: ignore[no-untyped-def]
+    server = peer("server", "q.timeout", "--mode", "receive")
+    with connect(config, "q.timeout") as comm:
+        started = time.monotonic()
+        with pytest.raises(alpc.Timeout):
+            comm.call(b"noreply", timeout=0.2)
+        assert 0.2 <= time.monotonic() - started < 2
+        server.expect("NOREPLY")
+        with pytest.raises(alpc.Timeout):
+            comm.request(b"noreply", timeout=0.1)
+        for i in range(20):
+            assert comm.call(f"after{i}".encode(), timeout=5) == f"AFTER{i}".encode()
+
+
+# -- peers killed while the other side waits on the rings ------------------------
+
+
+@native
+@pytest.mark.parametrize("mode", ["serve", "receive", "wait"])
+def test_sigkill_of_the_server_during_a_call(broker, config, peer, mode: str) -> None:  # type: ignore[no-untyped-def]
+    server = peer("server", f"q.kill.{mode}", "--mode", mode)
+    server_pid = int(server.ready[0])
+    with connect(config, f"q.kill.{mode}") as comm:
+        assert comm.call(b"warm") == b"WARM"
+        failure: list[BaseException] = []
+
+        def hang() -> None:
+            try:
+                comm.call(b"noreply", timeout=30)
+            except BaseException as exc:
+                failure.append(exc)
+
+        waiter = threading.Thread(target=hang)
+        waiter.start()
+        server.expect("NOREPLY")
+        killed = time.monotonic()
+        server.kill()
+        waiter.join(10)
+        assert not waiter.is_alive()
+        assert time.monotonic() - killed < PROMPT
+        assert isinstance(failure[0], alpc.PeerGone)
+        with pytest.raises(alpc.PeerGone):
+            comm.call(b"again")
+    assert shm_names_of(server_pid, os.getpid()) == []
+
+
+@native
+@pytest.mark.parametrize("mode", ["serve", "receive", "wait"])
+def test_sigkill_of_the_client_during_a_wait(broker, config, peer, mode: str) -> None:  # type: ignore[no-untyped-def]
+    """The server is blocked on the rings (serve_requests / receive) or in poll (wait)."""
+    server = peer("server", f"q.clientkill.{mode}", "--mode", mode)
+    client = peer("client", f"q.clientkill.{mode}")
+    assert client.ready[1] == "True"
+    client.send("call warm")
+    assert client.expect("REPLY") == ["WARM"]
+    server.expect("ACCEPTED")
+    killed = time.monotonic()
+    client.kill()
+    words = server.expect("CLIENT_DIED")
+    assert time.monotonic() - killed < PROMPT
+    assert words[0] == str(client.pid)
+    # The server goes on serving others.
+    with connect(config, f"q.clientkill.{mode}") as comm:
+        assert comm.call(b"still") == b"STILL"
+    assert shm_names_of(client.pid, int(server.ready[0])) == []
+
+
+@native
+def test_sigkill_of_the_client_mid_write(broker, config, peer) -> None:  # type: ignore[no-untyped-def]
+    """A client killed half way through an entry leaves bytes but no published index."""
+    server = peer("server", "q.halfway")
+    hostile = peer("hostile", "q.halfway", "--damage", "half")
+    hostile.expect("DAMAGED")
+    hostile.kill()
+    assert server.expect("CLIENT_DIED")[0] == str(hostile.pid)
+    with connect(config, "q.halfway") as comm:
+        assert comm.call(b"fine") == b"FINE"
+
+
+# -- hostile rings ------------------------------------------------------------------
+
+
+@native
+@pytest.mark.parametrize(("damage", "reason"), [
+    ("length", "longer_than_its_slot"),
+    ("index", "claims_more_entries"),
+    ("kind", "wrong_kind"),
+    ("reserved", "reserved_words"),
+    ("id", "missing_id"),
+])
+def test_a_hostile_client_loses_only_its_own_connection(broker, config, peer, damage: str,  # type: ignore[no-untyped-def]
+                                                       reason: str) -> None:
+    server = peer("server", f"q.hostile.{damage}")
+    with connect(config, f"q.hostile.{damage}") as honest:
+        hostile = peer("hostile", f"q.hostile.{damage}", "--damage", damage)
+        assert hostile.ready[1] == "True"
+        hostile.expect("DAMAGED")
+        words = server.expect("CLIENT_DIED")
+        assert words[0] == str(hostile.pid)
+        assert "protocol_error" in words[1] and reason in words[1]
+        assert honest.call(b"unaffected") == b"UNAFFECTED"
+
+
+@native
+@pytest.mark.parametrize(("damage", "reason"), [
+    ("length", "longer than its slot"),
+    ("index", "claims more entries"),
+    ("kind", "wrong kind"),
+    ("reserved", "reserved words"),
+    ("id", "missing id"),
+])
+def test_a_hostile_server_gets_the_client_to_drop_the_connection(broker, config, peer, damage: str,  # type: ignore[no-untyped-def]
+                                                                 reason: str) -> None:
+    server = peer("server", f"q.badserver.{damage}", "--hostile-reply", damage)
+    with connect(config, f"q.badserver.{damage}") as comm:
+        with pytest.raises(alpc.PeerGone, match=reason):
+            comm.call(b"victim", timeout=10)
+        assert server.expect("REQUEST") == ["victim", "True"]
+        assert comm.closed
+    server.expect("CLIENT_DIED")
+
+
+@native
+def test_an_unsealed_or_write_sealed_ring_is_refused(tmp_path: Path) -> None:
+    """A server's memfd must be size-sealed (no SIGBUS) and writable by us."""
+    import fcntl
+
+    size = _native.quick_region_size(2, 64)
+    for seals in (0, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE):
+        fd = os.memfd_create("hostile", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.ftruncate(fd, size)
+        if seals:
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+        with pytest.raises(alpc.ProtocolError):
+            qlpc.QuickLink.accept(fd, 2, 64, 0, 0, None)  # consumes fd (the leak check would notice)
+
+
+def test_the_peers_script_runs_standalone() -> None:
+    done = subprocess.run([sys.executable, str(QLPC_PEERS), "--help"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=30)
+    assert done.returncode == 0 and "hostile" in done.stdout
+
+
+@native
+def test_both_sides_in_one_process_leave_nothing_behind(broker, config) -> None:  # type: ignore[no-untyped-def]
+    """The port holds the watcher thread while it lives; closing everything stops it (no fds left)."""
+    with alpc.create_port("q.local", alpc.PortAttributes(quick_lpc=True), config=config) as port:
+        def accept(into: list[alpc.CommunicationPort]) -> None:
+            into.append(port.listen(timeout=10).accept())
+
+        for round_ in range(3):
+            accepted: list[alpc.CommunicationPort] = []
+            listener = threading.Thread(target=accept, args=(accepted,))
+            listener.start()
+            client = connect(config, "q.local")
+            listener.join(10)
+            server = accepted[0]
+            serving = threading.Thread(target=server.serve_requests, args=(lambda body: body[::-1], 10))
+            serving.start()
+            assert client.quick
+            for i in range(50):
+                assert client.call(f"{round_}-{i}".encode()) == f"{round_}-{i}".encode()[::-1]
+            client.close()
+            serving.join(10)
+            assert not serving.is_alive()
+            server.close()
+
+
+@native
+def test_a_signal_handler_interrupts_a_blocked_call(broker, config, peer) -> None:  # type: ignore[no-untyped-def]
+    """A call blocked on the rings still lets Python run signal handlers (Ctrl-C, alarms)."""
+    class Alarm(Exception):
+        pass
+
+    def ring(*_: object) -> None:
+        raise Alarm
+
+    server = peer("server", "q.signal", "--mode", "receive")
+    previous = signal.signal(signal.SIGALRM, ring)
+    try:
+        with connect(config, "q.signal") as comm:
+            assert comm.call(b"warm") == b"WARM"
+            started = time.monotonic()
+            signal.setitimer(signal.ITIMER_REAL, 0.3)
+            with pytest.raises(Alarm):
+                comm.call(b"noreply", timeout=30)
+            assert time.monotonic() - started < 5
+            server.expect("NOREPLY")
+            # The abandoned request's reply would be dropped; the connection goes on.
+            assert comm.call(b"next") == b"NEXT"
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@native
+def test_a_forked_child_does_not_disturb_the_parent(broker, config, peer) -> None:  # type: ignore[no-untyped-def]
+    """The fork handlers leave the child a usable library and the parent its watcher."""
+    peer("server", "q.fork")
+    with connect(config, "q.fork") as comm:
+        assert comm.call(b"before") == b"BEFORE"
+        child = os.fork()
+        if child == 0:
+            os._exit(0)
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        for i in range(20):
+            assert comm.call(f"after{i}".encode()) == f"AFTER{i}".encode()
+
+
+@native
+def test_many_clients_of_one_multiplexing_server(broker, config, peer) -> None:  # type: ignore[no-untyped-def]
+    """ConnectionPort.wait() serves every client; ring requests reach it through doorbells."""
+    peer("server", "q.many", "--mode", "wait")
+    comms = [connect(config, "q.many") for _ in range(6)]
+    errors: list[str] = []
+    try:
+        def caller(n: int) -> None:
+            for i in range(100):
+                body = f"c{n}-{i}".encode()
+                if comms[n].call(body, timeout=10) != body.upper():
+                    errors.append(body.decode())
+
+        threads = [threading.Thread(target=caller, args=(n,)) for n in range(len(comms))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert not errors
+        assert all(comm.quick for comm in comms)
+    finally:
+        for comm in comms:
+            comm.close()
