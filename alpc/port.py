@@ -271,6 +271,8 @@ class CommunicationPort:
             if quick is not None and quick.server and quick.active:
                 other = quick.serve(self, handler, timeout)
                 if other is not None:
+                    if other.type is MessageType.DATAGRAM:
+                        self._credit_check()
                     return other
             # The slow way, one message at a time (the rings may be taken up meanwhile).
             message = self.receive(timeout)
@@ -659,13 +661,15 @@ class CommunicationPort:
 
             def take() -> Message | None:
                 if inbox and inbox[0].type in _INCOMING:
-                    return inbox.popleft()
+                    return self._pop_inbox()  # (a datagram taken frees its credit)
                 return replies.pop(message_id, None)
 
             while True:
                 found = self._wait_for(take, deadline, "the reply")
                 if found.type is MessageType.REPLY:
                     return found
+                if found.type is MessageType.DATAGRAM:
+                    self._credit_check()
                 on_message(found)
         except BaseException:
             with self._state:

@@ -153,3 +153,15 @@ def test_quick_lpc_rings_leave_fds_and_identity_to_the_socket(broker: alpc.Broke
     assert "fds=pipe" in server.expect("REQUEST")
     with pytest.raises(ValueError, match="Quick-LPC"):
         alpc.PortAttributes(quick_lpc=True, refuse_identity_change=True)
+
+
+def test_datagrams_taken_by_a_nested_callback_return_their_credit(broker: alpc.Broker, runtime_dir: Path,  # type: ignore[no-untyped-def]
+                                                                  role) -> None:
+    server = role("server", "svc.push")
+    server.expect("READY")
+    config = alpc.Config(runtime_dir=runtime_dir, max_queued_datagrams=2)
+    taken: list[bytes] = []
+    with alpc.connect("svc.push", config=config, timeout=5) as comm:
+        # Ten datagrams through a window of two: each one handed to on_message frees its slot.
+        reply = comm.request(b"push:10", timeout=10, on_message=lambda message: taken.append(message.data))
+        assert reply.data == b"pushed" and taken == [b"pushed datagram"] * 10

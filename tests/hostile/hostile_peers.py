@@ -7,7 +7,8 @@ after every import: the interpreter lives under /root, which is 0700.
 
 - ``server``: one ``wait()`` loop serving every client; its port's ACL, limits
   and handle kinds come from the options. Requests: ``echo:TEXT`` answers
-  ``TEXT`` upper-cased, ``big:N`` answers N bytes, ``fd:memfd`` answers with a
+  ``TEXT`` upper-cased, ``big:N`` answers N bytes, ``push:N`` sends N datagrams
+  first, ``fd:memfd`` answers with a
   memfd attached, anything else ``ok``.
   ``--pause-after N``: after accepting N clients, take nothing more until stdin
   says ``go``. stdin: ``go``, ``fds`` (the open fd count), ``conns``.
@@ -122,6 +123,10 @@ class Server:
                 answer = data[5:].upper()
             elif data.startswith(b"big:"):
                 answer = b"b" * int(data[4:])
+            elif data.startswith(b"push:"):
+                for _ in range(int(data[5:])):
+                    message.port.send(b"pushed datagram", timeout=5)
+                answer = b"pushed"
             else:
                 answer = b"ok"
             passed: list[int] = []
