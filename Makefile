@@ -8,7 +8,7 @@ BENCH_STAMP := $(VENV)/.bench-installed
 NATIVE_SOURCES := csrc/alpc_native.c csrc/alpc_native.h csrc/qlpc.c csrc/qlpc.h csrc/build_ffi.py
 PYTEST_ARGS ?=
 
-.PHONY: all venv build demo test test-native test-pure lint soak bench bench-quick bench-readme clean
+.PHONY: all venv build demo test test-native test-pure lint soak bench bench-quick bench-readme fuzz asan clean
 
 all: build
 
@@ -46,6 +46,27 @@ lint: $(STAMP)
 SOAK_ARGS ?= --duration 180
 soak: build
 	$(PY) tests/soak.py $(SOAK_ARGS)
+
+# Coverage-guided fuzzing (atheris) of the wire decoder, the channel, the broker's
+# request parser and the handshake, with the C extension and its Python twin.
+# `make test` runs each briefly (tests/test_fuzz.py); this runs them at length.
+FUZZ_SECONDS ?= 120
+fuzz: build
+	$(PY) tests/fuzz/campaign.py --seconds $(FUZZ_SECONDS) --artifacts build/fuzz-artifacts
+
+# The C bounds checks under AddressSanitizer and UBSan: a driver feeding the C
+# parsers edge cases and random inputs, every buffer at its exact length.
+CC ?= cc
+ASAN_ITERATIONS ?= 2000000
+ASAN_CFLAGS := -std=c11 -g -O1 -Wall -Wextra -Werror -fsanitize=address,undefined -fno-sanitize-recover=all \
+	-fno-omit-frame-pointer
+build/asan/native_driver: csrc/alpc_native.c csrc/alpc_native.h tests/asan/native_driver.c
+	mkdir -p build/asan
+	$(CC) $(ASAN_CFLAGS) -Icsrc -DALPC_SOURCE_HASH='"asan"' csrc/alpc_native.c tests/asan/native_driver.c -o $@
+
+asan: build/asan/native_driver
+	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+		build/asan/native_driver $(ASAN_ITERATIONS)
 
 # The bench extra (plot, progress bar, pyzmq and grpcio peers) only for the
 # benchmarks, so `make test` never waits for it.

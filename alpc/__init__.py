@@ -14,6 +14,7 @@ from .errors import (
     ConnectionClosed,
     ConnectionRejected,
     DeadlineExceeded,
+    HandleNotAllowed,
     InvalidName,
     MarshalError,
     MessageTooLarge,
@@ -26,16 +27,19 @@ from .errors import (
     RemoteError,
     RpcError,
     SectionError,
+    Throttled,
     Timeout,
     UnknownMethod,
     VersionMismatch,
 )
 from .grant import MemoryGrant, PeerMemory
+from .handles import Handle
 from .introspect import list_peers, port_stats
 from .port import CommunicationPort, PendingRequest, connect
 from .protocol import Message
+from .quotas import BrokerLimits, Limit
 from .section import Section, SectionView, View, sweep_stale_names
-from .security import PeerCred
+from .security import HandleKind, PeerCred, PortAcl
 from .server import ConnectionPort, ConnectionRequest, create_port
 from .wire import MessageType
 
@@ -45,6 +49,7 @@ __all__ = [
     "AlpcError",
     "BadArguments",
     "Broker",
+    "BrokerLimits",
     "BrokerRunning",
     "BrokerUnavailable",
     "Cancelled",
@@ -56,7 +61,11 @@ __all__ = [
     "ConnectionRejected",
     "DeadlineExceeded",
     "ConnectionRequest",
+    "Handle",
+    "HandleKind",
+    "HandleNotAllowed",
     "InvalidName",
+    "Limit",
     "MarshalError",
     "MemoryGrant",
     "Message",
@@ -68,6 +77,7 @@ __all__ = [
     "PeerGone",
     "PeerMemory",
     "PendingRequest",
+    "PortAcl",
     "PortAttributes",
     "PortNotFound",
     "ProtocolError",
@@ -77,6 +87,7 @@ __all__ = [
     "Section",
     "SectionError",
     "SectionView",
+    "Throttled",
     "Timeout",
     "UnknownMethod",
     "VersionMismatch",

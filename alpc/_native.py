@@ -37,7 +37,10 @@ __all__ = [
     "E_RANGE",
     "E_TIMEOUT",
     "E_WATCH",
+    "RECV_CRED",
+    "RECV_CRED_CHANGED",
     "RECV_SIZE",
+    "RECV_TRUNCATED",
     "E_RESERVED",
     "E_TYPE",
     "E_VERSION",
@@ -76,6 +79,8 @@ __all__ = [
     "quick_region_size",
     "quick_unhold",
     "scan_frames",
+    "recv_cred",
+    "recv_state",
     "sock_send",
     "sock_wait_recv",
     "source_hash",
@@ -442,7 +447,10 @@ def vm_write(pid: int, base: int, grant_len: int, offset: int, data: Any) -> int
 # own pure-Python twins (only ``transport`` may touch socket objects).
 
 RECV_SIZE = 64 * 1024
-_MAX_RECV_FDS = 16
+# A section's fd and up to 253 handles (quotas caps max_handles_per_message); csrc takes 256.
+_MAX_RECV_FDS = 256
+# What sock_wait_recv's flags say of a read (csrc/alpc_native.h).
+RECV_CRED, RECV_CRED_CHANGED, RECV_TRUNCATED = 1, 2, 4
 _scratch = threading.local()
 
 
@@ -452,30 +460,47 @@ def _sock_send_c(fd: int, data: bytes) -> int:
     return int(_ext[1].alpc_sock_send(fd, data, len(data)))
 
 
-def _recv_scratch() -> tuple[Any, Any, Any, Any]:
+def _recv_scratch() -> tuple[Any, Any, Any, Any, Any]:
     scratch = getattr(_scratch, "c", None)
     if scratch is None:
         assert _ext is not None
         ffi = _ext[0]
         buf = ffi.new("uint8_t[]", RECV_SIZE)
-        scratch = _scratch.c = (buf, ffi.buffer(buf), ffi.new("int[]", _MAX_RECV_FDS), ffi.new("int *"))
+        scratch = _scratch.c = (buf, ffi.buffer(buf), ffi.new("int[]", _MAX_RECV_FDS), ffi.new("int *"),
+                                ffi.new("int *"))
     return scratch
 
 
-def _sock_wait_recv_c(fd: int, watch: int, timeout_ms: int, max_fds: int) -> tuple[int, bytes, list[int]]:
-    """(n, data, fds): n bytes read (0: end of stream), E_TIMEOUT, E_WATCH or -errno."""
+def _recv_state_c() -> Any:
+    """Per socket: the last SCM_CREDENTIALS its reads brought (none yet), for sock_wait_recv."""
     assert _ext is not None
-    buf, view, fds, nfds = _recv_scratch()
-    n = _ext[1].alpc_sock_wait_recv(fd, watch, timeout_ms, buf, RECV_SIZE, fds, max_fds, nfds)
+    return _ext[0].new("int32_t[3]", [-1, -1, -1])
+
+
+def _recv_cred_c(state: Any) -> tuple[int, int, int]:
+    """The (pid, uid, gid) of the last SCM_CREDENTIALS in ``state``."""
+    return int(state[0]), int(state[1]), int(state[2])
+
+
+def _sock_wait_recv_c(fd: int, watch: int, timeout_ms: int, max_fds: int,
+                      state: Any) -> tuple[int, bytes, list[int], int]:
+    """(n, data, fds, flags): n bytes read (0: end of stream), E_TIMEOUT, E_WATCH or -errno;
+    flags (RECV_*) say whether SCM_CREDENTIALS came (and changed: ``recv_cred(state)``)
+    and whether fds were truncated."""
+    assert _ext is not None
+    buf, view, fds, nfds, flags = _recv_scratch()
+    n = _ext[1].alpc_sock_wait_recv(fd, watch, timeout_ms, buf, RECV_SIZE, fds, max_fds, nfds, state, flags)
     if n <= 0:
-        return int(n), b"", []
+        return n, b"", [], 0
     count = nfds[0]
-    return int(n), view[0:n], ([fds[i] for i in range(count)] if count else [])
+    return n, view[0:n], ([fds[i] for i in range(count)] if count else []), flags[0]
 
 
 sock_send: Callable[[int, bytes], int] | None = None if _ext is None else _sock_send_c
-sock_wait_recv: Callable[[int, int, int, int], tuple[int, bytes, list[int]]] | None = (
+sock_wait_recv: Callable[[int, int, int, int, Any], tuple[int, bytes, list[int], int]] | None = (
     None if _ext is None else _sock_wait_recv_c)
+recv_state: Callable[[], Any] | None = None if _ext is None else _recv_state_c
+recv_cred: Callable[[Any], tuple[int, int, int]] = _recv_cred_c
 
 
 # -- Quick-LPC rings (csrc/qlpc.c) --------------------------------------------------

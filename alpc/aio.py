@@ -12,6 +12,9 @@ included.
 Cancelling a task awaiting ``request`` cancels the request at the server
 (CANCEL); a handler run by ``AsyncConnectionPort.serve`` gets CancelledError
 when its client cancels. Memory grants are served by the blocking API only.
+The security policy is the core's, as for the blocking API: every read's
+SCM_CREDENTIALS, handles (``fds=``), flow-control windows (a send waits for
+the peer's window, Throttled on timeout), a server's ``send_timeout``.
 """
 
 from __future__ import annotations
@@ -20,14 +23,24 @@ import asyncio
 import inspect
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from . import _native, port, server
 from .config import Config, PortAttributes
 from .connection import FILED_ERROR, FILED_INBOX, NOTICES, Connection
-from .errors import Cancelled, ConnectionClosed, DeadlineExceeded, SectionError, Timeout
+from .errors import (
+    Cancelled,
+    ConnectionClosed,
+    DeadlineExceeded,
+    PeerGone,
+    QuotaExceeded,
+    SectionError,
+    Throttled,
+    Timeout,
+)
 from .protocol import Channel, Frames, Message
+from .quotas import Limit, WindowClosed
 from .section import SectionView, sweep_stale_names
 from .security import PeerCred
 from .transport import Buffer, Stream, close_fds, deadline_after, remaining, wait_readable
@@ -47,7 +60,6 @@ log = logging.getLogger(__name__)
 Payload = Buffer | SectionView
 # A handler of ``serve``: the reply to a request (None for a datagram), sync or async.
 Handler = Callable[[Message], "Awaitable[Buffer | None] | Buffer | None"]
-_MAX_FDS_PER_READ = 4
 
 
 async def _within(waiter: asyncio.Future[Any], deadline: float | None, what: str) -> Any:
@@ -75,7 +87,8 @@ class AsyncCommunicationPort:
     """One end of an established connection, for asyncio. Use it from its loop only."""
 
     def __init__(self, stream: Stream, channel: Channel, *, peer_pidfd: int | None, is_server: bool,
-                 accept_data: bytes = b"") -> None:
+                 accept_data: bytes = b"", send_timeout: float | None = None,
+                 on_gone: Callable[[AsyncCommunicationPort], None] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         self._stream = stream
         self._channel = channel
@@ -85,11 +98,17 @@ class AsyncCommunicationPort:
         self._pidfd = peer_pidfd
         self._is_server = is_server
         self.accept_data = accept_data
+        # A server bounds every send (its caller's None included), as the blocking API does.
+        self._send_timeout = send_timeout
+        self._on_gone = on_gone
+        self._max_fds_per_read = 1 + channel.policy.local.max_handles_per_message
         self.stats = core.stats
-        # Futures of tasks waiting: per request id, for the inbox, for section space.
+        # Futures of tasks waiting: per request id, for the inbox, for section
+        # space, for the peer's flow window (woken by every read).
         self._waiting: dict[int, asyncio.Future[None]] = {}
         self._inbox_waiters: list[asyncio.Future[None]] = []
         self._space_waiters: list[asyncio.Future[None]] = []
+        self._window_waiters: list[asyncio.Future[None]] = []
         # Bytes a write could not hand to the kernel yet; later writes queue behind.
         self._unsent: deque[memoryview] = deque()
         self._drained: asyncio.Future[None] | None = None
@@ -117,6 +136,11 @@ class AsyncCommunicationPort:
         return self._channel.peer
 
     @property
+    def peer_pidfd(self) -> int | None:
+        """A pidfd of the peer process, owned by this port; None if none."""
+        return self._pidfd
+
+    @property
     def closed(self) -> bool:
         return self._core.failure is not None
 
@@ -127,24 +151,24 @@ class AsyncCommunicationPort:
     # -- sending ------------------------------------------------------------------------
 
     async def request(self, data: Payload = b"", timeout: float | None = None, *, secure: bool = False,
-                      deadline: float | None = None) -> Message:
+                      deadline: float | None = None, fds: Sequence[int] = ()) -> Message:
         """Send a request and await its reply. Cancelling the awaiting task cancels the request
-        at the server; ``deadline`` (``time.monotonic()``) travels with it."""
-        wait_until = deadline_after(timeout)
+        at the server; ``deadline`` (``time.monotonic()``) travels with it; ``fds`` are passed
+        along. While the peer holds ``max_pending_requests`` of ours, this waits for a reply
+        first (Throttled when ``timeout`` runs out meanwhile)."""
+        wait_until = deadline_after(self._send_timeout if timeout is None else timeout)
         if deadline is not None and (wait_until is None or deadline < wait_until):
             wait_until = deadline
         core = self._core
         size = data.nbytes if type(data) is memoryview else len(data)
+        if fds:
+            core.check_handles(fds)
         if isinstance(data, SectionView) or size > core.inline_threshold:
-            message_id = await self._send_section(MessageType.REQUEST, data, wait_until, secure,
-                                                  deadline_attr=deadline)
+            message_id = await self._sending(lambda: self._send_section(
+                MessageType.REQUEST, data, wait_until, secure, deadline_attr=deadline, fds=fds), wait_until)
         else:
-            message_id, frames = core.request(data if type(data) is bytes else bytes(data), None, deadline)
-            try:
-                await self._write(frames, wait_until)
-            except BaseException:
-                self._drop(core.abandon(message_id))
-                raise
+            body = data if type(data) is bytes else bytes(data)
+            message_id = await self._sending(lambda: self._send_request(body, deadline, wait_until, fds), wait_until)
         self.stats.sent(size)
         try:
             return await self._wait(lambda: core.take_reply(message_id), message_id, wait_until, "the reply")
@@ -164,6 +188,45 @@ class AsyncCommunicationPort:
             self._drop(core.abandon(message_id))
             raise
 
+    async def _send_request(self, body: bytes, deadline: float | None, wait_until: float | None,
+                            fds: Sequence[int]) -> int:
+        core = self._core
+        if fds and self._unsent:
+            await self._drain(wait_until)  # before the request exists: see _write
+        message_id, frames = core.request(body, None, deadline, fds)
+        try:
+            await self._write(frames, wait_until, fds)
+        except BaseException:
+            # Its bytes were handed to the kernel or queued (they go out), or the
+            # connection is gone: never unsent here, its late reply is dropped.
+            self._drop(core.abandon(message_id))
+            raise
+        return message_id
+
+    async def _sending(self, send: Callable[[], Awaitable[Any]], deadline: float | None) -> Any:
+        """Await ``send()``; while the peer's flow window is closed, wait for it and try again."""
+        while True:
+            try:
+                return await send()
+            except WindowClosed as closed:
+                if closed.limit is Limit.MAX_HANDLES_PER_MESSAGE:
+                    raise QuotaExceeded("more fds than the peer takes in one message", limit=closed.limit) from None
+                await self._await_window(closed, deadline)
+
+    async def _await_window(self, closed: WindowClosed, deadline: float | None) -> None:
+        """Wait until a reply or a credit frees something the peer counts (or raise Throttled)."""
+        core = self._core
+        before = core.window_counts()
+        while not any(now < was for now, was in zip(core.window_counts(), before, strict=True)):
+            core.check_open()
+            waiter = self._loop.create_future()
+            self._window_waiters.append(waiter)
+            try:
+                await _within(waiter, deadline, f"the peer to free its {closed.limit}")
+            except Timeout:
+                raise Throttled(f"waited for the peer to free its {closed.limit} until the timeout ({closed})",
+                                limit=closed.limit) from None
+
     def cancel(self, message_id: int) -> bool:
         """Cancel request ``message_id`` at the server; False if it is not in flight."""
         frames, views = self._core.cancel(message_id)
@@ -174,38 +237,57 @@ class AsyncCommunicationPort:
         return bool(frames)
 
     async def send(self, data: Payload = b"", timeout: float | None = None, *, secure: bool = False,
-                   flush: bool = True) -> None:
-        """Send a datagram; ``flush=False`` queues a small one for the next write (batching)."""
-        deadline = deadline_after(timeout)
+                   flush: bool = True, fds: Sequence[int] = ()) -> None:
+        """Send a datagram; ``flush=False`` queues a small one for the next write (batching);
+        ``fds`` are passed along (such a datagram is written at once). Waits while the peer's
+        datagram window is full (Throttled when ``timeout`` runs out meanwhile)."""
+        deadline = deadline_after(self._send_timeout if timeout is None else timeout)
         core = self._core
         size = data.nbytes if type(data) is memoryview else len(data)
-        if isinstance(data, SectionView) or size > core.inline_threshold:
-            await self._send_section(MessageType.DATAGRAM, data, deadline, secure)
-        else:
-            frames = core.datagram(data if type(data) is bytes else bytes(data))
-            if flush:
-                await self._write(frames, deadline)
+        if fds:
+            core.check_handles(fds)
+
+        async def send() -> None:
+            if isinstance(data, SectionView) or size > core.inline_threshold:
+                await self._send_section(MessageType.DATAGRAM, data, deadline, secure, fds=fds)
+                return
+            if fds and self._unsent:
+                await self._drain(deadline)  # before the datagram takes its slot: see _write
+            frames = core.datagram(data if type(data) is bytes else bytes(data), fds)
+            if flush or fds:
+                await self._write(frames, deadline, fds)
             elif core.queue(frames):
                 await self._write([], deadline)
+
+        await self._sending(send, deadline)
         self.stats.sent(size)
 
     async def send_many(self, items: Iterable[Payload], timeout: float | None = None) -> None:
         """Send datagrams in order, in as few system calls as possible."""
-        deadline = deadline_after(timeout)
+        deadline = deadline_after(self._send_timeout if timeout is None else timeout)
         core = self._core
         small: list[bytes] = []
         for item in items:
             size = item.nbytes if type(item) is memoryview else len(item)
             if isinstance(item, SectionView) or size > core.inline_threshold:
-                if small:
-                    await self._write(core.datagrams(small), deadline)
-                    small = []
+                await self._send_small(small, deadline)
                 await self.send(item, remaining(deadline))
                 continue
             small.append(item if type(item) is bytes else bytes(item))
-        if small:
-            await self._write(core.datagrams(small), deadline)
-            self.stats.messages_out += len(small)
+        await self._send_small(small, deadline)
+
+    async def _send_small(self, items: list[bytes], deadline: float | None) -> None:
+        """Write ``items`` in as few writes as the peer's datagram window allows."""
+        while items:
+            async def batch() -> int:
+                frames, count = self._core.datagrams(items)
+                await self._write(frames, deadline)
+                return count
+
+            count: int = await self._sending(batch, deadline)
+            self.stats.messages_out += count
+            self.stats.bytes_out += sum(len(item) for item in items[:count])
+            del items[:count]
 
     async def flush(self, timeout: float | None = None) -> None:
         """Write every datagram queued with ``flush=False``."""
@@ -213,8 +295,13 @@ class AsyncCommunicationPort:
             await self._write([], deadline_after(timeout))
 
     async def reply(self, message: Message, data: Payload = b"", timeout: float | None = None, *,
-                    secure: bool = False) -> None:
-        """Answer ``message``, a request received on this port (nothing is sent if it was cancelled)."""
+                    secure: bool = False, fds: Sequence[int] = ()) -> None:
+        """Answer ``message``, a request received on this port (nothing is sent if it was cancelled).
+
+        On a server, a reply that cannot be written within ``send_timeout`` (or
+        ``timeout``) means the client stopped reading: its connection is
+        dropped (a CLIENT_DIED notice follows) and Throttled raised.
+        """
         if message.type is not MessageType.REQUEST:
             raise ValueError(f"only a REQUEST can be replied to, not {message.type.name}")
         core = self._core
@@ -222,12 +309,24 @@ class AsyncCommunicationPort:
             if isinstance(data, SectionView):
                 data.release()
             return
-        deadline = deadline_after(timeout)
+        deadline = deadline_after(self._send_timeout if timeout is None else timeout)
         size = data.nbytes if type(data) is memoryview else len(data)
-        if isinstance(data, SectionView) or size > core.inline_threshold:
-            await self._send_section(MessageType.REPLY, data, deadline, secure, callback_id=message.id)
-        else:
-            await self._write(core.reply(message, data if type(data) is bytes else bytes(data)), deadline)
+        if fds:
+            core.check_handles(fds)
+        try:
+            if isinstance(data, SectionView) or size > core.inline_threshold:
+                await self._send_section(MessageType.REPLY, data, deadline, secure, callback_id=message.id, fds=fds)
+            else:
+                await self._write(core.reply(message, data if type(data) is bytes else bytes(data), fds), deadline,
+                                  fds)
+        except Timeout as exc:
+            if not self._is_server:
+                raise
+            # The write timed out, so the connection is dropped already (what was queued
+            # cannot be taken back): the client stopped reading its replies.
+            limit = exc.limit if isinstance(exc, Throttled) else Limit.SEND_TIMEOUT
+            raise Throttled("the reply could not be written in time: the client stopped reading its replies, "
+                            "and its connection was dropped", limit=limit) from None
         self.stats.replied(message.id, size)
 
     async def ping(self, timeout: float | None = None) -> None:
@@ -271,10 +370,12 @@ class AsyncCommunicationPort:
                 await _within(waiter, window, "space in the connection's sections")
             except Timeout:
                 if window == deadline or remaining(deadline) == 0:
-                    raise
+                    limit = Limit.MAX_PORT_SECTION_BYTES if core.budget_blocked else Limit.MAX_SECTION_BYTES
+                    raise Throttled(f"no section space freed up before the timeout ({limit})", limit=limit) from None
 
     async def _send_section(self, kind: MessageType, data: Payload, deadline: float | None, secure: bool, *,
-                            callback_id: int = 0, deadline_attr: float | None = None) -> int:
+                            callback_id: int = 0, deadline_attr: float | None = None,
+                            fds: Sequence[int] = ()) -> int:
         core = self._core
         if isinstance(data, SectionView):
             view, explicit = data, True
@@ -288,15 +389,17 @@ class AsyncCommunicationPort:
                 view.release()
                 raise
         try:
-            message_id, frames, fds = core.section_message(kind, view, as_view=explicit, callback_id=callback_id,
-                                                           deadline=deadline_attr)
+            if self._unsent:
+                await self._drain(deadline)  # the frame may carry fds: see _write
+            message_id, frames, passed = core.section_message(kind, view, as_view=explicit, callback_id=callback_id,
+                                                              deadline=deadline_attr, fds=fds)
         except BaseException:
             if not explicit:
                 view.release()
             raise
         written = False
         try:
-            await self._write(frames, deadline, fds)
+            await self._write(frames, deadline, passed)
             written = True
         except BaseException:
             written = self._stream.broken
@@ -309,8 +412,14 @@ class AsyncCommunicationPort:
 
     # -- writing ----------------------------------------------------------------------------
 
-    async def _write(self, frames: Frames, deadline: float | None, fds: list[int] | None = None) -> None:
-        """Hand ``frames`` (after whatever the core owes the peer) to the kernel, waiting for room."""
+    async def _write(self, frames: Frames, deadline: float | None, fds: Sequence[int] = ()) -> None:
+        """Hand ``frames`` (after whatever the core owes the peer) to the kernel, waiting for room.
+
+        Unless fds must wait for the queue to drain first (callers that number
+        a message drain before numbering it), the frames are handed over or
+        queued before the first await: once this is called, they go out (or
+        the connection ends).
+        """
         core = self._core
         core.check_open()
         if core.owed:
@@ -363,7 +472,9 @@ class AsyncCommunicationPort:
             except Timeout:
                 # Part of a frame may be out: the stream cannot be trusted any more.
                 self._stream.broken = True
-                self._core.fail(ConnectionClosed("a send timed out mid-frame; the connection was dropped"))
+                self.stats.errors += 1
+                self._core.fail(PeerGone("the peer stopped reading: a send timed out mid-frame; the connection "
+                                         "was dropped"), notice="the peer stopped reading (a send timed out mid-frame)")
                 self._wake_all()
                 raise
 
@@ -394,23 +505,31 @@ class AsyncCommunicationPort:
         self._loop.call_soon_threadsafe(self._flush_releases)
 
     def _flush_releases(self) -> None:
+        """Releases and the credit owed, as a write of their own (what does not fit queues)."""
         frames, _ = self._core.release_frames()
         self._post(frames)
+
+    def _after_take(self) -> None:
+        """The application took messages: answers to expired requests, credits once due."""
+        core = self._core
+        self._post(core.take_automatic())
+        if core.credit_due:
+            self._flush_releases()
 
     # -- reading ------------------------------------------------------------------------------
 
     def _on_readable(self) -> None:
-        got = self._stream.recv_fds(_MAX_FDS_PER_READ)
+        got = self._stream.recv_fds(self._max_fds_per_read)
         if got is None:
             return
-        data, fds = got
+        data, fds, sender, truncated = got
         if not data:
             close_fds(fds)
             self._lost("the peer process died or dropped the connection")
             return
         core = self._core
-        if not fds:
-            filed = core.receive_one(data)
+        if not fds and not truncated:
+            filed = core.receive_one(data, sender)
             if filed:
                 if filed == FILED_INBOX:
                     self._wake_inbox()
@@ -420,7 +539,7 @@ class AsyncCommunicationPort:
                 else:
                     self._wake_replies()
                 return
-        batch = core.receive(data, fds)
+        batch = core.receive(data, fds, sender, truncated)
         if batch.error is not None:
             log.warning("protocol error from pid %s, dropping the connection: %s", self.peer.pid, batch.error)
             self._ended()
@@ -440,10 +559,15 @@ class AsyncCommunicationPort:
             self._wake_inbox()
         if wake.failed:
             self._wake_all()
-        for waiter in self._space_waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-        self._space_waiters.clear()
+        self._wake_senders()
+
+    def _wake_senders(self) -> None:
+        """After a read: senders waiting for section space or the flow window look again."""
+        for waiters in (self._space_waiters, self._window_waiters):
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            waiters.clear()
 
     def _on_pidfd(self) -> None:
         if self._pidfd is not None and wait_readable([self._pidfd], 0.0):
@@ -487,10 +611,7 @@ class AsyncCommunicationPort:
         for message_id in list(self._waiting):
             self._wake_id(message_id)
         self._wake_inbox()
-        for waiter in self._space_waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-        self._space_waiters.clear()
+        self._wake_senders()
 
     def _feed(self) -> None:
         """serve(): hand every waiting message to the dispatcher while it takes them."""
@@ -503,7 +624,7 @@ class AsyncCommunicationPort:
             if not dispatch(message):
                 core.inbox.appendleft(message)  # at its limit: fed again when a handler ends
                 break
-        self._post(core.take_automatic())
+        self._after_take()
 
     async def _wait(self, take: Callable[[], Message | None], message_id: int | None, deadline: float | None,
                     what: str) -> Message:
@@ -529,7 +650,7 @@ class AsyncCommunicationPort:
     async def receive(self, timeout: float | None = None) -> Message:
         """The next request or datagram (a server also gets PORT_CLOSED / CLIENT_DIED once)."""
         message = await self._wait(self._core.take_message, None, deadline_after(timeout), "a message")
-        self._post(self._core.take_automatic())
+        self._after_take()
         if self._core.finalize_wanted:
             self._finalize()
         return message
@@ -540,7 +661,7 @@ class AsyncCommunicationPort:
         batch = [first]
         if first.type not in NOTICES:
             self._core.take_messages(batch, max_messages)
-        self._post(self._core.take_automatic())
+        self._after_take()
         if self._core.finalize_wanted:
             self._finalize()
         return batch
@@ -586,6 +707,8 @@ class AsyncCommunicationPort:
         self._stream.shutdown()
         self._stream.close()
         self._core.release_resources()
+        if self._on_gone is not None:
+            self._on_gone(self)
         for task in self._tasks.values():
             task.cancel()
         if self._pidfd is not None:
@@ -622,12 +745,14 @@ def _advance(views: list[memoryview], written: int) -> list[memoryview]:
 
 
 async def connect(name: str, data: bytes = b"", *, timeout: float | None = None,
-                  config: Config | None = None) -> AsyncCommunicationPort:
-    """Connect to the named port (the handshake runs in the default executor)."""
+                  config: Config | None = None, server_uid: int | None = None) -> AsyncCommunicationPort:
+    """Connect to the named port (the handshake runs in the default executor); ``server_uid``
+    pins the server's uid, as for ``port.connect``."""
     loop = asyncio.get_running_loop()
     # The asyncio driver does not drive Quick-LPC rings: it declines them.
     stream, channel, pidfd, accept_data, _ = await loop.run_in_executor(
-        None, lambda: port.open_channel(name, data, timeout=timeout, config=config, quick_ok=False))
+        None, lambda: port.open_channel(name, data, timeout=timeout, config=config, quick_ok=False,
+                                        server_uid=server_uid))
     return AsyncCommunicationPort(stream, channel, peer_pidfd=pidfd, is_server=False, accept_data=accept_data)
 
 
@@ -637,14 +762,20 @@ async def connect(name: str, data: bytes = b"", *, timeout: float | None = None,
 class AsyncConnectionRequest:
     """A client asking to connect; ``client`` is its kernel-verified identity."""
 
-    def __init__(self, request: server.ConnectionRequest) -> None:
+    def __init__(self, request: server.ConnectionRequest, port: server.ConnectionPort) -> None:
         self._request = request
+        self._port = port
         self.client = request.client
+        self.groups = request.groups
         self.data = request.data
 
     async def accept(self, data: bytes = b"", timeout: float | None = 5.0) -> AsyncCommunicationPort:
         stream, channel, pidfd, _ = self._request.accept_channel(data, timeout, quick_ok=False)
-        return AsyncCommunicationPort(stream, channel, peer_pidfd=pidfd, is_server=True)
+        inner = self._port
+        comm = AsyncCommunicationPort(stream, channel, peer_pidfd=pidfd, is_server=True,
+                                      send_timeout=inner.attributes.send_timeout, on_gone=inner._drop_foreign)
+        inner._hold_foreign(comm)  # it counts toward the port's max_connections
+        return comm
 
     def reject(self, reason: str = "rejected") -> None:
         self._request.reject(reason)
@@ -671,7 +802,7 @@ class AsyncConnectionPort:
                 request = inner._next_request()
                 fds = inner._link.wait_fds()
             if request is not None:
-                return AsyncConnectionRequest(request)
+                return AsyncConnectionRequest(request, inner)
             await _within(self._readable(fds), deadline, "a connection request")
             with inner._lock:
                 inner._read_registration()

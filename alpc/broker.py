@@ -28,7 +28,8 @@ from .config import Config, ensure_runtime_dir
 from .errors import AlpcError, BrokerRunning, BrokerUnavailable, ProtocolError
 from .exchange import control_frame, read_frame
 from .logs import LogLimiter, fields
-from .security import PeerCred, may_inspect, may_replace_broker
+from .quotas import BROKER_DEFAULTS, BrokerLimits, Limit, UidUsage
+from .security import ROOT_UID, PeerCred, PortAcl, may_inspect, may_replace_broker
 from .transport import Listener, Stream, advance_buffers, deadline_after
 from .wire import Frame, FrameDecoder, FrameLimits, MessageType, encode_header
 
@@ -59,6 +60,8 @@ class _Outgoing:
     buffers: list[memoryview]
     fds: list[int]
     handoff: Stream | None = None
+    # The uid whose socket ``handoff`` is: it counts against that uid's quota until closed.
+    handoff_uid: int = -1
 
 
 @dataclass
@@ -70,6 +73,7 @@ class _Peer:
     outbox: deque[_Outgoing] = field(default_factory=deque)
     port: str | None = None
     close_when_flushed: bool = False
+    counted: bool = False
 
     def describe(self) -> str:
         return f"pid {self.cred.pid} uid {self.cred.uid}"
@@ -87,6 +91,7 @@ class _Port:
     name: str
     owner: _Peer
     request: control.CreatePort
+    acl: PortAcl
     status: control.PortStatus | None = None
     status_at: float = 0.0
     connects_forwarded: int = 0
@@ -111,15 +116,25 @@ class Broker:
 
     ``listen_fd`` serves an inherited listening socket (socket activation);
     ``replace`` takes the sockets and state of the broker already running on
-    the runtime dir instead of refusing to start. ``on_status`` is called with
+    the runtime dir instead of refusing to start. ``shared`` serves every local
+    user (a 0755 runtime dir and a 0666 socket; each port's ACL then decides
+    who may connect to it) instead of only the broker's own uid; ``limits``
+    are the per-uid quotas. ``on_status`` is called with
     a one-line summary whenever it changes, ``on_stopping`` with the reason
     when the loop begins to shut down (both from the loop, for the service manager).
     """
 
     def __init__(self, runtime_dir: str | os.PathLike[str] | None = None, *, listen_fd: int | None = None,
                  replace: bool = False, on_status: Callable[[str], object] | None = None,
-                 on_stopping: Callable[[str], object] | None = None) -> None:
+                 on_stopping: Callable[[str], object] | None = None, shared: bool = False,
+                 limits: BrokerLimits = BROKER_DEFAULTS) -> None:
         self.config = Config.from_env(runtime_dir)
+        self.shared = shared
+        self.limits = limits
+        self._usage = UidUsage(limits)
+        self._refused_connections = 0
+        self._refused_ports = 0
+        self._refused_acl = 0
         self._listen_fd = listen_fd
         self._replace = replace
         self._on_status = on_status
@@ -157,7 +172,7 @@ class Broker:
 
     def bind(self) -> None:
         """Claim the runtime directory and listen; fails if another broker runs there."""
-        ensure_runtime_dir(self.config.runtime_dir)
+        ensure_runtime_dir(self.config.runtime_dir, shared=self.shared)
         taken = handover.request_handover(self.config) if self._replace else None
         if taken is not None:
             self._lock_fd = self._take_lock(wait=LOCK_WAIT)
@@ -189,7 +204,7 @@ class Broker:
             return listener
         # We hold the lock, so a socket file left here is a crashed broker's.
         self.config.broker_socket.unlink(missing_ok=True)
-        return Listener.bind(self.config.broker_socket)
+        return Listener.bind(self.config.broker_socket, shared=self.shared)
 
     def _take_lock(self, wait: float = 0.0) -> int:
         path = self.config.runtime_dir / LOCK_NAME
@@ -308,6 +323,7 @@ class Broker:
             for item in peer.outbox:
                 if item.handoff is not None:
                     self._tell_shutdown(item.handoff, notice)
+                    item.handoff = None
             peer.outbox.clear()
             self._tell_shutdown(peer.stream, notice)
             self._drop(peer, None)
@@ -343,8 +359,27 @@ class Broker:
                 stream.close()
                 continue
             peer = _Peer(stream, cred)
+            if not self._usage.may_connect(cred.uid):
+                self._refused_connections += 1
+                self._turn_away(peer, Limit.MAX_CONNECTIONS_PER_UID,
+                                f"uid {cred.uid} holds {self._usage.connections(cred.uid)} connections to the "
+                                f"broker, its max_connections_per_uid")
+                continue
+            self._usage.add_connection(cred.uid)
+            peer.counted = True
             self._peers[stream.fileno()] = peer
             self._selector.register(stream.fileno(), selectors.EVENT_READ, None)
+
+    def _turn_away(self, peer: _Peer, limit: Limit, message: str) -> None:
+        """Refuse a socket the broker will not hold: one non-blocking answer, then close."""
+        self._limited.log(logging.WARNING, (limit, peer.cred.uid), f"refused {peer.describe()}: {message}",
+                          extra=peer.fields())
+        try:
+            peer.stream.try_send(_frame(control.ErrorReply(code=control.ErrorCode.BUSY, message=message,
+                                                           limit=limit)))
+        except AlpcError:
+            pass
+        peer.stream.close()
 
     def _read(self, peer: _Peer) -> None:
         # Read at most one frame's worth: a connecting client's socket is handed
@@ -369,7 +404,9 @@ class Broker:
         if kind is MessageType.CREATE_PORT:
             self._create_port(peer, control.decode_body(kind, frame.data, control.CreatePort))
         elif kind is MessageType.CONNECT:
-            self._connect(peer, control.decode_body(kind, frame.data, control.Connect))
+            request = control.decode_body(kind, frame.data, control.Connect)
+            request.flow.limits()  # what no honest client announces never reaches a server
+            self._connect(peer, request)
         elif kind is MessageType.PORT_STATUS:
             status = control.decode_body(kind, frame.data, control.PortStatus)
             port = self._ports.get(peer.port) if peer.port is not None else None
@@ -402,7 +439,7 @@ class Broker:
             else:
                 ports = [p for p in self._ports.values() if may_inspect(peer.cred, p.owner.cred)]
             if ports is not None:
-                self._send(peer, _frame(self._stats(sorted(ports, key=lambda p: p.name))))
+                self._send(peer, _frame(self._stats(sorted(ports, key=lambda p: p.name), peer.cred)))
 
     def _inspected_port(self, peer: _Peer, name: str) -> _Port | None:
         """The port ``name`` if it exists and ``peer`` may see its details; else refuse and None."""
@@ -417,11 +454,11 @@ class Broker:
         return None
 
     def _refuse(self, peer: _Peer, code: str, message: str, port: str | None = None,
-                level: int = logging.WARNING) -> None:
+                level: int = logging.WARNING, limit: str = "") -> None:
         """Answer with an error and hang up; logged once per peer and reason, never flooding."""
         self._limited.log(level, (code, peer.cred.uid, peer.cred.pid), f"refused {peer.describe()}: {message}",
                           extra=peer.fields(port))
-        self._send(peer, _frame(control.ErrorReply(code=code, message=message)))
+        self._send(peer, _frame(control.ErrorReply(code=code, message=message, limit=limit)))
         peer.close_when_flushed = True
         self._flush(peer)
 
@@ -436,7 +473,19 @@ class Broker:
             self._refuse(peer, control.ErrorCode.NAME_IN_USE,
                          f"port {request.name!r} is owned by live {owner.describe()}", request.name)
             return
-        self._ports[request.name] = _Port(request.name, peer, request)
+        if not self._usage.may_create_port(peer.cred.uid):
+            self._refused_ports += 1
+            self._refuse(peer, control.ErrorCode.BUSY,
+                         f"uid {peer.cred.uid} owns {self._usage.ports(peer.cred.uid)} ports, its max_ports_per_uid",
+                         request.name, limit=Limit.MAX_PORTS_PER_UID)
+            return
+        try:
+            acl = request.acl.acl()
+        except ProtocolError as exc:
+            self._refuse(peer, control.ErrorCode.BAD_REQUEST, str(exc), request.name)
+            return
+        self._ports[request.name] = _Port(request.name, peer, request, acl)
+        self._usage.add_port(peer.cred.uid)
         peer.port = request.name
         peer.become("server")
         log.info("port %r created by %s", request.name, peer.describe(), extra=peer.fields())
@@ -449,6 +498,8 @@ class Broker:
             self._refuse(peer, control.ErrorCode.NOT_FOUND, f"no port named {request.name!r}", request.name,
                          level=logging.INFO)
             return
+        if not self._admit(peer, port, request):
+            return
         if len(request.data) > port.request.max_connect_data:
             port.connects_refused += 1
             self._refuse(peer, control.ErrorCode.TOO_LARGE,
@@ -460,16 +511,44 @@ class Broker:
             port.quota_refusals += 1
             self._refuse(peer, control.ErrorCode.BUSY,
                          f"port {request.name!r} has {len(port.owner.outbox)} connects waiting "
-                         f"(max_pending_connects); try again", port.name)
+                         f"(max_pending_connects); try again", port.name, limit=Limit.MAX_PENDING_CONNECTS)
             return
-        # From here on the client's socket belongs to the server.
+        # From here on the client's socket belongs to the server (it still counts for its uid here).
         port.connects_forwarded += 1
         self._forget(peer)
         info = control.ConnectionRequestInfo(name=request.name, data=request.data,
                                              max_message_length=request.max_message_length,
-                                             max_section_bytes=request.max_section_bytes)
-        port.owner.outbox.append(_Outgoing(_frame(info, n_fds=1), [peer.stream.fileno()], peer.stream))
+                                             max_section_bytes=request.max_section_bytes, flow=request.flow)
+        port.owner.outbox.append(_Outgoing(_frame(info, n_fds=1), [peer.stream.fileno()], peer.stream,
+                                           peer.cred.uid))
         self._flush(port.owner)
+
+    def _admit(self, peer: _Peer, port: _Port, request: control.Connect) -> bool:
+        """The port's ACL and the client's pinned server uid, checked before the server hears a word.
+
+        Identity is the kernel's: SO_PEERCRED and SO_PEERGROUPS of the client's
+        own socket, never anything it wrote.
+        """
+        owner_uid = port.owner.cred.uid
+        try:
+            groups = peer.stream.peer_groups()
+        except OSError as exc:
+            groups = ()
+            log.warning("SO_PEERGROUPS failed for %s: %s", peer.describe(), exc, extra=peer.fields(port.name))
+        decision = port.acl.check(peer.cred, groups, owner_uid)
+        if not decision.allowed:
+            port.connects_refused += 1
+            self._refused_acl += 1
+            self._refuse(peer, control.ErrorCode.ACCESS_DENIED,
+                         f"access to port {port.name!r} denied: {decision.reason}", port.name)
+            return False
+        if request.required_server_uid >= 0 and request.required_server_uid != owner_uid:
+            port.connects_refused += 1
+            self._refuse(peer, control.ErrorCode.ACCESS_DENIED,
+                         f"port {port.name!r} is owned by uid {owner_uid}, not the required "
+                         f"uid {request.required_server_uid}", port.name)
+            return False
+        return True
 
     def _port_list(self, viewer: PeerCred) -> control.PortList:
         ports = []
@@ -478,10 +557,12 @@ class Broker:
             ports.append(control.PortInfo(
                 name=port.name, pid=port.owner.cred.pid, uid=port.owner.cred.uid, gid=port.owner.cred.gid,
                 max_message_length=port.request.max_message_length,
-                clients=port.clients() if details else (), details=details))
+                clients=port.clients() if details else (), details=details, limits=port.request.limits,
+                acl=port.request.acl if details else control.AclSpec(),
+                owner_quota=self._owner_quota(port.owner.cred.uid, details)))
         return control.PortList(ports=tuple(ports))
 
-    def _stats(self, ports: list[_Port]) -> control.StatsList:
+    def _stats(self, ports: list[_Port], viewer: PeerCred) -> control.StatsList:
         now = time.monotonic()
         return control.StatsList(
             uptime_ms=int((now - self._started) * 1000), connects_unknown_port=self._connects_unknown_port,
@@ -492,7 +573,25 @@ class Broker:
                 report_age_ms=port.report_age_ms(now), connects_forwarded=port.connects_forwarded,
                 quota_refusals=port.quota_refusals, connects_refused=port.connects_refused,
                 counters=port.status.counters if port.status is not None else control.PortCounters(),
-            ) for port in ports))
+            ) for port in ports),
+            broker=self._quota(viewer))
+
+    def _owner_quota(self, uid: int, details: bool) -> control.OwnerQuota:
+        limits = self.limits
+        if not details:
+            return control.OwnerQuota(limits.max_connections_per_uid, limits.max_ports_per_uid)
+        return control.OwnerQuota(limits.max_connections_per_uid, limits.max_ports_per_uid,
+                                  self._usage.connections(uid), self._usage.ports(uid))
+
+    def _quota(self, viewer: PeerCred) -> control.BrokerQuota:
+        """The broker's quotas, and how much of them the viewer's uid uses (every uid's, for root)."""
+        uids = self._usage.uids() if viewer.uid == ROOT_UID else [viewer.uid]
+        return control.BrokerQuota(
+            shared=self.shared, max_connections_per_uid=self.limits.max_connections_per_uid,
+            max_ports_per_uid=self.limits.max_ports_per_uid, refused_connections=self._refused_connections,
+            refused_ports=self._refused_ports, refused_acl=self._refused_acl,
+            usage=tuple(control.UidUsageInfo(uid=uid, connections=self._usage.connections(uid),
+                                             ports=self._usage.ports(uid)) for uid in uids))
 
     # -- graceful restart --------------------------------------------------------------
 
@@ -504,6 +603,7 @@ class Broker:
         assert self._listener is not None
         log.info("handing over to pid %d", peer.cred.pid, extra=peer.fields())
         self._forget(peer)
+        self._uncount(peer)
         deadline = deadline_after(handover.HANDOVER_TIMEOUT)
         try:
             handover.send_state(peer.stream, self._export(), self._listener.owns_file, deadline)
@@ -562,24 +662,41 @@ class Broker:
                 peers.append(None)
                 item.stream.close()
                 continue
-            peer = _Peer(item.stream, cred, close_when_flushed=item.close_when_flushed)
+            peer = _Peer(item.stream, cred, close_when_flushed=item.close_when_flushed, counted=True)
+            self._usage.add_connection(cred.uid)
             peer.become(item.role)
             peer.decoder.feed(item.inbound)
             for out in item.outbox:
                 fds = [out.handoff.fileno()] if out.handoff is not None else []
-                peer.outbox.append(_Outgoing([memoryview(out.data)], fds, out.handoff))
+                uid = self._handoff_uid(out.handoff)
+                peer.outbox.append(_Outgoing([memoryview(out.data)], fds, out.handoff, uid))
             self._peers[item.stream.fileno()] = peer
             peers.append(peer)
         for port in state.ports:
             owner = peers[port.owner]
             if owner is None:
                 continue
+            try:
+                acl = port.request.acl.acl()
+            except ProtocolError:
+                acl = PortAcl()  # the safe default: the owner's uid only
             owner.port = port.name
-            self._ports[port.name] = _Port(port.name, owner, port.request, port.status,
+            self._ports[port.name] = _Port(port.name, owner, port.request, acl, port.status,
                                            time.monotonic() if port.status is not None else 0.0,
                                            port.connects_forwarded, port.quota_refusals, port.connects_refused)
+            self._usage.add_port(owner.cred.uid)
         log.info("took over %d ports and %d connections (socket %s)", len(self._ports), len(self._peers),
                  state.listener.path)
+
+    def _handoff_uid(self, handoff: Stream | None) -> int:
+        if handoff is None:
+            return -1
+        try:
+            uid = handoff.peer_cred().uid
+        except OSError:
+            return -1
+        self._usage.add_connection(uid)
+        return uid
 
     # -- output ------------------------------------------------------------------
 
@@ -603,8 +720,7 @@ class Broker:
                 advance_buffers(item.buffers, written)
                 if not item.buffers:
                     peer.outbox.popleft()
-                    if item.handoff is not None:
-                        item.handoff.close()
+                    self._close_handoff(item)
         except (AlpcError, OSError) as exc:
             self._drop(peer, f"send failed: {exc}")
             return
@@ -616,6 +732,19 @@ class Broker:
             self._selector.modify(fd, wanted, None)
 
     # -- removal -----------------------------------------------------------------
+
+    def _close_handoff(self, item: _Outgoing) -> None:
+        """The broker's copy of a client socket it handed on: close it, and stop counting it."""
+        if item.handoff is not None:
+            item.handoff.close()
+            item.handoff = None
+            if item.handoff_uid >= 0:
+                self._usage.remove_connection(item.handoff_uid)
+
+    def _uncount(self, peer: _Peer) -> None:
+        if peer.counted:
+            peer.counted = False
+            self._usage.remove_connection(peer.cred.uid)
 
     def _forget(self, peer: _Peer) -> None:
         """Stop watching a peer without closing its socket."""
@@ -631,14 +760,15 @@ class Broker:
             self._limited.log(logging.WARNING, ("drop", peer.cred.uid, peer.cred.pid),
                               f"dropping {peer.describe()}: {problem}", extra=peer.fields())
         self._forget(peer)
+        self._uncount(peer)
         for item in peer.outbox:
-            if item.handoff is not None:
-                item.handoff.close()
+            self._close_handoff(item)
         peer.outbox.clear()
         if peer.port is not None and self._ports.get(peer.port, None) is not None:
             if self._ports[peer.port].owner is peer:
                 log.info("port %r released by %s", peer.port, peer.describe(), extra=peer.fields())
                 del self._ports[peer.port]
+                self._usage.remove_port(peer.cred.uid)
         peer.stream.close()
 
 

@@ -19,6 +19,7 @@ from .daemon import ServiceNotifier, activation_listen_fd
 from .errors import ActivationError, AlpcError, BrokerUnavailable
 from .introspect import latency_percentile, list_peers, port_stats
 from .port import connect
+from .quotas import BROKER_DEFAULTS, BrokerLimits
 
 __all__ = ["main"]
 
@@ -38,8 +39,11 @@ def _cmd_broker(args: argparse.Namespace) -> int:
     if listen_fd is not None and args.replace:
         raise ActivationError("--replace takes the socket from the running broker; "
                               "a socket-activated broker gets it from its service manager")
+    limits = BrokerLimits(max_connections_per_uid=args.max_connections_per_uid,
+                          max_ports_per_uid=args.max_ports_per_uid)
     broker = Broker(args.runtime_dir, listen_fd=listen_fd, replace=args.replace, on_status=notifier.status,
-                    on_stopping=lambda reason: notifier.stopping(f"stopping: {reason}"))
+                    on_stopping=lambda reason: notifier.stopping(f"stopping: {reason}"), shared=args.shared,
+                    limits=limits)
 
     def on_ready() -> None:
         print(f"READY {broker.socket_path}", flush=True)
@@ -146,8 +150,12 @@ def _micros(value: float | None) -> str:
 def _render_stats(stats: control.StatsList, as_json: bool, histogram: bool) -> str:
     if as_json:
         return json.dumps(asdict(stats), indent=2)
-    lines = [f"broker up {stats.uptime_ms / 1000:.0f}s; connects to unknown ports {stats.connects_unknown_port}; "
-             f"protocol errors {stats.protocol_errors}"]
+    quota = stats.broker
+    lines = [f"broker up {stats.uptime_ms / 1000:.0f}s ({'shared' if quota.shared else 'private'}); "
+             f"connects to unknown ports {stats.connects_unknown_port}; protocol errors {stats.protocol_errors}",
+             f"per-uid quotas: {quota.max_connections_per_uid} connections, {quota.max_ports_per_uid} ports; refused: "
+             f"{quota.refused_connections} connections, {quota.refused_ports} ports, {quota.refused_acl} by ACLs"]
+    lines += [f"  uid {u.uid}: {u.connections} connections, {u.ports} ports" for u in quota.usage]
     if not stats.ports:
         return "\n".join([*lines, "no ports"])
     width = max(len("NAME"), *(len(p.name) for p in stats.ports))
@@ -207,6 +215,13 @@ def _positive(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
 def _add_view_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--timeout", type=float, default=5.0)
@@ -228,6 +243,13 @@ def _parser() -> argparse.ArgumentParser:
     broker.add_argument("--ready-fd", type=int, default=None, help="write READY to this fd once listening")
     broker.add_argument("--replace", action="store_true",
                         help="take over the running broker's socket and connections (graceful restart)")
+    broker.add_argument("--shared", action="store_true",
+                        help="serve every local user: a 0755 runtime dir and a 0666 socket; each port's ACL "
+                             "decides who may connect to it (default: only this uid can reach the broker)")
+    broker.add_argument("--max-connections-per-uid", type=_count, default=BROKER_DEFAULTS.max_connections_per_uid,
+                        help="sockets one uid may have open to the broker at once")
+    broker.add_argument("--max-ports-per-uid", type=_count, default=BROKER_DEFAULTS.max_ports_per_uid,
+                        help="ports one uid may own")
     broker.set_defaults(func=_cmd_broker)
 
     ports = sub.add_parser("ports", help="list live ports")

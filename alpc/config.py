@@ -10,6 +10,8 @@ from pathlib import Path
 
 from ._native import quick_region_size
 from .errors import AccessDenied
+from .quotas import FlowLimits
+from .security import HandleKind, PortAcl
 
 __all__ = [
     "BROKER_SOCKET_NAME",
@@ -76,14 +78,19 @@ def default_runtime_dir() -> Path:
     return Path(f"/tmp/alpc-{os.getuid()}")
 
 
-def ensure_runtime_dir(path: Path) -> Path:
-    """Create ``path`` as a 0700 directory, or check that an existing one is safe.
+def ensure_runtime_dir(path: Path, shared: bool = False) -> Path:
+    """Create ``path`` as the broker's directory, or check that an existing one is safe.
 
-    A runtime directory someone else owns, or that others can enter, would let
-    them replace the broker socket; refuse it rather than trust it.
+    Private (the default): 0700, so no other user can even reach the socket.
+    Shared: 0755, so every user can reach the broker (whose port ACLs then keep
+    them out of each port) but none can create or replace anything in it.
+    A directory someone else owns, or that others may write to, would let them
+    replace the broker socket; refuse it rather than trust it.
     """
+    mode = 0o755 if shared else 0o700
     try:
-        path.mkdir(mode=0o700, parents=True)
+        path.mkdir(mode=mode, parents=True)
+        os.chmod(path, mode)  # mkdir's mode is filtered by the umask
     except FileExistsError:
         pass
     info = path.lstat()
@@ -91,9 +98,31 @@ def ensure_runtime_dir(path: Path) -> Path:
         raise AccessDenied(f"runtime dir {path} is not a directory")
     if info.st_uid != os.getuid():
         raise AccessDenied(f"runtime dir {path} is owned by uid {info.st_uid}, not {os.getuid()}")
-    if info.st_mode & 0o077:
-        raise AccessDenied(f"runtime dir {path} is accessible to others (mode {info.st_mode & 0o777:o})")
+    if info.st_mode & 0o022:
+        raise AccessDenied(f"runtime dir {path} is writable by others (mode {info.st_mode & 0o777:o})")
+    if not shared and info.st_mode & 0o077:
+        raise AccessDenied(f"runtime dir {path} is accessible to others (mode {info.st_mode & 0o777:o}); "
+                           "a broker for several users runs with --shared")
+    if shared and stat.S_IMODE(info.st_mode) != mode:
+        os.chmod(path, mode)  # our own private dir, opened up because the operator asked for --shared
     return path
+
+
+def _check_handles(owner: str, kinds: frozenset[str], max_per_message: int, max_inflight: int) -> None:
+    for kind in kinds:
+        if kind not in HandleKind.__members__.values():
+            raise ValueError(f"{owner}.handle_kinds: unknown kind {kind!r}; "
+                             f"known: {', '.join(k.value for k in HandleKind)}")
+    FlowLimits(max_handles_per_message=max_per_message, max_inflight_handles=max_inflight)
+
+
+def _flow(owner: str, pending: int, datagrams: int, kinds: frozenset[str], per_message: int,
+          inflight: int) -> FlowLimits:
+    """The flow limits a side announces; fds are taken only when some kind is allowed."""
+    try:
+        return FlowLimits(pending, datagrams, per_message if kinds else 0, inflight)
+    except ValueError as exc:
+        raise ValueError(f"{owner}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -121,6 +150,27 @@ class PortAttributes:
     - ``direct_memory``: read/write a client's granted buffers with
       process_vm_readv/writev; False forces the section fallback.
 
+    Security (see the README's Security section):
+
+    - ``acl``: who may connect (checked by the broker, and again by the
+      server's runtime, before the application sees a request); by default
+      the port owner's uid only.
+    - ``max_connections``: connections at once; more are refused (QuotaExceeded).
+    - ``max_pending_requests``: per client, requests awaiting our reply; the
+      client's next request waits for a reply (backpressure).
+    - ``max_queued_datagrams``: per client, datagrams the application has not
+      taken yet; the client's next datagram waits.
+    - ``handle_kinds``: the kinds of fd a message may bring (``HandleKind``
+      values: "file", "socket", "memfd", "pipe", ...); others are closed on
+      arrival. None by default: handle passing is opt-in.
+    - ``max_handles_per_message`` / ``max_inflight_handles``: fds per
+      message, and per client not yet taken by the application (its sends wait).
+    - ``send_timeout``: how long a send to a client that does not read may
+      block when the caller gave no timeout; a reply that cannot go out in
+      that time drops the connection (the client stopped reading its replies).
+    - ``refuse_identity_change``: drop a connection whose messages come from
+      another uid/gid than connected, instead of flagging them.
+
     Quick-LPC (``alpc.qlpc``), opt-in:
 
     - ``quick_lpc``: offer each client a pair of shared-memory rings for small
@@ -144,6 +194,15 @@ class PortAttributes:
     section_backend: str = field(default_factory=default_section_backend)
     allow_unsealed_sections: bool = not _ON_LINUX
     direct_memory: bool = True
+    acl: PortAcl = field(default_factory=PortAcl)
+    max_connections: int = 4096
+    max_pending_requests: int = 1024
+    max_queued_datagrams: int = 1024
+    handle_kinds: frozenset[str] = frozenset()
+    max_handles_per_message: int = 16
+    max_inflight_handles: int = 64
+    send_timeout: float = 5.0
+    refuse_identity_change: bool = False
     quick_lpc: bool = False
     quick_slots: int = 8
     quick_slot_size: int = 512
@@ -151,7 +210,18 @@ class PortAttributes:
 
     def __post_init__(self) -> None:
         _check_quick("PortAttributes", self.quick_slots, self.quick_slot_size, self.quick_spin_us)
-        for name in ("max_connect_data", "max_pending_connects", "max_port_section_bytes"):
+        object.__setattr__(self, "handle_kinds", frozenset(self.handle_kinds))
+        if not isinstance(self.acl, PortAcl):
+            raise ValueError(f"PortAttributes.acl must be a PortAcl, got {self.acl!r}")
+        if not isinstance(self.send_timeout, (int, float)) or not 0 < self.send_timeout < 86400:
+            raise ValueError(f"PortAttributes.send_timeout must be a positive number of seconds, "
+                             f"got {self.send_timeout!r}")
+        _check_handles("PortAttributes", self.handle_kinds, self.max_handles_per_message, self.max_inflight_handles)
+        self.flow_limits()
+        if self.quick_lpc and self.refuse_identity_change:
+            raise ValueError("PortAttributes: Quick-LPC ring messages carry no SCM_CREDENTIALS, so a port that "
+                             "refuses identity changes cannot offer them (quick_lpc with refuse_identity_change)")
+        for name in ("max_connect_data", "max_pending_connects", "max_port_section_bytes", "max_connections"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"PortAttributes.{name} must be a positive int, got {value!r}")
@@ -160,16 +230,24 @@ class PortAttributes:
         _check_sections("PortAttributes", self.max_message_length, self.section_size, self.max_section_bytes,
                         self.section_backend)
 
+    def flow_limits(self) -> FlowLimits:
+        """What this port announces to each client it accepts."""
+        return _flow("PortAttributes", self.max_pending_requests, self.max_queued_datagrams, self.handle_kinds,
+                     self.max_handles_per_message, self.max_inflight_handles)
+
+    def accept_kinds(self) -> frozenset[HandleKind]:
+        return frozenset(HandleKind(kind) for kind in self.handle_kinds)
+
 
 @dataclass(frozen=True)
 class Config:
     """Where the broker lives and the limits this process applies.
 
-    The section settings mean what they mean in PortAttributes, for the
-    connections this process makes as a client. ``quick_lpc`` accepts a
-    server's Quick-LPC offer (when the C extension is in use);
-    ``quick_spin_us`` bounds how long a request spins for its reply while the
-    server runs on another CPU.
+    The section, flow, handle and identity settings mean what they mean in
+    PortAttributes, for the connections this process makes as a client.
+    ``quick_lpc`` accepts a server's Quick-LPC offer (when the C extension is
+    in use); ``quick_spin_us`` bounds how long a request spins for its reply
+    while the server runs on another CPU.
     """
 
     runtime_dir: Path = field(default_factory=default_runtime_dir)
@@ -180,13 +258,29 @@ class Config:
     max_section_bytes: int = 2 * GIB
     section_backend: str = field(default_factory=default_section_backend)
     allow_unsealed_sections: bool = not _ON_LINUX
+    max_pending_requests: int = 1024
+    max_queued_datagrams: int = 1024
+    handle_kinds: frozenset[str] = frozenset()
+    max_handles_per_message: int = 16
+    max_inflight_handles: int = 64
+    refuse_identity_change: bool = False
     quick_lpc: bool = True
     quick_spin_us: int = 50
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "handle_kinds", frozenset(self.handle_kinds))
         _check_quick("Config", 1, 64, self.quick_spin_us)
         _check_sections("Config", self.max_message_length, self.section_size, self.max_section_bytes,
                         self.section_backend)
+        _check_handles("Config", self.handle_kinds, self.max_handles_per_message, self.max_inflight_handles)
+        self.flow_limits()
+
+    def flow_limits(self) -> FlowLimits:
+        return _flow("Config", self.max_pending_requests, self.max_queued_datagrams, self.handle_kinds,
+                     self.max_handles_per_message, self.max_inflight_handles)
+
+    def accept_kinds(self) -> frozenset[HandleKind]:
+        return frozenset(HandleKind(kind) for kind in self.handle_kinds)
 
     @property
     def broker_socket(self) -> Path:

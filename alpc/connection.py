@@ -13,9 +13,16 @@ Entry points:
   ``section_message``/``section_sent`` and ``reserve``/``space_wanted``
   return the frames (``list[bytes]``) to write. Before writing, a driver
   with ``owed`` set prefixes ``take_owed()`` (releases held back for this
-  frame, queued datagrams) and, if the write failed with nothing written,
-  gives them back with ``restore_owed``.
-- **receiving** -- ``receive(data, fds)`` decodes a read into a ``Batch``;
+  frame, credits, queued datagrams) and, if the write failed with nothing
+  written, gives them back with ``restore_owed``. Sends with fds call
+  ``check_handles`` first. ``request``/``datagram``/``datagrams`` (and
+  ``section_message``) raise ``quotas.WindowClosed`` while the peer's flow
+  window is full: the driver waits until ``window_counts()`` goes down (a
+  read brought replies or credits) and tries again, or raises Throttled. A
+  request whose frames never left (nothing written) is forgotten with
+  ``unsent``; one that may have reached the peer with ``abandon``.
+- **receiving** -- ``receive(data, fds, sender, truncated)`` decodes a read
+  (with its SCM_CREDENTIALS and MSG_CTRUNC flag) into a ``Batch``;
   the driver calls ``batch.finish()`` *outside* its lock (large copies out
   of sections), then ``route(batch)``, which files every message (replies
   by id, requests and datagrams in the inbox, grant traffic by request) and
@@ -24,6 +31,8 @@ Entry points:
   ``connection_lost`` and ``fail`` end the connection.
 - **taking** -- ``take_reply``, ``take_message``, ``take_grant_op``,
   ``take_grant_data`` hand a waiting caller what it waits for (or None).
+  A datagram taken frees its slot in our window: once ``credit_due``, the
+  driver sends ``release_frames()`` (releases and the CREDIT frame) at once.
 - **closing** -- ``close()`` gives the PORT_CLOSED frame; ``finalize_wanted``
   says when the driver may close the socket, ``release_resources`` unmaps.
 """
@@ -32,7 +41,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
 from . import _native
@@ -45,7 +54,7 @@ from .stats import ConnectionStats
 from .wire import HEADER_SIZE, MessageType, Range, Release
 
 __all__ = ["FILED_ERROR", "FILED_INBOX", "FILED_NOTHING", "FILED_REPLY", "NOTICES", "NOT_FILED", "Batch",
-           "Connection", "Wake"]
+           "Connection", "Owed", "Wake"]
 
 NOTICES = (MessageType.PORT_CLOSED, MessageType.CLIENT_DIED)
 # Unflushed datagrams (send(..., flush=False)) beyond this many bytes go out at once.
@@ -85,6 +94,11 @@ class Wake(NamedTuple):
 
 
 _NOTHING = Wake([], False, False)
+# What ``take_owed``/``release_frames`` took, to give back if the write sent none of it:
+# releases, a credit (datagrams, fds), queued datagrams.
+Owed = tuple[list[Release], tuple[int, int], Frames]
+_NO_CREDIT = (0, 0)
+_DATAGRAM = MessageType.DATAGRAM
 
 
 class Connection:
@@ -110,6 +124,7 @@ class Connection:
         self.error = ""
         # Constant for the connection; read on every send.
         self.inline_threshold = channel.inline_threshold
+        self.flow = channel.flow
         self._peer_sections = None if channel.sections is None else channel.sections.peer
         # Frames to go before the next one we write: releases held back for it,
         # datagrams queued by send(..., flush=False).
@@ -140,9 +155,19 @@ class Connection:
     # -- sending --------------------------------------------------------------------
 
     def request(self, data: Payload, grant: LocalGrant | None = None,
-                deadline: float | None = None) -> tuple[int, Frames]:
+                deadline: float | None = None, fds: Sequence[int] = ()) -> tuple[int, Frames]:
         self.check_open()
-        return self.channel.request(data, grant, deadline)
+        return self.channel.request(data, grant, deadline, fds)
+
+    def check_handles(self, fds: Sequence[int]) -> None:
+        """HandleNotAllowed for fds the peer would refuse (kind or count), before anything is sent."""
+        self.channel.check_handles(fds)
+
+    def window_counts(self) -> tuple[int, int, int]:
+        """What the peer holds of ours (requests, datagrams, fds): a sender waiting for its
+        window compares these before and after each read."""
+        flow = self.flow
+        return flow.requests_out, flow.datagrams_out, flow.handles_out
 
     def cancel(self, request_id: int) -> tuple[Frames, list[View]]:
         """Cancel a request in flight: the CANCEL frame for the peer (empty if it is not in
@@ -159,21 +184,23 @@ class Connection:
         self.check_open()
         return self.channel.ping()
 
-    def datagram(self, data: Payload) -> Frames:
+    def datagram(self, data: Payload, fds: Sequence[int] = ()) -> Frames:
         self.check_open()
-        return self.channel.datagram(data)
+        return self.channel.datagram(data, fds)
 
-    def datagrams(self, items: list[bytes]) -> Frames:
-        """Small datagrams as one frame buffer, after anything owed (one write for all)."""
+    def datagrams(self, items: list[bytes]) -> tuple[Frames, int]:
+        """Small datagrams as one frame buffer (one write for all): as many of ``items`` as the
+        peer's window takes, and how many that is (WindowClosed if none)."""
         self.check_open()
-        return [self.channel.datagrams(items)]
+        frame, count = self.channel.datagrams(items)
+        return [frame], count
 
-    def reply(self, message: Message, data: Payload) -> Frames:
+    def reply(self, message: Message, data: Payload, fds: Sequence[int] = ()) -> Frames:
         """The reply's frames; none for a request the client cancelled (nobody waits for it)."""
         if message.cancelled:
             return []
         self.check_open()
-        return self.channel.reply(message.id, data)
+        return self.channel.reply(message.id, data, fds)
 
     @staticmethod
     def wants_reply(message: Message) -> bool:
@@ -194,6 +221,12 @@ class Connection:
         leftovers = self._grant_ops.pop(request_id, None)
         return [op.view for op in leftovers or () if op.view is not None]
 
+    def unsent(self, request_id: int) -> None:
+        """A request none of whose bytes were written: forget it, and its flow-control slot."""
+        self.channel.unsent(request_id)
+        self.replies.pop(request_id, None)
+        self._grant_ops.pop(request_id, None)
+
     def queue(self, frames: Frames) -> bool:
         """Hold ``frames`` for the next write (batching); True when the backlog should be flushed now."""
         self._backlog += frames
@@ -201,7 +234,7 @@ class Connection:
         self.owed = True
         return self._backlog_bytes >= BACKLOG_LIMIT
 
-    def take_owed(self) -> tuple[Frames, tuple[list[Release], Frames]]:
+    def take_owed(self) -> tuple[Frames, Owed]:
         """Frames owed before the next write, and a token to give them back if it fails."""
         entries: list[Release] = []
         frames: Frames = []
@@ -209,20 +242,25 @@ class Connection:
             self._releases_owed = False
             entries = self.channel.take_releases()
             frames = self.channel.release_frames(entries)
+        # Credits ride along with whatever else is owed (they go out by themselves once due).
+        credit, credit_frames = self.channel.take_credit()
         backlog, self._backlog, self._backlog_bytes = self._backlog, [], 0
         if len(backlog) > 1:
             # One buffer for the kernel instead of hundreds of iovecs (a copy of at most 64 KiB).
             backlog = [b"".join(backlog)]
         self.owed = False
-        return frames + backlog, (entries, backlog)
+        return frames + credit_frames + backlog, (entries, credit, backlog)
 
-    def restore_owed(self, token: tuple[list[Release], Frames]) -> None:
-        """The write that carried ``take_owed()``'s frames sent none of them: keep them owed."""
-        entries, backlog = token
+    def restore_owed(self, token: Owed) -> None:
+        """The write that carried ``take_owed()``'s (or ``release_frames()``'s) frames sent none
+        of them: keep them owed."""
+        entries, credit, backlog = token
         if entries:
             self.channel.requeue_releases(entries)
             self._releases_owed = True
             self.owed = True
+        if credit != _NO_CREDIT:
+            self.channel.restore_credit(credit)
         if backlog:
             self._backlog = backlog + self._backlog
             self._backlog_bytes += sum(len(frame) for frame in backlog)
@@ -246,10 +284,10 @@ class Connection:
 
     def section_message(self, kind: MessageType, view: SectionView, *, as_view: bool, callback_id: int = 0,
                         grant: LocalGrant | None = None, span: Range | None = None,
-                        deadline: float | None = None) -> tuple[int, Frames, list[int]]:
+                        deadline: float | None = None, fds: Sequence[int] = ()) -> tuple[int, Frames, list[int]]:
         self.check_open()
         return self.channel.section_message(kind, view, as_view=as_view, callback_id=callback_id, grant=grant,
-                                            span=span, deadline=deadline)
+                                            span=span, deadline=deadline, fds=fds)
 
     def section_sent(self, view: SectionView, written: bool) -> None:
         self.channel.section_sent(view, written)
@@ -280,19 +318,25 @@ class Connection:
         self.owed = True
         return False
 
-    def release_frames(self) -> tuple[Frames, list[Release]]:
-        """Every release not yet told to the peer, as frames of their own."""
-        if self.failure is not None or not self.channel.releases_pending:
-            return [], []
-        self._releases_owed = False
-        entries = self.channel.take_releases()
-        return self.channel.release_frames(entries), entries
+    def release_frames(self) -> tuple[Frames, Owed]:
+        """Every release not yet told to the peer, and the credit owed, as frames of their own
+        (and the token for ``restore_owed`` should the write time out)."""
+        channel = self.channel
+        if self.failure is not None or not (channel.releases_pending or self.flow.credit_owed):
+            return [], ([], _NO_CREDIT, [])
+        entries: list[Release] = []
+        frames: Frames = []
+        if channel.releases_pending:
+            self._releases_owed = False
+            entries = channel.take_releases()
+            frames = channel.release_frames(entries)
+        credit, credit_frames = channel.take_credit()
+        return frames + credit_frames, (entries, credit, [])
 
-    def requeue_releases(self, entries: list[Release]) -> None:
-        if entries:
-            self.channel.requeue_releases(entries)
-            self._releases_owed = True
-            self.owed = True
+    @property
+    def credit_due(self) -> bool:
+        """The application took enough datagrams that the peer should hear now (``release_frames``)."""
+        return self.flow.credit_due
 
     # -- memory grants ---------------------------------------------------------------
 
@@ -364,11 +408,15 @@ class Connection:
 
     # -- receiving --------------------------------------------------------------------
 
-    def receive(self, data: bytes, fds: Iterable[int] = ()) -> Batch:
-        """Decode one read. A protocol violation ends the connection (``Batch.error``)."""
+    def receive(self, data: bytes, fds: Iterable[int] = (), sender: PeerCred | None = None,
+                truncated: bool = False) -> Batch:
+        """Decode one read (``sender``: its SCM_CREDENTIALS; ``truncated``: MSG_CTRUNC).
+
+        A protocol violation ends the connection (``Batch.error``).
+        """
         channel = self.channel
         try:
-            messages = channel.receive(data, fds)
+            messages = channel.receive(data, fds, sender, truncated)
         except ProtocolError as exc:
             self.stats.errors += 1
             self.fail(PeerGone(f"protocol error: {exc}"), notice=f"protocol error: {exc}")
@@ -381,7 +429,7 @@ class Connection:
             channel.releases_urgent = False
         return Batch(messages, copies, urgent, None)
 
-    def receive_one(self, data: bytes) -> int:
+    def receive_one(self, data: bytes, sender: PeerCred | None = None) -> int:
         """The common read in one step: one plain reply, request or datagram, decoded and filed.
 
         Returns FILED_REPLY, FILED_INBOX or FILED_NOTHING (a late reply
@@ -394,7 +442,7 @@ class Connection:
         if peer is not None and (peer.pending or self.channel.unsent_releases):
             return NOT_FILED
         try:
-            message = self.channel.receive_one(data)
+            message = self.channel.receive_one(data, sender)
         except ProtocolError as exc:
             self.stats.errors += 1
             self.fail(PeerGone(f"protocol error: {exc}"), notice=f"protocol error: {exc}")
@@ -417,16 +465,16 @@ class Connection:
         self.inbox.append(message)
         return FILED_INBOX
 
-    def outgoing(self, batch: Batch) -> tuple[Frames, list[Release]]:
+    def outgoing(self, batch: Batch) -> tuple[Frames, Owed]:
         """After a read: frames the runtime owes the peer now (automatic answers, releases
-        that cannot wait), and the releases among them to requeue if that write times out."""
+        that cannot wait), and the token to ``restore_owed`` if that write times out."""
         frames = self.channel.take_automatic()
         peer = self._peer_sections
         if peer is not None and (batch.copies or peer.pending or self.channel.unsent_releases):
             if self.releases_due(batch.urgent):
-                releases, entries = self.release_frames()
-                return frames + releases, entries
-        return frames, []
+                releases, token = self.release_frames()
+                return frames + releases, token
+        return frames, ([], _NO_CREDIT, [])
 
     def route(self, batch: Batch) -> Wake:
         """File the messages of a read; returns who should wake."""
@@ -487,6 +535,9 @@ class Connection:
         inbox = self.inbox
         while inbox:
             message = inbox.popleft()
+            if message.type is _DATAGRAM:
+                self.channel.consumed(message)  # its slot in our window is free: a credit is owed
+                return message
             if not self._dispatchable(message):
                 continue
             if message.type in NOTICES:
@@ -513,6 +564,9 @@ class Connection:
         inbox = self.inbox
         while inbox and inbox[0].type in _INCOMING:
             message = inbox.popleft()
+            if message.type is _DATAGRAM:
+                self.channel.consumed(message)
+                return message
             if self._dispatchable(message):
                 return message
         return self.take_reply(request_id)
@@ -528,7 +582,8 @@ class Connection:
                 return
 
     def _drop_body(self, message: Message) -> None:
-        """A request nobody will handle: its section range goes back with our next frame."""
+        """A request nobody will handle: its section range goes back with our next frame, its fds close."""
+        message.close_handles()
         body = message._copy if message._copy is not None else message.view
         if body is not None:
             message._copy = None
@@ -592,6 +647,8 @@ class Connection:
         frames = [] if self.failure is not None else self.channel.close_notice()
         if self.failure is None:
             self.failure = ConnectionClosed("the port is closed")
+        for message in self.inbox:
+            message.close_handles()  # nobody will take them
         self.inbox.clear()
         self.finalize_wanted = True
         return frames

@@ -8,7 +8,7 @@ allocation. Nothing here touches a socket.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, ClassVar, TypeVar
 
 import msgpack
@@ -24,13 +24,16 @@ from .errors import (
     ProtocolError,
     QuotaExceeded,
 )
-from .security import PeerCred
+from .quotas import FlowLimits
+from .security import PeerCred, PortAcl
 from .wire import MessageType
 
 __all__ = [
     "MAX_CONTROL_BODY",
     "MAX_NAME_LENGTH",
+    "AclSpec",
     "Body",
+    "BrokerQuota",
     "ClientInfo",
     "Connect",
     "ConnectionReply",
@@ -38,12 +41,14 @@ __all__ = [
     "CreatePort",
     "ErrorCode",
     "ErrorReply",
+    "FlowSpec",
     "Handover",
     "HandoverDone",
     "HandoverItem",
     "HandoverPeer",
     "HandoverPort",
     "HandoverState",
+    "OwnerQuota",
     "LATENCY_BUCKETS",
     "ListPorts",
     "MAX_REPORTED_PEERS",
@@ -53,6 +58,7 @@ __all__ = [
     "PortCounters",
     "PortCreated",
     "PortInfo",
+    "PortLimits",
     "PortList",
     "PortStats",
     "PortStatus",
@@ -60,6 +66,7 @@ __all__ = [
     "Shutdown",
     "Stats",
     "StatsList",
+    "UidUsageInfo",
     "decode_body",
     "encode_body",
     "validate_port_name",
@@ -126,6 +133,8 @@ class Record:
         values: dict[str, Any] = {}
         for spec in fields(cls):
             if spec.name not in raw:
+                if spec.default is not MISSING or spec.default_factory is not MISSING:
+                    continue  # an older peer; the default is the safe setting
                 raise ProtocolError(f"{cls.__name__}: missing field {spec.name!r}")
             values[spec.name] = _check_type(cls.__name__, spec.name, spec.type, raw[spec.name])
         extra = set(raw) - set(values)
@@ -144,6 +153,10 @@ def _check_type(owner: str, name: str, annotation: object, value: Any) -> Any:
     if str(annotation) == "tuple[int, ...]":
         if not isinstance(value, list) or not all(type(item) is int for item in value):
             raise ProtocolError(f"{owner}.{name}: expected a list of ints")
+        return tuple(value)
+    if str(annotation) == "tuple[str, ...]":
+        if not isinstance(value, list) or not all(type(item) is str for item in value):
+            raise ProtocolError(f"{owner}.{name}: expected a list of strings")
         return tuple(value)
     single = _NESTED_ONE.get(str(annotation))
     if single is not None:
@@ -166,12 +179,84 @@ class Body(Record):
 
 
 @dataclass(frozen=True)
+class AclSpec(Record):
+    """A port's ACL on the wire (security.PortAcl); the broker checks connects against it."""
+
+    allow_uids: tuple[int, ...] = ()
+    allow_gids: tuple[int, ...] = ()
+    deny_uids: tuple[int, ...] = ()
+    deny_gids: tuple[int, ...] = ()
+    allow_root: bool = False
+    allow_everyone: bool = False
+
+    @classmethod
+    def of(cls, acl: PortAcl) -> AclSpec:
+        return cls(allow_uids=tuple(sorted(acl.allow_uids)), allow_gids=tuple(sorted(acl.allow_gids)),
+                   deny_uids=tuple(sorted(acl.deny_uids)), deny_gids=tuple(sorted(acl.deny_gids)),
+                   allow_root=acl.allow_root, allow_everyone=acl.allow_everyone)
+
+    def acl(self) -> PortAcl:
+        try:
+            return PortAcl(frozenset(self.allow_uids), frozenset(self.allow_gids), frozenset(self.deny_uids),
+                           frozenset(self.deny_gids), self.allow_root, self.allow_everyone)
+        except ValueError as exc:
+            raise ProtocolError(f"AclSpec: {exc}") from None
+
+
+@dataclass(frozen=True)
+class PortLimits(Record):
+    """Every limit of a port, as its server set them (shown by ``alpc ports --json``)."""
+
+    max_message_length: int = 0
+    max_connect_data: int = 0
+    max_pending_connects: int = 0
+    max_connections: int = 0
+    max_pending_requests: int = 0
+    max_queued_datagrams: int = 0
+    max_handles_per_message: int = 0
+    max_inflight_handles: int = 0
+    handle_kinds: tuple[str, ...] = ()
+    max_section_bytes: int = 0
+    max_port_section_bytes: int = 0
+    send_timeout_ms: int = 0
+    refuse_identity_change: bool = False
+
+
+@dataclass(frozen=True)
+class FlowSpec(Record):
+    """What one side of a connection takes from the other (quotas.FlowLimits, plus handle kinds)."""
+
+    max_pending_requests: int = 1024
+    max_queued_datagrams: int = 1024
+    max_handles_per_message: int = 0
+    max_inflight_handles: int = 64
+    handle_kinds: int = 0  # security.kinds_mask
+
+    @classmethod
+    def of(cls, limits: FlowLimits, kinds_mask: int) -> FlowSpec:
+        return cls(max_pending_requests=limits.max_pending_requests,
+                   max_queued_datagrams=limits.max_queued_datagrams,
+                   max_handles_per_message=limits.max_handles_per_message,
+                   max_inflight_handles=limits.max_inflight_handles, handle_kinds=kinds_mask)
+
+    def limits(self) -> FlowLimits:
+        """The announced limits, checked (a ProtocolError for values no honest peer sends)."""
+        try:
+            return FlowLimits(self.max_pending_requests, self.max_queued_datagrams, self.max_handles_per_message,
+                              self.max_inflight_handles)
+        except ValueError as exc:
+            raise ProtocolError(f"announced flow limits: {exc}") from None
+
+
+@dataclass(frozen=True)
 class CreatePort(Body):
     TYPE: ClassVar[MessageType] = MessageType.CREATE_PORT
     name: str
     max_message_length: int
     max_connect_data: int
     max_pending_connects: int
+    acl: AclSpec = field(default_factory=AclSpec)
+    limits: PortLimits = field(default_factory=PortLimits)
 
 
 @dataclass(frozen=True)
@@ -188,6 +273,11 @@ class Connect(Body):
     max_message_length: int
     # The most section memory the client maps from the server (its receive quota).
     max_section_bytes: int
+    flow: FlowSpec = field(default_factory=FlowSpec)
+    # ALPC's RequiredServerSid: the uid the port's owner must have (-1: any).
+    # The broker refuses a mismatch before the connect data reaches anyone; the
+    # client checks again against the kernel's credentials of the server's reply.
+    required_server_uid: int = -1
 
 
 @dataclass(frozen=True)
@@ -199,6 +289,7 @@ class ConnectionRequestInfo(Body):
     data: bytes
     max_message_length: int
     max_section_bytes: int
+    flow: FlowSpec = field(default_factory=FlowSpec)
 
 
 @dataclass(frozen=True)
@@ -214,6 +305,7 @@ class ConnectionReply(Body):
     inline_threshold: int = 0
     max_section_bytes: int = 0
     secure_views: bool = False
+    flow: FlowSpec = field(default_factory=FlowSpec)
     # Quick-LPC rings offered (alpc.qlpc): their geometry, 0 when none; the
     # region's memfd rides with this frame.
     quick_slots: int = 0
@@ -222,12 +314,18 @@ class ConnectionReply(Body):
 
 @dataclass(frozen=True)
 class ErrorReply(Body):
+    """A refusal; ``limit`` names the exhausted limit of a BUSY refusal (quotas.Limit)."""
+
     TYPE: ClassVar[MessageType] = MessageType.ERROR
     code: str
     message: str
+    limit: str = ""
 
     def exception(self) -> AlpcError:
-        return _ERROR_TYPES.get(self.code, ProtocolError)(self.message)
+        kind = _ERROR_TYPES.get(self.code, ProtocolError)
+        if issubclass(kind, QuotaExceeded):
+            return kind(self.message, limit=self.limit)
+        return kind(self.message)
 
 
 @dataclass(frozen=True)
@@ -311,6 +409,16 @@ class PortStatus(Body):
 
 
 @dataclass(frozen=True)
+class OwnerQuota(Record):
+    """The broker's per-uid quotas as they apply to a port's owner; usage is -1 when not shown."""
+
+    max_connections_per_uid: int = 0
+    max_ports_per_uid: int = 0
+    connections: int = -1
+    ports: int = -1
+
+
+@dataclass(frozen=True)
 class PortInfo(Record):
     """One live port for ``alpc ports``; ``details`` is False when the asker may not see its clients."""
 
@@ -321,6 +429,10 @@ class PortInfo(Record):
     max_message_length: int
     clients: tuple[ClientInfo, ...] = field(default=())
     details: bool = True
+    limits: PortLimits = field(default_factory=PortLimits)
+    # The ACL is shown only with ``details`` (to the owner and root); empty otherwise.
+    acl: AclSpec = field(default_factory=AclSpec)
+    owner_quota: OwnerQuota = field(default_factory=OwnerQuota)
 
 
 @dataclass(frozen=True)
@@ -367,12 +479,35 @@ class PortStats(Record):
 
 
 @dataclass(frozen=True)
+class UidUsageInfo(Record):
+    """How much of the broker one uid holds, against its per-uid quotas."""
+
+    uid: int
+    connections: int
+    ports: int
+
+
+@dataclass(frozen=True)
+class BrokerQuota(Record):
+    """The broker's mode and per-uid quotas; ``usage`` lists the asker's uid (every uid for root)."""
+
+    shared: bool = False
+    max_connections_per_uid: int = 0
+    max_ports_per_uid: int = 0
+    refused_connections: int = 0
+    refused_ports: int = 0
+    refused_acl: int = 0
+    usage: tuple[UidUsageInfo, ...] = field(default=())
+
+
+@dataclass(frozen=True)
 class StatsList(Body):
     TYPE: ClassVar[MessageType] = MessageType.STATS_LIST
     uptime_ms: int
     connects_unknown_port: int
     protocol_errors: int
     ports: tuple[PortStats, ...] = field(default=())
+    broker: BrokerQuota = field(default_factory=BrokerQuota)
 
 
 @dataclass(frozen=True)
@@ -417,6 +552,8 @@ class HandoverPort(Record):
     quota_refusals: int
     connects_refused: int
     status: bytes
+    acl: AclSpec = field(default_factory=AclSpec)
+    limits: PortLimits = field(default_factory=PortLimits)
 
 
 @dataclass(frozen=True)
@@ -460,9 +597,15 @@ _NESTED: dict[str, type[Record]] = {
     "tuple[HandoverPeer, ...]": HandoverPeer,
     "tuple[HandoverItem, ...]": HandoverItem,
     "tuple[HandoverPort, ...]": HandoverPort,
+    "tuple[UidUsageInfo, ...]": UidUsageInfo,
 }
 _NESTED_ONE: dict[str, type[Record]] = {
     "PortCounters": PortCounters,
+    "AclSpec": AclSpec,
+    "PortLimits": PortLimits,
+    "FlowSpec": FlowSpec,
+    "OwnerQuota": OwnerQuota,
+    "BrokerQuota": BrokerQuota,
 }
 
 _BODIES: dict[MessageType, type[Body]] = {

@@ -20,6 +20,7 @@ __all__ = [
     "BrokerUnavailable",
     "ConnectionClosed",
     "ConnectionRejected",
+    "HandleNotAllowed",
     "InvalidName",
     "MarshalError",
     "MessageTooLarge",
@@ -32,6 +33,7 @@ __all__ = [
     "RemoteError",
     "RpcError",
     "SectionError",
+    "Throttled",
     "Timeout",
     "UnknownMethod",
     "VersionMismatch",
@@ -57,6 +59,10 @@ class PortNotFound(AlpcError, FileNotFoundError):
 
 class AccessDenied(AlpcError, PermissionError):
     """The caller's kernel-verified identity is not allowed to do this."""
+
+
+class HandleNotAllowed(AccessDenied):
+    """A handle (fd) of a kind the receiving port does not accept, or more than it takes per message."""
 
 
 class ConnectionRejected(AlpcError, ConnectionRefusedError):
@@ -108,7 +114,26 @@ class MessageTooLarge(AlpcError, ValueError):
 
 
 class QuotaExceeded(AlpcError, OSError):
-    """A port or broker limit is exhausted (pending connects, connections, ...)."""
+    """A port or broker limit is exhausted (pending connects, connections, ...).
+
+    ``limit`` names the limit (a ``quotas.Limit`` value such as
+    ``"max_connections"``), or is "" when the cause has no configured limit.
+    """
+
+    def __init__(self, message: str = "", limit: str = "") -> None:
+        super().__init__(message)
+        self.limit = limit
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return type(self), (str(self), self.limit)
+
+
+class Throttled(QuotaExceeded, Timeout):
+    """A send waited for a limit to free up (backpressure) until its timeout ran out.
+
+    Both a QuotaExceeded (``limit`` says which) and a Timeout: code that
+    already catches TimeoutError keeps working.
+    """
 
 
 class SectionError(AlpcError, ValueError):

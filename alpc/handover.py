@@ -143,7 +143,8 @@ def _chunks(state: BrokerState) -> list[_Chunk]:
             max_connect_data=port.request.max_connect_data,
             max_pending_connects=port.request.max_pending_connects,
             connects_forwarded=port.connects_forwarded, quota_refusals=port.quota_refusals,
-            connects_refused=port.connects_refused, status=status))
+            connects_refused=port.connects_refused, status=status, acl=port.request.acl,
+            limits=port.request.limits))
         chunk.size += len(status) + 64
     return chunks
 
@@ -288,7 +289,8 @@ def _build(listener_fd: int, owns_file: bool, peers: dict[int, tuple[int, contro
                 status = None
         request = control.CreatePort(name=port.name, max_message_length=port.max_message_length,
                                      max_connect_data=port.max_connect_data,
-                                     max_pending_connects=port.max_pending_connects)
+                                     max_pending_connects=port.max_pending_connects, acl=port.acl,
+                                     limits=port.limits)
         state.ports.append(PortState(port.name, index[port.owner], request, port.connects_forwarded,
                                      port.quota_refusals, port.connects_refused, status))
     return state

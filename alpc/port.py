@@ -22,9 +22,10 @@ from typing import TypeVar
 
 from . import _native, control, qlpc
 from .config import Config
-from .connection import FILED_ERROR, FILED_INBOX, NOTICES, Batch, Connection
+from .connection import FILED_ERROR, FILED_INBOX, NOTICES, Batch, Connection, Owed
 from .control import validate_port_name
 from .errors import (
+    AccessDenied,
     BrokerUnavailable,
     ConnectionClosed,
     ConnectionRejected,
@@ -33,19 +34,22 @@ from .errors import (
     PeerGone,
     PortNotFound,
     ProtocolError,
+    QuotaExceeded,
     SectionError,
+    Throttled,
     Timeout,
 )
-from .exchange import control_frame, read_frame
+from .exchange import control_frame, read_frame, refusal_after_hangup
 from .grant import LocalGrant, MemoryGrant, PeerMemory, direct_read, direct_write
 from .logs import LogLimiter, fields
-from .protocol import Channel, Frames, Message, payload_parts
+from .protocol import Channel, ConnectionPolicy, Frames, Message, payload_parts
 from .protocol import Payload as WirePayload
+from .quotas import Limit, WindowClosed
 from .retry import retry_until
 from .section import ConnectionSections, SectionView, sweep_stale_names
-from .security import PeerCred
+from .security import PeerCred, kinds_from_mask, kinds_mask
 from .transport import Buffer, Stream, close_fds, deadline_after, pidfd_open, remaining, wait_readable
-from .wire import Frame, FrameDecoder, FrameLimits, MessageType, Range, Release
+from .wire import Frame, FrameDecoder, FrameLimits, MessageType, Range
 
 __all__ = [
     "RETRYABLE_CONNECT_ERRORS",
@@ -69,8 +73,9 @@ _BUDGET_RECHECK = 0.05
 _RUNTIME_SEND_TIMEOUT = 1.0
 # send_many writes at most this many small datagrams per system call.
 _BATCH_FRAMES = 1024
-# fds one read may carry: one per frame, one fd-carrying frame per sendmsg.
-_MAX_FDS_PER_READ = 4
+# A read stops after the write that carried fds, and a sender passes fds with
+# one frame per write: a section's fd, then that message's handles (so one
+# read takes 1 + max_handles_per_message).
 
 
 # What request/send/reply take: one bytes-like buffer, parts sent back to back
@@ -128,6 +133,7 @@ class CommunicationPort:
         is_server: bool,
         accept_data: bytes = b"",
         on_gone: Callable[[CommunicationPort], None] | None = None,
+        send_timeout: float | None = None,
         quick: qlpc.QuickLink | None = None,
     ) -> None:
         self._stream = stream
@@ -142,6 +148,10 @@ class CommunicationPort:
         core.owner = self
         core.on_releases_due = self._flush_releases
         self._pidfd = peer_pidfd
+        # A server bounds every send (its caller's None included): a client that
+        # stops reading must not hold the server's thread forever.
+        self._send_timeout = send_timeout
+        self._max_fds_per_read = 1 + channel.policy.local.max_handles_per_message
         self._is_server = is_server
         self.accept_data = accept_data
         self._on_gone = on_gone
@@ -177,6 +187,11 @@ class CommunicationPort:
     @property
     def client(self) -> PeerCred:
         return self._channel.peer
+
+    @property
+    def peer_pidfd(self) -> int | None:
+        """A pidfd of the peer process (SO_PEERPIDFD / SCM_PIDFD), owned by this port; None if none."""
+        return self._pidfd
 
     @property
     def quick(self) -> bool:
@@ -228,7 +243,7 @@ class CommunicationPort:
 
     def request(self, data: Payload = b"", timeout: float | None = None, *, secure: bool = False,
                 grant: MemoryGrant | None = None, deadline: float | None = None,
-                on_message: Callable[[Message], None] | None = None) -> Message:
+                on_message: Callable[[Message], None] | None = None, fds: Sequence[int] = ()) -> Message:
         """Send a request and wait for its reply.
 
         ``data`` longer than the inline threshold goes through a shared section;
@@ -238,7 +253,9 @@ class CommunicationPort:
         server never dispatches it later, and this call waits at most until then
         (DeadlineExceeded). A timeout cancels the request at the server (CANCEL).
         ``data`` may also be a sequence of buffers, sent as one message without
-        being joined.
+        being joined. ``fds`` are passed along (the peer gets copies; these stay
+        yours). While the peer holds ``max_pending_requests`` of ours, this waits
+        for a reply first (Throttled when ``timeout`` runs out meanwhile).
 
         With ``on_message``, the REQUEST and DATAGRAM messages that arrive while
         this call waits (and that no other thread takes first with receive())
@@ -247,18 +264,22 @@ class CommunicationPort:
         behind our own wait. If ``on_message`` raises, the request is abandoned
         and the exception propagates.
         """
+        if timeout is None:
+            timeout = self._send_timeout
+        if fds:
+            self._channel.check_handles(fds)
         if on_message is not None:
             if grant is not None or deadline is not None:
                 raise ValueError("on_message cannot be combined with a memory grant or a deadline")
-            return self._request_serving(data, timeout, secure, on_message)
+            return self._request_serving(data, timeout, secure, on_message, fds)
         if deadline is not None:
             return self.start_request(data, secure=secure, grant=grant, deadline=deadline,
-                                      timeout=timeout).result(timeout)
+                                      timeout=timeout, fds=fds).result(timeout)
         deadline = deadline_after(timeout)
         size = len(data) if type(data) is bytes else _size(data)
         quick = self._quick
         if (quick is not None and size <= quick.payload_max and isinstance(data, (bytes, bytearray, memoryview))
-                and grant is None and not secure):
+                and grant is None and not secure and not fds):
             # Quick-LPC: the ring, unless it cannot take this one now.
             self.stats.sent(size)
             reply = quick.request(self, data if type(data) is bytes else bytes(data), deadline)
@@ -268,18 +289,35 @@ class CommunicationPort:
             self.stats.bytes_out -= size
         if grant is not None or isinstance(data, SectionView) or size > self._core.inline_threshold:
             self.stats.sent(size)
-            return self._request_large(data, deadline, secure, grant)
+            return self._request_large(data, deadline, secure, grant, fds)
+        body = _owned(data)
+        try:
+            message_id = self._send_request(body, deadline, fds)
+        except WindowClosed as closed:
+            message_id = self._flow(lambda: self._send_request(body, deadline, fds), deadline, closed)
+        self.stats.sent(size)
+        return self._await_reply(message_id, deadline)
+
+    def _send_request(self, body: WirePayload, deadline: float | None, fds: Sequence[int]) -> int:
+        """Write a small request; its id. WindowClosed (nothing sent) while the peer's window is full."""
         core = self._core
         with self._send_lock:
             with self._state:
-                message_id, frames = core.request(_owned(data))
+                message_id, frames = core.request(body, fds=fds)
             try:
-                self._write(frames, deadline)
+                self._write(frames, deadline, fds)
             except BaseException:
-                self._abandon(message_id)
+                self._forget_request(message_id)
                 raise
-        self.stats.sent(size)
-        return self._await_reply(message_id, deadline)
+        return message_id
+
+    def _forget_request(self, message_id: int) -> None:
+        """A request whose write failed: gone entirely if none of it left, else abandoned."""
+        if self._stream.broken:
+            self._abandon(message_id)
+        else:
+            with self._state:
+                self._core.unsent(message_id)
 
     def call(self, data: bytes, timeout: float | None = None) -> bytes:
         """``request(data, timeout).data``, without a Message: Quick-LPC's lean call.
@@ -303,6 +341,8 @@ class CommunicationPort:
             if quick is not None and quick.server and quick.active:
                 other = quick.serve(self, handler, timeout)
                 if other is not None:
+                    if self._core.credit_due:
+                        self._flush_releases()  # a datagram taken frees its slot in our window
                     return other
             # The slow way, one message at a time (the rings may be taken up meanwhile).
             message = self.receive(timeout)
@@ -311,21 +351,26 @@ class CommunicationPort:
             self.reply(message, handler(message.data), timeout)
 
     def _request_serving(self, data: Payload, timeout: float | None, secure: bool,
-                         on_message: Callable[[Message], None]) -> Message:
+                         on_message: Callable[[Message], None], fds: Sequence[int]) -> Message:
         """request(on_message=...): the peer's nested requests are served while we wait."""
         deadline = deadline_after(timeout)
         core = self._core
         size = _size(data)
-        if isinstance(data, SectionView) or size > core.inline_threshold:
-            message_id = self._send_section(MessageType.REQUEST, data, deadline, secure)
-        else:
-            message_id = self._send_new(lambda: core.request(_owned(data)), deadline)
+
+        def send() -> int:
+            if isinstance(data, SectionView) or size > core.inline_threshold:
+                return self._send_section(MessageType.REQUEST, data, deadline, secure, fds=fds)
+            return self._send_new(lambda: core.request(_owned(data), fds=fds), deadline, fds)
+
+        message_id = self._sending(send, deadline)
         self.stats.sent(size)
         try:
             while True:
                 found = self._wait_for(lambda: core.take_callback(message_id), deadline, "the reply")
                 if found.type is MessageType.REPLY:
                     return found
+                if core.credit_due:
+                    self._flush_releases()  # a datagram taken here frees its slot too
                 on_message(found)
         except Timeout:
             if not self.cancel(message_id):
@@ -344,27 +389,72 @@ class CommunicationPort:
         self._await_reply(message_id, deadline)
 
     def send(self, data: Payload = b"", timeout: float | None = None, *, secure: bool = False,
-             flush: bool = True) -> None:
-        """Send a datagram (no reply expected).
+             flush: bool = True, fds: Sequence[int] = ()) -> None:
+        """Send a datagram (no reply expected); ``fds`` are passed along.
 
         ``flush=False`` queues a small datagram instead of writing it: queued
         datagrams go out together, in one system call, with the next write on
         this port (any send, request or reply), on ``flush()``, or by themselves
-        once 64 KiB are queued. Order is kept either way.
+        once 64 KiB are queued. Order is kept either way. (A datagram with fds
+        is always written at once.) While the peer's application has
+        ``max_queued_datagrams`` of ours still to take, this waits (Throttled
+        when ``timeout`` runs out meanwhile).
         """
+        if timeout is None:
+            timeout = self._send_timeout
         deadline = deadline_after(timeout)
         size = len(data) if type(data) is bytes else _size(data)
         core = self._core
-        if isinstance(data, SectionView) or size > core.inline_threshold:
-            self._send_section(MessageType.DATAGRAM, data, deadline, secure)
-        elif flush:
-            self._send(lambda: core.datagram(_owned(data)), deadline)
-        else:
-            with self._state:
-                full = core.queue(core.datagram(_owned(data)))
-            if full:
-                self.flush(timeout)
+        if fds:
+            core.check_handles(fds)
+
+        def send() -> None:
+            if isinstance(data, SectionView) or size > core.inline_threshold:
+                self._send_section(MessageType.DATAGRAM, data, deadline, secure, fds=fds)
+            elif flush or fds:
+                self._send(lambda: core.datagram(_owned(data), fds), deadline, fds)
+            else:
+                with self._state:
+                    full = core.queue(core.datagram(_owned(data)))
+                if full:
+                    self.flush(timeout)
+
+        self._sending(send, deadline)
         self.stats.sent(size)
+
+    def _sending(self, send: Callable[[], T], deadline: float | None) -> T:
+        """Run ``send``; while the peer's flow window is closed, wait for it and try again."""
+        try:
+            return send()
+        except WindowClosed as closed:
+            return self._flow(send, deadline, closed)
+
+    # -- flow control ------------------------------------------------------------------
+
+    def _flow(self, send: Callable[[], T], deadline: float | None, closed: WindowClosed) -> T:
+        """``send`` found the peer's window closed: wait for replies or credits and retry, until it goes."""
+        while True:
+            if closed.limit is Limit.MAX_HANDLES_PER_MESSAGE:
+                raise QuotaExceeded("more fds than the peer takes in one message", limit=closed.limit)
+            self._await_window(closed, deadline)
+            try:
+                return send()
+            except WindowClosed as again:
+                closed = again
+
+    def _await_window(self, closed: WindowClosed, deadline: float | None) -> None:
+        """Wait until a reply or a credit frees something the peer counts (or raise Throttled)."""
+        core = self._core
+        before = core.window_counts()
+
+        def freed() -> bool | None:
+            return True if any(now < was for now, was in zip(core.window_counts(), before, strict=True)) else None
+
+        try:
+            self._wait_for(freed, deadline, f"the peer to free its {closed.limit}")
+        except Timeout:
+            raise Throttled(f"waited for the peer to free its {closed.limit} until the timeout ({closed})",
+                            limit=closed.limit) from None
 
     def send_many(self, items: Iterable[Payload], timeout: float | None = None) -> None:
         """Send datagrams in order, in as few system calls as possible (small ones are framed
@@ -385,17 +475,21 @@ class CommunicationPort:
         self._send_small(small, deadline)
 
     def _send_small(self, items: list[bytes], deadline: float | None) -> None:
-        if not items:
-            return
+        """Write ``items`` in as few writes as the peer's datagram window allows."""
+        while items:
+            count = self._sending(lambda: self._send_batch(items, deadline), deadline)
+            stats = self.stats
+            stats.messages_out += count
+            stats.bytes_out += sum(len(item) for item in items[:count])
+            del items[:count]
+
+    def _send_batch(self, items: list[bytes], deadline: float | None) -> int:
         core = self._core
         with self._send_lock:
             with self._state:
-                frames = core.datagrams(items)
+                frames, count = core.datagrams(items)
             self._write(frames, deadline)
-        stats = self.stats
-        stats.messages_out += len(items)
-        stats.bytes_out += sum(len(item) for item in items)
-        items.clear()
+        return count
 
     def flush(self, timeout: float | None = None) -> None:
         """Write every datagram queued by ``send(..., flush=False)``."""
@@ -404,23 +498,30 @@ class CommunicationPort:
                 self._write([], deadline_after(timeout))
 
     def start_request(self, data: Payload = b"", timeout: float | None = None, *, secure: bool = False,
-                      grant: MemoryGrant | None = None, deadline: float | None = None) -> PendingRequest:
+                      grant: MemoryGrant | None = None, deadline: float | None = None,
+                      fds: Sequence[int] = ()) -> PendingRequest:
         """Send a request without waiting: ``result(timeout)`` waits for the reply, and any
         thread may ``cancel()`` it meanwhile (the server sees the cancel; no reply is
-        delivered after it). ``timeout`` bounds the send only."""
-        send_by = deadline_after(timeout)
+        delivered after it). ``timeout`` bounds the send only (waiting for the peer's
+        flow window included)."""
+        send_by = deadline_after(self._send_timeout if timeout is None else timeout)
         if deadline is not None and (send_by is None or deadline < send_by):
             send_by = deadline
         core = self._core
         size = _size(data)
+        if fds:
+            core.check_handles(fds)
         pinned = grant.pin() if grant is not None else None
-        try:
+
+        def send() -> int:
             if isinstance(data, SectionView) or size > core.inline_threshold:
-                message_id = self._send_section(MessageType.REQUEST, data, send_by, secure, grant=pinned,
-                                                deadline_attr=deadline)
-            else:
-                body = _owned(data)
-                message_id = self._send_new(lambda: core.request(body, pinned, deadline), send_by)
+                return self._send_section(MessageType.REQUEST, data, send_by, secure, grant=pinned,
+                                          deadline_attr=deadline, fds=fds)
+            body = _owned(data)
+            return self._send_new(lambda: core.request(body, pinned, deadline, fds), send_by, fds)
+
+        try:
+            message_id = self._sending(send, send_by)
         except BaseException:
             if pinned is not None:
                 pinned.release()
@@ -450,32 +551,55 @@ class CommunicationPort:
         return True
 
     def reply(self, message: Message, data: Payload = b"", timeout: float | None = None, *,
-              secure: bool = False) -> None:
-        """Answer ``message``, a request received on this port."""
+              secure: bool = False, fds: Sequence[int] = ()) -> None:
+        """Answer ``message``, a request received on this port (with ``fds`` passed along).
+
+        On a server, a reply that cannot be written within the port's
+        ``send_timeout`` (or ``timeout``) means the client stopped reading: its
+        connection is dropped (a CLIENT_DIED notice follows) and Throttled raised.
+        """
         if message.type is not MessageType.REQUEST:
             raise ValueError(f"only a REQUEST can be replied to, not {message.type.name}")
-        deadline = deadline_after(timeout)
+        deadline = deadline_after(self._send_timeout if timeout is None else timeout)
         size = len(data) if type(data) is bytes else _size(data)
         core = self._core
         if not core.wants_reply(message):
             if isinstance(data, SectionView):
                 data.release()
             return
+        if fds:
+            core.check_handles(fds)
         quick = self._quick
-        if (quick is not None and quick.ring_requests and size <= quick.payload_max and not secure
+        if (quick is not None and quick.ring_requests and size <= quick.payload_max and not secure and not fds
                 and isinstance(data, (bytes, bytearray)) and quick.reply(self, message.id, bytes(data))):
             # Quick-LPC: a request that came through the ring, answered the same way.
             self.stats.replied(message.id, size)
             return
-        if isinstance(data, SectionView) or size > core.inline_threshold:
-            self._send_section(MessageType.REPLY, data, deadline, secure, callback_id=message.id)
-        else:
-            body = _owned(data)
-            with self._send_lock:
-                with self._state:
-                    frames = core.reply(message, body)
-                self._write(frames, deadline)
+        try:
+            if isinstance(data, SectionView) or size > core.inline_threshold:
+                self._send_section(MessageType.REPLY, data, deadline, secure, callback_id=message.id, fds=fds)
+            else:
+                body = _owned(data)
+                with self._send_lock:
+                    with self._state:
+                        frames = core.reply(message, body, fds)
+                    self._write(frames, deadline, fds)
+        except Timeout as exc:
+            if not self._is_server:
+                raise
+            self._reply_timed_out(exc)
         self.stats.replied(message.id, size)
+
+    def _reply_timed_out(self, exc: Timeout) -> None:
+        """A reply that cannot go out is lost (it cannot be sent again), and the client would
+        wait for it forever: the client stopped reading, so drop it."""
+        if self._core.failure is None:
+            self.stats.errors += 1
+            self._fail(PeerGone("the client stopped reading its replies; its connection was dropped"),
+                       notice="the client stopped reading its replies")
+        limit = exc.limit if isinstance(exc, Throttled) else Limit.SEND_TIMEOUT
+        raise Throttled("the reply could not be written in time: the client stopped reading its replies, "
+                        "and its connection was dropped", limit=limit) from None
 
     # -- sections ------------------------------------------------------------------
 
@@ -517,17 +641,21 @@ class CommunicationPort:
                 return self._wait_for(attempt, window, "space in the connection's sections")
             except Timeout:
                 if window == deadline or remaining(deadline) == 0:
-                    raise
+                    limit = Limit.MAX_PORT_SECTION_BYTES if core.budget_blocked else Limit.MAX_SECTION_BYTES
+                    raise Throttled(f"no section space freed up before the timeout ({limit})", limit=limit) from None
 
     def _request_large(self, data: Payload, deadline: float | None, secure: bool,
-                       grant: MemoryGrant | None) -> Message:
+                       grant: MemoryGrant | None, fds: Sequence[int] = ()) -> Message:
         pinned = grant.pin() if grant is not None else None
         core = self._core
-        try:
+
+        def send() -> int:
             if not isinstance(data, SectionView) and _size(data) <= core.inline_threshold:
-                message_id = self._send_new(lambda: core.request(_owned(data), pinned), deadline)
-            else:
-                message_id = self._send_section(MessageType.REQUEST, data, deadline, secure, grant=pinned)
+                return self._send_new(lambda: core.request(_owned(data), pinned, fds=fds), deadline, fds)
+            return self._send_section(MessageType.REQUEST, data, deadline, secure, grant=pinned, fds=fds)
+
+        try:
+            message_id = self._sending(send, deadline)
         except BaseException:
             if pinned is not None:
                 pinned.release()
@@ -538,7 +666,8 @@ class CommunicationPort:
 
     def _send_section(self, kind: MessageType, data: Payload, deadline: float | None, secure: bool, *,
                       callback_id: int = 0, grant: LocalGrant | None = None, span: Range | None = None,
-                      as_view: bool | None = None, deadline_attr: float | None = None) -> int:
+                      as_view: bool | None = None, deadline_attr: float | None = None,
+                      fds: Sequence[int] = ()) -> int:
         """Send a body through a section: fill a reserved range (unless ``data`` is a
         view already), then send the small frame naming it. Returns the message id."""
         core = self._core
@@ -556,21 +685,21 @@ class CommunicationPort:
         with self._send_lock:
             try:
                 with self._state:
-                    message_id, frames, fds = core.section_message(
+                    message_id, frames, passed = core.section_message(
                         kind, view, as_view=explicit if as_view is None else as_view,
-                        callback_id=callback_id, grant=grant, span=span, deadline=deadline_attr)
+                        callback_id=callback_id, grant=grant, span=span, deadline=deadline_attr, fds=fds)
             except BaseException:
                 if not explicit:
                     view.release()
                 raise
             written = False
             try:
-                self._write(frames, deadline, fds)
+                self._write(frames, deadline, passed)
                 written = True
             except BaseException:
                 written = self._stream.broken
                 if kind is MessageType.REQUEST and message_id:
-                    self._abandon(message_id)
+                    self._forget_request(message_id)
                 raise
             finally:
                 with self._state:
@@ -582,29 +711,30 @@ class CommunicationPort:
         return message_id
 
     def _flush_releases(self) -> None:
-        """Send every release not yet told to the peer, as one write of its own."""
+        """Send every release (and the credit) not yet told to the peer, as one write of its own."""
         core = self._core
         if core.failure is not None:
             return
         with self._send_lock:
             with self._state:
-                frames, entries = core.release_frames()
+                frames, token = core.release_frames()
             if frames:
-                self._write_runtime(frames, entries)
+                self._write_runtime(frames, token)
 
-    def _write_runtime(self, frames: Frames, entries: list[Release]) -> None:
-        """Frames the runtime owes the peer; a peer not reading keeps its releases queued."""
+    def _write_runtime(self, frames: Frames, token: Owed | None) -> None:
+        """Frames the runtime owes the peer; a peer not reading keeps its releases (and credits) owed."""
         with self._send_lock:
             try:
                 self._write(frames, deadline_after(_RUNTIME_SEND_TIMEOUT))
             except Timeout:
-                if not self._stream.broken:
+                if not self._stream.broken and token is not None:
                     with self._state:
-                        self._core.requeue_releases(entries)
+                        self._core.restore_owed(token)
             except ConnectionClosed:
                 pass
 
-    def _send_new(self, make: Callable[[], tuple[int, Frames]], deadline: float | None) -> int:
+    def _send_new(self, make: Callable[[], tuple[int, Frames]], deadline: float | None,
+                  fds: Sequence[int] = ()) -> int:
         message_id = 0
 
         def frames() -> Frames:
@@ -613,20 +743,20 @@ class CommunicationPort:
             return out
 
         try:
-            self._send(frames, deadline)
+            self._send(frames, deadline, fds)
         except BaseException:
             if message_id:
-                self._abandon(message_id)
+                self._forget_request(message_id)
             raise
         return message_id
 
-    def _send(self, make: Callable[[], Frames], deadline: float | None) -> None:
+    def _send(self, make: Callable[[], Frames], deadline: float | None, fds: Sequence[int] = ()) -> None:
         with self._send_lock:
             with self._state:
                 frames = make()
-            self._write(frames, deadline)
+            self._write(frames, deadline, fds)
 
-    def _write(self, frames: Frames, deadline: float | None, fds: list[int] | None = None) -> None:
+    def _write(self, frames: Frames, deadline: float | None, fds: Sequence[int] = ()) -> None:
         """Write ``frames`` after whatever the core owes the peer (caller holds _send_lock)."""
         core = self._core
         token = None
@@ -635,14 +765,15 @@ class CommunicationPort:
                 owed, token = core.take_owed()
             frames = owed + frames
         try:
-            self._stream.send(frames, fds or (), deadline=deadline)
+            self._stream.send(frames, fds, deadline=deadline)
             if self._quick is not None:
                 # Quick-LPC: ring posts wait until the peer read these bytes.
                 self._quick.sent(frames)
         except Timeout:
             if self._stream.broken:
                 self.stats.errors += 1
-                self._fail(ConnectionClosed("a send timed out mid-frame; the connection was dropped"))
+                self._fail(PeerGone("the peer stopped reading: a send timed out mid-frame; the connection was "
+                                    "dropped"), notice="the peer stopped reading (a send timed out mid-frame)")
             elif token is not None:
                 with self._state:
                     core.restore_owed(token)
@@ -671,7 +802,7 @@ class CommunicationPort:
                 message = core.take_message()
         if message is None:
             message = self._wait_for(core.take_message, deadline_after(timeout), "a message")
-        if core.finalize_wanted or core.channel._automatic:
+        if core.finalize_wanted or core.channel._automatic or core.flow.credit_due:
             self._after_take()
         return message
 
@@ -690,12 +821,16 @@ class CommunicationPort:
         return batch
 
     def _after_take(self) -> None:
+        """After the application took messages: answers owed for expired requests, credits for
+        datagrams (never under _cv), and the socket's release after a notice."""
         core = self._core
         if core.channel._automatic:
             with self._state:
                 frames = core.take_automatic()
             if frames:
-                self._write_runtime(frames, [])
+                self._write_runtime(frames, None)
+        if core.flow.credit_due:
+            self._flush_releases()
         if core.finalize_wanted:
             self._maybe_finalize()
 
@@ -945,7 +1080,7 @@ class CommunicationPort:
             done = quick.before_read(self, deadline, block)
             if done is not None:
                 return done
-        got = self._stream.read(deadline if block else 0.0, _MAX_FDS_PER_READ)
+        got = self._stream.read(deadline if block else 0.0, self._max_fds_per_read)
         if got is False and block:
             return False
         if not got:
@@ -953,21 +1088,22 @@ class CommunicationPort:
                 self._connection_lost("the peer process exited")
             return True
         assert not isinstance(got, bool)
-        data, fds = got
+        data, fds, sender, truncated = got
         if not data:
             close_fds(fds)
             self._connection_lost("the peer process died or dropped the connection")
             return True
-        self._deliver(data, fds)
+        self._deliver(data, fds, sender, truncated)
         return True
 
-    def _deliver(self, data: bytes, fds: list[int]) -> None:
-        """Hand one read to the core, send what it owes the peer, wake whoever waits."""
+    def _deliver(self, data: bytes, fds: list[int], sender: PeerCred | None = None, truncated: bool = False) -> None:
+        """Hand one read (and its sender's credentials) to the core, send what it owes the peer,
+        wake whoever waits."""
         core = self._core
         quick = self._quick
-        if not fds and quick is None:
+        if not fds and quick is None and not truncated:
             with self._state:
-                filed = core.receive_one(data)
+                filed = core.receive_one(data, sender)
             if filed:
                 if filed == FILED_INBOX and self._on_ready is not None:
                     self._on_ready(self)
@@ -975,15 +1111,15 @@ class CommunicationPort:
                     self._protocol_error(core.error)
                 return
         with self._state:
-            batch = core.receive(data, fds)
+            batch = core.receive(data, fds, sender, truncated)
         if batch.error is not None:
             self._protocol_error(batch.error)
             return
         batch.finish()
         with self._state:
-            frames, entries = core.outgoing(batch)
+            frames, token = core.outgoing(batch)
         if frames:
-            self._write_runtime(frames, entries)
+            self._write_runtime(frames, token)
         if quick is not None:
             # Quick-LPC: what waits in the ring was sent before these bytes.
             batch = batch._replace(messages=quick.drain(self) + batch.messages)
@@ -1093,8 +1229,8 @@ _HANDSHAKE_LIMITS = FrameLimits(
 )
 
 
-# What a restarting broker or server looks like to a connecting client.
-RETRYABLE_CONNECT_ERRORS = (BrokerUnavailable, PortNotFound, PeerGone)
+# What a restarting broker or server (or a full one: QuotaExceeded) looks like to a connecting client.
+RETRYABLE_CONNECT_ERRORS = (BrokerUnavailable, PortNotFound, PeerGone, QuotaExceeded)
 
 
 def connect(
@@ -1104,19 +1240,26 @@ def connect(
     timeout: float | None = None,
     config: Config | None = None,
     retry_timeout: float | None = None,
+    server_uid: int | None = None,
 ) -> CommunicationPort:
     """Connect to the named port; returns the client communication port once accepted.
 
     Raises PortNotFound, ConnectionRejected (with the server's reason), Timeout,
-    BrokerUnavailable, or PeerGone if the server vanished before answering.
-    With ``retry_timeout`` (seconds), BrokerUnavailable, PortNotFound and that
-    PeerGone are retried with backoff while the broker or the server restarts;
-    no attempt starts after it runs out, and each attempt has ``timeout``.
+    BrokerUnavailable, AccessDenied (the port's ACL refused us, or its owner
+    is not ``server_uid``), QuotaExceeded (a limit of the port or the broker is
+    full), or PeerGone if the server vanished before answering.
+    ``server_uid`` pins the server (ALPC's RequiredServerSid): the broker
+    refuses a port owned by another uid before the connect data leaves, and
+    this side checks the kernel's credentials of the server's reply too.
+    With ``retry_timeout`` (seconds), BrokerUnavailable, PortNotFound, that
+    PeerGone and QuotaExceeded are retried with backoff while the broker or the
+    server restarts or is full; no attempt starts after it runs out, and each
+    attempt has ``timeout``.
     """
     if retry_timeout:
-        return retry_until(lambda: _connect_once(name, data, timeout=timeout, config=config),
+        return retry_until(lambda: _connect_once(name, data, timeout=timeout, config=config, server_uid=server_uid),
                            retry_timeout, RETRYABLE_CONNECT_ERRORS)
-    return _connect_once(name, data, timeout=timeout, config=config)
+    return _connect_once(name, data, timeout=timeout, config=config, server_uid=server_uid)
 
 
 def _connect_once(
@@ -1125,18 +1268,22 @@ def _connect_once(
     *,
     timeout: float | None = None,
     config: Config | None = None,
+    server_uid: int | None = None,
 ) -> CommunicationPort:
-    stream, channel, pidfd, accept_data, quick = open_channel(name, data, timeout=timeout, config=config)
+    stream, channel, pidfd, accept_data, quick = open_channel(name, data, timeout=timeout, config=config,
+                                                              server_uid=server_uid)
     return CommunicationPort(stream, channel, peer_pidfd=pidfd, is_server=False, accept_data=accept_data,
                              quick=quick)
 
 
 def open_channel(name: str, data: bytes = b"", *, timeout: float | None = None, config: Config | None = None,
-                 quick_ok: bool = True) -> tuple[Stream, Channel, int | None, bytes, qlpc.QuickLink | None]:
+                 quick_ok: bool = True, server_uid: int | None = None,
+                 ) -> tuple[Stream, Channel, int | None, bytes, qlpc.QuickLink | None]:
     """The connect handshake: the established stream, its channel, the server's pidfd, accept
     data, and the Quick-LPC rings if the server offered them and ``quick_ok`` takes them.
 
     Blocking; a driver (this module, or ``aio``, which declines the rings) wraps the result.
+    The stream keeps SO_PASSCRED on: every read of the channel brings its sender's credentials.
     """
     config = config or Config.from_env()
     validate_port_name(name)
@@ -1145,23 +1292,40 @@ def open_channel(name: str, data: bytes = b"", *, timeout: float | None = None, 
         raise MessageTooLarge(f"connect data of {len(data)} bytes exceeds {config.max_connect_data}")
     timeout = config.connect_timeout if timeout is None else timeout
     deadline = deadline_after(timeout)
+    if server_uid is not None and (type(server_uid) is not int or server_uid < 0):
+        raise ValueError(f"server_uid must be a uid (int >= 0), not {server_uid!r}")
+    local_flow = config.flow_limits()
     stream = Stream.connect(config.broker_socket, timeout)
+    pidfds: list[int] = []
+    quick_fd: int | None = None
     try:
+        # SO_PASSCRED stays on: every read of the channel brings the sender's credentials.
         stream.set_passcred(True)
+        # For the handshake only: the server's reply brings a pidfd of the server (SCM_PIDFD).
+        passpidfd = stream.set_passpidfd(True)
         request = control.Connect(name=name, data=data, max_message_length=config.max_message_length,
-                                  max_section_bytes=config.max_section_bytes)
+                                  max_section_bytes=config.max_section_bytes,
+                                  flow=control.FlowSpec.of(local_flow, kinds_mask(config.handle_kinds)),
+                                  required_server_uid=-1 if server_uid is None else server_uid)
         try:
             stream.send(control_frame(request), deadline=deadline)
         except ConnectionClosed:
-            raise BrokerUnavailable("the broker went away during the connect") from None
-        reply, server, quick_fd = _await_connection_reply(stream, name, deadline)
+            raise refusal_after_hangup(stream) or BrokerUnavailable("the broker went away during the connect") \
+                from None
+        reply, server, quick_fd = _await_connection_reply(stream, name, deadline, pidfds if passpidfd else None)
         if not reply.accepted:
             raise ConnectionRejected(reply.reason)
-        stream.set_passcred(False)
+        if server_uid is not None and server.uid != server_uid:
+            # The broker said otherwise, or was not asked: the kernel's word wins.
+            raise AccessDenied(f"the server of {name!r} runs as uid {server.uid}, not the required uid {server_uid}")
+        peer_flow = reply.flow.limits()
+        if passpidfd:
+            stream.set_passpidfd(False)
     except BaseException:
         stream.close()
+        close_fds(pidfds + ([quick_fd] if quick_fd is not None else []))
         raise
-    pidfd = pidfd_open(server.pid)
+    pidfd = pidfds[0] if pidfds else pidfd_open(server.pid)
     try:
         quick = _accept_quick(reply, quick_fd, config if quick_ok else None, stream, pidfd)
     except BaseException:
@@ -1175,8 +1339,11 @@ def open_channel(name: str, data: bytes = b"", *, timeout: float | None = None, 
         section_size=config.section_size, backend=config.section_backend,
         allow_unsealed=config.allow_unsealed_sections, secure=reply.secure_views,
     )
+    policy = ConnectionPolicy(local=local_flow, peer=peer_flow, accept_kinds=config.accept_kinds(),
+                              peer_kinds=kinds_from_mask(reply.flow.handle_kinds),
+                              refuse_identity_change=config.refuse_identity_change)
     channel = Channel(server, send_limit=reply.max_message_length,
-                      recv_limit=config.max_message_length, local_pid=os.getpid(), sections=sections)
+                      recv_limit=config.max_message_length, local_pid=os.getpid(), sections=sections, policy=policy)
     return stream, channel, pidfd, reply.data, quick
 
 
@@ -1188,7 +1355,8 @@ def _accept_quick(reply: control.ConnectionReply, fd: int | None, config: Config
         raise ProtocolError("the connection reply's Quick-LPC offer and its fd do not match")
     if fd is None:
         return None
-    if config is None or not config.quick_lpc or not qlpc.available():
+    if config is None or not config.quick_lpc or config.refuse_identity_change or not qlpc.available():
+        # (Ring messages carry no SCM_CREDENTIALS: a side that refuses identity changes keeps to the socket.)
         close_fds([fd])
         return None
     return qlpc.QuickLink.accept(fd, reply.quick_slots, reply.quick_slot_size, config.quick_spin_us,
@@ -1196,10 +1364,10 @@ def _accept_quick(reply: control.ConnectionReply, fd: int | None, config: Config
 
 
 def _await_connection_reply(
-    stream: Stream, name: str, deadline: float | None
+    stream: Stream, name: str, deadline: float | None, pidfds: list[int] | None = None,
 ) -> tuple[control.ConnectionReply, PeerCred, int | None]:
     frame, cred = read_frame(stream, FrameDecoder(_HANDSHAKE_LIMITS), deadline, f"port {name!r} to answer",
-                             max_fds=1)
+                             max_fds=1, pidfds=pidfds)
     if frame is None:
         raise PeerGone(f"the server of {name!r} went away before answering the connect")
     try:

@@ -10,12 +10,15 @@ import os
 import struct
 import threading
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .errors import ConnectionClosed, MessageTooLarge, ProtocolError, SectionError
 from .grant import LocalGrant, PeerMemory
+from .handles import Classifier, Handle, ReceivedHandles, check_outgoing, classify, close_quietly, sort_received
+from .quotas import Flow, FlowLimits, decode_credit, encode_credit
 from .section import ConnectionSections, SectionView, View
-from .security import PeerCred
+from .security import HandleKind, PeerCred, identity_changed
 from .wire import (
     CHANNEL_FLAGS,
     HEADER,
@@ -53,6 +56,7 @@ __all__ = [
     "SECTION_TYPES",
     "Buffer",
     "Channel",
+    "ConnectionPolicy",
     "Frames",
     "Message",
     "Payload",
@@ -64,7 +68,7 @@ __all__ = [
 
 CHANNEL_TYPES = frozenset({
     MessageType.REQUEST, MessageType.REPLY, MessageType.DATAGRAM,
-    MessageType.PORT_CLOSED, MessageType.PING, MessageType.PONG, MessageType.CANCEL,
+    MessageType.PORT_CLOSED, MessageType.PING, MessageType.PONG, MessageType.CANCEL, MessageType.CREDIT,
     MessageType.QUICK_DOORBELL,
 })
 # Runtime traffic of a connection with sections: releases, retirements, grants.
@@ -85,11 +89,31 @@ QUICK_ID_BIT = 0x40000000
 _ID_MASK = QUICK_ID_BIT - 1
 
 
-def channel_limits(max_data: int, sections: bool = False) -> FrameLimits:
+def channel_limits(max_data: int, sections: bool = False, max_handles: int = 0) -> FrameLimits:
+    """What a channel accepts: a frame's fds are the section it introduces (if any) and its handles."""
     if not sections:
-        return FrameLimits(allowed_types=CHANNEL_TYPES, max_data=max_data, flag_mask=CHANNEL_FLAGS)
+        return FrameLimits(allowed_types=CHANNEL_TYPES, max_data=max_data, max_fds=max_handles,
+                           flag_mask=CHANNEL_FLAGS)
     return FrameLimits(allowed_types=CHANNEL_TYPES | SECTION_TYPES, max_data=max_data,
-                       max_attr=MAX_ATTR_LENGTH, max_fds=1, flag_mask=CHANNEL_FLAGS)
+                       max_attr=MAX_ATTR_LENGTH, max_fds=1 + max_handles, flag_mask=CHANNEL_FLAGS)
+
+
+@dataclass(frozen=True)
+class ConnectionPolicy:
+    """The security settings of one connection, from both sides' announcements.
+
+    ``local``/``peer``: the flow limits this side enforces / the peer enforces.
+    ``accept_kinds``: handle kinds this side keeps (others are closed on
+    arrival); ``peer_kinds``: what the peer keeps, checked before sending.
+    ``refuse_identity_change``: drop the connection when a message arrives
+    from another uid/gid than the one that connected, instead of flagging it.
+    """
+
+    local: FlowLimits = field(default_factory=FlowLimits)
+    peer: FlowLimits = field(default_factory=FlowLimits)
+    accept_kinds: frozenset[HandleKind] = frozenset()
+    peer_kinds: frozenset[HandleKind] = frozenset()
+    refuse_identity_change: bool = False
 
 
 class Replier(Protocol):
@@ -108,11 +132,18 @@ class Message:
     memoryview into the sender's section (``with message.view as memory:``),
     released when the block ends; ``data`` is then a copy, made on first use.
     A request whose client granted memory carries ``grant`` (a PeerMemory).
+
+    ``sender`` comes from the SCM_CREDENTIALS of the read that carried the
+    message; ``identity_changed`` is True when its uid or gid is not the one
+    that connected (the peer called setuid() since, or passed the socket on).
+    ``handles`` are the fds the message brought, each with the kind the
+    receiver found (``refused_handles`` lists the kinds it closed instead);
+    the message owns them until ``take_handles()``, and closes untaken ones
+    when it is dropped.
     """
 
-    __slots__ = ("_copy", "_data", "callback_id", "cancelled", "deadline", "fds", "grant", "id", "port", "reason",
-                 "sender", "sender_pid",
-                 "sender_tid", "type", "view")
+    __slots__ = ("_copy", "_data", "_handles", "callback_id", "cancelled", "deadline", "grant", "id",
+                 "identity_changed", "port", "reason", "sender", "sender_pid", "sender_tid", "type", "view")
 
     def __init__(
         self,
@@ -124,8 +155,8 @@ class Message:
         *,
         sender_pid: int = 0,
         sender_tid: int = 0,
-        fds: tuple[int, ...] = (),
         reason: str = "",
+        identity_changed: bool = False,
     ) -> None:
         self.type = message_type
         self.id = message_id
@@ -137,8 +168,9 @@ class Message:
         self.sender = sender
         self.sender_pid = sender_pid
         self.sender_tid = sender_tid
-        self.fds = fds
         self.reason = reason
+        self.identity_changed = identity_changed
+        self._handles: ReceivedHandles | None = None
         self.port: Any = None
         # A request the client cancelled (or whose deadline passed): a handler
         # polls this; its reply is dropped.
@@ -164,6 +196,41 @@ class Message:
         self._data = value
 
     @property
+    def handles(self) -> tuple[Handle, ...]:
+        """The fds this message brought (and still owns), with their kinds."""
+        return self._handles.handles if self._handles is not None else ()
+
+    @property
+    def refused_handles(self) -> tuple[HandleKind, ...]:
+        """The kinds of the fds this message brought that this side closed on arrival."""
+        return self._handles.refused if self._handles is not None else ()
+
+    @property
+    def fds(self) -> tuple[int, ...]:
+        return tuple(handle.fd for handle in self.handles)
+
+    def take_handles(self) -> tuple[Handle, ...]:
+        """Take the fds over (the caller closes them from now on)."""
+        return self._handles.take() if self._handles is not None else ()
+
+    def close_handles(self) -> None:
+        if self._handles is not None:
+            self._handles.close()
+
+    @property
+    def pidfd(self) -> int | None:
+        """A pidfd for the sending process (the connection's), when the kernel gave one.
+
+        None when the message came from another process than the one that
+        connected (a forked child sharing the socket). Owned by the port.
+        """
+        port = self.port
+        if port is None or self.sender.pid != port.peer.pid:
+            return None
+        pidfd: int | None = port.peer_pidfd
+        return pidfd
+
+    @property
     def size(self) -> int:
         """The body's length, without copying a section body out."""
         if self._data is not None:
@@ -181,6 +248,8 @@ class Message:
         extra = f" reason={self.reason!r}" if self.reason else ""
         size = len(self.view) if self.view is not None else len(self._data or b"")
         kind = " view" if self.view is not None else ""
+        if self._handles is not None and len(self._handles):
+            kind += f" +{len(self._handles)} fds"
         return (f"<Message {self.type.name} id={self.id} callback_id={self.callback_id} "
                 f"len={size}{kind} from pid {self.sender.pid}{extra}>")
 
@@ -240,15 +309,25 @@ class Channel:
     """
 
     def __init__(self, peer: PeerCred, *, send_limit: int, recv_limit: int, local_pid: int,
-                 sections: ConnectionSections | None = None) -> None:
+                 sections: ConnectionSections | None = None, policy: ConnectionPolicy | None = None,
+                 classifier: Classifier = classify) -> None:
         self.peer = peer
         self.send_limit = send_limit
         self.recv_limit = recv_limit
         self.sections = sections
+        self.policy = policy = policy or ConnectionPolicy()
+        self.flow = Flow(policy.local, policy.peer)
+        self._max_handles = policy.local.max_handles_per_message
+        self._classify = classifier
         inline_cap = recv_limit
         if sections is not None:
             inline_cap = min(recv_limit, max(sections.inline_threshold, INLINE_FLOOR))
-        self._decoder = FrameDecoder(channel_limits(inline_cap, sections is not None))
+        self._decoder = FrameDecoder(channel_limits(inline_cap, sections is not None,
+                                                    policy.local.max_handles_per_message))
+        # The credentials of the read that began the frame still incomplete.
+        self._partial_sender: PeerCred | None = None
+        self._last_sender = peer
+        self._last_changed = False
         self._local_pid = local_pid
         self._next_id = 1
         self._pending: set[int] = set()
@@ -299,7 +378,7 @@ class Channel:
         # The per-message path: positional packing, and one buffer for a small
         # body (joining 100 bytes costs less than a second iovec).
         header = _pack_header(MAGIC, VERSION, message_type, 0, len(data), 0, message_id, callback_id,
-                              self._local_pid, _native_tid(), 0, 0, 0)
+                              self._local_pid, _native_tid(), n_fds, 0, 0)
         if len(data) <= _JOIN_BELOW:
             return [header + data]
         return [header, data]
@@ -322,15 +401,23 @@ class Channel:
         self._next_id = (message_id + 1) & _ID_MASK or 1
         return message_id
 
+    def check_handles(self, fds: Sequence[int]) -> None:
+        """Refuse fds the peer would not take (HandleNotAllowed), before anything is sent."""
+        policy = self.policy
+        check_outgoing(fds, policy.peer_kinds, policy.peer.max_handles_per_message, self._classify)
+
     def request(self, data: Payload, grant: LocalGrant | None = None,
-                deadline: float | None = None) -> tuple[int, Frames]:
+                deadline: float | None = None, fds: Sequence[int] = ()) -> tuple[int, Frames]:
         """Frames for a request; its reply is matched by the returned id.
 
         ``deadline`` (time.monotonic() seconds, a clock every process on the
         machine shares) travels with it: the peer never dispatches it later.
-        ``data`` is one buffer, or parts sent back to back without being joined.
+        ``data`` is one buffer, or parts sent back to back without being joined;
+        ``fds`` are passed with it. Raises WindowClosed while the peer holds
+        ``max_pending_requests`` of ours (or too many of our fds): the driver
+        waits for replies and retries.
         """
-        if (grant is None and deadline is None and type(data) is bytes and len(data) <= _JOIN_BELOW
+        if (grant is None and deadline is None and not fds and type(data) is bytes and len(data) <= _JOIN_BELOW
                 and not self.closed):
             # The per-message path, inlined: _check_size, _allocate_id and _frame in one.
             if len(data) > self.send_limit:
@@ -339,6 +426,7 @@ class Channel:
             pending = self._pending
             while message_id in pending or message_id in self._abandoned:
                 message_id = (message_id + 1) & _ID_MASK or 1
+            self.flow.take_request(message_id)
             self._next_id = (message_id + 1) & _ID_MASK or 1
             pending.add(message_id)
             return message_id, [_pack_header(MAGIC, VERSION, _REQUEST_INT, 0, len(data), 0, message_id, 0,
@@ -346,12 +434,13 @@ class Channel:
         self._check_size(data)
         message_id = self._allocate_id()
         if grant is None and deadline is None:
-            frames = self._frame(MessageType.REQUEST, data, message_id=message_id)
+            frames = self._frame(MessageType.REQUEST, data, message_id=message_id, n_fds=len(fds))
         else:
             attrs = self._request_attrs(grant, deadline)
-            frames = self._frame(MessageType.REQUEST, data, message_id=message_id, attrs=attrs)
-            if grant is not None:
-                self._grants[message_id] = grant
+            frames = self._frame(MessageType.REQUEST, data, message_id=message_id, attrs=attrs, n_fds=len(fds))
+        self.flow.take_request(message_id, len(fds))
+        if grant is not None:
+            self._grants[message_id] = grant
         self._pending.add(message_id)
         return message_id, frames
 
@@ -403,25 +492,38 @@ class Channel:
         self._pending.add(message_id)
         return message_id, frames
 
-    def datagrams(self, items: list[bytes]) -> bytes:
-        """Many small datagrams as one buffer (ids allocated in order): a batch for one write."""
-        parts: list[bytes] = []
-        pid, tid = self._local_pid, _native_tid()
+    def datagrams(self, items: list[bytes]) -> tuple[bytes, int]:
+        """Small datagrams as one buffer (ids allocated in order): a batch for one write.
+
+        Frames as many of ``items`` as the peer's datagram window has room for
+        and returns how many; raises WindowClosed when it has room for none.
+        """
         if self.closed:
             raise ConnectionClosed(self.close_reason or "the channel is closed")
-        for data in items:
+        count = min(len(items), self.flow.datagram_room())
+        if not count and items:
+            self.flow.check_datagram()  # names the limit
+        parts: list[bytes] = []
+        pid, tid = self._local_pid, _native_tid()
+        for data in items[:count]:
             if len(data) > self.send_limit:
                 self.check_length(len(data))
+        for data in items[:count]:
             parts.append(_pack_header(MAGIC, VERSION, _DATAGRAM_INT, 0, len(data), 0, self._allocate_id(), 0,
                                       pid, tid, 0, 0, 0))
             parts.append(data)
-        return b"".join(parts)
+        self.flow.sent_datagrams(count)
+        return b"".join(parts), count
 
-    def datagram(self, data: Payload) -> Frames:
+    def datagram(self, data: Payload, fds: Sequence[int] = ()) -> Frames:
+        """Frames for a datagram; raises WindowClosed while the peer's queue is full."""
         self._check_size(data)
-        return self._frame(MessageType.DATAGRAM, data, message_id=self._allocate_id())
+        frames = self._frame(MessageType.DATAGRAM, data, message_id=self._allocate_id(), n_fds=len(fds))
+        self.flow.take_datagram(len(fds))
+        return frames
 
-    def reply(self, request_id: int, data: Payload) -> Frames:
+    def reply(self, request_id: int, data: Payload, fds: Sequence[int] = ()) -> Frames:
+        """Frames for a reply; never held back by flow control (room for replies is reserved)."""
         if request_id not in self._unreplied:
             raise ValueError(f"message {request_id} is not a request awaiting a reply on this port")
         if type(data) is bytes:
@@ -429,10 +531,14 @@ class Channel:
                 self.check_length(len(data))
         else:
             self._check_size(data)
-        frames = self._frame(MessageType.REPLY, data, message_id=self._allocate_id(), callback_id=request_id)
+        frames = self._frame(MessageType.REPLY, data, message_id=self._allocate_id(), callback_id=request_id,
+                             n_fds=len(fds))
         del self._unreplied[request_id]
+        if not request_id & QUICK_ID_BIT:  # ring requests are bounded by their ring, not the flow window
+            self.flow.replied(request_id)
         if self._peer_grants:
-            self._replied(request_id)
+            self._peer_grants.pop(request_id, None)
+            self._grant_reads.pop(request_id, None)
         return frames
 
     def _check_reply(self, request_id: int) -> None:
@@ -441,6 +547,8 @@ class Channel:
 
     def _replied(self, request_id: int) -> None:
         self._unreplied.pop(request_id, None)
+        if not request_id & QUICK_ID_BIT:
+            self.flow.replied(request_id)
         if self._peer_grants:
             self._peer_grants.pop(request_id, None)
             self._grant_reads.pop(request_id, None)
@@ -462,11 +570,12 @@ class Channel:
 
     def section_message(self, kind: MessageType, view: SectionView, *, as_view: bool, callback_id: int = 0,
                         grant: LocalGrant | None = None, span: Range | None = None,
-                        deadline: float | None = None) -> tuple[int, Frames, list[int]]:
-        """Frames (and the fd to pass) carrying a filled ``view`` as a message of ``kind``.
+                        deadline: float | None = None, fds: Sequence[int] = ()) -> tuple[int, Frames, list[int]]:
+        """Frames (and the fds to pass) carrying a filled ``view`` as a message of ``kind``.
 
         ``as_view`` asks the receiver for a view instead of a copy. The view is
         handed over: call ``section_sent`` once the frames went out (or not).
+        ``fds`` are the message's handles; they follow the section's fd, if any.
         """
         sections = self._require_sections()
         if not view.belongs_to(sections.pool):
@@ -474,6 +583,10 @@ class Channel:
         self.check_length(view.length)
         if kind is MessageType.REPLY:
             self._check_reply(callback_id)
+        elif kind is MessageType.REQUEST:
+            self.flow.check_request(len(fds))
+        elif kind is MessageType.DATAGRAM:
+            self.flow.check_datagram(len(fds))
         frames: Frames = []
         retired = sections.pool.take_retired()
         if retired:
@@ -485,14 +598,17 @@ class Channel:
                            deadline=None if deadline is None else _deadline_ns(deadline))
         message_id = self._allocate_id() if kind in _NUMBERED else 0
         frames += self._frame(kind, b"", message_id=message_id, callback_id=callback_id,
-                              attrs=encode_attributes(attrs), n_fds=1 if fd is not None else 0)
+                              attrs=encode_attributes(attrs), n_fds=(fd is not None) + len(fds))
         if kind is MessageType.REQUEST:
             self._pending.add(message_id)
+            self.flow.sent_request(message_id, len(fds))
             if grant is not None:
                 self._grants[message_id] = grant
         elif kind is MessageType.REPLY:
             self._replied(callback_id)
-        return message_id, frames, [] if fd is None else [fd]
+        elif kind is MessageType.DATAGRAM:
+            self.flow.sent_datagram(len(fds))
+        return message_id, frames, ([] if fd is None else [fd]) + list(fds)
 
     def section_sent(self, view: SectionView, written: bool) -> None:
         """After ``section_message``: did its frames leave (``written``) or not at all?"""
@@ -527,6 +643,24 @@ class Channel:
             frames += self._frame(MessageType.RELEASE,
                                   encode_releases(entries[start:start + MAX_RELEASES_PER_FRAME]))
         return frames
+
+    # -- flow control ------------------------------------------------------------------------
+
+    def consumed(self, message: Message) -> None:
+        """The application took ``message`` from the queue: a datagram's slot (and fds) free up."""
+        if message.type is MessageType.DATAGRAM:
+            self.flow.consumed_datagram(message._handles.received if message._handles is not None else 0)
+
+    def take_credit(self) -> tuple[tuple[int, int], Frames]:
+        """The CREDIT frame owed to the peer, if any; ``restore_credit`` if it was not sent."""
+        if not self.flow.credit_owed or self.closed:
+            return (0, 0), []
+        credit = self.flow.take_credit()
+        return credit, self._frame(MessageType.CREDIT, encode_credit(*credit))
+
+    def restore_credit(self, credit: tuple[int, int]) -> None:
+        if credit != (0, 0):
+            self.flow.restore_credit(credit)
 
     def release_wanted(self) -> Frames:
         """Ask the peer to send its releases now (a sender waiting for space)."""
@@ -607,6 +741,12 @@ class Channel:
         self.mark_closed("the port was closed")
         return frames
 
+    def unsent(self, request_id: int) -> None:
+        """A request whose frames never left (nothing of them was written): forget it entirely."""
+        self._pending.discard(request_id)
+        self.flow.unsent_request(request_id)
+        self.finish_grant(request_id)
+
     def abandon(self, request_id: int) -> None:
         """Forget a request whose caller stopped waiting; its late reply is dropped."""
         if request_id in self._pending:
@@ -646,10 +786,34 @@ class Channel:
 
     # -- receiving ---------------------------------------------------------
 
-    def receive(self, data: bytes, fds: Iterable[int] = ()) -> list[Message]:
-        """Decode received bytes into messages. Raises ProtocolError on a violation."""
+    def receive(self, data: bytes, fds: Iterable[int] = (), sender: PeerCred | None = None,
+                truncated: bool = False) -> list[Message]:
+        """Decode received bytes into messages. Raises ProtocolError on a violation.
+
+        ``sender`` is the SCM_CREDENTIALS of the read that brought ``data`` (the
+        kernel never joins two senders' writes in one read); without it, the
+        identity from connect time is used. ``truncated``: the read had more
+        fds attached than this side takes (MSG_CTRUNC; they were closed).
+        """
+        if truncated:
+            close_quietly(fds)
+            raise ProtocolError("the peer attached more fds to one write than this side takes (MSG_CTRUNC)")
+        partial = self._partial_sender
+        if sender is None:
+            sender = self.peer
+        elif partial is not None and sender != partial:
+            close_quietly(fds)
+            raise ProtocolError(f"a frame arrived in pieces from two processes (pids {partial.pid} and {sender.pid})")
+        if sender is not self._last_sender:
+            self._last_sender = sender
+            self._last_changed = identity_changed(self.peer, sender)
+        changed = self._last_changed
+        if changed and self.policy.refuse_identity_change:
+            close_quietly(fds)
+            raise ProtocolError(f"the sender's identity changed since connect (uid {self.peer.uid}/gid {self.peer.gid} "
+                                f"became uid {sender.uid}/gid {sender.gid}) and the port refuses that")
         messages: list[Message] = []
-        if not fds and not self._automatic and not self._decoder.busy:
+        if not fds and not changed and not self._automatic and not self._decoder.busy:
             # A batch of plain frames (many datagrams in one read) decodes
             # without building Frames; the rest takes the general path.
             start = self._plain_run(data, messages)
@@ -658,19 +822,25 @@ class Channel:
                     return messages
                 data = data[start:]
         for frame in self._decoder.feed(data, fds):
-            message = self._dispatch(frame)
+            message = self._dispatch(frame, sender, changed)
             if message is not None:
                 messages.append(message)
+        self._partial_sender = sender if self._decoder.buffered else None
         return messages
 
-    def receive_one(self, data: bytes) -> Message | bool | None:
+    def receive_one(self, data: bytes, sender: PeerCred | None = None) -> Message | bool | None:
         """The common read: exactly one plain frame (no fds, no attributes), decoded in one step.
 
         Returns the message, None when the frame needs no delivery (a late
         reply), or False when ``data`` is anything else (or anything wrong),
         with nothing consumed: use ``receive``, which names any violation.
+        ``sender`` is as for ``receive``; a read from another sender than the
+        last one (or from a changed identity) takes the general path.
         """
-        if self._automatic or self._decoder.busy or len(data) < HEADER_SIZE:
+        if sender is None:
+            sender = self.peer
+        if (sender is not self._last_sender or self._last_changed or self._automatic or self._decoder.busy
+                or len(data) < HEADER_SIZE):
             return False
         data_length, attr_length = _unpack_lengths(data, 8)
         if HEADER_SIZE + data_length + attr_length != len(data):
@@ -697,7 +867,8 @@ class Channel:
         """The frame at ``pos`` if it is a whole plain REPLY/REQUEST/DATAGRAM (no fds, no
         attributes) that is valid here: (message or None for a late reply, its end); (None, 0)
         for anything else, with nothing consumed (the general path then names any violation).
-        The rules of ``_dispatch`` for the frames that carry almost all traffic."""
+        The rules of ``_dispatch`` for the frames that carry almost all traffic; the sender is
+        the last read's, whose identity has not changed (the callers make sure)."""
         (magic, version, kind, flags, data_length, attr_length, message_id, callback_id,
          pid, tid, n_fds, reserved16, reserved32) = _unpack_header(data, pos)
         end = pos + HEADER_SIZE + data_length
@@ -710,79 +881,115 @@ class Channel:
             pending = self._pending
             if callback_id in pending:
                 pending.discard(callback_id)
+                self.flow.reply_received(callback_id)
                 if self._grants:
                     self.finish_grant(callback_id)
             elif callback_id in self._abandoned:
                 del self._abandoned[callback_id]
+                self.flow.reply_received(callback_id)
                 return None, end
             else:
                 return None, 0
-            message = Message(MessageType.REPLY, message_id, callback_id, data[pos + HEADER_SIZE:end], self.peer,
-                              sender_pid=pid, sender_tid=tid)
+            message = Message(MessageType.REPLY, message_id, callback_id, data[pos + HEADER_SIZE:end],
+                              self._last_sender, sender_pid=pid, sender_tid=tid)
             if flags:
                 message.cancelled = True
             return message, end
         if flags:
             return None, 0
         if kind == _DATAGRAM_INT:
-            return Message(MessageType.DATAGRAM, message_id, callback_id, data[pos + HEADER_SIZE:end], self.peer,
-                           sender_pid=pid, sender_tid=tid), end
+            try:
+                self.flow.received_datagram()
+            except ProtocolError:
+                return None, 0  # past the window: the general path names it
+            return Message(MessageType.DATAGRAM, message_id, callback_id, data[pos + HEADER_SIZE:end],
+                           self._last_sender, sender_pid=pid, sender_tid=tid), end
         if kind == _REQUEST_INT:
             unreplied = self._unreplied
-            if message_id in unreplied or len(unreplied) >= MAX_UNREPLIED:
+            if message_id in unreplied or len(unreplied) >= MAX_UNREPLIED or message_id & QUICK_ID_BIT:
                 return None, 0
-            message = Message(MessageType.REQUEST, message_id, callback_id, data[pos + HEADER_SIZE:end], self.peer,
-                              sender_pid=pid, sender_tid=tid)
+            try:
+                self.flow.received_request(message_id)
+            except ProtocolError:
+                return None, 0
+            message = Message(MessageType.REQUEST, message_id, callback_id, data[pos + HEADER_SIZE:end],
+                              self._last_sender, sender_pid=pid, sender_tid=tid)
             unreplied[message_id] = message
             return message, end
         return None, 0
 
-    def _dispatch(self, frame: Frame) -> Message | None:
+    def _dispatch(self, frame: Frame, sender: PeerCred, changed: bool) -> Message | None:
         if self.peer_closed:
-            for fd in frame.fds:
-                _close_fd(fd)
+            close_quietly(frame.fds)
             raise ProtocolError(f"{frame.type.name} frame after the peer closed its port")
         attrs = self._attributes(frame) if frame.attrs or frame.fds else None
+        # A frame's fds: the section it introduces (kept by the section layer), then its handles.
+        handle_fds = frame.fds[1:] if attrs is not None and attrs.new is not None else frame.fds
+        handles = len(handle_fds)
         kind = frame.type
-        if frame.flags and (kind is not MessageType.REPLY or frame.data or attrs is not None):
-            raise ProtocolError(f"{kind.name} frame with the CANCELLED flag (only an empty REPLY has it)")
-        if kind is MessageType.REQUEST:
-            self._request_received(frame.message_id)
-        elif kind is MessageType.CANCEL:
-            self._cancel_received(frame.callback_id)
-            return None
-        elif kind is MessageType.REPLY or kind is MessageType.PONG:
-            if frame.callback_id in self._pending:
-                self._pending.discard(frame.callback_id)
-                if self._grants:
-                    self.finish_grant(frame.callback_id)
-            elif frame.callback_id in self._abandoned:
-                del self._abandoned[frame.callback_id]
-                self._drop_body(attrs)
+        try:
+            if handles > self._max_handles:
+                raise ProtocolError(f"{kind.name} frame carries {handles} fds; this side takes at most "
+                                    f"{self._max_handles} per message")
+            if frame.flags and (kind is not MessageType.REPLY or frame.data or attrs is not None or handles):
+                raise ProtocolError(f"{kind.name} frame with the CANCELLED flag (only an empty REPLY has it)")
+            if kind is MessageType.REQUEST:
+                if frame.message_id & QUICK_ID_BIT:
+                    raise ProtocolError(f"request id {frame.message_id} on the socket is a Quick-LPC ring id")
+                self._request_received(frame.message_id)
+                self.flow.received_request(frame.message_id, handles)
+            elif kind is MessageType.CANCEL:
+                if handles:
+                    raise ProtocolError(f"a CANCEL frame carries {handles} fds")
+                self._cancel_received(frame.callback_id)
                 return None
-            elif kind is MessageType.REPLY and frame.callback_id & QUICK_ID_BIT and self.quick_claims is not None:
-                if not self.quick_claims(frame.callback_id):
+            elif kind is MessageType.REPLY or kind is MessageType.PONG:
+                if frame.callback_id in self._pending:
+                    self._pending.discard(frame.callback_id)
+                    self.flow.reply_received(frame.callback_id)
+                    if self._grants:
+                        self.finish_grant(frame.callback_id)
+                elif frame.callback_id in self._abandoned:
+                    del self._abandoned[frame.callback_id]
+                    self.flow.reply_received(frame.callback_id)
                     self._drop_body(attrs)
+                    close_quietly(handle_fds)  # a late reply nobody waits for
                     return None
+                elif kind is MessageType.REPLY and frame.callback_id & QUICK_ID_BIT and self.quick_claims is not None:
+                    if not self.quick_claims(frame.callback_id):
+                        self._drop_body(attrs)
+                        close_quietly(handle_fds)
+                        return None
+                else:
+                    raise ProtocolError(f"reply to message id {frame.callback_id}, which was never sent")
+            elif kind is MessageType.DATAGRAM:
+                self.flow.received_datagram(handles)
+            elif kind is MessageType.CREDIT:
+                self.flow.credit_received(*decode_credit(frame.data))
+                return None
+            elif kind is MessageType.PING:
+                self._automatic += self._frame(MessageType.PONG, b"", callback_id=frame.message_id)
+                return None
+            elif kind is MessageType.QUICK_DOORBELL:
+                if frame.data or attrs is not None:
+                    raise ProtocolError("a QUICK_DOORBELL frame carries nothing")
+                return None
+            elif kind is MessageType.PORT_CLOSED:
+                self.peer_closed = True
+                return self._notice(MessageType.PORT_CLOSED, "the peer closed its port")
             else:
-                raise ProtocolError(f"reply to message id {frame.callback_id}, which was never sent")
-        elif kind is MessageType.PING:
-            self._automatic += self._frame(MessageType.PONG, b"", callback_id=frame.message_id)
-            return None
-        elif kind is MessageType.QUICK_DOORBELL:
-            if frame.data or attrs is not None:
-                raise ProtocolError("a QUICK_DOORBELL frame carries nothing")
-            return None
-        elif kind is MessageType.PORT_CLOSED:
-            self.peer_closed = True
-            return self._notice(MessageType.PORT_CLOSED, "the peer closed its port")
-        elif kind is not MessageType.DATAGRAM:
-            return self._runtime(frame, attrs)
-        # A frame's fd (a new section) is consumed by the section layer, never handed on.
-        message = Message(kind, frame.message_id, frame.callback_id, frame.data, self.peer,
-                          sender_pid=frame.sender_pid, sender_tid=frame.sender_tid)
-        if attrs is not None:
-            self._attach(message, attrs)
+                return self._runtime(frame, attrs)
+            message = Message(kind, frame.message_id, frame.callback_id, frame.data, sender,
+                              sender_pid=frame.sender_pid, sender_tid=frame.sender_tid)
+            if changed:
+                message.identity_changed = True
+            if attrs is not None:
+                self._attach(message, attrs)
+        except BaseException:
+            close_quietly(handle_fds)
+            raise
+        if handle_fds:
+            self._give_handles(message, handle_fds)
         if kind is MessageType.REQUEST:
             self._unreplied[frame.message_id] = message
         elif frame.flags:
@@ -796,19 +1003,24 @@ class Channel:
             raise ProtocolError("too many requests awaiting a reply")
         self._unreplied[message_id] = None
 
+    def _give_handles(self, message: Message, fds: Sequence[int]) -> None:
+        """Keep the fds of the kinds this side accepts; close the others now."""
+        kept, refused = sort_received(fds, self.policy.accept_kinds, self._classify)
+        message._handles = ReceivedHandles(kept, refused, len(fds))
+
+
     def _attributes(self, frame: Frame) -> Attributes:
         """Validate a frame's attributes and map the section it introduces, if any."""
-        if self.sections is None:
-            for fd in frame.fds:
-                _close_fd(fd)
-            raise ProtocolError("attributes or fds on a connection without sections")
+        if self.sections is None and frame.attrs:
+            close_quietly(frame.fds)
+            raise ProtocolError("attributes on a connection without sections")
         try:
             attrs = decode_attributes(frame)
         except ProtocolError:
-            for fd in frame.fds:
-                _close_fd(fd)
+            close_quietly(frame.fds)
             raise
         if attrs.new is not None:
+            assert self.sections is not None
             self.sections.peer.add(attrs.new, frame.fds[0])
         return attrs
 
@@ -864,8 +1076,9 @@ class Channel:
         return self._grant_write_received(frame, attrs)
 
     def _grant_message(self, frame: Frame, attrs: Attributes | None, span: Range | None) -> Message:
-        message = Message(frame.type, frame.message_id, frame.callback_id, frame.data, self.peer,
-                          sender_pid=frame.sender_pid, sender_tid=frame.sender_tid)
+        message = Message(frame.type, frame.message_id, frame.callback_id, frame.data, self._last_sender,
+                          sender_pid=frame.sender_pid, sender_tid=frame.sender_tid,
+                          identity_changed=self._last_changed)
         message.grant = span
         if attrs is not None:
             self._attach(message, attrs)
@@ -960,8 +1173,4 @@ _SECURE = int(SectionFlag.SECURE)
 _NUMBERED = frozenset({MessageType.REQUEST, MessageType.REPLY, MessageType.DATAGRAM})
 
 
-def _close_fd(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass
+

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from . import control
 from .config import Config, PortAttributes
 from .errors import AlpcError, BrokerUnavailable, ConnectionClosed, NameInUse, ProtocolError, Timeout
-from .exchange import control_frame
+from .exchange import control_frame, refusal_after_hangup
 from .logs import fields
 from .retry import Backoff
 from .transport import (
@@ -34,7 +34,7 @@ from .transport import (
 )
 from .wire import Frame, FrameDecoder, FrameLimits, MessageType
 
-__all__ = ["ATTEMPT_TIMEOUT", "MIN_REPORT_GAP", "Registration"]
+__all__ = ["ATTEMPT_TIMEOUT", "MIN_REPORT_GAP", "Registration", "port_limits"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,21 @@ ATTEMPT_TIMEOUT = 2.0
 MIN_REPORT_GAP = 0.05
 REPORT_SEND_TIMEOUT = 5.0
 _TRANSIENT = (BrokerUnavailable, Timeout, ProtocolError, ConnectionClosed)
+
+
+def port_limits(attributes: PortAttributes) -> control.PortLimits:
+    """Every limit of the port, for the broker to show (``alpc ports --json``)."""
+    flow = attributes.flow_limits()
+    return control.PortLimits(
+        max_message_length=attributes.max_message_length, max_connect_data=attributes.max_connect_data,
+        max_pending_connects=attributes.max_pending_connects, max_connections=attributes.max_connections,
+        max_pending_requests=flow.max_pending_requests, max_queued_datagrams=flow.max_queued_datagrams,
+        max_handles_per_message=flow.max_handles_per_message, max_inflight_handles=flow.max_inflight_handles,
+        handle_kinds=tuple(sorted(attributes.handle_kinds)), max_section_bytes=attributes.max_section_bytes,
+        max_port_section_bytes=attributes.max_port_section_bytes,
+        send_timeout_ms=int(attributes.send_timeout * 1000),
+        refuse_identity_change=attributes.refuse_identity_change,
+    )
 
 
 class _Stopped(Exception):
@@ -124,11 +139,13 @@ class Registration:
                 name=self.name, max_message_length=self._attributes.max_message_length,
                 max_connect_data=self._attributes.max_connect_data,
                 max_pending_connects=self._attributes.max_pending_connects,
+                acl=control.AclSpec.of(self._attributes.acl), limits=port_limits(self._attributes),
             )
             try:
                 stream.send(control_frame(request), deadline=deadline)
             except ConnectionClosed:
-                raise BrokerUnavailable("the broker went away while creating the port") from None
+                raise refusal_after_hangup(stream) or BrokerUnavailable(
+                    "the broker went away while creating the port") from None
             frame = self._await_reply(stream, decoder, deadline, interruptible)
             if frame is None:
                 raise BrokerUnavailable("the broker closed the connection while creating the port")

@@ -20,11 +20,13 @@ from .control import validate_port_name
 from .errors import ConnectionClosed, MessageTooLarge, PeerGone, ProtocolError, QuotaExceeded, Timeout
 from .exchange import control_frame
 from .ledger import Budget
-from .logs import fields
+from .logs import LogLimiter, fields
 from .port import CommunicationPort
-from .protocol import Channel, Message
+from .protocol import Channel, ConnectionPolicy, Message
+from .quotas import FlowLimits, Limit
 from .registration import Registration
 from .section import ConnectionSections
+from .security import PeerCred, kinds_from_mask, kinds_mask
 from .stats import LiveConnection, PortStatistics
 from .transport import Poller, Stream, close_fds, deadline_after, wait_readable
 from .wire import Frame
@@ -32,20 +34,32 @@ from .wire import Frame
 __all__ = ["ConnectionPort", "ConnectionRequest", "create_port"]
 
 log = logging.getLogger(__name__)
+# A hostile client reconnecting again and again must not flood the server's log.
+_limited = LogLimiter(log)
 
 
 class ConnectionRequest:
-    """A client asking to connect; ``client`` is its kernel-verified identity."""
+    """A client asking to connect; ``client`` is its kernel-verified identity.
 
-    def __init__(self, port: ConnectionPort, stream: Stream, info: control.ConnectionRequestInfo) -> None:
+    ``groups`` are its supplementary groups (SO_PEERGROUPS). The port's ACL
+    has admitted it already (the broker checked, and this runtime again).
+    """
+
+    def __init__(self, port: ConnectionPort, stream: Stream, info: control.ConnectionRequestInfo,
+                 client: PeerCred, groups: tuple[int, ...], peer_flow: FlowLimits) -> None:
         self._port = port
         self._stream: Stream | None = stream
-        self.client = stream.peer_cred()
+        self.client = client
+        self.groups = groups
+        # Every read of the channel brings the sender's SCM_CREDENTIALS from now on.
+        stream.set_passcred(True)
         self._pidfd = stream.peer_pidfd()
         self.data = info.data
         self.port_name = info.name
         self._client_max_message = info.max_message_length
         self._client_max_sections = info.max_section_bytes
+        self._peer_flow = peer_flow
+        self._peer_kinds = kinds_from_mask(info.flow.handle_kinds)
 
     def __repr__(self) -> str:
         return f"<ConnectionRequest to {self.port_name!r} from pid {self.client.pid} uid {self.client.uid}>"
@@ -74,12 +88,14 @@ class ConnectionRequest:
         stream = self._take_stream()
         pidfd, self._pidfd = self._pidfd, None
         attributes = self._port.attributes
+        local_flow = attributes.flow_limits()
         quick, ring_fds = _offer_quick(attributes, stream, pidfd) if quick_ok else (None, [])
         reply = control.ConnectionReply(accepted=True, data=data, reason="",
                                         max_message_length=attributes.max_message_length,
                                         inline_threshold=attributes.inline_threshold,
                                         max_section_bytes=attributes.max_section_bytes,
                                         secure_views=attributes.secure_views,
+                                        flow=control.FlowSpec.of(local_flow, kinds_mask(attributes.handle_kinds)),
                                         quick_slots=attributes.quick_slots if quick else 0,
                                         quick_slot_size=attributes.quick_slot_size if quick else 0)
         try:
@@ -101,8 +117,12 @@ class ConnectionRequest:
             allow_unsealed=attributes.allow_unsealed_sections, secure=attributes.secure_views,
             budget=self._port._section_budget, direct_memory=attributes.direct_memory,
         )
+        policy = ConnectionPolicy(local=local_flow, peer=self._peer_flow, accept_kinds=attributes.accept_kinds(),
+                                  peer_kinds=self._peer_kinds,
+                                  refuse_identity_change=attributes.refuse_identity_change)
         channel = Channel(self.client, send_limit=self._client_max_message,
-                          recv_limit=attributes.max_message_length, local_pid=os.getpid(), sections=sections)
+                          recv_limit=attributes.max_message_length, local_pid=os.getpid(), sections=sections,
+                          policy=policy)
         self._port._stats.connects_accepted += 1
         return stream, channel, pidfd, quick
 
@@ -198,6 +218,8 @@ class ConnectionPort:
         self._unanswered: set[ConnectionRequest] = set()
         # Insertion-ordered set of the accepted connections.
         self._connections: dict[CommunicationPort, None] = {}
+        # Connections another driver (aio) accepted on this port: counted by max_connections.
+        self._foreign: set[object] = set()
         self._owners: dict[int, CommunicationPort] = {}
         self._poller = Poller()
         # Connections whose inbox got something since they were last served.
@@ -273,6 +295,7 @@ class ConnectionPort:
     def _handle_registration_frame(self, frame: Frame) -> None:
         try:
             info = control.decode_body(frame.type, frame.data, control.ConnectionRequestInfo)
+            peer_flow = info.flow.limits()
             stream = Stream.from_fd(frame.fds[0])
         except (ProtocolError, OSError) as exc:
             close_fds(frame.fds)
@@ -282,20 +305,65 @@ class ConnectionPort:
             # The client already gave up (timeout or death); nobody to answer.
             stream.close()
             return
-        request = ConnectionRequest(self, stream, info)
+        try:
+            client, groups = stream.peer_cred(), stream.peer_groups()
+        except OSError:
+            stream.close()
+            return
+        refusal = self._refusal(client, groups)
+        if refusal is not None:
+            self._turn_away(stream, client, *refusal)
+            return
+        request = ConnectionRequest(self, stream, info, client, groups, peer_flow)
         self._unanswered.add(request)
         self._requests.append(request)
+
+    def _refusal(self, client: PeerCred, groups: tuple[int, ...]) -> tuple[str, str, str] | None:
+        """Why this runtime refuses a client before the application sees it: (code, message, limit).
+
+        The broker checked the ACL already; checking again here, against the
+        kernel's identity of the very socket we were handed, keeps the port
+        closed even to a broker that erred.
+        """
+        decision = self.attributes.acl.check(client, groups, os.geteuid())
+        if not decision.allowed:
+            self._stats.connects_rejected += 1
+            return control.ErrorCode.ACCESS_DENIED, f"access to port {self.name!r} denied: {decision.reason}", ""
+        held = len(self._connections) + len(self._foreign) + len(self._unanswered)
+        if held >= self.attributes.max_connections:
+            self._stats.connects_rejected += 1
+            return (control.ErrorCode.BUSY, f"port {self.name!r} has {held} connections, its max_connections",
+                    Limit.MAX_CONNECTIONS)
+        return None
+
+    def _turn_away(self, stream: Stream, client: PeerCred, code: str, message: str, limit: str) -> None:
+        _limited.log(logging.WARNING, ("refused", code, client.uid), f"refused pid {client.pid} uid {client.uid}: "
+                     f"{message}", extra=fields(port=self.name, pid=client.pid, uid=client.uid))
+        try:
+            stream.try_send(control_frame(control.ErrorReply(code=code, message=message, limit=limit)))
+        except ConnectionClosed:
+            pass
+        stream.close()
 
     def _forget_request(self, request: ConnectionRequest) -> None:
         with self._lock:
             self._unanswered.discard(request)
+
+    def _hold_foreign(self, connection: object) -> None:
+        """Another driver (aio) accepted ``connection`` here: it counts toward max_connections."""
+        with self._lock:
+            self._foreign.add(connection)
+
+    def _drop_foreign(self, connection: object) -> None:
+        with self._lock:
+            self._foreign.discard(connection)
 
     # -- communication ports ----------------------------------------------------
 
     def _adopt(self, stream: Stream, channel: Channel, pidfd: int | None,
                quick: qlpc.QuickLink | None = None) -> CommunicationPort:
         comm = CommunicationPort(stream, channel, peer_pidfd=pidfd, is_server=True, on_gone=self._forget,
-                                 quick=quick)
+                                 send_timeout=self.attributes.send_timeout, quick=quick)
         comm._on_ready = self._ready.append
         with self._lock:
             self._connections[comm] = None
@@ -338,7 +406,8 @@ class ConnectionPort:
                 ready = self._next_event()
                 hot = self._quick_armed() if ready is None and self._quick_comms else []
             if isinstance(ready, Message):
-                ready.port._maybe_finalize()
+                # A datagram's credit once due, answers to expired requests, the socket after a notice.
+                ready.port._after_take()
             if ready is not None:
                 return ready
             polled = self._poll(0.0 if hot else deadline)

@@ -20,14 +20,23 @@ from typing import NamedTuple
 
 from ._native import E_TIMEOUT as _E_TIMEOUT
 from ._native import E_WATCH as _E_WATCH
+from ._native import RECV_CRED as _RECV_CRED
+from ._native import RECV_CRED_CHANGED as _RECV_CRED_CHANGED
+from ._native import RECV_TRUNCATED as _RECV_TRUNCATED
+from ._native import recv_cred as _recv_cred
+from ._native import recv_state as _recv_state
 from ._native import sock_send as _sock_send
 from ._native import sock_wait_recv as _sock_wait_recv
-from .errors import ActivationError, BrokerUnavailable, ConnectionClosed, Timeout
+from .errors import AccessDenied, ActivationError, BrokerUnavailable, ConnectionClosed, Timeout
 from .security import PeerCred
 
 __all__ = [
     "RECV_CHUNK",
+    "SCM_PIDFD",
+    "SO_PASSPIDFD",
+    "SO_PEERGROUPS",
     "Buffer",
+    "ChannelRead",
     "SO_PEERPIDFD",
     "Listener",
     "Poller",
@@ -44,8 +53,13 @@ __all__ = [
     "wait_readable_or_hangup",
 ]
 
-# Python 3.11 lacks this constant (Linux 6.5+).
+# Python 3.11 lacks these constants (Linux 6.5+, SO_PEERGROUPS since 4.13).
 SO_PEERPIDFD = 77
+SO_PASSPIDFD = 76
+SCM_PIDFD = 0x04
+SO_PEERGROUPS = 59
+# NGROUPS_MAX: the most supplementary groups a process can have.
+_MAX_GROUPS = 65536
 # Reads up to this size go through one preallocated buffer per stream: asking
 # recv() for more makes CPython allocate (and, past malloc's mmap threshold,
 # mmap and unmap) that much for every call, which cost ~20 us per small message.
@@ -59,6 +73,8 @@ _monotonic = time.monotonic
 # sendmsg refuses more buffers than this (EMSGSIZE).
 _IOV_MAX = 1024
 _FD_SPACE: dict[int, int] = {}
+# The most fds the C read takes at once (csrc/alpc_native.c); more go through recv_fds.
+_MAX_C_FDS = 256
 _POLL_IN = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
 _EPOLL_IN = select.EPOLLIN | select.EPOLLPRI | select.EPOLLHUP | select.EPOLLERR
 
@@ -161,9 +177,30 @@ def pidfd_open(pid: int) -> int | None:
 
 
 class Received(NamedTuple):
+    """One read: its bytes, the fds that came with them, the sender's SCM_CREDENTIALS.
+
+    ``truncated``: the sender attached more fds than the read had room for
+    (MSG_CTRUNC); every fd that arrived was closed, and the peer broke its limit.
+    """
+
     data: bytes
     fds: list[int]
     cred: PeerCred | None
+    truncated: bool = False
+    pidfd: int | None = None
+
+
+# What Stream.recv_fds returns: data, fds, the sender's credentials, and whether fds were truncated.
+ChannelRead = tuple[bytes, list[int], PeerCred | None, bool]
+
+_CRED_SPACE = socket.CMSG_SPACE(_UCRED.size)
+_PIDFD_SPACE = socket.CMSG_SPACE(_FD_SIZE)
+# Plain ints: socket.MSG_CTRUNC is an IntFlag, and enum arithmetic costs a
+# microsecond or more per message on the read path.
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
+_SOL_SOCKET = int(socket.SOL_SOCKET)
+_SCM_CREDENTIALS = int(socket.SCM_CREDENTIALS)
+_SCM_RIGHTS = int(socket.SCM_RIGHTS)
 
 
 class Stream:
@@ -177,6 +214,12 @@ class Stream:
         self._buffer: memoryview | None = None
         self._poller: select.poll | None = None
         self._watch = -1
+        # The last SCM_CREDENTIALS seen and its PeerCred: most reads repeat them.
+        self._cred_raw = b""
+        self._cred: PeerCred | None = None
+        # The same for the C read (``read``), which keeps the raw credentials in C memory.
+        self._recv_state = _recv_state() if _recv_state is not None else None
+        self._ccred: PeerCred | None = None
 
     @classmethod
     def connect(cls, path: Path, timeout: float | None = None) -> Stream:
@@ -187,6 +230,10 @@ class Stream:
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             sock.close()
             raise BrokerUnavailable(f"no broker listening at {path} ({exc.strerror})") from None
+        except PermissionError as exc:
+            sock.close()
+            # A private (0700) runtime dir of another user: its broker is not ours to use.
+            raise AccessDenied(f"not allowed to reach the broker at {path} ({exc.strerror})") from None
         except OSError as exc:
             sock.close()
             if isinstance(exc, TimeoutError):
@@ -246,6 +293,25 @@ class Stream:
         pid, uid, gid = _UCRED.unpack(self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
         return PeerCred(pid, uid, gid)
 
+    def peer_groups(self) -> tuple[int, ...]:
+        """SO_PEERGROUPS: the peer's supplementary groups when it connected, as the kernel recorded them.
+
+        Never read from /proc by pid: a pid can be reused, the socket's record cannot.
+        """
+        size = 64 * _FD_SIZE
+        while True:
+            try:
+                raw = self._sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
+            except OSError as exc:
+                if exc.errno == errno.ERANGE and size < _MAX_GROUPS * _FD_SIZE:
+                    size *= 16
+                    continue
+                if exc.errno in (errno.ENOPROTOOPT, errno.EINVAL):
+                    return ()  # a kernel before 4.13: supplementary groups are unknown
+                raise
+            usable = len(raw) - len(raw) % _FD_SIZE
+            return tuple(array.array("I", raw[:usable]))
+
     def peer_pidfd(self) -> int | None:
         """SO_PEERPIDFD (Linux 6.5+), else a pidfd opened from SO_PEERCRED's pid."""
         try:
@@ -255,6 +321,14 @@ class Stream:
 
     def set_passcred(self, enabled: bool) -> None:
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, int(enabled))
+
+    def set_passpidfd(self, enabled: bool) -> bool:
+        """Ask for SCM_PIDFD (a pidfd of each sender) on reads; False if the kernel has none."""
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, SO_PASSPIDFD, int(enabled))
+        except OSError:
+            return False
+        return True
 
     # -- sending ---------------------------------------------------------------
 
@@ -321,34 +395,46 @@ class Stream:
         self._poller = poller
         self._watch = extra[0] if extra else -1
 
-    def read(self, deadline: float | None, max_fds: int) -> tuple[bytes, list[int]] | bool | None:
-        """Wait for data (until ``deadline``), then read once: (data, fds), b"" at end of stream.
+    def read(self, deadline: float | None, max_fds: int) -> ChannelRead | bool | None:
+        """Wait for data (until ``deadline``), then read once, as ``recv_fds`` does:
+        (data, fds, credentials, truncated), b"" at end of stream.
 
         False when the deadline passed; None when woken with nothing to read
         (the watched pidfd fired, or a spurious wake-up). One C call with the
         extension (the GIL released while it waits), else poll and recvmsg.
         """
-        if _sock_wait_recv is not None:
+        if _sock_wait_recv is not None and max_fds <= _MAX_C_FDS:
             if deadline is None:
                 timeout = -1
             else:
                 left = deadline - _monotonic()
                 timeout = int(left * 1000) + 1 if left > 0 else 0
-            n, data, fds = _sock_wait_recv(self._fd, self._watch, timeout, max_fds)
+            n, data, fds, flags = _sock_wait_recv(self._fd, self._watch, timeout, max_fds, self._recv_state)
             if n > 0:
-                return data, fds
+                if flags == _RECV_CRED:  # the usual read: the same sender as last time, nothing truncated
+                    return data, fds, self._ccred, False
+                return self._read_flags(data, fds, flags)
             if n == 0:
-                return b"", []
+                return b"", [], None, False
             if n == _E_TIMEOUT:
                 return False
             if n == _E_WATCH or n in (-errno.EAGAIN, -errno.EINTR):
                 return None
             if n == -errno.ECONNRESET:
-                return b"", []
+                return b"", [], None, False
             raise OSError(-n, os.strerror(-n))
         if not self.wait_readable(deadline):
             return False
         return self.recv_fds(max_fds)
+
+    def _read_flags(self, data: bytes, fds: list[int], flags: int) -> ChannelRead:
+        """The rest of a C read: new credentials, none at all, or truncated fds."""
+        cred = None
+        if flags & _RECV_CRED:
+            if flags & _RECV_CRED_CHANGED or self._ccred is None:
+                self._ccred = PeerCred(*_recv_cred(self._recv_state))
+            cred = self._ccred
+        return data, fds, cred, bool(flags & _RECV_TRUNCATED)
 
     def wait_readable(self, deadline: float | None) -> bool:
         """Wait until the socket (or a watched fd) is readable; False when the deadline passes."""
@@ -389,12 +475,16 @@ class Stream:
         except ConnectionResetError:
             return b""
 
-    def recv_fds(self, max_fds: int, size: int = RECV_CHUNK) -> tuple[bytes, list[int]] | None:
-        """Non-blocking read keeping up to ``max_fds`` passed fds; None when nothing is there.
+    def recv_fds(self, max_fds: int, size: int = RECV_CHUNK) -> ChannelRead | None:
+        """Non-blocking read keeping up to ``max_fds`` passed fds and the sender's credentials.
 
-        The channel's hot path: a plain recv would let the kernel discard fds
-        that arrive, so channels that accept sections read this way. fds
-        beyond ``max_fds`` (or a truncated set) are closed, never leaked.
+        Returns (data, fds, credentials, truncated), or None when nothing is
+        there. The channel's hot path: the socket has SO_PASSCRED set, so every
+        read brings SCM_CREDENTIALS (the kernel never joins two senders' writes
+        in one read), and a plain recv would let the kernel discard fds. fds
+        beyond ``max_fds`` (or a truncated set) are closed, never leaked, and
+        the read is marked truncated. A plain tuple and int constants: this
+        runs once per message.
         """
         try:
             if size == RECV_CHUNK:
@@ -412,27 +502,47 @@ class Stream:
         except (BlockingIOError, InterruptedError):
             return None
         except ConnectionResetError:
-            return b"", []
-        if not ancillary:
-            return data, []
+            return b"", [], None, False
+        if len(ancillary) == 1 and not flags & _MSG_CTRUNC and data:
+            level, kind, payload = ancillary[0]
+            if kind == _SCM_CREDENTIALS and level == _SOL_SOCKET:
+                if payload != self._cred_raw:
+                    self._cred_raw = payload
+                    self._cred = PeerCred(*_UCRED.unpack_from(payload))
+                return data, [], self._cred, False
         fds: list[int] = []
+        cred = None
         for level, kind, payload in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            if level != _SOL_SOCKET:
+                continue
+            if kind == _SCM_CREDENTIALS:
+                if payload != self._cred_raw:
+                    self._cred_raw = payload
+                    self._cred = PeerCred(*_UCRED.unpack_from(payload))
+                cred = self._cred
+            elif kind == _SCM_RIGHTS:
                 usable = len(payload) - len(payload) % _FD_SIZE
                 fds.extend(array.array("i", payload[:usable]))
-        if len(fds) > max_fds or flags & socket.MSG_CTRUNC:
+        truncated = len(fds) > max_fds or bool(flags & _MSG_CTRUNC)
+        if truncated or not data:
             close_fds(fds)
             fds = []
-        return data, fds
+        if not data:
+            return b"", [], None, False  # the end of the stream (its credentials say nothing)
+        return data, fds, cred, truncated
 
-    def recv_with_ancillary(self, size: int = RECV_CHUNK, max_fds: int = 0, want_cred: bool = False) -> Received | None:
-        """Non-blocking recvmsg keeping fds and SCM_CREDENTIALS; None if nothing is there.
+    def recv_with_ancillary(self, size: int = RECV_CHUNK, max_fds: int = 0, want_cred: bool = False,
+                            want_pidfd: bool = False) -> Received | None:
+        """Non-blocking recvmsg keeping fds, SCM_CREDENTIALS and SCM_PIDFD; None if nothing is there.
 
-        fds beyond ``max_fds`` are closed, never leaked.
+        fds beyond ``max_fds`` are closed, never leaked. A pidfd is kept only
+        when asked for (``want_pidfd``, after ``set_passpidfd``); the caller owns it.
         """
         space = socket.CMSG_SPACE(max(max_fds, 1) * _FD_SIZE)
         if want_cred:
-            space += socket.CMSG_SPACE(_UCRED.size)
+            space += _CRED_SPACE
+        if want_pidfd:
+            space += _PIDFD_SPACE
         try:
             data, ancillary, flags, _ = self._sock.recvmsg(size, space)
         except (BlockingIOError, InterruptedError):
@@ -441,20 +551,30 @@ class Stream:
             return Received(b"", [], None)
         fds: list[int] = []
         cred = None
+        pidfd = None
         for level, kind, payload in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            if level != socket.SOL_SOCKET:
+                continue
+            if kind == socket.SCM_RIGHTS:
                 usable = len(payload) - len(payload) % _FD_SIZE
                 fds.extend(array.array("i", payload[:usable]))
-            elif level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+            elif kind == socket.SCM_CREDENTIALS:
                 cred = PeerCred(*_UCRED.unpack_from(payload))
-        if len(fds) > max_fds or flags & socket.MSG_CTRUNC:
+            elif kind == SCM_PIDFD and len(payload) >= _FD_SIZE:
+                received = array.array("i", payload[:_FD_SIZE])[0]
+                if want_pidfd and pidfd is None:
+                    pidfd = received
+                else:
+                    close_fds([received])
+        truncated = len(fds) > max_fds or bool(flags & socket.MSG_CTRUNC)
+        if truncated:
             close_fds(fds)
             fds = []
-        return Received(data, fds, cred)
+        return Received(data, fds, cred, truncated, pidfd)
 
 
 def _fd_space(max_fds: int) -> int:
-    space = _FD_SPACE[max_fds] = socket.CMSG_SPACE(max(max_fds, 1) * _FD_SIZE)
+    space = _FD_SPACE[max_fds] = socket.CMSG_SPACE(max(max_fds, 1) * _FD_SIZE) + _CRED_SPACE
     return space
 
 
@@ -489,10 +609,15 @@ class Listener:
         self.owns_file = path is not None
 
     @classmethod
-    def bind(cls, path: Path, backlog: int = 512) -> Listener:
+    def bind(cls, path: Path, backlog: int = 512, shared: bool = False) -> Listener:
+        """Listen at ``path``: mode 0600 (only our uid may connect), or 0666 when ``shared``.
+
+        A shared broker lets every local user reach it; its port ACLs are
+        what keep them out of each port.
+        """
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            old_umask = os.umask(0o177)
+            old_umask = os.umask(0o111 if shared else 0o177)
             try:
                 sock.bind(str(path))
             finally:

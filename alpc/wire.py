@@ -31,6 +31,7 @@ from .errors import ProtocolError
 __all__ = [
     "ATTR_TYPES",
     "CHANNEL_FLAGS",
+    "HANDLE_TYPES",
     "HEADER",
     "HEADER_SIZE",
     "MAGIC",
@@ -91,6 +92,8 @@ class MessageType(IntEnum):
     GRANT_WRITE = 27
     # Quick-LPC (alpc.qlpc): "look at your ring", for a receiver waiting in poll().
     QUICK_DOORBELL = 28
+    # Flow control: the receiver's application took datagrams (and their fds).
+    CREDIT = 29
     # Broker control traffic; never seen on an established channel.
     CREATE_PORT = 32
     PORT_CREATED = 33
@@ -273,16 +276,20 @@ class FrameDecoder:
         while True:
             ends, error = _native.scan_frames(buf, start, self._scan_limits)
             for end in ends:
-                frames.append(self._frame_at(buf, start, end))
+                try:
+                    frames.append(self._frame_at(buf, start, end))
+                except ProtocolError:
+                    self._abort(frames)
+                    raise
                 start = end
             if error:
-                self.close_fds()
+                self._abort(frames)
                 raise ProtocolError(f"malformed frame: {_ERRORS.get(error, error)}")
             if len(ends) < _native.SCAN_BATCH:
                 break
         self._keep_partial(buf, start)
         if self._fds and not self._buffered:
-            self.close_fds()
+            self._abort(frames)
             raise ProtocolError("fds received that no frame announced")
         return frames
 
@@ -307,6 +314,16 @@ class FrameDecoder:
         else:
             attrs, body = b"", data[HEADER_SIZE:]
         return [Frame(_TYPES[mtype], flags, message_id, callback_id, pid, tid, attrs, body, ())]
+
+    def _abort(self, frames: list[Frame]) -> None:
+        """The stream broke: close every fd received, those of frames already cut out included."""
+        for frame in frames:
+            for fd in frame.fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.close_fds()
 
     def _keep_partial(self, buf: bytes, start: int) -> None:
         rest = len(buf) - start
@@ -446,12 +463,18 @@ _ATTR_ERRORS = {
 }
 
 
+# Frame types that may carry handles (fds the application passes), after any section fd.
+HANDLE_TYPES = frozenset({MessageType.REQUEST, MessageType.REPLY, MessageType.DATAGRAM})
+
+
 def decode_attributes(frame: Frame) -> Attributes:
     """Validate a frame's attributes, and their agreement with its fds and data.
 
     A section is introduced by the first frame that refers to it, so SECTION_NEW
-    comes with a SECTION_REF to the same id and exactly one fd; a frame whose
-    body is in a section carries no inline data.
+    comes with a SECTION_REF to the same id and its fd, the frame's first; any
+    further fds are the message's handles, which only requests, replies and
+    datagrams carry (the header's fd count is checked against the receiver's
+    limit before this). A frame whose body is in a section carries no inline data.
     """
     allowed = ATTR_TYPES.get(frame.type, 0)
     error, fields = _native.parse_attributes(frame.attrs, allowed)
@@ -465,7 +488,10 @@ def decode_attributes(frame: Frame) -> Attributes:
         Range(*fields[11:13]) if present & (1 << AttrKind.RANGE) else None,
         fields[13] if present & (1 << AttrKind.DEADLINE) else None,
     )
-    if len(frame.fds) != (attrs.new is not None):
+    section_fds = 1 if attrs.new is not None else 0
+    if len(frame.fds) < section_fds:
+        raise ProtocolError(f"{frame.type.name} frame introduces a section but carries no fd")
+    if len(frame.fds) > section_fds and frame.type not in HANDLE_TYPES:
         raise ProtocolError(f"{frame.type.name} frame carries {len(frame.fds)} fds; only a new section may carry one")
     if attrs.new is not None and (attrs.ref is None or attrs.ref.section_id != attrs.new.section_id):
         raise ProtocolError("a new section must come with a reference into it")

@@ -249,29 +249,78 @@ int64_t alpc_sock_send(int fd, const uint8_t *buf, size_t len)
     return n < 0 ? -(int64_t)errno : (int64_t)n;
 }
 
-/* Room for up to 16 passed fds; more than max_fds are closed anyway. */
-#define ALPC_MAX_RECV_FDS 16
+/* Kept: up to 1 + 253 fds (a section's fd and SCM_MAX_FD - 1 handles). */
+#define ALPC_MAX_RECV_FDS 256
+
+#ifndef SCM_PIDFD
+#define SCM_PIDFD 0x04
+#endif
+
+/* Walk a read's control messages: keep its fds (up to ALPC_MAX_RECV_FDS, the
+ * rest closed), note its SCM_CREDENTIALS, close any SCM_PIDFD (a channel
+ * never asks for one). Returns how many fds were kept in received[]. */
+static int take_ancillary(struct msghdr *msg, int *received, int32_t *cred, int *flags)
+{
+    struct cmsghdr *cmsg;
+    int kept = 0;
+
+    for (cmsg = CMSG_FIRSTHDR(msg); cmsg != NULL; cmsg = CMSG_NXTHDR(msg, cmsg)) {
+        size_t i, got;
+        const unsigned char *data = CMSG_DATA(cmsg);
+
+        if (cmsg->cmsg_level != SOL_SOCKET || cmsg->cmsg_len < CMSG_LEN(0))
+            continue;
+        if (cmsg->cmsg_type == SCM_CREDENTIALS) {
+            struct ucred uc;
+
+            if (cmsg->cmsg_len < CMSG_LEN(sizeof(uc)))
+                continue;
+            memcpy(&uc, data, sizeof(uc));
+            *flags |= ALPC_RECV_CRED;
+            if (cred[0] != (int32_t)uc.pid || cred[1] != (int32_t)uc.uid || cred[2] != (int32_t)uc.gid) {
+                cred[0] = (int32_t)uc.pid;
+                cred[1] = (int32_t)uc.uid;
+                cred[2] = (int32_t)uc.gid;
+                *flags |= ALPC_RECV_CRED_CHANGED;
+            }
+            continue;
+        }
+        if (cmsg->cmsg_type != SCM_RIGHTS && cmsg->cmsg_type != SCM_PIDFD)
+            continue;
+        got = (cmsg->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        for (i = 0; i < got; i++) {
+            int one;
+            memcpy(&one, data + i * sizeof(int), sizeof(one));
+            if (cmsg->cmsg_type == SCM_RIGHTS && kept < ALPC_MAX_RECV_FDS)
+                received[kept++] = one;
+            else
+                close(one);
+        }
+    }
+    return kept;
+}
 
 int64_t alpc_sock_wait_recv(int fd, int watch, int timeout_ms, uint8_t *buf, size_t cap,
-                            int *fds, int max_fds, int *nfds)
+                            int *fds, int max_fds, int *nfds, int32_t *cred, int *flags)
 {
     struct pollfd pfd[2];
     nfds_t count = 1;
     union {
         struct cmsghdr align;
-        char space[CMSG_SPACE(sizeof(int) * ALPC_MAX_RECV_FDS)];
+        char space[CMSG_SPACE(sizeof(struct ucred)) + CMSG_SPACE(sizeof(int)) +
+                   CMSG_SPACE(sizeof(int) * ALPC_MAX_RECV_FDS)];
     } control;
     struct iovec iov;
     struct msghdr msg;
-    struct cmsghdr *cmsg;
     ssize_t n;
-    int rc, kept = 0;
+    int rc, kept;
     int received[ALPC_MAX_RECV_FDS];
 
-    if (buf == NULL || nfds == NULL || (fds == NULL && max_fds > 0) || max_fds < 0 ||
-        max_fds > ALPC_MAX_RECV_FDS)
+    if (buf == NULL || nfds == NULL || cred == NULL || flags == NULL || (fds == NULL && max_fds > 0) ||
+        max_fds < 0 || max_fds > ALPC_MAX_RECV_FDS)
         return ALPC_E_ARGS;
     *nfds = 0;
+    *flags = 0;
     pfd[0].fd = fd;
     pfd[0].events = POLLIN | POLLPRI;
     pfd[0].revents = 0;
@@ -296,34 +345,22 @@ int64_t alpc_sock_wait_recv(int fd, int watch, int timeout_ms, uint8_t *buf, siz
     msg.msg_iov = &iov;
     msg.msg_iovlen = 1;
     msg.msg_control = control.space;
-    msg.msg_controllen = sizeof(control.space);
+    /* Room for the credentials, a stray pidfd and max_fds fds (at least one):
+     * a sender attaching more is truncated by the kernel (MSG_CTRUNC), as
+     * with the Python twin, whose buffer is sized the same way. */
+    msg.msg_controllen = CMSG_SPACE(sizeof(struct ucred)) + CMSG_SPACE(sizeof(int)) +
+                         CMSG_SPACE(sizeof(int) * (size_t)(max_fds > 0 ? max_fds : 1));
     do {
         n = recvmsg(fd, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
     } while (n < 0 && errno == EINTR);
     if (n < 0)
         return errno == ECONNRESET ? 0 : -(int64_t)errno;
-    for (cmsg = CMSG_FIRSTHDR(&msg); cmsg != NULL; cmsg = CMSG_NXTHDR(&msg, cmsg)) {
-        size_t i, got;
-        const unsigned char *passed;
-
-        if (cmsg->cmsg_level != SOL_SOCKET || cmsg->cmsg_type != SCM_RIGHTS ||
-            cmsg->cmsg_len < CMSG_LEN(0))
-            continue;
-        got = (cmsg->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-        passed = CMSG_DATA(cmsg);
-        for (i = 0; i < got; i++) {
-            int one;
-            memcpy(&one, passed + i * sizeof(int), sizeof(one));
-            if (kept < ALPC_MAX_RECV_FDS)
-                received[kept++] = one;
-            else
-                close(one);
-        }
-    }
+    kept = take_ancillary(&msg, received, cred, flags);
     /* More than the caller takes, or a truncated set: none is trusted, all are closed. */
     if (kept > max_fds || (msg.msg_flags & MSG_CTRUNC)) {
         while (kept > 0)
             close(received[--kept]);
+        *flags |= ALPC_RECV_TRUNCATED;
     }
     if (kept > 0)
         memcpy(fds, received, (size_t)kept * sizeof(int));

@@ -111,15 +111,25 @@ int64_t alpc_vm_write(int32_t pid, uint64_t base, uint64_t grant_len, uint64_t o
  * or -errno (-EAGAIN when the socket buffer is full). */
 int64_t alpc_sock_send(int fd, const uint8_t *buf, size_t len);
 
+/* What alpc_sock_wait_recv says of a read besides its bytes. */
+enum {
+    ALPC_RECV_CRED = 1,          /* it carried SCM_CREDENTIALS (now in cred[0..3)) */
+    ALPC_RECV_CRED_CHANGED = 2,  /* ... which differ from what cred[] held before */
+    ALPC_RECV_TRUNCATED = 4      /* more fds than max_fds came (MSG_CTRUNC): all were closed */
+};
+
 /* Wait until fd, or watch when watch >= 0 (a peer's pidfd), is readable, for
  * up to timeout_ms (-1: no limit); then one non-blocking recvmsg on fd into
- * buf[0..cap), keeping up to max_fds passed fds (SCM_RIGHTS) in
- * fds[0..*nfds); fds beyond max_fds, or a truncated set, are closed. Returns
- * the bytes read (0 at end of stream), ALPC_E_TIMEOUT, ALPC_E_WATCH when only
- * the watched fd fired, or -errno (-EAGAIN: woken, but nothing to read;
- * -EINTR: a signal arrived, so Python can run its handlers). */
+ * buf[0..cap), keeping up to max_fds (at most 256) passed fds (SCM_RIGHTS) in
+ * fds[0..*nfds); more than max_fds, or a truncated set, are all closed and
+ * flagged ALPC_RECV_TRUNCATED. The sender's SCM_CREDENTIALS (pid, uid, gid)
+ * go to cred[0..3), which holds the last ones seen on this socket: *flags
+ * says whether they came and whether they changed. Returns the bytes read
+ * (0 at end of stream), ALPC_E_TIMEOUT, ALPC_E_WATCH when only the watched fd
+ * fired, or -errno (-EAGAIN: woken, but nothing to read; -EINTR: a signal
+ * arrived, so Python can run its handlers). */
 int64_t alpc_sock_wait_recv(int fd, int watch, int timeout_ms, uint8_t *buf, size_t cap,
-                            int *fds, int max_fds, int *nfds);
+                            int *fds, int max_fds, int *nfds, int32_t *cred, int *flags);
 
 /* Hash of the sources this library was built from, to detect a stale build. */
 const char *alpc_source_hash(void);

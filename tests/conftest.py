@@ -110,14 +110,20 @@ class Peer:
 
     def _pump(self) -> None:
         assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._lines.put(line.rstrip("\n"))
+        try:
+            for line in self.proc.stdout:
+                self._lines.put(line.rstrip("\n"))
+        except ValueError:
+            pass  # the test closed the pipe while this thread was between reads
         self._lines.put(None)
 
     def _pump_stderr(self) -> None:
         assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self._stderr.append(line)
+        try:
+            for line in self.proc.stderr:
+                self._stderr.append(line)
+        except ValueError:
+            pass  # as in _pump
 
     @property
     def pid(self) -> int:

@@ -53,6 +53,8 @@ def attributes(args: argparse.Namespace) -> alpc.PortAttributes:
         section_size=args.section_size, max_section_bytes=args.max_section_bytes,
         secure_views=args.secure_views, section_backend=args.section_backend,
         allow_unsealed_sections=args.allow_unsealed, direct_memory=not args.no_direct_memory,
+        # A server that dropped to another uid still serves the root test process.
+        acl=alpc.PortAcl(allow_root=True),
     )
 
 

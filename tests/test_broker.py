@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -14,7 +13,6 @@ from pathlib import Path
 import pytest
 
 import alpc
-from alpc.wire import MessageType, encode_frame, encode_header
 
 
 def start_cli_broker(spawn, runtime_dir: Path, *extra: str):  # type: ignore[no-untyped-def]
@@ -94,53 +92,6 @@ def test_no_broker_fails_fast(config: alpc.Config) -> None:
     with pytest.raises(alpc.BrokerUnavailable):
         alpc.create_port("svc.none", config=config)
     assert time.monotonic() - started < 1.0
-
-
-def _raw(config: alpc.Config) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(5)
-    sock.connect(str(config.broker_socket))
-    return sock
-
-
-def _closed_by_broker(sock: socket.socket) -> bool:
-    try:
-        while True:
-            data = sock.recv(65536)
-            if not data:
-                return True
-    except ConnectionResetError:
-        return True
-    finally:
-        sock.close()
-
-
-@pytest.mark.parametrize("payload", [
-    b"GET / HTTP/1.0\r\n\r\n" + b"\0" * 40,
-    encode_header(MessageType.CONNECT, 0xFFFFFFFF),
-    encode_frame(MessageType.REPLY, b"not a broker request"),
-    encode_frame(MessageType.CONNECT, b"\xc1\xc1 not msgpack"),
-    encode_frame(MessageType.CREATE_PORT, b"\x80"),
-])
-def test_garbage_closes_only_that_connection(broker: alpc.Broker, config: alpc.Config, payload: bytes) -> None:
-    with alpc.create_port("svc.survivor", config=config) as port:
-        innocent = _raw(config)
-        bad = _raw(config)
-        bad.sendall(payload)
-        assert _closed_by_broker(bad)
-        innocent.sendall(encode_frame(MessageType.LIST_PORTS, b"\x80"))
-        header = innocent.recv(40)
-        assert header[3] == MessageType.PORT_LIST
-        innocent.close()
-        assert [p.name for p in alpc.list_ports(config)] == ["svc.survivor"]
-        assert port.name == "svc.survivor"
-
-
-def test_truncated_frame_then_hangup_is_harmless(broker: alpc.Broker, config: alpc.Config) -> None:
-    bad = _raw(config)
-    bad.sendall(encode_frame(MessageType.CONNECT, b"x" * 100)[:60])
-    bad.close()
-    assert alpc.list_ports(config) == ()
 
 
 def test_in_process_broker_context_manager(runtime_dir: Path, config: alpc.Config) -> None:

@@ -33,6 +33,18 @@ def test_ports_json_and_table(broker: alpc.Broker, config: alpc.Config, runtime_
             "max_message_length": port.attributes.max_message_length,
             "clients": [{"pid": client.pid, "uid": os.getuid(), "gid": os.getgid()}],
             "details": True,
+            "limits": {
+                "max_message_length": 1 << 30, "max_connect_data": 64 << 10, "max_pending_connects": 128,
+                "max_connections": 4096, "max_pending_requests": 1024, "max_queued_datagrams": 1024,
+                "max_handles_per_message": 0, "max_inflight_handles": 64, "handle_kinds": [],
+                "max_section_bytes": 2 << 30, "max_port_section_bytes": 8 << 30, "send_timeout_ms": 5000,
+                "refuse_identity_change": False,
+            },
+            "acl": {"allow_uids": [], "allow_gids": [], "deny_uids": [], "deny_gids": [], "allow_root": False,
+                    "allow_everyone": False},
+            # The broker's per-uid quotas for the owner: its registration and this query are its connections.
+            "owner_quota": {"max_connections_per_uid": 1024, "max_ports_per_uid": 256, "connections": 2,
+                            "ports": 1},
         }]
         table = run(runtime_dir, "ports").stdout
         assert "svc.listed" in table and f"pid {client.pid}" in table

@@ -162,3 +162,78 @@ def test_wrong_shaped_reports_only_raise_protocol_error(raw: dict[str, object]) 
         control.decode_body(MessageType.PORT_STATUS, msgpack.packb(raw, use_bin_type=True), control.PortStatus)
     except ProtocolError:
         pass
+
+
+# -- the security bodies: ACLs, flow limits, port limits, broker quotas ----------------------------
+
+
+_UIDS = st.lists(st.integers(0, 2**32 - 1), max_size=4, unique=True).map(lambda ids: tuple(sorted(ids)))
+_ACLS = st.builds(control.AclSpec, allow_uids=_UIDS, allow_gids=_UIDS, deny_uids=_UIDS, deny_gids=_UIDS,
+                  allow_root=st.booleans(), allow_everyone=st.booleans())
+_FLOWS = st.builds(control.FlowSpec, max_pending_requests=st.integers(1, 65536),
+                   max_queued_datagrams=st.integers(1, 1 << 20), max_handles_per_message=st.integers(0, 253),
+                   max_inflight_handles=st.integers(0, 1 << 20), handle_kinds=st.integers(0, 2**16 - 1))
+
+
+@settings(max_examples=200, deadline=None)
+@given(_ACLS, _FLOWS, st.text(max_size=20))
+def test_security_bodies_roundtrip(acl: control.AclSpec, flow: control.FlowSpec, limit: str) -> None:
+    bodies: list[control.Body] = [
+        control.CreatePort(name="svc.a", max_message_length=1, max_connect_data=2, max_pending_connects=3, acl=acl,
+                           limits=control.PortLimits(max_connections=4, handle_kinds=("file", "pipe"))),
+        control.Connect(name="svc.a", data=b"x", max_message_length=1, max_section_bytes=2, flow=flow,
+                        required_server_uid=7),
+        control.ConnectionReply(accepted=True, data=b"", reason="", max_message_length=1, flow=flow),
+        control.ErrorReply(code=control.ErrorCode.BUSY, message="full", limit=limit),
+        control.StatsList(uptime_ms=1, connects_unknown_port=0, protocol_errors=0, broker=control.BrokerQuota(
+            shared=True, max_connections_per_uid=3, usage=(control.UidUsageInfo(uid=1, connections=2, ports=3),))),
+    ]
+    for body in bodies:
+        assert control.decode_body(body.TYPE, control.encode_body(body), type(body)) == body
+    assert control.AclSpec.of(acl.acl()) == acl
+    assert flow.limits().max_pending_requests == flow.max_pending_requests
+    refusal = control.ErrorReply(code=control.ErrorCode.BUSY, message="full", limit=limit).exception()
+    assert isinstance(refusal, QuotaExceeded) and refusal.limit == limit
+
+
+@pytest.mark.parametrize("flow", [
+    control.FlowSpec(max_pending_requests=0), control.FlowSpec(max_queued_datagrams=0),
+    control.FlowSpec(max_handles_per_message=254), control.FlowSpec(max_pending_requests=65537),
+    control.FlowSpec(max_inflight_handles=-1),
+])
+def test_flow_limits_no_honest_peer_announces_are_protocol_errors(flow: control.FlowSpec) -> None:
+    with pytest.raises(ProtocolError, match="announced flow limits"):
+        flow.limits()
+
+
+def test_fields_an_older_peer_omits_take_their_safe_defaults() -> None:
+    raw = {"name": "svc.a", "data": b"", "max_message_length": 1, "max_section_bytes": 2}
+    body = control.decode_body(MessageType.CONNECT, msgpack.packb(raw, use_bin_type=True), control.Connect)
+    assert body.required_server_uid == -1 and body.flow == control.FlowSpec()
+    assert body.flow.max_handles_per_message == 0  # no fds unless announced
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_garbage_security_bodies_only_raise_protocol_error(data: bytes) -> None:
+    for body in (control.ConnectionReply, control.ConnectionRequestInfo, control.ErrorReply, control.StatsList):
+        try:
+            decoded = control.decode_body(body.TYPE, data, body)
+        except ProtocolError:
+            continue
+        if isinstance(decoded, (control.ConnectionReply, control.ConnectionRequestInfo)):
+            try:
+                decoded.flow.limits()
+            except ProtocolError:
+                pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["allow_uids", "allow_gids", "deny_uids", "allow_root", "x"]), _VALUES))
+def test_wrong_shaped_acls_only_raise_protocol_error(raw: dict[str, object]) -> None:
+    body = {"name": "svc.a", "max_message_length": 1, "max_connect_data": 1, "max_pending_connects": 1, "acl": raw}
+    try:
+        control.decode_body(MessageType.CREATE_PORT, msgpack.packb(body, use_bin_type=True),
+                            control.CreatePort).acl.acl()
+    except ProtocolError:
+        pass

@@ -196,9 +196,13 @@ def test_unit_files(instance: str, tmp_path: Path) -> None:
     service_unit = (UNITS / instance / "alpc-broker.service").read_text()
     runtime = "%t/alpc" if instance == "user" else "/run/alpc"
     assert f"ListenStream={runtime}/broker.sock" in socket_unit
-    assert "SocketMode=0600" in socket_unit and "DirectoryMode=0700" in socket_unit
+    if instance == "user":  # private: only the user reaches it
+        assert "SocketMode=0600" in socket_unit and "DirectoryMode=0700" in socket_unit
+        assert f"ExecStart=alpc --runtime-dir {runtime} broker\n" in service_unit
+    else:  # shared: everyone reaches it, each port's ACL keeps them out
+        assert "SocketMode=0666" in socket_unit and "DirectoryMode=0755" in socket_unit
+        assert f"ExecStart=alpc --runtime-dir {runtime} broker --shared\n" in service_unit
     assert "Type=notify" in service_unit
-    assert f"ExecStart=alpc --runtime-dir {runtime} broker" in service_unit
     if shutil.which("systemd-analyze") is None:
         return
     # Verify a copy whose ExecStart names this checkout's alpc (systemd checks the binary exists).

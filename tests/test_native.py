@@ -164,32 +164,49 @@ def test_socket_calls_of_the_extension(tmp_path: Path) -> None:
     left, right = Stream.pair()
     try:
         assert _native.sock_send is not None and _native.sock_wait_recv is not None
+        assert _native.recv_state is not None
+        state = _native.recv_state()
         assert _native.sock_send(left.fileno(), b"hello") == 5
-        assert _native.sock_wait_recv(right.fileno(), -1, 1000, 4) == (5, b"hello", [])
-        assert _native.sock_wait_recv(right.fileno(), -1, 0, 4)[0] == _native.E_TIMEOUT
-        # A passed fd arrives with its bytes; more than max_fds are all closed, none leaks.
+        # Without SO_PASSCRED a read brings no credentials.
+        assert _native.sock_wait_recv(right.fileno(), -1, 1000, 4, state) == (5, b"hello", [], 0)
+        assert _native.sock_wait_recv(right.fileno(), -1, 0, 4, state)[0] == _native.E_TIMEOUT
+        # With it, every read does; the first (and any that differ) are flagged as changed.
+        right.set_passcred(True)
+        me = (os.getpid(), os.getuid(), os.getgid())
+        assert _native.sock_send(left.fileno(), b"a") == 1
+        assert _native.sock_wait_recv(right.fileno(), -1, 1000, 4, state) == (
+            1, b"a", [], _native.RECV_CRED | _native.RECV_CRED_CHANGED)
+        assert _native.recv_cred(state) == me
+        assert _native.sock_send(left.fileno(), b"b") == 1
+        assert _native.sock_wait_recv(right.fileno(), -1, 1000, 4, state) == (1, b"b", [], _native.RECV_CRED)
+        # A passed fd arrives with its bytes; more than max_fds are all closed (none leaks) and flagged.
         with open(tmp_path / "f", "w") as f:
             left.send([b"x"], [f.fileno()])
-            n, data, fds = _native.sock_wait_recv(right.fileno(), -1, 1000, 4)
-            assert (n, data, len(fds)) == (1, b"x", 1)
+            n, data, fds, flags = _native.sock_wait_recv(right.fileno(), -1, 1000, 4, state)
+            assert (n, data, len(fds), flags) == (1, b"x", 1, _native.RECV_CRED)
             os.close(fds[0])
             left.send([b"y"], [f.fileno(), f.fileno()])
-            assert _native.sock_wait_recv(right.fileno(), -1, 1000, 1) == (1, b"y", [])
+            assert _native.sock_wait_recv(right.fileno(), -1, 1000, 1, state) == (
+                1, b"y", [], _native.RECV_CRED | _native.RECV_TRUNCATED)
+            left.send([b"z"], [f.fileno()] * 8)
+            assert _native.sock_wait_recv(right.fileno(), -1, 1000, 1, state) == (
+                1, b"z", [], _native.RECV_CRED | _native.RECV_TRUNCATED)
         # The watched fd firing alone is reported as such.
         watch_r, watch_w = os.pipe()
         os.write(watch_w, b"!")
-        assert _native.sock_wait_recv(right.fileno(), watch_r, 1000, 4)[0] == _native.E_WATCH
+        assert _native.sock_wait_recv(right.fileno(), watch_r, 1000, 4, state)[0] == _native.E_WATCH
         os.close(watch_r)
         os.close(watch_w)
         left.close()
-        assert _native.sock_wait_recv(right.fileno(), -1, 1000, 4) == (0, b"", [])
+        assert _native.sock_wait_recv(right.fileno(), -1, 1000, 4, state) == (0, b"", [], 0)
         assert _native.sock_send(right.fileno(), b"z") == -errno.EPIPE
     finally:
         left.close()
         right.close()
 
 
-def test_stream_read_behaves_the_same_in_both_implementations() -> None:
+def test_stream_read_behaves_the_same_in_both_implementations(tmp_path: Path) -> None:
+    from alpc.security import PeerCred
     from alpc.transport import Stream
 
     left, right = Stream.pair()
@@ -198,11 +215,22 @@ def test_stream_read_behaves_the_same_in_both_implementations() -> None:
         right.watch([watch_r])
         assert right.read(0.0, 4) is False
         left.send([b"abc"])
-        assert right.read(None, 4) == (b"abc", [])
+        assert right.read(None, 4) == (b"abc", [], None, False)
+        right.set_passcred(True)
+        me = PeerCred(os.getpid(), os.getuid(), os.getgid())
+        left.send([b"def"])
+        assert right.read(None, 4) == (b"def", [], me, False)
+        with open(tmp_path / "f", "w") as f:
+            left.send([b"x"], [f.fileno()])
+            data, fds, cred, truncated = right.read(None, 1)  # type: ignore[misc]
+            assert (data, len(fds), cred, truncated) == (b"x", 1, me, False)
+            os.close(fds[0])
+            left.send([b"y"], [f.fileno(), f.fileno()])
+            assert right.read(None, 1) == (b"y", [], me, True)
         os.write(watch_w, b"!")
         assert right.read(None, 4) is None  # only the watched fd (a pidfd, in use) fired
         left.close()
-        assert right.read(None, 4) == (b"", [])
+        assert right.read(None, 4) == (b"", [], None, False)
     finally:
         left.close()
         right.close()

@@ -142,6 +142,18 @@ def test_frame_claiming_missing_fds_is_refused() -> None:
         FrameDecoder(limits).feed(encode_frame(MessageType.REQUEST, b"x", n_fds=1))
 
 
+def test_an_error_later_in_a_read_closes_the_fds_of_frames_already_cut() -> None:
+    limits = FrameLimits(allowed_types=CHANNEL.allowed_types, max_data=64, max_fds=2)
+    for tail in (b"garbage" * 10, encode_frame(MessageType.REQUEST, b"y", n_fds=2)):
+        first, second = os.pipe()
+        good = encode_frame(MessageType.REQUEST, b"x", n_fds=1)
+        with pytest.raises(ProtocolError):
+            FrameDecoder(limits).feed(good + tail, [first, second])
+        for fd in (first, second):
+            with pytest.raises(OSError):
+                os.fstat(fd)
+
+
 @settings(max_examples=400, deadline=None)
 @given(st.binary(max_size=400), st.integers(min_value=1, max_value=64))
 def test_arbitrary_bytes_never_crash_the_decoder(data: bytes, chunk: int) -> None:
@@ -239,9 +251,12 @@ def test_bad_attributes_are_protocol_errors(kind: MessageType, attrs: bytes, why
 def test_attributes_must_agree_with_fds_and_data() -> None:
     new = tlv(AttrKind.SECTION_NEW, struct.pack("<IIQ", 1, 0, 4096))
     ref = tlv(AttrKind.SECTION_REF, REF)
+    # A datagram's fds beyond the section's are its handles; runtime frames carry none.
+    assert decode_attributes(attr_frame(MessageType.DATAGRAM, ref, fds=(5,))).ref is not None
+    span = tlv(AttrKind.RANGE, struct.pack("<QQ", 0, 10))
     with pytest.raises(ProtocolError, match="fds"):
-        decode_attributes(attr_frame(MessageType.DATAGRAM, ref, fds=(5,)))
-    with pytest.raises(ProtocolError, match="fds"):
+        decode_attributes(attr_frame(MessageType.GRANT_WRITE, ref + span, fds=(5,)))
+    with pytest.raises(ProtocolError, match="no fd"):
         decode_attributes(attr_frame(MessageType.DATAGRAM, ref + new))
     with pytest.raises(ProtocolError, match="reference into it"):
         decode_attributes(attr_frame(MessageType.DATAGRAM, new, fds=(5,)))

@@ -27,7 +27,7 @@ from alpc.wire import (
     encode_section_ids,
 )
 
-SECTION_PEERS = Path(__file__).resolve().parent / "section_peers.py"
+SECTION_PEERS = Path(__file__).resolve().parent.parent / "section_peers.py"
 VIEW = int(SectionFlag.VIEW)
 SECURE = int(SectionFlag.SECURE)
 
@@ -136,7 +136,7 @@ def grant_write_to_a_server(send: Send) -> None:
     (secure_but_writable, "not_write-sealed"),
     (lying_size, "announced_as"),
     (over_quota, "quota"),
-    (stray_fd, "only_a_new_section"),
+    (stray_fd, "takes_at_most_0"),
     (forged_release, "release_in_unknown_section"),
     (close_while_held, "held"),
     (grant_write_to_a_server, "GRANT_WRITE"),

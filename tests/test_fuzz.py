@@ -1,0 +1,28 @@
+"""A short run of every coverage-guided fuzz target (tests/fuzz/), in this process's implementation.
+
+`make fuzz` runs them for minutes; here each gets a few thousand inputs, so a
+regression in a parser shows up in `make test` too.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+FUZZ = Path(__file__).resolve().parent / "fuzz" / "fuzz_targets.py"
+RUNS = 5000
+
+
+@pytest.mark.parametrize("target", ["wire", "broker", "handshake"])
+def test_fuzz_target_runs_clean(target: str, tmp_path: Path) -> None:
+    pytest.importorskip("atheris")
+    done = subprocess.run([sys.executable, str(FUZZ), target, "--runs", str(RUNS), "--artifacts", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, check=False)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    assert re.search(rf"^Done {RUNS} runs", output, re.M), output[-2000:]
+    assert not list(tmp_path.iterdir()), "a failing input was written"
