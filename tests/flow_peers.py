@@ -70,7 +70,7 @@ async def async_serve(args: argparse.Namespace) -> None:
         if message.data == b"slow":
             say("GOT slow")
             try:
-                await asyncio.sleep(30)
+                await asyncio.sleep(30)  # handshake-free: stands for a slow handler, ended by the cancel under test
             except asyncio.CancelledError:
                 say("CANCELLED_ERROR")
                 raise

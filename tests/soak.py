@@ -101,7 +101,7 @@ def serve(args: argparse.Namespace) -> None:
             # The broker is restarting, or has not yet seen our killed predecessor's EOF.
             if time.monotonic() > deadline:
                 raise
-            time.sleep(0.05)
+            time.sleep(0.05)  # handshake-free: back-off between retries while the broker restarts
     counts = {"requests": 0, "datagrams": 0, "accepted": 0, "notices": 0}
     fds_start = fd_count()
     say("READY", os.getpid())
@@ -382,7 +382,7 @@ class Soak:
             assert self.broker is not None
             self._kill(self.broker)
             # Down for a moment: connects fail fast and are retried meanwhile.
-            time.sleep(self.rng.uniform(0.0, 0.5))
+            time.sleep(self.rng.uniform(0.0, 0.5))  # handshake-free: the chaos is a random outage length
             self.start_broker()
 
     def run(self, duration: float) -> SoakReport:
@@ -462,7 +462,7 @@ class Soak:
         for _ in range(100):  # the BYE line may trail the exit by a moment
             if child.bye is not None:
                 break
-            time.sleep(0.01)
+            time.sleep(0.01)  # handshake-free: polls a line that trails the exit, bounded to 1 s
         if child.bye is None:
             self.report.fd_problems.append(f"{child.kind} {child.pid} said no BYE")
         elif child.bye["fds_end"] != child.bye["fds_start"]:
@@ -476,7 +476,7 @@ class Soak:
             now = psutil.Process(broker.pid).num_fds()
             if now == self.broker_base_fds or time.monotonic() > deadline:
                 break
-            time.sleep(0.02)  # the broker sees the last EOFs asynchronously
+            time.sleep(0.02)  # handshake-free: the broker sees the last EOFs asynchronously; bounded poll
         if now != self.broker_base_fds:
             self.report.fd_problems.append(f"broker {broker.pid}: {now} fds with no peers left, "
                                            f"{self.broker_base_fds} when it started")

@@ -187,7 +187,7 @@ def test_completion_port_with_an_async_handler_in_process(broker, config) -> Non
         if message.data == b"slow":
             started.set()
             try:
-                await asyncio.sleep(30)
+                await asyncio.sleep(30)  # handshake-free: stands for a slow handler, ended by the cancel under test
             except asyncio.CancelledError:
                 cancelled.set()
                 raise
