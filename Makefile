@@ -64,9 +64,15 @@ build/asan/native_driver: csrc/alpc_native.c csrc/alpc_native.h tests/asan/nativ
 	mkdir -p build/asan
 	$(CC) $(ASAN_CFLAGS) -Icsrc -DALPC_SOURCE_HASH='"asan"' csrc/alpc_native.c tests/asan/native_driver.c -o $@
 
-asan: build/asan/native_driver
+build/asan/qlpc_driver: csrc/qlpc.c csrc/qlpc.h tests/asan/qlpc_driver.c
+	mkdir -p build/asan
+	$(CC) $(ASAN_CFLAGS) -Icsrc csrc/qlpc.c tests/asan/qlpc_driver.c -o $@ -lpthread
+
+asan: build/asan/native_driver build/asan/qlpc_driver
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 		build/asan/native_driver $(ASAN_ITERATIONS)
+	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+		build/asan/qlpc_driver $(ASAN_ITERATIONS)
 
 # The bench extra (plot, progress bar, pyzmq and grpcio peers) only for the
 # benchmarks, so `make test` never waits for it.
