@@ -115,9 +115,14 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--ordered", action="store_true")
     parser.add_argument("--timeout", type=float, default=30.0)
+    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
     args = parser.parse_args()
     if args.role == "watch":
         watch(args)
+    elif args.role == "async" and args.loop == "uvloop":
+        import uvloop
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(async_serve(args))
     elif args.role == "async":
         asyncio.run(async_serve(args))
     else:

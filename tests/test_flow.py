@@ -6,7 +6,9 @@ import asyncio
 import sys
 import threading
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,6 +16,32 @@ import alpc
 from alpc import aio
 
 FLOW_PEERS = Path(__file__).resolve().parent / "flow_peers.py"
+
+
+LOOPS = ["asyncio", "uvloop"]
+
+
+def _open_uvloop_once() -> None:
+    """uvloop keeps one pipe pair for the whole process from its first loop on: open that loop
+    now, at collection, so the leak check of the first uvloop test does not count uvloop's own."""
+    try:
+        import uvloop
+    except ImportError:
+        return
+    uvloop.new_event_loop().close()
+
+
+_open_uvloop_once()
+
+
+def run_on(loop: str, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run ``main`` on the stock asyncio loop or on uvloop's (alpc.aio promises both)."""
+    if loop == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(main())
+    else:
+        asyncio.run(main())
 
 
 @pytest.fixture
@@ -86,7 +114,8 @@ def test_batched_datagrams_arrive_all_and_in_order(broker, config, flow) -> None
     server.expect("PORT_CLOSED")
 
 
-def test_asyncio_client_request_cancel_and_batch(broker, config, flow) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("loop", LOOPS)
+def test_asyncio_client_request_cancel_and_batch(broker, config, flow, loop) -> None:  # type: ignore[no-untyped-def]
     server = flow("watch", "flow.aio")
 
     async def main() -> None:
@@ -106,11 +135,12 @@ def test_asyncio_client_request_cancel_and_batch(broker, config, flow) -> None: 
                 await comm.request(b"slow", timeout=0.2)
             await asyncio.get_running_loop().run_in_executor(None, server.expect, "SAW_CANCEL")
 
-    asyncio.run(main())
+    run_on(loop, main)
 
 
-def test_asyncio_server_cancels_the_handler_task(broker, config, flow) -> None:  # type: ignore[no-untyped-def]
-    server = flow("async", "flow.aserve")
+@pytest.mark.parametrize("loop", LOOPS)
+def test_asyncio_server_cancels_the_handler_task(broker, config, flow, loop) -> None:  # type: ignore[no-untyped-def]
+    server = flow("async", "flow.aserve", "--loop", loop)
     with alpc.connect("flow.aserve", config=config, timeout=10) as comm:
         assert comm.request(b"ping", timeout=10).data == b"PING"
         with pytest.raises(alpc.Timeout):
@@ -123,7 +153,8 @@ def test_asyncio_server_cancels_the_handler_task(broker, config, flow) -> None: 
         assert views == [b"A" * 100_000, b"B" * 100_000]
 
 
-def test_asyncio_listen_receive_reply_in_process(broker, config) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("loop", LOOPS)
+def test_asyncio_listen_receive_reply_in_process(broker, config, loop) -> None:  # type: ignore[no-untyped-def]
     async def main() -> None:
         async with await aio.create_port("flow.inproc", config=config) as port:
             loop = asyncio.get_running_loop()
@@ -142,7 +173,7 @@ def test_asyncio_listen_receive_reply_in_process(broker, config) -> None:  # typ
             assert notices == [alpc.MessageType.PORT_CLOSED]
             await comm.close()
 
-    asyncio.run(main())
+    run_on(loop, main)
 
 
 @pytest.mark.parametrize("ordered", [False, True])
