@@ -544,7 +544,6 @@ class AsyncCommunicationPort:
             log.warning("protocol error from pid %s, dropping the connection: %s", self.peer.pid, batch.error)
             self._ended()
             return
-        batch.finish()
         frames, _ = core.outgoing(batch)
         self._post(frames)
         wake = core.route(batch)

@@ -23,8 +23,7 @@ Entry points:
   ``unsent``; one that may have reached the peer with ``abandon``.
 - **receiving** -- ``receive(data, fds, sender, truncated)`` decodes a read
   (with its SCM_CREDENTIALS and MSG_CTRUNC flag) into a ``Batch``;
-  the driver calls ``batch.finish()`` *outside* its lock (large copies out
-  of sections), then ``route(batch)``, which files every message (replies
+  then ``route(batch)``, which files every message (replies
   by id, requests and datagrams in the inbox, grant traffic by request) and
   returns a ``Wake`` naming what arrived. ``outgoing()`` then gives the
   frames the runtime owes the peer at once (PONG, urgent releases).
@@ -47,7 +46,7 @@ from typing import NamedTuple
 from . import _native
 from .errors import Cancelled, ConnectionClosed, DeadlineExceeded, PeerGone, ProtocolError, SectionError
 from .grant import LocalGrant, PeerMemory
-from .protocol import Channel, Frames, Message, Payload, materialize
+from .protocol import Channel, Frames, Message, Payload
 from .section import SectionView, View
 from .security import PeerCred
 from .stats import ConnectionStats
@@ -61,6 +60,9 @@ NOTICES = (MessageType.PORT_CLOSED, MessageType.CLIENT_DIED)
 BACKLOG_LIMIT = 64 * 1024
 # With this many section messages unreleased, a sender reads its socket (without blocking).
 DRAIN_EVERY = 64
+# A receiver copying out a read's section bodies tells the sender of at most this many
+# released ranges at once, so a sender waiting for space gets it back while the rest copy.
+RELEASE_BATCH = 8
 
 _REPLY, _PONG, _PORT_CLOSED = MessageType.REPLY, MessageType.PONG, MessageType.PORT_CLOSED
 _REQUEST = MessageType.REQUEST
@@ -75,13 +77,8 @@ class Batch(NamedTuple):
     """What one read decoded, before it is filed."""
 
     messages: list[Message]
-    copies: bool  # section bodies still to copy out (finish() does it, outside the lock)
     urgent: bool  # the peer must hear of our releases at once
     error: str | None  # a protocol violation: the connection is dropped
-
-    def finish(self) -> None:
-        if self.copies:
-            materialize(self.messages)
 
 
 class Wake(NamedTuple):
@@ -301,7 +298,14 @@ class Connection:
         return unreleased >= DRAIN_EVERY and unreleased % DRAIN_EVERY == 0
 
     def _view_released(self) -> None:
-        # A received view was released (any thread, or its garbage collection).
+        # A received view was released or a body copied out (any thread).
+        peer = self._peer_sections
+        if peer is not None and peer.copies_held and len(peer.pending) < RELEASE_BATCH:
+            # More bodies of the same read are still to be copied out: tell the peer
+            # with the last of them (or with any frame we write before).
+            self._releases_owed = True
+            self.owed = True
+            return
         if self.releases_due() and self.on_releases_due is not None:
             self.on_releases_due()
 
@@ -420,14 +424,11 @@ class Connection:
         except ProtocolError as exc:
             self.stats.errors += 1
             self.fail(PeerGone(f"protocol error: {exc}"), notice=f"protocol error: {exc}")
-            return Batch([], False, False, str(exc))
-        copies = channel.copies_waiting
+            return Batch([], False, str(exc))
         urgent = channel.releases_urgent
-        if copies:
-            channel.copies_waiting = False
         if urgent:
             channel.releases_urgent = False
-        return Batch(messages, copies, urgent, None)
+        return Batch(messages, urgent, None)
 
     def receive_one(self, data: bytes, sender: PeerCred | None = None) -> int:
         """The common read in one step: one plain reply, request or datagram, decoded and filed.
@@ -470,7 +471,7 @@ class Connection:
         that cannot wait), and the token to ``restore_owed`` if that write times out."""
         frames = self.channel.take_automatic()
         peer = self._peer_sections
-        if peer is not None and (batch.copies or peer.pending or self.channel.unsent_releases):
+        if peer is not None and (peer.pending or self.channel.unsent_releases):
             if self.releases_due(batch.urgent):
                 releases, token = self.release_frames()
                 return frames + releases, token

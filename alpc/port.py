@@ -218,7 +218,7 @@ class CommunicationPort:
     def _dispatch(self, messages: list[Message]) -> None:
         """File messages that came through the rings, as if read from the socket."""
         with self._state:
-            wake = self._core.route(Batch(messages, False, False, None))
+            wake = self._core.route(Batch(messages, False, None))
         if wake.inbox and self._on_ready is not None:
             self._on_ready(self)
 
@@ -1112,12 +1112,11 @@ class CommunicationPort:
                 return
         with self._state:
             batch = core.receive(data, fds, sender, truncated)
+            if batch.error is None:
+                frames, token = core.outgoing(batch)
         if batch.error is not None:
             self._protocol_error(batch.error)
             return
-        batch.finish()
-        with self._state:
-            frames, token = core.outgoing(batch)
         if frames:
             self._write_runtime(frames, token)
         if quick is not None:

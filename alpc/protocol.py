@@ -62,7 +62,6 @@ __all__ = [
     "Payload",
     "Replier",
     "channel_limits",
-    "materialize",
     "payload_parts",
 ]
 
@@ -131,6 +130,9 @@ class Message:
     A message its sender sent as a view carries ``view``: a read-only
     memoryview into the sender's section (``with message.view as memory:``),
     released when the block ends; ``data`` is then a copy, made on first use.
+    A body the sender's runtime put in a section by itself (a large message)
+    is also copied out on first use of ``data``, which gives its range back;
+    until then it holds that space of the sender's section quota.
     A request whose client granted memory carries ``grant`` (a PeerMemory).
 
     ``sender`` comes from the SCM_CREDENTIALS of the read that carried the
@@ -183,9 +185,16 @@ class Message:
         """The body as bytes (for a view message, a copy of the view)."""
         data = self._data
         if data is None:
-            if self._copy is not None:
-                materialize([self])
-                return self._data or b""
+            copy = self._copy
+            if copy is not None:
+                # Copied on first use, by the thread that reads it: a read of many large
+                # bodies then never holds fresh copies of all of them at once.
+                self._copy = None
+                try:
+                    data = self._data = copy.tobytes()
+                finally:
+                    copy.release()
+                return data
             if self.view is None:
                 raise SectionError("the message body is gone")
             data = self._data = self.view.tobytes()
@@ -246,28 +255,12 @@ class Message:
 
     def __repr__(self) -> str:
         extra = f" reason={self.reason!r}" if self.reason else ""
-        size = len(self.view) if self.view is not None else len(self._data or b"")
+        size = self.size
         kind = " view" if self.view is not None else ""
         if self._handles is not None and len(self._handles):
             kind += f" +{len(self._handles)} fds"
         return (f"<Message {self.type.name} id={self.id} callback_id={self.callback_id} "
                 f"len={size}{kind} from pid {self.sender.pid}{extra}>")
-
-
-def materialize(messages: list[Message]) -> None:
-    """Copy out the bodies that came through a section automatically, releasing their ranges.
-
-    Drivers call this outside the connection's lock: the copy of a large
-    body is the one slow step of receiving it.
-    """
-    for message in messages:
-        view = message._copy
-        if view is not None:
-            message._copy = None
-            try:
-                message._data = view.tobytes()
-            finally:
-                view.release(notify=False)
 
 
 Buffer = bytes | bytearray | memoryview
@@ -347,8 +340,6 @@ class Channel:
         self._grant_reads: dict[int, Range] = {}
         self._late_grant_reads: dict[int, None] = {}
         self.unsent_releases: list[Release] = []
-        # Set when a received body still has to be copied out of its section.
-        self.copies_waiting = False
         # Set when the peer must hear of our releases at once: it asked
         # (RELEASE_WANTED), or it sent a body that no reply of ours will follow.
         self.releases_urgent = False
@@ -1028,13 +1019,13 @@ class Channel:
         """Give a message its section body (view or copy) and its grant."""
         if attrs.ref is not None:
             assert self.sections is not None
-            view = self.sections.peer.resolve(attrs.ref)
+            as_view = bool(attrs.ref.flags & _VIEW)
+            view = self.sections.peer.resolve(attrs.ref, copy=not as_view)
             message._data = None
-            if attrs.ref.flags & _VIEW:
+            if as_view:
                 message.view = view
             else:
                 message._copy = view
-                self.copies_waiting = True
             if message.type is not MessageType.REQUEST:
                 self.releases_urgent = True
         if attrs.deadline is not None:

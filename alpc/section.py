@@ -648,6 +648,10 @@ class PeerSections:
         # Ranges released (by the application or a collected view) and not yet told.
         self.pending: deque[tuple[int, int]] = deque()
         self.wake: Callable[[], None] | None = None
+        # Automatic section bodies received and not yet copied out: while some
+        # remain (the rest of one read), their releases can go out together.
+        self.copies_held = 0
+        self._count_lock = threading.Lock()
         self.closed = False
 
     def add(self, new: SectionNew, fd: int) -> None:
@@ -668,13 +672,27 @@ class PeerSections:
             raise
         self._sections[new.section_id] = section
 
-    def resolve(self, ref: SectionRef) -> View:
-        """The read-only view a peer's reference names, after checking it."""
+    def resolve(self, ref: SectionRef, *, copy: bool = False) -> View:
+        """The read-only view a peer's reference names, after checking it.
+
+        ``copy``: the body of an automatic section message, counted in
+        ``copies_held`` until copied out (or dropped).
+        """
         self.ledger.take(ref)
         section = self._sections[ref.section_id]
         released = self.pending
         key = (ref.section_id, ref.offset)
-        return section.view(ref.offset, ref.length, on_gone=lambda: released.append(key), wake=self._wake)
+        if not copy:
+            return section.view(ref.offset, ref.length, on_gone=lambda: released.append(key), wake=self._wake)
+        with self._count_lock:
+            self.copies_held += 1
+
+        def gone() -> None:
+            with self._count_lock:
+                self.copies_held -= 1
+            released.append(key)
+
+        return section.view(ref.offset, ref.length, on_gone=gone, wake=self._wake)
 
     def _wake(self) -> None:
         if self.wake is not None and not self.closed:

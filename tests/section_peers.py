@@ -5,7 +5,7 @@ once set up and one line per event, so tests synchronise on lines, never sleeps.
 
 - ``server NAME``: accepts every client; answers requests (see ``handle``);
   with ``--hold-views`` keeps received views until stdin says ``release``.
-- ``streamer NAME``: a client sending large datagrams until it is killed.
+- ``streamer NAME``: a client sending large datagrams until it is killed (or ``--count`` sent).
 - ``named-create SIZE`` / ``named-open NAME``: a named section and a third
   process that opens it by name.
 """
@@ -143,7 +143,8 @@ class Server:
 
 def client_config(args: argparse.Namespace) -> alpc.Config:
     return alpc.Config(runtime_dir=alpc.Config.from_env(args.runtime_dir).runtime_dir,
-                       section_backend=args.section_backend, allow_unsealed_sections=args.allow_unsealed)
+                       section_backend=args.section_backend, allow_unsealed_sections=args.allow_unsealed,
+                       section_size=args.section_size, max_section_bytes=args.max_section_bytes)
 
 
 def streamer(args: argparse.Namespace) -> None:
@@ -154,7 +155,7 @@ def streamer(args: argparse.Namespace) -> None:
     say("READY", os.getpid())
     payload = pattern(args.size)
     announced = False
-    while True:
+    for _ in range(args.count) if args.count else iter(int, 1):
         if args.view:
             view = comm.create_view(args.size, timeout=30)
             view.memory[:] = payload
@@ -164,6 +165,9 @@ def streamer(args: argparse.Namespace) -> None:
         if not announced:
             say("SENDING")
             announced = True
+    say("SENT", args.count)
+    sys.stdin.readline()
+    comm.close()
 
 
 def named_create(args: argparse.Namespace) -> None:
@@ -207,6 +211,7 @@ def main() -> None:
     parser.add_argument("--hold-views", action="store_true")
     parser.add_argument("--size", type=int, default=1 << 20)
     parser.add_argument("--view", action="store_true")
+    parser.add_argument("--count", type=int, default=0, help="streamer: stop after this many (0: until killed)")
     parser.add_argument("--leave-name", action="store_true")
     args = parser.parse_args()
     become(args.as_user)

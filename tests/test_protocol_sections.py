@@ -8,7 +8,7 @@ import pytest
 
 from alpc.errors import ConnectionClosed, ProtocolError, SectionError
 from alpc.grant import MemoryGrant
-from alpc.protocol import Channel, Message, materialize
+from alpc.protocol import Channel, Message
 from alpc.section import ConnectionSections, SectionView
 from alpc.security import PeerCred
 from alpc.wire import Attributes, MessageType, Range, encode_attributes, encode_frame, encode_header
@@ -52,9 +52,10 @@ def test_a_section_body_round_trip_and_its_release(pair) -> None:  # type: ignor
     assert len(fds) == 1 and len(b"".join(frames)) < 200  # a small frame names the body
     (request,) = deliver(frames, fds, server)
     client.section_sent(view, True)
-    assert request._copy is not None and server.copies_waiting and not server.releases_urgent
-    materialize([request])
-    assert request.data == body and server.owes_replies
+    assert request._copy is not None and not server.releases_urgent
+    assert server.sections.peer.copies_held == 1 and not server.take_releases()  # held until read
+    assert request.data == body and server.owes_replies and request._copy is None
+    assert server.sections.peer.copies_held == 0
     entries = server.take_releases()
     assert len(entries) == 1
     assert client.sections.pool.ledger.lent_bytes() == len(body)
@@ -75,7 +76,6 @@ def test_a_view_arrives_as_a_view_and_a_second_message_reuses_the_section(pair) 
     assert fds == [] and again.section_id == view.section_id  # announced once, reused since
     client.section_sent(again, True)
     (second,) = deliver(frames, fds, server)
-    materialize([second])
     assert second.data == b"w" * 1000
 
 

@@ -354,6 +354,29 @@ def test_a_client_killed_mid_transfer_leaves_nothing(broker, config, spawn, runt
         assert port.connections == []
 
 
+@pytest.mark.parametrize("read_bodies", [True, False])
+def test_a_stream_beyond_the_senders_quota_flows_whether_bodies_are_read_or_dropped(  # type: ignore[no-untyped-def]
+        broker, config, spawn, runtime_dir, read_bodies: bool) -> None:
+    # Bodies are copied out when first read: until then each holds its range of the
+    # sender's 8 MiB quota, and a body dropped unread gives it back all the same.
+    count, size = 12, 3 * MIB
+    with alpc.create_port("svc.flow", config=config) as port:
+        streamer = spawn.argv([sys.executable, str(SECTION_PEERS), "streamer", "svc.flow", "--runtime-dir",
+                               str(runtime_dir), "--size", str(size), "--count", str(count),
+                               "--section-size", str(4 * MIB), "--max-section-bytes", str(8 * MIB)])
+        comm = port.listen(timeout=10).accept()
+        streamer.expect("READY")
+        for _ in range(count):
+            message = comm.receive(timeout=10)
+            assert message.type is alpc.MessageType.DATAGRAM and message.size == size
+            if read_bodies:
+                assert message.data == pattern(size)
+            del message
+        streamer.expect("SENT")
+        streamer.send("close")
+        assert comm.receive(timeout=10).type is alpc.MessageType.PORT_CLOSED
+
+
 def test_a_dead_peers_leftover_names_are_swept(broker, config, spawn, runtime_dir) -> None:  # type: ignore[no-untyped-def]
     with alpc.create_port("svc.sweep", config=config) as port:
         streamer = spawn.argv([sys.executable, str(SECTION_PEERS), "streamer", "svc.sweep", "--runtime-dir",
