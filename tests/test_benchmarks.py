@@ -244,3 +244,12 @@ def test_targets_compare_with_the_named_reference_per_pinning() -> None:
     assert rows[("alpc-rpc >= 5x grpc", "roundtrip", "same")] == ("5.00x", "yes")
     # Nothing for a target whose reference was not measured.
     assert not any(key[0].startswith("alpc-view") for key in rows)
+
+
+def test_an_absolute_target_compares_the_median_with_its_bound() -> None:
+    def memory(median: float) -> dict[str, Any]:
+        return {**_fake("alpc", "alpc", median, "KiB"), "case": "memory", "size": 64, "connections": 200}
+
+    for median, met in ((33.2, "yes"), (70.0, "**no**")):
+        rows = {(row[1], row[2]): (row[5], row[6]) for row in targets.target_rows([memory(median)])}
+        assert rows[("alpc <= 64", "memory")] == (f"{median:.3g} KiB", met)
