@@ -655,4 +655,7 @@ class Connection:
         return frames
 
     def release_resources(self) -> None:
+        """Unmap the sections; a message not yet taken keeps its body as bytes, not a mapping."""
+        for message in (*self.inbox, *self.replies.values()):
+            message.keep_body()
         self.channel.release_resources()

@@ -185,16 +185,10 @@ class Message:
         """The body as bytes (for a view message, a copy of the view)."""
         data = self._data
         if data is None:
-            copy = self._copy
-            if copy is not None:
+            if self._copy is not None:
                 # Copied on first use, by the thread that reads it: a read of many large
                 # bodies then never holds fresh copies of all of them at once.
-                self._copy = None
-                try:
-                    data = self._data = copy.tobytes()
-                finally:
-                    copy.release()
-                return data
+                return self._copy_out(notify=True)
             if self.view is None:
                 raise SectionError("the message body is gone")
             data = self._data = self.view.tobytes()
@@ -203,6 +197,25 @@ class Message:
     @data.setter
     def data(self, value: bytes) -> None:
         self._data = value
+
+    def _copy_out(self, *, notify: bool) -> bytes:
+        copy, self._copy = self._copy, None
+        if copy is None:  # another thread copied it meanwhile
+            return self._data or b""
+        try:
+            data = self._data = copy.tobytes()
+        finally:
+            copy.release(notify=notify)
+        return data
+
+    def keep_body(self) -> None:
+        """Copy a body still waiting in its section out now, without telling the peer.
+
+        For a connection that is ending: its sections go, so a message nobody
+        has read yet keeps its bytes rather than a mapping.
+        """
+        if self._copy is not None:
+            self._copy_out(notify=False)
 
     @property
     def handles(self) -> tuple[Handle, ...]:

@@ -98,6 +98,21 @@ def test_releases_ride_with_the_reply_while_one_is_owed(pair) -> None:  # type: 
     assert client.take_reply(request_id) is not None
 
 
+def test_bodies_not_yet_taken_are_copied_out_when_the_connection_ends(pair) -> None:  # type: ignore[no-untyped-def]
+    client, server = pair
+    body = os.urandom(4096)
+    view = client.reserve(len(body), False)
+    assert view is not None
+    view.memory[:] = body
+    _, frames, fds = client.section_message(MessageType.DATAGRAM, view, as_view=False)
+    deliver(frames, server, fds)
+    client.section_sent(view, True)
+    waiting = server.inbox[0]
+    assert waiting._copy is not None
+    server.release_resources()  # the sections are gone; the message keeps its bytes
+    assert waiting._copy is None and server.take_message() is waiting and waiting.data == body
+
+
 def test_a_failed_write_keeps_what_was_owed(pair) -> None:  # type: ignore[no-untyped-def]
     client, _ = pair
     assert not client.queue(client.datagram(b"a")) and client.owed
