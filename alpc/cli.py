@@ -9,9 +9,9 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import NoReturn
 from dataclasses import asdict
 from pathlib import Path
+from typing import NoReturn
 
 from . import control, logs
 from .broker import Broker, list_ports
