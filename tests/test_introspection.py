@@ -88,6 +88,42 @@ def test_peers_show_queue_depth_in_flight_requests_and_their_age(broker: alpc.Br
         comm.close()
 
 
+SECTION_PEERS = Path(__file__).resolve().parent / "section_peers.py"
+
+
+def test_peers_show_section_bytes_lent_and_held_both_ways(broker: alpc.Broker, config: alpc.Config,
+                                                          runtime_dir: Path, spawn) -> None:
+    """A view the server holds counts on its side; so does a reply view the client has not released."""
+    server = spawn.argv([sys.executable, str(SECTION_PEERS), "server", "svc.sections", "--runtime-dir",
+                         str(runtime_dir), "--hold-views", "--report-interval", "0.05"])
+    server.expect("READY")
+
+    def section_bytes() -> int:
+        listing = json.loads(run(runtime_dir, "peers", "svc.sections", "--json").stdout)
+        (mine,) = [p for p in listing["peers"] if p["pid"] == os.getpid()]
+        return int(mine["section_bytes"])
+
+    with alpc.connect("svc.sections", config=config, timeout=5) as comm:
+        server.expect("ACCEPTED")
+        assert eventually(section_bytes, lambda n: n == 0) == 0
+        view = comm.create_view(100_000, timeout=5)
+        view.memory[:] = b"v" * 100_000
+        assert comm.request(view, timeout=5).data.startswith(b"view:")
+        assert server.expect("HOLDING") == ["1"]
+        # The server holds our view: 100000 bytes of our section, held on its side.
+        eventually(section_bytes, lambda n: n == 100_000)
+        server.send("release")
+        server.expect("RELEASED")
+        eventually(section_bytes, lambda n: n == 0)
+        reply = comm.request(b"cmd:view:300000", timeout=5)
+        assert reply.view is not None
+        # Now the server lends: its reply view stays ours until we release it.
+        eventually(section_bytes, lambda n: n == 300_000)
+        reply.view.release()
+        comm.request(b"anything", timeout=5)  # carries the release back
+        eventually(section_bytes, lambda n: n == 0)
+
+
 def _garbage_client(config: alpc.Config, name: str) -> None:
     hostile = alpc.connect(name, config=config, timeout=5)
     hostile._stream.send([b"\xde\xad\xbe\xef" * 20])
