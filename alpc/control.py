@@ -420,7 +420,11 @@ class OwnerQuota(Record):
 
 @dataclass(frozen=True)
 class PortInfo(Record):
-    """One live port for ``alpc ports``; ``details`` is False when the asker may not see its clients."""
+    """One live port for ``alpc ports``.
+
+    The broker lists only the ports the asker may inspect (``security.may_inspect``),
+    so ``details`` is True; it is kept for peers that still send or expect it.
+    """
 
     name: str
     pid: int
@@ -430,7 +434,7 @@ class PortInfo(Record):
     clients: tuple[ClientInfo, ...] = field(default=())
     details: bool = True
     limits: PortLimits = field(default_factory=PortLimits)
-    # The ACL is shown only with ``details`` (to the owner and root); empty otherwise.
+    # The ACL is shown only to the owner's uid and root (security.may_see_settings); empty otherwise.
     acl: AclSpec = field(default_factory=AclSpec)
     owner_quota: OwnerQuota = field(default_factory=OwnerQuota)
 
