@@ -580,15 +580,18 @@ class Broker:
         now = time.monotonic()
         return control.StatsList(
             uptime_ms=int((now - self._started) * 1000), connects_unknown_port=self._connects_unknown_port,
-            protocol_errors=self._protocol_errors,
-            ports=tuple(control.PortStats(
-                name=port.name, pid=port.owner.cred.pid, uid=port.owner.cred.uid,
-                connections=port.status.peers_total if port.status is not None else 0,
-                report_age_ms=port.report_age_ms(now), connects_forwarded=port.connects_forwarded,
-                quota_refusals=port.quota_refusals, connects_refused=port.connects_refused,
-                counters=port.status.counters if port.status is not None else control.PortCounters(),
-            ) for port in ports),
+            protocol_errors=self._protocol_errors, ports=tuple(self._port_stats(port, now) for port in ports),
             broker=self._quota(viewer))
+
+    @staticmethod
+    def _port_stats(port: _Port, now: float) -> control.PortStats:
+        status = port.status or control.PortStatus()
+        return control.PortStats(
+            name=port.name, pid=port.owner.cred.pid, uid=port.owner.cred.uid, connections=status.peers_total,
+            report_age_ms=port.report_age_ms(now), connects_forwarded=port.connects_forwarded,
+            # The broker's refusals (max_pending_connects) and the server's (max_connections).
+            quota_refusals=port.quota_refusals + status.counters.quota_refusals,
+            connects_refused=port.connects_refused, counters=status.counters)
 
     def _owner_quota(self, uid: int, details: bool) -> control.OwnerQuota:
         limits = self.limits

@@ -381,6 +381,8 @@ class PortCounters(Record):
     connects_accepted: int = 0
     connects_rejected: int = 0
     disconnects: int = 0
+    # Connects the server's runtime refused at the port's max_connections (also in connects_rejected).
+    quota_refusals: int = 0
     messages_in: int = 0
     messages_out: int = 0
     bytes_in: int = 0
@@ -469,7 +471,12 @@ class Stats(Body):
 
 @dataclass(frozen=True)
 class PortStats(Record):
-    """The server's counters plus what only the broker knows (connects it forwarded or refused)."""
+    """The server's counters plus what only the broker knows (connects it forwarded or refused).
+
+    ``quota_refusals`` counts connects refused for a quota of the port: by the
+    broker at ``max_pending_connects`` plus by the server at ``max_connections``
+    (the latter also in ``counters.quota_refusals``).
+    """
 
     name: str
     pid: int

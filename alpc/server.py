@@ -332,6 +332,7 @@ class ConnectionPort:
         held = len(self._connections) + len(self._foreign) + len(self._unanswered)
         if held >= self.attributes.max_connections:
             self._stats.connects_rejected += 1
+            self._stats.quota_refusals += 1
             return (control.ErrorCode.BUSY, f"port {self.name!r} has {held} connections, its max_connections",
                     Limit.MAX_CONNECTIONS)
         return None

@@ -112,6 +112,7 @@ class PortStatistics:
     def __init__(self) -> None:
         self.connects_accepted = 0
         self.connects_rejected = 0
+        self.quota_refusals = 0
         self.disconnects = 0
         self._retired = dict.fromkeys(_SUMMED, 0)
         self._retired_latency = [0] * control.LATENCY_BUCKETS
@@ -134,7 +135,7 @@ class PortStatistics:
                 latency[bucket] += count
         return control.PortCounters(
             connects_accepted=self.connects_accepted, connects_rejected=self.connects_rejected,
-            disconnects=self.disconnects, latency_us=tuple(latency), **totals,
+            quota_refusals=self.quota_refusals, disconnects=self.disconnects, latency_us=tuple(latency), **totals,
         )
 
     def report(self, live: Sequence[LiveConnection]) -> control.PortStatus:

@@ -219,6 +219,28 @@ def test_quota_refusals_are_counted_per_port_and_logged_once(broker: alpc.Broker
                 sock.close()
 
 
+def test_quota_refusals_count_the_servers_max_connections_too(broker: alpc.Broker, config: alpc.Config,
+                                                              runtime_dir: Path, spawn) -> None:
+    server = spawn("server", "svc.full", "--max-connections", "1")
+    server.expect("READY")
+    with alpc.connect("svc.full", config=config, timeout=5) as first:
+        server.expect("ACCEPTED")
+        for _ in range(2):
+            with pytest.raises(alpc.QuotaExceeded) as refused:
+                alpc.connect("svc.full", config=config, timeout=5)
+            assert refused.value.limit == "max_connections"
+        assert first.request(b"still", timeout=5).data == b"STILL"
+    stats = eventually(lambda: alpc.port_stats("svc.full", config).ports[0],
+                       lambda s: s.counters.quota_refusals == 2)
+    assert stats.quota_refusals == 2 and stats.counters.connects_rejected == 2
+    assert stats.connects_refused == 0  # the broker forwarded all three: the server refused
+    table = run(runtime_dir, "stats", "svc.full").stdout.splitlines()
+    header = next(line for line in table if line.startswith("NAME"))
+    row = next(line for line in table if line.startswith("svc.full"))
+    column = header.index("QUOTA")  # right-aligned in a column as wide as its title
+    assert row[column:column + len("QUOTA")].strip() == "2"
+
+
 def test_watch_refreshes_and_survives_a_missing_broker(broker: alpc.Broker, config: alpc.Config,
                                                        runtime_dir: Path, tmp_path: Path) -> None:
     with alpc.create_port("svc.watched", config=config):
