@@ -125,6 +125,23 @@ def test_peers_show_section_bytes_lent_and_held_both_ways(broker: alpc.Broker, c
         eventually(section_bytes, lambda n: n == 0)
 
 
+def test_peers_show_a_large_message_until_its_body_is_taken(broker: alpc.Broker, config: alpc.Config,
+                                                             spawn) -> None:
+    """A body that came through a section ties up the client's section until the server reads it."""
+    with alpc.create_port("svc.large", config=config, report_interval=0.05) as port:
+        client = spawn("client", "svc.large")
+        comm = port.listen(timeout=10).accept()
+        client.expect("READY")
+        client.send("send " + "L" * 5000)  # past the 256-byte inline threshold
+        client.expect("SENT")
+        message = comm.receive(timeout=5)
+        peer = eventually(only_peer(config, "svc.large"), lambda p: p is not None and p.section_bytes > 0)
+        assert peer is not None and peer.section_bytes == 5000
+        assert message.data == b"L" * 5000  # copied out: the range goes back
+        eventually(only_peer(config, "svc.large"), lambda p: p is not None and p.section_bytes == 0)
+        comm.close()
+
+
 def _garbage_client(config: alpc.Config, name: str) -> None:
     hostile = alpc.connect(name, config=config, timeout=5)
     hostile._stream.send([b"\xde\xad\xbe\xef" * 20])
