@@ -29,7 +29,7 @@ from .errors import AlpcError, BrokerRunning, BrokerUnavailable, ProtocolError
 from .exchange import control_frame, read_frame
 from .logs import LogLimiter, fields
 from .quotas import BROKER_DEFAULTS, BrokerLimits, Limit, UidUsage
-from .security import ROOT_UID, PeerCred, PortAcl, may_inspect, may_replace_broker
+from .security import ROOT_UID, AclDecision, PeerCred, PortAcl, may_inspect, may_replace_broker, may_see_settings
 from .transport import Listener, Stream, advance_buffers, deadline_after
 from .wire import Frame, FrameDecoder, FrameLimits, MessageType, encode_header
 
@@ -422,7 +422,7 @@ class Broker:
         kind = frame.type
         if kind is MessageType.LIST_PORTS:
             control.decode_body(kind, frame.data, control.ListPorts)
-            self._send(peer, _frame(self._port_list(peer.cred)))
+            self._send(peer, _frame(self._port_list(peer)))
         elif kind is MessageType.PEERS:
             name = control.decode_body(kind, frame.data, control.Peers).name
             port = self._inspected_port(peer, name)
@@ -437,7 +437,7 @@ class Broker:
                 port = self._inspected_port(peer, name)
                 ports = [port] if port is not None else None
             else:
-                ports = [p for p in self._ports.values() if may_inspect(peer.cred, p.owner.cred)]
+                ports = self._visible_ports(peer)
             if ports is not None:
                 self._send(peer, _frame(self._stats(sorted(ports, key=lambda p: p.name), peer.cred)))
 
@@ -446,12 +446,31 @@ class Broker:
         port = self._ports.get(name)
         if port is None:
             self._refuse(peer, control.ErrorCode.NOT_FOUND, f"no port named {name!r}", name)
-        elif not may_inspect(peer.cred, port.owner.cred):
+            return None
+        decision = self._may_inspect(peer, port, self._peer_groups(peer, name))
+        if not decision.allowed:
             self._refuse(peer, control.ErrorCode.ACCESS_DENIED,
-                         f"uid {peer.cred.uid} may not inspect port {name!r} of uid {port.owner.cred.uid}", name)
-        else:
-            return port
-        return None
+                         f"uid {peer.cred.uid} may not inspect port {name!r}: {decision.reason}", name)
+            return None
+        return port
+
+    def _visible_ports(self, peer: _Peer) -> list[_Port]:
+        """The ports ``peer`` may inspect (``alpc ports``, ``alpc stats``), by name."""
+        groups = self._peer_groups(peer)
+        ports = sorted(self._ports.values(), key=lambda p: p.name)
+        return [port for port in ports if self._may_inspect(peer, port, groups).allowed]
+
+    @staticmethod
+    def _may_inspect(peer: _Peer, port: _Port, groups: tuple[int, ...]) -> AclDecision:
+        return may_inspect(peer.cred, groups, port.owner.cred.uid, port.acl)
+
+    def _peer_groups(self, peer: _Peer, port: str | None = None) -> tuple[int, ...]:
+        """The peer's supplementary groups, from the kernel (SO_PEERGROUPS); none if it will not say."""
+        try:
+            return tuple(peer.stream.peer_groups())
+        except OSError as exc:
+            log.warning("SO_PEERGROUPS failed for %s: %s", peer.describe(), exc, extra=peer.fields(port))
+            return ()
 
     def _refuse(self, peer: _Peer, code: str, message: str, port: str | None = None,
                 level: int = logging.WARNING, limit: str = "") -> None:
@@ -530,12 +549,7 @@ class Broker:
         own socket, never anything it wrote.
         """
         owner_uid = port.owner.cred.uid
-        try:
-            groups = peer.stream.peer_groups()
-        except OSError as exc:
-            groups = ()
-            log.warning("SO_PEERGROUPS failed for %s: %s", peer.describe(), exc, extra=peer.fields(port.name))
-        decision = port.acl.check(peer.cred, groups, owner_uid)
+        decision = port.acl.check(peer.cred, self._peer_groups(peer, port.name), owner_uid)
         if not decision.allowed:
             port.connects_refused += 1
             self._refused_acl += 1
@@ -550,31 +564,34 @@ class Broker:
             return False
         return True
 
-    def _port_list(self, viewer: PeerCred) -> control.PortList:
+    def _port_list(self, viewer: _Peer) -> control.PortList:
+        """The ports ``viewer`` may inspect, with their clients; the ACL and quota usage to owner and root."""
         ports = []
-        for port in sorted(self._ports.values(), key=lambda p: p.name):
-            details = may_inspect(viewer, port.owner.cred)
+        for port in self._visible_ports(viewer):
+            settings = may_see_settings(viewer.cred, port.owner.cred.uid)
             ports.append(control.PortInfo(
                 name=port.name, pid=port.owner.cred.pid, uid=port.owner.cred.uid, gid=port.owner.cred.gid,
-                max_message_length=port.request.max_message_length,
-                clients=port.clients() if details else (), details=details, limits=port.request.limits,
-                acl=port.request.acl if details else control.AclSpec(),
-                owner_quota=self._owner_quota(port.owner.cred.uid, details)))
+                max_message_length=port.request.max_message_length, clients=port.clients(), details=True,
+                limits=port.request.limits, acl=port.request.acl if settings else control.AclSpec(),
+                owner_quota=self._owner_quota(port.owner.cred.uid, settings)))
         return control.PortList(ports=tuple(ports))
 
     def _stats(self, ports: list[_Port], viewer: PeerCred) -> control.StatsList:
         now = time.monotonic()
         return control.StatsList(
             uptime_ms=int((now - self._started) * 1000), connects_unknown_port=self._connects_unknown_port,
-            protocol_errors=self._protocol_errors,
-            ports=tuple(control.PortStats(
-                name=port.name, pid=port.owner.cred.pid, uid=port.owner.cred.uid,
-                connections=port.status.peers_total if port.status is not None else 0,
-                report_age_ms=port.report_age_ms(now), connects_forwarded=port.connects_forwarded,
-                quota_refusals=port.quota_refusals, connects_refused=port.connects_refused,
-                counters=port.status.counters if port.status is not None else control.PortCounters(),
-            ) for port in ports),
+            protocol_errors=self._protocol_errors, ports=tuple(self._port_stats(port, now) for port in ports),
             broker=self._quota(viewer))
+
+    @staticmethod
+    def _port_stats(port: _Port, now: float) -> control.PortStats:
+        status = port.status or control.PortStatus()
+        return control.PortStats(
+            name=port.name, pid=port.owner.cred.pid, uid=port.owner.cred.uid, connections=status.peers_total,
+            report_age_ms=port.report_age_ms(now), connects_forwarded=port.connects_forwarded,
+            # The broker's refusals (max_pending_connects) and the server's (max_connections).
+            quota_refusals=port.quota_refusals + status.counters.quota_refusals,
+            connects_refused=port.connects_refused, counters=status.counters)
 
     def _owner_quota(self, uid: int, details: bool) -> control.OwnerQuota:
         limits = self.limits
@@ -779,7 +796,7 @@ _PORT_LIST_LIMITS = FrameLimits(
 
 
 def list_ports(config: Config | None = None, timeout: float | None = 5.0) -> tuple[control.PortInfo, ...]:
-    """Ask the broker for its live ports, their owners and connected clients."""
+    """Ask the broker for the live ports the caller may inspect, their owners and connected clients."""
     config = config or Config.from_env()
     deadline = deadline_after(timeout)
     stream = Stream.connect(config.broker_socket, timeout)

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import NoReturn
 
 from . import control, logs
 from .broker import Broker, list_ports
@@ -216,10 +217,20 @@ def _positive(text: str) -> float:
 
 
 def _count(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments get one line and exit 1, like every other error of the command."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(1, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_view_options(parser: argparse.ArgumentParser) -> None:
@@ -227,11 +238,11 @@ def _add_view_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=5.0)
     parser.add_argument("--watch", action="store_true", help="refresh a live view until interrupted")
     parser.add_argument("--interval", type=_positive, default=1.0, help="seconds between refreshes (--watch)")
-    parser.add_argument("--count", type=int, default=None, help="stop after this many refreshes (--watch)")
+    parser.add_argument("--count", type=_count, default=None, help="stop after this many refreshes (--watch)")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="alpc", description="ALPC-style local IPC for Python")
+    parser = _Parser(prog="alpc", description="ALPC-style local IPC for Python")
     parser.add_argument("--runtime-dir", type=Path, default=None,
                         help="broker runtime directory (default: $ALPC_RUNTIME_DIR, "
                              "$XDG_RUNTIME_DIR/alpc, /tmp/alpc-$UID)")
@@ -268,7 +279,7 @@ def _parser() -> argparse.ArgumentParser:
 
     ping = sub.add_parser("ping", help="connect to a port and time round trips")
     ping.add_argument("name")
-    ping.add_argument("--count", type=int, default=10)
+    ping.add_argument("--count", type=_count, default=10, help="round trips to time")
     ping.add_argument("--timeout", type=float, default=5.0)
     ping.set_defaults(func=_cmd_ping)
     return parser

@@ -381,6 +381,8 @@ class PortCounters(Record):
     connects_accepted: int = 0
     connects_rejected: int = 0
     disconnects: int = 0
+    # Connects the server's runtime refused at the port's max_connections (also in connects_rejected).
+    quota_refusals: int = 0
     messages_in: int = 0
     messages_out: int = 0
     bytes_in: int = 0
@@ -420,7 +422,11 @@ class OwnerQuota(Record):
 
 @dataclass(frozen=True)
 class PortInfo(Record):
-    """One live port for ``alpc ports``; ``details`` is False when the asker may not see its clients."""
+    """One live port for ``alpc ports``.
+
+    The broker lists only the ports the asker may inspect (``security.may_inspect``),
+    so ``details`` is True; it is kept for peers that still send or expect it.
+    """
 
     name: str
     pid: int
@@ -430,7 +436,7 @@ class PortInfo(Record):
     clients: tuple[ClientInfo, ...] = field(default=())
     details: bool = True
     limits: PortLimits = field(default_factory=PortLimits)
-    # The ACL is shown only with ``details`` (to the owner and root); empty otherwise.
+    # The ACL is shown only to the owner's uid and root (security.may_see_settings); empty otherwise.
     acl: AclSpec = field(default_factory=AclSpec)
     owner_quota: OwnerQuota = field(default_factory=OwnerQuota)
 
@@ -465,7 +471,12 @@ class Stats(Body):
 
 @dataclass(frozen=True)
 class PortStats(Record):
-    """The server's counters plus what only the broker knows (connects it forwarded or refused)."""
+    """The server's counters plus what only the broker knows (connects it forwarded or refused).
+
+    ``quota_refusals`` counts connects refused for a quota of the port: by the
+    broker at ``max_pending_connects`` plus by the server at ``max_connections``
+    (the latter also in ``counters.quota_refusals``).
+    """
 
     name: str
     pid: int

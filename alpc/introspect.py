@@ -1,8 +1,8 @@
 """Asking the broker what runs: the clients of a port and every port's counters.
 
 The broker answers from the figures each server's runtime reports (see
-``registration``); a port's details are shown only to those ``security.may_inspect``
-allows.
+``registration``); a port is shown only to those ``security.may_inspect`` allows:
+whoever its ACL admits, its owner's uid and root.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def _ask(config: Config | None, request: control.Body, answer: type[B], timeout:
 def list_peers(name: str, config: Config | None = None, timeout: float | None = 5.0) -> control.PeerList:
     """The clients of port ``name`` as its server last reported them.
 
-    Raises PortNotFound, or AccessDenied unless the caller is root or the port's owner uid.
+    Raises PortNotFound, or AccessDenied unless the port's ACL admits the caller
+    (or it is the port's owner uid, or root).
     """
     control.validate_port_name(name)
     return _ask(config, control.Peers(name=name), control.PeerList, timeout)

@@ -169,7 +169,12 @@ class OutboundLedger:
         return list(self._sections)
 
     def lent_bytes(self) -> int:
-        return sum(length for s in self._sections.values() for length, _ in s.lent.values())
+        """Bytes of our sections reserved or sent and not yet released by the peer.
+
+        Safe from a thread other than the connection's reader (the port's status
+        report): the C-level copies cannot see a dict change size mid-iteration.
+        """
+        return sum(length for s in tuple(self._sections.values()) for length, _ in tuple(s.lent.values()))
 
     # -- placing ------------------------------------------------------------------
 
@@ -370,6 +375,13 @@ class InboundLedger:
     @property
     def section_ids(self) -> list[int]:
         return list(self._sections)
+
+    def held_bytes(self) -> int:
+        """Bytes of the peer's sections this side still holds (messages and views not yet released).
+
+        Safe from another thread, as ``OutboundLedger.lent_bytes``.
+        """
+        return sum(length for s in tuple(self._sections.values()) for length in tuple(s.held.values()))
 
     def add(self, new: SectionNew) -> None:
         if new.section_id in self._sections:

@@ -1,7 +1,8 @@
 """Pure identity policy: who a peer is, as the kernel reported it, and what it may do. No sockets here.
 
 - ``PortAcl`` decides who may connect to a port (uid, primary gid and
-  supplementary groups, all as the kernel reports them).
+  supplementary groups, all as the kernel reports them), and so who may
+  inspect it (``may_inspect``).
 - ``identity_changed`` tells whether a message's sender is no longer who
   connected (a setuid() since), so the port can flag or refuse it.
 - ``HandleKind`` / ``kinds_mask`` name the kinds of fd a port accepts.
@@ -26,6 +27,7 @@ __all__ = [
     "kinds_from_mask",
     "kinds_mask",
     "may_inspect",
+    "may_see_settings",
     "may_replace_broker",
 ]
 
@@ -129,13 +131,27 @@ class PortAcl:
         }
 
 
-def may_inspect(viewer: PeerCred, owner: PeerCred) -> bool:
-    """May ``viewer`` see the clients and figures of a port that ``owner`` serves?
+def may_inspect(viewer: PeerCred, groups: Iterable[int], owner_uid: int, acl: PortAcl) -> AclDecision:
+    """May ``viewer`` (with its supplementary ``groups``) see a port's clients and figures?
 
-    Client pids and traffic figures tell a lot about a service, so only the
-    port's owner uid and root see them, whatever the port's ACL admits.
+    Whoever the port's ACL admits as a client, by the very decision the broker
+    makes for a connect; also the owner's uid (even if its own ACL denies it)
+    and root (even without ``allow_root``), who can see the server process anyway.
     """
-    return viewer.uid == ROOT_UID or viewer.uid == owner.uid
+    if viewer.uid == ROOT_UID:
+        return AclDecision(True, "root")
+    if viewer.uid == owner_uid:
+        return AclDecision(True, "the port's owner")
+    return acl.check(viewer, groups, owner_uid)
+
+
+def may_see_settings(viewer: PeerCred, owner_uid: int) -> bool:
+    """May ``viewer`` see a port's ACL and its owner's quota usage? Only the owner's uid and root.
+
+    An ACL names the uids and groups a service trusts: the clients it admits
+    need not learn who else is on the list.
+    """
+    return viewer.uid == ROOT_UID or viewer.uid == owner_uid
 
 
 def may_replace_broker(requester: PeerCred, broker_uid: int) -> bool:

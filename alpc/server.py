@@ -27,7 +27,7 @@ from .quotas import FlowLimits, Limit
 from .registration import Registration
 from .section import ConnectionSections
 from .security import PeerCred, kinds_from_mask, kinds_mask
-from .stats import LiveConnection, PortStatistics
+from .stats import LiveConnection, PortStatistics, section_bytes_in_use
 from .transport import Poller, Stream, close_fds, deadline_after, wait_readable
 from .wire import Frame
 
@@ -332,6 +332,7 @@ class ConnectionPort:
         held = len(self._connections) + len(self._foreign) + len(self._unanswered)
         if held >= self.attributes.max_connections:
             self._stats.connects_rejected += 1
+            self._stats.quota_refusals += 1
             return (control.ErrorCode.BUSY, f"port {self.name!r} has {held} connections, its max_connections",
                     Limit.MAX_CONNECTIONS)
         return None
@@ -391,7 +392,8 @@ class ConnectionPort:
     def _status(self) -> control.PortStatus:
         """The report the keeper sends the broker: every client and the port's counters."""
         with self._lock:
-            live = [LiveConnection(comm.peer, comm.stats, comm.queue_depth) for comm in self._connections]
+            live = [LiveConnection(comm.peer, comm.stats, comm.queue_depth,
+                                   section_bytes_in_use(comm._channel.sections)) for comm in self._connections]
             return self._stats.report(live)
 
     def wait(self, timeout: float | None = None) -> ConnectionRequest | Message:

@@ -13,13 +13,17 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from . import control
 from .protocol import Message
 from .security import PeerCred
 from .wire import MessageType
 
-__all__ = ["ConnectionStats", "LiveConnection", "PortStatistics", "latency_bucket"]
+if TYPE_CHECKING:
+    from .section import ConnectionSections
+
+__all__ = ["ConnectionStats", "LiveConnection", "PortStatistics", "latency_bucket", "section_bytes_in_use"]
 
 _REQUEST, _REPLY, _DATAGRAM = MessageType.REQUEST, MessageType.REPLY, MessageType.DATAGRAM
 _monotonic = time.monotonic
@@ -37,7 +41,7 @@ class ConnectionStats:
     """Counters of one communication port, bumped by its driver."""
 
     __slots__ = ("bytes_in", "bytes_out", "connected_at", "errors", "in_flight", "latency",
-                 "messages_in", "messages_out", "section_bytes")
+                 "messages_in", "messages_out")
 
     def __init__(self) -> None:
         self.connected_at = time.monotonic()
@@ -46,8 +50,6 @@ class ConnectionStats:
         self.bytes_in = 0
         self.bytes_out = 0
         self.errors = 0
-        # Bytes this connection holds in shared-memory sections; set by the section layer.
-        self.section_bytes = 0
         # Requests from the peer still awaiting our reply: id -> when it arrived.
         self.in_flight: dict[int, float] = {}
         self.latency = [0] * control.LATENCY_BUCKETS
@@ -76,11 +78,29 @@ class ConnectionStats:
 
 @dataclass(frozen=True)
 class LiveConnection:
-    """What a report needs of one open communication port."""
+    """What a report needs of one open communication port.
+
+    ``section_bytes`` is read from the connection's section ledgers when the
+    report is built (``section_bytes_in_use``), so the message path counts nothing for it.
+    """
 
     peer: PeerCred
     stats: ConnectionStats
     queue_depth: int
+    section_bytes: int = 0
+
+
+def section_bytes_in_use(sections: ConnectionSections | None) -> int:
+    """Shared-memory section space one connection ties up right now, both ways.
+
+    Ranges of our sections the peer has not released yet (or that we reserved
+    to write a message or view in), plus ranges of the peer's sections we
+    still hold (a message or view not yet released here). Whole sections
+    mapped but idle are not counted: they are pooled space, not data in flight.
+    """
+    if sections is None:
+        return 0
+    return sections.pool.ledger.lent_bytes() + sections.peer.ledger.held_bytes()
 
 
 _SUMMED = ("messages_in", "messages_out", "bytes_in", "bytes_out", "errors")
@@ -92,6 +112,7 @@ class PortStatistics:
     def __init__(self) -> None:
         self.connects_accepted = 0
         self.connects_rejected = 0
+        self.quota_refusals = 0
         self.disconnects = 0
         self._retired = dict.fromkeys(_SUMMED, 0)
         self._retired_latency = [0] * control.LATENCY_BUCKETS
@@ -114,7 +135,7 @@ class PortStatistics:
                 latency[bucket] += count
         return control.PortCounters(
             connects_accepted=self.connects_accepted, connects_rejected=self.connects_rejected,
-            disconnects=self.disconnects, latency_us=tuple(latency), **totals,
+            quota_refusals=self.quota_refusals, disconnects=self.disconnects, latency_us=tuple(latency), **totals,
         )
 
     def report(self, live: Sequence[LiveConnection]) -> control.PortStatus:
@@ -133,7 +154,7 @@ def _peer_report(connection: LiveConnection, now: float) -> control.PeerReport:
         in_flight=len(started), in_flight_ages_ms=tuple(_ms(now - t) for t in started[:MAX_AGES]),
         messages_in=stats.messages_in, messages_out=stats.messages_out,
         bytes_in=stats.bytes_in, bytes_out=stats.bytes_out, errors=stats.errors,
-        section_bytes=stats.section_bytes,
+        section_bytes=connection.section_bytes,
     )
 
 

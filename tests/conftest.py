@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import queue
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -16,6 +18,10 @@ import psutil
 import pytest
 
 import alpc
+from alpc.config import BROKER_SOCKET_NAME
+
+# pytester runs the leak check itself against leaky tests (tests/test_leak_check.py).
+pytest_plugins = ["pytester"]
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = Path(__file__).resolve().parent / "peers.py"
@@ -26,6 +32,60 @@ LINE_TIMEOUT = 20.0
 # name containing it, which would delete this session's live sections.
 SHM_PREFIX = f"lpct{os.getpid()}-"
 os.environ["ALPC_SHM_PREFIX"] = SHM_PREFIX
+# A test (or a child) that forgets its runtime dir lands in this session's own
+# default rather than the machine's, and the leak check looks there too.
+DEFAULT_RUNTIME_DIR = Path(tempfile.mkdtemp(prefix=f"alpc-tests-{os.getpid()}-"))
+os.environ["ALPC_RUNTIME_DIR"] = str(DEFAULT_RUNTIME_DIR)
+
+
+class _RuntimeDirs:
+    """The runtime dirs the current test uses, checked for socket files once it is done.
+
+    In a dir made for the test (``runtime_dir``, the session default) any
+    socket file is a leak; in ``tmp_path``, which tests also use for sockets
+    of their own, only alpc's (``broker.sock``, the one pathname socket alpc makes).
+    """
+
+    def __init__(self) -> None:
+        self.owned: list[Path] = []
+        self.scratch: list[Path] = []
+
+    def sockets(self) -> list[str]:
+        found = [str(path) for root in [DEFAULT_RUNTIME_DIR, *self.owned] for path in _sockets(root, deep=False)]
+        found += [str(path) for root in self.scratch for path in _sockets(root, deep=True)
+                  if path.name == BROKER_SOCKET_NAME]
+        return found
+
+    def remove(self) -> None:
+        for path in self.owned:
+            shutil.rmtree(path, ignore_errors=True)
+        for path in _sockets(DEFAULT_RUNTIME_DIR, deep=False):
+            path.unlink()
+        self.owned.clear()
+        self.scratch.clear()
+
+
+_RUNTIME_DIRS = _RuntimeDirs()
+
+
+def _sockets(root: Path, deep: bool) -> list[Path]:
+    """Socket files under ``root`` (its subdirectories too when ``deep``)."""
+    found: list[Path] = []
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return found
+    for entry in entries:
+        mode = entry.stat(follow_symlinks=False).st_mode
+        if stat.S_ISSOCK(mode):
+            found.append(Path(entry.path))
+        elif deep and stat.S_ISDIR(mode):
+            found += _sockets(Path(entry.path), deep)
+    return found
+
+
+def pytest_sessionfinish() -> None:
+    shutil.rmtree(DEFAULT_RUNTIME_DIR, ignore_errors=True)
 
 
 def _open_fds() -> set[int]:
@@ -45,7 +105,11 @@ def _shm_names() -> set[str]:
 
 @pytest.fixture(autouse=True)
 def no_leaks() -> Iterator[None]:
-    """Fail any test that leaves an fd, a /dev/shm name or a child process behind."""
+    """Fail any test that leaves an fd, a /dev/shm name, a child process or a socket file behind.
+
+    Socket files are looked for in the runtime dirs the test used (see
+    ``_RuntimeDirs``), after its children are gone.
+    """
     fds_before = _open_fds()
     shm_before = _shm_names()
     yield
@@ -57,6 +121,8 @@ def no_leaks() -> Iterator[None]:
     leaked_fds = {fd: _fd_target(fd) for fd in _open_fds() - fds_before}
     leaked_fds = {fd: target for fd, target in leaked_fds.items() if target != "?"}
     leaked_shm = _shm_names() - shm_before
+    leaked_sockets = _RUNTIME_DIRS.sockets()
+    _RUNTIME_DIRS.remove()
     problems = []
     if children:
         problems.append(f"child processes left running: {[c.pid for c in children]}")
@@ -66,22 +132,26 @@ def no_leaks() -> Iterator[None]:
         for name in leaked_shm:
             os.unlink(f"/dev/shm/{name}")
         problems.append(f"/dev/shm names leaked: {sorted(leaked_shm)}")
+    if leaked_sockets:
+        problems.append(f"socket files left behind: {sorted(leaked_sockets)}")
     if problems:
         pytest.fail("; ".join(problems))
 
 
 @pytest.fixture
-def runtime_dir() -> Iterator[Path]:
-    """A private 0700 runtime dir; fails the test if a socket file is left in it."""
+def runtime_dir() -> Path:
+    """A private 0700 runtime dir; the leak check fails the test if a socket file is left in it."""
     path = Path(tempfile.mkdtemp(prefix="alpc-test-"))
     os.chmod(path, 0o700)
-    yield path
-    leftovers = sorted(p.name for p in path.iterdir())
-    for entry in path.iterdir():
-        entry.unlink()
-    path.rmdir()
-    if any(name.endswith(".sock") for name in leftovers):
-        pytest.fail(f"socket files left behind: {leftovers}")
+    _RUNTIME_DIRS.owned.append(path)
+    return path
+
+
+@pytest.fixture
+def tmp_path(tmp_path: Path) -> Path:
+    """pytest's tmp_path, which tests also use as a runtime dir: checked for broker sockets."""
+    _RUNTIME_DIRS.scratch.append(tmp_path)
+    return tmp_path
 
 
 @pytest.fixture

@@ -37,15 +37,21 @@ def activate(argv: list[str]) -> None:
 
 
 def as_uid(argv: list[str]) -> None:
-    """Run the ``alpc`` command as another uid (everything is imported before the switch)."""
+    """Run the ``alpc`` command as another uid (everything is imported before the switch).
+
+    ``as-uid UID [--groups G1,G2] -- ARGS``: the supplementary groups to keep (none by default).
+    """
     uid = int(argv[0])
-    command = argv[argv.index("--") + 1:]
+    split = argv.index("--")
+    options = argv[1:split]
+    groups = [int(g) for g in options[options.index("--groups") + 1].split(",")] if "--groups" in options else []
+    command = argv[split + 1:]
     # The interpreter lives under root's home: import what argparse, logging and
     # json load lazily while we may still read it.
     alpc.cli._parser().parse_args(command)
     json.dumps({})
     logging.getLogger("warm-up").handlers.clear()
-    os.setgroups([])
+    os.setgroups(groups)
     os.setgid(uid)
     os.setuid(uid)
     sys.exit(alpc.cli.main(command))

@@ -21,7 +21,8 @@ def say(*parts: object) -> None:
 
 def serve(args: argparse.Namespace) -> None:
     config = alpc.Config.from_env(args.runtime_dir)
-    attributes = alpc.PortAttributes(max_message_length=args.max_message_length)
+    attributes = alpc.PortAttributes(max_message_length=args.max_message_length,
+                                     max_connections=args.max_connections)
     with alpc.create_port(args.name, attributes, config=config) as port:
         say("READY", os.getpid())
         held: list[alpc.ConnectionRequest] = []
@@ -110,6 +111,7 @@ def main() -> None:
     parser.add_argument("--data", default="hello")
     parser.add_argument("--max-message-length", type=int, default=64 * 1024 * 1024)
     parser.add_argument("--fork-child", action="store_true")
+    parser.add_argument("--max-connections", type=int, default=4096)
     parser.add_argument("--hold", action="store_true", help="never answer connection requests")
     args = parser.parse_args()
     serve(args) if args.role == "server" else client(args)

@@ -66,7 +66,8 @@ class Server:
 
     def run(self) -> None:
         config = alpc.Config.from_env(self.args.runtime_dir)
-        with alpc.create_port(self.args.name, attributes(self.args), config=config) as port:
+        with alpc.create_port(self.args.name, attributes(self.args), config=config,
+                              report_interval=self.args.report_interval) as port:
             threading.Thread(target=self.commands, daemon=True).start()
             say("READY", os.getpid(), os.getuid())
             while True:
@@ -213,6 +214,7 @@ def main() -> None:
     parser.add_argument("--view", action="store_true")
     parser.add_argument("--count", type=int, default=0, help="streamer: stop after this many (0: until killed)")
     parser.add_argument("--leave-name", action="store_true")
+    parser.add_argument("--report-interval", type=float, default=1.0, help="figures sent to the broker (alpc peers)")
     args = parser.parse_args()
     become(args.as_user)
     if args.role == "server":

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 import alpc
+from alpc import control
+from alpc.wire import FrameDecoder, FrameLimits, MessageType, encode_frame
 
 
 def start_cli_broker(spawn, runtime_dir: Path, *extra: str):  # type: ignore[no-untyped-def]
@@ -34,6 +38,63 @@ def test_ready_line_socket_permissions_and_sigterm_cleanup(spawn, runtime_dir: P
             port.listen(timeout=5)
     assert not sock.exists()
     assert "broker stopped" in broker.stderr()
+
+
+def _frames_until_eof(sock: socket.socket, decoder: FrameDecoder) -> list[MessageType]:
+    frames = []
+    with sock:
+        while data := sock.recv(65536):
+            frames += [frame.type for frame in decoder.feed(data)]
+    return frames
+
+
+def test_clients_waiting_on_the_broker_are_told_at_shutdown(spawn, runtime_dir: Path, config: alpc.Config) -> None:
+    """SIGTERM: a client mid-request and connects still queued for a server get SHUTDOWN, not a bare EOF.
+
+    Connects the broker already handed to the server are the server's to answer
+    (here it never reads, so they end when it hangs up).
+    """
+    broker = start_cli_broker(spawn, runtime_dir)
+    deaf = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # a server that registers, then never reads
+    deaf.connect(str(config.broker_socket))
+    deaf.sendall(encode_frame(MessageType.CREATE_PORT, control.encode_body(control.CreatePort(
+        name="svc.deaf", max_message_length=1 << 20, max_connect_data=64 << 10, max_pending_connects=64))))
+    assert deaf.recv(40)[3] == MessageType.PORT_CREATED
+    halfway = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # a client whose request is half sent
+    halfway.connect(str(config.broker_socket))
+    halfway.sendall(encode_frame(MessageType.CONNECT, b"x" * 100)[:50])
+    # More connect data than the broker's socket to the deaf server buffers
+    # (net.core.wmem_default): the rest wait in the broker's queue.
+    count = int(Path("/proc/sys/net/core/wmem_default").read_text()) // 60_000 + 4
+    assert count < 64, "more connects than max_pending_connects would take"
+    outcomes: list[BaseException] = []
+
+    def connect() -> None:
+        try:
+            alpc.connect("svc.deaf", b"c" * 60_000, config=config, timeout=20).close()
+        except alpc.AlpcError as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=connect) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 10
+    while alpc.port_stats("svc.deaf", config).ports[0].connects_forwarded < count:
+        assert time.monotonic() < deadline
+        threading.Event().wait(0.02)  # handshake-free: the broker's counter is the only signal
+    broker.proc.send_signal(signal.SIGTERM)
+    assert broker.proc.wait(10) == 0
+    told = FrameDecoder(FrameLimits(allowed_types=frozenset({MessageType.SHUTDOWN}), max_data=1024))
+    assert _frames_until_eof(halfway, told) == [MessageType.SHUTDOWN]
+    # Its full socket had no room for a notice: the deaf server just sees EOF after what it never read.
+    deaf.close()  # the connects it was handed end with it
+    for thread in threads:
+        thread.join(20)
+    assert len(outcomes) == count and not any(thread.is_alive() for thread in threads)
+    shut_down = [exc for exc in outcomes if isinstance(exc, alpc.BrokerUnavailable) and "shutting down" in str(exc)]
+    assert shut_down, [repr(exc) for exc in outcomes]
+    assert len(shut_down) < count  # the first ones reached the server
+    assert all(isinstance(exc, alpc.PeerGone | alpc.BrokerUnavailable) for exc in outcomes), outcomes
 
 
 def test_sigint_shuts_down_too(spawn, runtime_dir: Path) -> None:

@@ -82,3 +82,18 @@ def test_demo_runs_end_to_end(runtime_dir: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "client: request b'ping' -> b'PING'" in result.stdout
     assert "round trips" in result.stdout and "demo: done" in result.stdout
+
+
+def test_counts_must_be_positive_integers(broker: alpc.Broker, runtime_dir: Path, spawn) -> None:
+    # A live server: a bad count must be refused before anything is timed, not crash after connecting.
+    server = spawn("server", "svc.counted-pings")
+    server.expect("READY")
+    for argv in (["ping", "svc.counted-pings", "--count", "0"], ["ping", "svc.counted-pings", "--count", "-3"],
+                 ["ping", "svc.counted-pings", "--count", "many"], ["stats", "--watch", "--count", "0"]):
+        result = run(runtime_dir, *argv)
+        assert result.returncode == 1, (argv, result.stderr)
+        assert result.stdout == "" and "Traceback" not in result.stderr
+        assert result.stderr.count("\n") == 1, result.stderr
+        assert "argument --count: must be a positive integer" in result.stderr
+    result = run(runtime_dir, "ping", "svc.counted-pings", "--count", "1")
+    assert result.returncode == 0 and "1 round trips" in result.stdout

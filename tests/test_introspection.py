@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ import pytest
 import alpc
 from alpc import control
 from alpc.introspect import latency_percentile
-from alpc.security import PeerCred, may_inspect
+from alpc.security import PeerCred, PortAcl, may_inspect, may_see_settings
 from alpc.stats import ConnectionStats, latency_bucket
 from alpc.wire import MessageType, encode_frame
 
@@ -85,6 +86,59 @@ def test_peers_show_queue_depth_in_flight_requests_and_their_age(broker: alpc.Br
         listing = json.loads(run(runtime_dir, "peers", "svc.inspect", "--json").stdout)
         assert listing["name"] == "svc.inspect" and listing["pid"] == os.getpid()
         assert listing["peers"][0]["pid"] == client.pid and listing["peers_total"] == 1
+        comm.close()
+
+
+SECTION_PEERS = Path(__file__).resolve().parent / "section_peers.py"
+
+
+def test_peers_show_section_bytes_lent_and_held_both_ways(broker: alpc.Broker, config: alpc.Config,
+                                                          runtime_dir: Path, spawn) -> None:
+    """A view the server holds counts on its side; so does a reply view the client has not released."""
+    server = spawn.argv([sys.executable, str(SECTION_PEERS), "server", "svc.sections", "--runtime-dir",
+                         str(runtime_dir), "--hold-views", "--report-interval", "0.05"])
+    server.expect("READY")
+
+    def section_bytes() -> int:
+        listing = json.loads(run(runtime_dir, "peers", "svc.sections", "--json").stdout)
+        (mine,) = [p for p in listing["peers"] if p["pid"] == os.getpid()]
+        return int(mine["section_bytes"])
+
+    with alpc.connect("svc.sections", config=config, timeout=5) as comm:
+        server.expect("ACCEPTED")
+        assert eventually(section_bytes, lambda n: n == 0) == 0
+        view = comm.create_view(100_000, timeout=5)
+        view.memory[:] = b"v" * 100_000
+        assert comm.request(view, timeout=5).data.startswith(b"view:")
+        assert server.expect("HOLDING") == ["1"]
+        # The server holds our view: 100000 bytes of our section, held on its side.
+        eventually(section_bytes, lambda n: n == 100_000)
+        server.send("release")
+        server.expect("RELEASED")
+        eventually(section_bytes, lambda n: n == 0)
+        reply = comm.request(b"cmd:view:300000", timeout=5)
+        assert reply.view is not None
+        # Now the server lends: its reply view stays ours until we release it.
+        eventually(section_bytes, lambda n: n == 300_000)
+        reply.view.release()
+        comm.request(b"anything", timeout=5)  # carries the release back
+        eventually(section_bytes, lambda n: n == 0)
+
+
+def test_peers_show_a_large_message_until_its_body_is_taken(broker: alpc.Broker, config: alpc.Config,
+                                                             spawn) -> None:
+    """A body that came through a section ties up the client's section until the server reads it."""
+    with alpc.create_port("svc.large", config=config, report_interval=0.05) as port:
+        client = spawn("client", "svc.large")
+        comm = port.listen(timeout=10).accept()
+        client.expect("READY")
+        client.send("send " + "L" * 5000)  # past the 256-byte inline threshold
+        client.expect("SENT")
+        message = comm.receive(timeout=5)
+        peer = eventually(only_peer(config, "svc.large"), lambda p: p is not None and p.section_bytes > 0)
+        assert peer is not None and peer.section_bytes == 5000
+        assert message.data == b"L" * 5000  # copied out: the range goes back
+        eventually(only_peer(config, "svc.large"), lambda p: p is not None and p.section_bytes == 0)
         comm.close()
 
 
@@ -182,6 +236,28 @@ def test_quota_refusals_are_counted_per_port_and_logged_once(broker: alpc.Broker
                 sock.close()
 
 
+def test_quota_refusals_count_the_servers_max_connections_too(broker: alpc.Broker, config: alpc.Config,
+                                                              runtime_dir: Path, spawn) -> None:
+    server = spawn("server", "svc.full", "--max-connections", "1")
+    server.expect("READY")
+    with alpc.connect("svc.full", config=config, timeout=5) as first:
+        server.expect("ACCEPTED")
+        for _ in range(2):
+            with pytest.raises(alpc.QuotaExceeded) as refused:
+                alpc.connect("svc.full", config=config, timeout=5)
+            assert refused.value.limit == "max_connections"
+        assert first.request(b"still", timeout=5).data == b"STILL"
+    stats = eventually(lambda: alpc.port_stats("svc.full", config).ports[0],
+                       lambda s: s.counters.quota_refusals == 2)
+    assert stats.quota_refusals == 2 and stats.counters.connects_rejected == 2
+    assert stats.connects_refused == 0  # the broker forwarded all three: the server refused
+    table = run(runtime_dir, "stats", "svc.full").stdout.splitlines()
+    header = next(line for line in table if line.startswith("NAME"))
+    row = next(line for line in table if line.startswith("svc.full"))
+    column = header.index("QUOTA")  # right-aligned in a column as wide as its title
+    assert row[column:column + len("QUOTA")].strip() == "2"
+
+
 def test_watch_refreshes_and_survives_a_missing_broker(broker: alpc.Broker, config: alpc.Config,
                                                        runtime_dir: Path, tmp_path: Path) -> None:
     with alpc.create_port("svc.watched", config=config):
@@ -207,46 +283,81 @@ def test_unknown_port_and_bad_names(broker: alpc.Broker, config: alpc.Config, ru
     assert result.returncode == 1 and "PortNotFound" in result.stderr
 
 
-def test_details_only_for_the_owner_uid_and_root() -> None:
-    owner = PeerCred(pid=10, uid=1000, gid=1000)
-    assert may_inspect(PeerCred(11, 1000, 5), owner)
-    assert may_inspect(PeerCred(12, 0, 0), owner)
-    assert not may_inspect(PeerCred(13, 1001, 1000), owner)  # same group is not enough
+def test_inspection_follows_the_port_acl() -> None:
+    owner = 1000
+
+    def sees(viewer: PeerCred, acl: PortAcl, groups: tuple[int, ...] = ()) -> bool:
+        return may_inspect(viewer, groups, owner, acl).allowed
+
+    private = PortAcl()
+    assert sees(PeerCred(11, owner, 5), private)
+    assert sees(PeerCred(12, 0, 0), private)  # root, though the ACL does not let root connect
+    assert not sees(PeerCred(13, 1001, 1000), private)  # the owner's group is not enough
+    by_uid, by_gid = PortAcl(allow_uids=frozenset({1001})), PortAcl(allow_gids=frozenset({77}))
+    assert sees(PeerCred(13, 1001, 1001), by_uid) and not sees(PeerCred(14, 1002, 1002), by_uid)
+    assert sees(PeerCred(14, 1002, 77), by_gid)  # primary group
+    assert sees(PeerCred(14, 1002, 1002), by_gid, groups=(5, 77))  # supplementary group
+    assert not sees(PeerCred(14, 1002, 1002), by_gid, groups=(5,))
+    denied = PortAcl(allow_everyone=True, deny_uids=frozenset({1001, owner}), deny_gids=frozenset({66}))
+    assert sees(PeerCred(15, 1003, 1003), denied)
+    assert not sees(PeerCred(16, 1001, 1001), denied)  # a deny wins over allow_everyone
+    assert not sees(PeerCred(17, 1003, 1003), denied, groups=(66,))
+    assert sees(PeerCred(18, owner, owner), denied)  # the owner always sees its own port
+    assert "not in the ACL" in may_inspect(PeerCred(19, 1004, 1004), (), owner, private).reason
+    assert may_see_settings(PeerCred(1, owner, 1), owner) and may_see_settings(PeerCred(1, 0, 0), owner)
+    assert not may_see_settings(PeerCred(1, 1001, 1001), owner)
 
 
 NOBODY = 65534
+GROUP = 4242
 
 
-@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run the broker and a viewer as another uid")
-def test_another_uid_sees_names_but_no_details(spawn, runtime_dir: Path, config: alpc.Config) -> None:
-    os.chown(runtime_dir, NOBODY, NOBODY)
-    broker = spawn.argv([sys.executable, str(OPS), "as-uid", str(NOBODY), "--", "--runtime-dir", str(runtime_dir),
-                         "broker"])
-    broker.expect("READY")
-    with alpc.create_port("svc.private", config=config, report_interval=0.05) as port:
-        client = spawn("client", "svc.private")
-        port.listen(timeout=10).accept()
-        client.expect("READY")
-        # root (the owner here) sees everything.
-        eventually(lambda: alpc.list_peers("svc.private", config).peers_total, lambda n: n == 1)
+def _as_nobody(runtime_dir: Path, *args: str, groups: str = "") -> subprocess.CompletedProcess[str]:
+    options = ["--groups", groups] if groups else []
+    return subprocess.run([sys.executable, str(OPS), "as-uid", str(NOBODY), *options, "--", "--runtime-dir",
+                           str(runtime_dir), *args], capture_output=True, text=True, timeout=60, cwd=ROOT)
 
-        def as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run([sys.executable, str(OPS), "as-uid", str(NOBODY), "--", "--runtime-dir",
-                                   str(runtime_dir), *args], capture_output=True, text=True, timeout=60, cwd=ROOT)
 
-        denied = as_nobody("peers", "svc.private")
-        assert denied.returncode == 1 and "AccessDenied" in denied.stderr
-        assert "may not inspect port 'svc.private'" in denied.stderr
-        denied = as_nobody("stats", "svc.private")
-        assert denied.returncode == 1 and "AccessDenied" in denied.stderr
-        assert json.loads(as_nobody("stats", "--json").stdout)["ports"] == []
-        listed = json.loads(as_nobody("ports", "--json").stdout)
-        assert [(p["name"], p["details"], p["clients"]) for p in listed] == [("svc.private", False, [])]
-        assert alpc.list_ports(config)[0].details  # root still sees the clients
-        for comm in port.connections:
-            comm.close()
-    broker.proc.terminate()
-    assert broker.proc.wait(10) == 0
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a viewer as another uid")
+def test_another_uid_inspects_only_the_ports_whose_acl_admits_it(spawn, runtime_dir: Path,
+                                                                  config: alpc.Config) -> None:
+    """A shared broker: uid 65534 sees a port its uid or group may connect to, and nothing of the others."""
+    acls = {"svc.private": alpc.PortAcl(), "svc.for-nobody": alpc.PortAcl(allow_uids=frozenset({NOBODY})),
+            "svc.for-group": alpc.PortAcl(allow_gids=frozenset({GROUP}))}
+    with alpc.Broker(runtime_dir, shared=True), contextlib.ExitStack() as stack:
+        clients = {}
+        for name, acl in acls.items():
+            port = stack.enter_context(alpc.create_port(name, alpc.PortAttributes(acl=acl), config=config,
+                                                        report_interval=0.05))
+            clients[name] = spawn("client", name)
+            stack.enter_context(port.listen(timeout=10).accept())
+            clients[name].expect("READY")
+            eventually(lambda n=name: alpc.list_peers(n, config).peers_total, lambda n: n == 1)
+
+        listed = json.loads(_as_nobody(runtime_dir, "ports", "--json").stdout)
+        assert [(p["name"], p["details"], [c["pid"] for c in p["clients"]]) for p in listed] == [
+            ("svc.for-nobody", True, [clients["svc.for-nobody"].pid])]
+        # Admitted as a client, not as an administrator: the ACL and the owner's usage stay hidden.
+        assert listed[0]["acl"]["allow_uids"] == [] and listed[0]["owner_quota"]["connections"] == -1
+        peers = json.loads(_as_nobody(runtime_dir, "peers", "svc.for-nobody", "--json").stdout)
+        assert [p["pid"] for p in peers["peers"]] == [clients["svc.for-nobody"].pid]
+        assert [p["name"] for p in json.loads(_as_nobody(runtime_dir, "stats", "--json").stdout)["ports"]] == [
+            "svc.for-nobody"]
+        for args in (("peers", "svc.private"), ("stats", "svc.private"), ("peers", "svc.for-group")):
+            denied = _as_nobody(runtime_dir, *args)
+            assert denied.returncode == 1 and "AccessDenied" in denied.stderr, denied.stderr
+            assert f"may not inspect port '{args[1]}': uid {NOBODY} is not in the ACL" in denied.stderr
+
+        # With the group among its supplementary groups (SO_PEERGROUPS), the group's port shows too.
+        listed = json.loads(_as_nobody(runtime_dir, "ports", "--json", groups=str(GROUP)).stdout)
+        assert [p["name"] for p in listed] == ["svc.for-group", "svc.for-nobody"]
+        grouped = _as_nobody(runtime_dir, "peers", "svc.for-group", groups=str(GROUP))
+        assert grouped.returncode == 0 and str(clients["svc.for-group"].pid) in grouped.stdout
+        stats = json.loads(_as_nobody(runtime_dir, "stats", "svc.for-group", "--json", groups=str(GROUP)).stdout)
+        assert stats["ports"][0]["connections"] == 1
+        # root sees every port, with its ACL.
+        assert [(p.name, p.acl.allow_uids) for p in alpc.list_ports(config)] == [
+            ("svc.for-group", ()), ("svc.for-nobody", (NOBODY,)), ("svc.private", ())]
 
 
 def test_connection_stats_and_histogram_buckets() -> None:

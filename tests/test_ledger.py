@@ -189,9 +189,12 @@ def test_overlapping_references_are_refused_until_released() -> None:
             ledger.take(SectionRef(1, 0, offset, length))
     ledger.take(SectionRef(1, 0, 0, 100))  # adjacent ranges are fine
     ledger.take(SectionRef(1, 0, 200, 100))
+    assert ledger.held_bytes() == 300
     entry, finished = ledger.release(1, 100)
     assert entry == Release(1, 100, 100) and not finished
+    assert ledger.held_bytes() == 200
     ledger.take(SectionRef(1, 0, 150, 10))
+    assert ledger.held_bytes() == 210
 
 
 def test_mapping_quota_duplicates_and_close() -> None:

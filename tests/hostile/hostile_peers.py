@@ -50,7 +50,7 @@ def become(args: argparse.Namespace) -> None:
         return
     groups = [int(g) for g in args.groups.split(",") if g] if args.groups else []
     os.setgroups(groups)
-    os.setgid(args.as_user)
+    os.setgid(args.as_user if args.as_group is None else args.as_group)
     os.setuid(args.as_user)
 
 
@@ -329,6 +329,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=30.0)
     parser.add_argument("--as-user", type=int, default=None)
     parser.add_argument("--groups", default="")
+    parser.add_argument("--as-group", type=int, default=None, help="the gid to take with --as-user (default: the uid)")
     parser.add_argument("--allow-uid", type=int, action="append", default=[])
     parser.add_argument("--allow-gid", type=int, action="append", default=[])
     parser.add_argument("--deny-uid", type=int, action="append", default=[])

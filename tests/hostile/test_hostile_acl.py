@@ -69,6 +69,18 @@ def test_supplementary_groups_are_read_from_the_kernel(shared_broker: alpc.Broke
     assert stranger.expect("REFUSED")[0] == "AccessDenied"
 
 
+def test_the_client_sees_the_servers_uid_and_gid(shared_broker: alpc.Broker, config: alpc.Config, role) -> None:  # type: ignore[no-untyped-def]
+    """Kernel-verified, on the connection and on every reply: a server of uid 65534, gid 4243."""
+    server = role("server", "svc.whois", "--allow-root", "--as-user", str(NOBODY), "--as-group", str(GROUP + 1))
+    server_pid = int(server.expect("READY")[0])
+    with alpc.connect("svc.whois", config=config, timeout=5) as comm:
+        assert comm.server == alpc.PeerCred(server_pid, NOBODY, GROUP + 1)
+        reply = comm.request(b"echo:who", timeout=5)
+        assert reply.sender == alpc.PeerCred(server_pid, NOBODY, GROUP + 1)
+    # The server's side of the same connection saw root.
+    assert server.expect("ACCEPTED")[:2] == [str(os.getpid()), "0"]
+
+
 def test_deny_wins_over_allow(shared_broker: alpc.Broker, role) -> None:  # type: ignore[no-untyped-def]
     server = role("server", "svc.deny", "--everyone", "--deny-gid", str(GROUP))
     server.expect("READY")

@@ -15,7 +15,7 @@ import pytest
 import alpc
 from alpc import control
 from alpc.exchange import control_frame
-from alpc.wire import MessageType, encode_frame, encode_header
+from alpc.wire import FrameDecoder, FrameLimits, MessageType, encode_frame, encode_header
 
 
 def _raw(config: alpc.Config) -> socket.socket:
@@ -100,3 +100,33 @@ def test_a_port_refused_for_a_bad_acl_leaves_no_trace(broker: alpc.Broker, confi
     assert alpc.list_ports(config) == ()
     with alpc.create_port("svc.bad-acl", config=config):
         pass
+
+
+def _answer_then_hangup(sock: socket.socket) -> control.ErrorReply:
+    """The one ERROR frame the broker answers with before it hangs up (EOF, never a second frame)."""
+    decoder = FrameDecoder(FrameLimits(allowed_types=frozenset({MessageType.ERROR}), max_data=1 << 16))
+    frames = []
+    try:
+        while data := sock.recv(65536):
+            frames += decoder.feed(data)
+    finally:
+        sock.close()
+    (frame,) = frames
+    return control.decode_body(frame.type, frame.data, control.ErrorReply)
+
+
+@pytest.mark.parametrize("name", ["", "bad name", "../etc/passwd", ".hidden", "svc..x", "svc//x", "svc/",
+                                  "svc.", "x" * 129, "svc\0nul", "svc.\u00e9"])
+def test_an_invalid_name_sent_raw_is_refused_by_the_broker(broker: alpc.Broker, config: alpc.Config,
+                                                           name: str) -> None:
+    """The client library validates names first; the broker must not rely on it."""
+    with alpc.create_port("svc.survivor", config=config):
+        bad = _raw(config)
+        bad.sendall(b"".join(control_frame(control.CreatePort(
+            name=name, max_message_length=1024, max_connect_data=16, max_pending_connects=1))))
+        refusal = _answer_then_hangup(bad)
+        assert refusal.code == control.ErrorCode.INVALID_NAME
+        assert isinstance(refusal.exception(), alpc.InvalidName)
+        assert [p.name for p in alpc.list_ports(config)] == ["svc.survivor"]
+        with alpc.create_port("svc.after", config=config):  # and it goes on registering honest names
+            assert [p.name for p in alpc.list_ports(config)] == ["svc.after", "svc.survivor"]

@@ -1,11 +1,12 @@
 """Hostile bytes on an established channel, both ways: malformed frames, lying lengths,
-unknown types, replies to ids never sent, and (from a server) bad section references and a
-section truncated under its client. The offender's channel is dropped; everyone
-else is still served; nothing leaks (the other side's fds are counted)."""
+truncated frames, unknown types, replies to ids never sent, and (from a server) bad section
+references and a section truncated under its client. The offender's channel is dropped;
+everyone else is still served; nothing leaks (the other side's fds are counted)."""
 
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 
@@ -45,6 +46,9 @@ HOSTILE_FRAMES = {
     "reused_request_id": [encode_frame(MessageType.REQUEST, b"q", message_id=7)] * 2,
     "forged_credit": [encode_frame(MessageType.CREDIT, b"\x05\0\0\0\0\0\0\0")],
 }
+# Part of a frame, then end-of-stream (a half-close: our end stays open): the reason names it.
+TRUNCATED = "truncated_then_eof"
+HOSTILE_FRAMES[TRUNCATED] = [encode_frame(MessageType.REQUEST, b"q" * 100, message_id=1)[:-40]]
 
 
 @pytest.mark.parametrize("attack", sorted(HOSTILE_FRAMES))
@@ -60,8 +64,15 @@ def test_a_hostile_client_loses_only_its_channel(broker: alpc.Broker, config: al
         hostile = alpc.connect("svc.frames", config=config, timeout=5)
         server.expect("ACCEPTED")
         hostile._stream.send(HOSTILE_FRAMES[attack])
+        if attack == TRUNCATED:
+            end = socket.socket(fileno=os.dup(hostile.fileno()))
+            end.shutdown(socket.SHUT_WR)
+            end.close()
         died = server.expect("CLIENT_DIED")
-        assert died[0] == str(os.getpid()) and "protocol_error" in died[1], died
+        assert died[0] == str(os.getpid()), died
+        assert ("mid-frame" if attack == TRUNCATED else "protocol_error") in died[1], died
+        with pytest.raises(alpc.PeerGone):
+            hostile.request(b"echo:anything", timeout=5)
         assert honest.request(b"echo:still served", timeout=5).data == b"STILL SERVED"
         server.send("fds")
         assert int(server.expect("FDS")[0]) == baseline
