@@ -72,6 +72,11 @@ class Admission:
                     f"(same major version and a server minor at least the client's are needed)")
         return obj
 
+    @staticmethod
+    def accept_data(obj: Interface) -> bytes:
+        """What the server tells a client it admitted: the interface it gets, and its version."""
+        return encode_hello(type(obj).__alpc_name__, type(obj).__alpc_version__)
+
     def describe(self) -> list[str]:
         return [f"{name} {type(obj).__alpc_version__[0]}.{type(obj).__alpc_version__[1]}"
                 for name, obj in sorted(self._objects.items())]
@@ -214,7 +219,7 @@ class Server:
             log.info("rejected pid %d: %s", request.client.pid, choice)
             request.reject(choice)
             return
-        accept_data = encode_hello(type(choice).__alpc_name__, type(choice).__alpc_version__)
+        accept_data = self._admission.accept_data(choice)
         with self._endpoints_lock:
             # Held across accept so a first call cannot arrive before its endpoint exists.
             try:
