@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from rpc_peers import Store, StoreV3
+from test_flow import LOOPS, run_on  # its import also opens uvloop's process-wide pipes before any leak check
 
 import alpc
 from alpc import rpc
@@ -37,7 +38,7 @@ def start(spawn: Any, runtime_dir: Path, role: str, *args: str) -> Any:
 
 
 def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    asyncio.run(main())
+    run_on("asyncio", main)
 
 
 async def expect(peer: Any, prefix: str) -> list[str]:
@@ -170,19 +171,24 @@ def test_an_async_reply_over_the_clients_limit_is_a_typed_error(broker: alpc.Bro
 # -- cancellation ---------------------------------------------------------------------------------
 
 
+async def cancel_a_sleep(client: rpc.aio.AsyncClient[Any], server: Any, label: str) -> None:
+    """Cancel the task awaiting an async handler's call; the handler must get CancelledError."""
+    task = asyncio.create_task(client.proxy.sleep(30, label))
+    assert await expect(server, "SLEEPING") == [label]
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # The handler got CancelledError, and its call context says why.
+    assert await expect(server, "CANCELLED") == [label, "True"]
+
+
 def test_cancelling_the_task_cancels_the_async_handler(broker: alpc.Broker, spawn: Any, runtime_dir: Path,
                                                        config: alpc.Config) -> None:
     server = start(spawn, runtime_dir, "async-server")
 
     async def main() -> None:
         async with await aconnect(config) as client:
-            task = asyncio.create_task(client.proxy.sleep(30, "job"))
-            assert await expect(server, "SLEEPING") == ["job"]
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-            # The handler got CancelledError, and its call context says why.
-            assert await expect(server, "CANCELLED") == ["job", "True"]
+            await cancel_a_sleep(client, server, "job")
             assert await client.proxy.echo("after") == [["after"], {}]
 
     run(main)
@@ -293,3 +299,62 @@ def test_the_async_server_refuses_hostile_clients(broker: alpc.Broker, spawn: An
         hostile.send(b"\xff garbage datagram")
         reply = hostile.request(codec.encode_call(0, "pid", (), {}, None)[0], timeout=10)
         assert codec.decode_reply(reply.data) == (Kind.RESULT, server.pid)
+
+
+# -- peers that go away ------------------------------------------------------------------------------
+
+
+def test_server_death_mid_async_call_raises_peer_gone(broker: alpc.Broker, spawn: Any, runtime_dir: Path,
+                                                      config: alpc.Config) -> None:
+    server = start(spawn, runtime_dir, "async-server")
+
+    async def main() -> None:
+        async with await aconnect(config) as client:
+            task = asyncio.create_task(client.proxy.sleep(30, "doomed"))
+            assert await expect(server, "SLEEPING") == ["doomed"]
+            server.kill()
+            with pytest.raises(alpc.PeerGone):
+                await task
+            with pytest.raises(alpc.ConnectionClosed):
+                await client.proxy.pid()
+
+    run(main)
+
+
+def test_a_client_closing_mid_call_cancels_its_async_handlers(broker: alpc.Broker, spawn: Any, runtime_dir: Path,
+                                                              config: alpc.Config) -> None:
+    server = start(spawn, runtime_dir, "async-server")
+
+    async def main() -> None:
+        client = await aconnect(config)
+        task = asyncio.create_task(client.proxy.sleep(30, "orphan"))
+        assert await expect(server, "SLEEPING") == ["orphan"]
+        await client.close()
+        with pytest.raises(alpc.ConnectionClosed):
+            await task
+        # The server noticed the client go and stopped the handler; it serves others on.
+        assert (await expect(server, "CANCELLED"))[0] == "orphan"
+        async with await aconnect(config) as other:
+            assert await other.proxy.pid() == server.pid
+
+    run(main)
+
+
+# -- uvloop ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_rpc_on_either_loop(broker: alpc.Broker, spawn: Any, runtime_dir: Path, config: alpc.Config,
+                            loop: str) -> None:
+    if loop == "uvloop":
+        pytest.importorskip("uvloop")
+    server = start(spawn, runtime_dir, "async-server", "--loop", loop)
+
+    async def main() -> None:
+        async with await aconnect(config) as client:
+            big = os.urandom(1024 * 1024)
+            assert (await client.proxy.digest(big))[3] == hashlib.sha256(big).hexdigest()
+            assert await client.proxy.visit(Visitor(), 3) == 6
+            await cancel_a_sleep(client, server, "job")
+
+    run_on(loop, main)
