@@ -559,6 +559,12 @@ def test_server_arguments_are_checked() -> None:
         rpc.Server(NAME, object())  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="Interface subclass"):
         rpc.connect(object, NAME)  # type: ignore[type-var]
+    from rpc_peers import AsyncStoreImpl
+
+    with pytest.raises(TypeError, match=r"AsyncStoreImpl\.\w+ is async: serve it with rpc.aio.Server"):
+        rpc.Server(NAME, AsyncStoreImpl())
+    with pytest.raises(ValueError, match="max_tasks"):
+        rpc.aio.Server(NAME, AsyncStoreImpl(), max_tasks=0)
 
 
 class Ping(rpc.Interface, name="test.ping", version=(1, 0)):

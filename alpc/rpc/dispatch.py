@@ -49,7 +49,9 @@ class CallContext:
     """What a handler knows about the call it is running (``current_call()``).
 
     ``caller`` is the kernel-verified identity of the peer; ``deadline`` is on
-    the CLOCK_MONOTONIC clock shared by the processes of one machine.
+    the CLOCK_MONOTONIC clock shared by the processes of one machine;
+    ``message`` is the alpc Message that carried the call (None when a driver
+    gave none).
     """
 
     caller: PeerCred
