@@ -150,6 +150,10 @@ def test_async_large_arguments_and_results(broker: alpc.Broker, spawn: Any, runt
             assert blob.tobytes().count(b"B") == len(blob)
             await client.proxy.put("big", big)
             assert await client.proxy.get("big") == big
+        # Segments in a message small enough for the socket: the parts are gathered, not joined.
+        async with await aconnect(config, inline_threshold=16) as client:
+            small = b"s" * 100
+            assert await client.proxy.digest(small) == ["memoryview", True, 100, hashlib.sha256(small).hexdigest()]
 
     run(main)
 
