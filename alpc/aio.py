@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
-from . import _native, port, server
+from . import port, server
 from .config import Config, PortAttributes
 from .connection import FILED_ERROR, FILED_INBOX, NOTICES, Connection
 from .errors import (
@@ -39,7 +39,9 @@ from .errors import (
     Throttled,
     Timeout,
 )
+from .port import _copy_body, _owned, _size  # the blocking driver's: one notion of a payload
 from .protocol import Channel, Frames, Message
+from .protocol import Payload as WirePayload
 from .quotas import Limit, WindowClosed
 from .section import SectionView, sweep_stale_names
 from .security import PeerCred
@@ -57,9 +59,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Payload = Buffer | SectionView
+# One buffer, parts sent back to back without being joined first, or a filled view.
+Payload = Buffer | Sequence[Buffer] | SectionView
 # A handler of ``serve``: the reply to a request (None for a datagram), sync or async.
-Handler = Callable[[Message], "Awaitable[Buffer | None] | Buffer | None"]
+Handler = Callable[[Message], "Awaitable[Payload | None] | Payload | None"]
 
 
 async def _within(waiter: asyncio.Future[Any], deadline: float | None, what: str) -> Any:
@@ -160,14 +163,14 @@ class AsyncCommunicationPort:
         if deadline is not None and (wait_until is None or deadline < wait_until):
             wait_until = deadline
         core = self._core
-        size = data.nbytes if type(data) is memoryview else len(data)
+        size = _size(data)
         if fds:
             core.check_handles(fds)
         if isinstance(data, SectionView) or size > core.inline_threshold:
             message_id = await self._sending(lambda: self._send_section(
                 MessageType.REQUEST, data, wait_until, secure, deadline_attr=deadline, fds=fds), wait_until)
         else:
-            body = data if type(data) is bytes else bytes(data)
+            body = _owned(data)
             message_id = await self._sending(lambda: self._send_request(body, deadline, wait_until, fds), wait_until)
         self.stats.sent(size)
         try:
@@ -188,7 +191,7 @@ class AsyncCommunicationPort:
             self._drop(core.abandon(message_id))
             raise
 
-    async def _send_request(self, body: bytes, deadline: float | None, wait_until: float | None,
+    async def _send_request(self, body: WirePayload, deadline: float | None, wait_until: float | None,
                             fds: Sequence[int]) -> int:
         core = self._core
         if fds and self._unsent:
@@ -243,7 +246,7 @@ class AsyncCommunicationPort:
         datagram window is full (Throttled when ``timeout`` runs out meanwhile)."""
         deadline = deadline_after(self._send_timeout if timeout is None else timeout)
         core = self._core
-        size = data.nbytes if type(data) is memoryview else len(data)
+        size = _size(data)
         if fds:
             core.check_handles(fds)
 
@@ -253,7 +256,7 @@ class AsyncCommunicationPort:
                 return
             if fds and self._unsent:
                 await self._drain(deadline)  # before the datagram takes its slot: see _write
-            frames = core.datagram(data if type(data) is bytes else bytes(data), fds)
+            frames = core.datagram(_owned(data), fds)
             if flush or fds:
                 await self._write(frames, deadline, fds)
             elif core.queue(frames):
@@ -262,7 +265,7 @@ class AsyncCommunicationPort:
         await self._sending(send, deadline)
         self.stats.sent(size)
 
-    async def send_many(self, items: Iterable[Payload], timeout: float | None = None) -> None:
+    async def send_many(self, items: Iterable[Buffer | SectionView], timeout: float | None = None) -> None:
         """Send datagrams in order, in as few system calls as possible."""
         deadline = deadline_after(self._send_timeout if timeout is None else timeout)
         core = self._core
@@ -310,15 +313,14 @@ class AsyncCommunicationPort:
                 data.release()
             return
         deadline = deadline_after(self._send_timeout if timeout is None else timeout)
-        size = data.nbytes if type(data) is memoryview else len(data)
+        size = _size(data)
         if fds:
             core.check_handles(fds)
         try:
             if isinstance(data, SectionView) or size > core.inline_threshold:
                 await self._send_section(MessageType.REPLY, data, deadline, secure, callback_id=message.id, fds=fds)
             else:
-                await self._write(core.reply(message, data if type(data) is bytes else bytes(data), fds), deadline,
-                                  fds)
+                await self._write(core.reply(message, _owned(data), fds), deadline, fds)
         except Timeout as exc:
             if not self._is_server:
                 raise
@@ -380,11 +382,11 @@ class AsyncCommunicationPort:
         if isinstance(data, SectionView):
             view, explicit = data, True
         else:
-            size = data.nbytes if type(data) is memoryview else len(data)
+            size = _size(data)
             self._channel.check_length(size)
             view, explicit = await self._reserve(size, secure, deadline), False
             try:
-                _native.copy_into(view.memory, data)
+                _copy_body(view.memory, data)
             except BaseException:
                 view.release()
                 raise
@@ -678,6 +680,53 @@ class AsyncCommunicationPort:
             if message.type in NOTICES:
                 return
 
+    # -- serving --------------------------------------------------------------------------------
+
+    async def serve(self, handler: Handler, *, max_tasks: int = 1024) -> None:
+        """Answer every request and datagram with ``handler`` until the peer goes away.
+
+        Each message runs as a task started from the socket's readiness
+        callback (at most ``max_tasks`` at once); a request the peer cancels
+        has its task cancelled. Requests this side makes meanwhile get their
+        replies as usual, so a client may serve its peer's nested calls this way.
+        """
+        ended: asyncio.Future[None] = self._loop.create_future()
+        running = 0
+
+        def finished(task: asyncio.Task[None], message: Message) -> None:
+            nonlocal running
+            running -= 1
+            if self._tasks.get(message.id) is task:
+                del self._tasks[message.id]
+            self._feed()
+
+        def dispatch(message: Message) -> bool:
+            nonlocal running
+            if message.type in NOTICES:
+                if not ended.done():
+                    ended.set_result(None)
+                return True
+            if running >= max_tasks:
+                return False
+            running += 1
+            task = self._loop.create_task(_handle(self, message, handler))
+            if message.type is MessageType.REQUEST:
+                self._tasks[message.id] = task
+            task.add_done_callback(lambda done: finished(done, message))
+            return True
+
+        self._dispatch = dispatch
+        try:
+            self._feed()
+            await ended
+        finally:
+            if self._dispatch is dispatch:
+                self._dispatch = None
+
+    def check_length(self, size: int) -> None:
+        """MessageTooLarge if a message of ``size`` bytes exceeds what the peer accepts."""
+        self._channel.check_length(size)
+
     # -- closing ---------------------------------------------------------------------------------
 
     async def close(self, timeout: float | None = 1.0) -> None:
@@ -851,35 +900,8 @@ class AsyncConnectionPort:
                 task.cancel()
 
     async def _serve_one(self, comm: AsyncCommunicationPort, handler: Handler, max_tasks: int) -> None:
-        ended: asyncio.Future[None] = self._loop.create_future()
-        running = 0
-
-        def finished(task: asyncio.Task[None], message: Message) -> None:
-            nonlocal running
-            running -= 1
-            if comm._tasks.get(message.id) is task:
-                del comm._tasks[message.id]
-            comm._feed()
-
-        def dispatch(message: Message) -> bool:
-            nonlocal running
-            if message.type in NOTICES:
-                if not ended.done():
-                    ended.set_result(None)
-                return True
-            if running >= max_tasks:
-                return False
-            running += 1
-            task = self._loop.create_task(_handle(comm, message, handler))
-            if message.type is MessageType.REQUEST:
-                comm._tasks[message.id] = task
-            task.add_done_callback(lambda done: finished(done, message))
-            return True
-
-        comm._dispatch = dispatch
         try:
-            comm._feed()
-            await ended
+            await comm.serve(handler, max_tasks=max_tasks)
         finally:
             self._comms.discard(comm)
             await comm.close()

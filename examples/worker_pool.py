@@ -2,8 +2,10 @@
 
 The coordinator serves a task queue; worker processes connect, take a task (a
 buffer of a few MiB), transform it and hand the result back. Buffers over the
-inline threshold travel out of band: the sender's buffer goes to the socket
-as it is, and the receiver gets a read-only view of the message.
+inline threshold travel out of band, through the connection's shared-memory
+section: the sender's buffer is copied once, straight into the section (never
+joined with the rest of the message first), and the receiver gets a read-only
+view of the message.
 
     python examples/worker_pool.py [--workers 3] [--tasks 12] [--size-mib 2]
 

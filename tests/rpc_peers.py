@@ -8,6 +8,7 @@ on lines, never on sleeps.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hashlib
 import os
 import sys
@@ -81,6 +82,9 @@ class Store(rpc.Interface, name="test.store", version=(2, 3)):
 
     @rpc.method
     def fire(self, target: Any, count: int) -> int: ...
+
+    @rpc.method
+    def spin(self, label: str) -> str: ...
 
 
 class StoreImpl(Store):
@@ -179,6 +183,58 @@ class StoreImpl(Store):
             target(index)
         return count
 
+    def spin(self, label: str) -> str:
+        # A sync handler that stops once its caller cancels: polls the flag, as a long job would.
+        call = rpc.current_call()
+        say("SPINNING", label)
+        give_up = time.monotonic() + 30
+        while not call.cancelled:
+            if time.monotonic() > give_up:
+                say("NOT_CANCELLED", label)
+                return "not cancelled"
+            time.sleep(0.005)  # handshake-free: the work between two polls of the flag under test
+        say("CANCELLED", label)
+        return "cancelled (a reply nobody receives)"
+
+
+class AsyncStoreImpl(StoreImpl):
+    """The same Store with async handlers, for rpc.aio.Server (plain ones run on the loop)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.async_barriers: dict[int, asyncio.Barrier] = {}
+
+    async def sleep(self, seconds: float, label: str = "") -> float | None:  # type: ignore[override]
+        self.log.append(label or "sleep")
+        say("SLEEPING", label or "-")
+        try:
+            await asyncio.sleep(seconds)  # handshake-free: the call under test must take this long
+        except asyncio.CancelledError:
+            say("CANCELLED", label or "-", rpc.current_call().cancelled)
+            raise
+        return rpc.current_call().remaining()
+
+    async def visit(self, visitor: Any, count: int) -> int:  # type: ignore[override]
+        return sum([await visitor.visit(index) for index in range(count)])
+
+    async def fire(self, target: Any, count: int) -> int:  # type: ignore[override]
+        for index in range(count):
+            await target(index)
+        return count
+
+    async def gather(self, parties: int, timeout: float) -> bool:  # type: ignore[override]
+        barrier = self.async_barriers.setdefault(parties, asyncio.Barrier(parties))
+        try:
+            async with asyncio.timeout(timeout):
+                await barrier.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def whoami(self) -> dict[str, Any]:  # type: ignore[override]
+        await asyncio.sleep(0)  # the context survives a suspension
+        return super().whoami()
+
 
 class CustomError(Exception):
     pass
@@ -208,6 +264,24 @@ def serve(args: argparse.Namespace) -> None:
         sys.stdin.read()
 
 
+def async_serve(args: argparse.Namespace) -> None:
+    async def main() -> None:
+        config = alpc.Config.from_env(args.runtime_dir)
+        attributes = alpc.PortAttributes(max_message_length=args.max_message_length,
+                                         max_section_bytes=args.max_section_bytes)
+        async with rpc.aio.Server(args.name, AsyncStoreImpl(), config=config, attributes=attributes,
+                                  send_tracebacks=args.tracebacks):
+            say("READY", os.getpid())
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+
+    if args.loop == "uvloop":
+        import uvloop
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(main())
+    else:
+        asyncio.run(main())
+
+
 def callback_server(args: argparse.Namespace) -> None:
     """Port level: every request is answered only after a nested request back to the client."""
     config = alpc.Config.from_env(args.runtime_dir)
@@ -231,17 +305,19 @@ def callback_server(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("role", choices=["server", "callback-server"])
+    parser.add_argument("role", choices=["server", "async-server", "callback-server"])
     parser.add_argument("name")
     parser.add_argument("--runtime-dir", required=True)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--tracebacks", action="store_true")
     parser.add_argument("--reply-timeout", type=float, default=5.0)
     parser.add_argument("--callback-timeout", type=float, default=10.0)
+    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
     parser.add_argument("--max-message-length", type=int, default=64 * 1024 * 1024)
     parser.add_argument("--max-section-bytes", type=int, default=alpc.PortAttributes().max_section_bytes)
     args = parser.parse_args()
-    serve(args) if args.role == "server" else callback_server(args)
+    roles = {"server": serve, "async-server": async_serve, "callback-server": callback_server}
+    roles[args.role](args)
 
 
 if __name__ == "__main__":

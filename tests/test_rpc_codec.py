@@ -313,6 +313,60 @@ def test_hello_round_trip_and_garbage() -> None:
             decode_hello(garbage)
 
 
+# Anything msgpack can carry, nested a little: what a hostile client may put in its connect data.
+_ANY_VALUE = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**64 - 1) | st.floats()
+    | st.text(max_size=300) | st.binary(max_size=40),
+    lambda inner: st.lists(inner, max_size=10) | st.dictionaries(st.text(max_size=12) | st.binary(max_size=4),
+                                                                  inner, max_size=18),
+    max_leaves=30,
+)
+# A hello whose fields have the right types, and values near and past their bounds.
+_NEAR_HELLO = st.fixed_dictionaries({
+    "rpc": st.integers(-1, 3),
+    "interface": st.text(max_size=300),
+    "version": st.lists(st.integers(-2, 3) | st.integers(0, 2**32) | st.booleans(), min_size=1, max_size=3),
+})
+# ... and one with any field replaced by anything.
+_ODD_HELLO = st.fixed_dictionaries(
+    {"rpc": st.integers(-1, 3) | _ANY_VALUE, "interface": st.text(max_size=20) | _ANY_VALUE,
+     "version": st.lists(st.integers(-2, 3), max_size=3) | _ANY_VALUE},
+    optional={"extra": _ANY_VALUE},
+)
+
+
+def _decodes_or_refuses(data: bytes) -> None:
+    try:
+        hello = decode_hello(data)
+    except MarshalError:
+        return
+    # What it accepts is well-typed: the server compares these without further checks.
+    assert type(hello.rpc) is int and type(hello.interface) is str and len(hello.interface) <= 256
+    assert all(type(part) is int and part >= 0 for part in hello.version) and len(hello.version) == 2
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=300))
+def test_decode_hello_of_random_bytes_only_raises_marshal_error(data: bytes) -> None:
+    _decodes_or_refuses(data)
+
+
+@settings(max_examples=500, deadline=None)
+@given(_NEAR_HELLO | _ODD_HELLO | _ANY_VALUE, st.binary(max_size=4))
+def test_decode_hello_of_any_msgpack_only_raises_marshal_error(fields: Any, trailer: bytes) -> None:
+    packed = msgpack.packb(fields)
+    _decodes_or_refuses(packed)
+    _decodes_or_refuses(packed + trailer)  # trailing bytes after a valid value
+    _decodes_or_refuses(packed[:-1])  # cut short
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.from_regex(r"[A-Za-z_][A-Za-z0-9_.:/-]{0,127}", fullmatch=True),
+       st.tuples(st.integers(0, 2**31 - 1), st.integers(0, 2**31 - 1)))
+def test_hello_round_trips_every_interface_name_and_version(name: str, version: tuple[int, int]) -> None:
+    assert decode_hello(encode_hello(name, version)) == (RPC_VERSION, name, version)
+
+
 def test_container_count_is_bounded_in_large_messages() -> None:
     limited = Codec(limits=Limits(max_containers=1000))
     many = [[] for _ in range(1500)]

@@ -204,6 +204,58 @@ def test_an_expired_call_is_never_started(broker: alpc.Broker, spawn: Any, runti
         assert blocker.proxy.started() == ["blocker"]
 
 
+# -- cancellation -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("workers", ["1", "4"])
+def test_a_started_call_cancelled_from_another_thread_stops_its_handler(
+        broker: alpc.Broker, spawn: Any, runtime_dir: Path, config: alpc.Config, workers: str) -> None:
+    # With one worker nobody else reads the connection: the handler's poll of the flag does.
+    server = start_server(spawn, runtime_dir, "--workers", workers)
+    with connect(config) as client:
+        pending = rpc.start_call(client.proxy.spin, "job")
+        assert server.expect("SPINNING") == ["job"]
+        canceller = threading.Thread(target=pending.cancel)
+        canceller.start()
+        canceller.join(10)
+        with pytest.raises(alpc.Cancelled):
+            pending.result(timeout=10)
+        assert server.expect("CANCELLED") == ["job"]
+        assert not pending.cancel()  # not in flight any more
+        # The handler's late reply is dropped at the server; this call gets its own.
+        assert client.proxy.echo("after") == [["after"], {}]
+        assert rpc.start_call(client.proxy.echo, "started").result(timeout=10) == [["started"], {}]
+
+
+@pytest.mark.parametrize("workers", ["1", "4"])
+def test_a_call_that_times_out_is_cancelled_at_the_server(broker: alpc.Broker, spawn: Any, runtime_dir: Path,
+                                                         config: alpc.Config, workers: str) -> None:
+    server = start_server(spawn, runtime_dir, "--workers", workers)
+    with connect(config) as client:
+        with pytest.raises(alpc.Timeout):
+            client.with_timeout(0.5).spin("blocking")
+        assert server.expect("CANCELLED") == ["blocking"]
+        with pytest.raises(alpc.Timeout):
+            rpc.start_call(client.with_timeout(0.5).spin, "started").result()
+        assert server.expect("CANCELLED") == ["started"]
+        pending = rpc.start_call(client.proxy.spin, "waited")
+        with pytest.raises(alpc.Timeout):
+            pending.result(timeout=0.3)  # giving up waiting cancels it too
+        assert server.expect("CANCELLED") == ["waited"]
+        assert client.proxy.pid() == server.pid
+
+
+def test_start_call_takes_only_two_way_proxy_methods(server: Any, config: alpc.Config) -> None:
+    with connect(config) as client:
+        with pytest.raises(TypeError, match="blocking RPC proxy"):
+            rpc.start_call(print, "x")
+        with pytest.raises(TypeError, match="one-way"):
+            rpc.start_call(client.proxy.note, "x")
+        with pytest.raises(MarshalError, match="cannot pass objects"):
+            rpc.start_call(client.proxy.visit, Visitor(), 1)
+        assert rpc.start_call(client.proxy.pid).result(timeout=10) == server.pid
+
+
 def test_many_clients_are_served_concurrently(server: Any, config: alpc.Config) -> None:
     clients = [connect(config) for _ in range(3)]
     try:
@@ -507,6 +559,12 @@ def test_server_arguments_are_checked() -> None:
         rpc.Server(NAME, object())  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="Interface subclass"):
         rpc.connect(object, NAME)  # type: ignore[type-var]
+    from rpc_peers import AsyncStoreImpl
+
+    with pytest.raises(TypeError, match=r"AsyncStoreImpl\.\w+ is async: serve it with rpc.aio.Server"):
+        rpc.Server(NAME, AsyncStoreImpl())
+    with pytest.raises(ValueError, match="max_tasks"):
+        rpc.aio.Server(NAME, AsyncStoreImpl(), max_tasks=0)
 
 
 class Ping(rpc.Interface, name="test.ping", version=(1, 0)):

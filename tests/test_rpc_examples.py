@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 import alpc
 from alpc import rpc
 
@@ -27,8 +29,10 @@ def cli(runtime_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=30, cwd=EXAMPLES)
 
 
-def test_kv_service_and_cli(broker: alpc.Broker, spawn: Any, runtime_dir: Path) -> None:
-    service = spawn.argv([sys.executable, str(EXAMPLES / "kv_service.py")], env=env_for(runtime_dir))
+@pytest.mark.parametrize("program", ["kv_service.py", "kv_async_service.py"])
+def test_kv_service_and_cli(broker: alpc.Broker, spawn: Any, runtime_dir: Path, program: str) -> None:
+    # The blocking and the asyncio service answer the same CLI the same way.
+    service = spawn.argv([sys.executable, str(EXAMPLES / program)], env=env_for(runtime_dir))
     service.expect("READY")
     assert cli(runtime_dir, "set", "greeting", "hello").returncode == 0
     assert cli(runtime_dir, "set", "name", "alpc").returncode == 0

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Generic, TypeVar
+import contextlib
+from collections.abc import Iterator
+from typing import Generic, Protocol, TypeVar
 
 from .. import port as _port
 from ..config import Config
@@ -14,7 +16,7 @@ from .endpoint import Endpoint, make_proxy, with_timeout
 from .hello import RPC_VERSION, Hello, decode_hello, encode_hello
 from .interface import Interface, version_compatible
 
-__all__ = ["INCOMPATIBLE", "Client", "connect"]
+__all__ = ["INCOMPATIBLE", "Client", "ClientBase", "check_server", "client_hello", "connect", "rejections"]
 
 T = TypeVar("T", bound=Interface)
 
@@ -23,28 +25,47 @@ T = TypeVar("T", bound=Interface)
 INCOMPATIBLE = "incompatible"
 
 
-class Client(Generic[T]):
+class _Port(Protocol):
+    @property
+    def server(self) -> PeerCred: ...
+
+    @property
+    def closed(self) -> bool: ...
+
+
+class ClientBase(Generic[T]):
+    """What the blocking and the asyncio client share: the interface, the server, the state."""
+
+    def __init__(self, interface: type[T], comm: _Port, server_hello: Hello) -> None:
+        self.interface = interface
+        self._comm = comm
+        self.server_version = server_hello.version
+
+    @property
+    def server(self) -> PeerCred:
+        """The server's kernel-verified identity."""
+        return self._comm.server
+
+    @property
+    def closed(self) -> bool:
+        return self._comm.closed
+
+    def __repr__(self) -> str:
+        return f"<rpc.{type(self).__name__} {self.interface.__alpc_name__} to pid {self.server.pid}>"
+
+
+class Client(ClientBase[T]):
     """A connection to an RPC server; ``proxy`` makes calls. Thread-safe; close when done."""
 
     def __init__(self, interface: type[T], endpoint: Endpoint, server_hello: Hello,
                  call_timeout: float | None) -> None:
-        self.interface = interface
+        super().__init__(interface, endpoint.comm, server_hello)
         self._endpoint = endpoint
-        self.server_version = server_hello.version
         self.proxy: T = make_proxy(interface, endpoint, 0, call_timeout)
 
     def with_timeout(self, timeout: float | None) -> T:
         """A proxy whose calls time out after ``timeout`` seconds (the server sees the deadline)."""
         return with_timeout(self.proxy, timeout)
-
-    @property
-    def server(self) -> PeerCred:
-        """The server's kernel-verified identity."""
-        return self._endpoint.comm.server
-
-    @property
-    def closed(self) -> bool:
-        return self._endpoint.comm.closed
 
     def close(self) -> None:
         self._endpoint.comm.close()
@@ -54,9 +75,6 @@ class Client(Generic[T]):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def __repr__(self) -> str:
-        return f"<rpc.Client {self.interface.__alpc_name__} to pid {self.server.pid}>"
 
 
 def connect(
@@ -77,17 +95,10 @@ def connect(
     no compatible version of the interface, ConnectionRejected for other
     refusals, and whatever ``alpc.connect`` raises.
     """
-    if not (isinstance(interface, type) and issubclass(interface, Interface)):
-        raise TypeError(f"an RPC interface is an Interface subclass, not {interface!r}")
-    hello = encode_hello(interface.__alpc_name__, interface.__alpc_version__)
+    with rejections():
+        comm = _port.connect(name, client_hello(interface), timeout=timeout, config=config)
     try:
-        comm = _port.connect(name, hello, timeout=timeout, config=config)
-    except ConnectionRejected as exc:
-        if exc.reason.startswith(INCOMPATIBLE):
-            raise VersionMismatch(exc.reason) from None
-        raise
-    try:
-        server_hello = _check_server(interface, name, comm.accept_data)
+        server_hello = check_server(interface, name, comm.accept_data)
     except BaseException:
         comm.close()
         raise
@@ -96,7 +107,26 @@ def connect(
     return Client(interface, endpoint, server_hello, call_timeout)
 
 
-def _check_server(interface: type[Interface], name: str, accept_data: bytes) -> Hello:
+def client_hello(interface: type[Interface]) -> bytes:
+    """The connect data naming ``interface`` (and checking that it is one)."""
+    if not (isinstance(interface, type) and issubclass(interface, Interface)):
+        raise TypeError(f"an RPC interface is an Interface subclass, not {interface!r}")
+    return encode_hello(interface.__alpc_name__, interface.__alpc_version__)
+
+
+@contextlib.contextmanager
+def rejections() -> Iterator[None]:
+    """A rejection for an incompatible version becomes VersionMismatch."""
+    try:
+        yield
+    except ConnectionRejected as exc:
+        if exc.reason.startswith(INCOMPATIBLE):
+            raise VersionMismatch(exc.reason) from None
+        raise
+
+
+def check_server(interface: type[Interface], name: str, accept_data: bytes) -> Hello:
+    """The server's hello from its accept data; VersionMismatch unless it serves ``interface``."""
     try:
         server = decode_hello(accept_data)
     except MarshalError as exc:

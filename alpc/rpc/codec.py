@@ -15,18 +15,18 @@ a RESULT is the value, an ERROR is ``[code, type_name, message, traceback | nil]
 
 A bytes-like argument or result larger than the inline threshold is not packed
 into the envelope: it becomes a segment, referenced from the envelope by a
-BUFFER ext value holding its index, and is handed to the transport as a buffer
-of its own (gathered by sendmsg, never joined), so the sender makes no extra
-copy; the receiver gets it as a read-only memoryview of the message data.
-Buffers are lifted when they are a top-level argument, the result, or an item
-of a returned tuple; anywhere deeper they are packed inline (still correct).
+BUFFER ext value holding its index, and is handed to the port as a buffer of
+its own, never joined with the rest; the receiver gets it as a read-only
+memoryview of the message data. Buffers are lifted when they are a top-level
+argument, the result, or an item of a returned tuple; anywhere deeper they are
+packed inline (still correct).
 
-Where shared-memory sections slot in: ``encode_*`` return the message as parts
-``[head + table, envelope, *segments]`` and ``decode`` slices segments out of
-``memoryview(message.data)``. When alpc's automatic section path exists, the
-port copies these parts into the connection's section instead of the socket
-and ``message.data`` becomes a view of that section: this module, and the RPC
-wire format, stay as they are.
+How the parts travel is the port's business: ``encode_*`` return the message
+as parts ``[head + table, envelope, *segments]``. A message over the
+connection's inline threshold goes through its shared-memory section (each
+part copied once, straight into the section, by either driver); a smaller one
+is gathered by sendmsg. ``decode`` slices segments out of
+``memoryview(message.data)``, the body the port copied out of the section.
 """
 
 from __future__ import annotations

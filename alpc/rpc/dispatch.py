@@ -22,7 +22,7 @@ from functools import lru_cache
 from typing import Any, NamedTuple
 
 from ..errors import MarshalError
-from ..protocol import Payload
+from ..protocol import Message, Payload
 from ..security import PeerCred
 from .codec import Call, Codec, ObjectRef
 from .faults import ErrorCode, exception_type_name, typed_error_code
@@ -49,7 +49,9 @@ class CallContext:
     """What a handler knows about the call it is running (``current_call()``).
 
     ``caller`` is the kernel-verified identity of the peer; ``deadline`` is on
-    the CLOCK_MONOTONIC clock shared by the processes of one machine.
+    the CLOCK_MONOTONIC clock shared by the processes of one machine;
+    ``message`` is the alpc Message that carried the call (None when a driver
+    gave none).
     """
 
     caller: PeerCred
@@ -57,6 +59,25 @@ class CallContext:
     method: str
     deadline: float | None
     oneway: bool
+    message: Message | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the caller cancelled this call (or timed out waiting for it).
+
+        A synchronous handler polls this and stops early; its reply is dropped
+        either way. An async handler gets CancelledError as well. Polling reads
+        the connection without blocking when no other thread is reading it,
+        so the flag turns up even on a server with one worker.
+        """
+        message = self.message
+        if message is None:
+            return False
+        if not message.cancelled:
+            pump = getattr(message.port, "pump", None)  # a blocking port; the asyncio loop reads by itself
+            if pump is not None:
+                pump()
+        return message.cancelled
 
     def remaining(self) -> float | None:
         """Seconds left before the caller's deadline (never negative); None if it set none."""
@@ -69,9 +90,10 @@ class CallContext:
         return self.deadline is not None and time.monotonic() >= self.deadline
 
 
-# The running call as a plain tuple (caller, interface, method, deadline, oneway):
-# cheaper to make per call than a CallContext, which is built only when asked for.
-CallInfo = tuple[PeerCred, str, str, float | None, bool]
+# The running call as a plain tuple (caller, interface, method, deadline, oneway,
+# the message that carried it): cheaper to make per call than a CallContext,
+# which is built only when asked for.
+CallInfo = tuple[PeerCred, str, str, float | None, bool, "Message | None"]
 CALL_INFO: ContextVar[CallInfo | None] = ContextVar("alpc_rpc_call", default=None)
 
 
@@ -246,8 +268,10 @@ class Dispatcher:
         self._encode_result = codec.encode_result
         self._lookup = objects.lookup
 
-    def handle(self, data: bytes, *, expects_reply: bool = True) -> Payload | None:
+    def handle(self, data: bytes, *, expects_reply: bool = True, message: Message | None = None) -> Payload | None:
         """Decode, check, run and encode one call; None when no reply is to be sent.
+
+        ``message``, the one that carried the call, lets the handler see a cancel.
 
         The common call (positional arguments that fit, no access rule, deadline
         not passed) runs inline here; everything else goes through prepare/run.
@@ -264,12 +288,12 @@ class Dispatcher:
                 or not binding.fast_min <= len(args) <= binding.fast_max
                 or (deadline is not None and time.monotonic() >= deadline)):
             try:
-                prepared = self._prepare_checked(entry, binding, call, expects_reply)
+                prepared = self._prepare_checked(entry, binding, call, expects_reply, message)
             except _Refused as refusal:
                 return self._refusal(refusal) if expects_reply else None
             return self.run(prepared)
         assert entry is not None
-        token = CALL_INFO.set((self._caller, entry.interface, name, deadline, not expects_reply))
+        token = CALL_INFO.set((self._caller, entry.interface, name, deadline, not expects_reply, message))
         try:
             result = binding.fn(*args)
         except Exception as exc:
@@ -286,7 +310,7 @@ class Dispatcher:
         except MarshalError as exc:
             return self._codec.encode_error(ErrorCode.MARSHAL, "MarshalError", f"cannot marshal the result: {exc}")
 
-    def prepare(self, data: bytes, *, expects_reply: bool = True) -> Prepared | bytes:
+    def prepare(self, data: bytes, *, expects_reply: bool = True, message: Message | None = None) -> Prepared | bytes:
         """The call ready to run, or the error reply refusing it (for drivers that run calls themselves)."""
         try:
             call = self._codec.decode_call(data)
@@ -296,7 +320,7 @@ class Dispatcher:
         entry = self._lookup(object_id)
         binding = None if entry is None else entry.bindings.get(name)
         try:
-            return self._prepare_checked(entry, binding, call, expects_reply)
+            return self._prepare_checked(entry, binding, call, expects_reply, message)
         except _Refused as refusal:
             return self._refusal(refusal)
 
@@ -309,7 +333,7 @@ class Dispatcher:
         return self._codec.encode_error(refusal.code, refusal.type_name, refusal.message)
 
     def _prepare_checked(self, entry: Exported | None, binding: Binding | None, call: Call,
-                         expects_reply: bool) -> Prepared:
+                         expects_reply: bool, message: Message | None) -> Prepared:
         object_id, name, args, kwargs, deadline = call
         if entry is None:
             raise _Refused(ErrorCode.UNKNOWN_METHOD, "UnknownMethod",
@@ -324,7 +348,7 @@ class Dispatcher:
             raise _Refused(ErrorCode.DEADLINE, "DeadlineExceeded",
                            f"the deadline of {entry.interface}.{name} passed before it started")
         kwargs = self._check_arguments(binding, args, kwargs, f"{entry.interface}.{name}")
-        return binding.fn, args, kwargs, (self._caller, entry.interface, name, deadline, not expects_reply)
+        return binding.fn, args, kwargs, (self._caller, entry.interface, name, deadline, not expects_reply, message)
 
     def _allows(self, access: ResolvedAccess) -> bool:
         # The caller's identity is fixed for the connection, so decide once per rule.
@@ -353,13 +377,33 @@ class Dispatcher:
         try:
             result = fn(*args, **kwargs)
         except Exception as exc:
-            if not info[4]:
-                return self.fail(exc)
-            self._log_oneway(info[1], info[2], exc)
-            return None
+            return self._raised(info, exc)
         finally:
             CALL_INFO.reset(token)
         return None if info[4] else self.complete(result)
+
+    async def run_async(self, prepared: Prepared) -> Payload | None:
+        """``run`` for an asyncio driver: a coroutine handler is awaited (a plain one runs inline).
+
+        CancelledError (the caller cancelled) propagates: no reply is due then.
+        """
+        fn, args, kwargs, info = prepared
+        token = CALL_INFO.set(info)
+        try:
+            result = fn(*args, **kwargs)
+            if inspect.isawaitable(result):
+                result = await result
+        except Exception as exc:
+            return self._raised(info, exc)
+        finally:
+            CALL_INFO.reset(token)
+        return None if info[4] else self.complete(result)
+
+    def _raised(self, info: CallInfo, exc: Exception) -> Payload | None:
+        if not info[4]:
+            return self.fail(exc)
+        self._log_oneway(info[1], info[2], exc)
+        return None
 
     def complete(self, result: Any) -> Payload:
         """The reply for a call that returned ``result``."""

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import logging
 import time
+import types
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
 from ..errors import ConnectionClosed, DeadlineExceeded, MarshalError, MessageTooLarge, Timeout
-from ..port import CommunicationPort
-from ..protocol import Message
+from ..port import CommunicationPort, PendingRequest
+from ..protocol import Message, Payload
+from ..security import PeerCred
 from ..wire import MessageType
 from .codec import DEFAULT_LIMITS, INLINE_THRESHOLD, Codec, Limits, ObjectRef
 from .dispatch import CALL_INFO, Dispatcher, ObjectTable
@@ -25,9 +27,14 @@ from .interface import Interface
 
 __all__ = [
     "Endpoint",
+    "EndpointBase",
+    "PendingCall",
     "Proxy",
     "RemoteObject",
+    "call_deadline",
     "make_proxy",
+    "start_call",
+    "time_left",
     "with_timeout",
 ]
 
@@ -36,7 +43,46 @@ log = logging.getLogger("alpc.rpc")
 P = TypeVar("P")
 
 
-class Endpoint:
+class EndpointBase:
+    """What both drivers' endpoints share: the codec, the dispatcher and the objects exported.
+
+    The blocking ``Endpoint`` and the asyncio one (``rpc.aio``) add only the
+    I/O: how a call is sent and waited for, and how a received one is run.
+    """
+
+    def __init__(self, objects: ObjectTable, caller: PeerCred, *, limits: Limits, inline_threshold: int,
+                 send_tracebacks: bool, call_timeout: float | None) -> None:
+        self.objects = objects
+        self.codec = Codec(limits=limits, inline_threshold=inline_threshold,
+                           export=objects.export, import_object=self._import)
+        self.dispatcher = Dispatcher(self.codec, objects, caller=caller, send_tracebacks=send_tracebacks)
+        self.call_timeout = call_timeout
+
+    def _import(self, ref: ObjectRef) -> RemoteObject:
+        return RemoteObject(self, ref, self.call_timeout)
+
+    def call(self, object_id: int, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+             timeout: float | None) -> Any:
+        """A two-way call: its result (or, from an asyncio endpoint, an awaitable of it)."""
+        raise NotImplementedError
+
+    def notify(self, object_id: int, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+               timeout: float | None) -> Any:
+        """A one-way call (from an asyncio endpoint, an awaitable)."""
+        raise NotImplementedError
+
+    def oneway_call(self, object_id: int, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                    timeout: float | None) -> tuple[Payload, float | None]:
+        """The payload of a one-way call and how long its send may wait."""
+        deadline = call_deadline(timeout)
+        payload, exported = self.codec.encode_call(object_id, method, args, kwargs, deadline)
+        if exported:
+            self.objects.release(exported)
+            raise MarshalError(f"{method} is one-way: nobody would serve the objects passed to it")
+        return payload, time_left(deadline, method)
+
+
+class Endpoint(EndpointBase):
     """Calls and serving for one established connection."""
 
     def __init__(
@@ -51,14 +97,11 @@ class Endpoint:
         call_timeout: float | None = None,
         on_drop: Callable[[Endpoint], None] | None = None,
     ) -> None:
+        super().__init__(objects, comm.peer, limits=limits, inline_threshold=inline_threshold,
+                         send_tracebacks=send_tracebacks, call_timeout=call_timeout)
         self.comm = comm
         self._on_drop = on_drop
-        self.objects = objects
-        self.codec = Codec(limits=limits, inline_threshold=inline_threshold,
-                           export=objects.export, import_object=self._import)
-        self.dispatcher = Dispatcher(self.codec, objects, caller=comm.peer, send_tracebacks=send_tracebacks)
         self.reply_timeout = reply_timeout
-        self.call_timeout = call_timeout
         # Bound once: these run on every call.
         self._serve = self.serve
         self._handle = self.dispatcher.handle
@@ -75,8 +118,8 @@ class Endpoint:
         if timeout is None and CALL_INFO.get() is None:
             deadline = wait = None
         else:
-            deadline = _deadline(timeout)
-            wait = _remaining(deadline, method)
+            deadline = call_deadline(timeout)
+            wait = time_left(deadline, method)
         payload, exported = self._encode_call(object_id, method, args, kwargs, deadline)
         try:
             reply = self._request(payload, wait, on_message=self._serve)
@@ -88,15 +131,25 @@ class Endpoint:
     def notify(self, object_id: int, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                timeout: float | None) -> None:
         """A one-way call: a datagram, no reply, errors stay on the peer's side."""
-        deadline = _deadline(timeout)
-        payload, exported = self.codec.encode_call(object_id, method, args, kwargs, deadline)
+        payload, wait = self.oneway_call(object_id, method, args, kwargs, timeout)
+        self.comm.send(payload, wait)
+
+    def start_call(self, object_id: int, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                   timeout: float | None) -> PendingCall:
+        """A two-way call sent without waiting: any thread may cancel it (``rpc.start_call``).
+
+        Its reply is waited for with ``PendingRequest.result``, which serves no
+        nested calls, so callback objects cannot be passed this way.
+        """
+        deadline = call_deadline(timeout)
+        wait = time_left(deadline, method)
+        payload, exported = self._encode_call(object_id, method, args, kwargs, deadline)
         if exported:
             self.objects.release(exported)
-            raise MarshalError(f"{method} is one-way: nobody would serve the objects passed to it")
-        self.comm.send(payload, _remaining(deadline, method))
-
-    def _import(self, ref: ObjectRef) -> RemoteObject:
-        return RemoteObject(self, ref, self.call_timeout)
+            raise MarshalError(f"a started call of {method} cannot pass objects: nobody would serve their calls "
+                               "while it waits (make a plain call to pass callbacks)")
+        pending = self.comm.start_request(payload, wait, deadline=deadline)
+        return PendingCall(self, pending, method)
 
     # -- serving -----------------------------------------------------------------
 
@@ -107,7 +160,7 @@ class Endpoint:
             if kind is MessageType.DATAGRAM:
                 self._handle(message.data, expects_reply=False)
             return
-        payload = self._handle(message.data)
+        payload = self._handle(message.data, message=message)
         assert payload is not None
         try:
             try:
@@ -127,7 +180,7 @@ class Endpoint:
 _REQUEST = MessageType.REQUEST
 
 
-def _deadline(timeout: float | None) -> float | None:
+def call_deadline(timeout: float | None) -> float | None:
     """Our own deadline, or the one of the call we are serving if that ends sooner."""
     deadline = None if timeout is None else time.monotonic() + timeout
     info = CALL_INFO.get()
@@ -137,7 +190,7 @@ def _deadline(timeout: float | None) -> float | None:
     return deadline
 
 
-def _remaining(deadline: float | None, method: str) -> float | None:
+def time_left(deadline: float | None, method: str) -> float | None:
     if deadline is None:
         return None
     left = deadline - time.monotonic()
@@ -154,7 +207,7 @@ class Proxy:
 
     __slots__ = ("_endpoint", "_object_id", "_timeout")
 
-    def __init__(self, endpoint: Endpoint, object_id: int, timeout: float | None) -> None:
+    def __init__(self, endpoint: EndpointBase, object_id: int, timeout: float | None) -> None:
         self._endpoint = endpoint
         self._object_id = object_id
         self._timeout = timeout
@@ -166,13 +219,17 @@ class Proxy:
 
 
 def _caller(name: str, oneway: bool) -> Callable[..., Any]:
+    # Whatever the endpoint returns is the call's outcome: a result for a
+    # blocking endpoint, an awaitable for an asyncio one; so one proxy class
+    # per interface serves both drivers.
     if oneway:
         def call(self: Proxy, *args: Any, **kwargs: Any) -> Any:
-            self._endpoint.notify(self._object_id, name, args, kwargs, self._timeout)
+            return self._endpoint.notify(self._object_id, name, args, kwargs, self._timeout)
     else:
         def call(self: Proxy, *args: Any, **kwargs: Any) -> Any:
             return self._endpoint.call(self._object_id, name, args, kwargs, self._timeout)
     call.__name__ = call.__qualname__ = name
+    call.__alpc_oneway__ = oneway  # type: ignore[attr-defined]
     return call
 
 
@@ -190,7 +247,7 @@ def proxy_class(interface: type[Interface]) -> type[Proxy]:
     return cls
 
 
-def make_proxy(interface: type[P], endpoint: Endpoint, object_id: int, timeout: float | None) -> P:
+def make_proxy(interface: type[P], endpoint: EndpointBase, object_id: int, timeout: float | None) -> P:
     if not (isinstance(interface, type) and issubclass(interface, Interface)):
         raise TypeError(f"an RPC interface is an Interface subclass, not {interface!r}")
     spec: type[Interface] = interface
@@ -206,7 +263,7 @@ class RemoteObject(Proxy):
 
     __slots__ = ("_ref",)
 
-    def __init__(self, endpoint: Endpoint, ref: ObjectRef, timeout: float | None) -> None:
+    def __init__(self, endpoint: EndpointBase, ref: ObjectRef, timeout: float | None) -> None:
         super().__init__(endpoint, ref.object_id, timeout)
         self._ref = ref
 
@@ -223,14 +280,49 @@ class RemoteObject(Proxy):
         oneway = self._ref.methods.get(name)
         if oneway is None:
             raise AttributeError(f"remote {self._ref.interface!r} object has no method {name!r}")
-        caller = _caller(name, oneway)
-        return lambda *args, **kwargs: caller(self, *args, **kwargs)
+        return types.MethodType(_caller(name, oneway), self)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.__getattr__("call")(*args, **kwargs)
 
     def __repr__(self) -> str:
         return f"<RemoteObject {self._ref.interface!r} id {self._ref.object_id}>"
+
+
+class PendingCall:
+    """A call in flight (``start_call``): wait for its result, or cancel it from any thread."""
+
+    def __init__(self, endpoint: Endpoint, pending: PendingRequest, method: str) -> None:
+        self._endpoint = endpoint
+        self._pending = pending
+        self.method = method
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The call's result; Cancelled once it was cancelled, Timeout (and the call is then
+        cancelled at the server) when ``timeout`` or the call's own deadline passes first."""
+        return self._endpoint.codec.result(self._pending.result(timeout).data)
+
+    def cancel(self) -> bool:
+        """Cancel the call at the server: False if its reply already came or it was cancelled."""
+        return self._pending.cancel()
+
+    def __repr__(self) -> str:
+        return f"<rpc.PendingCall {self.method} id {self._pending.id}>"
+
+
+def start_call(method: Callable[..., Any], /, *args: Any, **kwargs: Any) -> PendingCall:
+    """Start ``method(*args, **kwargs)``, a method of a blocking proxy, without waiting for it.
+
+    ``start_call(client.proxy.resize, image)`` sends the call and returns a
+    PendingCall: ``result()`` waits for it and any thread may ``cancel()`` it;
+    the handler then sees ``current_call().cancelled`` and its reply is dropped.
+    """
+    proxy = getattr(method, "__self__", None)
+    if not isinstance(proxy, Proxy) or not isinstance(proxy._endpoint, Endpoint):
+        raise TypeError(f"start_call takes a method of a blocking RPC proxy (client.proxy.name), not {method!r}")
+    if getattr(method, "__alpc_oneway__", False):
+        raise TypeError(f"{method.__name__} is one-way: there is nothing to wait for or cancel")
+    return proxy._endpoint.start_call(proxy._object_id, method.__name__, args, kwargs, proxy._timeout)
 
 
 def with_timeout(proxy: P, timeout: float | None) -> P:

@@ -12,6 +12,7 @@ loop can reuse both.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import threading
 import time
@@ -29,7 +30,7 @@ from .codec import DEFAULT_LIMITS, INLINE_THRESHOLD, Limits
 from .dispatch import ObjectTable
 from .endpoint import Endpoint
 from .hello import RPC_VERSION, decode_hello, encode_hello
-from .interface import Interface, version_compatible
+from .interface import Interface, interface_methods, version_compatible
 from .turns import Turns
 
 __all__ = ["Admission", "Server"]
@@ -72,6 +73,18 @@ class Admission:
                     f"(same major version and a server minor at least the client's are needed)")
         return obj
 
+    def refuse_coroutines(self) -> None:
+        """TypeError if a method is a coroutine function: a blocking server cannot await it."""
+        for obj in self._objects.values():
+            for name in interface_methods(obj) or {}:
+                if inspect.iscoroutinefunction(getattr(obj, name)):
+                    raise TypeError(f"{type(obj).__qualname__}.{name} is async: serve it with rpc.aio.Server")
+
+    @staticmethod
+    def accept_data(obj: Interface) -> bytes:
+        """What the server tells a client it admitted: the interface it gets, and its version."""
+        return encode_hello(type(obj).__alpc_name__, type(obj).__alpc_version__)
+
     def describe(self) -> list[str]:
         return [f"{name} {type(obj).__alpc_version__[0]}.{type(obj).__alpc_version__[1]}"
                 for name, obj in sorted(self._objects.items())]
@@ -106,6 +119,7 @@ class Server:
             raise ValueError("workers must be >= 1")
         self.name = name
         self._admission = Admission(objects)
+        self._admission.refuse_coroutines()
         self._workers = workers
         self._attributes = attributes
         self._config = config
@@ -214,7 +228,7 @@ class Server:
             log.info("rejected pid %d: %s", request.client.pid, choice)
             request.reject(choice)
             return
-        accept_data = encode_hello(type(choice).__alpc_name__, type(choice).__alpc_version__)
+        accept_data = self._admission.accept_data(choice)
         with self._endpoints_lock:
             # Held across accept so a first call cannot arrive before its endpoint exists.
             try:

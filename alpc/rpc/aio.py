@@ -1,0 +1,237 @@
+"""RPC on the asyncio API: async proxies, and a server that runs each call as a task.
+
+The same Interface declarations, codec, dispatch core and admission as the
+blocking side; only the I/O differs. ``alpc.aio`` drives every connection from
+the event loop's readiness callbacks (no thread per connection, uvloop works).
+
+Cancelling the task that awaits a proxy call cancels the call at the server
+(CANCEL): an async handler gets CancelledError there, a plain one can poll
+``current_call().cancelled``, and no reply comes back for it. Nested callbacks
+work here too: a client serves the calls its peer makes back into the objects
+it passed while its own call waits, each as a task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, TypeVar
+
+from .. import aio as _aio
+from ..config import Config, PortAttributes
+from ..errors import MessageTooLarge, PeerGone
+from ..protocol import Message, Payload, payload_parts
+from ..wire import MessageType
+from .client import ClientBase, check_server, client_hello, rejections
+from .codec import DEFAULT_LIMITS, INLINE_THRESHOLD, Limits
+from .dispatch import ObjectTable
+from .endpoint import EndpointBase, call_deadline, make_proxy, time_left, with_timeout
+from .faults import ErrorCode
+from .hello import Hello
+from .interface import Interface
+from .server import Admission
+
+__all__ = ["AsyncClient", "AsyncEndpoint", "Server", "connect"]
+
+log = logging.getLogger("alpc.rpc")
+
+T = TypeVar("T", bound=Interface)
+
+
+class AsyncEndpoint(EndpointBase):
+    """Calls and serving for one connection of an asyncio program. Use it from its loop only."""
+
+    def __init__(self, comm: _aio.AsyncCommunicationPort, objects: ObjectTable, *,
+                 limits: Limits = DEFAULT_LIMITS, inline_threshold: int = INLINE_THRESHOLD,
+                 send_tracebacks: bool = False, call_timeout: float | None = None) -> None:
+        super().__init__(objects, comm.peer, limits=limits, inline_threshold=inline_threshold,
+                         send_tracebacks=send_tracebacks, call_timeout=call_timeout)
+        self.comm = comm
+
+    async def call(self, object_id: int, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                   timeout: float | None) -> Any:
+        """A two-way call. Cancelling the awaiting task cancels it at the server."""
+        deadline = call_deadline(timeout)
+        wait = time_left(deadline, method)
+        payload, exported = self.codec.encode_call(object_id, method, args, kwargs, deadline)
+        try:
+            reply = await self.comm.request(payload, wait)
+        finally:
+            if exported:
+                self.objects.release(exported)
+        return self.codec.result(reply.data)
+
+    async def notify(self, object_id: int, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                     timeout: float | None) -> None:
+        """A one-way call: a datagram, no reply, errors stay on the peer's side."""
+        payload, wait = self.oneway_call(object_id, method, args, kwargs, timeout)
+        await self.comm.send(payload, wait)
+
+    async def handle(self, message: Message) -> Payload | None:
+        """Run one received call (a handler for ``AsyncCommunicationPort.serve``); its reply."""
+        expects_reply = message.type is MessageType.REQUEST
+        prepared = self.dispatcher.prepare(message.data, expects_reply=expects_reply, message=message)
+        if isinstance(prepared, bytes):  # refused before it ran
+            return prepared if expects_reply else None
+        payload = await self.dispatcher.run_async(prepared)
+        return None if payload is None else self._fitting(payload)
+
+    def _fitting(self, payload: Payload) -> Payload:
+        # Checked before the reply is handed over: the port would raise, and the caller wait for ever.
+        size = len(payload) if isinstance(payload, bytes) else payload_parts(payload)[1]
+        try:
+            self.comm.check_length(size)
+        except MessageTooLarge as exc:
+            return self.codec.encode_error(ErrorCode.TOO_LARGE, "MessageTooLarge", str(exc))
+        return payload
+
+
+class AsyncClient(ClientBase[T]):
+    """A connection to an RPC server from an asyncio program; ``proxy`` makes the calls.
+
+    ``proxy`` has the interface's methods, each returning an awaitable (typed
+    Any: the interface declares the blocking signatures). Close when done.
+    """
+
+    def __init__(self, interface: type[T], endpoint: AsyncEndpoint, server_hello: Hello,
+                 call_timeout: float | None) -> None:
+        super().__init__(interface, endpoint.comm, server_hello)
+        self._endpoint = endpoint
+        self.proxy: Any = make_proxy(interface, endpoint, 0, call_timeout)
+        # Serves the calls the server makes back into objects passed to it.
+        self._serving = asyncio.create_task(endpoint.comm.serve(endpoint.handle))
+
+    def with_timeout(self, timeout: float | None) -> Any:
+        """A proxy whose calls time out after ``timeout`` seconds (the server sees the deadline)."""
+        return with_timeout(self.proxy, timeout)
+
+    async def close(self) -> None:
+        self._serving.cancel()
+        await self._endpoint.comm.close()
+        await asyncio.gather(self._serving, return_exceptions=True)
+
+    async def __aenter__(self) -> AsyncClient[T]:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+async def connect(
+    interface: type[T],
+    name: str,
+    *,
+    timeout: float | None = None,
+    call_timeout: float | None = None,
+    config: Config | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+    inline_threshold: int = INLINE_THRESHOLD,
+    send_tracebacks: bool = False,
+) -> AsyncClient[T]:
+    """Connect to the port ``name`` serving ``interface``; as ``rpc.connect``, awaited."""
+    hello = client_hello(interface)
+    with rejections():
+        comm = await _aio.connect(name, hello, timeout=timeout, config=config)
+    try:
+        server_hello = check_server(interface, name, comm.accept_data)
+    except BaseException:
+        await comm.close()
+        raise
+    endpoint = AsyncEndpoint(comm, ObjectTable(), limits=limits, inline_threshold=inline_threshold,
+                             send_tracebacks=send_tracebacks, call_timeout=call_timeout)
+    return AsyncClient(interface, endpoint, server_hello, call_timeout)
+
+
+class Server:
+    """Serves Interface objects on the named port ``name`` from the running event loop.
+
+    Every call runs as a task: an ``async def`` handler is awaited, a plain one
+    runs on the loop itself (keep it short, or hand the work to an executor).
+    ``max_tasks`` bounds the calls running at once per client. ``await
+    start()`` returns once the port exists; ``serve_forever()`` runs until
+    ``stop()``. Use as ``async with``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *objects: Interface,
+        attributes: PortAttributes | None = None,
+        config: Config | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+        inline_threshold: int = INLINE_THRESHOLD,
+        send_tracebacks: bool = False,
+        max_tasks: int = 1024,
+    ) -> None:
+        if max_tasks < 1:
+            raise ValueError("max_tasks must be >= 1")
+        self.name = name
+        self._admission = Admission(objects)
+        self._attributes = attributes
+        self._config = config
+        self._options: dict[str, Any] = {"limits": limits, "inline_threshold": inline_threshold,
+                                         "send_tracebacks": send_tracebacks}
+        self._max_tasks = max_tasks
+        self._port: _aio.AsyncConnectionPort | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._connections: dict[_aio.AsyncCommunicationPort, asyncio.Task[None]] = {}
+
+    def __repr__(self) -> str:
+        return f"<rpc.aio.Server {self.name!r} serving {', '.join(self._admission.describe())}>"
+
+    @property
+    def connections(self) -> int:
+        return len(self._connections)
+
+    async def start(self) -> Server:
+        """Create the port and start accepting. Raises NameInUse, BrokerUnavailable..."""
+        if self._port is not None:
+            raise RuntimeError("the server was already started (a Server starts once)")
+        self._port = await _aio.create_port(self.name, self._attributes, config=self._config)
+        self._accepting = asyncio.create_task(self._accept(self._port))
+        return self
+
+    async def serve_forever(self) -> None:
+        """Start (if needed) and run until ``stop()``."""
+        if self._port is None:
+            await self.start()
+        assert self._accepting is not None
+        await asyncio.gather(self._accepting, return_exceptions=True)
+
+    async def stop(self) -> None:
+        """Stop accepting, cancel the calls running, close every connection and the port."""
+        tasks = [task for task in (self._accepting, *self._connections.values()) if task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._port is not None:
+            await self._port.close()
+
+    async def __aenter__(self) -> Server:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def _accept(self, port: _aio.AsyncConnectionPort) -> None:
+        while True:
+            request = await port.listen()
+            choice = self._admission.choose(request.data)
+            if isinstance(choice, str):
+                log.info("rejected pid %d: %s", request.client.pid, choice)
+                request.reject(choice)
+                continue
+            try:
+                comm = await request.accept(self._admission.accept_data(choice))
+            except PeerGone:
+                continue
+            endpoint = AsyncEndpoint(comm, ObjectTable(choice), **self._options)
+            self._connections[comm] = asyncio.create_task(self._serve(endpoint))
+
+    async def _serve(self, endpoint: AsyncEndpoint) -> None:
+        comm = endpoint.comm
+        try:
+            await comm.serve(endpoint.handle, max_tasks=self._max_tasks)
+        finally:
+            self._connections.pop(comm, None)
+            await comm.close()
