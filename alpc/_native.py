@@ -46,6 +46,7 @@ __all__ = [
     "E_VERSION",
     "HEADER_SIZE",
     "IMPLEMENTATION",
+    "MAX_SPIN_US",
     "SCAN_BATCH",
     "QUICK_COUNTERS",
     "QUICK_DEFAULTS",
@@ -69,6 +70,7 @@ __all__ = [
     "Q_TOO_LARGE",
     "Pinned",
     "QuickRing",
+    "WaitRecv",
     "ScanLimits",
     "buffer_address",
     "check_range",
@@ -482,14 +484,21 @@ def _recv_cred_c(state: Any) -> tuple[int, int, int]:
     return int(state[0]), int(state[1]), int(state[2])
 
 
+class WaitRecv(Protocol):
+    def __call__(self, fd: int, watch: int, timeout_ms: int, max_fds: int, state: Any,
+                 spin_us: int = 0) -> tuple[int, bytes, list[int], int]: ...
+
+
 def _sock_wait_recv_c(fd: int, watch: int, timeout_ms: int, max_fds: int,
-                      state: Any) -> tuple[int, bytes, list[int], int]:
+                      state: Any, spin_us: int = 0) -> tuple[int, bytes, list[int], int]:
     """(n, data, fds, flags): n bytes read (0: end of stream), E_TIMEOUT, E_WATCH or -errno;
     flags (RECV_*) say whether SCM_CREDENTIALS came (and changed: ``recv_cred(state)``)
-    and whether fds were truncated."""
+    and whether fds were truncated. ``spin_us`` (at most MAX_SPIN_US): poll without
+    sleeping that long first."""
     assert _ext is not None
     buf, view, fds, nfds, flags = _recv_scratch()
-    n = _ext[1].alpc_sock_wait_recv(fd, watch, timeout_ms, buf, RECV_SIZE, fds, max_fds, nfds, state, flags)
+    n = _ext[1].alpc_sock_wait_recv(fd, watch, timeout_ms, spin_us, buf, RECV_SIZE, fds, max_fds, nfds, state,
+                                    flags)
     if n <= 0:
         return n, b"", [], 0
     count = nfds[0]
@@ -497,8 +506,9 @@ def _sock_wait_recv_c(fd: int, watch: int, timeout_ms: int, max_fds: int,
 
 
 sock_send: Callable[[int, bytes], int] | None = None if _ext is None else _sock_send_c
-sock_wait_recv: Callable[[int, int, int, int, Any], tuple[int, bytes, list[int], int]] | None = (
-    None if _ext is None else _sock_wait_recv_c)
+sock_wait_recv: WaitRecv | None = None if _ext is None else _sock_wait_recv_c
+# The longest spin sock_wait_recv takes (csrc: ALPC_MAX_SPIN_US).
+MAX_SPIN_US = 1000
 recv_state: Callable[[], Any] | None = None if _ext is None else _recv_state_c
 recv_cred: Callable[[Any], tuple[int, int, int]] = _recv_cred_c
 

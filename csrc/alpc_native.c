@@ -5,10 +5,12 @@
 
 #include <errno.h>
 #include <poll.h>
+#include <sched.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #ifndef ALPC_SOURCE_HASH
@@ -300,7 +302,29 @@ static int take_ancillary(struct msghdr *msg, int *received, int32_t *cred, int 
     return kept;
 }
 
-int64_t alpc_sock_wait_recv(int fd, int watch, int timeout_ms, uint8_t *buf, size_t cap,
+static int64_t monotonic_ns(void)
+{
+    struct timespec now;
+
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (int64_t)now.tv_sec * 1000000000 + now.tv_nsec;
+}
+
+/* poll() without sleeping for up to spin_us: its result, 0 if nothing came. */
+static int spin_poll(struct pollfd *pfd, nfds_t count, int spin_us)
+{
+    int64_t end = monotonic_ns() + (int64_t)spin_us * 1000;
+    int rc;
+
+    for (;;) {
+        rc = poll(pfd, count, 0);
+        if (rc != 0 || monotonic_ns() >= end)
+            return rc;
+        sched_yield();
+    }
+}
+
+int64_t alpc_sock_wait_recv(int fd, int watch, int timeout_ms, int spin_us, uint8_t *buf, size_t cap,
                             int *fds, int max_fds, int *nfds, int32_t *cred, int *flags)
 {
     struct pollfd pfd[2];
@@ -317,7 +341,7 @@ int64_t alpc_sock_wait_recv(int fd, int watch, int timeout_ms, uint8_t *buf, siz
     int received[ALPC_MAX_RECV_FDS];
 
     if (buf == NULL || nfds == NULL || cred == NULL || flags == NULL || (fds == NULL && max_fds > 0) ||
-        max_fds < 0 || max_fds > ALPC_MAX_RECV_FDS)
+        max_fds < 0 || max_fds > ALPC_MAX_RECV_FDS || spin_us < 0 || spin_us > ALPC_MAX_SPIN_US)
         return ALPC_E_ARGS;
     *nfds = 0;
     *flags = 0;
@@ -332,7 +356,9 @@ int64_t alpc_sock_wait_recv(int fd, int watch, int timeout_ms, uint8_t *buf, siz
     }
     /* EINTR goes back to Python (as -EINTR), which runs its signal handlers
      * before the caller waits again: a blocked call stays interruptible. */
-    rc = poll(pfd, count, timeout_ms);
+    rc = spin_us > 0 && timeout_ms != 0 ? spin_poll(pfd, count, spin_us) : 0;
+    if (rc == 0)
+        rc = poll(pfd, count, timeout_ms);
     if (rc < 0)
         return -(int64_t)errno;
     if (rc == 0)

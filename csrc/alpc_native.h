@@ -127,8 +127,13 @@ enum {
  * says whether they came and whether they changed. Returns the bytes read
  * (0 at end of stream), ALPC_E_TIMEOUT, ALPC_E_WATCH when only the watched fd
  * fired, or -errno (-EAGAIN: woken, but nothing to read; -EINTR: a signal
- * arrived, so Python can run its handlers). */
-int64_t alpc_sock_wait_recv(int fd, int watch, int timeout_ms, uint8_t *buf, size_t cap,
+ * arrived, so Python can run its handlers). With spin_us > 0 (at most
+ * ALPC_MAX_SPIN_US) and a timeout other than 0, it first polls without
+ * sleeping for up to spin_us, yielding the CPU between polls: a reply from a
+ * peer on another CPU then lands on a CPU that is awake (no wake-up to pay),
+ * and a peer on the same CPU runs while this one yields. */
+enum { ALPC_MAX_SPIN_US = 1000 };
+int64_t alpc_sock_wait_recv(int fd, int watch, int timeout_ms, int spin_us, uint8_t *buf, size_t cap,
                             int *fds, int max_fds, int *nfds, int32_t *cred, int *flags);
 
 /* Hash of the sources this library was built from, to detect a stale build. */

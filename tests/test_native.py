@@ -8,6 +8,8 @@ import shutil
 import site
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -203,6 +205,57 @@ def test_socket_calls_of_the_extension(tmp_path: Path) -> None:
     finally:
         left.close()
         right.close()
+
+
+@pytest.mark.skipif(_native.IMPLEMENTATION != "c", reason="needs the built extension")
+def test_a_spinning_wait_reads_what_arrives_and_times_out_like_a_sleeping_one() -> None:
+    from alpc.transport import Stream
+
+    _ffi, lib = _native._ext  # type: ignore[misc]
+    assert lib.ALPC_MAX_SPIN_US == _native.MAX_SPIN_US
+    left, right = Stream.pair()
+    try:
+        assert _native.sock_wait_recv is not None and _native.recv_state is not None
+        state = _native.recv_state()
+        wait = _native.sock_wait_recv
+        # Nothing comes: the spin ends, then the sleep until the timeout.
+        started = time.monotonic()
+        assert wait(right.fileno(), -1, 20, 4, state, 500)[0] == _native.E_TIMEOUT
+        assert time.monotonic() - started >= 0.019
+        # Data sent while the reader spins (another thread) is read by the spin.
+        # Whether it lands during the spin or after it, the read is the same.
+        sender = threading.Timer(0.0002, lambda: os.write(left.fileno(), b"spun"))
+        sender.start()
+        assert wait(right.fileno(), -1, 1000, 4, state, _native.MAX_SPIN_US) == (4, b"spun", [], 0)
+        sender.join()
+        # The watched fd is polled by the spin too.
+        watch_r, watch_w = os.pipe()
+        os.write(watch_w, b"!")
+        assert wait(right.fileno(), watch_r, 1000, 4, state, 100)[0] == _native.E_WATCH
+        os.close(watch_r)
+        os.close(watch_w)
+        for bad in (-1, _native.MAX_SPIN_US + 1):
+            assert wait(right.fileno(), -1, 0, 4, state, bad)[0] == lib.ALPC_E_ARGS
+    finally:
+        left.close()
+        right.close()
+
+
+def test_the_spin_budget_follows_how_fast_the_peer_answers() -> None:
+    from alpc.transport import SpinBudget
+
+    budget = SpinBudget()
+    # It starts asleep, and spins once every PROBE_EVERY waits to find out.
+    plan = [budget.next() for _ in range(SpinBudget.PROBE_EVERY)]
+    assert plan[:-1] == [0] * (SpinBudget.PROBE_EVERY - 1) and plan[-1] == SpinBudget.MAX_US
+    budget.waited(20)  # a quick peer: about twice its time
+    assert budget.next() == 45
+    budget.waited(0)
+    assert budget.next() == 5
+    budget.waited(SpinBudget.MAX_US)
+    assert budget.next() == SpinBudget.MAX_US  # capped
+    budget.waited(SpinBudget.MAX_US + 1)  # a slow peer: sleep at once again
+    assert budget.next() == 0
 
 
 def test_stream_read_behaves_the_same_in_both_implementations(tmp_path: Path) -> None:
