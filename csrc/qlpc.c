@@ -808,7 +808,8 @@ static int worth_spinning(qlpc_chan *ch, int cpu, int woke)
     return state == ST_BUSY || state == ST_SPIN || (state == ST_FUTEX && woke);
 }
 
-/* Spin until an entry shows up (1) or spinning stops paying (0). */
+/* Spin until an entry shows up (1, or QLPC_E_INDEX if the peer's index lies)
+ * or spinning stops paying (0). */
 static int spin(qlpc_chan *ch, int cpu, int woke, uint64_t deadline)
 {
     uint64_t limit = now_ns() + spin_budget(ch);
@@ -820,7 +821,9 @@ static int spin(qlpc_chan *ch, int cpu, int woke, uint64_t deadline)
         cpu_relax();
         if (atomic_load_explicit(&ch->peer->tail, memory_order_acquire) != ch->head) {
             count(ch, QLPC_SPINS_CAUGHT);
-            return 1;
+            /* The peer's index is checked as on every other path: a lying one
+             * must not send take() to a stale slot. */
+            return available(ch);
         }
         if ((i & 31) != 0)
             continue;
@@ -860,8 +863,8 @@ static int wait_entry(qlpc_chan *ch, uint64_t deadline, uint64_t *since)
         int64_t slice;
         int interrupted;
 
-        if (worth_spinning(ch, cpu, woke) && spin(ch, cpu, woke, deadline))
-            return 1;
+        if (worth_spinning(ch, cpu, woke) && (rc = spin(ch, cpu, woke, deadline)) != 0)
+            return rc;
         /* Announce the sleep before the last look, so a producer that posts
          * after that look sees it and wakes us (both sides use seq_cst). */
         atomic_store(&ch->me->state, ST_FUTEX);
