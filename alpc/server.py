@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import deque
 
 from . import control, qlpc
@@ -28,7 +29,7 @@ from .registration import Registration
 from .section import ConnectionSections
 from .security import PeerCred, kinds_from_mask, kinds_mask
 from .stats import LiveConnection, PortStatistics, section_bytes_in_use
-from .transport import Poller, Stream, close_fds, deadline_after, wait_readable
+from .transport import Poller, SpinBudget, Stream, close_fds, deadline_after, spin_readable, wait_readable
 from .wire import Frame
 
 __all__ = ["ConnectionPort", "ConnectionRequest", "create_port"]
@@ -222,6 +223,8 @@ class ConnectionPort:
         self._foreign: set[object] = set()
         self._owners: dict[int, CommunicationPort] = {}
         self._poller = Poller()
+        # How long wait() spins before it sleeps, from how soon events came lately.
+        self._spin = SpinBudget()
         # Connections whose inbox got something since they were last served.
         self._ready: deque[CommunicationPort] = deque()
         self._stats = PortStatistics()
@@ -430,7 +433,8 @@ class ConnectionPort:
         # The link's fd changes across broker restarts, so it is polled beside
         # the epoll set rather than kept in it.
         poller = self._poller
-        fired = wait_readable([poller.fileno(), *link], deadline)
+        fds = [poller.fileno(), *link]
+        fired = self._spin_then_wait(fds, deadline)
         if not fired:
             return False
         if any(fd != poller.fileno() for fd in fired):
@@ -445,6 +449,18 @@ class ConnectionPort:
                 if owner is not None:
                     owner.pump()
         return True
+
+    def _spin_then_wait(self, fds: list[int], deadline: float | None) -> list[int]:
+        spin = self._spin.next() if deadline is None or deadline > time.monotonic() else 0
+        started = time.monotonic_ns()
+        fired = spin_readable(fds, spin) if spin else []
+        if not fired:
+            fired = wait_readable(fds, deadline)
+        if fired:
+            self._spin.waited((time.monotonic_ns() - started) // 1000)
+        else:
+            self._spin.us = 0  # nothing came before the deadline: an idle port
+        return fired
 
     def _next_event(self) -> ConnectionRequest | Message | None:
         self._check_open()

@@ -50,6 +50,7 @@ __all__ = [
     "notify_service_manager",
     "pidfd_open",
     "remaining",
+    "spin_readable",
     "wait_readable",
     "wait_readable_or_hangup",
 ]
@@ -111,6 +112,23 @@ def wait_readable(fds: Sequence[int], deadline: float | None) -> list[int]:
             return [fd for fd, _ in poller.poll(_poll_ms(deadline))]
         except InterruptedError:
             continue
+
+
+def spin_readable(fds: Sequence[int], spin_us: int) -> list[int]:
+    """``wait_readable`` without sleeping: poll for up to ``spin_us``, yielding the CPU
+    between polls; [] if nothing came by then (see SpinBudget)."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, _POLL_IN)
+    end = _monotonic_ns() + spin_us * 1000
+    while True:
+        try:
+            fired = poller.poll(0)
+        except InterruptedError:
+            continue
+        if fired or _monotonic_ns() >= end:
+            return [fd for fd, _ in fired]
+        os.sched_yield()
 
 
 def wait_readable_or_hangup(readable: Sequence[int], hangup: Sequence[int], deadline: float | None) -> list[int]:
@@ -213,7 +231,8 @@ class SpinBudget:
     on a VM) when the peer runs on another CPU, and yields the CPU to it when it
     runs on the same one. A longer wait (a slow or idle peer) stops the spinning;
     every ``PROBE_EVERY``-th wait after that spins once, to notice a peer that
-    became quick again. Only the C read spins; the pure-Python one always sleeps.
+    became quick again. A stream's read spins in C (the pure-Python read always
+    sleeps); ``ConnectionPort.wait()`` spins with ``spin_readable``.
     """
 
     MAX_US = 100

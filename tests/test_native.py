@@ -258,6 +258,21 @@ def test_the_spin_budget_follows_how_fast_the_peer_answers() -> None:
     assert budget.next() == 0
 
 
+def test_spin_readable_returns_what_fired_or_nothing_once_its_time_is_up() -> None:
+    from alpc.transport import spin_readable
+
+    read, write = os.pipe()
+    try:
+        started = time.monotonic()
+        assert spin_readable([read], 300) == []
+        assert time.monotonic() - started >= 0.0003
+        os.write(write, b"!")
+        assert spin_readable([read], 300) == [read]
+    finally:
+        os.close(read)
+        os.close(write)
+
+
 def test_stream_read_behaves_the_same_in_both_implementations(tmp_path: Path) -> None:
     from alpc.security import PeerCred
     from alpc.transport import Stream
