@@ -232,7 +232,7 @@ class AsyncStoreImpl(StoreImpl):
         return True
 
     async def whoami(self) -> dict[str, Any]:  # type: ignore[override]
-        await asyncio.sleep(0)  # the context survives a suspension
+        await asyncio.sleep(0)  # handshake-free: a yield point, to show the context survives a suspension
         return super().whoami()
 
 

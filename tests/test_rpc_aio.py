@@ -54,7 +54,7 @@ async def aconnect(config: alpc.Config, interface: type[Any] = Store, **options:
 class Visitor(rpc.Interface, name="test.visitor"):
     @rpc.method
     async def visit(self, index: int) -> int:
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # handshake-free: a yield point, so a callback suspends mid-call
         return index * 2
 
 
