@@ -78,15 +78,21 @@ def test_ping_is_answered_by_the_core(pair) -> None:  # type: ignore[no-untyped-
     assert pong is not None and pong.type is MessageType.PONG
 
 
-def test_releases_ride_with_the_reply_while_one_is_owed(pair) -> None:  # type: ignore[no-untyped-def]
-    client, server = pair
-    body = os.urandom(4096)
+def send_through_section(client: Connection, server: Connection, kind: MessageType, body: bytes):  # type: ignore[no-untyped-def]
+    """Send ``body`` from client to server through a section; (message id, what the server owes now)."""
     view = client.reserve(len(body), False)
     assert view is not None
     view.memory[:] = body
-    request_id, frames, fds = client.section_message(MessageType.REQUEST, view, as_view=False)
+    message_id, frames, fds = client.section_message(kind, view, as_view=False)
     _, (out, _) = deliver(frames, server, fds)
     client.section_sent(view, True)
+    return message_id, out
+
+
+def test_releases_ride_with_the_reply_while_one_is_owed(pair) -> None:  # type: ignore[no-untyped-def]
+    client, server = pair
+    body = os.urandom(4096)
+    request_id, out = send_through_section(client, server, MessageType.REQUEST, body)
     assert out == [] and not server.owed  # the body stays in the section until read
     message = server.take_message()
     assert message is not None and message.data == body
@@ -101,12 +107,7 @@ def test_releases_ride_with_the_reply_while_one_is_owed(pair) -> None:  # type: 
 def test_bodies_not_yet_taken_are_copied_out_when_the_connection_ends(pair) -> None:  # type: ignore[no-untyped-def]
     client, server = pair
     body = os.urandom(4096)
-    view = client.reserve(len(body), False)
-    assert view is not None
-    view.memory[:] = body
-    _, frames, fds = client.section_message(MessageType.DATAGRAM, view, as_view=False)
-    deliver(frames, server, fds)
-    client.section_sent(view, True)
+    send_through_section(client, server, MessageType.DATAGRAM, body)
     waiting = server.inbox[0]
     assert waiting._copy is not None
     server.release_resources()  # the sections are gone; the message keeps its bytes
