@@ -135,6 +135,11 @@ class AsyncCommunicationPort:
         return self._channel.peer
 
     @property
+    def queue_depth(self) -> int:
+        """Messages received and not yet taken by the application."""
+        return len(self._core.inbox)
+
+    @property
     def client(self) -> PeerCred:
         return self._channel.peer
 

@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from collections import deque
+from typing import Protocol
 
 from . import control, qlpc
 from .config import Config, PortAttributes
@@ -28,11 +29,25 @@ from .quotas import FlowLimits, Limit
 from .registration import Registration
 from .section import ConnectionSections
 from .security import PeerCred, kinds_from_mask, kinds_mask
-from .stats import LiveConnection, PortStatistics, section_bytes_in_use
+from .stats import ConnectionStats, LiveConnection, PortStatistics, section_bytes_in_use
 from .transport import Poller, SpinBudget, Stream, close_fds, deadline_after, spin_readable, wait_readable
 from .wire import Frame
 
-__all__ = ["ConnectionPort", "ConnectionRequest", "create_port"]
+__all__ = ["ConnectionPort", "ConnectionRequest", "ForeignConnection", "create_port"]
+
+
+class ForeignConnection(Protocol):
+    """A connection another driver (aio) accepted on a port: counted toward its
+    max_connections and reported to the broker with the port's own."""
+
+    stats: ConnectionStats
+    _channel: Channel
+
+    @property
+    def peer(self) -> PeerCred: ...
+
+    @property
+    def queue_depth(self) -> int: ...
 
 log = logging.getLogger(__name__)
 # A hostile client reconnecting again and again must not flood the server's log.
@@ -220,7 +235,7 @@ class ConnectionPort:
         # Insertion-ordered set of the accepted connections.
         self._connections: dict[CommunicationPort, None] = {}
         # Connections another driver (aio) accepted on this port: counted by max_connections.
-        self._foreign: set[object] = set()
+        self._foreign: set[ForeignConnection] = set()
         self._owners: dict[int, CommunicationPort] = {}
         self._poller = Poller()
         # How long wait() spins before it sleeps, from how soon events came lately.
@@ -353,14 +368,19 @@ class ConnectionPort:
         with self._lock:
             self._unanswered.discard(request)
 
-    def _hold_foreign(self, connection: object) -> None:
-        """Another driver (aio) accepted ``connection`` here: it counts toward max_connections."""
+    def _hold_foreign(self, connection: ForeignConnection) -> None:
+        """Another driver (aio) accepted ``connection`` here: it counts toward max_connections
+        and appears in the port's reports (``alpc peers``, ``alpc stats``)."""
         with self._lock:
             self._foreign.add(connection)
+        self._link.report_soon()
 
-    def _drop_foreign(self, connection: object) -> None:
+    def _drop_foreign(self, connection: ForeignConnection) -> None:
         with self._lock:
-            self._foreign.discard(connection)
+            if connection in self._foreign:
+                self._foreign.discard(connection)
+                self._stats.retire(connection.stats)
+        self._link.report_soon()
 
     # -- communication ports ----------------------------------------------------
 
@@ -395,8 +415,9 @@ class ConnectionPort:
     def _status(self) -> control.PortStatus:
         """The report the keeper sends the broker: every client and the port's counters."""
         with self._lock:
+            connections: list[CommunicationPort | ForeignConnection] = [*self._connections, *self._foreign]
             live = [LiveConnection(comm.peer, comm.stats, comm.queue_depth,
-                                   section_bytes_in_use(comm._channel.sections)) for comm in self._connections]
+                                   section_bytes_in_use(comm._channel.sections)) for comm in connections]
             return self._stats.report(live)
 
     def wait(self, timeout: float | None = None) -> ConnectionRequest | Message:

@@ -89,6 +89,42 @@ def test_peers_show_queue_depth_in_flight_requests_and_their_age(broker: alpc.Br
         comm.close()
 
 
+def test_peers_include_the_clients_an_asyncio_server_accepted(broker: alpc.Broker, config: alpc.Config,
+                                                             spawn) -> None:
+    import asyncio
+
+    import alpc.aio
+
+    def peers_when(ok: Callable[[control.PeerList], bool]) -> control.PeerList:
+        return eventually(lambda: alpc.list_peers("svc.aioinspect", config), ok)
+
+    async def main() -> None:
+        port = await alpc.aio.create_port("svc.aioinspect", config=config, timeout=10)
+        loop = asyncio.get_running_loop()
+        try:
+            client = spawn("client", "svc.aioinspect")
+            comm = await (await port.listen(timeout=10)).accept()
+            client.expect("READY")
+            client.send("send hello")
+            client.expect("SENT")
+            assert (await comm.receive(timeout=5)).data == b"hello"
+            listing = await loop.run_in_executor(
+                None, peers_when, lambda found: found.peers_total == 1 and found.peers[0].messages_in == 1)
+            peer = listing.peers[0]
+            assert (peer.pid, peer.uid, peer.messages_in, peer.bytes_in) == (client.pid, os.getuid(), 1, 5)
+            client.send("close")
+            client.expect("CLOSED")
+            assert (await comm.receive(timeout=5)).type is alpc.MessageType.PORT_CLOSED
+            await loop.run_in_executor(None, peers_when, lambda found: found.peers_total == 0)
+            stats = await loop.run_in_executor(None, lambda: alpc.port_stats("svc.aioinspect", config))
+            totals = stats.ports[0].counters  # the connection's figures outlive it in the port's totals
+            assert totals.messages_in == 1 and totals.disconnects == 1
+        finally:
+            await port.close()
+
+    asyncio.run(main())
+
+
 SECTION_PEERS = Path(__file__).resolve().parent / "section_peers.py"
 
 
