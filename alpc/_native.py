@@ -577,7 +577,7 @@ class QuickRing:
     (time.monotonic_ns), timeouts relative; -1 means none.
     """
 
-    __slots__ = ("_buf", "_ch", "_lib", "call", "info", "payload_max", "reply_wait", "unpack", "wait_reply")
+    __slots__ = ("_buf", "_ch", "_lib", "call", "info", "kick", "payload_max", "reply_wait", "unpack", "wait_reply")
 
     def __init__(self, memfd: int, size: int, slots: int, slot_size: int, *, server: bool, sock_fd: int,
                  pidfd: int | None, spin_ns: int) -> None:
@@ -603,6 +603,7 @@ class QuickRing:
         self.reply_wait: Callable[[int, bytes, int, int], int] = partial(
             lib.qlpc_reply_wait, self._ch, self.info, self._buf)
         self.unpack: Callable[[int], bytes] = partial(ffi.unpack, self._buf)
+        self.kick: Callable[[], None] = partial(lib.qlpc_kick, self._ch)
 
     def reply(self, callback_id: int, data: bytes) -> int:
         """Server: post a reply without waiting (0, Q_DOORBELL, or why it was not posted)."""

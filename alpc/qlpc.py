@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -81,6 +82,8 @@ _REQUEST = MessageType.REQUEST
 # Statuses after which the message did not go into the ring: send it over the socket.
 _REFUSED = frozenset({Q_FULL, Q_ORDER, Q_TOO_LARGE, Q_BUSY, Q_CHECK, Q_CLOSED})
 _DOORBELL_TIMEOUT = 1.0
+# How long a ring caller waits for another thread's socket read before it looks at the ring again.
+_READER_SLICE = 0.01
 _monotonic_ns = time.monotonic_ns
 
 Handler = Callable[[bytes], Buffer]
@@ -140,6 +143,10 @@ class QuickLink:
         self.payload_max = ring.payload_max
         self._call = ring.call
         self._unpack = ring.unpack
+        # Client: held from posting a ring request until its reply is unpacked. The reply
+        # lands in the ring's one buffer, which the next call would overwrite: a thread
+        # that finds it held sends over the socket instead, as when a call is in flight.
+        self._calling = threading.Lock()
         # Client: ring requests given up on, whose replies may still come over the socket.
         self._late: dict[int, None] = {}
         # Server: ring requests handed out as Messages and not yet replied to.
@@ -201,31 +208,41 @@ class QuickLink:
         unpack = self._unpack
         payload_max = self.payload_max
         slow = self._call_slow
+        take_turn = self._calling.acquire
+        end_turn = self._calling.release
         # Weak: the port holds this function, and must stay free to be collected.
         port_ref = weakref.ref(port)
 
         def call(data: bytes, timeout: float | None = None) -> bytes:
-            if type(data) is bytes and len(data) <= payload_max:
-                deadline_ns = -1 if timeout is None else _monotonic_ns() + int(timeout * 1e9)
-                status = c_call(data, len(data), deadline_ns)
-                if status >= 0:
-                    return unpack(status)
-                got = slow(_alive(port_ref), status, deadline_ns)
-                if got is not None:
-                    return got[0]
+            if type(data) is bytes and len(data) <= payload_max and take_turn(False):
+                try:
+                    deadline_ns = -1 if timeout is None else _monotonic_ns() + int(timeout * 1e9)
+                    status = c_call(data, len(data), deadline_ns)
+                    if status >= 0:
+                        return unpack(status)
+                    got = slow(_alive(port_ref), status, deadline_ns)
+                    if got is not None:
+                        return got[0]
+                finally:
+                    end_turn()
             return _alive(port_ref).request(data, timeout).data
 
         return call
 
     def request(self, port: CommunicationPort, data: bytes, deadline: float | None) -> Message | None:
         """``call`` for ``request()``: the REPLY as a Message."""
-        deadline_ns = -1 if deadline is None else int(deadline * 1e9)
-        status = self._call(data, len(data), deadline_ns)
-        info = self.ring.info
-        if status >= 0:
-            got: tuple[bytes, int, int] | None = (self._unpack(status), info.sender_tid, info.callback_id)
-        else:
-            got = self._call_slow(port, status, deadline_ns)
+        if not self._calling.acquire(False):
+            return None  # another thread's ring call is not unpacked yet: take the socket
+        try:
+            deadline_ns = -1 if deadline is None else int(deadline * 1e9)
+            status = self._call(data, len(data), deadline_ns)
+            info = self.ring.info
+            if status >= 0:
+                got: tuple[bytes, int, int] | None = (self._unpack(status), info.sender_tid, info.callback_id)
+            else:
+                got = self._call_slow(port, status, deadline_ns)
+        finally:
+            self._calling.release()
         if got is None:
             return None
         body, tid, request_id = got
@@ -280,6 +297,8 @@ class QuickLink:
     def claims(self, request_id: int) -> bool:
         """A reply to a ring request came over the socket: deliver it (True) or drop it (False)."""
         if request_id == self.ring.in_flight():
+            # The caller may sleep on the rings: wake it to look at the socket's replies.
+            self.ring.kick()
             return True
         if request_id in self._late:
             del self._late[request_id]
@@ -492,8 +511,12 @@ def _socket_round(port: CommunicationPort, message_id: int, deadline: float | No
             return found
         port._raise_if_failed()
         if port._reading:
-            if not port._cv.wait(remaining(deadline)):
-                raise Timeout("timed out waiting for the reply")
+            # That reader may be waiting for a reply of its own for long, while ours
+            # comes through the ring: back to the ring after a slice.
+            left = remaining(deadline)
+            if not port._cv.wait(_READER_SLICE if left is None else min(left, _READER_SLICE)):
+                if left is not None and left <= _READER_SLICE:
+                    raise Timeout("timed out waiting for the reply")
             return port._replies.pop(message_id, None)
         port._reading = True
     try:

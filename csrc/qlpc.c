@@ -94,6 +94,7 @@ struct qlpc_chan {
     _Atomic uint32_t taking;   /* one consumer at a time */
     _Atomic uint32_t woke;     /* we woke the peer since our last wait */
     _Atomic uint32_t calling;  /* client: a request is in flight through the ring */
+    _Atomic uint32_t kicked;   /* client: its reply came over the socket (qlpc_kick) */
     _Atomic uint32_t calling_id;
     uint32_t next_id;          /* client: ring request ids (under calling) */
     _Atomic uint64_t sent;     /* socket bytes we wrote */
@@ -590,6 +591,17 @@ fail:
     return NULL;
 }
 
+void qlpc_kick(qlpc_chan *ch)
+{
+    if (ch == NULL || !enter(ch))
+        return;
+    atomic_store(&ch->kicked, 1);
+    /* Bumping the word it sleeps on: a waiter between its last look and its
+     * futex_wait does not sleep through this. */
+    poke(ch);
+    leave(ch);
+}
+
 void qlpc_close(qlpc_chan *ch)
 {
     uint32_t users;
@@ -765,6 +777,8 @@ static int ready(qlpc_chan *ch)
         return rc;
     if (atomic_load(&ch->closing))
         return QLPC_CLOSED;
+    if (atomic_exchange(&ch->kicked, 0))
+        return QLPC_CHECK;
     if (socket_stirred(ch))
         return QLPC_CHECK;
     return 0;

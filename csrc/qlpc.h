@@ -131,6 +131,10 @@ void qlpc_call_done(qlpc_chan *ch);
 /* Client: the id of the call in flight, 0 if none. */
 uint32_t qlpc_in_flight(qlpc_chan *ch);
 
+/* Client: the reply to the call in flight came over the socket and another
+ * thread filed it: wake this side's waiter, whose wait returns QLPC_CHECK. */
+void qlpc_kick(qlpc_chan *ch);
+
 /* Server: reply to callback_id through the ring (none if it is 0), then wait
  * for the next request (ALPC's reply-and-receive). Returns the request's
  * length with its ids in info, or a status; info->posted tells whether the
