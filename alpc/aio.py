@@ -28,7 +28,7 @@ from typing import Any
 
 from . import port, server
 from .config import Config, PortAttributes
-from .connection import FILED_ERROR, FILED_INBOX, NOTICES, Connection
+from .connection import FILED_ERROR, FILED_INBOX, NOTICES, Body, Connection, body_size, copy_body, owned_body
 from .errors import (
     Cancelled,
     ConnectionClosed,
@@ -39,7 +39,6 @@ from .errors import (
     Throttled,
     Timeout,
 )
-from .port import _copy_body, _owned, _size  # the blocking driver's: one notion of a payload
 from .protocol import Channel, Frames, Message
 from .protocol import Payload as WirePayload
 from .quotas import Limit, WindowClosed
@@ -59,8 +58,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# One buffer, parts sent back to back without being joined first, or a filled view.
-Payload = Buffer | Sequence[Buffer] | SectionView
+# What request/send/reply take (connection.Body): one buffer, parts, or a filled view.
+Payload = Body
 # A handler of ``serve``: the reply to a request (None for a datagram), sync or async.
 Handler = Callable[[Message], "Awaitable[Payload | None] | Payload | None"]
 
@@ -168,14 +167,14 @@ class AsyncCommunicationPort:
         if deadline is not None and (wait_until is None or deadline < wait_until):
             wait_until = deadline
         core = self._core
-        size = _size(data)
+        size = body_size(data)
         if fds:
             core.check_handles(fds)
         if isinstance(data, SectionView) or size > core.inline_threshold:
             message_id = await self._sending(lambda: self._send_section(
                 MessageType.REQUEST, data, wait_until, secure, deadline_attr=deadline, fds=fds), wait_until)
         else:
-            body = _owned(data)
+            body = owned_body(data)
             message_id = await self._sending(lambda: self._send_request(body, deadline, wait_until, fds), wait_until)
         self.stats.sent(size)
         try:
@@ -251,7 +250,7 @@ class AsyncCommunicationPort:
         datagram window is full (Throttled when ``timeout`` runs out meanwhile)."""
         deadline = deadline_after(self._send_timeout if timeout is None else timeout)
         core = self._core
-        size = _size(data)
+        size = body_size(data)
         if fds:
             core.check_handles(fds)
 
@@ -261,7 +260,7 @@ class AsyncCommunicationPort:
                 return
             if fds and self._unsent:
                 await self._drain(deadline)  # before the datagram takes its slot: see _write
-            frames = core.datagram(_owned(data), fds)
+            frames = core.datagram(owned_body(data), fds)
             if flush or fds:
                 await self._write(frames, deadline, fds)
             elif core.queue(frames):
@@ -318,14 +317,14 @@ class AsyncCommunicationPort:
                 data.release()
             return
         deadline = deadline_after(self._send_timeout if timeout is None else timeout)
-        size = _size(data)
+        size = body_size(data)
         if fds:
             core.check_handles(fds)
         try:
             if isinstance(data, SectionView) or size > core.inline_threshold:
                 await self._send_section(MessageType.REPLY, data, deadline, secure, callback_id=message.id, fds=fds)
             else:
-                await self._write(core.reply(message, _owned(data), fds), deadline, fds)
+                await self._write(core.reply(message, owned_body(data), fds), deadline, fds)
         except Timeout as exc:
             if not self._is_server:
                 raise
@@ -387,11 +386,11 @@ class AsyncCommunicationPort:
         if isinstance(data, SectionView):
             view, explicit = data, True
         else:
-            size = _size(data)
+            size = body_size(data)
             self._channel.check_length(size)
             view, explicit = await self._reserve(size, secure, deadline), False
             try:
-                _copy_body(view.memory, data)
+                copy_body(view.memory, data)
             except BaseException:
                 view.release()
                 raise

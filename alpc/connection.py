@@ -46,14 +46,14 @@ from typing import NamedTuple
 from . import _native
 from .errors import Cancelled, ConnectionClosed, DeadlineExceeded, PeerGone, ProtocolError, SectionError
 from .grant import LocalGrant, PeerMemory
-from .protocol import Channel, Frames, Message, Payload
+from .protocol import Buffer, Channel, Frames, Message, Payload, payload_parts
 from .section import SectionView, View
 from .security import PeerCred
 from .stats import ConnectionStats
 from .wire import HEADER_SIZE, MessageType, Range, Release
 
-__all__ = ["FILED_ERROR", "FILED_INBOX", "FILED_NOTHING", "FILED_REPLY", "NOTICES", "NOT_FILED", "Batch",
-           "Connection", "Owed", "Wake"]
+__all__ = ["FILED_ERROR", "FILED_INBOX", "FILED_NOTHING", "FILED_REPLY", "NOTICES", "NOT_FILED", "Batch", "Body",
+           "Connection", "Owed", "Wake", "body_size", "copy_body", "owned_body"]
 
 NOTICES = (MessageType.PORT_CLOSED, MessageType.CLIENT_DIED)
 # Unflushed datagrams (send(..., flush=False)) beyond this many bytes go out at once.
@@ -63,6 +63,44 @@ DRAIN_EVERY = 64
 # A receiver copying out a read's section bodies tells the sender of at most this many
 # released ranges at once, so a sender waiting for space gets it back while the rest copy.
 RELEASE_BATCH = 8
+
+# What a driver's request/send/reply take: one bytes-like buffer, parts sent back to back
+# without being joined first, or a filled view of the connection's section.
+Body = Buffer | Sequence[Buffer] | SectionView
+
+
+def body_size(data: Body) -> int:
+    if type(data) is bytes or isinstance(data, (bytearray, SectionView)):
+        return len(data)
+    if isinstance(data, memoryview):
+        return data.nbytes
+    return payload_parts(data)[1]
+
+
+def copy_body(into: memoryview, data: Buffer | Sequence[Buffer]) -> None:
+    """Copy a body (one buffer, or parts back to back) into reserved section space."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        _native.copy_into(into, data)
+        return
+    offset = 0
+    for part in payload_parts(data)[0]:
+        size = len(part) if isinstance(part, bytes) else memoryview(part).nbytes
+        _native.copy_into(into[offset:offset + size], part)
+        offset += size
+
+
+def owned_body(data: Buffer | Sequence[Buffer]) -> Payload:
+    """A single buffer is copied to bytes; parts are sent as given.
+
+    Parts are written to the kernel before send/request/reply return, so the
+    caller may reuse its buffers afterwards.
+    """
+    if type(data) is bytes:
+        return data
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)
+    return tuple(data)
+
 
 _REPLY, _PONG, _PORT_CLOSED = MessageType.REPLY, MessageType.PONG, MessageType.PORT_CLOSED
 _REQUEST = MessageType.REQUEST

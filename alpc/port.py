@@ -20,9 +20,20 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TypeVar
 
-from . import _native, control, qlpc
+from . import control, qlpc
 from .config import Config
-from .connection import FILED_ERROR, FILED_INBOX, NOTICES, Batch, Connection, Owed
+from .connection import (
+    FILED_ERROR,
+    FILED_INBOX,
+    NOTICES,
+    Batch,
+    Body,
+    Connection,
+    Owed,
+    body_size,
+    copy_body,
+    owned_body,
+)
 from .control import validate_port_name
 from .errors import (
     AccessDenied,
@@ -42,7 +53,7 @@ from .errors import (
 from .exchange import control_frame, read_frame, refusal_after_hangup
 from .grant import LocalGrant, MemoryGrant, PeerMemory, direct_read, direct_write
 from .logs import LogLimiter, fields
-from .protocol import Channel, ConnectionPolicy, Frames, Message, payload_parts
+from .protocol import Channel, ConnectionPolicy, Frames, Message
 from .protocol import Payload as WirePayload
 from .quotas import Limit, WindowClosed
 from .retry import retry_until
@@ -78,42 +89,8 @@ _BATCH_FRAMES = 1024
 # read takes 1 + max_handles_per_message).
 
 
-# What request/send/reply take: one bytes-like buffer, parts sent back to back
-# without being joined first, or a filled view of the connection's section.
-Payload = Buffer | Sequence[Buffer] | SectionView
-
-
-def _size(data: Payload) -> int:
-    if type(data) is bytes or isinstance(data, (bytearray, SectionView)):
-        return len(data)
-    if isinstance(data, memoryview):
-        return data.nbytes
-    return payload_parts(data)[1]
-
-
-def _copy_body(into: memoryview, data: Buffer | Sequence[Buffer]) -> None:
-    """Copy a body (one buffer, or parts back to back) into reserved section space."""
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        _native.copy_into(into, data)
-        return
-    offset = 0
-    for part in payload_parts(data)[0]:
-        size = len(part) if isinstance(part, bytes) else memoryview(part).nbytes
-        _native.copy_into(into[offset:offset + size], part)
-        offset += size
-
-
-def _owned(data: Buffer | Sequence[Buffer]) -> WirePayload:
-    """A single buffer is copied to bytes as before; parts are sent as given.
-
-    Parts are written to the kernel before send/request/reply return, so the
-    caller may reuse its buffers afterwards.
-    """
-    if type(data) is bytes:
-        return data
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        return bytes(data)
-    return tuple(data)
+# What request/send/reply take (connection.Body): one buffer, parts, or a filled view.
+Payload = Body
 
 
 class CommunicationPort:
@@ -276,7 +253,7 @@ class CommunicationPort:
             return self.start_request(data, secure=secure, grant=grant, deadline=deadline,
                                       timeout=timeout, fds=fds).result(timeout)
         deadline = deadline_after(timeout)
-        size = len(data) if type(data) is bytes else _size(data)
+        size = len(data) if type(data) is bytes else body_size(data)
         quick = self._quick
         if (quick is not None and size <= quick.payload_max and isinstance(data, (bytes, bytearray, memoryview))
                 and grant is None and not secure and not fds):
@@ -290,7 +267,7 @@ class CommunicationPort:
         if grant is not None or isinstance(data, SectionView) or size > self._core.inline_threshold:
             self.stats.sent(size)
             return self._request_large(data, deadline, secure, grant, fds)
-        body = _owned(data)
+        body = owned_body(data)
         try:
             message_id = self._send_request(body, deadline, fds)
         except WindowClosed as closed:
@@ -355,12 +332,12 @@ class CommunicationPort:
         """request(on_message=...): the peer's nested requests are served while we wait."""
         deadline = deadline_after(timeout)
         core = self._core
-        size = _size(data)
+        size = body_size(data)
 
         def send() -> int:
             if isinstance(data, SectionView) or size > core.inline_threshold:
                 return self._send_section(MessageType.REQUEST, data, deadline, secure, fds=fds)
-            return self._send_new(lambda: core.request(_owned(data), fds=fds), deadline, fds)
+            return self._send_new(lambda: core.request(owned_body(data), fds=fds), deadline, fds)
 
         message_id = self._sending(send, deadline)
         self.stats.sent(size)
@@ -403,7 +380,7 @@ class CommunicationPort:
         if timeout is None:
             timeout = self._send_timeout
         deadline = deadline_after(timeout)
-        size = len(data) if type(data) is bytes else _size(data)
+        size = len(data) if type(data) is bytes else body_size(data)
         core = self._core
         if fds:
             core.check_handles(fds)
@@ -412,10 +389,10 @@ class CommunicationPort:
             if isinstance(data, SectionView) or size > core.inline_threshold:
                 self._send_section(MessageType.DATAGRAM, data, deadline, secure, fds=fds)
             elif flush or fds:
-                self._send(lambda: core.datagram(_owned(data), fds), deadline, fds)
+                self._send(lambda: core.datagram(owned_body(data), fds), deadline, fds)
             else:
                 with self._state:
-                    full = core.queue(core.datagram(_owned(data)))
+                    full = core.queue(core.datagram(owned_body(data)))
                 if full:
                     self.flush(timeout)
 
@@ -463,7 +440,7 @@ class CommunicationPort:
         core = self._core
         small: list[bytes] = []
         for item in items:
-            size = len(item) if type(item) is bytes else _size(item)
+            size = len(item) if type(item) is bytes else body_size(item)
             if isinstance(item, SectionView) or size > core.inline_threshold or not isinstance(
                     item, (bytes, bytearray, memoryview)):
                 self._send_small(small, deadline)
@@ -508,7 +485,7 @@ class CommunicationPort:
         if deadline is not None and (send_by is None or deadline < send_by):
             send_by = deadline
         core = self._core
-        size = _size(data)
+        size = body_size(data)
         if fds:
             core.check_handles(fds)
         pinned = grant.pin() if grant is not None else None
@@ -517,7 +494,7 @@ class CommunicationPort:
             if isinstance(data, SectionView) or size > core.inline_threshold:
                 return self._send_section(MessageType.REQUEST, data, send_by, secure, grant=pinned,
                                           deadline_attr=deadline, fds=fds)
-            body = _owned(data)
+            body = owned_body(data)
             return self._send_new(lambda: core.request(body, pinned, deadline, fds), send_by, fds)
 
         try:
@@ -561,7 +538,7 @@ class CommunicationPort:
         if message.type is not MessageType.REQUEST:
             raise ValueError(f"only a REQUEST can be replied to, not {message.type.name}")
         deadline = deadline_after(self._send_timeout if timeout is None else timeout)
-        size = len(data) if type(data) is bytes else _size(data)
+        size = len(data) if type(data) is bytes else body_size(data)
         core = self._core
         if not core.wants_reply(message):
             if isinstance(data, SectionView):
@@ -579,7 +556,7 @@ class CommunicationPort:
             if isinstance(data, SectionView) or size > core.inline_threshold:
                 self._send_section(MessageType.REPLY, data, deadline, secure, callback_id=message.id, fds=fds)
             else:
-                body = _owned(data)
+                body = owned_body(data)
                 with self._send_lock:
                     with self._state:
                         frames = core.reply(message, body, fds)
@@ -650,8 +627,8 @@ class CommunicationPort:
         core = self._core
 
         def send() -> int:
-            if not isinstance(data, SectionView) and _size(data) <= core.inline_threshold:
-                return self._send_new(lambda: core.request(_owned(data), pinned, fds=fds), deadline, fds)
+            if not isinstance(data, SectionView) and body_size(data) <= core.inline_threshold:
+                return self._send_new(lambda: core.request(owned_body(data), pinned, fds=fds), deadline, fds)
             return self._send_section(MessageType.REQUEST, data, deadline, secure, grant=pinned, fds=fds)
 
         try:
@@ -674,10 +651,10 @@ class CommunicationPort:
         if isinstance(data, SectionView):
             view, explicit = data, True
         else:
-            self._channel.check_length(_size(data))
-            view, explicit = self._reserve(_size(data), secure, deadline), False
+            self._channel.check_length(body_size(data))
+            view, explicit = self._reserve(body_size(data), secure, deadline), False
             try:
-                _copy_body(view.memory, data)
+                copy_body(view.memory, data)
             except BaseException:
                 view.release()
                 raise
