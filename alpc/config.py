@@ -268,6 +268,8 @@ class Config:
     quick_spin_us: int = 50
 
     def __post_init__(self) -> None:
+        # A str is the obvious thing to pass; every path join below needs a Path.
+        object.__setattr__(self, "runtime_dir", Path(self.runtime_dir))
         object.__setattr__(self, "handle_kinds", frozenset(self.handle_kinds))
         _check_quick("Config", 1, 64, self.quick_spin_us)
         _check_sections("Config", self.max_message_length, self.section_size, self.max_section_bytes,

@@ -25,6 +25,12 @@ def test_explicit_dir_wins(tmp_path: Path) -> None:
     assert Config.from_env(tmp_path).broker_socket == tmp_path / "broker.sock"
 
 
+def test_runtime_dir_given_as_str(tmp_path: Path) -> None:
+    config = Config(runtime_dir=str(tmp_path))  # type: ignore[arg-type]
+    assert config.runtime_dir == tmp_path
+    assert config.broker_socket == tmp_path / "broker.sock"
+
+
 def test_created_private(tmp_path: Path) -> None:
     path = ensure_runtime_dir(tmp_path / "new" / "alpc")
     assert path.stat().st_mode & 0o777 == 0o700
