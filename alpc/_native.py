@@ -76,6 +76,8 @@ __all__ = [
     "check_range",
     "copy_into",
     "copy_out",
+    "epoll_wait",
+    "MAX_READY",
     "parse_attributes",
     "quick_hold",
     "quick_region_size",
@@ -511,6 +513,39 @@ sock_wait_recv: WaitRecv | None = None if _ext is None else _sock_wait_recv_c
 MAX_SPIN_US = 1000
 recv_state: Callable[[], Any] | None = None if _ext is None else _recv_state_c
 recv_cred: Callable[[Any], tuple[int, int, int]] = _recv_cred_c
+
+
+class EpollWait(Protocol):
+    def __call__(self, epfd: int, watch: int, timeout_ms: int, spin_us: int) -> tuple[int, list[int], bool]: ...
+
+
+# The most events one epoll_wait call takes (csrc: ALPC_MAX_READY).
+MAX_READY = 256
+
+
+def _epoll_scratch() -> tuple[Any, Any]:
+    scratch = getattr(_scratch, "epoll", None)
+    if scratch is None:
+        assert _ext is not None
+        scratch = _scratch.epoll = (_ext[0].new("int[]", MAX_READY), _ext[0].new("int *"))
+    return scratch
+
+
+def _epoll_wait_c(epfd: int, watch: int, timeout_ms: int, spin_us: int) -> tuple[int, list[int], bool]:
+    """(n, ready fds, whether ``watch`` fired): n events (0: only ``watch``), E_TIMEOUT or -errno.
+
+    One call for what a multiplexer's wait needs: spin (at most MAX_SPIN_US),
+    sleep on the epoll set and one fd outside it, then take the set's events.
+    """
+    assert _ext is not None
+    ready, watch_fired = _epoll_scratch()
+    n = _ext[1].alpc_epoll_wait(epfd, watch, timeout_ms, spin_us, ready, MAX_READY, watch_fired)
+    if n < 0:
+        return n, [], False
+    return n, [ready[i] for i in range(n)], bool(watch_fired[0])
+
+
+epoll_wait: EpollWait | None = None if _ext is None else _epoll_wait_c
 
 
 # -- Quick-LPC rings (csrc/qlpc.c) --------------------------------------------------

@@ -30,7 +30,7 @@ from .registration import Registration
 from .section import ConnectionSections
 from .security import PeerCred, kinds_from_mask, kinds_mask
 from .stats import ConnectionStats, LiveConnection, PortStatistics, section_bytes_in_use
-from .transport import Poller, SpinBudget, Stream, close_fds, deadline_after, spin_readable, wait_readable
+from .transport import Poller, SpinBudget, Stream, close_fds, deadline_after, wait_readable
 from .wire import Frame
 
 __all__ = ["ConnectionPort", "ConnectionRequest", "ForeignConnection", "create_port"]
@@ -451,37 +451,30 @@ class ConnectionPort:
         with self._lock:
             self._check_open()
             link = self._link.wait_fds()
-        # The link's fd changes across broker restarts, so it is polled beside
+        # The link's fd changes across broker restarts, so it is watched beside
         # the epoll set rather than kept in it.
-        poller = self._poller
-        fds = [poller.fileno(), *link]
-        fired = self._spin_then_wait(fds, deadline)
-        if not fired:
-            return False
-        if any(fd != poller.fileno() for fd in fired):
-            with self._lock:
-                self._read_registration()
-        if poller.fileno() in fired:
-            with self._lock:
-                self._check_open()  # close() may have run while this thread waited
-                ready = poller.poll(0.0)
-            for fd in ready:
-                owner = self._owners.get(fd)
-                if owner is not None:
-                    owner.pump()
-        return True
-
-    def _spin_then_wait(self, fds: list[int], deadline: float | None) -> list[int]:
         spin = self._spin.next() if deadline is None or deadline > time.monotonic() else 0
         started = time.monotonic_ns()
-        fired = spin_readable(fds, spin) if spin else []
-        if not fired:
-            fired = wait_readable(fds, deadline)
-        if fired:
-            self._spin.waited((time.monotonic_ns() - started) // 1000)
-        else:
+        try:
+            got = self._poller.wait(link[0] if link else -1, deadline, spin)
+        except (OSError, ValueError):
+            with self._lock:
+                self._check_open()  # close() ran while this thread waited
+            raise
+        if got is None:
             self._spin.us = 0  # nothing came before the deadline: an idle port
-        return fired
+            return False
+        self._spin.waited((time.monotonic_ns() - started) // 1000)
+        ready, link_fired = got
+        if link_fired:
+            with self._lock:
+                self._read_registration()
+        owners = self._owners
+        for fd in ready:
+            owner = owners.get(fd)
+            if owner is not None:
+                owner.pump()
+        return True
 
     def _next_event(self) -> ConnectionRequest | Message | None:
         self._check_open()

@@ -20,9 +20,11 @@ from typing import NamedTuple
 
 from ._native import E_TIMEOUT as _E_TIMEOUT
 from ._native import E_WATCH as _E_WATCH
+from ._native import MAX_READY as _MAX_READY
 from ._native import RECV_CRED as _RECV_CRED
 from ._native import RECV_CRED_CHANGED as _RECV_CRED_CHANGED
 from ._native import RECV_TRUNCATED as _RECV_TRUNCATED
+from ._native import epoll_wait as _epoll_wait
 from ._native import recv_cred as _recv_cred
 from ._native import recv_state as _recv_state
 from ._native import sock_send as _sock_send
@@ -100,6 +102,14 @@ def remaining(deadline: float | None) -> float | None:
 def _poll_ms(deadline: float | None) -> int | None:
     left = remaining(deadline)
     return None if left is None else int(left * 1000) + (1 if left > 0 else 0)
+
+
+def _c_timeout_ms(deadline: float | None) -> int:
+    """A C wait's timeout: -1 for none, else milliseconds rounded up (0 once the deadline passed)."""
+    if deadline is None:
+        return -1
+    left = deadline - _monotonic()
+    return int(left * 1000) + 1 if left > 0 else 0
 
 
 def wait_readable(fds: Sequence[int], deadline: float | None) -> list[int]:
@@ -184,6 +194,31 @@ class Poller:
             except InterruptedError:
                 continue
 
+    def wait(self, watch: int, deadline: float | None, spin_us: int = 0) -> tuple[list[int], bool] | None:
+        """Wait for the set, or ``watch`` (a fd outside it; -1 for none), after spinning up to
+        ``spin_us`` (see SpinBudget): (the set's ready fds, whether ``watch`` fired), or None
+        when the deadline passes. With the C extension this is one call and no Python loop."""
+        if _epoll_wait is None:
+            return self._wait_py(watch, deadline, spin_us)
+        while True:
+            n, ready, watched = _epoll_wait(self._fd, watch, _c_timeout_ms(deadline), spin_us)
+            if n >= 0:
+                return ready, watched
+            if n == _E_TIMEOUT:
+                return None
+            if n != -errno.EINTR:  # the signal's handler has run by now; wait again
+                raise OSError(-n, os.strerror(-n))
+            spin_us = 0
+
+    def _wait_py(self, watch: int, deadline: float | None, spin_us: int) -> tuple[list[int], bool] | None:
+        fds = [self._fd] if watch < 0 else [self._fd, watch]
+        fired = spin_readable(fds, spin_us) if spin_us and deadline != 0 else []
+        if not fired:
+            fired = wait_readable(fds, deadline)
+        if not fired:
+            return None
+        return (self.poll(0.0, _MAX_READY) if self._fd in fired else []), watch in fired
+
     def close(self) -> None:
         self._epoll.close()
 
@@ -232,7 +267,7 @@ class SpinBudget:
     runs on the same one. A longer wait (a slow or idle peer) stops the spinning;
     every ``PROBE_EVERY``-th wait after that spins once, to notice a peer that
     became quick again. A stream's read spins in C (the pure-Python read always
-    sleeps); ``ConnectionPort.wait()`` spins with ``spin_readable``.
+    sleeps); ``ConnectionPort.wait()`` spins in ``Poller.wait``.
     """
 
     MAX_US = 100
@@ -460,11 +495,7 @@ class Stream:
         extension (the GIL released while it waits), else poll and recvmsg.
         """
         if _sock_wait_recv is not None and max_fds <= _MAX_C_FDS:
-            if deadline is None:
-                timeout = -1
-            else:
-                left = deadline - _monotonic()
-                timeout = int(left * 1000) + 1 if left > 0 else 0
+            timeout = _c_timeout_ms(deadline)
             spin = self._spin.next() if timeout else 0
             started = _monotonic_ns()
             n, data, fds, flags = _sock_wait_recv(self._fd, self._watch, timeout, max_fds, self._recv_state, spin)
@@ -479,6 +510,8 @@ class Stream:
             if n == _E_TIMEOUT:
                 self._spin.us = 0
                 return False
+            if n == -errno.EAGAIN and not timeout:
+                return False  # nothing there, and no waiting asked for (C skips the poll then)
             if n == _E_WATCH or n in (-errno.EAGAIN, -errno.EINTR):
                 return None
             if n == -errno.ECONNRESET:

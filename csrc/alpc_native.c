@@ -7,6 +7,7 @@
 #include <poll.h>
 #include <sched.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -324,11 +325,30 @@ static int spin_poll(struct pollfd *pfd, nfds_t count, int spin_us)
     }
 }
 
+/* Wait until fd (for events), or watch when watch >= 0, is ready: spin for
+ * up to spin_us (timeout_ms != 0), then sleep for up to timeout_ms. poll()'s
+ * result (-1 with errno set, 0 on timeout); pfd[0..2) holds the revents.
+ * EINTR goes back to Python (as -EINTR), which runs its signal handlers
+ * before the caller waits again: a blocked call stays interruptible. */
+static int wait_ready(struct pollfd pfd[2], int fd, short events, int watch, int timeout_ms, int spin_us)
+{
+    nfds_t count = watch >= 0 ? 2 : 1;
+    int rc;
+
+    pfd[0].fd = fd;
+    pfd[0].events = events;
+    pfd[0].revents = 0;
+    pfd[1].fd = watch;
+    pfd[1].events = POLLIN;
+    pfd[1].revents = 0;
+    rc = spin_us > 0 && timeout_ms != 0 ? spin_poll(pfd, count, spin_us) : 0;
+    return rc == 0 ? poll(pfd, count, timeout_ms) : rc;
+}
+
 int64_t alpc_sock_wait_recv(int fd, int watch, int timeout_ms, int spin_us, uint8_t *buf, size_t cap,
                             int *fds, int max_fds, int *nfds, int32_t *cred, int *flags)
 {
     struct pollfd pfd[2];
-    nfds_t count = 1;
     union {
         struct cmsghdr align;
         char space[CMSG_SPACE(sizeof(struct ucred)) + CMSG_SPACE(sizeof(int)) +
@@ -345,26 +365,18 @@ int64_t alpc_sock_wait_recv(int fd, int watch, int timeout_ms, int spin_us, uint
         return ALPC_E_ARGS;
     *nfds = 0;
     *flags = 0;
-    pfd[0].fd = fd;
-    pfd[0].events = POLLIN | POLLPRI;
-    pfd[0].revents = 0;
-    if (watch >= 0) {
-        pfd[1].fd = watch;
-        pfd[1].events = POLLIN;
-        pfd[1].revents = 0;
-        count = 2;
+    /* A read that must not wait goes straight to recvmsg: an empty socket
+     * answers EAGAIN, and the caller (told by its multiplexer that fd is
+     * readable) saves a system call per message. */
+    if (timeout_ms != 0) {
+        rc = wait_ready(pfd, fd, POLLIN | POLLPRI, watch, timeout_ms, spin_us);
+        if (rc < 0)
+            return -(int64_t)errno;
+        if (rc == 0)
+            return ALPC_E_TIMEOUT;
+        if (pfd[0].revents == 0)
+            return ALPC_E_WATCH;
     }
-    /* EINTR goes back to Python (as -EINTR), which runs its signal handlers
-     * before the caller waits again: a blocked call stays interruptible. */
-    rc = spin_us > 0 && timeout_ms != 0 ? spin_poll(pfd, count, spin_us) : 0;
-    if (rc == 0)
-        rc = poll(pfd, count, timeout_ms);
-    if (rc < 0)
-        return -(int64_t)errno;
-    if (rc == 0)
-        return ALPC_E_TIMEOUT;
-    if (pfd[0].revents == 0)
-        return ALPC_E_WATCH;
     iov.iov_base = buf;
     iov.iov_len = cap;
     memset(&msg, 0, sizeof(msg));
@@ -392,4 +404,37 @@ int64_t alpc_sock_wait_recv(int fd, int watch, int timeout_ms, int spin_us, uint
         memcpy(fds, received, (size_t)kept * sizeof(int));
     *nfds = kept;
     return (int64_t)n;
+}
+
+int alpc_epoll_wait(int epfd, int watch, int timeout_ms, int spin_us, int *ready, int max_ready,
+                    int *watch_fired)
+{
+    struct pollfd pfd[2];
+    struct epoll_event events[ALPC_MAX_READY];
+    int rc, n, i;
+
+    if (ready == NULL || watch_fired == NULL || max_ready < 1 || max_ready > ALPC_MAX_READY || spin_us < 0 ||
+        spin_us > ALPC_MAX_SPIN_US)
+        return ALPC_E_ARGS;
+    *watch_fired = 0;
+    /* Polling the set's own fd (rather than epoll_wait on it) lets one wait
+     * cover a fd that cannot live in the set. */
+    rc = wait_ready(pfd, epfd, POLLIN, watch, timeout_ms, spin_us);
+    if (rc < 0)
+        return -errno;
+    if (rc == 0)
+        return ALPC_E_TIMEOUT;
+    *watch_fired = watch >= 0 && pfd[1].revents != 0;
+    if (pfd[0].revents == 0)
+        return 0;
+    if (pfd[0].revents & POLLNVAL)
+        return -EBADF;
+    do {
+        n = epoll_wait(epfd, events, max_ready, 0);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0)
+        return -errno;
+    for (i = 0; i < n; i++)
+        ready[i] = events[i].data.fd;
+    return n;
 }

@@ -126,8 +126,9 @@ enum {
  * go to cred[0..3), which holds the last ones seen on this socket: *flags
  * says whether they came and whether they changed. Returns the bytes read
  * (0 at end of stream), ALPC_E_TIMEOUT, ALPC_E_WATCH when only the watched fd
- * fired, or -errno (-EAGAIN: woken, but nothing to read; -EINTR: a signal
- * arrived, so Python can run its handlers). With spin_us > 0 (at most
+ * fired, or -errno (-EAGAIN: woken, or timeout_ms 0, and nothing to read;
+ * -EINTR: a signal arrived, so Python can run its handlers). With timeout_ms
+ * 0 it does not poll at all (nor look at watch): just the recvmsg. With spin_us > 0 (at most
  * ALPC_MAX_SPIN_US) and a timeout other than 0, it first polls without
  * sleeping for up to spin_us, yielding the CPU between polls: a reply from a
  * peer on another CPU then lands on a CPU that is awake (no wake-up to pay),
@@ -135,6 +136,17 @@ enum {
 enum { ALPC_MAX_SPIN_US = 1000 };
 int64_t alpc_sock_wait_recv(int fd, int watch, int timeout_ms, int spin_us, uint8_t *buf, size_t cap,
                             int *fds, int max_fds, int *nfds, int32_t *cred, int *flags);
+
+/* Wait until the epoll set epfd has an event, or watch is readable when
+ * watch >= 0 (a fd kept outside the set), for up to timeout_ms (-1: no
+ * limit), spinning first for up to spin_us as alpc_sock_wait_recv does. Then
+ * takes the set's ready events without sleeping: their fds (epoll data.fd)
+ * go to ready[0..n), at most max_ready (at most ALPC_MAX_READY) of them, and
+ * *watch_fired says whether watch fired. Returns n (0 when only watch
+ * fired), ALPC_E_TIMEOUT, or -errno (-EINTR: a signal arrived). */
+enum { ALPC_MAX_READY = 256 };
+int alpc_epoll_wait(int epfd, int watch, int timeout_ms, int spin_us, int *ready, int max_ready,
+                    int *watch_fired);
 
 /* Hash of the sources this library was built from, to detect a stale build. */
 const char *alpc_source_hash(void);

@@ -171,7 +171,9 @@ def test_socket_calls_of_the_extension(tmp_path: Path) -> None:
         assert _native.sock_send(left.fileno(), b"hello") == 5
         # Without SO_PASSCRED a read brings no credentials.
         assert _native.sock_wait_recv(right.fileno(), -1, 1000, 4, state) == (5, b"hello", [], 0)
-        assert _native.sock_wait_recv(right.fileno(), -1, 0, 4, state)[0] == _native.E_TIMEOUT
+        # A read that must not wait skips the poll: an empty socket answers EAGAIN.
+        assert _native.sock_wait_recv(right.fileno(), -1, 0, 4, state)[0] == -errno.EAGAIN
+        assert _native.sock_wait_recv(right.fileno(), -1, 1, 4, state)[0] == _native.E_TIMEOUT
         # With it, every read does; the first (and any that differ) are flagged as changed.
         right.set_passcred(True)
         me = (os.getpid(), os.getuid(), os.getgid())
@@ -239,6 +241,70 @@ def test_a_spinning_wait_reads_what_arrives_and_times_out_like_a_sleeping_one() 
     finally:
         left.close()
         right.close()
+
+
+@pytest.mark.skipif(_native.IMPLEMENTATION != "c", reason="needs the built extension")
+def test_the_c_epoll_wait_reports_the_set_and_the_watched_fd() -> None:
+    import select
+
+    _ffi, lib = _native._ext  # type: ignore[misc]
+    assert lib.ALPC_MAX_READY == _native.MAX_READY
+    wait = _native.epoll_wait
+    assert wait is not None
+    epoll = select.epoll()
+    pipes = [os.pipe() for _ in range(3)]
+    try:
+        for read, _ in pipes[:2]:
+            epoll.register(read, select.EPOLLIN)
+        watch = pipes[2][0]
+        assert wait(epoll.fileno(), watch, 1, 0) == (_native.E_TIMEOUT, [], False)
+        assert wait(epoll.fileno(), -1, 20, 300)[0] == _native.E_TIMEOUT  # spun, then slept
+        os.write(pipes[1][1], b"!")
+        assert wait(epoll.fileno(), watch, 1000, 100) == (1, [pipes[1][0]], False)
+        os.write(pipes[2][1], b"!")
+        assert wait(epoll.fileno(), watch, 1000, 0) == (1, [pipes[1][0]], True)
+        os.read(pipes[1][0], 1)
+        assert wait(epoll.fileno(), watch, 1000, 0) == (0, [], True)  # only the watched fd
+        os.write(pipes[0][1], b"!")
+        os.write(pipes[1][1], b"!")
+        n, ready, watched = wait(epoll.fileno(), -1, 1000, 0)
+        assert (n, sorted(ready), watched) == (2, sorted([pipes[0][0], pipes[1][0]]), False)
+        for bad in (-1, _native.MAX_SPIN_US + 1):
+            assert wait(epoll.fileno(), -1, 0, bad)[0] == lib.ALPC_E_ARGS
+        closed = os.dup(epoll.fileno())
+        os.close(closed)
+        assert wait(closed, -1, 0, 0)[0] == -errno.EBADF
+    finally:
+        epoll.close()
+        for read, write in pipes:
+            os.close(read)
+            os.close(write)
+
+
+def test_poller_wait_behaves_the_same_in_both_implementations() -> None:
+    from alpc.transport import Poller, deadline_after
+
+    poller = Poller()
+    pipes = [os.pipe() for _ in range(2)]
+    try:
+        poller.register(pipes[0][0])
+        watch = pipes[1][0]
+        assert poller.wait(watch, deadline_after(0.0)) is None
+        started = time.monotonic()
+        assert poller.wait(watch, deadline_after(0.02), spin_us=200) is None
+        assert time.monotonic() - started >= 0.019
+        os.write(pipes[0][1], b"!")
+        assert poller.wait(watch, None, spin_us=100) == ([pipes[0][0]], False)
+        os.write(pipes[1][1], b"!")
+        assert poller.wait(watch, None) == ([pipes[0][0]], True)
+        os.read(pipes[0][0], 1)
+        assert poller.wait(watch, deadline_after(1.0)) == ([], True)
+        assert poller.wait(-1, deadline_after(0.0)) is None
+    finally:
+        poller.close()
+        for read, write in pipes:
+            os.close(read)
+            os.close(write)
 
 
 def test_the_spin_budget_follows_how_fast_the_peer_answers() -> None:
