@@ -332,18 +332,20 @@ class CommunicationPort:
         """request(on_message=...): the peer's nested requests are served while we wait."""
         deadline = deadline_after(timeout)
         core = self._core
-        size = body_size(data)
-
-        def send() -> int:
-            if isinstance(data, SectionView) or size > core.inline_threshold:
-                return self._send_section(MessageType.REQUEST, data, deadline, secure, fds=fds)
-            return self._send_new(lambda: core.request(owned_body(data), fds=fds), deadline, fds)
-
-        message_id = self._sending(send, deadline)
+        size = len(data) if type(data) is bytes else body_size(data)
+        if isinstance(data, SectionView) or size > core.inline_threshold:
+            message_id = self._sending(
+                lambda: self._send_section(MessageType.REQUEST, data, deadline, secure, fds=fds), deadline)
+        else:
+            body = owned_body(data)
+            try:
+                message_id = self._send_request(body, deadline, fds)
+            except WindowClosed as closed:
+                message_id = self._flow(lambda: self._send_request(body, deadline, fds), deadline, closed)
         self.stats.sent(size)
         try:
             while True:
-                found = self._wait_for(lambda: core.take_callback(message_id), deadline, "the reply")
+                found = self._wait_reply(message_id, deadline, serving=True)
                 if found.type is MessageType.REPLY:
                     return found
                 if core.credit_due:
@@ -941,16 +943,18 @@ class CommunicationPort:
             if self._core.finalize_wanted:
                 self._maybe_finalize()
 
-    def _wait_reply(self, message_id: int, deadline: float | None) -> Message:
-        """_wait_for(take_reply) with the loop written out: the per-request path."""
+    def _wait_reply(self, message_id: int, deadline: float | None, serving: bool = False) -> Message:
+        """_wait_for(take_reply), or take_callback when ``serving``, with the loop written out:
+        the per-request path."""
         core = self._core
+        take = core.take_callback if serving else core.take_reply
         cv = self._cv
         state = self._state
         try:
             with self._cv_lock:
                 while True:
                     with state:
-                        found = core.take_reply(message_id)
+                        found = take(message_id)
                     if found is not None:
                         return found
                     core.check_open()
