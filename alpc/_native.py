@@ -41,6 +41,7 @@ __all__ = [
     "RECV_CRED_CHANGED",
     "RECV_SIZE",
     "RECV_TRUNCATED",
+    "RECV_WATCHED",
     "E_RESERVED",
     "E_TYPE",
     "E_VERSION",
@@ -454,7 +455,7 @@ RECV_SIZE = 64 * 1024
 # A section's fd and up to 253 handles (quotas caps max_handles_per_message); csrc takes 256.
 _MAX_RECV_FDS = 256
 # What sock_wait_recv's flags say of a read (csrc/alpc_native.h).
-RECV_CRED, RECV_CRED_CHANGED, RECV_TRUNCATED = 1, 2, 4
+RECV_CRED, RECV_CRED_CHANGED, RECV_TRUNCATED, RECV_WATCHED = 1, 2, 4, 8
 _scratch = threading.local()
 
 
@@ -488,19 +489,19 @@ def _recv_cred_c(state: Any) -> tuple[int, int, int]:
 
 class WaitRecv(Protocol):
     def __call__(self, fd: int, watch: int, timeout_ms: int, max_fds: int, state: Any,
-                 spin_us: int = 0) -> tuple[int, bytes, list[int], int]: ...
+                 spin_us: int = 0, watch2: int = -1) -> tuple[int, bytes, list[int], int]: ...
 
 
 def _sock_wait_recv_c(fd: int, watch: int, timeout_ms: int, max_fds: int,
-                      state: Any, spin_us: int = 0) -> tuple[int, bytes, list[int], int]:
+                      state: Any, spin_us: int = 0, watch2: int = -1) -> tuple[int, bytes, list[int], int]:
     """(n, data, fds, flags): n bytes read (0: end of stream), E_TIMEOUT, E_WATCH or -errno;
-    flags (RECV_*) say whether SCM_CREDENTIALS came (and changed: ``recv_cred(state)``)
-    and whether fds were truncated. ``spin_us`` (at most MAX_SPIN_US): poll without
-    sleeping that long first."""
+    flags (RECV_*) say whether SCM_CREDENTIALS came (and changed: ``recv_cred(state)``),
+    whether fds were truncated and whether ``watch``/``watch2`` fired too. ``spin_us``
+    (at most MAX_SPIN_US): poll without sleeping that long first."""
     assert _ext is not None
     buf, view, fds, nfds, flags = _recv_scratch()
-    n = _ext[1].alpc_sock_wait_recv(fd, watch, timeout_ms, spin_us, buf, RECV_SIZE, fds, max_fds, nfds, state,
-                                    flags)
+    n = _ext[1].alpc_sock_wait_recv(fd, watch, watch2, timeout_ms, spin_us, buf, RECV_SIZE, fds, max_fds, nfds,
+                                    state, flags)
     if n <= 0:
         return n, b"", [], 0
     count = nfds[0]

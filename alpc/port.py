@@ -59,7 +59,7 @@ from .quotas import Limit, WindowClosed
 from .retry import retry_until
 from .section import ConnectionSections, SectionView, sweep_stale_names
 from .security import PeerCred, kinds_from_mask, kinds_mask
-from .transport import Buffer, Stream, close_fds, deadline_after, pidfd_open, remaining, wait_readable
+from .transport import Buffer, ChannelRead, Stream, close_fds, deadline_after, pidfd_open, remaining, wait_readable
 from .wire import Frame, FrameDecoder, FrameLimits, MessageType, Range
 
 __all__ = [
@@ -1036,6 +1036,27 @@ class CommunicationPort:
         finally:
             self._end_read()
 
+    def read_first(self, watch: int, watch2: int, deadline: float | None, spin_us: int) -> tuple[bool | None, bool]:
+        """A multiplexer betting that this connection speaks next: wait for its socket, or
+        for ``watch``/``watch2`` (the multiplexer's epoll set and link), and read the socket
+        if it spoke. (True, whether a watched fd was ready too) after a read; (False, False)
+        when the deadline passed; (None, True) when the watched fds are to be looked at
+        (one fired); (None, False) when this connection cannot be read this way now."""
+        with self._cv_lock:
+            if self._reading or self._core.failure is not None or self._quick is not None or self._released:
+                return None, False
+            self._reading = True
+        try:
+            got, watched = self._stream.read_watching(watch, watch2, deadline, spin_us, self._max_fds_per_read)
+            if got is False:
+                return False, False
+            if got is None or got is True:
+                return None, True
+            self._take_read(got)
+            return True, watched
+        finally:
+            self._end_read()
+
     def has_ready_message(self) -> bool:
         return bool(self._core.inbox)
 
@@ -1069,13 +1090,16 @@ class CommunicationPort:
                 self._connection_lost("the peer process exited")
             return True
         assert not isinstance(got, bool)
+        self._take_read(got)
+        return True
+
+    def _take_read(self, got: ChannelRead) -> None:
         data, fds, sender, truncated = got
         if not data:
             close_fds(fds)
             self._connection_lost("the peer process died or dropped the connection")
-            return True
+            return
         self._deliver(data, fds, sender, truncated)
-        return True
 
     def _deliver(self, data: bytes, fds: list[int], sender: PeerCred | None = None, truncated: bool = False) -> None:
         """Hand one read (and its sender's credentials) to the core, send what it owes the peer,

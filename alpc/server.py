@@ -242,6 +242,11 @@ class ConnectionPort:
         self._spin = SpinBudget()
         # Connections whose inbox got something since they were last served.
         self._ready: deque[CommunicationPort] = deque()
+        # The connection that brought the last two messages: the next wait reads its
+        # socket in the same call that waits for everything else (one system call, as
+        # a plain receive() has), betting that it speaks next.
+        self._last_from: CommunicationPort | None = None
+        self._hint: CommunicationPort | None = None
         self._stats = PortStatistics()
         self._error_reported = False
         self._closed = False
@@ -402,6 +407,10 @@ class ConnectionPort:
     def _forget(self, comm: CommunicationPort) -> None:
         # Called before the comm closes its fds, so a reused fd number never meets a stale entry.
         with self._lock:
+            if self._last_from is comm:
+                self._last_from = None
+            if self._hint is comm:
+                self._hint = None  # its fds leave the set below
             self._quick_comms.discard(comm)
             if comm in self._connections:
                 del self._connections[comm]
@@ -455,16 +464,36 @@ class ConnectionPort:
         # the epoll set rather than kept in it.
         spin = self._spin.next() if deadline is None or deadline > time.monotonic() else 0
         started = time.monotonic_ns()
+        link_fd = link[0] if link else -1
+        hint = self._hint
+        read_hint = False
+        if hint is not None:
+            try:
+                read, watched = hint.read_first(self._poller.fileno(), link_fd, deadline, spin)
+            except OSError:
+                read, watched = None, True  # it closed meanwhile: the set says what happened
+            if read is None:
+                if not watched:
+                    with self._lock:  # another thread reads it: the set watches it again
+                        if self._hint is hint:
+                            self._set_hint(None)
+                # else the set fired: it is looked at below, and answers at once
+            else:
+                self._spin_waited(started, read)
+                if not (read and watched):
+                    return read
+                # Something else is ready too: take it now, without waiting.
+                read_hint, deadline, spin = True, 0.0, 0
         try:
-            got = self._poller.wait(link[0] if link else -1, deadline, spin)
+            got = self._poller.wait(link_fd, deadline, spin)
         except (OSError, ValueError):
             with self._lock:
                 self._check_open()  # close() ran while this thread waited
             raise
+        if not read_hint:
+            self._spin_waited(started, got is not None)
         if got is None:
-            self._spin.us = 0  # nothing came before the deadline: an idle port
-            return False
-        self._spin.waited((time.monotonic_ns() - started) // 1000)
+            return read_hint
         ready, link_fired = got
         if link_fired:
             with self._lock:
@@ -475,6 +504,29 @@ class ConnectionPort:
             if owner is not None:
                 owner.pump()
         return True
+
+    def _set_hint(self, comm: CommunicationPort | None) -> None:
+        """The connection whose socket the next waits read directly (caller holds _lock).
+
+        Its socket leaves the epoll set meanwhile (its pidfd stays), so that the
+        set firing means another connection or notice is ready."""
+        old = self._hint
+        if comm is old:
+            return
+        self._hint = comm
+        if old is not None and old in self._connections:
+            try:
+                self._poller.register(old.fileno())
+            except OSError:
+                pass  # closing: _forget takes it out of every table
+        if comm is not None:
+            self._poller.unregister(comm.fileno())
+
+    def _spin_waited(self, started: int, arrived: bool) -> None:
+        if arrived:
+            self._spin.waited((time.monotonic_ns() - started) // 1000)
+        else:
+            self._spin.us = 0  # nothing came before the deadline: an idle port
 
     def _next_event(self) -> ConnectionRequest | Message | None:
         self._check_open()
@@ -492,6 +544,8 @@ class ConnectionPort:
                 continue
             if comm.has_ready_message():
                 ready.append(comm)  # round-robin: one message per connection per turn
+            self._set_hint(comm if comm is self._last_from and comm._quick is None else None)
+            self._last_from = comm
             return message
         return None
 

@@ -24,6 +24,7 @@ from ._native import MAX_READY as _MAX_READY
 from ._native import RECV_CRED as _RECV_CRED
 from ._native import RECV_CRED_CHANGED as _RECV_CRED_CHANGED
 from ._native import RECV_TRUNCATED as _RECV_TRUNCATED
+from ._native import RECV_WATCHED as _RECV_WATCHED
 from ._native import epoll_wait as _epoll_wait
 from ._native import recv_cred as _recv_cred
 from ._native import recv_state as _recv_state
@@ -498,28 +499,52 @@ class Stream:
             timeout = _c_timeout_ms(deadline)
             spin = self._spin.next() if timeout else 0
             started = _monotonic_ns()
-            n, data, fds, flags = _sock_wait_recv(self._fd, self._watch, timeout, max_fds, self._recv_state, spin)
-            if n > 0:
-                if timeout:
+            got, _ = self._read_c(self._watch, -1, timeout, spin, max_fds)
+            if timeout:
+                if got is False:
+                    self._spin.us = 0
+                elif got:
                     self._spin.waited((_monotonic_ns() - started) // 1000)
-                if flags == _RECV_CRED:  # the usual read: the same sender as last time, nothing truncated
-                    return data, fds, self._ccred, False
-                return self._read_flags(data, fds, flags)
-            if n == 0:
-                return b"", [], None, False
-            if n == _E_TIMEOUT:
-                self._spin.us = 0
-                return False
-            if n == -errno.EAGAIN and not timeout:
-                return False  # nothing there, and no waiting asked for (C skips the poll then)
-            if n == _E_WATCH or n in (-errno.EAGAIN, -errno.EINTR):
-                return None
-            if n == -errno.ECONNRESET:
-                return b"", [], None, False
-            raise OSError(-n, os.strerror(-n))
+            return got
         if not self.wait_readable(deadline):
             return False
         return self.recv_fds(max_fds)
+
+    def read_watching(self, watch: int, watch2: int, deadline: float | None, spin_us: int,
+                      max_fds: int) -> tuple[ChannelRead | bool | None, bool]:
+        """``read`` that wakes for ``watch`` and ``watch2`` (a multiplexer's epoll set and
+        link) instead of the watched pidfd, after spinning up to ``spin_us``: (what
+        ``read`` returns, whether a watched fd was ready too)."""
+        if _sock_wait_recv is not None and max_fds <= _MAX_C_FDS:
+            return self._read_c(watch, watch2, _c_timeout_ms(deadline), spin_us, max_fds)
+        fds = [fd for fd in (self._fd, watch, watch2) if fd >= 0]
+        fired = spin_readable(fds, spin_us) if spin_us and deadline != 0 else []
+        if not fired:
+            fired = wait_readable(fds, deadline)
+        if not fired:
+            return False, False
+        watched = len(fired) > 1 or self._fd not in fired
+        return (self.recv_fds(max_fds) if self._fd in fired else None), watched
+
+    def _read_c(self, watch: int, watch2: int, timeout: int, spin: int,
+                max_fds: int) -> tuple[ChannelRead | bool | None, bool]:
+        assert _sock_wait_recv is not None
+        n, data, fds, flags = _sock_wait_recv(self._fd, watch, timeout, max_fds, self._recv_state, spin, watch2)
+        if n > 0:
+            if flags == _RECV_CRED:  # the usual read: the same sender as last time, nothing truncated
+                return (data, fds, self._ccred, False), False
+            return self._read_flags(data, fds, flags), bool(flags & _RECV_WATCHED)
+        if n == 0 or n == -errno.ECONNRESET:
+            return (b"", [], None, False), False
+        if n == _E_TIMEOUT:
+            return False, False
+        if n == -errno.EAGAIN and not timeout:
+            return False, False  # nothing there, and no waiting asked for (C skips the poll then)
+        if n == _E_WATCH:
+            return None, True
+        if n in (-errno.EAGAIN, -errno.EINTR):
+            return None, False
+        raise OSError(-n, os.strerror(-n))
 
     def _read_flags(self, data: bytes, fds: list[int], flags: int) -> ChannelRead:
         """The rest of a C read: new credentials, none at all, or truncated fds."""

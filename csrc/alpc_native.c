@@ -325,30 +325,47 @@ static int spin_poll(struct pollfd *pfd, nfds_t count, int spin_us)
     }
 }
 
-/* Wait until fd (for events), or watch when watch >= 0, is ready: spin for
- * up to spin_us (timeout_ms != 0), then sleep for up to timeout_ms. poll()'s
- * result (-1 with errno set, 0 on timeout); pfd[0..2) holds the revents.
- * EINTR goes back to Python (as -EINTR), which runs its signal handlers
- * before the caller waits again: a blocked call stays interruptible. */
-static int wait_ready(struct pollfd pfd[2], int fd, short events, int watch, int timeout_ms, int spin_us)
+/* Wait until pfd[0].fd (for pfd[0].events), or any other of the count fds
+ * (for POLLIN), is ready: spin for up to spin_us (timeout_ms != 0), then
+ * sleep for up to timeout_ms. poll()'s result (-1 with errno set, 0 on
+ * timeout), the revents in pfd. EINTR goes back to Python (as -EINTR), which
+ * runs its signal handlers before the caller waits again: a blocked call
+ * stays interruptible. */
+static int wait_ready(struct pollfd *pfd, nfds_t count, int timeout_ms, int spin_us)
 {
-    nfds_t count = watch >= 0 ? 2 : 1;
+    nfds_t i;
     int rc;
 
-    pfd[0].fd = fd;
-    pfd[0].events = events;
-    pfd[0].revents = 0;
-    pfd[1].fd = watch;
-    pfd[1].events = POLLIN;
-    pfd[1].revents = 0;
+    for (i = 0; i < count; i++)
+        pfd[i].revents = 0;
     rc = spin_us > 0 && timeout_ms != 0 ? spin_poll(pfd, count, spin_us) : 0;
     return rc == 0 ? poll(pfd, count, timeout_ms) : rc;
 }
 
-int64_t alpc_sock_wait_recv(int fd, int watch, int timeout_ms, int spin_us, uint8_t *buf, size_t cap,
+/* The fds to wait for: fd, then those of the watches that are >= 0. */
+static nfds_t poll_set(struct pollfd *pfd, int fd, short events, const int *watches, int n_watches)
+{
+    nfds_t count = 1;
+    int i;
+
+    pfd[0].fd = fd;
+    pfd[0].events = events;
+    for (i = 0; i < n_watches; i++) {
+        if (watches[i] >= 0) {
+            pfd[count].fd = watches[i];
+            pfd[count].events = POLLIN;
+            count++;
+        }
+    }
+    return count;
+}
+
+int64_t alpc_sock_wait_recv(int fd, int watch, int watch2, int timeout_ms, int spin_us, uint8_t *buf, size_t cap,
                             int *fds, int max_fds, int *nfds, int32_t *cred, int *flags)
 {
-    struct pollfd pfd[2];
+    struct pollfd pfd[3];
+    const int watches[2] = {watch, watch2};
+    nfds_t count, i;
     union {
         struct cmsghdr align;
         char space[CMSG_SPACE(sizeof(struct ucred)) + CMSG_SPACE(sizeof(int)) +
@@ -369,13 +386,17 @@ int64_t alpc_sock_wait_recv(int fd, int watch, int timeout_ms, int spin_us, uint
      * answers EAGAIN, and the caller (told by its multiplexer that fd is
      * readable) saves a system call per message. */
     if (timeout_ms != 0) {
-        rc = wait_ready(pfd, fd, POLLIN | POLLPRI, watch, timeout_ms, spin_us);
+        count = poll_set(pfd, fd, POLLIN | POLLPRI, watches, 2);
+        rc = wait_ready(pfd, count, timeout_ms, spin_us);
         if (rc < 0)
             return -(int64_t)errno;
         if (rc == 0)
             return ALPC_E_TIMEOUT;
         if (pfd[0].revents == 0)
             return ALPC_E_WATCH;
+        for (i = 1; i < count; i++)
+            if (pfd[i].revents != 0)
+                *flags |= ALPC_RECV_WATCHED;
     }
     iov.iov_base = buf;
     iov.iov_len = cap;
@@ -411,6 +432,7 @@ int alpc_epoll_wait(int epfd, int watch, int timeout_ms, int spin_us, int *ready
 {
     struct pollfd pfd[2];
     struct epoll_event events[ALPC_MAX_READY];
+    nfds_t count;
     int rc, n, i;
 
     if (ready == NULL || watch_fired == NULL || max_ready < 1 || max_ready > ALPC_MAX_READY || spin_us < 0 ||
@@ -419,12 +441,13 @@ int alpc_epoll_wait(int epfd, int watch, int timeout_ms, int spin_us, int *ready
     *watch_fired = 0;
     /* Polling the set's own fd (rather than epoll_wait on it) lets one wait
      * cover a fd that cannot live in the set. */
-    rc = wait_ready(pfd, epfd, POLLIN, watch, timeout_ms, spin_us);
+    count = poll_set(pfd, epfd, POLLIN, &watch, 1);
+    rc = wait_ready(pfd, count, timeout_ms, spin_us);
     if (rc < 0)
         return -errno;
     if (rc == 0)
         return ALPC_E_TIMEOUT;
-    *watch_fired = watch >= 0 && pfd[1].revents != 0;
+    *watch_fired = count == 2 && pfd[1].revents != 0;
     if (pfd[0].revents == 0)
         return 0;
     if (pfd[0].revents & POLLNVAL)

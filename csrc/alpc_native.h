@@ -115,10 +115,12 @@ int64_t alpc_sock_send(int fd, const uint8_t *buf, size_t len);
 enum {
     ALPC_RECV_CRED = 1,          /* it carried SCM_CREDENTIALS (now in cred[0..3)) */
     ALPC_RECV_CRED_CHANGED = 2,  /* ... which differ from what cred[] held before */
-    ALPC_RECV_TRUNCATED = 4      /* more fds than max_fds came (MSG_CTRUNC): all were closed */
+    ALPC_RECV_TRUNCATED = 4,     /* more fds than max_fds came (MSG_CTRUNC): all were closed */
+    ALPC_RECV_WATCHED = 8        /* a watched fd was ready too */
 };
 
-/* Wait until fd, or watch when watch >= 0 (a peer's pidfd), is readable, for
+/* Wait until fd, or watch / watch2 when >= 0 (a peer's pidfd, a multiplexer's
+ * epoll set and link), is readable, for
  * up to timeout_ms (-1: no limit); then one non-blocking recvmsg on fd into
  * buf[0..cap), keeping up to max_fds (at most 256) passed fds (SCM_RIGHTS) in
  * fds[0..*nfds); more than max_fds, or a truncated set, are all closed and
@@ -126,7 +128,8 @@ enum {
  * go to cred[0..3), which holds the last ones seen on this socket: *flags
  * says whether they came and whether they changed. Returns the bytes read
  * (0 at end of stream), ALPC_E_TIMEOUT, ALPC_E_WATCH when only the watched fd
- * fired, or -errno (-EAGAIN: woken, or timeout_ms 0, and nothing to read;
+ * fired (ALPC_RECV_WATCHED in *flags when one fired beside fd), or -errno
+ * (-EAGAIN: woken, or timeout_ms 0, and nothing to read;
  * -EINTR: a signal arrived, so Python can run its handlers). With timeout_ms
  * 0 it does not poll at all (nor look at watch): just the recvmsg. With spin_us > 0 (at most
  * ALPC_MAX_SPIN_US) and a timeout other than 0, it first polls without
@@ -134,7 +137,7 @@ enum {
  * peer on another CPU then lands on a CPU that is awake (no wake-up to pay),
  * and a peer on the same CPU runs while this one yields. */
 enum { ALPC_MAX_SPIN_US = 1000 };
-int64_t alpc_sock_wait_recv(int fd, int watch, int timeout_ms, int spin_us, uint8_t *buf, size_t cap,
+int64_t alpc_sock_wait_recv(int fd, int watch, int watch2, int timeout_ms, int spin_us, uint8_t *buf, size_t cap,
                             int *fds, int max_fds, int *nfds, int32_t *cred, int *flags);
 
 /* Wait until the epoll set epfd has an event, or watch is readable when

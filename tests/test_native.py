@@ -199,6 +199,11 @@ def test_socket_calls_of_the_extension(tmp_path: Path) -> None:
         watch_r, watch_w = os.pipe()
         os.write(watch_w, b"!")
         assert _native.sock_wait_recv(right.fileno(), watch_r, 1000, 4, state)[0] == _native.E_WATCH
+        assert _native.sock_wait_recv(right.fileno(), -1, 1000, 4, state, 0, watch_r)[0] == _native.E_WATCH
+        # Data and a watched fd at once: the data is read, and the watch reported beside it.
+        assert _native.sock_send(left.fileno(), b"w") == 1
+        assert _native.sock_wait_recv(right.fileno(), -1, 1000, 4, state, 0, watch_r) == (
+            1, b"w", [], _native.RECV_CRED | _native.RECV_WATCHED)
         os.close(watch_r)
         os.close(watch_w)
         left.close()
@@ -363,6 +368,18 @@ def test_stream_read_behaves_the_same_in_both_implementations(tmp_path: Path) ->
             assert right.read(None, 1) == (b"y", [], me, True)
         os.write(watch_w, b"!")
         assert right.read(None, 4) is None  # only the watched fd (a pidfd, in use) fired
+        # A multiplexer's read: two more fds to wake for, and whether they fired beside the data.
+        other_r, other_w = os.pipe()
+        try:
+            assert right.read_watching(other_r, -1, time.monotonic() + 0.01, 0, 4) == (False, False)
+            assert right.read_watching(other_r, watch_r, None, 50, 4) == (None, True)
+            left.send([b"ghi"])
+            assert right.read_watching(other_r, -1, None, 0, 4) == ((b"ghi", [], me, False), False)
+            left.send([b"jkl"])
+            assert right.read_watching(other_r, watch_r, None, 0, 4) == ((b"jkl", [], me, False), True)
+        finally:
+            os.close(other_r)
+            os.close(other_w)
         left.close()
         assert right.read(None, 4) == (b"", [], None, False)
     finally:

@@ -239,6 +239,54 @@ def test_many_clients_served_by_one_wait_loop(broker: alpc.Broker, config: alpc.
         assert port.connections == []
 
 
+def _serve_until(port: alpc.ConnectionPort, kind: MessageType) -> alpc.Message:
+    """Run the port's wait loop (accepting, answering requests) until a ``kind`` message."""
+    while True:
+        event = port.wait(timeout=10)
+        if isinstance(event, alpc.ConnectionRequest):
+            event.accept()
+            continue
+        if event.type is MessageType.REQUEST:
+            event.reply(event.data.upper())
+        if event.type is kind:
+            return event
+
+
+def test_a_wait_loop_betting_on_one_client_still_hears_every_other(
+        broker: alpc.Broker, config: alpc.Config, spawn) -> None:
+    # After two messages from one client, wait() reads that client's socket
+    # directly (it leaves the epoll set meanwhile): the others, its death, a
+    # new connection and a close by the server must all still get through.
+    with alpc.create_port("svc.hint", config=config) as port:
+        chatty, quiet = spawn("client", "svc.hint"), spawn("client", "svc.hint")
+        for _ in range(3):
+            chatty.send("request a")
+            _serve_until(port, MessageType.REQUEST)
+            assert chatty.expect("REPLY") == ["A"]
+        assert port._hint is not None and port._hint.peer.pid == chatty.pid  # the path under test
+        quiet.send("request b")
+        assert _serve_until(port, MessageType.REQUEST).sender.pid == quiet.pid
+        assert quiet.expect("REPLY") == ["B"]
+        for _ in range(2):
+            chatty.send("request a")
+            _serve_until(port, MessageType.REQUEST)
+            assert chatty.expect("REPLY") == ["A"]
+        chatty.kill()
+        assert _serve_until(port, MessageType.CLIENT_DIED).sender.pid == chatty.pid
+        for _ in range(2):
+            quiet.send("request b")
+            request = _serve_until(port, MessageType.REQUEST)
+            assert quiet.expect("REPLY") == ["B"]
+        request.port.close()
+        late = spawn("client", "svc.hint")
+        late.send("request c")
+        assert _serve_until(port, MessageType.REQUEST).sender.pid == late.pid
+        assert late.expect("REPLY") == ["C"]
+        quiet.send("request b")
+        assert quiet.expect("ERROR")[0] in ("PeerGone", "ConnectionClosed")
+        assert [comm.peer.pid for comm in port.connections] == [late.pid]
+
+
 def test_request_timeout_then_late_reply_is_dropped(broker: alpc.Broker, config: alpc.Config) -> None:
     with alpc.create_port("svc.late", config=config) as port:
         thread_result: list[alpc.CommunicationPort] = []
