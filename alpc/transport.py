@@ -142,6 +142,12 @@ def spin_readable(fds: Sequence[int], spin_us: int) -> list[int]:
         os.sched_yield()
 
 
+def _spin_then_wait(fds: Sequence[int], deadline: float | None, spin_us: int) -> list[int]:
+    """The pure-Python twin of a C wait: spin up to ``spin_us`` (unless no waiting is asked), then sleep."""
+    fired = spin_readable(fds, spin_us) if spin_us and deadline != 0 else []
+    return fired or wait_readable(fds, deadline)
+
+
 def wait_readable_or_hangup(readable: Sequence[int], hangup: Sequence[int], deadline: float | None) -> list[int]:
     """Like wait_readable, but ``hangup`` fds only count once their peer hung up.
 
@@ -213,9 +219,7 @@ class Poller:
 
     def _wait_py(self, watch: int, deadline: float | None, spin_us: int) -> tuple[list[int], bool] | None:
         fds = [self._fd] if watch < 0 else [self._fd, watch]
-        fired = spin_readable(fds, spin_us) if spin_us and deadline != 0 else []
-        if not fired:
-            fired = wait_readable(fds, deadline)
+        fired = _spin_then_wait(fds, deadline, spin_us)
         if not fired:
             return None
         return (self.poll(0.0, _MAX_READY) if self._fd in fired else []), watch in fired
@@ -517,10 +521,7 @@ class Stream:
         ``read`` returns, whether a watched fd was ready too)."""
         if _sock_wait_recv is not None and max_fds <= _MAX_C_FDS:
             return self._read_c(watch, watch2, _c_timeout_ms(deadline), spin_us, max_fds)
-        fds = [fd for fd in (self._fd, watch, watch2) if fd >= 0]
-        fired = spin_readable(fds, spin_us) if spin_us and deadline != 0 else []
-        if not fired:
-            fired = wait_readable(fds, deadline)
+        fired = _spin_then_wait([fd for fd in (self._fd, watch, watch2) if fd >= 0], deadline, spin_us)
         if not fired:
             return False, False
         watched = len(fired) > 1 or self._fd not in fired
