@@ -527,10 +527,14 @@ class Connection:
         ids: list[int] = []
         inbox = failed = False
         owner = self.owner
+        file = self.inbox.append
         for message in messages:
             message.port = owner
             kind = message.type
-            if kind is _REPLY or kind is _PONG:
+            if kind is _DATAGRAM or kind is _REQUEST:
+                file(message)
+                inbox = True
+            elif kind is _REPLY or kind is _PONG:
                 self.replies[message.callback_id] = message
                 ids.append(message.callback_id)
             elif kind is _PORT_CLOSED:
@@ -543,7 +547,7 @@ class Connection:
                 self._grant_data[message.callback_id] = message
                 ids.append(message.callback_id)
             else:
-                self.inbox.append(message)
+                file(message)
                 inbox = True
         return Wake(ids, inbox, failed, cancelled)
 
@@ -612,13 +616,31 @@ class Connection:
 
     def take_messages(self, into: list[Message], limit: int) -> None:
         """More of ``take_message`` into ``into``, up to ``limit`` in all; stops after a notice."""
+        inbox = self.inbox
         while len(into) < limit:
+            if inbox and inbox[0].type is _DATAGRAM and inbox[0]._handles is None:
+                self._take_datagrams(into, limit)
+                continue
             message = self.take_message()
             if message is None:
                 return
             into.append(message)
             if message.type in NOTICES:
                 return
+
+    def _take_datagrams(self, into: list[Message], limit: int) -> None:
+        """The run of datagrams without fds at the head of the inbox, their window slots freed at once."""
+        inbox = self.inbox
+        append = into.append
+        count = 0
+        room = limit - len(into)
+        while count < room and inbox:
+            head = inbox[0]
+            if head.type is not _DATAGRAM or head._handles is not None:
+                break
+            append(inbox.popleft())
+            count += 1
+        self.channel.consumed_datagrams(count)
 
     def _drop_body(self, message: Message) -> None:
         """A request nobody will handle: its section range goes back with our next frame, its fds close."""

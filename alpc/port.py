@@ -439,16 +439,22 @@ class CommunicationPort:
         """Send datagrams in order, in as few system calls as possible (small ones are framed
         together and written at once; large ones go through the section as usual)."""
         deadline = deadline_after(timeout)
-        core = self._core
+        threshold = self._core.inline_threshold
         small: list[bytes] = []
+        append = small.append
         for item in items:
-            size = len(item) if type(item) is bytes else body_size(item)
-            if isinstance(item, SectionView) or size > core.inline_threshold or not isinstance(
+            if type(item) is bytes and len(item) <= threshold:  # the common item, checked once
+                append(item)
+                if len(small) >= _BATCH_FRAMES:
+                    self._send_small(small, deadline)
+                continue
+            size = body_size(item)
+            if isinstance(item, SectionView) or size > threshold or not isinstance(
                     item, (bytes, bytearray, memoryview)):
                 self._send_small(small, deadline)
                 self.send(item, remaining(deadline))
                 continue
-            small.append(item if type(item) is bytes else bytes(item))
+            append(bytes(item))
             if len(small) >= _BATCH_FRAMES:
                 self._send_small(small, deadline)
         self._send_small(small, deadline)

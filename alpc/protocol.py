@@ -154,9 +154,10 @@ class Message:
         callback_id: int,
         data: bytes,
         sender: PeerCred,
-        *,
+        # Positional too: a batch of datagrams builds one Message each, and keywords cost.
         sender_pid: int = 0,
         sender_tid: int = 0,
+        *,
         reason: str = "",
         identity_changed: bool = False,
     ) -> None:
@@ -508,14 +509,21 @@ class Channel:
         if not count and items:
             self.flow.check_datagram()  # names the limit
         parts: list[bytes] = []
+        append = parts.append
         pid, tid = self._local_pid, _native_tid()
-        for data in items[:count]:
+        chosen = items[:count]
+        for data in chosen:
             if len(data) > self.send_limit:
                 self.check_length(len(data))
-        for data in items[:count]:
-            parts.append(_pack_header(MAGIC, VERSION, _DATAGRAM_INT, 0, len(data), 0, self._allocate_id(), 0,
-                                      pid, tid, 0, 0, 0))
-            parts.append(data)
+        # _allocate_id, inlined: a method call per datagram is a good part of a batch's cost.
+        pending, abandoned, next_id = self._pending, self._abandoned, self._next_id
+        for data in chosen:
+            while next_id in pending or next_id in abandoned:
+                next_id = (next_id + 1) & _ID_MASK or 1
+            append(_pack_header(MAGIC, VERSION, _DATAGRAM_INT, 0, len(data), 0, next_id, 0, pid, tid, 0, 0, 0))
+            append(data)
+            next_id = (next_id + 1) & _ID_MASK or 1
+        self._next_id = next_id
         self.flow.sent_datagrams(count)
         return b"".join(parts), count
 
@@ -654,6 +662,10 @@ class Channel:
         """The application took ``message`` from the queue: a datagram's slot (and fds) free up."""
         if message.type is MessageType.DATAGRAM:
             self.flow.consumed_datagram(message._handles.received if message._handles is not None else 0)
+
+    def consumed_datagrams(self, count: int) -> None:
+        """``consumed`` for ``count`` datagrams that carried no fds."""
+        self.flow.consumed_datagrams(count)
 
     def take_credit(self) -> tuple[tuple[int, int], Frames]:
         """The CREDIT frame owed to the peer, if any; ``restore_credit`` if it was not sent."""
@@ -855,16 +867,46 @@ class Channel:
         return message
 
     def _plain_run(self, data: bytes, messages: list[Message]) -> int:
-        """Decode the leading run of plain frames of ``data`` into ``messages``; returns where it stopped."""
+        """Decode the leading run of plain frames of ``data`` into ``messages``; returns where it stopped.
+
+        Plain datagrams, what a batch of small one-way messages is made of, are
+        decoded right here (the rules of ``_plain``, the window counted once per
+        run); any other frame goes through ``_plain``.
+        """
+        if self.peer_closed:
+            return 0
         pos = 0
         size = len(data)
+        flow = self.flow
+        room = flow.incoming_room()
+        max_data = self._decoder.max_data
+        sender = self._last_sender
+        append = messages.append
+        taken = 0
         while size - pos >= HEADER_SIZE:
+            (magic, version, kind, flags, data_length, attr_length, message_id, callback_id,
+             pid, tid, n_fds, reserved16, reserved32) = _unpack_header(data, pos)
+            start = pos + HEADER_SIZE
+            end = start + data_length
+            if (kind == _DATAGRAM_INT and taken < room and end <= size and data_length <= max_data
+                    and not (flags or attr_length or n_fds or reserved16 or reserved32)
+                    and magic == MAGIC and version == VERSION):
+                append(Message(_DATAGRAM, message_id, callback_id, data[start:end], sender, pid, tid))
+                taken += 1
+                pos = end
+                continue
+            if taken:
+                flow.received_datagrams(taken)
+                room -= taken
+                taken = 0
             message, end = self._plain(data, pos)
             if not end:
                 break
             if message is not None:
-                messages.append(message)
+                append(message)
             pos = end
+        if taken:
+            flow.received_datagrams(taken)
         return pos
 
     def _plain(self, data: bytes, pos: int) -> tuple[Message | None, int]:
@@ -894,8 +936,8 @@ class Channel:
                 return None, end
             else:
                 return None, 0
-            message = Message(MessageType.REPLY, message_id, callback_id, data[pos + HEADER_SIZE:end],
-                              self._last_sender, sender_pid=pid, sender_tid=tid)
+            message = Message(_REPLY, message_id, callback_id, data[pos + HEADER_SIZE:end],
+                              self._last_sender, pid, tid)
             if flags:
                 message.cancelled = True
             return message, end
@@ -906,8 +948,8 @@ class Channel:
                 self.flow.received_datagram()
             except ProtocolError:
                 return None, 0  # past the window: the general path names it
-            return Message(MessageType.DATAGRAM, message_id, callback_id, data[pos + HEADER_SIZE:end],
-                           self._last_sender, sender_pid=pid, sender_tid=tid), end
+            return Message(_DATAGRAM, message_id, callback_id, data[pos + HEADER_SIZE:end],
+                           self._last_sender, pid, tid), end
         if kind == _REQUEST_INT:
             unreplied = self._unreplied
             if message_id in unreplied or len(unreplied) >= MAX_UNREPLIED or message_id & QUICK_ID_BIT:
@@ -916,8 +958,8 @@ class Channel:
                 self.flow.received_request(message_id)
             except ProtocolError:
                 return None, 0
-            message = Message(MessageType.REQUEST, message_id, callback_id, data[pos + HEADER_SIZE:end],
-                              self._last_sender, sender_pid=pid, sender_tid=tid)
+            message = Message(_REQUEST, message_id, callback_id, data[pos + HEADER_SIZE:end],
+                              self._last_sender, pid, tid)
             unreplied[message_id] = message
             return message, end
         return None, 0
@@ -1146,7 +1188,8 @@ class Channel:
 _pack_header = HEADER.pack
 _unpack_header = HEADER.unpack_from
 _unpack_lengths = struct.Struct("<II").unpack_from
-_REQUEST_INT, _REPLY_INT, _DATAGRAM_INT = int(MessageType.REQUEST), int(MessageType.REPLY), int(MessageType.DATAGRAM)
+_REQUEST, _REPLY, _DATAGRAM = MessageType.REQUEST, MessageType.REPLY, MessageType.DATAGRAM
+_REQUEST_INT, _REPLY_INT, _DATAGRAM_INT = int(_REQUEST), int(_REPLY), int(_DATAGRAM)
 _CANCELLED = int(Flag.CANCELLED)
 
 

@@ -243,6 +243,19 @@ class Flow:
             self._take_handles(handles)
         self._recv_datagrams += 1
 
+    def incoming_room(self) -> int:
+        """How many more datagrams (without fds) the peer may send before it breaks our window."""
+        return self.local.max_queued_datagrams - self._recv_datagrams
+
+    def received_datagrams(self, count: int) -> None:
+        """``count`` datagrams without fds arrived; the caller checked ``datagram_room`` first."""
+        self._recv_datagrams += count
+
+    def consumed_datagrams(self, count: int) -> None:
+        """The application took ``count`` datagrams without fds from the queue."""
+        self._owed += count
+        self.credit_due = self._owed >= self._credit_due_at or self._owed_handles > 0
+
     def consumed_datagram(self, handles: int = 0) -> None:
         """The application took a datagram (carrying ``handles`` fds) from the queue."""
         self._owed += 1

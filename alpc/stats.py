@@ -55,14 +55,17 @@ class ConnectionStats:
         self.latency = [0] * control.LATENCY_BUCKETS
 
     def received(self, messages: Iterable[Message]) -> None:
+        count = size = 0
         for message in messages:
             kind = message.type
             if kind is _REQUEST:
                 self.in_flight[message.id] = _monotonic()
             elif kind is not _REPLY and kind is not _DATAGRAM:
                 continue  # notices carry no traffic
-            self.messages_in += 1
-            self.bytes_in += message.size
+            count += 1
+            size += message.size
+        self.messages_in += count
+        self.bytes_in += size
 
     def sent(self, n_bytes: int) -> None:
         self.messages_out += 1

@@ -195,3 +195,18 @@ def test_a_request_past_its_deadline_is_answered_as_cancelled(pair) -> None:  # 
     deliver(frames, server)
     message = server.take_message()
     assert message is not None and message.deadline is not None and message.deadline > time.monotonic()
+
+
+def test_taking_a_run_of_datagrams_frees_their_window_slots_for_the_credit(pair) -> None:  # type: ignore[no-untyped-def]
+    client, server = pair
+    frames, count = client.datagrams([b"d%d" % index for index in range(300)])
+    assert count == 300
+    request_id, request = client.request(b"after")
+    deliver(frames + request, server)
+    taken: list = []  # type: ignore[type-arg]
+    server.take_messages(taken, 1000)
+    assert [m.data for m in taken] == [b"d%d" % index for index in range(300)] + [b"after"]
+    assert server.channel.flow.credit_due
+    credit, _ = server.channel.take_credit()
+    assert credit == (300, 0)
+    assert request_id

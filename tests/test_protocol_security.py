@@ -289,3 +289,51 @@ def test_the_transport_keeps_at_most_max_fds_and_closes_the_rest(sent: int, max_
         right.close()
         os.close(read_end)
         os.close(write_end)
+
+
+def _fields(messages: list) -> list[tuple]:  # type: ignore[type-arg]
+    return [(m.type, m.id, m.callback_id, m.data, m.sender_pid, m.sender_tid) for m in messages]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.one_of(st.binary(max_size=40), st.none()), min_size=1, max_size=30))
+def test_a_run_of_datagrams_decodes_in_one_read_as_it_does_byte_by_byte(items: list[bytes | None]) -> None:
+    # None stands for a request in the middle of the run (which ends the datagram fast path).
+    client, whole = pair()
+    _, pieces = pair()
+    stream = b""
+    for item in items:
+        stream += wire(client.request(b"req")[1]) if item is None else wire(client.datagram(item))
+    at_once = whole.receive(stream, (), CLIENT)
+    one_by_one = []
+    for index in range(len(stream)):
+        one_by_one += pieces.receive(stream[index:index + 1], (), CLIENT)
+    assert _fields(at_once) == _fields(one_by_one)
+    assert [m.data for m in at_once] == [b"req" if item is None else item for item in items]
+
+
+def test_a_run_of_datagrams_past_the_window_in_one_read_breaks_the_protocol() -> None:
+    client, server = pair(server=FlowLimits(max_queued_datagrams=3))
+    frames = [wire(client.datagram(b"d")) for _ in range(3)]
+    frames.append(encode_frame(MessageType.DATAGRAM, b"4th", message_id=99))
+    with pytest.raises(ProtocolError, match="max_queued_datagrams"):
+        server.receive(b"".join(frames), (), CLIENT)
+
+
+def test_the_window_counts_datagrams_of_a_run_and_single_ones_alike() -> None:
+    client, server = pair(server=FlowLimits(max_queued_datagrams=4))
+    delivered = server.receive(wire(client.datagram(b"a")) + wire(client.datagram(b"b")), (), CLIENT)
+    delivered += server.receive(wire(client.datagram(b"c")), (), CLIENT)
+    delivered += server.receive(wire(client.datagram(b"d")), (), CLIENT)
+    assert [m.data for m in delivered] == [b"a", b"b", b"c", b"d"]
+    with pytest.raises(ProtocolError, match="max_queued_datagrams"):
+        server.receive(encode_frame(MessageType.DATAGRAM, b"e", message_id=99), (), CLIENT)
+
+
+def test_a_batch_of_datagrams_stops_at_the_peers_window_while_this_side_receives_runs() -> None:
+    client, server = pair(server=FlowLimits(max_queued_datagrams=4), client=FlowLimits(max_queued_datagrams=64))
+    batch, count = client.datagrams([b"x"] * 10)
+    assert count == 4
+    assert len(server.receive(batch, (), CLIENT)) == 4
+    with pytest.raises(WindowClosed):
+        client.datagrams([b"x"])
