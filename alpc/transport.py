@@ -78,6 +78,9 @@ _monotonic = time.monotonic
 _monotonic_ns = time.monotonic_ns
 # sendmsg refuses more buffers than this (EMSGSIZE).
 _IOV_MAX = 1024
+# Frames written together (a reply and the releases riding with it, a section's
+# notice) up to this many bytes are joined and sent by the one-buffer path.
+_JOIN_UP_TO = 16 * 1024
 _FD_SPACE: dict[int, int] = {}
 # The most fds the C read takes at once (csrc/alpc_native.c); more go through recv_fds.
 _MAX_C_FDS = 256
@@ -449,9 +452,10 @@ class Stream:
         A deadline that passes after part of a frame went out leaves the stream
         unusable, so ``broken`` is set and the caller must drop the channel.
         """
-        if not fds and len(buffers) == 1:
-            # The per-message path: one small frame, written at once in the common case.
-            only = buffers[0]
+        if not fds and (len(buffers) == 1 or (_sock_send is not None and sum(map(len, buffers)) <= _JOIN_UP_TO)):
+            # The per-message path: one small frame (or a few, joined: a copy of a few KiB costs
+            # less than sendmsg's Python argument handling), written at once in the common case.
+            only = buffers[0] if len(buffers) == 1 else b"".join(buffers)
             if _sock_send is not None and type(only) is bytes:
                 written = _sock_send(self._fd, only)
                 if written < 0:
@@ -467,9 +471,9 @@ class Stream:
                     written = 0
                 except (BrokenPipeError, ConnectionResetError) as exc:
                     raise ConnectionClosed(f"the peer is gone ({exc.strerror})") from None
-            if written == len(buffers[0]):
+            if written == len(only):
                 return
-            rest = [memoryview(buffers[0]).cast("B")[written:]]
+            rest = [memoryview(only).cast("B")[written:]]
             self._send_rest(rest, (), written > 0, deadline)
             return
         self._send_rest([memoryview(b).cast("B") for b in buffers if len(b)], fds, False, deadline)

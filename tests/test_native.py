@@ -387,3 +387,38 @@ def test_stream_read_behaves_the_same_in_both_implementations(tmp_path: Path) ->
         right.close()
         os.close(watch_r)
         os.close(watch_w)
+
+
+def test_stream_send_writes_every_byte_of_several_buffers_in_order() -> None:
+    """Small frames written together are joined (one-buffer path); large ones and a full socket
+    still deliver every byte, in order, in both implementations."""
+    import socket
+
+    from alpc.transport import Stream
+
+    left, right = Stream.pair()
+    received = bytearray()
+    try:
+        small = [b"head", memoryview(b"body").cast("B"), bytearray(b"tail")]
+        left.send(small)
+        left.send([b"a" * 20_000, b"b" * 3])  # past the joining limit
+        left._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # a full socket: partial writes
+        big = [os.urandom(3000) for _ in range(200)]
+
+        def send_all() -> None:
+            left.send(big[:100], (), time.monotonic() + 30)  # one write of many buffers
+            for index in range(100, 200, 2):  # small pairs, joined, most of them cut by the full socket
+                left.send([big[index], memoryview(big[index + 1])], (), time.monotonic() + 30)
+
+        sender = threading.Thread(target=send_all)
+        sender.start()
+        want = 12 + 20_003 + sum(map(len, big))
+        while len(received) < want:
+            got = right.read(time.monotonic() + 30, 4)
+            assert got, "the sender stalled"
+            received += got[0]  # type: ignore[index]
+        sender.join(30)
+        assert bytes(received) == b"headbodytail" + b"a" * 20_000 + b"b" * 3 + b"".join(big)
+    finally:
+        left.close()
+        right.close()
