@@ -37,6 +37,8 @@ __all__ = [
 ALIGN = 64
 PAGE = 4096
 _ID_MASK = 0xFFFFFFFF
+# A plain int: testing an int against a Flag member runs enum code on every message.
+_SECURE = int(SectionFlag.SECURE)
 
 
 def round_up(value: int, unit: int) -> int:
@@ -391,7 +393,7 @@ class InboundLedger:
         if self.mapped + new.size > self.quota:
             raise ProtocolError(f"section {new.section_id} of {new.size} bytes exceeds the "
                                 f"{self.quota}-byte section quota ({self.mapped} mapped)")
-        self._sections[new.section_id] = _Inbound(new.size, bool(new.flags & SectionFlag.SECURE))
+        self._sections[new.section_id] = _Inbound(new.size, bool(new.flags & _SECURE))
         self.mapped += new.size
 
     def forget(self, section_id: int) -> None:
@@ -408,7 +410,7 @@ class InboundLedger:
         if not _native.check_range(ref.offset, ref.length, section.size, self.max_length):
             raise ProtocolError(f"reference [{ref.offset}, +{ref.length}) outside section {ref.section_id} "
                                 f"of {section.size} bytes (or longer than {self.max_length})")
-        if bool(ref.flags & SectionFlag.SECURE) != section.secure:
+        if bool(ref.flags & _SECURE) != section.secure:
             raise ProtocolError(f"reference and section {ref.section_id} disagree on being secure")
         if self.require_secure and not section.secure:
             raise ProtocolError("this port accepts only secure (write-sealed) sections")

@@ -351,7 +351,7 @@ class FrameDecoder:
                 raise ProtocolError("frame announces more fds than were received")
             fds = tuple(self._fds.popleft() for _ in range(n_fds))
         return Frame(
-            MessageType(mtype), flags, message_id, callback_id, pid, tid,
+            _TYPES[mtype], flags, message_id, callback_id, pid, tid,
             buf[attrs_start:data_start], buf[data_start:end], fds,
         )
 
