@@ -450,21 +450,17 @@ class CommunicationPort:
         append = small.append
         flush_at = _FIRST_BATCH_FRAMES
         for item in items:
-            if type(item) is bytes and len(item) <= threshold:  # the common item, checked once
-                append(item)
-                if len(small) >= flush_at:
+            if not (type(item) is bytes and len(item) <= threshold):  # the common item passes one test
+                if isinstance(item, SectionView) or body_size(item) > threshold or not isinstance(
+                        item, (bytes, bytearray, memoryview)):
                     self._send_small(small, deadline)
-                    flush_at = _BATCH_FRAMES
-                continue
-            size = body_size(item)
-            if isinstance(item, SectionView) or size > threshold or not isinstance(
-                    item, (bytes, bytearray, memoryview)):
+                    self.send(item, remaining(deadline))
+                    continue
+                item = bytes(item)
+            append(item)
+            if len(small) >= flush_at:
                 self._send_small(small, deadline)
-                self.send(item, remaining(deadline))
-                continue
-            append(bytes(item))
-            if len(small) >= _BATCH_FRAMES:
-                self._send_small(small, deadline)
+                flush_at = _BATCH_FRAMES
         self._send_small(small, deadline)
 
     def _send_small(self, items: list[bytes], deadline: float | None) -> None:

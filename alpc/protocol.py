@@ -905,6 +905,7 @@ class Channel:
         max_data = self._decoder.max_data
         sender = self._last_sender
         append = messages.append
+        datagram = _Types.DATAGRAM
         taken = 0
         while size - pos >= HEADER_SIZE:
             (magic, version, kind, flags, data_length, attr_length, message_id, callback_id,
@@ -914,7 +915,7 @@ class Channel:
             if (kind == _DATAGRAM_INT and taken < room and end <= size and data_length <= max_data
                     and not (flags or attr_length or n_fds or reserved16 or reserved32)
                     and magic == MAGIC and version == VERSION):
-                append(Message(_DATAGRAM, message_id, callback_id, data[start:end], sender, pid, tid))
+                append(Message(datagram, message_id, callback_id, data[start:end], sender, pid, tid))
                 taken += 1
                 pos = end
                 continue
@@ -961,7 +962,7 @@ class Channel:
                 return None, end
             else:
                 return None, 0
-            message = Message(_REPLY, message_id, callback_id, data[pos + HEADER_SIZE:end],
+            message = Message(_Types.REPLY, message_id, callback_id, data[pos + HEADER_SIZE:end],
                               self._last_sender, pid, tid)
             if flags:
                 message.cancelled = True
@@ -973,7 +974,7 @@ class Channel:
                 self.flow.received_datagram()
             except ProtocolError:
                 return None, 0  # past the window: the general path names it
-            return Message(_DATAGRAM, message_id, callback_id, data[pos + HEADER_SIZE:end],
+            return Message(_Types.DATAGRAM, message_id, callback_id, data[pos + HEADER_SIZE:end],
                            self._last_sender, pid, tid), end
         if kind == _REQUEST_INT:
             unreplied = self._unreplied
@@ -983,7 +984,7 @@ class Channel:
                 self.flow.received_request(message_id)
             except ProtocolError:
                 return None, 0
-            message = Message(_REQUEST, message_id, callback_id, data[pos + HEADER_SIZE:end],
+            message = Message(_Types.REQUEST, message_id, callback_id, data[pos + HEADER_SIZE:end],
                               self._last_sender, pid, tid)
             unreplied[message_id] = message
             return message, end
@@ -1213,8 +1214,7 @@ class Channel:
 _pack_header = HEADER.pack
 _unpack_header = HEADER.unpack_from
 _unpack_lengths = struct.Struct("<II").unpack_from
-_REQUEST, _REPLY, _DATAGRAM = MessageType.REQUEST, MessageType.REPLY, MessageType.DATAGRAM
-_REQUEST_INT, _REPLY_INT, _DATAGRAM_INT = int(_REQUEST), int(_REPLY), int(_DATAGRAM)
+_REQUEST_INT, _REPLY_INT, _DATAGRAM_INT = int(_Types.REQUEST), int(_Types.REPLY), int(_Types.DATAGRAM)
 _CANCELLED = int(Flag.CANCELLED)
 
 
