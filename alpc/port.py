@@ -90,6 +90,7 @@ _RUNTIME_SEND_TIMEOUT = 1.0
 # smaller, so the receiver starts sooner.
 _BATCH_FRAMES = 128
 _FIRST_BATCH_FRAMES = 32
+_REQUEST = MessageType.REQUEST
 # A read stops after the write that carried fds, and a sender passes fds with
 # one frame per write: a section's fd, then that message's handles (so one
 # read takes 1 + max_handles_per_message).
@@ -547,6 +548,13 @@ class CommunicationPort:
         ``send_timeout`` (or ``timeout``) means the client stopped reading: its
         connection is dropped (a CLIENT_DIED notice follows) and Throttled raised.
         """
+        quick = self._quick
+        if (quick is not None and type(data) is bytes and message.id in quick.ring_requests
+                and message.type is _REQUEST and not (secure or fds or message.cancelled)
+                and len(data) <= quick.payload_max and quick.reply(self, message.id, data)):
+            # Quick-LPC: a request that came through the ring, answered the same way.
+            self.stats.replied(message.id, len(data))
+            return
         if message.type is not MessageType.REQUEST:
             raise ValueError(f"only a REQUEST can be replied to, not {message.type.name}")
         deadline = deadline_after(self._send_timeout if timeout is None else timeout)
@@ -558,10 +566,9 @@ class CommunicationPort:
             return
         if fds:
             core.check_handles(fds)
-        quick = self._quick
         if (quick is not None and quick.ring_requests and size <= quick.payload_max and not secure and not fds
                 and isinstance(data, (bytes, bytearray)) and quick.reply(self, message.id, bytes(data))):
-            # Quick-LPC: a request that came through the ring, answered the same way.
+            # The same, for a body that is not bytes yet.
             self.stats.replied(message.id, size)
             return
         try:
@@ -789,6 +796,8 @@ class CommunicationPort:
         if core.inbox:
             with self._state:
                 message = core.take_message()
+        elif self._quick is not None and self._is_server:
+            message = self._quick.receive(self, timeout)
         if message is None:
             message = self._wait_for(core.take_message, deadline_after(timeout), "a message")
         if core.finalize_wanted or core.channel._automatic or core.flow.credit_due:

@@ -79,6 +79,7 @@ __all__ = ["QuickLink", "available", "hold_watcher", "offer", "release_watcher",
 log = logging.getLogger(__name__)
 
 _REQUEST = MessageType.REQUEST
+_REPLY = MessageType.REPLY
 # Statuses after which the message did not go into the ring: send it over the socket.
 _REFUSED = frozenset({Q_FULL, Q_ORDER, Q_TOO_LARGE, Q_BUSY, Q_CHECK, Q_CLOSED})
 _DOORBELL_TIMEOUT = 1.0
@@ -246,10 +247,12 @@ class QuickLink:
         if got is None:
             return None
         body, tid, request_id = got
-        message = Message(MessageType.REPLY, 0, request_id, body, port.peer, sender_pid=port.peer.pid,
-                          sender_tid=tid)
+        peer = port.peer
+        message = Message(_REPLY, 0, request_id, body, peer, peer.pid, tid)
         message.port = port
-        port.stats.received((message,))
+        stats = port.stats
+        stats.messages_in += 1
+        stats.bytes_in += len(body)
         return message
 
     def _call_slow(self, port: CommunicationPort, status: int, deadline_ns: int) -> tuple[bytes, int, int] | None:
@@ -332,6 +335,37 @@ class QuickLink:
         if status not in (Q_CLOSED, Q_BUSY, Q_INTR):
             self._protocol_error(port, status)
         return True
+
+    def receive(self, port: CommunicationPort, timeout: float | None) -> Message | None:
+        """Server ``receive()`` while nothing waits in the inbox: the next ring request,
+        straight to the caller (not through the inbox), or None when the general path
+        is to look (the socket has bytes, another thread reads, a signal, the port failed).
+
+        A ring request is older than any socket byte not yet read (the C side
+        posts only once the peer read every socket byte before it), so with the
+        inbox empty nothing can be overtaken.
+        """
+        with port._cv:
+            if port._reading or port._inbox or port._failure is not None or not self.active:
+                return None
+            port._reading = True
+        try:
+            status = self.ring.reply_wait(0, b"", 0, -1 if timeout is None else max(0, int(timeout * 1e9)))
+            if status >= 0:
+                message = self._request(port, status)
+                message.port = port
+                stats = port.stats
+                stats.in_flight[message.id] = time.monotonic()
+                stats.messages_in += 1
+                stats.bytes_in += status
+                return message
+            if status == Q_TIMEOUT:
+                raise Timeout("timed out waiting for a message")
+            if status in QUICK_ERRORS:
+                self._protocol_error(port, status)
+            return None
+        finally:
+            port._end_read()
 
     def drain(self, port: CommunicationPort) -> list[Message]:
         """Server: every request waiting in the ring, as Messages (before any socket bytes)."""

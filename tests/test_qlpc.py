@@ -274,9 +274,10 @@ def test_sigkill_of_the_client_mid_write(broker, config, peer) -> None:  # type:
     ("reserved", "reserved_words"),
     ("id", "missing_id"),
 ])
+@pytest.mark.parametrize("mode", ["serve", "receive"])
 def test_a_hostile_client_loses_only_its_own_connection(broker, config, peer, damage: str,  # type: ignore[no-untyped-def]
-                                                       reason: str) -> None:
-    server = peer("server", f"q.hostile.{damage}")
+                                                       reason: str, mode: str) -> None:
+    server = peer("server", f"q.hostile.{damage}", "--mode", mode)
     with connect(config, f"q.hostile.{damage}") as honest:
         hostile = peer("hostile", f"q.hostile.{damage}", "--damage", damage)
         assert hostile.ready[1] == "True"
@@ -349,6 +350,51 @@ def test_both_sides_in_one_process_leave_nothing_behind(broker, config) -> None:
             client.close()
             serving.join(10)
             assert not serving.is_alive()
+            server.close()
+
+
+@native
+def test_receive_and_reply_over_the_rings_count_time_out_and_keep_the_inbox_first(broker, config) -> None:  # type: ignore[no-untyped-def]
+    """receive() takes a ring request straight from the ring (not through the inbox): it still
+    times out, counts the traffic and the reply's latency, and never overtakes a message that
+    already waits in the inbox."""
+    with alpc.create_port("q.lean", alpc.PortAttributes(quick_lpc=True), config=config) as port:
+        accepted: list[alpc.CommunicationPort] = []
+        listener = threading.Thread(target=lambda: accepted.append(port.listen(timeout=10).accept()))
+        listener.start()
+        client = connect(config, "q.lean")
+        listener.join(10)
+        server = accepted[0]
+        try:
+            assert client.quick
+            with pytest.raises(alpc.Timeout):
+                server.receive(timeout=0.05)
+            replies: list[bytes] = []
+            caller = threading.Thread(target=lambda: replies.append(client.request(b"ring", timeout=10).data))
+            caller.start()
+            request = server.receive(timeout=10)
+            assert (request.type, request.data, request.port) == (alpc.MessageType.REQUEST, b"ring", server)
+            assert request.id & alpc.protocol.QUICK_ID_BIT
+            assert server.stats.messages_in == 1 and server.stats.bytes_in == 4
+            request.reply(b"RING")
+            caller.join(10)
+            assert replies == [b"RING"]
+            assert server.stats.messages_out == 1 and sum(server.stats.latency) == 1
+            assert not server.stats.in_flight
+            # A datagram in the inbox comes before anything the ring brings later.
+            client.send(b"first", timeout=10)
+            server.pump()
+            assert server.queue_depth == 1
+            caller = threading.Thread(target=lambda: replies.append(client.request(b"second", timeout=10).data))
+            caller.start()
+            assert server.receive(timeout=10).data == b"first"
+            second = server.receive(timeout=10)
+            assert second.data == b"second"
+            second.reply(b"2")
+            caller.join(10)
+            assert replies == [b"RING", b"2"]
+        finally:
+            client.close()
             server.close()
 
 
