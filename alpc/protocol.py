@@ -23,6 +23,7 @@ from .wire import (
     CHANNEL_FLAGS,
     HEADER,
     HEADER_SIZE,
+    LONE_REF_SIZE,
     MAGIC,
     MAX_ATTR_LENGTH,
     MAX_RELEASES_PER_FRAME,
@@ -39,10 +40,12 @@ from .wire import (
     SectionFlag,
     SectionRef,
     decode_attributes,
+    decode_lone_ref,
     decode_releases,
     decode_section_ids,
     encode_attributes,
     encode_header,
+    encode_lone_ref,
     encode_releases,
     encode_section_ids,
 )
@@ -628,12 +631,16 @@ class Channel:
             frames += self._frame(_Types.SECTION_CLOSE, encode_section_ids(retired))
         new, fd = sections.pool.prepare(view)
         flags = (_VIEW if as_view else 0) | (_SECURE if view.secure else 0)
-        attrs = Attributes(ref=SectionRef(view.section_id, flags, view.offset, view.length), new=new,
-                           grant=grant.attr if grant is not None else None, range=span,
-                           deadline=None if deadline is None else _deadline_ns(deadline))
+        if new is None and grant is None and span is None and deadline is None:
+            encoded = encode_lone_ref(view.section_id, flags, view.offset, view.length)
+        else:
+            encoded = encode_attributes(Attributes(
+                ref=SectionRef(view.section_id, flags, view.offset, view.length), new=new,
+                grant=grant.attr if grant is not None else None, range=span,
+                deadline=None if deadline is None else _deadline_ns(deadline)))
         message_id = self._allocate_id() if kind in _NUMBERED else 0
         frames += self._frame(kind, b"", message_id=message_id, callback_id=callback_id,
-                              attrs=encode_attributes(attrs), n_fds=(fd is not None) + len(fds))
+                              attrs=encoded, n_fds=(fd is not None) + len(fds))
         if kind is _Types.REQUEST:
             self._pending.add(message_id)
             self.flow.sent_request(message_id, len(fds))
@@ -882,8 +889,8 @@ class Channel:
                 or len(data) < HEADER_SIZE):
             return False
         data_length, attr_length = _unpack_lengths(data, 8)
-        if HEADER_SIZE + data_length + attr_length != len(data):
-            return False  # not exactly one frame: nothing is consumed
+        if attr_length or HEADER_SIZE + data_length != len(data):
+            return False  # not exactly one frame without attributes: nothing is consumed
         message, end = self._plain(data, 0)
         if not end:
             return False
@@ -919,8 +926,8 @@ class Channel:
                 taken += 1
                 pos = end
                 continue
-            if attr_length or n_fds:
-                break  # not a plain frame (a section's notice, handles): the general path
+            if n_fds:
+                break  # a section's fd or handles: the general path
             if taken:
                 flow.received_datagrams(taken)
                 room -= taken
@@ -944,9 +951,19 @@ class Channel:
         (magic, version, kind, flags, data_length, attr_length, message_id, callback_id,
          pid, tid, n_fds, reserved16, reserved32) = _unpack_header(data, pos)
         end = pos + HEADER_SIZE + data_length
-        if (attr_length or n_fds or reserved16 or reserved32 or magic != MAGIC or version != VERSION
-                or end > len(data) or data_length > self._decoder.max_data or self.peer_closed):
+        if (n_fds or reserved16 or reserved32 or magic != MAGIC or version != VERSION
+                or end + attr_length > len(data) or data_length > self._decoder.max_data or self.peer_closed):
             return None, 0
+        ref = None
+        if attr_length:
+            # A body in a section the peer already mapped for us; any other attributes
+            # (a new section, a grant, a deadline) take the general path.
+            if attr_length != LONE_REF_SIZE or data_length or flags or self.sections is None:
+                return None, 0
+            ref = decode_lone_ref(data, pos + HEADER_SIZE, kind)  # attributes come before the data
+            if ref is None:
+                return None, 0
+            end += attr_length
         if kind == _REPLY_INT:
             if flags and (flags != _CANCELLED or data_length):
                 return None, 0
@@ -956,16 +973,18 @@ class Channel:
                 self.flow.reply_received(callback_id)
                 if self._grants:
                     self.finish_grant(callback_id)
-            elif callback_id in self._abandoned:
+            elif callback_id in self._abandoned and ref is None:
                 del self._abandoned[callback_id]
                 self.flow.reply_received(callback_id)
                 return None, end
             else:
                 return None, 0
-            message = Message(_Types.REPLY, message_id, callback_id, data[pos + HEADER_SIZE:end],
+            message = Message(_Types.REPLY, message_id, callback_id, _body(data, pos, end, ref),
                               self._last_sender, pid, tid)
             if flags:
                 message.cancelled = True
+            elif ref is not None:
+                self._attach_ref(message, ref)
             return message, end
         if flags:
             return None, 0
@@ -974,8 +993,11 @@ class Channel:
                 self.flow.received_datagram()
             except ProtocolError:
                 return None, 0  # past the window: the general path names it
-            return Message(_Types.DATAGRAM, message_id, callback_id, data[pos + HEADER_SIZE:end],
-                           self._last_sender, pid, tid), end
+            message = Message(_Types.DATAGRAM, message_id, callback_id, _body(data, pos, end, ref),
+                              self._last_sender, pid, tid)
+            if ref is not None:
+                self._attach_ref(message, ref)
+            return message, end
         if kind == _REQUEST_INT:
             unreplied = self._unreplied
             if message_id in unreplied or len(unreplied) >= MAX_UNREPLIED or message_id & QUICK_ID_BIT:
@@ -984,10 +1006,16 @@ class Channel:
                 self.flow.received_request(message_id)
             except ProtocolError:
                 return None, 0
-            message = Message(_Types.REQUEST, message_id, callback_id, data[pos + HEADER_SIZE:end],
+            message = Message(_Types.REQUEST, message_id, callback_id, _body(data, pos, end, ref),
                               self._last_sender, pid, tid)
+            if ref is not None:
+                self._attach_ref(message, ref)
             unreplied[message_id] = message
             return message, end
+        if kind == _RELEASE_INT and not (flags or attr_length) and self.sections is not None:
+            # The peer is done with ranges of our sections (it often rides just before a reply).
+            self.sections.pool.released(decode_releases(data[pos + HEADER_SIZE:end]))
+            return None, end
         return None, 0
 
     def _dispatch(self, frame: Frame, sender: PeerCred, changed: bool) -> Message | None:
@@ -1099,22 +1127,26 @@ class Channel:
     def _attach(self, message: Message, attrs: Attributes) -> None:
         """Give a message its section body (view or copy) and its grant."""
         if attrs.ref is not None:
-            assert self.sections is not None
-            as_view = bool(attrs.ref.flags & _VIEW)
-            view = self.sections.peer.resolve(attrs.ref, copy=not as_view)
-            message._data = None
-            if as_view:
-                message.view = view
-            else:
-                message._copy = view
-            if message.type is not _Types.REQUEST:
-                self.releases_urgent = True
+            self._attach_ref(message, attrs.ref)
         if attrs.deadline is not None:
             message.deadline = attrs.deadline / 1e9
         if attrs.grant is not None:
             memory = PeerMemory(message, attrs.grant)
             message.grant = memory
             self._peer_grants[message.id] = memory
+
+    def _attach_ref(self, message: Message, ref: SectionRef) -> None:
+        """Give a message its section body: a view (the sender sent one) or a range to copy out."""
+        assert self.sections is not None
+        as_view = bool(ref.flags & _VIEW)
+        view = self.sections.peer.resolve(ref, copy=not as_view)
+        message._data = None
+        if as_view:
+            message.view = view
+        else:
+            message._copy = view
+        if message.type is not _Types.REQUEST:
+            self.releases_urgent = True
 
     def _drop_body(self, attrs: Attributes | None) -> None:
         """A body nobody will read (a late reply): give its range back at once."""
@@ -1215,6 +1247,12 @@ _pack_header = HEADER.pack
 _unpack_header = HEADER.unpack_from
 _unpack_lengths = struct.Struct("<II").unpack_from
 _REQUEST_INT, _REPLY_INT, _DATAGRAM_INT = int(_Types.REQUEST), int(_Types.REPLY), int(_Types.DATAGRAM)
+_RELEASE_INT = int(_Types.RELEASE)
+
+
+def _body(data: bytes, pos: int, end: int, ref: SectionRef | None) -> bytes:
+    """A plain frame's inline body; none when it is in a section."""
+    return data[pos + HEADER_SIZE:end] if ref is None else b""
 _CANCELLED = int(Flag.CANCELLED)
 
 

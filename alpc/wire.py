@@ -34,6 +34,7 @@ __all__ = [
     "HANDLE_TYPES",
     "HEADER",
     "HEADER_SIZE",
+    "LONE_REF_SIZE",
     "MAGIC",
     "MAX_ATTR_LENGTH",
     "MAX_RELEASES_PER_FRAME",
@@ -53,11 +54,13 @@ __all__ = [
     "SectionNew",
     "SectionRef",
     "decode_attributes",
+    "decode_lone_ref",
     "decode_releases",
     "decode_section_ids",
     "encode_attributes",
     "encode_frame",
     "encode_header",
+    "encode_lone_ref",
     "encode_releases",
     "encode_section_ids",
 ]
@@ -498,6 +501,36 @@ def decode_attributes(frame: Frame) -> Attributes:
     if attrs.ref is not None and frame.data:
         raise ProtocolError("a frame whose body is in a section carries inline data too")
     return attrs
+
+
+# The attribute area of a message whose body is in a section the peer already knows:
+# one SECTION_REF and nothing else (what a section message carries in steady state).
+LONE_REF_SIZE = _TLV.size + _REF.size
+_REF_BIT = 1 << AttrKind.SECTION_REF
+_LONE_REF_KINDS = {int(kind): ATTR_TYPES[kind] for kind in HANDLE_TYPES}
+
+
+_LONE_REF = struct.Struct("<HH" + _REF.format[1:])
+assert _LONE_REF.size == LONE_REF_SIZE
+
+
+def encode_lone_ref(section_id: int, flags: int, offset: int, length: int) -> bytes:
+    """``encode_attributes`` of a SECTION_REF alone, in one pack."""
+    return _LONE_REF.pack(AttrKind.SECTION_REF, _REF.size, section_id, flags, offset, length)
+
+
+def decode_lone_ref(data: bytes, start: int, kind: int) -> SectionRef | None:
+    """The SECTION_REF of a REQUEST/REPLY/DATAGRAM (``kind``) whose ``LONE_REF_SIZE``
+    attribute bytes at ``start`` hold exactly that one attribute, validated as
+    ``decode_attributes`` does; None for anything else (the caller then takes the
+    general path, which names any violation)."""
+    allowed = _LONE_REF_KINDS.get(kind)
+    if allowed is None:
+        return None
+    error, fields = _native.parse_attributes(data[start:start + LONE_REF_SIZE], allowed)
+    if error or fields[0] != _REF_BIT:
+        return None
+    return SectionRef(*fields[1:5])
 
 
 class Release(NamedTuple):

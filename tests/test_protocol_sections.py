@@ -11,7 +11,17 @@ from alpc.grant import MemoryGrant
 from alpc.protocol import Channel, Message
 from alpc.section import ConnectionSections, SectionView
 from alpc.security import PeerCred
-from alpc.wire import Attributes, MessageType, Range, encode_attributes, encode_frame, encode_header
+from alpc.wire import (
+    LONE_REF_SIZE,
+    Attributes,
+    MessageType,
+    Range,
+    SectionRef,
+    encode_attributes,
+    encode_frame,
+    encode_header,
+    encode_lone_ref,
+)
 
 PEER = PeerCred(100, 1000, 1000)
 MIB = 1 << 20
@@ -77,6 +87,100 @@ def test_a_view_arrives_as_a_view_and_a_second_message_reuses_the_section(pair) 
     client.section_sent(again, True)
     (second,) = deliver(frames, fds, server)
     assert second.data == b"w" * 1000
+
+
+def _announce(client: Channel, *servers: Channel) -> SectionView:
+    """A first section message (the one that brings the section's fd) to every server."""
+    _, frames, fds, view = send_body(client, MessageType.DATAGRAM, b"first" * 100)
+    for server in servers:
+        (first,) = deliver(frames, fds, server)
+        assert first.data == b"first" * 100
+    client.section_sent(view, True)
+    return view
+
+
+def _fields(messages: list[Message]) -> list[tuple[object, ...]]:
+    return [(m.type, m.id, m.callback_id, m.data, m.view is not None) for m in messages]
+
+
+def test_section_messages_decode_in_one_read_as_they_do_byte_by_byte() -> None:
+    """Once a section is known, its messages are decoded on the short path; bytes fed one at
+    a time take the general path. Both must give the same messages and the same ledger."""
+    client = Channel(PEER, send_limit=64 * MIB, recv_limit=64 * MIB, local_pid=1, sections=sections())
+    whole = Channel(PEER, send_limit=64 * MIB, recv_limit=64 * MIB, local_pid=2, sections=sections())
+    pieces = Channel(PEER, send_limit=64 * MIB, recv_limit=64 * MIB, local_pid=2, sections=sections())
+    try:
+        _announce(client, whole, pieces)
+        stream: list[bytes] = []
+        for index in range(12):
+            kind = (MessageType.REQUEST, MessageType.DATAGRAM)[index % 2]
+            if index % 3 == 2:
+                _, frames = client.request(b"inline %d" % index) if kind is MessageType.REQUEST else (
+                    0, client.datagram(b"inline %d" % index))
+            else:
+                _, frames, fds, view = send_body(client, kind, bytes([index]) * (300 + 37 * index),
+                                                 as_view=index % 4 == 0)
+                assert fds == []
+                client.section_sent(view, True)
+            stream += frames
+        data = b"".join(stream)
+        at_once = whole.receive(data)
+        one_by_one: list[Message] = []
+        for index in range(len(data)):
+            one_by_one += pieces.receive(data[index:index + 1])
+        assert whole.sections.peer.copies_held == pieces.sections.peer.copies_held == 6
+        assert [m.size for m in at_once] == [m.size for m in one_by_one]
+        assert _fields(at_once) == _fields(one_by_one) and len(at_once) == 12
+        assert whole.sections.peer.copies_held == pieces.sections.peer.copies_held == 0
+        for message in at_once + one_by_one:
+            if message.view is not None:
+                message.view.release()
+    finally:
+        for channel in (client, whole, pieces):
+            channel.release_resources()
+
+
+def test_releases_riding_before_a_reply_free_the_senders_ranges(pair) -> None:  # type: ignore[no-untyped-def]
+    client, server = pair
+    _announce(client, server)
+    deliver(server.release_frames(server.take_releases()), [], client)
+    request_id, frames, fds, view = send_body(client, MessageType.REQUEST, b"r" * 5000)
+    client.section_sent(view, True)
+    (request,) = deliver(frames, fds, server)
+    assert client.sections.pool.ledger.lent_bytes() == 5000
+    assert request.data == b"r" * 5000
+    (reply,) = deliver(server.release_frames(server.take_releases()) + server.reply(request_id, b"ok"), [], client)
+    assert reply.data == b"ok" and client.sections.pool.ledger.lent_bytes() == 0
+
+
+def _forged(section_id: int, flags: int, offset: int, length: int, message_id: int = 900) -> bytes:
+    attrs = encode_lone_ref(section_id, flags, offset, length)
+    assert len(attrs) == LONE_REF_SIZE
+    return encode_header(MessageType.REQUEST, 0, message_id=message_id, attr_length=len(attrs)) + attrs
+
+
+@pytest.mark.parametrize(("change", "error"), [
+    ("overlap", "overlap"),
+    ("past_the_end", "out of range|outside"),
+    ("unknown_section", "unknown section|not mapped|no section"),
+    ("unknown_flags", "unknown flags|reserved"),
+    ("inline_data_too", "inline data"),
+])
+def test_a_forged_reference_into_a_known_section_breaks_the_protocol(pair, change: str,  # type: ignore[no-untyped-def]
+                                                                    error: str) -> None:
+    client, server = pair
+    view = _announce(client, server)  # its copy is held: its range is still lent
+    ref = SectionRef(view.section_id, 0, view.offset, view.length)
+    frame = {
+        "overlap": _forged(ref.section_id, 0, ref.offset, ref.length),
+        "past_the_end": _forged(ref.section_id, 0, MIB - 100, 200),
+        "unknown_section": _forged(ref.section_id + 7, 0, 0, 100),
+        "unknown_flags": _forged(ref.section_id, 0x80, 4096, 100),
+        "inline_data_too": encode_header(MessageType.REQUEST, 3, message_id=900, attr_length=LONE_REF_SIZE)
+        + encode_lone_ref(ref.section_id, 0, 4096, 100) + b"abc",
+    }[change]
+    with pytest.raises(ProtocolError, match=error):
+        server.receive(frame)
 
 
 def test_release_wanted_makes_releases_urgent(pair) -> None:  # type: ignore[no-untyped-def]
