@@ -6,7 +6,7 @@ A 64-byte request, echoed back. Run alone: ``python -m benchmarks.bench_roundtri
 from __future__ import annotations
 
 from .core import Case, Job, Point, Timing
-from .runner import Outcome, Pair, make_payload, measure
+from .runner import Outcome, Pair, make_payload
 from .transports.base import Buffer, Handler
 
 __all__ = ["CASE", "drive_request_reply"]
@@ -31,11 +31,11 @@ def drive_request_reply(pair: Pair) -> Outcome:
         if bytes(first) != expected:
             raise AssertionError(f"wrong reply: {len(first)} bytes, expected {len(expected)}")
 
-        def one() -> None:
-            if len(client.request(payload)) != reply_size:
+        def check(reply: Buffer) -> None:
+            if len(reply) != reply_size:
                 raise AssertionError("a reply had the wrong length")
 
-        return Outcome(measure(one, pair.timing))
+        return Outcome(client.time_requests(payload, check, pair.timing))
     finally:
         client.close()
 

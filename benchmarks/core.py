@@ -7,9 +7,10 @@ parent side) and the runner (the fresh process pair) both build on it.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from .runner import Outcome, Pair
@@ -24,8 +25,10 @@ __all__ = [
     "Job",
     "Pinning",
     "Point",
+    "Sampler",
     "Timing",
     "format_size",
+    "measure",
     "percentile",
 ]
 
@@ -73,6 +76,65 @@ class Timing:
             max_iterations=max(1, min(self.max_iterations, by_bytes)),
             time_cap=self.time_cap,
         )
+
+
+class Sampler:
+    """A timing's bounds for a loop that times its own operations::
+
+        sampler = Sampler(timing)
+        while sampler.warming():
+            op()
+        while sampler.sampling():
+            started = time.perf_counter_ns(); op(); sampler.add(time.perf_counter_ns() - started)
+
+    so a synchronous loop and one awaiting inside an event loop stop alike.
+    """
+
+    def __init__(self, timing: Timing) -> None:
+        self._timing = timing
+        self._warmups = 0
+        self._warm_until = time.perf_counter_ns() + int(timing.warmup_cap * 1e9)
+        self._stop_at: int | None = None
+        self.samples: list[float] = []
+
+    def warming(self) -> bool:
+        """True while another warm-up operation is due."""
+        if self._warmups >= self._timing.warmup or (self._warmups and time.perf_counter_ns() >= self._warm_until):
+            return False
+        self._warmups += 1
+        return True
+
+    def sampling(self) -> bool:
+        """True while another timed operation is due."""
+        timing = self._timing
+        now = time.perf_counter_ns()
+        if self._stop_at is None:
+            self._stop_at = now + int(timing.time_cap * 1e9)
+        count = len(self.samples)
+        return count < timing.max_iterations and (count < timing.min_iterations or now < self._stop_at)
+
+    def add(self, nanoseconds: float) -> None:
+        self.samples.append(nanoseconds)
+
+
+def measure(op: Callable[[], Any], timing: Timing, untimed: Callable[[Any], None] | None = None) -> list[float]:
+    """Warm up, then time ``op`` (ns each) within the timing's iteration and time bounds.
+
+    ``untimed`` gets what ``op`` returned, outside the clock (closing a connection).
+    """
+    clock = time.perf_counter_ns
+    sampler = Sampler(timing)
+    while sampler.warming():
+        result = op()
+        if untimed is not None:
+            untimed(result)
+    while sampler.sampling():
+        started = clock()
+        result = op()
+        sampler.add(clock() - started)
+        if untimed is not None:
+            untimed(result)
+    return sampler.samples
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ import os
 import select
 import signal
 import sys
-import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from .core import SYNC, Case, Job, Point, Timing
+from .core import SYNC, Case, Job, Point, Timing, measure
 from .transports.base import Buffer, Handler, Transport
 
 __all__ = [
@@ -137,30 +136,6 @@ def _start_server(transport: Transport, job: Job, case: Case, handler: Handler) 
         reason = answer[1:].decode(errors="replace") if answer else "it exited"
         raise RuntimeError(f"the server failed to start: {reason}")
     return pid
-
-
-def measure(op: Callable[[], Any], timing: Timing, untimed: Callable[[Any], None] | None = None) -> list[float]:
-    """Warm up, then time ``op`` (ns each) within the timing's iteration and time bounds.
-
-    ``untimed`` gets what ``op`` returned, outside the clock (closing a connection).
-    """
-    clock = time.perf_counter_ns
-    warm_until = clock() + int(timing.warmup_cap * 1e9)
-    for _ in range(timing.warmup):
-        result = op()
-        if untimed is not None:
-            untimed(result)
-        if clock() >= warm_until:
-            break
-    samples: list[float] = []
-    stop_at = clock() + int(timing.time_cap * 1e9)
-    while len(samples) < timing.max_iterations and (len(samples) < timing.min_iterations or clock() < stop_at):
-        started = clock()
-        result = op()
-        samples.append(clock() - started)
-        if untimed is not None:
-            untimed(result)
-    return samples
 
 
 @functools.lru_cache(maxsize=2)

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from benchmarks import harness, native, registry, report, targets
-from benchmarks.core import Point, percentile
+from benchmarks.core import Point, Sampler, Timing, percentile
 from benchmarks.registry import Impl
 from benchmarks.runner import CHECK_STRIDE, make_payload, payload_checker
 from benchmarks.transports.sockets import SocketPairTransport
@@ -159,18 +159,19 @@ def test_update_readme_replaces_only_the_marked_section(tmp_path: Path) -> None:
 
 
 def test_new_transfer_and_rpc_rows_run_end_to_end(tmp_path: Path) -> None:
-    """alpc-view and the C ceilings in the one-way case, alpc-rpc and mp.managers in the round trip."""
+    """alpc-view and the C ceilings in the one-way case; alpc-rpc, alpc-aio (timed inside its event loop) and
+    mp.managers in the round trip."""
     argv = [sys.executable, "-m", "benchmarks", "--quick", "--case", "oneway", "--case", "roundtrip",
-            "--impl", "alpc", "--impl", "alpc-view", "--impl", "alpc-rpc", "--impl", "mp.managers",
-            "--impl", "c-futex", "--impl", "c-inplace", "--pinning", "same", "--reps", "1",
+            "--impl", "alpc", "--impl", "alpc-view", "--impl", "alpc-rpc", "--impl", "alpc-aio",
+            "--impl", "mp.managers", "--impl", "c-futex", "--impl", "c-inplace", "--pinning", "same", "--reps", "1",
             "--out", str(tmp_path), "--no-plot", "--no-progress"]
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     records = json.loads((tmp_path / "latest.json").read_text())["records"]
     cells = {(r["case"], r["implementation"]) for r in records}
     assert cells == {("oneway", "alpc"), ("oneway", "alpc-view"), ("oneway", "c-futex"), ("oneway", "c-inplace"),
-                     ("roundtrip", "alpc"), ("roundtrip", "alpc-rpc"), ("roundtrip", "mp.managers"),
-                     ("roundtrip", "c-futex")}
+                     ("roundtrip", "alpc"), ("roundtrip", "alpc-rpc"), ("roundtrip", "alpc-aio"),
+                     ("roundtrip", "mp.managers"), ("roundtrip", "c-futex")}
     for record in records:
         check_record(record)
         assert record["status"] == "ok", record["reason"]
@@ -178,6 +179,23 @@ def test_new_transfer_and_rpc_rows_run_end_to_end(tmp_path: Path) -> None:
     # Every target with both sides measured gets a row; the one-way ones here, and RPC against raw alpc.
     assert "| issue 4 | alpc-view >= 0.8x c-inplace | oneway | 1 MiB | same |" in done.stdout
     assert "| issue 7 | alpc-rpc time <= 1.3x alpc | roundtrip | 64 B | same |" in done.stdout
+
+
+def test_a_sampler_keeps_the_warm_up_and_iteration_bounds_of_its_timing() -> None:
+    """The bounds measure() and the asyncio client's own loop share."""
+    sampler = Sampler(Timing(repetitions=1, warmup=3, warmup_cap=60.0, min_iterations=2, max_iterations=5,
+                             time_cap=60.0))
+    assert sum(1 for _ in iter(sampler.warming, False)) == 3
+    while sampler.sampling():
+        sampler.add(1.0)
+    assert sampler.samples == [1.0] * 5
+    # Caps already passed: one warm-up operation, then the minimum number of samples.
+    capped = Sampler(Timing(repetitions=1, warmup=100, warmup_cap=0.0, min_iterations=2, max_iterations=1000,
+                            time_cap=0.0))
+    assert sum(1 for _ in iter(capped.warming, False)) == 1
+    while capped.sampling():
+        capped.add(2.0)
+    assert capped.samples == [2.0, 2.0]
 
 
 @pytest.mark.parametrize("mechanism,pattern", [("futex", "rr"), ("futex", "stream"), ("inplace", "rr"),

@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Literal
 
-from ..core import SYNC, Job
+from ..core import SYNC, Job, Timing, measure
 
 __all__ = [
     "WAIT_TIMEOUT",
@@ -61,6 +61,14 @@ class Client(ABC):
 
     @abstractmethod
     def close(self) -> None: ...
+
+    def time_requests(self, data: Buffer, check: Callable[[Buffer], None], timing: Timing) -> list[float]:
+        """``request(data)`` timed (ns each) within ``timing``'s bounds, each reply given to ``check``.
+
+        An asyncio client overrides this to time its awaits inside its running
+        loop, which is what an asyncio application sees.
+        """
+        return measure(lambda: check(self.request(data)), timing)
 
 
 class OneWayClient(Client):
