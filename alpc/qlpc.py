@@ -157,6 +157,9 @@ class QuickLink:
         self._counted = [0, 0, 0, 0]
         # Server: the client maps the rings (a client that declined never does).
         self._attached = not server
+        # Server: told after this side waited on or took from the ring, which ends an arm()
+        # (the multiplexer then arms this ring again before it next sleeps in poll()).
+        self.on_take: Callable[[], None] | None = None
 
     @classmethod
     def accept(cls, fd: int, slots: int, slot_size: int, spin_us: int, sock_fd: int,
@@ -324,6 +327,7 @@ class QuickLink:
             port._dispatch(self.drain(port))
             return None
         status = self.ring.reply_wait(0, b"", 0, _timeout_ns(deadline))
+        self._took()
         if status >= 0:
             # Any more in the ring come with the next read, still before socket bytes.
             port._dispatch([self._request(port, status)])
@@ -351,6 +355,7 @@ class QuickLink:
             port._reading = True
         try:
             status = self.ring.reply_wait(0, b"", 0, -1 if timeout is None else max(0, int(timeout * 1e9)))
+            self._took()
             if status >= 0:
                 message = self._request(port, status)
                 message.port = port
@@ -376,6 +381,7 @@ class QuickLink:
         while True:
             status = reply_wait(0, b"", 0, 0)
             if status < 0:
+                self._took()
                 if status in QUICK_ERRORS:
                     self._protocol_error(port, status)
                 return messages
@@ -434,8 +440,13 @@ class QuickLink:
         try:
             return self._serve(port, handler, -1 if timeout is None else max(0, int(timeout * 1e9)), timeout)
         finally:
+            self._took()
             self._fold_counts(port, before, counted)
             port._end_read()
+
+    def _took(self) -> None:
+        if self.on_take is not None:
+            self.on_take()
 
     def _serve(self, port: CommunicationPort, handler: Handler, timeout_ns: int,
                timeout: float | None) -> Message | None:

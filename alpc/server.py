@@ -9,10 +9,12 @@ round-robin.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from typing import Protocol
 
@@ -255,6 +257,9 @@ class ConnectionPort:
         # the connections with rings are looked at on every wait.
         self._quick_held = attributes.quick_lpc and qlpc.hold_watcher()
         self._quick_comms: set[CommunicationPort] = set()
+        # Those whose ring may have left the armed state since wait() last armed it
+        # (QuickLink.on_take): arming only these keeps a wait O(active), not O(clients).
+        self._quick_unarmed: deque[weakref.ref[CommunicationPort]] = deque()
 
     def __repr__(self) -> str:
         return f"<ConnectionPort {self.name!r} with {len(self._connections)} clients>"
@@ -398,6 +403,9 @@ class ConnectionPort:
             self._connections[comm] = None
             if quick is not None:
                 self._quick_comms.add(comm)
+                mark = functools.partial(self._quick_unarmed.append, weakref.ref(comm))
+                quick.on_take = mark
+                mark()
             for fd in comm.wait_fds():
                 self._owners[fd] = comm
                 self._poller.register(fd)
@@ -452,8 +460,16 @@ class ConnectionPort:
                 raise Timeout("nothing arrived on the port in time")
 
     def _quick_armed(self) -> list[CommunicationPort]:
-        """Quick-LPC: ring each client's doorbell from now on; those whose ring already holds requests."""
-        return [comm for comm in self._quick_comms if comm._quick is not None and comm._quick.arm()]
+        """Quick-LPC: have every client whose ring is not armed ring its doorbell from now on;
+        those whose ring already holds requests. A ring stays armed until the client rings or
+        this side takes from it, which puts it back in ``_quick_unarmed``."""
+        pending = self._quick_unarmed
+        hot: list[CommunicationPort] = []
+        while pending:
+            comm = pending.popleft()()
+            if comm is not None and comm in self._quick_comms and comm._quick is not None and comm._quick.arm():
+                hot.append(comm)
+        return hot
 
     def _poll(self, deadline: float | None) -> bool:
         """Wait for the broker link or any connection, and read what came; False on timeout."""

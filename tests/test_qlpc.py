@@ -463,3 +463,49 @@ def test_many_clients_of_one_multiplexing_server(broker, config, peer) -> None: 
     finally:
         for comm in comms:
             comm.close()
+
+
+@native
+def test_a_multiplexing_server_arms_only_the_rings_that_were_used(broker, config,  # type: ignore[no-untyped-def]
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A wait() arms the rings taken from since it last slept, not every client's: with many idle
+    clients a busy one's round trip stays O(1). Idle rings stay armed and still wake the server."""
+    armed: list[int] = []
+    real_arm = qlpc.QuickLink.arm
+
+    def counting_arm(link: qlpc.QuickLink) -> bool:
+        armed.append(1)
+        return real_arm(link)
+
+    monkeypatch.setattr(qlpc.QuickLink, "arm", counting_arm)
+    stop = threading.Event()
+    with alpc.create_port("q.idle", alpc.PortAttributes(quick_lpc=True), config=config) as port:
+        def serve() -> None:
+            while not stop.is_set():
+                try:
+                    event = port.wait(timeout=0.2)
+                except alpc.Timeout:
+                    continue
+                if isinstance(event, alpc.ConnectionRequest):
+                    event.accept()
+                elif event.type is alpc.MessageType.REQUEST:
+                    event.reply(event.data.upper())
+
+        server = threading.Thread(target=serve)
+        server.start()
+        comms = [connect(config, "q.idle") for _ in range(41)]
+        try:
+            busy, idle = comms[0], comms[1:]
+            assert all(comm.quick for comm in comms)
+            assert busy.call(b"warm", timeout=10) == b"WARM"
+            armed.clear()
+            for i in range(200):
+                assert busy.call(b"b%d" % i, timeout=10) == b"B%d" % i
+            assert len(armed) <= 3 * 200  # every client's ring each time would be 40 per wait
+            for n, comm in enumerate(idle):
+                assert comm.call(b"idle %d" % n, timeout=10) == b"IDLE %d" % n
+        finally:
+            for comm in comms:
+                comm.close()
+            stop.set()
+            server.join(10)
