@@ -523,18 +523,27 @@ class Connection:
             if batch.error is None:
                 return _NOTHING if not cancelled else Wake([], False, False, True)
             return Wake([], True, True)
-        self.stats.received(messages)
+        stats = self.stats
         ids: list[int] = []
         inbox = failed = False
         owner = self.owner
         file = self.inbox.append
+        count = size = 0
         for message in messages:
             message.port = owner
             kind = message.type
             if kind is _DATAGRAM or kind is _REQUEST:
                 file(message)
                 inbox = True
+                count += 1
+                body = message._data
+                size += len(body) if body is not None else message.size
+                if kind is _REQUEST:
+                    stats.in_flight[message.id] = _monotonic()
             elif kind is _REPLY or kind is _PONG:
+                if kind is _REPLY:
+                    count += 1
+                    size += message.size
                 self.replies[message.callback_id] = message
                 ids.append(message.callback_id)
             elif kind is _PORT_CLOSED:
@@ -549,6 +558,8 @@ class Connection:
             else:
                 file(message)
                 inbox = True
+        stats.messages_in += count
+        stats.bytes_in += size
         return Wake(ids, inbox, failed, cancelled)
 
     # -- taking -----------------------------------------------------------------------

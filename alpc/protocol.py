@@ -915,18 +915,19 @@ class Channel:
         datagram = _Types.DATAGRAM
         taken = 0
         while size - pos >= HEADER_SIZE:
-            (magic, version, kind, flags, data_length, attr_length, message_id, callback_id,
-             pid, tid, n_fds, reserved16, reserved32) = _unpack_header(data, pos)
+            # The header as ten words: magic, version and type are the first, the fd count
+            # and the reserved half-word the ninth (HEADER is the field-by-field view).
+            (lead, flags, data_length, attr_length, message_id, callback_id,
+             pid, tid, fds_word, reserved32) = _unpack_words(data, pos)
             start = pos + HEADER_SIZE
             end = start + data_length
-            if (kind == _DATAGRAM_INT and taken < room and end <= size and data_length <= max_data
-                    and not (flags or attr_length or n_fds or reserved16 or reserved32)
-                    and magic == MAGIC and version == VERSION):
+            if (lead == _DATAGRAM_LEAD and taken < room and end <= size and data_length <= max_data
+                    and not (flags or attr_length or fds_word or reserved32)):
                 append(Message(datagram, message_id, callback_id, data[start:end], sender, pid, tid))
                 taken += 1
                 pos = end
                 continue
-            if n_fds:
+            if fds_word & 0xFFFF:
                 break  # a section's fd or handles: the general path
             if taken:
                 flow.received_datagrams(taken)
@@ -1246,6 +1247,10 @@ class Channel:
 _pack_header = HEADER.pack
 _unpack_header = HEADER.unpack_from
 _unpack_lengths = struct.Struct("<II").unpack_from
+_unpack_words = struct.Struct("<10I").unpack_from
+assert HEADER.size == 40 and HEADER.format == "<HBBIIIIIIIHHI"
+# The first word of a valid DATAGRAM header: magic, version and type in one compare.
+_DATAGRAM_LEAD = MAGIC | VERSION << 16 | int(MessageType.DATAGRAM) << 24
 _REQUEST_INT, _REPLY_INT, _DATAGRAM_INT = int(_Types.REQUEST), int(_Types.REPLY), int(_Types.DATAGRAM)
 _RELEASE_INT = int(_Types.RELEASE)
 

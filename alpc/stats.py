@@ -11,21 +11,18 @@ the broker for ``alpc peers`` and ``alpc stats``.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import control
-from .protocol import Message
 from .security import PeerCred
-from .wire import MessageType
 
 if TYPE_CHECKING:
     from .section import ConnectionSections
 
 __all__ = ["ConnectionStats", "LiveConnection", "PortStatistics", "latency_bucket", "section_bytes_in_use"]
 
-_REQUEST, _REPLY, _DATAGRAM = MessageType.REQUEST, MessageType.REPLY, MessageType.DATAGRAM
 _monotonic = time.monotonic
 # How many in-flight request ages a report names per client (oldest first).
 MAX_AGES = 8
@@ -53,19 +50,6 @@ class ConnectionStats:
         # Requests from the peer still awaiting our reply: id -> when it arrived.
         self.in_flight: dict[int, float] = {}
         self.latency = [0] * control.LATENCY_BUCKETS
-
-    def received(self, messages: Iterable[Message]) -> None:
-        count = size = 0
-        for message in messages:
-            kind = message.type
-            if kind is _REQUEST:
-                self.in_flight[message.id] = _monotonic()
-            elif kind is not _REPLY and kind is not _DATAGRAM:
-                continue  # notices carry no traffic
-            count += 1
-            size += message.size
-        self.messages_in += count
-        self.bytes_in += size
 
     def sent(self, n_bytes: int) -> None:
         self.messages_out += 1

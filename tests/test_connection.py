@@ -57,6 +57,20 @@ def test_a_request_is_filed_in_the_inbox_and_its_reply_by_id(pair) -> None:  # t
     assert client.take_reply(request_id) is None
 
 
+def test_routing_counts_the_traffic_of_requests_datagrams_and_replies_only(pair) -> None:  # type: ignore[no-untyped-def]
+    client, server = pair
+    request_id, request = client.request(b"abc")
+    deliver(request + client.datagram(b"de") + client.ping()[1], server)
+    stats = server.stats
+    assert (stats.messages_in, stats.bytes_in, list(stats.in_flight)) == (2, 5, [request_id])
+    message = server.take_message()
+    assert message is not None
+    deliver(server.reply(message, b"four") + server.take_automatic(), client)
+    assert (client.stats.messages_in, client.stats.bytes_in) == (1, 4)  # the PONG carries no traffic
+    deliver(client.close(), server)
+    assert (stats.messages_in, stats.bytes_in) == (2, 5)  # nor does a notice
+
+
 def test_an_abandoned_request_never_gets_its_late_reply(pair) -> None:  # type: ignore[no-untyped-def]
     client, server = pair
     request_id, frames = client.request(b"slow")
