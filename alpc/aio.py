@@ -28,7 +28,18 @@ from typing import Any
 
 from . import port, server
 from .config import Config, PortAttributes
-from .connection import FILED_ERROR, FILED_INBOX, NOTICES, Body, Connection, body_size, copy_body, owned_body
+from .connection import (
+    BUDGET_RECHECK,
+    FILED_ERROR,
+    FILED_INBOX,
+    NOTICES,
+    SPACE_REASK,
+    Body,
+    Connection,
+    body_size,
+    copy_body,
+    owned_body,
+)
 from .errors import (
     Cancelled,
     ConnectionClosed,
@@ -363,6 +374,7 @@ class AsyncCommunicationPort:
         if view is not None:
             return view
         await self._write(core.space_wanted(), deadline)
+        reask, most = SPACE_REASK
         while True:
             view = core.reserve(size, secure)
             if view is not None:
@@ -371,13 +383,18 @@ class AsyncCommunicationPort:
             waiter = self._loop.create_future()
             self._space_waiters.append(waiter)
             # Space freed by other connections of a port-wide budget comes without a read here.
-            window = deadline if not core.budget_blocked else deadline_after(0.05)
+            window = deadline_after(BUDGET_RECHECK if core.budget_blocked else reask)
+            if deadline is not None and window is not None:
+                window = min(window, deadline)
             try:
                 await _within(waiter, window, "space in the connection's sections")
             except Timeout:
                 if window == deadline or remaining(deadline) == 0:
                     limit = Limit.MAX_PORT_SECTION_BYTES if core.budget_blocked else Limit.MAX_SECTION_BYTES
                     raise Throttled(f"no section space freed up before the timeout ({limit})", limit=limit) from None
+                if not core.budget_blocked:
+                    await self._write(core.space_wanted(), deadline)  # see SPACE_REASK
+                    reask = min(reask * 2, most)
 
     async def _send_section(self, kind: MessageType, data: Payload, deadline: float | None, secure: bool, *,
                             callback_id: int = 0, deadline_attr: float | None = None,
@@ -639,6 +656,8 @@ class AsyncCommunicationPort:
             if found is not None:
                 return found
             core.check_open()
+            if core.releases_unannounced():
+                self._flush_releases()
             waiter = self._loop.create_future()
             if message_id is None:
                 self._inbox_waiters.append(waiter)

@@ -52,8 +52,8 @@ from .security import PeerCred
 from .stats import ConnectionStats
 from .wire import HEADER_SIZE, MessageType, Range, Release
 
-__all__ = ["FILED_ERROR", "FILED_INBOX", "FILED_NOTHING", "FILED_REPLY", "NOTICES", "NOT_FILED", "Batch", "Body",
-           "Connection", "Owed", "Wake", "body_size", "copy_body", "owned_body"]
+__all__ = ["BUDGET_RECHECK", "FILED_ERROR", "FILED_INBOX", "FILED_NOTHING", "FILED_REPLY", "NOTICES", "NOT_FILED",
+           "SPACE_REASK", "Batch", "Body", "Connection", "Owed", "Wake", "body_size", "copy_body", "owned_body"]
 
 NOTICES = (MessageType.PORT_CLOSED, MessageType.CLIENT_DIED)
 # Unflushed datagrams (send(..., flush=False)) beyond this many bytes go out at once.
@@ -63,6 +63,12 @@ DRAIN_EVERY = 64
 # A receiver copying out a read's section bodies tells the sender of at most this many
 # released ranges at once, so a sender waiting for space gets it back while the rest copy.
 RELEASE_BATCH = 8
+# A sender short of section space asks for releases (space_wanted) again after waiting this
+# long, doubling up to the second figure: a body the peer dropped unread is released by its
+# finalizer, which only queues the release, and the peer's next read is what sends it.
+SPACE_REASK = (0.002, 0.1)
+# Space freed by other connections of a port-wide budget comes without a read: look again this often.
+BUDGET_RECHECK = 0.05
 
 # What a driver's request/send/reply take: one bytes-like buffer, parts sent back to back
 # without being joined first, or a filled view of the connection's section.
@@ -346,6 +352,14 @@ class Connection:
             return
         if self.releases_due() and self.on_releases_due is not None:
             self.on_releases_due()
+
+    def releases_unannounced(self) -> bool:
+        """Ranges given back without a word to the peer (a received body or view dropped
+        unreleased, its finalizer only queueing the release) that no reply of ours will
+        carry: a driver sends them before it sleeps, or a sender waiting for that space
+        (its RELEASE_WANTED already answered with nothing) would wait for ever."""
+        peer = self._peer_sections
+        return peer is not None and bool(peer.pending) and not self.channel.owes_replies
 
     def releases_due(self, urgent: bool = False) -> bool:
         """Ranges were released: True when the peer must hear now (send ``release_frames()``).

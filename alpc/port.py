@@ -23,9 +23,11 @@ from typing import TypeVar
 from . import control, qlpc
 from .config import Config
 from .connection import (
+    BUDGET_RECHECK,
     FILED_ERROR,
     FILED_INBOX,
     NOTICES,
+    SPACE_REASK,
     Batch,
     Body,
     Connection,
@@ -78,7 +80,6 @@ T = TypeVar("T")
 
 # A sender waiting for section space on a port-wide budget (which other
 # connections free) re-checks this often; its own releases wake it at once.
-_BUDGET_RECHECK = 0.05
 # Runtime frames (releases, PONG) go out from the reader; a peer that stops
 # reading for this long keeps them queued rather than stalling our reads.
 _RUNTIME_SEND_TIMEOUT = 1.0
@@ -627,18 +628,20 @@ class CommunicationPort:
         def attempt() -> SectionView | None:
             return core.reserve(size, secure)
 
+        reask, most = SPACE_REASK
         while True:
-            window = deadline
-            if core.budget_blocked:
-                window = deadline_after(_BUDGET_RECHECK)
-                if deadline is not None and window is not None:
-                    window = min(window, deadline)
+            window = deadline_after(BUDGET_RECHECK if core.budget_blocked else reask)
+            if deadline is not None and window is not None:
+                window = min(window, deadline)
             try:
                 return self._wait_for(attempt, window, "space in the connection's sections")
             except Timeout:
                 if window == deadline or remaining(deadline) == 0:
                     limit = Limit.MAX_PORT_SECTION_BYTES if core.budget_blocked else Limit.MAX_SECTION_BYTES
                     raise Throttled(f"no section space freed up before the timeout ({limit})", limit=limit) from None
+            if not core.budget_blocked:
+                self._send(core.space_wanted, deadline)  # see SPACE_REASK
+                reask = min(reask * 2, most)
 
     def _request_large(self, data: Payload, deadline: float | None, secure: bool,
                        grant: MemoryGrant | None, fds: Sequence[int] = ()) -> Message:
@@ -1095,6 +1098,8 @@ class CommunicationPort:
 
     def _read(self, deadline: float | None, block: bool = True) -> bool:
         """Read once and dispatch; False if nothing arrived before the deadline."""
+        if block and self._core.releases_unannounced():
+            self._flush_releases()
         quick = self._quick
         if quick is not None:
             # Quick-LPC: wait on the ring and the socket together; None means read the socket.

@@ -3,6 +3,7 @@ secure views, backpressure, memory grants, both backends, and dying peers."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import shutil
@@ -375,6 +376,72 @@ def test_a_stream_beyond_the_senders_quota_flows_whether_bodies_are_read_or_drop
         streamer.expect("SENT")
         streamer.send("close")
         assert comm.receive(timeout=10).type is alpc.MessageType.PORT_CLOSED
+
+
+@pytest.mark.parametrize("driver", ["blocking", "asyncio"])
+def test_a_sender_waiting_for_space_asks_again_after_bodies_are_dropped_unread(  # type: ignore[no-untyped-def]
+        broker, config, monkeypatch: pytest.MonkeyPatch, driver: str) -> None:
+    """A body dropped unread is released by its finalizer, which tells nobody. If the sender's
+    request for releases came while the bodies were still held, only asking again gets it the
+    space: a multiplexing server (which never blocks on this connection's socket) answers the
+    next ask. Deterministic: the server drops the bodies only after it read the first ask."""
+    from alpc import aio
+    from alpc.protocol import Channel
+
+    asked = threading.Event()
+    real_runtime = Channel._runtime
+
+    def noting_runtime(channel: Channel, frame, attrs):  # type: ignore[no-untyped-def]
+        if frame.type is alpc.MessageType.RELEASE_WANTED:
+            asked.set()  # read while the bodies are still held: nothing to release yet
+        return real_runtime(channel, frame, attrs)
+
+    monkeypatch.setattr(Channel, "_runtime", noting_runtime)
+    small = alpc.Config(runtime_dir=config.runtime_dir, section_size=4 * MIB, max_section_bytes=8 * MIB)
+    payload = b"s" * (3 * MIB)
+    sent: list[int] = []
+
+    def send_three() -> None:
+        if driver == "blocking":
+            with alpc.connect("svc.reask", config=small, timeout=10) as comm:
+                for _ in range(3):
+                    comm.send(payload, timeout=20)
+                    sent.append(1)
+                comm.request(b"done", timeout=20)
+            return
+
+        async def run() -> None:
+            comm = await aio.connect("svc.reask", config=small, timeout=10)
+            for _ in range(3):
+                await comm.send(payload, timeout=20)
+                sent.append(1)
+            await comm.request(b"done", timeout=20)
+            await comm.close()
+
+        asyncio.run(run())
+
+    with alpc.create_port("svc.reask", config=config) as port:
+        sender = threading.Thread(target=send_three)
+        sender.start()
+        held: list[alpc.Message] = []
+        while len(held) < 2:
+            event = port.wait(timeout=10)
+            if isinstance(event, alpc.ConnectionRequest):
+                event.accept()
+            else:
+                held.append(event)
+        while not asked.is_set():  # the pump that reads the ask
+            with pytest.raises(alpc.Timeout):
+                port.wait(timeout=0.05)
+        assert len(sent) == 2 and all(message.size == len(payload) for message in held)
+        del held  # unread: the finalizers queue the releases and tell nobody
+        third = port.wait(timeout=10)
+        assert isinstance(third, alpc.Message) and third.data == payload
+        done = port.wait(timeout=10)
+        assert isinstance(done, alpc.Message) and done.data == b"done"
+        done.reply(b"ok")
+        sender.join(10)
+        assert len(sent) == 3
 
 
 def test_a_dead_peers_leftover_names_are_swept(broker, config, spawn, runtime_dir) -> None:  # type: ignore[no-untyped-def]
