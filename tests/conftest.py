@@ -213,8 +213,14 @@ class Peer:
 
     def send(self, line: str) -> None:
         assert self.proc.stdin is not None
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write(line + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            # Say what became of the peer: a bare broken pipe leaves a flake undiagnosable.
+            code = self.proc.wait(5)
+            raise AssertionError(f"peer exited with {code} before {line!r} could be sent; "
+                                 f"stderr: {''.join(self._stderr)}") from None
 
     def stderr(self) -> str:
         return "".join(self._stderr)
