@@ -550,9 +550,10 @@ class CommunicationPort:
         connection is dropped (a CLIENT_DIED notice follows) and Throttled raised.
         """
         quick = self._quick
-        if (quick is not None and type(data) is bytes and message.id in quick.ring_requests
+        if (quick is not None and isinstance(data, (bytes, bytearray)) and message.id in quick.ring_requests
                 and message.type is _REQUEST and not (secure or fds or message.cancelled)
-                and len(data) <= quick.payload_max and quick.reply(self, message.id, data)):
+                and len(data) <= quick.payload_max
+                and quick.reply(self, message.id, data if type(data) is bytes else bytes(data))):
             # Quick-LPC: a request that came through the ring, answered the same way.
             self.stats.replied(message.id, len(data))
             return
@@ -567,11 +568,6 @@ class CommunicationPort:
             return
         if fds:
             core.check_handles(fds)
-        if (quick is not None and quick.ring_requests and size <= quick.payload_max and not secure and not fds
-                and isinstance(data, (bytes, bytearray)) and quick.reply(self, message.id, bytes(data))):
-            # The same, for a body that is not bytes yet.
-            self.stats.replied(message.id, size)
-            return
         try:
             if isinstance(data, SectionView) or size > core.inline_threshold:
                 self._send_section(MessageType.REPLY, data, deadline, secure, callback_id=message.id, fds=fds)
