@@ -78,8 +78,6 @@ _limited = LogLimiter(log)
 
 T = TypeVar("T")
 
-# A sender waiting for section space on a port-wide budget (which other
-# connections free) re-checks this often; its own releases wake it at once.
 # Runtime frames (releases, PONG) go out from the reader; a peer that stops
 # reading for this long keeps them queued rather than stalling our reads.
 _RUNTIME_SEND_TIMEOUT = 1.0

@@ -508,9 +508,7 @@ def decode_attributes(frame: Frame) -> Attributes:
 LONE_REF_SIZE = _TLV.size + _REF.size
 _REF_BIT = 1 << AttrKind.SECTION_REF
 _LONE_REF_KINDS = {int(kind): ATTR_TYPES[kind] for kind in HANDLE_TYPES}
-
-
-_LONE_REF = struct.Struct("<HH" + _REF.format[1:])
+_LONE_REF = struct.Struct("<HH" + _REF.format[1:])  # the TLV header and the reference, one pack
 assert _LONE_REF.size == LONE_REF_SIZE
 
 
