@@ -264,7 +264,9 @@ class Registration:
     def report_soon(self) -> None:
         """Clients came or went: report within MIN_REPORT_GAP rather than at the next interval."""
         with self._lock:
-            if self._closed or self._stopping:
+            if self._closed or self._stopping or self._dirty:
+                # Already due within MIN_REPORT_GAP: waking the keeper again per
+                # connect (a thread switch and a GIL hand-over) would only cost.
                 return
             self._dirty = True
             _signal(self._poke)
@@ -308,15 +310,16 @@ class Registration:
             gap = now - self._last_report
             if gap < (MIN_REPORT_GAP if self._dirty else self.report_interval):
                 return
-            dirty = self._dirty
+            # Cleared before the snapshot: a change after it makes the port dirty
+            # (and pokes the keeper) again rather than going unreported.
+            dirty, self._dirty = self._dirty, False
         status = self._snapshot()
         self._last_report = now
         if not dirty and not status.peers_total and status.counters == self._last_counters:
             return  # nothing moved; stay quiet
         with self._lock:
             if not self._live or self._stream is None:
-                return
-            self._dirty = False
+                return  # the next registration reports everything (_install marks it dirty)
             try:
                 self._stream.send(control_frame(status), deadline=deadline_after(REPORT_SEND_TIMEOUT))
             except ConnectionClosed:
