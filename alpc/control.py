@@ -7,8 +7,10 @@ allocation. Nothing here touches a socket.
 
 from __future__ import annotations
 
+import functools
 import re
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar, TypeVar
 
 import msgpack
@@ -124,51 +126,96 @@ R = TypeVar("R", bound="Record")
 T = TypeVar("T", bound="Body")
 
 
+# A field's check: (owner, field name, raw value) -> the value to store, or ProtocolError.
+Check = Callable[[str, str, Any], Any]
+# Per Record class: (name, check, has a default) for each field, built on first use
+# (the annotations name classes defined further down this module).
+_SCHEMAS: dict[type[Record], tuple[tuple[str, Check, bool], ...]] = {}
+
+
 @dataclass(frozen=True)
 class Record:
     """A msgpack map with a fixed set of typed fields."""
 
     @classmethod
     def from_map(cls: type[R], raw: dict[str, Any]) -> R:
+        owner = cls.__name__
         values: dict[str, Any] = {}
-        for spec in fields(cls):
-            if spec.name not in raw:
-                if spec.default is not MISSING or spec.default_factory is not MISSING:
-                    continue  # an older peer; the default is the safe setting
-                raise ProtocolError(f"{cls.__name__}: missing field {spec.name!r}")
-            values[spec.name] = _check_type(cls.__name__, spec.name, spec.type, raw[spec.name])
-        extra = set(raw) - set(values)
-        if extra:
-            raise ProtocolError(f"{cls.__name__}: unknown fields {sorted(map(repr, extra))}")
+        for name, check, has_default in _schema(cls):
+            if name in raw:
+                values[name] = check(owner, name, raw[name])
+            elif not has_default:
+                raise ProtocolError(f"{owner}: missing field {name!r}")
+            # (else an older peer: the default is the safe setting)
+        if len(values) != len(raw):
+            extra = set(raw) - set(values)
+            raise ProtocolError(f"{owner}: unknown fields {sorted(map(repr, extra))}")
         return cls(**values)
 
+    def to_map(self) -> dict[str, Any]:
+        """The msgpack map of this record (nested records as maps, tuples as they are)."""
+        out: dict[str, Any] = {}
+        for name, _, _ in _schema(type(self)):
+            value = getattr(self, name)
+            if isinstance(value, Record):
+                value = value.to_map()
+            elif type(value) is tuple and value and isinstance(value[0], Record):
+                value = [item.to_map() for item in value]
+            out[name] = value
+        return out
 
-def _check_type(owner: str, name: str, annotation: object, value: Any) -> Any:
-    expected = {"str": str, "bytes": bytes, "int": int, "bool": bool}.get(str(annotation))
+
+def _schema(cls: type[Record]) -> tuple[tuple[str, Check, bool], ...]:
+    schema = _SCHEMAS.get(cls)
+    if schema is None:
+        schema = _SCHEMAS[cls] = tuple(
+            (spec.name, _checker(str(spec.type)),
+             spec.default is not MISSING or spec.default_factory is not MISSING)
+            for spec in fields(cls))
+    return schema
+
+
+def _checker(annotation: str) -> Check:
+    """The check of a field annotated ``annotation`` (a string: annotations are postponed)."""
+    expected = {"str": str, "bytes": bytes, "int": int, "bool": bool}.get(annotation)
     if expected is not None:
-        # bool is an int subclass; keep the two apart so a flag is never a count.
-        if type(value) is not expected:
-            raise ProtocolError(f"{owner}.{name}: expected {expected.__name__}, got {type(value).__name__}")
-        return value
-    if str(annotation) == "tuple[int, ...]":
-        if not isinstance(value, list) or not all(type(item) is int for item in value):
-            raise ProtocolError(f"{owner}.{name}: expected a list of ints")
-        return tuple(value)
-    if str(annotation) == "tuple[str, ...]":
-        if not isinstance(value, list) or not all(type(item) is str for item in value):
-            raise ProtocolError(f"{owner}.{name}: expected a list of strings")
-        return tuple(value)
-    single = _NESTED_ONE.get(str(annotation))
+        return functools.partial(_check_exact, expected)
+    if annotation == "tuple[int, ...]":
+        return functools.partial(_check_items, int, "ints")
+    if annotation == "tuple[str, ...]":
+        return functools.partial(_check_items, str, "strings")
+    single = _NESTED_ONE.get(annotation)
     if single is not None:
-        if not isinstance(value, dict):
-            raise ProtocolError(f"{owner}.{name}: expected a map")
-        return single.from_map(value)
-    nested = _NESTED.get(str(annotation))
+        return functools.partial(_check_record, single)
+    nested = _NESTED.get(annotation)
     if nested is None:
-        raise TypeError(f"{owner}.{name}: unsupported annotation {annotation!r}")
+        raise TypeError(f"unsupported annotation {annotation!r}")
+    return functools.partial(_check_records, nested)
+
+
+def _check_exact(expected: type, owner: str, name: str, value: Any) -> Any:
+    # bool is an int subclass; keep the two apart so a flag is never a count.
+    if type(value) is not expected:
+        raise ProtocolError(f"{owner}.{name}: expected {expected.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _check_items(item_type: type, items: str, owner: str, name: str, value: Any) -> tuple[Any, ...]:
+    if not isinstance(value, list) or not all(type(item) is item_type for item in value):
+        raise ProtocolError(f"{owner}.{name}: expected a list of {items}")
+    return tuple(value)
+
+
+def _check_record(record: type[Record], owner: str, name: str, value: Any) -> Record:
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{owner}.{name}: expected a map")
+    return record.from_map(value)
+
+
+def _check_records(record: type[Record], owner: str, name: str, value: Any) -> tuple[Record, ...]:
     if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
         raise ProtocolError(f"{owner}.{name}: expected a list of maps")
-    return tuple(nested.from_map(item) for item in value)
+    return tuple(record.from_map(item) for item in value)
 
 
 @dataclass(frozen=True)
@@ -628,7 +675,7 @@ _BODIES: dict[MessageType, type[Body]] = {
 
 
 def encode_body(body: Body) -> bytes:
-    packed: bytes = msgpack.packb(asdict(body), use_bin_type=True)
+    packed: bytes = msgpack.packb(body.to_map(), use_bin_type=True)
     return packed
 
 

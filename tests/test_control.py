@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict
 
 import msgpack
@@ -123,6 +124,13 @@ def _peer_report() -> control.PeerReport:
 ])
 def test_roundtrip_operations_bodies(body: control.Body) -> None:
     assert control.decode_body(body.TYPE, control.encode_body(body), type(body)) == body
+    _assert_plain_map(body)
+
+
+def _assert_plain_map(body: control.Body) -> None:
+    """The encoding is the record's plain map, nested records as maps: what peers of any version read."""
+    unpack = functools.partial(msgpack.unpackb, raw=False)
+    assert unpack(control.encode_body(body)) == unpack(msgpack.packb(asdict(body), use_bin_type=True))
 
 
 @pytest.mark.parametrize(("raw", "why"), [
@@ -190,6 +198,7 @@ def test_security_bodies_roundtrip(acl: control.AclSpec, flow: control.FlowSpec,
     ]
     for body in bodies:
         assert control.decode_body(body.TYPE, control.encode_body(body), type(body)) == body
+        _assert_plain_map(body)
     assert control.AclSpec.of(acl.acl()) == acl
     assert flow.limits().max_pending_requests == flow.max_pending_requests
     refusal = control.ErrorReply(code=control.ErrorCode.BUSY, message="full", limit=limit).exception()
