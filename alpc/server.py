@@ -32,7 +32,15 @@ from .registration import Registration
 from .section import ConnectionSections
 from .security import PeerCred, kinds_from_mask, kinds_mask
 from .stats import ConnectionStats, LiveConnection, PortStatistics, section_bytes_in_use
-from .transport import Poller, SpinBudget, Stream, close_fds, deadline_after, wait_readable
+from .transport import (
+    Poller,
+    SpinBudget,
+    Stream,
+    close_fds,
+    deadline_after,
+    wait_readable,
+    wait_readable_or_hangup,
+)
 from .wire import Frame
 
 __all__ = ["ConnectionPort", "ConnectionRequest", "ForeignConnection", "create_port"]
@@ -329,8 +337,9 @@ class ConnectionPort:
             close_fds(frame.fds)
             log.error("bad connection request from the broker: %s", exc, extra=fields(port=self.name))
             return
-        if wait_readable([stream.fileno()], 0.0):
-            # The client already gave up (timeout or death); nobody to answer.
+        if wait_readable_or_hangup([], [stream.fileno()], 0.0):
+            # The client already gave up (timeout or death); nobody to answer. (Bytes it
+            # wrote right behind its CONNECT are not a hang-up: they are the channel's.)
             stream.close()
             return
         try:

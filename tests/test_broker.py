@@ -175,3 +175,33 @@ def test_established_channel_survives_broker_death(spawn, runtime_dir: Path, con
         assert time.monotonic() - started < 1.0
     (runtime_dir / "broker.sock").unlink()
     (runtime_dir / "broker.lock").unlink()
+
+
+def test_a_request_written_right_behind_the_connect_reaches_the_server(broker: alpc.Broker,
+                                                                       config: alpc.Config) -> None:
+    """The broker reads exactly the CONNECT frame: what the client wrote after it, in the
+    same send, travels with the socket to the server."""
+    with alpc.create_port("svc.eager", config=config) as port:
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.settimeout(5)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        client.connect(str(config.broker_socket))
+        hello = control.Connect(name="svc.eager", data=b"", max_message_length=1 << 16, max_section_bytes=0,
+                                flow=control.FlowSpec())
+        early = encode_frame(MessageType.REQUEST, b"early", message_id=1, sender_pid=os.getpid())
+        client.sendall(encode_frame(MessageType.CONNECT, control.encode_body(hello)) + early)
+        with port.listen(timeout=5).accept() as comm:
+            request = comm.receive(timeout=5)
+            assert (request.type, request.data) == (alpc.MessageType.REQUEST, b"early")
+            request.reply(b"late")
+            decoder = FrameDecoder(FrameLimits(allowed_types=frozenset({MessageType.CONNECTION_REPLY,
+                                                                        MessageType.REPLY}),
+                                               max_data=1 << 16, max_fds=1))
+            frames = []
+            while len(frames) < 2:
+                chunk = client.recv(65536)
+                assert chunk, "the server hung up"
+                frames += decoder.feed(chunk)
+            assert [frame.type for frame in frames] == [MessageType.CONNECTION_REPLY, MessageType.REPLY]
+            assert (frames[1].callback_id, frames[1].data) == (1, b"late")
+        client.close()
