@@ -384,20 +384,27 @@ class Broker:
     def _read(self, peer: _Peer) -> None:
         # Read at most one frame's worth: a connecting client's socket is handed
         # to the server, and every byte after its CONNECT frame belongs there.
-        data = peer.stream.recv(peer.decoder.wanted())
-        if data is None:
-            return
-        if not data:
-            self._drop(peer, None)
-            return
-        try:
-            for frame in peer.decoder.feed(data):
-                self._handle(peer, frame)
-                if peer.stream.fileno() not in self._peers or self._handed_over_to is not None:
-                    return
-        except ProtocolError as exc:
-            self._protocol_errors += 1
-            self._drop(peer, f"protocol error: {exc}")
+        # A header read alone is followed at once by its body (usually there
+        # already) rather than by another turn of the event loop.
+        while True:
+            data = peer.stream.recv(peer.decoder.wanted())
+            if data is None:
+                return
+            if not data:
+                self._drop(peer, None)
+                return
+            try:
+                frames = peer.decoder.feed(data)
+                for frame in frames:
+                    self._handle(peer, frame)
+                    if peer.stream.fileno() not in self._peers or self._handed_over_to is not None:
+                        return
+            except ProtocolError as exc:
+                self._protocol_errors += 1
+                self._drop(peer, f"protocol error: {exc}")
+                return
+            if frames:
+                return
 
     def _handle(self, peer: _Peer, frame: Frame) -> None:
         kind = frame.type
