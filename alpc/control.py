@@ -127,10 +127,10 @@ T = TypeVar("T", bound="Body")
 
 
 # A field's check: (owner, field name, raw value) -> the value to store, or ProtocolError.
-Check = Callable[[str, str, Any], Any]
+_Check = Callable[[str, str, Any], Any]
 # Per Record class: (name, check, has a default) for each field, built on first use
 # (the annotations name classes defined further down this module).
-_SCHEMAS: dict[type[Record], tuple[tuple[str, Check, bool], ...]] = {}
+_SCHEMAS: dict[type[Record], tuple[tuple[str, _Check, bool], ...]] = {}
 
 
 @dataclass(frozen=True)
@@ -165,7 +165,7 @@ class Record:
         return out
 
 
-def _schema(cls: type[Record]) -> tuple[tuple[str, Check, bool], ...]:
+def _schema(cls: type[Record]) -> tuple[tuple[str, _Check, bool], ...]:
     schema = _SCHEMAS.get(cls)
     if schema is None:
         schema = _SCHEMAS[cls] = tuple(
@@ -175,7 +175,7 @@ def _schema(cls: type[Record]) -> tuple[tuple[str, Check, bool], ...]:
     return schema
 
 
-def _checker(annotation: str) -> Check:
+def _checker(annotation: str) -> _Check:
     """The check of a field annotated ``annotation`` (a string: annotations are postponed)."""
     expected = {"str": str, "bytes": bytes, "int": int, "bool": bool}.get(annotation)
     if expected is not None:
