@@ -289,7 +289,9 @@ class SpinBudget:
 
     def __init__(self) -> None:
         self.us = 0
-        self._skipped = 0
+        # A new stream's first wait is a probe: a connection made for a request or
+        # two would otherwise sleep through them all (32 waits before the first probe).
+        self._skipped = self.PROBE_EVERY - 1
 
     def next(self) -> int:
         """Microseconds the next wait may spin."""

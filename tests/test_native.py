@@ -316,7 +316,10 @@ def test_the_spin_budget_follows_how_fast_the_peer_answers() -> None:
     from alpc.transport import SpinBudget
 
     budget = SpinBudget()
-    # It starts asleep, and spins once every PROBE_EVERY waits to find out.
+    # Its first wait probes (a new connection may make only a few requests) ...
+    assert budget.next() == SpinBudget.MAX_US
+    budget.waited(SpinBudget.MAX_US + 1)  # a slow peer: sleep at once
+    # ... then, asleep, it spins once every PROBE_EVERY waits to find out.
     plan = [budget.next() for _ in range(SpinBudget.PROBE_EVERY)]
     assert plan[:-1] == [0] * (SpinBudget.PROBE_EVERY - 1) and plan[-1] == SpinBudget.MAX_US
     budget.waited(20)  # a quick peer: about twice its time
