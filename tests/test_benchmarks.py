@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from alpc import _native
 from benchmarks import harness, native, registry, report, targets
 from benchmarks.core import Point, Sampler, Timing, percentile
 from benchmarks.registry import Impl
@@ -271,3 +272,16 @@ def test_an_absolute_target_compares_the_median_with_its_bound() -> None:
     for median, met in ((33.2, "yes"), (70.0, "**no**")):
         rows = {(row[1], row[2]): (row[5], row[6]) for row in targets.target_rows([memory(median)])}
         assert rows[("alpc <= 64", "memory")] == (f"{median:.3g} KiB", met)
+
+
+@pytest.mark.skipif(_native.sock_send is None, reason="it measures alpc's C calls")
+def test_the_socket_floor_runs_both_ping_pongs(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import socket_floor
+
+    allowed = os.sched_getaffinity(0)
+    for way in socket_floor.WAYS:
+        assert socket_floor.measure(way, 200, (min(allowed), max(allowed))) > 0
+    assert socket_floor.main(["--rounds", "200", "--reps", "1"]) == 0
+    assert os.sched_getaffinity(0) == allowed  # the pinning is undone: later tests see every CPU
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("same ") and "bare socketpair" in line and "alpc's floor" in line for line in lines)

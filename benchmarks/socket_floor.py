@@ -1,0 +1,158 @@
+"""How fast could the default (socket) path be? The floor under its 64 B round trip.
+
+Two ping-pongs between two processes over a Unix socketpair, in alternating
+repetitions, pinned to one CPU (``same``) and to two (``split``), never mixed:
+
+- ``bare``: Python ``send`` / ``recv``, what the harness's socketpair peer does;
+- ``floor``: what every alpc message needs at the least: its 40-byte header packed
+  and unpacked, sent by alpc's C send and read by its C poll + recvmsg with
+  SO_PASSCRED on (the channel's read path, credentials included), and nothing
+  else: no protocol state, no Message object, no flow control, no locks.
+
+The gap between the two is what the design costs before any bookkeeping; the
+full path (``make bench``, row ``alpc``) adds the bookkeeping.
+
+    python -m benchmarks.socket_floor [--rounds N] [--reps R]
+
+Needs the C extension (alpc's C calls are what is measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import socket
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+from alpc import _native
+from alpc.wire import HEADER, HEADER_SIZE, MessageType, encode_header
+
+__all__ = ["main", "measure"]
+
+MESSAGE = b"x" * 64
+WARM_UP = 200
+_TIMEOUT_MS = 10_000
+# Fields of wire.HEADER: magic, version, type, flags, data and attribute lengths, message id, ...
+_TYPE, _MESSAGE_ID = 2, 6
+
+
+class _Pair(NamedTuple):
+    client: socket.socket
+    server: socket.socket
+    ask: Callable[[], None]  # one round trip, on the client
+    answer: Callable[[], bool]  # one turn of the server; False once the client is gone
+
+
+def _bare() -> _Pair:
+    """Plain Python send / recv."""
+    client, server = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+
+    def ask() -> None:
+        client.send(MESSAGE)
+        client.recv(65536)
+
+    def answer() -> bool:
+        data = server.recv(65536)
+        if data:
+            server.send(data)
+        return bool(data)
+
+    return _Pair(client, server, ask, answer)
+
+
+def _floor() -> _Pair:
+    """alpc's C send and wait-and-read (SO_PASSCRED on), each message framed by its header."""
+    send, wait_recv, recv_state = _native.sock_send, _native.sock_wait_recv, _native.recv_state
+    if send is None or wait_recv is None or recv_state is None:
+        raise RuntimeError("the floor needs the C extension")
+    client, server = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    for sock in (client, server):
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    client_fd, server_fd = client.fileno(), server.fileno()
+    client_state, server_state = recv_state(), recv_state()
+    pid = os.getpid()
+    ids = itertools.count(1)
+
+    def ask() -> None:
+        send(client_fd, encode_header(MessageType.REQUEST, len(MESSAGE), message_id=next(ids),
+                                      sender_pid=pid) + MESSAGE)
+        got, data, _, _ = wait_recv(client_fd, -1, _TIMEOUT_MS, 0, client_state)
+        if got <= 0 or HEADER.unpack_from(data)[_TYPE] != MessageType.REPLY:
+            raise RuntimeError(f"no reply (read returned {got})")
+
+    def answer() -> bool:
+        got, data, _, _ = wait_recv(server_fd, -1, _TIMEOUT_MS, 0, server_state)
+        if got <= 0:
+            return False
+        request_id = HEADER.unpack_from(data)[_MESSAGE_ID]
+        body = bytes(data[HEADER_SIZE:])
+        send(server_fd, encode_header(MessageType.REPLY, len(body), callback_id=request_id, sender_pid=pid) + body)
+        return True
+
+    return _Pair(client, server, ask, answer)
+
+
+WAYS: dict[str, Callable[[], _Pair]] = {"bare": _bare, "floor": _floor}
+
+
+def measure(way: str, rounds: int, cpus: tuple[int, int]) -> float:
+    """Median microseconds per round trip over ``rounds``, client on cpus[0], server on cpus[1]."""
+    client, server, ask, answer = WAYS[way]()
+    pid = os.fork()
+    if pid == 0:
+        client.close()
+        os.sched_setaffinity(0, {cpus[1]})
+        while answer():
+            pass
+        os._exit(0)
+    server.close()
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpus[0]})
+    samples = []
+    try:
+        for number in range(rounds + WARM_UP):
+            started = time.perf_counter_ns()
+            ask()
+            if number >= WARM_UP:
+                samples.append(time.perf_counter_ns() - started)
+    finally:
+        os.sched_setaffinity(0, allowed)  # the caller is not left pinned
+        client.close()  # the server's read then ends
+        os.waitpid(pid, 0)
+    return statistics.median(samples) / 1000
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=20000)
+    parser.add_argument("--reps", type=int, default=5)
+    args = parser.parse_args(argv)
+    if _native.sock_send is None:
+        print("socket_floor needs alpc's C extension (it measures alpc's C calls)", file=sys.stderr)
+        return 2
+    allowed = sorted(os.sched_getaffinity(0))
+    pinnings = {"same": (allowed[0], allowed[0])}
+    if len(allowed) > 1:
+        pinnings["split"] = (allowed[1], allowed[0])
+    print(f"64 B round trips, {args.rounds} per repetition, {args.reps} repetitions; "
+          f"load average {os.getloadavg()[0]:.2f}")
+    for name, cpus in pinnings.items():
+        results: dict[str, list[float]] = {way: [] for way in WAYS}
+        for _ in range(args.reps):
+            for way in WAYS:  # interleaved, so noise falls on both
+                results[way].append(measure(way, args.rounds, cpus))
+        bare, floor = (statistics.median(results[way]) for way in WAYS)
+        print(f"{name:5} (cpus {cpus[0]}/{cpus[1]}): bare socketpair {bare:.2f} us, alpc's floor {floor:.2f} us "
+              f"({floor / bare:.2f}x); reps {min(results['bare']):.2f}..{max(results['bare']):.2f} / "
+              f"{min(results['floor']):.2f}..{max(results['floor']):.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
