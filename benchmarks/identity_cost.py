@@ -48,15 +48,19 @@ def measure(rounds: int, passcred: bool, cpus: tuple[int, int]) -> float:
         _echo(server, rounds + 100)
         os._exit(0)
     server.close()
+    allowed = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {cpus[0]})
     client.set_passcred(passcred)
     samples = []
-    for number in range(rounds + 100):
-        started = time.perf_counter_ns()
-        client.send([MESSAGE])
-        _read_one(client)
-        if number >= 100:  # warm-up
-            samples.append(time.perf_counter_ns() - started)
+    try:
+        for number in range(rounds + 100):
+            started = time.perf_counter_ns()
+            client.send([MESSAGE])
+            _read_one(client)
+            if number >= 100:  # warm-up
+                samples.append(time.perf_counter_ns() - started)
+    finally:
+        os.sched_setaffinity(0, allowed)  # the caller is not left pinned
     os.waitpid(pid, 0)
     client.close()
     return statistics.median(samples) / 1000
