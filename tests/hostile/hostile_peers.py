@@ -304,8 +304,13 @@ def hog(args: argparse.Namespace) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(args.timeout)
         sock.connect(path)
-        sock.sendall(query)
+        try:
+            sock.sendall(query)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # turned away at accept: the refusal was written before the hang-up, read it
         header = sock.recv(HEADER_SIZE, socket.MSG_WAITALL)
+        if len(header) < HEADER_SIZE:
+            raise SystemExit(f"the broker hung up on connection {number} without a word")
         body = sock.recv(struct.unpack_from("<I", header, 8)[0], socket.MSG_WAITALL)
         if header[3] == MessageType.ERROR:
             refusal = control.decode_body(MessageType.ERROR, body, control.ErrorReply)
