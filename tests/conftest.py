@@ -175,6 +175,9 @@ class Peer:
         )
         self._lines: queue.Queue[str | None] = queue.Queue()
         self._stderr: list[str] = []
+        # stderr has its own pipe and pump: a line there has no order against stdout's lines.
+        self._stderr_grew = threading.Condition()
+        self._stderr_done = False
         threading.Thread(target=self._pump, daemon=True).start()
         threading.Thread(target=self._pump_stderr, daemon=True).start()
 
@@ -191,9 +194,14 @@ class Peer:
         assert self.proc.stderr is not None
         try:
             for line in self.proc.stderr:
-                self._stderr.append(line)
+                with self._stderr_grew:
+                    self._stderr.append(line)
+                    self._stderr_grew.notify_all()
         except ValueError:
             pass  # as in _pump
+        with self._stderr_grew:
+            self._stderr_done = True
+            self._stderr_grew.notify_all()
 
     @property
     def pid(self) -> int:
@@ -224,6 +232,19 @@ class Peer:
 
     def stderr(self) -> str:
         return "".join(self._stderr)
+
+    def expect_stderr(self, text: str, timeout: float = LINE_TIMEOUT) -> str:
+        """Wait until ``text`` is on the peer's stderr (or it closed without it); the whole stderr.
+
+        A line the peer wrote before a stdout line (or before it exited) may still be on its
+        way through the stderr pump when the test has seen that stdout line: wait for it.
+        """
+        with self._stderr_grew:
+            self._stderr_grew.wait_for(lambda: self._stderr_done or text in "".join(self._stderr), timeout)
+            seen = "".join(self._stderr)
+        if text not in seen:
+            raise AssertionError(f"{text!r} not on the peer's stderr within {timeout}s; stderr: {seen}")
+        return seen
 
     def kill(self) -> None:
         if self.proc.poll() is None:

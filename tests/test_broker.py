@@ -37,7 +37,7 @@ def test_ready_line_socket_permissions_and_sigterm_cleanup(spawn, runtime_dir: P
         with pytest.raises(alpc.BrokerUnavailable, match="shut down"):
             port.listen(timeout=5)
     assert not sock.exists()
-    assert "broker stopped" in broker.stderr()
+    broker.expect_stderr("broker stopped")
 
 
 def _frames_until_eof(sock: socket.socket, decoder: FrameDecoder) -> list[MessageType]:
@@ -130,7 +130,7 @@ def test_second_broker_is_refused(broker: alpc.Broker, runtime_dir: Path, spawn)
         alpc.Broker(runtime_dir).start()
     second = spawn.argv([sys.executable, "-m", "alpc", "--runtime-dir", str(runtime_dir), "broker"])
     assert second.proc.wait(20) == 1
-    assert "BrokerRunning" in second.stderr()
+    second.expect_stderr("BrokerRunning")
     # The running broker was not disturbed.
     assert alpc.list_ports(alpc.Config.from_env(runtime_dir)) == ()
 

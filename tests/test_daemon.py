@@ -87,7 +87,7 @@ def test_socket_activation_and_readiness(spawn, runtime_dir: Path, config: alpc.
             stopping = notices(notify)
         assert stopping["STOPPING"] == "1"
         assert broker.proc.wait(10) == 0
-        assert "socket-activated on fd 3" in broker.stderr()
+        broker.expect_stderr("socket-activated on fd 3")
         # The activator owns the socket file: the broker leaves it in place.
         assert path.exists()
         assert not (runtime_dir / "broker.lock").exists()
@@ -108,7 +108,7 @@ def test_activation_with_the_wrong_socket_fails_cleanly(spawn, runtime_dir: Path
     try:
         broker = activated(spawn, runtime_dir, sock, None)
         assert broker.proc.wait(20) == 1
-        assert "ActivationError" in broker.stderr() and why in broker.stderr()
+        assert why in broker.expect_stderr("ActivationError")
         assert not (runtime_dir / "broker.lock").exists()
     finally:
         sock.close()

@@ -134,11 +134,7 @@ def test_broker_under_journald_logs_refusals_once(spawn, runtime_dir: Path, conf
                 alpc.create_port("svc.taken", config=config)
     broker.proc.terminate()
     assert broker.proc.wait(10) == 0
-    deadline = time.monotonic() + 10
-    while "broker stopped" not in broker.stderr():  # the pipe reader may lag the exit
-        assert time.monotonic() < deadline
-        threading.Event().wait(0.01)  # handshake-free: draining a dead process's stderr
-    lines = broker.stderr().splitlines()
+    lines = broker.expect_stderr("broker stopped", timeout=10).splitlines()
     assert all(line.startswith(("<6>", "<4>", "<3>")) for line in lines), lines
     assert lines[0] == f"<6>alpc.broker: broker listening on {config.broker_socket}"
     me = f"peer_pid={os.getpid()} peer_uid={os.getuid()}"
@@ -161,8 +157,4 @@ def test_log_level_option(spawn, runtime_dir: Path, config: alpc.Config) -> None
         alpc.create_port("svc.dup", config=config)  # a WARNING line: shown
     broker.proc.terminate()
     assert broker.proc.wait(10) == 0
-    deadline = time.monotonic() + 10
-    while "is owned by live" not in broker.stderr():
-        assert time.monotonic() < deadline, broker.stderr()
-        threading.Event().wait(0.01)  # handshake-free: draining a dead process's stderr
-    assert " INFO " not in broker.stderr()
+    assert " INFO " not in broker.expect_stderr("is owned by live", timeout=10)

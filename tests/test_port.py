@@ -154,7 +154,7 @@ def test_unanswered_request_is_rejected_when_the_port_closes(broker: alpc.Broker
         client = spawn("client", "svc.dropping")
         port.listen(timeout=10)
     assert client.proc.wait(10) == 1
-    assert "ConnectionRejected" in client.stderr() and "closed the port" in client.stderr()
+    assert "closed the port" in client.expect_stderr("ConnectionRejected")
 
 
 # -- messages -------------------------------------------------------------------------

@@ -61,7 +61,7 @@ def test_sigkill_channels_work_connects_fail_fast_and_the_server_comes_back(spaw
             assert second.request(b"new", timeout=5).data == b"NEW"
         assert server.expect("ACCEPTED") == [str(os.getpid()), "2"]  # the same wait() loop, registration 2
         assert comm.request(b"old", timeout=5).data == b"OLD"
-    assert "lost its registration (the broker went away)" in server.stderr()
+    server.expect_stderr("lost its registration (the broker went away)")
     stop(second_broker)
 
 
@@ -97,7 +97,7 @@ def test_reregistration_gives_up_after_its_timeout(spawn, runtime_dir: Path, con
         assert server.expect("LOST")[0] == "BrokerUnavailable"
         assert time.monotonic() - started < 5
         assert comm.request(b"served", timeout=5).data == b"SERVED"
-    assert "did not come back within 0.3s" in server.stderr()
+    server.expect_stderr("did not come back within 0.3s")
     forget_killed_broker(runtime_dir)
 
 
@@ -183,7 +183,7 @@ def test_replace_hands_everything_over(spawn, runtime_dir: Path, config: alpc.Co
         old.proc.send_signal(signal.SIGCONT)
         assert new.expect("READY") == [str(runtime_dir / "broker.sock")]
         assert old.proc.wait(10) == 0
-        assert f"handed over to pid {new.pid}" in old.stderr()
+        old.expect_stderr(f"handed over to pid {new.pid}")
         # No connect failed (retry was off), and none went through a re-registration.
         assert connector.expect("DONE") == ["ok=20", "failed=0"]
         assert comm.request(b"same channel", timeout=5).data == b"SAME CHANNEL"
@@ -193,7 +193,7 @@ def test_replace_hands_everything_over(spawn, runtime_dir: Path, config: alpc.Co
             assert later.request(b"x", timeout=5).data == b"X"
             assert server.expect("ACCEPTED")[1] == "1"
     assert "lost its registration" not in server.stderr()
-    assert "took over 1 ports" in new.stderr()
+    new.expect_stderr("took over 1 ports")
     new.proc.send_signal(signal.SIGTERM)
     assert new.proc.wait(10) == 0
     assert not (runtime_dir / "broker.sock").exists()
@@ -203,7 +203,7 @@ def test_replace_without_a_running_broker_starts_fresh(spawn, runtime_dir: Path)
     broker = cli_broker(spawn, runtime_dir, "--replace")
     broker.proc.send_signal(signal.SIGTERM)
     assert broker.proc.wait(10) == 0
-    assert "no broker was running" in broker.stderr()
+    broker.expect_stderr("no broker was running")
 
 
 def test_a_failed_handover_leaves_the_old_broker_serving(broker: alpc.Broker, config: alpc.Config, spawn) -> None:
