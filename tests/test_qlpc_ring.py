@@ -459,7 +459,9 @@ def test_sharing_a_cpu_never_spins() -> None:
     client, server = ping_pong((cpu, cpu), 300)
     for counts in (client, server):
         assert counts["spins_caught"] == counts["spins_missed"] == 0
-        assert counts["sleeps"] > 0
+    # The waits that found nothing slept at once. (On a busy CPU one side can find every message
+    # already there, the peer having run while it was preempted: so count both sides' sleeps.)
+    assert client["sleeps"] + server["sleeps"] > 0
 
 
 @native
