@@ -477,7 +477,8 @@ class AsyncCommunicationPort:
         try:
             written = self._stream.try_send(frames)
         except ConnectionClosed:
-            self._lost("the peer's socket is closed")
+            # Left to the reader, which takes what the peer sent before it hung up (its
+            # PORT_CLOSED, if it closed cleanly) and then the end of the stream.
             return
         rest = _advance([memoryview(frame).cast("B") for frame in frames if len(frame)], written)
         if rest:

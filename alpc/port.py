@@ -703,8 +703,12 @@ class CommunicationPort:
             self.pump()
         return message_id
 
-    def _flush_releases(self) -> None:
-        """Send every release (and the credit) not yet told to the peer, as one write of its own."""
+    def _flush_releases(self, *, reading: bool = False) -> None:
+        """Send every release (and the credit) not yet told to the peer, as one write of its own.
+
+        ``reading``: the reader is about to read, so a peer that hung up is left for that
+        read to find, after whatever it sent before (its PORT_CLOSED, if it closed cleanly).
+        """
         core = self._core
         if core.failure is not None:
             return
@@ -712,13 +716,13 @@ class CommunicationPort:
             with self._state:
                 frames, token = core.release_frames()
             if frames:
-                self._write_runtime(frames, token)
+                self._write_runtime(frames, token, lost_on_hangup=not reading)
 
-    def _write_runtime(self, frames: Frames, token: Owed | None) -> None:
+    def _write_runtime(self, frames: Frames, token: Owed | None, *, lost_on_hangup: bool = True) -> None:
         """Frames the runtime owes the peer; a peer not reading keeps its releases (and credits) owed."""
         with self._send_lock:
             try:
-                self._write(frames, deadline_after(_RUNTIME_SEND_TIMEOUT))
+                self._write(frames, deadline_after(_RUNTIME_SEND_TIMEOUT), lost_on_hangup=lost_on_hangup)
             except Timeout:
                 if not self._stream.broken and token is not None:
                     with self._state:
@@ -749,8 +753,12 @@ class CommunicationPort:
                 frames = make()
             self._write(frames, deadline, fds)
 
-    def _write(self, frames: Frames, deadline: float | None, fds: Sequence[int] = ()) -> None:
-        """Write ``frames`` after whatever the core owes the peer (caller holds _send_lock)."""
+    def _write(self, frames: Frames, deadline: float | None, fds: Sequence[int] = (), *,
+               lost_on_hangup: bool = True) -> None:
+        """Write ``frames`` after whatever the core owes the peer (caller holds _send_lock).
+
+        A hang-up ends the connection unless ``lost_on_hangup`` is False (the caller reads next).
+        """
         core = self._core
         token = None
         if core.owed:
@@ -773,6 +781,8 @@ class CommunicationPort:
             raise
         except ConnectionClosed:
             self.stats.errors += 1
+            if not lost_on_hangup:
+                raise
             self._connection_lost("the peer's socket is closed")
             self._raise_if_failed()
             raise
@@ -1093,7 +1103,7 @@ class CommunicationPort:
     def _read(self, deadline: float | None, block: bool = True) -> bool:
         """Read once and dispatch; False if nothing arrived before the deadline."""
         if block and self._core.releases_unannounced():
-            self._flush_releases()
+            self._flush_releases(reading=True)
         quick = self._quick
         if quick is not None:
             # Quick-LPC: wait on the ring and the socket together; None means read the socket.

@@ -382,6 +382,50 @@ def test_a_stream_beyond_the_senders_quota_flows_whether_bodies_are_read_or_drop
 
 
 @pytest.mark.parametrize("driver", ["blocking", "asyncio"])
+def test_a_clean_close_is_not_a_death_when_our_releases_meet_the_closed_socket(  # type: ignore[no-untyped-def]
+        broker, config, spawn, runtime_dir, driver: str) -> None:
+    """Bodies dropped unread leave releases to send before the next read. If the peer closed
+    (PORT_CLOSED, then its socket) meanwhile, that write fails: the read that follows still
+    finds the PORT_CLOSED, and the connection ends as closed, not as CLIENT_DIED."""
+    from alpc import aio
+
+    size = 64 * 1024
+
+    def start_streamer():  # type: ignore[no-untyped-def]
+        return spawn.argv([sys.executable, str(SECTION_PEERS), "streamer", "svc.tidy", "--runtime-dir",
+                           str(runtime_dir), "--size", str(size), "--count", "2"])
+
+    def stream_then_close(streamer, messages) -> None:  # type: ignore[no-untyped-def]
+        for message in messages:
+            assert message.type is alpc.MessageType.DATAGRAM and message.size == size
+            # (dropped unread: its release is queued, to go out before our next read)
+        streamer.expect("SENT")
+        streamer.send("close")
+        assert streamer.proc.wait(10) == 0  # its PORT_CLOSED is sent and its socket closed
+
+    if driver == "blocking":
+        with alpc.create_port("svc.tidy", config=config) as port:
+            streamer = start_streamer()
+            comm = port.listen(timeout=10).accept()
+            streamer.expect("READY")
+            stream_then_close(streamer, [comm.receive(timeout=10) for _ in range(2)])
+            ended = comm.receive(timeout=10)
+            assert ended.type is alpc.MessageType.PORT_CLOSED, ended
+        return
+
+    async def run() -> alpc.Message:
+        async with await aio.create_port("svc.tidy", config=config, timeout=10) as port:
+            streamer = start_streamer()
+            comm = await (await port.listen(timeout=10)).accept()
+            streamer.expect("READY")
+            stream_then_close(streamer, [await comm.receive(timeout=10) for _ in range(2)])
+            return await comm.receive(timeout=10)
+
+    ended = asyncio.run(run())
+    assert ended.type is alpc.MessageType.PORT_CLOSED, ended
+
+
+@pytest.mark.parametrize("driver", ["blocking", "asyncio"])
 def test_a_sender_waiting_for_space_asks_again_after_bodies_are_dropped_unread(  # type: ignore[no-untyped-def]
         broker, config, monkeypatch: pytest.MonkeyPatch, driver: str) -> None:
     """A body dropped unread is released by its finalizer, which tells nobody. If the sender's
