@@ -11,13 +11,13 @@ pinned to one CPU (``same``) and to two (``split``), never mixed.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
-import time
 
 from alpc.transport import Stream, wait_readable
+
+from .pingpong import arguments, pinnings, time_round_trips
 
 __all__ = ["main", "measure"]
 
@@ -48,37 +48,25 @@ def measure(rounds: int, passcred: bool, cpus: tuple[int, int]) -> float:
         _echo(server, rounds + 100)
         os._exit(0)
     server.close()
-    allowed = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {cpus[0]})
     client.set_passcred(passcred)
-    samples = []
+
+    def ask() -> None:
+        client.send([MESSAGE])
+        _read_one(client)
+
     try:
-        for number in range(rounds + 100):
-            started = time.perf_counter_ns()
-            client.send([MESSAGE])
-            _read_one(client)
-            if number >= 100:  # warm-up
-                samples.append(time.perf_counter_ns() - started)
+        return time_round_trips(ask, rounds, 100, cpus[0])
     finally:
-        os.sched_setaffinity(0, allowed)  # the caller is not left pinned
-    os.waitpid(pid, 0)
-    client.close()
-    return statistics.median(samples) / 1000
+        os.waitpid(pid, 0)
+        client.close()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=20000)
-    parser.add_argument("--reps", type=int, default=5)
-    args = parser.parse_args(argv)
-    allowed = sorted(os.sched_getaffinity(0))
-    pinnings = {"same": (allowed[0], allowed[0])}
-    if len(allowed) > 1:
-        pinnings["split"] = (allowed[1], allowed[0])
+    args = arguments(__doc__, argv)
     load = os.getloadavg()[0]
     print(f"64 B round trips through Stream.recv_fds, {args.rounds} per repetition, {args.reps} repetitions; "
           f"load average {load:.2f}")
-    for name, cpus in pinnings.items():
+    for name, cpus in pinnings().items():
         results: dict[bool, list[float]] = {False: [], True: []}
         for _ in range(args.reps):
             for passcred in (False, True):  # interleaved, so noise falls on both

@@ -19,18 +19,18 @@ Needs the C extension (alpc's C calls are what is measured).
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import os
 import socket
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from typing import NamedTuple
 
 from alpc import _native
 from alpc.wire import HEADER, HEADER_SIZE, MessageType, encode_header
+
+from .pingpong import arguments, pinnings, time_round_trips
 
 __all__ = ["main", "measure"]
 
@@ -112,37 +112,21 @@ def measure(way: str, rounds: int, cpus: tuple[int, int]) -> float:
             pass
         os._exit(0)
     server.close()
-    allowed = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {cpus[0]})
-    samples = []
     try:
-        for number in range(rounds + WARM_UP):
-            started = time.perf_counter_ns()
-            ask()
-            if number >= WARM_UP:
-                samples.append(time.perf_counter_ns() - started)
+        return time_round_trips(ask, rounds, WARM_UP, cpus[0])
     finally:
-        os.sched_setaffinity(0, allowed)  # the caller is not left pinned
         client.close()  # the server's read then ends
         os.waitpid(pid, 0)
-    return statistics.median(samples) / 1000
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=20000)
-    parser.add_argument("--reps", type=int, default=5)
-    args = parser.parse_args(argv)
+    args = arguments(__doc__, argv)
     if _native.sock_send is None:
         print("socket_floor needs alpc's C extension (it measures alpc's C calls)", file=sys.stderr)
         return 2
-    allowed = sorted(os.sched_getaffinity(0))
-    pinnings = {"same": (allowed[0], allowed[0])}
-    if len(allowed) > 1:
-        pinnings["split"] = (allowed[1], allowed[0])
     print(f"64 B round trips, {args.rounds} per repetition, {args.reps} repetitions; "
           f"load average {os.getloadavg()[0]:.2f}")
-    for name, cpus in pinnings.items():
+    for name, cpus in pinnings().items():
         results: dict[str, list[float]] = {way: [] for way in WAYS}
         for _ in range(args.reps):
             for way in WAYS:  # interleaved, so noise falls on both
