@@ -453,10 +453,10 @@ class AsyncCommunicationPort:
         if not self._unsent:
             try:
                 written = self._stream.try_send(frames, fds or ())
-            except ConnectionClosed:
-                self._lost("the peer's socket is closed")
+            except ConnectionClosed as hung_up:
+                self._hung_up()
                 core.check_open()
-                raise
+                raise PeerGone("the peer's socket is closed") from hung_up
             views = [memoryview(frame).cast("B") for frame in frames if len(frame)]
             rest = _advance(views, written)
             if not rest:
@@ -477,8 +477,7 @@ class AsyncCommunicationPort:
         try:
             written = self._stream.try_send(frames)
         except ConnectionClosed:
-            # Left to the reader, which takes what the peer sent before it hung up (its
-            # PORT_CLOSED, if it closed cleanly) and then the end of the stream.
+            self._hung_up()
             return
         rest = _advance([memoryview(frame).cast("B") for frame in frames if len(frame)], written)
         if rest:
@@ -519,7 +518,7 @@ class AsyncCommunicationPort:
                 unsent.extend(rest)
         except ConnectionClosed:
             unsent.clear()
-            self._lost("the peer's socket is closed")
+            self._hung_up()
         self._loop.remove_writer(self._stream.fileno())
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
@@ -597,6 +596,16 @@ class AsyncCommunicationPort:
             # Whatever the peer sent before dying is read first.
             self._on_readable()
             self._lost("the peer process exited")
+
+    def _hung_up(self) -> None:
+        """A write found the peer's socket closed.
+
+        While bytes it sent before are unread (its PORT_CLOSED, if it closed cleanly), the
+        socket's reader takes them and ends the connection, as closed or as died; with none,
+        it ends now.
+        """
+        if not self._stream.unread():
+            self._lost("the peer's socket is closed")
 
     def _lost(self, reason: str) -> None:
         if self._core.connection_lost(reason):

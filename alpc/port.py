@@ -703,12 +703,8 @@ class CommunicationPort:
             self.pump()
         return message_id
 
-    def _flush_releases(self, *, reading: bool = False) -> None:
-        """Send every release (and the credit) not yet told to the peer, as one write of its own.
-
-        ``reading``: the reader is about to read, so a peer that hung up is left for that
-        read to find, after whatever it sent before (its PORT_CLOSED, if it closed cleanly).
-        """
+    def _flush_releases(self) -> None:
+        """Send every release (and the credit) not yet told to the peer, as one write of its own."""
         core = self._core
         if core.failure is not None:
             return
@@ -716,13 +712,13 @@ class CommunicationPort:
             with self._state:
                 frames, token = core.release_frames()
             if frames:
-                self._write_runtime(frames, token, lost_on_hangup=not reading)
+                self._write_runtime(frames, token)
 
-    def _write_runtime(self, frames: Frames, token: Owed | None, *, lost_on_hangup: bool = True) -> None:
+    def _write_runtime(self, frames: Frames, token: Owed | None) -> None:
         """Frames the runtime owes the peer; a peer not reading keeps its releases (and credits) owed."""
         with self._send_lock:
             try:
-                self._write(frames, deadline_after(_RUNTIME_SEND_TIMEOUT), lost_on_hangup=lost_on_hangup)
+                self._write(frames, deadline_after(_RUNTIME_SEND_TIMEOUT))
             except Timeout:
                 if not self._stream.broken and token is not None:
                     with self._state:
@@ -753,11 +749,10 @@ class CommunicationPort:
                 frames = make()
             self._write(frames, deadline, fds)
 
-    def _write(self, frames: Frames, deadline: float | None, fds: Sequence[int] = (), *,
-               lost_on_hangup: bool = True) -> None:
+    def _write(self, frames: Frames, deadline: float | None, fds: Sequence[int] = ()) -> None:
         """Write ``frames`` after whatever the core owes the peer (caller holds _send_lock).
 
-        A hang-up ends the connection unless ``lost_on_hangup`` is False (the caller reads next).
+        A hang-up raises PeerGone; what the peer sent before it is still read (see _hung_up).
         """
         core = self._core
         token = None
@@ -779,13 +774,20 @@ class CommunicationPort:
                 with self._state:
                     core.restore_owed(token)
             raise
-        except ConnectionClosed:
+        except ConnectionClosed as hung_up:
             self.stats.errors += 1
-            if not lost_on_hangup:
-                raise
-            self._connection_lost("the peer's socket is closed")
+            self._hung_up()
             self._raise_if_failed()
-            raise
+            raise PeerGone("the peer's socket is closed") from hung_up
+
+    def _hung_up(self) -> None:
+        """A write found the peer's socket closed.
+
+        While bytes it sent before are unread (its PORT_CLOSED, if it closed cleanly), the
+        read that takes them ends the connection, as closed or as died; with none, it ends now.
+        """
+        if not self._stream.unread():
+            self._connection_lost("the peer's socket is closed")
 
     def _raise_if_failed(self) -> None:
         self._core.check_open()
@@ -1103,7 +1105,7 @@ class CommunicationPort:
     def _read(self, deadline: float | None, block: bool = True) -> bool:
         """Read once and dispatch; False if nothing arrived before the deadline."""
         if block and self._core.releases_unannounced():
-            self._flush_releases(reading=True)
+            self._flush_releases()
         quick = self._quick
         if quick is not None:
             # Quick-LPC: wait on the ring and the socket together; None means read the socket.

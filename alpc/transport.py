@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import array
 import errno
+import fcntl
 import os
 import select
 import socket
 import struct
+import termios
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -70,6 +72,7 @@ _MAX_GROUPS = 65536
 # mmap and unmap) that much for every call, which cost ~20 us per small message.
 RECV_CHUNK = 64 * 1024
 _UCRED = struct.Struct("3i")
+_INT = struct.Struct("i")
 # What sendmsg takes; collections.abc.Buffer only arrived in 3.12.
 Buffer = bytes | bytearray | memoryview
 _FD_SIZE = array.array("i").itemsize
@@ -387,6 +390,13 @@ class Stream:
         os.dup2(other.fileno(), self._fd, inheritable=False)
         other.close()
         self.broken = False
+
+    def unread(self) -> int:
+        """Bytes the peer sent that no read has taken yet (FIONREAD); 0 if the socket cannot say."""
+        try:
+            return int(_INT.unpack(fcntl.ioctl(self._fd, termios.FIONREAD, _INT.pack(0)))[0])
+        except OSError:
+            return 0
 
     def detach(self) -> int:
         """Give up ownership of the fd (after passing it to another process)."""

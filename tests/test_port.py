@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -368,6 +371,61 @@ def test_client_close_gives_port_closed(broker: alpc.Broker, config: alpc.Config
         assert isinstance(event, alpc.Message) and event.type is MessageType.PORT_CLOSED
         assert elapsed < NOTICE_DEADLINE + 0.2  # includes the client reading its stdin
         assert port.connections == []
+
+
+def _push_until_refused(driver: str, config: alpc.Config, spawn,  # type: ignore[no-untyped-def]
+                        hang_up: Callable[[Any], None]) -> tuple[bool, alpc.Message]:
+    """Accept a client, let ``hang_up`` end it, then send it datagrams until a send raises
+    PeerGone (the first may still be buffered). Whether the connection counted as closed right
+    after that refusal, and the notice a receive() then gives."""
+    if driver == "blocking":
+        with alpc.create_port("svc.pushes", config=config) as port:
+            client, comm = _accept_client(port, spawn)
+            hang_up(client)
+            with pytest.raises(alpc.PeerGone):
+                for _ in range(100):
+                    comm.send(b"news", timeout=5)
+            return comm.closed, comm.receive(timeout=5)
+
+    from alpc import aio
+
+    async def run() -> tuple[bool, alpc.Message]:
+        async with await aio.create_port("svc.pushes", config=config, timeout=10) as port:
+            client = spawn("client", port.name)
+            comm = await (await port.listen(timeout=10)).accept()
+            client.expect("READY")
+            hang_up(client)
+            with pytest.raises(alpc.PeerGone):
+                for _ in range(100):
+                    await comm.send(b"news", timeout=5)
+            return comm.closed, await comm.receive(timeout=5)
+
+    return asyncio.run(run())
+
+
+def _close_cleanly(client) -> None:  # type: ignore[no-untyped-def]
+    client.send("close")
+    client.expect("CLOSED")
+
+
+@pytest.mark.parametrize("driver", ["blocking", "asyncio"])
+def test_a_send_to_a_client_that_closed_leaves_its_port_closed_to_be_read(
+        broker: alpc.Broker, config: alpc.Config, spawn, driver: str) -> None:
+    """The client closes cleanly (PORT_CLOSED, then its socket) while the server pushes
+    datagrams at it: the refused send leaves the connection to the read that finds the
+    PORT_CLOSED, so it ends as closed, not as CLIENT_DIED."""
+    closed_at_refusal, ended = _push_until_refused(driver, config, spawn, _close_cleanly)
+    assert not closed_at_refusal
+    assert ended.type is MessageType.PORT_CLOSED, ended
+
+
+@pytest.mark.parametrize("driver", ["blocking", "asyncio"])
+def test_a_send_to_a_client_that_died_ends_the_connection_at_once(
+        broker: alpc.Broker, config: alpc.Config, spawn, driver: str) -> None:
+    """With nothing of the peer's left to read, the refused send itself ends the connection."""
+    closed_at_refusal, ended = _push_until_refused(driver, config, spawn, lambda client: client.kill())
+    assert closed_at_refusal
+    assert ended.type is MessageType.CLIENT_DIED, ended
 
 
 def test_death_seen_through_pidfd_when_a_child_holds_the_socket(
