@@ -284,11 +284,13 @@ parse_attributes: Callable[[bytes, int], tuple[int, AttrFields]] = (
 
 
 def _check_range_py(offset: int, length: int, size: int, max_length: int) -> bool:
-    return 0 < length <= max_length and offset <= size and length <= size - offset
+    return 0 <= offset <= size and 0 < length <= max_length and length <= size - offset
 
 
 def _check_range_c(offset: int, length: int, size: int, max_length: int) -> bool:
     assert _ext is not None
+    if offset < 0 or length < 0 or size < 0 or max_length < 0:
+        return False  # cffi would raise OverflowError for a negative uint64_t
     return bool(_ext[1].alpc_check_range(offset, length, size, max_length) == 0)
 
 
@@ -403,7 +405,8 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 def _vm_move_py(write: bool, pid: int, base: int, grant_len: int, offset: int, local: Any) -> int:
     view = memoryview(local).cast("B")
-    if offset > grant_len or view.nbytes > grant_len - offset or base > (1 << 64) - 1 - grant_len:
+    if (offset < 0 or offset > grant_len or view.nbytes > grant_len - offset
+            or base < 0 or base > (1 << 64) - 1 - grant_len):
         return E_RANGE
     pinned = _PinnedPy(local, writable=not write)
     call = _libc.process_vm_writev if write else _libc.process_vm_readv
@@ -429,6 +432,8 @@ def _vm_move_py(write: bool, pid: int, base: int, grant_len: int, offset: int, l
 def _vm_move_c(write: bool, pid: int, base: int, grant_len: int, offset: int, local: Any) -> int:
     assert _ext is not None
     ffi, lib = _ext
+    if offset < 0 or base < 0 or grant_len < 0:
+        return E_RANGE
     with ffi.from_buffer(local, require_writable=not write) as buf:
         call = lib.alpc_vm_write if write else lib.alpc_vm_read
         return int(call(pid, base, grant_len, offset, buf, len(buf)))

@@ -431,7 +431,10 @@ class Connection:
             raise SectionError("the grant ended: its request was already replied to")
         self.check_open()
         sections = self.channel.sections
-        return sections is not None and sections.direct_memory and not self.vm_refused
+        # Direct access goes to the pid that connected; a request from another process
+        # sharing the socket (a forked child) names addresses in its own memory.
+        return (sections is not None and sections.direct_memory and not self.vm_refused
+                and memory.sender_pid == self.channel.peer.pid)
 
     def grant_read(self, memory: PeerMemory, offset: int, length: int) -> Frames:
         return self.channel.grant_read(memory, offset, length)

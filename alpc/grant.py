@@ -125,6 +125,8 @@ class PeerMemory:
     def __init__(self, message: Any, grant: GrantAttr) -> None:
         self._message = message
         self.request_id: int = message.id
+        # The process that sent the request (SCM_CREDENTIALS): the grant's address is in its memory.
+        self.sender_pid: int = message.sender.pid
         self.length = grant.length
         self.readable = bool(grant.access & Access.READ)
         self.writable = bool(grant.access & Access.WRITE)

@@ -629,7 +629,12 @@ class Channel:
         retired = sections.pool.take_retired()
         if retired:
             frames += self._frame(_Types.SECTION_CLOSE, encode_section_ids(retired))
-        new, fd = sections.pool.prepare(view)
+        try:
+            new, fd = sections.pool.prepare(view)
+        except BaseException:
+            sections.pool.requeue_retired(retired)
+            raise
+        view.retired = retired  # told only if the frames leave (section_sent)
         flags = (_VIEW if as_view else 0) | (_SECURE if view.secure else 0)
         if new is None and grant is None and span is None and deadline is None:
             encoded = encode_lone_ref(view.section_id, flags, view.offset, view.length)
@@ -655,6 +660,9 @@ class Channel:
     def section_sent(self, view: SectionView, written: bool) -> None:
         """After ``section_message``: did its frames leave (``written``) or not at all?"""
         if self.sections is not None:
+            if not written and view.retired:
+                self.sections.pool.requeue_retired(view.retired)
+            view.retired = []
             self.sections.pool.after_send(view, written)
 
     @property
@@ -867,8 +875,14 @@ class Channel:
                 if start == len(data):
                     return messages
                 data = data[start:]
-        for frame in self._decoder.feed(data, fds):
-            message = self._dispatch(frame, sender, changed)
+        frames = self._decoder.feed(data, fds)
+        for index, frame in enumerate(frames):
+            try:
+                message = self._dispatch(frame, sender, changed)
+            except BaseException:
+                for later in frames[index + 1:]:
+                    close_quietly(later.fds)  # never dispatched: nobody else will close them
+                raise
             if message is not None:
                 messages.append(message)
         self._partial_sender = sender if self._decoder.buffered else None
@@ -1122,7 +1136,11 @@ class Channel:
             raise
         if attrs.new is not None:
             assert self.sections is not None
-            self.sections.peer.add(attrs.new, frame.fds[0])
+            try:
+                self.sections.peer.add(attrs.new, frame.fds[0])  # always consumes fds[0]
+            except BaseException:
+                close_quietly(frame.fds[1:])  # the frame's handles
+                raise
         return attrs
 
     def _attach(self, message: Message, attrs: Attributes) -> None:

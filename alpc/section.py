@@ -254,13 +254,14 @@ def check_peer_fd(fd: int, size: int, *, allow_unsealed: bool = False, writable:
     ``allow_unsealed``), so no truncation can SIGBUS us; with ``writable``, also
     one whose seals forbid the writable mapping we are about to make.
     """
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
-        raise ProtocolError("a section fd is not a shared-memory file")
     try:
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
     except OSError:
         seals = 0
+    # The size only after the seals: a size read before them may change before they are set.
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        raise ProtocolError("a section fd is not a shared-memory file")
     if seals & _SIZE_SEALS != _SIZE_SEALS and not allow_unsealed:
         raise ProtocolError("a section is not sealed against shrinking and growing "
                             "(a peer could truncate it under us)")
@@ -341,6 +342,9 @@ class Section:
         shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=size)
         try:
             fd = os.dup(shm.fd)
+        except BaseException:
+            named = False  # nobody will ever open it: the finally below unlinks it
+            raise
         finally:
             shm.close_fd()
             if not named:
@@ -395,7 +399,10 @@ class Section:
             seals = check_peer_fd(fd, size, allow_unsealed=allow_unsealed)
             if secure and not seals & fcntl.F_SEAL_WRITE:
                 raise ProtocolError("a secure section is not write-sealed")
-            mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+            try:
+                mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+            except ValueError as exc:  # CPython's own size check: the file shrank meanwhile
+                raise ProtocolError(f"cannot map the section: {exc}") from None
         finally:
             os.close(fd)
         return cls(fd=None, size=size, backend="memfd" if seals & _SIZE_SEALS else "posix",
@@ -487,7 +494,7 @@ class SectionView(View):
     Releasing it unsent gives the space back.
     """
 
-    __slots__ = ("_pool", "announced", "section_id", "sent", "slot")
+    __slots__ = ("_pool", "announced", "retired", "section_id", "sent", "slot")
 
     def __init__(self, pool: SectionPool, section: Section, slot: Slot) -> None:
         self._pool = pool
@@ -495,6 +502,7 @@ class SectionView(View):
         self.section_id = slot.section_id
         self.sent = False
         self.announced = False
+        self.retired: list[int] = []  # SECTION_CLOSE ids riding with this view's frames
         mapping = section._mapping
         assert mapping is not None
         super().__init__(mapping, slot.offset, slot.length, secure=slot.secure)
@@ -537,7 +545,9 @@ class SectionPool:
             raise ConnectionClosed("the connection is closed")
         self._drain_returns()
         placed = self.ledger.place(length, secure)
-        self._retired += self.ledger.take_retired()
+        for section_id in self.ledger.take_retired():
+            self._close_section(section_id)  # dropped by the ledger: unmap it here too
+            self._retired.append(section_id)
         if placed is None:
             return None
         if isinstance(placed, Grow):
@@ -561,6 +571,10 @@ class SectionPool:
         """Ids of sections retired since the last call: the peer must hear of them first."""
         retired, self._retired = self._retired, []
         return retired
+
+    def requeue_retired(self, retired: list[int]) -> None:
+        """The frame that named ``retired`` never left: tell the peer with the next one."""
+        self._retired[:0] = retired
 
     def prepare(self, view: SectionView) -> tuple[SectionNew | None, int | None]:
         """Hand ``view`` over for sending: what to announce, and the fd to pass (if new).
