@@ -229,6 +229,9 @@ class Connection:
         self.check_open()
         return self.channel.datagram(data, fds)
 
+    def datagrams_unsent(self, count: int, handles: int = 0) -> None:
+        self.channel.datagrams_unsent(count, handles)
+
     def datagrams(self, items: list[bytes]) -> tuple[Frames, int]:
         """Small datagrams as one frame buffer (one write for all): as many of ``items`` as the
         peer's window takes, and how many that is (WindowClosed if none)."""

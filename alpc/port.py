@@ -397,7 +397,10 @@ class CommunicationPort:
             if isinstance(data, SectionView) or size > core.inline_threshold:
                 self._send_section(MessageType.DATAGRAM, data, deadline, secure, fds=fds)
             elif flush or fds:
-                self._send(lambda: core.datagram(owned_body(data), fds), deadline, fds)
+                with self._send_lock:
+                    with self._state:
+                        frames = core.datagram(owned_body(data), fds)
+                    self._write_datagrams(frames, 1, deadline, fds)
             else:
                 with self._state:
                     full = core.queue(core.datagram(owned_body(data)))
@@ -477,8 +480,19 @@ class CommunicationPort:
         with self._send_lock:
             with self._state:
                 frames, count = core.datagrams(items)
-            self._write(frames, deadline)
+            self._write_datagrams(frames, count, deadline)
         return count
+
+    def _write_datagrams(self, frames: Frames, count: int, deadline: float | None, fds: Sequence[int] = ()) -> None:
+        """_write for ``count`` datagrams just counted in the peer's window (caller holds _send_lock):
+        if none of their bytes left (a timeout), their slots are given back."""
+        try:
+            self._write(frames, deadline, fds)
+        except Timeout:
+            if not self._stream.broken:
+                with self._state:
+                    self._core.datagrams_unsent(count, len(fds))
+            raise
 
     def flush(self, timeout: float | None = None) -> None:
         """Write every datagram queued by ``send(..., flush=False)``."""
@@ -693,6 +707,9 @@ class CommunicationPort:
                 written = self._stream.broken
                 if kind is MessageType.REQUEST and message_id:
                     self._forget_request(message_id)
+                elif kind is MessageType.DATAGRAM and not written:
+                    with self._state:
+                        core.datagrams_unsent(1, len(fds))
                 raise
             finally:
                 with self._state:

@@ -560,6 +560,10 @@ class Channel:
         self.flow.take_datagram(len(fds))
         return frames
 
+    def datagrams_unsent(self, count: int, handles: int = 0) -> None:
+        """Datagrams framed by datagram()/datagrams()/section_message() whose write sent nothing."""
+        self.flow.unsent_datagrams(count, handles)
+
     def reply(self, request_id: int, data: Payload, fds: Sequence[int] = ()) -> Frames:
         """Frames for a reply; never held back by flow control (room for replies is reserved)."""
         if request_id not in self._unreplied:

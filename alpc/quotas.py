@@ -186,6 +186,11 @@ class Flow:
         """``count`` datagrams without fds went out (a batch, within ``datagram_room``)."""
         self._datagrams_out += count
 
+    def unsent_datagrams(self, count: int, handles: int = 0) -> None:
+        """``count`` datagrams counted by take_datagram/sent_datagrams never left: they hold no slot."""
+        self._datagrams_out -= count
+        self._handles_out -= handles
+
     def unsent_request(self, request_id: int) -> None:
         """The request's frames never left (nothing written): it holds no slot."""
         self.reply_received(request_id)

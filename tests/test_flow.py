@@ -297,3 +297,37 @@ def test_a_signal_interrupts_a_request_blocked_on_the_socket(broker, config, flo
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def test_datagrams_whose_write_timed_out_unsent_hold_no_slot_in_the_peers_window(broker, config) -> None:  # type: ignore[no-untyped-def]
+    """The server never reads, so the client's socket fills; every send that then times out
+    with nothing written (inline, batched, through a section) must give back the window slot it
+    took, or a slow reader would shrink a producer's window for good, one timeout at a time."""
+    with alpc.create_port("svc.slow", config=config) as port:
+        connected: list[alpc.CommunicationPort] = []
+        connecting = threading.Thread(target=lambda: connected.append(
+            alpc.connect("svc.slow", config=config, timeout=10)))
+        connecting.start()
+        server = port.listen(timeout=10).accept()
+        connecting.join(10)
+        (client,) = connected
+        try:
+            flow = client._core.channel.flow  # what the client believes the server holds of its datagrams
+            sent = 0
+            while True:
+                try:
+                    client.send(b"d" * 200, timeout=0.05)
+                except alpc.Timeout:
+                    break
+                sent += 1
+            assert 0 < sent < 1000 and flow.datagrams_out == sent
+            for attempt in (lambda: client.send(b"d" * 200, timeout=0.02),
+                            lambda: client.send_many([b"d" * 200] * 8, timeout=0.02),
+                            lambda: client.send(b"s" * 4096, timeout=0.02)):  # a section datagram
+                with pytest.raises(alpc.Timeout):
+                    attempt()
+                assert not client.closed
+                assert flow.datagrams_out == sent
+        finally:
+            client.close()
+            server.close()
