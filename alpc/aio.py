@@ -83,6 +83,7 @@ async def _within(waiter: asyncio.Future[Any], deadline: float | None, what: str
     if not left:
         if waiter.done():
             return waiter.result()
+        waiter.cancel()  # as _expire would have: its done-callbacks (a reader's removal) run
         raise Timeout(f"timed out waiting for {what}")
     timer = asyncio.get_running_loop().call_later(left, _expire, waiter, what)
     try:
@@ -214,6 +215,11 @@ class AsyncCommunicationPort:
         message_id, frames = core.request(body, None, deadline, fds)
         try:
             await self._write(frames, wait_until, fds)
+        except asyncio.CancelledError:
+            # _write queued the bytes before its first await (they go out): cancel it at the server.
+            self.cancel(message_id)
+            core.forget_cancelled(message_id)
+            raise
         except BaseException:
             # Its bytes were handed to the kernel or queued (they go out), or the
             # connection is gone: never unsent here, its late reply is dropped.
@@ -424,6 +430,15 @@ class AsyncCommunicationPort:
         try:
             await self._write(frames, deadline, passed)
             written = True
+        except asyncio.CancelledError:
+            # _write handed the frames to the kernel or queued them before its first await
+            # (the queue was drained above, so no fds wait): they go out, and the range
+            # stays the peer's until it releases it.
+            written = True
+            if kind is MessageType.REQUEST and message_id:
+                self.cancel(message_id)  # its frame goes out: the CANCEL follows it
+                core.forget_cancelled(message_id)
+            raise
         except BaseException:
             written = self._stream.broken
             if kind is MessageType.REQUEST and message_id:
@@ -831,10 +846,32 @@ async def connect(name: str, data: bytes = b"", *, timeout: float | None = None,
     pins the server's uid, as for ``port.connect``."""
     loop = asyncio.get_running_loop()
     # The asyncio driver does not drive Quick-LPC rings: it declines them.
-    stream, channel, pidfd, accept_data, _ = await loop.run_in_executor(
+    job = loop.run_in_executor(
         None, lambda: port.open_channel(name, data, timeout=timeout, config=config, quick_ok=False,
                                         server_uid=server_uid))
+    stream, channel, pidfd, accept_data, _ = await _unless_cancelled(job, _drop_channel)
     return AsyncCommunicationPort(stream, channel, peer_pidfd=pidfd, is_server=False, accept_data=accept_data)
+
+
+async def _unless_cancelled(job: asyncio.Future[Any], undo: Callable[[Any], None]) -> Any:
+    """Await an executor job that cannot be interrupted; if the caller is cancelled meanwhile,
+    ``undo`` what the job made once it is done (nobody else will)."""
+    try:
+        return await asyncio.shield(job)
+    except asyncio.CancelledError:
+        def finished(done: asyncio.Future[Any]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                undo(done.result())
+        job.add_done_callback(finished)
+        raise
+
+
+def _drop_channel(opened: tuple[Any, ...]) -> None:
+    stream, _, pidfd, _, _ = opened
+    stream.shutdown()
+    stream.close()
+    if pidfd is not None:
+        close_fds([pidfd])
 
 
 # -- serving ---------------------------------------------------------------------------------------
@@ -972,7 +1009,8 @@ async def create_port(name: str, attributes: PortAttributes | None = None, *, co
                       timeout: float | None = None, reregister_timeout: float = 60.0) -> AsyncConnectionPort:
     """Create a named connection port (registration runs in the default executor)."""
     loop = asyncio.get_running_loop()
-    inner = await loop.run_in_executor(None, lambda: server.create_port(
+    job = loop.run_in_executor(None, lambda: server.create_port(
         name, attributes, config=config, timeout=timeout, reregister_timeout=reregister_timeout))
+    inner = await _unless_cancelled(job, lambda made: made.close())
     return AsyncConnectionPort(inner)
 

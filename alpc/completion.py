@@ -258,15 +258,15 @@ class CompletionPort:
     async def _run_async(self, message: Message) -> None:
         if message.cancelled:
             return
+        # Replies are written from the loop thread; the blocking port is thread-safe.
         try:
             result = await self.handler(message)  # type: ignore[misc]
+            self._answer(message, result)
         except asyncio.CancelledError:
             return
         except Exception:
             log.exception("handler failed on %r", message)
-            result = b""
-        # Replies are written from the loop thread; the blocking port is thread-safe.
-        self._answer(message, result)
+            self._answer(message, b"")
 
     def _task_done(self, key: tuple[Any, int], message: Message) -> None:
         with self._lock:
