@@ -44,6 +44,8 @@ LOCK_NAME = "broker.lock"
 TICK = 1.0
 # How long a successor may wait for the lock its predecessor releases.
 LOCK_WAIT = 5.0
+# msgpack's largest int: a server's report may hold anything up to it, a sum must stay below.
+_MAX_COUNT = 2**64 - 1
 
 _QUERY_TYPES = frozenset({MessageType.LIST_PORTS, MessageType.PEERS, MessageType.STATS})
 _NEW_PEER_TYPES = frozenset({MessageType.CREATE_PORT, MessageType.CONNECT, MessageType.HANDOVER}) | _QUERY_TYPES
@@ -597,7 +599,7 @@ class Broker:
             name=port.name, pid=port.owner.cred.pid, uid=port.owner.cred.uid, connections=status.peers_total,
             report_age_ms=port.report_age_ms(now), connects_forwarded=port.connects_forwarded,
             # The broker's refusals (max_pending_connects) and the server's (max_connections).
-            quota_refusals=port.quota_refusals + status.counters.quota_refusals,
+            quota_refusals=min(port.quota_refusals + status.counters.quota_refusals, _MAX_COUNT),
             connects_refused=port.connects_refused, counters=status.counters)
 
     def _owner_quota(self, uid: int, details: bool) -> control.OwnerQuota:
@@ -730,7 +732,13 @@ class Broker:
 
     @staticmethod
     def _interest(peer: _Peer) -> int:
-        return selectors.EVENT_READ | (selectors.EVENT_WRITE if peer.outbox else 0)
+        if not peer.outbox:
+            return selectors.EVENT_READ
+        # A server's reports and hang-up are read whatever waits for it; anyone else gets
+        # no further request read (and no further answer queued) until it took the last one.
+        if peer.role == "server":
+            return selectors.EVENT_READ | selectors.EVENT_WRITE
+        return selectors.EVENT_WRITE
 
     def _flush(self, peer: _Peer) -> None:
         fd = peer.stream.fileno()

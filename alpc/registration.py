@@ -320,14 +320,18 @@ class Registration:
         with self._lock:
             if not self._live or self._stream is None:
                 return  # the next registration reports everything (_install marks it dirty)
-            try:
-                self._stream.send(control_frame(status), deadline=deadline_after(REPORT_SEND_TIMEOUT))
-            except ConnectionClosed:
-                return  # the reader sees the EOF and starts the gap
-            except Timeout:
-                if self._stream.broken:
+            stream = self._stream
+        # Sent without the lock: listen() and wait() take it, and keep their own timeouts.
+        # Only this thread writes the link, and only it replaces the socket (_install).
+        try:
+            stream.send(control_frame(status), deadline=deadline_after(REPORT_SEND_TIMEOUT))
+        except ConnectionClosed:
+            return  # the reader sees the EOF and starts the gap
+        except Timeout:
+            with self._lock:
+                if stream.broken and self._live and self._stream is stream:
                     self._lose("a status report could not be sent", by_us=True)
-                return
+            return
         self._last_counters = status.counters
 
     def _reregister(self) -> None:

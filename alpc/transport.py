@@ -73,6 +73,7 @@ _MAX_GROUPS = 65536
 RECV_CHUNK = 64 * 1024
 _UCRED = struct.Struct("3i")
 _INT = struct.Struct("i")
+_TIMEVAL = struct.Struct("@ll")
 # What sendmsg takes; collections.abc.Buffer only arrived in 3.12.
 Buffer = bytes | bytearray | memoryview
 _FD_SIZE = array.array("i").itemsize
@@ -334,8 +335,7 @@ class Stream:
     def connect(cls, path: Path, timeout: float | None = None) -> Stream:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.settimeout(timeout)
-            sock.connect(str(path))
+            _connect_within(sock, str(path), deadline_after(timeout))
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             sock.close()
             raise BrokerUnavailable(f"no broker listening at {path} ({exc.strerror})") from None
@@ -712,6 +712,35 @@ class Stream:
             close_fds(fds)
             fds = []
         return Received(data, fds, cred, truncated, pidfd)
+
+
+def _connect_within(sock: socket.socket, address: str, deadline: float | None) -> None:
+    """connect(), waiting in the kernel while the listener's backlog is full, until ``deadline``.
+
+    A Unix connect to a full backlog fails at once with EAGAIN on a non-blocking socket (which
+    is what socket.settimeout makes), so the socket blocks with SO_SNDTIMEO as its limit: the
+    kernel wakes it when the listener accepts. TimeoutError when the backlog stayed full.
+    """
+    sock.setblocking(True)
+    while True:
+        left = remaining(deadline)
+        if left is not None and left <= 0:
+            raise TimeoutError(errno.ETIMEDOUT, "the listener's backlog stayed full")
+        seconds = 0.0 if left is None else max(left, 1e-6)  # 0: no limit
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                        _TIMEVAL.pack(int(seconds), int(seconds % 1 * 1_000_000)))
+        try:
+            sock.connect(address)
+        except BlockingIOError:
+            continue  # SO_SNDTIMEO ran out with the backlog still full
+        try:
+            sock.getpeername()
+        except OSError:
+            # A signal cut the wait short and CPython, as for a TCP connect in progress, took
+            # a writable socket for a connected one: it is not; ask again.
+            continue
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL.pack(0, 0))
+        return
 
 
 def _fd_space(max_fds: int) -> int:
