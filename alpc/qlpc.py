@@ -214,6 +214,7 @@ class QuickLink:
         slow = self._call_slow
         take_turn = self._calling.acquire
         end_turn = self._calling.release
+        interrupted = self._interrupted
         # Weak: the port holds this function, and must stay free to be collected.
         port_ref = weakref.ref(port)
 
@@ -227,6 +228,10 @@ class QuickLink:
                     got = slow(_alive(port_ref), status, deadline_ns)
                     if got is not None:
                         return got[0]
+                except BaseException:
+                    # A signal handler may raise as c_call returns, before slow() took over.
+                    interrupted(port_ref())
+                    raise
                 finally:
                     end_turn()
             return _alive(port_ref).request(data, timeout).data
@@ -245,6 +250,9 @@ class QuickLink:
                 got: tuple[bytes, int, int] | None = (self._unpack(status), info.sender_tid, info.callback_id)
             else:
                 got = self._call_slow(port, status, deadline_ns)
+        except BaseException:
+            self._interrupted(port)
+            raise
         finally:
             self._calling.release()
         if got is None:
@@ -291,6 +299,14 @@ class QuickLink:
             self._abandon(port, request_id)
             raise
 
+    def _interrupted(self, port: CommunicationPort | None) -> None:
+        """An exception (a signal handler's) left the ring call in flight: abandon it."""
+        request_id = self.ring.in_flight()
+        if request_id and port is not None:
+            self._abandon(port, request_id)
+        elif request_id:
+            self.ring.call_done()
+
     def _abandon(self, port: CommunicationPort, request_id: int) -> None:
         """Give up on the call in flight; its reply is dropped on whichever path it comes."""
         self._late[request_id] = None
@@ -330,7 +346,9 @@ class QuickLink:
         self._took()
         if status >= 0:
             # Any more in the ring come with the next read, still before socket bytes.
-            port._dispatch([self._request(port, status)])
+            request = self._request(port, status)
+            if request is not None:
+                port._dispatch([request])
             return True
         if status == Q_TIMEOUT:
             return False
@@ -358,6 +376,8 @@ class QuickLink:
             self._took()
             if status >= 0:
                 message = self._request(port, status)
+                if message is None:
+                    return None  # the connection failed: the general path reports it
                 message.port = port
                 stats = port.stats
                 stats.in_flight[message.id] = time.monotonic()
@@ -385,15 +405,23 @@ class QuickLink:
                 if status in QUICK_ERRORS:
                     self._protocol_error(port, status)
                 return messages
-            messages.append(self._request(port, status))
+            message = self._request(port, status)
+            if message is None:
+                return messages
+            messages.append(message)
 
-    def _request(self, port: CommunicationPort, length: int) -> Message:
+    def _request(self, port: CommunicationPort, length: int) -> Message | None:
         info = self.ring.info
         peer = port.peer
         message = Message(_REQUEST, info.message_id, 0, self._unpack(length), peer, sender_pid=peer.pid,
                           sender_tid=info.sender_tid)
-        with port._state:
-            port._channel.quick_request_received(message.id)
+        try:
+            with port._state:
+                port._channel.quick_request_received(message.id)
+        except ProtocolError as exc:
+            # A reused id (or too many owed): drop the connection, as for the same lie on the socket.
+            self._drop(port, f"protocol error: {exc}")
+            return None
         self.ring_requests.add(message.id)
         self._counted[0] += 1
         self._counted[1] += length
@@ -525,7 +553,9 @@ class QuickLink:
 
     def _protocol_error(self, port: CommunicationPort, status: int) -> str:
         """The peer broke the ring protocol: drop the connection as for a bad frame."""
-        reason = f"protocol error: {QUICK_ERRORS.get(status, f'Quick-LPC status {status}')}"
+        return self._drop(port, f"protocol error: {QUICK_ERRORS.get(status, f'Quick-LPC status {status}')}")
+
+    def _drop(self, port: CommunicationPort, reason: str) -> str:
         port.stats.errors += 1
         peer = port.peer
         log.warning("protocol error from pid %d on its Quick-LPC rings, dropping the connection: %s",

@@ -329,8 +329,14 @@ static void after_fork_child(void)
     struct watch *w = g_all;
     while (w != NULL) {
         struct watch *next = w->next_all;
-        for (qlpc_chan *c = w->list; c != NULL; c = c->next)
+        for (qlpc_chan *c = w->list; c != NULL; c = c->next) {
             c->watch = NULL;
+            /* The parent's threads in calls on c are not here: their uses would
+             * hold qlpc_close forever, and the child must not use c anyway. */
+            atomic_store(&c->users, 0);
+            atomic_store(&c->closing, 1);
+            pthread_mutex_init(&c->close_lock, NULL);
+        }
         close(w->epfd);
         close(w->evfd);
         free(w);
@@ -953,8 +959,18 @@ static int receive(qlpc_chan *ch, uint32_t want, uint64_t deadline, qlpc_info *i
             rc = take(ch, info, buf, since);
         if (rc < 0 || want == 0 || info->callback_id == want)
             break;
-        /* A late reply to a request whose caller gave up: drop it. */
+        /* A late reply to a request whose caller gave up: drop it. A peer that
+         * keeps them coming must not hold us past our deadline or a close
+         * (wait_entry looks at neither while entries wait). */
         info->dropped++;
+        if (atomic_load(&ch->closing)) {
+            rc = QLPC_CLOSED;
+            break;
+        }
+        if (now_ns() >= deadline) {
+            rc = QLPC_TIMEOUT;
+            break;
+        }
     }
     atomic_store_explicit(&ch->taking, 0, memory_order_release);
     return rc;
