@@ -12,6 +12,7 @@ sockets to a successor for a restart that loses nothing (see ``handover``).
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import logging
 import os
@@ -30,6 +31,7 @@ from .exchange import control_frame, read_frame
 from .logs import LogLimiter, fields
 from .quotas import BROKER_DEFAULTS, BrokerLimits, Limit, UidUsage
 from .security import ROOT_UID, AclDecision, PeerCred, PortAcl, may_inspect, may_replace_broker, may_see_settings
+from .stats import MAX_AGES
 from .transport import Listener, Stream, advance_buffers, deadline_after
 from .wire import Frame, FrameDecoder, FrameLimits, MessageType, encode_header
 
@@ -46,6 +48,9 @@ TICK = 1.0
 LOCK_WAIT = 5.0
 # msgpack's largest int: a server's report may hold anything up to it, a sum must stay below.
 _MAX_COUNT = 2**64 - 1
+# PortLimits.handle_kinds names HandleKinds (a few, short); room for kinds a newer server knows.
+_MAX_HANDLE_KINDS = 64
+_MAX_HANDLE_KIND_LENGTH = 32
 
 _QUERY_TYPES = frozenset({MessageType.LIST_PORTS, MessageType.PEERS, MessageType.STATS})
 _NEW_PEER_TYPES = frozenset({MessageType.CREATE_PORT, MessageType.CONNECT, MessageType.HANDOVER}) | _QUERY_TYPES
@@ -154,6 +159,8 @@ class Broker:
         self._thread: threading.Thread | None = None
         self._finished = threading.Event()
         self._limited = LogLimiter(log)
+        # Port created/released lines: any client can cycle ports; apart so they never starve warnings.
+        self._lifecycle = LogLimiter(log)
         self._started = time.monotonic()
         self._next_tick = 0.0
         self._connects_unknown_port = 0
@@ -288,6 +295,7 @@ class Broker:
             return
         self._next_tick = now + TICK
         self._limited.flush()
+        self._lifecycle.flush()
         if self._on_status is not None:
             self._on_status(self.status_line())
 
@@ -420,7 +428,7 @@ class Broker:
             status = control.decode_body(kind, frame.data, control.PortStatus)
             port = self._ports.get(peer.port) if peer.port is not None else None
             if port is not None and port.owner is peer:
-                port.status, port.status_at = status, time.monotonic()
+                port.status, port.status_at = _trimmed(status), time.monotonic()
         elif kind is MessageType.HANDOVER:
             self._hand_over(peer, control.decode_body(kind, frame.data, control.Handover))
         else:
@@ -431,7 +439,13 @@ class Broker:
         kind = frame.type
         if kind is MessageType.LIST_PORTS:
             control.decode_body(kind, frame.data, control.ListPorts)
-            self._send(peer, _frame(self._port_list(peer)))
+            answer = _fitted(self._port_list(peer))
+            if answer is None:
+                self._refuse(peer, control.ErrorCode.TOO_LARGE,
+                             f"the list of the ports uid {peer.cred.uid} may inspect exceeds "
+                             f"{control.MAX_CONTROL_BODY} bytes even without their clients")
+                return
+            self._send(peer, _frame(answer))
         elif kind is MessageType.PEERS:
             name = control.decode_body(kind, frame.data, control.Peers).name
             port = self._inspected_port(peer, name)
@@ -512,11 +526,21 @@ class Broker:
         except ProtocolError as exc:
             self._refuse(peer, control.ErrorCode.BAD_REQUEST, str(exc), request.name)
             return
+        kinds = request.limits.handle_kinds
+        if (len(kinds) > _MAX_HANDLE_KINDS or len(set(kinds)) != len(kinds)
+                or any(len(kind) > _MAX_HANDLE_KIND_LENGTH for kind in kinds)):
+            self._refuse(peer, control.ErrorCode.BAD_REQUEST,
+                         f"handle_kinds must be at most {_MAX_HANDLE_KINDS} distinct kind names of at most "
+                         f"{_MAX_HANDLE_KIND_LENGTH} characters", request.name)
+            return
+        # Kept for the port's life and shown to its owner and root: as the ACL is, without duplicates.
+        request = dataclasses.replace(request, acl=control.AclSpec.of(acl))
         self._ports[request.name] = _Port(request.name, peer, request, acl)
         self._usage.add_port(peer.cred.uid)
         peer.port = request.name
         peer.become("server")
-        log.info("port %r created by %s", request.name, peer.describe(), extra=peer.fields())
+        self._lifecycle.log(logging.INFO, ("created", peer.cred.uid, request.name),
+                            f"port {request.name!r} created by {peer.describe()}", extra=peer.fields())
         self._send(peer, _frame(control.PortCreated(name=request.name)))
 
     def _connect(self, peer: _Peer, request: control.Connect) -> None:
@@ -798,10 +822,39 @@ class Broker:
         peer.outbox.clear()
         if peer.port is not None and self._ports.get(peer.port, None) is not None:
             if self._ports[peer.port].owner is peer:
-                log.info("port %r released by %s", peer.port, peer.describe(), extra=peer.fields())
+                self._lifecycle.log(logging.INFO, ("released", peer.cred.uid, peer.port),
+                                    f"port {peer.port!r} released by {peer.describe()}", extra=peer.fields())
                 del self._ports[peer.port]
                 self._usage.remove_port(peer.cred.uid)
         peer.stream.close()
+
+
+def _trimmed(status: control.PortStatus) -> control.PortStatus:
+    """A report as kept: at most MAX_AGES in-flight ages per client, all an honest runtime sends."""
+    if all(len(peer.in_flight_ages_ms) <= MAX_AGES for peer in status.peers):
+        return status
+    return dataclasses.replace(status, peers=tuple(
+        dataclasses.replace(peer, in_flight_ages_ms=peer.in_flight_ages_ms[:MAX_AGES]) for peer in status.peers))
+
+
+def _fitted(answer: control.PortList) -> control.PortList | None:
+    """``answer`` within the MAX_CONTROL_BODY every client reads, or None if it cannot be.
+
+    The ports that take the most room give up their clients and ACL first
+    (``details`` False), so many ports with long reports cannot break ``alpc ports``.
+    """
+    ports = list(answer.ports)
+    sizes = [control.encoded_size(port) for port in ports]
+    excess = control.encoded_size(control.PortList()) + 5 + sum(sizes) - control.MAX_CONTROL_BODY  # 5: array header
+    if excess <= 0:
+        return answer
+    for index in sorted(range(len(ports)), key=sizes.__getitem__, reverse=True):
+        slim = dataclasses.replace(ports[index], clients=(), details=False, acl=control.AclSpec())
+        excess -= sizes[index] - control.encoded_size(slim)
+        ports[index] = slim
+        if excess <= 0:
+            return control.PortList(ports=tuple(ports))
+    return None
 
 
 _PORT_LIST_LIMITS = FrameLimits(

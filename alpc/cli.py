@@ -103,7 +103,7 @@ def _render_ports(ports: tuple[control.PortInfo, ...], as_json: bool) -> str:
         if p.details:
             clients = f"{len(p.clients)}: " + (", ".join(f"pid {c.pid}/uid {c.uid}" for c in p.clients) or "-")
         else:
-            clients = "(not shown to this uid)"
+            clients = "(not shown: to this uid, or to keep the answer within its size limit)"
         lines.append(f"{p.name:<{width}}  {p.pid:>7}  {p.uid:>6}  {clients}")
     return "\n".join(lines)
 

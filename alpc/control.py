@@ -71,6 +71,7 @@ __all__ = [
     "UidUsageInfo",
     "decode_body",
     "encode_body",
+    "encoded_size",
     "validate_port_name",
 ]
 
@@ -677,6 +678,11 @@ _BODIES: dict[MessageType, type[Body]] = {
 def encode_body(body: Body) -> bytes:
     packed: bytes = msgpack.packb(body.to_map(), use_bin_type=True)
     return packed
+
+
+def encoded_size(record: Record) -> int:
+    """Bytes ``record`` takes encoded, inside a body or as one."""
+    return len(msgpack.packb(record.to_map(), use_bin_type=True))
 
 
 def decode_body(message_type: MessageType, data: bytes, expected: type[T]) -> T:

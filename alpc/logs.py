@@ -28,6 +28,9 @@ __all__ = [
     "stderr_is_journal",
 ]
 
+# A limited line quotes what a peer sent (a name, a decoder's complaint): never more than this of it.
+MAX_LIMITED_MESSAGE = 1024
+
 FIELDS = ("port", "peer_pid", "peer_uid", "peer_gid")
 # syslog(3) priorities, which journald reads from a "<N>" line prefix.
 _PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
@@ -119,6 +122,8 @@ class LogLimiter:
 
     def log(self, level: int, key: Hashable, message: str, *, extra: dict[str, Any] | None = None) -> bool:
         """Log ``message`` unless ``key`` logged within the interval; True if it was written."""
+        if len(message) > MAX_LIMITED_MESSAGE:
+            message = f"{message[:MAX_LIMITED_MESSAGE]}... ({len(message) - MAX_LIMITED_MESSAGE} characters cut)"
         with self._lock:
             now = self._clock()
             entry = self._seen.get(key)

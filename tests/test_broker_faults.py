@@ -7,6 +7,7 @@ process (the ``broker`` fixture) so its books can be read directly.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import select
 import selectors
@@ -16,15 +17,19 @@ import termios
 import time
 from pathlib import Path
 
+import msgpack
 import pytest
 
 import alpc
 from alpc import control
 from alpc.exchange import control_frame
-from alpc.wire import FrameDecoder, FrameLimits, MessageType
+from alpc.security import MAX_ACL_ENTRIES
+from alpc.stats import MAX_AGES
+from alpc.wire import FrameDecoder, FrameLimits, MessageType, encode_frame
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(120)
 
+_HUGE_ID = 2**64 - 1  # the widest int msgpack carries: 9 bytes on the wire
 _ANY = FrameLimits(allowed_types=frozenset(MessageType), max_data=control.MAX_CONTROL_BODY, max_fds=1)
 
 
@@ -50,17 +55,22 @@ def _one_frame(sock: socket.socket):  # type: ignore[no-untyped-def]
             return frames[0]
 
 
-def _raw_port(config: alpc.Config, name: str, **kwargs: object) -> socket.socket:
+def _create(config: alpc.Config, name: str, **kwargs: object):  # type: ignore[no-untyped-def]
+    """A raw CREATE_PORT; (socket, the broker's answer frame)."""
     sock = _raw(config)
     request = dict(name=name, max_message_length=1024, max_connect_data=64, max_pending_connects=8)
     request.update(kwargs)
     _send(sock, control.CreatePort(**request))  # type: ignore[arg-type]
-    frame = _one_frame(sock)
-    assert frame is not None and frame.type is MessageType.PORT_CREATED
+    return sock, _one_frame(sock)
+
+
+def _raw_port(config: alpc.Config, name: str, **kwargs: object) -> socket.socket:
+    sock, frame = _create(config, name, **kwargs)
+    assert frame is not None and frame.type is MessageType.PORT_CREATED, frame
     return sock
 
 
-def _until(condition, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+def _until(condition, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
     """Poll a condition the broker's own thread brings about (bounded)."""
     deadline = time.monotonic() + timeout
     while not condition():
@@ -265,3 +275,169 @@ def test_a_connect_waits_for_a_busy_broker_within_its_timeout(spawn, runtime_dir
         waiter.join(20)
         broker.proc.send_signal(signal.SIGTERM)
         broker.proc.wait(10)
+
+
+def _closed_by_broker(sock: socket.socket) -> bool:
+    try:
+        while sock.recv(65536):
+            pass
+        return True
+    except ConnectionResetError:
+        return True
+
+
+# -- the PortList answer outgrows what every client reads ----------------------------------
+
+
+def test_create_port_refuses_handle_kinds_no_server_announces(broker: alpc.Broker, config: alpc.Config) -> None:
+    """PortLimits.handle_kinds is a list of str, checked for type only: one CREATE_PORT may carry
+    ~1 MiB of it (15 strings of 64 KiB), which the broker keeps for the port's life and puts
+    into every PortList answer of every viewer. An honest server sends a few HandleKind names."""
+    kinds = tuple(f"{i:02d}" * (65536 // 2) for i in range(15))
+    sock, frame = _create(config, "svc.fatkinds", acl=control.AclSpec(allow_everyone=True),
+                          limits=control.PortLimits(handle_kinds=kinds))
+    try:
+        assert frame is not None
+        assert frame.type is MessageType.ERROR, "the broker took a port with ~1 MiB of handle_kinds"
+        assert control.decode_body(frame.type, frame.data, control.ErrorReply).code == control.ErrorCode.BAD_REQUEST
+    finally:
+        sock.close()
+    assert alpc.list_ports(config) == ()
+
+
+def test_ports_with_fat_handle_kinds_cannot_break_alpc_ports(broker: alpc.Broker, config: alpc.Config) -> None:
+    """18 such ports (well under max_ports_per_uid, 256) push the PortList past the client's
+    MAX_CONTROL_BODY: the broker sends it anyway and list_ports() (`alpc ports`) fails with a
+    ProtocolError for everyone who may see them (allow_everyone: every local user)."""
+    kinds = tuple(f"{i:02d}" * (65536 // 2) for i in range(15))
+    socks = []
+    try:
+        with alpc.create_port("svc.honest", config=config):
+            for i in range(18):
+                sock, frame = _create(config, f"svc.fat{i:02d}", acl=control.AclSpec(allow_everyone=True),
+                                      limits=control.PortLimits(handle_kinds=kinds))
+                socks.append(sock)
+                assert frame is not None
+            names = [p.name for p in alpc.list_ports(config)]  # ProtocolError on the current code
+            assert "svc.honest" in names
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_port_list_fits_the_client_limit_whatever_the_ports_report(broker: alpc.Broker,
+                                                                   config: alpc.Config) -> None:
+    """Even with only valid fields: a port's report may name MAX_REPORTED_PEERS (2048) clients,
+    ~80 KiB of ClientInfo in the PortList at the widest ints, so 206 ports of one uid (its
+    quota is 256) make a PortList over 16 MiB. The broker must answer something the client
+    can read (trimmed), not a frame every client refuses."""
+    n_ports = 206
+    report = control.PortStatus(
+        peers=tuple(control.PeerReport(
+            pid=_HUGE_ID, uid=_HUGE_ID, gid=_HUGE_ID, connected_ms=0, queue_depth=0, in_flight=0,
+            in_flight_ages_ms=(), messages_in=0, messages_out=0, bytes_in=0, bytes_out=0, errors=0,
+            section_bytes=0) for _ in range(control.MAX_REPORTED_PEERS)),
+        peers_total=control.MAX_REPORTED_PEERS)
+    frame = b"".join(control_frame(report))
+    socks = []
+    try:
+        with alpc.create_port("svc.honest", config=config):
+            for i in range(n_ports):
+                sock = _raw_port(config, f"svc.wide{i:03d}", acl=control.AclSpec(allow_everyone=True))
+                socks.append(sock)
+                sock.sendall(frame)
+            _until(lambda: all(p.report_age_ms >= 0 for p in alpc.port_stats("", config).ports
+                               if p.name.startswith("svc.wide")))
+            ports = alpc.list_ports(config)  # ProtocolError on the current code
+            names = [p.name for p in ports]
+            assert len(names) == n_ports + 1 and "svc.honest" in names
+            honest = next(p for p in ports if p.name == "svc.honest")
+            assert honest.details  # the small port keeps its details; the fat ones give way
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+# -- log volume a local client can cause -----------------------------------------------------
+
+
+def _broker_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [record for record in caplog.records if record.name == "alpc.broker"]
+
+
+def test_port_create_and_release_lines_are_rate_limited(broker: alpc.Broker, config: alpc.Config,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """Every CREATE_PORT logs "port ... created" and every hang-up of its owner "released",
+    at INFO (the daemon's default level), outside the LogLimiter every refusal goes through:
+    a client creating and closing ports in a loop writes two lines per round trip, unbounded."""
+    caplog.set_level(logging.INFO, logger="alpc.broker")
+    rounds = 300
+    started = time.monotonic()
+    for i in range(rounds):
+        sock = _raw_port(config, f"svc.churn{i}")  # "created" is logged before PORT_CREATED is sent
+        sock.close()
+    elapsed = time.monotonic() - started
+    created = [r for r in _broker_records(caplog) if "created by" in r.getMessage()]
+    # The broker's LogLimiter lets 50 lines through at once and 5 a second after that.
+    assert len(created) <= 50 + 5 * elapsed + 5, f"{len(created)} 'created' lines for {rounds} ports in {elapsed:.1f}s"
+
+
+def test_peer_chosen_text_cannot_make_a_broker_log_line_huge(broker: alpc.Broker, config: alpc.Config,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """Refusals and drops are logged once per key and rate-limited by count, but their text
+    quotes what the peer sent: a CREATE_PORT with 58 unknown keys of 16 Ki control characters
+    each yields one "protocol error: ... unknown fields [...]" line of ~4.6 MB (repr escapes
+    them), a CONNECT to a 64 Ki-character name a "no port named ..." line of ~256 KB."""
+    caplog.set_level(logging.INFO, logger="alpc.broker")
+    request = control.CreatePort(name="svc.noisy", max_message_length=1, max_connect_data=1,
+                                 max_pending_connects=1).to_map()
+    request.update({chr(1) * 16000 + f"{i:02d}": 0 for i in range(64 - len(request))})
+    body = msgpack.packb(request, use_bin_type=True)
+    bad = _raw(config)
+    bad.sendall(encode_frame(MessageType.CREATE_PORT, body))
+    assert _closed_by_broker(bad)  # the drop is logged before the broker closes the socket
+    bad.close()
+    lost = _raw(config)
+    _send(lost, control.Connect(name=chr(1) * 65000, data=b"", max_message_length=1024, max_section_bytes=0))
+    frame = _one_frame(lost)  # the refusal is logged before it is sent
+    lost.close()
+    assert frame is not None and frame.type is MessageType.ERROR
+    records = _broker_records(caplog)
+    assert any("unknown fields" in r.getMessage() for r in records)
+    assert any("no port named" in r.getMessage() for r in records)
+    longest = max(len(r.getMessage()) for r in records)
+    assert longest <= 4096, f"a broker log line of {longest} characters"
+
+
+# -- fields kept without a bound --------------------------------------------------------------
+
+
+def test_acl_duplicates_are_not_kept_or_shown(broker: alpc.Broker, config: alpc.Config) -> None:
+    """PortAcl allows MAX_ACL_ENTRIES distinct ids per list, but the broker keeps and shows the
+    AclSpec as sent: 100,000 copies of one uid pass the check (a frozenset of 1), cost the
+    broker ~3 MB of Python ints per list for the port's life, and go into the owner's and
+    root's every PortList."""
+    owner = _raw_port(config, "svc.dups", acl=control.AclSpec(allow_uids=(12345,) * 100_000))
+    try:
+        (info,) = alpc.list_ports(config)  # this test's uid owns the port: it sees the ACL
+        assert len(info.acl.allow_uids) <= MAX_ACL_ENTRIES, f"{len(info.acl.allow_uids)} allow_uids kept"
+    finally:
+        owner.close()
+
+
+def test_reported_in_flight_ages_are_bounded(broker: alpc.Broker, config: alpc.Config) -> None:
+    """A PeerReport carries the ages of the oldest requests in flight, at most MAX_AGES (8) from
+    an honest runtime; the broker keeps and serves any number (100,000 here, ~6x the memory of
+    the largest honest report per 1 MiB frame)."""
+    owner = _raw_port(config, "svc.ages", acl=control.AclSpec(allow_everyone=True))
+    try:
+        peer = control.PeerReport(pid=1, uid=1, gid=1, connected_ms=0, queue_depth=0, in_flight=100_000,
+                                  in_flight_ages_ms=(1,) * 100_000, messages_in=0, messages_out=0,
+                                  bytes_in=0, bytes_out=0, errors=0, section_bytes=0)
+        _send(owner, control.PortStatus(peers=(peer,), peers_total=1))
+        _until(lambda: alpc.list_peers("svc.ages", config).report_age_ms >= 0)
+        (shown,) = alpc.list_peers("svc.ages", config).peers
+        assert shown.in_flight == 100_000
+        assert len(shown.in_flight_ages_ms) <= MAX_AGES, f"{len(shown.in_flight_ages_ms)} ages kept"
+    finally:
+        owner.close()
