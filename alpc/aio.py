@@ -204,7 +204,7 @@ class AsyncCommunicationPort:
         except Cancelled:
             raise
         except BaseException:
-            self._drop(core.abandon(message_id))
+            core.abandon(message_id)
             raise
 
     async def _send_request(self, body: WirePayload, deadline: float | None, wait_until: float | None,
@@ -223,7 +223,7 @@ class AsyncCommunicationPort:
         except BaseException:
             # Its bytes were handed to the kernel or queued (they go out), or the
             # connection is gone: never unsent here, its late reply is dropped.
-            self._drop(core.abandon(message_id))
+            core.abandon(message_id)
             raise
         return message_id
 
@@ -253,8 +253,7 @@ class AsyncCommunicationPort:
 
     def cancel(self, message_id: int) -> bool:
         """Cancel request ``message_id`` at the server; False if it is not in flight."""
-        frames, views = self._core.cancel(message_id)
-        self._drop(views)
+        frames = self._core.cancel(message_id)
         self._wake_id(message_id)
         if frames:
             self._post(frames)
@@ -360,7 +359,7 @@ class AsyncCommunicationPort:
         try:
             await self._wait(lambda: core.take_reply(message_id), message_id, deadline, "the pong")
         except BaseException:
-            self._drop(core.abandon(message_id))
+            core.abandon(message_id)
             raise
 
     # -- sections ---------------------------------------------------------------------------
@@ -442,7 +441,7 @@ class AsyncCommunicationPort:
         except BaseException:
             written = self._stream.broken
             if kind is MessageType.REQUEST and message_id:
-                self._drop(core.abandon(message_id))
+                core.abandon(message_id)
             raise
         finally:
             core.section_sent(view, written)
@@ -812,11 +811,6 @@ class AsyncCommunicationPort:
                 sweep_stale_names(self.peer.pid)
             close_fds([self._pidfd])
             self._pidfd = None
-
-    @staticmethod
-    def _drop(views: list[Any]) -> None:
-        for view in views:
-            view.release()
 
     async def __aenter__(self) -> AsyncCommunicationPort:
         return self

@@ -114,7 +114,7 @@ _INCOMING = (MessageType.REQUEST, MessageType.DATAGRAM)
 _monotonic = time.monotonic
 # What receive_one did.
 NOT_FILED, FILED_REPLY, FILED_INBOX, FILED_NOTHING, FILED_ERROR = 0, 1, 2, 3, 4
-_GRANT_READ, _GRANT_WRITE, _GRANT_DATA = MessageType.GRANT_READ, MessageType.GRANT_WRITE, MessageType.GRANT_DATA
+_GRANT_READ, _GRANT_DATA = MessageType.GRANT_READ, MessageType.GRANT_DATA
 
 
 class Batch(NamedTuple):
@@ -156,7 +156,7 @@ class Connection:
         self.finalize_wanted = False
         # Memory grants: client side, the server's fallback reads/writes for each
         # request in flight; server side, the client's answers to our reads.
-        self._grant_ops: dict[int, deque[Message]] = {}
+        self._grant_reads: dict[int, Message] = {}  # the server's pending fallback read, per request
         self._grant_data: dict[int, Message] = {}
         self.vm_refused = False
         # Requests cancelled here while a thread may be waiting for their reply.
@@ -210,16 +210,16 @@ class Connection:
         flow = self.flow
         return flow.requests_out, flow.datagrams_out, flow.handles_out
 
-    def cancel(self, request_id: int) -> tuple[Frames, list[View]]:
+    def cancel(self, request_id: int) -> Frames:
         """Cancel a request in flight: the CANCEL frame for the peer (empty if it is not in
-        flight any more) and views to release outside the lock. A thread waiting for its
-        reply gets Cancelled; its reply, if one comes, is dropped."""
+        flight any more). A thread waiting for its reply gets Cancelled; its reply, if one
+        comes, is dropped."""
         if request_id not in self.channel.pending_ids:
-            return [], []
+            return []
         frames = self.channel.cancel(request_id) if self.failure is None else []
-        views = self.abandon(request_id)
+        self.abandon(request_id)
         self._cancelled_ids.add(request_id)
-        return frames, views
+        return frames
 
     def ping(self) -> tuple[int, Frames]:
         self.check_open()
@@ -254,22 +254,18 @@ class Connection:
         self.check_open()
         return self.channel.trim()
 
-    def abandon(self, request_id: int) -> list[View]:
-        """The caller stopped waiting: drop its reply (now or when it comes) and grant traffic.
-
-        Returns views the driver releases once it dropped its lock (a release
-        may want to send).
-        """
+    def abandon(self, request_id: int) -> None:
+        """The caller stopped waiting: drop its reply (now or when it comes) and the server's
+        pending fallback read of its grant."""
         self.channel.abandon(request_id)
         self.replies.pop(request_id, None)
-        leftovers = self._grant_ops.pop(request_id, None)
-        return [op.view for op in leftovers or () if op.view is not None]
+        self._grant_reads.pop(request_id, None)
 
     def unsent(self, request_id: int) -> None:
         """A request none of whose bytes were written: forget it, and its flow-control slot."""
         self.channel.unsent(request_id)
         self.replies.pop(request_id, None)
-        self._grant_ops.pop(request_id, None)
+        self._grant_reads.pop(request_id, None)
 
     def queue(self, frames: Frames) -> bool:
         """Hold ``frames`` for the next write (batching); True when the backlog should be flushed now."""
@@ -400,14 +396,14 @@ class Connection:
     # -- memory grants ---------------------------------------------------------------
 
     def take_granted(self, request_id: int) -> Message | None:
-        """Client: the next fallback operation of a granted request, else its reply."""
-        ops = self._grant_ops.get(request_id)
-        if ops:
-            return ops.popleft()
+        """Client: the server's pending fallback read of a granted request, else its reply."""
+        read = self._grant_reads.pop(request_id, None)
+        if read is not None:
+            return read
         return self.replies.pop(request_id, None)
 
     def end_granted(self, request_id: int) -> None:
-        self._grant_ops.pop(request_id, None)
+        self._grant_reads.pop(request_id, None)
 
     def grant_read_answer(self, request_id: int, message: Message, grant: LocalGrant) -> Frames | memoryview:
         """Client: the server asked for part of the grant. Inline frames, or the chunk to send through a section."""
@@ -416,17 +412,6 @@ class Connection:
         if span.length <= self.inline_threshold:
             return self.channel.grant_payload(MessageType.GRANT_DATA, request_id, span, bytes(chunk))
         return chunk
-
-    @staticmethod
-    def apply_grant_write(message: Message, grant: LocalGrant) -> None:
-        """Client: the server wrote into the grant through the connection."""
-        span: Range = message.grant
-        target = grant.memory[span.offset:span.offset + span.length]
-        if message.view is not None:
-            with message.view as memory:
-                _native.copy_into(target, memory)
-        else:
-            _native.copy_into(target, message.data)
 
     def direct_ok(self, memory: PeerMemory) -> bool:
         """Server: may we touch the client's memory directly for ``memory`` (else the fallback)?"""
@@ -569,8 +554,11 @@ class Connection:
             elif kind is _PORT_CLOSED:
                 self._set_failure(PeerGone(message.reason), message)
                 inbox = failed = True
-            elif kind is _GRANT_READ or kind is _GRANT_WRITE:
-                self._grant_ops.setdefault(message.callback_id, deque()).append(message)
+            elif kind is _GRANT_READ:
+                # An honest server has one fallback read per request waiting for its answer
+                # (a new one only after it gave up on the last): the latest replaces any
+                # still queued, so a server cannot queue them without bound.
+                self._grant_reads[message.callback_id] = message
                 ids.append(message.callback_id)
             elif kind is _GRANT_DATA:
                 self._grant_data[message.callback_id] = message

@@ -539,9 +539,7 @@ class CommunicationPort:
         a thread waiting for it gets Cancelled, and a late reply is dropped.
         """
         with self._state:
-            frames, views = self._core.cancel(message_id)
-        for view in views:
-            view.release()
+            frames = self._core.cancel(message_id)
         with self._cv_lock:
             self._cv.notify_all()
         if not frames:
@@ -885,17 +883,15 @@ class CommunicationPort:
 
     def _abandon(self, message_id: int) -> None:
         with self._state:
-            leftovers = self._core.abandon(message_id)
-        for view in leftovers:
-            view.release()
+            self._core.abandon(message_id)
 
     # -- memory grants ----------------------------------------------------------
 
     def _await_granted_reply(self, message_id: int, grant: LocalGrant, deadline: float | None) -> Message:
-        """Wait for the reply, serving the server's fallback reads and writes meanwhile.
+        """Wait for the reply, answering the server's fallback reads meanwhile.
 
-        They come here, to the thread that made the request, in the order they
-        were sent: every write into the grant lands before the reply returns.
+        The reads come here, to the thread that made the request; fallback writes
+        are applied into the grant as they are read, so each lands before the reply.
         """
         core = self._core
         try:
@@ -903,8 +899,6 @@ class CommunicationPort:
                 message = self._wait_for(lambda: core.take_granted(message_id), deadline, "the reply")
                 if message.type is MessageType.GRANT_READ:
                     self._answer_grant_read(message_id, message, grant, deadline)
-                elif message.type is MessageType.GRANT_WRITE:
-                    core.apply_grant_write(message, grant)
                 else:
                     return message
         except Timeout:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
+from . import _native
 from .errors import ConnectionClosed, MessageTooLarge, ProtocolError, SectionError
 from .grant import LocalGrant, PeerMemory
 from .handles import Classifier, Handle, ReceivedHandles, check_outgoing, classify, close_quietly, sort_received
@@ -1251,7 +1252,22 @@ class Channel:
             raise ProtocolError(f"GRANT_WRITE for request {frame.callback_id}, which granted nothing")
         if not grant.allows(span, Access.WRITE):
             raise ProtocolError(f"GRANT_WRITE of [{span.offset}, +{span.length}) outside what the grant allows")
-        return self._grant_message(frame, attrs, span)
+        # Applied on arrival, in order, rather than queued for the requesting thread: an
+        # honest server sends writes without waiting for an answer, so a queue of them
+        # would have no bound but the server's will. They still land before the reply,
+        # which comes after them on the stream.
+        target = grant.memory[span.offset:span.offset + span.length]
+        if attrs is not None and attrs.ref is not None:
+            assert self.sections is not None
+            view = self.sections.peer.resolve(attrs.ref)
+            try:
+                _native.copy_into(target, view.memory)
+            finally:
+                view.release(notify=False)
+            self.releases_urgent = True
+        else:
+            _native.copy_into(target, frame.data)
+        return None
 
     def _notice(self, kind: MessageType, reason: str) -> Message:
         return Message(kind, 0, 0, b"", self.peer, reason=reason)

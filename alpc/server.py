@@ -115,42 +115,48 @@ class ConnectionRequest:
         pidfd, self._pidfd = self._pidfd, None
         attributes = self._port.attributes
         local_flow = attributes.flow_limits()
-        quick, ring_fds = _offer_quick(attributes, stream, pidfd) if quick_ok else (None, [])
-        reply = control.ConnectionReply(accepted=True, data=data, reason="",
-                                        max_message_length=attributes.max_message_length,
-                                        inline_threshold=attributes.inline_threshold,
-                                        max_section_bytes=attributes.max_section_bytes,
-                                        secure_views=attributes.secure_views,
-                                        flow=control.FlowSpec.of(local_flow, kinds_mask(attributes.handle_kinds)),
-                                        quick_slots=attributes.quick_slots if quick else 0,
-                                        quick_slot_size=attributes.quick_slot_size if quick else 0)
+        quick: qlpc.QuickLink | None = None
         try:
-            stream.send(control_frame(reply, n_fds=len(ring_fds)), ring_fds, deadline=deadline_after(timeout))
-        except (ConnectionClosed, Timeout):
+            quick, ring_fds = _offer_quick(attributes, stream, pidfd) if quick_ok else (None, [])
+            reply = control.ConnectionReply(accepted=True, data=data, reason="",
+                                            max_message_length=attributes.max_message_length,
+                                            inline_threshold=attributes.inline_threshold,
+                                            max_section_bytes=attributes.max_section_bytes,
+                                            secure_views=attributes.secure_views,
+                                            flow=control.FlowSpec.of(local_flow, kinds_mask(attributes.handle_kinds)),
+                                            quick_slots=attributes.quick_slots if quick else 0,
+                                            quick_slot_size=attributes.quick_slot_size if quick else 0)
+            try:
+                stream.send(control_frame(reply, n_fds=len(ring_fds)), ring_fds, deadline=deadline_after(timeout))
+            except (ConnectionClosed, Timeout):
+                raise PeerGone(f"client pid {self.client.pid} went away before the accept") from None
+            finally:
+                # The client holds its own copy now (the rings stay mapped on our side).
+                close_fds(ring_fds)
+            sections = ConnectionSections.build(
+                inline_threshold=attributes.inline_threshold,
+                send_quota=min(attributes.max_section_bytes, max(self._client_max_sections, 0)),
+                recv_quota=attributes.max_section_bytes, max_length=attributes.max_message_length,
+                section_size=attributes.section_size, backend=attributes.section_backend,
+                allow_unsealed=attributes.allow_unsealed_sections, secure=attributes.secure_views,
+                budget=self._port._section_budget, direct_memory=attributes.direct_memory,
+            )
+            policy = ConnectionPolicy(local=local_flow, peer=self._peer_flow, accept_kinds=attributes.accept_kinds(),
+                                      peer_kinds=self._peer_kinds,
+                                      refuse_identity_change=attributes.refuse_identity_change)
+            channel = Channel(self.client, send_limit=self._client_max_message,
+                              recv_limit=attributes.max_message_length, local_pid=os.getpid(), sections=sections,
+                              policy=policy)
+            self._port._stats.connects_accepted += 1
+            return stream, channel, pidfd, quick
+        except BaseException:
+            # Whatever failed (a send error other than the peer going, building the
+            # channel), nobody else will close what this request took.
             if quick is not None:
                 quick.close()
             stream.close()
             close_fds([pidfd] if pidfd is not None else [])
-            raise PeerGone(f"client pid {self.client.pid} went away before the accept") from None
-        finally:
-            # The client holds its own copy now (the rings stay mapped on our side).
-            close_fds(ring_fds)
-        sections = ConnectionSections.build(
-            inline_threshold=attributes.inline_threshold,
-            send_quota=min(attributes.max_section_bytes, max(self._client_max_sections, 0)),
-            recv_quota=attributes.max_section_bytes, max_length=attributes.max_message_length,
-            section_size=attributes.section_size, backend=attributes.section_backend,
-            allow_unsealed=attributes.allow_unsealed_sections, secure=attributes.secure_views,
-            budget=self._port._section_budget, direct_memory=attributes.direct_memory,
-        )
-        policy = ConnectionPolicy(local=local_flow, peer=self._peer_flow, accept_kinds=attributes.accept_kinds(),
-                                  peer_kinds=self._peer_kinds,
-                                  refuse_identity_change=attributes.refuse_identity_change)
-        channel = Channel(self.client, send_limit=self._client_max_message,
-                          recv_limit=attributes.max_message_length, local_pid=os.getpid(), sections=sections,
-                          policy=policy)
-        self._port._stats.connects_accepted += 1
-        return stream, channel, pidfd, quick
+            raise
 
     def reject(self, reason: str = "rejected") -> None:
         """Refuse: the client's connect() raises ConnectionRejected carrying ``reason``."""

@@ -7,6 +7,11 @@ a server whose requests name an operation on the request's grant:
 - ``read-at:OFFSET:N`` reads N bytes at OFFSET and answers them.
 
 It answers ``ok:<direct>:<hex>`` or ``error:<ExceptionType>``.
+
+``python tests/grant_peers.py flood-server NAME --runtime-dir DIR --kind read|write --count N``:
+accepts one client, takes its granted request, then writes N raw GRANT_READ (range [0, +16)) or
+inline GRANT_WRITE (16 bytes 0xEE at [0, +16)) frames for it back to back, without waiting for
+any answer, then a datagram ``done`` and the reply ``bye``; says ``FLOODED``.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import os
 import sys
 
 import alpc
+from alpc.wire import Attributes, MessageType, Range, encode_attributes
 
 
 def say(*parts: object) -> None:
@@ -68,16 +74,43 @@ def fork_grant(args: argparse.Namespace) -> None:
     comm.close()
 
 
+def flood_server(args: argparse.Namespace) -> None:
+    config = alpc.Config.from_env(args.runtime_dir)
+    with alpc.create_port(args.name, alpc.PortAttributes(direct_memory=False), config=config) as port:
+        say("READY", os.getpid())
+        comm = port.listen(timeout=30).accept()
+        request = comm.receive(timeout=30)
+        assert request.type is MessageType.REQUEST and request.grant is not None, request
+        channel = comm._core.channel
+        attrs = encode_attributes(Attributes(range=Range(0, 16)))
+        if args.kind == "read":
+            frames = channel._frame(MessageType.GRANT_READ, b"", callback_id=request.id, attrs=attrs)
+        else:
+            frames = channel._frame(MessageType.GRANT_WRITE, b"\xee" * 16, callback_id=request.id, attrs=attrs)
+        # One buffer for the lot; the client reads it as it comes.
+        comm._stream.send([b"".join(frames) * args.count], deadline=None)
+        comm.send(b"done", timeout=30)
+        comm.reply(request, b"bye", timeout=30)
+        say("FLOODED")
+        try:
+            while True:
+                event = comm.receive(timeout=30)
+                if event.type in (MessageType.PORT_CLOSED, MessageType.CLIENT_DIED):
+                    break
+        except alpc.ConnectionClosed:
+            pass
+        comm.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("role", choices=["grant-server", "fork-grant"])
+    parser.add_argument("role", choices=["grant-server", "fork-grant", "flood-server"])
     parser.add_argument("name")
     parser.add_argument("--runtime-dir", required=True)
+    parser.add_argument("--kind", choices=["read", "write"], default="read")
+    parser.add_argument("--count", type=int, default=1)
     args = parser.parse_args()
-    if args.role == "grant-server":
-        grant_server(args)
-    else:
-        fork_grant(args)
+    {"grant-server": grant_server, "fork-grant": fork_grant, "flood-server": flood_server}[args.role](args)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import threading
 import time
@@ -12,6 +13,9 @@ from typing import Any
 import pytest
 
 import alpc
+from alpc import qlpc, transport
+from alpc import server as server_module
+from alpc.section import ConnectionSections
 from alpc.wire import MessageType
 
 NOTICE_DEADLINE = 0.1  # the bound for death and close notices
@@ -478,3 +482,71 @@ def test_server_close_reaches_clients(broker: alpc.Broker, config: alpc.Config, 
     comm.receive(timeout=5)  # the request arrived; now close instead of replying
     port.close()
     assert client.expect("ERROR") == ["PeerGone"]
+
+
+# -- an accept that fails after taking the request leaks nothing --------------------------------
+
+
+def _open_fds() -> dict[int, str]:
+    found = {}
+    for entry in os.listdir("/proc/self/fd"):
+        try:
+            found[int(entry)] = os.readlink(f"/proc/self/fd/{entry}")
+        except OSError:
+            continue
+    return found
+
+
+def _failed_accept(spawn, config: alpc.Config, name: str, monkeypatch, where: str) -> None:  # type: ignore[no-untyped-def]
+    offered: list[object] = []
+    closed: list[object] = []
+    real_offer = qlpc.offer
+
+    def offer(*args, **kwargs):  # type: ignore[no-untyped-def]
+        quick, fd = real_offer(*args, **kwargs)
+        real_close = quick.close
+
+        def close() -> None:
+            closed.append(quick)
+            real_close()
+
+        quick.close = close  # type: ignore[method-assign]
+        offered.append(quick)
+        return quick, fd
+
+    monkeypatch.setattr(server_module.qlpc, "offer", offer)
+    with alpc.create_port(name, alpc.PortAttributes(quick_lpc=True), config=config) as port:
+        client = spawn("client", name)
+        request = port.listen(timeout=10)
+        before = _open_fds()
+        # What the request holds (the in-process broker holds fds of its own on the same
+        # client until the client goes, so the whole table is not compared).
+        taken = {request._stream.fileno(): "stream", request._pidfd: "pidfd"}
+        if where == "send":
+            def send(self, buffers, fds=(), deadline=None):  # type: ignore[no-untyped-def]
+                raise OSError(errno.ENOBUFS, os.strerror(errno.ENOBUFS))
+            monkeypatch.setattr(transport.Stream, "send", send)
+        else:
+            def build(cls, **kwargs):  # type: ignore[no-untyped-def]
+                raise MemoryError("no memory for the connection's sections")
+            monkeypatch.setattr(ConnectionSections, "build", classmethod(build))
+        with pytest.raises((OSError, MemoryError)):
+            request.accept(timeout=10)
+        monkeypatch.undo()
+        now = _open_fds()
+        left = {what: now[fd] for fd, what in taken.items() if fd is not None and now.get(fd) == before[fd]}
+        assert not left, f"a failed accept left fds open: {left}"
+        assert offered == closed, "a failed accept left its Quick-LPC rings mapped"
+        client.kill()
+
+
+@pytest.mark.timeout(60)
+def test_an_accept_whose_reply_fails_to_send_closes_its_stream_pidfd_and_rings(  # type: ignore[no-untyped-def]
+        broker, config, spawn, monkeypatch) -> None:
+    _failed_accept(spawn, config, "svc.badaccept.s", monkeypatch, "send")
+
+
+@pytest.mark.timeout(60)
+def test_an_accept_whose_sections_fail_to_build_closes_its_stream_pidfd_and_rings(  # type: ignore[no-untyped-def]
+        broker, config, spawn, monkeypatch) -> None:
+    _failed_accept(spawn, config, "svc.badaccept.b", monkeypatch, "build")

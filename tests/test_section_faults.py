@@ -11,6 +11,7 @@ import fcntl
 import os
 import secrets
 import sys
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -324,3 +325,48 @@ def test_retirements_of_a_section_message_that_was_not_written_still_reach_the_p
     finally:
         client.release_resources()
         server.release_resources()
+
+
+# -- a hostile server's fallback operations cannot pile up on the client ----------------------
+
+FLOOD = 20_000
+
+
+def _flood(spawn, runtime_dir: Path, config: alpc.Config, name: str, kind: str):  # type: ignore[no-untyped-def]
+    server = spawn.argv([sys.executable, str(GRANT_PEERS), "flood-server", name, "--runtime-dir", str(runtime_dir),
+                         "--kind", kind, "--count", str(FLOOD)])
+    server.expect("READY")
+    comm = alpc.connect(name, config=config, timeout=10)
+    buffer = bytearray(b"\x11" * 64)
+    pending = comm.start_request(b"go", grant=alpc.MemoryGrant(buffer, read=True, write=True), timeout=10)
+    # The datagram was written after every grant frame: once it is here, all of them were filed.
+    tracemalloc.start()
+    try:
+        done = comm.receive(timeout=30)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert done.data == b"done"
+    queued = int(pending.id in comm._core._grant_reads)  # a GRANT_READ waiting for its answer
+    return server, comm, pending, buffer, queued, peak
+
+
+@pytest.mark.timeout(60)
+def test_a_server_flooding_grant_reads_cannot_grow_the_clients_queue(broker, config, spawn, runtime_dir) -> None:  # type: ignore[no-untyped-def]
+    server, comm, _, _, queued, peak = _flood(spawn, runtime_dir, config, "svc.flood.r", "read")
+    server.expect("FLOODED")
+    with comm:
+        # An honest server has at most one fallback read per request waiting for its answer.
+        assert queued <= 1, (f"{queued} GRANT_READ operations of {FLOOD} sent are queued on the client "
+                             f"(peak {peak} bytes traced while reading them)")
+
+
+@pytest.mark.timeout(60)
+def test_a_server_flooding_grant_writes_cannot_grow_the_clients_queue(broker, config, spawn, runtime_dir) -> None:  # type: ignore[no-untyped-def]
+    server, comm, pending, buffer, queued, peak = _flood(spawn, runtime_dir, config, "svc.flood.w", "write")
+    server.expect("FLOODED")
+    with comm:
+        assert queued <= 1, (f"{queued} GRANT_WRITE operations of {FLOOD} sent are queued on the client "
+                             f"(peak {peak} bytes traced while reading them)")
+        assert pending.result(timeout=30).data == b"bye"
+        assert buffer[:16] == b"\xee" * 16 and buffer[16:] == b"\x11" * 48  # the writes landed, in the grant
