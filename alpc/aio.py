@@ -340,6 +340,10 @@ class AsyncCommunicationPort:
             if isinstance(data, SectionView) or size > core.inline_threshold:
                 await self._send_section(MessageType.REPLY, data, deadline, secure, callback_id=message.id, fds=fds)
             else:
+                if fds and self._unsent:
+                    await self._drain(deadline)  # before the reply is built (and R answered): see _write
+                    if not core.wants_reply(message):
+                        return
                 await self._write(core.reply(message, owned_body(data), fds), deadline, fds)
         except Timeout as exc:
             if not self._is_server:
@@ -459,11 +463,12 @@ class AsyncCommunicationPort:
         """
         core = self._core
         core.check_open()
-        if core.owed:
-            owed, _ = core.take_owed()
-            frames = owed + frames
         if fds and self._unsent:
             await self._drain(deadline)  # fds ride with the first byte of their own sendmsg
+        if core.owed:
+            # Taken after the last await: a cancel cannot drop them (their token is not kept).
+            owed, _ = core.take_owed()
+            frames = owed + frames
         if not self._unsent:
             try:
                 written = self._stream.try_send(frames, fds or ())

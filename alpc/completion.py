@@ -80,6 +80,8 @@ class CompletionPort:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._tasks: dict[tuple[Any, int], concurrent.futures.Future[Any]] = {}
+        # The running handler tasks, by (port, message id); used on the loop thread only.
+        self._handler_tasks: dict[tuple[Any, int], asyncio.Task[Any]] = {}
         self.handled = 0
 
     # -- the loop ------------------------------------------------------------------
@@ -243,11 +245,15 @@ class CompletionPort:
         self._slots = threading.BoundedSemaphore(self.max_workers)
 
     def _submit_task(self, message: Message) -> None:
-        assert self._loop is not None
-        # A bounded number of tasks: the loop thread waits here while all are busy.
+        # A bounded number of tasks: the dispatching thread waits here while all are busy.
         while not self._slots.acquire(timeout=_TICK):
             if self._stopping.is_set():
                 return
+        self._start_task(message)
+
+    def _start_task(self, message: Message) -> None:
+        """Run ``message``'s handler as a task, in a slot the caller holds (released by _task_done)."""
+        assert self._loop is not None
         future = asyncio.run_coroutine_threadsafe(self._run_async(message), self._loop)
         key = (message.port, message.id)
         if message.type is MessageType.REQUEST:
@@ -258,6 +264,11 @@ class CompletionPort:
     async def _run_async(self, message: Message) -> None:
         if message.cancelled:
             return
+        # The task itself is what a cancel cancels (_cancel_task): its slot stays taken
+        # until the handler has really returned.
+        key = (message.port, message.id)
+        if message.type is MessageType.REQUEST:
+            self._handler_tasks[key] = asyncio.current_task()  # type: ignore[assignment]
         # Replies are written from the loop thread; the blocking port is thread-safe.
         try:
             result = await self.handler(message)  # type: ignore[misc]
@@ -267,25 +278,39 @@ class CompletionPort:
         except Exception:
             log.exception("handler failed on %r", message)
             self._answer(message, b"")
+        finally:
+            self._handler_tasks.pop(key, None)
 
     def _task_done(self, key: tuple[Any, int], message: Message) -> None:
         with self._lock:
             self._tasks.pop(key, None)
-        self._slots.release()
         self.handled += 1
         following = self._next_for(message)
-        if following is not None:
-            self._submit_task(following)
+        if following is not None and not self._stopping.is_set():
+            # The client's next message takes this slot over: this may be the loop
+            # thread, which must never wait for a slot (only its own tasks free one).
+            self._start_task(following)
+        else:
+            self._slots.release()
 
     def _cancelled(self, messages: list[Message]) -> None:
         """The client cancelled these (their ``cancelled`` flag is set): stop their tasks."""
-        if not self._async:
+        loop = self._loop
+        if not self._async or loop is None:
             return
         for message in messages:
-            with self._lock:
-                future = self._tasks.pop((message.port, message.id), None)
-            if future is not None:
-                future.cancel()
+            # Not the concurrent future: cancelling it would complete it (and free the
+            # slot, and start the client's next message) while the handler still runs.
+            try:
+                loop.call_soon_threadsafe(self._cancel_task, (message.port, message.id))
+            except RuntimeError:
+                return  # the loop is closed: serve() has returned
+
+    def _cancel_task(self, key: tuple[Any, int]) -> None:
+        """On the loop: cancel the handler's task (one not started yet sees message.cancelled)."""
+        task = self._handler_tasks.get(key)
+        if task is not None:
+            task.cancel()
 
     # -- figures and shutdown --------------------------------------------------------------
 
