@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from async_steps import in_thread, until
 
 import alpc
 from alpc import aio
@@ -31,19 +32,6 @@ def peer(spawn, runtime_dir: Path):  # type: ignore[no-untyped-def]
     return start
 
 
-async def _in_thread(fn, *args):  # type: ignore[no-untyped-def]
-    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
-
-
-async def _until(predicate, what: str, spins: int = 10_000) -> None:  # type: ignore[no-untyped-def]
-    """Let the loop run until ``predicate()`` holds (no sleeps: one loop turn per spin)."""
-    for _ in range(spins):
-        if predicate():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError(f"never happened: {what}")
-
-
 # -- a section send cancelled while its frame waits in the write queue -------------------
 
 
@@ -59,14 +47,14 @@ def test_cancelled_section_send_whose_frame_is_queued_is_delivered_intact(broker
     async def main() -> tuple[list[list[str]], bytes | BaseException]:
         comm = await aio.connect("fault.section", config=config, timeout=10)
         try:
-            await _in_thread(server.expect, "ACCEPTED")
+            await in_thread(server.expect, "ACCEPTED")
             # A small send buffer, so the write of the queued batch below stays partial
             # while the server does not read (it waits for "read").
             comm._stream._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
             for _ in range(100):
                 await comm.send(b"s" * 200, flush=False)  # 20 KB owed: rides with the next write
             first = asyncio.create_task(comm.send(b"A" * 100_000, timeout=10))
-            await _until(lambda: bool(comm._unsent), "the write of A to be queued")
+            await until(lambda: bool(comm._unsent), "the write of A to be queued")
             assert not first.done()
             first.cancel()
             with pytest.raises(asyncio.CancelledError):
@@ -77,13 +65,13 @@ def test_cancelled_section_send_whose_frame_is_queued_is_delivered_intact(broker
             assert not second.done()  # it waits behind the queued bytes
             server.send("read")
             await asyncio.wait_for(second, 10)
-            seen = [await _in_thread(server.expect, "BIG")]
+            seen = [await in_thread(server.expect, "BIG")]
             try:
                 answer: bytes | BaseException = (await comm.request(b"ping", timeout=10)).data
             except alpc.ConnectionClosed as exc:
                 answer = exc
             if seen[0][0] == "A":
-                seen.append(await _in_thread(server.expect, "BIG"))
+                seen.append(await in_thread(server.expect, "BIG"))
             return seen, answer
         finally:
             await comm.close()
@@ -102,16 +90,16 @@ def test_control_uncancelled_section_send_behind_a_partial_write(broker, config,
     async def main() -> list[list[str]]:
         comm = await aio.connect("fault.section2", config=config, timeout=10)
         try:
-            await _in_thread(server.expect, "ACCEPTED")
+            await in_thread(server.expect, "ACCEPTED")
             comm._stream._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
             for _ in range(100):
                 await comm.send(b"s" * 200, flush=False)
             first = asyncio.create_task(comm.send(b"A" * 100_000, timeout=10))
-            await _until(lambda: bool(comm._unsent), "the write of A to be queued")
+            await until(lambda: bool(comm._unsent), "the write of A to be queued")
             server.send("read")
             await asyncio.wait_for(first, 10)
             await comm.send(b"B" * 100_000, timeout=10)
-            return [await _in_thread(server.expect, "BIG"), await _in_thread(server.expect, "BIG")]
+            return [await in_thread(server.expect, "BIG"), await in_thread(server.expect, "BIG")]
         finally:
             await comm.close()
 
@@ -133,12 +121,12 @@ def test_cancelled_aio_connect_leaves_no_connection_behind(broker, config, peer)
 
     async def main() -> None:
         task = asyncio.create_task(aio.connect("fault.connect", config=config, timeout=10))
-        await _in_thread(server.expect, "REQUEST")
+        await in_thread(server.expect, "REQUEST")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
         server.send("accept")
-        await _in_thread(server.expect, "ACCEPTED")
+        await in_thread(server.expect, "ACCEPTED")
         # Let the executor finish the handshake the cancelled call started.
         await asyncio.get_running_loop().shutdown_default_executor()
 
@@ -273,20 +261,20 @@ def test_request_cancelled_while_queued_is_cancelled_at_the_server(broker, confi
     async def main() -> None:
         comm = await aio.connect("fault.reqcancel", config=config, timeout=10)
         try:
-            await _in_thread(server.expect, "ACCEPTED")
+            await in_thread(server.expect, "ACCEPTED")
             comm._stream._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
             for _ in range(100):
                 await comm.send(b"s" * 200, flush=False)  # 20 KB owed: rides with the request
             task = asyncio.create_task(comm.request(b"slow", timeout=10))
-            await _until(lambda: bool(comm._unsent), "the request's write to be queued")
+            await until(lambda: bool(comm._unsent), "the request's write to be queued")
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
             server.send("read")
             assert (await comm.request(b"ping", timeout=15)).data == b"PING"
-            first = await _in_thread(server.expect, "REQ")
+            first = await in_thread(server.expect, "REQ")
             if first[0] == "s":  # handed out before the CANCEL was read: the handler must see it
-                verdict = await _in_thread(server.expect, "")
+                verdict = await in_thread(server.expect, "")
                 assert verdict == ["SAW_CANCEL"], verdict
             else:  # dropped by the server's runtime before dispatch, as README promises
                 assert first[0] == "p", first

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from async_steps import in_thread, until
 
 import alpc
 from alpc import aio
@@ -137,7 +138,7 @@ def finish(*peers: Any) -> None:
         peer.proc.wait(10)
 
 
-# -- suspicion 1: the loop thread blocks for a slot the dispatcher took -------------------
+# -- the loop thread never waits for a slot the dispatcher took ---------------------------
 
 
 def test_async_pool_serves_the_queued_message_when_the_dispatcher_takes_the_freed_slot(broker, config, client) -> None:  # type: ignore[no-untyped-def]
@@ -187,7 +188,7 @@ def test_async_pool_serves_the_queued_message_when_the_dispatcher_takes_the_free
         got, f"loop thread blocked on a slot: {loop_blocked}")
 
 
-# -- suspicion 2: a cancel frees the slot while the cancelled task still runs ----------------
+# -- a cancelled handler keeps its slot until it has returned -------------------------------
 
 
 def _cancel_aware_handler(record: dict[str, Any]):  # type: ignore[no-untyped-def]
@@ -228,6 +229,23 @@ def _cancel_aware_handler(record: dict[str, Any]):  # type: ignore[no-untyped-de
     return handle
 
 
+def _cancel_the_first_of_two(a: Any, running: threading.Event, completion: Instrumented,
+                             wait_seconds: int) -> list[str]:
+    """Client ``a`` starts A1, then A2 (queued behind it: ordered), cancels A1 and waits for A2."""
+    a.send("start A1")
+    a.expect("STARTED")
+    wait_event(running, "A1 running")
+    a.send("start A2")
+    a.expect("STARTED")
+    wait_event(completion.event("dispatched A2"), "A2 queued behind A1")
+    a.send("cancel A1")
+    assert a.expect("CANCEL") == ["A1", "True"]
+    a.send(f"wait A2 {wait_seconds}")
+    reply: list[str] = a.expect("")
+    finish(a)
+    return reply
+
+
 def test_async_pool_cancel_keeps_one_handler_per_client_when_ordered(broker, config, client) -> None:  # type: ignore[no-untyped-def]
     """ordered=True: client A cancels A1 while A2 waits behind it. The cancel cancels the
     concurrent future, whose done-callback (_task_done) starts A2 at once, while A1's task
@@ -238,18 +256,7 @@ def test_async_pool_cancel_keeps_one_handler_per_client_when_ordered(broker, con
     with alpc.create_port("cp.order", config=config) as port:
         completion = Instrumented(port, handle, max_workers=2, ordered=True)
         with serving(completion):
-            a = client("client", "cp.order")
-            a.send("start A1")
-            a.expect("STARTED")
-            wait_event(record["running"], "A1 running")
-            a.send("start A2")
-            a.expect("STARTED")
-            wait_event(completion.event("dispatched A2"), "A2 queued behind A1")
-            a.send("cancel A1")
-            assert a.expect("CANCEL") == ["A1", "True"]
-            a.send("wait A2 10")
-            reply = a.expect("")
-            finish(a)
+            reply = _cancel_the_first_of_two(client("client", "cp.order"), record["running"], completion, 10)
     assert reply == ["REPLY", "A2", "a2"], reply
     assert record["overlaps"] == [], f"handlers running at once (started, still running): {record['overlaps']}"
 
@@ -313,36 +320,13 @@ def test_sync_pool_cancel_keeps_one_handler_per_client_when_ordered(broker, conf
     with alpc.create_port("cp.sync", config=config) as port:
         completion = Instrumented(port, handle, max_workers=2, ordered=True)
         with serving(completion):
-            a = client("client", "cp.sync")
-            a.send("start A1")
-            a.expect("STARTED")
-            wait_event(running, "A1 running")
-            a.send("start A2")
-            a.expect("STARTED")
-            wait_event(completion.event("dispatched A2"), "A2 queued behind A1")
-            a.send("cancel A1")
-            assert a.expect("CANCEL") == ["A1", "True"]
-            a.send("wait A2 15")
-            reply = a.expect("")
-            finish(a)
+            reply = _cancel_the_first_of_two(client("client", "cp.sync"), running, completion, 15)
     assert reply == ["REPLY", "A2", "a2"], reply
     assert saw_cancel == [True]
     assert overlaps == [], overlaps
 
 
-# -- suspicion 3: aio._write takes what is owed, then awaits --------------------------------
-
-
-async def _in_thread(fn, *args):  # type: ignore[no-untyped-def]
-    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
-
-
-async def _until(predicate, what: str, spins: int = 10_000) -> None:  # type: ignore[no-untyped-def]
-    for _ in range(spins):
-        if predicate():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError(f"never happened: {what}")
+# -- a reply with fds cancelled behind queued bytes loses nothing ---------------------------
 
 
 def _cancelled_reply_behind_a_queue(config: alpc.Config, client: Any, name: str, with_fds: bool,
@@ -358,15 +342,15 @@ def _cancelled_reply_behind_a_queue(config: alpc.Config, client: Any, name: str,
             peer = client("lazy", name, "--quiet", "2", ready=False)
             comm = await (await port.listen(timeout=10)).accept()
             try:
-                await _in_thread(peer.expect, "READY")
-                await _in_thread(peer.expect, "SENT")
+                await in_thread(peer.expect, "READY")
+                await in_thread(peer.expect, "SENT")
                 request = await comm.receive(timeout=10)
                 assert request.type is MessageType.REQUEST and request.data == b"R"
                 comm._stream._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
                 for _ in range(100):
                     await comm.send(b"s" * 200, flush=False)  # 20 KB, more than the socket takes
                 filling = asyncio.create_task(comm.flush(timeout=20))
-                await _until(lambda: bool(comm._unsent), "the write queue to hold bytes")
+                await until(lambda: bool(comm._unsent), "the write queue to hold bytes")
                 await comm.send(b"Q", flush=False)  # owed: rides with the next write
                 assert comm._core.owed
                 r, w = os.pipe()
@@ -397,7 +381,7 @@ def _cancelled_reply_behind_a_queue(config: alpc.Config, client: Any, name: str,
                 peer.send("read")
                 lines: list[str] = []
                 while True:
-                    words = await _in_thread(peer.expect, "")
+                    words = await in_thread(peer.expect, "")
                     if words[0] == "DGRAM":
                         lines.append(words[1])
                         if words[1] == "END":
@@ -405,7 +389,7 @@ def _cancelled_reply_behind_a_queue(config: alpc.Config, client: Any, name: str,
                     elif words[0] in ("QUIET", "GONE", "OTHER"):
                         lines.append(" ".join(words))
                         break
-                answer = await _in_thread(peer.expect, "")
+                answer = await in_thread(peer.expect, "")
                 await asyncio.wait_for(filling, 20)
                 await asyncio.wait_for(tailing, 20)
                 if second is not None:
@@ -414,7 +398,7 @@ def _cancelled_reply_behind_a_queue(config: alpc.Config, client: Any, name: str,
                         again = "sent"
                     except Exception as exc:  # the outcome is the evidence
                         again = exc
-                await _in_thread(peer.expect, "DONE")
+                await in_thread(peer.expect, "DONE")
                 peer.send("quit")
                 return lines, answer, again
             finally:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import mmap
 import os
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -14,74 +13,27 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import pytest
+from qlpc_harness import (
+    CLIENT_SIDE,
+    ENTRY,
+    ID_BIT,
+    REQUEST,
+    SERVER_SIDE,
+    STATE,
+    TAIL,
+    Pair,
+    deadline,
+    make_pair,
+    native,
+)
 
 import alpc
-from alpc import _native, qlpc
-from alpc._native import Q_CLOSED, Q_TIMEOUT, QuickRing, quick_region_size
-from alpc.section import Section
+from alpc import qlpc
+from alpc._native import Q_CLOSED, quick_region_size
 
-native = pytest.mark.skipif(_native.QUICK_UNAVAILABLE is not None, reason=str(_native.QUICK_UNAVAILABLE))
-
-ID_BIT = 0x40000000
-SERVER_SIDE, CLIENT_SIDE = 128, 256
-SEQ, TAIL, HEAD, STATE = 0, 4, 8, 12
 ST_FUTEX = 2
-ENTRY = struct.Struct("<IIIIIIQ")
-REQUEST, REPLY = 1, 2
-
-
-@dataclass
-class Pair:
-    server: QuickRing
-    client: QuickRing
-    region: mmap.mmap
-    slots: int
-    slot_size: int
-    server_sock: socket.socket
-    client_sock: socket.socket
-    fd: int
-
-    def server_slot(self, index: int) -> int:
-        return 512 + (index % self.slots) * self.slot_size
-
-    def client_slot(self, index: int) -> int:
-        return 512 + self.slots * self.slot_size + (index % self.slots) * self.slot_size
-
-    def word(self, side: int, field: int) -> int:
-        value: int = struct.unpack_from("<I", self.region, side + field)[0]
-        return value
-
-    def set_word(self, side: int, field: int, value: int) -> None:
-        struct.pack_into("<I", self.region, side + field, value & 0xFFFFFFFF)
-
-
-@contextmanager
-def make_pair(slots: int, slot_size: int, spin_us: int = 0) -> Iterator[Pair]:
-    size = quick_region_size(slots, slot_size)
-    section = Section.create(size, backend="memfd", shared_writable=True)
-    server_sock, client_sock = socket.socketpair()
-    server = client = None
-    try:
-        server = QuickRing(section.fd, size, slots, slot_size, server=True, sock_fd=server_sock.fileno(),
-                           pidfd=None, spin_ns=spin_us * 1000)
-        client = QuickRing(section.fd, size, slots, slot_size, server=False, sock_fd=client_sock.fileno(),
-                           pidfd=None, spin_ns=spin_us * 1000)
-        region = mmap.mmap(section.fd, size)
-        assert server.reply_wait(0, b"", 0, 0) == Q_TIMEOUT
-        try:
-            yield Pair(server, client, region, slots, slot_size, server_sock, client_sock, section.fd)
-        finally:
-            region.close()
-    finally:
-        for ring in (server, client):
-            if ring is not None:
-                ring.close()
-        section.close()
-        server_sock.close()
-        client_sock.close()
 
 
 def in_thread(target, *args):  # type: ignore[no-untyped-def]
@@ -97,10 +49,6 @@ def in_thread(target, *args):  # type: ignore[no-untyped-def]
     thread.start()
     thread.result = result  # type: ignore[attr-defined]
     return thread
-
-
-def deadline(seconds: float) -> int:
-    return time.monotonic_ns() + int(seconds * 1e9)
 
 
 def until(condition, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]

@@ -7,22 +7,33 @@ test_qlpc.py does the same across real processes.
 
 from __future__ import annotations
 
-import mmap
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from qlpc_harness import (
+    CLIENT_SIDE,
+    ENTRY,
+    HEAD,
+    ID_BIT,
+    REPLY,
+    REQUEST,
+    SERVER_SIDE,
+    STATE,
+    TAIL,
+    Pair,
+    deadline,
+    make_pair,
+    native,
+)
 
 from alpc import _native
 from alpc._native import (
@@ -46,14 +57,6 @@ from alpc._native import (
 from alpc.errors import ProtocolError
 from alpc.section import Section
 
-native = pytest.mark.skipif(_native.QUICK_UNAVAILABLE is not None, reason=str(_native.QUICK_UNAVAILABLE))
-
-ID_BIT = 0x40000000
-SERVER_SIDE, CLIENT_SIDE = 128, 256
-TAIL, HEAD, STATE = 4, 8, 12
-ENTRY = struct.Struct("<IIIIIIQ")
-REQUEST, REPLY = 1, 2
-
 
 def test_region_size_twin_agrees_with_c() -> None:
     for slots in (0, 1, 2, 3, 8, 1024, 2048):
@@ -72,68 +75,10 @@ def test_pure_mode_reports_quick_lpc_unavailable() -> None:
         assert _native.QUICK_UNAVAILABLE is None
 
 
-@dataclass
-class Pair:
-    server: QuickRing
-    client: QuickRing
-    region: mmap.mmap
-    slots: int
-    slot_size: int
-    server_sock: socket.socket
-    client_sock: socket.socket
-
-    def client_slot(self, index: int) -> int:
-        return 512 + self.slots * self.slot_size + (index % self.slots) * self.slot_size
-
-    def server_slot(self, index: int) -> int:
-        return 512 + (index % self.slots) * self.slot_size
-
-    def word(self, side: int, field: int) -> int:
-        value: int = struct.unpack_from("<I", self.region, side + field)[0]
-        return value
-
-    def set_word(self, side: int, field: int, value: int) -> None:
-        struct.pack_into("<I", self.region, side + field, value & 0xFFFFFFFF)
-
-    def publish_request(self, kind: int = REQUEST, length: int = 4, message_id: int = ID_BIT | 1,
-                        callback_id: int = 0, reserved: int = 0) -> None:
-        """Write an entry into the client's ring the way a (possibly lying) client would."""
-        tail = self.word(CLIENT_SIDE, TAIL)
-        ENTRY.pack_into(self.region, self.client_slot(tail), kind, length, message_id, callback_id, 0, reserved, 0)
-        self.set_word(CLIENT_SIDE, TAIL, tail + 1)
-
-
 @pytest.fixture
 def pair() -> Iterator[Pair]:
     with make_pair(slots=4, slot_size=128) as made:
         yield made
-
-
-@contextmanager
-def make_pair(slots: int, slot_size: int, spin_us: int = 0) -> Iterator[Pair]:
-    size = quick_region_size(slots, slot_size)
-    section = Section.create(size, backend="memfd", shared_writable=True)
-    server_sock, client_sock = socket.socketpair()
-    server = client = None
-    try:
-        server = QuickRing(section.fd, size, slots, slot_size, server=True, sock_fd=server_sock.fileno(),
-                           pidfd=None, spin_ns=spin_us * 1000)
-        client = QuickRing(section.fd, size, slots, slot_size, server=False, sock_fd=client_sock.fileno(),
-                           pidfd=None, spin_ns=spin_us * 1000)
-        region = mmap.mmap(section.fd, size)
-        # A server starts out waiting in poll() (doorbell wanted); one look in C ends that.
-        assert server.reply_wait(0, b"", 0, 0) == Q_TIMEOUT
-        try:
-            yield Pair(server, client, region, slots, slot_size, server_sock, client_sock)
-        finally:
-            region.close()
-    finally:
-        for ring in (server, client):
-            if ring is not None:
-                ring.close()
-        section.close()
-        server_sock.close()
-        client_sock.close()
 
 
 def in_thread(target, *args):  # type: ignore[no-untyped-def]
@@ -159,10 +104,6 @@ def in_thread(target, *args):  # type: ignore[no-untyped-def]
 
     join.thread = thread  # type: ignore[attr-defined]
     return join
-
-
-def deadline(seconds: float) -> int:
-    return time.monotonic_ns() + int(seconds * 1e9)
 
 
 # -- the protocol ----------------------------------------------------------------------
