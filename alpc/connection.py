@@ -198,7 +198,15 @@ class Connection:
     def request(self, data: Payload, grant: LocalGrant | None = None,
                 deadline: float | None = None, fds: Sequence[int] = ()) -> tuple[int, Frames]:
         self.check_open()
-        return self.channel.request(data, grant, deadline, fds)
+        message_id, frames = self.channel.request(data, grant, deadline, fds)
+        if self._cancelled_ids:
+            self._fresh(message_id)
+        return message_id, frames
+
+    def _fresh(self, message_id: int) -> None:
+        """A new request (or ping) took ``message_id``: the ids came round, so a cancel of an
+        earlier request with that id, never seen by a waiter, is not this one's."""
+        self._cancelled_ids.discard(message_id)
 
     def check_handles(self, fds: Sequence[int]) -> None:
         """HandleNotAllowed for fds the peer would refuse (kind or count), before anything is sent."""
@@ -223,7 +231,10 @@ class Connection:
 
     def ping(self) -> tuple[int, Frames]:
         self.check_open()
-        return self.channel.ping()
+        message_id, frames = self.channel.ping()
+        if self._cancelled_ids:
+            self._fresh(message_id)
+        return message_id, frames
 
     def datagram(self, data: Payload, fds: Sequence[int] = ()) -> Frames:
         self.check_open()
@@ -245,6 +256,15 @@ class Connection:
             return []
         self.check_open()
         return self.channel.reply(message.id, data, fds)
+
+    def reply_unsent(self, message: Message) -> None:
+        """The reply's write sent nothing (a timeout): the request is owed again."""
+        self.channel.reply_unsent(message)
+
+    @property
+    def backlogged(self) -> bool:
+        """Datagrams queued by send(..., flush=False) wait for the next write."""
+        return bool(self._backlog)
 
     @staticmethod
     def wants_reply(message: Message) -> bool:
@@ -326,8 +346,11 @@ class Connection:
                         grant: LocalGrant | None = None, span: Range | None = None,
                         deadline: float | None = None, fds: Sequence[int] = ()) -> tuple[int, Frames, list[int]]:
         self.check_open()
-        return self.channel.section_message(kind, view, as_view=as_view, callback_id=callback_id, grant=grant,
-                                            span=span, deadline=deadline, fds=fds)
+        message_id, frames, passed = self.channel.section_message(
+            kind, view, as_view=as_view, callback_id=callback_id, grant=grant, span=span, deadline=deadline, fds=fds)
+        if kind is _REQUEST and self._cancelled_ids:
+            self._fresh(message_id)
+        return message_id, frames, passed
 
     def section_sent(self, view: SectionView, written: bool) -> None:
         self.channel.section_sent(view, written)

@@ -263,7 +263,10 @@ class CommunicationPort:
         quick = self._quick
         if (quick is not None and size <= quick.payload_max and isinstance(data, (bytes, bytearray, memoryview))
                 and grant is None and not secure and not fds):
-            # Quick-LPC: the ring, unless it cannot take this one now.
+            # Quick-LPC: the ring, unless it cannot take this one now. Datagrams queued
+            # before (send(..., flush=False)) go first: order is kept.
+            if self._core.backlogged:
+                self.flush(timeout)
             self.stats.sent(size)
             reply = quick.request(self, data if type(data) is bytes else bytes(data), deadline)
             if reply is not None:
@@ -561,6 +564,7 @@ class CommunicationPort:
         """
         quick = self._quick
         if (quick is not None and isinstance(data, (bytes, bytearray)) and message.id in quick.ring_requests
+                and not self._core.backlogged
                 and message.type is _REQUEST and not (secure or fds or message.cancelled)
                 and len(data) <= quick.payload_max
                 and quick.reply(self, message.id, data if type(data) is bytes else bytes(data))):
@@ -589,6 +593,9 @@ class CommunicationPort:
                     self._write(frames, deadline, fds)
         except Timeout as exc:
             if not self._is_server:
+                if not self._stream.broken:
+                    with self._state:
+                        core.reply_unsent(message)  # nothing left: the application may answer again
                 raise
             self._reply_timed_out(exc)
         self.stats.replied(message.id, size)
@@ -1211,7 +1218,11 @@ class CommunicationPort:
         """Tell the peer (PORT_CLOSED) and release the connection. Idempotent."""
         core = self._core
         with self._state:
+            # Datagrams queued by send(..., flush=False) go out before the notice.
+            owed = core.take_owed()[0] if core.owed and core.failure is None else []
             notice = core.close()
+        if notice:
+            notice = owed + notice
         if notice and self._send_lock.acquire(timeout=1.0):
             try:
                 self._stream.try_send(notice)

@@ -596,6 +596,18 @@ class Channel:
             self._peer_grants.pop(request_id, None)
             self._grant_reads.pop(request_id, None)
 
+    def reply_unsent(self, message: Message) -> None:
+        """The reply to ``message`` never left (nothing of it was written): it is owed again,
+        so the application, which still holds the request, can answer it."""
+        request_id = message.id
+        if self.closed or request_id in self._unreplied:
+            return
+        self._unreplied[request_id] = message
+        if not request_id & QUICK_ID_BIT:
+            self.flow.reply_unsent(request_id, message._handles.received if message._handles is not None else 0)
+        if isinstance(message.grant, PeerMemory):
+            self._peer_grants[request_id] = message.grant
+
     # -- sending through sections ---------------------------------------------------
 
     def _require_sections(self) -> ConnectionSections:

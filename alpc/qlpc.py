@@ -219,7 +219,10 @@ class QuickLink:
         port_ref = weakref.ref(port)
 
         def call(data: bytes, timeout: float | None = None) -> bytes:
-            if type(data) is bytes and len(data) <= payload_max and take_turn(False):
+            # Datagrams queued by send(..., flush=False) go first: the socket path flushes them.
+            port = port_ref()
+            if (type(data) is bytes and len(data) <= payload_max and not (port is not None and port._core.backlogged)
+                    and take_turn(False)):
                 try:
                     deadline_ns = -1 if timeout is None else _monotonic_ns() + int(timeout * 1e9)
                     status = c_call(data, len(data), deadline_ns)

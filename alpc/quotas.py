@@ -240,6 +240,13 @@ class Flow:
         self._requests_in -= 1
         self._recv_handles -= self._request_handles_in.pop(request_id, 0)
 
+    def reply_unsent(self, request_id: int, handles: int = 0) -> None:
+        """Our reply to ``request_id`` never left (nothing written): the request is owed again."""
+        self._requests_in += 1
+        if handles:
+            self._request_handles_in[request_id] = handles
+            self._recv_handles += handles
+
     def received_datagram(self, handles: int = 0) -> None:
         if self._recv_datagrams >= self.local.max_queued_datagrams:
             raise ProtocolError(f"more than the announced max_queued_datagrams of {self.local.max_queued_datagrams} "
