@@ -153,6 +153,8 @@ class CommunicationPort:
         self._waiters = 0
         self._reading = False
         self._released = False
+        # Ids of PendingRequests dropped unread (noted by their finalizers; the next read forgets them).
+        self._dropped: deque[int] = deque()
         self.stats = core.stats
         stream.watch([peer_pidfd] if peer_pidfd is not None else [])
 
@@ -1122,6 +1124,8 @@ class CommunicationPort:
 
     def _read(self, deadline: float | None, block: bool = True) -> bool:
         """Read once and dispatch; False if nothing arrived before the deadline."""
+        if self._dropped:
+            self._forget_dropped()
         if block and self._core.releases_unannounced():
             self._flush_releases()
         quick = self._quick
@@ -1140,6 +1144,15 @@ class CommunicationPort:
         assert not isinstance(got, bool)
         self._take_read(got)
         return True
+
+    def _forget_dropped(self) -> None:
+        """Requests whose PendingRequest was dropped unread: their replies are dropped (now or as they come)."""
+        core = self._core
+        with self._state:
+            while self._dropped:
+                message_id = self._dropped.popleft()
+                core.abandon(message_id)
+                core.forget_cancelled(message_id)
 
     def _take_read(self, got: ChannelRead) -> None:
         data, fds, sender, truncated = got
@@ -1486,6 +1499,12 @@ class PendingRequest:
     def cancel(self) -> bool:
         """Cancel it (from any thread): False if its reply already came or it was cancelled."""
         return self._port.cancel(self.id)
+
+    def __del__(self) -> None:
+        # Dropped with its reply never taken: the reply must not wait in the port for ever. Only
+        # noted here (a finalizer may run while this thread holds the port's locks).
+        if not self._done:
+            self._port._dropped.append(self.id)
 
     def __repr__(self) -> str:
         return f"<PendingRequest {self.id} on {self._port!r}>"

@@ -123,3 +123,18 @@ def test_a_cancel_nobody_waited_on_does_not_cancel_a_later_request_with_the_same
     finally:
         client.release_resources()
         server.release_resources()
+
+
+@pytest.mark.timeout(30)
+def test_a_pending_request_dropped_unread_leaves_no_reply_behind(broker, config, peer) -> None:  # type: ignore[no-untyped-def]
+    """start_request() whose PendingRequest is dropped without result(): its reply must not sit
+    in the port's reply table for the connection's life (one entry per such request)."""
+    server = peer("log", "edge.dropped")
+    with alpc.connect("edge.dropped", config=config, timeout=10) as comm:
+        pending = comm.start_request(b"r1", timeout=10)
+        dropped = pending.id
+        del pending
+        assert server.expect("MSG") == ["REQ", "r1"]
+        # R1 comes before R2 on the stream: this read passes it.
+        assert comm.request(b"r2", timeout=10).data == b"R2"
+        assert dropped not in comm._core.replies
