@@ -43,6 +43,15 @@ def read_frame(
     SO_PASSPIDFD set) the sender's SCM_PIDFD is appended there, for the caller
     to own, whatever happens.
     """
+    try:
+        return _read_frame(stream, decoder, deadline, what, max_fds, pidfds)
+    except BaseException:
+        decoder.close_fds()  # fds of a frame that never completed: nobody else will close them
+        raise
+
+
+def _read_frame(stream: Stream, decoder: FrameDecoder, deadline: float | None, what: str, max_fds: int,
+                pidfds: list[int] | None) -> tuple[Frame | None, PeerCred | None]:
     cred: PeerCred | None = None
     while True:
         if not wait_readable([stream.fileno()], deadline):

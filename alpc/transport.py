@@ -265,6 +265,9 @@ _PIDFD_SPACE = socket.CMSG_SPACE(_FD_SIZE)
 # Plain ints: socket.MSG_CTRUNC is an IntFlag, and enum arithmetic costs a
 # microsecond or more per message on the read path.
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
+# Received fds close on exec, as the C read (csrc/alpc_native.c) asks too: a peer's fds
+# must not leak into whatever the receiver runs next.
+_MSG_CMSG_CLOEXEC = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0x40000000))
 _SOL_SOCKET = int(socket.SOL_SOCKET)
 _SCM_CREDENTIALS = int(socket.SCM_CREDENTIALS)
 _SCM_RIGHTS = int(socket.SCM_RIGHTS)
@@ -636,10 +639,11 @@ class Stream:
                 if buffer is None:
                     buffer = _scratch.buffer = memoryview(bytearray(RECV_CHUNK))
                 received, ancillary, flags, _ = self._sock.recvmsg_into(
-                    [buffer], _FD_SPACE.get(max_fds) or _fd_space(max_fds))
+                    [buffer], _FD_SPACE.get(max_fds) or _fd_space(max_fds), _MSG_CMSG_CLOEXEC)
                 data = buffer[:received].tobytes()
             else:
-                data, ancillary, flags, _ = self._sock.recvmsg(size, _FD_SPACE.get(max_fds) or _fd_space(max_fds))
+                data, ancillary, flags, _ = self._sock.recvmsg(size, _FD_SPACE.get(max_fds) or _fd_space(max_fds),
+                                                               _MSG_CMSG_CLOEXEC)
         except (BlockingIOError, InterruptedError):
             return None
         except ConnectionResetError:
@@ -664,6 +668,10 @@ class Stream:
             elif kind == _SCM_RIGHTS:
                 usable = len(payload) - len(payload) % _FD_SIZE
                 fds.extend(array.array("i", payload[:usable]))
+            elif kind == SCM_PIDFD:
+                # Never asked for on a channel (as the C read does, close it rather than leak it).
+                usable = len(payload) - len(payload) % _FD_SIZE
+                close_fds(array.array("i", payload[:usable]))
         truncated = len(fds) > max_fds or bool(flags & _MSG_CTRUNC)
         if truncated or not data:
             close_fds(fds)
@@ -685,7 +693,7 @@ class Stream:
         if want_pidfd:
             space += _PIDFD_SPACE
         try:
-            data, ancillary, flags, _ = self._sock.recvmsg(size, space)
+            data, ancillary, flags, _ = self._sock.recvmsg(size, space, _MSG_CMSG_CLOEXEC)
         except (BlockingIOError, InterruptedError):
             return None
         except ConnectionResetError:

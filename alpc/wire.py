@@ -259,8 +259,11 @@ class FrameDecoder:
         On a violation the queued fds are closed and ProtocolError is raised; the
         caller must then drop the channel, as the stream can no longer be trusted.
         """
+        arriving = 0
         if fds:
+            parked = len(self._fds)
             self._fds.extend(fds)
+            arriving = len(self._fds) - parked
         elif not self._chunks and len(data) >= HEADER_SIZE:
             single = self.single(data)
             if single is not None:
@@ -269,6 +272,7 @@ class FrameDecoder:
             self._chunks.append(data)
             self._buffered += len(data)
             if self._buffered < self._need:
+                self._check_parked(arriving, [])
                 return []
             buf = b"".join(self._chunks)
             self._chunks = []
@@ -294,7 +298,21 @@ class FrameDecoder:
         if self._fds and not self._buffered:
             self._abort(frames)
             raise ProtocolError("fds received that no frame announced")
+        self._check_parked(arriving, frames)
         return frames
+
+    def _check_parked(self, arriving: int, frames: list[Frame]) -> None:
+        """Refuse fds parked for a frame still incomplete when newer fds have arrived.
+
+        A read brings the fds of at most one write, and every byte of the writes
+        before it: by the time a write's fds arrive, the frames of every earlier
+        write are complete and have claimed theirs. Older fds still unclaimed
+        mean a peer is parking fds behind a frame it never finishes, which no
+        per-message or in-flight limit would count.
+        """
+        if arriving and len(self._fds) > arriving:
+            self._abort(frames)
+            raise ProtocolError("fds arrived while earlier ones still wait for a frame that never came")
 
     def single(self, data: bytes) -> list[Frame] | None:
         """The common read, exactly one whole frame with no fds, decoded without a scan call.
