@@ -589,6 +589,10 @@ class AsyncCommunicationPort:
         frames, _ = core.outgoing(batch)
         self._post(frames)
         wake = core.route(batch)
+        if wake.inbox:
+            # Before the replies: what the peer sent ahead of a reply (one-way callbacks into
+            # objects passed with the request) is dispatched first, while those objects exist.
+            self._wake_inbox()
         for message_id in wake.ids:
             self._wake_id(message_id)
         if wake.cancelled:
@@ -596,8 +600,6 @@ class AsyncCommunicationPort:
                 task = self._tasks.pop(message.id, None)
                 if task is not None:
                     task.cancel()
-        if wake.inbox:
-            self._wake_inbox()
         if wake.failed:
             self._wake_all()
         self._wake_senders()

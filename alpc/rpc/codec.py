@@ -185,6 +185,7 @@ class Codec:
         inline_threshold: int = INLINE_THRESHOLD,
         export: Exporter | None = None,
         import_object: Importer | None = None,
+        release: Callable[[list[int]], None] | None = None,
     ) -> None:
         if inline_threshold < 0:
             raise ValueError("inline_threshold must be >= 0")
@@ -192,9 +193,14 @@ class Codec:
         self.inline_threshold = inline_threshold
         self._export = export
         self._import = import_object
+        self._release = release  # undoes export() for a call that fails to encode
         self._options = limits.unpack_options()
         self._hook = self._refuse_ext  # bound once, not per message
         self._ext_options = dict(self._options, ext_hook=self._hook)
+        # For the payload of an ext value: it holds plain values only. An ext inside one would
+        # be decoded by a nested unpackb, and a chain of them (a few bytes a level) overflows
+        # the C stack long before Python's recursion limit (SIGSEGV).
+        self._flat_options = dict(self._options, ext_hook=_refuse_nested_ext)
         # msgpack's own limits are the length of its input, so an envelope no
         # longer than every configured limit needs no explicit limits at all.
         self._small = min(limits.max_str_len, limits.max_bin_len, limits.max_array_len,
@@ -224,13 +230,19 @@ class Codec:
                     pass  # the general path below names the problem
         segments = _NO_SEGMENTS
         exported: list[int] = []
-        if args:
-            args, segments = self._lift_all(args, segments, exported)
-        if kwargs:
-            values, segments = self._lift_all(list(kwargs.values()), segments, exported)
-            kwargs = dict(zip(kwargs, values, strict=True))
-        envelope = self._pack([object_id, method, args, kwargs or None, deadline])
-        return self._assemble(Kind.CALL, envelope, segments), exported
+        try:
+            if args:
+                args, segments = self._lift_all(args, segments, exported)
+            if kwargs:
+                values, segments = self._lift_all(list(kwargs.values()), segments, exported)
+                kwargs = dict(zip(kwargs, values, strict=True))
+            envelope = self._pack([object_id, method, args, kwargs or None, deadline])
+            return self._assemble(Kind.CALL, envelope, segments), exported
+        except BaseException:
+            # The call never leaves: the objects exported for it must not outlive it.
+            if exported and self._release is not None:
+                self._release(exported)
+            raise
 
     def encode_result(self, value: Any) -> Payload:
         kind = type(value)
@@ -327,12 +339,14 @@ class Codec:
         """The envelope of a message without segments."""
         if len(data) <= self._small:
             try:
-                return msgpack.unpackb(data[HEAD.size:], ext_hook=self._hook)
+                value = msgpack.unpackb(data[HEAD.size:], ext_hook=self._hook)
             except MarshalError:
                 raise
             except (ValueError, TypeError, OverflowError, RecursionError) as exc:
                 raise MarshalError(f"malformed msgpack: {type(exc).__name__}: {exc}") from None
-        return self._unpack(data[HEAD.size:], self._ext_options)
+        else:
+            value = self._unpack(data[HEAD.size:], self._ext_options)
+        return _without_timestamps(data, HEAD.size, len(data), value)
 
     def _decode_segmented(self, data: bytes, count: int) -> Any:
         if count > self.limits.max_segments:
@@ -359,7 +373,8 @@ class Codec:
                 return segments[index]
             return self._ext(code, payload)
 
-        return self._unpack(view[table_end:envelope_end], dict(self._options, ext_hook=hook))
+        value = self._unpack(view[table_end:envelope_end], dict(self._options, ext_hook=hook))
+        return _without_timestamps(data, table_end, envelope_end, value)
 
     def _unpack(self, buf: bytes | memoryview, options: dict[str, Any]) -> Any:
         left = self.limits.max_containers
@@ -394,7 +409,7 @@ class Codec:
             days, seconds, micros = _TIMEDELTA.unpack(payload)
             return timedelta(days=days, seconds=seconds, microseconds=micros)
         if code == Ext.EXCEPTION:
-            type_name, message = _strings(self._unpack(payload, self._ext_options), 2, "an exception ext")
+            type_name, message = _strings(self._unpack(payload, self._flat_options), 2, "an exception ext")
             return remote_error_class(type_name)(type_name, message)
         if code == Ext.OBJECT:
             return self._import_object(payload)
@@ -403,7 +418,7 @@ class Codec:
     def _import_object(self, payload: bytes) -> object:
         if self._import is None:
             raise MarshalError("an object reference is not accepted here")
-        fields = self._unpack(payload, self._ext_options)
+        fields = self._unpack(payload, self._flat_options)
         if not (isinstance(fields, list) and len(fields) == 3):
             raise MarshalError("an object ext is [object_id, interface, methods]")
         object_id, interface, methods = fields
@@ -434,11 +449,12 @@ class Codec:
         """The value of a RESULT reply; raises the error an ERROR reply carries."""
         if data[:HEAD.size] == _RESULT_HEAD and len(data) <= self._small:
             try:
-                return msgpack.unpackb(data[HEAD.size:], ext_hook=self._hook)
+                value = msgpack.unpackb(data[HEAD.size:], ext_hook=self._hook)
             except MarshalError:
                 raise
             except (ValueError, TypeError, OverflowError, RecursionError) as exc:
                 raise MarshalError(f"malformed msgpack: {type(exc).__name__}: {exc}") from None
+            return _without_timestamps(data, HEAD.size, len(data), value)
         kind, value = self.decode_reply(data)
         if kind is Kind.ERROR:
             raise error_for(*value)
@@ -481,6 +497,38 @@ def parse_call(envelope: Any) -> Call:
     if deadline is not None and type(deadline) is not float and type(deadline) is not int:
         raise MarshalError(f"a call's deadline must be a number or nil, not {type(deadline).__name__}")
     return [object_id, method, args, kwargs, None if deadline is None else float(deadline)]
+
+
+# msgpack decodes its own timestamp ext (type -1) itself, without calling ext_hook; its
+# encodings are fixext 4, fixext 8 and ext 8 of 12 bytes, all with type byte 0xff.
+_TIMESTAMP_HEADS = (b"\xd6\xff", b"\xd7\xff", b"\xc7\x0c\xff")
+
+
+def _without_timestamps(data: Any, start: int, end: int, value: Any) -> Any:
+    """``value``, decoded from ``data[start:end]``; MarshalError if it holds a msgpack Timestamp.
+
+    Only an envelope whose bytes hold a timestamp head is searched (0xff is never in UTF-8
+    text, so that is a rare binary value): the common message costs three byte searches.
+    """
+    if not isinstance(data, (bytes, bytearray)):
+        data, start, end = bytes(memoryview(data)[start:end]), 0, end - start
+    if all(data.find(head, start, end) < 0 for head in _TIMESTAMP_HEADS):
+        return value
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        kind = type(item)
+        if kind is list:
+            stack.extend(item)
+        elif kind is dict:
+            stack.extend(item.values())
+        elif kind is msgpack.Timestamp:
+            raise MarshalError("msgpack timestamps (ext type -1) are not accepted; send a datetime")
+    return value
+
+
+def _refuse_nested_ext(code: int, payload: bytes) -> Any:
+    raise MarshalError(f"an ext value (type {code}) inside another ext value")
 
 
 def _segment_index(payload: bytes) -> int:

@@ -307,8 +307,8 @@ class Dispatcher:
             return None
         try:
             return self._encode_result(result)
-        except MarshalError as exc:
-            return self._codec.encode_error(ErrorCode.MARSHAL, "MarshalError", f"cannot marshal the result: {exc}")
+        except Exception as exc:  # not only MarshalError: packing runs the result's own code (__str__...)
+            return self._unmarshallable(exc)
 
     def prepare(self, data: bytes, *, expects_reply: bool = True, message: Message | None = None) -> Prepared | bytes:
         """The call ready to run, or the error reply refusing it (for drivers that run calls themselves)."""
@@ -409,15 +409,35 @@ class Dispatcher:
         """The reply for a call that returned ``result``."""
         try:
             return self._codec.encode_result(result)
-        except MarshalError as exc:
-            return self._codec.encode_error(ErrorCode.MARSHAL, "MarshalError", f"cannot marshal the result: {exc}")
+        except Exception as exc:  # not only MarshalError: packing runs the result's own code (__str__...)
+            return self._unmarshallable(exc)
+
+    def _unmarshallable(self, exc: Exception) -> Payload:
+        return self._codec.encode_error(ErrorCode.MARSHAL, "MarshalError",
+                                        _printable(f"cannot marshal the result: {_describe(exc)}"))
 
     def fail(self, exc: BaseException) -> Payload:
         """The reply for a call whose handler raised ``exc``."""
         code = typed_error_code(exc)
         tb = "".join(traceback.format_exception(exc)) if self._send_tracebacks else None
+        message = _describe(exc)
+        type_name = exception_type_name(exc)
         try:
-            message = str(exc)
-        except Exception:  # a broken __str__ must not take the server down
-            message = f"<unprintable {type(exc).__name__}>"
-        return self._codec.encode_error(code, exception_type_name(exc), message, tb)
+            return self._codec.encode_error(code, type_name, message, tb)
+        except MarshalError:
+            # Text msgpack cannot encode as UTF-8 (lone surrogates, as os.fsdecode makes for
+            # an undecodable file name): the caller must get the error all the same.
+            return self._codec.encode_error(code, _printable(type_name), _printable(message),
+                                            None if tb is None else _printable(tb))
+
+
+def _describe(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:  # a broken __str__ must not take the server down
+        return f"<unprintable {type(exc).__name__}>"
+
+
+def _printable(text: str) -> str:
+    """``text`` with whatever UTF-8 cannot encode (lone surrogates) escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")

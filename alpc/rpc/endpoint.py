@@ -54,7 +54,7 @@ class EndpointBase:
                  send_tracebacks: bool, call_timeout: float | None) -> None:
         self.objects = objects
         self.codec = Codec(limits=limits, inline_threshold=inline_threshold,
-                           export=objects.export, import_object=self._import)
+                           export=objects.export, import_object=self._import, release=objects.release)
         self.dispatcher = Dispatcher(self.codec, objects, caller=caller, send_tracebacks=send_tracebacks)
         self.call_timeout = call_timeout
 
