@@ -289,8 +289,10 @@ def _check_range_py(offset: int, length: int, size: int, max_length: int) -> boo
 
 def _check_range_c(offset: int, length: int, size: int, max_length: int) -> bool:
     assert _ext is not None
-    if offset < 0 or length < 0 or size < 0 or max_length < 0:
-        return False  # cffi would raise OverflowError for a negative uint64_t
+    either = offset | length | size | max_length  # negative if one is, >= 2**64 if one is
+    if either < 0 or either >> 64:
+        # cffi would raise OverflowError for an operand outside uint64_t: answer as the twin does.
+        return _check_range_py(offset, length, size, max_length)
     return bool(_ext[1].alpc_check_range(offset, length, size, max_length) == 0)
 
 
@@ -432,8 +434,9 @@ def _vm_move_py(write: bool, pid: int, base: int, grant_len: int, offset: int, l
 def _vm_move_c(write: bool, pid: int, base: int, grant_len: int, offset: int, local: Any) -> int:
     assert _ext is not None
     ffi, lib = _ext
-    if offset < 0 or base < 0 or grant_len < 0:
-        return E_RANGE
+    either = offset | base | grant_len
+    if either < 0 or either >> 64:
+        return E_RANGE  # outside uint64_t (cffi would raise OverflowError), as the twin answers
     with ffi.from_buffer(local, require_writable=not write) as buf:
         call = lib.alpc_vm_write if write else lib.alpc_vm_read
         return int(call(pid, base, grant_len, offset, buf, len(buf)))

@@ -184,8 +184,20 @@ class Broker:
         ensure_runtime_dir(self.config.runtime_dir, shared=self.shared)
         taken = handover.request_handover(self.config) if self._replace else None
         if taken is not None:
-            self._lock_fd = self._take_lock(wait=LOCK_WAIT)
-            self._adopt(taken)
+            try:
+                self._lock_fd = self._take_lock(wait=LOCK_WAIT)
+                self._adopt(taken)
+            except BaseException:
+                # Another broker won the runtime dir (or the state could not be
+                # served): close every socket we took, so that servers see the EOF
+                # and register with whichever broker serves the dir now.
+                self._peers.clear()
+                self._ports.clear()
+                self._usage = UidUsage(self.limits)
+                self._listener = None
+                taken.close()
+                self._release_lock()
+                raise
         else:
             if self._replace:
                 log.info("no broker was running on %s; starting a new one", self.config.runtime_dir)
@@ -709,13 +721,27 @@ class Broker:
             try:
                 cred = item.stream.peer_cred()
             except OSError:
+                cred = None
+            peer = _Peer(item.stream, cred, close_when_flushed=item.close_when_flushed) if cred is not None else None
+            if peer is not None:
+                try:
+                    peer.become(item.role)
+                    # A predecessor only ever hands on the prefix of one frame.
+                    if peer.decoder.feed(item.inbound):
+                        raise ProtocolError("the half-read bytes hold a whole frame")
+                except ProtocolError as exc:
+                    log.warning("dropping a handed-over connection: %s", exc, extra=peer.fields())
+                    peer.decoder.close_fds()
+                    peer = None
+            if peer is None:
                 peers.append(None)
                 item.stream.close()
+                for out in item.outbox:
+                    if out.handoff is not None:
+                        out.handoff.close()
                 continue
-            peer = _Peer(item.stream, cred, close_when_flushed=item.close_when_flushed, counted=True)
-            self._usage.add_connection(cred.uid)
-            peer.become(item.role)
-            peer.decoder.feed(item.inbound)
+            peer.counted = True
+            self._usage.add_connection(peer.cred.uid)
             for out in item.outbox:
                 fds = [out.handoff.fileno()] if out.handoff is not None else []
                 uid = self._handoff_uid(out.handoff)

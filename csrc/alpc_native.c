@@ -374,7 +374,7 @@ int64_t alpc_sock_wait_recv(int fd, int watch, int watch2, int timeout_ms, int s
     struct iovec iov;
     struct msghdr msg;
     ssize_t n;
-    int rc, kept;
+    int rc, kept, truncated;
     int received[ALPC_MAX_RECV_FDS];
 
     if (buf == NULL || nfds == NULL || cred == NULL || flags == NULL || (fds == NULL && max_fds > 0) ||
@@ -416,11 +416,15 @@ int64_t alpc_sock_wait_recv(int fd, int watch, int watch2, int timeout_ms, int s
         return errno == ECONNRESET ? 0 : -(int64_t)errno;
     kept = take_ancillary(&msg, received, cred, flags);
     /* More than the caller takes, or a truncated set: none is trusted, all are closed. */
-    if (kept > max_fds || (msg.msg_flags & MSG_CTRUNC)) {
+    truncated = kept > max_fds || (msg.msg_flags & MSG_CTRUNC);
+    /* fds riding on an empty read (a zero-length record) are closed too, as the Python
+     * twin does: a caller treats 0 as the end of the stream and takes no fds then. */
+    if (truncated || n == 0) {
         while (kept > 0)
             close(received[--kept]);
-        *flags |= ALPC_RECV_TRUNCATED;
     }
+    if (truncated)
+        *flags |= ALPC_RECV_TRUNCATED;
     if (kept > 0)
         memcpy(fds, received, (size_t)kept * sizeof(int));
     *nfds = kept;
