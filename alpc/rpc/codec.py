@@ -346,6 +346,8 @@ class Codec:
                 raise MarshalError(f"malformed msgpack: {type(exc).__name__}: {exc}") from None
         else:
             value = self._unpack(data[HEAD.size:], self._ext_options)
+        if data.find(_TIMESTAMP_TYPE, HEAD.size) < 0:  # the common message: no call
+            return value
         return _without_timestamps(data, HEAD.size, len(data), value)
 
     def _decode_segmented(self, data: bytes, count: int) -> Any:
@@ -454,6 +456,8 @@ class Codec:
                 raise
             except (ValueError, TypeError, OverflowError, RecursionError) as exc:
                 raise MarshalError(f"malformed msgpack: {type(exc).__name__}: {exc}") from None
+            if data.find(_TIMESTAMP_TYPE, HEAD.size) < 0:  # the common reply: no call
+                return value
             return _without_timestamps(data, HEAD.size, len(data), value)
         kind, value = self.decode_reply(data)
         if kind is Kind.ERROR:
@@ -499,20 +503,20 @@ def parse_call(envelope: Any) -> Call:
     return [object_id, method, args, kwargs, None if deadline is None else float(deadline)]
 
 
-# msgpack decodes its own timestamp ext (type -1) itself, without calling ext_hook; its
-# encodings are fixext 4, fixext 8 and ext 8 of 12 bytes, all with type byte 0xff.
-_TIMESTAMP_HEADS = (b"\xd6\xff", b"\xd7\xff", b"\xc7\x0c\xff")
+# msgpack decodes its own timestamp ext (type -1) itself, without calling ext_hook; each of its
+# encodings (fixext 4, fixext 8, ext 8 of 12 bytes) carries the type byte 0xff.
+_TIMESTAMP_TYPE = b"\xff"
 
 
 def _without_timestamps(data: Any, start: int, end: int, value: Any) -> Any:
     """``value``, decoded from ``data[start:end]``; MarshalError if it holds a msgpack Timestamp.
 
-    Only an envelope whose bytes hold a timestamp head is searched (0xff is never in UTF-8
-    text, so that is a rare binary value): the common message costs three byte searches.
+    Only an envelope holding a 0xff byte is searched (never in UTF-8 text, and rare in the
+    small ints and headers of a call): the common message costs one byte search.
     """
     if not isinstance(data, (bytes, bytearray)):
         data, start, end = bytes(memoryview(data)[start:end]), 0, end - start
-    if all(data.find(head, start, end) < 0 for head in _TIMESTAMP_HEADS):
+    if data.find(_TIMESTAMP_TYPE, start, end) < 0:
         return value
     stack = [value]
     while stack:
