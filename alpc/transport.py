@@ -107,9 +107,14 @@ def remaining(deadline: float | None) -> float | None:
     return max(0.0, deadline - time.monotonic())
 
 
+# poll(2) and epoll_wait(2) take an int of milliseconds: a deadline further away than that
+# (~24.8 days) waits that long at most, where it raised OverflowError before any wait.
+_MAX_WAIT_MS = 2**31 - 1
+
+
 def _poll_ms(deadline: float | None) -> int | None:
     left = remaining(deadline)
-    return None if left is None else int(left * 1000) + (1 if left > 0 else 0)
+    return None if left is None else min(int(left * 1000) + (1 if left > 0 else 0), _MAX_WAIT_MS)
 
 
 def _c_timeout_ms(deadline: float | None) -> int:
@@ -117,7 +122,7 @@ def _c_timeout_ms(deadline: float | None) -> int:
     if deadline is None:
         return -1
     left = deadline - _monotonic()
-    return int(left * 1000) + 1 if left > 0 else 0
+    return min(int(left * 1000) + 1, _MAX_WAIT_MS) if left > 0 else 0
 
 
 def wait_readable(fds: Sequence[int], deadline: float | None) -> list[int]:

@@ -182,3 +182,21 @@ def test_c_read_closes_every_fd_beyond_max_fds() -> None:
         right.close()
         os.close(r)
         os.close(w)
+
+
+def test_a_read_with_a_deadline_months_away_takes_what_is_waiting() -> None:
+    """poll and epoll take an int of milliseconds: a deadline past ~24.8 days raised
+    OverflowError (C: "does not fit 32-bit int", Python: "timeout is too large") even
+    with the data already there. It waits at most that long now."""
+    import time
+
+    from alpc.transport import Stream
+
+    sender, receiver = Stream.pair()
+    try:
+        sender.send([b"hello"])
+        got = receiver.read(time.monotonic() + 1e8, 0)
+        assert got and bytes(got[0]) == b"hello", got
+    finally:
+        sender.close()
+        receiver.close()
