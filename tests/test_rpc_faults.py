@@ -268,3 +268,39 @@ def test_a_hostile_client_cannot_crash_the_server_with_nested_exts(
                 assert kind is Kind.ERROR and error.type_name == "MarshalError", error
                 hostile.send(data)  # a datagram: nothing to answer
         assert bystander.proxy.pid() == server.pid
+
+
+def test_an_async_server_keeps_admitting_after_an_accept_fails(broker, config, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """An accept that raises something other than PeerGone (no fds left: EMFILE) ended the
+    asyncio server's accept loop for good, while its port stayed registered; the blocking
+    server logs it and carries on."""
+    import asyncio
+    import errno
+
+    from alpc import aio as alpc_aio
+
+    real_accept = alpc_aio.AsyncConnectionRequest.accept
+    failed: list[int] = []
+
+    async def accept_failing_once(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if not failed:
+            failed.append(self.client.pid)
+            self.reject("the test's failed admission")  # the client is told at once
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return await real_accept(self, *args, **kwargs)
+
+    monkeypatch.setattr(alpc_aio.AsyncConnectionRequest, "accept", accept_failing_once)
+
+    def connect_once() -> bool:
+        with rpc.connect(Faulty, "svc.readmit", config=config, timeout=10):
+            return True
+
+    async def main() -> bool:
+        async with rpc.aio.Server("svc.readmit", FaultyImpl(), config=config):
+            loop = asyncio.get_running_loop()
+            with pytest.raises(alpc.ConnectionRejected):
+                await loop.run_in_executor(None, connect_once)
+            return await asyncio.wait_for(loop.run_in_executor(None, connect_once), 20)
+
+    assert asyncio.run(main())
+    assert failed

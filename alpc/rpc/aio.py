@@ -225,6 +225,11 @@ class Server:
                 comm = await request.accept(self._admission.accept_data(choice))
             except PeerGone:
                 continue
+            except Exception:
+                # As the blocking server does: one failed admission (no fds left, a send
+                # error) must not end admissions for good while the port stays registered.
+                log.exception("could not accept pid %d", request.client.pid)
+                continue
             endpoint = AsyncEndpoint(comm, ObjectTable(choice), **self._options)
             self._connections[comm] = asyncio.create_task(self._serve(endpoint))
 
