@@ -65,7 +65,7 @@ def hold(args: argparse.Namespace) -> None:
                     stop = time.monotonic() + 5
                     while not message.cancelled and time.monotonic() < stop:
                         comm.pump()
-                        time.sleep(0.005)  # a sync handler polls its flag, as documented (flow_peers does too)
+                        time.sleep(0.005)  # handshake-free: a sync handler polls its cancel flag, as documented
                     say("SAW_CANCEL" if message.cancelled else "NO_CANCEL")
                 message.reply(message.data.upper())
                 continue

@@ -19,5 +19,5 @@ async def until(predicate: Callable[[], bool], what: str, spins: int = 10_000) -
     for _ in range(spins):
         if predicate():
             return
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # handshake-free: one loop turn, not a wait
     raise AssertionError(f"never happened: {what}")

@@ -61,7 +61,7 @@ def test_cancelled_section_send_whose_frame_is_queued_is_delivered_intact(broker
                 await first
             second = asyncio.create_task(comm.send(b"B" * 100_000, timeout=10))
             for _ in range(5):  # loop turns, not time: B's first step reserves and fills its range
-                await asyncio.sleep(0)
+                await asyncio.sleep(0)  # handshake-free: one loop turn, not a wait
             assert not second.done()  # it waits behind the queued bytes
             server.send("read")
             await asyncio.wait_for(second, 10)
@@ -144,7 +144,7 @@ def test_cancelled_aio_create_port_leaves_no_registration_behind(broker, config)
 
     async def cancelled() -> None:
         task = asyncio.create_task(aio.create_port("fault.create", config=config, timeout=10))
-        await asyncio.sleep(0)  # one loop turn: the task runs up to its await of the executor
+        await asyncio.sleep(0)  # handshake-free: one loop turn: the task runs up to its await of the executor
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -176,7 +176,7 @@ def test_listen_poll_leaves_no_reader_registered_on_the_loop(spawn, runtime_dir:
         link = port._port._link.wait_fds()
         with pytest.raises(alpc.Timeout):
             await port.listen(timeout=0)
-        await asyncio.sleep(0)  # one loop turn: done-callbacks of the poll's future run
+        await asyncio.sleep(0)  # handshake-free: one loop turn: done-callbacks of the poll's future run
         left = [fd for fd in link if fd in loop._selector.get_map()]
         await port.close()
         second = await aio.create_port("fault.poll2", config=config, timeout=10)

@@ -309,7 +309,7 @@ def test_sync_pool_cancel_keeps_one_handler_per_client_when_ordered(broker, conf
                 running.set()
                 stop = time.monotonic() + 10
                 while not message.cancelled and time.monotonic() < stop:
-                    time.sleep(0.005)  # a sync handler polls its flag, as documented
+                    time.sleep(0.005)  # handshake-free: a sync handler polls its cancel flag, as documented
                 saw_cancel.append(message.cancelled)
                 second.wait(1.0)  # a bounded cleanup, cut short if another handler starts
             return tag.lower().encode()
@@ -357,7 +357,7 @@ def _cancelled_reply_behind_a_queue(config: alpc.Config, client: Any, name: str,
                 try:
                     replying = asyncio.create_task(
                         comm.reply(request, b"r", timeout=20, fds=[r] if with_fds else ()))
-                    await asyncio.sleep(0)  # one loop turn: the task runs to its first await
+                    await asyncio.sleep(0)  # handshake-free: one loop turn: the task runs to its first await
                     if replying.done():
                         replying.result()
                     assert not replying.done()
@@ -371,7 +371,7 @@ def _cancelled_reply_behind_a_queue(config: alpc.Config, client: Any, name: str,
                 second = None
                 if reply_again:
                     second = asyncio.create_task(comm.reply(request, b"again", timeout=20))
-                    await asyncio.sleep(0)  # one loop turn: it runs to its first await (or fails)
+                    await asyncio.sleep(0)  # handshake-free: one loop turn: it runs to its first await (or fails)
 
                 async def tail() -> None:
                     await comm.send(b"Z", timeout=20)
