@@ -154,9 +154,9 @@ class Connection:
         self.failure: ConnectionClosed | None = None
         # Set once the socket may be closed: the notice was taken, or nobody will read again.
         self.finalize_wanted = False
-        # Memory grants: client side, the server's fallback reads/writes for each
-        # request in flight; server side, the client's answers to our reads.
-        self._grant_reads: dict[int, Message] = {}  # the server's pending fallback read, per request
+        # Memory grants: client side, the server's pending fallback read for each request in
+        # flight (its writes are applied as they are read); server side, the client's answers.
+        self._grant_reads: dict[int, Message] = {}
         self._grant_data: dict[int, Message] = {}
         self.vm_refused = False
         # Requests cancelled here while a thread may be waiting for their reply.
