@@ -130,6 +130,9 @@ class AsyncCommunicationPort:
         self._tasks: dict[int, asyncio.Task[Any]] = {}
         # serve(): messages go straight from the reader callback to this, no task switch.
         self._dispatch: Callable[[Message], bool] | None = None
+        # serve(): resolved when the connection ends (a notice, or an end that brings none:
+        # a client side's, or this side's own close()).
+        self._serving: asyncio.Future[None] | None = None
         self._released = False
         self._loop.add_reader(stream.fileno(), self._on_readable)
         if peer_pidfd is not None:
@@ -678,6 +681,10 @@ class AsyncCommunicationPort:
                 core.inbox.appendleft(message)  # at its limit: fed again when a handler ends
                 break
         self._after_take()
+        serving = self._serving
+        if serving is not None and core.failure is not None and not core.inbox and not serving.done():
+            # Ended with no notice left to dispatch (a client gets none; close() drops it).
+            serving.set_result(None)
 
     async def _wait(self, take: Callable[[], Message | None], message_id: int | None, deadline: float | None,
                     what: str) -> Message:
@@ -770,12 +777,15 @@ class AsyncCommunicationPort:
             return True
 
         self._dispatch = dispatch
+        self._serving = ended
         try:
             self._feed()
             await ended
         finally:
             if self._dispatch is dispatch:
                 self._dispatch = None
+            if self._serving is ended:
+                self._serving = None
 
     def check_length(self, size: int) -> None:
         """MessageTooLarge if a message of ``size`` bytes exceeds what the peer accepts."""
@@ -881,9 +891,11 @@ def _drop_channel(opened: tuple[Any, ...]) -> None:
 class AsyncConnectionRequest:
     """A client asking to connect; ``client`` is its kernel-verified identity."""
 
-    def __init__(self, request: server.ConnectionRequest, port: server.ConnectionPort) -> None:
+    def __init__(self, request: server.ConnectionRequest, port: server.ConnectionPort,
+                 owner: AsyncConnectionPort | None = None) -> None:
         self._request = request
         self._port = port
+        self._owner = owner
         self.client = request.client
         self.groups = request.groups
         self.data = request.data
@@ -891,9 +903,18 @@ class AsyncConnectionRequest:
     async def accept(self, data: bytes = b"", timeout: float | None = 5.0) -> AsyncCommunicationPort:
         stream, channel, pidfd, _ = self._request.accept_channel(data, timeout, quick_ok=False)
         inner = self._port
+        owner = self._owner
+
+        def gone(comm: AsyncCommunicationPort) -> None:
+            inner._drop_foreign(comm)
+            if owner is not None:
+                owner._accepted.discard(comm)
+
         comm = AsyncCommunicationPort(stream, channel, peer_pidfd=pidfd, is_server=True,
-                                      send_timeout=inner.attributes.send_timeout, on_gone=inner._drop_foreign)
+                                      send_timeout=inner.attributes.send_timeout, on_gone=gone)
         inner._hold_foreign(comm)  # it counts toward the port's max_connections
+        if owner is not None:
+            owner._accepted.add(comm)  # closed with the port, as the blocking port closes its own
         return comm
 
     def reject(self, reason: str = "rejected") -> None:
@@ -911,6 +932,8 @@ class AsyncConnectionPort:
         self.name = inner.name
         self._loop = asyncio.get_running_loop()
         self._comms: set[AsyncCommunicationPort] = set()
+        # Every connection accepted through this port (serve() or listen()/accept()), still open.
+        self._accepted: set[AsyncCommunicationPort] = set()
 
     async def listen(self, timeout: float | None = None) -> AsyncConnectionRequest:
         """The next connection request, waiting on the broker link through the loop."""
@@ -921,7 +944,7 @@ class AsyncConnectionPort:
                 request = inner._next_request()
                 fds = inner._link.wait_fds()
             if request is not None:
-                return AsyncConnectionRequest(request, inner)
+                return AsyncConnectionRequest(request, inner, self)
             await _within(self._readable(fds), deadline, "a connection request")
             with inner._lock:
                 inner._read_registration()
@@ -961,7 +984,10 @@ class AsyncConnectionPort:
                 if accept is not None and not accept(request):
                     request.reject("refused")
                     continue
-                comm = await request.accept()
+                try:
+                    comm = await request.accept()
+                except ConnectionClosed:
+                    continue  # the client went away before its accept: the others go on
                 self._comms.add(comm)
                 task = asyncio.create_task(self._serve_one(comm, handler, max_tasks))
                 clients.add(task)
@@ -978,7 +1004,7 @@ class AsyncConnectionPort:
             await comm.close()
 
     async def close(self) -> None:
-        for comm in list(self._comms):
+        for comm in [*self._comms, *(c for c in self._accepted if c not in self._comms)]:
             await comm.close()
         await self._loop.run_in_executor(None, self._port.close)
 
