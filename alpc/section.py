@@ -560,9 +560,13 @@ class SectionPool:
             self._retired.append(section_id)
         try:
             section = Section.create(plan.size, backend="memfd" if plan.secure else self.backend, secure=plan.secure)
-        except OSError as exc:
+        except BaseException as exc:
+            # Whatever failed (posix_ipc reports EFBIG as ValueError), the planned
+            # bytes go back to the connection's quota and the port's budget.
             self.ledger.abandon(plan)
-            raise QuotaExceeded(f"cannot create a {plan.size}-byte section: {exc}") from None
+            if isinstance(exc, (OSError, ValueError, posix_ipc.Error)):
+                raise QuotaExceeded(f"cannot create a {plan.size}-byte section: {exc}") from None
+            raise
         self.ledger.commit(plan)
         self._sections[plan.section_id] = section
         return self.ledger.allocate_in(plan.section_id, length)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import fcntl
 import os
 import secrets
+import subprocess
 import sys
+import textwrap
 import tracemalloc
 from pathlib import Path
 
@@ -370,3 +372,59 @@ def test_a_server_flooding_grant_writes_cannot_grow_the_clients_queue(broker, co
                              f"(peak {peak} bytes traced while reading them)")
         assert pending.result(timeout=30).data == b"bye"
         assert buffer[:16] == b"\xee" * 16 and buffer[16:] == b"\x11" * 48  # the writes landed, in the grant
+
+
+# -- a section growth that fails gives its budget back ----------------------------------------
+
+# posix_ipc reports a size the kernel refuses (ftruncate: EFBIG) as ValueError, not OSError.
+_CHILD = textwrap.dedent("""
+    import resource, signal
+    from alpc.ledger import Budget, OutboundLedger
+    from alpc.section import SectionPool
+    budget = Budget(1 << 20)
+    pool = SectionPool(OutboundLedger(quota=1 << 20, section_size=65536, budget=budget), backend="posix")
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+    try:
+        pool.reserve(10000, False)
+        print("created")
+    except Exception as exc:
+        print("failed", type(exc).__name__)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    pool.close()
+    print("available", budget.available())
+""")
+
+
+@pytest.mark.timeout(30)
+def test_failed_posix_growth_gives_budget_back() -> None:
+    """A posix section that cannot be created must not keep its bytes of the port budget."""
+    out = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, timeout=25,
+                         env=dict(os.environ)).stdout.split("\n")
+    assert out[0] == "failed QuotaExceeded", out
+    assert out[1] == f"available {1 << 20}", out
+
+
+@pytest.mark.timeout(10)
+def test_failed_growth_of_any_kind_gives_budget_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever exception creating the section raises, the planned bytes go back to the budget."""
+    from alpc import section as section_module
+    from alpc.errors import QuotaExceeded
+    from alpc.ledger import Budget, OutboundLedger
+    from alpc.section import SectionPool
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise ValueError("The size is too large")  # what posix_ipc raises for EFBIG
+
+    budget = Budget(1 << 20)
+    pool = SectionPool(OutboundLedger(quota=1 << 20, section_size=65536, budget=budget), backend="memfd")
+    monkeypatch.setattr(section_module.Section, "create", classmethod(lambda cls, *a, **k: refuse()))
+    with pytest.raises(QuotaExceeded):
+        pool.reserve(10000, False)
+    monkeypatch.undo()
+    view = pool.reserve(10000, False)  # the pool still works afterwards
+    assert view is not None
+    view.release()
+    pool.close()
+    assert budget.available() == 1 << 20
