@@ -128,6 +128,8 @@ class AsyncCommunicationPort:
         self._drained: asyncio.Future[None] | None = None
         # Handler tasks of requests in flight (serve()), cancelled when the client cancels.
         self._tasks: dict[int, asyncio.Task[Any]] = {}
+        # Every handler task serve() started (datagrams' too), cancelled when the connection ends.
+        self._handlers: set[asyncio.Task[Any]] = set()
         # serve(): messages go straight from the reader callback to this, no task switch.
         self._dispatch: Callable[[Message], bool] | None = None
         # serve(): resolved when the connection ends (a notice, or an end that brings none:
@@ -754,12 +756,18 @@ class AsyncCommunicationPort:
         ended: asyncio.Future[None] = self._loop.create_future()
         running = 0
 
-        def finished(task: asyncio.Task[None], message: Message) -> None:
+        def finished(task: asyncio.Task[None], message_id: int) -> None:
             nonlocal running
             running -= 1
-            if self._tasks.get(message.id) is task:
-                del self._tasks[message.id]
+            self._handlers.discard(task)
+            if self._tasks.get(message_id) is task:
+                del self._tasks[message_id]
             self._feed()
+            # The message is gone with its task (this callback does not hold it): a body it
+            # dropped unreleased only queued its range, and serve() never sleeps in _wait,
+            # where such releases are flushed; a sender waiting for that space hears now.
+            if self._core.releases_unannounced():
+                self._flush_releases()
 
         def dispatch(message: Message) -> bool:
             nonlocal running
@@ -771,9 +779,11 @@ class AsyncCommunicationPort:
                 return False
             running += 1
             task = self._loop.create_task(_handle(self, message, handler))
+            self._handlers.add(task)
+            message_id = message.id
             if message.type is MessageType.REQUEST:
-                self._tasks[message.id] = task
-            task.add_done_callback(lambda done: finished(done, message))
+                self._tasks[message_id] = task
+            task.add_done_callback(lambda done: finished(done, message_id))
             return True
 
         self._dispatch = dispatch
@@ -821,7 +831,7 @@ class AsyncCommunicationPort:
         self._core.release_resources()
         if self._on_gone is not None:
             self._on_gone(self)
-        for task in self._tasks.values():
+        for task in [*self._tasks.values(), *self._handlers]:
             task.cancel()
         if self._pidfd is not None:
             if wait_readable([self._pidfd], 0.0):
