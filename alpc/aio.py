@@ -1014,7 +1014,7 @@ class AsyncConnectionPort:
             await comm.close()
 
     async def close(self) -> None:
-        for comm in [*self._comms, *(c for c in self._accepted if c not in self._comms)]:
+        for comm in list(self._accepted):  # serve()'s connections too: accept() records every one
             await comm.close()
         await self._loop.run_in_executor(None, self._port.close)
 

@@ -159,7 +159,9 @@ class Connection:
         self._grant_reads: dict[int, Message] = {}
         self._grant_data: dict[int, Message] = {}
         self.vm_refused = False
-        # Requests cancelled here while a thread may be waiting for their reply.
+        # Requests cancelled here while a thread may be waiting for their reply. A new request
+        # (or ping) taking one of these ids clears it: the ids came round, and a cancel no waiter
+        # saw is not the new request's.
         self._cancelled_ids: set[int] = set()
         # The last protocol violation, for the driver's log.
         self.error = ""
@@ -199,14 +201,8 @@ class Connection:
                 deadline: float | None = None, fds: Sequence[int] = ()) -> tuple[int, Frames]:
         self.check_open()
         message_id, frames = self.channel.request(data, grant, deadline, fds)
-        if self._cancelled_ids:
-            self._fresh(message_id)
+        self._cancelled_ids.discard(message_id)  # see _cancelled_ids
         return message_id, frames
-
-    def _fresh(self, message_id: int) -> None:
-        """A new request (or ping) took ``message_id``: the ids came round, so a cancel of an
-        earlier request with that id, never seen by a waiter, is not this one's."""
-        self._cancelled_ids.discard(message_id)
 
     def check_handles(self, fds: Sequence[int]) -> None:
         """HandleNotAllowed for fds the peer would refuse (kind or count), before anything is sent."""
@@ -232,8 +228,7 @@ class Connection:
     def ping(self) -> tuple[int, Frames]:
         self.check_open()
         message_id, frames = self.channel.ping()
-        if self._cancelled_ids:
-            self._fresh(message_id)
+        self._cancelled_ids.discard(message_id)  # see _cancelled_ids
         return message_id, frames
 
     def datagram(self, data: Payload, fds: Sequence[int] = ()) -> Frames:
@@ -348,8 +343,8 @@ class Connection:
         self.check_open()
         message_id, frames, passed = self.channel.section_message(
             kind, view, as_view=as_view, callback_id=callback_id, grant=grant, span=span, deadline=deadline, fds=fds)
-        if kind is _REQUEST and self._cancelled_ids:
-            self._fresh(message_id)
+        if kind is _REQUEST:
+            self._cancelled_ids.discard(message_id)  # see _cancelled_ids
         return message_id, frames, passed
 
     def section_sent(self, view: SectionView, written: bool) -> None:

@@ -402,10 +402,7 @@ class CommunicationPort:
             if isinstance(data, SectionView) or size > core.inline_threshold:
                 self._send_section(MessageType.DATAGRAM, data, deadline, secure, fds=fds)
             elif flush or fds:
-                with self._send_lock:
-                    with self._state:
-                        frames = core.datagram(owned_body(data), fds)
-                    self._write_datagrams(frames, 1, deadline, fds)
+                self._send_datagrams(lambda: (core.datagram(owned_body(data), fds), 1), deadline, fds)
             else:
                 with self._state:
                     full = core.queue(core.datagram(owned_body(data)))
@@ -481,23 +478,23 @@ class CommunicationPort:
             del items[:count]
 
     def _send_batch(self, items: list[bytes], deadline: float | None) -> int:
-        core = self._core
+        return self._send_datagrams(lambda: self._core.datagrams(items), deadline)
+
+    def _send_datagrams(self, make: Callable[[], tuple[Frames, int]], deadline: float | None,
+                        fds: Sequence[int] = ()) -> int:
+        """Write the datagrams ``make`` frames (and counts in the peer's window); how many. If
+        none of their bytes left (a timeout), their slots are given back."""
         with self._send_lock:
             with self._state:
-                frames, count = core.datagrams(items)
-            self._write_datagrams(frames, count, deadline)
+                frames, count = make()
+            try:
+                self._write(frames, deadline, fds)
+            except Timeout:
+                if not self._stream.broken:
+                    with self._state:
+                        self._core.datagrams_unsent(count, len(fds))
+                raise
         return count
-
-    def _write_datagrams(self, frames: Frames, count: int, deadline: float | None, fds: Sequence[int] = ()) -> None:
-        """_write for ``count`` datagrams just counted in the peer's window (caller holds _send_lock):
-        if none of their bytes left (a timeout), their slots are given back."""
-        try:
-            self._write(frames, deadline, fds)
-        except Timeout:
-            if not self._stream.broken:
-                with self._state:
-                    self._core.datagrams_unsent(count, len(fds))
-            raise
 
     def flush(self, timeout: float | None = None) -> None:
         """Write every datagram queued by ``send(..., flush=False)``."""

@@ -92,57 +92,39 @@ def test_port_close_closes_connections_accepted_with_listen(broker, config) -> N
     assert asyncio.run(main()) == (True, True)
 
 
+async def _serve_until_the_server_closes(name: str, config: alpc.Config, serving_side: str) -> None:
+    """One connection: ``serving_side`` ("server" or "client") runs comm.serve(echo), the other
+    side asks once, then the server side closes its end; serve() must return."""
+    port = await aio.create_port(name, config=config, timeout=10)
+    connecting = asyncio.create_task(aio.connect(name, config=config, timeout=10))
+    server_comm = await (await port.listen(timeout=10)).accept()
+    client = await connecting
+    server_serves = serving_side == "server"
+    serving = asyncio.create_task((server_comm if server_serves else client).serve(echo))
+    try:
+        asker = client if server_serves else server_comm
+        assert (await asker.request(b"x", timeout=10)).data == b"x"
+        await server_comm.close()
+        await asyncio.wait_for(serving, 5)  # before the fix: TimeoutError, serve() never returned
+    finally:
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
+        await client.close()
+        await server_comm.close()
+        await port.close()
+
+
 def test_comm_serve_returns_when_the_port_is_closed_locally(broker, config) -> None:  # type: ignore[no-untyped-def]
     """comm.serve() on a server connection, and another task closes that connection:
-    serve() waits for a notice that close() just discarded, for ever."""
-    name = "edge.localclose"
-
-    async def main() -> None:
-        port = await aio.create_port(name, config=config, timeout=10)
-        connecting = asyncio.create_task(aio.connect(name, config=config, timeout=10))
-        request = await port.listen(timeout=10)
-        server_comm = await request.accept()
-        client = await connecting
-        serving = asyncio.create_task(server_comm.serve(echo))
-        try:
-            assert (await client.request(b"x", timeout=10)).data == b"x"
-            await server_comm.close()
-            await asyncio.wait_for(serving, 5)  # today: TimeoutError, serve() never returns
-        finally:
-            serving.cancel()
-            await asyncio.gather(serving, return_exceptions=True)
-            await client.close()
-            await server_comm.close()
-            await port.close()
-
-    asyncio.run(main())
+    serve() waited for a notice that close() just discarded, for ever."""
+    asyncio.run(_serve_until_the_server_closes("edge.localclose", config, "server"))
 
 
 def test_client_comm_serve_returns_when_the_server_goes(broker, config) -> None:  # type: ignore[no-untyped-def]
     """A client serving its peer's calls (comm.serve on the client side): when the server
     closes, the client's core gets no notice in its inbox (only a server does), so
-    serve() waits for ever; receive()/async for end with ConnectionClosed instead."""
-    name = "edge.clientserve"
-
-    async def main() -> None:
-        port = await aio.create_port(name, config=config, timeout=10)
-        connecting = asyncio.create_task(aio.connect(name, config=config, timeout=10))
-        request = await port.listen(timeout=10)
-        server_comm = await request.accept()
-        client = await connecting
-        serving = asyncio.create_task(client.serve(echo))
-        try:
-            assert (await server_comm.request(b"y", timeout=10)).data == b"y"
-            await server_comm.close()
-            await asyncio.wait_for(serving, 5)  # today: TimeoutError
-        finally:
-            serving.cancel()
-            await asyncio.gather(serving, return_exceptions=True)
-            await client.close()
-            await server_comm.close()
-            await port.close()
-
-    asyncio.run(main())
+    serve() waited for ever; receive()/async for end with ConnectionClosed instead."""
+    asyncio.run(_serve_until_the_server_closes("edge.clientserve", config, "client"))
 
 
 def test_port_serve_ends_when_the_port_is_closed(broker, config) -> None:  # type: ignore[no-untyped-def]

@@ -164,12 +164,7 @@ def test_async_pool_serves_the_queued_message_when_the_dispatcher_takes_the_free
         with serving(completion):
             a = client("client", "cp.stall")
             b = client("client", "cp.stall")
-            a.send("start A1")
-            a.expect("STARTED")
-            wait_event(running, "A1 running")
-            a.send("start A2")
-            a.expect("STARTED")
-            wait_event(completion.event("dispatched A2"), "A2 queued behind A1")
+            _queue_a2_behind_a1(a, running, completion)
             b.send("start B1")
             b.expect("STARTED")
             slots = completion._slots
@@ -229,15 +224,20 @@ def _cancel_aware_handler(record: dict[str, Any]):  # type: ignore[no-untyped-de
     return handle
 
 
-def _cancel_the_first_of_two(a: Any, running: threading.Event, completion: Instrumented,
-                             wait_seconds: int) -> list[str]:
-    """Client ``a`` starts A1, then A2 (queued behind it: ordered), cancels A1 and waits for A2."""
+def _queue_a2_behind_a1(a: Any, running: threading.Event, completion: Instrumented) -> None:
+    """Client ``a`` starts A1 and, once it runs, A2 (queued behind it: ordered)."""
     a.send("start A1")
     a.expect("STARTED")
     wait_event(running, "A1 running")
     a.send("start A2")
     a.expect("STARTED")
     wait_event(completion.event("dispatched A2"), "A2 queued behind A1")
+
+
+def _cancel_the_first_of_two(a: Any, running: threading.Event, completion: Instrumented,
+                             wait_seconds: int) -> list[str]:
+    """Client ``a`` starts A1, then A2 queued behind it, cancels A1 and waits for A2."""
+    _queue_a2_behind_a1(a, running, completion)
     a.send("cancel A1")
     assert a.expect("CANCEL") == ["A1", "True"]
     a.send(f"wait A2 {wait_seconds}")
