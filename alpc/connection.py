@@ -266,8 +266,14 @@ class Connection:
         return not message.cancelled
 
     def trim(self) -> Frames:
+        """Unmap our idle sections; their SECTION_CLOSE is owed (it goes with this write or,
+        if that sends nothing, the next), so a timed-out trim does not leave the peer's
+        mappings of them behind for the connection's life."""
         self.check_open()
-        return self.channel.trim()
+        frames = self.channel.trim()
+        if frames:
+            self.queue(frames)
+        return []
 
     def abandon(self, request_id: int) -> None:
         """The caller stopped waiting: drop its reply (now or when it comes) and the server's

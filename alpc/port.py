@@ -142,6 +142,9 @@ class CommunicationPort:
         self._on_ready: Callable[[CommunicationPort], None] | None = None
         # ... and which requests the client cancelled (a completion port stops their handlers).
         self._on_cancel: Callable[[list[Message]], None] | None = None
+        # ... and, asked by a send short of the port's section budget, has its other
+        # connections give back their idle sections (idle, they never come back by themselves).
+        self._on_budget_blocked: Callable[[CommunicationPort], None] | None = None
         self._state = threading.Lock()
         # Reentrant: a failing write may itself need to send (never to finalize).
         self._send_lock = threading.RLock()
@@ -642,6 +645,8 @@ class CommunicationPort:
 
         reask, most = SPACE_REASK
         while True:
+            if core.budget_blocked and self._on_budget_blocked is not None:
+                self._on_budget_blocked(self)
             window = deadline_after(BUDGET_RECHECK if core.budget_blocked else reask)
             if deadline is not None and window is not None:
                 window = min(window, deadline)
@@ -654,6 +659,20 @@ class CommunicationPort:
             if not core.budget_blocked:
                 self._send(core.space_wanted, deadline)  # see SPACE_REASK
                 reask = min(reask * 2, most)
+
+    def _give_back_idle_sections(self) -> None:
+        """Another connection of this port waits for the port's section budget: unmap our idle
+        sections and tell the peer, unless this port is busy sending (then it is not idle)."""
+        if self._core.failure is not None or not self._send_lock.acquire(blocking=False):
+            return
+        try:
+            with self._state:
+                if self._core.failure is not None:
+                    return
+                frames = self._core.trim()
+            self._write_runtime(frames, None)  # a peer not reading gets the SECTION_CLOSE later
+        finally:
+            self._send_lock.release()
 
     def _request_large(self, data: Payload, deadline: float | None, secure: bool,
                        grant: MemoryGrant | None, fds: Sequence[int] = ()) -> Message:
@@ -1142,14 +1161,30 @@ class CommunicationPort:
         self._take_read(got)
         return True
 
+    def _pending_dropped(self, message_id: int) -> None:
+        """A PendingRequest's finalizer: forget its request now if the state lock is free (a
+        reply already read would otherwise hold its fds and section range until a read that
+        may never come), else at the next read. Never waits: a finalizer may run while this
+        thread holds the lock."""
+        self._dropped.append(message_id)
+        if not self._state.acquire(blocking=False):
+            return
+        try:
+            self._forget_dropped_locked()
+        finally:
+            self._state.release()
+
     def _forget_dropped(self) -> None:
         """Requests whose PendingRequest was dropped unread: their replies are dropped (now or as they come)."""
-        core = self._core
         with self._state:
-            while self._dropped:
-                message_id = self._dropped.popleft()
-                core.abandon(message_id)
-                core.forget_cancelled(message_id)
+            self._forget_dropped_locked()
+
+    def _forget_dropped_locked(self) -> None:
+        core = self._core
+        while self._dropped:
+            message_id = self._dropped.popleft()
+            core.abandon(message_id)
+            core.forget_cancelled(message_id)
 
     def _take_read(self, got: ChannelRead) -> None:
         data, fds, sender, truncated = got
@@ -1498,10 +1533,10 @@ class PendingRequest:
         return self._port.cancel(self.id)
 
     def __del__(self) -> None:
-        # Dropped with its reply never taken: the reply must not wait in the port for ever. Only
-        # noted here (a finalizer may run while this thread holds the port's locks).
+        # Dropped with its reply never taken: the reply must not wait in the port for ever
+        # (see _pending_dropped: a finalizer may run while this thread holds the port's locks).
         if not self._done:
-            self._port._dropped.append(self.id)
+            self._port._pending_dropped(self.id)
 
     def __repr__(self) -> str:
         return f"<PendingRequest {self.id} on {self._port!r}>"

@@ -414,6 +414,7 @@ class ConnectionPort:
         comm = CommunicationPort(stream, channel, peer_pidfd=pidfd, is_server=True, on_gone=self._forget,
                                  send_timeout=self.attributes.send_timeout, quick=quick)
         comm._on_ready = self._ready.append
+        comm._on_budget_blocked = self._budget_blocked
         with self._lock:
             self._connections[comm] = None
             if quick is not None:
@@ -426,6 +427,13 @@ class ConnectionPort:
                 self._poller.register(fd)
         self._link.report_soon()
         return comm
+
+    def _budget_blocked(self, asker: CommunicationPort) -> None:
+        """``asker``'s send waits for the port's section budget: the other connections give
+        back their idle pooled sections (nothing else would ever free that part of it)."""
+        for comm in self.connections:
+            if comm is not asker:
+                comm._give_back_idle_sections()
 
     def _forget(self, comm: CommunicationPort) -> None:
         # Called before the comm closes its fds, so a reused fd number never meets a stale entry.

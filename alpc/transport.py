@@ -155,8 +155,13 @@ def spin_readable(fds: Sequence[int], spin_us: int) -> list[int]:
 
 
 def _spin_then_wait(fds: Sequence[int], deadline: float | None, spin_us: int) -> list[int]:
-    """The pure-Python twin of a C wait: spin up to ``spin_us`` (unless no waiting is asked), then sleep."""
-    fired = spin_readable(fds, spin_us) if spin_us and deadline != 0 else []
+    """The pure-Python twin of a C wait: spin up to ``spin_us`` (unless no waiting is asked), then sleep.
+
+    The spin is part of the wait: it never runs past ``deadline``.
+    """
+    if spin_us and deadline is not None:
+        spin_us = min(spin_us, int((deadline - _monotonic()) * 1e6))
+    fired = spin_readable(fds, spin_us) if spin_us > 0 and deadline != 0 else []
     return fired or wait_readable(fds, deadline)
 
 

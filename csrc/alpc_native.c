@@ -327,19 +327,34 @@ static int spin_poll(struct pollfd *pfd, nfds_t count, int spin_us)
 
 /* Wait until pfd[0].fd (for pfd[0].events), or any other of the count fds
  * (for POLLIN), is ready: spin for up to spin_us (timeout_ms != 0), then
- * sleep for up to timeout_ms. poll()'s result (-1 with errno set, 0 on
- * timeout), the revents in pfd. EINTR goes back to Python (as -EINTR), which
- * runs its signal handlers before the caller waits again: a blocked call
- * stays interruptible. */
+ * sleep for what is left of timeout_ms (the spin is part of the timeout, not
+ * added to it). poll()'s result (-1 with errno set, 0 on timeout), the
+ * revents in pfd. EINTR goes back to Python (as -EINTR), which runs its
+ * signal handlers before the caller waits again: a blocked call stays
+ * interruptible. */
 static int wait_ready(struct pollfd *pfd, nfds_t count, int timeout_ms, int spin_us)
 {
+    struct timespec left;
+    int64_t started, left_ns;
     nfds_t i;
     int rc;
 
     for (i = 0; i < count; i++)
         pfd[i].revents = 0;
-    rc = spin_us > 0 && timeout_ms != 0 ? spin_poll(pfd, count, spin_us) : 0;
-    return rc == 0 ? poll(pfd, count, timeout_ms) : rc;
+    if (spin_us <= 0 || timeout_ms == 0)
+        return poll(pfd, count, timeout_ms);
+    if (timeout_ms > 0 && (int64_t)spin_us > (int64_t)timeout_ms * 1000)
+        spin_us = timeout_ms * 1000;
+    started = monotonic_ns();
+    rc = spin_poll(pfd, count, spin_us);
+    if (rc != 0 || timeout_ms < 0)
+        return rc != 0 ? rc : poll(pfd, count, -1);
+    left_ns = (int64_t)timeout_ms * 1000000 - (monotonic_ns() - started);
+    if (left_ns <= 0)
+        return 0;
+    left.tv_sec = (time_t)(left_ns / 1000000000);
+    left.tv_nsec = (long)(left_ns % 1000000000);
+    return ppoll(pfd, count, &left, NULL);
 }
 
 /* The fds to wait for: fd, then those of the watches that are >= 0. */
