@@ -833,9 +833,9 @@ class AsyncCommunicationPort:
             self._on_gone(self)
         for task in [*self._tasks.values(), *self._handlers]:
             task.cancel()
+        if self._core.peer_died or (self._pidfd is not None and wait_readable([self._pidfd], 0.0)):
+            sweep_stale_names(self.peer.pid)  # as CommunicationPort._maybe_finalize
         if self._pidfd is not None:
-            if wait_readable([self._pidfd], 0.0):
-                sweep_stale_names(self.peer.pid)
             close_fds([self._pidfd])
             self._pidfd = None
 

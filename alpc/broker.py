@@ -32,7 +32,7 @@ from .logs import LogLimiter, fields
 from .quotas import BROKER_DEFAULTS, BrokerLimits, Limit, UidUsage
 from .security import ROOT_UID, AclDecision, PeerCred, PortAcl, may_inspect, may_replace_broker, may_see_settings
 from .stats import MAX_AGES
-from .transport import Listener, Stream, advance_buffers, deadline_after
+from .transport import Listener, Stream, advance_buffers, close_fds, deadline_after
 from .wire import Frame, FrameDecoder, FrameLimits, MessageType, encode_header
 
 __all__ = ["MAX_REQUEST", "TICK", "Broker", "list_ports"]
@@ -81,6 +81,9 @@ class _Peer:
     port: str | None = None
     close_when_flushed: bool = False
     counted: bool = False
+    # A port owner's pidfd: its process's death ends the port even while a
+    # child it forked still holds the socket (and hides the EOF).
+    pidfd: int | None = None
 
     def describe(self) -> str:
         return f"pid {self.cred.pid} uid {self.cred.uid}"
@@ -153,6 +156,8 @@ class Broker:
         self._selector.close()
         self._wake_r = self._wake_w = -1
         self._peers: dict[int, _Peer] = {}
+        # Port owners' pidfds (watched for reading: readable once the process exited).
+        self._deaths: dict[int, _Peer] = {}
         self._ports: dict[str, _Port] = {}
         self._stopping = False
         self._handed_over_to: int | None = None
@@ -191,6 +196,8 @@ class Broker:
                 # Another broker won the runtime dir (or the state could not be
                 # served): close every socket we took, so that servers see the EOF
                 # and register with whichever broker serves the dir now.
+                for owner in list(self._deaths.values()):
+                    self._unwatch_death(owner)
                 self._peers.clear()
                 self._ports.clear()
                 self._usage = UidUsage(self.limits)
@@ -214,6 +221,8 @@ class Broker:
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         for peer in self._peers.values():
             self._selector.register(peer.stream.fileno(), self._interest(peer), None)
+        for pidfd in self._deaths:
+            self._selector.register(pidfd, selectors.EVENT_READ, None)
         log.info("broker listening on %s", self.socket_path)
 
     def _listen(self) -> Listener:
@@ -325,6 +334,8 @@ class Broker:
                 pass
         elif fd == self._listener.fileno():
             self._accept()
+        elif fd in self._deaths:
+            self._drop(self._deaths[fd], None)
         elif fd in self._peers:
             peer = self._peers[fd]
             try:
@@ -551,6 +562,7 @@ class Broker:
         self._usage.add_port(peer.cred.uid)
         peer.port = request.name
         peer.become("server")
+        self._watch_death(peer)
         self._lifecycle.log(logging.INFO, ("created", peer.cred.uid, request.name),
                             f"port {request.name!r} created by {peer.describe()}", extra=peer.fields())
         self._send(peer, _frame(control.PortCreated(name=request.name)))
@@ -704,6 +716,7 @@ class Broker:
             for item in peer.outbox:
                 if item.handoff is not None:
                     item.handoff.close()
+            self._unwatch_death(peer)
             peer.stream.close()
         self._peers.clear()
         self._ports.clear()
@@ -757,12 +770,37 @@ class Broker:
             except ProtocolError:
                 acl = PortAcl()  # the safe default: the owner's uid only
             owner.port = port.name
+            self._watch_death(owner)
             self._ports[port.name] = _Port(port.name, owner, port.request, acl, port.status,
                                            time.monotonic() if port.status is not None else 0.0,
                                            port.connects_forwarded, port.quota_refusals, port.connects_refused)
             self._usage.add_port(owner.cred.uid)
         log.info("took over %d ports and %d connections (socket %s)", len(self._ports), len(self._peers),
                  state.listener.path)
+
+    def _watch_death(self, peer: _Peer) -> None:
+        """Watch a port owner's process: a worker it forked may keep its socket (and the port) open."""
+        try:
+            pidfd = peer.stream.peer_pidfd()
+        except OSError:
+            pidfd = None
+        if pidfd is None:
+            return  # no pidfds in this kernel: the EOF alone ends the port
+        peer.pidfd = pidfd
+        self._deaths[pidfd] = peer
+        if self._listener is not None and self._wake_r >= 0:  # serving (not adopting before bind)
+            self._selector.register(pidfd, selectors.EVENT_READ, None)
+
+    def _unwatch_death(self, peer: _Peer) -> None:
+        pidfd, peer.pidfd = peer.pidfd, None
+        if pidfd is None:
+            return
+        self._deaths.pop(pidfd, None)
+        try:
+            self._selector.unregister(pidfd)
+        except (KeyError, ValueError):
+            pass
+        close_fds([pidfd])
 
     def _handoff_uid(self, handoff: Stream | None) -> int:
         if handoff is None:
@@ -843,6 +881,7 @@ class Broker:
                               f"dropping {peer.describe()}: {problem}", extra=peer.fields())
         self._forget(peer)
         self._uncount(peer)
+        self._unwatch_death(peer)
         for item in peer.outbox:
             self._close_handoff(item)
         peer.outbox.clear()

@@ -154,6 +154,8 @@ class Connection:
         self.failure: ConnectionClosed | None = None
         # Set once the socket may be closed: the notice was taken, or nobody will read again.
         self.finalize_wanted = False
+        # The stream ended (or the peer process died) without a PORT_CLOSED: a crash, most likely.
+        self.peer_died = False
         # Memory grants: client side, the server's pending fallback read for each request in
         # flight (its writes are applied as they are read); server side, the client's answers.
         self._grant_reads: dict[int, Message] = {}
@@ -722,6 +724,7 @@ class Connection:
         notice = self.channel.connection_lost(reason)
         if notice is None:
             return False
+        self.peer_died = True
         self._set_failure(PeerGone(reason), notice)
         return True
 

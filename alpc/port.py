@@ -1305,9 +1305,10 @@ class CommunicationPort:
             self._stream.close()
         with self._state:
             self._core.release_resources()
-        if self._pidfd is not None and wait_readable([self._pidfd], 0.0):
+        if self._core.peer_died or (self._pidfd is not None and wait_readable([self._pidfd], 0.0)):
             # A peer killed between creating a POSIX section and unlinking its
             # name (a few syscalls) leaves the name behind: clean up after it.
+            # Its EOF comes before its pidfd says it died: the sweep asks /proc.
             sweep_stale_names(self.peer.pid)
         if self._pidfd is not None:
             close_fds([self._pidfd])

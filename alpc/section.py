@@ -83,7 +83,35 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
+    return not _exiting(pid)
+
+
+# A task's flags (the ninth field of /proc/.../stat): it is in do_exit and runs no user code again.
+_PF_EXITING = 0x4
+
+
+def _exiting(pid: int) -> bool:
+    """True if every thread of ``pid`` is past its last instruction, though kill() still finds it.
+
+    A zombie (a dead child its parent has not reaped yet) is one; so is a
+    process killed a moment ago whose fds the kernel closed (its peer sees EOF)
+    before it reported the exit (its pidfd becomes readable a little later).
+    """
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False  # no /proc here: trust kill()
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as stat_file:
+                line = stat_file.read()
+        except OSError:
+            continue  # this thread is gone already
+        # The fields after the command name, which is in parentheses and may hold any byte.
+        rest = line[line.rfind(b")") + 2:].split()
+        if len(rest) < 7 or (rest[0] not in (b"Z", b"X") and not int(rest[6]) & _PF_EXITING):
+            return False
     return True
 
 
