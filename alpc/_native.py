@@ -595,12 +595,14 @@ def quick_unhold() -> None:
 
 def quick_region_size(slots: int, slot_size: int) -> int:
     """Bytes of a Quick-LPC region with this geometry, 0 if the geometry is invalid."""
-    if _ext is not None:
-        return int(_ext[1].qlpc_region_size(slots, slot_size))
+    # Checked before the C too: it takes unsigned ints, so a negative or huge value
+    # raised cffi's OverflowError instead of being refused.
     if not 1 <= slots <= QUICK_DEFAULTS["max_slots"] or slots & (slots - 1):
         return 0
     if not QUICK_DEFAULTS["min_slot"] <= slot_size <= QUICK_DEFAULTS["max_slot"] or slot_size % 64:
         return 0
+    if _ext is not None:
+        return int(_ext[1].qlpc_region_size(slots, slot_size))
     return QUICK_DEFAULTS["region_header"] + 2 * slots * slot_size
 
 

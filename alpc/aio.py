@@ -46,14 +46,13 @@ from .errors import (
     DeadlineExceeded,
     PeerGone,
     QuotaExceeded,
-    SectionError,
     Throttled,
     Timeout,
 )
 from .protocol import Channel, Frames, Message
 from .protocol import Payload as WirePayload
 from .quotas import Limit, WindowClosed
-from .section import SectionView, sweep_stale_names
+from .section import SectionView, check_size, sweep_stale_names
 from .security import PeerCred
 from .transport import Buffer, Stream, close_fds, deadline_after, remaining, wait_readable
 from .wire import MessageType
@@ -375,8 +374,7 @@ class AsyncCommunicationPort:
 
     async def create_view(self, size: int, *, secure: bool = False, timeout: float | None = None) -> SectionView:
         """Writable space in this connection's section, to fill and send with no copy."""
-        if size <= 0:
-            raise SectionError(f"a view needs a positive size, not {size}")
+        check_size("a view", size)
         return await self._reserve(size, secure, deadline_after(timeout))
 
     async def trim_sections(self, timeout: float | None = None) -> None:

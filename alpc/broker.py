@@ -296,9 +296,9 @@ class Broker:
     def serve_forever(self, on_ready: Callable[[], None] | None = None) -> None:
         if self._listener is None:
             self.bind()
-        if on_ready is not None:
-            on_ready()
         try:
+            if on_ready is not None:
+                on_ready()  # in the try: a callback that fails (a bad --ready-fd) must not leave the socket behind
             while not self._stopping:
                 for key, events in self._selector.select(TICK):
                     self._on_event(key.fd, events)

@@ -20,7 +20,7 @@ from .daemon import ServiceNotifier, activation_listen_fd
 from .errors import ActivationError, AlpcError, BrokerUnavailable
 from .introspect import latency_percentile, list_peers, port_stats
 from .port import connect
-from .quotas import BROKER_DEFAULTS, BrokerLimits
+from .quotas import BROKER_DEFAULTS, MAX_LIMIT, BrokerLimits
 
 __all__ = ["main"]
 
@@ -209,10 +209,21 @@ def _cmd_ping(args: argparse.Namespace) -> int:
 # -- arguments ---------------------------------------------------------------------------
 
 
+# time.sleep() takes at most ~292 years; a refresh period is far below a day anyway.
+_MAX_INTERVAL = 86400.0
+
+
 def _positive(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    if not 0 < value <= _MAX_INTERVAL:  # NaN and inf too: inf made time.sleep raise OverflowError
+        raise argparse.ArgumentTypeError(f"must be > 0 and at most {_MAX_INTERVAL:g} seconds, got {text}")
+    return value
+
+
+def _timeout(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # a negative or NaN timeout raised ValueError with a traceback
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text}")
     return value
 
 
@@ -221,8 +232,8 @@ def _count(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    if not 1 <= value <= MAX_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be a positive integer up to {MAX_LIMIT}, got {text!r}")
     return value
 
 
@@ -235,7 +246,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_view_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.add_argument("--timeout", type=float, default=5.0)
+    parser.add_argument("--timeout", type=_timeout, default=5.0)
     parser.add_argument("--watch", action="store_true", help="refresh a live view until interrupted")
     parser.add_argument("--interval", type=_positive, default=1.0, help="seconds between refreshes (--watch)")
     parser.add_argument("--count", type=_count, default=None, help="stop after this many refreshes (--watch)")
@@ -280,7 +291,7 @@ def _parser() -> argparse.ArgumentParser:
     ping = sub.add_parser("ping", help="connect to a port and time round trips")
     ping.add_argument("name")
     ping.add_argument("--count", type=_count, default=10, help="round trips to time")
-    ping.add_argument("--timeout", type=float, default=5.0)
+    ping.add_argument("--timeout", type=_timeout, default=5.0)
     ping.set_defaults(func=_cmd_ping)
     return parser
 
@@ -290,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(args.log_level)
     try:
         return int(args.func(args))
-    except AlpcError as exc:
+    except (AlpcError, OSError) as exc:  # OSError: a runtime dir that cannot be made, a --ready-fd not open...
         print(f"alpc: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

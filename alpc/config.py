@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ._native import quick_region_size
 from .errors import AccessDenied
-from .quotas import FlowLimits
+from .quotas import MAX_LIMIT, FlowLimits
 from .security import HandleKind, PortAcl
 
 __all__ = [
@@ -44,8 +44,7 @@ def _check_sections(owner: str, max_message_length: int, section_size: int, max_
     """Shared validation of the section settings of PortAttributes and Config."""
     for name, value in (("max_message_length", max_message_length), ("section_size", section_size),
                         ("max_section_bytes", max_section_bytes)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{owner}.{name} must be a positive int, got {value!r}")
+        _check_count(owner, name, value)
     if max_message_length > 0xFFFFFFFF:
         raise ValueError(f"{owner}.max_message_length must fit in 32 bits")
     if section_size < 4096 or max_section_bytes < section_size:
@@ -54,6 +53,12 @@ def _check_sections(owner: str, max_message_length: int, section_size: int, max_
         raise ValueError(f"{owner}.section_backend must be one of {SECTION_BACKENDS}, got {backend!r}")
     if backend == "memfd" and not _ON_LINUX:
         raise ValueError(f"{owner}.section_backend 'memfd' needs Linux")
+
+
+def _check_count(owner: str, name: str, value: object) -> None:
+    """A positive int limit; bool is refused (the broker's decoder does) and so is one past 64 bits."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_LIMIT:
+        raise ValueError(f"{owner}.{name} must be a positive int up to {MAX_LIMIT}, got {value!r}")
 
 
 def _check_quick(owner: str, slots: int, slot_size: int, spin_us: int) -> None:
@@ -222,9 +227,7 @@ class PortAttributes:
             raise ValueError("PortAttributes: Quick-LPC ring messages carry no SCM_CREDENTIALS, so a port that "
                              "refuses identity changes cannot offer them (quick_lpc with refuse_identity_change)")
         for name in ("max_connect_data", "max_pending_connects", "max_port_section_bytes", "max_connections"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"PortAttributes.{name} must be a positive int, got {value!r}")
+            _check_count("PortAttributes", name, getattr(self, name))
         if not isinstance(self.inline_threshold, int) or not 0 <= self.inline_threshold <= 16 * MIB:
             raise ValueError(f"PortAttributes.inline_threshold must be 0..16 MiB, got {self.inline_threshold!r}")
         _check_sections("PortAttributes", self.max_message_length, self.section_size, self.max_section_bytes,
@@ -272,6 +275,13 @@ class Config:
         object.__setattr__(self, "runtime_dir", Path(self.runtime_dir))
         object.__setattr__(self, "handle_kinds", frozenset(self.handle_kinds))
         _check_quick("Config", 1, 64, self.quick_spin_us)
+        # Used only when connect() is called without a timeout: checked here, not deep in the first
+        # connect (None, like a None timeout, waits without limit).
+        timeout = self.connect_timeout
+        if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
+                                    or not timeout >= 0):
+            raise ValueError(f"Config.connect_timeout must be a number of seconds >= 0, got {self.connect_timeout!r}")
+        _check_count("Config", "max_connect_data", self.max_connect_data)
         _check_sections("Config", self.max_message_length, self.section_size, self.max_section_bytes,
                         self.section_backend)
         _check_handles("Config", self.handle_kinds, self.max_handles_per_message, self.max_inflight_handles)

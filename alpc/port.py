@@ -48,7 +48,6 @@ from .errors import (
     PortNotFound,
     ProtocolError,
     QuotaExceeded,
-    SectionError,
     Throttled,
     Timeout,
 )
@@ -59,7 +58,7 @@ from .protocol import Channel, ConnectionPolicy, Frames, Message
 from .protocol import Payload as WirePayload
 from .quotas import Limit, WindowClosed
 from .retry import retry_until
-from .section import ConnectionSections, SectionView, sweep_stale_names
+from .section import ConnectionSections, SectionView, check_size, sweep_stale_names
 from .security import PeerCred, kinds_from_mask, kinds_mask
 from .transport import Buffer, ChannelRead, Stream, close_fds, deadline_after, pidfd_open, remaining, wait_readable
 from .wire import Frame, FrameDecoder, FrameLimits, MessageType, Range
@@ -623,8 +622,7 @@ class CommunicationPort:
         copy. Waits (up to ``timeout``) while the peer holds the section's space.
         ``secure`` gives the view its own section, write-sealed when sent.
         """
-        if size <= 0:
-            raise SectionError(f"a view needs a positive size, not {size}")
+        check_size("a view", size)
         return self._reserve(size, secure, deadline_after(timeout))
 
     def trim_sections(self, timeout: float | None = None) -> None:

@@ -1311,8 +1311,14 @@ def _body(data: bytes, pos: int, end: int, ref: SectionRef | None) -> bytes:
 _CANCELLED = int(Flag.CANCELLED)
 
 
+# The wire's DEADLINE is a u64 of nanoseconds: a later deadline (inf included) is "never".
+_NEVER_NS = 2**64 - 1
+
+
 def _deadline_ns(deadline: float) -> int:
-    return max(0, int(deadline * 1e9))
+    if not deadline == deadline:  # NaN: int() would raise a bare "cannot convert" deep in the send
+        raise ValueError("a deadline must be a time.monotonic() value, got nan")
+    return _NEVER_NS if deadline >= _NEVER_NS / 1e9 else max(0, int(deadline * 1e9))
 _PLAIN = frozenset({MessageType.REQUEST, MessageType.REPLY, MessageType.DATAGRAM})
 _tids = threading.local()
 

@@ -30,6 +30,7 @@ __all__ = [
     "Flow",
     "FlowLimits",
     "Limit",
+    "MAX_LIMIT",
     "UidUsage",
     "WindowClosed",
     "decode_credit",
@@ -54,6 +55,10 @@ class Limit(StrEnum):
     MAX_CONNECTIONS_PER_UID = "max_connections_per_uid"
     MAX_PORTS_PER_UID = "max_ports_per_uid"
 
+
+# The largest count or byte limit a setting may hold: the broker and the runtime send
+# limits as msgpack ints, which stop at 64 bits (a larger one failed every answer).
+MAX_LIMIT = 2**63 - 1
 
 # The protocol's own ceilings on what a side may announce. Requests stay below
 # protocol.MAX_ABANDONED, so a late reply to an abandoned request is always recognised.
@@ -311,8 +316,8 @@ class BrokerLimits:
     def __post_init__(self) -> None:
         for name in ("max_connections_per_uid", "max_ports_per_uid"):
             value = getattr(self, name)
-            if type(value) is not int or value < 1:
-                raise ValueError(f"BrokerLimits.{name} must be a positive int, got {value!r}")
+            if type(value) is not int or not 1 <= value <= MAX_LIMIT:
+                raise ValueError(f"BrokerLimits.{name} must be a positive int up to {MAX_LIMIT}, got {value!r}")
 
 
 BROKER_DEFAULTS = BrokerLimits()

@@ -52,6 +52,7 @@ __all__ = [
     "SectionView",
     "View",
     "check_peer_fd",
+    "check_size",
     "shm_prefix",
     "sweep_stale_names",
 ]
@@ -300,6 +301,29 @@ def check_peer_fd(fd: int, size: int, *, allow_unsealed: bool = False, writable:
     return seals
 
 
+def check_size(what: str, size: object) -> None:
+    """SectionError unless ``size`` is a positive int (a float failed deep inside, untyped)."""
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        raise SectionError(f"{what} needs a positive size in bytes (an int), not {size!r}")
+
+
+def _check_section_name(name: object) -> None:
+    """A POSIX shared-memory name: one segment of 1..255 bytes, with an optional leading "/".
+
+    Checked here because posix_ipc crashes the process (SIGSEGV) on a name holding a NUL,
+    and answers a malformed one with an untyped "Invalid parameter(s)".
+    """
+    if not isinstance(name, str):
+        raise SectionError(f"a section name must be a str, not {type(name).__name__}")
+    bare = name[1:] if name.startswith("/") else name
+    try:
+        size = len(os.fsencode(bare))
+    except UnicodeEncodeError:
+        raise SectionError(f"section name {name!r} cannot be encoded as a file name") from None
+    if not 1 <= size <= 255 or "/" in bare or "\0" in bare:
+        raise SectionError(f"section name {name!r} must be 1..255 bytes without NUL or '/' after a leading '/'")
+
+
 class Section:
     """A shared-memory object and this process's mapping of it.
 
@@ -330,8 +354,7 @@ class Section:
         writable too (Quick-LPC's rings, where each side writes its own half).
         """
         backend = backend or default_section_backend()
-        if size <= 0:
-            raise SectionError(f"a section needs a positive size, not {size}")
+        check_size("a section", size)
         if backend == "memfd":
             if named:
                 raise SectionError("a memfd section has no name; named sections use backend='posix'")
@@ -395,6 +418,7 @@ class Section:
         It cannot be sealed: open only sections of a creator you trust not to
         truncate them.
         """
+        _check_section_name(name)
         try:
             shm = posix_ipc.SharedMemory(name, read_only=not writable)
         except posix_ipc.ExistentialError:
@@ -455,6 +479,9 @@ class Section:
     def view(self, offset: int = 0, length: int | None = None, *,
              on_gone: Callable[[], None] | None = None, wake: Callable[[], None] | None = None) -> View:
         """A view of [offset, offset + length) (to the end by default)."""
+        for value in (offset, length):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise SectionError(f"a view's offset and length are ints, not {value!r}")
         if length is None:
             length = self.size - offset
         if not _native.check_range(offset, length, self.size, self.size):

@@ -93,11 +93,13 @@ _EPOLL_IN = select.EPOLLIN | select.EPOLLPRI | select.EPOLLHUP | select.EPOLLERR
 
 
 def deadline_after(timeout: float | None) -> float | None:
+    """The deadline ``timeout`` seconds from now; a timeout beyond what poll(2) takes
+    (inf included) waits that long at most, where it raised OverflowError deep in a wait."""
     if timeout is None:
         return None
-    if timeout < 0:
+    if not timeout >= 0:  # NaN too: it compares false everywhere, so every wait ended at once
         raise ValueError(f"timeout must be >= 0 or None, got {timeout}")
-    return time.monotonic() + timeout
+    return time.monotonic() + min(timeout, _MAX_WAIT_S)
 
 
 def remaining(deadline: float | None) -> float | None:
@@ -110,11 +112,15 @@ def remaining(deadline: float | None) -> float | None:
 # poll(2) and epoll_wait(2) take an int of milliseconds: a deadline further away than that
 # (~24.8 days) waits that long at most, where it raised OverflowError before any wait.
 _MAX_WAIT_MS = 2**31 - 1
+_MAX_WAIT_S = _MAX_WAIT_MS / 1000
 
 
 def _poll_ms(deadline: float | None) -> int | None:
     left = remaining(deadline)
-    return None if left is None else min(int(left * 1000) + (1 if left > 0 else 0), _MAX_WAIT_MS)
+    if left is None:
+        return None
+    # Compared first: an infinite deadline (report_interval=inf, say) made int() raise.
+    return _MAX_WAIT_MS if left >= _MAX_WAIT_S else min(int(left * 1000) + (1 if left > 0 else 0), _MAX_WAIT_MS)
 
 
 def _c_timeout_ms(deadline: float | None) -> int:
@@ -122,6 +128,8 @@ def _c_timeout_ms(deadline: float | None) -> int:
     if deadline is None:
         return -1
     left = deadline - _monotonic()
+    if left >= _MAX_WAIT_S:  # before int(), which raises on an infinite deadline
+        return _MAX_WAIT_MS
     return min(int(left * 1000) + 1, _MAX_WAIT_MS) if left > 0 else 0
 
 

@@ -19,6 +19,7 @@ from ..errors import ConnectionClosed, DeadlineExceeded, MarshalError, MessageTo
 from ..port import CommunicationPort, PendingRequest
 from ..protocol import Message, Payload
 from ..security import PeerCred
+from ..transport import deadline_after
 from ..wire import MessageType
 from .codec import DEFAULT_LIMITS, INLINE_THRESHOLD, Codec, Limits, ObjectRef
 from .dispatch import CALL_INFO, Dispatcher, ObjectTable
@@ -182,7 +183,7 @@ _REQUEST = MessageType.REQUEST
 
 def call_deadline(timeout: float | None) -> float | None:
     """Our own deadline, or the one of the call we are serving if that ends sooner."""
-    deadline = None if timeout is None else time.monotonic() + timeout
+    deadline = deadline_after(timeout)
     info = CALL_INFO.get()
     inherited = None if info is None else info[3]
     if inherited is not None and (deadline is None or inherited < deadline):
