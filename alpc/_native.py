@@ -86,6 +86,7 @@ __all__ = [
     "scan_frames",
     "recv_cred",
     "recv_state",
+    "send_room",
     "sock_send",
     "sock_wait_recv",
     "source_hash",
@@ -517,6 +518,15 @@ def _sock_wait_recv_c(fd: int, watch: int, timeout_ms: int, max_fds: int,
 
 
 sock_send: Callable[[int, bytes], int] | None = None if _ext is None else _sock_send_c
+
+
+def _send_room_c(fd: int) -> int:
+    """Bytes fd's send buffer still takes before a write waits, or -errno."""
+    assert _ext is not None
+    return int(_ext[1].alpc_send_room(fd))
+
+
+send_room: Callable[[int], int] | None = None if _ext is None else _send_room_c
 sock_wait_recv: WaitRecv | None = None if _ext is None else _sock_wait_recv_c
 # The longest spin sock_wait_recv takes (csrc: ALPC_MAX_SPIN_US).
 MAX_SPIN_US = 1000

@@ -5,7 +5,7 @@ A communication port here is driven by the event loop's readiness callbacks
 only while a write waits for buffer space): no thread per connection. Every
 decision comes from ``connection.Connection``, exactly as for
 ``port.CommunicationPort``; this module only moves bytes and resolves
-futures. The one-off handshakes (registering a name, the connect exchange)
+futures. The one-off handshakes (registering a name, the connect exchange, an accept)
 run in the loop's default executor. Works with any asyncio loop, uvloop
 included.
 
@@ -108,6 +108,7 @@ class AsyncCommunicationPort:
         self._core = core = Connection(channel, is_server=is_server)
         core.owner = self
         core.on_releases_due = self._releases_due
+        core.on_releases_dropped = self._releases_dropped
         self._pidfd = peer_pidfd
         self._is_server = is_server
         self.accept_data = accept_data
@@ -549,6 +550,19 @@ class AsyncCommunicationPort:
         # A received view was released, maybe on another thread (its garbage collection).
         self._loop.call_soon_threadsafe(self._flush_releases)
 
+    def _releases_dropped(self) -> None:
+        # A received body or view was collected unreleased (its finalizer, any thread): it only
+        # queued its range. A task may drop it long after its handler ended, while serve() or
+        # receive() waits for nothing but the peer, which waits for that space: say so soon.
+        try:
+            self._loop.call_soon_threadsafe(self._flush_unannounced)
+        except RuntimeError:
+            pass  # the loop is closed, and this connection with it
+
+    def _flush_unannounced(self) -> None:
+        if self._core.releases_unannounced():
+            self._flush_releases()
+
     def _flush_releases(self) -> None:
         """Releases and the credit owed, as a write of their own (what does not fit queues)."""
         frames, _ = self._core.release_frames()
@@ -737,8 +751,12 @@ class AsyncCommunicationPort:
                 message = await self.receive()
             except ConnectionClosed:
                 return
+            last = message.type in NOTICES
             yield message
-            if message.type in NOTICES:
+            # Not held while the next one is awaited: a body the caller dropped gives its
+            # range back now (a sender waiting for that space would send nothing more).
+            del message
+            if last:
                 return
 
     # -- serving --------------------------------------------------------------------------------
@@ -886,7 +904,7 @@ async def _unless_cancelled(job: asyncio.Future[Any], undo: Callable[[Any], None
 
 
 def _drop_channel(opened: tuple[Any, ...]) -> None:
-    stream, _, pidfd, _, _ = opened
+    stream, _, pidfd = opened[:3]  # open_channel's result, or accept_channel's
     stream.shutdown()
     stream.close()
     if pidfd is not None:
@@ -909,9 +927,18 @@ class AsyncConnectionRequest:
         self.data = request.data
 
     async def accept(self, data: bytes = b"", timeout: float | None = 5.0) -> AsyncCommunicationPort:
-        stream, channel, pidfd, _ = self._request.accept_channel(data, timeout, quick_ok=False)
+        # In the default executor: the reply is a blocking write that waits (up to ``timeout``)
+        # while accept data larger than the socket's buffer meets a client not reading yet.
+        job = asyncio.get_running_loop().run_in_executor(
+            None, lambda: self._request.accept_channel(data, timeout, quick_ok=False))
+        opened = await _unless_cancelled(job, _drop_channel)
         inner = self._port
         owner = self._owner
+        if inner._closed:
+            # The port closed while the accept ran: its close() would never close this one.
+            _drop_channel(opened)
+            raise ConnectionClosed(f"port {inner.name!r} is closed")
+        stream, channel, pidfd, _ = opened
 
         def gone(comm: AsyncCommunicationPort) -> None:
             inner._drop_foreign(comm)

@@ -179,10 +179,15 @@ class Connection:
         self._backlog_bytes = 0
         # The driver's hook for releases that must go out now (called from any thread).
         self.on_releases_due: Callable[[], None] | None = None
+        # The driver's hook for a received body or view collected unreleased (called from its
+        # finalizer, any thread, any moment: it may only schedule a flush). None: the driver
+        # sends such releases before it sleeps (releases_unannounced).
+        self.on_releases_dropped: Callable[[], None] | None = None
         # The driver object: every message and notice names it as ``message.port``.
         self.owner: object = None
         if self._peer_sections is not None:
             self._peer_sections.wake = self._view_released
+            self._peer_sections.dropped = self._view_dropped
 
     @property
     def peer(self) -> PeerCred:
@@ -377,6 +382,11 @@ class Connection:
             return
         if self.releases_due() and self.on_releases_due is not None:
             self.on_releases_due()
+
+    def _view_dropped(self) -> None:
+        hook = self.on_releases_dropped
+        if hook is not None:
+            hook()
 
     def releases_unannounced(self) -> bool:
         """Ranges given back without a word to the peer (a received body or view dropped

@@ -23,6 +23,7 @@ from typing import TypeVar
 from . import control, qlpc
 from .config import Config
 from .connection import (
+    BACKLOG_LIMIT,
     BUDGET_RECHECK,
     FILED_ERROR,
     FILED_INBOX,
@@ -80,6 +81,11 @@ T = TypeVar("T")
 # Runtime frames (releases, PONG) go out from the reader; a peer that stops
 # reading for this long keeps them queued rather than stalling our reads.
 _RUNTIME_SEND_TIMEOUT = 1.0
+# reply_at_once: the largest body it writes, and the room it wants in the socket for that body
+# with everything the core may owe before it (queued datagrams up to BACKLOG_LIMIT, releases,
+# a credit) and the kernel's overhead per buffer.
+_AT_ONCE_BODY = 4096
+_AT_ONCE_ROOM = BACKLOG_LIMIT + 32 * 1024
 # send_many writes at most this many small datagrams per system call: the
 # receiver decodes the first ones while the sender frames the next. Measured
 # with 500 x 64 B per batch: 1024 (one write) ~610k msg/s on one CPU and
@@ -601,6 +607,24 @@ class CommunicationPort:
             self._reply_timed_out(exc)
         self.stats.replied(message.id, size)
 
+    def reply_at_once(self, message: Message, data: Buffer) -> bool:
+        """``reply(message, data)`` if that cannot wait, else False with nothing done.
+
+        For a thread that must not block (an event loop): only an inline body, with the
+        send lock free and room in the socket for it and everything the core owes the peer.
+        """
+        if isinstance(data, SectionView) or body_size(data) > min(self._core.inline_threshold, _AT_ONCE_BODY):
+            return False
+        if not self._send_lock.acquire(blocking=False):
+            return False
+        try:
+            if self._stream.send_room() < _AT_ONCE_ROOM:
+                return False
+            self.reply(message, data)
+            return True
+        finally:
+            self._send_lock.release()
+
     def _reply_timed_out(self, exc: Timeout) -> None:
         """A reply that cannot go out is lost (it cannot be sent again), and the client would
         wait for it forever: the client stopped reading, so drop it."""
@@ -886,8 +910,12 @@ class CommunicationPort:
                 message = self.receive()
             except ConnectionClosed:
                 return
+            last = message.type in NOTICES
             yield message
-            if message.type in NOTICES:
+            # Not held while the next one is awaited: a body the caller dropped gives its
+            # range back now (a sender waiting for that space would send nothing more).
+            del message
+            if last:
                 return
 
     def _await_reply(self, message_id: int, deadline: float | None) -> Message:

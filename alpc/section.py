@@ -196,17 +196,19 @@ class View:
     reuse the space afterwards, so never keep ``memory`` beyond it.
     """
 
-    __slots__ = ("_mapping", "_on_gone", "_wake", "length", "memory", "offset", "secure")
+    __slots__ = ("_dropped", "_mapping", "_on_gone", "_wake", "length", "memory", "offset", "secure")
 
     def __init__(self, mapping: _Mapping, offset: int, length: int,
                  on_gone: Callable[[], None] | None = None, wake: Callable[[], None] | None = None,
-                 secure: bool = False) -> None:
+                 secure: bool = False, dropped: Callable[[], None] | None = None) -> None:
         self.offset = offset
         self.length = length
         # True when the section is write-sealed: nobody can change these bytes.
         self.secure = secure
         self._on_gone = on_gone
         self._wake = wake
+        # Called when the view is collected unreleased (its finalizer: any thread, any moment).
+        self._dropped = dropped
         self._mapping: _Mapping | None = None
         self.memory = mapping.acquire(offset, length)
         self._mapping = mapping
@@ -245,9 +247,9 @@ class View:
 
     def __del__(self) -> None:
         # A view the application dropped without releasing still gives its
-        # range back; the peer hears of it with the next batch of releases.
-        if self._mapping is not None:
-            self._gone()
+        # range back; ``dropped`` may only schedule telling the peer (no I/O here).
+        if self._mapping is not None and self._gone() and self._dropped is not None:
+            self._dropped()
 
     def tobytes(self) -> bytes:
         """A copy of the view's bytes (the one call for those who want bytes)."""
@@ -477,7 +479,8 @@ class Section:
         return self._mapping is not None and self._mapping.writable
 
     def view(self, offset: int = 0, length: int | None = None, *,
-             on_gone: Callable[[], None] | None = None, wake: Callable[[], None] | None = None) -> View:
+             on_gone: Callable[[], None] | None = None, wake: Callable[[], None] | None = None,
+             dropped: Callable[[], None] | None = None) -> View:
         """A view of [offset, offset + length) (to the end by default)."""
         for value in (offset, length):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
@@ -488,7 +491,7 @@ class Section:
             raise SectionError(f"range [{offset}, +{length}) is outside the {self.size}-byte section")
         if self._mapping is None:
             raise SectionError("the section is not mapped here")
-        return View(self._mapping, offset, length, on_gone, wake, self.secure)
+        return View(self._mapping, offset, length, on_gone, wake, self.secure, dropped)
 
     def seal(self) -> None:
         """Make the section immutable: unmap our copy and add F_SEAL_WRITE.
@@ -721,6 +724,8 @@ class PeerSections:
         # Ranges released (by the application or a collected view) and not yet told.
         self.pending: deque[tuple[int, int]] = deque()
         self.wake: Callable[[], None] | None = None
+        # Called from the finalizer of a view dropped unreleased (any thread): may only schedule.
+        self.dropped: Callable[[], None] | None = None
         # Automatic section bodies received and not yet copied out: while some
         # remain (the rest of one read), their releases can go out together.
         self.copies_held = 0
@@ -756,7 +761,8 @@ class PeerSections:
         released = self.pending
         key = (ref.section_id, ref.offset)
         if not copy:
-            return section.view(ref.offset, ref.length, on_gone=lambda: released.append(key), wake=self._wake)
+            return section.view(ref.offset, ref.length, on_gone=lambda: released.append(key), wake=self._wake,
+                                dropped=self._dropped)
         with self._count_lock:
             self.copies_held += 1
 
@@ -765,11 +771,15 @@ class PeerSections:
                 self.copies_held -= 1
             released.append(key)
 
-        return section.view(ref.offset, ref.length, on_gone=gone, wake=self._wake)
+        return section.view(ref.offset, ref.length, on_gone=gone, wake=self._wake, dropped=self._dropped)
 
     def _wake(self) -> None:
         if self.wake is not None and not self.closed:
             self.wake()
+
+    def _dropped(self) -> None:
+        if self.dropped is not None and not self.closed:
+            self.dropped()
 
 
     def take_releases(self) -> list[Release]:

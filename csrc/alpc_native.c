@@ -8,6 +8,7 @@
 #include <sched.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -250,6 +251,18 @@ int64_t alpc_sock_send(int fd, const uint8_t *buf, size_t len)
         n = send(fd, buf, len, MSG_DONTWAIT | MSG_NOSIGNAL);
     } while (n < 0 && errno == EINTR);
     return n < 0 ? -(int64_t)errno : (int64_t)n;
+}
+
+int64_t alpc_send_room(int fd)
+{
+    int sndbuf = 0, queued = 0;
+    socklen_t len = sizeof(sndbuf);
+
+    if (getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, &len) < 0)
+        return -(int64_t)errno;
+    if (ioctl(fd, TIOCOUTQ, &queued) < 0)
+        return -(int64_t)errno;
+    return sndbuf > queued ? (int64_t)sndbuf - queued : 0;
 }
 
 /* Kept: up to 1 + 253 fds (a section's fd and SCM_MAX_FD - 1 handles). */

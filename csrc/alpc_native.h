@@ -111,6 +111,11 @@ int64_t alpc_vm_write(int32_t pid, uint64_t base, uint64_t grant_len, uint64_t o
  * or -errno (-EAGAIN when the socket buffer is full). */
 int64_t alpc_sock_send(int fd, const uint8_t *buf, size_t len);
 
+/* Bytes fd's send buffer still takes before a write waits: SO_SNDBUF less
+ * SIOCOUTQ (both in the kernel's accounting, its overhead per buffer
+ * included), 0 when full, or -errno. */
+int64_t alpc_send_room(int fd);
+
 /* What alpc_sock_wait_recv says of a read besides its bytes. */
 enum {
     ALPC_RECV_CRED = 1,          /* it carried SCM_CREDENTIALS (now in cred[0..3)) */
