@@ -78,6 +78,7 @@ __all__ = [
     "copy_into",
     "copy_out",
     "epoll_wait",
+    "getsockopt_bytes",
     "MAX_READY",
     "parse_attributes",
     "quick_hold",
@@ -451,6 +452,20 @@ def vm_read(pid: int, base: int, grant_len: int, offset: int, into: Any) -> int:
 def vm_write(pid: int, base: int, grant_len: int, offset: int, data: Any) -> int:
     """Write ``data`` into the grant of ``pid``; bytes written, E_RANGE, or -errno."""
     return (_vm_move_py if _ext is None else _vm_move_c)(True, pid, base, grant_len, offset, data)
+
+
+def getsockopt_bytes(fd: int, level: int, option: int, size: int) -> bytes:
+    """getsockopt() into a buffer of ``size`` bytes; OSError with the errno on failure.
+
+    CPython's ``socket.getsockopt`` refuses a buffer over 1024 bytes, too small for
+    SO_PEERGROUPS of a process in more than 256 groups (up to NGROUPS_MAX, 65536).
+    """
+    buffer = ctypes.create_string_buffer(size)
+    length = ctypes.c_uint32(size)  # socklen_t
+    if _libc.getsockopt(fd, level, option, buffer, ctypes.byref(length)) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    return buffer.raw[:length.value]
 
 
 # -- the socket path of every message ------------------------------------------------

@@ -16,6 +16,7 @@ import dataclasses
 import fcntl
 import logging
 import os
+import resource
 import selectors
 import threading
 import time
@@ -187,6 +188,7 @@ class Broker:
     def bind(self) -> None:
         """Claim the runtime directory and listen; fails if another broker runs there."""
         ensure_runtime_dir(self.config.runtime_dir, shared=self.shared)
+        _raise_fd_limit()
         taken = handover.request_handover(self.config) if self._replace else None
         if taken is not None:
             try:
@@ -833,7 +835,17 @@ class Broker:
         try:
             while peer.outbox:
                 item = peer.outbox[0]
-                written = peer.stream.try_send(item.buffers, item.fds)
+                try:
+                    written = peer.stream.try_send(item.buffers, item.fds)
+                except OSError as exc:
+                    if isinstance(exc, AlpcError) or not item.fds:
+                        raise
+                    # Nothing of it went out: the kernel would not pass this client's socket on
+                    # (ETOOMANYREFS: the broker's uid has too many fds in flight, in the sockets
+                    # of servers that do not read theirs). Refuse that client; the port stays.
+                    peer.outbox.popleft()
+                    self._refuse_handoff(peer, item, exc)
+                    continue
                 if not written:
                     break
                 item.fds = []  # they rode with the first byte
@@ -850,6 +862,22 @@ class Broker:
         wanted = self._interest(peer)
         if self._selector.get_key(fd).events != wanted:
             self._selector.modify(fd, wanted, None)
+
+    def _refuse_handoff(self, owner: _Peer, item: _Outgoing, exc: OSError) -> None:
+        """A client socket that could not be passed to ``owner``: tell the client, then let it go."""
+        port = self._ports.get(owner.port) if owner.port is not None else None
+        if port is not None and port.owner is owner:
+            port.connects_refused += 1
+            port.quota_refusals += 1
+        message = f"the broker cannot pass a connection to port {owner.port!r} on now: {exc.strerror}; try again"
+        self._limited.log(logging.WARNING, ("handoff", owner.port, exc.errno), message, extra=owner.fields())
+        if item.handoff is not None:
+            try:
+                item.handoff.try_send(_frame(control.ErrorReply(code=control.ErrorCode.BUSY, message=message,
+                                                                limit=Limit.MAX_PENDING_CONNECTS)))
+            except (AlpcError, OSError):
+                pass
+        self._close_handoff(item)
 
     # -- removal -----------------------------------------------------------------
 
@@ -892,6 +920,24 @@ class Broker:
                 del self._ports[peer.port]
                 self._usage.remove_port(peer.cred.uid)
         peer.stream.close()
+
+
+def _raise_fd_limit() -> None:
+    """Take the hard RLIMIT_NOFILE as the soft one: the broker's fds are its capacity.
+
+    max_connections_per_uid keeps one user from using up the broker's fds only
+    while the broker may hold more than one uid's quota; service managers start
+    it with a soft limit of 1024 (systemd's default), that quota's own default.
+    The soft limit also caps the client sockets the broker has passed to
+    servers that have not read them yet (past it, the kernel refuses to pass more).
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft == hard:
+        return  # (infinity is above the kernel's nr_open: keep the soft limit as it is)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("cannot raise the open files limit from %d to %d: %s", soft, hard, exc)
 
 
 def _trimmed(status: control.PortStatus) -> control.PortStatus:

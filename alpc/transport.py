@@ -12,6 +12,7 @@ import fcntl
 import os
 import select
 import socket
+import stat
 import struct
 import termios
 import threading
@@ -28,6 +29,7 @@ from ._native import RECV_CRED_CHANGED as _RECV_CRED_CHANGED
 from ._native import RECV_TRUNCATED as _RECV_TRUNCATED
 from ._native import RECV_WATCHED as _RECV_WATCHED
 from ._native import epoll_wait as _epoll_wait
+from ._native import getsockopt_bytes as _getsockopt_bytes
 from ._native import recv_cred as _recv_cred
 from ._native import recv_state as _recv_state
 from ._native import send_room as _send_room
@@ -68,6 +70,8 @@ SCM_PIDFD = 0x04
 SO_PEERGROUPS = 59
 # NGROUPS_MAX: the most supplementary groups a process can have.
 _MAX_GROUPS = 65536
+# The largest buffer CPython's socket.getsockopt takes; larger ones go through libc.
+_GETSOCKOPT_MAX = 1024
 # Reads up to this size go through one preallocated buffer per stream: asking
 # recv() for more makes CPython allocate (and, past malloc's mmap threshold,
 # mmap and unmap) that much for every call, which cost ~20 us per small message.
@@ -355,6 +359,7 @@ class Stream:
 
     @classmethod
     def connect(cls, path: Path, timeout: float | None = None) -> Stream:
+        _check_planted(path.parent)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             _connect_within(sock, str(path), deadline_after(timeout))
@@ -450,7 +455,10 @@ class Stream:
         size = 64 * _FD_SIZE
         while True:
             try:
-                raw = self._sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
+                if size <= _GETSOCKOPT_MAX:
+                    raw = self._sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
+                else:
+                    raw = _getsockopt_bytes(self._fd, socket.SOL_SOCKET, SO_PEERGROUPS, size)
             except OSError as exc:
                 if exc.errno == errno.ERANGE and size < _MAX_GROUPS * _FD_SIZE:
                     size *= 16
@@ -750,6 +758,21 @@ class Stream:
             close_fds(fds)
             fds = []
         return Received(data, fds, cred, truncated, pidfd)
+
+
+def _check_planted(directory: Path) -> None:
+    """Refuse a broker's directory that anyone could have made: one in a directory every user
+    may create entries in (/tmp, home of the default /tmp/alpc-$UID) that is neither ours nor
+    root's. Whoever made it first runs the broker there, and would serve every name we ask for.
+    """
+    try:
+        owner = directory.lstat().st_uid
+        parent_mode = directory.parent.stat().st_mode
+    except OSError:
+        return  # nothing there (or out of reach): connect() says so
+    if owner not in (os.getuid(), 0) and parent_mode & stat.S_IWOTH:
+        raise AccessDenied(f"the broker's directory {directory} belongs to uid {owner}, not to us or root, "
+                           f"in {directory.parent}, where anyone may create it")
 
 
 def _connect_within(sock: socket.socket, address: str, deadline: float | None) -> None:

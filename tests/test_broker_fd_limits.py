@@ -1,0 +1,148 @@
+"""The broker's fds: its per-uid connection quota against the process's own fd limit, and
+the client sockets it passes to servers (the tests run as root; peers drop to other uids).
+
+``max_connections_per_uid`` (1024 by default) is what keeps one user from using up the
+broker's fds, so that user alone is refused. That only holds if the broker may open more
+fds than one uid's quota: a service manager starts it with a soft RLIMIT_NOFILE of 1024
+(systemd's default, hard 524288). The broker runs here with a soft limit of 64 and a quota
+of 1024: one uid holding 100 connections must not lock every other user out.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import alpc
+from alpc import control
+from alpc.exchange import control_frame, read_frame
+from alpc.quotas import Limit
+from alpc.transport import Stream, deadline_after
+from alpc.wire import FrameDecoder, FrameLimits, MessageType
+
+HOSTILE_PEERS = Path(__file__).resolve().parent / "hostile" / "hostile_peers.py"
+SEC_PEERS = Path(__file__).resolve().parent / "security_peers.py"
+# Not 65534: other test runs on this machine use that uid, and its connections would count here.
+HOG_UID = 54321
+
+pytestmark = [
+    pytest.mark.timeout(60),
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the hog as another uid"),
+]
+
+
+def test_one_uid_within_its_quota_cannot_use_up_the_brokers_fds(runtime_dir: Path, config: alpc.Config,  # type: ignore[no-untyped-def]
+                                                                spawn) -> None:
+    broker = spawn.argv([sys.executable, str(SEC_PEERS), "broker", str(runtime_dir), "0", "64"])
+    broker.expect("READY")
+    try:
+        hog = spawn.argv([sys.executable, str(HOSTILE_PEERS), "hog", "-", "--runtime-dir", str(runtime_dir),
+                          "--as-user", str(HOG_UID), "--count", "100", "--timeout", "5"])
+        assert hog.expect("HELD") == ["100"]
+        # Everyone else is still served.
+        with alpc.create_port("svc.after", config=config, timeout=5):
+            usage = {u.uid: u.connections for u in alpc.port_stats("", config).broker.usage}
+            assert usage[HOG_UID] == 100
+        hog.send("release")
+        hog.expect("RELEASED")
+    finally:
+        broker.proc.stdin.close()  # the broker stops (and removes its socket) when stdin closes
+        assert broker.expect("") == ["BYE"]
+
+
+# The uid of a broker that may not raise its fd limit (soft = hard); its own, so that no other
+# process's fds in flight count against it (the kernel counts them per uid).
+BROKER_UID = 54322
+HOARDED = 80
+_LIMITS = FrameLimits(allowed_types=frozenset({MessageType.PORT_CREATED, MessageType.ERROR}),
+                      max_data=control.MAX_CONTROL_BODY)
+
+
+@pytest.fixture
+def broker_home() -> Iterator[Path]:
+    """A runtime dir of BROKER_UID, in a directory only root may write to."""
+    parent = Path(tempfile.mkdtemp(prefix="sec-broker-"))
+    os.chmod(parent, 0o755)
+    home = parent / "alpc"
+    home.mkdir(mode=0o700)
+    os.chown(home, BROKER_UID, BROKER_UID)
+    try:
+        yield home
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+def _raw_server(config: alpc.Config, name: str) -> socket.socket:
+    """A server that registers ``name`` and then never reads what the broker sends it."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(config.broker_socket))
+    sock.sendall(b"".join(control_frame(control.CreatePort(
+        name=name, max_message_length=1 << 20, max_connect_data=1024, max_pending_connects=1000,
+        acl=control.AclSpec(allow_everyone=True)))))
+    stream = Stream.from_fd(os.dup(sock.fileno()))
+    try:
+        frame, _ = read_frame(stream, FrameDecoder(_LIMITS), deadline_after(10), "the port")
+    finally:
+        stream.close()
+    assert frame is not None and frame.type is MessageType.PORT_CREATED
+    return sock
+
+
+def _raw_connect(config: alpc.Config, name: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(config.broker_socket))
+    sock.sendall(b"".join(control_frame(control.Connect(name=name, data=b"", max_message_length=1 << 20,
+                                                        max_section_bytes=1 << 20))))
+    return sock
+
+
+def test_a_server_that_never_reads_cannot_take_another_port_down(broker_home: Path, spawn) -> None:  # type: ignore[no-untyped-def]
+    """Past its fd limit the kernel refuses to pass one more socket: that connect is refused, and
+    the port whose client it was keeps its name (no-one else can take it meanwhile)."""
+    broker = spawn.argv([sys.executable, str(SEC_PEERS), "broker", str(broker_home), str(BROKER_UID), "64:64"])
+    broker.expect("READY")
+    config = alpc.Config.from_env(broker_home)
+    held: list[socket.socket] = []
+    try:
+        with alpc.create_port("svc.legit", alpc.PortAttributes(acl=alpc.PortAcl(allow_everyone=True)),
+                              config=config, timeout=5) as legit:
+            hoarder = _raw_server(config, "svc.hoard")
+            held = [hoarder] + [_raw_connect(config, "svc.hoard") for _ in range(HOARDED)]
+            # The broker deals with the connects on its own time: poll its books (bounded) until it
+            # took every one (passed on or refused), or dropped the port.
+            give_up = time.monotonic() + 20
+            while time.monotonic() < give_up:
+                try:
+                    if alpc.port_stats("svc.hoard", config).ports[0].connects_forwarded == HOARDED:
+                        break
+                except alpc.PortNotFound:
+                    break
+            # The broker's uid has more client sockets in flight than it may: this connect is refused ...
+            with pytest.raises(alpc.QuotaExceeded) as refused:
+                alpc.connect("svc.legit", config=config, timeout=5).close()
+            assert refused.value.limit == Limit.MAX_PENDING_CONNECTS
+            # ... but the port stays registered, its registration untouched.
+            assert [port.name for port in alpc.list_ports(config)] == ["svc.hoard", "svc.legit"]
+            assert legit.registered and legit.registrations == 1
+            # The hoarder leaves: its sockets are no longer in flight, and the port serves again.
+            hoarder.close()
+            accepted: list[alpc.CommunicationPort] = []
+            listener = threading.Thread(target=lambda: accepted.append(legit.listen(timeout=10).accept()))
+            listener.start()
+            with alpc.connect("svc.legit", config=config, timeout=10):
+                listener.join(10)
+            accepted[0].close()
+    finally:
+        for sock in held:
+            sock.close()
+        broker.proc.stdin.close()
+        assert broker.expect("") == ["BYE"]
