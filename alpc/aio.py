@@ -969,6 +969,8 @@ class AsyncConnectionPort:
         self._comms: set[AsyncCommunicationPort] = set()
         # Every connection accepted through this port (serve() or listen()/accept()), still open.
         self._accepted: set[AsyncCommunicationPort] = set()
+        # What listen() awaits on the broker link, for close() to end.
+        self._listening: set[asyncio.Future[None]] = set()
 
     async def listen(self, timeout: float | None = None) -> AsyncConnectionRequest:
         """The next connection request, waiting on the broker link through the loop."""
@@ -996,6 +998,8 @@ class AsyncConnectionPort:
         for fd in fds:
             self._loop.add_reader(fd, fired)
         future.add_done_callback(lambda _: [self._loop.remove_reader(fd) for fd in fds])
+        self._listening.add(future)
+        future.add_done_callback(self._listening.discard)
         return future
 
     async def serve(self, handler: Handler, *, accept: Callable[[AsyncConnectionRequest], bool] | None = None,
@@ -1042,6 +1046,11 @@ class AsyncConnectionPort:
         for comm in list(self._accepted):  # serve()'s connections too: accept() records every one
             await comm.close()
         await self._loop.run_in_executor(None, self._port.close)
+        # A listen() awaiting the link: a closed fd leaves the selector without an event, so
+        # wake it here; it finds the port closed (ConnectionClosed), where it slept on before.
+        for future in list(self._listening):
+            if not future.done():
+                future.set_result(None)
 
     async def __aenter__(self) -> AsyncConnectionPort:
         return self

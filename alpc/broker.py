@@ -40,7 +40,7 @@ __all__ = ["MAX_REQUEST", "TICK", "Broker", "list_ports"]
 
 log = logging.getLogger(__name__)
 
-# No broker request legitimately needs more: connect data is bounded far below.
+# No broker request legitimately needs more: connect data is bounded far below (config.MAX_CONNECT_DATA).
 MAX_REQUEST = 1024 * 1024
 LOCK_NAME = "broker.lock"
 # Housekeeping (suppressed-log summaries, service status) runs this often.
@@ -448,6 +448,7 @@ class Broker:
         elif kind is MessageType.CONNECT:
             request = control.decode_body(kind, frame.data, control.Connect)
             request.flow.limits()  # what no honest client announces never reaches a server
+            control.check_connect_limits(request)
             self._connect(peer, request)
         elif kind is MessageType.PORT_STATUS:
             status = control.decode_body(kind, frame.data, control.PortStatus)

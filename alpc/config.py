@@ -16,6 +16,7 @@ from .security import HandleKind, PortAcl
 __all__ = [
     "BROKER_SOCKET_NAME",
     "Config",
+    "MAX_CONNECT_DATA",
     "PortAttributes",
     "SECTION_BACKENDS",
     "default_runtime_dir",
@@ -28,6 +29,10 @@ BROKER_SOCKET_NAME = "broker.sock"
 KIB = 1024
 MIB = 1024 * KIB
 GIB = 1024 * MIB
+# The most connect (and accept) data a port or client may allow: the broker reads no request
+# longer than 1 MiB (broker.MAX_REQUEST), and drops a longer one without a word, which the
+# client could only take for a broker that went away.
+MAX_CONNECT_DATA = 512 * KIB
 
 # "memfd": sealed memfd passed by SCM_RIGHTS (Linux); "posix": POSIX shared
 # memory through posix_ipc, which cannot be sealed (non-Linux systems).
@@ -59,6 +64,11 @@ def _check_count(owner: str, name: str, value: object) -> None:
     """A positive int limit; bool is refused (the broker's decoder does) and so is one past 64 bits."""
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_LIMIT:
         raise ValueError(f"{owner}.{name} must be a positive int up to {MAX_LIMIT}, got {value!r}")
+
+
+def _check_connect_data(owner: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_CONNECT_DATA:
+        raise ValueError(f"{owner}.max_connect_data must be an int in 1..{MAX_CONNECT_DATA}, got {value!r}")
 
 
 def _check_quick(owner: str, slots: int, slot_size: int, spin_us: int) -> None:
@@ -226,7 +236,8 @@ class PortAttributes:
         if self.quick_lpc and self.refuse_identity_change:
             raise ValueError("PortAttributes: Quick-LPC ring messages carry no SCM_CREDENTIALS, so a port that "
                              "refuses identity changes cannot offer them (quick_lpc with refuse_identity_change)")
-        for name in ("max_connect_data", "max_pending_connects", "max_port_section_bytes", "max_connections"):
+        _check_connect_data("PortAttributes", self.max_connect_data)
+        for name in ("max_pending_connects", "max_port_section_bytes", "max_connections"):
             _check_count("PortAttributes", name, getattr(self, name))
         if not isinstance(self.inline_threshold, int) or not 0 <= self.inline_threshold <= 16 * MIB:
             raise ValueError(f"PortAttributes.inline_threshold must be 0..16 MiB, got {self.inline_threshold!r}")
@@ -281,7 +292,7 @@ class Config:
         if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
                                     or not timeout >= 0):
             raise ValueError(f"Config.connect_timeout must be a number of seconds >= 0, got {self.connect_timeout!r}")
-        _check_count("Config", "max_connect_data", self.max_connect_data)
+        _check_connect_data("Config", self.max_connect_data)
         _check_sections("Config", self.max_message_length, self.section_size, self.max_section_bytes,
                         self.section_backend)
         _check_handles("Config", self.handle_kinds, self.max_handles_per_message, self.max_inflight_handles)

@@ -69,6 +69,7 @@ __all__ = [
     "Stats",
     "StatsList",
     "UidUsageInfo",
+    "check_connect_limits",
     "decode_body",
     "encode_body",
     "encoded_size",
@@ -338,6 +339,16 @@ class ConnectionRequestInfo(Body):
     max_message_length: int
     max_section_bytes: int
     flow: FlowSpec = field(default_factory=FlowSpec)
+
+
+def check_connect_limits(request: Connect | ConnectionRequestInfo) -> None:
+    """ProtocolError for a connect announcing limits no honest client does (Config keeps them
+    in range): a server would build the channel on them, and a max_message_length below 0
+    made even an empty reply raise MessageTooLarge at the server."""
+    if not 1 <= request.max_message_length <= 0xFFFFFFFF:
+        raise ProtocolError(f"announced max_message_length of {request.max_message_length} is outside 1..2**32-1")
+    if request.max_section_bytes < 0:
+        raise ProtocolError(f"announced max_section_bytes of {request.max_section_bytes} is negative")
 
 
 @dataclass(frozen=True)

@@ -1441,11 +1441,12 @@ def open_channel(name: str, data: bytes = b"", *, timeout: float | None = None, 
             raise refusal_after_hangup(stream) or BrokerUnavailable("the broker went away during the connect") \
                 from None
         reply, server, quick_fd = _await_connection_reply(stream, name, deadline, pidfds if passpidfd else None)
+        if server_uid is not None and server.uid != server_uid:
+            # The broker said otherwise, or was not asked: the kernel's word wins, and before
+            # anything the reply says (an impostor's rejection is not the server's).
+            raise AccessDenied(f"the server of {name!r} runs as uid {server.uid}, not the required uid {server_uid}")
         if not reply.accepted:
             raise ConnectionRejected(reply.reason)
-        if server_uid is not None and server.uid != server_uid:
-            # The broker said otherwise, or was not asked: the kernel's word wins.
-            raise AccessDenied(f"the server of {name!r} runs as uid {server.uid}, not the required uid {server_uid}")
         peer_flow = reply.flow.limits()
         if passpidfd:
             stream.set_passpidfd(False)

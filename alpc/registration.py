@@ -407,7 +407,11 @@ class Registration:
         with self._lock:
             self._closed = True
             self._live = False
+            # Wake a listen()/wait() of another thread polling the link (or, in a gap, the
+            # wake-up): closing an fd wakes no poll, so it would sleep out its whole timeout.
+            _signal(self._wake)
             if self._stream is not None:
+                self._stream.shutdown()
                 self._stream.close()
             self._decoder.close_fds()
             os.close(self._wake)

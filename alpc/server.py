@@ -337,6 +337,7 @@ class ConnectionPort:
     def _handle_registration_frame(self, frame: Frame) -> None:
         try:
             info = control.decode_body(frame.type, frame.data, control.ConnectionRequestInfo)
+            control.check_connect_limits(info)  # checked by the broker too; the client is not trusted
             peer_flow = info.flow.limits()
             stream = Stream.from_fd(frame.fds[0])
         except (ProtocolError, OSError) as exc:
@@ -416,15 +417,13 @@ class ConnectionPort:
         comm._on_ready = self._ready.append
         comm._on_budget_blocked = self._budget_blocked
         with self._lock:
-            self._connections[comm] = None
-            if quick is not None:
-                self._quick_comms.add(comm)
-                mark = functools.partial(self._quick_unarmed.append, weakref.ref(comm))
-                quick.on_take = mark
-                mark()
-            for fd in comm.wait_fds():
-                self._owners[fd] = comm
-                self._poller.register(fd)
+            closed = self._closed
+            if not closed:
+                self._hold(comm, quick)
+        if closed:
+            # close() ran while this accept was writing its reply: it could not close this one.
+            comm.close()
+            raise ConnectionClosed(f"port {self.name!r} is closed")
         self._link.report_soon()
         return comm
 
@@ -434,6 +433,18 @@ class ConnectionPort:
         for comm in self.connections:
             if comm is not asker:
                 comm._give_back_idle_sections()
+
+    def _hold(self, comm: CommunicationPort, quick: qlpc.QuickLink | None) -> None:
+        """Count ``comm`` among the port's connections and watch its fds (caller holds _lock)."""
+        self._connections[comm] = None
+        if quick is not None:
+            self._quick_comms.add(comm)
+            mark = functools.partial(self._quick_unarmed.append, weakref.ref(comm))
+            quick.on_take = mark
+            mark()
+        for fd in comm.wait_fds():
+            self._owners[fd] = comm
+            self._poller.register(fd)
 
     def _forget(self, comm: CommunicationPort) -> None:
         # Called before the comm closes its fds, so a reused fd number never meets a stale entry.

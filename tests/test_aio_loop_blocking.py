@@ -18,13 +18,14 @@ import pytest
 import alpc
 from alpc import aio, control
 from alpc.completion import CompletionPort
+from alpc.config import MAX_CONNECT_DATA
 from alpc.exchange import control_frame
 from alpc.security import kinds_mask
 
 pytestmark = pytest.mark.timeout(60)
 
 MIB = 1024 * 1024
-ACCEPT_DATA = 4 * MIB  # far more than a fresh socket's send buffer (net.core.wmem_default)
+ACCEPT_DATA = 384 * 1024  # more than a fresh socket's send buffer (net.core.wmem_default, 208 KiB)
 
 
 def _raw_connect(config: alpc.Config, name: str) -> socket.socket:
@@ -53,7 +54,7 @@ def test_accept_with_large_accept_data_leaves_the_loop_free(broker, config) -> N
     """AsyncConnectionRequest.accept() wrote the connection reply from the loop thread with a
     blocking send: accept data larger than the socket's buffer, to a client that reads only
     later, froze every task of the loop for up to the accept's timeout."""
-    server_config = dataclasses.replace(config, max_connect_data=2 * ACCEPT_DATA)
+    server_config = dataclasses.replace(config, max_connect_data=MAX_CONNECT_DATA)
     loop_free = threading.Event()
     received: list[int] = []
 

@@ -121,6 +121,7 @@ def fuzz_broker(data: bytes) -> None:
             body = control.decode_body(frame.type, frame.data, _BODIES[frame.type])
             if isinstance(body, control.Connect):
                 body.flow.limits()
+                control.check_connect_limits(body)
                 control.validate_port_name(body.name)
             elif isinstance(body, control.CreatePort):
                 body.acl.acl()
@@ -145,6 +146,8 @@ def fuzz_handshake(data: bytes) -> None:
         if isinstance(body, (control.ConnectionReply, control.ConnectionRequestInfo)):
             try:
                 body.flow.limits()
+                if isinstance(body, control.ConnectionRequestInfo):
+                    control.check_connect_limits(body)
             except AlpcError:
                 pass
         elif isinstance(body, control.ErrorReply):
