@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .connection import NOTICES
-from .errors import ConnectionClosed, Timeout
+from .errors import AlpcError, ConnectionClosed, Timeout
 from .protocol import Message
 from .server import ConnectionPort, ConnectionRequest
 from .transport import Buffer
@@ -183,6 +183,12 @@ class CompletionPort:
             comm = request.accept()
         except ConnectionClosed:
             return
+        except (AlpcError, OSError) as exc:
+            # That client only (out of fds, say): the accept closed what it took, and the
+            # loop goes on serving everyone else.
+            log.warning("cannot accept %r: %s", request, exc)
+            request.close()
+            return
         comm._on_cancel = self._cancelled
 
     def _dispatch(self, message: Message) -> None:
@@ -206,12 +212,14 @@ class CompletionPort:
     def _run(self, message: Message) -> None:
         self._running += 1
         try:
-            if not message.cancelled:
+            if message.cancelled:
+                return
+            try:
                 result = self.handler(message)
-                self._answer(message, result)  # type: ignore[arg-type]
-        except Exception:
-            log.exception("handler failed on %r", message)
-            self._answer(message, b"")
+            except Exception:
+                log.exception("handler failed on %r", message)
+                result = b""
+            self._reply(message, result)  # type: ignore[arg-type]
         finally:
             self._running -= 1
             self.handled += 1
@@ -298,12 +306,17 @@ class CompletionPort:
         await asyncio.get_running_loop().run_in_executor(None, self._reply, message, result)
 
     def _reply(self, message: Message, result: Buffer | None) -> None:
-        """Answer as the sync pool does: a result the port refuses is logged, and an empty reply goes."""
+        """Answer with ``result``; one the port refuses is logged and an empty reply goes, so the
+        client is not left waiting. If even that fails it is only logged: an exception here
+        would end this worker (serve() itself, or every later turn of an ordered client)."""
         try:
             self._answer(message, result)
         except Exception:
-            log.exception("handler failed on %r", message)
-            self._answer(message, b"")
+            log.exception("cannot reply to %r with the handler's result", message)
+            try:
+                self._answer(message, b"")
+            except Exception:
+                log.exception("cannot reply to %r at all", message)
 
     def _task_done(self, key: tuple[Any, int], message: Message) -> None:
         with self._lock:

@@ -434,3 +434,57 @@ def test_control_aio_reply_without_fds_cancelled_behind_a_queue_goes_out(broker,
     lines, answer, _ = _cancelled_reply_behind_a_queue(config, client, "cp.nofds", with_fds=False, reply_again=False)
     assert lines == ["Q", "Z", "END"], lines
     assert answer == ["REPLY", "r"], answer
+
+
+# -- a reply or an accept that fails ends only its own turn ----------------------------------
+
+
+def _upper(message: alpc.Message) -> bytes:
+    return message.data.upper()
+
+
+async def _upper_async(message: alpc.Message) -> bytes:
+    return message.data.upper()
+
+
+@pytest.mark.parametrize("handler", [_upper, _upper_async], ids=["sync", "async"])
+def test_a_reply_that_cannot_be_sent_at_all_ends_only_its_own_turn(broker, config, monkeypatch,  # type: ignore[no-untyped-def]
+                                                                   handler) -> None:
+    """The handler's reply and the fallback empty reply both raise (anything but
+    ConnectionClosed): both are logged and serve() goes on; with ordered=True the same
+    client's next request is still handled."""
+    real_reply = alpc.CommunicationPort.reply
+
+    def reply(self, message, data=b"", *args, **kwargs):  # type: ignore[no-untyped-def]
+        if message.data == b"boom":
+            raise RuntimeError("injected: this reply cannot be sent")
+        return real_reply(self, message, data, *args, **kwargs)
+
+    monkeypatch.setattr(alpc.CommunicationPort, "reply", reply)
+    with alpc.create_port("cp.boom", config=config) as port, \
+            alpc.CompletionPort(port, handler, ordered=True, max_workers=1) as completion, serving(completion):
+        with alpc.connect("cp.boom", config=config, timeout=10) as comm:
+            lost = comm.start_request(b"boom", timeout=10)
+            assert comm.request(b"next", timeout=10).data == b"NEXT"
+            with pytest.raises(alpc.Timeout):
+                lost.result(timeout=0)  # its turn ended with no reply at all
+
+
+def test_an_accept_that_fails_refuses_only_that_client(broker, config, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """ConnectionRequest.accept() failing with an OSError (EMFILE: out of fds) or an AlpcError
+    other than ConnectionClosed: that client is refused, and the loop serves the next one."""
+    real_accept = alpc.ConnectionRequest.accept
+    failures = [OSError(24, "Too many open files")]
+
+    def accept(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if failures:
+            raise failures.pop()
+        return real_accept(self, *args, **kwargs)
+
+    monkeypatch.setattr(alpc.ConnectionRequest, "accept", accept)
+    with alpc.create_port("cp.emfile", config=config) as port, \
+            alpc.CompletionPort(port, _upper) as completion, serving(completion):
+        with pytest.raises(alpc.ConnectionRejected):
+            alpc.connect("cp.emfile", config=config, timeout=10)
+        with alpc.connect("cp.emfile", config=config, timeout=10) as comm:
+            assert comm.request(b"after", timeout=10).data == b"AFTER"
