@@ -710,6 +710,7 @@ class AsyncCommunicationPort:
             core.check_open()
             if core.releases_unannounced():
                 self._flush_releases()
+                continue  # that write may have found the peer gone and ended the connection
             waiter = self._loop.create_future()
             if message_id is None:
                 self._inbox_waiters.append(waiter)

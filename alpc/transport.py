@@ -761,10 +761,13 @@ class Stream:
 
 
 def _check_planted(directory: Path) -> None:
-    """Refuse a broker's directory that anyone could have made: one in a directory every user
-    may create entries in (/tmp, home of the default /tmp/alpc-$UID) that is neither ours nor
-    root's. Whoever made it first runs the broker there, and would serve every name we ask for.
+    """Refuse a broker's directory named as our fallback default (alpc-$UID) in a directory
+    every user may create entries in (/tmp) when it is neither ours nor root's: whoever made
+    it first runs the broker there, and would serve every name we ask for. A directory named
+    otherwise was chosen by whoever configured it (another user's broker, on purpose).
     """
+    if directory.name != f"alpc-{os.getuid()}":
+        return
     try:
         owner = directory.lstat().st_uid
         parent_mode = directory.parent.stat().st_mode

@@ -21,6 +21,7 @@ import pytest
 import alpc
 import alpc.aio
 from alpc.broker import list_ports
+from alpc.wire import MessageType
 
 SECTION_PEERS = Path(__file__).resolve().parent / "section_peers.py"
 CRASH_PEERS = Path(__file__).resolve().parent / "crash_peers.py"
@@ -93,3 +94,31 @@ def test_a_killed_servers_port_is_released_while_its_forked_worker_lives(broker,
             assert port.name == "svc.forked"
     finally:
         os.kill(worker, signal.SIGKILL)
+
+
+@pytest.mark.timeout(60)
+def test_an_aio_receive_whose_release_finds_the_peer_dead_ends_at_once(broker, config, spawn,  # type: ignore[no-untyped-def]
+                                                                       runtime_dir) -> None:
+    """A receive with nothing queued first tells the peer of bodies dropped unreleased; when
+    that write is what finds the peer dead (its EOF not read yet), the connection ends there
+    and the receive must say so, not sleep out its timeout on a waiter nobody will wake."""
+    async def main() -> None:
+        async with await alpc.aio.create_port("svc.lastrelease", config=config) as port:
+            streamer = spawn.argv([sys.executable, str(SECTION_PEERS), "streamer", "svc.lastrelease",
+                                   "--runtime-dir", str(runtime_dir), "--count", "1", "--size", "1000"])
+            request = await port.listen(timeout=10)
+            comm = await request.accept()
+            streamer.expect("SENT")
+            message = await comm.receive(timeout=10)  # a section body, never released
+            os.kill(streamer.pid, signal.SIGKILL)
+            os.waitid(os.P_PID, streamer.pid, os.WEXITED | os.WNOWAIT)  # dead; the loop has not run since
+            del message  # its release is owed now, and the next receive writes it first
+            try:
+                with pytest.raises(alpc.PeerGone):
+                    notice = await comm.receive(timeout=5)
+                    assert notice.type is MessageType.CLIENT_DIED
+                    await comm.receive(timeout=5)
+            finally:
+                streamer.kill()
+
+    asyncio.run(main())
