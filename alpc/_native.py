@@ -39,6 +39,7 @@ __all__ = [
     "E_WATCH",
     "RECV_CRED",
     "RECV_CRED_CHANGED",
+    "RECV_NOFILE",
     "RECV_SIZE",
     "RECV_TRUNCATED",
     "RECV_WATCHED",
@@ -479,7 +480,7 @@ RECV_SIZE = 64 * 1024
 # A section's fd and up to 253 handles (quotas caps max_handles_per_message); csrc takes 256.
 _MAX_RECV_FDS = 256
 # What sock_wait_recv's flags say of a read (csrc/alpc_native.h).
-RECV_CRED, RECV_CRED_CHANGED, RECV_TRUNCATED, RECV_WATCHED = 1, 2, 4, 8
+RECV_CRED, RECV_CRED_CHANGED, RECV_TRUNCATED, RECV_WATCHED, RECV_NOFILE = 1, 2, 4, 8, 16
 _scratch = threading.local()
 
 

@@ -197,20 +197,26 @@ class AsyncCommunicationPort:
         try:
             return await self._wait(lambda: core.take_reply(message_id), message_id, wait_until, "the reply")
         except Timeout as exc:
-            self.cancel(message_id)
-            core.forget_cancelled(message_id)
+            self._give_up(message_id)
             if deadline is not None and wait_until == deadline:
                 raise DeadlineExceeded(f"request {message_id} ran past its deadline") from exc
             raise
         except asyncio.CancelledError:
-            self.cancel(message_id)
-            core.forget_cancelled(message_id)
+            self._give_up(message_id)
             raise
         except Cancelled:
             raise
         except BaseException:
             core.abandon(message_id)
             raise
+
+    def _give_up(self, message_id: int) -> None:
+        """The caller stopped waiting: cancel the request, or, when its reply came already
+        (filed while the task was about to resume), drop that reply and close its fds, as
+        the blocking driver's ``_await_reply`` does; nobody else will take it."""
+        if not self.cancel(message_id):
+            self._core.abandon(message_id)
+        self._core.forget_cancelled(message_id)
 
     async def _send_request(self, body: WirePayload, deadline: float | None, wait_until: float | None,
                             fds: Sequence[int]) -> int:
@@ -222,8 +228,7 @@ class AsyncCommunicationPort:
             await self._write(frames, wait_until, fds)
         except asyncio.CancelledError:
             # _write queued the bytes before its first await (they go out): cancel it at the server.
-            self.cancel(message_id)
-            core.forget_cancelled(message_id)
+            self._give_up(message_id)
             raise
         except BaseException:
             # Its bytes were handed to the kernel or queued (they go out), or the
@@ -443,8 +448,7 @@ class AsyncCommunicationPort:
             # stays the peer's until it releases it.
             written = True
             if kind is MessageType.REQUEST and message_id:
-                self.cancel(message_id)  # its frame goes out: the CANCEL follows it
-                core.forget_cancelled(message_id)
+                self._give_up(message_id)  # its frame goes out: the CANCEL follows it
             raise
         except BaseException:
             written = self._stream.broken
@@ -600,7 +604,10 @@ class AsyncCommunicationPort:
                 return
         batch = core.receive(data, fds, sender, truncated)
         if batch.error is not None:
-            log.warning("protocol error from pid %s, dropping the connection: %s", self.peer.pid, batch.error)
+            if batch.peer_fault:
+                log.warning("protocol error from pid %s, dropping the connection: %s", self.peer.pid, batch.error)
+            else:  # this process ran out of fds: not the peer's doing
+                log.warning("connection with pid %s: %s", self.peer.pid, batch.error)
             self._ended()
             return
         frames, _ = core.outgoing(batch)

@@ -46,6 +46,7 @@ from typing import NamedTuple
 from . import _native
 from .errors import Cancelled, ConnectionClosed, DeadlineExceeded, PeerGone, ProtocolError, SectionError
 from .grant import LocalGrant, PeerMemory
+from .handles import NOFILE, close_quietly
 from .protocol import Buffer, Channel, Frames, Message, Payload, payload_parts
 from .section import SectionView, View
 from .security import PeerCred
@@ -123,6 +124,8 @@ class Batch(NamedTuple):
     messages: list[Message]
     urgent: bool  # the peer must hear of our releases at once
     error: str | None  # a protocol violation: the connection is dropped
+    # False when the error is this process's own (out of fds), not the peer's violation.
+    peer_fault: bool = True
 
 
 class Wake(NamedTuple):
@@ -286,7 +289,9 @@ class Connection:
         """The caller stopped waiting: drop its reply (now or when it comes) and the server's
         pending fallback read of its grant."""
         self.channel.abandon(request_id)
-        self.replies.pop(request_id, None)
+        reply = self.replies.pop(request_id, None)
+        if reply is not None:
+            reply.close_handles()  # now, not whenever the message is collected
         self._grant_reads.pop(request_id, None)
 
     def unsent(self, request_id: int) -> None:
@@ -492,14 +497,18 @@ class Connection:
     # -- receiving --------------------------------------------------------------------
 
     def receive(self, data: bytes, fds: Iterable[int] = (), sender: PeerCred | None = None,
-                truncated: bool = False) -> Batch:
-        """Decode one read (``sender``: its SCM_CREDENTIALS; ``truncated``: MSG_CTRUNC).
+                truncated: int = False) -> Batch:
+        """Decode one read (``sender``: its SCM_CREDENTIALS; ``truncated``: MSG_CTRUNC, or
+        handles.NOFILE when this process could not take the fds).
 
         A protocol violation ends the connection (``Batch.error``).
         """
+        if truncated == NOFILE:
+            close_quietly(fds)
+            return self._out_of_fds()
         channel = self.channel
         try:
-            messages = channel.receive(data, fds, sender, truncated)
+            messages = channel.receive(data, fds, sender, bool(truncated))
         except ProtocolError as exc:
             self.stats.errors += 1
             self.fail(PeerGone(f"protocol error: {exc}"), notice=f"protocol error: {exc}")
@@ -508,6 +517,17 @@ class Connection:
         if urgent:
             channel.releases_urgent = False
         return Batch(messages, urgent, None)
+
+    def _out_of_fds(self) -> Batch:
+        """The fds of the peer's last write were lost: our fd table is full (RLIMIT_NOFILE).
+
+        The message (and a section it introduced) cannot be rebuilt, so the connection
+        ends; but the peer broke no rule, and its notice and the log say whose fault it is.
+        """
+        error = ("this process is out of fds (RLIMIT_NOFILE): the fds the peer passed "
+                 "could not be received, so its connection was dropped")
+        self.fail(ConnectionClosed(error), notice=error)
+        return Batch([], False, error, peer_fault=False)
 
     def receive_one(self, data: bytes, sender: PeerCred | None = None) -> int:
         """The common read in one step: one plain reply, request or datagram, decoded and filed.
@@ -764,9 +784,13 @@ class Connection:
         frames = [] if self.failure is not None else self.channel.close_notice()
         if self.failure is None:
             self.failure = ConnectionClosed("the port is closed")
-        for message in self.inbox:
-            message.close_handles()  # nobody will take them
+        # Nobody will take them: replies read for requests whose caller never asked (a
+        # PendingRequest still held) as much as the inbox, or their fds would live as long
+        # as the port object does.
+        for message in (*self.inbox, *self.replies.values()):
+            message.close_handles()
         self.inbox.clear()
+        self.replies.clear()
         self.finalize_wanted = True
         return frames
 

@@ -21,6 +21,7 @@ from .security import HandleKind
 __all__ = [
     "Classifier",
     "Handle",
+    "NOFILE",
     "ReceivedHandles",
     "check_outgoing",
     "classify",
@@ -41,6 +42,11 @@ _ANON = {
 }
 
 Classifier = Callable[[int], HandleKind]
+
+# A read's ``truncated`` (transport.ChannelRead) when its fds were lost because this process
+# could not take them (its fd table was full: EMFILE), rather than because the sender attached
+# more than it may (True, 1): the connection cannot go on, but the sender broke no rule.
+NOFILE = 2
 
 
 class Handle(NamedTuple):

@@ -1220,7 +1220,7 @@ class CommunicationPort:
             return
         self._deliver(data, fds, sender, truncated)
 
-    def _deliver(self, data: bytes, fds: list[int], sender: PeerCred | None = None, truncated: bool = False) -> None:
+    def _deliver(self, data: bytes, fds: list[int], sender: PeerCred | None = None, truncated: int = False) -> None:
         """Hand one read (and its sender's credentials) to the core, send what it owes the peer,
         wake whoever waits."""
         core = self._core
@@ -1239,7 +1239,7 @@ class CommunicationPort:
             if batch.error is None:
                 frames, token = core.outgoing(batch)
         if batch.error is not None:
-            self._protocol_error(batch.error)
+            self._protocol_error(batch.error, batch.peer_fault)
             return
         if frames:
             self._write_runtime(frames, token)
@@ -1259,10 +1259,12 @@ class CommunicationPort:
         if wake.inbox and self._on_ready is not None:
             self._on_ready(self)
 
-    def _protocol_error(self, error: str) -> None:
+    def _protocol_error(self, error: str, peer_fault: bool = True) -> None:
         peer = self.peer
-        _limited.log(logging.WARNING, ("protocol", peer.uid, peer.pid),
-                     f"protocol error from pid {peer.pid}, dropping the connection: {error}",
+        # Not the peer's fault (this process ran out of fds): say so, rather than blame it.
+        text = (f"protocol error from pid {peer.pid}, dropping the connection: {error}" if peer_fault
+                else f"connection with pid {peer.pid}: {error}")
+        _limited.log(logging.WARNING, ("protocol", peer.uid, peer.pid), text,
                      extra=fields(pid=peer.pid, uid=peer.uid, gid=peer.gid))
         self._ended()
 

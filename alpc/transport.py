@@ -26,6 +26,7 @@ from ._native import E_WATCH as _E_WATCH
 from ._native import MAX_READY as _MAX_READY
 from ._native import RECV_CRED as _RECV_CRED
 from ._native import RECV_CRED_CHANGED as _RECV_CRED_CHANGED
+from ._native import RECV_NOFILE as _RECV_NOFILE
 from ._native import RECV_TRUNCATED as _RECV_TRUNCATED
 from ._native import RECV_WATCHED as _RECV_WATCHED
 from ._native import epoll_wait as _epoll_wait
@@ -36,6 +37,7 @@ from ._native import send_room as _send_room
 from ._native import sock_send as _sock_send
 from ._native import sock_wait_recv as _sock_wait_recv
 from .errors import AccessDenied, ActivationError, BrokerUnavailable, ConnectionClosed, Timeout
+from .handles import NOFILE
 from .security import PeerCred
 
 __all__ = [
@@ -280,8 +282,9 @@ class Received(NamedTuple):
     pidfd: int | None = None
 
 
-# What Stream.recv_fds returns: data, fds, the sender's credentials, and whether fds were truncated.
-ChannelRead = tuple[bytes, list[int], PeerCred | None, bool]
+# What Stream.recv_fds returns: data, fds, the sender's credentials, and whether fds were truncated
+# (true; handles.NOFILE when this process could not take them).
+ChannelRead = tuple[bytes, list[int], PeerCred | None, int]
 
 _CRED_SPACE = socket.CMSG_SPACE(_UCRED.size)
 _PIDFD_SPACE = socket.CMSG_SPACE(_FD_SIZE)
@@ -616,6 +619,8 @@ class Stream:
             if flags & _RECV_CRED_CHANGED or self._ccred is None:
                 self._ccred = PeerCred(*_recv_cred(self._recv_state))
             cred = self._ccred
+        if flags & _RECV_NOFILE:
+            return data, fds, cred, NOFILE
         return data, fds, cred, bool(flags & _RECV_TRUNCATED)
 
     def wait_readable(self, deadline: float | None) -> bool:
@@ -710,7 +715,11 @@ class Stream:
                 # Never asked for on a channel (as the C read does, close it rather than leak it).
                 usable = len(payload) - len(payload) % _FD_SIZE
                 close_fds(array.array("i", payload[:usable]))
-        truncated = len(fds) > max_fds or bool(flags & _MSG_CTRUNC)
+        truncated: int = len(fds) > max_fds or bool(flags & _MSG_CTRUNC)
+        if flags & _MSG_CTRUNC and len(fds) < max_fds:
+            # The buffer holds max_fds: the kernel stopped early because it could not
+            # install them here (EMFILE), as the C read's RECV_NOFILE says.
+            truncated = NOFILE
         if truncated or not data:
             close_fds(fds)
             fds = []

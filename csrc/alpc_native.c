@@ -445,6 +445,10 @@ int64_t alpc_sock_wait_recv(int fd, int watch, int watch2, int timeout_ms, int s
     kept = take_ancillary(&msg, received, cred, flags);
     /* More than the caller takes, or a truncated set: none is trusted, all are closed. */
     truncated = kept > max_fds || (msg.msg_flags & MSG_CTRUNC);
+    /* The buffer holds more than max_fds, so a truncated read with fewer is the kernel
+     * failing to install them here (EMFILE): our shortage, not the sender's excess. */
+    if ((msg.msg_flags & MSG_CTRUNC) && kept < max_fds)
+        *flags |= ALPC_RECV_NOFILE;
     /* fds riding on an empty read (a zero-length record) are closed too, as the Python
      * twin does: a caller treats 0 as the end of the stream and takes no fds then. */
     if (truncated || n == 0) {

@@ -121,7 +121,9 @@ enum {
     ALPC_RECV_CRED = 1,          /* it carried SCM_CREDENTIALS (now in cred[0..3)) */
     ALPC_RECV_CRED_CHANGED = 2,  /* ... which differ from what cred[] held before */
     ALPC_RECV_TRUNCATED = 4,     /* more fds than max_fds came (MSG_CTRUNC): all were closed */
-    ALPC_RECV_WATCHED = 8        /* a watched fd was ready too */
+    ALPC_RECV_WATCHED = 8,       /* a watched fd was ready too */
+    ALPC_RECV_NOFILE = 16        /* ... truncated because this process could not take the fds
+                                  * (its fd table is full: EMFILE), not by the sender's count */
 };
 
 /* Wait until fd, or watch / watch2 when >= 0 (a peer's pidfd, a multiplexer's
