@@ -39,6 +39,7 @@ from .connection import (
     body_size,
     copy_body,
     owned_body,
+    reply_lost,
 )
 from .errors import (
     Cancelled,
@@ -136,6 +137,9 @@ class AsyncCommunicationPort:
         # a client side's, or this side's own close()).
         self._serving: asyncio.Future[None] | None = None
         self._released = False
+        # A server's: asked by a send short of the port's section budget, has the port's other
+        # connections give back their idle sections (idle, they never come back by themselves).
+        self._on_budget_blocked: Callable[[AsyncCommunicationPort], None] | None = None
         self._loop.add_reader(stream.fileno(), self._on_readable)
         if peer_pidfd is not None:
             self._loop.add_reader(peer_pidfd, self._on_pidfd)
@@ -332,8 +336,9 @@ class AsyncCommunicationPort:
         """Answer ``message``, a request received on this port (nothing is sent if it was cancelled).
 
         On a server, a reply that cannot be written within ``send_timeout`` (or
-        ``timeout``) means the client stopped reading: its connection is
-        dropped (a CLIENT_DIED notice follows) and Throttled raised.
+        ``timeout``) means the client stopped reading (or the port's section
+        budget held it up): its connection is dropped (a CLIENT_DIED notice
+        follows) and Throttled raised.
         """
         if message.type is not MessageType.REQUEST:
             raise ValueError(f"only a REQUEST can be replied to, not {message.type.name}")
@@ -358,12 +363,21 @@ class AsyncCommunicationPort:
         except Timeout as exc:
             if not self._is_server:
                 raise
-            # The write timed out, so the connection is dropped already (what was queued
-            # cannot be taken back): the client stopped reading its replies.
-            limit = exc.limit if isinstance(exc, Throttled) else Limit.SEND_TIMEOUT
-            raise Throttled("the reply could not be written in time: the client stopped reading its replies, "
-                            "and its connection was dropped", limit=limit) from None
+            self._reply_timed_out(exc)
         self.stats.replied(message.id, size)
+
+    def _reply_timed_out(self, exc: Timeout) -> None:
+        """As the blocking driver's: a timed-out write dropped the connection already (what
+        was queued cannot be taken back); a reply that found no section space in time drops
+        it here, saying why (see reply_lost): the client would wait for it forever."""
+        reason, limit = reply_lost(exc)
+        core = self._core
+        if core.failure is None:
+            self.stats.errors += 1
+            core.fail(PeerGone(f"{reason}; its connection was dropped"), notice=reason)
+            self._wake_all()
+        raise Throttled(f"the reply could not be written in time: {reason}, and its connection was dropped",
+                        limit=limit) from None
 
     async def ping(self, timeout: float | None = None) -> None:
         deadline = deadline_after(timeout)
@@ -398,6 +412,11 @@ class AsyncCommunicationPort:
             if view is not None:
                 return view
             core.check_open()
+            if core.budget_blocked and self._on_budget_blocked is not None:
+                self._on_budget_blocked(self)
+                view = core.reserve(size, secure)  # a give-back on this thread freed it at once
+                if view is not None:
+                    return view
             waiter = self._loop.create_future()
             self._space_waiters.append(waiter)
             # Space freed by other connections of a port-wide budget comes without a read here.
@@ -413,6 +432,32 @@ class AsyncCommunicationPort:
                 if not core.budget_blocked:
                     await self._write(core.space_wanted(), deadline)  # see SPACE_REASK
                     reask = min(reask * 2, most)
+
+    def _give_back_idle_sections(self) -> None:
+        """Another connection of this port waits for the port's section budget: unmap our idle
+        sections on this port's loop (from any thread, never waiting; see _trim_idle)."""
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
+            self._trim_idle()
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._trim_idle)
+        except RuntimeError:
+            pass  # the loop is closed, and this connection with it
+
+    def _trim_idle(self) -> None:
+        """Unmap the idle sections (their bytes are the budget's again at once); the
+        SECTION_CLOSE goes out now or, with a peer not reading, queues behind what waits."""
+        core = self._core
+        if core.failure is not None:
+            return
+        core.trim()
+        if core.owed:
+            frames, _ = core.take_owed()
+            self._post(frames)
 
     async def _send_section(self, kind: MessageType, data: Payload, deadline: float | None, secure: bool, *,
                             callback_id: int = 0, deadline_attr: float | None = None,
@@ -955,6 +1000,7 @@ class AsyncConnectionRequest:
 
         comm = AsyncCommunicationPort(stream, channel, peer_pidfd=pidfd, is_server=True,
                                       send_timeout=inner.attributes.send_timeout, on_gone=gone)
+        comm._on_budget_blocked = inner._budget_blocked
         inner._hold_foreign(comm)  # it counts toward the port's max_connections
         if owner is not None:
             owner._accepted.add(comm)  # closed with the port, as the blocking port closes its own

@@ -44,17 +44,28 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
 from . import _native
-from .errors import Cancelled, ConnectionClosed, DeadlineExceeded, PeerGone, ProtocolError, SectionError
+from .errors import (
+    Cancelled,
+    ConnectionClosed,
+    DeadlineExceeded,
+    PeerGone,
+    ProtocolError,
+    SectionError,
+    Throttled,
+    Timeout,
+)
 from .grant import LocalGrant, PeerMemory
 from .handles import NOFILE, close_quietly
 from .protocol import Buffer, Channel, Frames, Message, Payload, payload_parts
+from .quotas import Limit
 from .section import SectionView, View
 from .security import PeerCred
 from .stats import ConnectionStats
 from .wire import HEADER_SIZE, MessageType, Range, Release
 
 __all__ = ["BUDGET_RECHECK", "FILED_ERROR", "FILED_INBOX", "FILED_NOTHING", "FILED_REPLY", "NOTICES", "NOT_FILED",
-           "SPACE_REASK", "Batch", "Body", "Connection", "Owed", "Wake", "body_size", "copy_body", "owned_body"]
+           "SPACE_REASK", "Batch", "Body", "Connection", "Owed", "Wake", "body_size", "copy_body", "owned_body",
+           "reply_lost"]
 
 NOTICES = (MessageType.PORT_CLOSED, MessageType.CLIENT_DIED)
 # Unflushed datagrams (send(..., flush=False)) beyond this many bytes go out at once.
@@ -116,6 +127,16 @@ _monotonic = time.monotonic
 # What receive_one did.
 NOT_FILED, FILED_REPLY, FILED_INBOX, FILED_NOTHING, FILED_ERROR = 0, 1, 2, 3, 4
 _GRANT_READ, _GRANT_DATA = MessageType.GRANT_READ, MessageType.GRANT_DATA
+
+
+def reply_lost(exc: Timeout) -> tuple[str, str]:
+    """Why a server's reply that did not go out in time cost the client its connection, and
+    the limit that stopped it (for both drivers' notice and Throttled). The port's section
+    budget is held by other connections: that client may well be reading."""
+    limit = exc.limit if isinstance(exc, Throttled) else Limit.SEND_TIMEOUT
+    if limit == Limit.MAX_PORT_SECTION_BYTES:
+        return f"the reply waited for the port's section budget ({limit}) until its timeout", limit
+    return "the client stopped reading its replies", limit
 
 
 class Batch(NamedTuple):

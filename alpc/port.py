@@ -36,6 +36,7 @@ from .connection import (
     body_size,
     copy_body,
     owned_body,
+    reply_lost,
 )
 from .control import validate_port_name
 from .errors import (
@@ -566,8 +567,9 @@ class CommunicationPort:
         """Answer ``message``, a request received on this port (with ``fds`` passed along).
 
         On a server, a reply that cannot be written within the port's
-        ``send_timeout`` (or ``timeout``) means the client stopped reading: its
-        connection is dropped (a CLIENT_DIED notice follows) and Throttled raised.
+        ``send_timeout`` (or ``timeout``) means the client stopped reading (or the
+        port's section budget held it up): its connection is dropped (a
+        CLIENT_DIED notice follows) and Throttled raised.
         """
         quick = self._quick
         if (quick is not None and isinstance(data, (bytes, bytearray)) and message.id in quick.ring_requests
@@ -627,14 +629,13 @@ class CommunicationPort:
 
     def _reply_timed_out(self, exc: Timeout) -> None:
         """A reply that cannot go out is lost (it cannot be sent again), and the client would
-        wait for it forever: the client stopped reading, so drop it."""
+        wait for it forever: drop it, saying why (see reply_lost)."""
+        reason, limit = reply_lost(exc)
         if self._core.failure is None:
             self.stats.errors += 1
-            self._fail(PeerGone("the client stopped reading its replies; its connection was dropped"),
-                       notice="the client stopped reading its replies")
-        limit = exc.limit if isinstance(exc, Throttled) else Limit.SEND_TIMEOUT
-        raise Throttled("the reply could not be written in time: the client stopped reading its replies, "
-                        "and its connection was dropped", limit=limit) from None
+            self._fail(PeerGone(f"{reason}; its connection was dropped"), notice=reason)
+        raise Throttled(f"the reply could not be written in time: {reason}, and its connection was dropped",
+                        limit=limit) from None
 
     # -- sections ------------------------------------------------------------------
 
@@ -684,15 +685,19 @@ class CommunicationPort:
 
     def _give_back_idle_sections(self) -> None:
         """Another connection of this port waits for the port's section budget: unmap our idle
-        sections and tell the peer, unless this port is busy sending (then it is not idle)."""
+        sections (their bytes are the budget's again at once) and tell the peer, unless this
+        port is busy sending (then it is not idle). Never waits: the asker may be an event
+        loop, or short of time; with no room in the socket (a peer not reading) the
+        SECTION_CLOSE stays owed and goes with this connection's next write."""
         if self._core.failure is not None or not self._send_lock.acquire(blocking=False):
             return
         try:
             with self._state:
                 if self._core.failure is not None:
                     return
-                frames = self._core.trim()
-            self._write_runtime(frames, None)  # a peer not reading gets the SECTION_CLOSE later
+                self._core.trim()
+            if self._core.owed and self._stream.send_room() >= _AT_ONCE_ROOM:
+                self._write_runtime([], None)
         finally:
             self._send_lock.release()
 

@@ -48,7 +48,8 @@ __all__ = ["ConnectionPort", "ConnectionRequest", "ForeignConnection", "create_p
 
 class ForeignConnection(Protocol):
     """A connection another driver (aio) accepted on a port: counted toward its
-    max_connections and reported to the broker with the port's own."""
+    max_connections, reported to the broker with the port's own, and asked for its idle
+    sections when another connection waits for the port's section budget."""
 
     stats: ConnectionStats
     _channel: Channel
@@ -58,6 +59,9 @@ class ForeignConnection(Protocol):
 
     @property
     def queue_depth(self) -> int: ...
+
+    def _give_back_idle_sections(self) -> None:
+        """Called from any thread; must not wait."""
 
 log = logging.getLogger(__name__)
 # A hostile client reconnecting again and again must not flood the server's log.
@@ -427,10 +431,13 @@ class ConnectionPort:
         self._link.report_soon()
         return comm
 
-    def _budget_blocked(self, asker: CommunicationPort) -> None:
-        """``asker``'s send waits for the port's section budget: the other connections give
-        back their idle pooled sections (nothing else would ever free that part of it)."""
-        for comm in self.connections:
+    def _budget_blocked(self, asker: CommunicationPort | ForeignConnection) -> None:
+        """``asker``'s send waits for the port's section budget: the other connections, of
+        either driver (they share the budget), give back their idle pooled sections (nothing
+        else would ever free that part of it)."""
+        with self._lock:
+            others: list[CommunicationPort | ForeignConnection] = [*self._connections, *self._foreign]
+        for comm in others:
             if comm is not asker:
                 comm._give_back_idle_sections()
 
