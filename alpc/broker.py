@@ -565,7 +565,9 @@ class Broker:
         self._usage.add_port(peer.cred.uid)
         peer.port = request.name
         peer.become("server")
-        self._watch_death(peer)
+        if not self._watch_death(peer):
+            self._drop(peer, None)  # its owner died before we read the request: nobody to serve it
+            return
         self._lifecycle.log(logging.INFO, ("created", peer.cred.uid, request.name),
                             f"port {request.name!r} created by {peer.describe()}", extra=peer.fields())
         self._send(peer, _frame(control.PortCreated(name=request.name)))
@@ -773,7 +775,9 @@ class Broker:
             except ProtocolError:
                 acl = PortAcl()  # the safe default: the owner's uid only
             owner.port = port.name
-            self._watch_death(owner)
+            if not self._watch_death(owner):
+                self._drop(owner, None)  # died during the handover: a worker it forked may hold the socket
+                continue
             self._ports[port.name] = _Port(port.name, owner, port.request, acl, port.status,
                                            time.monotonic() if port.status is not None else 0.0,
                                            port.connects_forwarded, port.quota_refusals, port.connects_refused)
@@ -781,18 +785,25 @@ class Broker:
         log.info("took over %d ports and %d connections (socket %s)", len(self._ports), len(self._peers),
                  state.listener.path)
 
-    def _watch_death(self, peer: _Peer) -> None:
-        """Watch a port owner's process: a worker it forked may keep its socket (and the port) open."""
+    def _watch_death(self, peer: _Peer) -> bool:
+        """Watch a port owner's process: a worker it forked may keep its socket (and the port) open.
+
+        False if the owner is gone already (a kernel without SO_PEERPIDFD cannot open a pidfd of
+        a reaped process, which is not the same as having no pidfds at all).
+        """
         try:
             pidfd = peer.stream.peer_pidfd()
+        except ProcessLookupError:
+            return False
         except OSError:
             pidfd = None
         if pidfd is None:
-            return  # no pidfds in this kernel: the EOF alone ends the port
+            return True  # no pidfds in this kernel: the EOF alone ends the port
         peer.pidfd = pidfd
         self._deaths[pidfd] = peer
         if self._listener is not None and self._wake_r >= 0:  # serving (not adopting before bind)
             self._selector.register(pidfd, selectors.EVENT_READ, None)
+        return True
 
     def _unwatch_death(self, peer: _Peer) -> None:
         pidfd, peer.pidfd = peer.pidfd, None

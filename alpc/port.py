@@ -41,6 +41,7 @@ from .connection import (
 from .control import validate_port_name
 from .errors import (
     AccessDenied,
+    AlpcError,
     BrokerUnavailable,
     ConnectionClosed,
     ConnectionRejected,
@@ -62,7 +63,17 @@ from .quotas import Limit, WindowClosed
 from .retry import retry_until
 from .section import ConnectionSections, SectionView, check_size, sweep_stale_names
 from .security import PeerCred, kinds_from_mask, kinds_mask
-from .transport import Buffer, ChannelRead, Stream, close_fds, deadline_after, pidfd_open, remaining, wait_readable
+from .transport import (
+    Buffer,
+    ChannelRead,
+    Stream,
+    close_fds,
+    deadline_after,
+    is_live_socket,
+    pidfd_open,
+    remaining,
+    wait_readable,
+)
 from .wire import Frame, FrameDecoder, FrameLimits, MessageType, Range
 
 __all__ = [
@@ -1447,7 +1458,8 @@ def open_channel(name: str, data: bytes = b"", *, timeout: float | None = None, 
         except ConnectionClosed:
             raise refusal_after_hangup(stream) or BrokerUnavailable("the broker went away during the connect") \
                 from None
-        reply, server, quick_fd = _await_connection_reply(stream, name, deadline, pidfds if passpidfd else None)
+        reply, server, quick_fd = _await_connection_reply(stream, name, deadline, pidfds if passpidfd else None,
+                                                          config)
         if server_uid is not None and server.uid != server_uid:
             # The broker said otherwise, or was not asked: the kernel's word wins, and before
             # anything the reply says (an impostor's rejection is not the server's).
@@ -1501,17 +1513,30 @@ def _accept_quick(reply: control.ConnectionReply, fd: int | None, config: Config
 
 def _await_connection_reply(
     stream: Stream, name: str, deadline: float | None, pidfds: list[int] | None = None,
+    config: Config | None = None,
 ) -> tuple[control.ConnectionReply, PeerCred, int | None]:
     frame, cred = read_frame(stream, FrameDecoder(_HANDSHAKE_LIMITS), deadline, f"port {name!r} to answer",
                              max_fds=1, pidfds=pidfds)
     if frame is None:
-        raise PeerGone(f"the server of {name!r} went away before answering the connect")
+        raise _hung_up_before_answer(name, config)
     try:
         reply, server = _connection_reply(frame, cred)
     except BaseException:
         close_fds(frame.fds)
         raise
     return reply, server, frame.fds[0] if frame.fds else None
+
+
+def _hung_up_before_answer(name: str, config: Config | None) -> AlpcError:
+    """EOF before any answer: the broker died before passing our socket on, or the server after.
+
+    The socket says nothing of which (its peer is the broker's end either way), but a broker
+    that no longer listens cannot have been the one to answer: BrokerUnavailable, as for any
+    connect while it is down, rather than blaming a server that may never have heard of us.
+    """
+    if config is not None and not is_live_socket(config.broker_socket):
+        return BrokerUnavailable(f"the broker went away before passing the connect to {name!r} on")
+    return PeerGone(f"the server of {name!r} went away before answering the connect")
 
 
 def _connection_reply(frame: Frame, cred: PeerCred | None) -> tuple[control.ConnectionReply, PeerCred]:

@@ -7,7 +7,8 @@ a broker that went away even while the application never calls ``wait``, and
 then registers the name again with backoff until the user's
 ``reregister_timeout`` runs out. The link's fd number never changes (a new
 socket is dup2'ed over the old one), so a thread polling it never sees it
-closed or reused. Lock order: the port's lock, then this link's lock.
+closed or reused; close() leaves closing the fds to the last thread that holds
+them (``hold_fds``) for a poll. Lock order: the port's lock, then this link's lock.
 """
 
 from __future__ import annotations
@@ -107,6 +108,11 @@ class Registration:
         self._poke = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._stopping = False
         self._closed = False
+        # Threads about to poll our fds without the lock (hold_fds): close() must not free
+        # the numbers under them (the next file opened would get one, and they would sleep on
+        # it), so the last of them closes the fds instead.
+        self._holders = 0
+        self._freed = False
         self._dirty = False
         self._reregister_until = 0.0
         # The gap began with us hanging up on a live broker, which may not have
@@ -189,11 +195,27 @@ class Registration:
     def wait_fds(self) -> list[int]:
         """The fd to poll: the link while registered, the wake-up during a gap, none once lost for good."""
         with self._lock:
-            if self._live and self._stream is not None:
-                return [self._stream.fileno()]
-            if self.error is None and not self._closed:
-                return [self._wake]
-            return []
+            return self._wait_fds()
+
+    def _wait_fds(self) -> list[int]:
+        # Caller holds the lock.
+        if self._live and self._stream is not None:
+            return [self._stream.fileno()]
+        if self.error is None and not self._closed:
+            return [self._wake]
+        return []
+
+    def hold_fds(self) -> list[int]:
+        """``wait_fds()``, kept open until ``release_fds()`` even if the port closes meanwhile."""
+        with self._lock:
+            self._holders += 1
+            return self._wait_fds()
+
+    def release_fds(self) -> None:
+        with self._lock:
+            self._holders -= 1
+            if self._closed and not self._holders:
+                self._free()
 
     def read(self) -> list[Frame]:
         """Every connection request the broker sent so far; notices the broker going away."""
@@ -409,10 +431,20 @@ class Registration:
             self._live = False
             # Wake a listen()/wait() of another thread polling the link (or, in a gap, the
             # wake-up): closing an fd wakes no poll, so it would sleep out its whole timeout.
+            # A waiter about to poll (hold_fds) finds them readable, then frees them.
             _signal(self._wake)
             if self._stream is not None:
                 self._stream.shutdown()
-                self._stream.close()
-            self._decoder.close_fds()
-            os.close(self._wake)
-            os.close(self._poke)
+            if not self._holders:
+                self._free()
+
+    def _free(self) -> None:
+        # Caller holds the lock; the port is closed and nobody polls our fds.
+        if self._freed:
+            return
+        self._freed = True
+        if self._stream is not None:
+            self._stream.close()
+        self._decoder.close_fds()
+        os.close(self._wake)
+        os.close(self._poke)

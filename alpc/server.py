@@ -83,7 +83,10 @@ class ConnectionRequest:
         self.groups = groups
         # Every read of the channel brings the sender's SCM_CREDENTIALS from now on.
         stream.set_passcred(True)
-        self._pidfd = stream.peer_pidfd()
+        try:
+            self._pidfd = stream.peer_pidfd()
+        except ProcessLookupError:
+            self._pidfd = None  # gone already (a kernel without SO_PEERPIDFD): the socket's EOF tells
         self.data = info.data
         self.port_name = info.name
         self._client_max_message = info.max_message_length
@@ -307,8 +310,13 @@ class ConnectionPort:
                 request = self._next_request()
                 if request is not None:
                     return request
-                fds = self._link.wait_fds()
-            if not wait_readable(fds, deadline):
+                # Held: a close() meanwhile must not free the number this thread polls.
+                fds = self._link.hold_fds()
+            try:
+                fired = wait_readable(fds, deadline)
+            finally:
+                self._link.release_fds()
+            if not fired:
                 raise Timeout("no connection request arrived in time")
             with self._lock:
                 self._read_registration()
@@ -516,7 +524,13 @@ class ConnectionPort:
         """Wait for the broker link or any connection, and read what came; False on timeout."""
         with self._lock:
             self._check_open()
-            link = self._link.wait_fds()
+            link = self._link.hold_fds()  # a close() meanwhile must not free the number polled
+        try:
+            return self._wait_and_read(link, deadline)
+        finally:
+            self._link.release_fds()
+
+    def _wait_and_read(self, link: list[int], deadline: float | None) -> bool:
         # The link's fd changes across broker restarts, so it is watched beside
         # the epoll set rather than kept in it.
         spin = self._spin.next() if deadline is None or deadline > time.monotonic() else 0

@@ -473,11 +473,18 @@ class Stream:
             return tuple(array.array("I", raw[:usable]))
 
     def peer_pidfd(self) -> int | None:
-        """SO_PEERPIDFD (Linux 6.5+), else a pidfd opened from SO_PEERCRED's pid."""
+        """SO_PEERPIDFD (Linux 6.5+), else a pidfd opened from SO_PEERCRED's pid; None if the
+        kernel has no pidfds. ProcessLookupError: the peer process is gone (and reaped) already."""
         try:
             return self._sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
         except OSError:
-            return pidfd_open(self.peer_cred().pid)
+            pid = self.peer_cred().pid
+        try:
+            return os.pidfd_open(pid)
+        except ProcessLookupError:
+            raise  # not "no pidfds here": there is no process left to watch
+        except (OSError, AttributeError):
+            return None
 
     def set_passcred(self, enabled: bool) -> None:
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, int(enabled))
@@ -922,11 +929,13 @@ class Listener:
 
 
 def is_live_socket(path: Path) -> bool:
-    """Is something accepting connections at ``path``? (Distinguishes a stale file.)"""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    """Is something listening at ``path``? (Distinguishes a stale file.) Never waits:
+    a full listen backlog (EAGAIN) is a busy listener, not a missing one."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
     try:
-        probe.settimeout(1.0)
         probe.connect(str(path))
+        return True
+    except BlockingIOError:
         return True
     except OSError:
         return False
