@@ -37,6 +37,7 @@ from .connection import (
     Body,
     Connection,
     body_size,
+    check_max_messages,
     copy_body,
     owned_body,
     reply_lost,
@@ -786,6 +787,7 @@ class AsyncCommunicationPort:
 
     async def receive_many(self, max_messages: int = 1024, timeout: float | None = None) -> list[Message]:
         """Every message waiting, in order (at least one, at most ``max_messages``)."""
+        check_max_messages(max_messages)
         first = await self._wait(self._core.take_message, None, deadline_after(timeout), "a message")
         batch = [first]
         if first.type not in NOTICES:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import control, handover
-from .config import Config, ensure_runtime_dir
+from .config import Config, config_or_default, ensure_runtime_dir
 from .errors import AlpcError, BrokerRunning, BrokerUnavailable, ProtocolError
 from .exchange import control_frame, read_frame
 from .logs import LogLimiter, fields
@@ -988,7 +988,7 @@ _PORT_LIST_LIMITS = FrameLimits(
 
 def list_ports(config: Config | None = None, timeout: float | None = 5.0) -> tuple[control.PortInfo, ...]:
     """Ask the broker for the live ports the caller may inspect, their owners and connected clients."""
-    config = config or Config.from_env()
+    config = config_or_default(config)
     deadline = deadline_after(timeout)
     stream = Stream.connect(config.broker_socket, timeout)
     try:

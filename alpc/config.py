@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,8 @@ __all__ = [
     "MAX_CONNECT_DATA",
     "PortAttributes",
     "SECTION_BACKENDS",
+    "attributes_or_default",
+    "config_or_default",
     "default_runtime_dir",
     "default_section_backend",
     "ensure_runtime_dir",
@@ -123,6 +126,25 @@ def ensure_runtime_dir(path: Path, shared: bool = False) -> Path:
     return path
 
 
+def _kinds(owner: str, kinds: object) -> frozenset[str]:
+    """``handle_kinds`` as a frozenset: None or an int said only "not iterable", and a str was
+    taken letter by letter ("unknown kind 'f'")."""
+    if isinstance(kinds, (str, bytes)) or not isinstance(kinds, Iterable):
+        raise ValueError(f"{owner}.handle_kinds must be a set of HandleKind values, not {kinds!r}")
+    try:
+        return frozenset(kinds)
+    except TypeError:
+        raise ValueError(f"{owner}.handle_kinds must hold HandleKind values, not {kinds!r}") from None
+
+
+def _check_flags(owner: str, settings: object, names: tuple[str, ...]) -> None:
+    """A yes/no setting must be a bool: "no" or 0.0 read as a truthy or falsy choice nobody made."""
+    for name in names:
+        value = getattr(settings, name)
+        if type(value) is not bool:
+            raise ValueError(f"{owner}.{name} must be a bool, got {value!r}")
+
+
 def _check_handles(owner: str, kinds: frozenset[str], max_per_message: int, max_inflight: int) -> None:
     for kind in kinds:
         if kind not in HandleKind.__members__.values():
@@ -225,10 +247,13 @@ class PortAttributes:
 
     def __post_init__(self) -> None:
         _check_quick("PortAttributes", self.quick_slots, self.quick_slot_size, self.quick_spin_us)
-        object.__setattr__(self, "handle_kinds", frozenset(self.handle_kinds))
+        object.__setattr__(self, "handle_kinds", _kinds("PortAttributes", self.handle_kinds))
+        _check_flags("PortAttributes", self, ("secure_views", "allow_unsealed_sections", "direct_memory",
+                                              "refuse_identity_change", "quick_lpc"))
         if not isinstance(self.acl, PortAcl):
             raise ValueError(f"PortAttributes.acl must be a PortAcl, got {self.acl!r}")
-        if not isinstance(self.send_timeout, (int, float)) or not 0 < self.send_timeout < 86400:
+        if (not isinstance(self.send_timeout, (int, float)) or isinstance(self.send_timeout, bool)
+                or not 0 < self.send_timeout < 86400):
             raise ValueError(f"PortAttributes.send_timeout must be a positive number of seconds, "
                              f"got {self.send_timeout!r}")
         _check_handles("PortAttributes", self.handle_kinds, self.max_handles_per_message, self.max_inflight_handles)
@@ -284,7 +309,8 @@ class Config:
     def __post_init__(self) -> None:
         # A str is the obvious thing to pass; every path join below needs a Path.
         object.__setattr__(self, "runtime_dir", Path(self.runtime_dir))
-        object.__setattr__(self, "handle_kinds", frozenset(self.handle_kinds))
+        object.__setattr__(self, "handle_kinds", _kinds("Config", self.handle_kinds))
+        _check_flags("Config", self, ("allow_unsealed_sections", "refuse_identity_change", "quick_lpc"))
         _check_quick("Config", 1, 64, self.quick_spin_us)
         # Used only when connect() is called without a timeout: checked here, not deep in the first
         # connect (None, like a None timeout, waits without limit).
@@ -314,3 +340,23 @@ class Config:
         if runtime_dir is None:
             return cls()
         return cls(runtime_dir=Path(runtime_dir))
+
+
+def config_or_default(config: object) -> Config:
+    """``config``, or the environment's when None; TypeError for anything else (a runtime dir
+    given as the config failed deep inside with AttributeError, and a falsy one was ignored)."""
+    if config is None:
+        return Config.from_env()
+    if not isinstance(config, Config):
+        raise TypeError(f"config must be an alpc.Config (or None), not {type(config).__name__}")
+    return config
+
+
+def attributes_or_default(attributes: object) -> PortAttributes:
+    """``attributes``, or the defaults when None; TypeError for anything else (a dict of settings
+    failed with AttributeError, and an empty one was silently taken for the defaults)."""
+    if attributes is None:
+        return PortAttributes()
+    if not isinstance(attributes, PortAttributes):
+        raise TypeError(f"attributes must be an alpc.PortAttributes (or None), not {type(attributes).__name__}")
+    return attributes

@@ -64,8 +64,8 @@ from .stats import ConnectionStats
 from .wire import HEADER_SIZE, MessageType, Range, Release
 
 __all__ = ["BUDGET_RECHECK", "FILED_ERROR", "FILED_INBOX", "FILED_NOTHING", "FILED_REPLY", "NOTICES", "NOT_FILED",
-           "SPACE_REASK", "Batch", "Body", "Connection", "Owed", "Wake", "body_size", "copy_body", "owned_body",
-           "reply_lost"]
+           "SPACE_REASK", "Batch", "Body", "Connection", "Owed", "Wake", "body_size", "check_max_messages", "copy_body",
+           "owned_body", "reply_lost"]
 
 NOTICES = (MessageType.PORT_CLOSED, MessageType.CLIENT_DIED)
 # Unflushed datagrams (send(..., flush=False)) beyond this many bytes go out at once.
@@ -79,6 +79,8 @@ RELEASE_BATCH = 8
 # long, doubling up to the second figure: a body the peer dropped unread is released by its
 # finalizer, which only queues the release, and the peer's next read is what sends it.
 SPACE_REASK = (0.002, 0.1)
+# Message ids are u32 on the wire (0: none).
+MAX_MESSAGE_ID = 0xFFFFFFFF
 # Space freed by other connections of a port-wide budget comes without a read: look again this often.
 BUDGET_RECHECK = 0.05
 
@@ -93,6 +95,15 @@ def body_size(data: Body) -> int:
     if isinstance(data, memoryview):
         return data.nbytes
     return payload_parts(data)[1]
+
+
+def check_max_messages(max_messages: object) -> None:
+    """receive_many's bound, checked before a message is taken: 0 still returned one, and a
+    non-int failed after the first message had left the inbox (lost)."""
+    if type(max_messages) is not int:
+        raise TypeError(f"max_messages must be an int, not {type(max_messages).__name__}")
+    if max_messages < 1:
+        raise ValueError(f"max_messages must be >= 1, got {max_messages}")
 
 
 def copy_body(into: memoryview, data: Buffer | Sequence[Buffer]) -> None:
@@ -249,6 +260,11 @@ class Connection:
         """Cancel a request in flight: the CANCEL frame for the peer (empty if it is not in
         flight any more). A thread waiting for its reply gets Cancelled; its reply, if one
         comes, is dropped."""
+        # A wrong argument is not "not in flight": False would hide the caller's mistake.
+        if type(request_id) is not int:
+            raise TypeError(f"a request id is an int (a Message's id), not {type(request_id).__name__}")
+        if not 0 < request_id <= MAX_MESSAGE_ID:
+            raise ValueError(f"a request id is in 1..{MAX_MESSAGE_ID}, not {request_id}")
         if request_id not in self.channel.pending_ids:
             return []
         frames = self.channel.cancel(request_id) if self.failure is None else []

@@ -33,6 +33,7 @@ from .wire import MessageType
 __all__ = [
     "MAX_CONTROL_BODY",
     "MAX_NAME_LENGTH",
+    "MAX_REJECT_REASON",
     "AclSpec",
     "Body",
     "BrokerQuota",
@@ -77,6 +78,9 @@ __all__ = [
 ]
 
 MAX_NAME_LENGTH = 128
+# A server's reason for rejecting a connect is cut to this many characters (and a longer one
+# from a hostile server refused by the client).
+MAX_REJECT_REASON = 1024
 # Control bodies carry connect data; its own limit is enforced separately.
 MAX_CONTROL_BODY = 16 * 1024 * 1024
 # A server reports at most this many of its clients one by one (and the total).

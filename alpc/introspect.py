@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TypeVar
 
 from . import control
-from .config import Config
+from .config import Config, config_or_default
 from .errors import BrokerUnavailable
 from .exchange import control_frame, read_frame
 from .transport import Stream, deadline_after
@@ -22,7 +22,7 @@ B = TypeVar("B", bound=control.Body)
 
 
 def _ask(config: Config | None, request: control.Body, answer: type[B], timeout: float | None) -> B:
-    config = config or Config.from_env()
+    config = config_or_default(config)
     limits = FrameLimits(allowed_types=frozenset({answer.TYPE, MessageType.ERROR, MessageType.SHUTDOWN}),
                          max_data=control.MAX_CONTROL_BODY)
     deadline = deadline_after(timeout)

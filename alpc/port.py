@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TypeVar
 
 from . import control, qlpc
-from .config import Config
+from .config import MAX_CONNECT_DATA, Config, config_or_default
 from .connection import (
     BACKLOG_LIMIT,
     BUDGET_RECHECK,
@@ -34,6 +34,7 @@ from .connection import (
     Connection,
     Owed,
     body_size,
+    check_max_messages,
     copy_body,
     owned_body,
     reply_lost,
@@ -897,6 +898,7 @@ class CommunicationPort:
         For consumers of many small messages: one wait and one lock for the
         lot. A notice (server side) ends the list.
         """
+        check_max_messages(max_messages)
         first = self._wait_for(self._core.take_message, deadline_after(timeout), "a message")
         batch = [first]
         if first.type not in NOTICES:
@@ -1369,7 +1371,10 @@ class CommunicationPort:
 
 _HANDSHAKE_LIMITS = FrameLimits(
     allowed_types=frozenset({MessageType.CONNECTION_REPLY, MessageType.ERROR, MessageType.SHUTDOWN}),
-    max_data=control.MAX_CONTROL_BODY,
+    # Bounded by what an honest server can send (its accept data is at most MAX_CONNECT_DATA,
+    # its reason MAX_REJECT_REASON characters), not by the 16 MiB any control body may have:
+    # a hostile server made every client that connected to it take 16 MiB of accept data.
+    max_data=MAX_CONNECT_DATA + 64 * 1024,
     # A reply offering Quick-LPC rings carries their memfd.
     max_fds=1,
 )
@@ -1431,7 +1436,7 @@ def open_channel(name: str, data: bytes = b"", *, timeout: float | None = None, 
     Blocking; a driver (this module, or ``aio``, which declines the rings) wraps the result.
     The stream keeps SO_PASSCRED on: every read of the channel brings its sender's credentials.
     """
-    config = config or Config.from_env()
+    config = config_or_default(config)
     validate_port_name(name)
     data = bytes(data)
     if len(data) > config.max_connect_data:
@@ -1553,6 +1558,9 @@ def _connection_reply(frame: Frame, cred: PeerCred | None) -> tuple[control.Conn
         raise ProtocolError("the connection reply announced negative limits")
     if not reply.accepted and frame.fds:
         raise ProtocolError("a rejection carried an fd")
+    if len(reply.data) > MAX_CONNECT_DATA or len(reply.reason) > control.MAX_REJECT_REASON:
+        raise ProtocolError(f"the connection reply's data ({len(reply.data)} bytes) or reason "
+                            f"({len(reply.reason)} characters) is longer than any server sends")
     return reply, cred
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import struct
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
@@ -315,6 +315,8 @@ def payload_parts(data: Payload) -> tuple[Frames, int]:
     """The non-empty parts of ``data`` as flat byte buffers, and their total length."""
     if isinstance(data, bytes):
         return ([data] if data else []), len(data)
+    if type(data) is not tuple and type(data) is not list:
+        _check_parts(data)
     parts: Frames = []
     total = 0
     for part in data:
@@ -331,6 +333,13 @@ def payload_parts(data: Payload) -> tuple[Frames, int]:
             parts.append(view)
             total += size
     return parts, total
+
+
+def _check_parts(data: object) -> None:
+    """TypeError unless ``data`` is a sequence of buffers: iterating a dict sent its keys, a str
+    failed part by part, and a generator was used up by the size count, leaving an empty body."""
+    if isinstance(data, (str, Mapping)) or not isinstance(data, Sequence):
+        raise TypeError(f"a message body is a bytes-like object or a sequence of them, not {type(data).__name__}")
 
 
 class Channel:

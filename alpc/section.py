@@ -326,6 +326,16 @@ def _check_section_name(name: object) -> None:
         raise SectionError(f"section name {name!r} must be 1..255 bytes without NUL or '/' after a leading '/'")
 
 
+def _made(size: int, make: Callable[[], Section]) -> Section:
+    """``make()``, or QuotaExceeded (the README's error when no section could be created): a
+    size the system cannot back failed with ENOMEM, OverflowError past 2**63 or posix_ipc's
+    ValueError for EFBIG."""
+    try:
+        return make()
+    except (OSError, OverflowError, ValueError, posix_ipc.Error) as exc:
+        raise QuotaExceeded(f"cannot create a {size}-byte section: {exc}") from None
+
+
 class Section:
     """A shared-memory object and this process's mapping of it.
 
@@ -360,13 +370,13 @@ class Section:
         if backend == "memfd":
             if named:
                 raise SectionError("a memfd section has no name; named sections use backend='posix'")
-            return cls._create_memfd(size, secure, shared_writable)
+            return _made(size, lambda: cls._create_memfd(size, secure, shared_writable))
         if shared_writable:
             raise SectionError("a shared writable section needs the sealed memfd backend")
         if backend == "posix":
             if secure:
                 raise SectionError("secure sections need the sealed memfd backend")
-            return cls._create_posix(size, named)
+            return _made(size, lambda: cls._create_posix(size, named))
         raise SectionError(f"unknown section backend {backend!r}")
 
     @classmethod
@@ -622,7 +632,7 @@ class SectionPool:
             # Whatever failed (posix_ipc reports EFBIG as ValueError), the planned
             # bytes go back to the connection's quota and the port's budget.
             self.ledger.abandon(plan)
-            if isinstance(exc, (OSError, ValueError, posix_ipc.Error)):
+            if isinstance(exc, (OSError, ValueError, posix_ipc.Error)) and not isinstance(exc, QuotaExceeded):
                 raise QuotaExceeded(f"cannot create a {plan.size}-byte section: {exc}") from None
             raise
         self.ledger.commit(plan)

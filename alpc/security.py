@@ -67,7 +67,14 @@ class AclDecision(NamedTuple):
 
 
 def _ids(owner: str, values: Iterable[int]) -> frozenset[int]:
-    ids = frozenset(values)
+    # Named here: frozenset() of None, an int or a list of lists said only "not iterable" or
+    # "unhashable", and a str was taken char by char.
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise ValueError(f"PortAcl.{owner} must be a set of uids/gids (ints), not {values!r}")
+    try:
+        ids = frozenset(values)
+    except TypeError:
+        raise ValueError(f"PortAcl.{owner} must hold uids/gids (ints), not {values!r}") from None
     if len(ids) > MAX_ACL_ENTRIES:
         raise ValueError(f"PortAcl.{owner} has {len(ids)} entries, more than {MAX_ACL_ENTRIES}")
     for value in ids:

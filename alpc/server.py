@@ -19,7 +19,7 @@ from collections import deque
 from typing import Protocol
 
 from . import control, qlpc
-from .config import Config, PortAttributes
+from .config import Config, PortAttributes, attributes_or_default, config_or_default
 from .control import validate_port_name
 from .errors import ConnectionClosed, MessageTooLarge, PeerGone, ProtocolError, QuotaExceeded, Timeout
 from .exchange import control_frame
@@ -169,7 +169,8 @@ class ConnectionRequest:
         """Refuse: the client's connect() raises ConnectionRejected carrying ``reason``."""
         stream = self._take_stream()
         self._port._stats.connects_rejected += 1
-        reply = control.ConnectionReply(accepted=False, data=b"", reason=str(reason)[:1024], max_message_length=0)
+        reply = control.ConnectionReply(accepted=False, data=b"", reason=str(reason)[:control.MAX_REJECT_REASON],
+                                        max_message_length=0)
         try:
             stream.try_send(control_frame(reply))
         except ConnectionClosed:
@@ -221,8 +222,8 @@ def create_port(
     working meanwhile. ``report_interval`` is how often the port reports its
     figures to the broker (``alpc peers``, ``alpc stats``).
     """
-    config = config or Config.from_env()
-    attributes = attributes or PortAttributes()
+    config = config_or_default(config)
+    attributes = attributes_or_default(attributes)
     validate_port_name(name)
     timeout = config.connect_timeout if timeout is None else timeout
     link = Registration(name, attributes, config, reregister_timeout=reregister_timeout,

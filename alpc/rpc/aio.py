@@ -18,7 +18,7 @@ import logging
 from typing import Any, TypeVar
 
 from .. import aio as _aio
-from ..config import Config, PortAttributes
+from ..config import Config, PortAttributes, attributes_or_default, config_or_default
 from ..errors import MessageTooLarge, PeerGone
 from ..protocol import Message, Payload, payload_parts
 from ..wire import MessageType
@@ -167,8 +167,9 @@ class Server:
             raise ValueError("max_tasks must be >= 1")
         self.name = name
         self._admission = Admission(objects)
-        self._attributes = attributes
-        self._config = config
+        # Checked now, not when start() makes the port.
+        self._attributes = None if attributes is None else attributes_or_default(attributes)
+        self._config = None if config is None else config_or_default(config)
         self._options: dict[str, Any] = {"limits": limits, "inline_threshold": inline_threshold,
                                          "send_tracebacks": send_tracebacks}
         self._max_tasks = max_tasks

@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterable
 
 from .. import server as _server
-from ..config import Config, PortAttributes
+from ..config import Config, PortAttributes, attributes_or_default, config_or_default
 from ..errors import ConnectionClosed, MarshalError, PeerGone, Timeout
 from ..port import CommunicationPort
 from ..protocol import Message
@@ -121,8 +121,9 @@ class Server:
         self._admission = Admission(objects)
         self._admission.refuse_coroutines()
         self._workers = workers
-        self._attributes = attributes
-        self._config = config
+        # Checked now, not when start() makes the port.
+        self._attributes = None if attributes is None else attributes_or_default(attributes)
+        self._config = None if config is None else config_or_default(config)
         self._make_endpoint = functools.partial(Endpoint, limits=limits, inline_threshold=inline_threshold,
                                                 send_tracebacks=send_tracebacks, reply_timeout=reply_timeout)
         self._poll_interval = poll_interval
