@@ -18,8 +18,8 @@ import traceback
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Any, NamedTuple
+from functools import lru_cache, partial
+from typing import Any, NamedTuple, Protocol
 
 from ..errors import MarshalError
 from ..protocol import Message, Payload
@@ -35,6 +35,7 @@ __all__ = [
     "CallInfo",
     "Dispatcher",
     "Exported",
+    "Lease",
     "ObjectTable",
     "Prepared",
     "current_call",
@@ -120,32 +121,43 @@ class Binding(NamedTuple):
     fn: Callable[..., Any]
     access: ResolvedAccess | None
     # A call with no kwargs and fast_min <= len(args) <= fast_max binds for sure;
-    # anything else is checked against the signature.
+    # anything else is checked by ``check`` (TypeError when the arguments do not fit).
     fast_min: int
     fast_max: int
-    signature: inspect.Signature | None
+    check: Callable[..., object] | None
+
+
+# How a method's arguments are checked: its arity and a binder, or None when unknown.
+Arity = tuple[int, int, "Callable[..., object] | None"]
 
 
 @lru_cache(maxsize=1024)
-def _method_arity(function: Callable[..., Any]) -> tuple[int, int, inspect.Signature | None]:
+def _method_arity(function: Callable[..., Any]) -> Arity:
     """The arity of a plain method, cached per function (every export of a class shares it)."""
     try:
         signature = inspect.signature(function)
     except (TypeError, ValueError):
         return 1, 0, None
-    return _arity(signature.replace(parameters=list(signature.parameters.values())[1:]))  # drop self
+    return _arity(signature, bound=True)
 
 
-def _arity(signature: inspect.Signature) -> tuple[int, int, inspect.Signature | None]:
+def _arity(signature: inspect.Signature, *, bound: bool = False) -> Arity:
+    """``bound``: ``signature`` includes the self (or cls) the call fills in itself."""
     params = list(signature.parameters.values())
     kinds = inspect.Parameter
+    check: Callable[..., object] = signature.bind
+    if bound and params and params[0].kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD):
+        # Checked with a stand-in for self rather than without it: a keyword naming it is then
+        # refused as the call itself would refuse it, not swallowed by a **kwargs.
+        params = params[1:]
+        check = partial(signature.bind, None)
     positional = [p for p in params if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)]
     required = sum(1 for p in positional if p.default is p.empty)
     if any(p.kind is kinds.KEYWORD_ONLY and p.default is p.empty for p in params):
-        return 1, 0, signature  # never fast: a required keyword-only argument
+        return 1, 0, check  # never fast: a required keyword-only argument
     if any(p.kind is kinds.VAR_POSITIONAL for p in params):
-        return required, sys.maxsize, signature
-    return required, len(positional), signature
+        return required, sys.maxsize, check
+    return required, len(positional), check
 
 
 class Exported:
@@ -166,14 +178,17 @@ def _bind(obj: Interface, spec: MethodSpec) -> Binding:
     bound = getattr(obj, spec.name)
     declared = inspect.getattr_static(type(obj), spec.name, None)
     if inspect.isfunction(declared) and spec.name not in getattr(obj, "__dict__", {}):
-        fast_min, fast_max, signature = _method_arity(declared)
+        fast_min, fast_max, check = _method_arity(declared)
     else:  # a staticmethod, classmethod, callable object or per-instance attribute
         try:
-            fast_min, fast_max, signature = _arity(inspect.signature(bound))
+            if inspect.ismethod(bound):  # a classmethod: its cls, like a method's self
+                fast_min, fast_max, check = _arity(inspect.signature(bound.__func__), bound=True)
+            else:
+                fast_min, fast_max, check = _arity(inspect.signature(bound))
         except (TypeError, ValueError):
-            fast_min, fast_max, signature = 1, 0, None
+            fast_min, fast_max, check = 1, 0, None
     access = spec.access.resolve() if spec.access is not None else None
-    return Binding(spec, bound, access, fast_min, fast_max, signature)
+    return Binding(spec, bound, access, fast_min, fast_max, check)
 
 
 class ObjectTable:
@@ -237,8 +252,17 @@ class ObjectTable:
 # -- dispatch -------------------------------------------------------------------------
 
 
-# A call that passed every check, ready to run: (handler, args, kwargs, call info).
-Prepared = tuple[Callable[..., Any], list[Any], dict[str, Any], CallInfo]
+class Lease(Protocol):
+    """What a peer's object passed in a call is used through: valid until that call returns."""
+
+    def expire(self) -> None: ...
+
+
+# The leases of the objects one call passed (None: it passed none).
+Leases = list[Lease] | None
+
+# A call that passed every check, ready to run: (handler, args, kwargs, call info, leases).
+Prepared = tuple[Callable[..., Any], list[Any], dict[str, Any], CallInfo, Leases]
 
 
 class _Refused(Exception):
@@ -253,6 +277,11 @@ class _Refused(Exception):
 
 _NO_KWARGS: dict[str, Any] = {}
 
+# What a handler's failure may be. SystemExit too: a handler's sys.exit() (argparse's answer to an
+# option it does not know) would otherwise end the worker thread, or the asyncio server's loop,
+# with the call unanswered. KeyboardInterrupt and CancelledError still propagate.
+_HANDLER_ERRORS = (Exception, SystemExit)
+
 
 class Dispatcher:
     """Runs received calls against an ObjectTable and encodes their outcome."""
@@ -263,6 +292,8 @@ class Dispatcher:
         self._caller = caller
         self._send_tracebacks = send_tracebacks
         self._allowed: dict[ResolvedAccess, bool] = {}
+        # The leases of the objects passed by the call this thread is decoding (see passed()).
+        self._decoding = threading.local()
         # Bound once: the per-call path below is the RPC layer's whole server-side cost.
         self._decode_call = codec.decode_call
         self._encode_result = codec.encode_result
@@ -276,27 +307,34 @@ class Dispatcher:
         The common call (positional arguments that fit, no access rule, deadline
         not passed) runs inline here; everything else goes through prepare/run.
         """
+        decoding = self._decoding  # _decode_leasing, inline: this is the per-call path
+        leases: list[Lease] = []
+        decoding.leases = leases
         try:
             call = self._decode_call(data)
         except MarshalError as exc:
             refusal = self._refusal(_Refused(ErrorCode.MARSHAL, "MarshalError", str(exc)))
             return refusal if expects_reply else None
+        finally:
+            decoding.leases = None
         object_id, name, args, kwargs, deadline = call
         entry = self._lookup(object_id)
         binding = None if entry is None else entry.bindings.get(name)
-        if (binding is None or binding.access is not None or kwargs
+        # A call that passed objects takes the general path, which expires them when it returns.
+        if (binding is None or binding.access is not None or kwargs or leases
                 or not binding.fast_min <= len(args) <= binding.fast_max
                 or (deadline is not None and time.monotonic() >= deadline)):
             try:
-                prepared = self._prepare_checked(entry, binding, call, expects_reply, message)
+                prepared = self._prepare_checked(entry, binding, call, expects_reply, message, leases)
             except _Refused as refusal:
+                _expire(leases)
                 return self._refusal(refusal) if expects_reply else None
             return self.run(prepared)
         assert entry is not None
         token = CALL_INFO.set((self._caller, entry.interface, name, deadline, not expects_reply, message))
         try:
             result = binding.fn(*args)
-        except Exception as exc:
+        except _HANDLER_ERRORS as exc:
             if expects_reply:
                 return self.fail(exc)
             self._log_oneway(entry.interface, name, exc)
@@ -312,19 +350,43 @@ class Dispatcher:
 
     def prepare(self, data: bytes, *, expects_reply: bool = True, message: Message | None = None) -> Prepared | bytes:
         """The call ready to run, or the error reply refusing it (for drivers that run calls themselves)."""
+        leases: list[Lease] = []
         try:
-            call = self._codec.decode_call(data)
+            call = self._decode_leasing(data, leases)
         except MarshalError as exc:
             return self._refusal(_Refused(ErrorCode.MARSHAL, "MarshalError", str(exc)))
         object_id, name, _, _, _ = call
         entry = self._lookup(object_id)
         binding = None if entry is None else entry.bindings.get(name)
         try:
-            return self._prepare_checked(entry, binding, call, expects_reply, message)
+            return self._prepare_checked(entry, binding, call, expects_reply, message, leases)
         except _Refused as refusal:
+            _expire(leases)
             return self._refusal(refusal)
 
-    def _log_oneway(self, interface: str, name: str, exc: Exception) -> None:
+    def _decode_leasing(self, data: bytes, leases: list[Lease]) -> Call:
+        """decode_call, collecting in ``leases`` the objects the call passes (see passed())."""
+        decoding = self._decoding
+        decoding.leases = leases
+        try:
+            return self._decode_call(data)
+        finally:
+            decoding.leases = None
+
+    def passed(self, lease: Lease) -> None:
+        """The import hook's report of an object the peer passed: valid while its call runs.
+
+        The call being decoded on this thread gets the lease and expires it when it returns.
+        Outside a call's decoding (a reply holding one, which no well-behaved peer sends)
+        there is no call to make it valid at all.
+        """
+        leases: Leases = getattr(self._decoding, "leases", None)
+        if leases is None:
+            lease.expire()
+        else:
+            leases.append(lease)
+
+    def _log_oneway(self, interface: str, name: str, exc: BaseException) -> None:
         log.warning("one-way call %s.%s from pid %d raised %s: %s", interface, name, self._caller.pid,
                     type(exc).__name__, exc)
 
@@ -333,7 +395,7 @@ class Dispatcher:
         return self._codec.encode_error(refusal.code, refusal.type_name, refusal.message)
 
     def _prepare_checked(self, entry: Exported | None, binding: Binding | None, call: Call,
-                         expects_reply: bool, message: Message | None) -> Prepared:
+                         expects_reply: bool, message: Message | None, leases: Leases) -> Prepared:
         object_id, name, args, kwargs, deadline = call
         if entry is None:
             raise _Refused(ErrorCode.UNKNOWN_METHOD, "UnknownMethod",
@@ -341,6 +403,11 @@ class Dispatcher:
         if binding is None:
             raise _Refused(ErrorCode.UNKNOWN_METHOD, "UnknownMethod",
                            f"interface {entry.interface!r} has no method {name[:100]!r}")
+        if leases and not expects_reply:
+            # As the caller's own side refuses to send it: a one-way caller waits for nothing,
+            # so nobody serves those objects, and a call into one would wait out its timeout.
+            raise _Refused(ErrorCode.MARSHAL, "MarshalError",
+                           f"{entry.interface}.{name} is one-way: nobody would serve the objects passed to it")
         if binding.access is not None and not self._allows(binding.access):
             raise _Refused(ErrorCode.ACCESS_DENIED, "AccessDenied",
                            f"uid {self._caller.uid} gid {self._caller.gid} may not call {entry.interface}.{name}")
@@ -348,7 +415,8 @@ class Dispatcher:
             raise _Refused(ErrorCode.DEADLINE, "DeadlineExceeded",
                            f"the deadline of {entry.interface}.{name} passed before it started")
         kwargs = self._check_arguments(binding, args, kwargs, f"{entry.interface}.{name}")
-        return binding.fn, args, kwargs, (self._caller, entry.interface, name, deadline, not expects_reply, message)
+        return (binding.fn, args, kwargs, (self._caller, entry.interface, name, deadline, not expects_reply, message),
+                leases or None)
 
     def _allows(self, access: ResolvedAccess) -> bool:
         # The caller's identity is fixed for the connection, so decide once per rule.
@@ -363,23 +431,24 @@ class Dispatcher:
         for key in kwargs:
             if type(key) is not str:
                 raise _Refused(ErrorCode.BAD_ARGUMENTS, "BadArguments", "keyword argument names must be strings")
-        if binding.signature is not None:
+        if binding.check is not None:
             try:
-                binding.signature.bind(*args, **kwargs)
+                binding.check(*args, **kwargs)
             except TypeError as exc:
                 raise _Refused(ErrorCode.BAD_ARGUMENTS, "BadArguments", f"{where}: {exc}") from None
         return kwargs
 
     def run(self, prepared: Prepared) -> Payload | None:
         """Run a prepared synchronous call; its reply, or None for a one-way call."""
-        fn, args, kwargs, info = prepared
+        fn, args, kwargs, info, leases = prepared
         token = CALL_INFO.set(info)
         try:
             result = fn(*args, **kwargs)
-        except Exception as exc:
+        except _HANDLER_ERRORS as exc:
             return self._raised(info, exc)
         finally:
             CALL_INFO.reset(token)
+            _expire(leases)
         return None if info[4] else self.complete(result)
 
     async def run_async(self, prepared: Prepared) -> Payload | None:
@@ -387,19 +456,20 @@ class Dispatcher:
 
         CancelledError (the caller cancelled) propagates: no reply is due then.
         """
-        fn, args, kwargs, info = prepared
+        fn, args, kwargs, info, leases = prepared
         token = CALL_INFO.set(info)
         try:
             result = fn(*args, **kwargs)
             if inspect.isawaitable(result):
                 result = await result
-        except Exception as exc:
+        except _HANDLER_ERRORS as exc:
             return self._raised(info, exc)
         finally:
             CALL_INFO.reset(token)
+            _expire(leases)
         return None if info[4] else self.complete(result)
 
-    def _raised(self, info: CallInfo, exc: Exception) -> Payload | None:
+    def _raised(self, info: CallInfo, exc: BaseException) -> Payload | None:
         if not info[4]:
             return self.fail(exc)
         self._log_oneway(info[1], info[2], exc)
@@ -419,7 +489,7 @@ class Dispatcher:
     def fail(self, exc: BaseException) -> Payload:
         """The reply for a call whose handler raised ``exc``."""
         code = typed_error_code(exc)
-        tb = "".join(traceback.format_exception(exc)) if self._send_tracebacks else None
+        tb = _format_traceback(exc) if self._send_tracebacks else None
         message = _describe(exc)
         type_name = exception_type_name(exc)
         try:
@@ -429,6 +499,20 @@ class Dispatcher:
             # an undecodable file name): the caller must get the error all the same.
             return self._codec.encode_error(code, _printable(type_name), _printable(message),
                                             None if tb is None else _printable(tb))
+
+
+def _expire(leases: Leases) -> None:
+    """The call that passed these objects returned: the peer no longer serves them."""
+    if leases:
+        for lease in leases:
+            lease.expire()
+
+
+def _format_traceback(exc: BaseException) -> str:
+    try:
+        return "".join(traceback.format_exception(exc))
+    except Exception:  # the exception's own code (a __notes__ property...) runs while it is formatted
+        return f"<the traceback of a {type(exc).__name__} could not be formatted>"
 
 
 def _describe(exc: BaseException) -> str:

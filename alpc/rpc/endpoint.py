@@ -15,7 +15,7 @@ import types
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
-from ..errors import ConnectionClosed, DeadlineExceeded, MarshalError, MessageTooLarge, Timeout
+from ..errors import ConnectionClosed, DeadlineExceeded, MarshalError, MessageTooLarge, Timeout, UnknownMethod
 from ..port import CommunicationPort, PendingRequest
 from ..protocol import Message, Payload
 from ..security import PeerCred
@@ -60,7 +60,9 @@ class EndpointBase:
         self.call_timeout = call_timeout
 
     def _import(self, ref: ObjectRef) -> RemoteObject:
-        return RemoteObject(self, ref, self.call_timeout)
+        lease = _Lease(self, ref.object_id)
+        self.dispatcher.passed(lease)
+        return RemoteObject(lease, ref, self.call_timeout)
 
     def call(self, object_id: int, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
              timeout: float | None) -> Any:
@@ -223,11 +225,12 @@ def _caller(name: str, oneway: bool) -> Callable[..., Any]:
     # Whatever the endpoint returns is the call's outcome: a result for a
     # blocking endpoint, an awaitable for an asyncio one; so one proxy class
     # per interface serves both drivers.
+    # ``self`` is positional-only: any keyword, ``self=`` included, is the remote method's to judge.
     if oneway:
-        def call(self: Proxy, *args: Any, **kwargs: Any) -> Any:
+        def call(self: Proxy, /, *args: Any, **kwargs: Any) -> Any:
             return self._endpoint.notify(self._object_id, name, args, kwargs, self._timeout)
     else:
-        def call(self: Proxy, *args: Any, **kwargs: Any) -> Any:
+        def call(self: Proxy, /, *args: Any, **kwargs: Any) -> Any:
             return self._endpoint.call(self._object_id, name, args, kwargs, self._timeout)
     call.__name__ = call.__qualname__ = name
     call.__alpc_oneway__ = oneway  # type: ignore[attr-defined]
@@ -253,6 +256,38 @@ def make_proxy(interface: type[P], endpoint: EndpointBase, object_id: int, timeo
         raise TypeError(f"an RPC interface is an Interface subclass, not {interface!r}")
     spec: type[Interface] = interface
     return cast(P, proxy_class(spec)(endpoint, object_id, timeout))
+
+
+class _Lease(EndpointBase):
+    """The endpoint as the objects a peer passed in one call see it: until that call returns.
+
+    Every copy of such an object (``with_timeout``) shares the lease. Once expired, a call
+    fails at once with UnknownMethod, as the peer would answer it: the peer no longer serves
+    the object, and a blocking peer does not even read its connection between its own calls,
+    so a call sent there would wait for nobody.
+    """
+
+    def __init__(self, endpoint: EndpointBase, object_id: int) -> None:  # a view: no codec of its own
+        self.endpoint: EndpointBase | None = endpoint
+        self.object_id = object_id
+
+    def expire(self) -> None:
+        self.endpoint = None
+
+    def live(self) -> EndpointBase:
+        endpoint = self.endpoint
+        if endpoint is None:
+            raise UnknownMethod(f"object {self.object_id} the peer passed is gone: a callback is only valid "
+                                "during its call")
+        return endpoint
+
+    def call(self, object_id: int, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+             timeout: float | None) -> Any:
+        return self.live().call(object_id, method, args, kwargs, timeout)
+
+    def notify(self, object_id: int, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+               timeout: float | None) -> Any:
+        return self.live().notify(object_id, method, args, kwargs, timeout)
 
 
 class RemoteObject(Proxy):
@@ -283,7 +318,7 @@ class RemoteObject(Proxy):
             raise AttributeError(f"remote {self._ref.interface!r} object has no method {name!r}")
         return types.MethodType(_caller(name, oneway), self)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
         return self.__getattr__("call")(*args, **kwargs)
 
     def __repr__(self) -> str:
@@ -319,11 +354,15 @@ def start_call(method: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Pend
     the handler then sees ``current_call().cancelled`` and its reply is dropped.
     """
     proxy = getattr(method, "__self__", None)
-    if not isinstance(proxy, Proxy) or not isinstance(proxy._endpoint, Endpoint):
+    endpoint = proxy._endpoint if isinstance(proxy, Proxy) else None
+    if isinstance(endpoint, _Lease):
+        endpoint = endpoint.live()
+    if not isinstance(endpoint, Endpoint):
         raise TypeError(f"start_call takes a method of a blocking RPC proxy (client.proxy.name), not {method!r}")
     if getattr(method, "__alpc_oneway__", False):
         raise TypeError(f"{method.__name__} is one-way: there is nothing to wait for or cancel")
-    return proxy._endpoint.start_call(proxy._object_id, method.__name__, args, kwargs, proxy._timeout)
+    assert proxy is not None
+    return endpoint.start_call(proxy._object_id, method.__name__, args, kwargs, proxy._timeout)
 
 
 def with_timeout(proxy: P, timeout: float | None) -> P:
