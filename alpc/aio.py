@@ -43,6 +43,7 @@ from .connection import (
     reply_lost,
 )
 from .errors import (
+    AlpcError,
     Cancelled,
     ConnectionClosed,
     DeadlineExceeded,
@@ -735,6 +736,10 @@ class AsyncCommunicationPort:
             self._wake_id(message_id)
         self._wake_inbox()
         self._wake_senders()
+        if self._drained is not None and not self._drained.done():
+            # A send waiting for room in the socket: the connection ended, it must not wait
+            # out its own timeout for a writer callback that will never come.
+            self._drained.set_result(None)
 
     def _feed(self) -> None:
         """serve(): hand every waiting message to the dispatcher while it takes them."""
@@ -1011,6 +1016,10 @@ class AsyncConnectionRequest:
     def reject(self, reason: str = "rejected") -> None:
         self._request.reject(reason)
 
+    def close(self, reason: str = "the server closed the port") -> None:
+        """Drop an unanswered request (the client's connect raises ConnectionRejected with ``reason``)."""
+        self._request.close(reason)
+
     def __repr__(self) -> str:
         return f"<AsyncConnectionRequest from pid {self.client.pid} uid {self.client.uid}>"
 
@@ -1083,6 +1092,11 @@ class AsyncConnectionPort:
                     comm = await request.accept()
                 except ConnectionClosed:
                     continue  # the client went away before its accept: the others go on
+                except (AlpcError, OSError) as exc:
+                    # That client only (out of fds, say), as CompletionPort: the others go on.
+                    log.warning("cannot accept %r: %s", request, exc)
+                    request.close(server.CANNOT_ACCEPT)
+                    continue
                 self._comms.add(comm)
                 task = asyncio.create_task(self._serve_one(comm, handler, max_tasks))
                 clients.add(task)
@@ -1099,8 +1113,9 @@ class AsyncConnectionPort:
             await comm.close()
 
     async def close(self) -> None:
-        for comm in list(self._accepted):  # serve()'s connections too: accept() records every one
-            await comm.close()
+        # serve()'s connections too (accept() records every one); at once, not one after the
+        # other: each may take its flush timeout with a client that stopped reading.
+        await asyncio.gather(*(comm.close() for comm in list(self._accepted)))
         await self._loop.run_in_executor(None, self._port.close)
         # A listen() awaiting the link: a closed fd leaves the selector without an event, so
         # wake it here; it finds the port closed (ConnectionClosed), where it slept on before.

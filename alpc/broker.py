@@ -45,6 +45,9 @@ MAX_REQUEST = 1024 * 1024
 LOCK_NAME = "broker.lock"
 # Housekeeping (suppressed-log summaries, service status) runs this often.
 TICK = 1.0
+# Out of fds, the listener stays readable with the connections it cannot take: it is left
+# unwatched this long (those clients wait in the backlog) instead of spinning the loop.
+ACCEPT_PAUSE = 0.1
 # How long a successor may wait for the lock its predecessor releases.
 LOCK_WAIT = 5.0
 # msgpack's largest int: a server's report may hold anything up to it, a sum must stay below.
@@ -161,6 +164,8 @@ class Broker:
         self._deaths: dict[int, _Peer] = {}
         self._ports: dict[str, _Port] = {}
         self._stopping = False
+        # While out of fds: when to watch the listener again (None: it is watched).
+        self._accept_paused_until: float | None = None
         self._handed_over_to: int | None = None
         self._thread: threading.Thread | None = None
         self._finished = threading.Event()
@@ -302,15 +307,37 @@ class Broker:
             if on_ready is not None:
                 on_ready()  # in the try: a callback that fails (a bad --ready-fd) must not leave the socket behind
             while not self._stopping:
-                for key, events in self._selector.select(TICK):
+                for key, events in self._selector.select(self._select_timeout()):
                     self._on_event(key.fd, events)
                     if self._handed_over_to is not None:
                         return
+                self._resume_accepting()
                 self._tick()
         finally:
             if self._handed_over_to is None:
                 self._shutdown()
             self._finished.set()
+
+    def _select_timeout(self) -> float:
+        if self._accept_paused_until is None:
+            return TICK
+        return max(0.0, min(TICK, self._accept_paused_until - time.monotonic()))
+
+    def _pause_accepting(self) -> None:
+        """Out of fds: stop watching the listener for ACCEPT_PAUSE (it would wake the loop at once)."""
+        assert self._listener is not None
+        self._limited.log(logging.WARNING, ("accept", "starved"),
+                          "out of file descriptors: new connections wait in the listen backlog")
+        self._selector.unregister(self._listener.fileno())
+        self._accept_paused_until = time.monotonic() + ACCEPT_PAUSE
+
+    def _resume_accepting(self) -> None:
+        if self._accept_paused_until is None or time.monotonic() < self._accept_paused_until:
+            return
+        self._accept_paused_until = None
+        if self._listener is not None:
+            self._selector.register(self._listener.fileno(), selectors.EVENT_READ, None)
+            self._accept()  # what waited meanwhile, without another trip through select
 
     def _tick(self) -> None:
         now = time.monotonic()
@@ -404,6 +431,8 @@ class Broker:
             peer.counted = True
             self._peers[stream.fileno()] = peer
             self._selector.register(stream.fileno(), selectors.EVENT_READ, None)
+        if self._listener.starved:
+            self._pause_accepting()
 
     def _turn_away(self, peer: _Peer, limit: Limit, message: str) -> None:
         """Refuse a socket the broker will not hold: one non-blocking answer, then close."""
@@ -510,16 +539,17 @@ class Broker:
         return [port for port in ports if self._may_inspect(peer, port, groups).allowed]
 
     @staticmethod
-    def _may_inspect(peer: _Peer, port: _Port, groups: tuple[int, ...]) -> AclDecision:
+    def _may_inspect(peer: _Peer, port: _Port, groups: tuple[int, ...] | None) -> AclDecision:
         return may_inspect(peer.cred, groups, port.owner.cred.uid, port.acl)
 
-    def _peer_groups(self, peer: _Peer, port: str | None = None) -> tuple[int, ...]:
-        """The peer's supplementary groups, from the kernel (SO_PEERGROUPS); none if it will not say."""
+    def _peer_groups(self, peer: _Peer, port: str | None = None) -> tuple[int, ...] | None:
+        """The peer's supplementary groups, from the kernel (SO_PEERGROUPS); None if it will not say
+        (not "no groups": the ACL then refuses the peer where a denied group could have)."""
         try:
             return tuple(peer.stream.peer_groups())
         except OSError as exc:
             log.warning("SO_PEERGROUPS failed for %s: %s", peer.describe(), exc, extra=peer.fields(port))
-            return ()
+            return None
 
     def _refuse(self, peer: _Peer, code: str, message: str, port: str | None = None,
                 level: int = logging.WARNING, limit: str = "") -> None:

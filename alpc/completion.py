@@ -32,7 +32,7 @@ from typing import Any
 from .connection import NOTICES
 from .errors import AlpcError, ConnectionClosed, Timeout
 from .protocol import Message
-from .server import ConnectionPort, ConnectionRequest
+from .server import CANNOT_ACCEPT, ConnectionPort, ConnectionRequest
 from .transport import Buffer
 from .wire import MessageType
 
@@ -187,7 +187,7 @@ class CompletionPort:
             # That client only (out of fds, say): the accept closed what it took, and the
             # loop goes on serving everyone else.
             log.warning("cannot accept %r: %s", request, exc)
-            request.close()
+            request.close(CANNOT_ACCEPT)
             return
         comm._on_cancel = self._cancelled
 

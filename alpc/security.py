@@ -108,14 +108,21 @@ class PortAcl:
             if type(getattr(self, name)) is not bool:
                 raise ValueError(f"PortAcl.{name} must be a bool")
 
-    def check(self, client: PeerCred, groups: Iterable[int], owner_uid: int) -> AclDecision:
-        """May ``client`` (kernel-verified, with its supplementary ``groups``) connect?"""
-        all_gids = {client.gid, *groups}
+    def check(self, client: PeerCred, groups: Iterable[int] | None, owner_uid: int) -> AclDecision:
+        """May ``client`` (kernel-verified, with its supplementary ``groups``) connect?
+
+        ``groups`` None: they could not be read. A client in no group and one in a denied
+        group then look alike, so a port that denies groups refuses it.
+        """
+        all_gids = {client.gid, *(groups or ())}
         if client.uid in self.deny_uids:
             return AclDecision(False, f"uid {client.uid} is denied by the port's ACL")
         denied_groups = all_gids & self.deny_gids
         if denied_groups:
             return AclDecision(False, f"group {min(denied_groups)} is denied by the port's ACL")
+        if groups is None and self.deny_gids:
+            return AclDecision(False, "the client's supplementary groups could not be read and the port's ACL "
+                                      "denies groups")
         if client.uid == owner_uid:
             return AclDecision(True, "the port's owner")
         if client.uid == ROOT_UID and self.allow_root:
@@ -138,7 +145,7 @@ class PortAcl:
         }
 
 
-def may_inspect(viewer: PeerCred, groups: Iterable[int], owner_uid: int, acl: PortAcl) -> AclDecision:
+def may_inspect(viewer: PeerCred, groups: Iterable[int] | None, owner_uid: int, acl: PortAcl) -> AclDecision:
     """May ``viewer`` (with its supplementary ``groups``) see a port's clients and figures?
 
     Whoever the port's ACL admits as a client, by the very decision the broker

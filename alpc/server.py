@@ -43,7 +43,7 @@ from .transport import (
 )
 from .wire import Frame
 
-__all__ = ["ConnectionPort", "ConnectionRequest", "ForeignConnection", "create_port"]
+__all__ = ["CANNOT_ACCEPT", "ConnectionPort", "ConnectionRequest", "ForeignConnection", "create_port"]
 
 
 class ForeignConnection(Protocol):
@@ -64,6 +64,8 @@ class ForeignConnection(Protocol):
         """Called from any thread; must not wait."""
 
 log = logging.getLogger(__name__)
+# What a client hears when the server's accept of it failed (out of fds, say).
+CANNOT_ACCEPT = "the server could not accept the connection"
 # A hostile client reconnecting again and again must not flood the server's log.
 _limited = LogLimiter(log)
 
@@ -184,10 +186,10 @@ class ConnectionRequest:
             close_fds([self._pidfd])
             self._pidfd = None
 
-    def close(self) -> None:
-        """Drop an unanswered request (the client sees the server go away)."""
+    def close(self, reason: str = "the server closed the port") -> None:
+        """Drop an unanswered request (the client's connect raises ConnectionRejected with ``reason``)."""
         if self._stream is not None:
-            self.reject("the server closed the port")
+            self.reject(reason)
 
 
 def _offer_quick(attributes: PortAttributes, stream: Stream,

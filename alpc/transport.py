@@ -857,6 +857,8 @@ class Listener:
         self._sock = sock
         self.path = path
         self.owns_file = path is not None
+        # The last accept() found connections it could not take (out of fds or memory).
+        self.starved = False
 
     @classmethod
     def bind(cls, path: Path, backlog: int = 512, shared: bool = False) -> Listener:
@@ -909,12 +911,18 @@ class Listener:
         return self._sock.fileno()
 
     def accept(self) -> Stream | None:
+        """The next connection, or None: none is waiting, or (``starved`` then) none can be
+        taken for want of fds or memory, while the listener stays readable."""
+        self.starved = False
         try:
             sock, _ = self._sock.accept()
         except (BlockingIOError, InterruptedError):
             return None
         except OSError as exc:
-            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED):
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                self.starved = True
+                return None
+            if exc.errno == errno.ECONNABORTED:
                 return None
             raise
         return Stream(sock)

@@ -21,7 +21,11 @@ def main() -> None:
             if isinstance(event, alpc.ConnectionRequest):
                 print(f"server: connect from pid {event.client.pid} uid {event.client.uid}: {event.data!r}",
                       flush=True)
-                event.accept(data=b"welcome")
+                try:
+                    event.accept(data=b"welcome")
+                except alpc.PeerGone:
+                    # The client gave up between its connect and this accept: serve the others.
+                    print(f"server: pid {event.client.pid} went away before its accept", flush=True)
             elif event.type is alpc.MessageType.REQUEST:
                 event.reply(event.data.upper())
             elif event.type is alpc.MessageType.DATAGRAM:

@@ -21,6 +21,7 @@ from .. import aio as _aio
 from ..config import Config, PortAttributes, attributes_or_default, config_or_default
 from ..errors import MessageTooLarge, PeerGone
 from ..protocol import Message, Payload, payload_parts
+from ..server import CANNOT_ACCEPT
 from ..wire import MessageType
 from .client import ClientBase, check_server, client_hello, rejections
 from .codec import DEFAULT_LIMITS, INLINE_THRESHOLD, Limits
@@ -230,6 +231,7 @@ class Server:
                 # As the blocking server does: one failed admission (no fds left, a send
                 # error) must not end admissions for good while the port stays registered.
                 log.exception("could not accept pid %d", request.client.pid)
+                request.close(CANNOT_ACCEPT)  # answered now, not left to wait out its connect timeout
                 continue
             endpoint = AsyncEndpoint(comm, ObjectTable(choice), **self._options)
             self._connections[comm] = asyncio.create_task(self._serve(endpoint))

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 
 from .. import server as _server
 from ..config import Config, PortAttributes, attributes_or_default, config_or_default
-from ..errors import ConnectionClosed, MarshalError, PeerGone, Timeout
+from ..errors import AlpcError, ConnectionClosed, MarshalError, PeerGone, Timeout
 from ..port import CommunicationPort
 from ..protocol import Message
 from ..server import ConnectionPort, ConnectionRequest
@@ -235,6 +235,12 @@ class Server:
             try:
                 comm = request.accept(accept_data)
             except PeerGone:
+                return
+            except (AlpcError, OSError) as exc:
+                # That client only (out of fds, say): it is answered now, not left to wait
+                # out its connect timeout, and the workers go on serving.
+                log.warning("cannot accept pid %d: %s", request.client.pid, exc)
+                request.close(_server.CANNOT_ACCEPT)
                 return
             self._endpoints[comm] = self._make_endpoint(comm, ObjectTable(choice), on_drop=self._drop)
 
