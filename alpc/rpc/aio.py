@@ -24,9 +24,9 @@ from ..protocol import Message, Payload, payload_parts
 from ..server import CANNOT_ACCEPT
 from ..wire import MessageType
 from .client import ClientBase, check_server, client_hello, rejections
-from .codec import DEFAULT_LIMITS, INLINE_THRESHOLD, Limits
+from .codec import DEFAULT_LIMITS, INLINE_THRESHOLD, Limits, check_options
 from .dispatch import ObjectTable
-from .endpoint import EndpointBase, call_deadline, make_proxy, time_left, with_timeout
+from .endpoint import EndpointBase, call_deadline, check_timeout, make_proxy, time_left, with_timeout
 from .faults import ErrorCode
 from .hello import Hello
 from .interface import Interface
@@ -130,6 +130,8 @@ async def connect(
     send_tracebacks: bool = False,
 ) -> AsyncClient[T]:
     """Connect to the port ``name`` serving ``interface``; as ``rpc.connect``, awaited."""
+    check_options(limits, inline_threshold)  # before connecting, as rpc.connect
+    check_timeout(call_timeout, "call_timeout")
     hello = client_hello(interface)
     with rejections():
         comm = await _aio.connect(name, hello, timeout=timeout, config=config)
@@ -164,8 +166,10 @@ class Server:
         send_tracebacks: bool = False,
         max_tasks: int = 1024,
     ) -> None:
-        if max_tasks < 1:
-            raise ValueError("max_tasks must be >= 1")
+        if type(max_tasks) is not int or max_tasks < 1:
+            raise ValueError(f"max_tasks must be an int >= 1, got {max_tasks!r}")
+        # Now: each accepted client's endpoint needs them, and the accept loop ended on a refusal.
+        check_options(limits, inline_threshold)
         self.name = name
         self._admission = Admission(objects)
         # Checked now, not when start() makes the port.

@@ -10,9 +10,9 @@ from .. import port as _port
 from ..config import Config
 from ..errors import ConnectionRejected, MarshalError, VersionMismatch
 from ..security import PeerCred
-from .codec import DEFAULT_LIMITS, INLINE_THRESHOLD, Limits
+from .codec import DEFAULT_LIMITS, INLINE_THRESHOLD, Limits, check_options
 from .dispatch import ObjectTable
-from .endpoint import Endpoint, make_proxy, with_timeout
+from .endpoint import Endpoint, check_timeout, make_proxy, with_timeout
 from .hello import RPC_VERSION, Hello, decode_hello, encode_hello
 from .interface import Interface, version_compatible
 
@@ -95,6 +95,9 @@ def connect(
     no compatible version of the interface, ConnectionRejected for other
     refusals, and whatever ``alpc.connect`` raises.
     """
+    # Before connecting: raised once connected, the connection was left open.
+    check_options(limits, inline_threshold)
+    check_timeout(call_timeout, "call_timeout")
     with rejections():
         comm = _port.connect(name, client_hello(interface), timeout=timeout, config=config)
     try:

@@ -31,7 +31,9 @@ is gathered by sendmsg. ``decode`` slices segments out of
 
 from __future__ import annotations
 
+import math
 import struct
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -58,6 +60,7 @@ __all__ = [
     "Kind",
     "Limits",
     "ObjectRef",
+    "check_options",
     "parse_call",
 ]
 
@@ -109,6 +112,15 @@ class Limits:
     max_containers: int = 1 << 18
     max_segments: int = 1024
 
+    def __post_init__(self) -> None:
+        # Checked here, not when a connection first decodes with them: msgpack reads -1 as "no
+        # limit" and cannot take more than a C ssize_t, and rpc.connect applies its limits only
+        # once it is connected.
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if type(value) is not int or not 1 <= value <= sys.maxsize:
+                raise ValueError(f"Limits.{name} must be a positive int up to {sys.maxsize}, got {value!r}")
+
     def unpack_options(self) -> dict[str, Any]:
         return {
             "raw": False,
@@ -123,6 +135,15 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+
+
+def check_options(limits: Limits, inline_threshold: int) -> None:
+    """ValueError/TypeError for options a Codec refuses: a client or server checks them up front,
+    before it connects or accepts anyone, rather than when its first connection needs a Codec."""
+    if not isinstance(limits, Limits):
+        raise TypeError(f"limits must be an rpc.Limits, not {limits!r}")
+    if type(inline_threshold) is not int or not 0 <= inline_threshold <= sys.maxsize:
+        raise ValueError(f"inline_threshold must be an int >= 0, got {inline_threshold!r}")
 
 
 # A decoded call: [object_id, method, args, kwargs | None, deadline | None], types checked.
@@ -187,8 +208,7 @@ class Codec:
         import_object: Importer | None = None,
         release: Callable[[list[int]], None] | None = None,
     ) -> None:
-        if inline_threshold < 0:
-            raise ValueError("inline_threshold must be >= 0")
+        check_options(limits, inline_threshold)
         self.limits = limits
         self.inline_threshold = inline_threshold
         self._export = export
@@ -443,7 +463,8 @@ class Codec:
         if type(envelope) is list and len(envelope) == 5:
             object_id, method, args, kwargs, deadline = envelope
             if (type(object_id) is int and object_id >= 0 and type(method) is str and type(args) is list
-                    and (kwargs is None or type(kwargs) is dict) and (deadline is None or type(deadline) is float)):
+                    and (kwargs is None or type(kwargs) is dict)
+                    and (deadline is None or (type(deadline) is float and -_INF < deadline < _INF))):
                 return envelope
         return parse_call(envelope)
 
@@ -483,6 +504,7 @@ class Codec:
 
 
 _KINDS = frozenset(int(kind) for kind in Kind)
+_INF = math.inf
 
 
 def parse_call(envelope: Any) -> Call:
@@ -500,6 +522,10 @@ def parse_call(envelope: Any) -> Call:
         raise MarshalError(f"a call's kwargs must be a map or nil, not {type(kwargs).__name__}")
     if deadline is not None and type(deadline) is not float and type(deadline) is not int:
         raise MarshalError(f"a call's deadline must be a number or nil, not {type(deadline).__name__}")
+    if deadline is not None and not math.isfinite(deadline):
+        # NaN never passes (the handler's remaining() said 0.0 and its nested calls raised
+        # ValueError); inf made a nested call into the caller's callback wait ~25 days.
+        raise MarshalError(f"a call's deadline must be a finite time, not {deadline}")
     return [object_id, method, args, kwargs, None if deadline is None else float(deadline)]
 
 

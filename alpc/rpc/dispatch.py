@@ -185,10 +185,21 @@ def _bind(obj: Interface, spec: MethodSpec) -> Binding:
                 fast_min, fast_max, check = _arity(inspect.signature(bound.__func__), bound=True)
             else:
                 fast_min, fast_max, check = _arity(inspect.signature(bound))
-        except (TypeError, ValueError):
-            fast_min, fast_max, check = 1, 0, None
+        except (TypeError, ValueError):  # a C function (max, a builtin method): no signature to read
+            fast_min, fast_max, check = _declared_arity(type(obj), spec.name)
     access = spec.access.resolve() if spec.access is not None else None
     return Binding(spec, bound, access, fast_min, fast_max, check)
+
+
+def _declared_arity(cls: type, name: str) -> Arity:
+    """The arity of the interface's own declaration of ``name``, for an implementation whose
+    signature cannot be read: arguments it does not take are then BadArguments, as for any
+    other method, not the TypeError the C function raises (a RemoteError at the caller)."""
+    for klass in cls.__mro__:
+        declared = klass.__dict__.get(name)
+        if declared is not None and inspect.isfunction(declared) and hasattr(declared, "__alpc_rpc__"):
+            return _method_arity(declared)
+    return 1, 0, None
 
 
 class ObjectTable:

@@ -33,6 +33,7 @@ __all__ = [
     "Proxy",
     "RemoteObject",
     "call_deadline",
+    "check_timeout",
     "make_proxy",
     "start_call",
     "time_left",
@@ -369,6 +370,13 @@ def with_timeout(proxy: P, timeout: float | None) -> P:
     """The same proxy with another per-call timeout (the deadline the server sees)."""
     if not isinstance(proxy, Proxy):
         raise TypeError(f"not an RPC proxy: {proxy!r}")
-    if timeout is not None and timeout < 0:
-        raise ValueError(f"timeout must be >= 0 or None, got {timeout}")
-    return cast(P, proxy._copy(timeout))
+    return cast(P, proxy._copy(check_timeout(timeout, "timeout")))
+
+
+def check_timeout(timeout: float | None, what: str) -> float | None:
+    """``timeout`` if it is None or a number >= 0; ValueError now rather than at every call."""
+    # `not >= 0`, not `< 0`: NaN compares false both ways and would pass.
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not timeout >= 0):
+        raise ValueError(f"{what} must be a number >= 0 or None, got {timeout!r}")
+    return timeout

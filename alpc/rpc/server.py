@@ -26,7 +26,7 @@ from ..protocol import Message
 from ..server import ConnectionPort, ConnectionRequest
 from ..wire import MessageType
 from .client import INCOMPATIBLE
-from .codec import DEFAULT_LIMITS, INLINE_THRESHOLD, Limits
+from .codec import DEFAULT_LIMITS, INLINE_THRESHOLD, Limits, check_options
 from .dispatch import ObjectTable
 from .endpoint import Endpoint
 from .hello import RPC_VERSION, decode_hello, encode_hello
@@ -38,6 +38,9 @@ __all__ = ["Admission", "Server"]
 log = logging.getLogger("alpc.rpc")
 
 _REQUEST = MessageType.REQUEST
+# How long a worker waits for an event before it looks whether the server stops; stop() waits
+# up to that long for it.
+_MAX_POLL_INTERVAL = 60.0
 
 
 class Admission:
@@ -115,8 +118,15 @@ class Server:
         takeover_after: float = 0.005,
         poll_interval: float = 0.1,
     ) -> None:
-        if workers < 1:
-            raise ValueError("workers must be >= 1")
+        if type(workers) is not int or workers < 1:
+            raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+        # Each checked now: start() would fail after making the port (workers), the workers
+        # die or spin (poll_interval), or every accepted client's calls go unanswered (codec options).
+        if isinstance(poll_interval, bool) or not isinstance(poll_interval, (int, float)) \
+                or not 0 < poll_interval <= _MAX_POLL_INTERVAL:
+            raise ValueError(f"poll_interval must be a number of seconds in (0, {_MAX_POLL_INTERVAL}], "
+                             f"got {poll_interval!r}")
+        check_options(limits, inline_threshold)
         self.name = name
         self._admission = Admission(objects)
         self._admission.refuse_coroutines()

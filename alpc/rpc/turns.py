@@ -26,13 +26,24 @@ import time
 
 __all__ = ["Turns"]
 
+# Longer than any takeover period anyone means, and within what threading's waits take.
+_MAX_WAIT = 3600.0
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
 
 class Turns:
     """Turn-taking among the worker threads of one server. Thread-safe."""
 
     def __init__(self, *, takeover_after: float = 0.005, idle_after: float = 1.0) -> None:
-        if takeover_after < 0 or idle_after <= 0:
-            raise ValueError("takeover_after must be >= 0 and idle_after > 0")
+        # `not (... <= ...)`: NaN passed `< 0` and made the watcher spin; inf (beyond what a
+        # Condition wait takes) raised OverflowError in the watcher thread, which died.
+        if not (_number(takeover_after) and 0 <= takeover_after <= _MAX_WAIT) \
+                or not (_number(idle_after) and 0 < idle_after <= _MAX_WAIT):
+            raise ValueError(f"takeover_after must be in [0, {_MAX_WAIT}] and idle_after in (0, {_MAX_WAIT}] "
+                             f"seconds, got {takeover_after!r} and {idle_after!r}")
         self._takeover_after = takeover_after
         self._idle_after = idle_after
         # busy()/done() run twice per call: they take the lock itself, not a Condition's.
