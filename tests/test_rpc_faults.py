@@ -304,3 +304,23 @@ def test_an_async_server_keeps_admitting_after_an_accept_fails(broker, config, m
 
     assert asyncio.run(main())
     assert failed
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_an_async_client_serves_its_callbacks_before_its_first_call(
+        broker: alpc.Broker, spawn: Any, runtime_dir: Path, config: alpc.Config, loop: str) -> None:
+    # rpc.aio.connect returns with the client's serve() already dispatching: the one-way callbacks
+    # of the first call may come in the same read as its reply, and are dispatched ahead of it
+    # only if serve() is running by then (else the reply woke the call first, which released the
+    # callback, and the callbacks were refused: test_one_way_callbacks_... failed ~1 in 20).
+    from rpc_peers import Store
+
+    peer = spawn.argv([sys.executable, str(Path(__file__).resolve().parent / "rpc_peers.py"), "server", NAME,
+                       "--runtime-dir", str(runtime_dir)])
+    peer.expect("READY")
+
+    async def main() -> None:
+        async with await rpc.aio.connect(Store, NAME, config=config, timeout=10, call_timeout=10) as client:
+            assert client._endpoint.comm._dispatch is not None
+
+    run_on(loop, main)
