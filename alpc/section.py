@@ -324,6 +324,8 @@ def _check_section_name(name: object) -> None:
         raise SectionError(f"section name {name!r} cannot be encoded as a file name") from None
     if not 1 <= size <= 255 or "/" in bare or "\0" in bare:
         raise SectionError(f"section name {name!r} must be 1..255 bytes without NUL or '/' after a leading '/'")
+    if bare in (".", ".."):  # /dev/shm itself or its parent: a directory, never a section
+        raise SectionError(f"section name {name!r} names a directory, not a section")
 
 
 def _made(size: int, make: Callable[[], Section]) -> Section:
@@ -435,12 +437,17 @@ class Section:
             shm = posix_ipc.SharedMemory(name, read_only=not writable)
         except posix_ipc.ExistentialError:
             raise SectionError(f"no section named {name!r}") from None
+        except ValueError:  # posix_ipc's word for EISDIR: a directory opened for writing
+            raise SectionError(f"{name!r} is not a section") from None
         try:
             fd = os.dup(shm.fd)
         finally:
             shm.close_fd()
         try:
-            size = os.fstat(fd).st_size
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):  # a directory opened read-only: mmap says ENODEV
+                raise SectionError(f"{name!r} is not a section")
+            size = info.st_size
             if size <= 0:
                 raise SectionError(f"section {name!r} is empty")
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)

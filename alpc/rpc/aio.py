@@ -228,11 +228,12 @@ class Server:
     async def _accept(self, port: _aio.AsyncConnectionPort) -> None:
         while True:
             request = await port.listen()
-            choice = self._admission.choose(request.data)
-            if isinstance(choice, str):
-                log.info("rejected pid %d: %s", request.client.pid, choice)
-                request.reject(choice)
+            admitted = self._admission.admit(request.data)
+            if isinstance(admitted, str):
+                log.info("rejected pid %d: %s", request.client.pid, admitted)
+                request.reject(admitted)
                 continue
+            choice, table = admitted
             try:
                 comm = await request.accept(self._admission.accept_data(choice))
             except PeerGone:
@@ -243,7 +244,7 @@ class Server:
                 log.exception("could not accept pid %d", request.client.pid)
                 request.close(CANNOT_ACCEPT)  # answered now, not left to wait out its connect timeout
                 continue
-            endpoint = AsyncEndpoint(comm, ObjectTable(choice), **self._options)
+            endpoint = AsyncEndpoint(comm, table, **self._options)
             self._connections[comm] = asyncio.create_task(self._serve(endpoint))
 
     async def _serve(self, endpoint: AsyncEndpoint) -> None:

@@ -57,6 +57,8 @@ class Admission:
             self._objects[name] = obj
         if not self._objects:
             raise ValueError("a server needs at least one Interface object")
+        for obj in self._objects.values():
+            ObjectTable(obj)  # a rule naming an unknown group: ValueError now, not at every connect
 
     def choose(self, connect_data: bytes) -> Interface | str:
         """The object to serve, or the reason to reject the client."""
@@ -75,6 +77,18 @@ class Admission:
                     f"{hello.version[0]}.{hello.version[1]}, the server has {version[0]}.{version[1]} "
                     f"(same major version and a server minor at least the client's are needed)")
         return obj
+
+    def admit(self, connect_data: bytes) -> tuple[Interface, ObjectTable] | str:
+        """The object to serve and the table the client calls it through, or the reason to reject it."""
+        choice = self.choose(connect_data)
+        if isinstance(choice, str):
+            return choice
+        try:
+            # The table resolves the methods' group names: one deleted since the server started
+            # is refused here, before the accept, not on a connection nobody would serve.
+            return choice, ObjectTable(choice)
+        except ValueError as exc:
+            return f"the server cannot check its access rules: {exc}"
 
     def refuse_coroutines(self) -> None:
         """TypeError if a method is a coroutine function: a blocking server cannot await it."""
@@ -234,11 +248,12 @@ class Server:
             self._endpoints.pop(event.port, None)
 
     def _admit(self, request: ConnectionRequest) -> None:
-        choice = self._admission.choose(request.data)
-        if isinstance(choice, str):
-            log.info("rejected pid %d: %s", request.client.pid, choice)
-            request.reject(choice)
+        admitted = self._admission.admit(request.data)
+        if isinstance(admitted, str):
+            log.info("rejected pid %d: %s", request.client.pid, admitted)
+            request.reject(admitted)
             return
+        choice, table = admitted
         accept_data = self._admission.accept_data(choice)
         with self._endpoints_lock:
             # Held across accept so a first call cannot arrive before its endpoint exists.
@@ -252,7 +267,7 @@ class Server:
                 log.warning("cannot accept pid %d: %s", request.client.pid, exc)
                 request.close(_server.CANNOT_ACCEPT)
                 return
-            self._endpoints[comm] = self._make_endpoint(comm, ObjectTable(choice), on_drop=self._drop)
+            self._endpoints[comm] = self._make_endpoint(comm, table, on_drop=self._drop)
 
     def _drop(self, endpoint: Endpoint) -> None:
         with self._endpoints_lock:
