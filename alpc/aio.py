@@ -142,9 +142,16 @@ class AsyncCommunicationPort:
         # A server's: asked by a send short of the port's section budget, has the port's other
         # connections give back their idle sections (idle, they never come back by themselves).
         self._on_budget_blocked: Callable[[AsyncCommunicationPort], None] | None = None
-        self._loop.add_reader(stream.fileno(), self._on_readable)
-        if peer_pidfd is not None:
-            self._loop.add_reader(peer_pidfd, self._on_pidfd)
+        try:
+            self._loop.add_reader(stream.fileno(), self._on_readable)
+            if peer_pidfd is not None:
+                self._loop.add_reader(peer_pidfd, self._on_pidfd)
+        except BaseException:
+            # The loop cannot watch them (epoll_ctl: ENOSPC past max_user_watches, ENOMEM):
+            # nobody would ever read or close them, and the peer would wait on them.
+            self._loop.remove_reader(stream.fileno())
+            _drop_channel((stream, channel, peer_pidfd))
+            raise
 
     # -- identity -------------------------------------------------------------------
 
@@ -1044,10 +1051,18 @@ class AsyncConnectionPort:
         while True:
             with inner._lock:
                 request = inner._next_request()
-                fds = inner._link.wait_fds()
-            if request is not None:
-                return AsyncConnectionRequest(request, inner, self)
-            await _within(self._readable(fds), deadline, "a connection request")
+                if request is not None:
+                    return AsyncConnectionRequest(request, inner, self)
+                # Held while the loop watches them: aclose() runs close() in an executor thread,
+                # which must not free a number the loop still watches (the next file opened
+                # would get it, and listen's reader would replace that file's, then remove it).
+                fds = inner._link.hold_fds()
+            try:
+                await _within(self._readable(fds), deadline, "a connection request")
+            finally:
+                for fd in fds:  # now, not in a done-callback run after the numbers are let go
+                    self._loop.remove_reader(fd)
+                inner._link.release_fds()
             with inner._lock:
                 inner._read_registration()
 
@@ -1062,7 +1077,6 @@ class AsyncConnectionPort:
 
         for fd in fds:
             self._loop.add_reader(fd, fired)
-        future.add_done_callback(lambda _: [self._loop.remove_reader(fd) for fd in fds])
         self._listening.add(future)
         future.add_done_callback(self._listening.discard)
         return future

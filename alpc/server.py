@@ -232,10 +232,12 @@ def create_port(
                         report_interval=report_interval)
     try:
         link.open(timeout)
+        # Building the port can fail too (its epoll set and eventfd: EMFILE, ENOMEM): the
+        # link's fds (its eventfds have no finalizer) and the name go back at once then.
+        port = ConnectionPort(name, link, attributes, config)
     except BaseException:
         link.close()
         raise
-    port = ConnectionPort(name, link, attributes, config)
     link.start(port._status, port._drain_registration)
     return port
 
@@ -264,6 +266,18 @@ class ConnectionPort:
         self._foreign: set[ForeignConnection] = set()
         self._owners: dict[int, CommunicationPort] = {}
         self._poller = Poller()
+        # Threads polling the set without the lock (_poll): close() must not free its number
+        # under them (the next file opened would get it, and they would sleep on it), so the
+        # last of them closes it; close() wakes them through this eventfd in the set (a port
+        # that lost its registration for good has no link fd to wake them).
+        self._pollers = 0
+        self._woken = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        try:
+            self._poller.register(self._woken)
+        except BaseException:
+            self._poller.close()
+            os.close(self._woken)
+            raise
         # How long wait() spins before it sleeps, from how soon events came lately.
         self._spin = SpinBudget()
         # Connections whose inbox got something since they were last served.
@@ -431,10 +445,17 @@ class ConnectionPort:
                                  send_timeout=self.attributes.send_timeout, quick=quick)
         comm._on_ready = self._ready.append
         comm._on_budget_blocked = self._budget_blocked
-        with self._lock:
-            closed = self._closed
-            if not closed:
-                self._hold(comm, quick)
+        try:
+            with self._lock:
+                closed = self._closed
+                if not closed:
+                    self._hold(comm, quick)
+        except BaseException:
+            # Watching its fds failed (epoll_ctl: ENOSPC past max_user_watches, ENOMEM): nobody
+            # would ever read or close it, and its client, told it was accepted, would wait on
+            # it. Closing tells the client and takes it out of every table (_forget).
+            comm.close()
+            raise
         if closed:
             # close() ran while this accept was writing its reply: it could not close this one.
             comm.close()
@@ -528,10 +549,15 @@ class ConnectionPort:
         with self._lock:
             self._check_open()
             link = self._link.hold_fds()  # a close() meanwhile must not free the number polled
+            self._pollers += 1  # nor the set's
         try:
             return self._wait_and_read(link, deadline)
         finally:
             self._link.release_fds()
+            with self._lock:
+                self._pollers -= 1
+                if self._closed and not self._pollers:
+                    self._free_poller()
 
     def _wait_and_read(self, link: list[int], deadline: float | None) -> bool:
         # The link's fd changes across broker restarts, so it is watched beside
@@ -640,10 +666,18 @@ class ConnectionPort:
         for comm in connections:
             comm.close()
         with self._lock:  # a waiter looks at the set only under the lock, after checking _closed
-            self._poller.close()
+            os.eventfd_write(self._woken, 1)  # a thread polling the set wakes, finds the port closed
+            if not self._pollers:
+                self._free_poller()
         if self._quick_held:
             self._quick_held = False
             qlpc.release_watcher()
+
+    def _free_poller(self) -> None:
+        # Caller holds _lock; the port is closed and nobody polls the set.
+        if not self._poller.closed:
+            self._poller.close()
+            os.close(self._woken)
 
     def __enter__(self) -> ConnectionPort:
         return self
