@@ -13,6 +13,8 @@ import os
 import sys
 from typing import NoReturn
 
+from rpc_peer_main import parse_role
+
 import alpc
 from alpc import rpc
 
@@ -70,11 +72,7 @@ def async_server(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("role", choices=["server", "async-server"])
-    parser.add_argument("name")
-    parser.add_argument("--runtime-dir", required=True)
-    args = parser.parse_args()
+    args = parse_role()
     {"server": blocking_server, "async-server": async_server}[args.role](args)
 
 

@@ -7,12 +7,11 @@ async-server); prints ``READY <pid>`` once it serves and runs until its stdin cl
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
-import sys
 from typing import Any
 
-import alpc
+from rpc_peer_main import serve_until_stdin_closes
+
 from alpc import rpc
 
 
@@ -86,24 +85,7 @@ class AsyncHubImpl(HubImpl):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("role", choices=["server", "async-server"])
-    parser.add_argument("name")
-    parser.add_argument("--runtime-dir", required=True)
-    args = parser.parse_args()
-    config = alpc.Config.from_env(args.runtime_dir)
-    if args.role == "server":
-        with rpc.Server(args.name, HubImpl(), workers=2, config=config):
-            print("READY", os.getpid(), flush=True)
-            sys.stdin.read()
-        return
-
-    async def serve() -> None:
-        async with rpc.aio.Server(args.name, AsyncHubImpl(), config=config):
-            print("READY", os.getpid(), flush=True)
-            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-
-    asyncio.run(serve())
+    serve_until_stdin_closes(HubImpl(), AsyncHubImpl())
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from typing import Any
 import msgpack
 import pytest
 from rpc_fault_peers import Faulty, FaultyImpl
+from rpc_peer_main import ROLES, start_peer
 from test_flow import run_on
 
 import alpc
@@ -26,17 +27,14 @@ from alpc.rpc.dispatch import Dispatcher, ObjectTable
 from alpc.rpc.hello import encode_hello
 from alpc.security import PeerCred
 
-PEERS = str(Path(__file__).resolve().parent / "rpc_fault_peers.py")
+PEERS = Path(__file__).resolve().parent / "rpc_fault_peers.py"
 NAME = "svc.rpc-faults"
-ROLES = ["server", "async-server"]
 
 pytestmark = pytest.mark.timeout(60)
 
 
 def start(spawn: Any, runtime_dir: Path, role: str) -> Any:
-    peer = spawn.argv([sys.executable, PEERS, role, NAME, "--runtime-dir", str(runtime_dir)])
-    peer.expect("READY")
-    return peer
+    return start_peer(spawn, PEERS, role, NAME, runtime_dir)
 
 
 class Visitor(rpc.Interface, name="fault.visitor"):

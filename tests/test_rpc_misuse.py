@@ -8,7 +8,6 @@ clients run in this process.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import msgpack
 import pytest
 from rpc_misuse_peers import Hub, HubImpl
+from rpc_peer_main import ROLES, start_peer
 
 import alpc
 from alpc import rpc
@@ -25,17 +25,14 @@ from alpc.rpc.dispatch import Dispatcher, ObjectTable
 from alpc.rpc.hello import encode_hello
 from alpc.security import PeerCred
 
-PEERS = str(Path(__file__).resolve().parent / "rpc_misuse_peers.py")
+PEERS = Path(__file__).resolve().parent / "rpc_misuse_peers.py"
 NAME = "svc.rpc-misuse"
-ROLES = ["server", "async-server"]
 
 pytestmark = pytest.mark.timeout(60)
 
 
 def start(spawn: Any, runtime_dir: Path, role: str) -> Any:
-    peer = spawn.argv([sys.executable, PEERS, role, NAME, "--runtime-dir", str(runtime_dir)])
-    peer.expect("READY")
-    return peer
+    return start_peer(spawn, PEERS, role, NAME, runtime_dir)
 
 
 # -- a callback used after the call that passed it ------------------------------------------------

@@ -18,6 +18,7 @@ from typing import Any
 import msgpack
 import pytest
 from rpc_option_peers import Relay, RelayImpl
+from rpc_peer_main import ROLES, start_peer
 
 import alpc
 from alpc import rpc
@@ -29,17 +30,14 @@ from alpc.rpc.hello import encode_hello
 from alpc.rpc.turns import Turns
 from alpc.security import PeerCred
 
-PEERS = str(Path(__file__).resolve().parent / "rpc_option_peers.py")
-NAME = "svc.rpc3"
-ROLES = ["server", "async-server"]
+PEERS = Path(__file__).resolve().parent / "rpc_option_peers.py"
+NAME = "svc.rpc-options"
 
 pytestmark = pytest.mark.timeout(60)
 
 
 def start(spawn: Any, runtime_dir: Path, role: str) -> Any:
-    peer = spawn.argv([sys.executable, PEERS, role, NAME, "--runtime-dir", str(runtime_dir)])
-    peer.expect("READY")
-    return peer
+    return start_peer(spawn, PEERS, role, NAME, runtime_dir)
 
 
 def raw_call(method: str, args: list[Any], deadline: Any) -> bytes:
