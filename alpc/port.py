@@ -58,7 +58,7 @@ from .errors import (
 from .exchange import control_frame, read_frame, refusal_after_hangup
 from .grant import LocalGrant, MemoryGrant, PeerMemory, direct_read, direct_write
 from .logs import LogLimiter, fields
-from .protocol import Channel, ConnectionPolicy, Frames, Message
+from .protocol import QUICK_ID_BIT, Channel, ConnectionPolicy, Frames, Message
 from .protocol import Payload as WirePayload
 from .quotas import Limit, WindowClosed
 from .retry import retry_until
@@ -584,7 +584,7 @@ class CommunicationPort:
         CLIENT_DIED notice follows) and Throttled raised.
         """
         quick = self._quick
-        if (quick is not None and isinstance(data, (bytes, bytearray)) and message.id in quick.ring_requests
+        if (quick is not None and isinstance(data, (bytes, bytearray)) and message.id & QUICK_ID_BIT and quick.server
                 and not self._core.backlogged
                 and message.type is _REQUEST and not (secure or fds or message.cancelled)
                 and len(data) <= quick.payload_max

@@ -798,18 +798,31 @@ class Channel:
     # ``quick_claims``. A server owes replies to ring requests it handed out
     # as Messages here, exactly as to socket ones.
 
-    def quick_request_received(self, message_id: int) -> None:
-        """Server: a request came through the ring (ProtocolError if its id is in use)."""
+    def quick_request_received(self, message_id: int, message: Message | None = None) -> None:
+        """Server: a request came through the ring (ProtocolError if its id is in use); ``message``,
+        when it is handed out as one, is told if the client cancels it."""
         self._request_received(message_id)
+        self._unreplied[message_id] = message
 
-    def quick_replying(self, request_id: int) -> None:
-        """Server: a reply is about to go through the ring (ValueError if none is owed)."""
+    def quick_cancel(self, request_id: int) -> Frames:
+        """Client: the CANCEL of a ring request its caller gave up on (the C side tracks it)."""
+        return self._frame(_Types.CANCEL, b"", callback_id=request_id)
+
+    def quick_owes(self, request_id: int) -> bool:
+        """Server: is a reply owed to this ring request (handed out, not answered nor cancelled)?"""
+        return bool(request_id & QUICK_ID_BIT) and request_id in self._unreplied
+
+    def quick_replying(self, request_id: int) -> Message | None:
+        """Server: a reply is about to go through the ring (ValueError if none is owed); the
+        request's Message, for quick_reply_failed."""
         self._check_reply(request_id)
+        message = self._unreplied[request_id]
         self._replied(request_id)
+        return message
 
-    def quick_reply_failed(self, request_id: int) -> None:
+    def quick_reply_failed(self, request_id: int, message: Message | None = None) -> None:
         """Server: the ring refused that reply after all; it is owed again."""
-        self._unreplied[request_id] = None
+        self._unreplied[request_id] = message
 
     def doorbell(self) -> Frames:
         """Tell a peer waiting in poll() to look at its ring."""

@@ -150,8 +150,6 @@ class QuickLink:
         self._calling = threading.Lock()
         # Client: ring requests given up on, whose replies may still come over the socket.
         self._late: dict[int, None] = {}
-        # Server: ring requests handed out as Messages and not yet replied to.
-        self.ring_requests: set[int] = set()
         # Server: ring traffic of the Message paths, which count in the port's
         # statistics already (a serving loop adds only the rest).
         self._counted = [0, 0, 0, 0]
@@ -160,6 +158,9 @@ class QuickLink:
         # Server: told after this side waited on or took from the ring, which ends an arm()
         # (the multiplexer then arms this ring again before it next sleeps in poll()).
         self.on_take: Callable[[], None] | None = None
+        # Server: on_take was told since the last arm(): once is enough (a server that never
+        # waits in the port's wait() would otherwise queue this ring once per request).
+        self._take_told = False
 
     @classmethod
     def accept(cls, fd: int, slots: int, slot_size: int, spin_us: int, sock_fd: int,
@@ -230,7 +231,7 @@ class QuickLink:
                         return unpack(status)
                     got = slow(_alive(port_ref), status, deadline_ns)
                     if got is not None:
-                        return got[0]
+                        return got.data if isinstance(got, Message) else got[0]
                 except BaseException:
                     # A signal handler may raise as c_call returns, before slow() took over.
                     interrupted(port_ref())
@@ -250,7 +251,8 @@ class QuickLink:
             status = self._call(data, len(data), deadline_ns)
             info = self.ring.info
             if status >= 0:
-                got: tuple[bytes, int, int] | None = (self._unpack(status), info.sender_tid, info.callback_id)
+                got: tuple[bytes, int, int] | Message | None = (self._unpack(status), info.sender_tid,
+                                                                 info.callback_id)
             else:
                 got = self._call_slow(port, status, deadline_ns)
         except BaseException:
@@ -260,6 +262,8 @@ class QuickLink:
             self._calling.release()
         if got is None:
             return None
+        if isinstance(got, Message):
+            return got  # it came over the socket: counted there, and with its fds, view and flags
         body, tid, request_id = got
         peer = port.peer
         message = Message(_REPLY, 0, request_id, body, peer, peer.pid, tid)
@@ -269,8 +273,10 @@ class QuickLink:
         stats.bytes_in += len(body)
         return message
 
-    def _call_slow(self, port: CommunicationPort, status: int, deadline_ns: int) -> tuple[bytes, int, int] | None:
-        """Anything but a reply at once: (body, sender tid, request id), or None if the request was not sent."""
+    def _call_slow(self, port: CommunicationPort, status: int,
+                   deadline_ns: int) -> tuple[bytes, int, int] | Message | None:
+        """Anything but a reply at once: (body, sender tid, request id) from the ring, the
+        reply as a Message when it came over the socket, or None if the request was not sent."""
         ring = self.ring
         if not ring.info.posted:
             if status in _REFUSED:
@@ -288,7 +294,7 @@ class QuickLink:
                     found = _socket_round(port, request_id, deadline)
                     if found is not None:
                         ring.call_done()
-                        return found.data, found.sender_tid, request_id
+                        return found
                 elif status == Q_TIMEOUT:
                     raise Timeout("timed out waiting for the reply")
                 elif status == Q_CLOSED:
@@ -298,6 +304,10 @@ class QuickLink:
                     self._raise_protocol_error(port, status)
                 # (Q_INTR: a signal handler ran on the way back here, and did not raise.)
                 status = ring.wait_reply(deadline_ns)
+        except Timeout:
+            self._abandon(port, request_id)
+            self._cancel(port, request_id)
+            raise
         except BaseException:
             self._abandon(port, request_id)
             raise
@@ -318,6 +328,14 @@ class QuickLink:
         self.ring.call_done()
         with port._cv:
             port._replies.pop(request_id, None)
+
+    def _cancel(self, port: CommunicationPort, request_id: int) -> None:
+        """A timed-out ring request: tell the server (CANCEL), as the socket path does, so its
+        handler sees ``message.cancelled`` and its runtime answers for it."""
+        try:
+            port._send(lambda: port._channel.quick_cancel(request_id), deadline_after(_DOORBELL_TIMEOUT))
+        except (Timeout, ConnectionClosed):
+            pass  # the request is dropped here anyway; a dead or stuck peer will not answer it
 
     def claims(self, request_id: int) -> bool:
         """A reply to a ring request came over the socket: deliver it (True) or drop it (False)."""
@@ -420,12 +438,11 @@ class QuickLink:
                           sender_tid=info.sender_tid)
         try:
             with port._state:
-                port._channel.quick_request_received(message.id)
+                port._channel.quick_request_received(message.id, message)
         except ProtocolError as exc:
             # A reused id (or too many owed): drop the connection, as for the same lie on the socket.
             self._drop(port, f"protocol error: {exc}")
             return None
-        self.ring_requests.add(message.id)
         self._counted[0] += 1
         self._counted[1] += length
         return message
@@ -433,10 +450,10 @@ class QuickLink:
     def reply(self, port: CommunicationPort, request_id: int, data: bytes) -> bool:
         """Server: answer a ring request through the ring; False: send it over the socket."""
         with port._state:
-            if request_id not in self.ring_requests:
+            # The channel alone says what is owed: a reply over the socket or a CANCEL ends that.
+            if not port._channel.quick_owes(request_id):
                 return False
-            port._channel.quick_replying(request_id)
-            self.ring_requests.discard(request_id)
+            owed = port._channel.quick_replying(request_id)
         status = self.ring.reply(request_id, data)
         if status == 0 or status == Q_DOORBELL:
             self._counted[2] += 1
@@ -445,13 +462,14 @@ class QuickLink:
                 port._send(port._channel.doorbell, deadline_after(_DOORBELL_TIMEOUT))
             return True
         with port._state:
-            port._channel.quick_reply_failed(request_id)
+            port._channel.quick_reply_failed(request_id, owed)
         if status not in _REFUSED:
             self._raise_protocol_error(port, status)
         return False
 
     def arm(self) -> bool:
         """Server: about to wait in poll(); True if requests already wait in the ring."""
+        self._take_told = False  # a take from now on ends this arm: tell on_take again
         if not self.active:
             return False
         return self.ring.arm_poll() != 0
@@ -476,7 +494,8 @@ class QuickLink:
             port._end_read()
 
     def _took(self) -> None:
-        if self.on_take is not None:
+        if self.on_take is not None and not self._take_told:
+            self._take_told = True
             self.on_take()
 
     def _serve(self, port: CommunicationPort, handler: Handler, timeout_ns: int,
