@@ -17,7 +17,7 @@ from . import control, logs
 from .broker import Broker, list_ports
 from .config import Config
 from .daemon import ServiceNotifier, activation_listen_fd
-from .errors import ActivationError, AlpcError, BrokerUnavailable
+from .errors import ActivationError, AlpcError, BrokerUnavailable, PortNotFound
 from .introspect import latency_percentile, list_peers, port_stats
 from .port import connect
 from .quotas import BROKER_DEFAULTS, MAX_LIMIT, BrokerLimits
@@ -77,10 +77,17 @@ def _watch(args: argparse.Namespace, render: Callable[[], str]) -> int:
     while args.count is None or shown < args.count:
         try:
             text = render()
-        except BrokerUnavailable as exc:
-            text = f"broker unavailable: {exc}"  # keep watching: it may be restarting
-        stamp = time.strftime("%H:%M:%S")
-        print(f"{_CLEAR if clear else ''}--- {stamp} (every {args.interval:g}s, Ctrl-C to stop)\n{text}", flush=True)
+        except (BrokerUnavailable, PortNotFound) as exc:
+            # Keep watching: the broker may be restarting, and a port is back only once its
+            # server registered again with the new broker.
+            text = _json_line({"error": type(exc).__name__, "message": str(exc)}) if args.json \
+                else f"{'broker unavailable' if isinstance(exc, BrokerUnavailable) else 'port not found'}: {exc}"
+        if args.json:
+            print(text, flush=True)  # JSON Lines: a header or a screen clear would break every parser
+        else:
+            stamp = time.strftime("%H:%M:%S")
+            print(f"{_CLEAR if clear else ''}--- {stamp} (every {args.interval:g}s, Ctrl-C to stop)\n{text}",
+                  flush=True)
         shown += 1
         if args.count is None or shown < args.count:
             # handshake-free: this is the refresh period the user asked for.
@@ -88,13 +95,26 @@ def _watch(args: argparse.Namespace, render: Callable[[], str]) -> int:
     return 0
 
 
+def _json_line(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _dumps(value: object, as_json: bool | str) -> str:
+    """``as_json`` "lines" (``--json --watch``): one document per line, so a script reads each refresh."""
+    return _json_line(value) if as_json == "lines" else json.dumps(value, indent=2)
+
+
+def _json_mode(args: argparse.Namespace) -> bool | str:
+    return "lines" if args.json and args.watch else bool(args.json)
+
+
 def _cmd_ports(args: argparse.Namespace) -> int:
-    return _watch(args, lambda: _render_ports(list_ports(_config(args), timeout=args.timeout), args.json))
+    return _watch(args, lambda: _render_ports(list_ports(_config(args), timeout=args.timeout), _json_mode(args)))
 
 
-def _render_ports(ports: tuple[control.PortInfo, ...], as_json: bool) -> str:
+def _render_ports(ports: tuple[control.PortInfo, ...], as_json: bool | str) -> str:
     if as_json:
-        return json.dumps([asdict(port) for port in ports], indent=2)
+        return _dumps([asdict(port) for port in ports], as_json)
     if not ports:
         return "no ports"
     width = max(len("NAME"), *(len(p.name) for p in ports))
@@ -109,16 +129,17 @@ def _render_ports(ports: tuple[control.PortInfo, ...], as_json: bool) -> str:
 
 
 def _cmd_peers(args: argparse.Namespace) -> int:
-    return _watch(args, lambda: _render_peers(list_peers(args.name, _config(args), timeout=args.timeout), args.json))
+    return _watch(args, lambda: _render_peers(list_peers(args.name, _config(args), timeout=args.timeout),
+                                              _json_mode(args)))
 
 
 def _age(ms: int) -> str:
     return "never" if ms < 0 else f"{ms / 1000:.1f}s"
 
 
-def _render_peers(listing: control.PeerList, as_json: bool) -> str:
+def _render_peers(listing: control.PeerList, as_json: bool | str) -> str:
     if as_json:
-        return json.dumps(asdict(listing), indent=2)
+        return _dumps(asdict(listing), as_json)
     head = (f"port {listing.name} (server pid {listing.pid}): {listing.peers_total} clients, "
             f"reported {_age(listing.report_age_ms)} ago")
     if not listing.peers:
@@ -137,7 +158,7 @@ def _render_peers(listing: control.PeerList, as_json: bool) -> str:
 
 def _cmd_stats(args: argparse.Namespace) -> int:
     return _watch(args, lambda: _render_stats(port_stats(args.name or "", _config(args), timeout=args.timeout),
-                                              args.json, bool(args.name)))
+                                              _json_mode(args), bool(args.name)))
 
 
 def _micros(value: float | None) -> str:
@@ -148,9 +169,9 @@ def _micros(value: float | None) -> str:
     return f"<{value / 1000:g}ms" if value >= 1000 else f"<{value:g}us"
 
 
-def _render_stats(stats: control.StatsList, as_json: bool, histogram: bool) -> str:
+def _render_stats(stats: control.StatsList, as_json: bool | str, histogram: bool) -> str:
     if as_json:
-        return json.dumps(asdict(stats), indent=2)
+        return _dumps(asdict(stats), as_json)
     quota = stats.broker
     lines = [f"broker up {stats.uptime_ms / 1000:.0f}s ({'shared' if quota.shared else 'private'}); "
              f"connects to unknown ports {stats.connects_unknown_port}; protocol errors {stats.protocol_errors}",

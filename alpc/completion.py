@@ -14,7 +14,8 @@ order: one message per client is handled at a time.
 A request its client cancels is flagged (``message.cancelled``, which a
 sync handler polls) and an async handler's task is cancelled
 (CancelledError); either way no reply goes out for it. A request whose
-deadline passed before dispatch is never handed to a handler.
+deadline passed before dispatch, or whose client is gone (died, closed) by its
+turn, is never handed to a handler.
 """
 
 from __future__ import annotations
@@ -151,6 +152,11 @@ class CompletionPort:
         except ConnectionClosed:
             self._stopping.set()
             return None
+        except AlpcError as exc:
+            # The port lost its name (the broker stayed away, or another took it): wait()
+            # says so once and goes on delivering, and established clients are still ours.
+            log.warning("port %r: %s; serving its established clients on", self.port.name, exc)
+            return None
         self._last_event = time.monotonic()
         return event
 
@@ -176,8 +182,8 @@ class CompletionPort:
         return False
 
     def _connect(self, request: ConnectionRequest) -> None:
-        if self.on_connect is not None and not self.on_connect(request):
-            request.reject("refused")
+        if not self._welcome(request):
+            request.close("refused")
             return
         try:
             comm = request.accept()
@@ -190,6 +196,18 @@ class CompletionPort:
             request.close(CANNOT_ACCEPT)
             return
         comm._on_cancel = self._cancelled
+
+    def _welcome(self, request: ConnectionRequest) -> bool:
+        """on_connect's verdict; one that raises is logged, as a handler's failure is, and
+        refuses only that client: any pool thread may run it, and an exception out of
+        _lead would end that thread (or serve()) with the client never answered."""
+        if self.on_connect is None:
+            return True
+        try:
+            return bool(self.on_connect(request))
+        except Exception:
+            log.exception("on_connect failed on %r", request)
+            return False
 
     def _dispatch(self, message: Message) -> None:
         if message.type in NOTICES:
@@ -212,17 +230,42 @@ class CompletionPort:
     def _run(self, message: Message) -> None:
         self._running += 1
         try:
-            if message.cancelled:
+            if self._unwanted(message):
                 return
             try:
                 result = self.handler(message)
+                if inspect.isawaitable(result):
+                    result = self._resolve(result)
             except Exception:
                 log.exception("handler failed on %r", message)
                 result = b""
-            self._reply(message, result)  # type: ignore[arg-type]
+            self._reply(message, result)
         finally:
             self._running -= 1
             self.handled += 1
+
+    @staticmethod
+    def _unwanted(message: Message) -> bool:
+        """A request cancelled, or whose client is gone (died, or its connection dropped) by
+        its turn: no reply can reach anyone, so no handler runs for it. Otherwise a client
+        that queued costly requests and died would keep a pool thread (ordered) or slot busy
+        for every one of them."""
+        comm = message.port
+        return message.cancelled or (message.type is MessageType.REQUEST and comm is not None and comm.closed)
+
+    def _resolve(self, awaitable: Awaitable[Buffer | None]) -> Buffer | None:
+        """A plain callable's awaitable (a lambda around an async def, an object with an
+        ``async def __call__``: ``Handler`` allows both) runs on the private loop while this
+        thread waits for it, as a handler's own turn; not awaited, its reply would be empty."""
+        with self._lock:
+            if self._loop is None:
+                self._start_loop()
+        assert self._loop is not None
+
+        async def run() -> Buffer | None:
+            return await awaitable
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result()
 
     @staticmethod
     def _answer(message: Message, result: Buffer | None) -> None:
@@ -273,7 +316,7 @@ class CompletionPort:
         future.add_done_callback(lambda _: self._task_done(key, message))
 
     async def _run_async(self, message: Message) -> None:
-        if message.cancelled:
+        if self._unwanted(message):
             return
         # The task itself is what a cancel cancels (_cancel_task): its slot stays taken
         # until the handler has really returned.

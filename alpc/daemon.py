@@ -34,11 +34,20 @@ def _claimed_count(environ: dict[str, str] | None, pid: int | None) -> int:
         env.pop(name, None)
     if not pid_text or not count_text:
         return 0
-    if not pid_text.isdigit() or int(pid_text) != (os.getpid() if pid is None else pid):
+    # As sd_listen_fds(3): a LISTEN_PID that is not a pid is an error, not "another process's"
+    # (ignoring it would leave the activator's socket unserved). ASCII digits only:
+    # str.isdigit() also passes "²", which int() then refuses with a ValueError.
+    if not _is_number(pid_text):
+        raise ActivationError(f"LISTEN_PID={pid_text!r} is not a pid")
+    if int(pid_text) != (os.getpid() if pid is None else pid):
         return 0  # meant for another process (our parent, say)
-    if not count_text.isdigit():
+    if not _is_number(count_text):
         raise ActivationError(f"LISTEN_FDS={count_text!r} is not a count")
     return int(count_text)
+
+
+def _is_number(text: str) -> bool:
+    return text.isascii() and text.isdigit()
 
 
 def _claim(fds: list[int]) -> list[int]:

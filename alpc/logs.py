@@ -31,6 +31,9 @@ __all__ = [
 # A limited line quotes what a peer sent (a name, a decoder's complaint): never more than this of it.
 MAX_LIMITED_MESSAGE = 1024
 
+# A field's value is cut to this (a valid port name has at most 128 characters).
+MAX_FIELD = 256
+
 FIELDS = ("port", "peer_pid", "peer_uid", "peer_gid")
 # syslog(3) priorities, which journald reads from a "<N>" line prefix.
 _PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
@@ -50,6 +53,17 @@ def journald_priority(levelno: int) -> int:
     return 7
 
 
+def _field_text(value: object) -> str:
+    """A field as one bounded token: a peer chooses the ``port=`` of a refused request, and a
+    newline or a terminal escape in it must neither forge a line nor reach a terminal."""
+    text = str(value)
+    if len(text) > MAX_FIELD:
+        text = f"{text[:MAX_FIELD]}...({len(text) - MAX_FIELD} characters cut)"
+    if text.isprintable() and " " not in text:
+        return text
+    return repr(text)
+
+
 class StructuredFormatter(logging.Formatter):
     """``message key=value ...``; with ``journald`` a ``<N>`` prefix on every line and no time."""
 
@@ -60,7 +74,7 @@ class StructuredFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
-        facts = " ".join(f"{key}={getattr(record, key)}" for key in FIELDS if hasattr(record, key))
+        facts = " ".join(f"{key}={_field_text(getattr(record, key))}" for key in FIELDS if hasattr(record, key))
         if facts:
             first, sep, rest = text.partition("\n")
             text = f"{first} {facts}{sep}{rest}"
