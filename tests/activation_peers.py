@@ -1,4 +1,4 @@
-"""Peers for the ops4 audit tests: an activator that sets LISTEN_* exactly as told."""
+"""Peers for the activation tests (tests/test_activation_faults.py): an activator that sets LISTEN_* exactly as told."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ import alpc
 from alpc import rpc
 
 
-class Guarded(rpc.Interface, name="test.docs3.guarded", version=(1, 0)):
+class Guarded(rpc.Interface, name="test.groups.guarded", version=(1, 0)):
     """An open method beside one only members of the server's primary group may call."""
 
     @rpc.method

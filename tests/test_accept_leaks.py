@@ -1,4 +1,4 @@
-"""Resource leaks on rare failure paths of a server's accept and wait (audit leaks3).
+"""Resource leaks on rare failure paths of a server's accept and wait.
 
 Each test injects an OS failure that cannot be provoked on demand (epoll out of memory,
 a close() from another thread at an exact moment) and checks that nothing the accept or
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fd_reuse import connect_in_thread, fd_numbered
 
 import alpc
 import alpc.qlpc
@@ -37,28 +38,6 @@ def _fd_targets() -> dict[int, str]:
     return targets
 
 
-def _connect_in_thread(config: alpc.Config, name: str) -> tuple[threading.Thread, dict[str, Any]]:
-    """A client connecting (and then calling once) from another thread; the outcome in the dict."""
-    outcome: dict[str, Any] = {"connected": threading.Event()}
-
-    def client() -> None:
-        try:
-            with alpc.connect(name, config=config, timeout=10) as port:
-                outcome["quick"] = port._quick is not None
-                outcome["connected"].set()
-                started = time.monotonic()
-                try:
-                    port.request(b"ping", timeout=10)
-                except BaseException as exc:  # handed to the test thread
-                    outcome["error"] = exc
-                outcome["took"] = time.monotonic() - started
-        except BaseException as exc:
-            outcome["connect_error"] = exc
-            outcome["connected"].set()
-
-    thread = threading.Thread(target=client)
-    thread.start()
-    return thread, outcome
 
 
 @pytest.mark.parametrize("quick_lpc", [False, True])
@@ -70,14 +49,14 @@ def test_an_accept_whose_epoll_register_fails_closes_what_it_built(broker: alpc.
     open until the port closed, it counted toward max_connections, and its client, told it
     was accepted, waited out its whole timeout on a server that never reads."""
     attributes = alpc.PortAttributes(quick_lpc=quick_lpc)
-    with alpc.create_port("svc.leaks3.adopt", attributes, config=config) as port:
+    with alpc.create_port("svc.leaks.adopt", attributes, config=config) as port:
         real_register = port._poller.register
 
         def register(fd: int) -> None:
             raise OSError(errno.ENOSPC, "injected: No space left on device (max_user_watches)")
 
         port._poller.register = register  # type: ignore[method-assign]
-        thread, outcome = _connect_in_thread(config, "svc.leaks3.adopt")
+        thread, outcome = connect_in_thread(config, "svc.leaks.adopt")
         try:
             request = port.listen(timeout=10)
             with pytest.raises(OSError):
@@ -97,16 +76,6 @@ def test_an_accept_whose_epoll_register_fails_closes_what_it_built(broker: alpc.
             thread.join(20)
 
 
-def _fd_numbered(number: int, keep: list[int]) -> bool:
-    """Open pipes (kept in ``keep``) until one end gets fd ``number``; False if the kernel never gives it."""
-    for _ in range(64):
-        r, w = os.pipe()
-        keep.extend((r, w))
-        if number in (r, w):
-            return True
-        if min(r, w) > number:
-            return False
-    return False
 
 
 def _pause_first_call(target: object, attribute: str) -> tuple[threading.Event, threading.Event, Callable[[], None]]:
@@ -132,7 +101,7 @@ def test_close_while_wait_is_about_to_poll_the_port_set(runtime_dir: Path, confi
     Here the port lost its registration for good (the broker stopped, reregister_timeout=0),
     so no link fd wakes the waiter either: a port serving on after losing its name."""
     with alpc.Broker(runtime_dir):
-        port = alpc.create_port("svc.leaks3.wait", config=config, reregister_timeout=0)
+        port = alpc.create_port("svc.leaks.wait", config=config, reregister_timeout=0)
     outcome: dict[str, object] = {}
     keep: list[int] = []
     thread = None
@@ -158,7 +127,7 @@ def test_close_while_wait_is_about_to_poll_the_port_set(runtime_dir: Path, confi
         assert reached.wait(10)
         number = port._poller.fileno()
         port.close()
-        _fd_numbered(number, keep)  # the number is free again only if close() let it go
+        fd_numbered(number, keep)  # the number is free again only if close() let it go
         release.set()
         thread.join(20)
         assert not thread.is_alive()
@@ -187,11 +156,11 @@ def test_a_port_that_cannot_build_its_poll_set_closes_its_link(broker: alpc.Brok
 
     monkeypatch.setattr(alpc.server, "Poller", poller)
     with pytest.raises(OSError):
-        alpc.create_port("svc.leaks3.create", config=config)
+        alpc.create_port("svc.leaks.create", config=config)
     monkeypatch.undo()
     # The link's eventfds (its socket goes with the garbage collector, and the in-process
     # broker closes its own end in its own time).
     leaked = {fd: target for fd, target in _fd_targets().items() if fd not in before and "eventfd" in target}
     assert leaked == {}
-    with alpc.create_port("svc.leaks3.create", config=config, timeout=5) as port:  # the name is back
+    with alpc.create_port("svc.leaks.create", config=config, timeout=5) as port:  # the name is back
         assert port.registered

@@ -1,4 +1,4 @@
-"""asyncio listen() and a close() from another thread (audit leaks3): the loop must never be
+"""asyncio listen() and a close() from another thread: the loop must never be
 left watching a link fd number that close() freed (and the next file opened took)."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import pytest
+from fd_reuse import connect_in_thread
 
 import alpc
 from alpc import aio
@@ -45,7 +46,7 @@ def test_close_while_listen_is_about_to_watch_the_link(broker: alpc.Broker, conf
 
     async def main() -> dict[str, Any]:
         outcome: dict[str, Any] = {}
-        port = await aio.create_port("svc.leaks3.alisten", config=config)
+        port = await aio.create_port("svc.leaks.alisten", config=config)
         inner = port._port
         loop = asyncio.get_running_loop()
         real_add_reader = loop.add_reader
@@ -101,28 +102,11 @@ def test_an_async_accept_whose_loop_cannot_watch_it_closes_what_it_built(broker:
     AsyncCommunicationPort's add_reader failed (epoll_ctl ENOSPC past max_user_watches, or
     ENOMEM): the socket and the client's pidfd stayed open for good (nobody held them any
     more), and the client, told it was accepted, waited out its whole timeout."""
-    outcome: dict[str, Any] = {"connected": threading.Event()}
-
-    def client() -> None:
-        try:
-            with alpc.connect("svc.leaks3.aaccept", config=config, timeout=10) as port:
-                outcome["connected"].set()
-                started = time.monotonic()
-                try:
-                    port.request(b"ping", timeout=10)
-                except BaseException as exc:  # handed to the test thread
-                    outcome["error"] = exc
-                outcome["took"] = time.monotonic() - started
-        except BaseException as exc:
-            outcome["connect_error"] = exc
-            outcome["connected"].set()
-
-    async def main() -> None:
+    async def main() -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         real_add_reader = loop.add_reader
-        async with await aio.create_port("svc.leaks3.aaccept", config=config) as port:
-            thread = threading.Thread(target=client)
-            thread.start()
+        async with await aio.create_port("svc.leaks.aaccept", config=config) as port:
+            thread, outcome = connect_in_thread(config, "svc.leaks.aaccept")
             try:
                 request = await port.listen(timeout=10)
 
@@ -140,8 +124,9 @@ def test_an_async_accept_whose_loop_cannot_watch_it_closes_what_it_built(broker:
             finally:
                 loop.add_reader = real_add_reader  # type: ignore[method-assign]
                 await loop.run_in_executor(None, thread.join, 20)
+        return outcome
 
-    asyncio.run(main())
+    outcome = asyncio.run(main())
     assert "connect_error" not in outcome, outcome
     # The client hears promptly that the connection is gone (a typed error).
     assert isinstance(outcome.get("error"), (alpc.ConnectionClosed, alpc.PeerGone)), outcome

@@ -35,9 +35,9 @@ def test_an_idle_pool_does_not_starve_another_connection_whatever_its_driver(  #
     either connection is served by the asyncio driver: before, only connections of the
     blocking driver were asked for their idle sections (and only by a blocking sender), so
     the reply waited out its timeout (THROTTLED) and the client lost its answer."""
-    server = peer(drivers, f"budget2.{drivers}")
-    with alpc.connect(f"budget2.{drivers}", config=config, timeout=10) as first, \
-            alpc.connect(f"budget2.{drivers}", config=config, timeout=10) as second:
+    server = peer(drivers, f"budget.{drivers}")
+    with alpc.connect(f"budget.{drivers}", config=config, timeout=10) as first, \
+            alpc.connect(f"budget.{drivers}", config=config, timeout=10) as second:
         server.expect("ACCEPTED")
         assert len(first.request(b"big", timeout=10).data) == 3 * MIB  # copied out: released
         assert first.request(b"sync", timeout=10).data == b"ok"  # the release was read by now
@@ -55,9 +55,9 @@ def test_a_reply_throttled_by_the_port_budget_says_so(broker, config, peer, driv
     stopped reading its replies", which sends an operator after the wrong side. They must
     name the port's section budget; and both drivers drop the client alike (the asyncio one
     said the connection was dropped, and kept it with its request unanswered)."""
-    server = peer(drivers, f"budget2.why.{drivers}", "--reply-timeout", "0.5")
-    with alpc.connect(f"budget2.why.{drivers}", config=config, timeout=10) as first, \
-            alpc.connect(f"budget2.why.{drivers}", config=config, timeout=10) as second:
+    server = peer(drivers, f"budget.why.{drivers}", "--reply-timeout", "0.5")
+    with alpc.connect(f"budget.why.{drivers}", config=config, timeout=10) as first, \
+            alpc.connect(f"budget.why.{drivers}", config=config, timeout=10) as second:
         server.expect("ACCEPTED")
         held = first.request(b"big", timeout=10)  # never copied out: its range stays lent
         with pytest.raises(alpc.ConnectionClosed):
@@ -81,8 +81,8 @@ def test_giving_back_never_waits_for_a_client_that_stopped_reading(broker, confi
     SECTION_CLOSE with a 1 s timeout of its own, so the reply took 3 s, ten times its
     timeout. It must leave the SECTION_CLOSE owed (it goes with that connection's next
     write) and go on."""
-    server = peer("bbbb", "budget2.stuck", "--budget-mib", "12", "--reply-timeout", "0.3")
-    clients = [alpc.connect("budget2.stuck", config=config, timeout=10) for _ in range(4)]
+    server = peer("bbbb", "budget.stuck", "--budget-mib", "12", "--reply-timeout", "0.3")
+    clients = [alpc.connect("budget.stuck", config=config, timeout=10) for _ in range(4)]
     try:
         server.expect("ACCEPTED")
         *stuck, asker = clients

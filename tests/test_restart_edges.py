@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from fd_reuse import fd_numbered
 
 import alpc
 import alpc.port
@@ -68,18 +69,6 @@ def test_a_connect_cut_off_by_a_killed_broker_reports_the_broker(spawn, runtime_
         (runtime_dir / "broker.lock").unlink(missing_ok=True)
 
 
-def _fd_numbered(number: int, keep: list[int]) -> bool:
-    """Open pipes (kept in ``keep``) until one end gets fd ``number``; False if the kernel never gives it."""
-    for _ in range(64):
-        r, w = os.pipe()
-        keep.extend((r, w))
-        if number in (r, w):
-            return True
-        if min(r, w) > number:
-            return False
-    return False
-
-
 def _paused_before(monkeypatch: pytest.MonkeyPatch, module: object, attribute: str,
                    ) -> tuple[threading.Event, threading.Event, list[object]]:
     """Patch ``module.attribute`` so that its first call stops until released: (reached, release, its args)."""
@@ -124,7 +113,7 @@ def test_close_while_listen_is_about_to_poll_the_link(broker: alpc.Broker, confi
         assert reached.wait(10)
         (fds,) = seen[0][:1]  # type: ignore[index]
         port.close()
-        _fd_numbered(fds[0], keep)  # the number is free again only if close() let it go
+        fd_numbered(fds[0], keep)  # the number is free again only if close() let it go
         release.set()
         thread.join(20)
         assert not thread.is_alive()

@@ -21,10 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rpc_group_peers import Guarded  # noqa: E402
 
 PEERS = str(Path(__file__).resolve().parent / "rpc_group_peers.py")
-MISSING_GROUP = "no-such-group-alpc-docs3"
+MISSING_GROUP = "no-such-group-alpc-groups"
 
 
-class Typo(rpc.Interface, name="test.docs3.typo", version=(1, 0)):
+class Typo(rpc.Interface, name="test.groups.typo", version=(1, 0)):
     @rpc.method
     def ping(self) -> str: ...
 
@@ -44,20 +44,20 @@ def test_blocking_server_refuses_a_rule_naming_an_unknown_group(broker: alpc.Bro
     # Was accepted, and then every connect was accepted by the broker and the server's runtime
     # but never served: the server's table of methods failed after the accept.
     with pytest.raises(ValueError, match=MISSING_GROUP):
-        rpc.Server("test.docs3.typo", TypoImpl(), config=config)
+        rpc.Server("test.groups.typo", TypoImpl(), config=config)
     assert alpc.list_ports(config) == ()
 
 
 def test_async_server_refuses_a_rule_naming_an_unknown_group(broker: alpc.Broker, config: alpc.Config) -> None:
     with pytest.raises(ValueError, match=MISSING_GROUP):
-        rpc.aio.Server("test.docs3.typo", TypoImpl(), config=config)
+        rpc.aio.Server("test.groups.typo", TypoImpl(), config=config)
     assert alpc.list_ports(config) == ()
 
 
 @pytest.mark.parametrize("role", ["server", "async-server"])
 def test_a_group_gone_since_the_start_rejects_the_client_and_serving_goes_on(
         broker: alpc.Broker, config: alpc.Config, runtime_dir: Path, spawn: Any, role: str) -> None:
-    name = f"test.docs3.{role}"
+    name = f"test.groups.{role}"
     server = spawn.argv([sys.executable, PEERS, role, name, "--runtime-dir", str(runtime_dir)])
     server.expect("READY")
     for _ in range(2):  # the first failure must not end admissions (the asyncio server's accept loop)

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.timeout(30)
 @pytest.fixture
 def shm_directory() -> Iterator[str]:
     """A directory in /dev/shm under this session's prefix (so no other run sees it)."""
-    name = f"{os.environ['ALPC_SHM_PREFIX']}docs3-dir"
+    name = f"{os.environ['ALPC_SHM_PREFIX']}shm-dir"
     path = Path("/dev/shm") / name
     path.mkdir()
     try:
