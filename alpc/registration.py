@@ -111,7 +111,8 @@ class Registration:
         # Threads about to poll our fds without the lock (hold_fds): close() must not free
         # the numbers under them (the next file opened would get one, and they would sleep on
         # it), so the last of them closes the fds instead.
-        self._holders = 0
+        # One entry per holder: list append/pop are atomic, so letting go takes no lock.
+        self._holders: list[None] = []
         self._freed = False
         self._dirty = False
         self._reregister_until = 0.0
@@ -208,14 +209,16 @@ class Registration:
     def hold_fds(self) -> list[int]:
         """``wait_fds()``, kept open until ``release_fds()`` even if the port closes meanwhile."""
         with self._lock:
-            self._holders += 1
+            self._holders.append(None)
             return self._wait_fds()
 
     def release_fds(self) -> None:
-        with self._lock:
-            self._holders -= 1
-            if self._closed and not self._holders:
-                self._free()
+        # No lock unless closed: this runs after every poll of a port's wait().
+        self._holders.pop()
+        if self._closed and not self._holders:
+            with self._lock:
+                if not self._holders:
+                    self._free()
 
     def read(self) -> list[Frame]:
         """Every connection request the broker sent so far; notices the broker going away."""

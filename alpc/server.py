@@ -270,7 +270,7 @@ class ConnectionPort:
         # under them (the next file opened would get it, and they would sleep on it), so the
         # last of them closes it; close() wakes them through this eventfd in the set (a port
         # that lost its registration for good has no link fd to wake them).
-        self._pollers = 0
+        self._pollers: list[None] = []  # append/pop are atomic: letting go takes no lock
         self._woken = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         try:
             self._poller.register(self._woken)
@@ -549,15 +549,16 @@ class ConnectionPort:
         with self._lock:
             self._check_open()
             link = self._link.hold_fds()  # a close() meanwhile must not free the number polled
-            self._pollers += 1  # nor the set's
+            self._pollers.append(None)  # nor the set's
         try:
             return self._wait_and_read(link, deadline)
         finally:
             self._link.release_fds()
-            with self._lock:
-                self._pollers -= 1
-                if self._closed and not self._pollers:
-                    self._free_poller()
+            self._pollers.pop()
+            if self._closed and not self._pollers:
+                with self._lock:
+                    if not self._pollers:
+                        self._free_poller()
 
     def _wait_and_read(self, link: list[int], deadline: float | None) -> bool:
         # The link's fd changes across broker restarts, so it is watched beside
