@@ -104,9 +104,11 @@ def deadline_after(timeout: float | None) -> float | None:
     (inf included) waits that long at most, where it raised OverflowError deep in a wait."""
     if timeout is None:
         return None
+    if 0 <= timeout <= _MAX_WAIT_S:  # the per-request case, in one chained comparison
+        return _monotonic() + timeout
     if not timeout >= 0:  # NaN too: it compares false everywhere, so every wait ended at once
         raise ValueError(f"timeout must be >= 0 or None, got {timeout}")
-    return time.monotonic() + min(timeout, _MAX_WAIT_S)
+    return _monotonic() + _MAX_WAIT_S
 
 
 def remaining(deadline: float | None) -> float | None:
