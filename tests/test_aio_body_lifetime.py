@@ -65,7 +65,7 @@ def test_a_body_kept_past_its_handler_is_released_when_dropped(broker, config, m
             await asyncio.wait_for(got.wait(), 10)
             monkeypatch.setattr(aio, "SPACE_REASK", (30.0, 30.0))  # one RELEASE_WANTED only
             second = asyncio.create_task(client.send(b"b" * BIG, timeout=5))
-            await asyncio.sleep(0)  # one loop turn: its reserve fails and RELEASE_WANTED is written
+            await asyncio.sleep(0)  # handshake-free: one loop turn; its reserve fails, RELEASE_WANTED goes
             assert client._space_waiters, "the second send should be waiting for space"
             # The pong follows the RELEASE_WANTED: the server has read it (and had nothing to give).
             await client.ping(timeout=5)

@@ -71,7 +71,7 @@ def test_accept_with_large_accept_data_leaves_the_loop_free(broker, config) -> N
         try:
             request = await port.listen(timeout=10)
             accepting = asyncio.create_task(request.accept(b"x" * ACCEPT_DATA, timeout=3))
-            await asyncio.sleep(0)  # the accept task takes its first step
+            await asyncio.sleep(0)  # handshake-free: one loop turn (FIFO), the accept task takes its first step
             loop_free.set()  # reached while it is in flight only if that step did not block the loop
             try:
                 comm = await accepting

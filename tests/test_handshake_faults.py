@@ -310,7 +310,7 @@ def test_close_wakes_an_asyncio_listen(broker: alpc.Broker, config: alpc.Config)
         port = await alpc.aio.create_port("svc.hshk.aio", config=config)
         started = time.monotonic()
         waiting = asyncio.create_task(port.listen(timeout=8))
-        await asyncio.sleep(0)  # one turn of the loop: the task now awaits the link
+        await asyncio.sleep(0)  # handshake-free: one loop turn (FIFO), the task now awaits the link
         await port.close()
         try:
             await waiting
