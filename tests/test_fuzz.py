@@ -6,6 +6,7 @@ regression in a parser shows up in `make test` too.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -20,9 +21,14 @@ RUNS = 5000
 @pytest.mark.parametrize("target", ["wire", "broker", "handshake"])
 def test_fuzz_target_runs_clean(target: str, tmp_path: Path) -> None:
     pytest.importorskip("atheris")
-    done = subprocess.run([sys.executable, str(FUZZ), target, "--runs", str(RUNS), "--artifacts", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120, check=False)
+    artifacts, scratch = tmp_path / "artifacts", tmp_path / "tmp"
+    artifacts.mkdir()
+    scratch.mkdir()
+    done = subprocess.run([sys.executable, str(FUZZ), target, "--runs", str(RUNS), "--artifacts", str(artifacts)],
+                          capture_output=True, text=True, timeout=120, check=False,
+                          env={**os.environ, "TMPDIR": str(scratch)})
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
     assert re.search(rf"^Done {RUNS} runs", output, re.M), output[-2000:]
-    assert not list(tmp_path.iterdir()), "a failing input was written"
+    assert not list(artifacts.iterdir()), "a failing input was written"
+    assert not list(scratch.iterdir()), "the fuzzer left its corpus behind"

@@ -24,6 +24,8 @@ of the C parsers instead of the extension.
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import struct
 import sys
 import tempfile
@@ -191,21 +193,34 @@ def main() -> None:
     parser.add_argument("target", choices=sorted(TARGETS))
     parser.add_argument("--runs", type=int, default=None)
     parser.add_argument("--seconds", type=int, default=None)
-    parser.add_argument("--artifacts", default=None, help="where a failing input is written")
+    parser.add_argument("--artifacts", default=".", help="where a failing input is written")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix=f"alpc-fuzz-{args.target}-") as corpus:
+    # libFuzzer ends the process with C exit(), past every Python clean-up, so
+    # the corpus is removed by a parent that waits for the fuzzing child.
+    corpus = tempfile.mkdtemp(prefix=f"alpc-fuzz-{args.target}-")
+    try:
         for number, seed in enumerate(seeds(args.target)):
             Path(corpus, f"seed-{number}").write_bytes(seed)
-        artifacts = args.artifacts or corpus
-        argv = [sys.argv[0], corpus, f"-artifact_prefix={artifacts.rstrip('/')}/", "-print_final_stats=1",
-                "-max_len=4096", "-timeout=10", "-rss_limit_mb=1024"]
-        if args.runs is not None:
-            argv.append(f"-runs={args.runs}")
-        if args.seconds is not None:
-            argv.append(f"-max_total_time={args.seconds}")
-        atheris.Setup(argv, TARGETS[args.target])
-        atheris.Fuzz()
+        child = os.fork()
+        if child == 0:
+            fuzz(args, corpus)
+        status = os.waitpid(child, 0)[1]
+    finally:
+        shutil.rmtree(corpus, ignore_errors=True)
+    sys.exit(os.waitstatus_to_exitcode(status))
 
+
+def fuzz(args: argparse.Namespace, corpus: str) -> None:
+    """Run libFuzzer over ``corpus``; it never returns."""
+    argv = [sys.argv[0], corpus, f"-artifact_prefix={args.artifacts.rstrip('/')}/", "-print_final_stats=1",
+            "-max_len=4096", "-timeout=10", "-rss_limit_mb=1024"]
+    if args.runs is not None:
+        argv.append(f"-runs={args.runs}")
+    if args.seconds is not None:
+        argv.append(f"-max_total_time={args.seconds}")
+    atheris.Setup(argv, TARGETS[args.target])
+    atheris.Fuzz()
+    os._exit(0)
 
 if __name__ == "__main__":
     main()
