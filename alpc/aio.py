@@ -337,8 +337,9 @@ class AsyncCommunicationPort:
 
     async def flush(self, timeout: float | None = None) -> None:
         """Write every datagram queued with ``flush=False``."""
+        deadline = deadline_after(timeout)  # a bad timeout is refused even with nothing queued
         if self._core.owed or self._unsent:
-            await self._write([], deadline_after(timeout))
+            await self._write([], deadline)
 
     async def reply(self, message: Message, data: Payload = b"", timeout: float | None = None, *,
                     secure: bool = False, fds: Sequence[int] = ()) -> None:
@@ -768,6 +769,7 @@ class AsyncCommunicationPort:
     async def _wait(self, take: Callable[[], Message | None], message_id: int | None, deadline: float | None,
                     what: str) -> Message:
         core = self._core
+        polled = False
         while True:
             found = take()
             if found is not None:
@@ -776,6 +778,12 @@ class AsyncCommunicationPort:
             if core.releases_unannounced():
                 self._flush_releases()
                 continue  # that write may have found the peer gone and ended the connection
+            if not polled and deadline is not None and not remaining(deadline):
+                # A poll (timeout=0) or the time is up: what the socket holds already counts, as
+                # in the blocking API (the loop's reader may not have run since it came); once.
+                polled = True
+                if self._poll_socket():
+                    continue
             waiter = self._loop.create_future()
             if message_id is None:
                 self._inbox_waiters.append(waiter)
@@ -786,6 +794,13 @@ class AsyncCommunicationPort:
             finally:
                 if message_id is not None and self._waiting.get(message_id) is waiter:
                     del self._waiting[message_id]
+
+    def _poll_socket(self) -> bool:
+        """Read what the socket holds now, as the loop's reader would; False if it held nothing."""
+        if self._released or self._stream.closed or not wait_readable([self._stream.fileno()], 0.0):
+            return False
+        self._on_readable()
+        return True
 
     # -- receiving ------------------------------------------------------------------------------
 
@@ -1051,6 +1066,11 @@ class AsyncConnectionPort:
         while True:
             with inner._lock:
                 request = inner._next_request()
+                if request is None and deadline is not None and not remaining(deadline):
+                    # A poll (timeout=0) or the time is up: nothing else reads an asyncio port's
+                    # link, so what the broker wrote there already is read before Timeout.
+                    inner._read_registration()
+                    request = inner._next_request()
                 if request is not None:
                     return AsyncConnectionRequest(request, inner, self)
                 # Held while the loop watches them: aclose() runs close() in an executor thread,

@@ -34,7 +34,7 @@ from .connection import NOTICES
 from .errors import AlpcError, ConnectionClosed, Timeout
 from .protocol import Message
 from .server import CANNOT_ACCEPT, ConnectionPort, ConnectionRequest
-from .transport import Buffer
+from .transport import Buffer, deadline_after
 from .wire import MessageType
 
 __all__ = ["CompletionPort", "Handler"]
@@ -45,7 +45,8 @@ log = logging.getLogger(__name__)
 Handler = Callable[[Message], "Buffer | Awaitable[Buffer | None] | None"]
 # How often the loop looks up from an idle wait (to notice stop()).
 _TICK = 0.2
-# How long serve() waits for each pool thread (in a handler) when it stops.
+# How long serve() waits, in all, for its pool threads (in handlers) when it stops: one
+# bound for the whole pool, or N stuck handlers would hold serve() N times as long.
 _JOIN_TIMEOUT = 5.0
 
 
@@ -56,8 +57,14 @@ class CompletionPort:
                  on_connect: Callable[[ConnectionRequest], bool] | None = None,
                  max_workers: int = 16, min_workers: int = 1, idle_timeout: float = 5.0,
                  ordered: bool = False) -> None:
+        for name, count in (("max_workers", max_workers), ("min_workers", min_workers)):
+            if type(count) is not int:
+                raise TypeError(f"{name} must be an int, got {count!r}")
         if max_workers < 1 or min_workers < 0 or min_workers > max_workers:
             raise ValueError("need 0 <= min_workers <= max_workers and max_workers >= 1")
+        # NaN compared false, so extra threads retired at once; inf (never shrink) is fine.
+        if isinstance(idle_timeout, bool) or not isinstance(idle_timeout, (int, float)) or not idle_timeout >= 0:
+            raise ValueError(f"idle_timeout must be a number of seconds >= 0, got {idle_timeout!r}")
         self.port = port
         self.handler = handler
         self.on_connect = on_connect
@@ -97,6 +104,7 @@ class CompletionPort:
     def serve(self, timeout: float | None = None) -> None:
         """Run the loop (this thread is one of the pool) until ``stop()``, or until nothing
         arrives for ``timeout`` seconds."""
+        deadline_after(timeout)  # a negative or NaN timeout is refused now (ValueError), as every wait's
         if self._async:
             self._start_loop()
         self._quiet_limit = timeout
@@ -405,8 +413,9 @@ class CompletionPort:
             self._workers -= 1
             threads = list(self._threads)
         # The pool leaves the port before serve() returns, so the caller may close it.
+        deadline = time.monotonic() + _JOIN_TIMEOUT
         for thread in threads:
-            thread.join(_JOIN_TIMEOUT)
+            thread.join(max(0.0, deadline - time.monotonic()))
         if self._loop is not None:
             loop = self._loop
             for future in list(self._tasks.values()):

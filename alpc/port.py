@@ -519,9 +519,10 @@ class CommunicationPort:
 
     def flush(self, timeout: float | None = None) -> None:
         """Write every datagram queued by ``send(..., flush=False)``."""
+        deadline = deadline_after(timeout)  # a bad timeout is refused even with nothing queued
         if self._core.owed:
             with self._send_lock:
-                self._write([], deadline_after(timeout))
+                self._write([], deadline)
 
     def start_request(self, data: Payload = b"", timeout: float | None = None, *, secure: bool = False,
                       grant: MemoryGrant | None = None, deadline: float | None = None,
@@ -561,6 +562,7 @@ class CommunicationPort:
         The server's runtime answers for it (its handler sees ``message.cancelled``),
         a thread waiting for it gets Cancelled, and a late reply is dropped.
         """
+        deadline = deadline_after(timeout)  # a bad timeout is refused even for an unknown id
         with self._state:
             frames = self._core.cancel(message_id)
         with self._cv_lock:
@@ -569,7 +571,7 @@ class CommunicationPort:
             return False
         try:
             with self._send_lock:
-                self._write(frames, deadline_after(timeout))
+                self._write(frames, deadline)
         except (Timeout, ConnectionClosed):
             pass  # the request is dropped here anyway; a dead or stuck peer will not answer it
         return True

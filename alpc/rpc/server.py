@@ -28,7 +28,7 @@ from ..wire import MessageType
 from .client import INCOMPATIBLE
 from .codec import DEFAULT_LIMITS, INLINE_THRESHOLD, Limits, check_options
 from .dispatch import ObjectTable
-from .endpoint import Endpoint
+from .endpoint import Endpoint, check_timeout
 from .hello import RPC_VERSION, decode_hello, encode_hello
 from .interface import Interface, interface_methods, version_compatible
 from .turns import Turns
@@ -183,12 +183,14 @@ class Server:
 
     def serve_forever(self, timeout: float | None = None) -> None:
         """Start (if needed) and block until ``stop()`` is called or ``timeout`` passes."""
+        check_timeout(timeout, "timeout")  # Event.wait took a negative or NaN one for "return now"
         if self._port is None:
             self.start()
         self._stopping.wait(timeout)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop taking events, let running calls finish (up to ``timeout``), close every connection."""
+        check_timeout(timeout, "timeout")  # before anything stops: NaN waited for no running call
         self._stopping.set()
         self._turns.stop()
         deadline = time.monotonic() + timeout
