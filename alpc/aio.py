@@ -910,7 +910,7 @@ class AsyncCommunicationPort:
             except (Timeout, ConnectionClosed):
                 pass
         notice = core.close()
-        if notice and not self._unsent:
+        if notice and not self._unsent and not self._stream.inherited:  # a forked child's: see _finalize
             try:
                 self._stream.try_send(notice)
             except ConnectionClosed:
@@ -921,13 +921,17 @@ class AsyncCommunicationPort:
     def _finalize(self) -> None:
         if self._released:
             return
-        self._unwatch()
-        self._loop.remove_writer(self._stream.fileno())
+        # A forked child's copy shares the socket and the loop's epoll set with the parent,
+        # whose connection this still is: close our fds, but neither unwatch nor shut it down.
+        inherited = self._stream.inherited
+        if not inherited:
+            self._unwatch()
+            self._loop.remove_writer(self._stream.fileno())
         self._released = True
         self._stream.shutdown()
         self._stream.close()
         self._core.release_resources()
-        if self._on_gone is not None:
+        if self._on_gone is not None and not inherited:
             self._on_gone(self)
         for task in [*self._tasks.values(), *self._handlers]:
             task.cancel()

@@ -1316,6 +1316,8 @@ class CommunicationPort:
             notice = core.close()
         if notice:
             notice = owed + notice
+        if self._stream.inherited:
+            notice = []  # a forked child's copy: the connection, and its end, are the parent's
         if notice and self._send_lock.acquire(timeout=1.0):
             try:
                 self._stream.try_send(notice)
@@ -1346,8 +1348,9 @@ class CommunicationPort:
         self._stream.shutdown()
         if self._quick is not None:
             self._quick.close()
-        # Before the fds close: a multiplexer must let go of their numbers first.
-        if self._on_gone is not None:
+        # Before the fds close: a multiplexer must let go of their numbers first. Not in a
+        # forked child: its epoll set is the parent's, and the parent still watches this socket.
+        if self._on_gone is not None and not self._stream.inherited:
             self._on_gone(self)
         with self._send_lock:
             self._stream.close()

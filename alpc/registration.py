@@ -441,6 +441,18 @@ class Registration:
             if not self._holders:
                 self._free()
 
+    def let_go(self) -> None:
+        """close() in a forked child: close this process's copies of the fds and nothing else.
+
+        The link's socket and eventfds are the parent's too: a shutdown would end its
+        registration (the broker drops the name), a signal would wake its keeper. No lock:
+        the parent's keeper may have held it at the fork, and it is not here to let go.
+        """
+        self._stopping = self._closed = True
+        self._live = False
+        self._holders.clear()
+        self._free()
+
     def _free(self) -> None:
         # Caller holds the lock; the port is closed and nobody polls our fds.
         if self._freed:

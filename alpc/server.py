@@ -38,6 +38,7 @@ from .transport import (
     Stream,
     close_fds,
     deadline_after,
+    process_id,
     wait_readable,
     wait_readable_or_hangup,
 )
@@ -188,8 +189,16 @@ class ConnectionRequest:
 
     def close(self, reason: str = "the server closed the port") -> None:
         """Drop an unanswered request (the client's connect raises ConnectionRejected with ``reason``)."""
-        if self._stream is not None:
+        if self._stream is not None and self._stream.inherited:
+            self._let_go()  # the parent's request: its answer is the parent's to give
+        elif self._stream is not None:
             self.reject(reason)
+
+    def _let_go(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.close()
+        self._close_pidfd()
 
 
 def _offer_quick(attributes: PortAttributes, stream: Stream,
@@ -290,6 +299,7 @@ class ConnectionPort:
         self._stats = PortStatistics()
         self._error_reported = False
         self._closed = False
+        self._pid = process_id()  # a child forked since holds copies of the port (close: _let_go)
         self._section_budget = Budget(attributes.max_port_section_bytes)
         # Quick-LPC: the watcher thread lives as long as a port offering the rings;
         # the connections with rings are looked at on every wait.
@@ -322,6 +332,7 @@ class ConnectionPort:
     def listen(self, timeout: float | None = None) -> ConnectionRequest:
         """Wait for the next connection request."""
         deadline = deadline_after(timeout)
+        self._check_owner()
         while True:
             with self._lock:
                 request = self._next_request()
@@ -346,6 +357,13 @@ class ConnectionPort:
         if error is not None:
             raise type(error)(*error.args)
         return None
+
+    def _check_owner(self) -> None:
+        # Two processes reading one broker link split its frames (and the client fds they
+        # carry) between them, and the broker drops the name when the creator exits anyway.
+        if process_id() != self._pid:
+            raise ConnectionClosed(f"port {self.name!r} belongs to pid {self._pid}: a forked child cannot "
+                                   "serve it (create the port in the process that serves it)")
 
     def _check_open(self) -> None:
         if self._closed:
@@ -517,6 +535,7 @@ class ConnectionPort:
         Client death and close arrive as CLIENT_DIED / PORT_CLOSED messages.
         """
         deadline = deadline_after(timeout)
+        self._check_owner()
         while True:
             with self._lock:
                 ready = self._next_event()
@@ -654,6 +673,9 @@ class ConnectionPort:
 
     def close(self) -> None:
         """Close every connection and give the name back to the broker."""
+        if process_id() != self._pid:
+            self._let_go()
+            return
         with self._lock:
             if self._closed:
                 return
@@ -673,6 +695,27 @@ class ConnectionPort:
         if self._quick_held:
             self._quick_held = False
             qlpc.release_watcher()
+
+    def _let_go(self) -> None:
+        """close() in a forked child: drop this process's copies of the fds, touch nothing shared.
+
+        The broker link, the epoll set, the eventfd and every connection's socket are the
+        parent's open files too: a shutdown there unregisters the parent's name, an epoll
+        unregister stops its wait() seeing a client, a PORT_CLOSED ends the client's connection,
+        and an eventfd write (never drained) makes its wait() spin past its timeout. No lock: a
+        parent's thread that held one at the fork is not here to release it.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._link.let_go()
+        for request in list(self._unanswered):
+            request.close()
+        for comm in list(self._connections):
+            comm.close()  # a forked copy: closes its fds only
+        self._pollers.clear()  # the parent's threads polling it are not in this process
+        self._free_poller()
+        self._quick_held = False  # the child has no watcher to release (qlpc.c after_fork_child)
 
     def _free_poller(self) -> None:
         # Caller holds _lock; the port is closed and nobody polls the set.

@@ -59,6 +59,7 @@ __all__ = [
     "is_live_socket",
     "notify_service_manager",
     "pidfd_open",
+    "process_id",
     "remaining",
     "spin_readable",
     "wait_readable",
@@ -93,6 +94,20 @@ _IOV_MAX = 1024
 # notice) up to this many bytes are joined and sent by the one-buffer path.
 _JOIN_UP_TO = 16 * 1024
 _FD_SPACE: dict[int, int] = {}
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def process_id() -> int:
+    """os.getpid() without a system call: checked on hot paths to tell a forked child."""
+    return _pid
 # The most fds the C read takes at once (csrc/alpc_native.c); more go through recv_fds.
 _MAX_C_FDS = 256
 _POLL_IN = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
@@ -351,6 +366,8 @@ class Stream:
         self._sock = sock
         self._fd = sock.fileno()
         self.broken = False
+        # The process this stream belongs to: a child forked since holds a copy of the fd.
+        self._pid = _pid
         self._buffer: memoryview | None = None
         self._poller: select.poll | None = None
         self._watch = -1
@@ -399,6 +416,12 @@ class Stream:
     def closed(self) -> bool:
         return self._sock.fileno() < 0
 
+    @property
+    def inherited(self) -> bool:
+        """Is this a forked child's copy? The socket is the parent's too: what the child
+        sends, or a shutdown, lands in the parent's connection."""
+        return _pid != self._pid
+
     def close(self) -> None:
         self._sock.close()
 
@@ -406,8 +429,11 @@ class Stream:
         """End both directions now, waking any thread blocked on this socket.
 
         Unlike close, the fd stays valid, so a concurrent reader or writer gets
-        EOF/EPIPE instead of touching a closed (or reused) descriptor.
+        EOF/EPIPE instead of touching a closed (or reused) descriptor. A no-op in
+        a forked child: shutdown acts on the socket, which the parent still uses.
         """
+        if self.inherited:
+            return
         try:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
