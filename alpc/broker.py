@@ -33,7 +33,7 @@ from .logs import LogLimiter, fields
 from .quotas import BROKER_DEFAULTS, BrokerLimits, Limit, UidUsage
 from .security import ROOT_UID, AclDecision, PeerCred, PortAcl, may_inspect, may_replace_broker, may_see_settings
 from .stats import MAX_AGES
-from .transport import Listener, Stream, advance_buffers, close_fds, deadline_after
+from .transport import Listener, Stream, advance_buffers, close_fds, deadline_after, is_live_socket
 from .wire import Frame, FrameDecoder, FrameLimits, MessageType, encode_header
 
 __all__ = ["MAX_REQUEST", "TICK", "Broker", "list_ports"]
@@ -239,7 +239,11 @@ class Broker:
                 log.warning("the activated socket is %s, but clients look for %s",
                             listener.path or "unnamed", self.config.broker_socket)
             return listener
-        # We hold the lock, so a socket file left here is a crashed broker's.
+        # We hold the lock, so a socket file left here is a crashed broker's, unless someone
+        # removed a running broker's lock file (a /tmp cleaner, say): never steal a live socket.
+        if is_live_socket(self.config.broker_socket):
+            raise BrokerRunning(f"a broker already listens on {self.config.broker_socket} "
+                                f"(its {LOCK_NAME} was removed)")
         self.config.broker_socket.unlink(missing_ok=True)
         return Listener.bind(self.config.broker_socket, shared=self.shared)
 
@@ -267,7 +271,15 @@ class Broker:
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:
-            (self.config.runtime_dir / LOCK_NAME).unlink(missing_ok=True)
+            path = self.config.runtime_dir / LOCK_NAME
+            ours = os.fstat(self._lock_fd)
+            try:
+                found = os.lstat(path)
+                # Only our lock file: a broker that started after ours was removed holds the one there.
+                if (found.st_dev, found.st_ino) == (ours.st_dev, ours.st_ino):
+                    path.unlink()
+            except FileNotFoundError:
+                pass
             os.close(self._lock_fd)
             self._lock_fd = None
 

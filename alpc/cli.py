@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -24,6 +25,8 @@ from .quotas import BROKER_DEFAULTS, MAX_LIMIT, BrokerLimits
 
 __all__ = ["main"]
 
+log = logging.getLogger(__name__)
+
 _CLEAR = "\x1b[H\x1b[2J"
 
 
@@ -34,7 +37,23 @@ def _config(args: argparse.Namespace) -> Config:
 # -- broker -------------------------------------------------------------------------
 
 
+def _announce(line: str) -> None:
+    """Print the READY line; a stdout nobody reads any more (EPIPE) must not stop the daemon."""
+    try:
+        print(line, flush=True)
+    except OSError as exc:
+        log.warning("cannot write %r to stdout: %s", line, exc)
+        # What stdout still buffers goes nowhere, or the flush at exit fails again.
+        devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        os.dup2(devnull, sys.stdout.fileno(), inheritable=False)
+        os.close(devnull)
+
+
 def _cmd_broker(args: argparse.Namespace) -> int:
+    if args.ready_fd is not None:
+        # Before the broker opens anything: a number that is no open fd now would name the
+        # broker's own lock or socket by the time READY is written there (and closed).
+        os.fstat(args.ready_fd)
     notifier = ServiceNotifier()
     listen_fd = activation_listen_fd()
     if listen_fd is not None and args.replace:
@@ -42,22 +61,32 @@ def _cmd_broker(args: argparse.Namespace) -> int:
                               "a socket-activated broker gets it from its service manager")
     limits = BrokerLimits(max_connections_per_uid=args.max_connections_per_uid,
                           max_ports_per_uid=args.max_ports_per_uid)
-    broker = Broker(args.runtime_dir, listen_fd=listen_fd, replace=args.replace, on_status=notifier.status,
+
+    def serving(counts: str) -> str:
+        # Every STATUS= names the socket, not only READY's: the tick's updates replaced it.
+        return f"serving {broker.socket_path}: {counts}"
+
+    broker = Broker(args.runtime_dir, listen_fd=listen_fd, replace=args.replace,
+                    on_status=lambda counts: notifier.status(serving(counts)),
                     on_stopping=lambda reason: notifier.stopping(f"stopping: {reason}"), shared=args.shared,
                     limits=limits)
 
     def on_ready() -> None:
-        print(f"READY {broker.socket_path}", flush=True)
+        _announce(f"READY {broker.socket_path}")
         if args.ready_fd is not None:
             os.write(args.ready_fd, b"READY\n")
             os.close(args.ready_fd)
-        notifier.ready(f"serving {broker.socket_path}: {broker.status_line()}")
+        notifier.ready(serving(broker.status_line()))
 
     def on_signal(signum: int, _frame: object) -> None:
         broker.stop(reason=f"received {signal.Signals(signum).name}")
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    # SIGHUP too: the terminal it was started from went away. Its default action would kill the
+    # broker without telling servers, leaving its socket and lock files behind.
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        # As Python does for SIGINT: one ignored on entry (nohup, a script's background job) stays so.
+        if signum == signal.SIGTERM or signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, on_signal)
     broker.serve_forever(on_ready=on_ready)
     if broker.handed_over_to is not None:
         notifier.stopping(f"handed over to pid {broker.handed_over_to}")
@@ -258,6 +287,23 @@ def _count(text: str) -> int:
     return value
 
 
+# The largest fd number a C int (os.write's argument) holds.
+_MAX_FD = 2**31 - 1
+
+
+def _ready_fd(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an fd number, got {text!r}") from None
+    # 0-2 are closed after READY: the next socket the broker accepts would take the number, and
+    # what it logs (to fd 2) or prints would go to a client.
+    if not 3 <= value <= _MAX_FD:
+        raise argparse.ArgumentTypeError(f"must be an open fd from 3 to {_MAX_FD}, not stdin/stdout/stderr, "
+                                         f"got {text!r}")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     """Bad arguments get one line and exit 1, like every other error of the command."""
 
@@ -283,7 +329,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     broker = sub.add_parser("broker", help="run the broker daemon")
-    broker.add_argument("--ready-fd", type=int, default=None, help="write READY to this fd once listening")
+    broker.add_argument("--ready-fd", type=_ready_fd, default=None, help="write READY to this fd once listening")
     broker.add_argument("--replace", action="store_true",
                         help="take over the running broker's socket and connections (graceful restart)")
     broker.add_argument("--shared", action="store_true",

@@ -78,31 +78,46 @@ def activation_listen_fd(environ: dict[str, str] | None = None, pid: int | None 
 
 
 class ServiceNotifier:
-    """Tells a service manager about the daemon's state, when one asked (``NOTIFY_SOCKET``)."""
+    """Tells a service manager about the daemon's state, when one asked (``NOTIFY_SOCKET``).
+
+    Sends never wait (see ``notify_service_manager``): a notice the manager's full
+    queue refused is sent again with the next ``status`` call (the broker's tick),
+    READY=1 included, so the manager still learns the daemon is up.
+    """
 
     def __init__(self, environ: dict[str, str] | None = None) -> None:
         self._environ = dict(os.environ if environ is None else environ)
         self.enabled = bool(self._environ.get("NOTIFY_SOCKET"))
         self._last_status = ""
+        self._ready_pending = False
+        # Warn once per run of refused notices, not at every tick while the queue stays full.
+        self._failing = False
 
     def _send(self, state: str) -> bool:
         if not self.enabled:
             return False
         sent = notify_service_manager(state, self._environ)
-        if not sent:
-            log.warning("could not notify the service manager: %s", state.replace("\n", " "))
+        if not sent and not self._failing:
+            log.warning("could not notify the service manager (sent again later): %s", state.replace("\n", " "))
+        self._failing = not sent
         return sent
 
     def ready(self, status: str) -> bool:
         self._last_status = status
-        return self._send(f"READY=1\nSTATUS={status}\nMAINPID={os.getpid()}")
+        sent = self._send(f"READY=1\nSTATUS={status}\nMAINPID={os.getpid()}")
+        self._ready_pending = self.enabled and not sent
+        return sent
 
     def status(self, status: str) -> bool:
         """Update the one-line status ``systemctl status`` shows; repeats are not sent."""
+        if self._ready_pending:
+            return self.ready(status)
         if status == self._last_status:
             return False
-        self._last_status = status
-        return self._send(f"STATUS={status}")
+        sent = self._send(f"STATUS={status}")
+        if sent:
+            self._last_status = status  # else: tried again at the next call
+        return sent
 
     def stopping(self, status: str = "stopping") -> bool:
         self._last_status = status

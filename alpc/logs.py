@@ -90,8 +90,11 @@ def stderr_is_journal(environ: dict[str, str] | None = None, stream: TextIO | No
     dev, _, ino = value.partition(":")
     if not dev.isdigit() or not ino.isdigit():
         return False
+    stream = stream or sys.stderr
+    if stream is None:
+        return False  # started with fd 2 closed (``2>&-``): Python's sys.stderr is None
     try:
-        info = os.fstat((stream or sys.stderr).fileno())
+        info = os.fstat(stream.fileno())
     except (OSError, ValueError):
         return False
     return info.st_dev == int(dev) and info.st_ino == int(ino)

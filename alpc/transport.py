@@ -885,6 +885,9 @@ class Listener:
         self._sock = sock
         self.path = path
         self.owns_file = path is not None
+        # The file at ``path`` now: close() removes only that one, never one another broker
+        # bound there since (the runtime dir was cleaned up while this broker ran, say).
+        self._file_id = _file_id(path) if path is not None else None
         # The last accept() found connections it could not take (out of fds or memory).
         self.starved = False
 
@@ -957,11 +960,20 @@ class Listener:
 
     def close(self, unlink: bool = True) -> None:
         self._sock.close()
-        if unlink and self.owns_file and self.path is not None:
+        if unlink and self.owns_file and self.path is not None and _file_id(self.path) == self._file_id:
             try:
                 self.path.unlink()
             except FileNotFoundError:
                 pass
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """Which file ``path`` names (device, inode); None if none."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
 
 
 def is_live_socket(path: Path) -> bool:
@@ -982,8 +994,10 @@ def is_live_socket(path: Path) -> bool:
 def notify_service_manager(state: str, environ: dict[str, str] | None = None) -> bool:
     """sd_notify(3): send ``state`` (``READY=1``, ``STATUS=...``) to ``$NOTIFY_SOCKET``.
 
-    Returns False when no service manager asked for notifications. A path
-    starting with ``@`` is an abstract socket name.
+    Returns False when no service manager asked for notifications, or when
+    its queue is full: the send never waits (the broker's loop calls this, and
+    a manager that reads nothing must not stall serving). A path starting with
+    ``@`` is an abstract socket name.
     """
     address = (os.environ if environ is None else environ).get("NOTIFY_SOCKET", "")
     if not address:
@@ -994,8 +1008,7 @@ def notify_service_manager(state: str, environ: dict[str, str] | None = None) ->
         return False
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
     try:
-        sock.settimeout(1.0)
-        sock.sendto(state.encode(), address)
+        sock.sendto(state.encode(), socket.MSG_DONTWAIT, address)
         return True
     except OSError:
         return False

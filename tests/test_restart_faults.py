@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import socket
@@ -41,34 +42,42 @@ def _sockets_open() -> set[str]:
 @pytest.mark.timeout(60)
 def test_a_successor_that_loses_the_lock_race_closes_what_it_took(
         spawn, runtime_dir: Path, config: alpc.Config, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A third broker takes the lock between the old broker letting go and the successor claiming it.
+    """Another process takes the lock between the old broker letting go and the successor claiming it.
 
     The successor then fails with BrokerRunning. It must close every socket it
     was handed: otherwise the server's registration socket stays open in it,
     the server never sees an EOF and never registers with the broker that
-    actually serves the runtime dir.
+    serves the runtime dir next.
     """
     old = _cli_broker(spawn, runtime_dir)
     server = spawn.argv([sys.executable, str(OPS), "server", "svc.orphaned", "--runtime-dir", str(runtime_dir)])
     server.expect("READY")
     real = handover.request_handover
     third = []
+    rival: list[int] = []
     taken: set[str] = set()
 
     def racing(cfg: alpc.Config, timeout: float = handover.HANDOVER_TIMEOUT):  # type: ignore[no-untyped-def]
         state = real(cfg, timeout)
         taken.update(os.readlink(f"/proc/self/fd/{fd}") for fd in
                      [state.listener.fileno()] + [peer.stream.fileno() for peer in state.peers])
-        # The old broker has released its lock: a plain `alpc broker` starts now and claims it.
-        third.append(_cli_broker(spawn, runtime_dir))
+        # The old broker has released its lock: a rival claims it now. (A plain `alpc broker`
+        # refuses to start meanwhile: the socket the successor holds is live.)
+        rival.append(os.open(runtime_dir / "broker.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        fcntl.flock(rival[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
         return state
 
     monkeypatch.setattr(handover, "request_handover", racing)
     monkeypatch.setattr(alpc.broker, "LOCK_WAIT", 0.3)
     successor = alpc.Broker(runtime_dir, replace=True)
-    with pytest.raises(alpc.BrokerRunning):
-        successor.bind()
+    try:
+        with pytest.raises(alpc.BrokerRunning):
+            successor.bind()
+    finally:
+        for fd in rival:
+            os.close(fd)
     assert old.proc.wait(10) == 0
+    third.append(_cli_broker(spawn, runtime_dir))  # the broker that serves the dir next
     assert len(taken) == 2  # the listener and the server's registration
     still_open = taken & _sockets_open()
     try:
