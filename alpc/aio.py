@@ -792,8 +792,13 @@ class AsyncCommunicationPort:
             try:
                 await _within(waiter, deadline, what)
             finally:
-                if message_id is not None and self._waiting.get(message_id) is waiter:
-                    del self._waiting[message_id]
+                if message_id is not None:
+                    if self._waiting.get(message_id) is waiter:
+                        del self._waiting[message_id]
+                elif waiter in self._inbox_waiters:
+                    # Timed out or cancelled: only a message would clear it, and a receive(timeout)
+                    # loop on a quiet connection would leave one behind per turn.
+                    self._inbox_waiters.remove(waiter)
 
     def _poll_socket(self) -> bool:
         """Read what the socket holds now, as the loop's reader would; False if it held nothing."""

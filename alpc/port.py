@@ -158,6 +158,8 @@ class CommunicationPort:
         self._on_gone = on_gone
         # A multiplexer (ConnectionPort) hears when the inbox gets something.
         self._on_ready: Callable[[CommunicationPort], None] | None = None
+        # Whether the multiplexer's ready queue holds this port (it is queued once, not per message).
+        self._queued = False
         # ... and which requests the client cancelled (a completion port stops their handlers).
         self._on_cancel: Callable[[list[Message]], None] | None = None
         # ... and, asked by a send short of the port's section budget, has its other
@@ -284,7 +286,9 @@ class CommunicationPort:
         deadline = deadline_after(timeout)
         size = len(data) if type(data) is bytes else body_size(data)
         quick = self._quick
-        if (quick is not None and size <= quick.payload_max and isinstance(data, (bytes, bytearray, memoryview))
+        # The rings carry the client's requests only: a server's go by the socket.
+        if (quick is not None and not quick.server and size <= quick.payload_max
+                and isinstance(data, (bytes, bytearray, memoryview))
                 and grant is None and not secure and not fds):
             # Quick-LPC: the ring, unless it cannot take this one now. Datagrams queued
             # before (send(..., flush=False)) go first: order is kept.

@@ -461,7 +461,7 @@ class ConnectionPort:
                quick: qlpc.QuickLink | None = None) -> CommunicationPort:
         comm = CommunicationPort(stream, channel, peer_pidfd=pidfd, is_server=True, on_gone=self._forget,
                                  send_timeout=self.attributes.send_timeout, quick=quick)
-        comm._on_ready = self._ready.append
+        comm._on_ready = self._mark_ready
         comm._on_budget_blocked = self._budget_blocked
         try:
             with self._lock:
@@ -480,6 +480,13 @@ class ConnectionPort:
             raise ConnectionClosed(f"port {self.name!r} is closed")
         self._link.report_soon()
         return comm
+
+    def _mark_ready(self, comm: CommunicationPort) -> None:
+        """Queue ``comm`` for wait() (any thread, no lock): once, not once per message. A
+        server reading its connections itself (``receive()``) never drains the queue."""
+        if not comm._queued:
+            comm._queued = True
+            self._ready.append(comm)
 
     def _budget_blocked(self, asker: CommunicationPort | ForeignConnection) -> None:
         """``asker``'s send waits for the port's section budget: the other connections, of
@@ -510,7 +517,16 @@ class ConnectionPort:
                 self._last_from = None
             if self._hint is comm:
                 self._hint = None  # its fds leave the set below
-            self._quick_comms.discard(comm)
+            if comm in self._quick_comms:
+                self._quick_comms.discard(comm)
+                self._drop_unarmed(comm)
+            if comm._queued and not comm.has_ready_message():
+                # Nothing left to take: only a wait() would ever pop it.
+                comm._queued = False
+                try:
+                    self._ready.remove(comm)
+                except ValueError:
+                    pass  # a wait() popped it meanwhile
             if comm in self._connections:
                 del self._connections[comm]
                 self._stats.retire(comm.stats)
@@ -519,6 +535,18 @@ class ConnectionPort:
                     del self._owners[fd]
                     self._poller.unregister(fd)
         self._link.report_soon()
+
+    def _drop_unarmed(self, comm: CommunicationPort) -> None:
+        """Take ``comm`` (and references to connections gone) out of ``_quick_unarmed`` (caller
+        holds _lock): only wait() pops it, and a server that never calls it would keep an entry
+        per connection it ever had. Rotated in place, not rebuilt: a ring's ``on_take`` appends
+        from any thread without the lock, and a mark lost would leave its ring never armed."""
+        pending = self._quick_unarmed
+        for _ in range(len(pending)):
+            ref = pending.popleft()
+            held = ref()
+            if held is not None and held is not comm:
+                pending.append(ref)
 
     def _status(self) -> control.PortStatus:
         """The report the keeper sends the broker: every client and the port's counters."""
@@ -659,11 +687,12 @@ class ConnectionPort:
         ready = self._ready
         while ready:
             comm = ready.popleft()
+            comm._queued = False  # before the take: a message filed from now on queues it again
             message = comm.next_ready_message()
             if message is None:
                 continue
             if comm.has_ready_message():
-                ready.append(comm)  # round-robin: one message per connection per turn
+                self._mark_ready(comm)  # round-robin: one message per connection per turn
             self._set_hint(comm if comm is self._last_from and comm._quick is None else None)
             self._last_from = comm
             return message
