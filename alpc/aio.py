@@ -99,6 +99,23 @@ def _expire(waiter: asyncio.Future[Any], what: str) -> None:
         waiter.set_exception(Timeout(f"timed out waiting for {what}"))
 
 
+def _follow(source: asyncio.Future[None]) -> asyncio.Future[None]:
+    """A future of this waiter's own, done when ``source`` (shared by every waiting sender) is.
+
+    ``_within`` times a wait out by setting an exception on what it awaits: on ``source`` that
+    would fail every other waiter; on an ``asyncio.shield`` of it, the shield's callback then
+    raised InvalidStateError into the loop's exception handler once ``source`` completed.
+    """
+    waiter: asyncio.Future[None] = source.get_loop().create_future()
+
+    def done(_: asyncio.Future[None]) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    source.add_done_callback(done)
+    return waiter
+
+
 class AsyncCommunicationPort:
     """One end of an established connection, for asyncio. Use it from its loop only."""
 
@@ -573,7 +590,7 @@ class AsyncCommunicationPort:
                 self._drained = self._loop.create_future()
             self._want_writable()
             try:
-                await _within(asyncio.shield(self._drained), deadline, "room in the socket")
+                await _within(_follow(self._drained), deadline, "room in the socket")
             except Timeout:
                 # Part of a frame may be out: the stream cannot be trusted any more.
                 self._stream.broken = True
@@ -758,7 +775,7 @@ class AsyncCommunicationPort:
             if message is None:
                 break
             if not dispatch(message):
-                core.inbox.appendleft(message)  # at its limit: fed again when a handler ends
+                core.put_back(message)  # at its limit: fed again (and credited) when a handler ends
                 break
         self._after_take()
         serving = self._serving

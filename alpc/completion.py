@@ -90,6 +90,8 @@ class CompletionPort:
         self._tasks: dict[tuple[Any, int], concurrent.futures.Future[Any]] = {}
         # The running handler tasks, by (port, message id); used on the loop thread only.
         self._handler_tasks: dict[tuple[Any, int], asyncio.Task[Any]] = {}
+        # Clients a pool thread is writing a reply to, and the replies queued behind it.
+        self._writing: dict[Any, deque[tuple[Message, Buffer | None]]] = {}
         self.handled = 0
 
     # -- the loop ------------------------------------------------------------------
@@ -357,6 +359,27 @@ class CompletionPort:
         await asyncio.get_running_loop().run_in_executor(None, self._reply, message, result)
 
     def _reply(self, message: Message, result: Buffer | None) -> None:
+        """Answer with ``result``, by one pool thread per client at a time: a reply to a client
+        another thread is writing to queues behind it, in order, and this thread goes back to
+        the pool. A client that stops reading holds a writer up to ``send_timeout``; without
+        the queue every worker took one of its requests and waited too, and nobody else was
+        served meanwhile."""
+        comm = message.port
+        with self._lock:
+            queued = self._writing.get(comm)
+            if queued is not None:
+                queued.append((message, result))
+                return
+            self._writing[comm] = queued = deque()
+        current: tuple[Message, Buffer | None] | None = (message, result)
+        while current is not None:
+            self._reply_one(*current)
+            with self._lock:
+                current = queued.popleft() if queued else None
+                if current is None:
+                    del self._writing[comm]
+
+    def _reply_one(self, message: Message, result: Buffer | None) -> None:
         """Answer with ``result``; one the port refuses is logged and an empty reply goes, so the
         client is not left waiting. If even that fails it is only logged: an exception here
         would end this worker (serve() itself, or every later turn of an ordered client)."""

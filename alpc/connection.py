@@ -700,6 +700,12 @@ class Connection:
             return message
         return None
 
+    def put_back(self, message: Message) -> None:
+        """A message ``take_message`` gave out goes back to the head of the queue, untaken: a
+        datagram's window slot is not free (no credit is owed for it until it is taken again)."""
+        self.inbox.appendleft(message)
+        self.channel.unconsumed(message)
+
     def _dispatchable(self, message: Message) -> bool:
         """False (and dealt with) for a request cancelled, or past its deadline, before dispatch."""
         if message.cancelled:

@@ -727,6 +727,11 @@ class Channel:
         if message.type is _Types.DATAGRAM:
             self.flow.consumed_datagram(message._handles.received if message._handles is not None else 0)
 
+    def unconsumed(self, message: Message) -> None:
+        """``message``, taken, went back to the queue: undo ``consumed``."""
+        if message.type is _Types.DATAGRAM:
+            self.flow.unconsumed_datagram(message._handles.received if message._handles is not None else 0)
+
     def consumed_datagrams(self, count: int) -> None:
         """``consumed`` for ``count`` datagrams that carried no fds."""
         self.flow.consumed_datagrams(count)

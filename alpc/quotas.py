@@ -279,6 +279,14 @@ class Flow:
         self._owed_handles += handles
         self.credit_due = self._owed >= self._credit_due_at or self._owed_handles > 0
 
+    def unconsumed_datagram(self, handles: int = 0) -> None:
+        """A datagram counted by ``consumed_datagram`` went back to the queue untaken: its slot
+        is not free after all (else it is credited again when taken again, and the peer, told
+        of more than it sent, drops the connection)."""
+        self._owed -= 1
+        self._owed_handles -= handles
+        self.credit_due = self._owed >= self._credit_due_at or self._owed_handles > 0
+
     @property
     def credit_owed(self) -> bool:
         return self._owed > 0

@@ -10,8 +10,10 @@ served on the waiting thread, through ``CommunicationPort.request(on_message=)``
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import types
+from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
@@ -113,6 +115,9 @@ class Endpoint(EndpointBase):
         self._result = self.codec.result
         self._request = comm.request
         self._reply = comm.reply
+        # Replies waiting for the thread that writes (see _answer), and its token.
+        self._backlog: deque[tuple[Message, Payload]] = deque()
+        self._writer = threading.Lock()
 
     # -- calling out -------------------------------------------------------------
 
@@ -166,6 +171,28 @@ class Endpoint(EndpointBase):
             return
         payload = self._handle(message.data, message=message)
         assert payload is not None
+        self._answer(message, payload)
+
+    def _answer(self, message: Message, payload: Payload) -> None:
+        """Reply, by one thread at a time: a reply while another thread writes one waits in the
+        backlog, in order, for that thread, and this one goes back to serving. A client that
+        stops reading holds a writer up to ``reply_timeout``; without the backlog every worker
+        took one of its calls and waited too, and no other client was answered meanwhile.
+
+        No lock is waited for: whoever holds the token drains the backlog, and looks again
+        after letting the token go, so a reply appended just before that is never stranded.
+        """
+        backlog = self._backlog
+        backlog.append((message, payload))
+        writer = self._writer
+        while backlog and writer.acquire(False):
+            try:
+                while backlog:
+                    self._write_reply(*backlog.popleft())
+            finally:
+                writer.release()
+
+    def _write_reply(self, message: Message, payload: Payload) -> None:
         try:
             try:
                 self._reply(message, payload, self.reply_timeout)
