@@ -926,7 +926,8 @@ class AsyncCommunicationPort:
     async def close(self, timeout: float | None = 1.0) -> None:
         """Flush what is queued, tell the peer (PORT_CLOSED) and release the connection."""
         core = self._core
-        if core.failure is None and (core.owed or self._unsent):
+        # Not in a forked child: bytes the parent's loop has still to write are the parent's.
+        if core.failure is None and (core.owed or self._unsent) and not self._stream.inherited:
             try:
                 await self._write([], deadline_after(timeout))
             except (Timeout, ConnectionClosed):

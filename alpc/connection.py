@@ -38,7 +38,9 @@ Entry points:
 
 from __future__ import annotations
 
+import os
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
@@ -174,6 +176,16 @@ _NOTHING = Wake([], False, False)
 # releases, a credit (datagrams, fds), queued datagrams.
 Owed = tuple[list[Release], tuple[int, int], Frames]
 _NO_CREDIT = (0, 0)
+# Every live connection, for the fork handler.
+_connections: weakref.WeakSet[Connection] = weakref.WeakSet()
+
+
+def _forked() -> None:
+    for connection in list(_connections):
+        connection.forked()
+
+
+os.register_at_fork(after_in_child=_forked)
 _DATAGRAM = MessageType.DATAGRAM
 
 
@@ -223,6 +235,21 @@ class Connection:
         if self._peer_sections is not None:
             self._peer_sections.wake = self._view_released
             self._peer_sections.dropped = self._view_dropped
+        # A forked child's copy (set by the fork handler): see forked().
+        self.inherited = False
+        _connections.add(self)
+
+    def forked(self) -> None:
+        """In a forked child (its only thread, at the fork): what this connection owed the peer
+        is the parent's to send. Datagrams queued by send(flush=False), credits, releases and
+        answers to expired requests would otherwise reach the peer twice, once per process."""
+        self.inherited = True
+        self._backlog, self._backlog_bytes = [], 0
+        self._releases_owed = self.owed = False
+        channel = self.channel
+        channel.unsent_releases = []
+        channel._automatic.clear()
+        channel.flow.take_credit()
 
     @property
     def peer(self) -> PeerCred:
@@ -280,7 +307,16 @@ class Connection:
 
     def datagram(self, data: Payload, fds: Sequence[int] = ()) -> Frames:
         self.check_open()
+        if self.inherited:
+            self._refuse_datagrams()
         return self.channel.datagram(data, fds)
+
+    def _refuse_datagrams(self) -> None:
+        # The peer's window counts both processes' datagrams, and its credits come back to
+        # whichever reads first: the parent, credited for datagrams it never sent, dropped
+        # the connection ("CREDIT returns more than were sent").
+        raise ConnectionClosed("a forked child cannot send datagrams on its parent's connection (their "
+                               "credits return to whichever process reads): connect from the child")
 
     def datagrams_unsent(self, count: int, handles: int = 0) -> None:
         self.channel.datagrams_unsent(count, handles)
@@ -289,6 +325,8 @@ class Connection:
         """Small datagrams as one frame buffer (one write for all): as many of ``items`` as the
         peer's window takes, and how many that is (WindowClosed if none)."""
         self.check_open()
+        if self.inherited:
+            self._refuse_datagrams()
         frame, count = self.channel.datagrams(items)
         return [frame], count
 

@@ -1313,6 +1313,9 @@ class CommunicationPort:
 
     def close(self) -> None:
         """Tell the peer (PORT_CLOSED) and release the connection. Idempotent."""
+        if self._stream.inherited:
+            self._let_go()
+            return
         core = self._core
         with self._state:
             # Datagrams queued by send(..., flush=False) go out before the notice.
@@ -1320,8 +1323,6 @@ class CommunicationPort:
             notice = core.close()
         if notice:
             notice = owed + notice
-        if self._stream.inherited:
-            notice = []  # a forked child's copy: the connection, and its end, are the parent's
         if notice and self._send_lock.acquire(timeout=1.0):
             try:
                 self._stream.try_send(notice)
@@ -1337,6 +1338,26 @@ class CommunicationPort:
         # Wake a reader blocked in poll or a writer waiting for buffer space.
         self._stream.shutdown()
         self._maybe_finalize()
+
+    def _let_go(self) -> None:
+        """close() in a forked child: close this process's copies of the fds, and nothing else.
+
+        The socket is the parent's connection too: no PORT_CLOSED, no shutdown, no unwatching
+        from a multiplexer's epoll set (the parent's). No lock: a parent thread that held one at
+        the fork (mid-send, mid-read) is not here to let go of it, so taking it would hang.
+        """
+        if self._released:
+            return
+        self._released = True
+        core = self._core
+        core.close()  # frames for the peer: the parent's to send
+        if self._quick is not None:
+            self._quick.close()
+        self._stream.close()
+        core.release_resources()
+        if self._pidfd is not None:
+            close_fds([self._pidfd])
+            self._pidfd = None
 
     def _maybe_finalize(self) -> None:
         """Close the socket and pidfd once nobody is using them any more.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import struct
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
@@ -372,6 +373,7 @@ class Channel:
         self._last_sender = peer
         self._last_changed = False
         self._local_pid = local_pid
+        _channels.add(self)  # a forked child's frames name the child (_forget_tid)
         self._next_id = 1
         self._pending: set[int] = set()
         self._abandoned: dict[int, None] = {}
@@ -1348,6 +1350,9 @@ def _deadline_ns(deadline: float) -> int:
     return _NEVER_NS if deadline >= _NEVER_NS / 1e9 else max(0, int(deadline * 1e9))
 _PLAIN = frozenset({MessageType.REQUEST, MessageType.REPLY, MessageType.DATAGRAM})
 _tids = threading.local()
+_pid = os.getpid()
+# Every live channel, for the fork handler: a set per header would cost a getpid per frame.
+_channels: weakref.WeakSet[Channel] = weakref.WeakSet()
 
 
 def _native_tid() -> int:
@@ -1359,7 +1364,14 @@ def _native_tid() -> int:
 
 
 def _forget_tid() -> None:
+    global _pid
     _tids.__dict__.pop("tid", None)  # a forked child's thread has a new id
+    # ... and so has the process: a frame the child sends on a connection it inherited is its
+    # own (the peer's kernel says so too), and its header must not name the parent.
+    parent, _pid = _pid, os.getpid()
+    for channel in list(_channels):
+        if channel._local_pid == parent:
+            channel._local_pid = _pid
 
 
 os.register_at_fork(after_in_child=_forget_tid)

@@ -41,6 +41,7 @@ from . import _native
 from .config import default_section_backend
 from .errors import ConnectionClosed, ProtocolError, QuotaExceeded, SectionError
 from .ledger import Grow, InboundLedger, OutboundLedger, Slot
+from .transport import process_id
 from .wire import Release, SectionFlag, SectionNew, SectionRef
 
 __all__ = [
@@ -604,6 +605,9 @@ class SectionPool:
         self._returns: deque[Slot] = deque()  # unsent views given back from any thread
         self._retired: list[int] = []
         self.closed = False
+        # The process whose sections these are: a child forked since shares the connection, but
+        # its copy of the ledger would place ranges (and number sections) the parent places too.
+        self._pid = process_id()
 
     def give_back(self, slot: Slot) -> None:
         self._returns.append(slot)
@@ -618,6 +622,9 @@ class SectionPool:
         """Space for ``length`` bytes, or None when the sender must wait for releases."""
         if self.closed:
             raise ConnectionClosed("the connection is closed")
+        if process_id() != self._pid:
+            raise SectionError(f"this connection's sections belong to pid {self._pid}: a forked child cannot send "
+                               "a large message or a view on it (connect from the child)")
         self._drain_returns()
         placed = self.ledger.place(length, secure)
         for section_id in self.ledger.take_retired():
@@ -738,8 +745,9 @@ class PeerSections:
         self.ledger = ledger
         self.allow_unsealed = allow_unsealed
         self._sections: dict[int, Section] = {}
-        # Ranges released (by the application or a collected view) and not yet told.
-        self.pending: deque[tuple[int, int]] = deque()
+        # Ranges released (by the application or a collected view) and not yet told, each
+        # with the pid of the process that read it (see _give_back).
+        self.pending: deque[tuple[int, int, int]] = deque()
         self.wake: Callable[[], None] | None = None
         # Called from the finalizer of a view dropped unreleased (any thread): may only schedule.
         self.dropped: Callable[[], None] | None = None
@@ -775,10 +783,9 @@ class PeerSections:
         """
         self.ledger.take(ref)
         section = self._sections[ref.section_id]
-        released = self.pending
-        key = (ref.section_id, ref.offset)
+        key = (ref.section_id, ref.offset, process_id())
         if not copy:
-            return section.view(ref.offset, ref.length, on_gone=lambda: released.append(key), wake=self._wake,
+            return section.view(ref.offset, ref.length, on_gone=lambda: self._give_back(key), wake=self._wake,
                                 dropped=self._dropped)
         with self._count_lock:
             self.copies_held += 1
@@ -786,9 +793,15 @@ class PeerSections:
         def gone() -> None:
             with self._count_lock:
                 self.copies_held -= 1
-            released.append(key)
+            self._give_back(key)
 
         return section.view(ref.offset, ref.length, on_gone=gone, wake=self._wake, dropped=self._dropped)
+
+    def _give_back(self, key: tuple[int, int, int]) -> None:
+        # A range read before a fork is the parent's to give back, even when the child lets go of
+        # its copy of the view: the peer would write over memory the parent still reads.
+        if key[2] == process_id():
+            self.pending.append(key)
 
     def _wake(self) -> None:
         if self.wake is not None and not self.closed:
@@ -805,8 +818,11 @@ class PeerSections:
         if self.closed:
             self.pending.clear()
             return entries
+        pid = process_id()
         while self.pending:
-            section_id, offset = self.pending.popleft()
+            section_id, offset, reader = self.pending.popleft()
+            if reader != pid:
+                continue  # queued before a fork, in the parent: the parent tells the peer
             entry, finished = self.ledger.release(section_id, offset)
             entries.append(entry)
             if finished:

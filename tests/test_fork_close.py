@@ -12,6 +12,7 @@ import asyncio
 import os
 import select
 import signal
+import threading
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -45,6 +46,25 @@ def in_child(action: Callable[[], object], timeout: float = 10.0) -> int | None:
     _, status = os.waitpid(child, 0)
     return os.waitstatus_to_exitcode(status) if exited else None
 
+
+def in_child_while_held(lock: Any, action: Callable[[], object]) -> int | None:
+    """``in_child(action)`` while another thread of this process holds ``lock``, as a thread
+    mid-send or mid-read does at a fork: in the child nobody will ever release it."""
+    held, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with lock:
+            held.set()
+            done.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(10)
+        return in_child(action, timeout=10)
+    finally:
+        done.set()
+        holder.join(10)
 
 def test_a_child_closing_its_copy_of_a_client_port_leaves_the_parents_connection(
         broker: alpc.Broker, config: alpc.Config, spawn) -> None:  # type: ignore[no-untyped-def]

@@ -24,6 +24,7 @@ from ..errors import AlpcError, ConnectionClosed, MarshalError, PeerGone, Timeou
 from ..port import CommunicationPort
 from ..protocol import Message
 from ..server import ConnectionPort, ConnectionRequest
+from ..transport import process_id
 from ..wire import MessageType
 from .client import INCOMPATIBLE
 from .codec import DEFAULT_LIMITS, INLINE_THRESHOLD, Limits, check_options
@@ -158,6 +159,8 @@ class Server:
         self._stopping = threading.Event()
         self._lifecycle = threading.Lock()
         self._threads: list[threading.Thread] = []
+        # The process that started it: a child forked since holds a copy (stop: _let_go).
+        self._pid = process_id()
 
     def __repr__(self) -> str:
         return f"<rpc.Server {self.name!r} serving {', '.join(self._admission.describe())}>"
@@ -174,6 +177,7 @@ class Server:
         with self._lifecycle:
             if self._port is not None or self._stopping.is_set():
                 raise RuntimeError("the server was already started or stopped (a Server starts once)")
+            self._pid = process_id()
             self._port = _server.create_port(self.name, self._attributes, config=self._config)
             for index in range(self._workers):
                 thread = threading.Thread(target=self._work, name=f"alpc-rpc-{self.name}-{index}", daemon=True)
@@ -191,6 +195,9 @@ class Server:
     def stop(self, timeout: float = 5.0) -> None:
         """Stop taking events, let running calls finish (up to ``timeout``), close every connection."""
         check_timeout(timeout, "timeout")  # before anything stops: NaN waited for no running call
+        if process_id() != self._pid:
+            self._let_go()
+            return
         self._stopping.set()
         self._turns.stop()
         deadline = time.monotonic() + timeout
@@ -202,6 +209,17 @@ class Server:
                 self._port.close()
         with self._endpoints_lock:
             self._endpoints.clear()
+
+    def _let_go(self) -> None:
+        """stop() in a forked child: close the copies of the port's fds, nothing else.
+
+        The worker threads are the parent's (none runs here), and so are the port and its
+        connections. No lock: a worker that held one at the fork is not here to let go of it.
+        """
+        self._stopping.set()  # the child's serve_forever() returns
+        if self._port is not None:
+            self._port.close()  # a forked copy: closes its fds only
+        self._endpoints.clear()
 
     def __enter__(self) -> Server:
         return self.start()
