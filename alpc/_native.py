@@ -88,6 +88,7 @@ __all__ = [
     "scan_frames",
     "recv_cred",
     "recv_state",
+    "take_lost_read",
     "send_room",
     "sock_send",
     "sock_wait_recv",
@@ -502,9 +503,10 @@ def _recv_scratch() -> tuple[Any, Any, Any, Any, Any]:
 
 
 def _recv_state_c() -> Any:
-    """Per socket: the last SCM_CREDENTIALS its reads brought (none yet), for sock_wait_recv."""
+    """Per socket: the last SCM_CREDENTIALS its reads brought (none yet), and the bytes the
+    last read took, for sock_wait_recv."""
     assert _ext is not None
-    return _ext[0].new("int32_t[3]", [-1, -1, -1])
+    return _ext[0].new("int32_t[4]", [-1, -1, -1, 0])
 
 
 def _recv_cred_c(state: Any) -> tuple[int, int, int]:
@@ -525,12 +527,28 @@ def _sock_wait_recv_c(fd: int, watch: int, timeout_ms: int, max_fds: int,
     (at most MAX_SPIN_US): poll without sleeping that long first."""
     assert _ext is not None
     buf, view, fds, nfds, flags = _recv_scratch()
-    n = _ext[1].alpc_sock_wait_recv(fd, watch, watch2, timeout_ms, spin_us, buf, RECV_SIZE, fds, max_fds, nfds,
-                                    state, flags)
+    try:
+        n = _ext[1].alpc_sock_wait_recv(fd, watch, watch2, timeout_ms, spin_us, buf, RECV_SIZE, fds, max_fds, nfds,
+                                        state, flags)
+    except BaseException:
+        # A signal handler raised as the call returned (CPython runs it then): what it read
+        # left the socket, so keep it for the caller (take_lost_read) rather than lose it.
+        n = state[3]
+        if n > 0:
+            count = nfds[0]
+            _scratch.lost = (n, view[0:n], [fds[i] for i in range(count)], flags[0])
+        raise
     if n <= 0:
         return n, b"", [], 0
     count = nfds[0]
     return n, view[0:n], ([fds[i] for i in range(count)] if count else []), flags[0]
+
+
+def take_lost_read() -> tuple[int, bytes, list[int], int] | None:
+    """What sock_wait_recv read on this thread as a signal handler raised (see there), once."""
+    lost: tuple[int, bytes, list[int], int] | None = getattr(_scratch, "lost", None)
+    _scratch.lost = None
+    return lost
 
 
 sock_send: Callable[[int, bytes], int] | None = None if _ext is None else _sock_send_c

@@ -514,7 +514,9 @@ class CommunicationPort:
                 frames, count = make()
             try:
                 self._write(frames, deadline, fds)
-            except Timeout:
+            except BaseException:
+                # A timeout, or a signal handler's exception (Ctrl-C): if none of their bytes
+                # left, the peer never counts them.
                 if not self._stream.broken:
                     with self._state:
                         self._core.datagrams_unsent(count, len(fds))
@@ -625,6 +627,16 @@ class CommunicationPort:
                         core.reply_unsent(message)  # nothing left: the application may answer again
                 raise
             self._reply_timed_out(exc)
+        except (AlpcError, ValueError):
+            raise  # refused before anything was taken, or the connection is gone
+        except BaseException:
+            # A signal handler's exception (Ctrl-C): with nothing of the reply written, the
+            # request is still owed, so the application may answer it (a cut frame failed the
+            # connection already).
+            if not self._stream.broken:
+                with self._state:
+                    core.reply_unsent(message)
+            raise
         self.stats.replied(message.id, size)
 
     def reply_at_once(self, message: Message, data: Buffer) -> bool:
@@ -850,20 +862,26 @@ class CommunicationPort:
             if self._quick is not None:
                 # Quick-LPC: ring posts wait until the peer read these bytes.
                 self._quick.sent(frames)
-        except Timeout:
-            if self._stream.broken:
-                self.stats.errors += 1
-                self._fail(PeerGone("the peer stopped reading: a send timed out mid-frame; the connection was "
-                                    "dropped"), notice="the peer stopped reading (a send timed out mid-frame)")
-            elif token is not None:
-                with self._state:
-                    core.restore_owed(token)
-            raise
         except ConnectionClosed as hung_up:
             self.stats.errors += 1
             self._hung_up()
             self._raise_if_failed()
             raise PeerGone("the peer's socket is closed") from hung_up
+        except BaseException as exc:
+            # A timeout, or a signal handler's exception (Ctrl-C) while the socket was full.
+            if self._stream.broken:
+                self._cut_mid_frame("timed out" if isinstance(exc, Timeout) else "was interrupted")
+            elif token is not None:
+                with self._state:
+                    core.restore_owed(token)
+            raise
+
+    def _cut_mid_frame(self, how: str) -> None:
+        """A write stopped after part of a frame went out: the peer would take the next
+        frame's bytes as the rest of this one, so the connection is dropped."""
+        self.stats.errors += 1
+        self._fail(PeerGone(f"the peer stopped reading: a send {how} mid-frame; the connection was dropped"),
+                   notice=f"the peer stopped reading (a send {how} mid-frame)")
 
     def _hung_up(self) -> None:
         """A write found the peer's socket closed.
@@ -891,7 +909,12 @@ class CommunicationPort:
             with self._state:
                 message = core.take_message()
         elif self._quick is not None and self._is_server:
-            message = self._quick.receive(self, timeout)
+            # One deadline for both waits: a signal that ends the ring's wait early must not
+            # give the general path's wait the whole timeout again.
+            deadline = deadline_after(timeout)
+            message = self._quick.receive(self, deadline)
+            if message is None:
+                message = self._wait_for(core.take_message, deadline, "a message")
         if message is None:
             message = self._wait_for(core.take_message, deadline_after(timeout), "a message")
         if core.finalize_wanted or core.channel._automatic or core.flow.credit_due:
@@ -1161,7 +1184,11 @@ class CommunicationPort:
                 return None, False
             self._reading = True
         try:
-            got, watched = self._stream.read_watching(watch, watch2, deadline, spin_us, self._max_fds_per_read)
+            try:
+                got, watched = self._stream.read_watching(watch, watch2, deadline, spin_us, self._max_fds_per_read)
+            except BaseException:
+                self._take_interrupted_read()
+                raise
             if got is False:
                 return False, False
             if got is None or got is True:
@@ -1200,7 +1227,11 @@ class CommunicationPort:
             done = quick.before_read(self, deadline, block)
             if done is not None:
                 return done
-        got = self._stream.read(deadline if block else 0.0, self._max_fds_per_read)
+        try:
+            got = self._stream.read(deadline if block else 0.0, self._max_fds_per_read)
+        except BaseException:
+            self._take_interrupted_read()
+            raise
         if got is False and block:
             return False
         if not got:
@@ -1210,6 +1241,13 @@ class CommunicationPort:
         assert not isinstance(got, bool)
         self._take_read(got)
         return True
+
+    def _take_interrupted_read(self) -> None:
+        """A signal handler raised (Ctrl-C) as a read returned: deliver what it took from the
+        socket, which the next read would otherwise miss (a message lost, or a frame cut)."""
+        got = self._stream.take_interrupted()
+        if got is not None:
+            self._take_read(got)
 
     def _pending_dropped(self, message_id: int) -> None:
         """A PendingRequest's finalizer: forget its request now if the state lock is free (a

@@ -363,7 +363,11 @@ class QuickLink:
         if not block:
             port._dispatch(self.drain(port))
             return None
-        status = self.ring.reply_wait(0, b"", 0, _timeout_ns(deadline))
+        try:
+            status = self.ring.reply_wait(0, b"", 0, _timeout_ns(deadline))
+        except BaseException:
+            self._rescue(port)
+            raise
         self._took()
         if status >= 0:
             # Any more in the ring come with the next read, still before socket bytes.
@@ -379,7 +383,7 @@ class QuickLink:
             self._protocol_error(port, status)
         return True
 
-    def receive(self, port: CommunicationPort, timeout: float | None) -> Message | None:
+    def receive(self, port: CommunicationPort, deadline: float | None) -> Message | None:
         """Server ``receive()`` while nothing waits in the inbox: the next ring request,
         straight to the caller (not through the inbox), or None when the general path
         is to look (the socket has bytes, another thread reads, a signal, the port failed).
@@ -393,7 +397,11 @@ class QuickLink:
                 return None
             port._reading = True
         try:
-            status = self.ring.reply_wait(0, b"", 0, -1 if timeout is None else max(0, int(timeout * 1e9)))
+            try:
+                status = self.ring.reply_wait(0, b"", 0, _timeout_ns(deadline))
+            except BaseException:
+                self._rescue(port)
+                raise
             self._took()
             if status >= 0:
                 message = self._request(port, status)
@@ -420,7 +428,12 @@ class QuickLink:
         messages: list[Message] = []
         reply_wait = self.ring.reply_wait
         while True:
-            status = reply_wait(0, b"", 0, 0)
+            try:
+                status = reply_wait(0, b"", 0, 0)
+            except BaseException:
+                port._dispatch(messages)
+                self._rescue(port)
+                raise
             if status < 0:
                 self._took()
                 if status in QUICK_ERRORS:
@@ -507,19 +520,49 @@ class QuickLink:
         info = self.ring.info
         reply_id = 0
         reply = b""
+        # When the current wait began: a signal ends it early (Q_INTR), and what is left of
+        # its timeout is waited then, not all of it again. Read only when there is a timeout.
+        timed = timeout_ns > 0
+        began = _monotonic_ns() if timed else 0
+        wait_ns = timeout_ns
         while True:
-            status = reply_wait(reply_id, reply, len(reply), timeout_ns)
+            try:
+                status = reply_wait(reply_id, reply, len(reply), wait_ns)
+            except BaseException:
+                self._rescue(port)
+                raise
             if status >= 0:
                 reply_id = info.message_id
                 answer = handler(unpack(status))
                 reply = answer if type(answer) is bytes else bytes(answer)
+                if timed:
+                    began = _monotonic_ns()
                 continue
             if reply_id and not info.posted:
                 self._socket_reply(port, reply_id, reply)
             reply_id = 0
+            if status == Q_INTR:
+                # A signal handler ran on the way back here, and did not raise: wait on.
+                wait_ns = max(0, timeout_ns - (_monotonic_ns() - began)) if timed else timeout_ns
+                continue
             other = self._slow_status(port, status, handler, timeout)
             if other is not None:
                 return other
+            wait_ns = timeout_ns
+            if timed:
+                began = _monotonic_ns()
+
+    def _rescue(self, port: CommunicationPort) -> None:
+        """A signal handler raised (Ctrl-C) as a wait returned: CPython runs it as the C call
+        returns, so a request the call took from the ring never reached Python. File it in the
+        inbox, where the next read finds it: the ring moved past it, and it must not vanish."""
+        info = self.ring.info
+        if not info.taken:
+            return
+        info.taken = 0
+        request = self._request(port, info.length)
+        if request is not None:
+            port._dispatch([request])
 
     def _fold_counts(self, port: CommunicationPort, before: dict[str, int], counted: list[int]) -> None:
         """Add what a serving loop moved through the rings to the port's statistics."""
@@ -534,9 +577,7 @@ class QuickLink:
 
     def _slow_status(self, port: CommunicationPort, status: int, handler: Handler,
                      timeout: float | None) -> Message | None:
-        """What the serving loop does about anything but a request from the ring."""
-        if status == Q_INTR:
-            return None  # a signal handler ran on the way back here, and did not raise
+        """What the serving loop does about anything but a request from the ring (or Q_INTR)."""
         if status == Q_DOORBELL:
             port._send(port._channel.doorbell, deadline_after(_DOORBELL_TIMEOUT))
         elif status == Q_CHECK:

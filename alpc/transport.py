@@ -36,6 +36,7 @@ from ._native import recv_state as _recv_state
 from ._native import send_room as _send_room
 from ._native import sock_send as _sock_send
 from ._native import sock_wait_recv as _sock_wait_recv
+from ._native import take_lost_read as _take_lost_read
 from .errors import AccessDenied, ActivationError, BrokerUnavailable, ConnectionClosed, Timeout
 from .handles import NOFILE
 from .security import PeerCred
@@ -378,6 +379,8 @@ class Stream:
         self._recv_state = _recv_state() if _recv_state is not None else None
         self._ccred: PeerCred | None = None
         self._spin = SpinBudget()
+        # What a C read took from the socket as a signal handler raised (see take_interrupted).
+        self._interrupted: ChannelRead | None = None
 
     @classmethod
     def connect(cls, path: Path, timeout: float | None = None) -> Stream:
@@ -541,18 +544,22 @@ class Stream:
         """Write every byte of ``buffers`` (fds ride with the first byte).
 
         A deadline that passes after part of a frame went out leaves the stream
-        unusable, so ``broken`` is set and the caller must drop the channel.
+        unusable, so ``broken`` is set and the caller must drop the channel. So
+        does any exception that escapes before the count of what went out is known
+        (a signal handler may raise, Ctrl-C, as a system call here returns).
         """
         if not fds and (len(buffers) == 1 or (_sock_send is not None and sum(map(len, buffers)) <= _JOIN_UP_TO)):
             # The per-message path: one small frame (or a few, joined: a copy of a few KiB costs
             # less than sendmsg's Python argument handling), written at once in the common case.
             only = buffers[0] if len(buffers) == 1 else b"".join(buffers)
+            self.broken = True  # until this frame is known to be whole, or not started
             if _sock_send is not None and type(only) is bytes:
                 written = _sock_send(self._fd, only)
                 if written < 0:
-                    if written in (-errno.EPIPE, -errno.ECONNRESET):
-                        raise ConnectionClosed(f"the peer is gone ({os.strerror(-written)})")
                     if written not in (-errno.EAGAIN, -errno.EINTR):
+                        self.broken = False  # nothing went out
+                        if written in (-errno.EPIPE, -errno.ECONNRESET):
+                            raise ConnectionClosed(f"the peer is gone ({os.strerror(-written)})")
                         raise OSError(-written, os.strerror(-written))
                     written = 0
             else:
@@ -560,28 +567,45 @@ class Stream:
                     written = self._sock.send(only)
                 except (BlockingIOError, InterruptedError):
                     written = 0
-                except (BrokenPipeError, ConnectionResetError) as exc:
-                    raise ConnectionClosed(f"the peer is gone ({exc.strerror})") from None
+                except OSError as exc:
+                    self.broken = False  # nothing went out
+                    if isinstance(exc, (BrokenPipeError, ConnectionResetError)):
+                        raise ConnectionClosed(f"the peer is gone ({exc.strerror})") from None
+                    raise
             if written == len(only):
+                self.broken = False
                 return
             rest = [memoryview(only).cast("B")[written:]]
             self._send_rest(rest, (), written > 0, deadline)
             return
-        self._send_rest([memoryview(b).cast("B") for b in buffers if len(b)], fds, False, deadline)
+        pending = [memoryview(b).cast("B") for b in buffers if len(b)]
+        self.broken = True
+        self._send_rest(pending, fds, False, deadline)
 
     def _send_rest(self, pending: list[memoryview], fds: Sequence[int], sent_any: bool,
                    deadline: float | None) -> None:
         total = sum(len(b) for b in pending)
         while pending:
-            written = self.try_send(pending[:_IOV_MAX], fds if not sent_any else ())
+            try:
+                written = self.try_send(pending[:_IOV_MAX], fds if not sent_any else ())
+            except OSError:
+                self.broken = sent_any  # a failed sendmsg wrote nothing
+                raise
             if written:
                 sent_any = True
                 total -= written
                 pending = advance_buffers(pending, written)
                 continue
-            if not self._wait_writable(deadline):
+            try:
+                writable = self._wait_writable(deadline)
+            except BaseException:
+                # A signal handler's exception (Ctrl-C) cuts the frame short as a timeout does.
+                self.broken = sent_any
+                raise
+            if not writable:
                 self.broken = sent_any
                 raise Timeout(f"send timed out with {total} bytes unsent")
+        self.broken = False
 
     def watch(self, extra: Sequence[int] = ()) -> None:
         """Keep a poll set of this socket and ``extra`` (a peer's pidfd) for ``wait_readable``."""
@@ -630,7 +654,13 @@ class Stream:
     def _read_c(self, watch: int, watch2: int, timeout: int, spin: int,
                 max_fds: int) -> tuple[ChannelRead | bool | None, bool]:
         assert _sock_wait_recv is not None
-        n, data, fds, flags = _sock_wait_recv(self._fd, watch, timeout, max_fds, self._recv_state, spin, watch2)
+        try:
+            n, data, fds, flags = _sock_wait_recv(self._fd, watch, timeout, max_fds, self._recv_state, spin, watch2)
+        except BaseException:
+            lost = _take_lost_read()
+            if lost is not None:
+                self._interrupted = self._read_flags(lost[1], lost[2], lost[3])
+            raise
         if n > 0:
             if flags == _RECV_CRED:  # the usual read: the same sender as last time, nothing truncated
                 return (data, fds, self._ccred, False), False
@@ -646,6 +676,12 @@ class Stream:
         if n in (-errno.EAGAIN, -errno.EINTR):
             return None, False
         raise OSError(-n, os.strerror(-n))
+
+    def take_interrupted(self) -> ChannelRead | None:
+        """The bytes (and fds) a read took from the socket as a signal handler raised
+        (Ctrl-C): the caller delivers them, or they would be lost from the stream."""
+        got, self._interrupted = self._interrupted, None
+        return got
 
     def _read_flags(self, data: bytes, fds: list[int], flags: int) -> ChannelRead:
         """The rest of a C read: new credentials, none at all, or truncated fds."""

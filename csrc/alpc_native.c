@@ -410,6 +410,7 @@ int64_t alpc_sock_wait_recv(int fd, int watch, int watch2, int timeout_ms, int s
         return ALPC_E_ARGS;
     *nfds = 0;
     *flags = 0;
+    cred[3] = 0;
     /* A read that must not wait goes straight to recvmsg: an empty socket
      * answers EAGAIN, and the caller (told by its multiplexer that fd is
      * readable) saves a system call per message. */
@@ -460,6 +461,8 @@ int64_t alpc_sock_wait_recv(int fd, int watch, int watch2, int timeout_ms, int s
     if (kept > 0)
         memcpy(fds, received, (size_t)kept * sizeof(int));
     *nfds = kept;
+    /* Also where a caller finds it when a signal handler raised as this call returned. */
+    cred[3] = (int32_t)n;
     return (int64_t)n;
 }
 

@@ -133,7 +133,9 @@ enum {
  * fds[0..*nfds); more than max_fds, or a truncated set, are all closed and
  * flagged ALPC_RECV_TRUNCATED. The sender's SCM_CREDENTIALS (pid, uid, gid)
  * go to cred[0..3), which holds the last ones seen on this socket: *flags
- * says whether they came and whether they changed. Returns the bytes read
+ * says whether they came and whether they changed; cred[3] gets the bytes
+ * read (0: none), so that a caller whose signal handler raised as the call
+ * returned (CPython runs it then) can still take them. Returns the bytes read
  * (0 at end of stream), ALPC_E_TIMEOUT, ALPC_E_WATCH when only the watched fd
  * fired (ALPC_RECV_WATCHED in *flags when one fired beside fd), or -errno
  * (-EAGAIN: woken, or timeout_ms 0, and nothing to read;

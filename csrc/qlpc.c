@@ -940,6 +940,8 @@ static int take(qlpc_chan *ch, qlpc_info *info, char *buf, uint64_t since)
     info->message_id = header.message_id;
     info->callback_id = header.callback_id;
     info->sender_tid = header.sender_tid;
+    info->taken = 1;
+    info->length = header.length;
     if (since != 0)
         learn(ch, since, header.posted_ns);
     return (int)header.length;
@@ -988,6 +990,7 @@ static int start_call(qlpc_chan *ch, uint32_t role, qlpc_info *info, char *buf)
         return QLPC_E_ARGS;
     info->posted = 0;
     info->dropped = 0;
+    info->taken = 0;
     if (!enter(ch))
         return QLPC_CLOSED;
     return 0;

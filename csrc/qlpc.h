@@ -74,6 +74,9 @@ typedef struct {
     uint32_t sender_tid;
     uint32_t posted;   /* 1 when the call's own message went into the ring */
     uint32_t dropped;  /* stale replies (to abandoned requests) skipped */
+    uint32_t taken;    /* 1 when the call took an entry (its `length` bytes are in buf): a
+                        * signal handler raising as the call returns loses the return value */
+    uint32_t length;
 } qlpc_info;
 
 /* Bytes of a region with this geometry, or 0 if the geometry is invalid
