@@ -94,5 +94,5 @@ bench-readme: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build alpc/_alpc_native* alpc/.native-built *.egg-info .pytest_cache .mypy_cache .ruff_cache \
-		benchmarks/results/quick
+		benchmarks/results/quick benchmarks/results/partial
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -31,7 +31,7 @@ from .core import CPU_PINNINGS, Case, Job, Pinning, Point, percentile
 from .machine import REPO_ROOT, git_commit, machine_info
 from .native import build_ceiling
 from .registry import CASES, IMPLEMENTATIONS, Impl, implementations_for, missing_requirement
-from .report import RESULTS_DIR, render_markdown, update_readme, write_results
+from .report import RESULTS_DIR, describe_subset, render_markdown, update_readme, write_results
 from .runner import run_job
 
 __all__ = ["Broker", "Options", "main", "parse_args", "run"]
@@ -53,6 +53,9 @@ class Options:
     plot: bool = True
     update_readme: bool = False
     progress: bool | None = None
+    # What a run that is not the full set was limited to (None: every case,
+    # implementation and pinning): it is reported as such and never published.
+    subset: dict[str, Any] | None = None
 
 
 @dataclass
@@ -65,6 +68,9 @@ class Cell:
     pinning: Pinning
     cpus: tuple[int, int] | None
     skip_reason: str | None = None
+    # Set when the run could not measure the cell at all (the broker did not
+    # start): a failure, unlike a skip, which is an absent optional peer.
+    failure: str | None = None
     results: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -256,6 +262,9 @@ def _record(cell: Cell, meta: dict[str, Any]) -> dict[str, Any]:
     if cell.skip_reason is not None:
         record.update(status="skipped", reason=cell.skip_reason)
         return record
+    if cell.failure is not None:
+        record.update(status="error", reason=cell.failure)
+        return record
     ok = [r for r in cell.results if r["status"] == "ok"]
     failed = [r for r in cell.results if r["status"] != "ok"]
     if failed:
@@ -343,7 +352,7 @@ def _jobs(cells: list[Cell], options: Options, broker: Broker | None,
     """Interleaved: for each case, point and pinning, repetition r of every implementation in turn."""
     groups: dict[tuple[str, Point, str], list[Cell]] = {}
     for cell in cells:
-        if cell.skip_reason is None:
+        if cell.skip_reason is None and cell.failure is None:
             groups.setdefault((cell.case.name, cell.point, cell.pinning), []).append(cell)
     for group in groups.values():
         case = group[0].case
@@ -365,7 +374,7 @@ def _jobs(cells: list[Cell], options: Options, broker: Broker | None,
 def _count_jobs(cells: list[Cell], options: Options) -> int:
     total = 0
     for cell in cells:
-        if cell.skip_reason is None:
+        if cell.skip_reason is None and cell.failure is None:
             timing = cell.case.timing(options.quick, cell.point)
             total += options.repetitions or timing.repetitions
     return total
@@ -378,6 +387,7 @@ def run(options: Options) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         "commit": git_commit(),
         "machine": machine_info(),
         "quick": options.quick,
+        "subset": options.subset,
         # Other work on the machine shows up in every figure; say how much there was.
         "load_average": {"start": round(os.getloadavg()[0], 2)},
     }
@@ -394,7 +404,7 @@ def run(options: Options) -> tuple[dict[str, Any], list[dict[str, Any]]]:
             broker = None
             for cell in runnable:
                 if cell.impl.kind == "alpc":
-                    cell.skip_reason = str(exc)
+                    cell.failure = str(exc)
     ctx = multiprocessing.get_context("forkserver")
     # Imported once in the forkserver, so each fresh process starts in milliseconds.
     # pyzmq is safe to import before a fork (libzmq starts threads only with a
@@ -434,8 +444,9 @@ def parse_args(argv: Sequence[str] | None, cases: Sequence[str] | None = None) -
     parser.add_argument("--pinning", action="append", choices=CPU_PINNINGS, help="only this pinning (repeatable)")
     parser.add_argument("--reps", type=int, default=None, help="repetitions per point (default: per case)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="where latest.json/.md/.png go (default: benchmarks/results, or results/quick "
-                             "for --quick, so a smoke run never replaces the published results)")
+                        help="where latest.json/.md/.png go (default: benchmarks/results; results/quick for --quick "
+                             "and results/partial for a run limited by --case/--impl/--pinning/--reps, so "
+                             "neither replaces the published results)")
     parser.add_argument("--no-plot", action="store_true", help="do not draw the PNG")
     parser.add_argument("--update-readme", action="store_true", help="copy the summary table into README.md")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -445,17 +456,35 @@ def parse_args(argv: Sequence[str] | None, cases: Sequence[str] | None = None) -
         parser.error("--reps must be at least 1")
     if args.update_readme and args.quick:
         parser.error("--update-readme publishes a full run; a --quick run is a smoke check")
+    subset = _subset(args, cases)
+    if args.update_readme and subset is not None:
+        parser.error("--update-readme publishes a full run; this run is limited to " + describe_subset(subset))
     return Options(
         quick=args.quick,
         cases=args.case or list(cases or CASES),
         impls=args.impl,
         pinnings=args.pinning or list(CPU_PINNINGS),
         repetitions=args.reps,
-        out_dir=args.out or (RESULTS_DIR / "quick" if args.quick else RESULTS_DIR),
+        out_dir=args.out or _default_out_dir(args.quick, subset),
         plot=not args.no_plot,
         update_readme=args.update_readme,
         progress=args.progress,
+        subset=subset,
     )
+
+
+def _subset(args: argparse.Namespace, cases: Sequence[str] | None) -> dict[str, Any] | None:
+    """What the command line limited the run to, or None for the full run."""
+    chosen = args.case or (list(cases) if cases is not None and set(cases) != set(CASES) else None)
+    subset = {"cases": chosen, "impls": args.impl, "pinnings": args.pinning, "repetitions": args.reps}
+    return {key: value for key, value in subset.items() if value} or None
+
+
+def _default_out_dir(quick: bool, subset: dict[str, Any] | None) -> Path:
+    """A smoke run and a subset run never replace the published results (results/latest.*)."""
+    if quick:
+        return RESULTS_DIR / "quick"
+    return RESULTS_DIR / "partial" if subset is not None else RESULTS_DIR
 
 
 def _plot(options: Options, meta: dict[str, Any], records: list[dict[str, Any]]) -> str:

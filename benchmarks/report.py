@@ -23,6 +23,7 @@ __all__ = [
     "README_END",
     "RESULTS_DIR",
     "SCHEMA_VERSION",
+    "describe_subset",
     "format_value",
     "full_table",
     "main",
@@ -180,8 +181,17 @@ def _describe_machine(meta: dict[str, Any]) -> str:
             f"Python {machine['python']}, alpc path: {machine['alpc_path']}")
 
 
+def describe_subset(subset: dict[str, Any]) -> str:
+    """What a partial run was limited to, e.g. "cases: roundtrip; impls: alpc"."""
+    return "; ".join(f"{key}: {', '.join(map(str, value)) if isinstance(value, list) else value}"
+                     for key, value in subset.items())
+
+
 def render_markdown(meta: dict[str, Any], records: Sequence[dict[str, Any]], *, full: bool = True) -> str:
     mode = "quick (smoke check)" if meta["quick"] else "full"
+    subset = meta.get("subset")
+    if subset:
+        mode = f"{'quick ' if meta['quick'] else ''}subset ({describe_subset(subset)})"
     load = meta.get("load_average") or {}
     lines = [
         f"Measured {meta['generated']} at commit `{meta['commit']}`, {mode} run, "
@@ -244,6 +254,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     records = document.pop("records")
     if args.update_readme and document["quick"]:
         parser.error(f"{args.results} is from a --quick run; the README shows a full run (make bench)")
+    if args.update_readme and document.get("subset"):
+        parser.error(f"{args.results} is from a run limited to {describe_subset(document['subset'])}; "
+                     "the README shows a full run (make bench)")
     write_results(args.results.parent, document, records)
     print(render_markdown(document, records, full=False))
     if args.update_readme:

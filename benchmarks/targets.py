@@ -6,7 +6,9 @@ implementation is (rate over rate, or time over time inverted) and must be at
 least ``bound``; ``time`` is the implementation's time as a multiple of the
 reference's and must be at most ``bound``; ``at_most`` has no reference: the
 implementation's own median (in the case's unit) must be at most ``bound``.
-Nothing asserts them: the report shows each ratio and whether it was met.
+Nothing asserts them: the report shows each ratio and whether it was met, and
+says so when the run tried a target but could not evaluate it (its figure or
+its reference failed or was skipped), so a missing figure never hides a target.
 """
 
 from __future__ import annotations
@@ -72,17 +74,39 @@ def _ratio(target: Target, impl: dict[str, Any], ref: dict[str, Any]) -> float:
     return faster if target.measure == "speed" else 1 / faster
 
 
+def _not_measured(target: Target, tried: dict[tuple[Any, ...], dict[str, Any]], size: int,
+                  pinning: str) -> str | None:
+    """Why a target the run tried at this point has no figure (a side failed or was skipped), or None."""
+    names = (target.impl,) if target.measure == "at_most" else (target.impl, target.reference)
+    records = [tried.get((target.case, size, pinning, name)) for name in names]
+    if None in records:  # the run did not have both sides in it (--impl alpc alone): nothing was tried
+        return None
+    for name, record in zip(names, records, strict=True):
+        if record is not None and not (record["status"] == "ok" and record["median"]):
+            return f"**not measured**: {name} {record['status']} ({record.get('reason')})"
+    return None
+
+
 def target_rows(records: Sequence[dict[str, Any]],
                 targets: Sequence[Target] = TARGETS) -> list[list[str]]:
-    """One row per target, size and pinning that the run measured: what, where, ratio, met."""
-    ok = {(r["case"], r["size"], r["pinning"], r["implementation"]): r
-          for r in records if r["status"] == "ok" and r["median"]}
+    """One row per target, size and pinning that the run tried: what, where, ratio, met.
+
+    A target whose figure or reference failed or was skipped gets a row saying so
+    (a vanished row would read as "nothing to check"); one the run never tried has none.
+    """
+    tried = {(r["case"], r["size"], r["pinning"], r["implementation"]): r for r in records}
+    ok = {key: r for key, r in tried.items() if r["status"] == "ok" and r["median"]}
     pinnings = sorted({r["pinning"] for r in records}, key=("same", "split").index)
     rows = []
     for target in targets:
         for size in target.sizes:
             for pinning in pinnings:
                 if pinning not in target.pinnings:
+                    continue
+                why = _not_measured(target, tried, size, pinning)
+                if why is not None:
+                    rows.append([target.source, target.describe(), target.case, format_size(size), pinning, "-",
+                                 why])
                     continue
                 impl = ok.get((target.case, size, pinning, target.impl))
                 if impl is None:
