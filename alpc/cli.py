@@ -74,7 +74,10 @@ def _cmd_broker(args: argparse.Namespace) -> int:
     def on_ready() -> None:
         _announce(f"READY {broker.socket_path}")
         if args.ready_fd is not None:
-            os.write(args.ready_fd, b"READY\n")
+            try:
+                os.write(args.ready_fd, b"READY\n")
+            except OSError as exc:  # its reader went away (EPIPE): the broker serves on, as for stdout
+                log.warning("cannot write READY to --ready-fd %d: %s", args.ready_fd, exc)
             os.close(args.ready_fd)
         notifier.ready(serving(broker.status_line()))
 
@@ -304,6 +307,13 @@ def _ready_fd(text: str) -> int:
     return value
 
 
+def _runtime_dir(text: str) -> Path:
+    # Path("") is ".": an empty value (an unset shell variable) put the broker in the cwd.
+    if not text:
+        raise argparse.ArgumentTypeError("must be a directory path, got an empty string")
+    return Path(text)
+
+
 class _Parser(argparse.ArgumentParser):
     """Bad arguments get one line and exit 1, like every other error of the command."""
 
@@ -321,7 +331,7 @@ def _add_view_options(parser: argparse.ArgumentParser) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="alpc", description="ALPC-style local IPC for Python")
-    parser.add_argument("--runtime-dir", type=Path, default=None,
+    parser.add_argument("--runtime-dir", type=_runtime_dir, default=None,
                         help="broker runtime directory (default: $ALPC_RUNTIME_DIR, "
                              "$XDG_RUNTIME_DIR/alpc, /tmp/alpc-$UID)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],

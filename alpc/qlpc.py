@@ -109,6 +109,24 @@ def release_watcher() -> None:
     _native.quick_unhold()
 
 
+# Timeouts up to this many seconds take the call's inline path; longer ones (inf), negative
+# and NaN ones go through deadline_after, which caps or refuses them as every wait does.
+_INLINE_TIMEOUT_S = 86400.0
+
+
+def _deadline_ns(timeout: float) -> int:
+    """The monotonic deadline in ns of a timeout past the inline range (ValueError if bad)."""
+    deadline = deadline_after(timeout)
+    assert deadline is not None
+    return int(deadline * 1e9)
+
+
+def _serve_timeout_ns(timeout: float | None) -> int:
+    """Each serving wait's timeout in ns (-1: none); a bad one is refused, a huge one capped."""
+    deadline = deadline_after(timeout)
+    return -1 if deadline is None else max(0, int((deadline - time.monotonic()) * 1e9))
+
+
 def _timeout_ns(deadline: float | None) -> int:
     if deadline is None:
         return -1
@@ -225,7 +243,12 @@ class QuickLink:
             if (type(data) is bytes and len(data) <= payload_max and not (port is not None and port._core.backlogged)
                     and take_turn(False)):
                 try:
-                    deadline_ns = -1 if timeout is None else _monotonic_ns() + int(timeout * 1e9)
+                    if timeout is None:
+                        deadline_ns = -1
+                    elif 0 <= timeout <= _INLINE_TIMEOUT_S:  # one chained comparison: the usual case
+                        deadline_ns = _monotonic_ns() + int(timeout * 1e9)
+                    else:  # inf raised OverflowError here, NaN ValueError from int(), -1 waited not at all
+                        deadline_ns = _deadline_ns(timeout)
                     status = c_call(data, len(data), deadline_ns)
                     if status >= 0:
                         return unpack(status)
@@ -493,6 +516,7 @@ class QuickLink:
         Returns that message (a datagram, a notice), or None when another
         thread reads this port (the caller then serves the slow way).
         """
+        timeout_ns = _serve_timeout_ns(timeout)
         with port._cv:
             if port._reading or port._inbox or port._failure is not None:
                 return None
@@ -500,7 +524,7 @@ class QuickLink:
         before = self.ring.counts()
         counted = list(self._counted)
         try:
-            return self._serve(port, handler, -1 if timeout is None else max(0, int(timeout * 1e9)), timeout)
+            return self._serve(port, handler, timeout_ns, timeout)
         finally:
             self._took()
             self._fold_counts(port, before, counted)

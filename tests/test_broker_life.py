@@ -305,3 +305,36 @@ def test_a_broker_whose_files_were_removed_leaves_its_successors_files_alone(spa
     second.proc.send_signal(signal.SIGTERM)
     assert second.proc.wait(10) == 0
     assert sorted(os.listdir(runtime_dir)) == []
+
+
+def test_a_ready_fd_nobody_reads_does_not_stop_the_broker(runtime_dir: Path, config: alpc.Config) -> None:
+    """READY written to a --ready-fd whose reader went away raised EPIPE: the broker exited 1
+    right after it bound, where a stdout nobody reads leaves it serving."""
+    gone_r, gone_w = os.pipe()
+    os.close(gone_r)
+    proc = subprocess.Popen([*BROKER, "--runtime-dir", str(runtime_dir), "broker", "--ready-fd", str(gone_w)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, pass_fds=[gone_w])
+    os.close(gone_w)
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout.readline().startswith("READY")
+        assert alpc.list_ports(config) == ()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        assert "cannot write READY to --ready-fd" in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait(10)
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+    assert sorted(os.listdir(runtime_dir)) == []
+
+
+def test_an_empty_runtime_dir_is_a_bad_argument(tmp_path: Path) -> None:
+    """``--runtime-dir ""`` (an unset shell variable) ran the broker in the current directory."""
+    done = subprocess.run([*BROKER, "--runtime-dir", "", "broker"], capture_output=True, text=True, timeout=30,
+                          cwd=tmp_path)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "--runtime-dir: must be a directory path" in done.stderr
+    assert list(tmp_path.iterdir()) == []

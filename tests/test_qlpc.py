@@ -509,3 +509,38 @@ def test_a_multiplexing_server_arms_only_the_rings_that_were_used(broker, config
                 comm.close()
             stop.set()
             server.join(10)
+
+
+@native
+def test_ring_calls_take_any_timeout_a_socket_call_takes(broker, config, peer) -> None:  # type: ignore[no-untyped-def]
+    """An infinite timeout raised OverflowError from the ring call (int(inf * 1e9)), a NaN one a
+    bare ValueError from int(); a negative one failed at once as a timeout. They are capped,
+    or refused with the ValueError every other wait gives, as on the socket path."""
+    peer("server", "q.timeouts")
+    with connect(config, "q.timeouts") as comm:
+        assert comm.quick
+        assert comm.call(b"inf", timeout=float("inf")) == b"INF"
+        assert comm.call(b"big", timeout=1e300) == b"BIG"
+        for bad in (-1.0, float("nan")):
+            with pytest.raises(ValueError, match="timeout must be"):
+                comm.call(b"bad", timeout=bad)
+        assert comm.call(b"after", timeout=5) == b"AFTER"
+
+
+@native
+def test_serving_on_the_rings_takes_any_timeout_a_socket_wait_takes(broker, config, spawn, runtime_dir) -> None:  # type: ignore[no-untyped-def]
+    """serve_requests(timeout=inf) over the rings raised OverflowError; NaN a bare int() error."""
+    with alpc.create_port("q.serve.timeouts", alpc.PortAttributes(quick_lpc=True), config=config) as port:
+        client = spawn.argv([sys.executable, str(QLPC_PEERS), "client", "q.serve.timeouts",
+                             "--runtime-dir", str(runtime_dir)])
+        with port.listen(timeout=10).accept() as comm:
+            assert client.expect("READY")[-1] == "True"
+            for bad in (-1.0, float("nan")):
+                with pytest.raises(ValueError, match="timeout must be"):
+                    comm.serve_requests(lambda body: body, timeout=bad)
+            client.send("call hi")
+            assert client.proc.stdin is not None
+            client.proc.stdin.close()  # the client answers, then exits: a notice ends serving
+            other = comm.serve_requests(lambda body: body.upper(), timeout=float("inf"))
+            assert other.type in (alpc.MessageType.PORT_CLOSED, alpc.MessageType.CLIENT_DIED)
+            assert client.expect("REPLY") == ["HI"]
