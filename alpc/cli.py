@@ -34,6 +34,13 @@ def _config(args: argparse.Namespace) -> Config:
     return Config.from_env(args.runtime_dir)
 
 
+def _one_line(message: object) -> str:
+    """An error's text as one line of plain text: it may quote what a peer chose (a server's reject
+    reason), which must neither forge lines under ours nor send escape sequences to the terminal."""
+    text = str(message)
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
 # -- broker -------------------------------------------------------------------------
 
 
@@ -379,7 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except (AlpcError, OSError) as exc:  # OSError: a runtime dir that cannot be made, a --ready-fd not open...
-        print(f"alpc: {type(exc).__name__}: {exc}", file=sys.stderr)
+        logs.flush_handlers()  # the lines logged before it come first (a thread writes them)
+        print(f"alpc: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

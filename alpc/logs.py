@@ -11,19 +11,23 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import sys
 import threading
 import time
-from collections import OrderedDict
+import weakref
+from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
 from typing import Any, TextIO
 
 __all__ = [
     "FIELDS",
     "LogLimiter",
+    "LogWriter",
     "StructuredFormatter",
     "configure",
     "fields",
+    "flush_handlers",
     "journald_priority",
     "stderr_is_journal",
 ]
@@ -33,6 +37,11 @@ MAX_LIMITED_MESSAGE = 1024
 
 # A field's value is cut to this (a valid port name has at most 128 characters).
 MAX_FIELD = 256
+
+# Lines formatted but not yet written (stderr not read meanwhile): past this, new ones are dropped, counted.
+MAX_QUEUED_LINES = 1024
+# How long the lines still queued may hold up an exit (or an error message after them).
+FLUSH_TIMEOUT = 2.0
 
 FIELDS = ("port", "peer_pid", "peer_uid", "peer_gid")
 # syslog(3) priorities, which journald reads from a "<N>" line prefix.
@@ -101,17 +110,142 @@ def stderr_is_journal(environ: dict[str, str] | None = None, stream: TextIO | No
 
 
 def configure(level: str | int = "INFO", stream: TextIO | None = None, journald: bool | None = None) -> None:
-    """Send every alpc logger's records to ``stream`` (stderr) in the structured format."""
+    """Send every alpc logger's records to ``stream`` (stderr) in the structured format.
+
+    Our stderr itself is written by a ``LogWriter``: a caller never waits for whoever reads it.
+    """
     stream = stream or sys.stderr
     if journald is None:
         journald = stderr_is_journal(stream=stream)
-    handler = logging.StreamHandler(stream)
+    handler: logging.Handler
+    fd = _fileno(stream) if stream is sys.stderr else None
+    handler = LogWriter(fd) if fd is not None else logging.StreamHandler(stream)
     handler.setFormatter(StructuredFormatter(journald=journald))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
+        old.close()
     root.addHandler(handler)
     root.setLevel(level)
+
+
+def flush_handlers(timeout: float = FLUSH_TIMEOUT) -> None:
+    """Let the lines logged so far out (for at most ``timeout`` each), before a message that follows them."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, LogWriter):
+            handler.flush(timeout)
+        else:
+            handler.flush()
+
+
+def _fileno(stream: TextIO | None) -> int | None:
+    try:
+        return stream.fileno() if stream is not None else None
+    except (OSError, ValueError):  # a stream without an fd (StringIO), or one closed
+        return None
+
+
+class LogWriter(logging.Handler):
+    """Formats a record in the caller's thread and writes it to ``fd`` from a thread of its own.
+
+    A stderr kept open but not read (a stuck supervisor, a terminal on hold, a journald that
+    lags) fills, and write(2) then blocks: the broker's single loop would serve nobody again,
+    and any local user can make it log. Lines wait here instead (at most ``max_lines``); those
+    that find no room are counted, and the count is written as soon as the fd takes lines again.
+    The fd stays as it is (O_NONBLOCK would change it for every process sharing it), and is
+    written with os.write: a thread blocked inside ``sys.stderr`` would hold its lock at exit.
+    """
+
+    def __init__(self, fd: int, max_lines: int = MAX_QUEUED_LINES) -> None:
+        super().__init__()
+        self._fd = fd
+        self._max_lines = max_lines
+        self.dropped_total = 0
+        self._start()
+        os.register_at_fork(after_in_child=_restart_in_child(weakref.ref(self)))
+
+    def _start(self) -> None:
+        """A fresh queue and writer thread (a forked child has no copy of the parent's thread)."""
+        self._changed = threading.Condition(threading.Lock())
+        self._lines: deque[bytes] = deque()
+        self._dropped = 0
+        self._writing = False
+        self._closed = False
+        threading.Thread(target=self._write_lines, args=(self._changed,), name="alpc-log-writer",
+                         daemon=True).start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = (self.format(record) + "\n").encode(errors="backslashreplace")
+        except Exception:
+            self.handleError(record)
+            return
+        with self._changed:
+            if len(self._lines) >= self._max_lines:
+                self._dropped += 1
+                self.dropped_total += 1
+                return
+            self._lines.append(line)
+            self._changed.notify_all()
+
+    def flush(self, timeout: float = FLUSH_TIMEOUT) -> None:
+        """Wait (at most ``timeout``) until every line queued so far is written."""
+        with self._changed:
+            self._changed.wait_for(lambda: not self._lines and not self._writing, timeout)
+
+    def close(self) -> None:
+        """Write what is queued (at most FLUSH_TIMEOUT), then end the writer thread."""
+        self.flush()
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+        super().close()
+
+    def _write_lines(self, changed: threading.Condition) -> None:
+        while changed is self._changed:
+            with changed:
+                changed.wait_for(lambda: bool(self._lines) or self._closed)
+                if self._closed and not self._lines:
+                    return
+                lines, dropped = list(self._lines), self._dropped
+                self._lines.clear()
+                self._dropped = 0
+                self._writing = True
+            if dropped:
+                lines.append(self._dropped_line(dropped))
+            self._write(b"".join(lines))
+            with changed:
+                self._writing = False
+                changed.notify_all()
+
+    def _dropped_line(self, count: int) -> bytes:
+        record = logging.makeLogRecord({"name": __name__, "levelno": logging.WARNING, "levelname": "WARNING",
+                                        "msg": "%d log lines dropped: nobody read them in time",
+                                        "args": (count,)})
+        try:
+            return (self.format(record) + "\n").encode(errors="backslashreplace")
+        except Exception:
+            return f"{count} log lines dropped: nobody read them in time\n".encode()
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self._fd, view):]
+            except BlockingIOError:  # another process made the fd non-blocking: wait here, not in the caller
+                poller = select.poll()
+                poller.register(self._fd, select.POLLOUT)
+                poller.poll()
+            except OSError:
+                return  # nobody will ever read them (EPIPE, a closed fd): nothing to wait for
+
+
+def _restart_in_child(ref: weakref.ReferenceType[LogWriter]) -> Callable[[], None]:
+    def restart() -> None:
+        writer = ref()
+        if writer is not None:
+            writer._start()
+    return restart
 
 
 class LogLimiter:
