@@ -57,10 +57,11 @@ from .protocol import Payload as WirePayload
 from .quotas import Limit, WindowClosed
 from .section import SectionView, check_size, sweep_stale_names
 from .security import PeerCred
-from .transport import Buffer, Stream, close_fds, deadline_after, remaining, wait_readable
+from .transport import Stream, close_fds, deadline_after, remaining, wait_readable
 from .wire import MessageType
 
 __all__ = [
+    "Accept",
     "AsyncCommunicationPort",
     "AsyncConnectionPort",
     "AsyncConnectionRequest",
@@ -75,6 +76,8 @@ log = logging.getLogger(__name__)
 Payload = Body
 # A handler of ``serve``: the reply to a request (None for a datagram), sync or async.
 Handler = Callable[[Message], "Awaitable[Payload | None] | Payload | None"]
+# serve()'s ``accept``: whether to take a client, sync or async.
+Accept = Callable[["AsyncConnectionRequest"], "Awaitable[bool] | bool"]
 
 
 async def _within(waiter: asyncio.Future[Any], deadline: float | None, what: str) -> Any:
@@ -97,6 +100,29 @@ async def _within(waiter: asyncio.Future[Any], deadline: float | None, what: str
 def _expire(waiter: asyncio.Future[Any], what: str) -> None:
     if not waiter.done():
         waiter.set_exception(Timeout(f"timed out waiting for {what}"))
+
+
+def _discard(waiters: list[asyncio.Future[None]], waiter: asyncio.Future[None]) -> None:
+    """Forget a sender's waiter that timed out or was cancelled: only a read clears the list,
+    and against a peer that sends nothing every such wait (each budget re-check) left one."""
+    if waiter in waiters:
+        waiters.remove(waiter)
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop, what: str, owner: object) -> None:
+    """RuntimeError unless called on ``loop``, the one ``owner`` was made on (in its thread).
+
+    A port's state is its loop's alone (no locks): from another loop or thread a send went out
+    racing the loop's reader and writer, and a request reached the server before the wait for
+    its reply failed on asyncio's "attached to a different loop", the call's fate unknown.
+    """
+    try:
+        running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is not loop:
+        raise RuntimeError(f"{what} on {owner!r} from another event loop or thread: "
+                           "an asyncio port is used from the loop it was made on only")
 
 
 def _follow(source: asyncio.Future[None]) -> asyncio.Future[None]:
@@ -202,6 +228,9 @@ class AsyncCommunicationPort:
         side = "server" if self._is_server else "client"
         return f"<AsyncCommunicationPort {side} side, peer pid {self.peer.pid}, {'closed' if self.closed else 'open'}>"
 
+    def _own_loop(self, what: str) -> None:
+        _on_loop(self._loop, what, self)
+
     # -- sending ------------------------------------------------------------------------
 
     async def request(self, data: Payload = b"", timeout: float | None = None, *, secure: bool = False,
@@ -210,6 +239,7 @@ class AsyncCommunicationPort:
         at the server; ``deadline`` (``time.monotonic()``) travels with it; ``fds`` are passed
         along. While the peer holds ``max_pending_requests`` of ours, this waits for a reply
         first (Throttled when ``timeout`` runs out meanwhile)."""
+        self._own_loop("request()")
         wait_until = deadline_after(self._send_timeout if timeout is None else timeout)
         if deadline is not None and (wait_until is None or deadline < wait_until):
             wait_until = deadline
@@ -290,9 +320,12 @@ class AsyncCommunicationPort:
             except Timeout:
                 raise Throttled(f"waited for the peer to free its {closed.limit} until the timeout ({closed})",
                                 limit=closed.limit) from None
+            finally:
+                _discard(self._window_waiters, waiter)
 
     def cancel(self, message_id: int) -> bool:
         """Cancel request ``message_id`` at the server; False if it is not in flight."""
+        self._own_loop("cancel()")
         frames = self._core.cancel(message_id)
         self._wake_id(message_id)
         if frames:
@@ -304,6 +337,7 @@ class AsyncCommunicationPort:
         """Send a datagram; ``flush=False`` queues a small one for the next write (batching);
         ``fds`` are passed along (such a datagram is written at once). Waits while the peer's
         datagram window is full (Throttled when ``timeout`` runs out meanwhile)."""
+        self._own_loop("send()")
         deadline = deadline_after(self._send_timeout if timeout is None else timeout)
         core = self._core
         size = body_size(data)
@@ -325,18 +359,25 @@ class AsyncCommunicationPort:
         await self._sending(send, deadline)
         self.stats.sent(size)
 
-    async def send_many(self, items: Iterable[Buffer | SectionView], timeout: float | None = None) -> None:
-        """Send datagrams in order, in as few system calls as possible."""
+    async def send_many(self, items: Iterable[Payload], timeout: float | None = None) -> None:
+        """Send datagrams in order, in as few system calls as possible (small ones are framed
+        together; large ones, views and bodies in parts go as ``send`` sends them)."""
+        self._own_loop("send_many()")
         deadline = deadline_after(self._send_timeout if timeout is None else timeout)
-        core = self._core
+        threshold = self._core.inline_threshold
         small: list[bytes] = []
         for item in items:
-            size = item.nbytes if type(item) is memoryview else len(item)
-            if isinstance(item, SectionView) or size > core.inline_threshold:
-                await self._send_small(small, deadline)
-                await self.send(item, remaining(deadline))
-                continue
-            small.append(item if type(item) is bytes else bytes(item))
+            # Measured in bytes, as the blocking API does: len() counts a buffer's items (a 2-D
+            # array's rows), so a large one went inline and the peer dropped the connection
+            # over it; and a body in parts is sent, not made bytes() of (a list of ints).
+            if not (type(item) is bytes and len(item) <= threshold):
+                if isinstance(item, SectionView) or body_size(item) > threshold or not isinstance(
+                        item, (bytes, bytearray, memoryview)):
+                    await self._send_small(small, deadline)
+                    await self.send(item, remaining(deadline))
+                    continue
+                item = bytes(item)
+            small.append(item)
         await self._send_small(small, deadline)
 
     async def _send_small(self, items: list[bytes], deadline: float | None) -> None:
@@ -354,6 +395,7 @@ class AsyncCommunicationPort:
 
     async def flush(self, timeout: float | None = None) -> None:
         """Write every datagram queued with ``flush=False``."""
+        self._own_loop("flush()")
         deadline = deadline_after(timeout)  # a bad timeout is refused even with nothing queued
         if self._core.owed or self._unsent:
             await self._write([], deadline)
@@ -367,15 +409,18 @@ class AsyncCommunicationPort:
         budget held it up): its connection is dropped (a CLIENT_DIED notice
         follows) and Throttled raised.
         """
+        self._own_loop("reply()")
         if message.type is not MessageType.REQUEST:
             raise ValueError(f"only a REQUEST can be replied to, not {message.type.name}")
         core = self._core
+        # Checked first, as the blocking reply does: a bad timeout or body is refused even for
+        # a request its client cancelled meanwhile (it passed silently only then).
+        deadline = deadline_after(self._send_timeout if timeout is None else timeout)
+        size = body_size(data)
         if not core.wants_reply(message):
             if isinstance(data, SectionView):
                 data.release()
             return
-        deadline = deadline_after(self._send_timeout if timeout is None else timeout)
-        size = body_size(data)
         if fds:
             core.check_handles(fds)
         try:
@@ -407,6 +452,7 @@ class AsyncCommunicationPort:
                         limit=limit) from None
 
     async def ping(self, timeout: float | None = None) -> None:
+        self._own_loop("ping()")
         deadline = deadline_after(timeout)
         core = self._core
         message_id, frames = core.ping()
@@ -421,11 +467,14 @@ class AsyncCommunicationPort:
 
     async def create_view(self, size: int, *, secure: bool = False, timeout: float | None = None) -> SectionView:
         """Writable space in this connection's section, to fill and send with no copy."""
+        self._own_loop("create_view()")
         check_size("a view", size)
         return await self._reserve(size, secure, deadline_after(timeout))
 
     async def trim_sections(self, timeout: float | None = None) -> None:
-        await self._write(self._core.trim(), deadline_after(timeout))
+        self._own_loop("trim_sections()")
+        deadline = deadline_after(timeout)  # a bad timeout is refused before anything is unmapped
+        await self._write(self._core.trim(), deadline)
 
     async def _reserve(self, size: int, secure: bool, deadline: float | None) -> SectionView:
         core = self._core
@@ -453,12 +502,16 @@ class AsyncCommunicationPort:
             try:
                 await _within(waiter, window, "space in the connection's sections")
             except Timeout:
+                _discard(self._space_waiters, waiter)
                 if window == deadline or remaining(deadline) == 0:
                     limit = Limit.MAX_PORT_SECTION_BYTES if core.budget_blocked else Limit.MAX_SECTION_BYTES
                     raise Throttled(f"no section space freed up before the timeout ({limit})", limit=limit) from None
                 if not core.budget_blocked:
                     await self._write(core.space_wanted(), deadline)  # see SPACE_REASK
                     reask = min(reask * 2, most)
+            except asyncio.CancelledError:
+                _discard(self._space_waiters, waiter)
+                raise
 
     def _give_back_idle_sections(self) -> None:
         """Another connection of this port waits for the port's section budget: unmap our idle
@@ -828,6 +881,7 @@ class AsyncCommunicationPort:
 
     async def receive(self, timeout: float | None = None) -> Message:
         """The next request or datagram (a server also gets PORT_CLOSED / CLIENT_DIED once)."""
+        self._own_loop("receive()")
         message = await self._wait(self._core.take_message, None, deadline_after(timeout), "a message")
         self._after_take()
         if self._core.finalize_wanted:
@@ -836,6 +890,7 @@ class AsyncCommunicationPort:
 
     async def receive_many(self, max_messages: int = 1024, timeout: float | None = None) -> list[Message]:
         """Every message waiting, in order (at least one, at most ``max_messages``)."""
+        self._own_loop("receive_many()")
         check_max_messages(max_messages)
         first = await self._wait(self._core.take_message, None, deadline_after(timeout), "a message")
         batch = [first]
@@ -873,6 +928,11 @@ class AsyncCommunicationPort:
         has its task cancelled. Requests this side makes meanwhile get their
         replies as usual, so a client may serve its peer's nested calls this way.
         """
+        self._own_loop("serve()")
+        if self._dispatch is not None:
+            # A second one took over the dispatch: the first never heard the connection end
+            # and never returned (close() included), its task awaited forever.
+            raise RuntimeError(f"serve() already runs on {self!r}: one serve() takes every message")
         ended: asyncio.Future[None] = self._loop.create_future()
         running = 0
 
@@ -1088,6 +1148,7 @@ class AsyncConnectionPort:
 
     async def listen(self, timeout: float | None = None) -> AsyncConnectionRequest:
         """The next connection request, waiting on the broker link through the loop."""
+        _on_loop(self._loop, "listen()", self)
         deadline = deadline_after(timeout)
         inner = self._port
         while True:
@@ -1128,9 +1189,10 @@ class AsyncConnectionPort:
         future.add_done_callback(self._listening.discard)
         return future
 
-    async def serve(self, handler: Handler, *, accept: Callable[[AsyncConnectionRequest], bool] | None = None,
+    async def serve(self, handler: Handler, *, accept: Accept | None = None,
                     max_tasks: int = 1024, timeout: float | None = None) -> None:
-        """Accept clients (``accept`` may refuse one) and answer every message with ``handler``.
+        """Accept clients (``accept``, sync or async, may refuse one: an ``accept`` that raises
+        refuses that client) and answer every message with ``handler``.
 
         Each message runs as a task started from the socket's readiness
         callback (at most ``max_tasks`` at once per client); a request its
@@ -1146,7 +1208,7 @@ class AsyncConnectionPort:
                     if not self._comms:
                         return
                     continue
-                if accept is not None and not accept(request):
+                if not await _welcome(accept, request):
                     request.reject("refused")
                     continue
                 try:
@@ -1189,6 +1251,22 @@ class AsyncConnectionPort:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+async def _welcome(accept: Accept | None, request: AsyncConnectionRequest) -> bool:
+    """``accept``'s verdict, as CompletionPort's on_connect's: awaited if it is a coroutine (its
+    truth was the coroutine's, so an async accept let every client in), and one that raises
+    refuses only that client (it ended serve(), every client dropped, this one never answered)."""
+    if accept is None:
+        return True
+    try:
+        verdict = accept(request)
+        if inspect.isawaitable(verdict):
+            verdict = await verdict
+        return bool(verdict)
+    except Exception:
+        log.exception("accept failed on %r", request)
+        return False
 
 
 async def _handle(comm: AsyncCommunicationPort, message: Message, handler: Handler) -> None:

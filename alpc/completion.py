@@ -28,7 +28,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from .connection import NOTICES
 from .errors import AlpcError, ConnectionClosed, Timeout
@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 Handler = Callable[[Message], "Buffer | Awaitable[Buffer | None] | None"]
 # How often the loop looks up from an idle wait (to notice stop()).
 _TICK = 0.2
+_T = TypeVar("_T")
 # How long serve() waits, in all, for its pool threads (in handlers) when it stops: one
 # bound for the whole pool, or N stuck handlers would hold serve() N times as long.
 _JOIN_TIMEOUT = 5.0
@@ -54,7 +55,7 @@ class CompletionPort:
     """Serve every client of ``port`` with ``handler`` on a bounded, self-sizing pool."""
 
     def __init__(self, port: ConnectionPort, handler: Handler, *,
-                 on_connect: Callable[[ConnectionRequest], bool] | None = None,
+                 on_connect: Callable[[ConnectionRequest], bool | Awaitable[bool]] | None = None,
                  max_workers: int = 16, min_workers: int = 1, idle_timeout: float = 5.0,
                  ordered: bool = False) -> None:
         for name, count in (("max_workers", max_workers), ("min_workers", min_workers)):
@@ -214,7 +215,11 @@ class CompletionPort:
         if self.on_connect is None:
             return True
         try:
-            return bool(self.on_connect(request))
+            verdict = self.on_connect(request)
+            if inspect.isawaitable(verdict):
+                # An async on_connect's truth was the coroutine's: every client was let in.
+                verdict = self._resolve(verdict)
+            return bool(verdict)
         except Exception:
             log.exception("on_connect failed on %r", request)
             return False
@@ -263,7 +268,7 @@ class CompletionPort:
         comm = message.port
         return message.cancelled or (message.type is MessageType.REQUEST and comm is not None and comm.closed)
 
-    def _resolve(self, awaitable: Awaitable[Buffer | None]) -> Buffer | None:
+    def _resolve(self, awaitable: Awaitable[_T]) -> _T:
         """A plain callable's awaitable (a lambda around an async def, an object with an
         ``async def __call__``: ``Handler`` allows both) runs on the private loop while this
         thread waits for it, as a handler's own turn; not awaited, its reply would be empty."""
@@ -272,7 +277,7 @@ class CompletionPort:
                 self._start_loop()
         assert self._loop is not None
 
-        async def run() -> Buffer | None:
+        async def run() -> _T:
             return await awaitable
 
         return asyncio.run_coroutine_threadsafe(run(), self._loop).result()

@@ -269,3 +269,27 @@ def test_a_lost_registration_does_not_end_serve(spawn, runtime_dir: Path, config
         (runtime_dir / "broker.lock").unlink(missing_ok=True)
     assert after == ["REPLY", "after", "AFTER"], after
     assert not failed, f"serve() raised {failed[0]!r}"
+
+
+# -- an async on_connect -------------------------------------------------------------------------
+
+
+def test_an_async_on_connect_is_awaited_and_can_refuse(broker, config, client) -> None:  # type: ignore[no-untyped-def]
+    """on_connect's verdict was bool(on_connect(request)): an ``async def`` returned a coroutine,
+    always true, so every client was let in, those it meant to refuse included (and the
+    coroutine was never awaited). It is awaited on the private loop, as a handler's awaitable."""
+    seen: list[int] = []
+
+    async def on_connect(request: alpc.ConnectionRequest) -> bool:
+        seen.append(request.client.pid)
+        return len(seen) != 1  # the first client is refused
+
+    with alpc.create_port("completion.async.onconnect", config=config) as port:
+        completion = alpc.CompletionPort(port, lambda message: message.data.upper(), on_connect=on_connect)
+        with serving(completion):
+            refused = client("completion.async.onconnect", "--connect-timeout", "5", connected=False)
+            assert refused.expect("") == ["REFUSED", "ConnectionRejected"]
+            admitted = client("completion.async.onconnect")
+            assert ask(admitted, "x", 5) == ["REPLY", "x", "X"]
+            finish(admitted)
+    assert len(seen) == 2

@@ -6,42 +6,15 @@ import asyncio
 import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
 
 import pytest
+from async_steps import LOOPS, run_on
 
 import alpc
 from alpc import aio
 
 FLOW_PEERS = Path(__file__).resolve().parent / "flow_peers.py"
-
-
-LOOPS = ["asyncio", "uvloop"]
-
-
-def _open_uvloop_once() -> None:
-    """uvloop keeps one pipe pair for the whole process from its first loop on: open that loop
-    now, at collection, so the leak check of the first uvloop test does not count uvloop's own."""
-    try:
-        import uvloop
-    except ImportError:
-        return
-    uvloop.new_event_loop().close()
-
-
-_open_uvloop_once()
-
-
-def run_on(loop: str, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    """Run ``main`` on the stock asyncio loop or on uvloop's (alpc.aio promises both)."""
-    if loop == "uvloop":
-        uvloop = pytest.importorskip("uvloop")
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(main())
-    else:
-        asyncio.run(main())
 
 
 @pytest.fixture
