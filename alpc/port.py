@@ -269,8 +269,9 @@ class CommunicationPort:
         this call waits (and that no other thread takes first with receive())
         are handed to it on this thread, so the peer may call back into us
         (ALPC's nested callbacks) instead of its request waiting in the inbox
-        behind our own wait. If ``on_message`` raises, the request is abandoned
-        and the exception propagates.
+        behind our own wait. If ``on_message`` raises (or a signal handler does, Ctrl-C),
+        the request is cancelled at the server, as a timeout cancels it, and the exception
+        propagates.
         """
         if timeout is None:
             timeout = self._send_timeout
@@ -311,10 +312,24 @@ class CommunicationPort:
         self.stats.sent(size)
         return self._await_reply(message_id, deadline)
 
+    def _lock_send(self, deadline: float | None) -> None:
+        """Take the send lock by ``deadline`` (Timeout otherwise; the caller releases it).
+
+        Another thread's send may hold it for as long as its own timeout allows, blocked
+        on a peer that stopped reading: a call with a shorter timeout must not wait that long.
+        """
+        lock = self._send_lock
+        if lock.acquire(blocking=False):
+            return
+        left = remaining(deadline)
+        if not lock.acquire(timeout=-1 if left is None else min(left, threading.TIMEOUT_MAX)):
+            raise Timeout("timed out waiting for another thread's send on this connection")
+
     def _send_request(self, body: WirePayload, deadline: float | None, fds: Sequence[int]) -> int:
         """Write a small request; its id. WindowClosed (nothing sent) while the peer's window is full."""
         core = self._core
-        with self._send_lock:
+        self._lock_send(deadline)
+        try:
             with self._state:
                 message_id, frames = core.request(body, fds=fds)
             try:
@@ -322,6 +337,8 @@ class CommunicationPort:
             except BaseException:
                 self._forget_request(message_id)
                 raise
+        finally:
+            self._send_lock.release()
         return message_id
 
     def _forget_request(self, message_id: int) -> None:
@@ -348,6 +365,10 @@ class CommunicationPort:
         ``timeout`` bounds each wait for the next message (Timeout). Over
         Quick-LPC rings each reply and the wait for the next request are one C
         call (ALPC's reply-and-receive); otherwise it is receive() and reply().
+        If ``handler`` raises, the request it was given is answered empty at once (as
+        CompletionPort and aio's serve answer a failed handler: the client would otherwise
+        wait out its timeout, since nobody else holds the request) and the exception
+        propagates; calling serve_requests() again serves on.
         """
         quick = self._quick
         while True:
@@ -361,7 +382,23 @@ class CommunicationPort:
             message = self.receive(timeout)
             if message.type is not MessageType.REQUEST:
                 return message
-            self.reply(message, handler(message.data), timeout)
+            self.reply(message, self._handled(handler, message), timeout)
+
+    def _handled(self, handler: Callable[[bytes], Buffer], message: Message) -> Buffer:
+        """``handler(message.data)``; if it raises, ``message`` is answered empty first (see serve_requests)."""
+        try:
+            return handler(message.data)
+        except BaseException:
+            self._answer_failed(message)
+            raise
+
+    def _answer_failed(self, message: Message) -> None:
+        """An empty reply to a request whose handler raised; best effort, bounded: the
+        handler's exception is what the caller hears about."""
+        try:
+            self.reply(message, b"", _RUNTIME_SEND_TIMEOUT)
+        except (AlpcError, ValueError):
+            pass  # the connection is gone or stuck (a stuck client is dropped), or it was answered
 
     def _request_serving(self, data: Payload, timeout: float | None, secure: bool,
                          on_message: Callable[[Message], None], fds: Sequence[int]) -> Message:
@@ -387,14 +424,15 @@ class CommunicationPort:
                 if core.credit_due:
                     self._flush_releases()  # a datagram taken here frees its slot too
                 on_message(found)
-        except Timeout:
-            if not self.cancel(message_id):
+        except AlpcError as exc:
+            if isinstance(exc, Timeout):
+                self._give_up(message_id)
+            else:
                 self._abandon(message_id)
-            with self._state:
-                core.forget_cancelled(message_id)
             raise
         except BaseException:
-            self._abandon(message_id)
+            # on_message's exception, or a signal handler's (Ctrl-C): nobody waits any more.
+            self._give_up(message_id)
             raise
 
     def ping(self, timeout: float | None = None) -> None:
@@ -509,7 +547,8 @@ class CommunicationPort:
                         fds: Sequence[int] = ()) -> int:
         """Write the datagrams ``make`` frames (and counts in the peer's window); how many. If
         none of their bytes left (a timeout), their slots are given back."""
-        with self._send_lock:
+        self._lock_send(deadline)
+        try:
             with self._state:
                 frames, count = make()
             try:
@@ -521,14 +560,19 @@ class CommunicationPort:
                     with self._state:
                         self._core.datagrams_unsent(count, len(fds))
                 raise
+        finally:
+            self._send_lock.release()
         return count
 
     def flush(self, timeout: float | None = None) -> None:
         """Write every datagram queued by ``send(..., flush=False)``."""
         deadline = deadline_after(timeout)  # a bad timeout is refused even with nothing queued
         if self._core.owed:
-            with self._send_lock:
+            self._lock_send(deadline)
+            try:
                 self._write([], deadline)
+            finally:
+                self._send_lock.release()
 
     def start_request(self, data: Payload = b"", timeout: float | None = None, *, secure: bool = False,
                       grant: MemoryGrant | None = None, deadline: float | None = None,
@@ -576,8 +620,11 @@ class CommunicationPort:
         if not frames:
             return False
         try:
-            with self._send_lock:
+            self._lock_send(deadline)
+            try:
                 self._write(frames, deadline)
+            finally:
+                self._send_lock.release()
         except (Timeout, ConnectionClosed):
             pass  # the request is dropped here anyway; a dead or stuck peer will not answer it
         return True
@@ -616,10 +663,13 @@ class CommunicationPort:
                 self._send_section(MessageType.REPLY, data, deadline, secure, callback_id=message.id, fds=fds)
             else:
                 body = owned_body(data)
-                with self._send_lock:
+                self._lock_send(deadline)
+                try:
                     with self._state:
                         frames = core.reply(message, body, fds)
                     self._write(frames, deadline, fds)
+                finally:
+                    self._send_lock.release()
         except Timeout as exc:
             if not self._is_server:
                 if not self._stream.broken:
@@ -769,7 +819,13 @@ class CommunicationPort:
                 view.release()
                 raise
         message_id = 0
-        with self._send_lock:
+        try:
+            self._lock_send(deadline)
+        except BaseException:
+            if not explicit:
+                view.release()
+            raise
+        try:
             try:
                 with self._state:
                     message_id, frames, passed = core.section_message(
@@ -794,6 +850,8 @@ class CommunicationPort:
             finally:
                 with self._state:
                     core.section_sent(view, written)
+        finally:
+            self._send_lock.release()
         if core.should_drain():
             # A sender that never reads would let the peer's releases pile up
             # in its socket until the peer blocks writing them.
@@ -841,10 +899,13 @@ class CommunicationPort:
         return message_id
 
     def _send(self, make: Callable[[], Frames], deadline: float | None, fds: Sequence[int] = ()) -> None:
-        with self._send_lock:
+        self._lock_send(deadline)
+        try:
             with self._state:
                 frames = make()
             self._write(frames, deadline, fds)
+        finally:
+            self._send_lock.release()
 
     def _write(self, frames: Frames, deadline: float | None, fds: Sequence[int] = ()) -> None:
         """Write ``frames`` after whatever the core owes the peer (caller holds _send_lock).
@@ -965,19 +1026,30 @@ class CommunicationPort:
             if last:
                 return
 
-    def _await_reply(self, message_id: int, deadline: float | None) -> Message:
-        core = self._core
+    def _await_reply(self, message_id: int, deadline: float | None, keep_if_interrupted: bool = False) -> Message:
+        """The reply; a wait that times out cancels the request at the server, and so does one a
+        signal handler's exception (Ctrl-C) ends, unless ``keep_if_interrupted`` (a
+        PendingRequest: its holder may wait again, or cancel it)."""
         try:
             return self._wait_reply(message_id, deadline)
         except Timeout:
-            if not self.cancel(message_id):
-                self._abandon(message_id)
-            with self._state:
-                core.forget_cancelled(message_id)
+            self._give_up(message_id)
             raise
-        except BaseException:
+        except AlpcError:
             self._abandon(message_id)
             raise
+        except BaseException:
+            if not keep_if_interrupted:
+                self._give_up(message_id)
+            raise
+
+    def _give_up(self, message_id: int) -> None:
+        """Nobody will wait for this request's reply: cancel it at the server (its handler sees
+        ``message.cancelled``), or just drop it here if it is no longer in flight."""
+        if not self.cancel(message_id):
+            self._abandon(message_id)
+        with self._state:
+            self._core.forget_cancelled(message_id)
 
     def _abandon(self, message_id: int) -> None:
         with self._state:
@@ -985,13 +1057,16 @@ class CommunicationPort:
 
     # -- memory grants ----------------------------------------------------------
 
-    def _await_granted_reply(self, message_id: int, grant: LocalGrant, deadline: float | None) -> Message:
-        """Wait for the reply, answering the server's fallback reads meanwhile.
+    def _await_granted_reply(self, message_id: int, grant: LocalGrant, deadline: float | None,
+                             keep_if_interrupted: bool = False) -> Message:
+        """Wait for the reply, answering the server's fallback reads meanwhile (an ending wait
+        gives up on the request as _await_reply's does).
 
         The reads come here, to the thread that made the request; fallback writes
         are applied into the grant as they are read, so each lands before the reply.
         """
         core = self._core
+        kept = False
         try:
             while True:
                 message = self._wait_for(lambda: core.take_granted(message_id), deadline, "the reply")
@@ -1000,17 +1075,20 @@ class CommunicationPort:
                 else:
                     return message
         except Timeout:
-            if not self.cancel(message_id):
-                self._abandon(message_id)
-            with self._state:
-                core.forget_cancelled(message_id)
+            self._give_up(message_id)
             raise
-        except BaseException:
+        except AlpcError:
             self._abandon(message_id)
             raise
+        except BaseException:
+            kept = keep_if_interrupted
+            if not kept:
+                self._give_up(message_id)
+            raise
         finally:
-            with self._state:
-                core.end_granted(message_id)
+            if not kept:
+                with self._state:
+                    core.end_granted(message_id)
 
     def _answer_grant_read(self, request_id: int, message: Message, grant: LocalGrant,
                            deadline: float | None) -> None:
@@ -1020,8 +1098,11 @@ class CommunicationPort:
             self._send_section(MessageType.GRANT_DATA, answer, deadline, False, callback_id=request_id,
                                span=message.grant, as_view=True)
         else:
-            with self._send_lock:
+            self._lock_send(deadline)
+            try:
                 self._write(answer, deadline)
+            finally:
+                self._send_lock.release()
 
     def _direct_ok(self, memory: PeerMemory) -> bool:
         """May we touch the client's memory directly for ``memory`` now?"""
@@ -1061,12 +1142,15 @@ class CommunicationPort:
             core.vm_refused = True
         memory.direct = False
         deadline = deadline_after(timeout)
-        with self._send_lock:
+        self._lock_send(deadline)
+        try:
             with self._state:
                 frames = core.grant_write(memory, offset, payload)
             if frames is not None:
                 self._write(frames, deadline)
                 return
+        finally:
+            self._send_lock.release()
         self._send_section(MessageType.GRANT_WRITE, payload, deadline, False, callback_id=memory.request_id,
                            span=Range(offset, payload.nbytes), as_view=True)
 
@@ -1657,11 +1741,18 @@ class PendingRequest:
         port = self._port
         try:
             if self._grant is None:
-                return port._await_reply(self.id, wait_until)
-            return port._await_granted_reply(self.id, self._grant, wait_until)
+                return port._await_reply(self.id, wait_until, keep_if_interrupted=True)
+            return port._await_granted_reply(self.id, self._grant, wait_until, keep_if_interrupted=True)
         except Timeout as exc:
             if self.deadline is not None and wait_until == self.deadline:
                 raise DeadlineExceeded(f"request {self.id} ran past its deadline") from exc
+            raise
+        except AlpcError:
+            raise
+        except BaseException:
+            # A signal handler's exception (Ctrl-C) ended the wait: the request is still in
+            # flight and its reply (if one came meanwhile) kept, so result() may wait again.
+            self._done = False
             raise
 
     def cancel(self) -> bool:

@@ -64,7 +64,7 @@ from ._native import (
     QuickRing,
     quick_region_size,
 )
-from .errors import ConnectionClosed, PeerGone, ProtocolError, Timeout
+from .errors import AlpcError, ConnectionClosed, PeerGone, ProtocolError, Timeout
 from .logs import fields
 from .protocol import MAX_ABANDONED, Message
 from .section import Section, check_peer_fd
@@ -331,15 +331,19 @@ class QuickLink:
             self._abandon(port, request_id)
             self._cancel(port, request_id)
             raise
-        except BaseException:
+        except BaseException as exc:
             self._abandon(port, request_id)
+            if not isinstance(exc, AlpcError):
+                self._cancel(port, request_id)  # a signal handler's (Ctrl-C): cancelled as a timeout is
             raise
 
     def _interrupted(self, port: CommunicationPort | None) -> None:
-        """An exception (a signal handler's) left the ring call in flight: abandon it."""
+        """An exception (a signal handler's) left the ring call in flight: abandon it, and
+        cancel it at the server as a timeout does (nobody will wait for its reply)."""
         request_id = self.ring.in_flight()
         if request_id and port is not None:
             self._abandon(port, request_id)
+            self._cancel(port, request_id)
         elif request_id:
             self.ring.call_done()
 
@@ -353,8 +357,9 @@ class QuickLink:
             port._replies.pop(request_id, None)
 
     def _cancel(self, port: CommunicationPort, request_id: int) -> None:
-        """A timed-out ring request: tell the server (CANCEL), as the socket path does, so its
-        handler sees ``message.cancelled`` and its runtime answers for it."""
+        """A ring request given up (timed out, or a signal handler raised): tell the server
+        (CANCEL), as the socket path does, so its handler sees ``message.cancelled`` and its
+        runtime answers for it."""
         try:
             port._send(lambda: port._channel.quick_cancel(request_id), deadline_after(_DOORBELL_TIMEOUT))
         except (Timeout, ConnectionClosed):
@@ -557,7 +562,11 @@ class QuickLink:
                 raise
             if status >= 0:
                 reply_id = info.message_id
-                answer = handler(unpack(status))
+                try:
+                    answer = handler(unpack(status))
+                except BaseException:
+                    self._answer_failed(port, reply_id)
+                    raise
                 reply = answer if type(answer) is bytes else bytes(answer)
                 if timed:
                     began = _monotonic_ns()
@@ -619,6 +628,13 @@ class QuickLink:
             return self._answer_inbox(port, handler, timeout)
         return None
 
+    def _answer_failed(self, port: CommunicationPort, request_id: int) -> None:
+        """The handler raised on a ring request: answer it empty (as the socket path does, see
+        CommunicationPort.serve_requests), so its client is not left waiting out its timeout."""
+        with port._state:
+            port._channel.quick_request_received(request_id)
+        port._answer_failed(Message(_REQUEST, request_id, 0, b"", port.peer))
+
     def _socket_reply(self, port: CommunicationPort, request_id: int, data: bytes) -> None:
         """A reply the ring would not take now: owe it in the channel and send it the usual way."""
         with port._state:
@@ -634,7 +650,7 @@ class QuickLink:
                 return None
             if message.type is not _REQUEST:
                 return message
-            port.reply(message, handler(message.data), timeout)
+            port.reply(message, port._handled(handler, message), timeout)
 
     # -- both -----------------------------------------------------------------------
 
