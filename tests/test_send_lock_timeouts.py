@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from test_qlpc_faults import until  # tests/ is on sys.path, as for tests/test_rpc_e2e.py
+from test_signal_waits import fill_socket  # tests/ is on sys.path, as for tests/test_rpc_e2e.py
 
 import alpc
 
@@ -40,17 +41,6 @@ def server(spawn, runtime_dir: Path):  # type: ignore[no-untyped-def]
     return start
 
 
-def _fill_socket(comm: alpc.CommunicationPort) -> int:
-    """Send 16 KiB datagrams to a peer that reads nothing until one times out: how many went."""
-    sent = 0
-    while True:
-        try:
-            comm.send(b"d" * 16384, timeout=0.05)
-        except alpc.Timeout:
-            return sent
-        sent += 1
-
-
 def _operations(comm: alpc.CommunicationPort, request_id: int) -> dict[str, Callable[[], object]]:
     return {
         "send": lambda: comm.send(b"x", timeout=_SHORT),
@@ -66,7 +56,7 @@ def test_a_call_behind_a_blocked_sender_keeps_its_own_timeout(broker, config, se
     with alpc.connect(f"wait.lock.{operation}", config=config, timeout=10) as comm:
         peer.expect("ACCEPTED")
         pending = comm.start_request(b"in flight", timeout=5)  # for cancel(); it sits in the socket
-        sent = _fill_socket(comm)
+        sent = fill_socket(comm)
         flow = comm._core.channel.flow
         taken = flow.datagrams_out
         outcome: list[BaseException | None] = []  # the holder's: any end once the peer reads
