@@ -57,7 +57,7 @@ from .protocol import Payload as WirePayload
 from .quotas import Limit, WindowClosed
 from .section import SectionView, check_size, sweep_stale_names
 from .security import PeerCred
-from .transport import Stream, close_fds, deadline_after, remaining, wait_readable
+from .transport import Stream, close_fds, deadline_after, finalize_unclosed, remaining, wait_readable
 from .wire import MessageType
 
 __all__ = [
@@ -194,6 +194,9 @@ class AsyncCommunicationPort:
             # nobody would ever read or close them, and the peer would wait on them.
             self._loop.remove_reader(stream.fileno())
             _drop_channel((stream, channel, peer_pidfd))
+            # Released here: __del__ must not close these fd numbers again (by then another
+            # file may have them).
+            self._released = True
             raise
 
     # -- identity -------------------------------------------------------------------
@@ -1020,6 +1023,23 @@ class AsyncCommunicationPort:
             task.cancel()
         if self._core.peer_died or (self._pidfd is not None and wait_readable([self._pidfd], 0.0)):
             sweep_stale_names(self.peer.pid)  # as CommunicationPort._maybe_finalize
+        if self._pidfd is not None:
+            close_fds([self._pidfd])
+            self._pidfd = None
+
+    def __del__(self) -> None:
+        # Never closed, and collected: its loop let go of it (the loop ended, or it never
+        # watched it). The raw pidfd would stay open for the process's life; the peer hears
+        # PORT_CLOSED if the socket is still open. No loop call (the loop may be closed) and
+        # nothing that waits: one non-blocking write, then closes.
+        if getattr(self, "_released", True):
+            return  # closed already, or __init__ failed before there was anything to release
+        self._released = True
+        # With bytes still queued for the loop, a notice now would land inside a frame.
+        farewell = self._core.close if not self._unsent else list
+        finalize_unclosed(self._stream, farewell, [self._core.release_resources, self._close_pidfd])
+
+    def _close_pidfd(self) -> None:
         if self._pidfd is not None:
             close_fds([self._pidfd])
             self._pidfd = None

@@ -70,6 +70,7 @@ from .transport import (
     Stream,
     close_fds,
     deadline_after,
+    finalize_unclosed,
     is_live_socket,
     pidfd_open,
     remaining,
@@ -175,11 +176,13 @@ class CommunicationPort:
         # Threads blocked in _cv.wait(): the reader notifies only when there are some.
         self._waiters = 0
         self._reading = False
-        self._released = False
         # Ids of PendingRequests dropped unread (noted by their finalizers; the next read forgets them).
         self._dropped: deque[int] = deque()
         self.stats = core.stats
         stream.watch([peer_pidfd] if peer_pidfd is not None else [])
+        # Last: until here the caller owns the fds (it closes them if this fails), so __del__,
+        # which acts only once this is set, never closes them a second time.
+        self._released = False
 
     # -- identity --------------------------------------------------------------
 
@@ -1508,6 +1511,24 @@ class CommunicationPort:
             # name (a few syscalls) leaves the name behind: clean up after it.
             # Its EOF comes before its pidfd says it died: the sweep asks /proc.
             sweep_stale_names(self.peer.pid)
+        if self._pidfd is not None:
+            close_fds([self._pidfd])
+            self._pidfd = None
+
+    def __del__(self) -> None:
+        # Dropped without close() (a forgotten variable, an exception path): the fds the garbage
+        # collector would never close (the peer's pidfd, the rings) close now, and the peer hears
+        # PORT_CLOSED if the socket is still open (in a reference cycle the collector may have
+        # closed the socket first: the peer then sees the hang-up). No thread can be inside this
+        # object's methods any more (it would hold a reference), so no lock is taken; nothing
+        # waits: one non-blocking write.
+        if getattr(self, "_released", True):
+            return  # closed already, or __init__ failed before there was anything to release
+        self._released = True
+        quick = [self._quick.close] if self._quick is not None else []
+        finalize_unclosed(self._stream, self._core.close, [*quick, self._core.release_resources, self._close_pidfd])
+
+    def _close_pidfd(self) -> None:
         if self._pidfd is not None:
             close_fds([self._pidfd])
             self._pidfd = None

@@ -17,7 +17,9 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
+from typing import TypeVar
 
 from . import control
 from .config import Config, PortAttributes
@@ -37,6 +39,7 @@ from .wire import Frame, FrameDecoder, FrameLimits, MessageType
 
 __all__ = ["ATTEMPT_TIMEOUT", "MIN_REPORT_GAP", "Registration", "port_limits"]
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 REGISTRATION_LIMITS = FrameLimits(
@@ -70,6 +73,17 @@ def port_limits(attributes: PortAttributes) -> control.PortLimits:
 
 class _Stopped(Exception):
     """The port closed while the keeper was re-registering."""
+
+
+def _weakly(method: Callable[[], T], on_gone: Callable[[object], None] | None = None) -> Callable[[], T | None]:
+    """Call a bound ``method`` through a weak reference to its object: None once it is gone
+    (``on_gone`` runs then, as a weakref callback)."""
+    ref = weakref.WeakMethod(method, on_gone)
+
+    def call() -> T | None:
+        bound = ref()
+        return None if bound is None else bound()
+    return call
 
 
 def _signal(eventfd: int) -> None:
@@ -122,8 +136,11 @@ class Registration:
         self._last_report = 0.0
         self._last_counters: control.PortCounters | None = None
         self._thread: threading.Thread | None = None
-        self._snapshot: Callable[[], control.PortStatus] | None = None
+        # The port's own methods, called through weak references (see start): None once it is gone.
+        self._snapshot: Callable[[], control.PortStatus | None] | None = None
         self._on_hangup: Callable[[], None] | None = None
+        # The port was collected unclosed: the keeper closes the link itself (see _port_gone).
+        self._orphaned = False
 
     @property
     def live(self) -> bool:
@@ -279,9 +296,14 @@ class Registration:
     # -- the keeper thread ---------------------------------------------------------
 
     def start(self, snapshot: Callable[[], control.PortStatus], on_hangup: Callable[[], None]) -> None:
-        """Start reporting ``snapshot()`` and watching the link; ``on_hangup`` drains it under the port's lock."""
-        self._snapshot = snapshot
-        self._on_hangup = on_hangup
+        """Start reporting ``snapshot()`` and watching the link; ``on_hangup`` drains it under the port's lock.
+
+        Both are the port's bound methods, held weakly: a port the application drops without
+        close() must not be kept alive for ever by its own keeper (its name registered, its
+        clients forwarded to nobody); once it is collected, the keeper closes the link.
+        """
+        self._snapshot = _weakly(snapshot, self._port_gone)
+        self._on_hangup = _weakly(on_hangup)
         self._dirty = True
         self._thread = threading.Thread(target=self._run, name=f"alpc-port-{self.name}", daemon=True)
         self._thread.start()
@@ -296,6 +318,18 @@ class Registration:
             self._dirty = True
             _signal(self._poke)
 
+    def _port_gone(self, _: object) -> None:
+        """The port was collected (a weakref callback: any thread, any moment; no lock, no wait).
+
+        Unclosed, its link must go (the broker then drops the name): the keeper closes it. A
+        closed port's link is closed already, and a forked child's copy is the parent's.
+        """
+        if self._stopping or self._thread is None or not self._thread.is_alive():
+            return
+        self._orphaned = True
+        self._stopping = True
+        _signal(self._poke)
+
     def _run(self) -> None:
         try:
             while True:
@@ -309,6 +343,9 @@ class Registration:
                     self._watch()
         except Exception:  # the keeper must never die silently
             log.exception("the keeper of port %r failed", self.name, extra=fields(port=self.name))
+        finally:
+            if self._orphaned:
+                self.close()  # on this thread: nothing to join
 
     def _watch(self) -> None:
         with self._lock:
@@ -339,6 +376,8 @@ class Registration:
             # (and pokes the keeper) again rather than going unreported.
             dirty, self._dirty = self._dirty, False
         status = self._snapshot()
+        if status is None:
+            return  # the port is gone: the keeper closes the link
         self._last_report = now
         if not dirty and not status.peers_total and status.counters == self._last_counters:
             return  # nothing moved; stay quiet

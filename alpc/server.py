@@ -67,6 +67,8 @@ class ForeignConnection(Protocol):
 log = logging.getLogger(__name__)
 # What a client hears when the server's accept of it failed (out of fds, say).
 CANNOT_ACCEPT = "the server could not accept the connection"
+# What a client hears when the server dropped its connection request unanswered.
+DROPPED_UNANSWERED = "the server dropped the connection request unanswered"
 # A hostile client reconnecting again and again must not flood the server's log.
 _limited = LogLimiter(log)
 
@@ -200,6 +202,28 @@ class ConnectionRequest:
             stream.close()
         self._close_pidfd()
 
+    def __del__(self) -> None:
+        # Dropped unanswered (an exception path, a forgotten variable): the client hears a
+        # rejection now instead of waiting out its connect timeout, and the port (which holds
+        # unanswered requests weakly) no longer counts it toward max_connections. A finalizer
+        # may run on any thread, one holding the port's lock included: no lock, no wait, only
+        # a non-blocking write and closes. A forked child's copy is the parent's to answer.
+        stream = getattr(self, "_stream", None)  # None too when __init__ failed early
+        if stream is None:
+            return
+        self._stream = None
+        try:
+            if not stream.inherited:
+                self._port._stats.connects_rejected += 1
+                reply = control.ConnectionReply(accepted=False, data=b"", reason=DROPPED_UNANSWERED,
+                                                max_message_length=0)
+                stream.try_send(control_frame(reply))
+        except (ConnectionClosed, OSError):
+            pass  # the client is gone already
+        finally:
+            stream.close()
+            self._close_pidfd()
+
 
 def _offer_quick(attributes: PortAttributes, stream: Stream,
                  pidfd: int | None) -> tuple[qlpc.QuickLink | None, list[int]]:
@@ -268,7 +292,9 @@ class ConnectionPort:
         self._link = link
         self._lock = threading.RLock()
         self._requests: deque[ConnectionRequest] = deque()
-        self._unanswered: set[ConnectionRequest] = set()
+        # Weakly: a request the application drops unanswered is rejected by its finalizer
+        # rather than held (with its client waiting, and counted toward max_connections) for ever.
+        self._unanswered: weakref.WeakSet[ConnectionRequest] = weakref.WeakSet()
         # Insertion-ordered set of the accepted connections.
         self._connections: dict[CommunicationPort, None] = {}
         # Connections another driver (aio) accepted on this port: counted by max_connections.
@@ -751,6 +777,22 @@ class ConnectionPort:
         if not self._poller.closed:
             self._poller.close()
             os.close(self._woken)
+
+    def __del__(self) -> None:
+        # Dropped without close(): the keeper (which holds the port weakly) closes the broker
+        # link on its own thread, which gives the name back; its connections and queued
+        # requests are collected with it (their finalizers tell their clients). Left here: the
+        # epoll set and eventfd (no thread can be polling them: it would hold the port) and the
+        # Quick-LPC watcher. Nothing that waits: a finalizer may run on any thread.
+        if getattr(self, "_closed", True) or process_id() != self._pid:
+            return  # closed, __init__ failed early, or a forked child's copy (the parent's fds)
+        self._closed = True
+        try:
+            self._free_poller()
+        finally:
+            if getattr(self, "_quick_held", False):
+                self._quick_held = False
+                qlpc.release_watcher()
 
     def __enter__(self) -> ConnectionPort:
         return self

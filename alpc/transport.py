@@ -17,7 +17,7 @@ import struct
 import termios
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -57,6 +57,7 @@ __all__ = [
     "advance_buffers",
     "close_fds",
     "deadline_after",
+    "finalize_unclosed",
     "is_live_socket",
     "notify_service_manager",
     "pidfd_open",
@@ -1010,6 +1011,28 @@ def _file_id(path: Path) -> tuple[int, int] | None:
     except OSError:
         return None
     return info.st_dev, info.st_ino
+
+
+def finalize_unclosed(stream: Stream, farewell: Callable[[], Sequence[Buffer]],
+                      releases: Iterable[Callable[[], object]]) -> None:
+    """What a connection collected without close() still owes: ``farewell()``'s frames (its
+    PORT_CLOSED) in one non-blocking write if the socket is open and ours, then ``releases``.
+
+    A finalizer runs on any thread, at any moment, interpreter shutdown included: nothing here
+    waits or takes a lock, and a failure (the peer gone, modules torn down) skips only its step.
+    """
+    try:
+        if not stream.inherited and not stream.closed:
+            notice = farewell()
+            if notice:
+                stream.try_send(notice)
+    except Exception:
+        pass
+    for release in (stream.close, *releases):
+        try:
+            release()
+        except Exception:
+            pass
 
 
 def is_live_socket(path: Path) -> bool:

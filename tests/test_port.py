@@ -159,8 +159,10 @@ def test_unanswered_request_is_rejected_when_the_port_closes(broker: alpc.Broker
                                                               spawn) -> None:
     with alpc.create_port("svc.dropping", config=config) as port:
         client = spawn("client", "svc.dropping")
-        port.listen(timeout=10)
+        # Held: a request dropped unanswered is rejected at once (test_zz_dropped_requests.py).
+        request = port.listen(timeout=10)
     assert client.proc.wait(10) == 1
+    assert request.client.pid == client.pid
     assert "closed the port" in client.expect_stderr("ConnectionRejected")
 
 
