@@ -230,7 +230,8 @@ class CommunicationPort:
         """File messages that came through the rings, as if read from the socket."""
         with self._state:
             wake = self._core.route(Batch(messages, False, None))
-        if wake.inbox and self._on_ready is not None:
+        if wake.inbox and self._on_ready is not None and not self._queued:
+            self._queued = True  # queued once, not per message (ConnectionPort._next_event clears it)
             self._on_ready(self)
 
     @property
@@ -331,7 +332,8 @@ class CommunicationPort:
     def _send_request(self, body: WirePayload, deadline: float | None, fds: Sequence[int]) -> int:
         """Write a small request; its id. WindowClosed (nothing sent) while the peer's window is full."""
         core = self._core
-        self._lock_send(deadline)
+        if not self._send_lock.acquire(False):  # uncontended: no call
+            self._lock_send(deadline)
         try:
             with self._state:
                 message_id, frames = core.request(body, fds=fds)
@@ -666,7 +668,8 @@ class CommunicationPort:
                 self._send_section(MessageType.REPLY, data, deadline, secure, callback_id=message.id, fds=fds)
             else:
                 body = owned_body(data)
-                self._lock_send(deadline)
+                if not self._send_lock.acquire(False):  # uncontended: no call
+                    self._lock_send(deadline)
                 try:
                     with self._state:
                         frames = core.reply(message, body, fds)
@@ -902,7 +905,8 @@ class CommunicationPort:
         return message_id
 
     def _send(self, make: Callable[[], Frames], deadline: float | None, fds: Sequence[int] = ()) -> None:
-        self._lock_send(deadline)
+        if not self._send_lock.acquire(False):  # uncontended: no call
+            self._lock_send(deadline)
         try:
             with self._state:
                 frames = make()
@@ -1378,7 +1382,8 @@ class CommunicationPort:
             with self._state:
                 filed = core.receive_one(data, sender)
             if filed:
-                if filed == FILED_INBOX and self._on_ready is not None:
+                if filed == FILED_INBOX and self._on_ready is not None and not self._queued:
+                    self._queued = True
                     self._on_ready(self)
                 elif filed == FILED_ERROR:
                     self._protocol_error(core.error)
@@ -1405,7 +1410,8 @@ class CommunicationPort:
                 cancelled = core.take_cancelled()
             if cancelled and self._on_cancel is not None:
                 self._on_cancel(cancelled)
-        if wake.inbox and self._on_ready is not None:
+        if wake.inbox and self._on_ready is not None and not self._queued:
+            self._queued = True  # queued once, not per message (ConnectionPort._next_event clears it)
             self._on_ready(self)
 
     def _protocol_error(self, error: str, peer_fault: bool = True) -> None:
@@ -1420,7 +1426,8 @@ class CommunicationPort:
     def _ended(self) -> None:
         with self._cv_lock:
             self._cv.notify_all()
-        if self._on_ready is not None:
+        if self._on_ready is not None and not self._queued:
+            self._queued = True
             self._on_ready(self)
 
     def _connection_lost(self, reason: str) -> None:

@@ -16,7 +16,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 from . import control, qlpc
 from .config import Config, PortAttributes, attributes_or_default, config_or_default
@@ -358,7 +358,8 @@ class ConnectionPort:
     def listen(self, timeout: float | None = None) -> ConnectionRequest:
         """Wait for the next connection request."""
         deadline = deadline_after(timeout)
-        self._check_owner()
+        if process_id() != self._pid:
+            self._refuse_child()
         while True:
             with self._lock:
                 request = self._next_request()
@@ -384,12 +385,11 @@ class ConnectionPort:
             raise type(error)(*error.args)
         return None
 
-    def _check_owner(self) -> None:
+    def _refuse_child(self) -> NoReturn:
         # Two processes reading one broker link split its frames (and the client fds they
         # carry) between them, and the broker drops the name when the creator exits anyway.
-        if process_id() != self._pid:
-            raise ConnectionClosed(f"port {self.name!r} belongs to pid {self._pid}: a forked child cannot "
-                                   "serve it (create the port in the process that serves it)")
+        raise ConnectionClosed(f"port {self.name!r} belongs to pid {self._pid}: a forked child cannot "
+                               "serve it (create the port in the process that serves it)")
 
     def _check_open(self) -> None:
         if self._closed:
@@ -487,7 +487,7 @@ class ConnectionPort:
                quick: qlpc.QuickLink | None = None) -> CommunicationPort:
         comm = CommunicationPort(stream, channel, peer_pidfd=pidfd, is_server=True, on_gone=self._forget,
                                  send_timeout=self.attributes.send_timeout, quick=quick)
-        comm._on_ready = self._mark_ready
+        comm._on_ready = self._ready.append  # the port sets comm._queued first (once, not per message)
         comm._on_budget_blocked = self._budget_blocked
         try:
             with self._lock:
@@ -506,13 +506,6 @@ class ConnectionPort:
             raise ConnectionClosed(f"port {self.name!r} is closed")
         self._link.report_soon()
         return comm
-
-    def _mark_ready(self, comm: CommunicationPort) -> None:
-        """Queue ``comm`` for wait() (any thread, no lock): once, not once per message. A
-        server reading its connections itself (``receive()``) never drains the queue."""
-        if not comm._queued:
-            comm._queued = True
-            self._ready.append(comm)
 
     def _budget_blocked(self, asker: CommunicationPort | ForeignConnection) -> None:
         """``asker``'s send waits for the port's section budget: the other connections, of
@@ -589,7 +582,8 @@ class ConnectionPort:
         Client death and close arrive as CLIENT_DIED / PORT_CLOSED messages.
         """
         deadline = deadline_after(timeout)
-        self._check_owner()
+        if process_id() != self._pid:
+            self._refuse_child()
         while True:
             with self._lock:
                 ready = self._next_event()
@@ -717,8 +711,9 @@ class ConnectionPort:
             message = comm.next_ready_message()
             if message is None:
                 continue
-            if comm.has_ready_message():
-                self._mark_ready(comm)  # round-robin: one message per connection per turn
+            if comm.has_ready_message() and not comm._queued:
+                comm._queued = True
+                ready.append(comm)  # round-robin: one message per connection per turn
             self._set_hint(comm if comm is self._last_from and comm._quick is None else None)
             self._last_from = comm
             return message
