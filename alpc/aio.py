@@ -374,7 +374,14 @@ class AsyncCommunicationPort:
             # array's rows), so a large one went inline and the peer dropped the connection
             # over it; and a body in parts is sent, not made bytes() of (a list of ints).
             if not (type(item) is bytes and len(item) <= threshold):
-                if isinstance(item, SectionView) or body_size(item) > threshold or not isinstance(
+                try:
+                    size = body_size(item)
+                except TypeError:
+                    # Not a body: the items before it go out, as one send() each would have sent them
+                    # (those of earlier batches and large ones already did), and it raises then.
+                    await self._send_small(small, deadline)
+                    raise
+                if isinstance(item, SectionView) or size > threshold or not isinstance(
                         item, (bytes, bytearray, memoryview)):
                     await self._send_small(small, deadline)
                     await self.send(item, remaining(deadline))
@@ -981,7 +988,14 @@ class AsyncCommunicationPort:
                 self._serving = None
 
     def check_length(self, size: int) -> None:
-        """MessageTooLarge if a message of ``size`` bytes exceeds what the peer accepts."""
+        """MessageTooLarge if a message of ``size`` bytes exceeds what the peer accepts.
+
+        A size that is no byte count is the caller's mistake, not a fitting message: -1 passed
+        silently and "x" raised the comparison's untyped TypeError."""
+        if type(size) is not int:
+            raise TypeError(f"a message size is an int (bytes), not {type(size).__name__}")
+        if size < 0:
+            raise ValueError(f"a message size is >= 0 bytes, not {size}")
         self._channel.check_length(size)
 
     # -- closing ---------------------------------------------------------------------------------

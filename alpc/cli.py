@@ -7,7 +7,9 @@ import json
 import logging
 import os
 import signal
+import stat
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -44,10 +46,27 @@ def _one_line(message: object) -> str:
 # -- broker -------------------------------------------------------------------------
 
 
-def _announce(line: str) -> None:
-    """Print the READY line; a stdout nobody reads any more (EPIPE) must not stop the daemon."""
+# How long a broker that stops waits for its READY line to reach a stdout nobody reads.
+_ANNOUNCE_JOIN = 1.0
+
+
+def _announce(line: str) -> threading.Thread:
+    """Print the READY line from a thread of its own: a stdout pipe that is full (its reader
+    stalled) blocked the broker in write(2) before it served anyone."""
+    thread = threading.Thread(target=_write_line, args=(line,), name="alpc-announce", daemon=True)
+    thread.start()
+    return thread
+
+
+def _write_line(line: str) -> None:
+    """A stdout nobody reads any more (EPIPE) must not stop the daemon."""
+    if sys.stdout is None:  # started with fd 1 closed
+        return
+    data = memoryview(f"{line}\n".encode())
     try:
-        print(line, flush=True)
+        fd = sys.stdout.fileno()
+        while data:  # os.write, not print: no lock of sys.stdout is held while it blocks
+            data = data[os.write(fd, data):]
     except OSError as exc:
         log.warning("cannot write %r to stdout: %s", line, exc)
         # What stdout still buffers goes nowhere, or the flush at exit fails again.
@@ -78,8 +97,10 @@ def _cmd_broker(args: argparse.Namespace) -> int:
                     on_stopping=lambda reason: notifier.stopping(f"stopping: {reason}"), shared=args.shared,
                     limits=limits)
 
+    announcing: list[threading.Thread] = []
+
     def on_ready() -> None:
-        _announce(f"READY {broker.socket_path}")
+        announcing.append(_announce(f"READY {broker.socket_path}"))
         if args.ready_fd is not None:
             try:
                 os.write(args.ready_fd, b"READY\n")
@@ -98,12 +119,25 @@ def _cmd_broker(args: argparse.Namespace) -> int:
         if signum == signal.SIGTERM or signal.getsignal(signum) is not signal.SIG_IGN:
             signal.signal(signum, on_signal)
     broker.serve_forever(on_ready=on_ready)
+    for thread in announcing:  # its warning, if stdout is gone, is logged before the broker exits
+        thread.join(_ANNOUNCE_JOIN)
     if broker.handed_over_to is not None:
         notifier.stopping(f"handed over to pid {broker.handed_over_to}")
     return 0
 
 
 # -- introspection ----------------------------------------------------------------------
+
+
+def _unusable_runtime_dir(config: Config) -> bool:
+    """Is the runtime dir a path no broker can ever listen in (a regular file, or under one)?
+    A missing dir is not: the broker makes it when it starts."""
+    try:
+        return not stat.S_ISDIR(os.stat(config.runtime_dir).st_mode)
+    except NotADirectoryError:
+        return True
+    except OSError:
+        return False
 
 
 def _watch(args: argparse.Namespace, render: Callable[[], str]) -> int:
@@ -117,6 +151,8 @@ def _watch(args: argparse.Namespace, render: Callable[[], str]) -> int:
         try:
             text = render()
         except (BrokerUnavailable, PortNotFound) as exc:
+            if isinstance(exc, BrokerUnavailable) and _unusable_runtime_dir(_config(args)):
+                raise  # no restart can end this: waiting would go on for ever
             # Keep watching: the broker may be restarting, and a port is back only once its
             # server registered again with the new broker.
             text = _json_line({"error": type(exc).__name__, "message": str(exc)}) if args.json \
@@ -375,7 +411,8 @@ def _parser() -> argparse.ArgumentParser:
     ping = sub.add_parser("ping", help="connect to a port and time round trips")
     ping.add_argument("name")
     ping.add_argument("--count", type=_count, default=10, help="round trips to time")
-    ping.add_argument("--timeout", type=_timeout, default=5.0)
+    ping.add_argument("--timeout", type=_timeout, default=5.0,
+                      help="seconds for each wait: the connect, and every round trip on its own")
     ping.set_defaults(func=_cmd_ping)
     return parser
 

@@ -524,7 +524,14 @@ class CommunicationPort:
         flush_at = _FIRST_BATCH_FRAMES
         for item in items:
             if not (type(item) is bytes and len(item) <= threshold):  # the common item passes one test
-                if isinstance(item, SectionView) or body_size(item) > threshold or not isinstance(
+                try:
+                    size = body_size(item)
+                except TypeError:
+                    # Not a body: the items before it go out, as one send() each would have sent them
+                    # (those of earlier batches and large ones already did), and it raises then.
+                    self._send_small(small, deadline)
+                    raise
+                if isinstance(item, SectionView) or size > threshold or not isinstance(
                         item, (bytes, bytearray, memoryview)):
                     self._send_small(small, deadline)
                     self.send(item, remaining(deadline))
