@@ -38,8 +38,10 @@ class MemoryGrant:
     ``read`` lets the server read it; ``write`` lets the server write into it
     (the buffer must then be writable, e.g. a bytearray or a writable
     memoryview). Until the reply arrives (or the connection closes) the
-    server may write into it, even after a timeout: do not reuse the buffer
-    before then.
+    server may write into it: do not reuse the buffer before then. A request
+    given up on (cancelled, timed out, dropped) keeps the buffer pinned (a
+    bytearray cannot be resized, an mmap not closed) until the server has
+    answered it, so its late write never lands in memory put to other use.
     """
 
     def __init__(self, buffer: Any, *, read: bool = True, write: bool = False) -> None:

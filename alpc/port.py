@@ -178,6 +178,8 @@ class CommunicationPort:
         self._reading = False
         # Ids of PendingRequests dropped unread (noted by their finalizers; the next read forgets them).
         self._dropped: deque[int] = deque()
+        # Runtime frames another thread left owed rather than wait for a write in progress.
+        self._owed_left = False
         self.stats = core.stats
         stream.watch([peer_pidfd] if peer_pidfd is not None else [])
         # Last: until here the caller owns the fds (it closes them if this fails), so __del__,
@@ -876,23 +878,55 @@ class CommunicationPort:
         core = self._core
         if core.failure is not None:
             return
-        with self._send_lock:
+        if not self._send_lock.acquire(blocking=False):
+            self._leave_owed()
+            return
+        try:
             with self._state:
                 frames, token = core.release_frames()
             if frames:
                 self._write_runtime(frames, token)
+        finally:
+            self._send_lock.release()
 
     def _write_runtime(self, frames: Frames, token: Owed | None) -> None:
         """Frames the runtime owes the peer; a peer not reading keeps its releases (and credits) owed."""
-        with self._send_lock:
-            try:
-                self._write(frames, deadline_after(_RUNTIME_SEND_TIMEOUT))
-            except Timeout:
-                if not self._stream.broken and token is not None:
-                    with self._state:
-                        self._core.restore_owed(token)
-            except ConnectionClosed:
-                pass
+        if not self._send_lock.acquire(blocking=False):
+            if frames:
+                with self._state:
+                    self._core.queue(frames)  # framed already: they go as they are, in order
+            self._leave_owed()
+            return
+        try:
+            self._write(frames, deadline_after(_RUNTIME_SEND_TIMEOUT))
+        except Timeout:
+            if not self._stream.broken and token is not None:
+                with self._state:
+                    self._core.restore_owed(token)
+        except ConnectionClosed:
+            pass
+        finally:
+            self._send_lock.release()
+
+    def _leave_owed(self) -> None:
+        """Another thread is writing (perhaps waiting, for its whole timeout, on a peer that reads
+        nothing): what the runtime owes the peer goes after that write, not before this caller
+        (a receive with its own timeout) may go on."""
+        with self._state:
+            self._core.owed = True
+        self._owed_left = True
+
+    def _send_left(self, deadline: float | None) -> None:
+        """After a write: what another thread left owed meanwhile (_leave_owed). Never raises:
+        the caller's own frames went out; a peer not reading keeps these owed."""
+        self._owed_left = False
+        if not self._core.owed:
+            return
+        runtime = deadline_after(_RUNTIME_SEND_TIMEOUT)
+        try:
+            self._write([], runtime if deadline is None or runtime is None else min(deadline, runtime))
+        except (Timeout, ConnectionClosed):
+            pass
 
     def _send_new(self, make: Callable[[], tuple[int, Frames]], deadline: float | None,
                   fds: Sequence[int] = ()) -> int:
@@ -950,6 +984,8 @@ class CommunicationPort:
                 with self._state:
                     core.restore_owed(token)
             raise
+        if self._owed_left:
+            self._send_left(deadline)
 
     def _cut_mid_frame(self, how: str) -> None:
         """A write stopped after part of a frame went out: the peer would take the next
@@ -1126,15 +1162,31 @@ class CommunicationPort:
             raise PeerGone("the client process exited")
         return ok
 
+    def _direct(self, memory: PeerMemory, move: Callable[[int], bool], deadline: float | None) -> bool:
+        """Move bytes straight to or from the client's memory (``move(pid)``); False: take the
+        connection instead. Check and move happen under _send_lock: our answer to the client's
+        CANCEL of this request (after which its runtime lets the buffer go) cannot go out
+        between them, so the move never touches memory the client put to other use."""
+        self._lock_send(deadline)
+        try:
+            if not self._direct_ok(memory):
+                return False
+            if move(self.peer.pid):
+                memory.direct = True
+                return True
+            self._core.vm_refused = True  # EPERM: the kernel will refuse the rest of this connection too
+            return False
+        finally:
+            if self._owed_left:
+                self._send_left(deadline)  # our answer to that CANCEL, say: now the move is done
+            self._send_lock.release()
+
     def _grant_read(self, memory: PeerMemory, offset: int, into: memoryview, timeout: float | None) -> None:
         core = self._core
-        if self._direct_ok(memory):
-            if direct_read(self.peer.pid, memory.attr, offset, into):
-                memory.direct = True
-                return
-            core.vm_refused = True  # EPERM: the kernel will refuse the rest of this connection too
-        memory.direct = False
         deadline = deadline_after(timeout)
+        if self._direct(memory, lambda pid: direct_read(pid, memory.attr, offset, into), deadline):
+            return
+        memory.direct = False
         self._send(lambda: core.grant_read(memory, offset, into.nbytes), deadline)
         try:
             answer = self._wait_for(lambda: core.take_grant_data(memory.request_id), deadline,
@@ -1149,13 +1201,10 @@ class CommunicationPort:
 
     def _grant_write(self, memory: PeerMemory, offset: int, payload: memoryview, timeout: float | None) -> None:
         core = self._core
-        if self._direct_ok(memory):
-            if direct_write(self.peer.pid, memory.attr, offset, payload):
-                memory.direct = True
-                return
-            core.vm_refused = True
-        memory.direct = False
         deadline = deadline_after(timeout)
+        if self._direct(memory, lambda pid: direct_write(pid, memory.attr, offset, payload), deadline):
+            return
+        memory.direct = False
         self._lock_send(deadline)
         try:
             with self._state:

@@ -388,6 +388,11 @@ class Channel:
         # Client side: grants of requests in flight. Server side: grants of
         # requests not yet replied to, and the fallback reads awaiting data.
         self._grants: dict[int, LocalGrant] = {}
+        # Client side: grants of requests given up on (cancelled, timed out, dropped). The server
+        # may still write into them directly until it answers (its reply, or the CANCELLED answer
+        # to our CANCEL): they stay pinned until then (or until the channel closes), so the
+        # application cannot free the memory under a late write.
+        self._held_grants: dict[int, LocalGrant] = {}
         self._peer_grants: dict[int, PeerMemory] = {}
         self._grant_reads: dict[int, Range] = {}
         self._late_grant_reads: dict[int, None] = {}
@@ -796,6 +801,8 @@ class Channel:
     def finish_grant(self, request_id: int) -> None:
         """Client: the request is over (reply, abandon, close); unpin its buffer."""
         grant = self._grants.pop(request_id, None)
+        if grant is None and self._held_grants:
+            grant = self._held_grants.pop(request_id, None)
         if grant is not None:
             grant.release()
 
@@ -854,7 +861,11 @@ class Channel:
             self._abandoned[request_id] = None
             if len(self._abandoned) > MAX_ABANDONED:
                 del self._abandoned[next(iter(self._abandoned))]
-        self.finish_grant(request_id)
+            grant = self._grants.pop(request_id, None)
+            if grant is not None:
+                self._held_grants[request_id] = grant
+        elif request_id not in self._held_grants:  # held: given up on already, answer still to come
+            self.finish_grant(request_id)
 
     def take_automatic(self) -> Frames:
         """Frames the protocol answers by itself (PONG), to be sent by the driver."""
@@ -881,7 +892,7 @@ class Channel:
         self.mark_closed(self.close_reason or "the channel is closed")
         if self.sections is not None:
             self.sections.close()
-        for request_id in list(self._grants):
+        for request_id in [*self._grants, *self._held_grants]:
             self.finish_grant(request_id)
 
     # -- receiving ---------------------------------------------------------
@@ -1037,6 +1048,8 @@ class Channel:
             elif callback_id in self._abandoned and ref is None:
                 del self._abandoned[callback_id]
                 self.flow.reply_received(callback_id)
+                if self._held_grants:
+                    self.finish_grant(callback_id)  # the server answered: it writes no more
                 return None, end
             else:
                 return None, 0
@@ -1113,6 +1126,8 @@ class Channel:
                 elif frame.callback_id in self._abandoned:
                     del self._abandoned[frame.callback_id]
                     self.flow.reply_received(frame.callback_id)
+                    if self._held_grants:
+                        self.finish_grant(frame.callback_id)  # the server answered: it writes no more
                     self._drop_body(attrs)
                     close_quietly(handle_fds)  # a late reply nobody waits for
                     return None
