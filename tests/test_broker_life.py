@@ -28,6 +28,15 @@ def start_cli_broker(spawn, runtime_dir: Path, env: dict[str, str] | None = None
     return broker
 
 
+def reap(proc: subprocess.Popen[str]) -> None:
+    """Kill a broker started with pipes (if it still runs), wait for it, close its pipes."""
+    proc.kill()
+    proc.wait(10)
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+
+
 @pytest.fixture
 def full_notify_socket(runtime_dir: Path) -> Iterator[tuple[socket.socket, Path]]:
     """A NOTIFY_SOCKET whose datagram queue is full: a service manager that reads nothing."""
@@ -144,11 +153,7 @@ def test_a_ready_fd_that_is_not_open_is_refused_before_the_broker_binds(runtime_
         assert proc.wait(20) == 1
         assert proc.stderr.read().strip().splitlines()[-1] == "alpc: OSError: [Errno 9] Bad file descriptor"
     finally:
-        proc.kill()
-        proc.wait(10)
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
+        reap(proc)
         for name in ("broker.sock", "broker.lock"):
             (runtime_dir / name).unlink(missing_ok=True)
         manager.close()
@@ -183,11 +188,7 @@ def test_ready_fd_2_cannot_send_the_brokers_log_into_a_clients_socket(runtime_di
         error = proc.stderr.read()
         assert "--ready-fd: must be an open fd from 3" in error and "Traceback" not in error, error
     finally:
-        proc.kill()
-        proc.wait(10)
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
+        reap(proc)
     assert sorted(os.listdir(runtime_dir)) == []
 
 
@@ -217,11 +218,7 @@ def test_a_second_broker_never_steals_a_live_socket_whose_lock_file_was_removed(
             assert second.wait(20) == 1
             assert "BrokerRunning" in second.stderr.read()
         finally:
-            second.kill()
-            second.wait(10)
-            for stream in (second.stdout, second.stderr):
-                if stream is not None:
-                    stream.close()
+            reap(second)
         assert [port.name for port in alpc.list_ports(config)] == ["svc.kept"]
     first.proc.send_signal(signal.SIGTERM)
     assert first.proc.wait(10) == 0
@@ -323,11 +320,7 @@ def test_a_ready_fd_nobody_reads_does_not_stop_the_broker(runtime_dir: Path, con
         assert proc.wait(10) == 0
         assert "cannot write READY to --ready-fd" in proc.stderr.read()
     finally:
-        proc.kill()
-        proc.wait(10)
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
+        reap(proc)
     assert sorted(os.listdir(runtime_dir)) == []
 
 
