@@ -63,7 +63,7 @@ from .quotas import Limit
 from .section import SectionView, View
 from .security import PeerCred
 from .stats import ConnectionStats
-from .wire import HEADER_SIZE, MessageType, Range, Release
+from .wire import MessageType, Range, Release
 
 __all__ = ["BUDGET_RECHECK", "FILED_ERROR", "FILED_INBOX", "FILED_NOTHING", "FILED_REPLY", "NOTICES", "NOT_FILED",
            "SPACE_REASK", "Batch", "Body", "Connection", "Owed", "Wake", "body_size", "check_max_messages", "copy_body",
@@ -611,7 +611,7 @@ class Connection:
         dropped) when done, FILED_ERROR after a protocol violation (the
         connection ended; ``error`` says why), or NOT_FILED (nothing
         consumed: use ``receive``) for anything that needs more (several
-        frames, fds, sections, runtime frames, releases to send).
+        frames, fds, new sections, runtime frames, releases to send now).
         """
         peer = self._peer_sections
         if peer is not None and (peer.pending or self.channel.unsent_releases):
@@ -631,7 +631,9 @@ class Connection:
         message.port = self.owner
         stats = self.stats
         stats.messages_in += 1
-        stats.bytes_in += len(data) - HEADER_SIZE
+        stats.bytes_in += message.size
+        if peer is not None and peer.pending:
+            self.releases_due()  # a request's body copied out: its release rides with the reply
         if kind is _REPLY:
             self.replies[message.callback_id] = message
             return FILED_REPLY

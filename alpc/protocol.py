@@ -106,6 +106,10 @@ SECTION_TYPES = frozenset({
 # However small the inline threshold, inline frames up to this size are
 # accepted, so runtime frames (release lists) always fit.
 INLINE_FLOOR = 64 * 1024
+# An automatic section body up to this size is copied out on arrival and its range given
+# back at once (no more heap than an inline frame may take); a larger one waits in the
+# section until ``data`` is first read.
+EAGER_COPY_MAX = INLINE_FLOOR
 # Late replies to requests we gave up on are dropped; remember this many ids.
 MAX_ABANDONED = 65536
 # A peer with more requests than this awaiting our reply is flooding us.
@@ -159,8 +163,9 @@ class Message:
     memoryview into the sender's section (``with message.view as memory:``),
     released when the block ends; ``data`` is then a copy, made on first use.
     A body the sender's runtime put in a section by itself (a large message)
-    is also copied out on first use of ``data``, which gives its range back;
-    until then it holds that space of the sender's section quota.
+    is copied out on arrival up to ``EAGER_COPY_MAX`` bytes; a larger one on
+    first use of ``data``, which gives its range back (until then it holds
+    that space of the sender's section quota).
     A request whose client granted memory carries ``grant`` (a PeerMemory).
 
     ``sender`` comes from the SCM_CREDENTIALS of the read that carried the
@@ -946,7 +951,8 @@ class Channel:
         return messages
 
     def receive_one(self, data: bytes, sender: PeerCred | None = None) -> Message | bool | None:
-        """The common read: exactly one plain frame (no fds, no attributes), decoded in one step.
+        """The common read: exactly one plain frame (no fds, no attributes but a request's
+        section reference), possibly after a RELEASE riding before it, decoded in one step.
 
         Returns the message, None when the frame needs no delivery (a late
         reply), or False when ``data`` is anything else (or anything wrong),
@@ -959,13 +965,37 @@ class Channel:
         if (sender is not self._last_sender or self._last_changed or self._automatic or self._decoder.busy
                 or len(data) < HEADER_SIZE):
             return False
-        data_length, attr_length = _unpack_lengths(data, 8)
-        if attr_length or HEADER_SIZE + data_length != len(data):
-            return False  # not exactly one frame without attributes: nothing is consumed
-        message, end = self._plain(data, 0)
+        release_end = self._leading_release(data)
+        if release_end and len(data) - release_end < HEADER_SIZE:
+            return False
+        data_length, attr_length = _unpack_lengths(data, release_end + 8)
+        if release_end + HEADER_SIZE + data_length + attr_length != len(data):
+            return False  # not exactly one frame: nothing is consumed
+        if attr_length and (attr_length != LONE_REF_SIZE or data[release_end + 3] != _REQUEST_INT):
+            return False  # a section body only for a request: its release rides with the reply
+        message, end = self._plain(data, release_end)
         if not end:
             return False
+        if release_end:
+            assert self.sections is not None
+            self.sections.pool.released(decode_releases(data[HEADER_SIZE:release_end]))
         return message
+
+    def _leading_release(self, data: bytes) -> int:
+        """Where the frame after a valid RELEASE frame at the start of ``data`` begins (0: none).
+
+        Checked as ``_plain`` would, so that taking the frame after it first never leaves
+        the release half-done; only its entries remain to check (a violation then fails
+        the connection anyway)."""
+        if data[3] != _RELEASE_INT or self.sections is None:
+            return 0
+        (magic, version, _, flags, data_length, attr_length, _, _, _, _, n_fds, reserved16,
+         reserved32) = _unpack_header(data, 0)
+        if (magic != MAGIC or version != VERSION or flags or attr_length or n_fds or reserved16 or reserved32
+                or data_length > self._decoder.max_data or self.peer_closed):
+            return 0
+        end: int = HEADER_SIZE + data_length
+        return end
 
     def _plain_run(self, data: bytes, messages: list[Message]) -> int:
         """Decode the leading run of plain frames of ``data`` into ``messages``; returns where it stopped.
@@ -1219,6 +1249,11 @@ class Channel:
         """Give a message its section body: a view (the sender sent one) or a range to copy out."""
         assert self.sections is not None
         as_view = bool(ref.flags & _VIEW)
+        if not as_view and ref.length <= EAGER_COPY_MAX:
+            message._data = self.sections.peer.copy_out(ref)
+            if message.type is not _Types.REQUEST:
+                self.releases_urgent = True
+            return
         view = self.sections.peer.resolve(ref, copy=not as_view)
         message._data = None
         if as_view:

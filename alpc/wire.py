@@ -525,7 +525,9 @@ def decode_attributes(frame: Frame) -> Attributes:
 # one SECTION_REF and nothing else (what a section message carries in steady state).
 LONE_REF_SIZE = _TLV.size + _REF.size
 _REF_BIT = 1 << AttrKind.SECTION_REF
-_LONE_REF_KINDS = {int(kind): ATTR_TYPES[kind] for kind in HANDLE_TYPES}
+_LONE_REF_KINDS = frozenset(int(kind) for kind in HANDLE_TYPES if ATTR_TYPES[kind] & _REF_BIT)
+_SECTION_REF = int(AttrKind.SECTION_REF)
+_SECTION_FLAG_BITS = int(SectionFlag.VIEW | SectionFlag.SECURE)
 _LONE_REF = struct.Struct("<HH" + _REF.format[1:])  # the TLV header and the reference, one pack
 assert _LONE_REF.size == LONE_REF_SIZE
 
@@ -540,13 +542,13 @@ def decode_lone_ref(data: bytes, start: int, kind: int) -> SectionRef | None:
     attribute bytes at ``start`` hold exactly that one attribute, validated as
     ``decode_attributes`` does; None for anything else (the caller then takes the
     general path, which names any violation)."""
-    allowed = _LONE_REF_KINDS.get(kind)
-    if allowed is None:
+    # One unpack instead of the general parser: this runs for every section message.
+    if kind not in _LONE_REF_KINDS or len(data) - start < LONE_REF_SIZE:
         return None
-    error, fields = _native.parse_attributes(data[start:start + LONE_REF_SIZE], allowed)
-    if error or fields[0] != _REF_BIT:
+    attr, length, section_id, flags, offset, size = _LONE_REF.unpack_from(data, start)
+    if attr != _SECTION_REF or length != _REF.size or flags & ~_SECTION_FLAG_BITS:
         return None
-    return SectionRef(*fields[1:5])
+    return SectionRef(section_id, flags, offset, size)
 
 
 class Release(NamedTuple):

@@ -24,8 +24,8 @@ from alpc import aio
 
 pytestmark = pytest.mark.timeout(60)
 
-SECTION = 64 * 1024
-BIG = 40 * 1024  # two never fit in one SECTION-byte budget
+SECTION = 128 * 1024
+BIG = 80 * 1024  # two never fit in one SECTION-byte budget; past EAGER_COPY_MAX, so a body waits to be read
 
 
 async def _pair(name: str, config: alpc.Config) -> tuple[aio.AsyncConnectionPort, aio.AsyncCommunicationPort,

@@ -90,8 +90,8 @@ def test_accept_with_large_accept_data_leaves_the_loop_free(broker, config) -> N
 
 # -- the completion port's async handlers ---------------------------------------------------
 
-SECTION = 64 * 1024
-BIG = 40 * 1024  # two never fit in one SECTION-byte budget
+SECTION = 128 * 1024
+BIG = 80 * 1024  # two never fit in one SECTION-byte budget; past EAGER_COPY_MAX, so a body waits to be read
 
 
 def test_completion_async_reply_does_not_stall_other_handlers(broker, config) -> None:  # type: ignore[no-untyped-def]

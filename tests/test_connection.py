@@ -10,7 +10,7 @@ import pytest
 
 from alpc.connection import BACKLOG_LIMIT, Connection
 from alpc.errors import Cancelled, ConnectionClosed, DeadlineExceeded, PeerGone
-from alpc.protocol import Channel
+from alpc.protocol import EAGER_COPY_MAX, Channel
 from alpc.section import ConnectionSections
 from alpc.security import PeerCred
 from alpc.wire import MessageType, encode_header
@@ -105,9 +105,9 @@ def send_through_section(client: Connection, server: Connection, kind: MessageTy
 
 def test_releases_ride_with_the_reply_while_one_is_owed(pair) -> None:  # type: ignore[no-untyped-def]
     client, server = pair
-    body = os.urandom(4096)
+    body = os.urandom(EAGER_COPY_MAX + 1)
     request_id, out = send_through_section(client, server, MessageType.REQUEST, body)
-    assert out == [] and not server.owed  # the body stays in the section until read
+    assert out == [] and not server.owed  # a large body stays in the section until read
     message = server.take_message()
     assert message is not None and message.data == body
     assert server.owed  # released by the copy; the reply will carry the release
@@ -118,9 +118,35 @@ def test_releases_ride_with_the_reply_while_one_is_owed(pair) -> None:  # type: 
     assert client.take_reply(request_id) is not None
 
 
-def test_bodies_not_yet_taken_are_copied_out_when_the_connection_ends(pair) -> None:  # type: ignore[no-untyped-def]
+def test_a_small_body_is_copied_on_arrival_and_its_release_rides_with_the_reply(pair) -> None:  # type: ignore[no-untyped-def]
     client, server = pair
     body = os.urandom(4096)
+    request_id, out = send_through_section(client, server, MessageType.REQUEST, body)
+    # Copied out already: the range is free to give back, and the reply will say so.
+    assert out == [] and server.owed
+    message = server.take_message()
+    assert message is not None and message._copy is None and message.data == body
+    owed, _ = server.take_owed()
+    assert [MessageType(frame[3]) for frame in owed] == [MessageType.RELEASE]
+    deliver(owed + server.reply(message, b"ok"), client)
+    assert client.channel.sections is not None and client.channel.sections.pool.ledger.lent_bytes() == 0
+    assert client.take_reply(request_id) is not None
+
+
+def test_a_small_datagram_body_is_released_at_once(pair) -> None:  # type: ignore[no-untyped-def]
+    client, server = pair
+    body = os.urandom(EAGER_COPY_MAX)
+    _, out = send_through_section(client, server, MessageType.DATAGRAM, body)
+    # No reply is coming to carry it: the release goes out with the read's answer.
+    assert [MessageType(frame[3]) for frame in out] == [MessageType.RELEASE]
+    deliver(out, client)
+    assert client.channel.sections is not None and client.channel.sections.pool.ledger.lent_bytes() == 0
+    assert server.take_message().data == body  # type: ignore[union-attr]
+
+
+def test_bodies_not_yet_taken_are_copied_out_when_the_connection_ends(pair) -> None:  # type: ignore[no-untyped-def]
+    client, server = pair
+    body = os.urandom(EAGER_COPY_MAX + 1)
     send_through_section(client, server, MessageType.DATAGRAM, body)
     waiting = server.inbox[0]
     assert waiting._copy is not None

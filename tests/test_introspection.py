@@ -20,6 +20,7 @@ import pytest
 import alpc
 from alpc import control
 from alpc.introspect import latency_percentile
+from alpc.protocol import EAGER_COPY_MAX
 from alpc.security import PeerCred, PortAcl, may_inspect, may_see_settings
 from alpc.stats import ConnectionStats, latency_bucket
 from alpc.wire import MessageType, encode_frame
@@ -168,12 +169,13 @@ def test_peers_show_a_large_message_until_its_body_is_taken(broker: alpc.Broker,
         client = spawn("client", "svc.large")
         comm = port.listen(timeout=10).accept()
         client.expect("READY")
-        client.send("send " + "L" * 5000)  # past the 256-byte inline threshold
+        size = EAGER_COPY_MAX + 1  # waits in the section until read (smaller bodies are copied on arrival)
+        client.send("send " + "L" * size)
         client.expect("SENT")
         message = comm.receive(timeout=5)
         peer = eventually(only_peer(config, "svc.large"), lambda p: p is not None and p.section_bytes > 0)
-        assert peer is not None and peer.section_bytes == 5000
-        assert message.data == b"L" * 5000  # copied out: the range goes back
+        assert peer is not None and peer.section_bytes == size
+        assert message.data == b"L" * size  # copied out: the range goes back
         eventually(only_peer(config, "svc.large"), lambda p: p is not None and p.section_bytes == 0)
         comm.close()
 

@@ -128,7 +128,10 @@ def test_section_messages_decode_in_one_read_as_they_do_byte_by_byte() -> None:
         one_by_one: list[Message] = []
         for index in range(len(data)):
             one_by_one += pieces.receive(data[index:index + 1])
-        assert whole.sections.peer.copies_held == pieces.sections.peer.copies_held == 6
+        # The six copied bodies are small: copied out on arrival, their ranges queued for release.
+        assert whole.sections.peer.copies_held == pieces.sections.peer.copies_held == 0
+        assert list(whole.sections.peer.pending) == list(pieces.sections.peer.pending)
+        assert len(whole.sections.peer.pending) == 1 + 6  # with the announcing message's body
         assert [m.size for m in at_once] == [m.size for m in one_by_one]
         assert _fields(at_once) == _fields(one_by_one) and len(at_once) == 12
         assert whole.sections.peer.copies_held == pieces.sections.peer.copies_held == 0
@@ -285,3 +288,56 @@ def test_the_grant_ends_with_the_reply(pair) -> None:  # type: ignore[no-untyped
     with pytest.raises(SectionError, match="ended"):
         server.grant_read(request.grant, 0, 1)
     assert request_id not in client._grants
+
+
+def _section_request(client: Channel, server: Channel, body: bytes) -> tuple[int, Message]:
+    """A request whose body came through a section, taken by the server in one step."""
+    request_id, frames, fds, view = send_body(client, MessageType.REQUEST, body)
+    assert fds == []  # the section is known already: one frame, taken by receive_one
+    client.section_sent(view, True)
+    request = server.receive_one(b"".join(frames))
+    assert isinstance(request, Message) and request.id == request_id
+    return request_id, request
+
+
+def test_a_section_request_and_the_release_riding_with_its_reply_are_each_taken_in_one_step(pair) -> None:  # type: ignore[no-untyped-def]
+    client, server = pair
+    _announce(client, server)
+    deliver(server.release_frames(server.take_releases()), [], client)
+    request_id, request = _section_request(client, server, b"q" * 3000)
+    assert request.data == b"q" * 3000 and request._copy is None  # copied on arrival
+    assert client.sections.pool.ledger.lent_bytes() == 3000
+    entries = server.take_releases()
+    assert len(entries) == 1
+    reply = client.receive_one(b"".join(server.release_frames(entries) + server.reply(request_id, b"ok")))
+    assert isinstance(reply, Message) and reply.data == b"ok" and reply.callback_id == request_id
+    assert client.sections.pool.ledger.lent_bytes() == 0
+
+
+def test_a_release_before_a_frame_the_short_path_refuses_is_left_whole(pair) -> None:  # type: ignore[no-untyped-def]
+    client, server = pair
+    _announce(client, server)
+    deliver(server.release_frames(server.take_releases()), [], client)
+    request_id, request = _section_request(client, server, b"q" * 3000)
+    assert request.data == b"q" * 3000
+    release = b"".join(server.release_frames(server.take_releases()))
+    stray = encode_frame(MessageType.REPLY, b"??", callback_id=request_id + 7)  # never sent
+    assert client.receive_one(release + stray) is False  # nothing consumed: the release still holds
+    assert client.sections.pool.ledger.lent_bytes() == 3000
+    with pytest.raises(ProtocolError, match="never sent"):
+        client.receive(release + stray)
+
+
+def test_a_leading_release_with_flags_takes_the_general_path_which_names_it(pair) -> None:  # type: ignore[no-untyped-def]
+    client, server = pair
+    _announce(client, server)
+    deliver(server.release_frames(server.take_releases()), [], client)
+    request_id, request = _section_request(client, server, b"q" * 3000)
+    assert request.data == b"q" * 3000
+    (release,) = server.release_frames(server.take_releases())
+    flagged = release[:4] + (1).to_bytes(4, "little") + release[8:]
+    reply = b"".join(server.reply(request_id, b"ok"))
+    assert client.receive_one(flagged + reply) is False
+    assert client.sections.pool.ledger.lent_bytes() == 3000
+    with pytest.raises(ProtocolError, match="flag"):
+        client.receive(flagged + reply)

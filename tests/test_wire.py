@@ -15,6 +15,7 @@ from alpc.wire import (
     ATTR_TYPES,
     HEADER,
     HEADER_SIZE,
+    LONE_REF_SIZE,
     MAGIC,
     Attributes,
     AttrKind,
@@ -28,11 +29,13 @@ from alpc.wire import (
     SectionNew,
     SectionRef,
     decode_attributes,
+    decode_lone_ref,
     decode_releases,
     decode_section_ids,
     encode_attributes,
     encode_frame,
     encode_header,
+    encode_lone_ref,
     encode_releases,
     encode_section_ids,
 )
@@ -282,6 +285,31 @@ def test_attribute_parsers_agree_between_implementations(raw: bytes, allowed: in
     expected = _native._parse_attributes_py(raw, allowed)
     if _native.IMPLEMENTATION == "c":
         assert _native._parse_attributes_c(raw, allowed) == expected
+
+
+_LONE_REF_BYTES = st.one_of(
+    st.binary(min_size=LONE_REF_SIZE, max_size=LONE_REF_SIZE),
+    st.builds(lambda sid, flags, offset, length: encode_lone_ref(sid, flags, offset, length),
+              _U32, st.integers(0, 7), _U64, _U64),
+    st.builds(lambda tlv, ref: tlv + ref, st.binary(min_size=4, max_size=4),
+              st.binary(min_size=LONE_REF_SIZE - 4, max_size=LONE_REF_SIZE - 4)),
+)
+
+
+@settings(max_examples=500)
+@given(_LONE_REF_BYTES, st.sampled_from(list(MessageType)))
+def test_lone_reference_shortcut_agrees_with_the_general_parser(raw: bytes, kind: MessageType) -> None:
+    # The receive fast path decodes a lone SECTION_REF by itself: it must accept exactly
+    # what decode_attributes accepts as one reference, and give the same fields.
+    try:
+        general = decode_attributes(Frame(kind, 0, 1, 0, 0, 0, raw, b"", ()))
+    except ProtocolError:
+        general = None
+    lone = decode_lone_ref(b"pad" + raw, 3, int(kind))
+    if lone is not None:
+        assert general == Attributes(ref=lone)
+    elif kind in (MessageType.REQUEST, MessageType.REPLY, MessageType.DATAGRAM):
+        assert general is None or general.ref is None or general.new is not None
 
 
 @settings(max_examples=200)
