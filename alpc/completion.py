@@ -14,7 +14,8 @@ order: one message per client is handled at a time.
 A request its client cancels is flagged (``message.cancelled``, which a
 sync handler polls) and an async handler's task is cancelled
 (CancelledError); either way no reply goes out for it. A request whose
-deadline passed before dispatch, or whose client is gone (died, closed) by its
+deadline passed before dispatch (or while it waited its turn: ``ordered``, or
+a free slot for its task), or whose client is gone (died, closed) by its
 turn, is never handed to a handler.
 """
 
@@ -46,9 +47,20 @@ Handler = Callable[[Message], "Buffer | Awaitable[Buffer | None] | None"]
 # How often the loop looks up from an idle wait (to notice stop()).
 _TICK = 0.2
 _T = TypeVar("_T")
+# How often a pool whose every worker is busy reads its clients' sockets (without taking a
+# message), so that a cancel still reaches the handler it is for.
+_WATCH_EVERY = 0.02
 # How long serve() waits, in all, for its pool threads (in handlers) when it stops: one
 # bound for the whole pool, or N stuck handlers would hold serve() N times as long.
 _JOIN_TIMEOUT = 5.0
+
+
+def _expired(message: Message) -> bool:
+    """A request whose deadline passed while it waited in the pool: the runtime drops such a
+    request it has not handed out yet, and a handler's reply could only come after the client
+    gave up on it (and one that never waits would get a reply past its deadline)."""
+    deadline = message.deadline
+    return deadline is not None and message.type is MessageType.REQUEST and deadline <= time.monotonic()
 
 
 class CompletionPort:
@@ -80,6 +92,10 @@ class CompletionPort:
         self._workers = 0
         self._followers = 0
         self._running = 0
+        # Reads the port while every pool thread is in a handler (_watch): started once, woken
+        # by _saturated.
+        self._watcher: threading.Thread | None = None
+        self._saturated = threading.Event()
         self._quiet_limit: float | None = None
         self._last_event = 0.0
         self._threads: list[threading.Thread] = []
@@ -174,13 +190,53 @@ class CompletionPort:
     def _promote(self) -> None:
         """Someone must wait on the port while this thread handles: spawn one if nobody will."""
         with self._lock:
-            if self._followers or self._workers >= self.max_workers or self._async:
+            if self._followers or self._async:
+                return
+            if self._workers >= self.max_workers:
+                self._watch_saturated()
                 return
             self._workers += 1
         thread = threading.Thread(target=self._lead, args=(False,), name="alpc-completion", daemon=True)
         with self._lock:
             self._threads = [t for t in self._threads if t.is_alive()] + [thread]
         thread.start()
+
+    def _watch_saturated(self) -> None:
+        """This thread goes into a handler and none is left to wait on the port (caller holds
+        _lock): the watcher reads it meanwhile."""
+        if self._watcher is None:
+            self._watcher = threading.Thread(target=self._watch, name="alpc-completion-watch", daemon=True)
+            self._threads.append(self._watcher)  # joined by _shutdown, as the pool is
+            self._watcher.start()
+        if not self._saturated.is_set():
+            self._saturated.set()
+
+    def _watch(self) -> None:
+        """While every pool thread is in a handler nobody reads the port, and a client's CANCEL
+        waits in its socket: a handler polling ``message.cancelled`` never saw it (a pool of
+        one, always). Read what came now and then (taking nothing), as a waiting leader would,
+        until a thread waits on the port again."""
+        saturated = self._saturated
+        while not self._stopping.is_set():
+            if not saturated.wait(_TICK) or self._stopping.wait(_WATCH_EVERY):
+                continue
+            with self._lock:
+                if self._followers or self._leader.locked():
+                    saturated.clear()  # a thread waits on the port (or will): it reads
+                    continue
+            self._read_waiting()
+
+    def _read_waiting(self) -> None:
+        """Read, without waiting and without taking a message, whatever the clients sent (their
+        CANCELs flag the messages being handled); nothing if a thread waits on the port."""
+        if not self._leader.acquire(blocking=False):
+            return
+        try:
+            self.port._poll(0.0)
+        except (AlpcError, OSError, ValueError):
+            pass  # the port is closing: serve() hears it on its own wait
+        finally:
+            self._leader.release()
 
     def _retire(self, idle_since: float) -> bool:
         """An extra thread idle for idle_timeout leaves (the pool shrinks to min_workers)."""
@@ -246,6 +302,9 @@ class CompletionPort:
         self._running += 1
         try:
             if self._unwanted(message):
+                return
+            if _expired(message):
+                message.port._expire(message)
                 return
             try:
                 result = self.handler(message)
@@ -315,9 +374,11 @@ class CompletionPort:
 
     def _submit_task(self, message: Message) -> None:
         # A bounded number of tasks: the dispatching thread waits here while all are busy.
-        while not self._slots.acquire(timeout=_TICK):
+        while not self._slots.acquire(timeout=_WATCH_EVERY):
             if self._stopping.is_set():
                 return
+            # This thread is the port's only reader: a cancel must still reach a running task.
+            self._read_waiting()
         self._start_task(message)
 
     def _start_task(self, message: Message) -> None:
@@ -332,6 +393,10 @@ class CompletionPort:
 
     async def _run_async(self, message: Message) -> None:
         if self._unwanted(message):
+            return
+        if _expired(message):
+            # Its answer may wait for the client's socket: not on the loop thread (see below).
+            await asyncio.get_running_loop().run_in_executor(None, message.port._expire, message)
             return
         # The task itself is what a cancel cancels (_cancel_task): its slot stays taken
         # until the handler has really returned.

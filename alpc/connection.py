@@ -753,11 +753,16 @@ class Connection:
             return False
         deadline = message.deadline
         if deadline is not None and deadline <= _monotonic():
-            self.channel.expire(message)
-            self.stats.in_flight.pop(message.id, None)
-            self._drop_body(message)
+            self.expire(message)
             return False
         return True
+
+    def expire(self, message: Message) -> None:
+        """A request whose deadline passed before any handler ran: answer it as cancelled
+        (``take_automatic``; the peer's caller gets DeadlineExceeded) and drop its body."""
+        self.channel.expire(message)
+        self.stats.in_flight.pop(message.id, None)
+        self._drop_body(message)
 
     def take_callback(self, request_id: int) -> Message | None:
         """While a request waits for its reply: a request or datagram from the peer first (a

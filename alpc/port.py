@@ -288,8 +288,11 @@ class CommunicationPort:
                 raise ValueError("on_message cannot be combined with a memory grant or a deadline")
             return self._request_serving(data, timeout, secure, on_message, fds)
         if deadline is not None:
-            return self.start_request(data, secure=secure, grant=grant, deadline=deadline,
-                                      timeout=timeout, fds=fds).result(timeout)
+            # ``timeout`` bounds the whole call: the reply gets what the send (which may wait for
+            # the peer's window or socket) left of it, not a fresh ``timeout``.
+            wait_until = deadline_after(timeout)
+            pending = self.start_request(data, secure=secure, grant=grant, deadline=deadline, timeout=timeout, fds=fds)
+            return pending.result(remaining(wait_until))
         deadline = deadline_after(timeout)
         size = len(data) if type(data) is bytes else body_size(data)
         quick = self._quick
@@ -1046,6 +1049,13 @@ class CommunicationPort:
                 self._core.take_messages(batch, max_messages)
         self._after_take()
         return batch
+
+    def _expire(self, message: Message) -> None:
+        """``message``, a request handed out (queued in a completion port) whose deadline passed
+        before its handler ran: the runtime answers it as it answers one never handed out."""
+        with self._state:
+            self._core.expire(message)
+        self._after_take()
 
     def _after_take(self) -> None:
         """After the application took messages: answers owed for expired requests, credits for

@@ -657,6 +657,9 @@ class Channel:
         if not view.belongs_to(sections.pool):
             raise SectionError("the view belongs to another connection")
         self.check_length(view.length)
+        # Refused (NaN, not a number) before the pool marks a new section as announced: else
+        # the next message names a section the peer never saw, and it drops the connection.
+        deadline_ns = None if deadline is None else _deadline_ns(deadline)
         if kind is _Types.REPLY:
             self._check_reply(callback_id)
         elif kind is _Types.REQUEST:
@@ -679,8 +682,7 @@ class Channel:
         else:
             encoded = encode_attributes(Attributes(
                 ref=SectionRef(view.section_id, flags, view.offset, view.length), new=new,
-                grant=grant.attr if grant is not None else None, range=span,
-                deadline=None if deadline is None else _deadline_ns(deadline)))
+                grant=grant.attr if grant is not None else None, range=span, deadline=deadline_ns))
         message_id = self._allocate_id() if kind in _NUMBERED else 0
         frames += self._frame(kind, b"", message_id=message_id, callback_id=callback_id,
                               attrs=encoded, n_fds=(fd is not None) + len(fds))
@@ -1397,7 +1399,10 @@ _NEVER_NS = 2**64 - 1
 def _deadline_ns(deadline: float) -> int:
     if not deadline == deadline:  # NaN: int() would raise a bare "cannot convert" deep in the send
         raise ValueError("a deadline must be a time.monotonic() value, got nan")
-    return _NEVER_NS if deadline >= _NEVER_NS / 1e9 else max(0, int(deadline * 1e9))
+    if deadline >= _NEVER_NS / 1e9:
+        return _NEVER_NS
+    # Long past (-inf included, which int() refuses with a bare OverflowError): expired on arrival.
+    return int(deadline * 1e9) if deadline > 0 else 0
 _PLAIN = frozenset({MessageType.REQUEST, MessageType.REPLY, MessageType.DATAGRAM})
 _tids = threading.local()
 _pid = os.getpid()
