@@ -313,6 +313,10 @@ class AsyncCommunicationPort:
     async def _await_window(self, closed: WindowClosed, deadline: float | None) -> None:
         """Wait until a reply or a credit frees something the peer counts (or raise Throttled)."""
         core = self._core
+        if core.backlogged:
+            # Datagrams queued by send(flush=False) hold their slots already: the peer credits
+            # them only once they reach it, so waiting for that with them unsent waits for ever.
+            await self._write([], deadline)
         before = core.window_counts()
         while not any(now < was for now, was in zip(core.window_counts(), before, strict=True)):
             core.check_open()
@@ -406,7 +410,9 @@ class AsyncCommunicationPort:
     async def flush(self, timeout: float | None = None) -> None:
         """Write every datagram queued with ``flush=False``."""
         self._own_loop("flush()")
-        deadline = deadline_after(timeout)  # a bad timeout is refused even with nothing queued
+        # A bad timeout is refused even with nothing queued; none is a server's send_timeout,
+        # as for any send (a deaf client would hold this thread for ever otherwise).
+        deadline = deadline_after(self._send_timeout if timeout is None else timeout)
         if self._core.owed or self._unsent:
             await self._write([], deadline)
 
@@ -1052,6 +1058,14 @@ class AsyncCommunicationPort:
         # With bytes still queued for the loop, a notice now would land inside a frame.
         farewell = self._core.close if not self._unsent else list
         finalize_unclosed(self._stream, farewell, [self._core.release_resources, self._close_pidfd])
+
+    def flush_at_exit(self) -> None:
+        """The process ends normally with datagrams queued here (see connection._flush_at_exit).
+        No loop turns any more: one bounded write of its own, unless the loop still has bytes
+        of this port's to write (these would land inside a frame)."""
+        if not self._unsent:
+            owed, _ = self._core.take_owed()
+            self._stream.send(owed, deadline=deadline_after(port._CLOSE_FLUSH_TIMEOUT))
 
     def _close_pidfd(self) -> None:
         if self._pidfd is not None:

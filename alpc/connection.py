@@ -38,6 +38,7 @@ Entry points:
 
 from __future__ import annotations
 
+import atexit
 import os
 import time
 import weakref
@@ -186,6 +187,21 @@ def _forked() -> None:
 
 
 os.register_at_fork(after_in_child=_forked)
+
+
+def _flush_at_exit() -> None:
+    """The process ends normally: the datagrams its ports still queue (send(flush=False) on a
+    port nobody closed, or one the collector will not reach in time) go out, not with it."""
+    for connection in list(_connections):
+        flush = getattr(connection.owner, "flush_at_exit", None)
+        if connection._backlog and not connection.inherited and connection.failure is None and flush:
+            try:
+                flush()
+            except Exception:  # the peer gone or stuck: nothing left to do at exit
+                pass
+
+
+atexit.register(_flush_at_exit)
 _DATAGRAM = MessageType.DATAGRAM
 
 

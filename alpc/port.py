@@ -95,6 +95,8 @@ T = TypeVar("T")
 # Runtime frames (releases, PONG) go out from the reader; a peer that stops
 # reading for this long keeps them queued rather than stalling our reads.
 _RUNTIME_SEND_TIMEOUT = 1.0
+# How long close() (and a process ending normally) waits for room for queued datagrams.
+_CLOSE_FLUSH_TIMEOUT = 1.0
 # reply_at_once: the largest body it writes, and the room it wants in the socket for that body
 # with everything the core may owe before it (queued datagrams up to BACKLOG_LIMIT, releases,
 # a credit) and the kernel's overhead per buffer.
@@ -508,6 +510,10 @@ class CommunicationPort:
     def _await_window(self, closed: WindowClosed, deadline: float | None) -> None:
         """Wait until a reply or a credit frees something the peer counts (or raise Throttled)."""
         core = self._core
+        if core.backlogged:
+            # Datagrams queued by send(flush=False) hold their slots already: the peer credits
+            # them only once they reach it, so waiting for that with them unsent waits for ever.
+            self.flush(remaining(deadline))
         before = core.window_counts()
 
         def freed() -> bool | None:
@@ -522,7 +528,7 @@ class CommunicationPort:
     def send_many(self, items: Iterable[Payload], timeout: float | None = None) -> None:
         """Send datagrams in order, in as few system calls as possible (small ones are framed
         together and written at once; large ones go through the section as usual)."""
-        deadline = deadline_after(timeout)
+        deadline = deadline_after(self._send_timeout if timeout is None else timeout)  # as send()
         threshold = self._core.inline_threshold
         small: list[bytes] = []
         append = small.append
@@ -583,7 +589,9 @@ class CommunicationPort:
 
     def flush(self, timeout: float | None = None) -> None:
         """Write every datagram queued by ``send(..., flush=False)``."""
-        deadline = deadline_after(timeout)  # a bad timeout is refused even with nothing queued
+        # A bad timeout is refused even with nothing queued; none is a server's send_timeout,
+        # as for any send (a deaf client would hold this thread for ever otherwise).
+        deadline = deadline_after(self._send_timeout if timeout is None else timeout)
         if self._core.owed:
             self._lock_send(deadline)
             try:
@@ -1517,14 +1525,20 @@ class CommunicationPort:
         core = self._core
         with self._state:
             # Datagrams queued by send(..., flush=False) go out before the notice.
+            queued = core.backlogged
             owed = core.take_owed()[0] if core.owed and core.failure is None else []
             notice = core.close()
-        if notice:
-            notice = owed + notice
         if notice and self._send_lock.acquire(timeout=1.0):
             try:
-                self._stream.try_send(notice)
-            except ConnectionClosed:
+                if queued:
+                    # The application's datagrams: a reader a little behind (its socket full
+                    # for now) must not lose them, so wait for room a while, as the asyncio
+                    # close() does (its timeout=1.0).
+                    self._stream.send(owed, deadline=deadline_after(_CLOSE_FLUSH_TIMEOUT))
+                    owed = []
+                if not self._stream.broken:
+                    self._stream.try_send(owed + notice)
+            except (ConnectionClosed, Timeout):
                 pass
             finally:
                 self._send_lock.release()
@@ -1600,6 +1614,10 @@ class CommunicationPort:
         self._released = True
         quick = [self._quick.close] if self._quick is not None else []
         finalize_unclosed(self._stream, self._core.close, [*quick, self._core.release_resources, self._close_pidfd])
+
+    def flush_at_exit(self) -> None:
+        """The process ends normally with datagrams queued here (see connection._flush_at_exit)."""
+        self.flush(_CLOSE_FLUSH_TIMEOUT)
 
     def _close_pidfd(self) -> None:
         if self._pidfd is not None:
