@@ -560,6 +560,7 @@ class AsyncCommunicationPort:
                             fds: Sequence[int] = ()) -> int:
         core = self._core
         if isinstance(data, SectionView):
+            data.check_secure(secure)
             view, explicit = data, True
         else:
             size = body_size(data)

@@ -835,6 +835,7 @@ class CommunicationPort:
         view already), then send the small frame naming it. Returns the message id."""
         core = self._core
         if isinstance(data, SectionView):
+            data.check_secure(secure)
             view, explicit = data, True
         else:
             self._channel.check_length(body_size(data))

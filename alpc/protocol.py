@@ -223,9 +223,12 @@ class Message:
                 # Copied on first use, by the thread that reads it: a read of many large
                 # bodies then never holds fresh copies of all of them at once.
                 return self._copy_out(notify=True)
-            if self.view is None:
-                raise SectionError("the message body is gone")
-            data = self._data = self.view.tobytes()
+            with _body_lock(self):  # another thread may have copied it out meanwhile
+                data = self._data
+                if data is None:
+                    if self.view is None:
+                        raise SectionError("the message body is gone")
+                    data = self._data = self.view.tobytes()
         return data
 
     @data.setter
@@ -233,13 +236,25 @@ class Message:
         self._data = value
 
     def _copy_out(self, *, notify: bool) -> bytes:
-        copy, self._copy = self._copy, None
-        if copy is None:  # another thread copied it meanwhile
-            return self._data or b""
+        # One copy per message: a second thread reading ``data`` meanwhile waits for it rather
+        # than finding neither the bytes nor the range ("the body is gone", a size of 0).
+        copy: View | None = None
         try:
-            data = self._data = copy.tobytes()
+            with _body_lock(self):
+                data = self._data
+                if data is not None:
+                    return data  # another thread copied it meanwhile
+                copy = self._copy
+                if copy is None:
+                    raise SectionError("the message body is gone")
+                try:
+                    data = self._data = copy.tobytes()
+                finally:
+                    self._copy = None  # only now: until then ``size`` and other readers use the range
         finally:
-            copy.release(notify=notify)
+            if copy is not None:
+                # Outside the lock: telling the peer wakes the driver, which takes the connection's.
+                copy.release(notify=notify)
         return data
 
     def keep_body(self) -> None:
@@ -308,6 +323,15 @@ class Message:
             kind += f" +{len(self._handles)} fds"
         return (f"<Message {self.type.name} id={self.id} callback_id={self.callback_id} "
                 f"len={size}{kind} from pid {self.sender.pid}{extra}>")
+
+
+# Serialise the first read of a section body between threads, one lock per stripe of messages
+# (a lock each would cost every small message; unrelated messages seldom share a stripe).
+_BODY_LOCKS = tuple(threading.Lock() for _ in range(64))
+
+
+def _body_lock(message: Message) -> threading.Lock:
+    return _BODY_LOCKS[id(message) >> 4 & 63]
 
 
 Buffer = bytes | bytearray | memoryview

@@ -24,6 +24,7 @@ are driven under the connection's lock by ``protocol.Channel``.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import mmap
 import os
@@ -335,6 +336,46 @@ def _check_section_name(name: object) -> None:
         raise SectionError(f"section name {name!r} names a directory, not a section")
 
 
+def _open_named(name: str, writable: bool) -> int:
+    """An fd of the named POSIX shared-memory object, opened without ever blocking.
+
+    shm_open() is a plain open() in /dev/shm, where anyone may make a FIFO under any free
+    name: opening that waits for a writer, forever. O_NONBLOCK opens it at once (its type
+    is refused next); on a shared-memory file it changes nothing.
+    """
+    if not os.path.isdir(_SHM_DIR):  # shared memory lives elsewhere here: posix_ipc knows where
+        try:
+            shm = posix_ipc.SharedMemory(name, read_only=not writable)
+        except posix_ipc.ExistentialError:
+            raise SectionError(f"no section named {name!r}") from None
+        except ValueError:  # posix_ipc's word for EISDIR: a directory opened for writing
+            raise SectionError(f"{name!r} is not a section") from None
+        try:
+            return os.dup(shm.fd)
+        finally:
+            shm.close_fd()
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(os.path.join(_SHM_DIR, name.lstrip("/")), flags)
+    except FileNotFoundError:
+        raise SectionError(f"no section named {name!r}") from None
+    except IsADirectoryError:
+        raise SectionError(f"{name!r} is not a section") from None
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO):  # a symlink (shm_open follows none), a socket
+            raise SectionError(f"{name!r} is not a section") from None
+        raise
+
+
+def _read_only_fd(name: str) -> int:
+    """A read-only fd of the POSIX shared-memory object ``name``."""
+    shm = posix_ipc.SharedMemory(name, read_only=True)
+    try:
+        return os.dup(shm.fd)
+    finally:
+        shm.close_fd()
+
+
 def _made(size: int, make: Callable[[], Section]) -> Section:
     """``make()``, or QuotaExceeded (the README's error when no section could be created): a
     size the system cannot back failed with ENOMEM, OverflowError past 2**63 or posix_ipc's
@@ -412,24 +453,35 @@ class Section:
         sweep_stale_names()
         name = _new_name()
         shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=size)
+        fds: list[int] = []
         try:
-            fd = os.dup(shm.fd)
+            fds.append(os.dup(shm.fd))
+            if not named:
+                # The fd the peer gets by SCM_RIGHTS: read-only, as its mapping. Unsealable, our
+                # own read-write fd would let it (or whoever it passes it to) truncate the
+                # section, and this process die of SIGBUS writing the next message into it.
+                fds.append(_read_only_fd(name))
         except BaseException:
             named = False  # nobody will ever open it: the finally below unlinks it
+            for fd in fds:
+                os.close(fd)
             raise
         finally:
             shm.close_fd()
             if not named:
-                # We hold the fd; the peer gets it by SCM_RIGHTS. Nothing needs the name.
+                # We hold the fds; the peer gets one by SCM_RIGHTS. Nothing needs the name.
                 posix_ipc.unlink_shared_memory(name)
         try:
-            mm = mmap.mmap(fd, size)
+            mm = mmap.mmap(fds[0], size)
         except BaseException:
-            os.close(fd)
+            for fd in fds:
+                os.close(fd)
             if named:
                 posix_ipc.unlink_shared_memory(name)
             raise
-        return cls(fd=fd, size=size, backend="posix", mapping=_Mapping(mm, size, True),
+        if not named:
+            os.close(fds.pop(0))  # our mapping is all we write through
+        return cls(fd=fds[0], size=size, backend="posix", mapping=_Mapping(mm, size, True),
                    name=name if named else None)
 
     @classmethod
@@ -440,16 +492,7 @@ class Section:
         truncate them.
         """
         _check_section_name(name)
-        try:
-            shm = posix_ipc.SharedMemory(name, read_only=not writable)
-        except posix_ipc.ExistentialError:
-            raise SectionError(f"no section named {name!r}") from None
-        except ValueError:  # posix_ipc's word for EISDIR: a directory opened for writing
-            raise SectionError(f"{name!r} is not a section") from None
-        try:
-            fd = os.dup(shm.fd)
-        finally:
-            shm.close_fd()
+        fd = _open_named(name, writable)
         try:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):  # a directory opened read-only: mmap says ENODEV
@@ -477,6 +520,10 @@ class Section:
             seals = check_peer_fd(fd, size, allow_unsealed=allow_unsealed)
             if secure and not seals & fcntl.F_SEAL_WRITE:
                 raise ProtocolError("a secure section is not write-sealed")
+            if secure and seals & _SIZE_SEALS != _SIZE_SEALS:
+                # Even where unsealed sections are allowed: F_SEAL_WRITE does not stop ftruncate,
+                # and a secure view's bytes must never change (nor vanish: SIGBUS).
+                raise ProtocolError("a secure section is not sealed against shrinking and growing")
             try:
                 mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
             except ValueError as exc:  # CPython's own size check: the file shrank meanwhile
@@ -598,6 +645,13 @@ class SectionView(View):
 
     def belongs_to(self, pool: SectionPool) -> bool:
         return self._pool is pool
+
+    def check_secure(self, secure: bool) -> None:
+        """Refuse sending this view with ``secure=True`` unless it is one: it is already
+        placed in a pooled section the sender keeps writable, and the caller asked for a
+        message nothing can change (silently sending it plain would break that)."""
+        if secure and not self.secure:
+            raise SectionError("secure=True needs a secure view: create_view(size, secure=True)")
 
     def _finished(self) -> None:
         # Released (or dropped) before being sent: the space is ours again.
