@@ -59,6 +59,7 @@ from .errors import (
 )
 from .grant import LocalGrant, PeerMemory
 from .handles import NOFILE, close_quietly
+from .ledger import Slot
 from .protocol import Buffer, Channel, Frames, Message, Payload, payload_parts
 from .quotas import Limit
 from .section import SectionView, View
@@ -455,6 +456,19 @@ class Connection:
         if kind is _REQUEST:
             self._cancelled_ids.discard(message_id)  # see _cancelled_ids
         return message_id, frames, passed
+
+    def copy_message(self, kind: MessageType, data: Buffer | Sequence[Buffer], length: int, *,
+                     callback_id: int = 0) -> tuple[int, Frames, Slot] | None:
+        """``data`` copied straight into a section the peer maps already, and its frame; None
+        when that takes more (``reserve``, then ``section_message``)."""
+        self.check_open()
+        made = self.channel.copy_message(kind, length, lambda into: copy_body(into, data), callback_id=callback_id)
+        if made is not None and kind is _REQUEST:
+            self._cancelled_ids.discard(made[0])  # see _cancelled_ids
+        return made
+
+    def copy_sent(self, slot: Slot, written: bool) -> None:
+        self.channel.copy_sent(slot, written)
 
     def section_sent(self, view: SectionView, written: bool) -> None:
         self.channel.section_sent(view, written)

@@ -180,6 +180,21 @@ class OutboundLedger:
 
     # -- placing ------------------------------------------------------------------
 
+    def place_known(self, length: int) -> Slot | None:
+        """A range for ``length`` bytes in a pooled section the peer maps already, counted as
+        sent (its frame goes out under the same locks, or ``unsend`` and ``cancel`` undo it);
+        None when that takes more (a growth, a section to announce): use ``place``."""
+        for section_id, section in self._sections.items():
+            if section.secure or not section.announced:
+                continue
+            offset = section.allocator.allocate(length)
+            if offset is not None:
+                section.lent[offset] = (length, True)
+                self.unreleased += 1
+                self.budget_blocked = False
+                return Slot(section_id, offset, length, False)
+        return None
+
     def place(self, length: int, secure: bool) -> Slot | Grow | None:
         """Where a message of ``length`` bytes goes; None means wait for releases.
 

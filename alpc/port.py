@@ -58,7 +58,7 @@ from .errors import (
 from .exchange import control_frame, read_frame, refusal_after_hangup
 from .grant import LocalGrant, MemoryGrant, PeerMemory, direct_read, direct_write
 from .logs import LogLimiter, fields
-from .protocol import QUICK_ID_BIT, Channel, ConnectionPolicy, Frames, Message
+from .protocol import EAGER_COPY_MAX, QUICK_ID_BIT, Channel, ConnectionPolicy, Frames, Message
 from .protocol import Payload as WirePayload
 from .quotas import Limit, WindowClosed
 from .retry import retry_until
@@ -838,6 +838,10 @@ class CommunicationPort:
             data.check_secure(secure)
             view, explicit = data, True
         else:
+            if not (secure or grant or span or fds or as_view or deadline_attr is not None):
+                message_id = self._send_copy(kind, data, deadline, callback_id)
+                if message_id is not None:
+                    return message_id
             self._channel.check_length(body_size(data))
             view, explicit = self._reserve(body_size(data), secure, deadline), False
             try:
@@ -883,6 +887,43 @@ class CommunicationPort:
             # A sender that never reads would let the peer's releases pile up
             # in its socket until the peer blocks writing them.
             self.pump()
+        return message_id
+
+    def _send_copy(self, kind: MessageType, data: Buffer | Sequence[Buffer], deadline: float | None,
+                   callback_id: int) -> int | None:
+        """A small body copied straight into a section the peer maps already, and its frame
+        written: the message id; None (nothing done) when it needs the general path."""
+        size = body_size(data)
+        if size > EAGER_COPY_MAX:
+            return None
+        core = self._core
+        if not self._send_lock.acquire(False):  # uncontended: no call
+            self._lock_send(deadline)
+        try:
+            with self._state:
+                made = core.copy_message(kind, data, size, callback_id=callback_id)
+            if made is None:
+                return None
+            message_id, frames, slot = made
+            written = False
+            try:
+                self._write(frames, deadline)
+                written = True
+            except BaseException:
+                written = self._stream.broken  # part of the frame left: the peer holds the range
+                if kind is MessageType.REQUEST:
+                    self._forget_request(message_id)
+                elif kind is MessageType.DATAGRAM and not written:
+                    with self._state:
+                        core.datagrams_unsent(1)
+                if not written:
+                    with self._state:
+                        core.copy_sent(slot, False)
+                raise
+        finally:
+            self._send_lock.release()
+        if core.should_drain():
+            self.pump()  # see _send_section
         return message_id
 
     def _flush_releases(self) -> None:

@@ -18,6 +18,7 @@ from . import _native
 from .errors import ConnectionClosed, MessageTooLarge, ProtocolError, SectionError
 from .grant import LocalGrant, PeerMemory
 from .handles import Classifier, Handle, ReceivedHandles, check_outgoing, classify, close_quietly, sort_received
+from .ledger import Slot
 from .quotas import Flow, FlowLimits, decode_credit, encode_credit
 from .section import ConnectionSections, SectionView, View
 from .security import HandleKind, PeerCred, identity_changed
@@ -720,6 +721,42 @@ class Channel:
         elif kind is _Types.DATAGRAM:
             self.flow.sent_datagram(len(fds))
         return message_id, frames, ([] if fd is None else [fd]) + list(fds)
+
+    def copy_message(self, kind: MessageType, length: int, fill: Callable[[memoryview], None], *,
+                     callback_id: int = 0) -> tuple[int, Frames, Slot] | None:
+        """A small automatic body (``fill`` writes its ``length`` bytes) placed straight into a
+        pooled section the peer maps already, and the one frame naming it; None (nothing done)
+        when that takes more (a new or secure section, a retirement to tell): ``reserve``.
+        Call ``copy_sent`` if the frame was not written."""
+        sections = self._require_sections()
+        if sections.secure or length > EAGER_COPY_MAX:
+            return None
+        self.check_length(length)
+        if kind is _Types.REPLY:
+            self._check_reply(callback_id)
+        elif kind is _Types.REQUEST:
+            self.flow.check_request(0)
+        elif kind is _Types.DATAGRAM:
+            self.flow.check_datagram(0)
+        slot = sections.pool.place_copy(length, fill)
+        if slot is None:
+            return None
+        message_id = self._allocate_id() if kind in _NUMBERED else 0
+        frames = self._frame(kind, b"", message_id=message_id, callback_id=callback_id,
+                             attrs=encode_lone_ref(slot.section_id, 0, slot.offset, length))
+        if kind is _Types.REQUEST:
+            self._pending.add(message_id)
+            self.flow.sent_request(message_id, 0)
+        elif kind is _Types.REPLY:
+            self._replied(callback_id)
+        elif kind is _Types.DATAGRAM:
+            self.flow.sent_datagram(0)
+        return message_id, frames, slot
+
+    def copy_sent(self, slot: Slot, written: bool) -> None:
+        """After ``copy_message``: its frame left (``written``) or nothing of it did."""
+        if not written and self.sections is not None:
+            self.sections.pool.unplace(slot)
 
     def section_sent(self, view: SectionView, written: bool) -> None:
         """After ``section_message``: did its frames leave (``written``) or not at all?"""

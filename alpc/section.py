@@ -169,6 +169,10 @@ class _Mapping:
             self._users += 1
             return self._base[offset:offset + length]
 
+    def window(self, offset: int, length: int) -> memoryview:
+        """A memoryview of [offset, offset + length) for one use (release it, ``with``)."""
+        return self._base[offset:offset + length]
+
     def read(self, offset: int, length: int) -> bytes:
         with self._lock:
             if self._users <= 0:
@@ -564,6 +568,14 @@ class Section:
             raise SectionError("the section is not mapped here")
         return View(self._mapping, offset, length, on_gone, wake, self.secure, dropped)
 
+    def fill(self, offset: int, length: int, fill: Callable[[memoryview], None]) -> None:
+        """``fill`` the writable range [offset, offset + length), which the caller placed."""
+        mapping = self._mapping
+        if mapping is None or not mapping.writable:
+            raise SectionError("the section is not mapped writable here")
+        with mapping.window(offset, length) as target:
+            fill(target)
+
     def read(self, offset: int, length: int) -> bytes:
         """A copy of [offset, offset + length), which the caller checked lies in the section."""
         mapping = self._mapping
@@ -768,6 +780,31 @@ class SectionPool:
             section = self._sections.get(view.section_id)
             if section is not None:
                 section.close()
+
+    def place_copy(self, length: int, fill: Callable[[memoryview], None]) -> Slot | None:
+        """``fill`` a range of ``length`` bytes in a section the peer maps already; the range
+        counts as sent. None (nothing done) when that takes more: use ``reserve``.
+
+        The small automatic body's way: no view in between, since nothing else touches
+        the range before its frame is written (the caller holds the connection's lock).
+        """
+        if self.closed or self._returns or self._retired or process_id() != self._pid:
+            return None
+        slot = self.ledger.place_known(length)
+        if slot is None:
+            return None
+        try:
+            self._sections[slot.section_id].fill(slot.offset, length, fill)
+        except BaseException:
+            self.unplace(slot)
+            raise
+        return slot
+
+    def unplace(self, slot: Slot) -> None:
+        """The frame naming ``slot`` (from ``place_copy``) was never written: the range is ours."""
+        self.ledger.unsend(slot)
+        if self.ledger.cancel(slot):
+            self._close_section(slot.section_id)
 
     def released(self, entries: list[Release]) -> None:
         """The peer's RELEASE frame: those ranges are ours again."""

@@ -8,7 +8,7 @@ import pytest
 
 from alpc.errors import ConnectionClosed, ProtocolError, SectionError
 from alpc.grant import MemoryGrant
-from alpc.protocol import Channel, Message
+from alpc.protocol import EAGER_COPY_MAX, Channel, Message
 from alpc.section import ConnectionSections, SectionView
 from alpc.security import PeerCred
 from alpc.wire import (
@@ -341,3 +341,71 @@ def test_a_leading_release_with_flags_takes_the_general_path_which_names_it(pair
     assert client.sections.pool.ledger.lent_bytes() == 3000
     with pytest.raises(ProtocolError, match="flag"):
         client.receive(flagged + reply)
+
+
+def _copy_request(client: Channel, body: bytes) -> tuple[int, list[bytes], object] | None:
+    def fill(into: memoryview) -> None:
+        into[:] = body
+
+    return client.copy_message(MessageType.REQUEST, len(body), fill)
+
+
+def test_a_small_body_goes_straight_into_a_known_section(pair) -> None:  # type: ignore[no-untyped-def]
+    client, server = pair
+    assert _copy_request(client, b"c" * 3000) is None  # no section the peer maps yet: the general path
+    _announce(client, server)
+    deliver(server.release_frames(server.take_releases()), [], client)
+    made = _copy_request(client, b"c" * 3000)
+    assert made is not None
+    request_id, frames, _ = made
+    assert client.sections.pool.ledger.lent_bytes() == 3000
+    request = server.receive_one(b"".join(frames))
+    assert isinstance(request, Message) and request.id == request_id and request.data == b"c" * 3000
+    reply = client.receive_one(b"".join(server.release_frames(server.take_releases())
+                                        + server.reply(request_id, b"ok")))
+    assert isinstance(reply, Message) and reply.data == b"ok"
+    assert client.sections.pool.ledger.lent_bytes() == 0
+
+
+def test_a_copied_body_whose_frame_never_left_gives_its_range_back(pair) -> None:  # type: ignore[no-untyped-def]
+    client, server = pair
+    _announce(client, server)
+    deliver(server.release_frames(server.take_releases()), [], client)
+    made = _copy_request(client, b"c" * 3000)
+    assert made is not None
+    request_id, _, slot = made
+    client.copy_sent(slot, False)
+    client.unsent(request_id)
+    assert client.sections.pool.ledger.lent_bytes() == 0
+    again = _copy_request(client, b"d" * 3000)  # the same range, free again
+    assert again is not None and again[2] == slot
+
+
+def test_bodies_that_need_more_than_a_known_section_take_the_general_path() -> None:
+    client = Channel(PEER, send_limit=64 * MIB, recv_limit=64 * MIB, local_pid=1, sections=sections(secure=True))
+    server = Channel(PEER, send_limit=64 * MIB, recv_limit=64 * MIB, local_pid=2, sections=sections(secure=True))
+    try:
+        assert _copy_request(client, b"s" * 3000) is None  # a secure port: each message its own section
+    finally:
+        client.release_resources()
+        server.release_resources()
+    client = Channel(PEER, send_limit=64 * MIB, recv_limit=64 * MIB, local_pid=1, sections=sections())
+    server = Channel(PEER, send_limit=64 * MIB, recv_limit=64 * MIB, local_pid=2, sections=sections())
+    try:
+        _announce(client, server)
+        assert _copy_request(client, b"b" * (EAGER_COPY_MAX + 1)) is None  # large: reserved, then filled
+        filling = client.reserve(MIB - 4096)  # the known section nearly full: a growth would be needed
+        assert filling is not None
+        lent = client.sections.pool.ledger.lent_bytes()
+        assert _copy_request(client, b"b" * 8192) is None
+        assert client.sections.pool.ledger.lent_bytes() == lent  # nothing placed
+        filling.release()
+        assert client.reserve(8192) is not None
+        held = client.reserve(1000)
+        assert held is not None
+        held.release()  # an unsent view given back: the pool settles that first, on the general path
+        assert _copy_request(client, b"x" * 300) is None
+        assert client.reserve(300) is not None
+    finally:
+        client.release_resources()
+        server.release_resources()

@@ -95,6 +95,39 @@ def test_the_pool_is_reused_in_steady_state(broker, config, section_server) -> N
         assert comm.request(payload, timeout=10).data.startswith(b"sha:")
 
 
+def test_small_bodies_copied_straight_into_the_section_survive_a_write_that_sent_nothing(  # type: ignore[no-untyped-def]
+        broker, config, section_server, monkeypatch) -> None:
+    """Once the peer maps a section, a small body is copied into it with no view on the way:
+    a write that fails before a byte left gives the range, the window slot and the request
+    back, and the connection goes on (every kind: request, datagram, and a reply to the peer)."""
+    server = section_server("svc.copied")
+    payload = os.urandom(4 * KIB)
+    with alpc.connect("svc.copied", config=config, timeout=5) as comm:
+        assert comm.request(payload, timeout=10).data == f"sha:{sha(payload)}:{len(payload)}".encode()
+        pool = comm._channel.sections.pool  # type: ignore[union-attr]
+        assert comm.request(b"sync", timeout=10).data.startswith(b"sha:")
+        assert pool.ledger.lent_bytes() == 0
+        flow = comm._core.channel.flow
+        send = comm._stream.send
+        placed: list[int] = []
+
+        def refuse(*args: object, **kwargs: object) -> None:
+            placed.append(pool.ledger.lent_bytes())  # the body is in the section by now
+            raise alpc.Timeout("refused by the test before a byte left")
+
+        monkeypatch.setattr(comm._stream, "send", refuse)
+        with pytest.raises(alpc.Timeout):
+            comm.request(payload, timeout=5)
+        with pytest.raises(alpc.Timeout):
+            comm.send(payload, timeout=5)
+        monkeypatch.setattr(comm._stream, "send", send)
+        assert placed == [len(payload), len(payload)]
+        assert pool.ledger.lent_bytes() == 0 and flow.datagrams_out == 0 and not comm._channel._pending
+        assert comm.request(payload, timeout=10).data == f"sha:{sha(payload)}:{len(payload)}".encode()
+        comm.send(payload, timeout=10)
+        assert server.expect("DATAGRAM") == [str(len(payload)), sha(payload)]
+
+
 def test_a_message_of_max_message_length_works(broker, config, section_server) -> None:  # type: ignore[no-untyped-def]
     size = alpc.PortAttributes().max_message_length  # 1 GiB by default
     section_server("svc.huge")
