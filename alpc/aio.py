@@ -965,6 +965,8 @@ class AsyncCommunicationPort:
             # where such releases are flushed; a sender waiting for that space hears now.
             if self._core.releases_unannounced():
                 self._flush_releases()
+            if self._dispatch is None:
+                self._release_after_notice()
 
         def dispatch(message: Message) -> bool:
             nonlocal running
@@ -993,6 +995,15 @@ class AsyncCommunicationPort:
                 self._dispatch = None
             if self._serving is ended:
                 self._serving = None
+        self._release_after_notice()
+
+    def _release_after_notice(self) -> None:
+        """serve() dispatched the notice that ended a server's connection: release it (its
+        socket, pidfd, and its place in the port's clients and max_connections), as receive()
+        does on taking one, once no handler serve() started still runs (one may still use a
+        body the client sent before it left)."""
+        if self._is_server and self._core.finalize_wanted and not self._handlers:
+            self._finalize()
 
     def check_length(self, size: int) -> None:
         """MessageTooLarge if a message of ``size`` bytes exceeds what the peer accepts.

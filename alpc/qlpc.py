@@ -171,6 +171,10 @@ class QuickLink:
         # Server: ring traffic of the Message paths, which count in the port's
         # statistics already (a serving loop adds only the rest).
         self._counted = [0, 0, 0, 0]
+        # Server: while serve() runs, the ring counts and _counted last folded into the port's
+        # statistics (a status report folds too: it must not wait for serve() to return).
+        self._serving_from: tuple[dict[str, int], list[int]] | None = None
+        self._fold_lock = threading.Lock()
         # Server: the client maps the rings (a client that declined never does).
         self._attached = not server
         # Server: told after this side waited on or took from the ring, which ends an arm()
@@ -526,13 +530,13 @@ class QuickLink:
             if port._reading or port._inbox or port._failure is not None:
                 return None
             port._reading = True
-        before = self.ring.counts()
-        counted = list(self._counted)
+        with self._fold_lock:
+            self._serving_from = (self.ring.counts(), list(self._counted))
         try:
             return self._serve(port, handler, timeout_ns, timeout)
         finally:
             self._took()
-            self._fold_counts(port, before, counted)
+            self.fold_served(port, done=True)
             port._end_read()
 
     def _took(self) -> None:
@@ -543,7 +547,7 @@ class QuickLink:
     def _serve(self, port: CommunicationPort, handler: Handler, timeout_ns: int,
                timeout: float | None) -> Message | None:
         # The hot loop: one C call per request (its reply and the wait for the
-        # next), then the handler. Counting happens in C.
+        # next), then the handler. Counting happens in C (fold_served).
         reply_wait = self.ring.reply_wait
         unpack = self._unpack
         info = self.ring.info
@@ -597,12 +601,27 @@ class QuickLink:
         if request is not None:
             port._dispatch([request])
 
-    def _fold_counts(self, port: CommunicationPort, before: dict[str, int], counted: list[int]) -> None:
-        """Add what a serving loop moved through the rings to the port's statistics."""
-        after = self.ring.counts()
+    def fold_served(self, port: CommunicationPort, done: bool = False) -> None:
+        """Add what a serving loop moved through the rings since the last fold to the port's
+        statistics: when serve() returns (``done``), and for each status report while it runs
+        (from the keeper's thread), or a server serving for hours would report no traffic."""
+        with self._fold_lock:
+            since = self._serving_from
+            if since is None:
+                return
+            after, counted = self.ring.counts(), list(self._counted)
+            self._serving_from = None if done else (after, counted)
+        self._fold_counts(port, since, (after, counted))
+
+    @staticmethod
+    def _fold_counts(port: CommunicationPort, since: tuple[dict[str, int], list[int]],
+                     until: tuple[dict[str, int], list[int]]) -> None:
+        """Add the ring traffic between two points of a serving loop to the port's statistics
+        (less what the Message paths counted there already)."""
+        (before, counted_before), (after, counted) = since, until
         stats = port.stats
         names = ("messages_in", "bytes_in", "messages_out", "bytes_out")
-        lean = [after[name] - before[name] - (self._counted[i] - counted[i]) for i, name in enumerate(names)]
+        lean = [after[name] - before[name] - (counted[i] - counted_before[i]) for i, name in enumerate(names)]
         stats.messages_in += lean[0]
         stats.bytes_in += lean[1]
         stats.messages_out += lean[2]

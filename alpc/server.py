@@ -570,6 +570,9 @@ class ConnectionPort:
     def _status(self) -> control.PortStatus:
         """The report the keeper sends the broker: every client and the port's counters."""
         with self._lock:
+            for comm in self._quick_comms:
+                if comm._quick is not None:
+                    comm._quick.fold_served(comm)  # what a serve_requests() loop answered so far
             connections: list[CommunicationPort | ForeignConnection] = [*self._connections, *self._foreign]
             live = [LiveConnection(comm.peer, comm.stats, comm.queue_depth,
                                    section_bytes_in_use(comm._channel.sections)) for comm in connections]
