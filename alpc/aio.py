@@ -715,11 +715,16 @@ class AsyncCommunicationPort:
         self._post(frames)
 
     def _after_take(self) -> None:
-        """The application took messages: answers to expired requests, credits once due."""
+        """The application took messages: answers to expired requests (with the releases no
+        reply will carry now), credits once due."""
         core = self._core
-        self._post(core.take_automatic())
-        if core.credit_due:
-            self._flush_releases()
+        frames = core.take_automatic()
+        if core.credit_due or core.releases_unannounced():
+            # A request that expired in the inbox gets no reply to carry the release of its
+            # body (copied out on arrival): it goes just before the runtime's answer.
+            releases, _ = core.release_frames()
+            frames = releases + frames
+        self._post(frames)
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -736,13 +741,18 @@ class AsyncCommunicationPort:
         if not fds and not truncated:
             filed = core.receive_one(data, sender)
             if filed:
-                if filed == FILED_INBOX:
-                    self._wake_inbox()
-                elif filed == FILED_ERROR:
+                if filed == FILED_ERROR:
                     log.warning("protocol error from pid %s, dropping the connection: %s", self.peer.pid, core.error)
                     self._ended()
+                    return
+                if filed == FILED_INBOX:
+                    self._wake_inbox()
                 else:
                     self._wake_replies()
+                # As after any read: a reply frees a slot of the peer's window, a RELEASE riding
+                # before the frame section space, and nothing else wakes those senders (a
+                # window waiter has no timer of its own).
+                self._wake_senders()
                 return
         batch = core.receive(data, fds, sender, truncated)
         if batch.error is not None:
