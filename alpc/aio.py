@@ -1081,13 +1081,18 @@ class AsyncCommunicationPort:
         farewell = self._core.close if not self._unsent else list
         finalize_unclosed(self._stream, farewell, [self._core.release_resources, self._close_pidfd])
 
-    def flush_at_exit(self) -> None:
-        """The process ends normally with datagrams queued here (see connection._flush_at_exit).
-        No loop turns any more: one bounded write of its own, unless the loop still has bytes
-        of this port's to write (these would land inside a frame)."""
-        if not self._unsent:
-            owed, _ = self._core.take_owed()
-            self._stream.send(owed, deadline=deadline_after(port._CLOSE_FLUSH_TIMEOUT))
+    def flush_at_exit(self, timeout: float) -> None:
+        """The process ends normally (see connection._flush_at_exit): no loop turns any more, so
+        one write of its own, waiting ``timeout`` at most for room: the bytes the loop had still
+        to write first (a send cancelled meanwhile goes out whole, asyncio.run() cancels what
+        still waits), then the datagrams queued here. Not while a loop on another thread runs:
+        its own write may be under way."""
+        if not (self._unsent or self._core.backlogged) or (self._unsent and self._loop.is_running()):
+            return
+        owed, _ = self._core.take_owed()
+        unsent = list(self._unsent)
+        self._unsent.clear()
+        self._stream.send([*unsent, *owed], deadline=deadline_after(timeout))
 
     def _close_pidfd(self) -> None:
         if self._pidfd is not None:

@@ -25,6 +25,7 @@ import asyncio
 import concurrent.futures
 import inspect
 import logging
+import queue
 import threading
 import time
 from collections import deque
@@ -53,6 +54,62 @@ _WATCH_EVERY = 0.02
 # How long serve() waits, in all, for its pool threads (in handlers) when it stops: one
 # bound for the whole pool, or N stuck handlers would hold serve() N times as long.
 _JOIN_TIMEOUT = 5.0
+# What a handler's (or on_connect's) failure may be, as for an RPC handler: SystemExit too. A
+# handler's sys.exit() (argparse's answer to a bad option) ended its pool thread, serve() itself,
+# or the private event loop, with its request unanswered and its client's turn (ordered) never
+# given back. KeyboardInterrupt still propagates.
+_HANDLER_ERRORS = (Exception, SystemExit)
+
+
+class _Writers(concurrent.futures.Executor):
+    """Daemon threads for the replies of async handlers that may wait for a client's socket.
+
+    A ThreadPoolExecutor's threads are joined when the interpreter exits: a process ending
+    while one waited on a client that stopped reading waited its send_timeout (and another one
+    for every deaf client beyond the pool's size). Every other thread of a completion port is
+    a daemon thread already. Each job takes an idle thread or starts one, up to ``size`` (as
+    many as the loop has task slots), so no reply waits behind one that is blocked.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads = 0
+        self._idle = 0
+
+    def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[_T]:
+        future: concurrent.futures.Future[_T] = concurrent.futures.Future()
+
+        def job() -> None:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args, **kwargs))
+                except BaseException as exc:
+                    future.set_exception(exc)
+
+        with self._lock:
+            if self._idle:
+                self._idle -= 1  # that thread is this job's
+            elif self._threads < self._size:
+                self._threads += 1
+                threading.Thread(target=self._work, name="alpc-completion-reply", daemon=True).start()
+        self._jobs.put(job)
+        return future
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            job()
+            del job  # its result and arguments go now, not with the next job
+            with self._lock:
+                self._idle += 1
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Let the threads go once the jobs queued before this are done (never waits)."""
+        with self._lock:
+            threads, self._threads, self._idle = self._threads, 0, 0
+        for _ in range(threads):
+            self._jobs.put(None)
 
 
 def _expired(message: Message) -> bool:
@@ -276,7 +333,7 @@ class CompletionPort:
                 # An async on_connect's truth was the coroutine's: every client was let in.
                 verdict = self._resolve(verdict)
             return bool(verdict)
-        except Exception:
+        except _HANDLER_ERRORS:
             log.exception("on_connect failed on %r", request)
             return False
 
@@ -310,7 +367,7 @@ class CompletionPort:
                 result = self.handler(message)
                 if inspect.isawaitable(result):
                     result = self._resolve(result)
-            except Exception:
+            except _HANDLER_ERRORS:
                 log.exception("handler failed on %r", message)
                 result = b""
             self._reply(message, result)
@@ -365,8 +422,7 @@ class CompletionPort:
     def _start_loop(self) -> None:
         loop = asyncio.new_event_loop()
         # The replies' writers (_run_async): one per slot, so none waits behind a blocked one.
-        loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(
-            self.max_workers, thread_name_prefix="alpc-completion-reply"))
+        self._writers = _Writers(self.max_workers)
         self._loop = loop
         self._loop_thread = threading.Thread(target=loop.run_forever, name="alpc-completion-loop", daemon=True)
         self._loop_thread.start()
@@ -396,7 +452,7 @@ class CompletionPort:
             return
         if _expired(message):
             # Its answer may wait for the client's socket: not on the loop thread (see below).
-            await asyncio.get_running_loop().run_in_executor(None, message.port._expire, message)
+            await asyncio.get_running_loop().run_in_executor(self._writers, message.port._expire, message)
             return
         # The task itself is what a cancel cancels (_cancel_task): its slot stays taken
         # until the handler has really returned.
@@ -407,7 +463,7 @@ class CompletionPort:
             result = await self.handler(message)  # type: ignore[misc]
         except asyncio.CancelledError:
             return
-        except Exception:
+        except _HANDLER_ERRORS:
             log.exception("handler failed on %r", message)
             result = b""
         finally:
@@ -426,7 +482,7 @@ class CompletionPort:
         except Exception:
             log.exception("handler failed on %r", message)
             result = b""
-        await asyncio.get_running_loop().run_in_executor(None, self._reply, message, result)
+        await asyncio.get_running_loop().run_in_executor(self._writers, self._reply, message, result)
 
     def _reply(self, message: Message, result: Buffer | None) -> None:
         """Answer with ``result``, by one pool thread per client at a time: a reply to a client
@@ -518,6 +574,7 @@ class CompletionPort:
                 self._loop_thread.join(5.0)
             if not loop.is_running():
                 loop.close()
+            self._writers.shutdown()
             self._loop = None
 
     def __enter__(self) -> CompletionPort:

@@ -67,9 +67,9 @@ from .security import PeerCred
 from .stats import ConnectionStats
 from .wire import MessageType, Range, Release
 
-__all__ = ["BUDGET_RECHECK", "FILED_ERROR", "FILED_INBOX", "FILED_NOTHING", "FILED_REPLY", "NOTICES", "NOT_FILED",
-           "SPACE_REASK", "Batch", "Body", "Connection", "Owed", "Wake", "body_size", "check_max_messages", "copy_body",
-           "owned_body", "reply_lost"]
+__all__ = ["BUDGET_RECHECK", "EXIT_FLUSH_TIMEOUT", "FILED_ERROR", "FILED_INBOX", "FILED_NOTHING", "FILED_REPLY",
+           "NOTICES", "NOT_FILED", "SPACE_REASK", "Batch", "Body", "Connection", "Owed", "Wake", "body_size",
+           "check_max_messages", "copy_body", "owned_body", "reply_lost"]
 
 NOTICES = (MessageType.PORT_CLOSED, MessageType.CLIENT_DIED)
 # Unflushed datagrams (send(..., flush=False)) beyond this many bytes go out at once.
@@ -190,14 +190,23 @@ def _forked() -> None:
 os.register_at_fork(after_in_child=_forked)
 
 
+# How long a process ending normally waits, in all, for room for its ports' queued datagrams.
+EXIT_FLUSH_TIMEOUT = 1.0
+
+
 def _flush_at_exit() -> None:
     """The process ends normally: the datagrams its ports still queue (send(flush=False) on a
-    port nobody closed, or one the collector will not reach in time) go out, not with it."""
+    port nobody closed, or one the collector will not reach in time) go out, not with it.
+
+    One bound for every port: a bound each made a process with N peers that stopped reading
+    take N seconds to exit. A port reached after it still writes what fits at once."""
+    deadline = _monotonic() + EXIT_FLUSH_TIMEOUT
     for connection in list(_connections):
+        # The driver knows what it has still to write (an asyncio one, a cancelled send too).
         flush = getattr(connection.owner, "flush_at_exit", None)
-        if connection._backlog and not connection.inherited and connection.failure is None and flush:
+        if not connection.inherited and connection.failure is None and flush:
             try:
-                flush()
+                flush(max(0.0, deadline - _monotonic()))
             except Exception:  # the peer gone or stuck: nothing left to do at exit
                 pass
 

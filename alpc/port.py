@@ -1657,9 +1657,11 @@ class CommunicationPort:
         quick = [self._quick.close] if self._quick is not None else []
         finalize_unclosed(self._stream, self._core.close, [*quick, self._core.release_resources, self._close_pidfd])
 
-    def flush_at_exit(self) -> None:
-        """The process ends normally with datagrams queued here (see connection._flush_at_exit)."""
-        self.flush(_CLOSE_FLUSH_TIMEOUT)
+    def flush_at_exit(self, timeout: float) -> None:
+        """The process ends normally with datagrams queued here (see connection._flush_at_exit):
+        write them, waiting ``timeout`` at most for room."""
+        if self._core.backlogged:
+            self.flush(timeout)
 
     def _close_pidfd(self) -> None:
         if self._pidfd is not None:
