@@ -107,9 +107,12 @@ SECTION_TYPES = frozenset({
 # However small the inline threshold, inline frames up to this size are
 # accepted, so runtime frames (release lists) always fit.
 INLINE_FLOOR = 64 * 1024
-# An automatic section body up to this size is copied out on arrival and its range given
-# back at once (no more heap than an inline frame may take); a larger one waits in the
-# section until ``data`` is first read.
+# An automatic section body up to this size that comes alone in a read (a request taken by
+# ``receive_one``) is copied out on arrival and its range given back at once (no more heap
+# than an inline frame may take). A larger one, or one of several in a read (a stream of
+# datagrams), waits in the section until ``data`` is first read: copying a whole read's bodies
+# at once grew the heap for each read and faulted its pages in (one-way 64 KiB datagrams on
+# one CPU went 2x slower).
 EAGER_COPY_MAX = INLINE_FLOOR
 # Late replies to requests we gave up on are dropped; remember this many ids.
 MAX_ABANDONED = 65536
@@ -164,9 +167,9 @@ class Message:
     memoryview into the sender's section (``with message.view as memory:``),
     released when the block ends; ``data`` is then a copy, made on first use.
     A body the sender's runtime put in a section by itself (a large message)
-    is copied out on arrival up to ``EAGER_COPY_MAX`` bytes; a larger one on
-    first use of ``data``, which gives its range back (until then it holds
-    that space of the sender's section quota).
+    is copied out on first use of ``data``, which gives its range back (until
+    then it holds that space of the sender's section quota); a request of up
+    to ``EAGER_COPY_MAX`` bytes alone in its read is copied out on arrival.
     A request whose client granted memory carries ``grant`` (a PeerMemory).
 
     ``sender`` comes from the SCM_CREDENTIALS of the read that carried the
@@ -430,6 +433,8 @@ class Channel:
         # Set when the peer must hear of our releases at once: it asked
         # (RELEASE_WANTED), or it sent a body that no reply of ours will follow.
         self.releases_urgent = False
+        # While receive_one decodes its one frame: a small section body is copied on arrival.
+        self._lone_read = False
         self.peer_closed = False
         self.closed = False
         self.close_reason = ""
@@ -1036,7 +1041,11 @@ class Channel:
             return False  # not exactly one frame: nothing is consumed
         if attr_length and (attr_length != LONE_REF_SIZE or data[release_end + 3] != _REQUEST_INT):
             return False  # a section body only for a request: its release rides with the reply
-        message, end = self._plain(data, release_end)
+        self._lone_read = True
+        try:
+            message, end = self._plain(data, release_end)
+        finally:
+            self._lone_read = False
         if not end:
             return False
         if release_end:
@@ -1312,7 +1321,7 @@ class Channel:
         """Give a message its section body: a view (the sender sent one) or a range to copy out."""
         assert self.sections is not None
         as_view = bool(ref.flags & _VIEW)
-        if not as_view and ref.length <= EAGER_COPY_MAX:
+        if not as_view and self._lone_read and ref.length <= EAGER_COPY_MAX:
             message._data = self.sections.peer.copy_out(ref)
             if message.type is not _Types.REQUEST:
                 self.releases_urgent = True

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from alpc.connection import BACKLOG_LIMIT, Connection
+from alpc.connection import BACKLOG_LIMIT, FILED_INBOX, Connection
 from alpc.errors import Cancelled, ConnectionClosed, DeadlineExceeded, PeerGone
 from alpc.protocol import EAGER_COPY_MAX, Channel
 from alpc.section import ConnectionSections
@@ -118,12 +118,21 @@ def test_releases_ride_with_the_reply_while_one_is_owed(pair) -> None:  # type: 
     assert client.take_reply(request_id) is not None
 
 
-def test_a_small_body_is_copied_on_arrival_and_its_release_rides_with_the_reply(pair) -> None:  # type: ignore[no-untyped-def]
+def test_a_small_body_alone_in_a_read_is_copied_on_arrival_and_its_release_rides_with_the_reply(pair) -> None:  # type: ignore[no-untyped-def]
     client, server = pair
+    send_through_section(client, server, MessageType.DATAGRAM, b"announces the section")
+    assert server.take_message().data == b"announces the section"  # type: ignore[union-attr]
+    deliver(server.release_frames()[0], client)  # nothing left to tell: the next read is one step
     body = os.urandom(4096)
-    request_id, out = send_through_section(client, server, MessageType.REQUEST, body)
+    view = client.reserve(len(body), False)
+    assert view is not None
+    view.memory[:] = body
+    request_id, frames, fds = client.section_message(MessageType.REQUEST, view, as_view=False)
+    client.section_sent(view, True)
+    assert fds == []
+    assert server.receive_one(b"".join(frames)) == FILED_INBOX  # the one-step path
     # Copied out already: the range is free to give back, and the reply will say so.
-    assert out == [] and server.owed
+    assert server.owed
     message = server.take_message()
     assert message is not None and message._copy is None and message.data == body
     owed, _ = server.take_owed()
@@ -133,15 +142,27 @@ def test_a_small_body_is_copied_on_arrival_and_its_release_rides_with_the_reply(
     assert client.take_reply(request_id) is not None
 
 
-def test_a_small_datagram_body_is_released_at_once(pair) -> None:  # type: ignore[no-untyped-def]
+def test_small_bodies_several_to_a_read_wait_in_the_section_until_read(pair) -> None:  # type: ignore[no-untyped-def]
     client, server = pair
-    body = os.urandom(EAGER_COPY_MAX)
-    _, out = send_through_section(client, server, MessageType.DATAGRAM, body)
-    # No reply is coming to carry it: the release goes out with the read's answer.
-    assert [MessageType(frame[3]) for frame in out] == [MessageType.RELEASE]
-    deliver(out, client)
-    assert client.channel.sections is not None and client.channel.sections.pool.ledger.lent_bytes() == 0
-    assert server.take_message().data == body  # type: ignore[union-attr]
+    bodies = [os.urandom(EAGER_COPY_MAX), os.urandom(300)]
+    frames: list[bytes] = []
+    passed: list[int] = []
+    for body in bodies:
+        view = client.reserve(len(body), False)
+        assert view is not None
+        view.memory[:] = body
+        _, more, fds = client.section_message(MessageType.DATAGRAM, view, as_view=False)
+        client.section_sent(view, True)
+        frames += more
+        passed += fds
+    deliver(frames, server, passed)
+    # A stream's bodies are copied as the application reads them: all at once on arrival would
+    # allocate a whole read's worth of fresh copies (heap growth and page faults each time).
+    assert server.channel.sections is not None and server.channel.sections.peer.copies_held == 2
+    first, second = server.take_message(), server.take_message()
+    assert first is not None and second is not None and first._copy is not None
+    assert (first.data, second.data) == tuple(bodies)
+    assert server.channel.sections.peer.copies_held == 0
 
 
 def test_bodies_not_yet_taken_are_copied_out_when_the_connection_ends(pair) -> None:  # type: ignore[no-untyped-def]
