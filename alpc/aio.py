@@ -37,6 +37,7 @@ from .connection import (
     Body,
     Connection,
     body_size,
+    check_callables,
     check_max_messages,
     copy_body,
     owned_body,
@@ -140,6 +141,13 @@ def _follow(source: asyncio.Future[None]) -> asyncio.Future[None]:
 
     source.add_done_callback(done)
     return waiter
+
+
+def check_max_tasks(max_tasks: object) -> None:
+    """serve()'s bound, checked before a message is taken: 0 dispatched none (every request hung
+    to its own timeout, silently) and a non-int failed in the socket's readiness callback."""
+    if type(max_tasks) is not int or max_tasks < 1:
+        raise ValueError(f"max_tasks must be an int >= 1, got {max_tasks!r}")
 
 
 class AsyncCommunicationPort:
@@ -956,6 +964,8 @@ class AsyncCommunicationPort:
         replies as usual, so a client may serve its peer's nested calls this way.
         """
         self._own_loop("serve()")
+        check_callables(handler=handler)
+        check_max_tasks(max_tasks)
         if self._dispatch is not None:
             # A second one took over the dispatch: the first never heard the connection end
             # and never returned (close() included), its task awaited forever.
@@ -1274,6 +1284,9 @@ class AsyncConnectionPort:
         client cancels has its task cancelled. Returns when no client
         connects within ``timeout`` while none is connected.
         """
+        # Before a client is accepted, not in each one's serve().
+        check_callables(handler=handler, accept=accept)
+        check_max_tasks(max_tasks)
         clients: set[asyncio.Task[None]] = set()
         try:
             while True:

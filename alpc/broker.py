@@ -142,6 +142,12 @@ class Broker:
                  replace: bool = False, on_status: Callable[[str], object] | None = None,
                  on_stopping: Callable[[str], object] | None = None, shared: bool = False,
                  limits: BrokerLimits = BROKER_DEFAULTS) -> None:
+        # Checked now: any other limits were taken and the broker's thread died of an
+        # AttributeError at its first connection; a truthy non-bool (shared="no") made it shared.
+        if not isinstance(limits, BrokerLimits):
+            raise TypeError(f"limits must be an alpc.BrokerLimits, not {type(limits).__name__}")
+        if type(shared) is not bool:
+            raise TypeError(f"shared must be a bool, not {type(shared).__name__}")
         self.config = Config.from_env(runtime_dir)
         self.shared = shared
         self.limits = limits

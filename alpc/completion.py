@@ -32,7 +32,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from .connection import NOTICES
+from .connection import NOTICES, check_callables
 from .errors import AlpcError, ConnectionClosed, Timeout
 from .protocol import Message
 from .server import CANNOT_ACCEPT, ConnectionPort, ConnectionRequest
@@ -135,6 +135,9 @@ class CompletionPort:
         # NaN compared false, so extra threads retired at once; inf (never shrink) is fine.
         if isinstance(idle_timeout, bool) or not isinstance(idle_timeout, (int, float)) or not idle_timeout >= 0:
             raise ValueError(f"idle_timeout must be a number of seconds >= 0, got {idle_timeout!r}")
+        if not isinstance(port, ConnectionPort):  # else serve() failed with an AttributeError
+            raise TypeError(f"port must be an alpc.ConnectionPort, not {type(port).__name__}")
+        check_callables(handler=handler, on_connect=on_connect)
         self.port = port
         self.handler = handler
         self.on_connect = on_connect

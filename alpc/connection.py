@@ -101,6 +101,17 @@ def body_size(data: Body) -> int:
     return payload_parts(data)[1]
 
 
+def check_callables(**callbacks: object) -> None:
+    """A server loop's handler (and its optional accept hook), checked when given: None or a
+    non-callable was taken, and every message then failed in the handler (logged) and was
+    answered with an empty reply, as if it had been served."""
+    for name, callback in callbacks.items():
+        if callback is None and name != "handler":
+            continue
+        if not callable(callback):
+            raise TypeError(f"{name} must be callable, not {type(callback).__name__}")
+
+
 def check_max_messages(max_messages: object) -> None:
     """receive_many's bound, checked before a message is taken: 0 still returned one, and a
     non-int failed after the first message had left the inbox (lost)."""

@@ -51,7 +51,9 @@ def list_peers(name: str, config: Config | None = None, timeout: float | None = 
 
 def port_stats(name: str = "", config: Config | None = None, timeout: float | None = 5.0) -> control.StatsList:
     """Counters of port ``name``, or of every port the caller may inspect when ``name`` is empty."""
-    if name:
+    # Only "" means every port: None (or any other falsy non-str) went to the broker, which
+    # dropped the asking connection as a protocol error (BrokerUnavailable here).
+    if name != "":
         control.validate_port_name(name)
     return _ask(config, control.Stats(name=name), control.StatsList, timeout)
 

@@ -142,6 +142,9 @@ class Server:
             raise ValueError(f"poll_interval must be a number of seconds in (0, {_MAX_POLL_INTERVAL}], "
                              f"got {poll_interval!r}")
         check_options(limits, inline_threshold)
+        # Every reply is written with it: a negative or NaN one failed each reply in its worker,
+        # so every client's every call went unanswered to its own timeout.
+        check_timeout(reply_timeout, "reply_timeout")
         self.name = name
         self._admission = Admission(objects)
         self._admission.refuse_coroutines()
