@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from functools import lru_cache, partial
 from typing import Any, NamedTuple, Protocol
 
-from ..errors import MarshalError
+from ..errors import MarshalError, Timeout
 from ..protocol import Message, Payload
 from ..security import PeerCred
 from .codec import Call, Codec, ObjectRef
@@ -64,7 +64,7 @@ class CallContext:
 
     @property
     def cancelled(self) -> bool:
-        """True once the caller cancelled this call (or timed out waiting for it).
+        """True once the caller cancelled this call (or timed out waiting for it, or went away).
 
         A synchronous handler polls this and stops early; its reply is dropped
         either way. An async handler gets CancelledError as well. Polling reads
@@ -75,10 +75,14 @@ class CallContext:
         if message is None:
             return False
         if not message.cancelled:
-            pump = getattr(message.port, "pump", None)  # a blocking port; the asyncio loop reads by itself
+            port = message.port
+            pump = getattr(port, "pump", None)  # a blocking port; the asyncio loop reads by itself
             if pump is not None:
                 pump()
-        return message.cancelled
+            # A caller that closed its connection (or died) waits for no reply either: the
+            # asyncio server cancels such a handler's task, and a polling one stops as well.
+            return message.cancelled or bool(getattr(port, "closed", False))
+        return True
 
     def remaining(self) -> float | None:
         """Seconds left before the caller's deadline (never negative); None if it set none."""
@@ -347,7 +351,7 @@ class Dispatcher:
             result = binding.fn(*args)
         except _HANDLER_ERRORS as exc:
             if expects_reply:
-                return self.fail(exc)
+                return self.fail(exc, deadline)
             self._log_oneway(entry.interface, name, exc)
             return None
         finally:
@@ -482,7 +486,7 @@ class Dispatcher:
 
     def _raised(self, info: CallInfo, exc: BaseException) -> Payload | None:
         if not info[4]:
-            return self.fail(exc)
+            return self.fail(exc, info[3])
         self._log_oneway(info[1], info[2], exc)
         return None
 
@@ -497,9 +501,11 @@ class Dispatcher:
         return self._codec.encode_error(ErrorCode.MARSHAL, "MarshalError",
                                         _printable(f"cannot marshal the result: {_describe(exc)}"))
 
-    def fail(self, exc: BaseException) -> Payload:
-        """The reply for a call whose handler raised ``exc``."""
+    def fail(self, exc: BaseException, deadline: float | None = None) -> Payload:
+        """The reply for a call whose handler raised ``exc``; ``deadline`` is the call's."""
         code = typed_error_code(exc)
+        if code == ErrorCode.REMOTE and _deadline_ran_out(exc, deadline):
+            code = ErrorCode.DEADLINE
         tb = _format_traceback(exc) if self._send_tracebacks else None
         message = _describe(exc)
         type_name = exception_type_name(exc)
@@ -510,6 +516,16 @@ class Dispatcher:
             # an undecodable file name): the caller must get the error all the same.
             return self._codec.encode_error(code, _printable(type_name), _printable(message),
                                             None if tb is None else _printable(tb))
+
+
+def _deadline_ran_out(exc: BaseException, deadline: float | None) -> bool:
+    """A Timeout raised once the call's deadline passed: the caller's time ran out.
+
+    A nested call inherits that deadline, and its Timeout is then the caller's own
+    (DeadlineExceeded at the caller), not a failure of the handler (a RemoteError,
+    which ``except alpc.Timeout`` would not catch).
+    """
+    return isinstance(exc, Timeout) and deadline is not None and time.monotonic() >= deadline
 
 
 def _expire(leases: Leases) -> None:
