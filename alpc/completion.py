@@ -93,9 +93,20 @@ class _Writers(concurrent.futures.Executor):
                 self._idle -= 1  # that thread is this job's
             elif self._threads < self._size:
                 self._threads += 1
-                threading.Thread(target=self._work, name="alpc-completion-reply", daemon=True).start()
+                self._start()
         self._jobs.put(job)
         return future
+
+    def _start(self) -> None:
+        """One more thread (counted by the caller, under _lock). One that cannot start (out of
+        threads for a moment) is not counted: kept, its count left the pool waiting for good on
+        threads that never ran once size starts had failed. With none running, the job fails."""
+        try:
+            threading.Thread(target=self._work, name="alpc-completion-reply", daemon=True).start()
+        except RuntimeError:
+            self._threads -= 1
+            if not self._threads:
+                raise
 
     def _work(self) -> None:
         while (job := self._jobs.get()) is not None:
@@ -110,6 +121,15 @@ class _Writers(concurrent.futures.Executor):
             threads, self._threads, self._idle = self._threads, 0, 0
         for _ in range(threads):
             self._jobs.put(None)
+
+
+class _Exited(Exception):
+    """A SystemExit out of an awaitable _resolve runs on the private loop, carried to the
+    thread that waits for it (where it fails that call only)."""
+
+    def __init__(self, exit: SystemExit) -> None:
+        super().__init__(exit)
+        self.exit = exit
 
 
 def _expired(message: Message) -> bool:
@@ -223,6 +243,11 @@ class CompletionPort:
                 continue
             self._promote()
             if isinstance(event, ConnectionRequest):
+                if self._async and self.on_connect is not None:
+                    # The loop's only reader runs on_connect: the watcher reads meanwhile, or a
+                    # running task's cancel waited for a slow on_connect to return.
+                    with self._lock:
+                        self._watch_saturated()
                 self._connect(event)
             else:
                 self._dispatch(event)
@@ -299,11 +324,18 @@ class CompletionPort:
             self._leader.release()
 
     def _retire(self, idle_since: float) -> bool:
-        """An extra thread idle for idle_timeout leaves (the pool shrinks to min_workers)."""
+        """An extra thread idle for idle_timeout leaves (the pool shrinks to min_workers), but
+        not the last one that would wait on the port: with every other thread in a handler,
+        nobody read it (no cancel reached those handlers, and no other client was served
+        although the pool may grow), and the watcher only starts when the pool is full."""
         if time.monotonic() - idle_since < self.idle_timeout and not self._stopping.is_set():
             return False
         with self._lock:
-            if self._workers > max(self.min_workers, 1) or self._stopping.is_set():
+            if self._stopping.is_set():
+                self._workers -= 1
+                return True
+            waited_on = self._followers > 0 or self._leader.locked()
+            if self._workers > max(self.min_workers, 1) and waited_on:
                 self._workers -= 1
                 return True
         return False
@@ -397,9 +429,17 @@ class CompletionPort:
         assert self._loop is not None
 
         async def run() -> _T:
-            return await awaitable
+            try:
+                return await awaitable
+            except SystemExit as exc:
+                # Out of a task asyncio re-raises it from run_forever: the private loop ended
+                # and this thread waited for good. It goes to this thread, as a failure.
+                raise _Exited(exc) from None
 
-        return asyncio.run_coroutine_threadsafe(run(), self._loop).result()
+        try:
+            return asyncio.run_coroutine_threadsafe(run(), self._loop).result()
+        except _Exited as exited:
+            raise exited.exit from None
 
     @staticmethod
     def _answer(message: Message, result: Buffer | None) -> None:
