@@ -165,6 +165,25 @@ def broker(runtime_dir: Path) -> Iterator[alpc.Broker]:
         yield running
 
 
+@pytest.fixture
+def local_pair(broker: alpc.Broker, config: alpc.Config) -> Iterator[tuple[alpc.CommunicationPort,
+                                                                         alpc.CommunicationPort]]:
+    """(server side, client side) of one connection, both in this process; closed afterwards."""
+    with alpc.create_port("svc.local.pair", config=config) as port:
+        got: list[alpc.CommunicationPort] = []
+        connecting = threading.Thread(target=lambda: got.append(alpc.connect("svc.local.pair", config=config,
+                                                                             timeout=10)))
+        connecting.start()
+        server = port.listen(timeout=10).accept()
+        connecting.join(10)
+        (client,) = got
+        try:
+            yield server, client
+        finally:
+            client.close()
+            server.close()
+
+
 class Peer:
     """A child process speaking the line protocol of tests/peers.py (or any READY-line program)."""
 

@@ -11,8 +11,7 @@ the child: its close() must not need one.
 from __future__ import annotations
 
 import os
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from test_fork_close import in_child, in_child_while_held  # tests/ is on sys.path, as for tests/test_rpc_e2e.py
@@ -22,24 +21,6 @@ import alpc
 pytestmark = pytest.mark.timeout(60)
 
 SIZE = 64 << 10
-
-
-@pytest.fixture
-def pair(broker: alpc.Broker, config: alpc.Config) -> Iterator[tuple[alpc.CommunicationPort, alpc.CommunicationPort]]:
-    """(server side, client side) of one connection, both in this process (the child forks from it)."""
-    with alpc.create_port("fork.inherit.pair", config=config) as port:
-        got: list[alpc.CommunicationPort] = []
-        connecting = threading.Thread(target=lambda: got.append(alpc.connect("fork.inherit.pair", config=config,
-                                                                             timeout=10)))
-        connecting.start()
-        server = port.listen(timeout=10).accept()
-        connecting.join(10)
-        (client,) = got
-        try:
-            yield server, client
-        finally:
-            client.close()
-            server.close()
 
 
 def _received_view(server: alpc.CommunicationPort, client: alpc.CommunicationPort, fill: bytes) -> alpc.Message:
@@ -61,8 +42,8 @@ def _peer_reuses(server: alpc.CommunicationPort) -> None:
 
 @pytest.mark.parametrize("how", ["release", "with"])
 def test_a_child_releasing_an_inherited_view_does_not_free_the_parents_range(
-        pair: tuple[alpc.CommunicationPort, alpc.CommunicationPort], how: str) -> None:
-    server, client = pair
+        local_pair: tuple[alpc.CommunicationPort, alpc.CommunicationPort], how: str) -> None:
+    server, client = local_pair
     message = _received_view(server, client, b"A")
     assert message.view is not None
     view = message.view
@@ -80,10 +61,10 @@ def test_a_child_releasing_an_inherited_view_does_not_free_the_parents_range(
 
 
 def test_a_child_sending_on_an_inherited_connection_does_not_release_the_parents_range(
-        pair: tuple[alpc.CommunicationPort, alpc.CommunicationPort]) -> None:
+        local_pair: tuple[alpc.CommunicationPort, alpc.CommunicationPort]) -> None:
     """The child may use the shared socket (a request from it is its own), but the releases its
     copy queued (its views of the parent's ranges) must not ride along."""
-    server, client = pair
+    server, client = local_pair
     message = _received_view(server, client, b"A")
     view = message.view
     assert view is not None
@@ -100,8 +81,9 @@ def test_a_child_sending_on_an_inherited_connection_does_not_release_the_parents
     view.release()
 
 
-def test_frames_a_child_sends_carry_its_own_pid(pair: tuple[alpc.CommunicationPort, alpc.CommunicationPort]) -> None:
-    server, client = pair
+def test_frames_a_child_sends_carry_its_own_pid(
+        local_pair: tuple[alpc.CommunicationPort, alpc.CommunicationPort]) -> None:
+    server, client = local_pair
     assert in_child(lambda: client.start_request(b"from the child", timeout=5)) == 0
     request = server.receive(timeout=5)
     # The header's pid is informational, but it must not name another process than the sender.
@@ -110,20 +92,20 @@ def test_frames_a_child_sends_carry_its_own_pid(pair: tuple[alpc.CommunicationPo
 
 @pytest.mark.parametrize("lock", ["_send_lock", "_state", "_cv_lock"])
 def test_a_child_closing_a_port_whose_lock_a_parent_thread_held_does_not_hang(
-        pair: tuple[alpc.CommunicationPort, alpc.CommunicationPort], lock: str) -> None:
+        local_pair: tuple[alpc.CommunicationPort, alpc.CommunicationPort], lock: str) -> None:
     """A parent thread mid-send holds the port's send lock (mid-read its state lock...) at the fork:
     in the child nobody ever releases it, so a close() that takes it hangs the child for ever."""
-    _, client = pair
+    _, client = local_pair
     assert in_child_while_held(getattr(client, lock), client.close) == 0
     assert not client.closed  # the parent's copy is still open
 
 
 def test_a_large_message_from_a_child_is_refused_not_the_death_of_the_parents_connection(
-        pair: tuple[alpc.CommunicationPort, alpc.CommunicationPort]) -> None:
+        local_pair: tuple[alpc.CommunicationPort, alpc.CommunicationPort]) -> None:
     """Sequential use, as README's forked-child grant: the child's copy of the section pool would
     number a section (and place ranges) the parent numbers too; the peer then dropped the
     connection ("section 1 announced twice"). The child's large sends are refused instead."""
-    server, client = pair
+    server, client = local_pair
 
     def send_large() -> None:
         with pytest.raises(alpc.SectionError, match="forked child"):
@@ -141,10 +123,10 @@ def test_a_large_message_from_a_child_is_refused_not_the_death_of_the_parents_co
 
 
 def test_a_datagram_from_a_child_is_refused_not_the_death_of_the_parents_connection(
-        pair: tuple[alpc.CommunicationPort, alpc.CommunicationPort]) -> None:
+        local_pair: tuple[alpc.CommunicationPort, alpc.CommunicationPort]) -> None:
     """The peer's credits for the child's datagrams came back to the parent, which had not sent
     them: it dropped the connection ("CREDIT returns 2 datagrams ..., more than were sent")."""
-    server, client = pair
+    server, client = local_pair
 
     many = server._core.flow._credit_due_at  # the peer returns credit once it took this many
 
@@ -165,10 +147,10 @@ def test_a_datagram_from_a_child_is_refused_not_the_death_of_the_parents_connect
 
 
 def test_what_the_parent_queued_is_not_sent_again_by_its_child(
-        pair: tuple[alpc.CommunicationPort, alpc.CommunicationPort]) -> None:
+        local_pair: tuple[alpc.CommunicationPort, alpc.CommunicationPort]) -> None:
     """send(flush=False) queues a datagram for the parent's next write; the child's copy of that
     queue went out with the child's first write, and then the parent sent it too."""
-    server, client = pair
+    server, client = local_pair
     client.send(b"queued", timeout=5, flush=False)
     # A request the child starts (and never waits for): the parent's queue must not ride along.
     assert in_child(lambda: client.start_request(b"child", timeout=5)) == 0

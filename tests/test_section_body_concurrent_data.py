@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
 
 import pytest
 
@@ -23,27 +22,9 @@ pytestmark = pytest.mark.timeout(60)
 BODY = 1 << 20
 
 
-@pytest.fixture
-def pair(broker: alpc.Broker, config: alpc.Config) -> Iterator[tuple[alpc.CommunicationPort, alpc.CommunicationPort]]:
-    """(server side, client side) of one connection, both in this process."""
-    with alpc.create_port("svc.views.concurrent.data", config=config) as port:
-        got: list[alpc.CommunicationPort] = []
-        connecting = threading.Thread(target=lambda: got.append(alpc.connect("svc.views.concurrent.data",
-                                                                             config=config, timeout=10)))
-        connecting.start()
-        server = port.listen(timeout=10).accept()
-        connecting.join(10)
-        (client,) = got
-        try:
-            yield server, client
-        finally:
-            client.close()
-            server.close()
-
-
 def test_a_second_reader_of_data_during_the_first_copy_gets_the_body(
-        pair: tuple[alpc.CommunicationPort, alpc.CommunicationPort], monkeypatch: pytest.MonkeyPatch) -> None:
-    server, client = pair
+        local_pair: tuple[alpc.CommunicationPort, alpc.CommunicationPort], monkeypatch: pytest.MonkeyPatch) -> None:
+    server, client = local_pair
     body = os.urandom(BODY)
     client.send(body, timeout=5)
     message = server.receive(timeout=5)

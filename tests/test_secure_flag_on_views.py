@@ -10,8 +10,6 @@ caller's (it may release it, or send it without ``secure``).
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import Iterator
 
 import pytest
 
@@ -21,24 +19,6 @@ from alpc import aio
 pytestmark = pytest.mark.timeout(60)
 
 SIZE = 64 << 10
-
-
-@pytest.fixture
-def pair(broker: alpc.Broker, config: alpc.Config) -> Iterator[tuple[alpc.CommunicationPort, alpc.CommunicationPort]]:
-    """(server side, client side) of one connection, both in this process."""
-    with alpc.create_port("svc.views.secure.flag", config=config) as port:
-        got: list[alpc.CommunicationPort] = []
-        connecting = threading.Thread(target=lambda: got.append(alpc.connect("svc.views.secure.flag", config=config,
-                                                                             timeout=10)))
-        connecting.start()
-        server = port.listen(timeout=10).accept()
-        connecting.join(10)
-        (client,) = got
-        try:
-            yield server, client
-        finally:
-            client.close()
-            server.close()
 
 
 def _filled_view(comm: alpc.CommunicationPort) -> alpc.SectionView:
@@ -56,8 +36,8 @@ def _arrived_secure(comm: alpc.CommunicationPort) -> bool:
 
 
 def test_sending_a_plain_view_with_secure_is_refused_and_the_view_stays_the_callers(
-        pair: tuple[alpc.CommunicationPort, alpc.CommunicationPort]) -> None:
-    server, client = pair
+        local_pair: tuple[alpc.CommunicationPort, alpc.CommunicationPort]) -> None:
+    server, client = local_pair
     view = _filled_view(server)
     try:
         server.send(view, timeout=5, secure=True)
@@ -75,8 +55,8 @@ def test_sending_a_plain_view_with_secure_is_refused_and_the_view_stays_the_call
 
 
 def test_replying_with_a_plain_view_and_secure_is_refused_and_the_request_still_owed(
-        pair: tuple[alpc.CommunicationPort, alpc.CommunicationPort]) -> None:
-    server, client = pair
+        local_pair: tuple[alpc.CommunicationPort, alpc.CommunicationPort]) -> None:
+    server, client = local_pair
     pending = client.start_request(b"ask", timeout=10)
     request = server.receive(timeout=5)
     view = _filled_view(server)

@@ -3,29 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
-from collections.abc import Callable
-from typing import TypeVar
 
 import pytest
+from test_introspection import eventually  # tests/ is on sys.path, as for other shared helpers
 
 import alpc
 import alpc.aio
 from alpc import control
 
-T = TypeVar("T")
 pytestmark = pytest.mark.timeout(60)
-
-
-def eventually(fetch: Callable[[], T], ok: Callable[[T], bool], timeout: float = 5.0) -> T:
-    """Servers report asynchronously (every report_interval); poll the broker's view, bounded."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fetch()
-        if ok(value) or time.monotonic() >= deadline:
-            return value
-        threading.Event().wait(0.02)  # handshake-free: waiting for the server's next report
 
 
 def test_a_client_that_left_is_no_longer_listed_once_comm_serve_returned(broker: alpc.Broker, config: alpc.Config,

@@ -4,30 +4,17 @@ from __future__ import annotations
 
 import sys
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
+from test_introspection import eventually  # tests/ is on sys.path, as for other shared helpers
 
 import alpc
 from alpc import _native
 
 PEERS = Path(__file__).resolve().parent / "stats_client_peers.py"
-T = TypeVar("T")
 native = pytest.mark.skipif(_native.QUICK_UNAVAILABLE is not None, reason=str(_native.QUICK_UNAVAILABLE))
 pytestmark = [pytest.mark.timeout(60), native]
-
-
-def eventually(fetch: Callable[[], T], ok: Callable[[T], bool], timeout: float = 5.0) -> T:
-    """Servers report asynchronously (every report_interval); poll the broker's view, bounded."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fetch()
-        if ok(value) or time.monotonic() >= deadline:
-            return value
-        threading.Event().wait(0.02)  # handshake-free: waiting for the server's next report
 
 
 def test_ring_traffic_is_reported_while_serve_requests_runs(broker: alpc.Broker, config: alpc.Config,
