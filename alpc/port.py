@@ -182,6 +182,8 @@ class CommunicationPort:
         self._dropped: deque[int] = deque()
         # Runtime frames another thread left owed rather than wait for a write in progress.
         self._owed_left = False
+        # Set when _write raised after the caller's frames went out whole (see _written).
+        self._frames_left = False
         self.stats = core.stats
         stream.watch([peer_pidfd] if peer_pidfd is not None else [])
         # Last: until here the caller owns the fds (it closes them if this fails), so __del__,
@@ -353,9 +355,15 @@ class CommunicationPort:
             self._send_lock.release()
         return message_id
 
+    def _written(self) -> bool:
+        """After ``_write`` raised: did any of the caller's frames leave? Part of one (the stream
+        is cut), or all of them before a signal handler's exception (Ctrl-C) interrupted the
+        write of what another thread left owed after them: the peer has them either way."""
+        return self._stream.broken or self._frames_left
+
     def _forget_request(self, message_id: int) -> None:
         """A request whose write failed: gone entirely if none of it left, else abandoned."""
-        if self._stream.broken:
+        if self._written():
             self._abandon(message_id)
         else:
             with self._state:
@@ -579,7 +587,7 @@ class CommunicationPort:
             except BaseException:
                 # A timeout, or a signal handler's exception (Ctrl-C): if none of their bytes
                 # left, the peer never counts them.
-                if not self._stream.broken:
+                if not self._written():
                     with self._state:
                         self._core.datagrams_unsent(count, len(fds))
                 raise
@@ -698,7 +706,7 @@ class CommunicationPort:
                     self._send_lock.release()
         except Timeout as exc:
             if not self._is_server:
-                if not self._stream.broken:
+                if not self._written():
                     with self._state:
                         core.reply_unsent(message)  # nothing left: the application may answer again
                 raise
@@ -708,8 +716,8 @@ class CommunicationPort:
         except BaseException:
             # A signal handler's exception (Ctrl-C): with nothing of the reply written, the
             # request is still owed, so the application may answer it (a cut frame failed the
-            # connection already).
-            if not self._stream.broken:
+            # connection already; a whole one went out: see _written).
+            if not self._written():
                 with self._state:
                     core.reply_unsent(message)
             raise
@@ -795,8 +803,8 @@ class CommunicationPort:
         port is busy sending (then it is not idle). Never waits: the asker may be an event
         loop, or short of time; with no room in the socket (a peer not reading) the
         SECTION_CLOSE stays owed and goes with this connection's next write."""
-        if self._core.failure is not None or not self._send_lock.acquire(blocking=False):
-            return
+        if self._core.failure is not None or self._stream.inherited or not self._send_lock.acquire(blocking=False):
+            return  # (a forked child's sections are its parent's: see SectionPool.trim)
         try:
             with self._state:
                 if self._core.failure is not None:
@@ -871,7 +879,7 @@ class CommunicationPort:
                 self._write(frames, deadline, passed)
                 written = True
             except BaseException:
-                written = self._stream.broken
+                written = self._written()
                 if kind is MessageType.REQUEST and message_id:
                     self._forget_request(message_id)
                 elif kind is MessageType.DATAGRAM and not written:
@@ -910,7 +918,7 @@ class CommunicationPort:
                 self._write(frames, deadline)
                 written = True
             except BaseException:
-                written = self._stream.broken  # part of the frame left: the peer holds the range
+                written = self._written()  # the frame (or part of it) left: the peer holds the range
                 if kind is MessageType.REQUEST:
                     self._forget_request(message_id)
                 elif kind is MessageType.DATAGRAM and not written:
@@ -1014,6 +1022,7 @@ class CommunicationPort:
         A hang-up raises PeerGone; what the peer sent before it is still read (see _hung_up).
         """
         core = self._core
+        self._frames_left = False
         token = None
         if core.owed:
             with self._state:
@@ -1038,7 +1047,11 @@ class CommunicationPort:
                     core.restore_owed(token)
             raise
         if self._owed_left:
-            self._send_left(deadline)
+            try:
+                self._send_left(deadline)
+            except BaseException:
+                self._frames_left = True  # ``frames`` went out before it: see _written
+                raise
 
     def _cut_mid_frame(self, how: str) -> None:
         """A write stopped after part of a frame went out: the peer would take the next

@@ -424,6 +424,7 @@ class QuickLink:
         posts only once the peer read every socket byte before it), so with the
         inbox empty nothing can be overtaken.
         """
+        _announce_releases(port)
         with port._cv:
             if port._reading or port._inbox or port._failure is not None or not self.active:
                 return None
@@ -505,6 +506,9 @@ class QuickLink:
             self._counted[3] += len(data)
             if status == Q_DOORBELL:
                 port._send(port._channel.doorbell, deadline_after(_DOORBELL_TIMEOUT))
+            # Releases held back while this reply was owed ("the reply carries them") did not
+            # go with it: the ring carries no socket frames.
+            _announce_releases(port)
             return True
         with port._state:
             port._channel.quick_reply_failed(request_id, owed)
@@ -526,6 +530,7 @@ class QuickLink:
         thread reads this port (the caller then serves the slow way).
         """
         timeout_ns = _serve_timeout_ns(timeout)
+        _announce_releases(port)
         with port._cv:
             if port._reading or port._inbox or port._failure is not None:
                 return None
@@ -690,6 +695,14 @@ class QuickLink:
         reason = self._protocol_error(port, status)
         port._raise_if_failed()
         raise PeerGone(reason)
+
+
+def _announce_releases(port: CommunicationPort) -> None:
+    """Send the releases no reply of ours will carry (a body released while a reply was owed,
+    a view dropped unreleased): a ring reply carries none, and a ring wait is a sleep that
+    port._read's flush before sleeping never sees, so the peer's section space stayed held."""
+    if port._core.releases_unannounced():
+        port._flush_releases()
 
 
 def _alive(port_ref: weakref.ref[CommunicationPort]) -> CommunicationPort:

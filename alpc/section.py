@@ -701,9 +701,7 @@ class SectionPool:
         """Space for ``length`` bytes, or None when the sender must wait for releases."""
         if self.closed:
             raise ConnectionClosed("the connection is closed")
-        if process_id() != self._pid:
-            raise SectionError(f"this connection's sections belong to pid {self._pid}: a forked child cannot send "
-                               "a large message or a view on it (connect from the child)")
+        self._check_owner("send a large message or a view on it")
         self._drain_returns()
         placed = self.ledger.place(length, secure)
         for section_id in self.ledger.take_retired():
@@ -714,6 +712,11 @@ class SectionPool:
         if isinstance(placed, Grow):
             placed = self._grow(placed, length)
         return SectionView(self, self._sections[placed.section_id], placed)
+
+    def _check_owner(self, what: str) -> None:
+        if process_id() != self._pid:
+            raise SectionError(f"this connection's sections belong to pid {self._pid}: a forked child cannot "
+                               f"{what} (connect from the child)")
 
     def _grow(self, plan: Grow, length: int) -> Slot:
         for section_id in plan.retire:
@@ -819,7 +822,11 @@ class SectionPool:
             section.close()
 
     def trim(self) -> list[int]:
-        """Unmap every idle pooled section (memory back to the system); ids to announce."""
+        """Unmap every idle pooled section (memory back to the system); ids to announce.
+
+        Refused in a forked child: its SECTION_CLOSE would make the peer unmap the parent's
+        sections, and the parent's next message naming one dropped the connection."""
+        self._check_owner("retire its parent's sections")
         retired = self.ledger.retire_idle()
         for section_id in retired:
             self._close_section(section_id)
