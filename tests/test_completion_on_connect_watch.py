@@ -30,13 +30,13 @@ def test_a_cancel_reaches_an_async_handler_while_on_connect_runs(
         broker: alpc.Broker, config: alpc.Config, spawn: Any, runtime_dir: Path) -> None:
     entered, cancelled = threading.Event(), threading.Event()
     connecting, hold = threading.Event(), threading.Event()
-    name = "svc.zz.connect.watch"
+    name = "svc.cport.connect.watch"
 
     async def handler(message: alpc.Message) -> bytes:
         entered.set()
         try:
             while not hold.is_set():
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.01)  # handshake-free: the handler's own work, until its cancel comes
         except asyncio.CancelledError:
             cancelled.set()
             raise
