@@ -690,12 +690,7 @@ class Channel:
         # Refused (NaN, not a number) before the pool marks a new section as announced: else
         # the next message names a section the peer never saw, and it drops the connection.
         deadline_ns = None if deadline is None else _deadline_ns(deadline)
-        if kind is _Types.REPLY:
-            self._check_reply(callback_id)
-        elif kind is _Types.REQUEST:
-            self.flow.check_request(len(fds))
-        elif kind is _Types.DATAGRAM:
-            self.flow.check_datagram(len(fds))
+        self._check_sendable(kind, callback_id, len(fds))
         frames: Frames = []
         retired = sections.pool.take_retired()
         if retired:
@@ -716,15 +711,9 @@ class Channel:
         message_id = self._allocate_id() if kind in _NUMBERED else 0
         frames += self._frame(kind, b"", message_id=message_id, callback_id=callback_id,
                               attrs=encoded, n_fds=(fd is not None) + len(fds))
-        if kind is _Types.REQUEST:
-            self._pending.add(message_id)
-            self.flow.sent_request(message_id, len(fds))
-            if grant is not None:
-                self._grants[message_id] = grant
-        elif kind is _Types.REPLY:
-            self._replied(callback_id)
-        elif kind is _Types.DATAGRAM:
-            self.flow.sent_datagram(len(fds))
+        self._section_sent_as(kind, message_id, callback_id, len(fds))
+        if grant is not None and kind is _Types.REQUEST:
+            self._grants[message_id] = grant
         return message_id, frames, ([] if fd is None else [fd]) + list(fds)
 
     def copy_message(self, kind: MessageType, length: int, fill: Callable[[memoryview], None], *,
@@ -737,26 +726,35 @@ class Channel:
         if sections.secure or length > EAGER_COPY_MAX:
             return None
         self.check_length(length)
-        if kind is _Types.REPLY:
-            self._check_reply(callback_id)
-        elif kind is _Types.REQUEST:
-            self.flow.check_request(0)
-        elif kind is _Types.DATAGRAM:
-            self.flow.check_datagram(0)
+        self._check_sendable(kind, callback_id, 0)
         slot = sections.pool.place_copy(length, fill)
         if slot is None:
             return None
         message_id = self._allocate_id() if kind in _NUMBERED else 0
         frames = self._frame(kind, b"", message_id=message_id, callback_id=callback_id,
                              attrs=encode_lone_ref(slot.section_id, 0, slot.offset, length))
+        self._section_sent_as(kind, message_id, callback_id, 0)
+        return message_id, frames, slot
+
+    def _check_sendable(self, kind: MessageType, callback_id: int, handles: int) -> None:
+        """Before a section message of ``kind`` is framed: a reply must be owed, a request or
+        datagram must fit the peer's window (WindowClosed otherwise)."""
+        if kind is _Types.REPLY:
+            self._check_reply(callback_id)
+        elif kind is _Types.REQUEST:
+            self.flow.check_request(handles)
+        elif kind is _Types.DATAGRAM:
+            self.flow.check_datagram(handles)
+
+    def _section_sent_as(self, kind: MessageType, message_id: int, callback_id: int, handles: int) -> None:
+        """A section message of ``kind`` was framed: count it as the inline paths do."""
         if kind is _Types.REQUEST:
             self._pending.add(message_id)
-            self.flow.sent_request(message_id, 0)
+            self.flow.sent_request(message_id, handles)
         elif kind is _Types.REPLY:
             self._replied(callback_id)
         elif kind is _Types.DATAGRAM:
-            self.flow.sent_datagram(0)
-        return message_id, frames, slot
+            self.flow.sent_datagram(handles)
 
     def copy_sent(self, slot: Slot, written: bool) -> None:
         """After ``copy_message``: its frame left (``written``) or nothing of it did."""
@@ -1322,9 +1320,8 @@ class Channel:
         assert self.sections is not None
         as_view = bool(ref.flags & _VIEW)
         if not as_view and self._lone_read and ref.length <= EAGER_COPY_MAX:
+            # Only receive_one sets _lone_read, for a request: its release rides with the reply.
             message._data = self.sections.peer.copy_out(ref)
-            if message.type is not _Types.REQUEST:
-                self.releases_urgent = True
             return
         view = self.sections.peer.resolve(ref, copy=not as_view)
         message._data = None
