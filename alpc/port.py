@@ -1578,24 +1578,23 @@ class CommunicationPort:
             self._let_go()
             return
         core = self._core
-        with self._state:
-            # Datagrams queued by send(..., flush=False) go out before the notice.
-            queued = core.backlogged
-            owed = core.take_owed()[0] if core.owed and core.failure is None else []
-            notice = core.close()
-        if notice and self._send_lock.acquire(timeout=1.0):
-            try:
-                if queued:
-                    # The application's datagrams: a reader a little behind (its socket full
-                    # for now) must not lose them, so wait for room a while, as the asyncio
-                    # close() does (its timeout=1.0).
-                    self._stream.send(owed, deadline=deadline_after(_CLOSE_FLUSH_TIMEOUT))
-                    owed = []
-                if not self._stream.broken:
-                    self._stream.try_send(owed + notice)
-            except (ConnectionClosed, Timeout):
-                pass
-            finally:
+        # The send lock before core.close(): from then on any thread whose wait ends may finalize,
+        # closing the socket (under this lock). Taken after, the notice (and the datagrams queued
+        # before it) went to a closed socket: a raw EBADF, or the C send's saved fd number that
+        # another open() had reused meanwhile; and the peer heard a hang-up, not PORT_CLOSED.
+        # Taken when the connection ended already too: another thread's close() may be writing
+        # that notice now, and the shutdown below must not cut it off.
+        locked = self._send_lock.acquire(timeout=1.0)
+        try:
+            with self._state:
+                # Datagrams queued by send(..., flush=False) go out before the notice.
+                queued = core.backlogged
+                owed = core.take_owed()[0] if core.owed and core.failure is None else []
+                notice = core.close()
+            if notice and locked:
+                self._send_farewell(queued, owed, notice)
+        finally:
+            if locked:
                 self._send_lock.release()
         with self._cv_lock:
             self._cv.notify_all()
@@ -1605,6 +1604,20 @@ class CommunicationPort:
         # Wake a reader blocked in poll or a writer waiting for buffer space.
         self._stream.shutdown()
         self._maybe_finalize()
+
+    def _send_farewell(self, queued: bool, owed: Frames, notice: Frames) -> None:
+        """close()'s last writes (the caller holds _send_lock): what is owed, then PORT_CLOSED."""
+        try:
+            if queued:
+                # The application's datagrams: a reader a little behind (its socket full
+                # for now) must not lose them, so wait for room a while, as the asyncio
+                # close() does (its timeout=1.0).
+                self._stream.send(owed, deadline=deadline_after(_CLOSE_FLUSH_TIMEOUT))
+                owed = []
+            if not self._stream.broken:
+                self._stream.try_send(owed + notice)
+        except (ConnectionClosed, Timeout):
+            pass
 
     def _let_go(self) -> None:
         """close() in a forked child: close this process's copies of the fds, and nothing else.

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from local_pairs import local_connection  # tests/ is on sys.path
 
 import alpc
 from alpc.config import BROKER_SOCKET_NAME
@@ -169,19 +170,8 @@ def broker(runtime_dir: Path) -> Iterator[alpc.Broker]:
 def local_pair(broker: alpc.Broker, config: alpc.Config) -> Iterator[tuple[alpc.CommunicationPort,
                                                                          alpc.CommunicationPort]]:
     """(server side, client side) of one connection, both in this process; closed afterwards."""
-    with alpc.create_port("svc.local.pair", config=config) as port:
-        got: list[alpc.CommunicationPort] = []
-        connecting = threading.Thread(target=lambda: got.append(alpc.connect("svc.local.pair", config=config,
-                                                                             timeout=10)))
-        connecting.start()
-        server = port.listen(timeout=10).accept()
-        connecting.join(10)
-        (client,) = got
-        try:
-            yield server, client
-        finally:
-            client.close()
-            server.close()
+    with local_connection(config, "svc.local.pair") as (_, server, client):
+        yield server, client
 
 
 class Peer:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 CONFTEST = Path(__file__).resolve().parent / "conftest.py"
+LOCAL_PAIRS = CONFTEST.with_name("local_pairs.py")  # the conftest imports it
 
 LEAKY_TESTS = '''
 import os
@@ -49,6 +50,7 @@ def test_a_clean_runtime_dir(runtime_dir):
 @pytest.mark.timeout(120)
 def test_socket_files_left_behind_fail_the_test(pytester: pytest.Pytester) -> None:
     pytester.makeconftest(CONFTEST.read_text())
+    pytester.makepyfile(local_pairs=LOCAL_PAIRS.read_text())
     pytester.makepyfile(test_leaky=LEAKY_TESTS)
     # A short basetemp: pytester's own nests too deep for a Unix socket path (108 bytes).
     basetemp = Path(tempfile.mkdtemp(prefix="leak-"))

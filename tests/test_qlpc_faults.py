@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
+from local_pairs import local_connection
 from qlpc_harness import (
     CLIENT_SIDE,
     ENTRY,
@@ -171,19 +172,11 @@ def quick_connection(config: alpc.Config, name: str, monkeypatch: pytest.MonkeyP
         return original(fd, slots, slot_size, *rest)  # type: ignore[arg-type]
 
     monkeypatch.setattr(qlpc.QuickLink, "accept", accept)
-    with alpc.create_port(name, alpc.PortAttributes(quick_lpc=True), config=config) as port:
-        accepted: list[alpc.CommunicationPort] = []
-        listener = threading.Thread(target=lambda: accepted.append(port.listen(timeout=10).accept()))
-        listener.start()
-        client = alpc.connect(name, config=config, timeout=10)
-        listener.join(10)
-        server = accepted[0]
+    with local_connection(config, name, alpc.PortAttributes(quick_lpc=True)) as (port, server, client):
         try:
             assert client.quick and server.quick
             yield port, server, client, grabbed[0]
         finally:
-            client.close()
-            server.close()
             grabbed[0].close()
 
 

@@ -1,0 +1,29 @@
+"""Both ends of one connection in this process: for tests that drive threads against one port."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import alpc
+
+__all__ = ["local_connection"]
+
+
+@contextmanager
+def local_connection(config: alpc.Config, name: str, attributes: alpc.PortAttributes | None = None,
+                     ) -> Iterator[tuple[alpc.ConnectionPort, alpc.CommunicationPort, alpc.CommunicationPort]]:
+    """(port, server side, client side) of one connection to ``name``; all closed afterwards."""
+    with alpc.create_port(name, attributes, config=config) as port:
+        got: list[alpc.CommunicationPort] = []
+        connecting = threading.Thread(target=lambda: got.append(alpc.connect(name, config=config, timeout=10)))
+        connecting.start()
+        server = port.listen(timeout=10).accept()
+        connecting.join(10)
+        (client,) = got
+        try:
+            yield port, server, client
+        finally:
+            client.close()
+            server.close()
