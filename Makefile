@@ -30,7 +30,11 @@ build: alpc/.native-built
 demo: build
 	$(PY) examples/demo.py
 
-test: build lint test-native test-pure
+# The two suites run side by side (each mostly waits on its peers' handshakes): about 5 min
+# on 2 CPUs instead of 9. Each one's output is printed when it ends.
+test: build lint
+	@echo "running the native and the pure-Python suites side by side; each prints its report when it ends"
+	@$(MAKE) --no-print-directory -j2 --output-sync=target test-native test-pure
 
 test-native: build
 	ALPC_REQUIRE_NATIVE=1 $(PY) -m pytest $(PYTEST_ARGS)
