@@ -181,7 +181,8 @@ class Message:
     when it is dropped.
     """
 
-    __slots__ = ("_copy", "_data", "_handles", "callback_id", "cancelled", "deadline", "grant", "id",
+    # __weakref__: the channel tracks the requests it handed out weakly (Channel._unreplied).
+    __slots__ = ("__weakref__", "_copy", "_data", "_handles", "callback_id", "cancelled", "deadline", "grant", "id",
                  "identity_changed", "port", "reason", "sender", "sender_pid", "sender_tid", "type", "view")
 
     def __init__(
@@ -376,6 +377,16 @@ def _check_parts(data: object) -> None:
         raise TypeError(f"a message body is a bytes-like object or a sequence of them, not {type(data).__name__}")
 
 
+# A request owed a reply: a weak reference to the Message handed out, or None while none was.
+_Owed = weakref.ref[Message] | None
+_ref = weakref.ref
+
+
+def _alive(owed: _Owed) -> Message | None:
+    """The Message of an owed request, if it was handed out and is still referenced."""
+    return None if owed is None else owed()
+
+
 class Channel:
     """Protocol state of one established connection, seen from one side.
 
@@ -410,8 +421,10 @@ class Channel:
         self._next_id = 1
         self._pending: set[int] = set()
         self._abandoned: dict[int, None] = {}
-        # Requests awaiting our reply: id -> the message handed to the application.
-        self._unreplied: dict[int, Message | None] = {}
+        # Requests awaiting our reply: id -> the message handed to the application, weakly: one
+        # the application dropped unanswered goes (its fds closed, its body given back) as the
+        # README says a dropped message does, while the reply stays owed (a CANCEL answers it).
+        self._unreplied: dict[int, _Owed] = {}
         # Requests the peer cancelled since the driver last looked (their handlers should stop).
         self.cancelled: list[Message] = []
         self._automatic: Frames = []
@@ -550,7 +563,7 @@ class Channel:
         """
         if request_id not in self._unreplied:
             return
-        message = self._unreplied.get(request_id)
+        message = _alive(self._unreplied.get(request_id))
         self._answer_cancelled(request_id)
         if message is not None:
             message.cancelled = True
@@ -558,7 +571,7 @@ class Channel:
 
     def expire(self, message: Message) -> None:
         """A request whose deadline passed before dispatch: answer it as cancelled instead."""
-        if message.id in self._unreplied and self._unreplied[message.id] is message:
+        if message.id in self._unreplied and _alive(self._unreplied[message.id]) is message:
             message.cancelled = True
             self._answer_cancelled(message.id)
 
@@ -653,7 +666,7 @@ class Channel:
         request_id = message.id
         if self.closed or request_id in self._unreplied:
             return
-        self._unreplied[request_id] = message
+        self._unreplied[request_id] = _ref(message)
         if not request_id & QUICK_ID_BIT:
             self.flow.reply_unsent(request_id, message._handles.received if message._handles is not None else 0)
         if isinstance(message.grant, PeerMemory):
@@ -887,7 +900,7 @@ class Channel:
         """Server: a request came through the ring (ProtocolError if its id is in use); ``message``,
         when it is handed out as one, is told if the client cancels it."""
         self._request_received(message_id)
-        self._unreplied[message_id] = message
+        self._unreplied[message_id] = None if message is None else _ref(message)
 
     def quick_cancel(self, request_id: int) -> Frames:
         """Client: the CANCEL of a ring request its caller gave up on (the C side tracks it)."""
@@ -901,13 +914,13 @@ class Channel:
         """Server: a reply is about to go through the ring (ValueError if none is owed); the
         request's Message, for quick_reply_failed."""
         self._check_reply(request_id)
-        message = self._unreplied[request_id]
+        message = _alive(self._unreplied[request_id])
         self._replied(request_id)
         return message
 
     def quick_reply_failed(self, request_id: int, message: Message | None = None) -> None:
         """Server: the ring refused that reply after all; it is owed again."""
-        self._unreplied[request_id] = message
+        self._unreplied[request_id] = None if message is None else _ref(message)
 
     def doorbell(self) -> Frames:
         """Tell a peer waiting in poll() to look at its ring."""
@@ -1184,7 +1197,7 @@ class Channel:
                               self._last_sender, pid, tid)
             if ref is not None:
                 self._attach_ref(message, ref)
-            unreplied[message_id] = message
+            unreplied[message_id] = _ref(message)
             return message, end
         if kind == _RELEASE_INT and not (flags or attr_length) and self.sections is not None:
             # The peer is done with ranges of our sections (it often rides just before a reply).
@@ -1267,7 +1280,7 @@ class Channel:
         if handle_fds:
             self._give_handles(message, handle_fds)
         if kind is _Types.REQUEST:
-            self._unreplied[frame.message_id] = message
+            self._unreplied[frame.message_id] = _ref(message)
         elif frame.flags:
             message.cancelled = True
         return message

@@ -48,6 +48,11 @@ class AsyncEndpoint(EndpointBase):
         super().__init__(objects, comm.peer, limits=limits, inline_threshold=inline_threshold,
                          send_tracebacks=send_tracebacks, call_timeout=call_timeout)
         self.comm = comm
+        # One-way calls run one at a time, in the order received (as on the blocking server):
+        # each is its own task, and a coroutine one awaiting let the next overtake or overlap it.
+        # The lock's waiters go in the order they came, and each task takes it before it first
+        # awaits, so in the order the messages were read.
+        self._oneways = asyncio.Lock()
 
     async def call(self, object_id: int, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                    timeout: float | None) -> Any:
@@ -74,7 +79,11 @@ class AsyncEndpoint(EndpointBase):
         prepared = self.dispatcher.prepare(message.data, expects_reply=expects_reply, message=message)
         if isinstance(prepared, bytes):  # refused before it ran
             return prepared if expects_reply else None
-        payload = await self.dispatcher.run_async(prepared)
+        if expects_reply:
+            payload = await self.dispatcher.run_async(prepared)
+        else:
+            async with self._oneways:
+                payload = await self.dispatcher.run_async(prepared)
         return None if payload is None else self._fitting(payload)
 
     def _fitting(self, payload: Payload) -> Payload:

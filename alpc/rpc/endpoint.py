@@ -118,6 +118,11 @@ class Endpoint(EndpointBase):
         # Replies waiting for the thread that writes (see _answer), and its token.
         self._backlog: deque[tuple[Message, Payload]] = deque()
         self._writer = threading.Lock()
+        # One-way calls waiting for the thread that runs them (see run_oneways), its token, and
+        # which thread holds it.
+        self._oneways: deque[Message] = deque()
+        self._oneway_runner = threading.Lock()
+        self._oneway_thread: int | None = None
 
     # -- calling out -------------------------------------------------------------
 
@@ -167,11 +172,50 @@ class Endpoint(EndpointBase):
         kind = message.type
         if kind is not _REQUEST:
             if kind is MessageType.DATAGRAM:
-                self._handle(message.data, expects_reply=False)
+                self._oneways.append(message)
+                self.run_oneways()
             return
         payload = self._handle(message.data, message=message)
         assert payload is not None
         self._answer(message, payload)
+
+    def queue_oneway(self, message: Message) -> None:
+        """Take a received one-way call's place in its client's order; ``run_oneways`` runs it.
+
+        A server whose workers take turns at the port queues each one-way call as the worker
+        receives it, before another worker can receive the next one.
+        """
+        self._oneways.append(message)
+
+    def run_oneways(self) -> None:
+        """Run the queued one-way calls one at a time, in the order received, by one thread at
+        a time: the client sent them without waiting, so one taken by another worker while an
+        earlier one still ran overtook or overlapped it. A thread that finds another running
+        them goes back to serving (a client's slow one-way calls hold one worker, not all),
+        unless more than ``ONEWAY_BACKLOG`` wait: then it waits its turn, so a client that
+        sends faster than its calls run is held back rather than queued without bound.
+
+        As ``_answer`` does, whoever holds the token looks again after letting it go, so a
+        call queued just before that is never stranded.
+        """
+        oneways = self._oneways
+        runner = self._oneway_runner
+        me = threading.get_ident()
+        while oneways:
+            # Never waiting for itself: a call this thread serves while it runs one (nested).
+            if not runner.acquire(len(oneways) > ONEWAY_BACKLOG and self._oneway_thread != me):
+                return
+            self._oneway_thread = me
+            try:
+                while oneways:
+                    message = oneways.popleft()
+                    try:
+                        self._handle(message.data, expects_reply=False)
+                    except Exception:  # logged here: the calls queued behind it still run
+                        log.exception("unexpected error while running one-way call %r", message)
+            finally:
+                self._oneway_thread = None
+                runner.release()
 
     def _answer(self, message: Message, payload: Payload) -> None:
         """Reply, by one thread at a time: a reply while another thread writes one waits in the
@@ -209,6 +253,9 @@ class Endpoint(EndpointBase):
 
 
 _REQUEST = MessageType.REQUEST
+# One-way calls of one connection that may wait for their turn before the thread that receives
+# one more waits with it (see run_oneways); as many as a client may queue by default.
+ONEWAY_BACKLOG = 1024
 
 
 def call_deadline(timeout: float | None) -> float | None:

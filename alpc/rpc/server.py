@@ -250,9 +250,17 @@ class Server:
                     turns.resign()
                     return
                 if shared:
+                    # A one-way call takes its place in its client's order now, while no other
+                    # worker can take over the wait and receive the call sent after it.
+                    oneways = self._queue_oneway(event)
                     turns.busy()
+                else:
+                    oneways = None
                 try:
-                    self._handle(event)
+                    if oneways is not None:
+                        oneways.run_oneways()
+                    else:
+                        self._handle(event)
                 except Exception:
                     log.exception("unexpected error while handling %r", event)
                 if shared and not turns.done():
@@ -269,6 +277,15 @@ class Server:
             return
         with self._endpoints_lock:
             self._endpoints.pop(event.port, None)
+
+    def _queue_oneway(self, event: ConnectionRequest | Message) -> Endpoint | None:
+        """The endpoint that queued ``event``, a one-way call, to run in order; else None."""
+        if type(event) is not Message or event.type is not MessageType.DATAGRAM:
+            return None
+        endpoint = self._endpoints.get(event.port) or self._endpoint_for(event.port)
+        if endpoint is not None:
+            endpoint.queue_oneway(event)
+        return endpoint
 
     def _admit(self, request: ConnectionRequest) -> None:
         admitted = self._admission.admit(request.data)
