@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import threading
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any
@@ -1136,20 +1137,48 @@ async def connect(name: str, data: bytes = b"", *, timeout: float | None = None,
     """Connect to the named port (the handshake runs in the default executor); ``server_uid``
     pins the server's uid, as for ``port.connect``."""
     loop = asyncio.get_running_loop()
+    handshake = _Abortable()
     # The asyncio driver does not drive Quick-LPC rings: it declines them.
     job = loop.run_in_executor(
         None, lambda: port.open_channel(name, data, timeout=timeout, config=config, quick_ok=False,
-                                        server_uid=server_uid))
-    stream, channel, pidfd, accept_data, _ = await _unless_cancelled(job, _drop_channel)
+                                        server_uid=server_uid, on_stream=handshake.attach))
+    stream, channel, pidfd, accept_data, _ = await _unless_cancelled(job, _drop_channel, handshake.abort)
     return AsyncCommunicationPort(stream, channel, peer_pidfd=pidfd, is_server=False, accept_data=accept_data)
 
 
-async def _unless_cancelled(job: asyncio.Future[Any], undo: Callable[[Any], None]) -> Any:
-    """Await an executor job that cannot be interrupted; if the caller is cancelled meanwhile,
-    ``undo`` what the job made once it is done (nobody else will)."""
+class _Abortable:
+    """A handshake on an executor thread that the loop may end: abort() shuts its stream down,
+    so the thread's blocked read sees EOF now. Otherwise a cancelled connect went on waiting for
+    the server's answer up to its timeout, and asyncio.run() (which waits for the default
+    executor) with it, the server holding a request nobody would take."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stream: Stream | None = None
+        self._aborted = False
+
+    def attach(self, stream: Stream) -> None:
+        with self._lock:
+            self._stream = stream
+            if self._aborted:
+                stream.shutdown()
+
+    def abort(self) -> None:
+        with self._lock:
+            self._aborted = True
+            if self._stream is not None:
+                self._stream.shutdown()
+
+
+async def _unless_cancelled(job: asyncio.Future[Any], undo: Callable[[Any], None],
+                            abort: Callable[[], None] | None = None) -> Any:
+    """Await an executor job; if the caller is cancelled meanwhile, ``abort`` it (when it can
+    be cut short) and ``undo`` what the job made once it is done (nobody else will)."""
     try:
         return await asyncio.shield(job)
     except asyncio.CancelledError:
+        if abort is not None:
+            abort()
         def finished(done: asyncio.Future[Any]) -> None:
             if not done.cancelled() and done.exception() is None:
                 undo(done.result())

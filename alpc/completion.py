@@ -182,6 +182,8 @@ class CompletionPort:
         # ordered: clients with a message being handled, and what waits behind it.
         self._busy: dict[Any, deque[Message]] = {}
         self._stopping = threading.Event()
+        # Threads of the last serve() still in a handler when it returned (see _rearm).
+        self._left_behind: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._tasks: dict[tuple[Any, int], concurrent.futures.Future[Any]] = {}
@@ -202,8 +204,13 @@ class CompletionPort:
 
     def serve(self, timeout: float | None = None) -> None:
         """Run the loop (this thread is one of the pool) until ``stop()``, or until nothing
-        arrives for ``timeout`` seconds."""
+        arrives for ``timeout`` seconds. Once it has returned, ``serve()`` may run again."""
         deadline_after(timeout)  # a negative or NaN timeout is refused now (ValueError), as every wait's
+        if self._left_behind:
+            if any(thread.is_alive() for thread in self._left_behind):
+                raise RuntimeError("a handler of this CompletionPort's previous serve() still runs: "
+                                   "it cannot serve again until it returns")
+            self._rearm(self._left_behind)
         if self._async:
             self._start_loop()
         self._quiet_limit = timeout
@@ -619,6 +626,27 @@ class CompletionPort:
                 loop.close()
             self._writers.shutdown()
             self._loop = None
+        self._rearm(threads)
+
+    def _rearm(self, threads: list[threading.Thread]) -> None:
+        """serve() has returned: make the next one serve, not return at once on the last stop.
+        Not while a thread of this one is still in a handler: it would go back to leading the
+        pool (serve() refuses to run until it has returned)."""
+        loop_thread = self._loop_thread
+        alive = [thread for thread in [*threads, *([loop_thread] if loop_thread else [])] if thread.is_alive()]
+        self._left_behind = alive
+        if alive:
+            return
+        with self._lock:
+            self._threads = []
+            self._watcher = None
+            self._busy.clear()
+            # Pool threads that ended on the stop flag, not by retiring, left their count behind.
+            self._workers = 0
+            self._followers = 0
+        self._saturated.clear()
+        self._loop_thread = None
+        self._stopping.clear()
 
     def __enter__(self) -> CompletionPort:
         return self

@@ -307,7 +307,7 @@ class CommunicationPort:
             # Quick-LPC: the ring, unless it cannot take this one now. Datagrams queued
             # before (send(..., flush=False)) go first: order is kept.
             if self._core.backlogged:
-                self.flush(timeout)
+                self._flush_by(deadline)
             self.stats.sent(size)
             reply = quick.request(self, data if type(data) is bytes else bytes(data), deadline)
             if reply is not None:
@@ -490,7 +490,7 @@ class CommunicationPort:
                 with self._state:
                     full = core.queue(core.datagram(owned_body(data)))
                 if full:
-                    self.flush(timeout)
+                    self._flush_by(deadline)
 
         self._sending(send, deadline)
         self.stats.sent(size)
@@ -521,7 +521,7 @@ class CommunicationPort:
         if core.backlogged:
             # Datagrams queued by send(flush=False) hold their slots already: the peer credits
             # them only once they reach it, so waiting for that with them unsent waits for ever.
-            self.flush(remaining(deadline))
+            self._flush_by(deadline)
         before = core.window_counts()
 
         def freed() -> bool | None:
@@ -599,7 +599,11 @@ class CommunicationPort:
         """Write every datagram queued by ``send(..., flush=False)``."""
         # A bad timeout is refused even with nothing queued; none is a server's send_timeout,
         # as for any send (a deaf client would hold this thread for ever otherwise).
-        deadline = deadline_after(self._send_timeout if timeout is None else timeout)
+        self._flush_by(deadline_after(self._send_timeout if timeout is None else timeout))
+
+    def _flush_by(self, deadline: float | None) -> None:
+        """flush() within a call that set its ``deadline`` before: what is left of it, not a
+        fresh timeout (a send that waited for the peer's window, then flushed, lasted both)."""
         if self._core.owed:
             self._lock_send(deadline)
             try:
@@ -1684,10 +1688,30 @@ class CommunicationPort:
         finalize_unclosed(self._stream, self._core.close, [*quick, self._core.release_resources, self._close_pidfd])
 
     def flush_at_exit(self, timeout: float) -> None:
-        """The process ends normally with datagrams queued here (see connection._flush_at_exit):
-        write them, waiting ``timeout`` at most for room."""
+        """The process ends normally with this port open (see connection._flush_at_exit): write
+        the datagrams queued here, waiting ``timeout`` at most for room, then tell the peer
+        (PORT_CLOSED), as close() does: a normal exit is no death. A port a daemon thread still
+        held (or a global the collector reaches too late) showed its peer CLIENT_DIED instead.
+
+        The socket stays as it is: a daemon thread still waiting on it is not woken into an
+        error while the interpreter ends, and the exit closes it."""
+        deadline = deadline_after(timeout)
         if self._core.backlogged:
             self.flush(timeout)
+        if self._stream.inherited:
+            return
+        # Another thread's write may be under way: a notice now would land inside its frame.
+        if not self._send_lock.acquire(timeout=remaining(deadline) or 0.0):
+            return
+        try:
+            core = self._core
+            with self._state:
+                owed = core.take_owed()[0] if core.owed and core.failure is None else []
+                notice = core.close()
+            if notice:
+                self._send_farewell(False, owed, notice)  # the queued datagrams went just above
+        finally:
+            self._send_lock.release()
 
     def _close_pidfd(self) -> None:
         if self._pidfd is not None:
@@ -1763,12 +1787,15 @@ def _connect_once(
 
 def open_channel(name: str, data: bytes = b"", *, timeout: float | None = None, config: Config | None = None,
                  quick_ok: bool = True, server_uid: int | None = None,
+                 on_stream: Callable[[Stream], None] | None = None,
                  ) -> tuple[Stream, Channel, int | None, bytes, qlpc.QuickLink | None]:
     """The connect handshake: the established stream, its channel, the server's pidfd, accept
     data, and the Quick-LPC rings if the server offered them and ``quick_ok`` takes them.
 
     Blocking; a driver (this module, or ``aio``, which declines the rings) wraps the result.
     The stream keeps SO_PASSCRED on: every read of the channel brings its sender's credentials.
+    ``on_stream`` is handed the broker connection as soon as it exists: shutting it down from
+    another thread ends the handshake at once (a cancelled ``aio.connect``).
     """
     config = config_or_default(config)
     validate_port_name(name)
@@ -1784,6 +1811,8 @@ def open_channel(name: str, data: bytes = b"", *, timeout: float | None = None, 
     pidfds: list[int] = []
     quick_fd: int | None = None
     try:
+        if on_stream is not None:
+            on_stream(stream)
         # SO_PASSCRED stays on: every read of the channel brings the sender's credentials.
         stream.set_passcred(True)
         # For the handshake only: the server's reply brings a pidfd of the server (SCM_PIDFD).

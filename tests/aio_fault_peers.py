@@ -38,7 +38,11 @@ def hold(args: argparse.Namespace) -> None:
         say("REQUEST", request.client.pid)
         if args.hold_accept:
             sys.stdin.readline()
-        comm = request.accept()
+        try:
+            comm = request.accept()
+        except alpc.ConnectionClosed as exc:  # its client gave up meanwhile (a cancelled connect)
+            say("GONE", type(exc).__name__)
+            return
         say("ACCEPTED")
         if not args.hold_accept:
             sys.stdin.readline()  # "read"

@@ -1,0 +1,132 @@
+"""CompletionPort.serve() after an earlier serve() ended by stop().
+
+stop() set an Event that nothing cleared: every later serve() returned at once, silently,
+and the port's clients waited for answers until their timeouts.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import pytest
+
+import alpc
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _serve_on_thread(completion: alpc.CompletionPort, raised: list[BaseException]) -> threading.Thread:
+    def serve() -> None:
+        try:
+            completion.serve(timeout=30)
+        except BaseException as exc:  # reported by the test
+            raised.append(exc)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+def _handle(message: alpc.Message) -> bytes:
+    return message.data.upper()
+
+
+async def _handle_async(message: alpc.Message) -> bytes:
+    return message.data.upper()
+
+
+@pytest.mark.parametrize("handler", [_handle, _handle_async], ids=["sync", "async"])
+def test_serve_after_stop_serves_again(broker, config, handler) -> None:  # type: ignore[no-untyped-def]
+    with alpc.create_port("svc.lifecycle.again", config=config) as port:
+        completion = alpc.CompletionPort(port, handler, max_workers=2)
+        raised: list[BaseException] = []
+        first = _serve_on_thread(completion, raised)
+        with alpc.connect("svc.lifecycle.again", config=config, timeout=10) as comm:
+            assert comm.request(b"one", timeout=10).data == b"ONE"
+        completion.stop()
+        first.join(15)
+        assert not first.is_alive(), "the first serve() did not return after stop()"
+
+        second = _serve_on_thread(completion, raised)
+        try:
+            with alpc.connect("svc.lifecycle.again", config=config, timeout=10) as comm:
+                # Before the fix: the second serve() had returned at once, nobody accepted.
+                assert comm.request(b"two", timeout=10).data == b"TWO"
+            assert second.is_alive(), "the second serve() returned without a stop()"
+        finally:
+            completion.stop()
+            second.join(15)
+        assert not second.is_alive(), "the second serve() did not return after stop()"
+        assert not raised, raised
+
+
+def test_stop_before_serve_still_ends_it(broker, config) -> None:  # type: ignore[no-untyped-def]
+    """What re-arming must not break: a stop() that comes before its serve() starts ends it."""
+    with alpc.create_port("svc.lifecycle.early", config=config) as port:
+        completion = alpc.CompletionPort(port, _handle)
+        completion.stop()
+        completion.serve(timeout=30)  # returns at once
+        # ...and the port serves again afterwards.
+        raised: list[BaseException] = []
+        thread = _serve_on_thread(completion, raised)
+        try:
+            with alpc.connect("svc.lifecycle.early", config=config, timeout=10) as comm:
+                assert comm.request(b"x", timeout=10).data == b"X"
+        finally:
+            completion.stop()
+            thread.join(15)
+        assert not raised, raised
+
+
+def test_serve_again_while_a_handler_is_left_behind_is_refused(broker, config) -> None:  # type: ignore[no-untyped-def]
+    """A pool thread still in its handler after stop() (serve() waits 5 s for it, then leaves it
+    behind) would go back to leading the old pool if serve() ran again: refused, typed."""
+    taken: queue.Queue[str] = queue.Queue()  # which thread took each request
+    release = threading.Event()
+    serve_thread: list[threading.Thread] = []
+
+    def stuck(message: alpc.Message) -> bytes:
+        # serve()'s own thread answers at once: it must be free to return after stop().
+        if threading.current_thread() is serve_thread[0]:
+            taken.put("serve")
+            return b"serve"
+        taken.put("pool")
+        release.wait(30)
+        return b"late"
+
+    with alpc.create_port("svc.lifecycle.stuck", config=config) as port:
+        completion = alpc.CompletionPort(port, stuck, max_workers=2)
+        raised: list[BaseException] = []
+        serve_thread.append(_serve_on_thread(completion, raised))
+        with alpc.connect("svc.lifecycle.stuck", config=config, timeout=10) as comm:
+            # serve()'s thread took the connection request and spawned a pool thread: a request
+            # soon goes to that one (it leads while serve()'s thread answers the others).
+            for _ in range(100):
+                pending = comm.start_request(b"x", timeout=10)
+                if taken.get(timeout=10) == "pool":
+                    break
+                assert pending.result(10).data == b"serve"
+            else:
+                pytest.fail("no request reached the pool thread")
+            completion.stop()
+            serve_thread[0].join(15)  # after its 5 s wait for the stuck handler
+            assert not serve_thread[0].is_alive()
+            try:
+                with pytest.raises(RuntimeError, match="still runs"):
+                    completion.serve(timeout=1)
+            finally:
+                release.set()  # the stuck handler returns
+            assert pending.result(10).data == b"late"
+            # Once that handler has returned (its thread has ended), serve() runs again.
+            for thread in completion._left_behind:
+                thread.join(10)
+            again = _serve_on_thread(completion, raised)
+            try:
+                assert comm.request(b"x", timeout=10).data in (b"serve", b"late")
+            finally:
+                release.set()
+                completion.stop()
+                again.join(15)
+            assert not again.is_alive()
+        assert not raised, raised
