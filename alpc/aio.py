@@ -127,6 +127,15 @@ def _on_loop(loop: asyncio.AbstractEventLoop, what: str, owner: object) -> None:
                            "an asyncio port is used from the loop it was made on only")
 
 
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    """The loop running on this thread; None if none (a forked child may drive close() by
+    hand: its copy of the parent's loop must not run)."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
 def _follow(source: asyncio.Future[None]) -> asyncio.Future[None]:
     """A future of this waiter's own, done when ``source`` (shared by every waiting sender) is.
 
@@ -191,6 +200,9 @@ class AsyncCommunicationPort:
         # a client side's, or this side's own close()).
         self._serving: asyncio.Future[None] | None = None
         self._released = False
+        # close() is flushing: a write that times out now ends the connection as this side's
+        # close, not as the peer's fault (see _drain).
+        self._closing = False
         # A server's: asked by a send short of the port's section budget, has the port's other
         # connections give back their idle sections (idle, they never come back by themselves).
         self._on_budget_blocked: Callable[[AsyncCommunicationPort], None] | None = None
@@ -674,8 +686,15 @@ class AsyncCommunicationPort:
                 # Part of a frame may be out: the stream cannot be trusted any more.
                 self._stream.broken = True
                 self.stats.errors += 1
-                self._core.fail(PeerGone("the peer stopped reading: a send timed out mid-frame; the connection "
-                                         "was dropped"), notice="the peer stopped reading (a send timed out mid-frame)")
+                if self._closing:
+                    # close()'s own flush gave up: the other calls on this port hear that this side
+                    # closed it (PeerGone would have an application reconnect), as the blocking API's do.
+                    self._core.fail(ConnectionClosed("the port is closed (its last writes timed out: the peer "
+                                                     "was not reading)"))
+                else:
+                    self._core.fail(PeerGone("the peer stopped reading: a send timed out mid-frame; the "
+                                             "connection was dropped"),
+                                    notice="the peer stopped reading (a send timed out mid-frame)")
                 self._wake_all()
                 raise
 
@@ -1040,21 +1059,56 @@ class AsyncCommunicationPort:
     # -- closing ---------------------------------------------------------------------------------
 
     async def close(self, timeout: float | None = 1.0) -> None:
-        """Flush what is queued, tell the peer (PORT_CLOSED) and release the connection."""
-        core = self._core
-        # Not in a forked child: bytes the parent's loop has still to write are the parent's.
-        if core.failure is None and (core.owed or self._unsent) and not self._stream.inherited:
+        """Flush what is queued, tell the peer (PORT_CLOSED) and release the connection.
+
+        On the port's loop; or on any loop once the port's loop no longer runs (it ended: the
+        only way to let go of such a port), flushing with a blocking write then. While the
+        port's loop runs on another thread, RuntimeError (its futures, readers and writer are
+        that loop's alone): ``asyncio.run_coroutine_threadsafe(port.close(), its_loop)``.
+        Cancelled while it flushes, it still closes (what was not written is lost).
+        """
+        off_loop = _running_loop() is not self._loop
+        # (A forked child's copy of a loop that ran at the fork says it runs: it never will.)
+        if off_loop and self._loop.is_running() and not self._stream.inherited:
+            self._own_loop("close()")
+        self._closing = True
+        try:
+            # Not in a forked child: bytes the parent's loop has still to write are the parent's.
+            if self._core.failure is None and (self._core.owed or self._unsent) and not self._stream.inherited:
+                if off_loop:
+                    self._flush_without_loop(timeout)
+                else:
+                    try:
+                        await self._write([], deadline_after(timeout))
+                    except (Timeout, ConnectionClosed):
+                        pass
+        finally:
+            # Cancelled mid-flush too: an open connection nobody closes would hold its fds and
+            # leave the peer waiting.
+            self._end(wake=not self._loop.is_closed())
+
+    def _flush_without_loop(self, timeout: float | None) -> None:
+        """close() after the port's loop stopped: nothing turns that loop to write what it
+        queued, so one blocking write of its own, ``timeout`` at most (as flush_at_exit)."""
+        owed, _ = self._core.take_owed()
+        unsent = list(self._unsent)
+        self._unsent.clear()
+        try:
+            self._stream.send([*unsent, *owed], deadline=deadline_after(timeout))
+        except (Timeout, ConnectionClosed):
+            pass  # a cut frame left the stream broken: no PORT_CLOSED follows it
+
+    def _end(self, wake: bool) -> None:
+        """close()'s end: PORT_CLOSED (unless it would land inside a frame), then release."""
+        notice = self._core.close()
+        stream = self._stream
+        if notice and not self._unsent and not stream.broken and not stream.inherited:  # forked: see _finalize
             try:
-                await self._write([], deadline_after(timeout))
-            except (Timeout, ConnectionClosed):
-                pass
-        notice = core.close()
-        if notice and not self._unsent and not self._stream.inherited:  # a forked child's: see _finalize
-            try:
-                self._stream.try_send(notice)
+                stream.try_send(notice)
             except ConnectionClosed:
                 pass
-        self._wake_all()
+        if wake:  # a closed loop's futures cannot be resolved (nothing awaits them any more)
+            self._wake_all()
         self._finalize()
 
     def _finalize(self) -> None:
@@ -1353,15 +1407,24 @@ class AsyncConnectionPort:
             await comm.close()
 
     async def close(self) -> None:
-        # serve()'s connections too (accept() records every one); at once, not one after the
-        # other: each may take its flush timeout with a client that stopped reading.
-        await asyncio.gather(*(comm.close() for comm in list(self._accepted)))
-        await self._loop.run_in_executor(None, self._port.close)
-        # A listen() awaiting the link: a closed fd leaves the selector without an event, so
-        # wake it here; it finds the port closed (ConnectionClosed), where it slept on before.
-        for future in list(self._listening):
-            if not future.done():
-                future.set_result(None)
+        """Close every connection accepted here, then the port; as AsyncCommunicationPort.close,
+        on the port's loop, or on any loop once that one no longer runs."""
+        if self._loop.is_running():
+            _on_loop(self._loop, "close()", self)
+        try:
+            # serve()'s connections too (accept() records every one); at once, not one after the
+            # other: each may take its flush timeout with a client that stopped reading.
+            await asyncio.gather(*(comm.close() for comm in list(self._accepted)))
+        finally:
+            # Cancelled meanwhile too (each connection's close() ends it even so): the name would
+            # stay registered, with nobody left to answer its clients. The running loop's
+            # executor: the port's loop may have ended; once started, the job finishes anyway.
+            await asyncio.get_running_loop().run_in_executor(None, self._port.close)
+            # A listen() awaiting the link: a closed fd leaves the selector without an event, so
+            # wake it here; it finds the port closed (ConnectionClosed), where it slept on before.
+            for future in list(self._listening):
+                if not future.done():
+                    future.set_result(None)
 
     async def __aenter__(self) -> AsyncConnectionPort:
         return self

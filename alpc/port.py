@@ -245,6 +245,11 @@ class CommunicationPort:
         return self._core.failure is not None
 
     def fileno(self) -> int:
+        """The socket's fd number; once the port released it, ConnectionClosed (or PeerGone),
+        never the old number: another file opened since may have it."""
+        if self._stream.closed:
+            self._core.check_open()
+            raise ConnectionClosed("the port is closed")
         return self._stream.fileno()
 
     @property
@@ -738,7 +743,9 @@ class CommunicationPort:
         if not self._send_lock.acquire(blocking=False):
             return False
         try:
-            if self._stream.send_room() < _AT_ONCE_ROOM:
+            # An ended connection's reply() never waits: its error now (ConnectionClosed), not
+            # False for the room of a released socket's fd number (0, or another file's).
+            if self._core.failure is None and self._stream.send_room() < _AT_ONCE_ROOM:
                 return False
             self.reply(message, data)
             return True

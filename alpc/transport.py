@@ -462,7 +462,10 @@ class Stream:
 
     def send_room(self) -> int:
         """Bytes the send buffer still takes before a write would wait: SO_SNDBUF less what is
-        queued (SIOCOUTQ), both counting the kernel's overhead per buffer; 0 if it cannot say."""
+        queued (SIOCOUTQ), both counting the kernel's overhead per buffer; 0 if it cannot say
+        (closed too: its fd number may be another file's by now)."""
+        if self.closed:
+            return 0
         if _send_room is not None:
             return max(0, _send_room(self._fd))  # one C call: ~0.5 us against ~2.7 us
         try:
