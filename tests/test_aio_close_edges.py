@@ -53,7 +53,7 @@ async def _stalled_pair(name: str, config: alpc.Config) -> tuple[aio.AsyncConnec
 
 def test_close_whose_flush_times_out_ends_the_others_as_closed_not_peer_gone(broker: alpc.Broker,
                                                                               config: alpc.Config) -> None:
-    name = "aioclose9.flush"
+    name = "aio.close.flush"
 
     async def main() -> None:
         port, comm, client, send = await _stalled_pair(name, config)
@@ -77,7 +77,7 @@ def test_close_whose_flush_times_out_ends_the_others_as_closed_not_peer_gone(bro
 
 def test_close_from_another_thread_while_the_ports_loop_runs_is_refused(broker: alpc.Broker,
                                                                          config: alpc.Config) -> None:
-    name = "aioclose9.thread"
+    name = "aio.close.thread"
     loop = asyncio.new_event_loop()
     runner = threading.Thread(target=loop.run_forever)
     runner.start()
@@ -133,7 +133,7 @@ def _runner(loop: str) -> Callable[[Coroutine[Any, Any, Any]], Any]:
 @pytest.mark.parametrize("loop", LOOPS)
 def test_close_after_the_ports_loop_ended_flushes_and_releases(loop: str, broker: alpc.Broker,
                                                                config: alpc.Config) -> None:
-    name = f"aioclose9.ended.{loop}"
+    name = f"aio.close.ended.{loop}"
     run = _runner(loop)
 
     async def open_stalled() -> tuple[aio.AsyncConnectionPort, aio.AsyncCommunicationPort, alpc.CommunicationPort]:
@@ -172,7 +172,7 @@ def test_close_after_the_ports_loop_ended_flushes_and_releases(loop: str, broker
 
 
 def test_async_with_cancelled_twice_still_closes(broker: alpc.Broker, config: alpc.Config) -> None:
-    name = "aioclose9.cancelled"
+    name = "aio.close.cancelled"
 
     async def main() -> None:
         port, comm, client, send = await _stalled_pair(name, config)
@@ -216,7 +216,7 @@ def test_port_close_cancelled_while_its_connections_flush_still_closes_the_port(
     """AsyncConnectionPort.close() cancelled while a connection flushes (``async with`` port whose
     body was cancelled twice, asyncio.run's shutdown): the port's name stayed registered and its
     connections open, for nobody to close."""
-    name = "aioclose9.port.cancelled"
+    name = "aio.close.port.cancelled"
 
     async def main() -> None:
         port, comm, client, send = await _stalled_pair(name, config)

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def test_fileno_of_a_closed_port_raises(broker: alpc.Broker, config: alpc.Config) -> None:
-    with local_connection(config, "aioclose9.fileno") as (_, server, client):
+    with local_connection(config, "closed.port.fileno") as (_, server, client):
         number = client.fileno()
         client.close()
         # Another file takes the number, as any open() may.
@@ -43,7 +43,7 @@ def test_fileno_of_a_closed_port_raises(broker: alpc.Broker, config: alpc.Config
 
 
 def test_reply_at_once_on_a_closed_port_raises_as_reply_does(broker: alpc.Broker, config: alpc.Config) -> None:
-    with local_connection(config, "aioclose9.at_once") as (_, server, client):
+    with local_connection(config, "closed.port.at_once") as (_, server, client):
         pending = client.start_request(b"question", timeout=10)
         message = server.receive(timeout=10)
         server.close()
