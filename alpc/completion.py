@@ -9,7 +9,9 @@ tasks on a private event loop for a coroutine function. The pool grows
 while every thread is busy in a handler, up to ``max_workers`` (the
 completion port's concurrency value), and shrinks back to ``min_workers``
 once threads sit idle for ``idle_timeout``. ``ordered=True`` keeps each client's requests in
-order: one message per client is handled at a time.
+order: one message per client is handled at a time, and the others wait in the client's own
+inbox, holding their slots in its window (``max_queued_datagrams``, ``max_pending_requests``), so
+a client that sends faster than its messages are handled waits rather than queues without bound.
 
 A request its client cancels is flagged (``message.cancelled``, which a
 sync handler polls) and an async handler's task is cancelled
@@ -179,8 +181,6 @@ class CompletionPort:
         self._quiet_limit: float | None = None
         self._last_event = 0.0
         self._threads: list[threading.Thread] = []
-        # ordered: clients with a message being handled, and what waits behind it.
-        self._busy: dict[Any, deque[Message]] = {}
         self._stopping = threading.Event()
         # Threads of the last serve() still in a handler when it returned (see _rearm).
         self._left_behind: list[threading.Thread] = []
@@ -213,6 +213,8 @@ class CompletionPort:
             self._rearm(self._left_behind)
         if self._async:
             self._start_loop()
+        if self.ordered:
+            self.port._take_turns(True)  # a client's next message waits until _next_for takes it
         self._quiet_limit = timeout
         self._last_event = time.monotonic()
         with self._lock:
@@ -382,20 +384,13 @@ class CompletionPort:
     def _dispatch(self, message: Message) -> None:
         if message.type in NOTICES:
             return
-        if self.ordered:
-            with self._lock:
-                queued = self._busy.get(message.port)
-                if queued is not None:
-                    queued.append(message)  # handled by the thread busy with this client
-                    return
-                self._busy[message.port] = deque()
         if self._async:
             self._submit_task(message)
             return
         current: Message | None = message
         while current is not None:
             self._run(current)
-            current = self._next_for(current)
+            current = self._next_for(current, self._after_take)
 
     def _run(self, message: Message) -> None:
         self._running += 1
@@ -456,16 +451,27 @@ class CompletionPort:
             except ConnectionClosed:
                 pass
 
-    def _next_for(self, message: Message) -> Message | None:
-        """ordered: the client's next message that waited behind ``message``, if any."""
+    def _next_for(self, message: Message, after_take: Callable[[Any], object]) -> Message | None:
+        """ordered: the client's next message, which waited behind ``message`` in its inbox, if
+        any (else its turn ends). ``after_take`` does what wait() does after a take: the credit
+        for a datagram taken, the release after a notice."""
         if not self.ordered:
             return None
-        with self._lock:
-            queued = self._busy.get(message.port)
-            following = queued.popleft() if queued else None
-            if following is None:
-                self._busy.pop(message.port, None)
-        return following
+        comm = message.port
+        while (following := self.port._next_in_turn(comm)) is not None:
+            after_take(comm)
+            if following.type not in NOTICES:
+                return following
+        return None
+
+    @staticmethod
+    def _after_take(comm: Any) -> None:
+        """``comm._after_take()``; a failure is logged, as a handler's is: raised here it would end
+        this worker, and every later turn of that client with it."""
+        try:
+            comm._after_take()
+        except Exception:
+            log.exception("cannot send what is owed to %r after a take", comm)
 
     # -- tasks for async handlers -------------------------------------------------------
 
@@ -572,8 +578,11 @@ class CompletionPort:
         with self._lock:
             self._tasks.pop(key, None)
         self.handled += 1
-        following = self._next_for(message)
-        if following is not None and not self._stopping.is_set():
+        # On the loop thread, which must never wait for a client's socket: what a take owes
+        # (a credit) is written by a writer thread.
+        following = None if self._stopping.is_set() else self._next_for(
+            message, lambda comm: self._writers.submit(self._after_take, comm))
+        if following is not None:
             # The client's next message takes this slot over: this may be the loop
             # thread, which must never wait for a slot (only its own tasks free one).
             self._start_task(following)
@@ -626,6 +635,8 @@ class CompletionPort:
                 loop.close()
             self._writers.shutdown()
             self._loop = None
+        if self.ordered:
+            self.port._take_turns(False)  # what waits for a turn goes to the next wait() again
         self._rearm(threads)
 
     def _rearm(self, threads: list[threading.Thread]) -> None:
@@ -640,7 +651,6 @@ class CompletionPort:
         with self._lock:
             self._threads = []
             self._watcher = None
-            self._busy.clear()
             # Pool threads that ended on the stop flag, not by retiring, left their count behind.
             self._workers = 0
             self._followers = 0

@@ -20,6 +20,7 @@ from typing import NoReturn, Protocol
 
 from . import control, qlpc
 from .config import Config, PortAttributes, attributes_or_default, config_or_default
+from .connection import NOTICES
 from .control import validate_port_name
 from .errors import ConnectionClosed, MessageTooLarge, PeerGone, ProtocolError, QuotaExceeded, Timeout
 from .exchange import control_frame
@@ -317,6 +318,11 @@ class ConnectionPort:
         self._spin = SpinBudget()
         # Connections whose inbox got something since they were last served.
         self._ready: deque[CommunicationPort] = deque()
+        # One message per connection at a time (an ordered CompletionPort, _take_turns): the
+        # connections whose message is out. Their next messages stay in their inboxes, holding
+        # their window slots, until _next_in_turn hands them to the thread whose turn it is.
+        self._turns = False
+        self._in_turn: set[CommunicationPort] = set()
         # The connection that brought the last two messages: the next wait reads its
         # socket in the same call that waits for everything else (one system call, as
         # a plain receive() has), betting that it speaks next.
@@ -539,6 +545,7 @@ class ConnectionPort:
             if comm in self._quick_comms:
                 self._quick_comms.discard(comm)
                 self._drop_unarmed(comm)
+            self._in_turn.discard(comm)
             if comm._queued and not comm.has_ready_message():
                 # Nothing left to take: only a wait() would ever pop it.
                 comm._queued = False
@@ -670,11 +677,29 @@ class ConnectionPort:
             with self._lock:
                 self._read_registration()
         owners = self._owners
+        in_turn = self._in_turn
         for fd in ready:
             owner = owners.get(fd)
             if owner is not None:
                 owner.pump()
+                if in_turn and owner in in_turn and owner._core.failure is not None:
+                    self._park(owner)
         return True
+
+    def _park(self, comm: CommunicationPort) -> None:
+        """``comm`` ended while its turn is out: its notice waits in its inbox for the turn's
+        thread, and its fds (at EOF, a dead peer's pidfd) would wake every wait() meanwhile, which
+        then never timed out. They leave the set; the notice's take releases the connection, or
+        the turns end (_take_turns) and a wait() hands the notice out."""
+        with self._lock:
+            if comm not in self._in_turn:
+                return
+            if self._hint is comm:
+                self._set_hint(None)
+            for fd in comm._fds():
+                if self._owners.get(fd) is comm:
+                    del self._owners[fd]
+                    self._poller.unregister(fd)
 
     def _set_hint(self, comm: CommunicationPort | None) -> None:
         """The connection whose socket the next waits read directly (caller holds _lock).
@@ -708,12 +733,17 @@ class ConnectionPort:
             self._error_reported = True
             raise type(error)(*error.args)
         ready = self._ready
+        in_turn = self._in_turn
         while ready:
             comm = ready.popleft()
             comm._queued = False  # before the take: a message filed from now on queues it again
+            if in_turn and comm in in_turn:
+                continue  # its turn's thread takes what came (_next_in_turn)
             message = comm.next_ready_message()
             if message is None:
                 continue
+            if self._turns and message.type not in NOTICES:
+                in_turn.add(comm)
             if comm.has_ready_message() and not comm._queued:
                 comm._queued = True
                 ready.append(comm)  # round-robin: one message per connection per turn
@@ -721,6 +751,34 @@ class ConnectionPort:
             self._last_from = comm
             return message
         return None
+
+    def _take_turns(self, on: bool) -> None:
+        """From now on (``on``), wait() hands out one message per connection at a time: the
+        next only once ``_next_in_turn`` found none left. Off, every connection whose turn was
+        out is served by wait() again."""
+        with self._lock:
+            self._turns = on
+            if on:
+                return
+            for comm in self._in_turn:
+                if comm.has_ready_message() and not comm._queued:
+                    comm._queued = True
+                    self._ready.append(comm)
+            self._in_turn.clear()
+
+    def _next_in_turn(self, comm: CommunicationPort) -> Message | None:
+        """The next message of ``comm``, whose turn the caller holds (wait() gave it one of its
+        messages); None, and its turn ends, when it has none left. As after wait(), the caller
+        calls ``comm._after_take()`` (credits, answers to expired requests, a notice's release).
+
+        A message waits for its turn in its connection's inbox, not in a queue of the caller's:
+        taken by wait(), a datagram gave its window slot back, and a client sending faster than
+        its messages were handled grew that queue without bound."""
+        with self._lock:
+            message = comm.next_ready_message()
+            if message is None:
+                self._in_turn.discard(comm)
+            return message
 
     # -- closing -----------------------------------------------------------------
 

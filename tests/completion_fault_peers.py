@@ -9,6 +9,7 @@ Roles:
 - ``client``: a blocking client. ``start TAG`` sends request TAG without waiting
   (``STARTED TAG``); ``wait TAG SECONDS`` waits for its reply (``REPLY TAG DATA``,
   ``TIMEOUT TAG``, ``CANCELLED TAG``); ``cancel TAG`` cancels it (``CANCEL TAG True|False``);
+  ``ping`` makes a round trip, so the server has read everything sent before (``PONG``);
   ``quit`` closes the port.
 - ``lazy``: a blocking client that sends request ``R`` (``SENT R``), then reads nothing
   until stdin ``read``; it then reports every datagram that is not filler
@@ -55,6 +56,9 @@ def client(args: argparse.Namespace) -> None:
                     say("CANCELLED", tag)
             elif command == "cancel":
                 say("CANCEL", words[1], pending[words[1]].cancel())
+            elif command == "ping":
+                comm.ping(timeout=10)
+                say("PONG")
             elif command == "quit":
                 break
     say("BYE")

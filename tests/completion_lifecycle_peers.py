@@ -5,6 +5,7 @@ Connects, then prints ``CONNECTED PID`` or ``REFUSED ERROR`` (and exits), then o
 stdin line at a time with one stdout line, so the test orders every step (no sleeps):
 ``start TAG`` sends request TAG without waiting (``STARTED TAG``); ``wait TAG SECONDS``
 waits for its reply (``REPLY TAG DATA`` with ``-`` for empty, or ``ERROR TAG NAME``);
+``ping`` makes a round trip, so the server has read everything sent before (``PONG``);
 ``quit`` closes the port (``BYE``).
 """
 
@@ -49,6 +50,9 @@ def main() -> None:
                     say("REPLY", words[1], reply.data.decode() or "-")
                 except alpc.AlpcError as exc:
                     say("ERROR", words[1], type(exc).__name__)
+            elif words[0] == "ping":
+                comm.ping(timeout=10)
+                say("PONG")
             elif words[0] == "quit":
                 break
     say("BYE")

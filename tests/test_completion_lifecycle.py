@@ -157,24 +157,23 @@ def test_a_handler_returning_an_awaitable_replies_with_its_result(broker, config
 
 
 class Watched(alpc.CompletionPort):
-    """A CompletionPort that says when a client's death notice was dispatched and when
-    client A's turn (ordered: A1 and what queued behind it) is over."""
+    """A CompletionPort that says when client A's turn (ordered: A1 and what waited behind it
+    in A's inbox) is over, and when a client's end reached the port while its turn was out."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.queued = threading.Semaphore(0)
+    def __init__(self, port: alpc.ConnectionPort, *args: Any, **kwargs: Any) -> None:
+        super().__init__(port, *args, **kwargs)
         self.died = threading.Event()
         self.a_done = threading.Event()
+        park = port._park
 
-    def _dispatch(self, message: alpc.Message) -> None:
-        super()._dispatch(message)
-        if message.type in (alpc.MessageType.CLIENT_DIED, alpc.MessageType.PORT_CLOSED):
+        def parked(comm: Any) -> None:
+            park(comm)
             self.died.set()
-        elif message.data.startswith(b"A") and message.data != b"A1":
-            self.queued.release()
 
-    def _next_for(self, message: alpc.Message) -> alpc.Message | None:
-        following = super()._next_for(message)
+        port._park = parked  # type: ignore[method-assign]
+
+    def _next_for(self, message: alpc.Message, after_take: Any) -> alpc.Message | None:
+        following = super()._next_for(message, after_take)
         if following is None and message.data.startswith(b"A"):
             self.a_done.set()
         return following
@@ -219,9 +218,10 @@ def test_an_ordered_client_that_died_has_its_queued_requests_dropped(broker, con
                 for tag in ("A2", "A3"):
                     a.send(f"start {tag}")
                     a.expect("STARTED")
-                    assert completion.queued.acquire(timeout=10), f"{tag} never queued behind A1"
+                a.send("ping")  # A2 and A3 are in A's inbox, behind A1, once the port answers
+                a.expect("PONG")
                 a.kill()
-                assert completion.died.wait(10), "A's death never reached the loop"
+                assert completion.died.wait(10), "A's death never reached the port"
                 release.set()
                 assert completion.a_done.wait(10), "A's turn never ended"
                 b = client("iocp4.died")

@@ -93,8 +93,8 @@ def _past(deadline: float) -> None:
 @pytest.mark.parametrize("kind", ["sync", "async"])
 def test_an_ordered_completion_port_never_runs_a_request_whose_deadline_passed_in_its_queue(
         broker: alpc.Broker, config: alpc.Config, spawn: Any, runtime_dir: Path, kind: str) -> None:
-    """ordered=True queues a client's second request behind its first inside the completion
-    port, where the runtime's own deadline check (at take time) no longer sees it: the handler
+    """ordered=True queued a client's second request behind its first inside the completion
+    port, where the runtime's own deadline check (at take time) no longer saw it: the handler
     ran it after its deadline and its reply reached a client that was promised
     DeadlineExceeded (and a client that never waits is never told at all)."""
     seen: list[bytes] = []
@@ -130,12 +130,13 @@ def test_an_ordered_completion_port_never_runs_a_request_whose_deadline_passed_i
             deadline = float(client.expect("STARTED late")[0])
             client.send("ping")
             client.expect("PONG")
-            # "late" was read; now it waits in the completion port's queue behind "block".
+            # "late" was read; now it waits for its turn in the client's inbox, behind "block".
             for _ in range(1000):
-                if any(completion._busy.values()):
+                if any(comm.queue_depth for comm in list(port._connections)):
                     break
                 threading.Event().wait(0.005)
-            assert any(completion._busy.values()), "the second request never reached the ordered queue"
+            assert any(comm.queue_depth for comm in list(port._connections)), \
+                "the second request never waited for its turn"
             _past(deadline)
             gate.set()
             client.send("wait block 10")

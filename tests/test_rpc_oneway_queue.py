@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 
-from alpc.rpc import endpoint as endpoint_module
 from alpc.rpc.endpoint import Endpoint
 
 
@@ -17,9 +16,10 @@ class _Call:
         self.data = data
 
 
-def _endpoint(handle: Any) -> Endpoint:
-    # Only what run_oneways uses: the queue, its token, and the dispatcher's handle.
+def _endpoint(handle: Any, backlog: int) -> Endpoint:
+    # Only what run_oneways uses: the queue, its bound, its token, and the dispatcher's handle.
     made = object.__new__(Endpoint)
+    made._oneway_backlog = backlog
     made._oneways = deque()
     made._oneway_runner = threading.Lock()
     made._oneway_thread = None
@@ -28,9 +28,7 @@ def _endpoint(handle: Any) -> Endpoint:
 
 
 @pytest.mark.timeout(30)
-def test_past_the_backlog_the_receiving_thread_waits_its_turn_and_order_is_kept(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(endpoint_module, "ONEWAY_BACKLOG", 2)
+def test_past_the_backlog_the_receiving_thread_waits_its_turn_and_order_is_kept() -> None:
     ran: list[bytes] = []
     first_runs, go_on = threading.Event(), threading.Event()
 
@@ -40,7 +38,7 @@ def test_past_the_backlog_the_receiving_thread_waits_its_turn_and_order_is_kept(
             first_runs.set()
             assert go_on.wait(10)
 
-    endpoint = _endpoint(handle)
+    endpoint = _endpoint(handle, 2)
     endpoint.queue_oneway(_Call(b"0"))  # type: ignore[arg-type]
     runner = threading.Thread(target=endpoint.run_oneways)
     runner.start()
@@ -60,8 +58,7 @@ def test_past_the_backlog_the_receiving_thread_waits_its_turn_and_order_is_kept(
 
 
 @pytest.mark.timeout(30)
-def test_a_one_way_call_served_inside_one_never_waits_for_itself(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(endpoint_module, "ONEWAY_BACKLOG", 0)
+def test_a_one_way_call_served_inside_one_never_waits_for_itself() -> None:
     ran: list[bytes] = []
 
     def handle(data: bytes, *, expects_reply: bool) -> None:
@@ -70,7 +67,7 @@ def test_a_one_way_call_served_inside_one_never_waits_for_itself(monkeypatch: py
             endpoint.queue_oneway(_Call(b"nested"))  # type: ignore[arg-type]
             endpoint.run_oneways()
 
-    endpoint = _endpoint(handle)
+    endpoint = _endpoint(handle, 0)
     endpoint.queue_oneway(_Call(b"outer"))  # type: ignore[arg-type]
     endpoint.run_oneways()
     assert ran == [b"outer", b"nested"]

@@ -46,6 +46,11 @@ log = logging.getLogger("alpc.rpc")
 
 P = TypeVar("P")
 
+# One-way calls of one connection that may wait for their turn before the thread that receives
+# one more waits with it (see run_oneways); as many as a client may queue by default (rpc.Server
+# takes the port's max_queued_datagrams when that is smaller).
+ONEWAY_BACKLOG = 1024
+
 
 class EndpointBase:
     """What both drivers' endpoints share: the codec, the dispatcher and the objects exported.
@@ -102,6 +107,7 @@ class Endpoint(EndpointBase):
         reply_timeout: float = 5.0,
         call_timeout: float | None = None,
         on_drop: Callable[[Endpoint], None] | None = None,
+        oneway_backlog: int = ONEWAY_BACKLOG,
     ) -> None:
         super().__init__(objects, comm.peer, limits=limits, inline_threshold=inline_threshold,
                          send_tracebacks=send_tracebacks, call_timeout=call_timeout)
@@ -123,6 +129,7 @@ class Endpoint(EndpointBase):
         self._oneways: deque[Message] = deque()
         self._oneway_runner = threading.Lock()
         self._oneway_thread: int | None = None
+        self._oneway_backlog = oneway_backlog
 
     # -- calling out -------------------------------------------------------------
 
@@ -192,7 +199,7 @@ class Endpoint(EndpointBase):
         a time: the client sent them without waiting, so one taken by another worker while an
         earlier one still ran overtook or overlapped it. A thread that finds another running
         them goes back to serving (a client's slow one-way calls hold one worker, not all),
-        unless more than ``ONEWAY_BACKLOG`` wait: then it waits its turn, so a client that
+        unless more than ``oneway_backlog`` wait: then it waits its turn, so a client that
         sends faster than its calls run is held back rather than queued without bound.
 
         As ``_answer`` does, whoever holds the token looks again after letting it go, so a
@@ -203,7 +210,7 @@ class Endpoint(EndpointBase):
         me = threading.get_ident()
         while oneways:
             # Never waiting for itself: a call this thread serves while it runs one (nested).
-            if not runner.acquire(len(oneways) > ONEWAY_BACKLOG and self._oneway_thread != me):
+            if not runner.acquire(len(oneways) > self._oneway_backlog and self._oneway_thread != me):
                 return
             self._oneway_thread = me
             try:
@@ -253,9 +260,6 @@ class Endpoint(EndpointBase):
 
 
 _REQUEST = MessageType.REQUEST
-# One-way calls of one connection that may wait for their turn before the thread that receives
-# one more waits with it (see run_oneways); as many as a client may queue by default.
-ONEWAY_BACKLOG = 1024
 
 
 def call_deadline(timeout: float | None) -> float | None:

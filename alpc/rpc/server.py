@@ -29,7 +29,7 @@ from ..wire import MessageType
 from .client import INCOMPATIBLE
 from .codec import DEFAULT_LIMITS, INLINE_THRESHOLD, Limits, check_options
 from .dispatch import ObjectTable
-from .endpoint import Endpoint, check_timeout
+from .endpoint import ONEWAY_BACKLOG, Endpoint, check_timeout
 from .hello import RPC_VERSION, decode_hello, encode_hello
 from .interface import Interface, interface_methods, version_compatible
 from .turns import Turns
@@ -152,8 +152,12 @@ class Server:
         # Checked now, not when start() makes the port.
         self._attributes = None if attributes is None else attributes_or_default(attributes)
         self._config = None if config is None else config_or_default(config)
+        # A client's one-way calls queued in server memory: no more than the port lets it have
+        # waiting in its window (a port with a small max_queued_datagrams means a small queue).
+        backlog = min(ONEWAY_BACKLOG, attributes_or_default(attributes).max_queued_datagrams)
         self._make_endpoint = functools.partial(Endpoint, limits=limits, inline_threshold=inline_threshold,
-                                                send_tracebacks=send_tracebacks, reply_timeout=reply_timeout)
+                                                send_tracebacks=send_tracebacks, reply_timeout=reply_timeout,
+                                                oneway_backlog=backlog)
         self._poll_interval = poll_interval
         self._port: ConnectionPort | None = None
         self._endpoints: dict[CommunicationPort, Endpoint] = {}
