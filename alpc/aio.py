@@ -1271,10 +1271,6 @@ class AsyncConnectionRequest:
         opened = await _unless_cancelled(job, _drop_channel)
         inner = self._port
         owner = self._owner
-        if inner._closed:
-            # The port closed while the accept ran: its close() would never close this one.
-            _drop_channel(opened)
-            raise ConnectionClosed(f"port {inner.name!r} is closed")
         stream, channel, pidfd, _ = opened
 
         def gone(comm: AsyncCommunicationPort) -> None:
@@ -1285,6 +1281,13 @@ class AsyncConnectionRequest:
         comm = AsyncCommunicationPort(stream, channel, peer_pidfd=pidfd, is_server=True,
                                       send_timeout=inner.attributes.send_timeout, on_gone=gone)
         comm._on_budget_blocked = inner._budget_blocked
+        if inner._closed or (owner is not None and owner._closing):
+            # The port closed while the accept ran (its close() would never close this one), or
+            # it is closing (close() closed the connections accepted so far, and the blocking
+            # port's close() in an executor thread may not have begun): closed as the port
+            # closes its own, so the client hears PORT_CLOSED, not a hang-up.
+            await comm.close()
+            raise ConnectionClosed(f"port {inner.name!r} is closed")
         inner._hold_foreign(comm)  # it counts toward the port's max_connections
         if owner is not None:
             owner._accepted.add(comm)  # closed with the port, as the blocking port closes its own
@@ -1313,6 +1316,8 @@ class AsyncConnectionPort:
         self._accepted: set[AsyncCommunicationPort] = set()
         # What listen() awaits on the broker link, for close() to end.
         self._listening: set[asyncio.Future[None]] = set()
+        # close() began: an accept() finishing from now on would come after its snapshot of _accepted.
+        self._closing = False
 
     async def listen(self, timeout: float | None = None) -> AsyncConnectionRequest:
         """The next connection request, waiting on the broker link through the loop."""
@@ -1411,6 +1416,7 @@ class AsyncConnectionPort:
         on the port's loop, or on any loop once that one no longer runs."""
         if self._loop.is_running():
             _on_loop(self._loop, "close()", self)
+        self._closing = True
         try:
             # serve()'s connections too (accept() records every one); at once, not one after the
             # other: each may take its flush timeout with a client that stopped reading.

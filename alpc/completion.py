@@ -125,6 +125,17 @@ class _Writers(concurrent.futures.Executor):
             self._jobs.put(None)
 
 
+async def _settle(timeout: float) -> None:
+    """On the private loop at shutdown: let its tasks (their handlers cancelled) end, for
+    ``timeout`` seconds at most, then stop the loop."""
+    try:
+        tasks = asyncio.all_tasks() - {asyncio.current_task()}
+        if tasks and timeout > 0:
+            await asyncio.wait(tasks, timeout=timeout)
+    finally:
+        asyncio.get_running_loop().stop()
+
+
 class _Exited(Exception):
     """A SystemExit out of an awaitable _resolve runs on the private loop, carried to the
     thread that waits for it (where it fails that call only)."""
@@ -628,9 +639,12 @@ class CompletionPort:
             loop = self._loop
             for future in list(self._tasks.values()):
                 future.cancel()
-            loop.call_soon_threadsafe(loop.stop)
+            # Not loop.stop() at once: it stopped the loop before the cancelled tasks took their
+            # CancelledError, and they were left pending on a closed loop, their cleanup unrun.
+            settle = max(0.0, deadline - time.monotonic())
+            asyncio.run_coroutine_threadsafe(_settle(settle), loop)
             if self._loop_thread is not None:
-                self._loop_thread.join(5.0)
+                self._loop_thread.join(settle + 5.0)
             if not loop.is_running():
                 loop.close()
             self._writers.shutdown()

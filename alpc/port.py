@@ -1076,7 +1076,12 @@ class CommunicationPort:
 
         While bytes it sent before are unread (its PORT_CLOSED, if it closed cleanly), the
         read that takes them ends the connection, as closed or as died; with none, it ends now.
+        A thread mid-read may hold them already, out of the socket and not yet delivered: its
+        read (or the next, which takes the EOF) ends it then. Not under _cv (this thread holds
+        _send_lock): the flag is set before a read's recv and cleared after its delivery.
         """
+        if self._reading:
+            return
         if not self._stream.unread():
             self._connection_lost("the peer's socket is closed")
 

@@ -104,10 +104,23 @@ class ConnectionRequest:
         return f"<ConnectionRequest to {self.port_name!r} from pid {self.client.pid} uid {self.client.uid}>"
 
     def _take_stream(self) -> Stream:
-        if self._stream is None:
+        stream = self._take_unanswered()
+        if stream is None:
+            # The port's close() answered it (a rejection): the port is closed under this
+            # thread, as for any other call on it; else the application answered it already.
+            self._port._check_open()
             raise ValueError("this connection request was already answered")
-        stream, self._stream = self._stream, None
-        self._port._forget_request(self)
+        return stream
+
+    def _take_unanswered(self) -> Stream | None:
+        """The request's socket, taken from it; None if another thread answered it first.
+
+        Under the port's lock: the application's accept() or reject() and the port's close()
+        may answer it at the same moment, and exactly one of them may take it."""
+        with self._port._lock:
+            stream, self._stream = self._stream, None
+            if stream is not None:
+                self._port._forget_request(self)
         return stream
 
     def accept(self, data: bytes = b"", timeout: float | None = 5.0) -> CommunicationPort:
@@ -173,7 +186,9 @@ class ConnectionRequest:
 
     def reject(self, reason: str = "rejected") -> None:
         """Refuse: the client's connect() raises ConnectionRejected carrying ``reason``."""
-        stream = self._take_stream()
+        self._refuse(self._take_stream(), reason)
+
+    def _refuse(self, stream: Stream, reason: str) -> None:
         self._port._stats.connects_rejected += 1
         reply = control.ConnectionReply(accepted=False, data=b"", reason=str(reason)[:control.MAX_REJECT_REASON],
                                         max_message_length=0)
@@ -192,10 +207,16 @@ class ConnectionRequest:
 
     def close(self, reason: str = "the server closed the port") -> None:
         """Drop an unanswered request (the client's connect raises ConnectionRejected with ``reason``)."""
-        if self._stream is not None and self._stream.inherited:
+        stream = self._stream
+        if stream is not None and stream.inherited:
             self._let_go()  # the parent's request: its answer is the parent's to give
-        elif self._stream is not None:
-            self.reject(reason)
+            return
+        # Taken, not checked then rejected: an accept() or reject() on another thread may
+        # answer it meanwhile (ConnectionPort.close() runs this outside the port's lock), and
+        # its answer stands; reject() would raise "already answered" out of the port's close().
+        stream = self._take_unanswered()
+        if stream is not None:
+            self._refuse(stream, reason)
 
     def _let_go(self) -> None:
         stream, self._stream = self._stream, None
@@ -800,7 +821,10 @@ class ConnectionPort:
         for comm in connections:
             comm.close()
         with self._lock:  # a waiter looks at the set only under the lock, after checking _closed
-            os.eventfd_write(self._woken, 1)  # a thread polling the set wakes, finds the port closed
+            # The last waiter to leave frees the set and the eventfd once it finds the port
+            # closed (the link's hang-up above woke it): their numbers may be another file's now.
+            if not self._poller.closed:
+                os.eventfd_write(self._woken, 1)  # a thread polling the set wakes, finds the port closed
             if not self._pollers:
                 self._free_poller()
         if self._quick_held:
