@@ -1096,7 +1096,11 @@ class AsyncCommunicationPort:
         try:
             self._stream.send([*unsent, *owed], deadline=deadline_after(timeout))
         except (Timeout, ConnectionClosed):
-            pass  # a cut frame left the stream broken: no PORT_CLOSED follows it
+            # A cut frame left the stream broken: no PORT_CLOSED follows it. So may the loop's
+            # own unsent bytes, which can start inside a frame it wrote in part, when this
+            # write gave up before any of them left.
+            if unsent:
+                self._stream.broken = True
 
     def _end(self, wake: bool) -> None:
         """close()'s end: PORT_CLOSED (unless it would land inside a frame), then release."""
@@ -1151,13 +1155,28 @@ class AsyncCommunicationPort:
         one write of its own, waiting ``timeout`` at most for room: the bytes the loop had still
         to write first (a send cancelled meanwhile goes out whole, asyncio.run() cancels what
         still waits), then the datagrams queued here. Not while a loop on another thread runs:
-        its own write may be under way."""
-        if not (self._unsent or self._core.backlogged) or (self._unsent and self._loop.is_running()):
+        its own write may be under way.
+
+        Then PORT_CLOSED, as close() does (and the blocking driver's hook): a normal exit is no
+        death, and a port a daemon thread's loop still held (its frame never collected, so no
+        finalizer runs) showed its peer CLIENT_DIED. The socket stays as it is: the exit closes it."""
+        if self._unsent and self._loop.is_running():
             return
-        owed, _ = self._core.take_owed()
-        unsent = list(self._unsent)
-        self._unsent.clear()
-        self._stream.send([*unsent, *owed], deadline=deadline_after(timeout))
+        core, stream = self._core, self._stream
+        if self._unsent or core.backlogged:
+            owed, _ = core.take_owed()
+            unsent = list(self._unsent)
+            self._unsent.clear()
+            stream.send([*unsent, *owed], deadline=deadline_after(timeout))
+        if stream.inherited:
+            return
+        owed = core.take_owed()[0] if core.owed and core.failure is None else []
+        notice = core.close()
+        if notice and not stream.broken:
+            try:
+                stream.try_send(owed + notice)
+            except ConnectionClosed:
+                pass
 
     def _close_pidfd(self) -> None:
         if self._pidfd is not None:

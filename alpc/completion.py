@@ -193,6 +193,8 @@ class CompletionPort:
         self._last_event = 0.0
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
+        # Dispatching threads waiting for an async handler's slot (see _submit_task).
+        self._slot_wanted = 0
         # Threads of the last serve() still in a handler when it returned (see _rearm).
         self._left_behind: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -464,12 +466,13 @@ class CompletionPort:
 
     def _next_for(self, message: Message, after_take: Callable[[Any], object]) -> Message | None:
         """ordered: the client's next message, which waited behind ``message`` in its inbox, if
-        any (else its turn ends). ``after_take`` does what wait() does after a take: the credit
-        for a datagram taken, the release after a notice."""
+        any (else its turn ends; so it does while others wait: see ConnectionPort._next_in_turn,
+        and _submit_task for the async slot). ``after_take`` does what wait() does after a
+        take: the credit for a datagram taken, the release after a notice."""
         if not self.ordered:
             return None
         comm = message.port
-        while (following := self.port._next_in_turn(comm)) is not None:
+        while (following := self.port._next_in_turn(comm, self._slot_wanted > 0)) is not None:
             after_take(comm)
             if following.type not in NOTICES:
                 return following
@@ -497,11 +500,20 @@ class CompletionPort:
 
     def _submit_task(self, message: Message) -> None:
         # A bounded number of tasks: the dispatching thread waits here while all are busy.
-        while not self._slots.acquire(timeout=_WATCH_EVERY):
-            if self._stopping.is_set():
-                return
-            # This thread is the port's only reader: a cancel must still reach a running task.
-            self._read_waiting()
+        if not self._slots.acquire(blocking=False):
+            # ordered: a task that ends while this waits hands its slot over, not its client's
+            # next message (_task_done), or a client that kept sending kept the slot for good.
+            with self._lock:
+                self._slot_wanted += 1
+            try:
+                while not self._slots.acquire(timeout=_WATCH_EVERY):
+                    if self._stopping.is_set():
+                        return
+                    # This thread is the port's only reader: a cancel must still reach a running task.
+                    self._read_waiting()
+            finally:
+                with self._lock:
+                    self._slot_wanted -= 1
         self._start_task(message)
 
     def _start_task(self, message: Message) -> None:

@@ -787,19 +787,43 @@ class ConnectionPort:
                     self._ready.append(comm)
             self._in_turn.clear()
 
-    def _next_in_turn(self, comm: CommunicationPort) -> Message | None:
+    def _next_in_turn(self, comm: CommunicationPort, others_waiting: bool = False) -> Message | None:
         """The next message of ``comm``, whose turn the caller holds (wait() gave it one of its
         messages); None, and its turn ends, when it has none left. As after wait(), the caller
         calls ``comm._after_take()`` (credits, answers to expired requests, a notice's release).
 
         A message waits for its turn in its connection's inbox, not in a queue of the caller's:
         taken by wait(), a datagram gave its window slot back, and a client sending faster than
-        its messages were handled grew that queue without bound."""
+        its messages were handled grew that queue without bound.
+
+        The turn ends too while another connection's message (or a connection request) waits
+        for wait(), or, ``others_waiting``, for the caller's thread or slot: ``comm``'s next
+        messages go to the back of the round-robin. The inbox fills while a message is handled
+        (other threads' waits read every socket), so a client that kept sending kept the
+        thread, and with every thread so held nobody else was served."""
         with self._lock:
+            if others_waiting or self._others_ready(comm):
+                self._in_turn.discard(comm)
+                if comm.has_ready_message() and not comm._queued:
+                    comm._queued = True
+                    self._ready.append(comm)
+                return None
             message = comm.next_ready_message()
             if message is None:
                 self._in_turn.discard(comm)
             return message
+
+    def _others_ready(self, comm: CommunicationPort) -> bool:
+        """A connection request, or a message of a connection other than ``comm`` whose turn is
+        not out, waits for wait() to hand it out (caller holds _lock)."""
+        if self._requests:
+            return True
+        if not self._ready:
+            return False
+        in_turn = self._in_turn
+        # A copy (one C call): pumps append to _ready without the lock, and a deque iterated
+        # meanwhile raises RuntimeError.
+        return any(other is not comm and other not in in_turn for other in list(self._ready))
 
     # -- closing -----------------------------------------------------------------
 
