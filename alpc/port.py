@@ -245,11 +245,11 @@ class CommunicationPort:
         return self._core.failure is not None
 
     def fileno(self) -> int:
-        """The socket's fd number; once the port released it, ConnectionClosed (or PeerGone),
-        never the old number: another file opened since may have it."""
+        """The socket's fd number; -1 once the port released it, as a closed socket.socket says,
+        never the old number: another file opened since may have it. (-1, not an exception:
+        selectors.unregister() of a closed port finds its key by -1's ValueError.)"""
         if self._stream.closed:
-            self._core.check_open()
-            raise ConnectionClosed("the port is closed")
+            return -1
         return self._stream.fileno()
 
     @property

@@ -1,7 +1,8 @@
 """Accessors of a closed CommunicationPort must not hand out or use its released fd number.
 
 ``fileno()`` returned the socket's old number after close(): by then another file may have it
-(a caller that polls or closes it acts on that file). ``reply_at_once()`` asked the kernel for
+(a caller that polls or closes it acts on that file). It says -1 now, as a closed socket does,
+so a selector the port was registered with still unregisters it. ``reply_at_once()`` asked the kernel for
 the room of that number's socket: False ("would wait") for a closed fd, and the room of
 whatever file took the number otherwise, where ``reply()`` raises ConnectionClosed at once.
 """
@@ -9,6 +10,7 @@ whatever file took the number otherwise, where ``reply()`` raises ConnectionClos
 from __future__ import annotations
 
 import os
+import selectors
 import socket
 
 import pytest
@@ -19,7 +21,7 @@ import alpc
 pytestmark = pytest.mark.timeout(60)
 
 
-def test_fileno_of_a_closed_port_raises(broker: alpc.Broker, config: alpc.Config) -> None:
+def test_fileno_of_a_closed_port_is_minus_one(broker: alpc.Broker, config: alpc.Config) -> None:
     with local_connection(config, "closed.port.fileno") as (_, server, client):
         number = client.fileno()
         client.close()
@@ -32,14 +34,23 @@ def test_fileno_of_a_closed_port_raises(broker: alpc.Broker, config: alpc.Config
             except OSError:
                 os.dup2(stranger.fileno(), number)
                 taken = True
-            with pytest.raises(alpc.ConnectionClosed):
-                client.fileno()
+            assert client.fileno() == -1
         finally:
             stranger.close()
             other.close()
             if taken:
                 os.close(number)
         assert server.fileno() >= 0  # the open side still says its own
+
+
+def test_a_closed_port_leaves_the_selector_it_was_registered_with(broker: alpc.Broker,
+                                                                  config: alpc.Config) -> None:
+    with local_connection(config, "closed.port.selector") as (_, _server, client), \
+            selectors.DefaultSelector() as selector:
+        selector.register(client, selectors.EVENT_READ)
+        client.close()
+        selector.unregister(client)
+        assert selector.get_map() == {}
 
 
 def test_reply_at_once_on_a_closed_port_raises_as_reply_does(broker: alpc.Broker, config: alpc.Config) -> None:
