@@ -1073,19 +1073,37 @@ class AsyncCommunicationPort:
             self._own_loop("close()")
         self._closing = True
         try:
+            deadline = deadline_after(timeout)
             # Not in a forked child: bytes the parent's loop has still to write are the parent's.
             if self._core.failure is None and (self._core.owed or self._unsent) and not self._stream.inherited:
                 if off_loop:
                     self._flush_without_loop(timeout)
                 else:
                     try:
-                        await self._write([], deadline_after(timeout))
+                        await self._write([], deadline)
                     except (Timeout, ConnectionClosed):
                         pass
+            if not off_loop and not self._stream.inherited:
+                await self._room_for_notice(deadline)
         finally:
             # Cancelled mid-flush too: an open connection nobody closes would hold its fds and
             # leave the peer waiting.
             self._end(wake=not self._loop.is_closed())
+
+    async def _room_for_notice(self, deadline: float | None) -> None:
+        """close(): wait (until ``deadline`` at most) for room for PORT_CLOSED in a socket the
+        sends just before filled. _end()'s non-blocking write found none and dropped it: the
+        peer, a little behind, read the end of the stream with nothing before it, a death for
+        an orderly close."""
+        if self._unsent or self._core.failure is not None or self._stream.send_room() > 0:
+            return
+        self._want_writable()  # nothing unsent: the socket's next writable turn resolves _drained
+        drained = self._drained
+        assert drained is not None
+        try:
+            await _within(_follow(drained), deadline, "room in the socket")
+        except Timeout:
+            pass  # _end() tries once all the same
 
     def _flush_without_loop(self, timeout: float | None) -> None:
         """close() after the port's loop stopped: nothing turns that loop to write what it
@@ -1260,7 +1278,16 @@ async def _unless_cancelled(job: asyncio.Future[Any], undo: Callable[[Any], None
 
 
 def _drop_channel(opened: tuple[Any, ...]) -> None:
-    stream, _, pidfd = opened[:3]  # open_channel's result, or accept_channel's
+    """A channel made but never handed out (its caller was cancelled, or the loop cannot watch
+    it). Its peer holds a connection already (an accept's reply went out): it hears PORT_CLOSED,
+    as from a close(), not a hang-up that reads as a crash (rpc.aio.Server.stop() mid-accept).
+    One non-blocking write of one small frame: nothing waits here."""
+    stream, channel, pidfd = opened[:3]  # open_channel's result, or accept_channel's
+    try:
+        stream.try_send(channel.close_notice())
+    except (ConnectionClosed, OSError):
+        pass  # the peer is gone: it hears nothing either way
+    channel.release_resources()
     stream.shutdown()
     stream.close()
     if pidfd is not None:

@@ -79,6 +79,9 @@ class _Writers(concurrent.futures.Executor):
         self._lock = threading.Lock()
         self._threads = 0
         self._idle = 0
+        # shutdown() let the threads go: a job now is a late reply (serve() gave up joining a
+        # loop a handler still blocked), on a thread of its own that ends with it.
+        self._closed = False
 
     def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[_T]:
         future: concurrent.futures.Future[_T] = concurrent.futures.Future()
@@ -91,6 +94,10 @@ class _Writers(concurrent.futures.Executor):
                     future.set_exception(exc)
 
         with self._lock:
+            if self._closed:
+                # Not a pool thread: none would be told to leave again, and it waited for ever.
+                threading.Thread(target=job, name="alpc-completion-reply", daemon=True).start()
+                return future
             if self._idle:
                 self._idle -= 1  # that thread is this job's
             elif self._threads < self._size:
@@ -121,8 +128,19 @@ class _Writers(concurrent.futures.Executor):
         """Let the threads go once the jobs queued before this are done (never waits)."""
         with self._lock:
             threads, self._threads, self._idle = self._threads, 0, 0
+            self._closed = True
         for _ in range(threads):
             self._jobs.put(None)
+
+
+def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """The private loop's thread: run it until _settle stops it, then close it. Closed here, not
+    by serve()'s shutdown: a handler blocking the loop outlives that shutdown's join, and the
+    loop it left running kept its epoll fd and self-pipe open for good."""
+    try:
+        loop.run_forever()
+    finally:
+        loop.close()
 
 
 async def _settle(timeout: float) -> None:
@@ -494,7 +512,8 @@ class CompletionPort:
         # The replies' writers (_run_async): one per slot, so none waits behind a blocked one.
         self._writers = _Writers(self.max_workers)
         self._loop = loop
-        self._loop_thread = threading.Thread(target=loop.run_forever, name="alpc-completion-loop", daemon=True)
+        self._loop_thread = threading.Thread(target=_run_loop, args=(loop,), name="alpc-completion-loop",
+                                             daemon=True)
         self._loop_thread.start()
         self._slots = threading.BoundedSemaphore(self.max_workers)
 
@@ -656,9 +675,7 @@ class CompletionPort:
             settle = max(0.0, deadline - time.monotonic())
             asyncio.run_coroutine_threadsafe(_settle(settle), loop)
             if self._loop_thread is not None:
-                self._loop_thread.join(settle + 5.0)
-            if not loop.is_running():
-                loop.close()
+                self._loop_thread.join(settle + 5.0)  # it closes the loop (_run_loop)
             self._writers.shutdown()
             self._loop = None
         if self.ordered:

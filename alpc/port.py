@@ -68,6 +68,7 @@ from .transport import (
     Buffer,
     ChannelRead,
     Stream,
+    advance_buffers,
     close_fds,
     deadline_after,
     finalize_unclosed,
@@ -95,7 +96,8 @@ T = TypeVar("T")
 # Runtime frames (releases, PONG) go out from the reader; a peer that stops
 # reading for this long keeps them queued rather than stalling our reads.
 _RUNTIME_SEND_TIMEOUT = 1.0
-# How long close() (and a process ending normally) waits for room for queued datagrams.
+# How long close() (and a process ending normally) waits for room for queued datagrams and
+# its PORT_CLOSED.
 _CLOSE_FLUSH_TIMEOUT = 1.0
 # reply_at_once: the largest body it writes, and the room it wants in the socket for that body
 # with everything the core may owe before it (queued datagrams up to BACKLOG_LIMIT, releases,
@@ -1590,6 +1592,12 @@ class CommunicationPort:
 
     def close(self) -> None:
         """Tell the peer (PORT_CLOSED) and release the connection. Idempotent."""
+        self._close(deadline_after(_CLOSE_FLUSH_TIMEOUT))
+
+    def _close(self, deadline: float | None) -> None:
+        """close(), waiting until ``deadline`` at most for room for what goes before the notice
+        and the notice itself (a ConnectionPort closing its connections gives them one between
+        them, so deaf clients cannot make its close() last a second each)."""
         if self._stream.inherited:
             self._let_go()
             return
@@ -1600,7 +1608,8 @@ class CommunicationPort:
         # another open() had reused meanwhile; and the peer heard a hang-up, not PORT_CLOSED.
         # Taken when the connection ended already too: another thread's close() may be writing
         # that notice now, and the shutdown below must not cut it off.
-        locked = self._send_lock.acquire(timeout=1.0)
+        wait = remaining(deadline)
+        locked = self._send_lock.acquire(timeout=-1 if wait is None else wait)
         try:
             with self._state:
                 # Datagrams queued by send(..., flush=False) go out before the notice.
@@ -1608,7 +1617,7 @@ class CommunicationPort:
                 owed = core.take_owed()[0] if core.owed and core.failure is None else []
                 notice = core.close()
             if notice and locked:
-                self._send_farewell(queued, owed, notice)
+                self._send_farewell(queued, owed, notice, deadline)
         finally:
             if locked:
                 self._send_lock.release()
@@ -1621,17 +1630,26 @@ class CommunicationPort:
         self._stream.shutdown()
         self._maybe_finalize()
 
-    def _send_farewell(self, queued: bool, owed: Frames, notice: Frames) -> None:
-        """close()'s last writes (the caller holds _send_lock): what is owed, then PORT_CLOSED."""
+    def _send_farewell(self, queued: bool, owed: Frames, notice: Frames, deadline: float | None) -> None:
+        """close()'s last writes (the caller holds _send_lock): what is owed, then PORT_CLOSED,
+        waiting for room until ``deadline`` at most."""
         try:
             if queued:
                 # The application's datagrams: a reader a little behind (its socket full
                 # for now) must not lose them, so wait for room a while, as the asyncio
                 # close() does (its timeout=1.0).
-                self._stream.send(owed, deadline=deadline_after(_CLOSE_FLUSH_TIMEOUT))
+                self._stream.send(owed, deadline=deadline)
                 owed = []
             if not self._stream.broken:
-                self._stream.try_send(owed + notice)
+                frames = owed + notice
+                written = self._stream.try_send(frames)
+                if written < sum(map(len, frames)):
+                    # The rest waits for room (within the same bound): sends just before that
+                    # filled the socket left none, and the notice was dropped: the peer, a
+                    # little behind, read the end of the stream with nothing before it, a
+                    # death for an orderly close (or the rest of a frame cut short).
+                    rest = advance_buffers([memoryview(frame).cast("B") for frame in frames], written)
+                    self._stream.send(rest, deadline=deadline)
         except (ConnectionClosed, Timeout):
             pass
 
@@ -1721,7 +1739,7 @@ class CommunicationPort:
                 owed = core.take_owed()[0] if core.owed and core.failure is None else []
                 notice = core.close()
             if notice:
-                self._send_farewell(False, owed, notice)  # the queued datagrams went just above
+                self._send_farewell(False, owed, notice, deadline)  # the queued datagrams went just above
         finally:
             self._send_lock.release()
 

@@ -26,7 +26,7 @@ from .errors import ConnectionClosed, MessageTooLarge, PeerGone, ProtocolError, 
 from .exchange import control_frame
 from .ledger import Budget
 from .logs import LogLimiter, fields
-from .port import CommunicationPort
+from .port import _CLOSE_FLUSH_TIMEOUT, CommunicationPort
 from .protocol import Channel, ConnectionPolicy, Message
 from .quotas import FlowLimits, Limit
 from .registration import Registration
@@ -842,8 +842,11 @@ class ConnectionPort:
         self._link.close()
         for request in requests:
             request.close()
+        # One wait for room for their notices between them (see CommunicationPort._close): each
+        # its own second, deaf clients made this close() last a second apiece.
+        farewell = deadline_after(_CLOSE_FLUSH_TIMEOUT)
         for comm in connections:
-            comm.close()
+            comm._close(farewell)
         with self._lock:  # a waiter looks at the set only under the lock, after checking _closed
             # The last waiter to leave frees the set and the eventfd once it finds the port
             # closed (the link's hang-up above woke it): their numbers may be another file's now.
