@@ -32,8 +32,11 @@ from alpc.wire import FrameDecoder, FrameLimits, MessageType
 
 HOSTILE_PEERS = Path(__file__).resolve().parent / "hostile" / "hostile_peers.py"
 SEC_PEERS = Path(__file__).resolve().parent / "security_peers.py"
-# Not 65534: other test runs on this machine use that uid, and its connections would count here.
-HOG_UID = 54321
+# The kernel counts fds in flight, and connections, per uid: each uid here is this suite's own.
+# Not 65534 (other test runs on this machine use it), and not the same in the native and the
+# pure-Python suites, which `make test` runs side by side (one's broker filled the other's count).
+_UID_BASE = 54321 + (100 if os.environ.get("ALPC_PUREPYTHON", "") not in ("", "0") else 0)
+HOG_UID = _UID_BASE
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -62,7 +65,7 @@ def test_one_uid_within_its_quota_cannot_use_up_the_brokers_fds(runtime_dir: Pat
 
 # The uid of a broker that may not raise its fd limit (soft = hard); its own, so that no other
 # process's fds in flight count against it (the kernel counts them per uid).
-BROKER_UID = 54322
+BROKER_UID = _UID_BASE + 1
 HOARDED = 80
 _LIMITS = FrameLimits(allowed_types=frozenset({MessageType.PORT_CREATED, MessageType.ERROR}),
                       max_data=control.MAX_CONTROL_BODY)
@@ -169,7 +172,7 @@ def test_a_server_that_never_reads_cannot_take_another_port_down(broker_home: Pa
 # The broker runs as its own uid (other processes' fds in flight do not count against it) with
 # soft = hard, so that it cannot raise its limit (tests run as root).
 
-EMFILE_UID = 54323
+EMFILE_UID = _UID_BASE + 2
 LIMIT = 32
 # More connections than the broker has fds left: the last ones wait in its listen backlog.
 CONNECTIONS = 40
