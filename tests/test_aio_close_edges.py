@@ -59,7 +59,7 @@ def test_close_whose_flush_times_out_ends_the_others_as_closed_not_peer_gone(bro
         port, comm, client, send = await _stalled_pair(name, config)
         receive = asyncio.create_task(comm.receive(timeout=30))
         try:
-            await asyncio.sleep(0)  # one turn: the receive waits for a message
+            await asyncio.sleep(0)  # handshake-free: one loop turn, so the receive task starts waiting
             await comm.close(timeout=0)  # the flush gives up at once: the client reads nothing
             for task in (send, receive):
                 with pytest.raises(alpc.ConnectionClosed) as ended:
@@ -191,10 +191,10 @@ def test_async_with_cancelled_twice_still_closes(broker: alpc.Broker, config: al
 
         task = asyncio.create_task(body())
         try:
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # handshake-free: one loop turn, so the body starts its send
             task.cancel()  # the body: __aexit__ closes the port, flushing first
             await until(closing.is_set, "__aexit__ closes the port")
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # handshake-free: one loop turn, so close() enters its flush
             task.cancel()  # the close itself (a second cancel, asyncio.run's shutdown)
             await asyncio.gather(task, return_exceptions=True)
             assert comm.closed, "a cancelled close() left the connection open"

@@ -45,9 +45,8 @@ def test_queued_send_flush_keeps_to_the_calls_deadline(pair) -> None:  # type: i
     took: list[alpc.Message] = []
 
     def take_one_late() -> None:
-        # handshake-free: this delay is the scenario (how much of the caller's timeout its wait
-        # for the window uses up), not a synchronisation; the server then stops reading.
-        time.sleep(WINDOW_WAIT)
+        # How much of the caller's timeout its wait for the window uses up; the server then stops reading.
+        time.sleep(WINDOW_WAIT)  # handshake-free: this delay is the scenario, not a synchronisation
         took.append(server.receive(timeout=10))
 
     reader = threading.Thread(target=take_one_late, daemon=True)
