@@ -7,10 +7,12 @@ event and waits for stdin lines where the test orders the steps (no sleeps).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 import threading
 
 import alpc
+from alpc import aio
 
 
 def say(*parts: object) -> None:
@@ -37,7 +39,9 @@ def hold_request(args: argparse.Namespace) -> None:
 
 def exit_holding(args: argparse.Namespace) -> None:
     """Connect on a daemon thread that keeps the port open (never closes it), then let the
-    interpreter exit normally (sys.exit) while that thread still waits in receive()."""
+    interpreter exit normally (sys.exit) while that thread still waits in receive(); with
+    ``--asyncio``, through the asyncio driver on that thread's loop. ``--queue`` first queues
+    a datagram (send(flush=False)), which goes out at exit, before the notice."""
     config = alpc.Config.from_env(args.runtime_dir)
     connected = threading.Event()
     failed: list[BaseException] = []
@@ -50,14 +54,31 @@ def exit_holding(args: argparse.Namespace) -> None:
             connected.set()
             return
         if args.queue:
-            comm.send(b"queued", flush=False)  # goes out at exit, before the notice
+            comm.send(b"queued", flush=False)
         connected.set()
         try:
             comm.receive(timeout=60)
         except alpc.AlpcError:
             pass
 
-    threading.Thread(target=hold, daemon=True).start()
+    async def hold_on_loop() -> None:
+        try:
+            comm = await aio.connect(args.name, config=config, timeout=10)
+        except BaseException as exc:
+            failed.append(exc)
+            connected.set()
+            return
+        if args.queue:
+            await comm.send(b"queued", flush=False)
+        connected.set()
+        try:
+            await comm.receive(timeout=60)
+        except alpc.AlpcError:
+            pass
+
+    holder = threading.Thread(target=asyncio.run, args=(hold_on_loop(),), daemon=True) if args.asyncio \
+        else threading.Thread(target=hold, daemon=True)
+    holder.start()
     connected.wait(30)
     if failed:
         raise failed[0]
@@ -72,6 +93,7 @@ def main() -> None:
     parser.add_argument("name")
     parser.add_argument("--runtime-dir", required=True)
     parser.add_argument("--queue", action="store_true")
+    parser.add_argument("--asyncio", action="store_true")
     args = parser.parse_args()
     {"hold-request": hold_request, "exit-holding": exit_holding}[args.role](args)
 
