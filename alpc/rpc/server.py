@@ -39,6 +39,7 @@ __all__ = ["Admission", "Server"]
 log = logging.getLogger("alpc.rpc")
 
 _REQUEST = MessageType.REQUEST
+_DATAGRAM = MessageType.DATAGRAM
 # How long a worker waits for an event before it looks whether the server stops; stop() waits
 # up to that long for it.
 _MAX_POLL_INTERVAL = 60.0
@@ -256,7 +257,8 @@ class Server:
                 if shared:
                     # A one-way call takes its place in its client's order now, while no other
                     # worker can take over the wait and receive the call sent after it.
-                    oneways = self._queue_oneway(event)
+                    oneways = (self._queue_oneway(event)
+                               if type(event) is Message and event.type is _DATAGRAM else None)
                     turns.busy()
                 else:
                     oneways = None
@@ -274,19 +276,17 @@ class Server:
         if isinstance(event, ConnectionRequest):
             self._admit(event)
             return
-        if event.type is _REQUEST or event.type is MessageType.DATAGRAM:
-            endpoint = self._endpoints.get(event.port) or self._endpoint_for(event.port)
+        if event.type is _REQUEST or event.type is _DATAGRAM:
+            endpoint = self._endpoint_of(event)
             if endpoint is not None:
                 endpoint.serve(event)
             return
         with self._endpoints_lock:
             self._endpoints.pop(event.port, None)
 
-    def _queue_oneway(self, event: ConnectionRequest | Message) -> Endpoint | None:
+    def _queue_oneway(self, event: Message) -> Endpoint | None:
         """The endpoint that queued ``event``, a one-way call, to run in order; else None."""
-        if type(event) is not Message or event.type is not MessageType.DATAGRAM:
-            return None
-        endpoint = self._endpoints.get(event.port) or self._endpoint_for(event.port)
+        endpoint = self._endpoint_of(event)
         if endpoint is not None:
             endpoint.queue_oneway(event)
         return endpoint
@@ -316,6 +316,9 @@ class Server:
     def _drop(self, endpoint: Endpoint) -> None:
         with self._endpoints_lock:
             self._endpoints.pop(endpoint.comm, None)
+
+    def _endpoint_of(self, message: Message) -> Endpoint | None:
+        return self._endpoints.get(message.port) or self._endpoint_for(message.port)
 
     def _endpoint_for(self, comm: CommunicationPort) -> Endpoint | None:
         # A message can beat its endpoint into the table while _admit holds the lock.
