@@ -4,12 +4,18 @@ Two ping-pongs between two processes over a Unix socketpair, in alternating
 repetitions, pinned to one CPU (``same``) and to two (``split``), never mixed:
 
 - ``bare``: Python ``send`` / ``recv``, what the harness's socketpair peer does;
+- ``credentials``: ``bare`` with SO_PASSCRED on and each read a ``recvmsg`` taking
+  the SCM_CREDENTIALS the kernel attaches to every message (what gives each alpc
+  message its sender's kernel-verified identity);
+- ``poll``: ``bare`` with a ``poll`` before each read (what lets every alpc wait
+  take a timeout);
 - ``floor``: what every alpc message needs at the least: its 40-byte header packed
   and unpacked, sent by alpc's C send and read by its C poll + recvmsg with
   SO_PASSCRED on (the channel's read path, credentials included), and nothing
   else: no protocol state, no Message object, no flow control, no locks.
 
-The gap between the two is what the design costs before any bookkeeping; the
+The gap between ``bare`` and ``floor`` is what the design costs before any
+bookkeeping (``credentials`` and ``poll`` show the kernel's share of it); the
 full path (``make bench``, row ``alpc``) adds the bookkeeping.
 
     python -m benchmarks.socket_floor [--rounds N] [--reps R]
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import select
 import socket
 import statistics
 import sys
@@ -37,6 +44,7 @@ __all__ = ["main", "measure"]
 MESSAGE = b"x" * 64
 WARM_UP = 200
 _TIMEOUT_MS = 10_000
+_UCRED_SIZE = 12  # struct ucred: pid, uid, gid
 # Fields of wire.HEADER: magic, version, type, flags, data and attribute lengths, message id, ...
 _TYPE, _MESSAGE_ID = 2, 6
 
@@ -57,6 +65,48 @@ def _bare() -> _Pair:
         client.recv(65536)
 
     def answer() -> bool:
+        data = server.recv(65536)
+        if data:
+            server.send(data)
+        return bool(data)
+
+    return _Pair(client, server, ask, answer)
+
+
+def _credentials() -> _Pair:
+    """Plain Python send, and recvmsg taking each read's SCM_CREDENTIALS."""
+    client, server = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    for sock in (client, server):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    room = socket.CMSG_SPACE(_UCRED_SIZE)
+
+    def ask() -> None:
+        client.send(MESSAGE)
+        client.recvmsg(65536, room)
+
+    def answer() -> bool:
+        data = server.recvmsg(65536, room)[0]
+        if data:
+            server.send(data)
+        return bool(data)
+
+    return _Pair(client, server, ask, answer)
+
+
+def _poll() -> _Pair:
+    """Plain Python send, and poll before each recv."""
+    client, server = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    client_poll, server_poll = select.poll(), select.poll()
+    client_poll.register(client, select.POLLIN)
+    server_poll.register(server, select.POLLIN)
+
+    def ask() -> None:
+        client.send(MESSAGE)
+        client_poll.poll(_TIMEOUT_MS)
+        client.recv(65536)
+
+    def answer() -> bool:
+        server_poll.poll(_TIMEOUT_MS)
         data = server.recv(65536)
         if data:
             server.send(data)
@@ -98,7 +148,8 @@ def _floor() -> _Pair:
     return _Pair(client, server, ask, answer)
 
 
-WAYS: dict[str, Callable[[], _Pair]] = {"bare": _bare, "floor": _floor}
+WAYS: dict[str, Callable[[], _Pair]] = {"bare": _bare, "credentials": _credentials, "poll": _poll,
+                                        "floor": _floor}
 
 
 def measure(way: str, rounds: int, cpus: tuple[int, int]) -> float:
@@ -131,10 +182,10 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.reps):
             for way in WAYS:  # interleaved, so noise falls on both
                 results[way].append(measure(way, args.rounds, cpus))
-        bare, floor = (statistics.median(results[way]) for way in WAYS)
-        print(f"{name:5} (cpus {cpus[0]}/{cpus[1]}): bare socketpair {bare:.2f} us, alpc's floor {floor:.2f} us "
-              f"({floor / bare:.2f}x); reps {min(results['bare']):.2f}..{max(results['bare']):.2f} / "
-              f"{min(results['floor']):.2f}..{max(results['floor']):.2f}")
+        medians = {way: statistics.median(times) for way, times in results.items()}
+        print(f"{name:5} (cpus {cpus[0]}/{cpus[1]}): " + ", ".join(
+            f"{way} {medians[way]:.2f} us ({medians[way] / medians['bare']:.2f}x; reps "
+            f"{min(results[way]):.2f}..{max(results[way]):.2f})" for way in WAYS))
     return 0
 
 
