@@ -259,7 +259,20 @@ class CompletionPort:
         """Ask ``serve`` (and every pool thread) to return, within a fraction of a second."""
         self._stopping.set()
 
-    def _lead(self, main: bool) -> None:
+    def _pool_thread(self) -> None:
+        """A spawned pool thread: it leaves the count as it ends, whether it retired (_retire
+        took it off then) or the pool stopped, so ``workers`` never counts an ended thread."""
+        retired = False
+        try:
+            retired = self._lead(main=False)
+        finally:
+            if not retired:
+                with self._lock:
+                    self._workers -= 1
+
+    def _lead(self, main: bool) -> bool:
+        """Lead and follow until the pool stops (False) or, for a spawned thread, until it
+        retires (True: _retire has taken it off the count)."""
         idle_since = time.monotonic()
         while not self._stopping.is_set():
             with self._lock:
@@ -271,7 +284,7 @@ class CompletionPort:
                     self._followers -= 1
             if not leading:
                 if not main and self._retire(idle_since):
-                    return
+                    return True
                 continue
             try:
                 event = self._next_event(main)
@@ -279,7 +292,7 @@ class CompletionPort:
                 self._leader.release()
             if event is None:
                 if not main and self._retire(idle_since):
-                    return
+                    return True
                 continue
             self._promote()
             if isinstance(event, ConnectionRequest):
@@ -292,6 +305,7 @@ class CompletionPort:
             else:
                 self._dispatch(event)
             idle_since = time.monotonic()
+        return False
 
     def _next_event(self, main: bool) -> ConnectionRequest | Message | None:
         try:
@@ -321,7 +335,7 @@ class CompletionPort:
                 self._watch_saturated()
                 return
             self._workers += 1
-        thread = threading.Thread(target=self._lead, args=(False,), name="alpc-completion", daemon=True)
+        thread = threading.Thread(target=self._pool_thread, name="alpc-completion", daemon=True)
         with self._lock:
             self._threads = [t for t in self._threads if t.is_alive()] + [thread]
         thread.start()
@@ -372,8 +386,7 @@ class CompletionPort:
             return False
         with self._lock:
             if self._stopping.is_set():
-                self._workers -= 1
-                return True
+                return False  # the loop ends on the stop flag; _pool_thread takes it off the count
             waited_on = self._followers > 0 or self._leader.locked()
             if self._workers > max(self.min_workers, 1) and waited_on:
                 self._workers -= 1
@@ -694,8 +707,6 @@ class CompletionPort:
         with self._lock:
             self._threads = []
             self._watcher = None
-            # Pool threads that ended on the stop flag, not by retiring, left their count behind.
-            self._workers = 0
             self._followers = 0
         self._saturated.clear()
         self._loop_thread = None

@@ -85,8 +85,12 @@ def test_serve_again_while_a_handler_is_left_behind_is_refused(broker, config) -
     taken: queue.Queue[str] = queue.Queue()  # which thread took each request
     release = threading.Event()
     serve_thread: list[threading.Thread] = []
+    together = threading.Barrier(3)
 
     def stuck(message: alpc.Message) -> bytes:
+        if message.data == b"grow":
+            together.wait(10)  # three handlers at once: the pool grows to four threads
+            return b"grown"
         # serve()'s own thread answers at once: it must be free to return after stop().
         if threading.current_thread() is serve_thread[0]:
             taken.put("serve")
@@ -96,10 +100,13 @@ def test_serve_again_while_a_handler_is_left_behind_is_refused(broker, config) -
         return b"late"
 
     with alpc.create_port("svc.lifecycle.stuck", config=config) as port:
-        completion = alpc.CompletionPort(port, stuck, max_workers=2)
+        completion = alpc.CompletionPort(port, stuck, max_workers=4)
         raised: list[BaseException] = []
         serve_thread.append(_serve_on_thread(completion, raised))
         with alpc.connect("svc.lifecycle.stuck", config=config, timeout=10) as comm:
+            growing = [comm.start_request(b"grow", timeout=10) for _ in range(3)]
+            assert [pending.result(10).data for pending in growing] == [b"grown"] * 3
+            assert completion.workers == 4
             # serve()'s thread took the connection request and spawned a pool thread: a request
             # soon goes to that one (it leads while serve()'s thread answers the others).
             for _ in range(100):
@@ -112,6 +119,8 @@ def test_serve_again_while_a_handler_is_left_behind_is_refused(broker, config) -
             completion.stop()
             serve_thread[0].join(15)  # after its 5 s wait for the stuck handler
             assert not serve_thread[0].is_alive()
+            # The idle pool threads ended on stop(); only the stuck one is left (it read 3).
+            assert completion.workers == 1
             try:
                 with pytest.raises(RuntimeError, match="still runs"):
                     completion.serve(timeout=1)
@@ -121,6 +130,7 @@ def test_serve_again_while_a_handler_is_left_behind_is_refused(broker, config) -
             # Once that handler has returned (its thread has ended), serve() runs again.
             for thread in completion._left_behind:
                 thread.join(10)
+            assert completion.workers == 0
             again = _serve_on_thread(completion, raised)
             try:
                 assert comm.request(b"x", timeout=10).data in (b"serve", b"late")
