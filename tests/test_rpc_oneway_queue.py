@@ -1,4 +1,4 @@
-"""Endpoint.run_oneways without I/O: order, the backlog bound, and no wait for itself."""
+"""Endpoint.run_oneways without I/O: order, the backlog bound, no wait for itself, nothing stranded."""
 
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ def _endpoint(handle: Any, backlog: int) -> Endpoint:
     made._oneways = deque()
     made._oneway_runner = threading.Lock()
     made._oneway_thread = None
+    made._stranded = False
+    made._on_stranded = None
     made._handle = handle
     return made
 
@@ -71,3 +73,24 @@ def test_a_one_way_call_served_inside_one_never_waits_for_itself() -> None:
     endpoint.queue_oneway(_Call(b"outer"))  # type: ignore[arg-type]
     endpoint.run_oneways()
     assert ran == [b"outer", b"nested"]
+
+
+@pytest.mark.timeout(30)
+def test_calls_behind_one_that_raised_keyboard_interrupt_go_to_the_next_pass() -> None:
+    ran: list[bytes] = []
+
+    def handle(data: bytes, *, expects_reply: bool) -> None:
+        ran.append(data)
+        if data == b"0":
+            raise KeyboardInterrupt
+
+    endpoint = _endpoint(handle, 8)
+    stranded: list[Endpoint] = []
+    endpoint._on_stranded = stranded.append
+    for index in (b"0", b"1", b"2"):
+        endpoint.queue_oneway(_Call(index))  # type: ignore[arg-type]
+    with pytest.raises(KeyboardInterrupt):
+        endpoint.run_oneways()
+    assert ran == [b"0"] and stranded == [endpoint]  # the server's next worker pass is told
+    endpoint.run_oneways()  # that pass: nothing waits for another call of this client
+    assert ran == [b"0", b"1", b"2"] and not endpoint._oneway_runner.locked()

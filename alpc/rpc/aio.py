@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from .. import aio as _aio
@@ -26,7 +27,7 @@ from ..wire import MessageType
 from .client import ClientBase, check_server, client_hello, rejections
 from .codec import DEFAULT_LIMITS, INLINE_THRESHOLD, Limits, check_options
 from .dispatch import ObjectTable
-from .endpoint import EndpointBase, call_deadline, check_timeout, make_proxy, time_left, with_timeout
+from .endpoint import ONEWAY_BACKLOG, EndpointBase, call_deadline, check_timeout, make_proxy, time_left, with_timeout
 from .faults import ErrorCode
 from .hello import Hello
 from .interface import Interface
@@ -44,7 +45,8 @@ class AsyncEndpoint(EndpointBase):
 
     def __init__(self, comm: _aio.AsyncCommunicationPort, objects: ObjectTable, *,
                  limits: Limits = DEFAULT_LIMITS, inline_threshold: int = INLINE_THRESHOLD,
-                 send_tracebacks: bool = False, call_timeout: float | None = None) -> None:
+                 send_tracebacks: bool = False, call_timeout: float | None = None,
+                 oneway_backlog: int = ONEWAY_BACKLOG) -> None:
         super().__init__(objects, comm.peer, limits=limits, inline_threshold=inline_threshold,
                          send_tracebacks=send_tracebacks, call_timeout=call_timeout)
         self.comm = comm
@@ -53,6 +55,15 @@ class AsyncEndpoint(EndpointBase):
         # The lock's waiters go in the order they came, and each task takes it before it first
         # awaits, so in the order the messages were read.
         self._oneways = asyncio.Lock()
+        # How many wait for their turn, and how many may before the connection's reader stops
+        # taking the client's messages (on_backlog_full, rpc.aio.Server's): its window then fills
+        # and its sends wait, rather than its calls piling up here up to max_tasks. Taken again
+        # once half of them ran (``has_room``), not at every call that ends.
+        self._oneways_waiting = 0
+        self._oneway_backlog = oneway_backlog
+        self._room = asyncio.Event()
+        self._room.set()
+        self.on_backlog_full: Callable[[], object] | None = None
 
     async def call(self, object_id: int, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                    timeout: float | None) -> Any:
@@ -75,16 +86,47 @@ class AsyncEndpoint(EndpointBase):
 
     async def handle(self, message: Message) -> Payload | None:
         """Run one received call (a handler for ``AsyncCommunicationPort.serve``); its reply."""
-        expects_reply = message.type is MessageType.REQUEST
-        prepared = self.dispatcher.prepare(message.data, expects_reply=expects_reply, message=message)
+        if message.type is not MessageType.REQUEST:
+            await self._run_oneway(message)
+            return None
+        prepared = self.dispatcher.prepare(message.data, expects_reply=True, message=message)
         if isinstance(prepared, bytes):  # refused before it ran
-            return prepared if expects_reply else None
-        if expects_reply:
-            payload = await self.dispatcher.run_async(prepared)
-        else:
-            async with self._oneways:
-                payload = await self.dispatcher.run_async(prepared)
+            return prepared
+        payload = await self.dispatcher.run_async(prepared)
         return None if payload is None else self._fitting(payload)
+
+    async def _run_oneway(self, message: Message) -> None:
+        # Checked at its turn, not on arrival (as on the blocking server): a call whose deadline
+        # passed while it waited is dropped (and logged), not run for a caller long gone.
+        await self._oneway_turn()
+        try:
+            prepared = self.dispatcher.prepare(message.data, expects_reply=False, message=message)
+            if not isinstance(prepared, bytes):  # else refused, and logged
+                await self.dispatcher.run_async(prepared)
+        finally:
+            self._oneways.release()
+
+    async def _oneway_turn(self) -> None:
+        """Take the one-way calls' lock, counted among the waiting while it waits."""
+        lock = self._oneways
+        if not lock.locked():
+            await lock.acquire()
+            return
+        self._oneways_waiting += 1
+        if self._oneways_waiting >= self._oneway_backlog and self._room.is_set():
+            self._room.clear()
+            if self.on_backlog_full is not None:
+                self.on_backlog_full()
+        try:
+            await lock.acquire()
+        finally:
+            self._oneways_waiting -= 1
+            if self._oneways_waiting <= self._oneway_backlog // 2:
+                self._room.set()
+
+    async def has_room(self) -> None:
+        """Return once the one-way calls waiting are few enough to take the client's messages again."""
+        await self._room.wait()
 
     def _fitting(self, payload: Payload) -> Payload:
         # Checked before the reply is handed over: the port would raise, and the caller wait for ever.
@@ -165,7 +207,10 @@ class Server:
 
     Every call runs as a task: an ``async def`` handler is awaited, a plain one
     runs on the loop itself (keep it short, or hand the work to an executor).
-    ``max_tasks`` bounds the calls running at once per client. ``await
+    ``max_tasks`` bounds the calls running at once per client. A client's one-way
+    calls run one at a time, in order; while as many wait as the port's
+    ``max_queued_datagrams`` (1024 at most) the server stops reading that
+    client, so its sends wait for room in its window. ``await
     start()`` returns once the port exists; ``serve_forever()`` runs until
     ``stop()``. Use as ``async with``.
     """
@@ -193,9 +238,13 @@ class Server:
         self._options: dict[str, Any] = {"limits": limits, "inline_threshold": inline_threshold,
                                          "send_tracebacks": send_tracebacks}
         self._max_tasks = max_tasks
+        # A client's one-way calls waiting in server memory, as on the blocking server: no more
+        # than the port lets it have waiting in its window.
+        self._options["oneway_backlog"] = min(ONEWAY_BACKLOG,
+                                            attributes_or_default(self._attributes).max_queued_datagrams)
         self._port: _aio.AsyncConnectionPort | None = None
         self._accepting: asyncio.Task[None] | None = None
-        self._connections: dict[_aio.AsyncCommunicationPort, asyncio.Task[None]] = {}
+        self._connections: dict[AsyncEndpoint, asyncio.Task[None]] = {}
 
     def __repr__(self) -> str:
         return f"<rpc.aio.Server {self.name!r} serving {', '.join(self._admission.describe())}>"
@@ -254,12 +303,31 @@ class Server:
                 request.close(CANNOT_ACCEPT)  # answered now, not left to wait out its connect timeout
                 continue
             endpoint = AsyncEndpoint(comm, table, **self._options)
-            self._connections[comm] = asyncio.create_task(self._serve(endpoint))
+            self._connections[endpoint] = asyncio.create_task(self._serve(endpoint))
 
     async def _serve(self, endpoint: AsyncEndpoint) -> None:
-        comm = endpoint.comm
         try:
-            await comm.serve(endpoint.handle, max_tasks=self._max_tasks)
+            while not await self._serve_until_full(endpoint):
+                await endpoint.has_room()
         finally:
-            self._connections.pop(comm, None)
-            await comm.close()
+            self._connections.pop(endpoint, None)
+            await endpoint.comm.close()
+
+    async def _serve_until_full(self, endpoint: AsyncEndpoint) -> bool:
+        """Serve the client until its connection ends (True) or its one-way calls waiting fill
+        its backlog (False): then its messages stay in its window, unread, until ``has_room``."""
+        comm = endpoint.comm
+        serving = asyncio.create_task(comm.serve(endpoint.handle, max_tasks=self._max_tasks))
+        endpoint.on_backlog_full = serving.cancel
+        try:
+            await asyncio.wait((serving,))
+        finally:
+            endpoint.on_backlog_full = None
+            serving.cancel()
+            await asyncio.gather(serving, return_exceptions=True)
+        if serving.cancelled():
+            # Stopped for the backlog, perhaps just after it took the notice that ends the
+            # connection: a closed one is not served again.
+            return comm.closed
+        serving.result()
+        return True

@@ -328,7 +328,7 @@ class Dispatcher:
         try:
             call = self._decode_call(data)
         except MarshalError as exc:
-            refusal = self._refusal(_Refused(ErrorCode.MARSHAL, "MarshalError", str(exc)))
+            refusal = self._refusal(_Refused(ErrorCode.MARSHAL, "MarshalError", str(exc)), expects_reply)
             return refusal if expects_reply else None
         finally:
             decoding.leases = None
@@ -343,7 +343,10 @@ class Dispatcher:
                 prepared = self._prepare_checked(entry, binding, call, expects_reply, message, leases)
             except _Refused as refusal:
                 _expire(leases)
-                return self._refusal(refusal) if expects_reply else None
+                # Logged for a one-way call too (prepare() does): the log is all anyone hears of
+                # it, as of one that expired while it waited its turn.
+                reply = self._refusal(refusal, expects_reply)
+                return reply if expects_reply else None
             return self.run(prepared)
         assert entry is not None
         token = CALL_INFO.set((self._caller, entry.interface, name, deadline, not expects_reply, message))
@@ -369,7 +372,7 @@ class Dispatcher:
         try:
             call = self._decode_leasing(data, leases)
         except MarshalError as exc:
-            return self._refusal(_Refused(ErrorCode.MARSHAL, "MarshalError", str(exc)))
+            return self._refusal(_Refused(ErrorCode.MARSHAL, "MarshalError", str(exc)), expects_reply)
         object_id, name, _, _, _ = call
         entry = self._lookup(object_id)
         binding = None if entry is None else entry.bindings.get(name)
@@ -377,7 +380,7 @@ class Dispatcher:
             return self._prepare_checked(entry, binding, call, expects_reply, message, leases)
         except _Refused as refusal:
             _expire(leases)
-            return self._refusal(refusal)
+            return self._refusal(refusal, expects_reply)
 
     def _decode_leasing(self, data: bytes, leases: list[Lease]) -> Call:
         """decode_call, collecting in ``leases`` the objects the call passes (see passed())."""
@@ -405,8 +408,9 @@ class Dispatcher:
         log.warning("one-way call %s.%s from pid %d raised %s: %s", interface, name, self._caller.pid,
                     type(exc).__name__, exc)
 
-    def _refusal(self, refusal: _Refused) -> bytes:
-        log.debug("refused a call from pid %d: %s", self._caller.pid, refusal.message)
+    def _refusal(self, refusal: _Refused, expects_reply: bool = True) -> bytes:
+        log.debug("refused a %s from pid %d: %s", "call" if expects_reply else "one-way call", self._caller.pid,
+                  refusal.message)
         return self._codec.encode_error(refusal.code, refusal.type_name, refusal.message)
 
     def _prepare_checked(self, entry: Exported | None, binding: Binding | None, call: Call,

@@ -108,6 +108,7 @@ class Endpoint(EndpointBase):
         call_timeout: float | None = None,
         on_drop: Callable[[Endpoint], None] | None = None,
         oneway_backlog: int = ONEWAY_BACKLOG,
+        on_stranded: Callable[[Endpoint], None] | None = None,
     ) -> None:
         super().__init__(objects, comm.peer, limits=limits, inline_threshold=inline_threshold,
                          send_tracebacks=send_tracebacks, call_timeout=call_timeout)
@@ -130,6 +131,10 @@ class Endpoint(EndpointBase):
         self._oneway_runner = threading.Lock()
         self._oneway_thread: int | None = None
         self._oneway_backlog = oneway_backlog
+        # Calls left queued by a handler whose BaseException (no Exception) went on up past
+        # run_oneways: the next pass runs them (see _strand).
+        self._stranded = False
+        self._on_stranded = on_stranded
 
     # -- calling out -------------------------------------------------------------
 
@@ -182,6 +187,8 @@ class Endpoint(EndpointBase):
                 self._oneways.append(message)
                 self.run_oneways()
             return
+        if self._stranded:
+            self.run_oneways()
         payload = self._handle(message.data, message=message)
         assert payload is not None
         self._answer(message, payload)
@@ -203,7 +210,9 @@ class Endpoint(EndpointBase):
         sends faster than its calls run is held back rather than queued without bound.
 
         As ``_answer`` does, whoever holds the token looks again after letting it go, so a
-        call queued just before that is never stranded.
+        call queued just before that is never stranded; nor by a handler raising what is no
+        Exception (KeyboardInterrupt): that goes on up, and the calls behind it wait for the
+        next pass (see _strand), not for a one-way call this client may never send.
         """
         oneways = self._oneways
         runner = self._oneway_runner
@@ -213,16 +222,32 @@ class Endpoint(EndpointBase):
             if not runner.acquire(len(oneways) > self._oneway_backlog and self._oneway_thread != me):
                 return
             self._oneway_thread = me
+            self._stranded = False
+            drained = False
             try:
-                while oneways:
-                    message = oneways.popleft()
-                    try:
-                        self._handle(message.data, expects_reply=False)
-                    except Exception:  # logged here: the calls queued behind it still run
-                        log.exception("unexpected error while running one-way call %r", message)
+                self._drain_oneways(oneways)
+                drained = True
             finally:
                 self._oneway_thread = None
                 runner.release()
+                if not drained:
+                    self._strand()
+
+    def _drain_oneways(self, oneways: deque[Message]) -> None:
+        while oneways:
+            message = oneways.popleft()
+            try:
+                self._handle(message.data, expects_reply=False)
+            except Exception:  # logged here: the calls queued behind it still run
+                log.exception("unexpected error while running one-way call %r", message)
+
+    def _strand(self) -> None:
+        """A BaseException left run_oneways with calls queued behind it: the next serve() runs
+        them, and a server's next worker pass (``on_stranded``) without waiting for one."""
+        if self._oneways:
+            self._stranded = True
+            if self._on_stranded is not None:
+                self._on_stranded(self)
 
     def _answer(self, message: Message, payload: Payload) -> None:
         """Reply, by one thread at a time: a reply while another thread writes one waits in the

@@ -16,6 +16,7 @@ import inspect
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable
 
 from .. import server as _server
@@ -156,9 +157,13 @@ class Server:
         # A client's one-way calls queued in server memory: no more than the port lets it have
         # waiting in its window (a port with a small max_queued_datagrams means a small queue).
         backlog = min(ONEWAY_BACKLOG, attributes_or_default(attributes).max_queued_datagrams)
+        # Endpoints whose queued one-way calls a handler's KeyboardInterrupt (or another
+        # BaseException that is no Exception) left behind as it went on up: the next worker pass
+        # runs them (see _resume_stranded).
+        self._stranded: deque[Endpoint] = deque()
         self._make_endpoint = functools.partial(Endpoint, limits=limits, inline_threshold=inline_threshold,
                                                 send_tracebacks=send_tracebacks, reply_timeout=reply_timeout,
-                                                oneway_backlog=backlog)
+                                                oneway_backlog=backlog, on_stranded=self._stranded.append)
         self._poll_interval = poll_interval
         self._port: ConnectionPort | None = None
         self._endpoints: dict[CommunicationPort, Endpoint] = {}
@@ -247,6 +252,8 @@ class Server:
                 if turns.stopping:
                     turns.resign()
                     return
+                if self._stranded and self._resume_stranded(turns, shared):
+                    break  # another worker took over the wait while those calls ran
                 try:
                     event = port.wait(timeout=self._poll_interval)
                 except Timeout:
@@ -271,6 +278,21 @@ class Server:
                     log.exception("unexpected error while handling %r", event)
                 if shared and not turns.done():
                     break  # another worker took over the wait while this call ran
+
+    def _resume_stranded(self, turns: Turns, shared: bool) -> bool:
+        """Run one client's stranded one-way calls (see Endpoint._strand); True if this worker
+        no longer leads once they ran."""
+        try:
+            endpoint = self._stranded.popleft()
+        except IndexError:  # another worker took it
+            return False
+        if shared:
+            turns.busy()
+        try:
+            endpoint.run_oneways()
+        except Exception:
+            log.exception("unexpected error while running the one-way calls of pid %d", endpoint.comm.peer.pid)
+        return shared and not turns.done()
 
     def _handle(self, event: ConnectionRequest | Message) -> None:
         if isinstance(event, ConnectionRequest):
