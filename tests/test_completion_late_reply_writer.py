@@ -18,6 +18,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+from background import Background  # tests/ is on sys.path
 
 import alpc
 from alpc import completion
@@ -45,33 +46,18 @@ def test_a_reply_after_a_stop_that_left_the_loop_running_leaks_no_writer(
         return b"r" * 4096  # beyond the inline threshold: not written at once, by a writer thread
 
     pool = alpc.CompletionPort(port, handler)
-    served: list[BaseException | None] = []
 
-    def serve() -> None:
-        try:
-            pool.serve(timeout=30)
-            served.append(None)
-        except BaseException as exc:  # handed to the test thread
-            served.append(exc)
+    def call() -> int:
+        with alpc.connect(name, config=config, timeout=10) as client:
+            return len(client.request(b"x", timeout=30).data)
 
-    heard: list[BaseException | int] = []
-
-    def call() -> None:
-        try:
-            with alpc.connect(name, config=config, timeout=10) as client:
-                heard.append(len(client.request(b"x", timeout=30).data))
-        except BaseException as exc:  # handed to the test thread
-            heard.append(exc)
-
-    serving = threading.Thread(target=serve)
-    calling = threading.Thread(target=call)
-    serving.start()
-    calling.start()
+    serving = Background(lambda: pool.serve(timeout=30))
+    calling = Background(call)
     try:
         assert running.wait(10)
         pool.stop()
         serving.join(30)
-        assert not serving.is_alive() and served == [None]
+        assert not serving.is_alive() and serving.outcomes == [None]
         left = list(pool._left_behind)
         assert left, "the loop thread was expected to outlive serve()"
         release.set()  # the handler returns now: its reply goes through the writers

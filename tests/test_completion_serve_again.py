@@ -10,22 +10,15 @@ import queue
 import threading
 
 import pytest
+from background import Background  # tests/ is on sys.path
 
 import alpc
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def _serve_on_thread(completion: alpc.CompletionPort, raised: list[BaseException]) -> threading.Thread:
-    def serve() -> None:
-        try:
-            completion.serve(timeout=30)
-        except BaseException as exc:  # reported by the test
-            raised.append(exc)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    return thread
+def _serve_on_thread(completion: alpc.CompletionPort) -> Background[None]:
+    return Background(lambda: completion.serve(timeout=30))
 
 
 def _handle(message: alpc.Message) -> bytes:
@@ -40,15 +33,14 @@ async def _handle_async(message: alpc.Message) -> bytes:
 def test_serve_after_stop_serves_again(broker, config, handler) -> None:  # type: ignore[no-untyped-def]
     with alpc.create_port("svc.lifecycle.again", config=config) as port:
         completion = alpc.CompletionPort(port, handler, max_workers=2)
-        raised: list[BaseException] = []
-        first = _serve_on_thread(completion, raised)
+        first = _serve_on_thread(completion)
         with alpc.connect("svc.lifecycle.again", config=config, timeout=10) as comm:
             assert comm.request(b"one", timeout=10).data == b"ONE"
         completion.stop()
         first.join(15)
         assert not first.is_alive(), "the first serve() did not return after stop()"
 
-        second = _serve_on_thread(completion, raised)
+        second = _serve_on_thread(completion)
         try:
             with alpc.connect("svc.lifecycle.again", config=config, timeout=10) as comm:
                 # Before the fix: the second serve() had returned at once, nobody accepted.
@@ -58,7 +50,7 @@ def test_serve_after_stop_serves_again(broker, config, handler) -> None:  # type
             completion.stop()
             second.join(15)
         assert not second.is_alive(), "the second serve() did not return after stop()"
-        assert not raised, raised
+        assert first.outcomes == second.outcomes == [None]
 
 
 def test_stop_before_serve_still_ends_it(broker, config) -> None:  # type: ignore[no-untyped-def]
@@ -68,15 +60,14 @@ def test_stop_before_serve_still_ends_it(broker, config) -> None:  # type: ignor
         completion.stop()
         completion.serve(timeout=30)  # returns at once
         # ...and the port serves again afterwards.
-        raised: list[BaseException] = []
-        thread = _serve_on_thread(completion, raised)
+        thread = _serve_on_thread(completion)
         try:
             with alpc.connect("svc.lifecycle.early", config=config, timeout=10) as comm:
                 assert comm.request(b"x", timeout=10).data == b"X"
         finally:
             completion.stop()
             thread.join(15)
-        assert not raised, raised
+        assert thread.outcomes == [None]
 
 
 def test_serve_again_while_a_handler_is_left_behind_is_refused(broker, config) -> None:  # type: ignore[no-untyped-def]
@@ -84,7 +75,7 @@ def test_serve_again_while_a_handler_is_left_behind_is_refused(broker, config) -
     behind) would go back to leading the old pool if serve() ran again: refused, typed."""
     taken: queue.Queue[str] = queue.Queue()  # which thread took each request
     release = threading.Event()
-    serve_thread: list[threading.Thread] = []
+    serve_thread: list[Background[None]] = []
     together = threading.Barrier(3)
 
     def stuck(message: alpc.Message) -> bytes:
@@ -92,7 +83,7 @@ def test_serve_again_while_a_handler_is_left_behind_is_refused(broker, config) -
             together.wait(10)  # three handlers at once: the pool grows to four threads
             return b"grown"
         # serve()'s own thread answers at once: it must be free to return after stop().
-        if threading.current_thread() is serve_thread[0]:
+        if threading.current_thread() is serve_thread[0].thread:
             taken.put("serve")
             return b"serve"
         taken.put("pool")
@@ -101,8 +92,7 @@ def test_serve_again_while_a_handler_is_left_behind_is_refused(broker, config) -
 
     with alpc.create_port("svc.lifecycle.stuck", config=config) as port:
         completion = alpc.CompletionPort(port, stuck, max_workers=4)
-        raised: list[BaseException] = []
-        serve_thread.append(_serve_on_thread(completion, raised))
+        serve_thread.append(_serve_on_thread(completion))
         with alpc.connect("svc.lifecycle.stuck", config=config, timeout=10) as comm:
             growing = [comm.start_request(b"grow", timeout=10) for _ in range(3)]
             assert [pending.result(10).data for pending in growing] == [b"grown"] * 3
@@ -131,7 +121,7 @@ def test_serve_again_while_a_handler_is_left_behind_is_refused(broker, config) -
             for thread in completion._left_behind:
                 thread.join(10)
             assert completion.workers == 0
-            again = _serve_on_thread(completion, raised)
+            again = _serve_on_thread(completion)
             try:
                 assert comm.request(b"x", timeout=10).data in (b"serve", b"late")
             finally:
@@ -139,4 +129,4 @@ def test_serve_again_while_a_handler_is_left_behind_is_refused(broker, config) -
                 completion.stop()
                 again.join(15)
             assert not again.is_alive()
-        assert not raised, raised
+        assert serve_thread[0].outcomes == again.outcomes == [None]

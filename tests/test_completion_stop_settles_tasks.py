@@ -19,6 +19,7 @@ import logging
 import threading
 
 import pytest
+from background import Background  # tests/ is on sys.path
 
 import alpc
 
@@ -41,35 +42,20 @@ def test_stop_lets_a_running_async_handler_end_on_the_loop(broker: alpc.Broker, 
         return b""
 
     completion = alpc.CompletionPort(port, handler)
-    served: list[BaseException | None] = []
 
-    def serve() -> None:
-        try:
-            completion.serve(timeout=30)
-            served.append(None)
-        except BaseException as exc:  # handed to the test thread
-            served.append(exc)
+    def call() -> bytes:
+        with alpc.connect(name, config=config, timeout=10) as client:
+            return client.request(b"x", timeout=20).data
 
-    heard: list[BaseException | bytes] = []
-
-    def call() -> None:
-        try:
-            with alpc.connect(name, config=config, timeout=10) as client:
-                heard.append(client.request(b"x", timeout=20).data)
-        except BaseException as exc:  # handed to the test thread
-            heard.append(exc)
-
-    serving = threading.Thread(target=serve)
-    calling = threading.Thread(target=call)
-    serving.start()
-    calling.start()
+    serving = Background(lambda: completion.serve(timeout=30))
+    calling = Background(call)
     try:
         with caplog.at_level(logging.ERROR, logger="asyncio"):
             assert running.wait(10)
             completion.stop()
             serving.join(20)
             assert not serving.is_alive()
-            assert served == [None]
+            assert serving.outcomes == [None]
             # The handler took its cancellation on the loop, its cleanup done, before serve() returned.
             assert ended == ["alpc-completion-loop"]
             gc.collect()
@@ -79,5 +65,5 @@ def test_stop_lets_a_running_async_handler_end_on_the_loop(broker: alpc.Broker, 
         serving.join(20)
         port.close()
         calling.join(20)
-    (outcome,) = heard
+    (outcome,) = calling.outcomes
     assert isinstance(outcome, alpc.ConnectionClosed), outcome  # the port closed, the request unanswered

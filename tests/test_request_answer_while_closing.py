@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
+from background import Background  # tests/ is on sys.path
 
 import alpc
 
@@ -170,36 +171,17 @@ def test_port_close_while_a_completion_port_admits_a_client(broker: alpc.Broker,
         return True
 
     completion = alpc.CompletionPort(port, lambda message: b"", on_connect=on_connect, max_workers=1)
-    served: list[BaseException | None] = []
-
-    def serve() -> None:
-        try:
-            completion.serve(timeout=30)
-            served.append(None)
-        except BaseException as exc:  # handed to the test thread
-            served.append(exc)
-
-    heard: list[BaseException] = []
-
-    def connect() -> None:
-        try:
-            alpc.connect(name, config=config, timeout=10).close()
-        except BaseException as exc:  # handed to the test thread
-            heard.append(exc)
-
-    serving = threading.Thread(target=serve)
-    connecting = threading.Thread(target=connect)
-    serving.start()
-    connecting.start()
+    serving = Background(lambda: completion.serve(timeout=30))
+    connecting = Background(lambda: alpc.connect(name, config=config, timeout=10).close())
     try:
         assert deciding.wait(10)
         port.close()
         decide.set()
         serving.join(20)
         assert not serving.is_alive()
-        assert served == [None]  # serve() returned, as for any port closed under it
+        assert serving.outcomes == [None]  # serve() returned, as for any port closed under it
         connecting.join(20)
-        (outcome,) = heard
+        (outcome,) = connecting.outcomes
         assert isinstance(outcome, alpc.ConnectionRejected) and "closed the port" in str(outcome), outcome
     finally:
         decide.set()
