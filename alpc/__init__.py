@@ -29,6 +29,7 @@ from .errors import (
     SectionError,
     Throttled,
     Timeout,
+    Unanswered,
     UnknownMethod,
     VersionMismatch,
 )
@@ -89,6 +90,7 @@ __all__ = [
     "SectionView",
     "Throttled",
     "Timeout",
+    "Unanswered",
     "UnknownMethod",
     "VersionMismatch",
     "View",

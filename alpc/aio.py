@@ -173,6 +173,9 @@ class AsyncCommunicationPort:
         core.owner = self
         core.on_releases_due = self._releases_due
         core.on_releases_dropped = self._releases_dropped
+        core.on_request_dropped = self._request_dropped
+        # An _answer_dropped is scheduled on the loop and has not run yet.
+        self._answer_scheduled = False
         self._pidfd = peer_pidfd
         self._is_server = is_server
         self.accept_data = accept_data
@@ -732,6 +735,22 @@ class AsyncCommunicationPort:
             self._loop.call_soon_threadsafe(self._flush_unannounced)
         except RuntimeError:
             pass  # the loop is closed, and this connection with it
+
+    def _request_dropped(self) -> None:
+        # A request handed out was dropped unanswered (its reference's callback: any thread, any
+        # moment, inside the loop's own code too): its answer is written on the loop, soon.
+        if self._answer_scheduled:
+            return  # the one scheduled answers every request dropped before it runs
+        self._answer_scheduled = True
+        try:
+            self._loop.call_soon_threadsafe(self._answer_dropped)
+        except RuntimeError:
+            pass  # the loop is closed, and this connection with it
+
+    def _answer_dropped(self) -> None:
+        """On the loop: the UNANSWERED replies to requests dropped unanswered (what does not fit queues)."""
+        self._answer_scheduled = False  # first: a drop from now on schedules another
+        self._post(self._core.answer_dropped())
 
     def _flush_unannounced(self) -> None:
         if self._core.releases_unannounced():

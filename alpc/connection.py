@@ -32,6 +32,10 @@ Entry points:
   ``take_grant_data`` hand a waiting caller what it waits for (or None).
   A datagram taken frees its slot in our window: once ``credit_due``, the
   driver sends ``release_frames()`` (releases and the CREDIT frame) at once.
+- **dropped requests** -- a request handed to the application and dropped
+  unanswered calls ``on_request_dropped`` (from its reference's callback: any
+  thread, any moment); the driver then writes ``answer_dropped()`` (UNANSWERED
+  replies) under its lock, and the requester's ``take_reply`` raises Unanswered.
 - **closing** -- ``close()`` gives the PORT_CLOSED frame; ``finalize_wanted``
   says when the driver may close the socket, ``release_resources`` unmaps.
 """
@@ -48,6 +52,7 @@ from typing import NamedTuple
 
 from . import _native
 from .errors import (
+    AlpcError,
     Cancelled,
     ConnectionClosed,
     DeadlineExceeded,
@@ -56,11 +61,12 @@ from .errors import (
     SectionError,
     Throttled,
     Timeout,
+    Unanswered,
 )
 from .grant import LocalGrant, PeerMemory
 from .handles import NOFILE, close_quietly
 from .ledger import Slot
-from .protocol import Buffer, Channel, Frames, Message, Payload, payload_parts
+from .protocol import UNANSWERED_REASON, Buffer, Channel, Frames, Message, Payload, payload_parts
 from .quotas import Limit
 from .section import SectionView, View
 from .security import PeerCred
@@ -68,7 +74,8 @@ from .stats import ConnectionStats
 from .wire import MessageType, Range, Release
 
 __all__ = ["BUDGET_RECHECK", "EXIT_FLUSH_TIMEOUT", "FILED_ERROR", "FILED_INBOX", "FILED_NOTHING", "FILED_REPLY",
-           "NOTICES", "NOT_FILED", "SPACE_REASK", "Batch", "Body", "Connection", "Owed", "Wake", "body_size",
+           "NOTICES", "NOT_FILED", "SPACE_REASK", "Batch", "Body", "Connection", "Owed", "Wake",
+           "answered_for_application", "body_size",
            "check_max_messages", "copy_body", "owned_body", "reply_lost"]
 
 NOTICES = (MessageType.PORT_CLOSED, MessageType.CLIENT_DIED)
@@ -153,6 +160,14 @@ _monotonic = time.monotonic
 # What receive_one did.
 NOT_FILED, FILED_REPLY, FILED_INBOX, FILED_NOTHING, FILED_ERROR = 0, 1, 2, 3, 4
 _GRANT_READ, _GRANT_DATA = MessageType.GRANT_READ, MessageType.GRANT_DATA
+
+
+def answered_for_application(reply: Message, request_id: int) -> AlpcError:
+    """What a reply the peer's runtime sent in its application's place (``reply.cancelled``)
+    means to the caller waiting for request ``request_id``."""
+    if reply.reason == UNANSWERED_REASON:
+        return Unanswered(f"the server dropped request {request_id} without replying (its runtime answered for it)")
+    return DeadlineExceeded(f"the peer dropped request {request_id}: its deadline passed before dispatch")
 
 
 def reply_lost(exc: Timeout) -> tuple[str, str]:
@@ -267,6 +282,12 @@ class Connection:
         # finalizer, any thread, any moment: it may only schedule a flush). None: the driver
         # sends such releases before it sleeps (releases_unannounced).
         self.on_releases_dropped: Callable[[], None] | None = None
+        # The driver's hook for a request handed to the application and dropped unanswered
+        # (called from its reference's callback: any thread, any moment, maybe inside the
+        # collector while the driver's locks are held; it may only try a lock or schedule):
+        # the driver then writes ``answer_dropped()`` under its lock.
+        self.on_request_dropped: Callable[[], None] | None = None
+        channel.on_request_dropped = self._request_dropped
         # The driver object: every message and notice names it as ``message.port``.
         self.owner: object = None
         if self._peer_sections is not None:
@@ -286,6 +307,7 @@ class Connection:
         channel = self.channel
         channel.unsent_releases = []
         channel._automatic.clear()
+        channel.dropped_requests.clear()  # the parent's requests: the parent answers them
         channel.flow.take_credit()
 
     @property
@@ -377,6 +399,30 @@ class Connection:
     def reply_unsent(self, message: Message) -> None:
         """The reply's write sent nothing (a timeout): the request is owed again."""
         self.channel.reply_unsent(message)
+
+    def _request_dropped(self) -> None:
+        hook = self.on_request_dropped
+        if hook is not None:
+            hook()
+
+    @property
+    def drops_waiting(self) -> bool:
+        """Requests dropped unanswered wait for ``answer_dropped``."""
+        return bool(self.channel.dropped_requests)
+
+    def answer_dropped(self) -> Frames:
+        """The UNANSWERED replies to requests the application dropped unanswered (their client
+        gets Unanswered at once, not at its timeout), with anything else the runtime owes the
+        peer at once; nothing once the connection ended, or in a forked child (the requests
+        are the parent's to answer)."""
+        channel = self.channel
+        if self.failure is not None or self.inherited:
+            channel.dropped_requests.clear()
+            return []
+        in_flight = self.stats.in_flight
+        for request_id in channel.answer_dropped():
+            in_flight.pop(request_id, None)
+        return channel.take_automatic()
 
     @property
     def backlogged(self) -> bool:
@@ -757,7 +803,8 @@ class Connection:
 
     def take_reply(self, request_id: int) -> Message | None:
         """The reply to ``request_id`` if it came; raises Cancelled or DeadlineExceeded for a
-        request cancelled here, or dropped by the peer because its deadline passed."""
+        request cancelled here, or dropped by the peer because its deadline passed, and
+        Unanswered for one its application dropped without replying."""
         message = self.replies.pop(request_id, None)
         if message is None:
             if request_id in self._cancelled_ids:
@@ -765,7 +812,7 @@ class Connection:
                 raise Cancelled(f"request {request_id} was cancelled")
             return None
         if message.cancelled:
-            raise DeadlineExceeded(f"the peer dropped request {request_id}: its deadline passed before dispatch")
+            raise answered_for_application(message, request_id)
         return message
 
     def forget_cancelled(self, request_id: int) -> None:

@@ -35,6 +35,7 @@ __all__ = [
     "SectionError",
     "Throttled",
     "Timeout",
+    "Unanswered",
     "UnknownMethod",
     "VersionMismatch",
     "remote_error_class",
@@ -83,6 +84,10 @@ class DeadlineExceeded(Timeout):
 
 class Cancelled(AlpcError, concurrent.futures.CancelledError):
     """The request was cancelled (``PendingRequest.cancel()``) while a thread waited for its reply."""
+
+
+class Unanswered(AlpcError, RuntimeError):
+    """The server's application dropped the request without replying; its runtime answered for it."""
 
 
 class BrokerUnavailable(AlpcError, ConnectionError):

@@ -113,6 +113,14 @@ _AT_ONCE_ROOM = BACKLOG_LIMIT + 32 * 1024
 _BATCH_FRAMES = 128
 _FIRST_BATCH_FRAMES = 32
 _REQUEST = MessageType.REQUEST
+
+
+def _owned(lock: threading.RLock) -> bool:
+    """Whether this thread holds ``lock`` (an RLock's acquire would succeed for it, reentrantly)."""
+    owned: bool = lock._is_owned()  # type: ignore[attr-defined]
+    return owned
+
+
 # A read stops after the write that carried fds, and a sender passes fds with
 # one frame per write: a section's fd, then that message's handles (so one
 # read takes 1 + max_handles_per_message).
@@ -153,6 +161,7 @@ class CommunicationPort:
         self._core = core = Connection(channel, is_server=is_server)
         core.owner = self
         core.on_releases_due = self._flush_releases
+        core.on_request_dropped = self._request_dropped
         self._pidfd = peer_pidfd
         # A server bounds every send (its caller's None included): a client that
         # stops reading must not hold the server's thread forever.
@@ -184,6 +193,9 @@ class CommunicationPort:
         self._dropped: deque[int] = deque()
         # Runtime frames another thread left owed rather than wait for a write in progress.
         self._owed_left = False
+        # Answers to requests dropped unanswered, queued in the core but not written (a write
+        # was under way, or the socket had no room): the next read sends them if no write did.
+        self._answers_owed = False
         # Set when _write raised after the caller's frames went out whole (see _written).
         self._frames_left = False
         self.stats = core.stats
@@ -1037,10 +1049,13 @@ class CommunicationPort:
         core = self._core
         self._frames_left = False
         token = None
+        if self._channel.dropped_requests:
+            self._queue_dropped_answers()
         if core.owed:
             with self._state:
                 owed, token = core.take_owed()
             frames = owed + frames
+            self._answers_owed = False  # they go now (or stay owed for the next write, if this one fails)
         try:
             self._stream.send(frames, fds, deadline=deadline)
             if self._quick is not None:
@@ -1422,6 +1437,8 @@ class CommunicationPort:
                 return None, False
             self._reading = True
         try:
+            if self._answers_owed or self._channel.dropped_requests:
+                self._answer_dropped()
             try:
                 got, watched = self._stream.read_watching(watch, watch2, deadline, spin_us, self._max_fds_per_read)
             except BaseException:
@@ -1457,6 +1474,8 @@ class CommunicationPort:
         """Read once and dispatch; False if nothing arrived before the deadline."""
         if self._dropped:
             self._forget_dropped()
+        if self._answers_owed or self._channel.dropped_requests:
+            self._answer_dropped()
         if block and self._core.releases_unannounced():
             self._flush_releases()
         quick = self._quick
@@ -1511,6 +1530,61 @@ class CommunicationPort:
             message_id = self._dropped.popleft()
             core.abandon(message_id)
             core.forget_cancelled(message_id)
+
+    def _request_dropped(self) -> None:
+        """The core's hook: a request handed out was dropped unanswered. Called from its
+        reference's callback, by whichever thread dropped it, at any moment: inside the
+        collector too, maybe while this thread holds one of this port's locks. Its UNANSWERED
+        reply goes now when this thread holds none of them, the state and send locks are free
+        and the socket has room; else right after the write under way, or with the next read
+        or write. Never waits (a send lock held by another thread is not waited for), never
+        raises: a finalizer has nobody to raise to."""
+        cv, send_lock = self._cv_lock, self._send_lock
+        # Taken only to learn that this thread does not hold it: _write's error paths take it.
+        if not cv.acquire(blocking=False):
+            return  # the next read or write answers (a holder of _cv is about to do one or the other)
+        cv.release()
+        owns_send = _owned(send_lock)
+        if not self._queue_dropped_answers(wait=False):
+            return
+        if owns_send or not send_lock.acquire(blocking=False):
+            # A write is under way (this thread's own, the collector running inside it, or
+            # another's): the answers go right after it, or with the next read or write.
+            self._answers_owed = self._owed_left = True
+            return
+        try:
+            if self._stream.send_room() >= _AT_ONCE_ROOM:
+                self._write([], deadline_after(_RUNTIME_SEND_TIMEOUT))
+            else:
+                self._answers_owed = True  # a peer behind on its reads: with the next read or write
+        except (AlpcError, OSError):
+            pass  # the connection is gone or stuck: its reader reports that, not a finalizer
+        finally:
+            send_lock.release()
+
+    def _queue_dropped_answers(self, wait: bool = True) -> bool:
+        """Frame the answers to requests dropped unanswered as owed to the peer (they go with
+        the next write); False with nothing done if ``wait`` is False and the state lock is
+        held (maybe by this very thread), or if there was nothing to answer."""
+        state = self._state
+        if not state.acquire(blocking=wait):
+            return False
+        try:
+            core = self._core
+            frames = core.answer_dropped()
+            if frames:
+                core.queue(frames)
+        finally:
+            state.release()
+        return bool(frames)
+
+    def _answer_dropped(self) -> None:
+        """Before a read, which holds no lock of this port: the answers to requests dropped
+        unanswered that their callback could not write (a lock was held, or the socket full)."""
+        owed = self._answers_owed
+        self._answers_owed = False
+        if (self._queue_dropped_answers() or owed) and self._core.owed:
+            self._write_runtime([], None)
 
     def _take_read(self, got: ChannelRead) -> None:
         data, fds, sender, truncated = got

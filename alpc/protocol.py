@@ -10,6 +10,7 @@ import os
 import struct
 import threading
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
@@ -60,6 +61,7 @@ __all__ = [
     "MAX_UNREPLIED",
     "QUICK_ID_BIT",
     "SECTION_TYPES",
+    "UNANSWERED_REASON",
     "Buffer",
     "Channel",
     "ConnectionPolicy",
@@ -161,7 +163,8 @@ class Message:
     ``id`` is the sender's message id; ``callback_id`` is the id a reply answers.
     ``sender`` is the kernel-verified identity of the peer; ``sender_pid`` and
     ``sender_tid`` are what the peer wrote in the header, informational only.
-    ``reason`` explains a PORT_CLOSED or CLIENT_DIED notice.
+    ``reason`` explains a PORT_CLOSED or CLIENT_DIED notice, or (``UNANSWERED_REASON``)
+    a REPLY the peer's runtime sent because its application dropped the request.
 
     A message its sender sent as a view carries ``view``: a read-only
     memoryview into the sender's section (``with message.view as memory:``),
@@ -179,6 +182,9 @@ class Message:
     receiver found (``refused_handles`` lists the kinds it closed instead);
     the message owns them until ``take_handles()``, and closes untaken ones
     when it is dropped.
+
+    A request dropped unanswered (its last reference gone) is answered by this
+    side's runtime: the requester gets Unanswered at once.
     """
 
     # __weakref__: the channel tracks the requests it handed out weakly (Channel._unreplied).
@@ -214,7 +220,8 @@ class Message:
         self._handles: ReceivedHandles | None = None
         self.port: Any = None
         # A request the client cancelled (or whose deadline passed): a handler
-        # polls this; its reply is dropped.
+        # polls this; its reply is dropped. On a REPLY: the peer's runtime sent it for its
+        # application (``reason`` says why).
         self.cancelled = False
         # The client's absolute deadline (time.monotonic() seconds), or None.
         self.deadline: float | None = None
@@ -377,9 +384,38 @@ def _check_parts(data: object) -> None:
         raise TypeError(f"a message body is a bytes-like object or a sequence of them, not {type(data).__name__}")
 
 
+class _Handed(weakref.ref[Message]):
+    """A weak reference to a request handed to the application, knowing the request's id:
+    its callback (the channel's) tells the channel when the application drops the request."""
+
+    __slots__ = ("request_id",)
+
+    request_id: int
+
+
 # A request owed a reply: a weak reference to the Message handed out, or None while none was.
-_Owed = weakref.ref[Message] | None
-_ref = weakref.ref
+_Owed = _Handed | None
+# What the requester's runtime makes of an UNANSWERED reply (Message.reason).
+UNANSWERED_REASON = "the peer dropped the request without replying"
+
+
+def _drop_callback(channel: Channel) -> Callable[[_Handed], None]:
+    """The callback of every _Handed of ``channel``. Run by whichever thread drops a request's
+    last reference, at any moment (inside the collector too, maybe while that thread holds the
+    driver's locks): it only queues the reference and tells the driver, which answers it
+    under its own lock (``answer_dropped``). Holds the channel weakly: no cycle through it."""
+    channel_ref = weakref.ref(channel)
+
+    def dropped(owed: _Handed) -> None:
+        held = channel_ref()
+        if held is None:
+            return
+        held.dropped_requests.append(owed)
+        hook = held.on_request_dropped
+        if hook is not None:
+            hook()
+
+    return dropped
 
 
 def _alive(owed: _Owed) -> Message | None:
@@ -423,8 +459,14 @@ class Channel:
         self._abandoned: dict[int, None] = {}
         # Requests awaiting our reply: id -> the message handed to the application, weakly: one
         # the application dropped unanswered goes (its fds closed, its body given back) as the
-        # README says a dropped message does, while the reply stays owed (a CANCEL answers it).
+        # README says a dropped message does, and the runtime answers it (UNANSWERED): its
+        # reference's callback queues it in ``dropped_requests`` and calls
+        # ``on_request_dropped`` (the driver's: from any thread, it may only try a lock or
+        # schedule), and ``answer_dropped`` answers it under the driver's lock.
         self._unreplied: dict[int, _Owed] = {}
+        self.dropped_requests: deque[_Handed] = deque()
+        self.on_request_dropped: Callable[[], None] | None = None
+        self._on_drop = _drop_callback(self)
         # Requests the peer cancelled since the driver last looked (their handlers should stop).
         self.cancelled: list[Message] = []
         self._automatic: Frames = []
@@ -576,10 +618,40 @@ class Channel:
             self._answer_cancelled(message.id)
 
     def _answer_cancelled(self, request_id: int) -> None:
-        header = _pack_header(MAGIC, VERSION, _Types.REPLY, _CANCELLED, 0, 0, self._allocate_id(), request_id,
+        self._answer_for_application(request_id, _CANCELLED)
+
+    def _answer_for_application(self, request_id: int, flag: int) -> None:
+        """The empty REPLY flagged ``flag`` the runtime owes for a request its application
+        will never answer (``take_automatic`` has it); the request is answered."""
+        header = _pack_header(MAGIC, VERSION, _Types.REPLY, flag, 0, 0, self._allocate_id(), request_id,
                               self._local_pid, _native_tid(), 0, 0, 0)
         self._automatic.append(header)
         self._replied(request_id)
+
+    def _handed(self, message: Message, request_id: int) -> _Handed:
+        """The weak reference by which ``_unreplied`` holds a request handed out (see there)."""
+        owed = _Handed(message, self._on_drop)
+        owed.request_id = request_id
+        return owed
+
+    def answer_dropped(self) -> list[int]:
+        """Requests the application dropped unanswered since the last call: each still owed
+        (by the very reference that died: its id may have been answered and reused since, or
+        owed again through another reference) is answered with an empty UNANSWERED reply
+        (``take_automatic`` has them). Returns their ids. A closed or closing channel
+        answers nothing: nobody would read the answer."""
+        dropped = self.dropped_requests
+        answered: list[int] = []
+        unreplied = self._unreplied
+        while dropped:
+            owed = dropped.popleft()
+            if self.closed or self.peer_closed:
+                continue
+            request_id = owed.request_id
+            if unreplied.get(request_id) is owed:
+                self._answer_for_application(request_id, _UNANSWERED)
+                answered.append(request_id)
+        return answered
 
 
     def ping(self) -> tuple[int, Frames]:
@@ -666,7 +738,7 @@ class Channel:
         request_id = message.id
         if self.closed or request_id in self._unreplied:
             return
-        self._unreplied[request_id] = _ref(message)
+        self._unreplied[request_id] = self._handed(message, request_id)
         if not request_id & QUICK_ID_BIT:
             self.flow.reply_unsent(request_id, message._handles.received if message._handles is not None else 0)
         if isinstance(message.grant, PeerMemory):
@@ -900,7 +972,7 @@ class Channel:
         """Server: a request came through the ring (ProtocolError if its id is in use); ``message``,
         when it is handed out as one, is told if the client cancels it."""
         self._request_received(message_id)
-        self._unreplied[message_id] = None if message is None else _ref(message)
+        self._unreplied[message_id] = None if message is None else self._handed(message, message_id)
 
     def quick_cancel(self, request_id: int) -> Frames:
         """Client: the CANCEL of a ring request its caller gave up on (the C side tracks it)."""
@@ -920,7 +992,7 @@ class Channel:
 
     def quick_reply_failed(self, request_id: int, message: Message | None = None) -> None:
         """Server: the ring refused that reply after all; it is owed again."""
-        self._unreplied[request_id] = None if message is None else _ref(message)
+        self._unreplied[request_id] = None if message is None else self._handed(message, request_id)
 
     def doorbell(self) -> Frames:
         """Tell a peer waiting in poll() to look at its ring."""
@@ -1150,7 +1222,7 @@ class Channel:
                 return None, 0
             end += attr_length
         if kind == _REPLY_INT:
-            if flags and (flags != _CANCELLED or data_length):
+            if flags and ((flags != _CANCELLED and flags != _UNANSWERED) or data_length):
                 return None, 0
             pending = self._pending
             if callback_id in pending:
@@ -1169,7 +1241,7 @@ class Channel:
             message = Message(_Types.REPLY, message_id, callback_id, _body(data, pos, end, ref),
                               self._last_sender, pid, tid)
             if flags:
-                message.cancelled = True
+                _answered_for_application(message, flags)
             elif ref is not None:
                 self._attach_ref(message, ref)
             return message, end
@@ -1197,7 +1269,9 @@ class Channel:
                               self._last_sender, pid, tid)
             if ref is not None:
                 self._attach_ref(message, ref)
-            unreplied[message_id] = _ref(message)
+            owed = _Handed(message, self._on_drop)
+            owed.request_id = message_id
+            unreplied[message_id] = owed
             return message, end
         if kind == _RELEASE_INT and not (flags or attr_length) and self.sections is not None:
             # The peer is done with ranges of our sections (it often rides just before a reply).
@@ -1218,8 +1292,10 @@ class Channel:
             if handles > self._max_handles:
                 raise ProtocolError(f"{kind.name} frame carries {handles} fds; this side takes at most "
                                     f"{self._max_handles} per message")
-            if frame.flags and (kind is not _Types.REPLY or frame.data or attrs is not None or handles):
-                raise ProtocolError(f"{kind.name} frame with the CANCELLED flag (only an empty REPLY has it)")
+            if frame.flags and (kind is not _Types.REPLY or frame.data or attrs is not None or handles
+                                or (frame.flags != _CANCELLED and frame.flags != _UNANSWERED)):
+                raise ProtocolError(f"{kind.name} frame with flags {frame.flags:#x} (only an empty REPLY has one, "
+                                    "CANCELLED or UNANSWERED)")
             if kind is _Types.REQUEST:
                 if frame.message_id & QUICK_ID_BIT:
                     raise ProtocolError(f"request id {frame.message_id} on the socket is a Quick-LPC ring id")
@@ -1280,9 +1356,9 @@ class Channel:
         if handle_fds:
             self._give_handles(message, handle_fds)
         if kind is _Types.REQUEST:
-            self._unreplied[frame.message_id] = _ref(message)
+            self._unreplied[frame.message_id] = self._handed(message, frame.message_id)
         elif frame.flags:
-            message.cancelled = True
+            _answered_for_application(message, frame.flags)
         return message
 
     def _request_received(self, message_id: int) -> None:
@@ -1470,6 +1546,15 @@ def _body(data: bytes, pos: int, end: int, ref: SectionRef | None) -> bytes:
     """A plain frame's inline body; none when it is in a section."""
     return data[pos + HEADER_SIZE:end] if ref is None else b""
 _CANCELLED = int(Flag.CANCELLED)
+_UNANSWERED = int(Flag.UNANSWERED)
+
+
+def _answered_for_application(reply: Message, flags: int) -> None:
+    """A REPLY the peer's runtime sent in its application's place: cancelled (the request
+    was cancelled, or expired before dispatch), or dropped unanswered (``reason`` says so)."""
+    reply.cancelled = True
+    if flags == _UNANSWERED:
+        reply.reason = UNANSWERED_REASON
 
 
 # The wire's DEADLINE is a u64 of nanoseconds: a later deadline (inf included) is "never".

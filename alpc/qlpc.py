@@ -64,6 +64,7 @@ from ._native import (
     QuickRing,
     quick_region_size,
 )
+from .connection import answered_for_application
 from .errors import AlpcError, ConnectionClosed, PeerGone, ProtocolError, Timeout
 from .logs import fields
 from .protocol import MAX_ABANDONED, Message
@@ -258,7 +259,7 @@ class QuickLink:
                         return unpack(status)
                     got = slow(_alive(port_ref), status, deadline_ns)
                     if got is not None:
-                        return got.data if isinstance(got, Message) else got[0]
+                        return _socket_reply(got).data if isinstance(got, Message) else got[0]
                 except BaseException:
                     # A signal handler may raise as c_call returns, before slow() took over.
                     interrupted(port_ref())
@@ -290,7 +291,7 @@ class QuickLink:
         if got is None:
             return None
         if isinstance(got, Message):
-            return got  # it came over the socket: counted there, and with its fds, view and flags
+            return _socket_reply(got)  # it came over the socket: counted there, and with its fds, view and flags
         body, tid, request_id = got
         peer = port.peer
         message = Message(_REPLY, 0, request_id, body, peer, peer.pid, tid)
@@ -425,6 +426,8 @@ class QuickLink:
         inbox empty nothing can be overtaken.
         """
         _announce_releases(port)
+        if port._answers_owed or port._channel.dropped_requests:
+            port._answer_dropped()  # a ring wait is a sleep too: what port._read sends before one
         with port._cv:
             if port._reading or port._inbox or port._failure is not None or not self.active:
                 return None
@@ -703,6 +706,15 @@ def _announce_releases(port: CommunicationPort) -> None:
     port._read's flush before sleeping never sees, so the peer's section space stayed held."""
     if port._core.releases_unannounced():
         port._flush_releases()
+
+
+def _socket_reply(reply: Message) -> Message:
+    """A reply to a ring request that came over the socket, as ``take_reply`` hands it out:
+    one the server's runtime sent in its application's place (it dropped the request
+    unanswered) raises instead."""
+    if reply.cancelled:
+        raise answered_for_application(reply, reply.callback_id)
+    return reply
 
 
 def _alive(port_ref: weakref.ref[CommunicationPort]) -> CommunicationPort:

@@ -123,11 +123,15 @@ class Flag(IntFlag):
     # A REPLY the peer's runtime sent for a request its application never
     # answered: cancelled by the client, or its deadline passed before dispatch.
     CANCELLED = 1
+    # A REPLY the peer's runtime sent because its application dropped the request
+    # (its last reference went) without replying.
+    UNANSWERED = 2
 
 
 KNOWN_FLAGS = 0
-# Flags an established channel accepts (the broker's control frames take none).
-CHANNEL_FLAGS = int(Flag.CANCELLED)
+# Flags an established channel accepts (the broker's control frames take none); an empty
+# REPLY carries at most one of them, any other frame none (protocol.Channel checks that).
+CHANNEL_FLAGS = int(Flag.CANCELLED | Flag.UNANSWERED)
 
 
 def type_mask(types: Iterable[MessageType]) -> int:

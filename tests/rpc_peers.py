@@ -300,6 +300,9 @@ def callback_server(args: argparse.Namespace) -> None:
                 except alpc.Timeout:
                     say("CALLBACK_TIMEOUT")
                     continue
+                except alpc.Unanswered:  # the client's runtime answered for it: dropped by its hook
+                    say("CALLBACK_UNANSWERED")
+                    continue
                 event.reply(b"done:" + answer.data)
 
 

@@ -49,7 +49,7 @@ def test_a_writer_thread_that_failed_to_start_does_not_jam_the_pool(
             with alpc.connect(name, config=config, timeout=10) as client:
                 try:
                     client.request(b"first", timeout=2)  # its writer could not start: lost or not
-                except alpc.Timeout:
+                except (alpc.Timeout, alpc.Unanswered):  # lost: the dropped request is answered so
                     pass
                 assert not failures
                 # Unfixed: Timeout, and every request after it too (the one slot never freed).

@@ -1,7 +1,7 @@
 """A request Message the server's application drops unanswered is really dropped: the port does not
 keep it alive, so the fds it brought are closed (README: "untaken ones are closed when it is
-dropped"), while its reply stays owed (its client still waits its own timeout, as documented).
-A Message kept and answered later from another thread is unaffected."""
+dropped"), and the runtime answers it (UNANSWERED: tests/test_unanswered.py). A Message kept and
+answered later from another thread is unaffected."""
 
 from __future__ import annotations
 

@@ -481,9 +481,12 @@ def test_server_close_reaches_clients(broker: alpc.Broker, config: alpc.Config, 
     client, comm = _accept_client(port, spawn)
     client.send("pending hello")
     client.expect("WAITING")
-    comm.receive(timeout=5)  # the request arrived; now close instead of replying
+    # The request arrived; now close instead of replying. Held meanwhile: one dropped would be
+    # answered as unanswered (Unanswered) before the close, which is what the client must hear.
+    request = comm.receive(timeout=5)
     port.close()
     assert client.expect("ERROR") == ["PeerGone"]
+    del request
 
 
 # -- an accept that fails after taking the request leaks nothing --------------------------------
