@@ -998,7 +998,8 @@ class AsyncCommunicationPort:
         """Answer every request and datagram with ``handler`` until the peer goes away.
 
         Each message runs as a task started from the socket's readiness
-        callback (at most ``max_tasks`` at once); a request the peer cancels
+        callback (at most ``max_tasks`` at once, those an earlier serve() of
+        this port left running included); a request the peer cancels
         has its task cancelled. Requests this side makes meanwhile get their
         replies as usual, so a client may serve its peer's nested calls this way.
         """
@@ -1010,12 +1011,13 @@ class AsyncCommunicationPort:
             # and never returned (close() included), its task awaited forever.
             raise RuntimeError(f"serve() already runs on {self!r}: one serve() takes every message")
         ended: asyncio.Future[None] = self._loop.create_future()
-        running = 0
+        # The handler tasks running count against max_tasks, those an earlier serve() started
+        # included (a serve() cancelled, as rpc.aio.Server pauses a client, leaves them running):
+        # a count of this serve()'s own let the two together run past max_tasks.
+        handlers = self._handlers
 
         def finished(task: asyncio.Task[None], message_id: int) -> None:
-            nonlocal running
-            running -= 1
-            self._handlers.discard(task)
+            handlers.discard(task)
             if self._tasks.get(message_id) is task:
                 del self._tasks[message_id]
             self._feed()
@@ -1028,16 +1030,14 @@ class AsyncCommunicationPort:
                 self._release_after_notice()
 
         def dispatch(message: Message) -> bool:
-            nonlocal running
             if message.type in NOTICES:
                 if not ended.done():
                     ended.set_result(None)
                 return True
-            if running >= max_tasks:
+            if len(handlers) >= max_tasks:
                 return False
-            running += 1
             task = self._loop.create_task(_handle(self, message, handler))
-            self._handlers.add(task)
+            handlers.add(task)
             message_id = message.id
             if message.type is MessageType.REQUEST:
                 self._tasks[message_id] = task

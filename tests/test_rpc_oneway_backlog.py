@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from async_steps import LOOPS, in_thread, run_on
+from async_steps import LOOPS, in_thread, run_on, until
 from rpc_oneway_peers import Queue
 from window_flood_peers import Sink
 
@@ -132,3 +132,88 @@ def test_calls_queued_behind_a_one_way_call_that_raised_keyboard_interrupt_still
         # Nothing more from this client: the next pass of a worker runs them all the same.
         assert client.proxy.log(4, 10.0) == ["hold boom", "released boom", "after 1", "after 2"]
     peer.expect_stderr("KeyboardInterrupt: boom", timeout=10)
+
+
+PAUSED_NAME = "svc.rpc.oneway-paused"
+MAX_TASKS = 8
+
+
+class Gate(rpc.Interface, name="test.rpc.oneway-paused", version=(1, 0)):
+    @rpc.method(oneway=True)
+    async def hold(self) -> None: ...
+
+    @rpc.method(oneway=True)
+    async def step(self) -> None: ...
+
+    @rpc.method
+    async def work(self, index: int) -> int: ...
+
+
+class GateImpl(Gate):
+    """hold() keeps the client's one-way turn, work() runs until the test opens its gate; work()
+    counts how many of it run at once."""
+
+    def __init__(self) -> None:
+        self.oneways_go = asyncio.Event()
+        self.work_go = asyncio.Event()
+        self.changed = asyncio.Condition()
+        self.started = 0
+        self.running = 0
+        self.peak = 0
+
+    async def hold(self) -> None:
+        await asyncio.wait_for(self.oneways_go.wait(), 60)
+
+    async def step(self) -> None:
+        pass
+
+    async def work(self, index: int) -> int:
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        async with self.changed:
+            self.started += 1
+            self.changed.notify_all()
+        try:
+            await asyncio.wait_for(self.work_go.wait(), 60)
+        finally:
+            self.running -= 1
+        return index
+
+
+def test_max_tasks_holds_across_a_pause_for_the_one_way_backlog(broker: alpc.Broker, config: alpc.Config) -> None:
+    """The calls a client's paused serve() started still run when the server serves it again: the
+    serve() that resumes counts them against max_tasks. It counted from zero, so calls started
+    before the pause and after it together ran past max_tasks (here 10 at once against 8)."""
+    async def main() -> None:
+        impl = GateImpl()
+        attributes = alpc.PortAttributes(max_queued_datagrams=2)  # a one-way backlog of 2
+        async with rpc.aio.Server(PAUSED_NAME, impl, attributes=attributes, config=config,
+                                  max_tasks=MAX_TASKS) as server:
+            async with await rpc.aio.connect(Gate, PAUSED_NAME, config=config, timeout=10) as client:
+                gate = client.proxy
+                calls = [asyncio.ensure_future(gate.work(index)) for index in range(5)]
+                try:
+                    async with impl.changed:
+                        await asyncio.wait_for(impl.changed.wait_for(lambda: impl.started == 5), 10)
+                    # One-way calls: the first holds the turn, the two behind it fill the backlog
+                    # (8 tasks: max_tasks), and the server stops serving this client.
+                    for call in (gate.hold, gate.step, gate.step):
+                        await call()
+                    (endpoint,) = server._connections
+                    await until(lambda: not endpoint._room.is_set(), "the pause for the backlog")
+                    calls += [asyncio.ensure_future(gate.work(index)) for index in range(5, 10)]
+                    await until(lambda: len(endpoint.comm._core.inbox) == 5, "the later calls read, unserved")
+                    impl.oneways_go.set()  # the one-way calls drain: the client is served again
+                    async with impl.changed:
+                        await asyncio.wait_for(impl.changed.wait_for(lambda: impl.started >= MAX_TASKS), 10)
+                    running = len(endpoint.comm._handlers)
+                    assert running <= MAX_TASKS, f"{running} handler tasks of one client against max_tasks {MAX_TASKS}"
+                    impl.work_go.set()
+                    assert await asyncio.wait_for(asyncio.gather(*calls), 10) == list(range(10))
+                    assert impl.peak <= MAX_TASKS, f"{impl.peak} calls ran at once against max_tasks {MAX_TASKS}"
+                finally:
+                    impl.oneways_go.set()
+                    impl.work_go.set()
+                    await asyncio.gather(*calls, return_exceptions=True)
+
+    run_on("asyncio", main)
