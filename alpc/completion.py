@@ -338,15 +338,28 @@ class CompletionPort:
         thread = threading.Thread(target=self._pool_thread, name="alpc-completion", daemon=True)
         with self._lock:
             self._threads = [t for t in self._threads if t.is_alive()] + [thread]
-        thread.start()
+        try:
+            thread.start()
+        except RuntimeError:
+            # Out of threads for a moment: the pool does not grow now, as at max_workers. Raised,
+            # it ended serve() (or this pool thread) with its event unhandled, left the count
+            # up for a thread that never ran, and serve()'s join of that thread raised too.
+            with self._lock:
+                self._workers -= 1
+                self._threads = [t for t in self._threads if t is not thread]
+                self._watch_saturated()
 
     def _watch_saturated(self) -> None:
         """This thread goes into a handler and none is left to wait on the port (caller holds
         _lock): the watcher reads it meanwhile."""
         if self._watcher is None:
-            self._watcher = threading.Thread(target=self._watch, name="alpc-completion-watch", daemon=True)
-            self._threads.append(self._watcher)  # joined by _shutdown, as the pool is
-            self._watcher.start()
+            watcher = threading.Thread(target=self._watch, name="alpc-completion-watch", daemon=True)
+            try:
+                watcher.start()
+            except RuntimeError:
+                return  # out of threads for a moment: the next thread out of a handler reads the port
+            self._watcher = watcher
+            self._threads.append(watcher)  # joined by _shutdown, as the pool is
         if not self._saturated.is_set():
             self._saturated.set()
 
