@@ -1580,10 +1580,16 @@ class CommunicationPort:
 
     def _answer_dropped(self) -> None:
         """Before a read, which holds no lock of this port: the answers to requests dropped
-        unanswered that their callback could not write (a lock was held, or the socket full)."""
+        unanswered that their callback could not write (a lock was held, or the socket full).
+        Written only when the socket has room for them, as the callback does: a read does not
+        wait on a peer behind on its reads (a poll, timeout=0 or pump(), waited for up to the
+        runtime's send timeout); they stay owed for the next write, or a read once it has room."""
         owed = self._answers_owed
         self._answers_owed = False
         if (self._queue_dropped_answers() or owed) and self._core.owed:
+            if self._core.failure is None and self._stream.send_room() < _AT_ONCE_ROOM:
+                self._answers_owed = True
+                return
             self._write_runtime([], None)
 
     def _take_read(self, got: ChannelRead) -> None:

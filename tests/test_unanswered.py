@@ -15,12 +15,14 @@ import gc
 import queue
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
+from background import Background
 from local_pairs import local_connection
 
 import alpc
@@ -266,6 +268,48 @@ def test_a_drop_while_a_lock_is_held_is_answered_with_the_next_read_or_write(pai
         pending.result(CLIENT_WAIT)
     if then == "write":
         assert client.receive(timeout=10).data == b"news"
+
+
+def _fill(server: alpc.CommunicationPort) -> int:
+    """Datagrams to a client that reads none, until the socket to it is full; how many went."""
+    sent = 0
+    while True:
+        try:
+            server.send(b"d" * 200, timeout=0)
+        except alpc.Timeout:
+            return sent
+        sent += 1
+
+
+@pytest.mark.parametrize("poll", ["receive", "pump"])
+def test_a_poll_does_not_wait_for_room_to_answer_a_drop(broker: alpc.Broker, config: alpc.Config, poll: str) -> None:
+    """A client behind on its reads (the socket to it full): a request dropped meanwhile is answered
+    once there is room, and a read that must not block (receive(timeout=0), pump()) does not wait
+    for that room. Each read tried the write first, for up to the runtime's own send timeout (1 s)."""
+    attributes = alpc.PortAttributes(max_queued_datagrams=4096)
+    with local_connection(config, f"svc.unanswered.poll.{poll}", attributes) as (_, server, client):
+        pending = client.start_request(b"work", timeout=CLIENT_WAIT)
+        request = server.receive(timeout=10)
+        sent = _fill(server)
+        del request  # no room for its answer: owed
+        started = time.monotonic()
+        if poll == "receive":
+            with pytest.raises(alpc.Timeout):
+                server.receive(timeout=0)
+        else:
+            server.pump()  # "without blocking"
+        took = time.monotonic() - started
+        assert took < 0.5, f"a poll took {took:.2f} s"
+        assert not server.closed
+        # The client catches up: the answer goes with the server's next write, before it.
+        news = Background(lambda: server.send(b"news", timeout=10))
+        for _ in range(sent):
+            assert client.receive(timeout=10).data == b"d" * 200
+        assert client.receive(timeout=10).data == b"news"
+        news.join(10)
+        assert news.outcomes == [None]
+        with pytest.raises(alpc.Unanswered):
+            pending.result(CLIENT_WAIT)
 
 
 def test_a_request_replied_to_then_dropped_is_not_answered_again(pair: Any) -> None:
