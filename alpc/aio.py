@@ -994,7 +994,8 @@ class AsyncCommunicationPort:
 
     # -- serving --------------------------------------------------------------------------------
 
-    async def serve(self, handler: Handler, *, max_tasks: int = 1024) -> None:
+    async def serve(self, handler: Handler, *, max_tasks: int = 1024,
+                    admit: Callable[[Message], bool] | None = None) -> None:
         """Answer every request and datagram with ``handler`` until the peer goes away.
 
         Each message runs as a task started from the socket's readiness
@@ -1002,9 +1003,15 @@ class AsyncCommunicationPort:
         this port left running included); a request the peer cancels
         has its task cancelled. Requests this side makes meanwhile get their
         replies as usual, so a client may serve its peer's nested calls this way.
+
+        ``admit(message)``, when given, is asked before each request or datagram
+        is taken: False leaves it, and what came after it, unread in the inbox
+        (holding its slot of the peer's window, so the peer's sends wait for
+        room); it is asked again when a running handler ends or more arrives.
+        It runs on the loop and must not block.
         """
         self._own_loop("serve()")
-        check_callables(handler=handler)
+        check_callables(handler=handler, admit=admit)
         check_max_tasks(max_tasks)
         if self._dispatch is not None:
             # A second one took over the dispatch: the first never heard the connection end
@@ -1012,8 +1019,8 @@ class AsyncCommunicationPort:
             raise RuntimeError(f"serve() already runs on {self!r}: one serve() takes every message")
         ended: asyncio.Future[None] = self._loop.create_future()
         # The handler tasks running count against max_tasks, those an earlier serve() started
-        # included (a serve() cancelled, as rpc.aio.Server pauses a client, leaves them running):
-        # a count of this serve()'s own let the two together run past max_tasks.
+        # included (a cancelled serve() leaves its tasks running): a count of this serve()'s
+        # own let the two together run past max_tasks.
         handlers = self._handlers
 
         def finished(task: asyncio.Task[None], message_id: int) -> None:
@@ -1034,7 +1041,7 @@ class AsyncCommunicationPort:
                 if not ended.done():
                     ended.set_result(None)
                 return True
-            if len(handlers) >= max_tasks:
+            if len(handlers) >= max_tasks or (admit is not None and not admit(message)):
                 return False
             task = self._loop.create_task(_handle(self, message, handler))
             handlers.add(task)

@@ -76,17 +76,12 @@ def test_async_server_holds_a_clients_one_way_calls_within_the_ports_window(
                 await in_thread(client.expect, "READY")
                 client.send(f"flood {FLOOD} 1")
                 sent = int((await in_thread(client.expect, "FLOODED", 60))[0])
-                # The one running; those waiting (the backlog, and what the server had taken
-                # from the client's window before it saw the backlog full); the window's worth
-                # in the inbox. Unbounded by the window, the server took up to max_tasks.
-                # The one running; those waiting; the window's worth in the inbox. Unbounded by the
-                # window, the server took up to max_tasks (1024) of them.
-                assert sent <= 4 * WINDOW, f"{sent} one-way calls went out against a window of {WINDOW}"
-                # The backlog (WINDOW) less one, and what the server took from the client's window
-                # before it stopped taking: the read that filled the backlog, and at most one more
-                # before its reader heard (an asyncio task's cancel takes a loop turn).
-                waiting = sum(endpoint._oneways_waiting for endpoint in server._connections)
-                assert waiting < 3 * WINDOW, f"{waiting} one-way calls of one client wait in server memory"
+                # The backlog (WINDOW) taken, running or waiting their turn, and the window's worth
+                # unread in the inbox. Unbounded by the window, the server took up to max_tasks
+                # (1024) of them.
+                taken = sum(endpoint._oneways_taken for endpoint in server._connections)
+                assert taken == WINDOW, f"{taken} one-way calls of one client taken by the server"
+                assert sent <= 2 * WINDOW, f"{sent} one-way calls went out against a window of {WINDOW}"
                 sink.release.set()
                 # Calls that waited past their deadline (the 1 s each was sent with) are dropped;
                 # the rest run in order, and the client is served again once they drained.
@@ -180,10 +175,12 @@ class GateImpl(Gate):
         return index
 
 
-def test_max_tasks_holds_across_a_pause_for_the_one_way_backlog(broker: alpc.Broker, config: alpc.Config) -> None:
-    """The calls a client's paused serve() started still run when the server serves it again: the
-    serve() that resumes counts them against max_tasks. It counted from zero, so calls started
-    before the pause and after it together ran past max_tasks (here 10 at once against 8)."""
+def test_max_tasks_holds_while_the_one_way_backlog_holds_a_client_back(broker: alpc.Broker,
+                                                                      config: alpc.Config) -> None:
+    """Calls running while the one-way backlog holds a client's later messages in its window, and
+    those the server takes once it drains, together stay within max_tasks. (When the server held a
+    client back by cancelling its serve() and serving it again later, the new serve() counted its
+    tasks from zero: 10 ran at once against 8.)"""
     async def main() -> None:
         impl = GateImpl()
         attributes = alpc.PortAttributes(max_queued_datagrams=2)  # a one-way backlog of 2
@@ -195,14 +192,15 @@ def test_max_tasks_holds_across_a_pause_for_the_one_way_backlog(broker: alpc.Bro
                 try:
                     async with impl.changed:
                         await asyncio.wait_for(impl.changed.wait_for(lambda: impl.started == 5), 10)
-                    # One-way calls: the first holds the turn, the two behind it fill the backlog
-                    # (8 tasks: max_tasks), and the server stops serving this client.
+                    # One-way calls: the first holds the turn, the second fills the backlog with
+                    # it, and the third waits unread in the inbox, the later calls behind it.
                     for call in (gate.hold, gate.step, gate.step):
                         await call()
                     (endpoint,) = server._connections
-                    await until(lambda: not endpoint._room.is_set(), "the pause for the backlog")
+                    inbox = endpoint.comm._core.inbox
+                    await until(lambda: endpoint._oneways_taken == 2 and len(inbox) == 1, "the backlog full")
                     calls += [asyncio.ensure_future(gate.work(index)) for index in range(5, 10)]
-                    await until(lambda: len(endpoint.comm._core.inbox) == 5, "the later calls read, unserved")
+                    await until(lambda: len(inbox) == 6, "the later calls read, held back")
                     impl.oneways_go.set()  # the one-way calls drain: the client is served again
                     async with impl.changed:
                         await asyncio.wait_for(impl.changed.wait_for(lambda: impl.started >= MAX_TASKS), 10)

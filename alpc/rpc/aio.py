@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from typing import Any, TypeVar
 
 from .. import aio as _aio
@@ -55,15 +54,11 @@ class AsyncEndpoint(EndpointBase):
         # The lock's waiters go in the order they came, and each task takes it before it first
         # awaits, so in the order the messages were read.
         self._oneways = asyncio.Lock()
-        # How many wait for their turn, and how many may before the connection's reader stops
-        # taking the client's messages (on_backlog_full, rpc.aio.Server's): its window then fills
-        # and its sends wait, rather than its calls piling up here up to max_tasks. Taken again
-        # once half of them ran (``has_room``), not at every call that ends.
-        self._oneways_waiting = 0
+        # One-way calls taken from the connection and not yet ended, and how many may be: past
+        # that the reader leaves the client's messages in its window (``admit``), so its sends
+        # wait, rather than its calls piling up here up to max_tasks.
+        self._oneways_taken = 0
         self._oneway_backlog = oneway_backlog
-        self._room = asyncio.Event()
-        self._room.set()
-        self.on_backlog_full: Callable[[], object] | None = None
 
     async def call(self, object_id: int, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                    timeout: float | None) -> Any:
@@ -95,38 +90,27 @@ class AsyncEndpoint(EndpointBase):
         payload = await self.dispatcher.run_async(prepared)
         return None if payload is None else self._fitting(payload)
 
+    def admit(self, message: Message) -> bool:
+        """``AsyncCommunicationPort.serve``'s admit: a one-way call is taken while fewer than
+        the backlog are (running or waiting their turn); past that, the client's messages
+        wait in its window until one of those ends."""
+        if message.type is MessageType.REQUEST:
+            return True
+        if self._oneways_taken >= self._oneway_backlog:
+            return False
+        self._oneways_taken += 1  # serve() starts its task now: _run_oneway gives it back
+        return True
+
     async def _run_oneway(self, message: Message) -> None:
         # Checked at its turn, not on arrival (as on the blocking server): a call whose deadline
         # passed while it waited is dropped (and logged), not run for a caller long gone.
-        await self._oneway_turn()
         try:
-            prepared = self.dispatcher.prepare(message.data, expects_reply=False, message=message)
-            if not isinstance(prepared, bytes):  # else refused, and logged
-                await self.dispatcher.run_async(prepared)
+            async with self._oneways:
+                prepared = self.dispatcher.prepare(message.data, expects_reply=False, message=message)
+                if not isinstance(prepared, bytes):  # else refused, and logged
+                    await self.dispatcher.run_async(prepared)
         finally:
-            self._oneways.release()
-
-    async def _oneway_turn(self) -> None:
-        """Take the one-way calls' lock, counted among the waiting while it waits."""
-        lock = self._oneways
-        if not lock.locked():
-            await lock.acquire()
-            return
-        self._oneways_waiting += 1
-        if self._oneways_waiting >= self._oneway_backlog and self._room.is_set():
-            self._room.clear()
-            if self.on_backlog_full is not None:
-                self.on_backlog_full()
-        try:
-            await lock.acquire()
-        finally:
-            self._oneways_waiting -= 1
-            if self._oneways_waiting <= self._oneway_backlog // 2:
-                self._room.set()
-
-    async def has_room(self) -> None:
-        """Return once the one-way calls waiting are few enough to take the client's messages again."""
-        await self._room.wait()
+            self._oneways_taken -= 1
 
     def _fitting(self, payload: Payload) -> Payload:
         # Checked before the reply is handed over: the port would raise, and the caller wait for ever.
@@ -208,9 +192,10 @@ class Server:
     Every call runs as a task: an ``async def`` handler is awaited, a plain one
     runs on the loop itself (keep it short, or hand the work to an executor).
     ``max_tasks`` bounds the calls running at once per client. A client's one-way
-    calls run one at a time, in order; while as many wait as the port's
-    ``max_queued_datagrams`` (1024 at most) the server stops reading that
-    client, so its sends wait for room in its window. ``await
+    calls run one at a time, in order; while as many are taken (running or
+    waiting their turn) as the port's ``max_queued_datagrams`` (1024 at most),
+    that client's next messages stay unread, so its sends wait for room in its
+    window. ``await
     start()`` returns once the port exists; ``serve_forever()`` runs until
     ``stop()``. Use as ``async with``.
     """
@@ -307,27 +292,7 @@ class Server:
 
     async def _serve(self, endpoint: AsyncEndpoint) -> None:
         try:
-            while not await self._serve_until_full(endpoint):
-                await endpoint.has_room()
+            await endpoint.comm.serve(endpoint.handle, max_tasks=self._max_tasks, admit=endpoint.admit)
         finally:
             self._connections.pop(endpoint, None)
             await endpoint.comm.close()
-
-    async def _serve_until_full(self, endpoint: AsyncEndpoint) -> bool:
-        """Serve the client until its connection ends (True) or its one-way calls waiting fill
-        its backlog (False): then its messages stay in its window, unread, until ``has_room``."""
-        comm = endpoint.comm
-        serving = asyncio.create_task(comm.serve(endpoint.handle, max_tasks=self._max_tasks))
-        endpoint.on_backlog_full = serving.cancel
-        try:
-            await asyncio.wait((serving,))
-        finally:
-            endpoint.on_backlog_full = None
-            serving.cancel()
-            await asyncio.gather(serving, return_exceptions=True)
-        if serving.cancelled():
-            # Stopped for the backlog, perhaps just after it took the notice that ends the
-            # connection: a closed one is not served again.
-            return comm.closed
-        serving.result()
-        return True
