@@ -8,14 +8,13 @@ look for what the server says of the calls it drops.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
-import os
 import sys
 import threading
 
-import alpc
+from rpc_peer_serving import serve_until_stdin_closes, server_arguments
+
 from alpc import rpc
 
 # How long hold() waits for release(): far longer than any test waits for release() itself.
@@ -103,29 +102,13 @@ class AsyncQueueImpl(Queue):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("name")
-    parser.add_argument("--runtime-dir", required=True)
-    parser.add_argument("--workers", type=int, default=3)
-    parser.add_argument("--asyncio", action="store_true")
-    args = parser.parse_args()
+    args = server_arguments(workers=3).parse_args()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
     library_log = logging.getLogger("alpc.rpc")
     library_log.addHandler(handler)
     library_log.setLevel(logging.DEBUG)
-    config = alpc.Config.from_env(args.runtime_dir)
-    if args.asyncio:
-        async def serve() -> None:
-            async with rpc.aio.Server(args.name, AsyncQueueImpl(), config=config):
-                print("READY", os.getpid(), flush=True)
-                await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-
-        asyncio.run(serve())
-        return
-    with rpc.Server(args.name, QueueImpl(), workers=args.workers, config=config):
-        print("READY", os.getpid(), flush=True)
-        sys.stdin.read()
+    serve_until_stdin_closes(args, QueueImpl, AsyncQueueImpl)
 
 
 if __name__ == "__main__":

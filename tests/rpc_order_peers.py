@@ -7,13 +7,11 @@ closes.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import os
-import sys
 import threading
 
-import alpc
+from rpc_peer_serving import serve_until_stdin_closes, server_arguments
+
 from alpc import rpc
 
 # How long the first one-way call waits for the second to start: only a server that lets the
@@ -109,24 +107,7 @@ class AsyncOrderImpl(Order):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("name")
-    parser.add_argument("--runtime-dir", required=True)
-    parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument("--asyncio", action="store_true")
-    args = parser.parse_args()
-    config = alpc.Config.from_env(args.runtime_dir)
-    if args.asyncio:
-        async def serve() -> None:
-            async with rpc.aio.Server(args.name, AsyncOrderImpl(), config=config):
-                print("READY", os.getpid(), flush=True)
-                await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-
-        asyncio.run(serve())
-        return
-    with rpc.Server(args.name, OrderImpl(), workers=args.workers, config=config):
-        print("READY", os.getpid(), flush=True)
-        sys.stdin.read()
+    serve_until_stdin_closes(server_arguments(workers=4).parse_args(), OrderImpl, AsyncOrderImpl)
 
 
 if __name__ == "__main__":
