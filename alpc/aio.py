@@ -1008,7 +1008,8 @@ class AsyncCommunicationPort:
         is taken: False leaves it, and what came after it, unread in the inbox
         (holding its slot of the peer's window, so the peer's sends wait for
         room); it is asked again when a running handler ends or more arrives.
-        It runs on the loop and must not block.
+        It runs on the loop and must not block; if it raises, serve() ends with
+        that exception, the message left in the inbox.
         """
         self._own_loop("serve()")
         check_callables(handler=handler, admit=admit)
@@ -1036,12 +1037,23 @@ class AsyncCommunicationPort:
             if self._dispatch is None:
                 self._release_after_notice()
 
+        def admitted(message: Message) -> bool:
+            assert admit is not None
+            try:
+                return admit(message)
+            except Exception as exc:
+                # Raised out of the readiness callback, it lost the message it was asked about:
+                # that stays in the inbox, and serve() ends with the error.
+                if not ended.done():
+                    ended.set_exception(exc)
+                return False
+
         def dispatch(message: Message) -> bool:
             if message.type in NOTICES:
                 if not ended.done():
                     ended.set_result(None)
                 return True
-            if len(handlers) >= max_tasks or (admit is not None and not admit(message)):
+            if len(handlers) >= max_tasks or (admit is not None and not admitted(message)):
                 return False
             task = self._loop.create_task(_handle(self, message, handler))
             handlers.add(task)

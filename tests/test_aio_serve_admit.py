@@ -72,3 +72,20 @@ def test_admit_must_be_callable(broker: alpc.Broker, config: alpc.Config) -> Non
                     await server.serve(lambda message: None, admit=True)  # type: ignore[arg-type]
 
     asyncio.run(main())
+
+
+def test_an_admit_that_raises_ends_serve_and_loses_no_message(broker: alpc.Broker, config: alpc.Config) -> None:
+    async def main() -> None:
+        def admit(message: alpc.Message) -> bool:
+            raise LookupError("no verdict")
+
+        async with await aio.create_port("svc.aio.admit.raises", config=config) as port:
+            connecting = asyncio.ensure_future(aio.connect("svc.aio.admit.raises", config=config, timeout=10))
+            server = await (await port.listen(10)).accept()
+            async with await connecting as client, server:
+                await client.send(b"kept", 10)
+                with pytest.raises(LookupError, match="no verdict"):
+                    await asyncio.wait_for(server.serve(lambda message: None, admit=admit), 10)
+                assert (await server.receive(10)).data == b"kept"
+
+    asyncio.run(main())
