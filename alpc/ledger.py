@@ -162,6 +162,8 @@ class OutboundLedger:
         self._next_id = 1
         self._pending_grow: Grow | None = None
         self._retired: list[int] = []
+        # Retired sections the peer never mapped (never announced), until ``peer_knows`` says so.
+        self._unannounced: set[int] = set()
         self.budget_blocked = False
         # Ranges sent and not yet released: each may bring a RELEASE frame back.
         self.unreleased = 0
@@ -237,7 +239,7 @@ class OutboundLedger:
             if size <= min(room, budget_room):
                 break
             retire.append(section_id)
-            self._drop(section_id)
+            self._retire(section_id)
             room += idle_size
             budget_room += idle_size
         if self._budget is not None and not self._budget.take(size):
@@ -276,9 +278,18 @@ class OutboundLedger:
                 self._budget.give(plan.size)
 
     def take_retired(self) -> list[int]:
-        """Sections retired without a growth plan to report them; the caller tells the peer."""
+        """Sections retired without a growth plan to report them; the caller unmaps them and
+        tells the peer of those it knows (``peer_knows``)."""
         retired, self._retired = self._retired, []
         return retired
+
+    def peer_knows(self, retired: list[int]) -> list[int]:
+        """Of sections just retired (``retire_idle``, ``Grow.retire``, ``take_retired``), those
+        the peer maps, for its SECTION_CLOSE. A section reserved for views released unsent was
+        never announced: a close naming it is a protocol error, and the peer drops the connection."""
+        known = [section_id for section_id in retired if section_id not in self._unannounced]
+        self._unannounced.difference_update(retired)
+        return known
 
     def allocate_in(self, section_id: int, length: int) -> Slot:
         """Place a message in the section just committed for it."""
@@ -352,17 +363,23 @@ class OutboundLedger:
         if self._budget is not None:
             self._budget.give(section.size)
 
+    def _retire(self, section_id: int) -> None:
+        if not self._sections[section_id].announced:
+            self._unannounced.add(section_id)
+        self._drop(section_id)
+
     def retire_idle(self) -> list[int]:
         """Drop every idle pooled section (to give memory back); returns their ids."""
         idle = [sid for sid, s in self._sections.items() if not s.secure and s.allocator.idle]
         for section_id in idle:
-            self._drop(section_id)
+            self._retire(section_id)
         return idle
 
     def clear(self) -> None:
         for section_id in list(self._sections):
             self._drop(section_id)
         self.unreleased = 0
+        self._unannounced.clear()
 
 
 @dataclass

@@ -704,9 +704,7 @@ class SectionPool:
         self._check_owner("send a large message or a view on it")
         self._drain_returns()
         placed = self.ledger.place(length, secure)
-        for section_id in self.ledger.take_retired():
-            self._close_section(section_id)  # dropped by the ledger: unmap it here too
-            self._retired.append(section_id)
+        self._retire(self.ledger.take_retired())  # dropped by the ledger: unmap them here too
         if placed is None:
             return None
         if isinstance(placed, Grow):
@@ -718,10 +716,16 @@ class SectionPool:
             raise SectionError(f"this connection's sections belong to pid {self._pid}: a forked child cannot "
                                f"{what} (connect from the child)")
 
-    def _grow(self, plan: Grow, length: int) -> Slot:
-        for section_id in plan.retire:
+    def _retire(self, section_ids: list[int]) -> list[int]:
+        """Unmap sections the ledger retired; the ids the peer must hear of (SECTION_CLOSE)."""
+        for section_id in section_ids:
             self._close_section(section_id)
-            self._retired.append(section_id)
+        known = self.ledger.peer_knows(section_ids)
+        self._retired += known
+        return known
+
+    def _grow(self, plan: Grow, length: int) -> Slot:
+        self._retire(list(plan.retire))
         try:
             section = Section.create(plan.size, backend="memfd" if plan.secure else self.backend, secure=plan.secure)
         except BaseException as exc:
@@ -827,11 +831,7 @@ class SectionPool:
         Refused in a forked child: its SECTION_CLOSE would make the peer unmap the parent's
         sections, and the parent's next message naming one dropped the connection."""
         self._check_owner("retire its parent's sections")
-        retired = self.ledger.retire_idle()
-        for section_id in retired:
-            self._close_section(section_id)
-        self._retired += retired
-        return retired
+        return self._retire(self.ledger.retire_idle())
 
     def close(self) -> None:
         self.closed = True

@@ -110,6 +110,30 @@ def test_idle_sections_are_retired_to_make_room() -> None:
     assert ledger.section_ids == [busy.section_id]
 
 
+def test_the_peer_hears_only_of_retired_sections_it_was_told_of() -> None:
+    """A section whose only range was cancelled (a view released unsent) was never announced:
+    retiring it (an idle trim, or a growth making room) must not name it to the peer, for
+    whom a close of an unknown section is a protocol error."""
+    ledger = OutboundLedger(quota=10 * MIB, section_size=4 * MIB)
+    told = grow(ledger, 100)
+    ledger.set_announced(told.section_id, True)
+    ledger.mark_sent(told)
+    silent = ledger.place(4 * MIB, False)  # does not fit beside it: a second section, never announced
+    assert isinstance(silent, Grow)
+    ledger.commit(silent)
+    assert ledger.cancel(ledger.allocate_in(silent.section_id, 4 * MIB)) is False
+    ledger.release(Release(told.section_id, told.offset, told.length))
+    retired = ledger.retire_idle()
+    assert sorted(retired) == [told.section_id, silent.section_id]
+    assert ledger.peer_knows(retired) == [told.section_id]
+    # Through a growth too.
+    unsent = grow(ledger, 4 * MIB)
+    ledger.cancel(unsent)
+    placed = ledger.place(8 * MIB, False)
+    assert isinstance(placed, Grow) and placed.retire == (unsent.section_id,)
+    assert ledger.peer_knows(list(placed.retire)) == []
+
+
 def test_release_of_a_range_never_lent_is_a_protocol_error() -> None:
     ledger = OutboundLedger(quota=8 * MIB, section_size=4 * MIB)
     slot = grow(ledger, 100)

@@ -179,6 +179,7 @@ def test_a_section_retired_when_the_budget_race_is_lost_is_unmapped() -> None:
         assert view is not None and view.section_id == 1
         first = pool._sections[1]
         first_fd = first.fd
+        pool.ledger.set_announced(1, True)  # the peer maps it (an earlier message named it)
         view.release()  # unsent: section 1 is idle again
         budget.lose_next = True
         assert pool.reserve(8000, False) is None  # needs section 1's room; the budget race is lost
