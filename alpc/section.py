@@ -831,6 +831,10 @@ class SectionPool:
         Refused in a forked child: its SECTION_CLOSE would make the peer unmap the parent's
         sections, and the parent's next message naming one dropped the connection."""
         self._check_owner("retire its parent's sections")
+        # Views released unsent (from any thread) hold their ranges until drained: their
+        # sections are idle too, and a trim that skipped them kept memory (and, for another
+        # connection waiting on the port's budget, the budget) that nothing else would free.
+        self._drain_returns()
         return self._retire(self.ledger.retire_idle())
 
     def close(self) -> None:

@@ -4,13 +4,22 @@ A section reserved for views that were all released unsent was never announced t
 Retiring it (``trim_sections()``, a growth making room under ``max_section_bytes``, or the
 port's budget asking for idle sections) still sent SECTION_CLOSE naming it: a close of a
 section the peer never heard of is a protocol error, and the peer dropped the connection.
+
+A ``SectionView`` released (or dropped) unsent gives its range back from whatever thread
+lets go of it: the range only queues, and the connection's next reservation drains the
+queue. ``trim_sections()`` (and the give-back another connection asks for when the port's
+``max_port_section_bytes`` is short) did not drain it, so a section whose views were all
+released unsent was not idle to them: trim kept its memory, and a connection waiting for the
+port's budget waited out its timeout (Throttled) while an idle connection held it.
 """
+
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 from local_pairs import local_connection
@@ -20,6 +29,16 @@ import alpc
 pytestmark = pytest.mark.timeout(60)
 
 MIB = 1 << 20
+def _memfds() -> int:
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{name}").startswith("/memfd:alpc-section")
+        except OSError:
+            pass  # the listing's own fd
+    return count
+
+
 def _on_thread(work: Callable[[], object]) -> object:
     """``work()`` run on a thread of its own; its result (or exception) returned."""
     out: list[object] = []
@@ -35,6 +54,27 @@ def _on_thread(work: Callable[[], object]) -> object:
     thread.join(30)
     assert out, "the thread did not finish"
     return out[0]
+
+
+@contextmanager
+def _two_connections(config: alpc.Config, name: str, attributes: alpc.PortAttributes,
+                     ) -> Iterator[list[tuple[alpc.CommunicationPort, alpc.CommunicationPort]]]:
+    """(server side, client side) of two connections to one port, all in this process."""
+    pairs: list[tuple[alpc.CommunicationPort, alpc.CommunicationPort]] = []
+    with alpc.create_port(name, attributes, config=config) as port:
+        try:
+            got: list[alpc.CommunicationPort] = []
+            for index in range(2):
+                connecting = threading.Thread(target=lambda: got.append(alpc.connect(name, config=config, timeout=10)))
+                connecting.start()
+                server = port.listen(timeout=10).accept()
+                connecting.join(10)
+                pairs.append((server, got[index]))
+            yield pairs
+        finally:
+            for server, client in pairs:
+                client.close()
+                server.close()
 
 
 def _abandon_view(client: alpc.CommunicationPort, size: int) -> None:
@@ -87,3 +127,63 @@ def test_a_growth_does_not_name_a_retired_section_the_peer_never_saw(
         assert message.type is alpc.MessageType.DATAGRAM, f"the peer dropped the connection: {message.reason}"
         assert message.data == body
         _still_connected(server, client)
+
+
+def test_trim_unmaps_a_section_whose_view_another_thread_released_unsent(
+        local_pair: tuple[alpc.CommunicationPort, alpc.CommunicationPort]) -> None:
+    """A worker thread reserves a view and gives up on it (released, never sent); the
+    connection's own thread then trims. The section holds nothing: it must go, its memfd
+    closed. Before, its range was still counted lent until the next reservation."""
+    server, client = local_pair
+    pool = client._channel.sections.pool  # type: ignore[union-attr]
+    before = _memfds()
+    view = _on_thread(lambda: client.create_view(100_000, timeout=5))
+    assert isinstance(view, alpc.SectionView)
+    mapped = _memfds()
+    assert mapped > before and len(pool.ledger.section_ids) == 1
+    assert _on_thread(view.release) is None
+    client.trim_sections(timeout=5)
+    assert pool.ledger.section_ids == [], "trim kept a section whose only view was released unsent"
+    assert pool.ledger.total == 0 and _memfds() == before
+    # The pool still works, on a thread of its own again.
+    body = os.urandom(100_000)
+    assert _on_thread(lambda: client.send(body, timeout=5)) is None
+    assert server.receive(timeout=5).data == body
+
+
+def test_a_view_dropped_unsent_does_not_keep_its_section_from_trim(
+        local_pair: tuple[alpc.CommunicationPort, alpc.CommunicationPort]) -> None:
+    """The same for a view a thread dropped without releasing it (its finalizer gives the
+    range back)."""
+    _, client = local_pair
+    pool = client._channel.sections.pool  # type: ignore[union-attr]
+    assert _on_thread(lambda: client.create_view(5000, timeout=5) and None) is None  # dropped there
+    client.trim_sections(timeout=5)
+    assert pool.ledger.section_ids == []
+
+
+def test_a_view_released_unsent_on_one_connection_frees_the_port_budget_for_another(
+        broker: alpc.Broker, config: alpc.Config) -> None:
+    """A server thread serving one client reserves a large view and abandons it (released,
+    never sent); another thread serving a second client then needs the port's section budget,
+    which that idle section holds. Asked, the first connection gives back its idle sections,
+    and this one is idle: the second send must go through. Before, the section did not count
+    as idle, and the send waited out its timeout (Throttled: max_port_section_bytes) while
+    nothing at all was in flight."""
+    attributes = alpc.PortAttributes(section_size=2 * MIB, max_section_bytes=8 * MIB,
+                                     max_port_section_bytes=4 * MIB)
+    with _two_connections(config, "svc.section.threads.budget", attributes) as pairs:
+        (first_server, first_client), (second_server, second_client) = pairs
+
+        def abandon() -> None:
+            first_server.create_view(3 * MIB, timeout=5).release()
+
+        assert _on_thread(abandon) is None
+        body = os.urandom(3 * MIB)
+        outcome = _on_thread(lambda: second_server.send(body, timeout=2))
+        assert outcome is None, f"the second connection's send failed: {outcome!r}"
+        assert second_client.receive(timeout=5).data == body
+        # The first connection's idle section was never announced: giving it back tells its
+        # client nothing (a close of an unknown section dropped that connection).
+        # (Inline: the budget is the second connection's until its server reads the release.)
+        _still_connected(first_client, first_server, 100)
