@@ -237,14 +237,19 @@ class View:
         """Drop our mapping reference and give the range back, exactly once."""
         with _RELEASE_LOCK:
             mapping, self._mapping = self._mapping, None
+            # Decided with the swap: a sender claims the view under the same lock (see claim).
+            unsent = mapping is not None and self._unsent()
         if mapping is None:
             return False
         _release_memory(self.memory)
         mapping.drop()
-        self._finished()
+        self._finished(unsent)
         return True
 
-    def _finished(self) -> None:
+    def _unsent(self) -> bool:
+        return False
+
+    def _finished(self, unsent: bool) -> None:
         if self._on_gone is not None:
             self._on_gone()
 
@@ -665,9 +670,26 @@ class SectionView(View):
         if secure and not self.secure:
             raise SectionError("secure=True needs a secure view: create_view(size, secure=True)")
 
-    def _finished(self) -> None:
+    def claim(self) -> None:
+        """Take the view over for sending; SectionError if it was sent or released already.
+
+        Under the lock of ``_gone``: a release on another thread either comes first (the
+        send is refused) or finds the view sent (it gives nothing back). Checked apart, both
+        could happen, and the range, sent, was also queued as given back: once the peer
+        released it and another view took it, that stale give-back freed the range under
+        the new view, and the next one overlapped it.
+        """
+        with _RELEASE_LOCK:
+            if self.sent or self._mapping is None:
+                raise SectionError("this view was already sent or released")
+            self.sent = True
+
+    def _unsent(self) -> bool:
+        return not self.sent
+
+    def _finished(self, unsent: bool) -> None:
         # Released (or dropped) before being sent: the space is ours again.
-        if not self.sent:
+        if unsent:
             self._pool.give_back(self.slot)
 
 
@@ -754,10 +776,8 @@ class SectionPool:
         The view's memory is released here: once sent, the range belongs to
         the peer until it releases it. A secure view's section is write-sealed.
         """
-        if view.sent or view.released:
-            raise SectionError("this view was already sent or released")
+        view.claim()
         section = self._sections[view.section_id]
-        view.sent = True
         view.release()
         if view.secure:
             try:

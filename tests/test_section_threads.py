@@ -11,6 +11,10 @@ queue. ``trim_sections()`` (and the give-back another connection asks for when t
 ``max_port_section_bytes`` is short) did not drain it, so a section whose views were all
 released unsent was not idle to them: trim kept its memory, and a connection waiting for the
 port's budget waited out its timeout (Throttled) while an idle connection held it.
+
+A view one thread sends while another releases it must end up either sent or given back,
+never both: a range both sent and queued as given back was freed a second time later, under
+whatever view had taken it since.
 """
 
 
@@ -187,3 +191,86 @@ def test_a_view_released_unsent_on_one_connection_frees_the_port_budget_for_anot
         # client nothing (a close of an unknown section dropped that connection).
         # (Inline: the budget is the second connection's until its server reads the release.)
         _still_connected(first_client, first_server, 100)
+
+
+def test_a_view_released_while_another_thread_sends_it_is_given_back_at_most_once(
+        local_pair: tuple[alpc.CommunicationPort, alpc.CommunicationPort], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Thread S sends a view while thread R releases it. Either the send is refused (released
+    first) or the release does nothing (sent first). Before, S could check "not released",
+    R then see "not sent" and queue the range as given back, and S send it anyway: once the
+    peer released it and a new view D took the same range, the stale give-back freed D's
+    range, and the next view overlapped D (two writers, one range: corrupted bodies).
+    Paused by hooks at those two points (S after its check, R before it queues the range);
+    where the code leaves no such gap, the hooks are simply never reached."""
+    server, client = local_pair
+    pool = client._channel.sections.pool  # type: ignore[union-attr]
+    view = client.create_view(1000, timeout=5)
+    view.memory[:] = b"s" * 1000
+    sender_checked, releaser_queued, go_on = threading.Event(), threading.Event(), threading.Event()
+    real_released = alpc.SectionView.released
+    real_give_back = pool.give_back
+
+    def released(self: alpc.SectionView) -> bool:
+        answer = real_released.fget(self)  # type: ignore[attr-defined]
+        if threading.current_thread().name == "sender" and not sender_checked.is_set():
+            sender_checked.set()
+            assert releaser_queued.wait(10)
+        return bool(answer)
+
+    def give_back(slot: object) -> None:
+        if threading.current_thread().name == "releaser":
+            releaser_queued.set()
+            assert go_on.wait(10)
+        real_give_back(slot)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(alpc.SectionView, "released", property(released))
+    monkeypatch.setattr(pool, "give_back", give_back)
+    outcome: list[object] = []
+
+    def send() -> None:
+        try:
+            client.send(view, timeout=5)
+            outcome.append("sent")
+        except alpc.SectionError as exc:
+            outcome.append(exc)
+        finally:
+            sender_checked.set()  # no gap to pause in: sent (or refused) already
+
+    def release() -> None:
+        try:
+            view.release()
+        finally:
+            releaser_queued.set()
+
+    sender = threading.Thread(target=send, name="sender")
+    releaser = threading.Thread(target=release, name="releaser")
+    sender.start()
+    try:
+        assert sender_checked.wait(10)
+        releaser.start()
+        assert releaser_queued.wait(10)
+        sender.join(10)
+        assert outcome, "the send did not finish"
+        if outcome == ["sent"]:
+            with server.receive(timeout=5).view as memory:  # type: ignore[union-attr]
+                assert bytes(memory) == b"s" * 1000
+            # The release went out before this reply: the client has read it on return.
+            server_reply = threading.Thread(target=lambda: server.reply(server.receive(timeout=5), b"ok"))
+            server_reply.start()
+            assert client.request(b"sync", timeout=5).data == b"ok"
+            server_reply.join(10)
+        taken = client.create_view(1000, timeout=5)  # the range the first view had, free again
+    finally:
+        go_on.set()
+        releaser.join(10)
+        sender.join(10)
+    try:
+        taken.memory[:] = b"d" * 1000
+        other = client.create_view(1000, timeout=5)
+        try:
+            assert (other.section_id, other.offset) != (taken.section_id, taken.offset), \
+                "two live views were handed the same range"
+        finally:
+            other.release()
+    finally:
+        taken.release()
