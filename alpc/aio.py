@@ -725,7 +725,10 @@ class AsyncCommunicationPort:
 
     def _releases_due(self) -> None:
         # A received view was released, maybe on another thread (its garbage collection).
-        self._loop.call_soon_threadsafe(self._flush_releases)
+        try:
+            self._loop.call_soon_threadsafe(self._flush_releases)
+        except RuntimeError:
+            pass  # the loop is closed, so nothing writes: the release itself is done all the same
 
     def _releases_dropped(self) -> None:
         # A received body or view was collected unreleased (its finalizer, any thread): it only
