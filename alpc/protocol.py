@@ -1241,7 +1241,7 @@ class Channel:
             message = Message(_Types.REPLY, message_id, callback_id, _body(data, pos, end, ref),
                               self._last_sender, pid, tid)
             if flags:
-                _answered_for_application(message, flags)
+                _mark_runtime_reply(message, flags)
             elif ref is not None:
                 self._attach_ref(message, ref)
             return message, end
@@ -1358,7 +1358,7 @@ class Channel:
         if kind is _Types.REQUEST:
             self._unreplied[frame.message_id] = self._handed(message, frame.message_id)
         elif frame.flags:
-            _answered_for_application(message, frame.flags)
+            _mark_runtime_reply(message, frame.flags)
         return message
 
     def _request_received(self, message_id: int) -> None:
@@ -1549,7 +1549,7 @@ _CANCELLED = int(Flag.CANCELLED)
 _UNANSWERED = int(Flag.UNANSWERED)
 
 
-def _answered_for_application(reply: Message, flags: int) -> None:
+def _mark_runtime_reply(reply: Message, flags: int) -> None:
     """A REPLY the peer's runtime sent in its application's place: cancelled (the request
     was cancelled, or expired before dispatch), or dropped unanswered (``reason`` says so)."""
     reply.cancelled = True

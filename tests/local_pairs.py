@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 import alpc
 
-__all__ = ["local_connection"]
+__all__ = ["fill_socket", "local_connection"]
 
 
 @contextmanager
@@ -27,3 +27,15 @@ def local_connection(config: alpc.Config, name: str, attributes: alpc.PortAttrib
         finally:
             client.close()
             server.close()
+
+
+def fill_socket(comm: alpc.CommunicationPort, size: int, timeout: float) -> int:
+    """Datagrams of ``size`` bytes to a peer that reads nothing, until one times out after
+    ``timeout``: how many went."""
+    sent = 0
+    while True:
+        try:
+            comm.send(b"d" * size, timeout=timeout)
+        except alpc.Timeout:
+            return sent
+        sent += 1

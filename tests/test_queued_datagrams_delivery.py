@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 from async_steps import LOOPS, run_on
+from local_pairs import fill_socket
 
 import alpc
 from alpc import aio
@@ -188,15 +189,6 @@ def test_a_servers_send_many_without_timeout_gives_up_after_send_timeout(broker:
             server.close()
 
 
-def _fill(server: alpc.CommunicationPort) -> None:
-    """Datagrams until the deaf client's socket takes no more."""
-    while True:
-        try:
-            server.send(b"d" * 200, timeout=0.05)
-        except alpc.Timeout:
-            return
-
-
 def test_a_servers_flush_without_timeout_gives_up_after_send_timeout(broker: alpc.Broker,
                                                                      config: alpc.Config) -> None:
     attributes = alpc.PortAttributes(send_timeout=0.5)
@@ -213,7 +205,7 @@ def test_a_servers_flush_without_timeout_gives_up_after_send_timeout(broker: alp
                 outcome.append(exc)
 
         try:
-            _fill(server)
+            fill_socket(server, 200, 0.05)
             server.send(b"queued", flush=False)
             flusher = threading.Thread(target=flush)
             flusher.start()

@@ -14,20 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
+from local_pairs import fill_socket
 
 import alpc
 
 PEERS = Path(__file__).resolve().parent / "grant_late_peers.py"
 COUNT = 400  # past the credit point (a quarter of the default window of 1024)
-
-
-def _fill_socket(comm: alpc.CommunicationPort) -> None:
-    """Send 16 KiB datagrams to a peer that reads nothing until one times out."""
-    while True:
-        try:
-            comm.send(b"d" * 16384, timeout=0.05)
-        except alpc.Timeout:
-            return
 
 
 @pytest.mark.timeout(60)
@@ -38,7 +30,7 @@ def test_receive_does_not_wait_for_another_threads_blocked_send(
     server.expect("READY")
     with alpc.connect("svc.grantlate.lock", config=config, timeout=5) as comm:
         server.expect("SENT")
-        _fill_socket(comm)
+        fill_socket(comm, 16384, 0.05)
         outcome: list[BaseException | None] = []
 
         def blocked_send() -> None:

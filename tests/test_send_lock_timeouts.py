@@ -18,8 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from local_pairs import fill_socket
 from test_qlpc_faults import until  # tests/ is on sys.path, as for tests/test_rpc_e2e.py
-from test_signal_waits import fill_socket  # tests/ is on sys.path, as for tests/test_rpc_e2e.py
 
 import alpc
 
@@ -56,7 +56,7 @@ def test_a_call_behind_a_blocked_sender_keeps_its_own_timeout(broker, config, se
     with alpc.connect(f"wait.lock.{operation}", config=config, timeout=10) as comm:
         peer.expect("ACCEPTED")
         pending = comm.start_request(b"in flight", timeout=5)  # for cancel(); it sits in the socket
-        sent = fill_socket(comm)
+        sent = fill_socket(comm, 16384, 0.05)
         flow = comm._core.channel.flow
         taken = flow.datagrams_out
         outcome: list[BaseException | None] = []  # the holder's: any end once the peer reads

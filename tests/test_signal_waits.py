@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from local_pairs import fill_socket
 from test_qlpc_faults import until  # tests/ is on sys.path, as for tests/test_rpc_e2e.py
 
 import alpc
@@ -116,17 +117,6 @@ def test_a_send_interrupted_mid_frame_does_not_corrupt_the_stream(broker, config
             assert seen[0] in ("CLIENT_DIED", "PORT_CLOSED", "CLOSED"), seen
 
 
-def fill_socket(comm: alpc.CommunicationPort) -> int:
-    """Send 16 KiB datagrams to a peer that reads nothing until one times out: how many went."""
-    sent = 0
-    while True:
-        try:
-            comm.send(b"d" * 16384, timeout=0.05)
-        except alpc.Timeout:
-            return sent
-        sent += 1
-
-
 def test_a_datagram_interrupted_before_any_byte_left_gives_its_window_slot_back(broker, config, peer, handler) -> None:  # type: ignore[no-untyped-def]
     """A send whose write timed out with nothing written gives back its slot in the peer's
     datagram window; one interrupted by a signal handler (Ctrl-C) must too, or every Ctrl-C on a
@@ -136,7 +126,7 @@ def test_a_datagram_interrupted_before_any_byte_left_gives_its_window_slot_back(
     with alpc.connect("sig.slot", config=config, timeout=10) as comm:
         server.expect("ACCEPTED")
         flow = comm._core.channel.flow
-        sent = fill_socket(comm)
+        sent = fill_socket(comm, 16384, 0.05)
         assert 0 < sent < 100 and flow.datagrams_out == sent
         kicker = interrupt_main_when(lambda: flow.datagrams_out > sent)  # this send took its slot
         with pytest.raises(Interrupted):
@@ -155,7 +145,7 @@ def test_datagrams_queued_before_an_interrupted_send_are_not_lost(broker, config
     with alpc.connect("sig.backlog", config=config, timeout=10) as comm:
         server.expect("ACCEPTED")
         flow = comm._core.channel.flow
-        sent = fill_socket(comm)
+        sent = fill_socket(comm, 16384, 0.05)
         comm.send(b"queued-1", flush=False)
         comm.send(b"queued-2", flush=False)
         assert flow.datagrams_out == sent + 2

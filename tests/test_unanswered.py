@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from background import Background
-from local_pairs import local_connection
+from local_pairs import fill_socket, local_connection
 
 import alpc
 from alpc import _native, aio, rpc
@@ -270,17 +270,6 @@ def test_a_drop_while_a_lock_is_held_is_answered_with_the_next_read_or_write(pai
         assert client.receive(timeout=10).data == b"news"
 
 
-def _fill(server: alpc.CommunicationPort) -> int:
-    """Datagrams to a client that reads none, until the socket to it is full; how many went."""
-    sent = 0
-    while True:
-        try:
-            server.send(b"d" * 200, timeout=0)
-        except alpc.Timeout:
-            return sent
-        sent += 1
-
-
 @pytest.mark.parametrize("poll", ["receive", "pump"])
 def test_a_poll_does_not_wait_for_room_to_answer_a_drop(broker: alpc.Broker, config: alpc.Config, poll: str) -> None:
     """A client behind on its reads (the socket to it full): a request dropped meanwhile is answered
@@ -290,7 +279,7 @@ def test_a_poll_does_not_wait_for_room_to_answer_a_drop(broker: alpc.Broker, con
     with local_connection(config, f"svc.unanswered.poll.{poll}", attributes) as (_, server, client):
         pending = client.start_request(b"work", timeout=CLIENT_WAIT)
         request = server.receive(timeout=10)
-        sent = _fill(server)
+        sent = fill_socket(server, 200, 0)
         del request  # no room for its answer: owed
         started = time.monotonic()
         if poll == "receive":
