@@ -82,6 +82,7 @@ __all__ = [
     "getsockopt_bytes",
     "MAX_READY",
     "parse_attributes",
+    "quick_attest_probe",
     "quick_hold",
     "quick_region_size",
     "quick_unhold",
@@ -626,6 +627,12 @@ QUICK_ERRORS = {
 }
 
 
+def quick_attest_probe() -> int | None:
+    """0 when the kernel attests ring messages (PIDFD_GET_INFO), else the errno that says
+    why not; None without the C extension. A system call or two: callers cache it."""
+    return None if _ext is None else int(_ext[1].qlpc_attest_probe())
+
+
 def quick_hold() -> bool:
     """Keep Quick-LPC's watcher thread while no connection needs it; False if it cannot start."""
     return _ext is not None and int(_ext[1].qlpc_hold()) == 0
@@ -664,10 +671,14 @@ class QuickRing:
 
     They return a payload length (>= 0; the ids are then in ``info``) or a Q_*
     status. Deadlines are absolute CLOCK_MONOTONIC nanoseconds
-    (time.monotonic_ns), timeouts relative; -1 means none.
+    (time.monotonic_ns), timeouts relative; -1 means none. The ``*_attested``
+    twins also ask the kernel for the peer's credentials as they take an entry
+    (``info.attested``, ``info.pid``, ``info.uid``, ``info.gid``); Q_CHECK when its
+    process is gone.
     """
 
-    __slots__ = ("_buf", "_ch", "_lib", "call", "info", "kick", "payload_max", "reply_wait", "unpack", "wait_reply")
+    __slots__ = ("_buf", "_ch", "_lib", "call", "call_attested", "info", "kick", "payload_max", "reply_wait",
+                 "reply_wait_attested", "unpack", "wait_reply", "wait_reply_attested")
 
     def __init__(self, memfd: int, size: int, slots: int, slot_size: int, *, server: bool, sock_fd: int,
                  pidfd: int | None, spin_ns: int) -> None:
@@ -688,16 +699,27 @@ class QuickRing:
         self.payload_max = int(lib.qlpc_payload_max(ch))
         self.info: Any = ffi.new("qlpc_info *")
         self._buf: Any = ffi.new("char[]", max(self.payload_max, 1))
-        self.call: Callable[[bytes, int, int], int] = partial(lib.qlpc_call, self._ch, self.info, self._buf)
-        self.wait_reply: Callable[[int], int] = partial(lib.qlpc_wait_reply, self._ch, self.info, self._buf)
+        self.call: Callable[[bytes, int, int], int] = partial(lib.qlpc_call, self._ch, self.info, self._buf, 0)
+        self.call_attested: Callable[[bytes, int, int], int] = partial(
+            lib.qlpc_call, self._ch, self.info, self._buf, 1)
+        self.wait_reply: Callable[[int], int] = partial(lib.qlpc_wait_reply, self._ch, self.info, self._buf, 0)
+        self.wait_reply_attested: Callable[[int], int] = partial(
+            lib.qlpc_wait_reply, self._ch, self.info, self._buf, 1)
         self.reply_wait: Callable[[int, bytes, int, int], int] = partial(
-            lib.qlpc_reply_wait, self._ch, self.info, self._buf)
+            lib.qlpc_reply_wait, self._ch, self.info, self._buf, 0)
+        self.reply_wait_attested: Callable[[int, bytes, int, int], int] = partial(
+            lib.qlpc_reply_wait, self._ch, self.info, self._buf, 1)
         self.unpack: Callable[[int], bytes] = partial(ffi.unpack, self._buf)
         self.kick: Callable[[], None] = partial(lib.qlpc_kick, self._ch)
 
     def reply(self, callback_id: int, data: bytes) -> int:
         """Server: post a reply without waiting (0, Q_DOORBELL, or why it was not posted)."""
         return int(self._lib.qlpc_reply(self._ch, callback_id, data, len(data)))
+
+    def attest(self) -> int:
+        """Attest now what the last call took without attesting (into ``info``): 0, Q_CHECK
+        when the peer's process is gone, or Q_CLOSED."""
+        return int(self._lib.qlpc_attest(self._ch, self.info))
 
     def in_flight(self) -> int:
         """Client: the id of the call in flight, 0 if none."""

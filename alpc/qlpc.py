@@ -28,6 +28,19 @@ The rules that keep the two paths one ordered connection:
 - A server waiting in poll() (``ConnectionPort.wait``) arms a doorbell: the
   first client post after that sends a QUICK_DOORBELL frame over the socket.
 
+Identity: a socket message carries its writer's SCM_CREDENTIALS, a ring entry
+nothing the kernel vouches for. So where a ring entry becomes a Message (a
+server's ``receive()``, ``wait()`` and completion-port dispatch, a client's
+``request()``), the C side asks the kernel for the peer process's current
+credentials through its pidfd as it takes the entry (PIDFD_GET_INFO, Linux
+6.13), and ``Message.sender`` / ``identity_changed`` come from them as on the
+socket. Only the two connected processes can write the rings: each closes the
+memfd once mapped, and the mapping is MADV_DONTFORK (a forked child, say a
+privilege-separated one, has none). The lean calls (``call()``,
+``serve_requests()``) expose no sender and skip the question. ``attested()``
+says whether this kernel answers it; where it cannot, ring messages carry the
+connection's identity.
+
 Negotiation: a port with ``PortAttributes(quick_lpc=True)`` offers the rings
 in its connection reply (the memfd rides with it); a client with the C
 extension and ``Config.quick_lpc`` maps them, otherwise it closes the fd and
@@ -41,6 +54,8 @@ typed against it, so a change there shows up in mypy here.
 
 from __future__ import annotations
 
+import errno
+import functools
 import logging
 import os
 import threading
@@ -62,6 +77,7 @@ from ._native import (
     Q_TOO_LARGE,
     QUICK_ERRORS,
     QuickRing,
+    quick_attest_probe,
     quick_region_size,
 )
 from .connection import answered_for_application
@@ -69,13 +85,15 @@ from .errors import AlpcError, ConnectionClosed, PeerGone, ProtocolError, Timeou
 from .logs import fields
 from .protocol import MAX_ABANDONED, Message
 from .section import Section, check_peer_fd
+from .security import PeerCred, identity_changed
 from .transport import Buffer, close_fds, deadline_after, remaining
 from .wire import MessageType
 
 if TYPE_CHECKING:
     from .port import CommunicationPort
 
-__all__ = ["QuickLink", "available", "hold_watcher", "offer", "release_watcher", "unavailable_reason"]
+__all__ = ["QuickLink", "attested", "available", "hold_watcher", "offer", "release_watcher", "unattested_reason",
+           "unavailable_reason"]
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +116,25 @@ def unavailable_reason() -> str | None:
 
 def available() -> bool:
     return _native.QUICK_UNAVAILABLE is None
+
+
+@functools.cache
+def unattested_reason() -> str | None:
+    """Why the kernel cannot attest ring messages here (their sender is then the
+    connection's identity), or None when it can. Probed once per process."""
+    if _native.QUICK_UNAVAILABLE is not None:
+        return _native.QUICK_UNAVAILABLE
+    err = quick_attest_probe()
+    if not err:
+        return None
+    if err in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
+        return f"the kernel has no PIDFD_GET_INFO (Linux 6.13 or later): {os.strerror(err)}"
+    return f"cannot ask the kernel for a process's credentials through a pidfd: {os.strerror(err or errno.EIO)}"
+
+
+def attested() -> bool:
+    """Does the kernel attest each ring message's sender here, as SCM_CREDENTIALS does a socket's?"""
+    return unattested_reason() is None
 
 
 def hold_watcher() -> bool:
@@ -151,17 +188,26 @@ def offer(slots: int, slot_size: int, spin_us: int, sock_fd: int, pidfd: int | N
         except BaseException:
             ring.close()
             raise
-    return QuickLink(ring, server=True), fd
+    return QuickLink(ring, server=True, attesting=pidfd is not None and attested()), fd
 
 
 class QuickLink:
     """This side of one connection's Quick-LPC rings."""
 
-    def __init__(self, ring: QuickRing, *, server: bool) -> None:
+    def __init__(self, ring: QuickRing, *, server: bool, attesting: bool = False) -> None:
         self.ring = ring
         self.server = server
+        # The kernel tells the peer's credentials for each entry taken as a Message (the
+        # peer's pidfd is there and this kernel has PIDFD_GET_INFO).
+        self.attesting = attesting
+        # The credentials generation the C side last attested (ring.info.attested), and the
+        # sender and identity change built for it: most messages repeat them, and then cost
+        # one field read (one PeerCred, as the socket path keeps its last sender).
+        self._sender_gen = 0  # (0: none yet; the C side's generations start at 1)
+        self._sender: tuple[PeerCred, bool] | None = None
         self.payload_max = ring.payload_max
         self._call = ring.call
+        self._call_attested = ring.call_attested
         self._unpack = ring.unpack
         # Client: held from posting a ring request until its reply is unpacked. The reply
         # lands in the ring's one buffer, which the next call would overwrite: a thread
@@ -199,8 +245,8 @@ class QuickLink:
             ring = QuickRing(fd, size, slots, slot_size, server=False, sock_fd=sock_fd, pidfd=pidfd,
                              spin_ns=spin_us * 1000)
         finally:
-            close_fds([fd])
-        return cls(ring, server=False)
+            close_fds([fd])  # mapped now: a kept fd would let a forked child map the rings again
+        return cls(ring, server=False, attesting=pidfd is not None and attested())
 
     @property
     def active(self) -> bool:
@@ -276,13 +322,15 @@ class QuickLink:
             return None  # another thread's ring call is not unpacked yet: take the socket
         try:
             deadline_ns = -1 if deadline is None else int(deadline * 1e9)
-            status = self._call(data, len(data), deadline_ns)
+            status = self._call_attested(data, len(data), deadline_ns)
             info = self.ring.info
             if status >= 0:
                 got: tuple[bytes, int, int] | Message | None = (self._unpack(status), info.sender_tid,
                                                                  info.callback_id)
             else:
-                got = self._call_slow(port, status, deadline_ns)
+                got = self._call_slow(port, status, deadline_ns, attest=True)
+            # Read while the turn is ours: the next call reuses the ring's info.
+            sender, changed = self._attested_sender(port) if isinstance(got, tuple) else (port.peer, False)
         except BaseException:
             self._interrupted(port)
             raise
@@ -293,19 +341,22 @@ class QuickLink:
         if isinstance(got, Message):
             return _socket_reply(got)  # it came over the socket: counted there, and with its fds, view and flags
         body, tid, request_id = got
-        peer = port.peer
-        message = Message(_REPLY, 0, request_id, body, peer, peer.pid, tid)
+        message = Message(_REPLY, 0, request_id, body, sender, sender.pid, tid)
+        if changed:
+            message.identity_changed = True  # (a keyword costs every message)
         message.port = port
         stats = port.stats
         stats.messages_in += 1
         stats.bytes_in += len(body)
         return message
 
-    def _call_slow(self, port: CommunicationPort, status: int,
-                   deadline_ns: int) -> tuple[bytes, int, int] | Message | None:
+    def _call_slow(self, port: CommunicationPort, status: int, deadline_ns: int,
+                   attest: bool = False) -> tuple[bytes, int, int] | Message | None:
         """Anything but a reply at once: (body, sender tid, request id) from the ring, the
-        reply as a Message when it came over the socket, or None if the request was not sent."""
+        reply as a Message when it came over the socket, or None if the request was not sent.
+        ``attest``: a reply from the ring is attested (``ring.info``)."""
         ring = self.ring
+        wait_reply = ring.wait_reply_attested if attest else ring.wait_reply
         if not ring.info.posted:
             if status in _REFUSED:
                 return None
@@ -331,7 +382,7 @@ class QuickLink:
                 elif status != Q_INTR:
                     self._raise_protocol_error(port, status)
                 # (Q_INTR: a signal handler ran on the way back here, and did not raise.)
-                status = ring.wait_reply(deadline_ns)
+                status = wait_reply(deadline_ns)
         except Timeout:
             self._abandon(port, request_id)
             self._cancel(port, request_id)
@@ -397,7 +448,7 @@ class QuickLink:
             port._dispatch(self.drain(port))
             return None
         try:
-            status = self.ring.reply_wait(0, b"", 0, _timeout_ns(deadline))
+            status = self.ring.reply_wait_attested(0, b"", 0, _timeout_ns(deadline))
         except BaseException:
             self._rescue(port)
             raise
@@ -434,7 +485,7 @@ class QuickLink:
             port._reading = True
         try:
             try:
-                status = self.ring.reply_wait(0, b"", 0, _timeout_ns(deadline))
+                status = self.ring.reply_wait_attested(0, b"", 0, _timeout_ns(deadline))
             except BaseException:
                 self._rescue(port)
                 raise
@@ -462,7 +513,7 @@ class QuickLink:
         if not self.server or not self.active:
             return []
         messages: list[Message] = []
-        reply_wait = self.ring.reply_wait
+        reply_wait = self.ring.reply_wait_attested
         while True:
             try:
                 status = reply_wait(0, b"", 0, 0)
@@ -482,9 +533,10 @@ class QuickLink:
 
     def _request(self, port: CommunicationPort, length: int) -> Message | None:
         info = self.ring.info
-        peer = port.peer
-        message = Message(_REQUEST, info.message_id, 0, self._unpack(length), peer, sender_pid=peer.pid,
-                          sender_tid=info.sender_tid)
+        sender, changed = self._attested_sender(port)
+        message = Message(_REQUEST, info.message_id, 0, self._unpack(length), sender, sender.pid, info.sender_tid)
+        if changed:
+            message.identity_changed = True  # (a keyword costs every message)
         try:
             with port._state:
                 port._channel.quick_request_received(message.id, message)
@@ -495,6 +547,27 @@ class QuickLink:
         self._counted[0] += 1
         self._counted[1] += length
         return message
+
+    def _attested_sender(self, port: CommunicationPort) -> tuple[PeerCred, bool]:
+        """Who wrote the entry the last call took, and whether that is another uid or gid than
+        who connected: the kernel's word (``ring.info``) when the call attested it, else the
+        connection's identity (a kernel that cannot say, or a lean call)."""
+        info = self.ring.info
+        generation = info.attested
+        if not generation:
+            return port.peer, False
+        cached = self._sender
+        if generation == self._sender_gen and cached is not None:
+            return cached
+        peer = port.peer
+        pid, uid, gid = info.pid, info.uid, info.gid
+        if pid == peer.pid and uid == peer.uid and gid == peer.gid:
+            cached = (peer, False)
+        else:
+            sender = PeerCred(pid, uid, gid)
+            cached = (sender, identity_changed(peer, sender))
+        self._sender, self._sender_gen = cached, generation
+        return cached
 
     def reply(self, port: CommunicationPort, request_id: int, data: bytes) -> bool:
         """Server: answer a ring request through the ring; False: send it over the socket."""
@@ -605,6 +678,10 @@ class QuickLink:
         if not info.taken:
             return
         info.taken = 0
+        if self.attesting and not info.attested and self.ring.attest() != 0:
+            # Its writer is gone (or the port closed): nobody will read the answer, and the
+            # request cannot say who sent it. The next read reports the death.
+            return
         request = self._request(port, info.length)
         if request is not None:
             port._dispatch([request])

@@ -440,7 +440,9 @@ class Section:
 
     @classmethod
     def _create_memfd(cls, size: int, secure: bool, shared_writable: bool = False) -> Section:
-        fd = os.memfd_create("alpc-section", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        # Quick-LPC's rings get their own name, so /proc/PID/maps tells them from sections.
+        label = "alpc-qlpc" if shared_writable else "alpc-section"
+        fd = os.memfd_create(label, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, size)
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SIZE_SEALS)

@@ -19,6 +19,14 @@
  * pidfds in an epoll set; when a peer hangs up or its process exits it wakes
  * that connection's waiter at once, which then returns QLPC_CHECK so the
  * caller reads the socket and sees why.
+ *
+ * Identity: a socket message carries its writer's SCM_CREDENTIALS; a ring
+ * entry carries nothing the kernel vouches for. So a side taking an entry
+ * that becomes a Message asks the kernel for the peer process's current
+ * credentials through its pidfd (PIDFD_GET_INFO) before taking it: they are
+ * those of the only process that can have written it, at or after the write
+ * (the region is mapped by the two connected processes alone: the memfd is
+ * closed once mapped, and MADV_DONTFORK keeps it from forked children).
  */
 #define _GNU_SOURCE
 #include "qlpc.h"
@@ -36,6 +44,7 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -53,6 +62,19 @@
 #define SPIN_FLOOR_NS 10000u
 #define WATCH_STACK (64 * 1024)
 #define NO_DEADLINE UINT64_MAX
+
+/* PIDFD_GET_INFO (Linux 6.13, include/uapi/linux/pidfd.h), which the build's
+ * headers may predate. This is its first version (PIDFD_INFO_SIZE_VER0); the
+ * kernel copies what fits the size passed, whatever its own version. */
+struct pidfd_info_v0 {
+    uint64_t mask;
+    uint64_t cgroupid;
+    uint32_t pid, tgid, ppid, ruid, rgid, euid, egid, suid, sgid, fsuid, fsgid;
+    uint32_t exit_code;
+};
+_Static_assert(sizeof(struct pidfd_info_v0) == 64, "PIDFD_INFO_SIZE_VER0 is 64 bytes");
+#define PIDFD_GET_INFO_V0 _IOWR(0xFF, 11, struct pidfd_info_v0)
+#define PIDFD_INFO_CREDS_BIT (1ULL << 1)
 
 /* What a side is doing, as a receiver. */
 enum { ST_BUSY = 0, ST_SPIN = 1, ST_FUTEX = 2, ST_POLL = 3 };
@@ -112,12 +134,15 @@ struct qlpc_chan {
     uint32_t force_poll;       /* look at the socket on the next check */
     uint32_t spin_max_ns;
     uint32_t expect_ns;        /* how long the peer has been taking to answer (average) */
+    uint32_t cred_gen;         /* bumped when attested credentials differ from the last (under taking) */
+    uint32_t cred_pid, cred_uid, cred_gid;
     int sock, pidfd;           /* our duplicates */
     int released;              /* mapping and fds gone (under close_lock) */
     pthread_mutex_t close_lock;
     uint64_t token;
     struct watch *watch;       /* under g_lock */
     struct qlpc_chan *next;
+    struct qlpc_chan *next_chan; /* every channel not yet freed (g_chans, under g_lock) */
 };
 
 /* ---- small helpers ---------------------------------------------------------- */
@@ -214,6 +239,7 @@ static struct watch *g_watch;  /* the one new channels join */
 static struct watch *g_all;    /* every watch with a live thread */
 static uint64_t g_token;
 static unsigned g_holds;       /* qlpc_hold calls not yet released */
+static qlpc_chan *g_chans;     /* every channel not yet freed: a forked child disowns them all */
 static pthread_once_t g_once = PTHREAD_ONCE_INIT;
 
 static void hung_up(qlpc_chan *ch)
@@ -322,21 +348,38 @@ static void before_fork(void) { pthread_mutex_lock(&g_lock); }
 
 static void after_fork_parent(void) { pthread_mutex_unlock(&g_lock); }
 
-/* The child has no watcher threads: drop every watch (its channels are
- * copies the child should not use; closing one there just skips the watch). */
+/* A forked child's copy of a channel: its rings are not mapped here
+ * (MADV_DONTFORK), so every call must find it closed, and closing it must
+ * touch nothing but the child's copies of the fds: no wake through the
+ * region, and no munmap (the child may have mapped something else at that
+ * address since). The parent's threads in calls on it, or closing it, are
+ * not here: their uses and lock would hold the child's close forever. */
+static void disown(qlpc_chan *c)
+{
+    c->watch = NULL;
+    atomic_store(&c->users, 0);
+    atomic_store(&c->closing, 1);
+    pthread_mutex_init(&c->close_lock, NULL);
+    if (!c->released) {
+        if (c->sock >= 0)
+            close(c->sock);
+        if (c->pidfd >= 0)
+            close(c->pidfd);
+    }
+    c->sock = c->pidfd = -1;
+    c->base = NULL;
+    c->released = 1;
+}
+
+/* The child has no watcher threads: drop every watch, and disown every
+ * channel (the child never uses the parent's rings). */
 static void after_fork_child(void)
 {
     struct watch *w = g_all;
+    for (qlpc_chan *c = g_chans; c != NULL; c = c->next_chan)
+        disown(c);
     while (w != NULL) {
         struct watch *next = w->next_all;
-        for (qlpc_chan *c = w->list; c != NULL; c = c->next) {
-            c->watch = NULL;
-            /* The parent's threads in calls on c are not here: their uses would
-             * hold qlpc_close forever, and the child must not use c anyway. */
-            atomic_store(&c->users, 0);
-            atomic_store(&c->closing, 1);
-            pthread_mutex_init(&c->close_lock, NULL);
-        }
         close(w->epfd);
         close(w->evfd);
         free(w);
@@ -430,6 +473,8 @@ static int watch_add(qlpc_chan *ch)
     w->list = ch;
     w->count++;
     ch->watch = w;
+    ch->next_chan = g_chans;
+    g_chans = ch;
     pthread_mutex_unlock(&g_lock);
     return 0;
 fail:
@@ -490,14 +535,18 @@ uint64_t qlpc_region_size(uint32_t slots, uint32_t slot_size)
 
 static void release(qlpc_chan *ch)
 {
+    /* Each field is cleared before its fd is closed: a fork meanwhile must not
+     * have the child close a number this process may have reused since. */
+    int sock = ch->sock, pidfd = ch->pidfd;
+
     if (ch->base != NULL)
         munmap(ch->base, ch->size);
     ch->base = NULL;
-    if (ch->sock >= 0)
-        close(ch->sock);
-    if (ch->pidfd >= 0)
-        close(ch->pidfd);
     ch->sock = ch->pidfd = -1;
+    if (sock >= 0)
+        close(sock);
+    if (pidfd >= 0)
+        close(pidfd);
 }
 
 static int check_layout(qlpc_chan *ch)
@@ -545,6 +594,10 @@ qlpc_chan *qlpc_open(int memfd, uint64_t size, uint32_t slots, uint32_t slot_siz
         ch->base = NULL;
         goto fail;
     }
+    /* A forked child (a privilege-separated one, say) must not write ring
+     * entries that would be taken as this process's, with its credentials. */
+    if (madvise(ch->base, size, MADV_DONTFORK) != 0)
+        goto fail;
     {
         struct side *server = (struct side *)(ch->base + SIDE_OFFSET);
         struct side *client = (struct side *)(ch->base + SIDE_OFFSET + SIDE_SIZE);
@@ -636,6 +689,14 @@ void qlpc_free(qlpc_chan *ch)
     if (ch == NULL)
         return;
     qlpc_close(ch);
+    pthread_mutex_lock(&g_lock);
+    for (qlpc_chan **link = &g_chans; *link != NULL; link = &(*link)->next_chan) {
+        if (*link == ch) {
+            *link = ch->next_chan;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&g_lock);
     pthread_mutex_destroy(&ch->close_lock);
     free(ch);
 }
@@ -915,9 +976,89 @@ static int wait_entry(qlpc_chan *ch, uint64_t deadline, uint64_t *since)
     }
 }
 
+/* The process behind pidfd, with its current real uid and gid, into info:
+ * 0 or an errno (ESRCH: it is gone; ENOTTY, EINVAL or EOPNOTSUPP: the
+ * kernel predates PIDFD_GET_INFO). */
+static int read_creds(int pidfd, qlpc_info *info)
+{
+    struct pidfd_info_v0 kernel;
+
+    memset(&kernel, 0, sizeof kernel);
+    kernel.mask = PIDFD_INFO_CREDS_BIT;
+    while (ioctl(pidfd, PIDFD_GET_INFO_V0, &kernel) != 0) {
+        if (errno != EINTR)
+            return errno;
+    }
+    if ((kernel.mask & PIDFD_INFO_CREDS_BIT) == 0)
+        return EOPNOTSUPP;
+    info->pid = kernel.pid;
+    info->uid = kernel.ruid;
+    info->gid = kernel.rgid;
+    return 0;
+}
+
+/* Attest an entry about to be taken (the caller holds `taking`): 0, with
+ * info->attested set to the credentials' generation when the kernel could
+ * tell them, or QLPC_CHECK when the peer's process is gone: the entry stays,
+ * and the caller's socket read reports the death. */
+static int attest_peer(qlpc_chan *ch, qlpc_info *info)
+{
+    int err;
+
+    info->attested = 0;
+    if (ch->pidfd < 0)
+        return 0;
+    err = read_creds(ch->pidfd, info);
+    if (err == ESRCH) {
+        atomic_store(&ch->hangup, 1);
+        return QLPC_CHECK;
+    }
+    if (err != 0)
+        return 0;
+    if (ch->cred_gen == 0 || info->pid != ch->cred_pid || info->uid != ch->cred_uid || info->gid != ch->cred_gid) {
+        ch->cred_gen = ch->cred_gen == UINT32_MAX ? 1 : ch->cred_gen + 1;
+        ch->cred_pid = info->pid;
+        ch->cred_uid = info->uid;
+        ch->cred_gid = info->gid;
+    }
+    info->attested = ch->cred_gen;
+    return 0;
+}
+
+int qlpc_attest_probe(void)
+{
+    qlpc_info info;
+    int err, pidfd = (int)syscall(SYS_pidfd_open, getpid(), 0);
+
+    if (pidfd < 0)
+        return errno;
+    err = read_creds(pidfd, &info);
+    close(pidfd);
+    return err;
+}
+
+int qlpc_attest(qlpc_chan *ch, qlpc_info *info)
+{
+    int rc;
+
+    if (ch == NULL || info == NULL)
+        return QLPC_E_ARGS;
+    if (!enter(ch))
+        return QLPC_CLOSED;
+    if (atomic_exchange_explicit(&ch->taking, 1, memory_order_acquire)) {
+        leave(ch);
+        return QLPC_BUSY;
+    }
+    rc = attest_peer(ch, info);
+    atomic_store_explicit(&ch->taking, 0, memory_order_release);
+    leave(ch);
+    return rc;
+}
+
 /* Copy the next entry out, then check it: its length, kind and ids. We had
- * been waiting for it since `since` (0: it was there at once). */
-static int take(qlpc_chan *ch, qlpc_info *info, char *buf, uint64_t since)
+ * been waiting for it since `since` (0: it was there at once). With `attest`
+ * a reply to `want` (or a request) is attested before it is taken. */
+static int take(qlpc_chan *ch, qlpc_info *info, char *buf, uint64_t since, int attest, uint32_t want)
 {
     const uint8_t *slot = ch->in_ring + (size_t)(ch->head & ch->mask) * ch->slot_size;
     struct entry header;
@@ -932,6 +1073,11 @@ static int take(qlpc_chan *ch, qlpc_info *info, char *buf, uint64_t since)
     if (header.kind == QLPC_REQUEST ? (header.message_id & QLPC_ID_BIT) == 0 || header.callback_id != 0
                                     : (header.callback_id & QLPC_ID_BIT) == 0 || header.message_id != 0)
         return QLPC_E_RESERVED;
+    if (attest && (want == 0 || header.callback_id == want)) {
+        int rc = attest_peer(ch, info);
+        if (rc != 0)
+            return rc;
+    }
     memcpy(buf, slot + QLPC_ENTRY_HEADER, header.length);
     ch->head++;
     atomic_store_explicit(&ch->me->head, ch->head, memory_order_release);
@@ -948,7 +1094,7 @@ static int take(qlpc_chan *ch, qlpc_info *info, char *buf, uint64_t since)
 }
 
 /* Wait for the next entry; with `want` != 0, skip replies to other requests. */
-static int receive(qlpc_chan *ch, uint32_t want, uint64_t deadline, qlpc_info *info, char *buf)
+static int receive(qlpc_chan *ch, uint32_t want, uint64_t deadline, qlpc_info *info, char *buf, int attest)
 {
     int rc;
 
@@ -958,7 +1104,7 @@ static int receive(qlpc_chan *ch, uint32_t want, uint64_t deadline, qlpc_info *i
         uint64_t since;
         rc = wait_entry(ch, deadline, &since);
         if (rc == 1)
-            rc = take(ch, info, buf, since);
+            rc = take(ch, info, buf, since, attest, want);
         if (rc < 0 || want == 0 || info->callback_id == want)
             break;
         /* A late reply to a request whose caller gave up: drop it. A peer that
@@ -991,6 +1137,7 @@ static int start_call(qlpc_chan *ch, uint32_t role, qlpc_info *info, char *buf)
     info->posted = 0;
     info->dropped = 0;
     info->taken = 0;
+    info->attested = 0;
     if (!enter(ch))
         return QLPC_CLOSED;
     return 0;
@@ -1010,7 +1157,8 @@ static void call_over(qlpc_chan *ch)
     atomic_store_explicit(&ch->calling, 0, memory_order_release);
 }
 
-int qlpc_call(qlpc_chan *ch, qlpc_info *info, char *buf, const char *data, uint32_t len, int64_t deadline_ns)
+int qlpc_call(qlpc_chan *ch, qlpc_info *info, char *buf, int attest, const char *data, uint32_t len,
+              int64_t deadline_ns)
 {
     uint32_t id;
     int rc = start_call(ch, QLPC_CLIENT, info, buf);
@@ -1037,13 +1185,13 @@ int qlpc_call(qlpc_chan *ch, qlpc_info *info, char *buf, const char *data, uint3
     info->posted = 1;
     if (rc == QLPC_DOORBELL)
         return end_call(ch, rc);
-    rc = receive(ch, id, absolute(deadline_ns), info, buf);
+    rc = receive(ch, id, absolute(deadline_ns), info, buf, attest);
     if (rc >= 0)
         call_over(ch);
     return end_call(ch, rc);
 }
 
-int qlpc_wait_reply(qlpc_chan *ch, qlpc_info *info, char *buf, int64_t deadline_ns)
+int qlpc_wait_reply(qlpc_chan *ch, qlpc_info *info, char *buf, int attest, int64_t deadline_ns)
 {
     uint32_t id;
     int rc = start_call(ch, QLPC_CLIENT, info, buf);
@@ -1053,7 +1201,7 @@ int qlpc_wait_reply(qlpc_chan *ch, qlpc_info *info, char *buf, int64_t deadline_
     id = atomic_load_explicit(&ch->calling_id, memory_order_relaxed);
     if (id == 0)
         return end_call(ch, QLPC_E_ARGS);
-    rc = receive(ch, id, absolute(deadline_ns), info, buf);
+    rc = receive(ch, id, absolute(deadline_ns), info, buf, attest);
     if (rc >= 0)
         call_over(ch);
     return end_call(ch, rc);
@@ -1070,8 +1218,8 @@ uint32_t qlpc_in_flight(qlpc_chan *ch)
     return ch == NULL ? 0 : atomic_load_explicit(&ch->calling_id, memory_order_relaxed);
 }
 
-int qlpc_reply_wait(qlpc_chan *ch, qlpc_info *info, char *buf, uint32_t callback_id, const char *data,
-                    uint32_t len, int64_t timeout_ns)
+int qlpc_reply_wait(qlpc_chan *ch, qlpc_info *info, char *buf, int attest, uint32_t callback_id,
+                    const char *data, uint32_t len, int64_t timeout_ns)
 {
     int rc = start_call(ch, QLPC_SERVER, info, buf);
     if (rc != 0)
@@ -1085,7 +1233,7 @@ int qlpc_reply_wait(qlpc_chan *ch, qlpc_info *info, char *buf, uint32_t callback
             return end_call(ch, rc);
     }
     return end_call(ch, receive(ch, 0, timeout_ns < 0 ? NO_DEADLINE : timeout_ns == 0 ? 0 : now_ns() + (uint64_t)timeout_ns,
-                                info, buf));
+                                info, buf, attest));
 }
 
 int qlpc_reply(qlpc_chan *ch, uint32_t callback_id, const char *data, uint32_t len)

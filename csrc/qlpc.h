@@ -77,6 +77,16 @@ typedef struct {
     uint32_t taken;    /* 1 when the call took an entry (its `length` bytes are in buf): a
                         * signal handler raising as the call returns loses the return value */
     uint32_t length;
+    /* Set by a call that attests what it takes (and by qlpc_attest): non-zero when pid,
+     * uid and gid below are the kernel's word (PIDFD_GET_INFO on the peer's pidfd, read
+     * as the entry was taken) for the process that wrote it, 0 when the kernel cannot
+     * say. The value is a generation: it changes whenever the credentials differ from
+     * the last ones attested on this channel, so a caller that kept what it built for
+     * a generation need not read them again. */
+    uint32_t attested;
+    uint32_t pid;
+    uint32_t uid;      /* real uid and gid, as SCM_CREDENTIALS carries */
+    uint32_t gid;
 } qlpc_info;
 
 /* Bytes of a region with this geometry, or 0 if the geometry is invalid
@@ -84,11 +94,17 @@ typedef struct {
  * [64, 65536]). */
 uint64_t qlpc_region_size(uint32_t slots, uint32_t slot_size);
 
+/* 0 when this kernel attests ring messages (PIDFD_GET_INFO, Linux 6.13), else
+ * the errno that says why not. Probes each time it is called: cache it. */
+int qlpc_attest_probe(void);
+
 /* Map the region in memfd (which stays the caller's) as `role`, and watch
  * sock_fd and pidfd (both duplicated; pidfd may be -1) for the peer hanging
  * up or dying, so a waiter blocked in the futex wakes at once. The server
  * initialises the region; the client checks its header against the
- * geometry agreed at connect. spin_ns bounds a wait's spinning. Returns NULL
+ * geometry agreed at connect. The mapping is MADV_DONTFORK: a forked child
+ * has no access to the rings (it would write as this process), and its
+ * copies of every channel are closed. spin_ns bounds a wait's spinning. Returns NULL
  * with *error set to a QLPC_E_* code on failure (errno tells more). */
 qlpc_chan *qlpc_open(int memfd, uint64_t size, uint32_t slots, uint32_t slot_size, int role,
                      int sock_fd, int pidfd, uint32_t spin_ns, int *error);
@@ -120,12 +136,19 @@ uint32_t qlpc_payload_max(qlpc_chan *ch);
  * info->message_id. Returns the reply's length (payload in buf, which holds
  * qlpc_payload_max bytes), or a status; info->posted tells whether the
  * request went out (if not, send it over the socket). One call is in flight
- * at a time (QLPC_BUSY). deadline_ns is absolute CLOCK_MONOTONIC, -1 none. */
-int qlpc_call(qlpc_chan *ch, qlpc_info *info, char *buf, const char *data, uint32_t len, int64_t deadline_ns);
+ * at a time (QLPC_BUSY). deadline_ns is absolute CLOCK_MONOTONIC, -1 none.
+ *
+ * With `attest` (here, in qlpc_wait_reply and qlpc_reply_wait) the entry
+ * taken is attested: the peer's current credentials go into info (see
+ * qlpc_info.attested). A peer whose process is gone (reaped) cannot be
+ * attested: its entry stays in the ring and the call returns QLPC_CHECK, as
+ * for a hang-up (the socket then tells the death). */
+int qlpc_call(qlpc_chan *ch, qlpc_info *info, char *buf, int attest, const char *data, uint32_t len,
+              int64_t deadline_ns);
 
 /* Client: keep waiting for the reply of the call in flight (after
  * QLPC_CHECK, QLPC_TIMEOUT or QLPC_DOORBELL from qlpc_call). */
-int qlpc_wait_reply(qlpc_chan *ch, qlpc_info *info, char *buf, int64_t deadline_ns);
+int qlpc_wait_reply(qlpc_chan *ch, qlpc_info *info, char *buf, int attest, int64_t deadline_ns);
 
 /* Client: the call in flight is over without a reply from the ring (its reply
  * came over the socket, or the caller gave up: a late reply is dropped). */
@@ -142,8 +165,8 @@ void qlpc_kick(qlpc_chan *ch);
  * for the next request (ALPC's reply-and-receive). Returns the request's
  * length with its ids in info, or a status; info->posted tells whether the
  * reply went out. timeout_ns is relative: -1 none, 0 only looks. */
-int qlpc_reply_wait(qlpc_chan *ch, qlpc_info *info, char *buf, uint32_t callback_id, const char *data,
-                    uint32_t len, int64_t timeout_ns);
+int qlpc_reply_wait(qlpc_chan *ch, qlpc_info *info, char *buf, int attest, uint32_t callback_id,
+                    const char *data, uint32_t len, int64_t timeout_ns);
 
 /* Server: reply to callback_id through the ring without waiting for anything.
  * Returns 0 or a status (nothing was posted unless it is 0 or QLPC_DOORBELL). */
@@ -161,6 +184,11 @@ void qlpc_consumed(qlpc_chan *ch, uint64_t nbytes);
  * now must ring the socket doorbell. Returns 1 if entries are already
  * waiting (do not block), 0 otherwise, or a status. */
 int qlpc_arm_poll(qlpc_chan *ch);
+
+/* Attest now what the last call took without attesting (info->attested and
+ * the ids). 0, QLPC_CHECK when the peer's process is gone, QLPC_CLOSED, or
+ * QLPC_BUSY while another thread takes entries. */
+int qlpc_attest(qlpc_chan *ch, qlpc_info *info);
 
 /* This side's counters (QLPC_MESSAGES_IN ... QLPC_WAKES). */
 uint64_t qlpc_count(qlpc_chan *ch, int which);

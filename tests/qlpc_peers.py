@@ -9,10 +9,13 @@ lines, never on sleeps.
   ``wait`` with ConnectionPort.wait() for every client at once. Requests:
   ``noreply`` (none), ``big:N`` (an N-byte reply, too large for a slot),
   ``push:X`` (a datagram X first, then the reply), ``order`` (the events seen so
-  far), anything else upper-cased. ``--hostile-reply KIND`` instead answers the
-  first ring request with a broken ring entry.
-- ``client``: connects and prints ``QUICK <bool>``; stdin lines ``call X`` and
-  ``hang`` (a call the server never answers) drive it.
+  far), ``drop`` (become uid/gid 65534, then reply), anything else upper-cased.
+  ``--hostile-reply KIND`` instead answers the first ring request with a broken
+  ring entry.
+- ``client``: connects and prints ``QUICK <bool>``; stdin lines ``call X``,
+  ``request X`` (prints the reply Message's sender and identity_changed),
+  ``drop`` (become uid/gid 65534) and ``hang`` (a call the server never answers)
+  drive it.
 - ``hostile``: a client that connects properly, makes one honest call, then
   writes a broken entry (``--damage KIND``) into its ring and waits.
 """
@@ -36,6 +39,7 @@ SIDE_FIELDS = {"seq": 0, "tail": 4, "head": 8, "state": 12, "cpu": 16, "attached
 ENTRY = struct.Struct("<IIIIIIQ")
 REQUEST, REPLY = 1, 2
 ID_BIT = 0x40000000
+NOBODY = 65534
 
 
 def say(*parts: object) -> None:
@@ -114,8 +118,18 @@ def keep_region(grab: list[Region], original: Callable[..., object]) -> Callable
 # -- server ----------------------------------------------------------------------
 
 
+def drop_privileges() -> None:
+    """The privilege-separation step: no supplementary groups, then nobody's gid and uid."""
+    os.setgroups([])
+    os.setgid(NOBODY)
+    os.setuid(NOBODY)
+
+
 def answer(data: bytes, comm: alpc.CommunicationPort, seen: list[str]) -> bytes | None:
     seen.append(data.decode(errors="replace"))
+    if data == b"drop":
+        drop_privileges()
+        return b"DROPPED"
     if data == b"noreply":
         say("NOREPLY")
         return None
@@ -251,6 +265,14 @@ def client(args: argparse.Namespace) -> None:
         try:
             if command == "call":
                 say("REPLY", comm.call(rest.encode(), timeout=30).decode())
+            elif command == "request":
+                reply = comm.request(rest.encode(), timeout=30)
+                sender = reply.sender
+                say("MESSAGE", reply.data.decode(), sender.pid, sender.uid, sender.gid, reply.identity_changed,
+                    bool(reply.callback_id & ID_BIT))
+            elif command == "drop":
+                drop_privileges()
+                say("DROPPED", os.getuid(), os.getgid())
             elif command == "hang":
                 say("HANGING")
                 comm.call(b"noreply", timeout=60)

@@ -9,7 +9,8 @@
  * under test must answer with a payload no longer than a slot or with a
  * status, never read or write outside the mapping or its buffer (the receive
  * buffer is allocated at exactly qlpc_payload_max bytes), and never block:
- * every wait has a deadline already due.
+ * every wait has a deadline already due. Calls attest what they take now and
+ * then, against a pidfd of the driver itself (the kernel's answer must name it).
  *
  *     qlpc_driver [ITERATIONS] [SEED]
  *
@@ -25,6 +26,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 /* The side words as csrc/qlpc.c lays them out (struct side): byte offsets. */
@@ -57,6 +59,10 @@ static uint64_t next(void)
 }
 
 static uint64_t below(uint64_t n) { return n ? next() % n : 0; }
+
+/* The "peer" process whose credentials attesting calls read: this one. */
+static int self_pidfd = -1;
+static unsigned long attested;
 
 #define CHECK(cond, ...)                                         \
     do {                                                         \
@@ -142,7 +148,7 @@ static int rig_open(struct rig *r, int role)
         if (lie)
             header[below(4)] ^= 1u << below(32);
         memcpy(r->base, header, sizeof header);
-        r->ch = qlpc_open(r->memfd, r->size, r->slots, r->slot_size, role, r->sock[0], -1, 0, &error);
+        r->ch = qlpc_open(r->memfd, r->size, r->slots, r->slot_size, role, r->sock[0], self_pidfd, 0, &error);
         inputs++;
         CHECK((r->ch == NULL) == lie, "client open with %s header: %s (error %d)", lie ? "a wrong" : "the right",
               r->ch ? "opened" : "refused", error);
@@ -152,7 +158,7 @@ static int rig_open(struct rig *r, int role)
         if (r->ch == NULL)
             return 0;
     } else {
-        r->ch = qlpc_open(r->memfd, r->size, r->slots, r->slot_size, role, r->sock[0], -1, 0, &error);
+        r->ch = qlpc_open(r->memfd, r->size, r->slots, r->slot_size, role, r->sock[0], self_pidfd, 0, &error);
         if (r->ch == NULL) {
             fprintf(stderr, "qlpc_driver: server open failed: %d (%s)\n", error, strerror(errno));
             exit(2);
@@ -233,24 +239,39 @@ static void check_result(struct rig *r, const char *what, int rc)
           "%s returned %d: not a peer's doing", what, rc);
 }
 
+/* What an attesting call that took an entry says about its writer: this process, or nothing. */
+static void check_attested(const qlpc_info *info, int attest, int rc)
+{
+    if (rc < 0 || !attest) {
+        CHECK(!info->attested || rc < 0, "a call that did not attest says it did");
+        return;
+    }
+    CHECK(!info->attested || (info->pid == (uint32_t)getpid() && info->uid == (uint32_t)getuid() &&
+                              info->gid == (uint32_t)getgid()),
+          "attested as pid %u uid %u gid %u", info->pid, info->uid, info->gid);
+    attested += info->attested != 0;
+}
+
 static void drive_server(struct rig *r)
 {
     qlpc_info info;
     char reply[64];
     uint32_t len = (uint32_t)below(sizeof reply + 1);
-    int rc;
+    int rc, attest = (int)below(2);
 
     memset(reply, 0x5a, sizeof reply);
     memset(&info, 0, sizeof info);
     misbehave(r);
     switch (below(3)) {
     case 0:
-        rc = qlpc_reply_wait(r->ch, &info, r->buf, 0, NULL, 0, 0);
+        rc = qlpc_reply_wait(r->ch, &info, r->buf, attest, 0, NULL, 0, 0);
         check_result(r, "reply_wait(receive only)", rc);
+        check_attested(&info, attest, rc);
         break;
     case 1:
-        rc = qlpc_reply_wait(r->ch, &info, r->buf, QLPC_ID_BIT | 7u, reply, len, 0);
+        rc = qlpc_reply_wait(r->ch, &info, r->buf, attest, QLPC_ID_BIT | 7u, reply, len, 0);
         check_result(r, "reply_wait(reply, receive)", rc);
+        check_attested(&info, attest, rc);
         break;
     default:
         rc = qlpc_reply(r->ch, QLPC_ID_BIT | 9u, reply, len);
@@ -277,7 +298,7 @@ static void drive_client(struct rig *r)
     qlpc_info info;
     char request[64];
     uint32_t len = (uint32_t)below(sizeof request + 1);
-    int rc;
+    int rc, attest = (int)below(2);
 
     memset(request, 0xa5, sizeof request);
     memset(&info, 0, sizeof info);
@@ -285,18 +306,19 @@ static void drive_client(struct rig *r)
     uint32_t want = qlpc_in_flight(r->ch);
 
     if (want != 0 && below(2)) {
-        rc = qlpc_wait_reply(r->ch, &info, r->buf, 0);
+        rc = qlpc_wait_reply(r->ch, &info, r->buf, attest, 0);
         check_result(r, "wait_reply", rc);
     } else {
         if (want != 0)
             qlpc_call_done(r->ch);
-        rc = qlpc_call(r->ch, &info, r->buf, request, len, 0);
+        rc = qlpc_call(r->ch, &info, r->buf, attest, request, len, 0);
         check_result(r, "call", rc);
         CHECK(rc < 0 || info.posted, "call returned a reply (%d) without posting its request", rc);
         want = posted_id(r);
     }
     if (rc >= 0)
         CHECK(info.callback_id == want, "a reply to %u taken for call %u", info.callback_id, want);
+    check_attested(&info, attest, rc);
     qlpc_sent(r->ch, below(4096));
     qlpc_consumed(r->ch, below(4096));
 }
@@ -309,6 +331,7 @@ int main(int argc, char **argv)
 
     if (argc > 2)
         state ^= strtoull(argv[2], NULL, 10) * 0x9E3779B97F4A7C15ull;
+    self_pidfd = (int)syscall(SYS_pidfd_open, getpid(), 0);
     /* Fresh channels now and then: geometries change, and opening is covered too. */
     per_rig = iterations / 64 + 1;
     for (unsigned long done = 0; done < iterations;) {
@@ -335,9 +358,11 @@ int main(int argc, char **argv)
         static const int expected[] = {QLPC_TIMEOUT, QLPC_FULL, QLPC_ORDER, QLPC_DOORBELL, QLPC_E_INDEX,
                                        QLPC_E_KIND, QLPC_E_LENGTH, QLPC_E_RESERVED, QLPC_E_LAYOUT};
         CHECK(seen[0] > 0, "no payload was ever received");
+        CHECK(attested > 0 || qlpc_attest_probe() != 0, "no entry taken was ever attested");
         for (size_t i = 0; i < sizeof expected / sizeof expected[0]; i++)
             CHECK(seen[1 - expected[i]] > 0, "status %d never came up", expected[i]);
     }
-    printf("qlpc asan: %lu inputs, %lu payloads, %lu failures\n", inputs, seen[0], failures);
+    printf("qlpc asan: %lu inputs, %lu payloads, %lu attested, %lu failures\n", inputs, seen[0], attested,
+           failures);
     return failures ? 1 : 0;
 }
