@@ -84,7 +84,7 @@ from .connection import answered_for_application
 from .errors import AlpcError, ConnectionClosed, PeerGone, ProtocolError, Timeout
 from .logs import fields
 from .protocol import MAX_ABANDONED, Message
-from .section import Section, check_peer_fd
+from .section import check_peer_fd, ring_memfd
 from .security import PeerCred, identity_changed
 from .transport import Buffer, close_fds, deadline_after, remaining
 from .wire import MessageType
@@ -179,15 +179,13 @@ def offer(slots: int, slot_size: int, spin_us: int, sock_fd: int, pidfd: int | N
     size = quick_region_size(slots, slot_size)
     if not size:
         raise ValueError(f"invalid Quick-LPC geometry: {slots} slots of {slot_size} bytes")
-    # Both sides write it (each its own half), so no F_SEAL_FUTURE_WRITE.
-    with Section.create(size, backend="memfd", shared_writable=True) as section:
-        ring = QuickRing(section.fd, size, slots, slot_size, server=True, sock_fd=sock_fd, pidfd=pidfd,
+    fd = ring_memfd(size)
+    try:
+        ring = QuickRing(fd, size, slots, slot_size, server=True, sock_fd=sock_fd, pidfd=pidfd,
                          spin_ns=spin_us * 1000)
-        try:
-            fd = os.dup(section.fd)
-        except BaseException:
-            ring.close()
-            raise
+    except BaseException:
+        close_fds([fd])
+        raise
     return QuickLink(ring, server=True, attesting=pidfd is not None and attested()), fd
 
 

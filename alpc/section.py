@@ -55,6 +55,7 @@ __all__ = [
     "View",
     "check_peer_fd",
     "check_size",
+    "ring_memfd",
     "shm_prefix",
     "sweep_stale_names",
 ]
@@ -395,6 +396,29 @@ def _made(size: int, make: Callable[[], Section]) -> Section:
         raise QuotaExceeded(f"cannot create a {size}-byte section: {exc}") from None
 
 
+def ring_memfd(size: int) -> int:
+    """A memfd for Quick-LPC's rings: sealed against shrinking and growing (no SIGBUS), not
+    against writes (both sides write their own half), and not mapped here: the C side maps
+    it MADV_DONTFORK, and a Python mapping meanwhile would hand a forked child a writable
+    one. Named "alpc-qlpc", so /proc/PID/maps tells it from sections. QuotaExceeded if the
+    system cannot back it."""
+    check_size("a ring region", size)
+    try:
+        fd = os.memfd_create("alpc-qlpc", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    except OSError as exc:
+        raise QuotaExceeded(f"cannot create a {size}-byte ring region: {exc}") from None
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SIZE_SEALS)
+    except OSError as exc:
+        os.close(fd)
+        raise QuotaExceeded(f"cannot create a {size}-byte ring region: {exc}") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class Section:
     """A shared-memory object and this process's mapping of it.
 
@@ -440,9 +464,7 @@ class Section:
 
     @classmethod
     def _create_memfd(cls, size: int, secure: bool, shared_writable: bool = False) -> Section:
-        # Quick-LPC's rings get their own name, so /proc/PID/maps tells them from sections.
-        label = "alpc-qlpc" if shared_writable else "alpc-section"
-        fd = os.memfd_create(label, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        fd = os.memfd_create("alpc-section", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, size)
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SIZE_SEALS)

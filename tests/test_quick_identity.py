@@ -169,6 +169,42 @@ def test_a_forked_child_has_no_mapping_of_the_rings(broker, config, spawn, runti
         assert comm._quick.ring.counts()["messages_out"] == sent + 5  # type: ignore[union-attr]
 
 
+def forked_child_sees_rings() -> bool:
+    """Fork as another thread of a server might: does the child find a ring mapping?"""
+    child = os.fork()
+    if child == 0:
+        os._exit(3 if ring_lines("/proc/self/maps") else 0)
+    _, status = os.waitpid(child, 0)
+    return os.waitstatus_to_exitcode(status) != 0
+
+
+@native
+def test_a_child_forked_while_the_server_sets_up_the_rings_has_no_mapping(
+        broker, config, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """The server's rings are never mapped but by the C side (MADV_DONTFORK): a fork by another
+    thread while a connection is accepted, before or after the C side maps them, leaves the
+    child nothing to write through (a Python mapping of the memfd in between did)."""
+    seen: list[tuple[str, bool]] = []
+    original = qlpc.QuickRing
+
+    def watched(*args: object, **kwargs: object) -> object:
+        if kwargs["server"]:
+            seen.append(("before", forked_child_sees_rings()))
+        ring = original(*args, **kwargs)  # type: ignore[arg-type]
+        if kwargs["server"]:
+            seen.append(("after", forked_child_sees_rings()))
+        return ring
+
+    monkeypatch.setattr(qlpc, "QuickRing", watched)
+    with alpc.create_port("qid.setup", alpc.PortAttributes(quick_lpc=True), config=config) as port:
+        listener, accepted = accept_one(port)
+        with alpc.connect("qid.setup", config=config, timeout=10) as comm:
+            listener.join(10)
+            accepted[0].close()
+            assert comm.quick
+    assert seen == [("before", False), ("after", False)]
+
+
 @native
 def test_no_side_keeps_the_ring_memfd_open(broker, config, spawn, runtime_dir) -> None:  # type: ignore[no-untyped-def]
     """Each side maps the rings once and holds no fd of their memfd (one would let a forked
