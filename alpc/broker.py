@@ -647,7 +647,8 @@ class Broker:
         self._forget(peer)
         info = control.ConnectionRequestInfo(name=request.name, data=request.data,
                                              max_message_length=request.max_message_length,
-                                             max_section_bytes=request.max_section_bytes, flow=request.flow)
+                                             max_section_bytes=request.max_section_bytes, flow=request.flow,
+                                             quick=request.quick)
         port.owner.outbox.append(_Outgoing(_frame(info, n_fds=1), [peer.stream.fileno()], peer.stream,
                                            peer.cred.uid))
         self._flush(port.owner)

@@ -208,11 +208,14 @@ class PortAttributes:
     - ``refuse_identity_change``: drop a connection whose messages come from
       another uid/gid than connected, instead of flagging them.
 
-    Quick-LPC (``alpc.qlpc``), opt-in:
+    Quick-LPC (``alpc.qlpc``):
 
     - ``quick_lpc``: offer each client a pair of shared-memory rings for small
       requests and their replies (needs the C extension on both sides; a
-      client that cannot or will not use them stays on the socket).
+      client that cannot or will not use them stays on the socket). None (the
+      default): offer them where the kernel attests each ring message's sender
+      (``qlpc.attested()``) and the port does not refuse identity changes;
+      True: offer them wherever the C extension runs; False: never.
     - ``quick_slots`` / ``quick_slot_size``: ring depth (a power of two) and
       slot size (a multiple of 64, of which 32 bytes are the entry header);
       larger messages take the socket path.
@@ -240,7 +243,7 @@ class PortAttributes:
     max_inflight_handles: int = 64
     send_timeout: float = 5.0
     refuse_identity_change: bool = False
-    quick_lpc: bool = False
+    quick_lpc: bool | None = None
     quick_slots: int = 8
     quick_slot_size: int = 512
     quick_spin_us: int = 50
@@ -249,7 +252,9 @@ class PortAttributes:
         _check_quick("PortAttributes", self.quick_slots, self.quick_slot_size, self.quick_spin_us)
         object.__setattr__(self, "handle_kinds", _kinds("PortAttributes", self.handle_kinds))
         _check_flags("PortAttributes", self, ("secure_views", "allow_unsealed_sections", "direct_memory",
-                                              "refuse_identity_change", "quick_lpc"))
+                                              "refuse_identity_change"))
+        if self.quick_lpc is not None and type(self.quick_lpc) is not bool:
+            raise ValueError(f"PortAttributes.quick_lpc must be a bool or None, got {self.quick_lpc!r}")
         if not isinstance(self.acl, PortAcl):
             raise ValueError(f"PortAttributes.acl must be a PortAcl, got {self.acl!r}")
         if (not isinstance(self.send_timeout, (int, float)) or isinstance(self.send_timeout, bool)
@@ -258,7 +263,7 @@ class PortAttributes:
                              f"got {self.send_timeout!r}")
         _check_handles("PortAttributes", self.handle_kinds, self.max_handles_per_message, self.max_inflight_handles)
         self.flow_limits()
-        if self.quick_lpc and self.refuse_identity_change:
+        if self.quick_lpc is True and self.refuse_identity_change:
             raise ValueError("PortAttributes: Quick-LPC ring messages carry no SCM_CREDENTIALS, so a port that "
                              "refuses identity changes cannot offer them (quick_lpc with refuse_identity_change)")
         _check_connect_data("PortAttributes", self.max_connect_data)

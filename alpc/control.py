@@ -331,6 +331,9 @@ class Connect(Body):
     # The broker refuses a mismatch before the connect data reaches anyone; the
     # client checks again against the kernel's credentials of the server's reply.
     required_server_uid: int = -1
+    # The client maps Quick-LPC rings if the port offers them: a server creates
+    # no ring memfd for a client that would only close it (pure Python, opted out).
+    quick: bool = False
 
 
 @dataclass(frozen=True)
@@ -343,6 +346,7 @@ class ConnectionRequestInfo(Body):
     max_message_length: int
     max_section_bytes: int
     flow: FlowSpec = field(default_factory=FlowSpec)
+    quick: bool = False  # Connect.quick, relayed
 
 
 def check_connect_limits(request: Connect | ConnectionRequestInfo) -> None:

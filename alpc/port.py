@@ -1930,7 +1930,8 @@ def open_channel(name: str, data: bytes = b"", *, timeout: float | None = None, 
         request = control.Connect(name=name, data=data, max_message_length=config.max_message_length,
                                   max_section_bytes=config.max_section_bytes,
                                   flow=control.FlowSpec.of(local_flow, kinds_mask(config.handle_kinds)),
-                                  required_server_uid=-1 if server_uid is None else server_uid)
+                                  required_server_uid=-1 if server_uid is None else server_uid,
+                                  quick=quick_ok and qlpc.asked_by(config))
         try:
             stream.send(control_frame(request), deadline=deadline)
         except ConnectionClosed:
@@ -1981,8 +1982,8 @@ def _accept_quick(reply: control.ConnectionReply, fd: int | None, config: Config
         raise ProtocolError("the connection reply's Quick-LPC offer and its fd do not match")
     if fd is None:
         return None
-    if config is None or not config.quick_lpc or config.refuse_identity_change or not qlpc.available():
-        # (Ring messages carry no SCM_CREDENTIALS: a side that refuses identity changes keeps to the socket.)
+    if config is None or not qlpc.asked_by(config):
+        # (An offer nobody asked for: an older server, or a hostile one.)
         close_fds([fd])
         return None
     return qlpc.QuickLink.accept(fd, reply.quick_slots, reply.quick_slot_size, config.quick_spin_us,

@@ -58,6 +58,7 @@ import errno
 import functools
 import logging
 import os
+import resource
 import threading
 import time
 import weakref
@@ -90,10 +91,11 @@ from .transport import Buffer, close_fds, deadline_after, remaining
 from .wire import MessageType
 
 if TYPE_CHECKING:
+    from .config import Config, PortAttributes
     from .port import CommunicationPort
 
-__all__ = ["QuickLink", "attested", "available", "hold_watcher", "offer", "release_watcher", "unattested_reason",
-           "unavailable_reason"]
+__all__ = ["QuickLink", "asked_by", "attested", "available", "hold_watcher", "offer", "offered_by",
+           "release_watcher", "ring_budget", "unattested_reason", "unavailable_reason"]
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +107,7 @@ _DOORBELL_TIMEOUT = 1.0
 # How long a ring caller waits for another thread's socket read before it looks at the ring again.
 _READER_SLICE = 0.01
 _monotonic_ns = time.monotonic_ns
+_UNLIMITED_RINGS = 1 << 30
 
 Handler = Callable[[bytes], Buffer]
 
@@ -145,6 +148,31 @@ def hold_watcher() -> bool:
 
 def release_watcher() -> None:
     _native.quick_unhold()
+
+
+def offered_by(attributes: PortAttributes) -> bool:
+    """Does a port with these attributes offer the rings to the clients that ask for them?"""
+    if attributes.quick_lpc is None:
+        # The default: only where a ring message's sender is attested as a socket message's is.
+        return not attributes.refuse_identity_change and attested()
+    return attributes.quick_lpc and available()
+
+
+def ring_budget() -> int:
+    """How many connections at once a port left at its defaults gives rings.
+
+    Each costs its side two more fds (the watcher's copies of the socket and the pidfd):
+    at most an eighth of this process's fd limit goes to them, so a server does not meet
+    EMFILE at half the connections it took before the rings were the default.
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return _UNLIMITED_RINGS if soft == resource.RLIM_INFINITY else max(0, soft // 16)
+
+
+def asked_by(config: Config | None) -> bool:
+    """Does a client with this config ask for the rings (and map them when offered)?"""
+    # (A side that refuses identity changes keeps to the socket, whose every message the kernel attests.)
+    return config is not None and config.quick_lpc and not config.refuse_identity_change and available()
 
 
 # Timeouts up to this many seconds take the call's inline path; longer ones (inf), negative
@@ -571,7 +599,8 @@ class QuickLink:
         """Server: answer a ring request through the ring; False: send it over the socket."""
         with port._state:
             # The channel alone says what is owed: a reply over the socket or a CANCEL ends that.
-            if not port._channel.quick_owes(request_id):
+            # A dropped connection answers nothing more, on the ring neither: its reply() raises.
+            if port._core.failure is not None or not port._channel.quick_owes(request_id):
                 return False
             owed = port._channel.quick_replying(request_id)
         status = self.ring.reply(request_id, data)

@@ -99,6 +99,7 @@ class ConnectionRequest:
         self._client_max_sections = info.max_section_bytes
         self._peer_flow = peer_flow
         self._peer_kinds = kinds_from_mask(info.flow.handle_kinds)
+        self._quick_asked = info.quick
 
     def __repr__(self) -> str:
         return f"<ConnectionRequest to {self.port_name!r} from pid {self.client.pid} uid {self.client.uid}>"
@@ -132,7 +133,8 @@ class ConnectionRequest:
                        ) -> tuple[Stream, Channel, int | None, qlpc.QuickLink | None]:
         """Answer the client and build the channel; a driver (blocking or asyncio) adopts it.
 
-        With ``quick_ok`` (the blocking driver) a port with ``quick_lpc`` offers its rings.
+        With ``quick_ok`` (the blocking driver) a port that offers Quick-LPC rings
+        (``qlpc.offered_by``) offers them to a client that asked.
         """
         data = bytes(data)
         if len(data) > self._port.config.max_connect_data:
@@ -143,7 +145,8 @@ class ConnectionRequest:
         local_flow = attributes.flow_limits()
         quick: qlpc.QuickLink | None = None
         try:
-            quick, ring_fds = _offer_quick(attributes, stream, pidfd) if quick_ok else (None, [])
+            quick, ring_fds = (_offer_quick(attributes, stream, pidfd, self._quick_asked, self._port.rings_held)
+                               if quick_ok else (None, []))
             reply = control.ConnectionReply(accepted=True, data=data, reason="",
                                             max_message_length=attributes.max_message_length,
                                             inline_threshold=attributes.inline_threshold,
@@ -247,11 +250,14 @@ class ConnectionRequest:
             self._close_pidfd()
 
 
-def _offer_quick(attributes: PortAttributes, stream: Stream,
-                 pidfd: int | None) -> tuple[qlpc.QuickLink | None, list[int]]:
-    """Quick-LPC: the rings to offer with an accept (and the fd to pass), if the port offers them."""
-    if not attributes.quick_lpc or not qlpc.available():
+def _offer_quick(attributes: PortAttributes, stream: Stream, pidfd: int | None, asked: bool,
+                 rings_held: int) -> tuple[qlpc.QuickLink | None, list[int]]:
+    """Quick-LPC: the rings to offer with an accept (and the fd to pass), if the port offers them
+    and the client asked for them (a port left at its defaults: within qlpc.ring_budget())."""
+    if not asked or not qlpc.offered_by(attributes):
         return None, []
+    if attributes.quick_lpc is None and (pidfd is None or rings_held >= qlpc.ring_budget()):
+        return None, []  # (no pidfd: nothing to attest its ring messages with)
     try:
         quick, fd = qlpc.offer(attributes.quick_slots, attributes.quick_slot_size, attributes.quick_spin_us,
                                stream.fileno(), pidfd)
@@ -356,7 +362,7 @@ class ConnectionPort:
         self._section_budget = Budget(attributes.max_port_section_bytes)
         # Quick-LPC: the watcher thread lives as long as a port offering the rings;
         # the connections with rings are looked at on every wait.
-        self._quick_held = attributes.quick_lpc and qlpc.hold_watcher()
+        self._quick_held = qlpc.offered_by(attributes) and qlpc.hold_watcher()
         self._quick_comms: set[CommunicationPort] = set()
         # Those whose ring may have left the armed state since wait() last armed it
         # (QuickLink.on_take): arming only these keeps a wait O(active), not O(clients).
@@ -369,6 +375,12 @@ class ConnectionPort:
     def connections(self) -> list[CommunicationPort]:
         with self._lock:
             return list(self._connections)
+
+    @property
+    def rings_held(self) -> int:
+        """How many of its connections have Quick-LPC rings."""
+        with self._lock:
+            return len(self._quick_comms)
 
     @property
     def registered(self) -> bool:

@@ -32,7 +32,12 @@ from .core import Case
 from .transports.alpc_impl import AlpcTransport
 from .transports.alpc_quick import AlpcQuickMessageTransport, AlpcQuickTransport
 from .transports.alpc_rpc import AlpcRpcTransport
-from .transports.alpc_variants import AlpcAioTransport, AlpcBatchTransport, AlpcCompletionTransport
+from .transports.alpc_variants import (
+    AlpcAioTransport,
+    AlpcBatchTransport,
+    AlpcCompletionTransport,
+    AlpcSocketTransport,
+)
 from .transports.alpc_view import AlpcViewTransport
 from .transports.base import Transport
 from .transports.grpc_impl import GrpcTransport
@@ -79,6 +84,7 @@ class Impl:
 
 IMPLEMENTATIONS: dict[str, Impl] = {impl.name: impl for impl in (
     Impl("alpc", "alpc", AlpcTransport, _ALL | _STREAM),
+    Impl("alpc-socket", "alpc", AlpcSocketTransport, frozenset({"roundtrip", "connect", "scaling", "memory"})),
     Impl("alpc-quick", "alpc", AlpcQuickTransport, frozenset({"roundtrip", "connect", "scaling", "memory"}),
          unavailable=qlpc.unavailable_reason),
     Impl("alpc-quick-msg", "alpc", AlpcQuickMessageTransport, frozenset({"roundtrip"}),

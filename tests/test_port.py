@@ -266,7 +266,8 @@ def test_a_wait_loop_betting_on_one_client_still_hears_every_other(
     # After two messages from one client, wait() reads that client's socket
     # directly (it leaves the epoll set meanwhile): the others, its death, a
     # new connection and a close by the server must all still get through.
-    with alpc.create_port("svc.hint", config=config) as port:
+    # (Socket clients: a Quick-LPC ring request never reaches this path.)
+    with alpc.create_port("svc.hint", alpc.PortAttributes(quick_lpc=False), config=config) as port:
         chatty, quiet = spawn("client", "svc.hint"), spawn("client", "svc.hint")
         for _ in range(3):
             chatty.send("request a")

@@ -321,7 +321,8 @@ def test_a_signal_as_a_socket_wait_returns_data_does_not_lose_it(broker, config,
     returns, before Python sees them. They must not vanish with it (the socket moved past
     them: the request is lost, or a frame is cut in two): the next receive() gets the request."""
     handler(signal.SIGUSR1, raise_interrupted)
-    with alpc.create_port("sig.sockread", config=config) as port:
+    # The socket's wait: no Quick-LPC rings.
+    with alpc.create_port("sig.sockread", alpc.PortAttributes(quick_lpc=False), config=config) as port:
         client = peer("client", "sig.sockread", ready=False)
         with port.listen(timeout=10).accept() as comm:
             assert client.expect("READY")[-1] == "False"

@@ -1,8 +1,10 @@
-"""alpc variants beside the default path: asyncio on both sides, and batched one-way sends."""
+"""alpc variants beside the default path: asyncio on both sides, batched one-way sends, a
+completion-port server, and the socket path without Quick-LPC rings."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -14,7 +16,7 @@ from ..core import SYNC, Sampler, Timing
 from .alpc_impl import AlpcClient, AlpcTransport, as_bytes
 from .base import WAIT_TIMEOUT, Buffer, Client, Handler, Server, ServerMode
 
-__all__ = ["AlpcAioTransport", "AlpcBatchTransport", "AlpcCompletionTransport"]
+__all__ = ["AlpcAioTransport", "AlpcBatchTransport", "AlpcCompletionTransport", "AlpcSocketTransport"]
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -169,3 +171,12 @@ class AlpcCompletionTransport(AlpcTransport):
     def server(self, mode: ServerMode, handler: Handler) -> Server:
         port = alpc.create_port(self.name, self.attributes, config=self.config, timeout=WAIT_TIMEOUT)
         return _CompletionServer(port, handler)
+
+
+class AlpcSocketTransport(AlpcTransport):
+    """The socket path alone: a port that offers no Quick-LPC rings (``quick_lpc=False``), as
+    every port was before the rings became the default and as a pure-Python build is."""
+
+    def prepare(self, channels: int, max_message: int) -> None:
+        super().prepare(channels, max_message)
+        self.attributes = dataclasses.replace(self.attributes, quick_lpc=False)

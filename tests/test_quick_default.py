@@ -1,0 +1,119 @@
+"""Quick-LPC by default: which connections get the rings when nobody chose.
+
+A port's ``quick_lpc`` is None unless set: it offers the rings where the kernel attests each
+ring message's sender, to the clients that ask for them (a native client whose Config takes
+them). A client that would only close the ring memfd does not ask, so none is built for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+import alpc
+from alpc import qlpc
+from alpc.protocol import QUICK_ID_BIT
+from tests.background import Background
+from tests.local_pairs import local_connection
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def _round_trip(server: alpc.CommunicationPort, client: alpc.CommunicationPort) -> alpc.Message:
+    """One request() answered by a server thread; the request as the server saw it."""
+
+    def answer() -> alpc.Message:
+        request = server.receive(timeout=5)
+        request.reply(request.data.upper())
+        return request
+
+    serving = Background(answer)
+    assert client.request(b"ping", timeout=5).data == b"PING"
+    serving.join(5)
+    (request,) = serving.outcomes
+    assert isinstance(request, alpc.Message) and request.data == b"ping"
+    return request
+
+
+def test_a_port_left_at_its_defaults_gives_a_native_client_the_rings(broker: alpc.Broker,
+                                                                      config: alpc.Config) -> None:
+    assert alpc.PortAttributes().quick_lpc is None
+    expected = qlpc.offered_by(alpc.PortAttributes()) and qlpc.asked_by(config)
+    assert expected is qlpc.attested()
+    with local_connection(config, "quick.default") as (_, server, client):
+        _round_trip(server, client)  # (the first may precede the server's taking its side of the rings)
+        request = _round_trip(server, client)
+        assert bool(request.id & QUICK_ID_BIT) is expected  # it took the ring
+        assert client.quick is expected and server.quick is expected
+
+
+def test_a_client_that_declines_gets_no_rings_built(broker: alpc.Broker, config: alpc.Config) -> None:
+    """The server made, mapped and passed a ring memfd to a client that closed it at once."""
+    declining = dataclasses.replace(config, quick_lpc=False)
+    with alpc.create_port("quick.declined", alpc.PortAttributes(quick_lpc=True), config=config) as port, \
+            contextlib.ExitStack() as stack:
+        server, client = _connect(stack, port, declining, "quick.declined")
+        assert server._quick is None and port.rings_held == 0
+        request = _round_trip(server, client)
+        assert not request.id & QUICK_ID_BIT and not client.quick and not server.quick
+
+
+def test_a_port_that_refuses_identity_changes_keeps_to_the_socket(broker: alpc.Broker,
+                                                                  config: alpc.Config) -> None:
+    attributes = alpc.PortAttributes(refuse_identity_change=True)
+    assert not qlpc.offered_by(attributes)
+    with local_connection(config, "quick.refusing", attributes) as (_, server, client):
+        assert server._quick is None
+        assert not _round_trip(server, client).id & QUICK_ID_BIT
+
+
+def test_quick_lpc_takes_a_bool_or_none() -> None:
+    assert alpc.PortAttributes(quick_lpc=None).quick_lpc is None
+    with pytest.raises(ValueError, match="quick_lpc must be a bool or None"):
+        alpc.PortAttributes(quick_lpc=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="Quick-LPC"):
+        alpc.PortAttributes(quick_lpc=True, refuse_identity_change=True)
+    assert not qlpc.offered_by(alpc.PortAttributes(quick_lpc=False))
+
+
+def test_a_port_left_at_its_defaults_gives_rings_within_its_fd_budget(broker: alpc.Broker, config: alpc.Config,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each ring connection costs two more fds a side: past qlpc.ring_budget() connections a
+    default port keeps the next ones on their socket; a port that asked for rings outright
+    (quick_lpc=True) is not held to it."""
+    if not qlpc.offered_by(alpc.PortAttributes()):
+        pytest.skip("this process offers no rings by default")
+    monkeypatch.setattr(qlpc, "ring_budget", lambda: 1)
+    with local_connection(config, "quick.budget") as (port, first_server, first), \
+            contextlib.ExitStack() as stack:
+        _round_trip(first_server, first)
+        assert first.quick and port.rings_held == 1
+        second_server, second = _connect(stack, port, config, "quick.budget")
+        assert second_server._quick is None and not second.quick and port.rings_held == 1
+    with local_connection(config, "quick.asked", alpc.PortAttributes(quick_lpc=True)) as (port, _, first), \
+            contextlib.ExitStack() as stack:
+        second_server, second = _connect(stack, port, config, "quick.asked")
+        assert second_server._quick is not None and port.rings_held == 2
+
+
+def _connect(stack: contextlib.ExitStack, port: alpc.ConnectionPort, config: alpc.Config,
+             name: str) -> tuple[alpc.CommunicationPort, alpc.CommunicationPort]:
+    """Another connection to ``port`` (server side, client side), closed with ``stack``."""
+    connecting = Background(lambda: alpc.connect(name, config=config, timeout=10))
+    server = stack.enter_context(port.listen(timeout=10).accept())
+    connecting.join(10)
+    (client,) = connecting.outcomes
+    assert isinstance(client, alpc.CommunicationPort)
+    stack.enter_context(client)
+    return server, client
+
+
+def test_the_ring_budget_is_a_sixteenth_of_the_fd_limit() -> None:
+    probe = ("import resource; from alpc import qlpc; hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]; "
+             "resource.setrlimit(resource.RLIMIT_NOFILE, (160, hard)); print(qlpc.ring_budget())")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=20, check=True)
+    assert out.stdout.strip() == "10"
