@@ -695,7 +695,8 @@ class CommunicationPort:
         CLIENT_DIED notice follows) and Throttled raised.
         """
         quick = self._quick
-        if (quick is not None and isinstance(data, (bytes, bytearray)) and message.id & QUICK_ID_BIT and quick.server
+        if (quick is not None and (type(data) is bytes or isinstance(data, bytearray)) and message.id & QUICK_ID_BIT
+                and quick.server
                 and not self._core.backlogged
                 and message.type is _REQUEST and not (secure or fds or message.cancelled)
                 and len(data) <= quick.payload_max

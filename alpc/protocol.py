@@ -323,9 +323,12 @@ class Message:
 
     def reply(self, data: Any = b"", timeout: float | None = None, **options: Any) -> Any:
         """Reply to this request on the port it arrived on (on an asyncio port, await the result)."""
-        if self.port is None:
+        port = self.port
+        if port is None:
             raise ConnectionClosed("this message is not attached to a port")
-        return self.port.reply(self, data, timeout, **options)
+        if not options:  # (the common call: no keyword dict to unpack)
+            return port.reply(self, data, timeout)
+        return port.reply(self, data, timeout, **options)
 
     def __repr__(self) -> str:
         extra = f" reason={self.reason!r}" if self.reason else ""
@@ -416,6 +419,10 @@ def _drop_callback(channel: Channel) -> Callable[[_Handed], None]:
             hook()
 
     return dropped
+
+
+# quick_replying's "no such request" (None means owed, not handed out as a Message).
+_NOT_OWED: Any = object()
 
 
 def _alive(owed: _Owed) -> Message | None:
@@ -971,24 +978,37 @@ class Channel:
     def quick_request_received(self, message_id: int, message: Message | None = None) -> None:
         """Server: a request came through the ring (ProtocolError if its id is in use); ``message``,
         when it is handed out as one, is told if the client cancels it."""
-        self._request_received(message_id)
-        self._unreplied[message_id] = None if message is None else self._handed(message, message_id)
+        # (_request_received and _handed inline: once per ring request.)
+        unreplied = self._unreplied
+        if message_id in unreplied:
+            raise ProtocolError(f"request id {message_id} reused while awaiting its reply")
+        if len(unreplied) >= MAX_UNREPLIED:
+            raise ProtocolError("too many requests awaiting a reply")
+        if message is None:
+            unreplied[message_id] = None
+        else:
+            owed = _Handed(message, self._on_drop)
+            owed.request_id = message_id
+            unreplied[message_id] = owed
 
     def quick_cancel(self, request_id: int) -> Frames:
         """Client: the CANCEL of a ring request its caller gave up on (the C side tracks it)."""
         return self._frame(_Types.CANCEL, b"", callback_id=request_id)
 
-    def quick_owes(self, request_id: int) -> bool:
-        """Server: is a reply owed to this ring request (handed out, not answered nor cancelled)?"""
-        return bool(request_id & QUICK_ID_BIT) and request_id in self._unreplied
-
-    def quick_replying(self, request_id: int) -> Message | None:
-        """Server: a reply is about to go through the ring (ValueError if none is owed); the
-        request's Message, for quick_reply_failed."""
-        self._check_reply(request_id)
-        message = _alive(self._unreplied[request_id])
-        self._replied(request_id)
-        return message
+    def quick_replying(self, request_id: int) -> tuple[bool, Message | None]:
+        """Server: a reply to this ring request is about to go through the ring. (False, None)
+        when none is owed (not a ring request, answered or cancelled): it takes the socket
+        path, which says why; else (True, the request's Message, for quick_reply_failed)."""
+        if not request_id & QUICK_ID_BIT:
+            return False, None
+        # (One lookup per ring reply: _replied's work for an id that is a ring request's.)
+        owed = self._unreplied.pop(request_id, _NOT_OWED)
+        if owed is _NOT_OWED:
+            return False, None
+        if self._peer_grants:
+            self._peer_grants.pop(request_id, None)
+            self._grant_reads.pop(request_id, None)
+        return True, None if owed is None else owed()
 
     def quick_reply_failed(self, request_id: int, message: Message | None = None) -> None:
         """Server: the ring refused that reply after all; it is owed again."""

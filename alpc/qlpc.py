@@ -107,6 +107,7 @@ _DOORBELL_TIMEOUT = 1.0
 # How long a ring caller waits for another thread's socket read before it looks at the ring again.
 _READER_SLICE = 0.01
 _monotonic_ns = time.monotonic_ns
+_monotonic = time.monotonic
 _UNLIMITED_RINGS = 1 << 30
 
 Handler = Callable[[bytes], Buffer]
@@ -235,6 +236,8 @@ class QuickLink:
         self._call = ring.call
         self._call_attested = ring.call_attested
         self._unpack = ring.unpack
+        self._post_reply = ring.post_reply
+        self._reply_wait_attested = ring.reply_wait_attested
         # Client: held from posting a ring request until its reply is unpacked. The reply
         # lands in the ring's one buffer, which the next call would overwrite: a thread
         # that finds it held sends over the socket instead, as when a call is in flight.
@@ -356,7 +359,11 @@ class QuickLink:
             else:
                 got = self._call_slow(port, status, deadline_ns, attest=True)
             # Read while the turn is ours: the next call reuses the ring's info.
-            sender, changed = self._attested_sender(port) if isinstance(got, tuple) else (port.peer, False)
+            if type(got) is not tuple:
+                sender, changed = port.peer, False
+            else:
+                cached = self._sender if info.attested == self._sender_gen else None
+                sender, changed = cached if cached is not None else self._attested_sender(port)
         except BaseException:
             self._interrupted(port)
             raise
@@ -502,27 +509,35 @@ class QuickLink:
         posts only once the peer read every socket byte before it), so with the
         inbox empty nothing can be overtaken.
         """
-        _announce_releases(port)
+        core = port._core
+        if core.releases_unannounced():
+            port._flush_releases()  # (what _announce_releases does, once per message)
         if port._answers_owed or port._channel.dropped_requests:
             port._answer_dropped()  # a ring wait is a sleep too: what port._read sends before one
-        with port._cv:
-            if port._reading or port._inbox or port._failure is not None or not self.active:
+        with port._cv_lock:  # (the Condition's lock itself: its own __enter__ is Python)
+            if port._reading or core.inbox or core.failure is not None or not (self._attached or self.active):
                 return None
             port._reading = True
         try:
             try:
-                status = self.ring.reply_wait_attested(0, b"", 0, _timeout_ns(deadline))
+                if deadline is None:
+                    timeout_ns = -1
+                else:
+                    left = deadline - _monotonic()
+                    timeout_ns = int(left * 1e9) if left > 0 else 0
+                status = self._reply_wait_attested(0, b"", 0, timeout_ns)
             except BaseException:
                 self._rescue(port)
                 raise
-            self._took()
+            if not self._take_told:
+                self._took()
             if status >= 0:
                 message = self._request(port, status)
                 if message is None:
                     return None  # the connection failed: the general path reports it
                 message.port = port
                 stats = port.stats
-                stats.in_flight[message.id] = time.monotonic()
+                stats.in_flight[message.id] = _monotonic()
                 stats.messages_in += 1
                 stats.bytes_in += status
                 return message
@@ -559,7 +574,9 @@ class QuickLink:
 
     def _request(self, port: CommunicationPort, length: int) -> Message | None:
         info = self.ring.info
-        sender, changed = self._attested_sender(port)
+        # (Most messages repeat the last attested sender: one field read, no call.)
+        cached = self._sender if info.attested == self._sender_gen else None
+        sender, changed = cached if cached is not None else self._attested_sender(port)
         message = Message(_REQUEST, info.message_id, 0, self._unpack(length), sender, sender.pid, info.sender_tid)
         if changed:
             message.identity_changed = True  # (a keyword costs every message)
@@ -597,21 +614,27 @@ class QuickLink:
 
     def reply(self, port: CommunicationPort, request_id: int, data: bytes) -> bool:
         """Server: answer a ring request through the ring; False: send it over the socket."""
+        core = port._core
         with port._state:
             # The channel alone says what is owed: a reply over the socket or a CANCEL ends that.
             # A dropped connection answers nothing more, on the ring neither: its reply() raises.
-            if port._core.failure is not None or not port._channel.quick_owes(request_id):
+            if core.failure is not None:
                 return False
-            owed = port._channel.quick_replying(request_id)
-        status = self.ring.reply(request_id, data)
+            owes, owed = port._channel.quick_replying(request_id)
+            if not owes:
+                return False
+        size = len(data)
+        status = self._post_reply(request_id, data, size)
         if status == 0 or status == Q_DOORBELL:
-            self._counted[2] += 1
-            self._counted[3] += len(data)
+            counted = self._counted
+            counted[2] += 1
+            counted[3] += size
             if status == Q_DOORBELL:
                 port._send(port._channel.doorbell, deadline_after(_DOORBELL_TIMEOUT))
             # Releases held back while this reply was owed ("the reply carries them") did not
             # go with it: the ring carries no socket frames.
-            _announce_releases(port)
+            if core.releases_unannounced():
+                port._flush_releases()
             return True
         with port._state:
             port._channel.quick_reply_failed(request_id, owed)

@@ -60,7 +60,8 @@ class ConnectionStats:
         self.bytes_out += n_bytes
         started = self.in_flight.pop(request_id, None)
         if started is not None:
-            self.latency[latency_bucket(_monotonic() - started)] += 1
+            # (latency_bucket inline: once per reply.)
+            self.latency[min(max(int((_monotonic() - started) * 1e6), 0).bit_length(), _LAST_BUCKET)] += 1
 
 
 @dataclass(frozen=True)

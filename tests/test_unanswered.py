@@ -141,7 +141,7 @@ def test_ring_requests_never_handed_out_are_not_answered() -> None:
     _, server = channels()
     server.quick_request_received(QUICK_ID_BIT | 7)  # served in C, held as None
     gc.collect()
-    assert server.answer_dropped() == [] and server.quick_owes(QUICK_ID_BIT | 7)
+    assert server.answer_dropped() == [] and server.quick_replying(QUICK_ID_BIT | 7) == (True, None)
 
 
 def test_a_forked_childs_copy_answers_nothing() -> None:
