@@ -145,7 +145,7 @@ class ConnectionRequest:
         local_flow = attributes.flow_limits()
         quick: qlpc.QuickLink | None = None
         try:
-            quick, ring_fds = (_offer_quick(attributes, stream, pidfd, self._quick_asked, self._port.rings_held)
+            quick, ring_fds = (_offer_quick(attributes, stream, pidfd, self._quick_asked, self._port)
                                if quick_ok else (None, []))
             reply = control.ConnectionReply(accepted=True, data=data, reason="",
                                             max_message_length=attributes.max_message_length,
@@ -251,13 +251,21 @@ class ConnectionRequest:
 
 
 def _offer_quick(attributes: PortAttributes, stream: Stream, pidfd: int | None, asked: bool,
-                 rings_held: int) -> tuple[qlpc.QuickLink | None, list[int]]:
+                 port: ConnectionPort) -> tuple[qlpc.QuickLink | None, list[int]]:
     """Quick-LPC: the rings to offer with an accept (and the fd to pass), if the port offers them
-    and the client asked for them (a port left at its defaults: within qlpc.ring_budget())."""
+    and the client asked for them.
+
+    A port left at its defaults offers them within qlpc.ring_budget(), to a client whose pidfd
+    it holds (nothing to attest its ring messages with otherwise), and only until it is first
+    used with wait(): a multiplexing server sleeps in poll() on the sockets, so every ring post
+    to it would need a doorbell frame on the socket too (more work than the socket alone: an
+    RPC round trip took 1.6x as long), while a thread blocked on one connection takes ring
+    requests straight from the futex."""
     if not asked or not qlpc.offered_by(attributes):
         return None, []
-    if attributes.quick_lpc is None and (pidfd is None or rings_held >= qlpc.ring_budget()):
-        return None, []  # (no pidfd: nothing to attest its ring messages with)
+    if attributes.quick_lpc is None and (pidfd is None or port._multiplexed
+                                         or port.rings_held >= qlpc.ring_budget()):
+        return None, []
     try:
         quick, fd = qlpc.offer(attributes.quick_slots, attributes.quick_slot_size, attributes.quick_spin_us,
                                stream.fileno(), pidfd)
@@ -364,6 +372,8 @@ class ConnectionPort:
         # the connections with rings are looked at on every wait.
         self._quick_held = qlpc.offered_by(attributes) and qlpc.hold_watcher()
         self._quick_comms: set[CommunicationPort] = set()
+        # Set by the first wait(): a port left at its defaults offers rings no more (_offer_quick).
+        self._multiplexed = False
         # Those whose ring may have left the armed state since wait() last armed it
         # (QuickLink.on_take): arming only these keeps a wait O(active), not O(clients).
         self._quick_unarmed: deque[weakref.ref[CommunicationPort]] = deque()
@@ -627,6 +637,8 @@ class ConnectionPort:
         deadline = deadline_after(timeout)
         if process_id() != self._pid:
             self._refuse_child()
+        # A multiplexing server from now on: see _offer_quick.
+        self._multiplexed = True
         while True:
             with self._lock:
                 ready = self._next_event()

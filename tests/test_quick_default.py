@@ -117,3 +117,26 @@ def test_the_ring_budget_is_a_sixteenth_of_the_fd_limit() -> None:
              "resource.setrlimit(resource.RLIMIT_NOFILE, (160, hard)); print(qlpc.ring_budget())")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=20, check=True)
     assert out.stdout.strip() == "10"
+
+
+def test_a_default_port_once_used_with_wait_offers_no_more_rings(broker: alpc.Broker, config: alpc.Config) -> None:
+    """A multiplexing server sleeps in poll() on the sockets: a ring post would reach it only
+    with a doorbell frame on the socket too. Its first wait() ends the default offer; a
+    connection that has its rings already keeps them, and a port that asked (True) offers on."""
+    if not qlpc.offered_by(alpc.PortAttributes()):
+        pytest.skip("this process offers no rings by default")
+    with local_connection(config, "quick.multiplexed") as (port, ring_server, ring_client), \
+            contextlib.ExitStack() as stack:
+        _round_trip(ring_server, ring_client)
+        with pytest.raises(alpc.Timeout):
+            port.wait(timeout=0)
+        server, client = _connect(stack, port, config, "quick.multiplexed")
+        assert server._quick is None and port.rings_held == 1
+        assert not _round_trip(server, client).id & QUICK_ID_BIT
+        assert _round_trip(ring_server, ring_client).id & QUICK_ID_BIT  # the first keeps its rings
+    with alpc.create_port("quick.asked.wait", alpc.PortAttributes(quick_lpc=True), config=config) as port, \
+            contextlib.ExitStack() as stack:
+        with pytest.raises(alpc.Timeout):
+            port.wait(timeout=0)
+        server, _ = _connect(stack, port, config, "quick.asked.wait")
+        assert server._quick is not None
