@@ -39,15 +39,20 @@ def _round_trip(server: alpc.CommunicationPort, client: alpc.CommunicationPort) 
     return request
 
 
+def _takes_the_ring(server: alpc.CommunicationPort, client: alpc.CommunicationPort) -> bool:
+    """Does a request() take the ring once the connection settles? A request may take the
+    socket now and then (the server not attached yet, a doorbell the server has not consumed
+    yet: the rings never overtake the socket), so a few round trips, each answered."""
+    return any(_round_trip(server, client).id & QUICK_ID_BIT for _ in range(20))
+
+
 def test_a_port_left_at_its_defaults_gives_a_native_client_the_rings(broker: alpc.Broker,
                                                                       config: alpc.Config) -> None:
     assert alpc.PortAttributes().quick_lpc is None
     expected = qlpc.offered_by(alpc.PortAttributes()) and qlpc.asked_by(config)
     assert expected is qlpc.attested()
     with local_connection(config, "quick.default") as (_, server, client):
-        _round_trip(server, client)  # (the first may precede the server's taking its side of the rings)
-        request = _round_trip(server, client)
-        assert bool(request.id & QUICK_ID_BIT) is expected  # it took the ring
+        assert _takes_the_ring(server, client) is expected
         assert client.quick is expected and server.quick is expected
 
 
@@ -127,13 +132,13 @@ def test_a_default_port_once_used_with_wait_offers_no_more_rings(broker: alpc.Br
         pytest.skip("this process offers no rings by default")
     with local_connection(config, "quick.multiplexed") as (port, ring_server, ring_client), \
             contextlib.ExitStack() as stack:
-        _round_trip(ring_server, ring_client)
+        assert _takes_the_ring(ring_server, ring_client)
         with pytest.raises(alpc.Timeout):
             port.wait(timeout=0)
         server, client = _connect(stack, port, config, "quick.multiplexed")
         assert server._quick is None and port.rings_held == 1
         assert not _round_trip(server, client).id & QUICK_ID_BIT
-        assert _round_trip(ring_server, ring_client).id & QUICK_ID_BIT  # the first keeps its rings
+        assert _takes_the_ring(ring_server, ring_client)  # the first keeps its rings
     with alpc.create_port("quick.asked.wait", alpc.PortAttributes(quick_lpc=True), config=config) as port, \
             contextlib.ExitStack() as stack:
         with pytest.raises(alpc.Timeout):
