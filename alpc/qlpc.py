@@ -41,11 +41,14 @@ privilege-separated one, has none). The lean calls (``call()``,
 says whether this kernel answers it; where it cannot, ring messages carry the
 connection's identity.
 
-Negotiation: a port with ``PortAttributes(quick_lpc=True)`` offers the rings
-in its connection reply (the memfd rides with it); a client with the C
-extension and ``Config.quick_lpc`` maps them, otherwise it closes the fd and
-the connection stays on the socket. Without the C extension Quick-LPC is not
-offered nor accepted: ``unavailable_reason()`` says why.
+Negotiation: a client with the C extension and ``Config.quick_lpc`` asks for
+the rings in its Connect (``asked_by``); a port that offers them
+(``offered_by``: by default where ``attested()``, within ``ring_budget()``,
+and until the port's first wait(); ``quick_lpc=True`` always) sends them in
+its connection reply (the memfd rides with it) and the client maps them. An
+offer nobody asked for is closed, and the connection stays on the socket.
+Without the C extension Quick-LPC is neither offered nor asked for:
+``unavailable_reason()`` says why.
 
 This module drives the rings for ``port.CommunicationPort``; it reaches into
 the port's state (its channel, locks, reader flag, inbox and replies) and is

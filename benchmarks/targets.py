@@ -52,6 +52,10 @@ TARGETS: tuple[Target, ...] = (
     *(Target("issue 4", case, _LARGE, "alpc-view", "c-inplace", "speed", 0.8) for case in ("throughput", "oneway")),
     # Issue 7: an RPC call against the raw alpc request and grpcio over a unix socket.
     Target("issue 7", "roundtrip", (64,), "alpc-rpc", "alpc", "time", 1.3),
+    # The same against the raw request on the transport an rpc.Server's connections use: its
+    # threads wait() on every connection at once, which ends a default port's Quick-LPC offer,
+    # while ``alpc`` is a thread blocked on one connection (the rings, where the kernel attests).
+    Target("issue 7", "roundtrip", (64,), "alpc-rpc", "alpc-socket", "time", 1.3),
     Target("issue 7", "roundtrip", (64,), "alpc-rpc", "grpc", "speed", 5.0),
     # Issue 6: the default path against the raw socketpair and multiprocessing.Pipe
     # ("faster than": time at most 1x), batched datagrams against mp.Pipe's rate,
