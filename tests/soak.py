@@ -5,7 +5,9 @@ same file is every child role (``server``, ``client``). Clients connect with
 ``retry_timeout``, send requests of mixed sizes (up to 1 MiB) and datagrams, and
 check every reply. The chaos thread SIGKILLs random clients, servers (all but
 ``soak.s0``, kept alive so that its memory can be measured over the whole run)
-and the broker, and restarts them. At the end the driver checks: no error
+and the broker, and restarts them. Servers with an odd number (``soak.s1``, ``soak.s3``) offer
+Quick-LPC rings outright (``quick_lpc=True``: a port left at its defaults offers none once it
+waits), so ring requests, replies and doorbells are killed mid-way too. At the end the driver checks: no error
 that a kill does not explain, no /dev/shm name left, no fd leaked in any
 survivor, and server RSS growth within 5% from the warm-up point.
 
@@ -98,7 +100,9 @@ def serve(args: argparse.Namespace) -> None:
     deadline = time.monotonic() + 30
     while port is None:
         try:
-            port = alpc.create_port(args.name, config=config, reregister_timeout=60, report_interval=0.5)
+            attributes = alpc.PortAttributes(quick_lpc=True) if args.quick else None
+            port = alpc.create_port(args.name, attributes, config=config, reregister_timeout=60,
+                                    report_interval=0.5)
         except (alpc.BrokerUnavailable, alpc.NameInUse):
             # The broker is restarting, or has not yet seen our killed predecessor's EOF.
             if time.monotonic() > deadline:
@@ -352,7 +356,8 @@ class Soak:
         return child
 
     def start_server(self, name: str) -> Child:
-        child = Child("server", self._argv("server", name), name, self.server_env)
+        quick = ["--quick"] if int(name.rsplit("s", 1)[-1]) % 2 and alpc.qlpc.available() else []
+        child = Child("server", self._argv("server", name, *quick), name, self.server_env)
         child.expect("READY")
         self.servers[name] = child
         return child
@@ -533,6 +538,7 @@ def main() -> int:
         parser.add_argument("--runtime-dir", required=True)
         parser.add_argument("--names", default="")
         parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--quick", action="store_true", help="offer Quick-LPC rings (quick_lpc=True)")
         args = parser.parse_args()
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver decides when we stop
         (serve if args.role == "server" else client)(args)
