@@ -1630,7 +1630,10 @@ class CommunicationPort:
             batch = batch._replace(messages=quick.drain(self) + batch.messages)
         with self._state:
             wake = core.route(batch)
-        if quick is not None:
+        if quick is not None and (sender is None or sender.pid == self._channel.peer.pid):
+            # Only bytes from the process that maps the rings count: a child it forked (which
+            # has no mapping) writes to the same socket, and counting its bytes would let the
+            # peer's next ring post pass its own socket bytes not read yet.
             quick.consumed(len(data))
         # Waiters wake in _end_read, which every read goes through.
         if wake.cancelled:

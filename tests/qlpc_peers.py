@@ -10,6 +10,8 @@ lines, never on sleeps.
   ``noreply`` (none), ``big:N`` (an N-byte reply, too large for a slot),
   ``push:X`` (a datagram X first, then the reply), ``order`` (the events seen so
   far), ``drop`` (become uid/gid 65534, then reply), anything else upper-cased.
+  A datagram ``hold`` makes that client's thread print ``HOLDING`` and read nothing
+  until a line arrives on stdin.
   ``--hostile-reply KIND`` instead answers the first ring request with a broken
   ring entry.
 - ``client``: connects and prints ``QUICK <bool>``; stdin lines ``call X``,
@@ -195,6 +197,9 @@ def handle(message: alpc.Message, comm: alpc.CommunicationPort, seen: list[str])
         return True
     if message.type is alpc.MessageType.DATAGRAM:
         seen.append("D:" + message.data.decode())
+        if message.data == b"hold":
+            say("HOLDING")
+            sys.stdin.readline()
         return True
     report(message)
     return False
