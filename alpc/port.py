@@ -1990,8 +1990,17 @@ def _accept_quick(reply: control.ConnectionReply, fd: int | None, config: Config
         # (An offer nobody asked for: an older server, or a hostile one.)
         close_fds([fd])
         return None
-    return qlpc.QuickLink.accept(fd, reply.quick_slots, reply.quick_slot_size, config.quick_spin_us,
-                                 stream.fileno(), pidfd)
+    try:
+        return qlpc.QuickLink.accept(fd, reply.quick_slots, reply.quick_slot_size, config.quick_spin_us,
+                                     stream.fileno(), pidfd)
+    except QuotaExceeded as exc:
+        # This process could not set them up (out of fds for the watcher's copies, memory for
+        # the mapping): the rings are an optimisation, and a server whose client never attaches
+        # keeps that connection on its socket, as for a client that did not ask.
+        _limited.log(logging.WARNING, ("quick-setup",),
+                     f"the Quick-LPC rings the server offered could not be set up, the connection uses its "
+                     f"socket: {exc}")
+        return None
 
 
 def _await_connection_reply(

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +22,8 @@ from tests.background import Background
 from tests.local_pairs import local_connection
 
 pytestmark = pytest.mark.timeout(30)
+
+QLPC_PEERS = Path(__file__).resolve().parent / "qlpc_peers.py"
 
 
 def _round_trip(server: alpc.CommunicationPort, client: alpc.CommunicationPort) -> alpc.Message:
@@ -145,3 +148,49 @@ def test_a_default_port_once_used_with_wait_offers_no_more_rings(broker: alpc.Br
             port.wait(timeout=0)
         server, _ = _connect(stack, port, config, "quick.asked.wait")
         assert server._quick is not None
+
+
+# A client with three fds free: a connection on its socket takes two (the socket, the server's
+# pidfd); the rings take five more (their memfd for a moment, the watcher's copies of the socket
+# and pidfd, its epoll set and eventfd). Each connect starts from the same count.
+_SHORT_OF_FDS = r"""
+import dataclasses, gc, os, resource, sys
+import alpc
+config = alpc.Config.from_env(sys.argv[1])
+socket_only = dataclasses.replace(config, quick_lpc=False)
+alpc.connect(sys.argv[2], config=socket_only, timeout=10).close()  # (imports done: they open files)
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+held = []
+
+def connect_with_three_fds_free(config):
+    gc.collect()
+    try:
+        while True:
+            held.append(os.open("/dev/null", os.O_RDONLY))
+    except OSError:
+        pass
+    for _ in range(3):
+        os.close(held.pop())
+    try:
+        with alpc.connect(sys.argv[2], config=config, timeout=10) as comm:
+            print("CONNECTED", comm.quick, comm.request(b"ping", timeout=10).data.decode())
+    except alpc.AlpcError as exc:
+        print("FAILED", type(exc).__name__, exc)
+
+connect_with_three_fds_free(socket_only)
+connect_with_three_fds_free(config)
+"""
+
+
+def test_a_client_that_cannot_set_up_the_rings_connects_on_its_socket(broker: alpc.Broker, config: alpc.Config,
+                                                                      spawn, runtime_dir) -> None:  # type: ignore[no-untyped-def]
+    """Rings offered, asked for, and the client out of fds for them: the connect failed with
+    QuotaExceeded where the socket alone works. The rings are an optimisation: it stays on its socket."""
+    if not qlpc.available():
+        pytest.skip(str(qlpc.unavailable_reason()))
+    server = spawn.argv([sys.executable, str(QLPC_PEERS), "server", "quick.short", "--runtime-dir", str(runtime_dir),
+                         "--mode", "receive"])
+    server.expect("READY")
+    out = subprocess.run([sys.executable, "-c", _SHORT_OF_FDS, str(runtime_dir), "quick.short"],
+                         capture_output=True, text=True, timeout=40, check=True)
+    assert out.stdout.splitlines() == ["CONNECTED False PING"] * 2, out.stdout + out.stderr
