@@ -267,6 +267,7 @@ def _offer_quick(attributes: PortAttributes, stream: Stream, pidfd: int | None, 
                                          or port.rings_held >= qlpc.ring_budget()):
         return None, []
     try:
+        port._keep_quick_watcher()
         quick, fd = qlpc.offer(attributes.quick_slots, attributes.quick_slot_size, attributes.quick_spin_us,
                                stream.fileno(), pidfd)
     except (QuotaExceeded, OSError) as exc:
@@ -370,7 +371,9 @@ class ConnectionPort:
         self._section_budget = Budget(attributes.max_port_section_bytes)
         # Quick-LPC: the watcher thread lives as long as a port offering the rings;
         # the connections with rings are looked at on every wait.
-        self._quick_held = qlpc.offered_by(attributes) and qlpc.hold_watcher()
+        # (A port left at its defaults holds it from its first ring connection on: an asyncio
+        # port or a wait() loop never gives rings, and would keep a thread and two fds for nothing.)
+        self._quick_held = attributes.quick_lpc is True and qlpc.hold_watcher()
         self._quick_comms: set[CommunicationPort] = set()
         # Set by the first wait(): a port left at its defaults offers rings no more (_offer_quick).
         self._multiplexed = False
@@ -653,6 +656,13 @@ class ConnectionPort:
                 comm.pump()
             if not polled and not hot:
                 raise Timeout("nothing arrived on the port in time")
+
+    def _keep_quick_watcher(self) -> None:
+        """From its first ring connection on, a port keeps the C watcher thread, so clients
+        coming and going do not start and stop a thread each (close() lets it go)."""
+        with self._lock:
+            if not self._quick_held and not self._closed:
+                self._quick_held = qlpc.hold_watcher()
 
     def _quick_armed(self) -> list[CommunicationPort]:
         """Quick-LPC: have every client whose ring is not armed ring its doorbell from now on;

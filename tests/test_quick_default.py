@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -194,3 +196,27 @@ def test_a_client_that_cannot_set_up_the_rings_connects_on_its_socket(broker: al
     out = subprocess.run([sys.executable, "-c", _SHORT_OF_FDS, str(runtime_dir), "quick.short"],
                          capture_output=True, text=True, timeout=40, check=True)
     assert out.stdout.splitlines() == ["CONNECTED False PING"] * 2, out.stdout + out.stderr
+
+
+def _threads() -> int:
+    """Threads of this process that Python did not start (the C watcher)."""
+    return len(os.listdir("/proc/self/task")) - threading.active_count()
+
+
+def test_a_default_port_starts_the_watcher_thread_with_its_first_ring_connection(
+        broker: alpc.Broker, config: alpc.Config) -> None:
+    """The C watcher thread (and its epoll set and eventfd) stays for a port's life once it gives
+    rings; a port left at its defaults that never does (a wait() loop, an asyncio port) keeps none."""
+    if not qlpc.offered_by(alpc.PortAttributes()):
+        pytest.skip("this process offers no rings by default")
+    before = _threads()
+    with alpc.create_port("quick.watcher", config=config) as port:
+        assert _threads() == before and not port._quick_held
+        with pytest.raises(alpc.Timeout):
+            port.wait(timeout=0)  # a wait() loop: never gives rings
+        assert _threads() == before
+    with alpc.create_port("quick.watcher.asked", alpc.PortAttributes(quick_lpc=True), config=config) as port:
+        assert _threads() == before + 1 and port._quick_held
+    assert _threads() == before
+    with local_connection(config, "quick.watcher.ring") as (port, _, client):
+        assert client.quick and port._quick_held
