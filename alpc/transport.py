@@ -833,6 +833,8 @@ class Stream:
                 cred = PeerCred(*_UCRED.unpack_from(payload))
             elif kind == SCM_PIDFD and len(payload) >= _FD_SIZE:
                 received = array.array("i", payload[:_FD_SIZE])[0]
+                if received < 0:
+                    continue  # -errno: the kernel could not install it here (EMFILE): no pidfd
                 if want_pidfd and pidfd is None:
                     pidfd = received
                 else:
