@@ -10,7 +10,6 @@ import os
 import struct
 import threading
 import weakref
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
@@ -471,7 +470,9 @@ class Channel:
         # ``on_request_dropped`` (the driver's: from any thread, it may only try a lock or
         # schedule), and ``answer_dropped`` answers it under the driver's lock.
         self._unreplied: dict[int, _Owed] = {}
-        self.dropped_requests: deque[_Handed] = deque()
+        # A list (56 bytes empty; a deque is 760, on every connection): append and pop(0) are
+        # atomic all the same, and few requests are dropped between two answers.
+        self.dropped_requests: list[_Handed] = []
         self.on_request_dropped: Callable[[], None] | None = None
         self._on_drop = _drop_callback(self)
         # Requests the peer cancelled since the driver last looked (their handlers should stop).
@@ -651,7 +652,7 @@ class Channel:
         answered: list[int] = []
         unreplied = self._unreplied
         while dropped:
-            owed = dropped.popleft()
+            owed = dropped.pop(0)
             if self.closed or self.peer_closed:
                 continue
             request_id = owed.request_id

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import struct
-from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
@@ -226,7 +225,9 @@ class FrameDecoder:
         self._chunks: list[bytes] = []
         self._buffered = 0
         self._need = HEADER_SIZE
-        self._fds: deque[int] = deque()
+        # A list, not a deque (760 bytes empty): every connection has a decoder, and it
+        # holds at most one read's fds.
+        self._fds: list[int] = []
 
     @property
     def buffered(self) -> int:
@@ -374,7 +375,8 @@ class FrameDecoder:
             if len(self._fds) < n_fds:
                 self.close_fds()
                 raise ProtocolError("frame announces more fds than were received")
-            fds = tuple(self._fds.popleft() for _ in range(n_fds))
+            fds = tuple(self._fds[:n_fds])
+            del self._fds[:n_fds]
         return Frame(
             _TYPES[mtype], flags, message_id, callback_id, pid, tid,
             buf[attrs_start:data_start], buf[data_start:end], fds,
@@ -382,7 +384,7 @@ class FrameDecoder:
 
     def close_fds(self) -> None:
         while self._fds:
-            os.close(self._fds.popleft())
+            os.close(self._fds.pop(0))
 
 
 # -- attributes ----------------------------------------------------------------
