@@ -6,6 +6,7 @@ and send the frames this returns; the rules live here once.
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 import threading
@@ -125,12 +126,18 @@ QUICK_ID_BIT = 0x40000000
 _ID_MASK = QUICK_ID_BIT - 1
 
 
+_SECTION_CHANNEL_TYPES = CHANNEL_TYPES | SECTION_TYPES
+
+
+# Cached: every connection's decoder takes one, and the connections of a port ask for the same
+# few (a fresh frozenset, limits and native struct each cost ~1 KiB per side per connection).
+@functools.lru_cache(maxsize=64)
 def channel_limits(max_data: int, sections: bool = False, max_handles: int = 0) -> FrameLimits:
     """What a channel accepts: a frame's fds are the section it introduces (if any) and its handles."""
     if not sections:
         return FrameLimits(allowed_types=CHANNEL_TYPES, max_data=max_data, max_fds=max_handles,
                            flag_mask=CHANNEL_FLAGS)
-    return FrameLimits(allowed_types=CHANNEL_TYPES | SECTION_TYPES, max_data=max_data,
+    return FrameLimits(allowed_types=_SECTION_CHANNEL_TYPES, max_data=max_data,
                        max_attr=MAX_ATTR_LENGTH, max_fds=1 + max_handles, flag_mask=CHANNEL_FLAGS)
 
 
@@ -437,6 +444,16 @@ class Channel:
     with ``section_message``), memory grants, and the runtime frames both
     need. Without, every body travels inline (tests of the bare protocol).
     """
+
+    # Slots: one instance per side of every connection, with more attributes than CPython shares
+    # keys for (29): past that each instance's __dict__ is a 1.5 KiB table of its own, where slots
+    # take 8 bytes an attribute. __weakref__: _channels and the drop callbacks hold it weakly.
+    __slots__ = ("__weakref__", "_abandoned", "_automatic", "_classify", "_decoder", "_grant_reads", "_grants",
+                 "_held_grants", "_last_changed", "_last_sender", "_late_grant_reads", "_local_pid", "_lone_read",
+                 "_max_handles", "_next_id", "_on_drop", "_partial_sender", "_peer_grants", "_pending",
+                 "_unreplied", "cancelled", "close_reason", "closed", "dropped_requests", "flow",
+                 "on_request_dropped", "peer", "peer_closed", "policy", "quick_claims", "recv_limit",
+                 "releases_urgent", "sections", "send_limit", "unsent_releases")
 
     def __init__(self, peer: PeerCred, *, send_limit: int, recv_limit: int, local_pid: int,
                  sections: ConnectionSections | None = None, policy: ConnectionPolicy | None = None,

@@ -17,6 +17,7 @@ Nothing here knows about sockets: bytes and fds go in, frames come out.
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 from collections.abc import Iterable
@@ -151,13 +152,19 @@ class FrameLimits:
     flag_mask: int = KNOWN_FLAGS
 
     def native(self) -> _native.ScanLimits:
-        return _native.ScanLimits(
-            max_data=self.max_data,
-            max_attr=self.max_attr,
-            type_mask=type_mask(self.allowed_types),
-            flag_mask=self.flag_mask,
-            max_fds=self.max_fds,
-        )
+        return _scan_limits(self)
+
+
+# Shared by the decoders of equal limits (every connection of a port): the scan only reads them.
+@functools.lru_cache(maxsize=64)
+def _scan_limits(limits: FrameLimits) -> _native.ScanLimits:
+    return _native.ScanLimits(
+        max_data=limits.max_data,
+        max_attr=limits.max_attr,
+        type_mask=type_mask(limits.allowed_types),
+        flag_mask=limits.flag_mask,
+        max_fds=limits.max_fds,
+    )
 
 
 class Frame(NamedTuple):
