@@ -113,6 +113,8 @@ _AT_ONCE_ROOM = BACKLOG_LIMIT + 32 * 1024
 _BATCH_FRAMES = 128
 _FIRST_BATCH_FRAMES = 32
 _REQUEST = MessageType.REQUEST
+# Held only to make a port's _cv (once) when its first waiter comes.
+_COND_MADE = threading.Lock()
 
 
 def _owned(lock: threading.RLock) -> bool:
@@ -185,7 +187,9 @@ class CommunicationPort:
         # _cv's lock, entered directly on the per-message path (Condition's own
         # __enter__ is a Python-level call).
         self._cv_lock = threading.Lock()
-        self._cv = threading.Condition(self._cv_lock)
+        # _cv itself is made by the first thread that waits on it: most ports never have two
+        # threads at once, and a Condition (its deque of waiters) costs ~1 KiB per port.
+        self._cond: threading.Condition | None = None
         # Threads blocked in _cv.wait(): the reader notifies only when there are some.
         self._waiters = 0
         self._reading = False
@@ -204,6 +208,25 @@ class CommunicationPort:
         # Last: until here the caller owns the fds (it closes them if this fails), so __del__,
         # which acts only once this is set, never closes them a second time.
         self._released = False
+
+    @property
+    def _cv(self) -> threading.Condition:
+        """The waiters' condition (on ``_cv_lock``), made at first use. Made once: two made at
+        once would each have waiters the other's notify never reaches."""
+        cond = self._cond
+        if cond is None:
+            with _COND_MADE:
+                cond = self._cond
+                if cond is None:
+                    self._cond = cond = threading.Condition(self._cv_lock)
+        return cond
+
+    def _notify_waiters(self) -> None:
+        """Wake the threads waiting on _cv; the caller holds ``_cv_lock``. No condition yet:
+        nobody ever waited (a waiter makes it under that lock before it sleeps)."""
+        cond = self._cond
+        if cond is not None:
+            cond.notify_all()
 
     # -- identity --------------------------------------------------------------
 
@@ -673,7 +696,7 @@ class CommunicationPort:
         with self._state:
             frames = self._core.cancel(message_id)
         with self._cv_lock:
-            self._cv.notify_all()
+            self._notify_waiters()
         if not frames:
             return False
         try:
@@ -1340,10 +1363,10 @@ class CommunicationPort:
         the per-request path."""
         core = self._core
         take = core.take_callback if serving else core.take_reply
-        cv = self._cv
+        lock = self._cv_lock
         state = self._state
         try:
-            with self._cv_lock:
+            with lock:
                 while True:
                     with state:
                         found = take(message_id)
@@ -1353,21 +1376,21 @@ class CommunicationPort:
                     if self._reading:
                         self._waiters += 1
                         try:
-                            woken = cv.wait(remaining(deadline))
+                            woken = self._cv.wait(remaining(deadline))
                         finally:
                             self._waiters -= 1
                         if not woken:
                             raise Timeout("timed out waiting for the reply")
                         continue
                     self._reading = True
-                    cv.release()
+                    lock.release()
                     try:
                         arrived = self._read(deadline)
                     finally:
-                        cv.acquire()
+                        lock.acquire()
                         self._reading = False
                         if self._waiters:
-                            cv.notify_all()
+                            self._cv.notify_all()
                     if not arrived:
                         raise Timeout("timed out waiting for the reply")
         finally:
@@ -1379,8 +1402,8 @@ class CommunicationPort:
         # wait on _cv and are woken at the end of each read.
         state = self._state
         core = self._core
-        cv = self._cv
-        with self._cv_lock:
+        lock = self._cv_lock
+        with lock:
             while True:
                 with state:
                     found = take()
@@ -1390,21 +1413,21 @@ class CommunicationPort:
                 if self._reading:
                     self._waiters += 1
                     try:
-                        woken = cv.wait(remaining(deadline))
+                        woken = self._cv.wait(remaining(deadline))
                     finally:
                         self._waiters -= 1
                     if not woken:
                         raise Timeout(f"timed out waiting for {what}")
                     continue
                 self._reading = True
-                cv.release()
+                lock.release()
                 try:
                     arrived = self._read(deadline)
                 finally:
-                    cv.acquire()
+                    lock.acquire()
                     self._reading = False
                     if self._waiters:
-                        cv.notify_all()
+                        self._cv.notify_all()
                 if not arrived:
                     raise Timeout(f"timed out waiting for {what}")
 
@@ -1413,7 +1436,7 @@ class CommunicationPort:
         with self._cv_lock:
             self._reading = False
             if self._waiters:
-                self._cv.notify_all()
+                self._cv.notify_all()  # (a waiter made it)
         if self._core.finalize_wanted:
             self._maybe_finalize()
 
@@ -1657,7 +1680,7 @@ class CommunicationPort:
 
     def _ended(self) -> None:
         with self._cv_lock:
-            self._cv.notify_all()
+            self._notify_waiters()
         if self._on_ready is not None and not self._queued:
             self._queued = True
             self._on_ready(self)
@@ -1707,7 +1730,7 @@ class CommunicationPort:
             if locked:
                 self._send_lock.release()
         with self._cv_lock:
-            self._cv.notify_all()
+            self._notify_waiters()
         if self._quick is not None:
             # Quick-LPC: wake a thread waiting on the rings.
             self._quick.close()

@@ -445,7 +445,7 @@ class QuickLink:
         if len(self._late) > MAX_ABANDONED:
             del self._late[next(iter(self._late))]
         self.ring.call_done()
-        with port._cv:
+        with port._cv_lock:
             port._replies.pop(request_id, None)
 
     def _cancel(self, port: CommunicationPort, request_id: int) -> None:
@@ -660,7 +660,7 @@ class QuickLink:
         """
         timeout_ns = _serve_timeout_ns(timeout)
         _announce_releases(port)
-        with port._cv:
+        with port._cv_lock:
             if port._reading or port._inbox or port._failure is not None:
                 return None
             port._reading = True
@@ -772,8 +772,8 @@ class QuickLink:
             port._send(port._channel.doorbell, deadline_after(_DOORBELL_TIMEOUT))
         elif status == Q_CHECK:
             port._read(0.0, block=False)
-            with port._cv:
-                port._cv.notify_all()
+            with port._cv_lock:
+                port._notify_waiters()
             return self._answer_inbox(port, handler, timeout)
         elif status == Q_TIMEOUT:
             raise Timeout("no message arrived in time")
@@ -801,7 +801,7 @@ class QuickLink:
     def _answer_inbox(self, port: CommunicationPort, handler: Handler, timeout: float | None) -> Message | None:
         """Requests that came the slow way are answered here too; anything else ends serving."""
         while True:
-            with port._cv:
+            with port._cv_lock:
                 message = port._pop_inbox()
             if message is None:
                 return None
@@ -857,7 +857,7 @@ def _alive(port_ref: weakref.ref[CommunicationPort]) -> CommunicationPort:
 def _socket_round(port: CommunicationPort, message_id: int, deadline: float | None) -> Message | None:
     """The socket stirred while a ring request waits: read it once, or let the
     thread reading it finish its round. Returns the reply if it came that way."""
-    with port._cv:
+    with port._cv_lock:
         found = port._replies.pop(message_id, None)
         if found is not None:
             return found
@@ -875,7 +875,7 @@ def _socket_round(port: CommunicationPort, message_id: int, deadline: float | No
         port._read(0.0, block=False)
     finally:
         port._end_read()
-    with port._cv:
+    with port._cv_lock:
         found = port._replies.pop(message_id, None)
         if found is None:
             port._raise_if_failed()
