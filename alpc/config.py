@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from ._native import quick_region_size
 from .errors import AccessDenied
-from .quotas import MAX_LIMIT, FlowLimits
+from .quotas import MAX_LIMIT, FlowLimits, flow_limits
 from .security import HandleKind, PortAcl
 
 __all__ = [
@@ -153,11 +154,17 @@ def _check_handles(owner: str, kinds: frozenset[str], max_per_message: int, max_
     FlowLimits(max_handles_per_message=max_per_message, max_inflight_handles=max_inflight)
 
 
+# Cached: every connection's policy holds its set (a new frozenset was 216 bytes a side).
+@functools.lru_cache(maxsize=64)
+def _accept_kinds(kinds: frozenset[str]) -> frozenset[HandleKind]:
+    return frozenset(HandleKind(kind) for kind in kinds)
+
+
 def _flow(owner: str, pending: int, datagrams: int, kinds: frozenset[str], per_message: int,
           inflight: int) -> FlowLimits:
     """The flow limits a side announces; fds are taken only when some kind is allowed."""
     try:
-        return FlowLimits(pending, datagrams, per_message if kinds else 0, inflight)
+        return flow_limits(pending, datagrams, per_message if kinds else 0, inflight)
     except ValueError as exc:
         raise ValueError(f"{owner}: {exc}") from None
 
@@ -280,7 +287,7 @@ class PortAttributes:
                      self.max_handles_per_message, self.max_inflight_handles)
 
     def accept_kinds(self) -> frozenset[HandleKind]:
-        return frozenset(HandleKind(kind) for kind in self.handle_kinds)
+        return _accept_kinds(self.handle_kinds)
 
 
 @dataclass(frozen=True)
@@ -334,7 +341,7 @@ class Config:
                      self.max_handles_per_message, self.max_inflight_handles)
 
     def accept_kinds(self) -> frozenset[HandleKind]:
-        return frozenset(HandleKind(kind) for kind in self.handle_kinds)
+        return _accept_kinds(self.handle_kinds)
 
     @property
     def broker_socket(self) -> Path:

@@ -26,7 +26,7 @@ from .errors import (
     ProtocolError,
     QuotaExceeded,
 )
-from .quotas import FlowLimits
+from .quotas import FlowLimits, flow_limits
 from .security import PeerCred, PortAcl
 from .wire import MessageType
 
@@ -295,8 +295,8 @@ class FlowSpec(Record):
     def limits(self) -> FlowLimits:
         """The announced limits, checked (a ProtocolError for values no honest peer sends)."""
         try:
-            return FlowLimits(self.max_pending_requests, self.max_queued_datagrams, self.max_handles_per_message,
-                              self.max_inflight_handles)
+            return flow_limits(self.max_pending_requests, self.max_queued_datagrams, self.max_handles_per_message,
+                               self.max_inflight_handles)
         except ValueError as exc:
             raise ProtocolError(f"announced flow limits: {exc}") from None
 

@@ -17,6 +17,7 @@ for them is always there. No sockets here; the drivers do the waiting.
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 from enum import StrEnum
@@ -35,6 +36,7 @@ __all__ = [
     "WindowClosed",
     "decode_credit",
     "encode_credit",
+    "flow_limits",
 ]
 
 
@@ -92,6 +94,14 @@ class FlowLimits:
             value = getattr(self, name)
             if type(value) is not int or not low <= value <= high:
                 raise ValueError(f"{name} of {value!r} is outside {low}..{high}")
+
+
+# typed: True or 1.0 must still reach FlowLimits' own check, not a cached 1.
+@functools.lru_cache(maxsize=64, typed=True)
+def flow_limits(max_pending_requests: int, max_queued_datagrams: int, max_handles_per_message: int,
+                max_inflight_handles: int) -> FlowLimits:
+    """FlowLimits, one (frozen) object for equal values: every connection holds both sides'."""
+    return FlowLimits(max_pending_requests, max_queued_datagrams, max_handles_per_message, max_inflight_handles)
 
 
 def encode_credit(datagrams: int, handles: int) -> bytes:

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -207,6 +208,8 @@ def kinds_mask(kinds: Iterable[str]) -> int:
     return mask
 
 
+# Cached: called for every connection, with the same mask nearly always.
+@functools.lru_cache(maxsize=64)
 def kinds_from_mask(mask: int) -> frozenset[HandleKind]:
     """The kinds of an announced bitmask (unknown bits, from a newer peer, are ignored)."""
     return frozenset(kind for bit, kind in enumerate(HANDLE_KINDS) if mask >> bit & 1)
