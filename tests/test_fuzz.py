@@ -29,6 +29,8 @@ def test_fuzz_target_runs_clean(target: str, tmp_path: Path) -> None:
                           env={**os.environ, "TMPDIR": str(scratch)})
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
-    assert re.search(rf"^Done {RUNS} runs", output, re.M), output[-2000:]
+    # At least RUNS: libFuzzer may finish the mutation batch under way (a CI run said "Done 5004 runs").
+    done_runs = re.search(r"^Done (\d+) runs", output, re.M)
+    assert done_runs is not None and int(done_runs.group(1)) >= RUNS, output[-2000:]
     assert not list(artifacts.iterdir()), "a failing input was written"
     assert not list(scratch.iterdir()), "the fuzzer left its corpus behind"
