@@ -145,8 +145,7 @@ class ConnectionRequest:
         local_flow = attributes.flow_limits()
         quick: qlpc.QuickLink | None = None
         try:
-            quick, ring_fds = (_offer_quick(attributes, stream, pidfd, self._quick_asked, self._port)
-                               if quick_ok else (None, []))
+            quick, ring_fds = self._port._offer_rings(stream, pidfd, self._quick_asked) if quick_ok else (None, [])
             reply = control.ConnectionReply(accepted=True, data=data, reason="",
                                             max_message_length=attributes.max_message_length,
                                             inline_threshold=attributes.inline_threshold,
@@ -250,32 +249,6 @@ class ConnectionRequest:
             self._close_pidfd()
 
 
-def _offer_quick(attributes: PortAttributes, stream: Stream, pidfd: int | None, asked: bool,
-                 port: ConnectionPort) -> tuple[qlpc.QuickLink | None, list[int]]:
-    """Quick-LPC: the rings to offer with an accept (and the fd to pass), if the port offers them
-    and the client asked for them.
-
-    A port left at its defaults offers them within qlpc.ring_budget(), to a client whose pidfd
-    it holds (nothing to attest its ring messages with otherwise), and only until it is first
-    used with wait(): a multiplexing server sleeps in poll() on the sockets, so every ring post
-    to it would need a doorbell frame on the socket too (more work than the socket alone: an
-    RPC round trip took 1.6x as long), while a thread blocked on one connection takes ring
-    requests straight from the futex."""
-    if not asked or not qlpc.offered_by(attributes):
-        return None, []
-    if attributes.quick_lpc is None and (pidfd is None or port._multiplexed
-                                         or port.rings_held >= qlpc.ring_budget()):
-        return None, []
-    try:
-        port._keep_quick_watcher()
-        quick, fd = qlpc.offer(attributes.quick_slots, attributes.quick_slot_size, attributes.quick_spin_us,
-                               stream.fileno(), pidfd)
-    except (QuotaExceeded, OSError) as exc:
-        log.warning("cannot offer Quick-LPC rings, the connection uses its socket: %s", exc)
-        return None, []
-    return quick, [fd]
-
-
 def create_port(
     name: str,
     attributes: PortAttributes | None = None,
@@ -375,7 +348,7 @@ class ConnectionPort:
         # port or a wait() loop never gives rings, and would keep a thread and two fds for nothing.)
         self._quick_held = attributes.quick_lpc is True and qlpc.hold_watcher()
         self._quick_comms: set[CommunicationPort] = set()
-        # Set by the first wait(): a port left at its defaults offers rings no more (_offer_quick).
+        # Set by the first wait(): a port left at its defaults offers rings no more (_offer_rings).
         self._multiplexed = False
         # Those whose ring may have left the armed state since wait() last armed it
         # (QuickLink.on_take): arming only these keeps a wait O(active), not O(clients).
@@ -640,7 +613,7 @@ class ConnectionPort:
         deadline = deadline_after(timeout)
         if process_id() != self._pid:
             self._refuse_child()
-        # A multiplexing server from now on: see _offer_quick.
+        # A multiplexing server from now on: see _offer_rings.
         self._multiplexed = True
         while True:
             with self._lock:
@@ -656,6 +629,31 @@ class ConnectionPort:
                 comm.pump()
             if not polled and not hot:
                 raise Timeout("nothing arrived on the port in time")
+
+    def _offer_rings(self, stream: Stream, pidfd: int | None, asked: bool) -> tuple[qlpc.QuickLink | None, list[int]]:
+        """Quick-LPC: the rings to offer with an accept (and the fd to pass), if this port offers
+        them and the client asked for them.
+
+        A port left at its defaults offers them within qlpc.ring_budget(), to a client whose pidfd
+        it holds (nothing to attest its ring messages with otherwise), and only until it is first
+        used with wait(): a multiplexing server sleeps in poll() on the sockets, so every ring post
+        to it would need a doorbell frame on the socket too (more work than the socket alone: an
+        RPC round trip took 1.6x as long), while a thread blocked on one connection takes ring
+        requests straight from the futex."""
+        attributes = self.attributes
+        if not asked or not qlpc.offered_by(attributes):
+            return None, []
+        if attributes.quick_lpc is None and (pidfd is None or self._multiplexed
+                                             or self.rings_held >= qlpc.ring_budget()):
+            return None, []
+        try:
+            self._keep_quick_watcher()
+            quick, fd = qlpc.offer(attributes.quick_slots, attributes.quick_slot_size, attributes.quick_spin_us,
+                                   stream.fileno(), pidfd)
+        except (QuotaExceeded, OSError) as exc:
+            log.warning("cannot offer Quick-LPC rings, the connection uses its socket: %s", exc)
+            return None, []
+        return quick, [fd]
 
     def _keep_quick_watcher(self) -> None:
         """From its first ring connection on, a port keeps the C watcher thread, so clients

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import alpc
+from alpc import aio
 
-__all__ = ["fill_socket", "local_connection"]
+__all__ = ["aio_connection", "fill_socket", "local_connection"]
 
 
 @contextmanager
@@ -27,6 +29,17 @@ def local_connection(config: alpc.Config, name: str, attributes: alpc.PortAttrib
         finally:
             client.close()
             server.close()
+
+
+async def aio_connection(name: str, config: alpc.Config, client_config: alpc.Config | None = None,
+                         ) -> tuple[aio.AsyncConnectionPort, aio.AsyncCommunicationPort, aio.AsyncCommunicationPort]:
+    """(port, server side, client side) of one asyncio connection to ``name`` on the running loop;
+    the client connects with ``client_config`` (``config`` by default). The caller closes them."""
+    port = await aio.create_port(name, config=config, timeout=10)
+    connecting = asyncio.create_task(aio.connect(name, config=client_config or config, timeout=10))
+    request = await port.listen(timeout=10)
+    server = await request.accept()
+    return port, server, await connecting
 
 
 def fill_socket(comm: alpc.CommunicationPort, size: int, timeout: float) -> int:

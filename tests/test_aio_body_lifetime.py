@@ -18,6 +18,7 @@ import dataclasses
 import threading
 
 import pytest
+from local_pairs import aio_connection
 
 import alpc
 from alpc import aio
@@ -28,14 +29,9 @@ SECTION = 128 * 1024
 BIG = 80 * 1024  # two never fit in one SECTION-byte budget; past EAGER_COPY_MAX, so a body waits to be read
 
 
-async def _pair(name: str, config: alpc.Config) -> tuple[aio.AsyncConnectionPort, aio.AsyncCommunicationPort,
-                                                         aio.AsyncCommunicationPort]:
-    small = dataclasses.replace(config, section_size=SECTION, max_section_bytes=SECTION)
-    port = await aio.create_port(name, config=config, timeout=10)
-    connecting = asyncio.create_task(aio.connect(name, config=small, timeout=10))
-    request = await port.listen(timeout=10)
-    server_comm = await request.accept()
-    return port, server_comm, await connecting
+def _small(config: alpc.Config) -> alpc.Config:
+    """A client whose receive quota holds one SECTION-byte section."""
+    return dataclasses.replace(config, section_size=SECTION, max_section_bytes=SECTION)
 
 
 @pytest.mark.parametrize("how", ["serve", "iterate"])
@@ -45,7 +41,7 @@ def test_a_body_kept_past_its_handler_is_released_when_dropped(broker, config, m
     second send, out of space, asks once while it is kept; then the application drops it."""
 
     async def main() -> str:
-        port, server_comm, client = await _pair(f"zz.keep.{how}", config)
+        port, server_comm, client = await aio_connection(f"zz.keep.{how}", config, _small(config))
         kept: list[alpc.Message] = []
         got = asyncio.Event()
 
@@ -94,7 +90,7 @@ def test_async_for_does_not_keep_the_last_message(broker, config) -> None:  # ty
     sender, who, out of space, could send nothing more; it re-asked until Throttled."""
 
     async def main() -> str:
-        port, server_comm, client = await _pair("zz.iter.async", config)
+        port, server_comm, client = await aio_connection("zz.iter.async", config, _small(config))
         kept: list[alpc.Message] = []
         got = asyncio.Event()
 
@@ -126,7 +122,7 @@ def test_async_for_does_not_keep_the_last_message(broker, config) -> None:  # ty
 
 def test_for_does_not_keep_the_last_message(broker, config) -> None:  # type: ignore[no-untyped-def]
     """The blocking twin: ``for message in comm`` in a reader thread."""
-    small = dataclasses.replace(config, section_size=SECTION, max_section_bytes=SECTION)
+    small = _small(config)
     with alpc.create_port("zz.iter.blocking", config=config, timeout=10) as port:
         connected: list[alpc.CommunicationPort] = []
         connecting = threading.Thread(target=lambda: connected.append(

@@ -23,10 +23,10 @@ from typing import Any
 
 import pytest
 from background import Background
-from local_pairs import fill_socket, local_connection
+from local_pairs import aio_connection, fill_socket, local_connection
 
 import alpc
-from alpc import _native, aio, rpc
+from alpc import _native, rpc
 from alpc.connection import NOTICES, Connection
 from alpc.errors import ProtocolError
 from alpc.protocol import QUICK_ID_BIT, UNANSWERED_REASON, Channel
@@ -390,21 +390,12 @@ def test_a_ring_request_dropped_is_answered_through_the_socket(broker: alpc.Brok
 # -- the asyncio driver ------------------------------------------------------------------------------
 
 
-async def _aio_pair(name: str, config: alpc.Config) -> tuple[aio.AsyncConnectionPort, aio.AsyncCommunicationPort,
-                                                             aio.AsyncCommunicationPort]:
-    port = await aio.create_port(name, config=config, timeout=10)
-    connecting = asyncio.create_task(aio.connect(name, config=config, timeout=10))
-    request = await port.listen(timeout=10)
-    server = await request.accept()
-    return port, server, await connecting
-
-
 @pytest.mark.parametrize("where", ["loop", "thread"])
 def test_an_asyncio_server_answers_a_request_it_drops(broker: alpc.Broker, config: alpc.Config, where: str) -> None:
     """Dropped on the loop's thread or on another: the answer is written on the loop."""
 
     async def main() -> None:
-        port, server, client = await _aio_pair(f"svc.unanswered.aio.{where}", config)
+        port, server, client = await aio_connection(f"svc.unanswered.aio.{where}", config)
         try:
             asking = asyncio.create_task(client.request(b"work", timeout=CLIENT_WAIT))
             message = await server.receive(timeout=10)
