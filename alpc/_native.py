@@ -678,7 +678,7 @@ class QuickRing:
     """
 
     __slots__ = ("_buf", "_ch", "_lib", "call", "call_attested", "info", "kick", "payload_max", "post_reply",
-                 "reply_wait", "reply_wait_attested", "unpack", "wait_reply", "wait_reply_attested")
+                 "reply_wait", "reply_wait_attested", "unpack", "wait_reply", "wait_reply_attested", "waiting")
 
     def __init__(self, memfd: int, size: int, slots: int, slot_size: int, *, server: bool, sock_fd: int,
                  pidfd: int | None, spin_ns: int) -> None:
@@ -711,6 +711,8 @@ class QuickRing:
             lib.qlpc_reply_wait, self._ch, self.info, self._buf, 1)
         self.unpack: Callable[[int], bytes] = partial(ffi.unpack, self._buf)
         self.kick: Callable[[], None] = partial(lib.qlpc_kick, self._ch)
+        # Server: 1 when requests wait in the ring (none taken), 0 if none, or a status.
+        self.waiting: Callable[[], int] = partial(lib.qlpc_waiting, self._ch)
         # reply() bound, for the Message path's every ring reply: (callback_id, data, len(data)).
         self.post_reply: Callable[[int, bytes, int], int] = partial(lib.qlpc_reply, self._ch)
 

@@ -1509,6 +1509,10 @@ class CommunicationPort:
             done = quick.before_read(self, deadline, block)
             if done is not None:
                 return done
+        return self._read_socket(deadline, block)
+
+    def _read_socket(self, deadline: float | None, block: bool) -> bool:
+        """``_read``'s socket half (the caller is the reader, its chores done)."""
         try:
             got = self._stream.read(deadline if block else 0.0, self._max_fds_per_read)
         except BaseException:
@@ -1630,10 +1634,15 @@ class CommunicationPort:
         wake whoever waits."""
         core = self._core
         quick = self._quick
-        if not fds and quick is None and not truncated:
+        # The one-frame read, unless Quick-LPC needs the general path's care: ring requests
+        # older than these bytes go first, and a forked child's bytes are not the peer's.
+        if not fds and not truncated and (quick is None or (
+                (sender is None or sender.pid == self._channel.peer.pid) and quick.settled())):
             with self._state:
                 filed = core.receive_one(data, sender)
             if filed:
+                if quick is not None:
+                    quick.consumed(len(data))
                 if filed == FILED_INBOX and self._on_ready is not None and not self._queued:
                     self._queued = True
                     self._on_ready(self)

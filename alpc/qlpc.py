@@ -241,6 +241,7 @@ class QuickLink:
         self._unpack = ring.unpack
         self._post_reply = ring.post_reply
         self._reply_wait_attested = ring.reply_wait_attested
+        self._ring_waiting = ring.waiting
         # Client: held from posting a ring request until its reply is unpacked. The reply
         # lands in the ring's one buffer, which the next call would overwrite: a thread
         # that finds it held sends over the socket instead, as when a call is in flight.
@@ -296,6 +297,12 @@ class QuickLink:
     def sent(self, frames: list[Buffer]) -> None:
         """Bytes went out over the socket: hold ring posts until the peer read them."""
         self.ring.sent(sum(b.nbytes if isinstance(b, memoryview) else len(b) for b in frames))
+
+    def settled(self) -> bool:
+        """May socket bytes just read go straight to the inbox? Only with nothing in the ring
+        they must not overtake (``drain`` first otherwise). A client's ring holds replies
+        alone, which the call waiting for each takes. The caller is the port's reader."""
+        return not self.server or self._ring_waiting() == 0
 
     def consumed(self, nbytes: int) -> None:
         """Socket bytes read and dispatched: let the peer use its ring again."""
@@ -544,6 +551,12 @@ class QuickLink:
                 stats.messages_in += 1
                 stats.bytes_in += status
                 return message
+            if status == Q_CHECK:
+                # The socket stirred (a message too large for the ring, a hang-up): read what it
+                # holds now, as the reader still, rather than wait on the ring again first.
+                port._read_socket(deadline, False)
+                with port._state:
+                    return core.take_message()
             if status == Q_TIMEOUT:
                 raise Timeout("timed out waiting for a message")
             if status in QUICK_ERRORS:

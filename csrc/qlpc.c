@@ -816,6 +816,17 @@ static int available(qlpc_chan *ch)
     return waiting != 0;
 }
 
+int qlpc_waiting(qlpc_chan *ch)
+{
+    int rc;
+
+    if (ch == NULL || !enter(ch))
+        return QLPC_CLOSED;
+    rc = available(ch);
+    leave(ch);
+    return rc;
+}
+
 /* Has the socket anything for us (data, hang-up, or the peer's process gone)? */
 static int socket_stirred(qlpc_chan *ch)
 {

@@ -180,6 +180,11 @@ void qlpc_sent(qlpc_chan *ch, uint64_t nbytes);
 /* We read and dispatched nbytes from the socket: tell the peer. */
 void qlpc_consumed(qlpc_chan *ch, uint64_t nbytes);
 
+/* Server: 1 when entries wait in the client's ring now, 0 if none (none is
+ * taken), or a status (QLPC_E_INDEX, QLPC_CLOSED). Only meaningful to the
+ * thread that takes entries: a socket read checks it before skipping the ring. */
+int qlpc_waiting(qlpc_chan *ch);
+
 /* This side is about to wait in poll() instead of the futex: a peer posting
  * now must ring the socket doorbell. Returns 1 if entries are already
  * waiting (do not block), 0 otherwise, or a status. */
