@@ -84,7 +84,8 @@ class Impl:
 
 IMPLEMENTATIONS: dict[str, Impl] = {impl.name: impl for impl in (
     Impl("alpc", "alpc", AlpcTransport, _ALL | _STREAM),
-    Impl("alpc-socket", "alpc", AlpcSocketTransport, frozenset({"roundtrip", "connect", "scaling", "memory"})),
+    Impl("alpc-socket", "alpc", AlpcSocketTransport,
+         frozenset({"roundtrip", "throughput", "connect", "scaling", "memory"})),
     Impl("alpc-quick", "alpc", AlpcQuickTransport, frozenset({"roundtrip", "connect", "scaling", "memory"}),
          unavailable=qlpc.unavailable_reason),
     Impl("alpc-quick-msg", "alpc", AlpcQuickMessageTransport, frozenset({"roundtrip"}),
