@@ -1116,6 +1116,10 @@ static int receive(qlpc_chan *ch, uint32_t want, uint64_t deadline, qlpc_info *i
         rc = wait_entry(ch, deadline, &since);
         if (rc == 1)
             rc = take(ch, info, buf, since, attest, want);
+        else if (rc == QLPC_CHECK && since != 0)
+            /* A message too large for the ring came by the socket: the peer's pace
+             * all the same, which the next wait's spin should match. */
+            learn(ch, since, now_ns());
         if (rc < 0 || want == 0 || info->callback_id == want)
             break;
         /* A late reply to a request whose caller gave up: drop it. A peer that
