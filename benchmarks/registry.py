@@ -85,7 +85,7 @@ class Impl:
 IMPLEMENTATIONS: dict[str, Impl] = {impl.name: impl for impl in (
     Impl("alpc", "alpc", AlpcTransport, _ALL | _STREAM),
     Impl("alpc-socket", "alpc", AlpcSocketTransport,
-         frozenset({"roundtrip", "throughput", "connect", "scaling", "memory"}) | _STREAM),
+         frozenset({"roundtrip", "throughput", "rate", "connect", "scaling", "memory"}) | _STREAM),
     Impl("alpc-quick", "alpc", AlpcQuickTransport, frozenset({"roundtrip", "connect", "scaling", "memory"}),
          unavailable=qlpc.unavailable_reason),
     Impl("alpc-quick-msg", "alpc", AlpcQuickMessageTransport, frozenset({"roundtrip"}),
