@@ -742,6 +742,9 @@ class QuickRing:
     def arm_poll(self) -> int:
         return int(self._lib.qlpc_arm_poll(self._ch))
 
+    def disarm_poll(self) -> None:
+        self._lib.qlpc_disarm_poll(self._ch)
+
     def peer_attached(self) -> bool:
         return bool(self._lib.qlpc_peer_attached(self._ch))
 

@@ -1143,7 +1143,7 @@ class CommunicationPort:
         if core.inbox:
             with self._state:
                 message = core.take_message()
-        elif self._quick is not None and self._is_server:
+        elif self._quick is not None and self._is_server and not self._quick.by_socket:
             # One deadline for both waits: a signal that ends the ring's wait early must not
             # give the general path's wait the whole timeout again.
             deadline = deadline_after(timeout)
@@ -1509,6 +1509,11 @@ class CommunicationPort:
             done = quick.before_read(self, deadline, block)
             if done is not None:
                 return done
+            if quick.armed:
+                try:
+                    return self._read_socket(deadline, block)
+                finally:
+                    quick.disarm()
         return self._read_socket(deadline, block)
 
     def _read_socket(self, deadline: float | None, block: bool) -> bool:
@@ -1643,6 +1648,7 @@ class CommunicationPort:
             if filed:
                 if quick is not None:
                     quick.consumed(len(data))
+                    quick.by_socket = True
                 if filed == FILED_INBOX and self._on_ready is not None and not self._queued:
                     self._queued = True
                     self._on_ready(self)
@@ -1660,7 +1666,11 @@ class CommunicationPort:
             self._write_runtime(frames, token)
         if quick is not None:
             # Quick-LPC: what waits in the ring was sent before these bytes.
-            batch = batch._replace(messages=quick.drain(self) + batch.messages)
+            drained = quick.drain(self)
+            if drained:
+                batch = batch._replace(messages=drained + batch.messages)
+            elif batch.messages:
+                quick.by_socket = True
         with self._state:
             wake = core.route(batch)
         if quick is not None and (sender is None or sender.pid == self._channel.peer.pid):

@@ -257,6 +257,13 @@ class QuickLink:
         self._fold_lock = threading.Lock()
         # Server: the client maps the rings (a client that declined never does).
         self._attached = not server
+        # Server: the client's last message came by the socket (too large for the ring, a
+        # datagram): the next wait is on the socket, as a server without rings waits (its spin
+        # yields the CPU to a client on the same one, where a futex wake per socket send would
+        # switch to us for every message); a ring post meanwhile rings the socket's doorbell.
+        self.by_socket = False
+        # Server: armed for the reader's wait on the socket (disarm() once it returns).
+        self.armed = False
         # Server: told after this side waited on or took from the ring, which ends an arm()
         # (the multiplexer then arms this ring again before it next sleeps in poll()).
         self.on_take: Callable[[], None] | None = None
@@ -490,6 +497,16 @@ class QuickLink:
         if not block:
             port._dispatch(self.drain(port))
             return None
+        if self.by_socket:
+            waiting = self._arm(port)
+            if waiting == 0:
+                return None
+            if waiting > 0:
+                # Posted as we armed: the client may have rung the doorbell, whose bytes, unread,
+                # would hold its next ring post back (they count as socket bytes not read).
+                port._dispatch(self.drain(port))
+                port._read_socket(deadline, False)
+                return True
         try:
             status = self.ring.reply_wait_attested(0, b"", 0, _timeout_ns(deadline))
         except BaseException:
@@ -510,10 +527,25 @@ class QuickLink:
             self._protocol_error(port, status)
         return True
 
+    def _arm(self, port: CommunicationPort) -> int:
+        """Arm the doorbell before the reader waits on the socket: 0 when it may wait there,
+        1 when requests wait in the ring already, < 0 when the ring says why neither (the
+        ring's wait then reports it)."""
+        waiting = self.ring.arm_poll()
+        if waiting == 0:
+            self.armed = True
+        return waiting
+
+    def disarm(self) -> None:
+        """The reader's wait on the socket is over: ring posts need no doorbell any more."""
+        self.armed = False
+        self.ring.disarm_poll()
+
     def receive(self, port: CommunicationPort, deadline: float | None) -> Message | None:
         """Server ``receive()`` while nothing waits in the inbox: the next ring request,
         straight to the caller (not through the inbox), or None when the general path
         is to look (the socket has bytes, another thread reads, a signal, the port failed).
+        Not called while ``by_socket``: the general path waits on the socket then.
 
         A ring request is older than any socket byte not yet read (the C side
         posts only once the peer read every socket byte before it), so with the
@@ -589,6 +621,7 @@ class QuickLink:
             messages.append(message)
 
     def _request(self, port: CommunicationPort, length: int) -> Message | None:
+        self.by_socket = False
         info = self.ring.info
         # (Most messages repeat the last attested sender: one field read, no call.)
         cached = self._sender if info.attested == self._sender_gen else None

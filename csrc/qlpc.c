@@ -1281,3 +1281,14 @@ int qlpc_arm_poll(qlpc_chan *ch)
     leave(ch);
     return rc;
 }
+
+void qlpc_disarm_poll(qlpc_chan *ch)
+{
+    uint32_t armed = ST_POLL;
+
+    if (ch == NULL || !enter(ch))
+        return;
+    /* Only from ST_POLL: a peer that rang the doorbell has set ST_BUSY already. */
+    atomic_compare_exchange_strong(&ch->me->state, &armed, ST_BUSY);
+    leave(ch);
+}

@@ -190,6 +190,10 @@ int qlpc_waiting(qlpc_chan *ch);
  * waiting (do not block), 0 otherwise, or a status. */
 int qlpc_arm_poll(qlpc_chan *ch);
 
+/* This side's wait in poll() is over: a peer posting from now on need not ring
+ * the socket doorbell (the next wait arms again, or sleeps in the futex). */
+void qlpc_disarm_poll(qlpc_chan *ch);
+
 /* Attest now what the last call took without attesting (info->attested and
  * the ids). 0, QLPC_CHECK when the peer's process is gone, QLPC_CLOSED, or
  * QLPC_BUSY while another thread takes entries. */
