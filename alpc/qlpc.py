@@ -534,6 +534,8 @@ class QuickLink:
         waiting = self.ring.arm_poll()
         if waiting == 0:
             self.armed = True
+        elif waiting > 0:
+            self.ring.disarm_poll()  # taken from the ring now: a post must not ring for nothing
         return waiting
 
     def disarm(self) -> None:
