@@ -99,7 +99,7 @@ def test_a_socket_read_waits_for_older_ring_requests(broker, config) -> None:  #
         # The ring request is there before anything reads it: the server has not received yet.
         give_up = time.monotonic() + 10
         while quick.settled() and time.monotonic() < give_up:
-            time.sleep(0.001)
+            time.sleep(0.001)  # handshake-free: a ring post signals nothing this thread can wait on
         assert not quick.settled()
         client.send(LARGE, timeout=10)
         first = server.receive(timeout=10)
