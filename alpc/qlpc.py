@@ -539,9 +539,11 @@ class QuickLink:
         return waiting
 
     def disarm(self) -> None:
-        """The reader's wait on the socket is over: ring posts need no doorbell any more."""
+        """The reader's wait on the socket is over: ring posts need no doorbell any more.
+        That also ends a port's wait() arm of this ring, as a wait on the ring does: told."""
         self.armed = False
         self.ring.disarm_poll()
+        self._took()
 
     def receive(self, port: CommunicationPort, deadline: float | None) -> Message | None:
         """Server ``receive()`` while nothing waits in the inbox: the next ring request,
