@@ -337,7 +337,10 @@ class CompletionPort:
             self._workers += 1
         thread = threading.Thread(target=self._pool_thread, name="alpc-completion", daemon=True)
         with self._lock:
-            self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+            # Ended threads go; one another _promote made and has not started yet is not ended
+            # (is_alive() is False until start()): dropped, stop() would neither join it nor
+            # leave it behind, and a second serve() would run beside its handler.
+            self._threads = [t for t in self._threads if t.is_alive() or t.ident is None] + [thread]
         try:
             thread.start()
         except RuntimeError:

@@ -130,3 +130,21 @@ def test_serve_again_while_a_handler_is_left_behind_is_refused(broker, config) -
                 again.join(15)
             assert not again.is_alive()
         assert serve_thread[0].outcomes == again.outcomes == [None]
+
+
+def test_a_pool_thread_not_started_yet_stays_in_the_pool(broker, config) -> None:  # type: ignore[no-untyped-def]
+    """Two handlers growing the pool at once: the second dropped the first's new thread from
+    the pool's list when it had not started yet (is_alive() is False until start()), so
+    stop() neither joined it nor left it behind, and serve() ran again beside its stuck
+    handler (seen as test_serve_again_while_a_handler_is_left_behind_is_refused failing under
+    load)."""
+    with alpc.create_port("svc.lifecycle.unstarted", config=config) as port:
+        completion = alpc.CompletionPort(port, _handle, max_workers=4)
+        completion._stopping.set()  # the thread _promote starts ends at once
+        unstarted = threading.Thread(target=lambda: None)  # another _promote's, not started yet
+        completion._threads.append(unstarted)
+        completion._promote()
+        assert unstarted in completion._threads
+        for thread in completion._threads:
+            if thread.ident is not None:
+                thread.join(10)
