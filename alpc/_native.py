@@ -67,6 +67,7 @@ __all__ = [
     "Q_E_SYSTEM",
     "Q_FULL",
     "Q_INTR",
+    "Q_LARGE",
     "Q_ORDER",
     "Q_TIMEOUT",
     "Q_TOO_LARGE",
@@ -613,15 +614,16 @@ QUICK_UNAVAILABLE: str | None = (
     "Quick-LPC needs the C extension (ALPC_PUREPYTHON=1 or the extension is not built)" if _ext is None else None
 )
 # Geometry limits and statuses, mirrored from qlpc.h (tests check they agree).
-QUICK_DEFAULTS = {"region_header": 512, "entry_header": 32, "max_slots": 1024, "min_slot": 64, "max_slot": 65536}
-Q_TIMEOUT, Q_CHECK, Q_CLOSED, Q_FULL, Q_ORDER, Q_TOO_LARGE, Q_DOORBELL, Q_BUSY, Q_INTR = range(-1, -10, -1)
+QUICK_DEFAULTS = {"region_header": 512, "entry_header": 32, "max_slots": 1024, "min_slot": 64, "max_slot": 65536,
+                  "bulk_size": 1 << 20, "bulk_align": 4096}
+Q_TIMEOUT, Q_CHECK, Q_CLOSED, Q_FULL, Q_ORDER, Q_TOO_LARGE, Q_DOORBELL, Q_BUSY, Q_INTR, Q_LARGE = range(-1, -11, -1)
 Q_E_INDEX, Q_E_KIND, Q_E_LENGTH, Q_E_RESERVED, Q_E_LAYOUT, Q_E_ARGS, Q_E_SYSTEM = range(-20, -27, -1)
 QUICK_COUNTERS = ("messages_in", "bytes_in", "messages_out", "bytes_out", "spins_caught", "spins_missed",
                   "sleeps", "wakes")
 QUICK_ERRORS = {
     Q_E_INDEX: "a ring index claims more entries than the ring holds",
     Q_E_KIND: "a ring entry of the wrong kind for its direction",
-    Q_E_LENGTH: "a ring entry longer than its slot",
+    Q_E_LENGTH: "a ring entry longer than its slot (or than this side's max_message_length)",
     Q_E_RESERVED: "a ring entry with reserved words set or a missing id",
     Q_E_LAYOUT: "the ring region's header does not match the agreed geometry",
 }
@@ -654,7 +656,9 @@ def quick_region_size(slots: int, slot_size: int) -> int:
         return 0
     if _ext is not None:
         return int(_ext[1].qlpc_region_size(slots, slot_size))
-    return QUICK_DEFAULTS["region_header"] + 2 * slots * slot_size
+    rings = QUICK_DEFAULTS["region_header"] + 2 * slots * slot_size
+    align = QUICK_DEFAULTS["bulk_align"]
+    return -(-rings // align) * align + 2 * QUICK_DEFAULTS["bulk_size"]
 
 
 class QuickRing:
@@ -668,6 +672,9 @@ class QuickRing:
     - ``wait_reply(deadline_ns)``: client, keep waiting for the call in flight
     - ``reply_wait(callback_id, data, len(data), timeout_ns)``: server, reply (0: none) and wait
     - ``unpack(length)``: the payload the last wait received, as bytes
+    - ``take_bulk()``: after Q_LARGE (a message too large for a slot waits in the
+      peer's bulk area, described in ``info``), copy it into a new ``bulk_body``
+      and take it: its length, or a status
 
     They return a payload length (>= 0; the ids are then in ``info``) or a Q_*
     status. Deadlines are absolute CLOCK_MONOTONIC nanoseconds
@@ -677,7 +684,8 @@ class QuickRing:
     process is gone.
     """
 
-    __slots__ = ("_buf", "_ch", "_lib", "call", "call_attested", "info", "kick", "payload_max", "post_reply",
+    __slots__ = ("_buf", "_ch", "_ffi", "_lib", "bulk_body", "bulk_max",
+                 "call", "call_attested", "info", "kick", "payload_max", "post_reply",
                  "reply_wait", "reply_wait_attested", "unpack", "wait_reply", "wait_reply_attested", "waiting")
 
     def __init__(self, memfd: int, size: int, slots: int, slot_size: int, *, server: bool, sock_fd: int,
@@ -696,7 +704,10 @@ class QuickRing:
             raise QuotaExceeded(f"cannot set up the Quick-LPC rings ({os.strerror(ffi.errno) or code})")
         self._ch: Any = ffi.gc(ch, lib.qlpc_free)
         self._lib = lib
+        self._ffi = ffi
         self.payload_max = int(lib.qlpc_payload_max(ch))
+        self.bulk_max = int(lib.QLPC_BULK_SIZE)
+        self.bulk_body: bytes | None = None
         self.info: Any = ffi.new("qlpc_info *")
         self._buf: Any = ffi.new("char[]", max(self.payload_max, 1))
         self.call: Callable[[bytes, int, int], int] = partial(lib.qlpc_call, self._ch, self.info, self._buf, 0)
@@ -715,6 +726,20 @@ class QuickRing:
         self.waiting: Callable[[], int] = partial(lib.qlpc_waiting, self._ch)
         # reply() bound, for the Message path's every ring reply: (callback_id, data, len(data)).
         self.post_reply: Callable[[int, bytes, int], int] = partial(lib.qlpc_reply, self._ch)
+
+    def limit_bulk(self, max_length: int) -> None:
+        """Refuse (Q_E_LENGTH) bulk entries from the peer longer than ``max_length``."""
+        self._lib.qlpc_limit_bulk(self._ch, max(0, min(max_length, self.bulk_max)))
+
+    def take_bulk(self) -> int:
+        """After Q_LARGE: copy the bulk entry ``info`` describes into ``bulk_body`` (a new
+        bytes object, filled before anyone else sees it) and take it. Its length, Q_BUSY
+        when it is no longer the next entry (wait again), or a status."""
+        length = self.info.length
+        body: bytes = _new_bytes(None, length)
+        self.bulk_body = body
+        with self._ffi.from_buffer(body) as target:
+            return int(self._lib.qlpc_take_bulk(self._ch, self.info, target, length))
 
     def reply(self, callback_id: int, data: bytes) -> int:
         """Server: post a reply without waiting (0, Q_DOORBELL, or why it was not posted)."""

@@ -155,6 +155,8 @@ class CommunicationPort:
         self._stream = stream
         # Quick-LPC rings beside the socket (alpc.qlpc), when negotiated.
         self._quick = quick
+        if quick is not None:
+            quick.limit(channel.send_limit, channel.recv_limit)
         if quick is not None and not is_server:
             channel.quick_claims = quick.claims
             # The lean call is one Python frame around the C call on this connection.
@@ -344,7 +346,7 @@ class CommunicationPort:
         size = len(data) if type(data) is bytes else body_size(data)
         quick = self._quick
         # The rings carry the client's requests only: a server's go by the socket.
-        if (quick is not None and not quick.server and size <= quick.payload_max
+        if (quick is not None and not quick.server and size <= quick.carry_max
                 and isinstance(data, (bytes, bytearray, memoryview))
                 and grant is None and not secure and not fds):
             # Quick-LPC: the ring, unless it cannot take this one now. Datagrams queued
@@ -723,7 +725,7 @@ class CommunicationPort:
                 and quick.server
                 and not self._core.backlogged
                 and message.type is _REQUEST and not (secure or fds or message.cancelled)
-                and len(data) <= quick.payload_max
+                and len(data) <= quick.carry_max
                 and quick.reply(self, message.id, data if type(data) is bytes else bytes(data))):
             # Quick-LPC: a request that came through the ring, answered the same way.
             self.stats.replied(message.id, len(data))

@@ -10,10 +10,15 @@ seen (a watcher thread in C wakes a waiter blocked in the futex at once).
 
 The rules that keep the two paths one ordered connection:
 
-- The rings carry small REQUESTs (client to server) and the REPLYs to them
-  (server to client), nothing else. Every other message takes the socket, and
-  so does a ring message when the ring is full, the body is too large for a
-  slot, or another thread is posting.
+- The rings carry REQUESTs (client to server) and the REPLYs to them
+  (server to client), nothing else. A body that fits a slot rides in it; a
+  larger one (up to ``QuickRing.bulk_max``, 1 MiB, and the receiver's
+  max_message_length) goes through its sender's bulk area in the same region,
+  which holds one message at a time: the C side copies it in, the receiver
+  copies it out into a new bytes object (``take_bulk``) and only then takes the
+  entry, so the sender may write the next. Every other message takes the
+  socket, and so does a ring message when the ring (or the bulk area) is full,
+  the body is larger still, or another thread is posting.
 - A side posts to its ring only once the peer has read every socket byte it
   sent before (the peer publishes its count), and a receiver takes its ring
   before dispatching socket bytes: the two paths never reorder one sender's
@@ -76,6 +81,7 @@ from ._native import (
     Q_DOORBELL,
     Q_FULL,
     Q_INTR,
+    Q_LARGE,
     Q_ORDER,
     Q_TIMEOUT,
     Q_TOO_LARGE,
@@ -236,6 +242,9 @@ class QuickLink:
         self._sender_gen = 0  # (0: none yet; the C side's generations start at 1)
         self._sender: tuple[PeerCred, bool] | None = None
         self.payload_max = ring.payload_max
+        # The largest body this side sends through the rings (slot or bulk area); the
+        # port lowers it to the peer's max_message_length (``limit``).
+        self.carry_max = ring.bulk_max
         self._call = ring.call
         self._call_attested = ring.call_attested
         self._unpack = ring.unpack
@@ -288,6 +297,26 @@ class QuickLink:
             close_fds([fd])  # mapped now: a kept fd would let a forked child map the rings again
         return cls(ring, server=False, attesting=pidfd is not None and attested())
 
+    def limit(self, send_limit: int, recv_limit: int) -> None:
+        """The connection's message size limits: the peer's (what this side sends through the
+        rings) and this side's own (a longer bulk entry from the peer is a protocol error)."""
+        self.carry_max = max(0, min(self.ring.bulk_max, send_limit))
+        self.ring.limit_bulk(recv_limit)
+
+    def _settle(self, status: int) -> int:
+        """A wait's status, with a bulk entry (Q_LARGE) taken: its length then."""
+        return self.ring.take_bulk() if status == Q_LARGE else status
+
+    def _body(self, length: int) -> bytes:
+        """The payload of the entry the last wait took: from its slot, or the bulk copy."""
+        ring = self.ring
+        if not ring.info.bulk:
+            return self._unpack(length)
+        body = ring.bulk_body
+        ring.bulk_body = None  # (up to 1 MiB: the Message holds it now, the ring need not)
+        assert body is not None and len(body) == length
+        return body
+
     @property
     def active(self) -> bool:
         """Are the rings in use (on the server: has the client attached)?"""
@@ -326,7 +355,7 @@ class QuickLink:
         """
         c_call = self._call
         unpack = self._unpack
-        payload_max = self.payload_max
+        carry_max = self.carry_max
         slow = self._call_slow
         take_turn = self._calling.acquire
         end_turn = self._calling.release
@@ -337,8 +366,8 @@ class QuickLink:
         def call(data: bytes, timeout: float | None = None) -> bytes:
             # Datagrams queued by send(..., flush=False) go first: the socket path flushes them.
             port = port_ref()
-            if (type(data) is bytes and len(data) <= payload_max and not (port is not None and port._core.backlogged)
-                    and take_turn(False)):
+            if (type(data) is bytes and len(data) <= carry_max
+                    and not (port is not None and port._core.backlogged) and take_turn(False)):
                 try:
                     if timeout is None:
                         deadline_ns = -1
@@ -415,8 +444,13 @@ class QuickLink:
         deadline = None if deadline_ns < 0 else deadline_ns / 1e9
         try:
             while True:
+                if status == Q_LARGE:
+                    status = ring.take_bulk()
+                    if status == Q_BUSY:
+                        status = wait_reply(deadline_ns)  # rewritten under us: only the peer's loss
+                        continue
                 if status >= 0:
-                    return self._unpack(status), ring.info.sender_tid, request_id
+                    return self._body(status), ring.info.sender_tid, request_id
                 if status == Q_DOORBELL:
                     port._send(port._channel.doorbell, deadline_after(_DOORBELL_TIMEOUT))
                 elif status == Q_CHECK or status == Q_BUSY:
@@ -508,7 +542,7 @@ class QuickLink:
                 port._read_socket(deadline, False)
                 return True
         try:
-            status = self.ring.reply_wait_attested(0, b"", 0, _timeout_ns(deadline))
+            status = self._settle(self.ring.reply_wait_attested(0, b"", 0, _timeout_ns(deadline)))
         except BaseException:
             self._rescue(port)
             raise
@@ -572,6 +606,8 @@ class QuickLink:
                     left = deadline - _monotonic()
                     timeout_ns = int(left * 1e9) if left > 0 else 0
                 status = self._reply_wait_attested(0, b"", 0, timeout_ns)
+                if status == Q_LARGE:
+                    status = self.ring.take_bulk()
             except BaseException:
                 self._rescue(port)
                 raise
@@ -609,7 +645,7 @@ class QuickLink:
         reply_wait = self.ring.reply_wait_attested
         while True:
             try:
-                status = reply_wait(0, b"", 0, 0)
+                status = self._settle(reply_wait(0, b"", 0, 0))
             except BaseException:
                 port._dispatch(messages)
                 self._rescue(port)
@@ -630,7 +666,7 @@ class QuickLink:
         # (Most messages repeat the last attested sender: one field read, no call.)
         cached = self._sender if info.attested == self._sender_gen else None
         sender, changed = cached if cached is not None else self._attested_sender(port)
-        message = Message(_REQUEST, info.message_id, 0, self._unpack(length), sender, sender.pid, info.sender_tid)
+        message = Message(_REQUEST, info.message_id, 0, self._body(length), sender, sender.pid, info.sender_tid)
         if changed:
             message.identity_changed = True  # (a keyword costs every message)
         try:
@@ -745,13 +781,15 @@ class QuickLink:
         while True:
             try:
                 status = reply_wait(reply_id, reply, len(reply), wait_ns)
+                if status == Q_LARGE:
+                    status = self.ring.take_bulk()
             except BaseException:
                 self._rescue(port)
                 raise
             if status >= 0:
                 reply_id = info.message_id
                 try:
-                    answer = handler(unpack(status))
+                    answer = handler(unpack(status) if not info.bulk else self._body(status))
                 except BaseException:
                     self._answer_failed(port, reply_id)
                     raise

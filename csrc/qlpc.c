@@ -51,7 +51,8 @@
 #include <unistd.h>
 
 #define REGION_MAGIC 0x43504c51u /* "QLPC" */
-#define REGION_VERSION 1u
+#define REGION_VERSION 2u /* 2: bulk areas after the rings */
+#define BULK_ALIGN 4096u
 #define ATTACHED 0x41545421u
 #define SIDE_OFFSET 128u
 #define SIDE_SIZE 128u
@@ -126,6 +127,9 @@ struct qlpc_chan {
     uint64_t size;
     struct side *me, *peer;
     uint8_t *out_ring, *in_ring;
+    uint8_t *out_bulk, *in_bulk;
+    uint32_t bulk_in_max;      /* longest bulk entry we take (qlpc_limit_bulk) */
+    uint32_t bulk_until;       /* our tail just after our last bulk post (under posting) */
     uint32_t slots, slot_size, mask, payload_max;
     uint32_t role, in_kind;
     uint32_t tail;             /* what we published (under posting) */
@@ -524,13 +528,20 @@ static void watch_remove(qlpc_chan *ch)
 
 /* ---- opening and closing ------------------------------------------------------ */
 
+/* Where the bulk areas start: the first page after the rings. */
+static uint64_t bulk_offset(uint32_t slots, uint32_t slot_size)
+{
+    uint64_t rings = QLPC_REGION_HEADER + 2u * (uint64_t)slots * slot_size;
+    return (rings + BULK_ALIGN - 1) / BULK_ALIGN * BULK_ALIGN;
+}
+
 uint64_t qlpc_region_size(uint32_t slots, uint32_t slot_size)
 {
     if (slots < QLPC_MIN_SLOTS || slots > QLPC_MAX_SLOTS || (slots & (slots - 1)) != 0)
         return 0;
     if (slot_size < QLPC_MIN_SLOT_SIZE || slot_size > QLPC_MAX_SLOT_SIZE || slot_size % 64 != 0)
         return 0;
-    return QLPC_REGION_HEADER + 2u * (uint64_t)slots * slot_size;
+    return bulk_offset(slots, slot_size) + 2u * (uint64_t)QLPC_BULK_SIZE;
 }
 
 static void release(qlpc_chan *ch)
@@ -582,6 +593,7 @@ qlpc_chan *qlpc_open(int memfd, uint64_t size, uint32_t slots, uint32_t slot_siz
     ch->slot_size = slot_size;
     ch->mask = slots - 1;
     ch->payload_max = slot_size - QLPC_ENTRY_HEADER;
+    ch->bulk_in_max = QLPC_BULK_SIZE;
     ch->role = (uint32_t)role;
     ch->in_kind = role == QLPC_SERVER ? QLPC_REQUEST : QLPC_REPLY;
     ch->size = size;
@@ -607,6 +619,10 @@ qlpc_chan *qlpc_open(int memfd, uint64_t size, uint32_t slots, uint32_t slot_siz
         ch->peer = role == QLPC_SERVER ? client : server;
         ch->out_ring = role == QLPC_SERVER ? server_ring : client_ring;
         ch->in_ring = role == QLPC_SERVER ? client_ring : server_ring;
+        uint8_t *server_bulk = ch->base + bulk_offset(slots, slot_size);
+        uint8_t *client_bulk = server_bulk + QLPC_BULK_SIZE;
+        ch->out_bulk = role == QLPC_SERVER ? server_bulk : client_bulk;
+        ch->in_bulk = role == QLPC_SERVER ? client_bulk : server_bulk;
     }
     if (role == QLPC_SERVER) {
         struct region_header header = {REGION_MAGIC, REGION_VERSION, slots, slot_size};
@@ -714,6 +730,12 @@ int qlpc_peer_attached(qlpc_chan *ch)
 
 uint32_t qlpc_payload_max(qlpc_chan *ch) { return ch == NULL ? 0 : ch->payload_max; }
 
+void qlpc_limit_bulk(qlpc_chan *ch, uint32_t max)
+{
+    if (ch != NULL)
+        ch->bulk_in_max = max < QLPC_BULK_SIZE ? max : QLPC_BULK_SIZE;
+}
+
 uint64_t qlpc_count(qlpc_chan *ch, int which)
 {
     if (ch == NULL || which < 0 || which >= QLPC_COUNTERS)
@@ -752,8 +774,10 @@ static int post(qlpc_chan *ch, uint32_t kind, uint32_t message_id, uint32_t call
                 uint32_t len)
 {
     int rc;
+    /* Too large for a slot: the bulk area, which holds one message at a time. */
+    int bulk = len > ch->payload_max;
 
-    if (len > ch->payload_max)
+    if (len > QLPC_BULK_SIZE)
         return QLPC_TOO_LARGE;
     if (data == NULL && len != 0)
         return QLPC_E_ARGS;
@@ -768,13 +792,21 @@ static int post(qlpc_chan *ch, uint32_t kind, uint32_t message_id, uint32_t call
             rc = QLPC_E_INDEX;
         } else if (used == ch->slots) {
             rc = QLPC_FULL;
+        } else if (bulk && used > ch->tail - ch->bulk_until) {
+            rc = QLPC_FULL; /* the peer has not taken our last bulk entry: its bytes are still ours to keep */
         } else {
             uint8_t *slot = ch->out_ring + (size_t)(ch->tail & ch->mask) * ch->slot_size;
-            struct entry header = {kind, len, message_id, callback_id, my_tid(), 0, now_ns()};
-            memcpy(slot, &header, sizeof header);
-            if (len != 0)
+            struct entry header = {bulk ? kind | QLPC_BULK : kind, len, message_id, callback_id, my_tid(), 0,
+                                   now_ns()};
+            /* The bytes first: the consumer reads them only after the tail below. */
+            if (bulk)
+                memcpy(ch->out_bulk, data, len);
+            else if (len != 0)
                 memcpy(slot + QLPC_ENTRY_HEADER, data, len);
+            memcpy(slot, &header, sizeof header);
             ch->tail++;
+            if (bulk)
+                ch->bulk_until = ch->tail;
             atomic_store_explicit(&ch->me->tail, ch->tail, memory_order_release);
             atomic_fetch_add_explicit(&ch->counts[QLPC_MESSAGES_OUT], 1, memory_order_relaxed);
             atomic_fetch_add_explicit(&ch->counts[QLPC_BYTES_OUT], len, memory_order_relaxed);
@@ -1066,41 +1098,56 @@ int qlpc_attest(qlpc_chan *ch, qlpc_info *info)
     return rc;
 }
 
+/* An entry was taken (copied out, or dropped): the producer may reuse its slot and bulk area. */
+static void advance(qlpc_chan *ch, uint32_t length)
+{
+    ch->head++;
+    atomic_store_explicit(&ch->me->head, ch->head, memory_order_release);
+    atomic_fetch_add_explicit(&ch->counts[QLPC_MESSAGES_IN], 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&ch->counts[QLPC_BYTES_IN], length, memory_order_relaxed);
+}
+
 /* Copy the next entry out, then check it: its length, kind and ids. We had
  * been waiting for it since `since` (0: it was there at once). With `attest`
- * a reply to `want` (or a request) is attested before it is taken. */
+ * a reply to `want` (or a request) is attested before it is taken. A bulk
+ * entry is only described in info (QLPC_LARGE): qlpc_take_bulk takes it, into
+ * memory the caller sized; a stale one (a reply to another request) is dropped. */
 static int take(qlpc_chan *ch, qlpc_info *info, char *buf, uint64_t since, int attest, uint32_t want)
 {
     const uint8_t *slot = ch->in_ring + (size_t)(ch->head & ch->mask) * ch->slot_size;
     struct entry header;
+    int bulk, stale;
 
     memcpy(&header, slot, sizeof header);
-    if (header.kind != ch->in_kind)
+    if (header.kind != ch->in_kind && header.kind != (ch->in_kind | QLPC_BULK))
         return QLPC_E_KIND;
-    if (header.length > ch->payload_max)
+    bulk = header.kind != ch->in_kind;
+    if (header.length > (bulk ? ch->bulk_in_max : ch->payload_max))
         return QLPC_E_LENGTH;
     if (header.reserved != 0)
         return QLPC_E_RESERVED;
-    if (header.kind == QLPC_REQUEST ? (header.message_id & QLPC_ID_BIT) == 0 || header.callback_id != 0
+    if (ch->in_kind == QLPC_REQUEST ? (header.message_id & QLPC_ID_BIT) == 0 || header.callback_id != 0
                                     : (header.callback_id & QLPC_ID_BIT) == 0 || header.message_id != 0)
         return QLPC_E_RESERVED;
-    if (attest && (want == 0 || header.callback_id == want)) {
+    stale = want != 0 && header.callback_id != want;
+    if (attest && !stale) {
         int rc = attest_peer(ch, info);
         if (rc != 0)
             return rc;
     }
-    memcpy(buf, slot + QLPC_ENTRY_HEADER, header.length);
-    ch->head++;
-    atomic_store_explicit(&ch->me->head, ch->head, memory_order_release);
-    atomic_fetch_add_explicit(&ch->counts[QLPC_MESSAGES_IN], 1, memory_order_relaxed);
-    atomic_fetch_add_explicit(&ch->counts[QLPC_BYTES_IN], header.length, memory_order_relaxed);
     info->message_id = header.message_id;
     info->callback_id = header.callback_id;
     info->sender_tid = header.sender_tid;
-    info->taken = 1;
     info->length = header.length;
+    info->bulk = (uint32_t)bulk;
     if (since != 0)
         learn(ch, since, header.posted_ns);
+    if (bulk && !stale)
+        return QLPC_LARGE; /* the caller allocates, then qlpc_take_bulk copies and takes */
+    if (!bulk)
+        memcpy(buf, slot + QLPC_ENTRY_HEADER, header.length);
+    advance(ch, header.length);
+    info->taken = 1;
     return (int)header.length;
 }
 
@@ -1152,6 +1199,7 @@ static int start_call(qlpc_chan *ch, uint32_t role, qlpc_info *info, char *buf)
     info->posted = 0;
     info->dropped = 0;
     info->taken = 0;
+    info->bulk = 0;
     info->attested = 0;
     if (!enter(ch))
         return QLPC_CLOSED;
@@ -1231,6 +1279,44 @@ void qlpc_call_done(qlpc_chan *ch)
 uint32_t qlpc_in_flight(qlpc_chan *ch)
 {
     return ch == NULL ? 0 : atomic_load_explicit(&ch->calling_id, memory_order_relaxed);
+}
+
+int qlpc_take_bulk(qlpc_chan *ch, qlpc_info *info, char *dst, uint32_t len)
+{
+    struct entry header;
+    int rc;
+
+    if (ch == NULL || info == NULL || !info->bulk || len != info->length || (dst == NULL && len != 0))
+        return QLPC_E_ARGS;
+    if (!enter(ch))
+        return QLPC_CLOSED;
+    if (atomic_exchange_explicit(&ch->taking, 1, memory_order_acquire)) {
+        leave(ch);
+        return QLPC_BUSY;
+    }
+    rc = available(ch);
+    if (rc == 1) {
+        /* Still the entry the wait described? Its header is copied and checked again, as
+         * the peer may have rewritten it since (only to its own loss: it is dropped then). */
+        memcpy(&header, ch->in_ring + (size_t)(ch->head & ch->mask) * ch->slot_size, sizeof header);
+        if (header.kind != (ch->in_kind | QLPC_BULK) || header.length != len ||
+            header.message_id != info->message_id || header.callback_id != info->callback_id) {
+            rc = QLPC_BUSY;
+        } else {
+            if (len != 0)
+                memcpy(dst, ch->in_bulk, len);
+            advance(ch, len);
+            info->taken = 1;
+            rc = (int)len;
+        }
+    } else if (rc == 0) {
+        rc = QLPC_BUSY;
+    }
+    atomic_store_explicit(&ch->taking, 0, memory_order_release);
+    if (rc >= 0 && ch->role == QLPC_CLIENT && info->callback_id == atomic_load(&ch->calling_id))
+        call_over(ch);
+    leave(ch);
+    return rc;
 }
 
 int qlpc_reply_wait(qlpc_chan *ch, qlpc_info *info, char *buf, int attest, uint32_t callback_id,

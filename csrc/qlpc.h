@@ -10,9 +10,16 @@
  *   256                   the client's side words
  *   512                   ring the server produces (replies), slots x slot_size
  *   512 + slots*slot_size ring the client produces (requests)
+ *   B (the next page)     the server's bulk area (a reply too large for a slot), QLPC_BULK_SIZE
+ *   B + QLPC_BULK_SIZE    the client's bulk area (a request too large for a slot)
  *
  * Every slot starts with a 32-byte entry header (kind, length, message id,
  * callback id, sender tid, three reserved words) followed by the payload.
+ * An entry of kind QLPC_BULK | kind carries no payload in its slot: its
+ * `length` bytes are at the start of its producer's bulk area, which holds one
+ * message at a time (the producer writes it again only once the consumer's
+ * head shows that entry taken, and the consumer copies it out before that).
+ * Bulk areas are sparse until used: an idle connection costs no memory for them.
  * Each side writes only its own words and its own ring, and keeps its own
  * indices privately: what it reads from the other side is checked first.
  */
@@ -27,6 +34,8 @@ enum {
     QLPC_CLIENT = 1,
     QLPC_REQUEST = 1,
     QLPC_REPLY = 2,
+    QLPC_BULK = 16,        /* or'ed into an entry's kind: its payload is in the bulk area */
+    QLPC_BULK_SIZE = 1048576, /* each side's bulk area: the largest message the rings carry */
     QLPC_REGION_HEADER = 512,
     QLPC_ENTRY_HEADER = 32,
     QLPC_MIN_SLOTS = 1,
@@ -44,6 +53,8 @@ enum {
     QLPC_DOORBELL = -7,   /* posted; the peer waits in poll(): ring its socket doorbell */
     QLPC_BUSY = -8,       /* another thread is posting: send over the socket */
     QLPC_INTR = -9,       /* a signal arrived while blocked: run its handler, then wait on */
+    QLPC_LARGE = -10,     /* the entry waiting is a bulk one (ids and length in info, nothing
+                           * taken yet): allocate info->length bytes and call qlpc_take_bulk */
     /* The peer broke the ring protocol; the connection must be dropped. */
     QLPC_E_INDEX = -20,   /* an index claims more entries than the ring holds */
     QLPC_E_KIND = -21,    /* an entry of the wrong kind for this direction */
@@ -77,6 +88,7 @@ typedef struct {
     uint32_t taken;    /* 1 when the call took an entry (its `length` bytes are in buf): a
                         * signal handler raising as the call returns loses the return value */
     uint32_t length;
+    uint32_t bulk;     /* 1 when the entry is (or was, once taken) a bulk one */
     /* Set by a call that attests what it takes (and by qlpc_attest): non-zero when pid,
      * uid and gid below are the kernel's word (PIDFD_GET_INFO on the peer's pidfd, read
      * as the entry was taken) for the process that wrote it, 0 when the kernel cannot
@@ -130,12 +142,25 @@ int qlpc_peer_attached(qlpc_chan *ch);
 /* Largest payload a slot carries. */
 uint32_t qlpc_payload_max(qlpc_chan *ch);
 
+/* Bulk entries from the peer longer than `max` (at most QLPC_BULK_SIZE, the
+ * default) are a protocol error (QLPC_E_LENGTH): this side's message size limit. */
+void qlpc_limit_bulk(qlpc_chan *ch, uint32_t max);
+
+/* After QLPC_LARGE: copy the bulk entry described by info (its ids and length)
+ * into dst, which holds `len` == info->length bytes, and take it. Returns len,
+ * QLPC_BUSY when that entry is no longer the next one (another thread took it,
+ * or the peer rewrote it: wait again), or a status. A caller that never calls
+ * this leaves the entry in the ring, where the next wait finds it again. */
+int qlpc_take_bulk(qlpc_chan *ch, qlpc_info *info, char *dst, uint32_t len);
+
 /* Client: send a request through the ring and wait for its reply (replies
  * to abandoned requests are skipped). The request's id, chosen here, has
  * QLPC_ID_BIT set (ids of requests sent over the socket never do) and is in
  * info->message_id. Returns the reply's length (payload in buf, which holds
  * qlpc_payload_max bytes), or a status; info->posted tells whether the
- * request went out (if not, send it over the socket). One call is in flight
+ * request went out (if not, send it over the socket). A payload larger than a
+ * slot's goes through the bulk area (QLPC_FULL while the server has not taken
+ * the last one yet). A reply from the bulk area returns QLPC_LARGE first. One call is in flight
  * at a time (QLPC_BUSY). deadline_ns is absolute CLOCK_MONOTONIC, -1 none.
  *
  * With `attest` (here, in qlpc_wait_reply and qlpc_reply_wait) the entry

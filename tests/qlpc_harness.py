@@ -18,8 +18,8 @@ from alpc import _native
 from alpc._native import Q_TIMEOUT, QuickRing, quick_region_size
 from alpc.section import Section
 
-__all__ = ["CLIENT_SIDE", "ENTRY", "HEAD", "ID_BIT", "REPLY", "REQUEST", "SEQ", "SERVER_SIDE", "STATE", "TAIL",
-           "Pair", "deadline", "make_pair", "native"]
+__all__ = ["BULK", "BULK_SIZE", "CLIENT_SIDE", "ENTRY", "HEAD", "ID_BIT", "REPLY", "REQUEST", "SEQ", "SERVER_SIDE",
+           "STATE", "TAIL", "Pair", "deadline", "make_pair", "native"]
 
 native = pytest.mark.skipif(_native.QUICK_UNAVAILABLE is not None, reason=str(_native.QUICK_UNAVAILABLE))
 
@@ -28,6 +28,7 @@ SERVER_SIDE, CLIENT_SIDE = 128, 256
 SEQ, TAIL, HEAD, STATE = 0, 4, 8, 12
 ENTRY = struct.Struct("<IIIIIIQ")
 REQUEST, REPLY = 1, 2
+BULK, BULK_SIZE = 16, 1 << 20  # an entry's kind flag: its payload is in its producer's bulk area
 
 
 @dataclass

@@ -40,6 +40,7 @@ SIDE = {"server": 128, "client": 256}
 SIDE_FIELDS = {"seq": 0, "tail": 4, "head": 8, "state": 12, "cpu": 16, "attached": 20, "sock_sends": 24}
 ENTRY = struct.Struct("<IIIIIIQ")
 REQUEST, REPLY = 1, 2
+BULK, BULK_SIZE = 16, 1 << 20
 ID_BIT = 0x40000000
 NOBODY = 65534
 
@@ -89,6 +90,8 @@ def damage(region: Region, producer: str, kind: str, honest_kind: int) -> None:
         return
     if kind == "length":
         region.write_entry(producer, tail, honest_kind, 1 << 20, *good_ids)
+    elif kind == "bulk":
+        region.write_entry(producer, tail, honest_kind | BULK, BULK_SIZE + 1, *good_ids)
     elif kind == "kind":
         region.write_entry(producer, tail, 3 - honest_kind, 4, *good_ids)
     elif kind == "reserved":
@@ -278,6 +281,13 @@ def client(args: argparse.Namespace) -> None:
             elif command == "drop":
                 drop_privileges()
                 say("DROPPED", os.getuid(), os.getgid())
+            elif command == "pound":
+                body = b"p" * int(rest)
+                assert comm.call(body, timeout=30) == body.upper()
+                say("POUNDING")
+                while True:
+                    comm.call(body, timeout=30)
+                    comm.call(f"big:{rest}".encode(), timeout=30)
             elif command == "hang":
                 say("HANGING")
                 comm.call(b"noreply", timeout=60)

@@ -45,7 +45,8 @@ def test_a_trim_whose_write_timed_out_still_reaches_the_peer(broker, config, pee
     again, as they are gone from this side's pool."""
     server = peer("trim", "pool.trim")
     with alpc.connect("pool.trim", config=config, timeout=10) as comm:
-        assert comm.request(os.urandom(MIB), timeout=10).data == b"ok"  # a pooled section, mapped there
+        # Over the rings' 1 MiB bulk area: a pooled section, mapped there.
+        assert comm.request(os.urandom(MIB + 4096), timeout=10).data == b"ok"
         assert comm.request(b"count", timeout=10).data == b"1"
         pool = comm._channel.sections.pool  # type: ignore[attr-defined]
         assert pool.ledger.lent_bytes() == 0  # idle: the server released its range

@@ -30,6 +30,10 @@ Start = Callable[..., object]
 
 @pytest.fixture
 def peer(spawn, runtime_dir: Path) -> Start:  # type: ignore[no-untyped-def]
+    return peer_starter(spawn, runtime_dir)
+
+
+def peer_starter(spawn, runtime_dir: Path) -> Start:  # type: ignore[no-untyped-def]
     """peer(role, name, *options, env=None) starts tests/qlpc_peers.py and waits for READY."""
     def start(role: str, name: str, *options: str, env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
         process = spawn.argv([sys.executable, str(QLPC_PEERS), role, name, "--runtime-dir", str(runtime_dir),
@@ -269,6 +273,7 @@ def test_sigkill_of_the_client_mid_write(broker, config, peer) -> None:  # type:
 @native
 @pytest.mark.parametrize(("damage", "reason"), [
     ("length", "longer_than_its_slot"),
+    ("bulk", "longer_than_its_slot"),
     ("index", "claims_more_entries"),
     ("kind", "wrong_kind"),
     ("reserved", "reserved_words"),
@@ -291,6 +296,7 @@ def test_a_hostile_client_loses_only_its_own_connection(broker, config, peer, da
 @native
 @pytest.mark.parametrize(("damage", "reason"), [
     ("length", "longer than its slot"),
+    ("bulk", "longer than its slot"),
     ("index", "claims more entries"),
     ("kind", "wrong kind"),
     ("reserved", "reserved words"),

@@ -20,6 +20,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from qlpc_harness import (
+    BULK,
+    BULK_SIZE,
     CLIENT_SIDE,
     ENTRY,
     HEAD,
@@ -47,6 +49,7 @@ from alpc._native import (
     Q_E_RESERVED,
     Q_FULL,
     Q_INTR,
+    Q_LARGE,
     Q_ORDER,
     Q_TIMEOUT,
     Q_TOO_LARGE,
@@ -61,7 +64,8 @@ from alpc.section import Section
 def test_region_size_twin_agrees_with_c() -> None:
     for slots in (0, 1, 2, 3, 8, 1024, 2048):
         for slot_size in (32, 64, 100, 512, 65536, 65600):
-            expected = 512 + 2 * slots * slot_size
+            rings = 512 + 2 * slots * slot_size
+            expected = (rings + 4095) // 4096 * 4096 + 2 * BULK_SIZE  # the bulk areas from the next page
             valid = slots in (1, 2, 8, 1024) and slot_size in (64, 512, 65536)
             assert quick_region_size(slots, slot_size) == (expected if valid else 0)
 
@@ -154,13 +158,105 @@ def test_one_call_in_flight_at_a_time(pair: Pair) -> None:
 
 
 @native
-def test_a_body_too_large_for_a_slot_is_refused(pair: Pair) -> None:
-    big = b"x" * (pair.client.payload_max + 1)
+def test_a_body_too_large_for_the_bulk_area_is_refused(pair: Pair) -> None:
+    big = b"x" * (pair.client.bulk_max + 1)
     assert pair.client.call(big, len(big), deadline(0)) == Q_TOO_LARGE
     assert pair.client.info.posted == 0
     exact = big[:-1]
     assert pair.client.call(exact, len(exact), deadline(0)) == Q_TIMEOUT
+    assert pair.server.reply_wait(0, b"", 0, 0) == Q_LARGE
+    assert pair.server.take_bulk() == len(exact)
+    assert pair.server.bulk_body == exact
+
+
+@native
+def test_a_body_that_fits_a_slot_stays_in_the_slot(pair: Pair) -> None:
+    exact = b"s" * pair.client.payload_max
+    assert pair.client.call(exact, len(exact), deadline(0)) == Q_TIMEOUT
     assert pair.server.reply_wait(0, b"", 0, 0) == len(exact)
+    assert pair.server.info.bulk == 0
+    assert pair.server.unpack(len(exact)) == exact
+
+
+@native
+@pytest.mark.parametrize("size", [200, 64 * 1024, 1 << 20])
+def test_a_large_request_and_a_large_reply_go_through_the_bulk_areas(pair: Pair, size: int) -> None:
+    request = os.urandom(size)
+    answer = os.urandom(size)
+    reply = in_thread(pair.client.call, request, size, deadline(10))
+    assert pair.server.reply_wait(0, b"", 0, 10_000_000_000) == Q_LARGE
+    info = pair.server.info
+    assert (info.bulk, info.length, info.taken) == (1, size, 0)
+    request_id = info.message_id
+    assert pair.server.take_bulk() == size
+    assert pair.server.bulk_body == request and info.taken == 1
+    assert pair.server.reply_wait(request_id, answer, size, 0) == Q_TIMEOUT
+    assert pair.server.info.posted == 1
+    assert reply() == Q_LARGE
+    assert pair.client.in_flight() == request_id  # the call is over once the reply is taken
+    assert pair.client.take_bulk() == size
+    assert pair.client.bulk_body == answer
+    assert pair.client.in_flight() == 0
+    counts = pair.client.counts()
+    assert (counts["messages_out"], counts["bytes_out"], counts["messages_in"], counts["bytes_in"]) == (
+        1, size, 1, size)
+
+
+@native
+def test_an_untaken_bulk_entry_waits_for_the_next_look(pair: Pair) -> None:
+    """A caller that never calls take_bulk (an exception between the two calls) loses nothing."""
+    body = b"b" * 1000
+    assert pair.client.call(body, len(body), deadline(0)) == Q_TIMEOUT
+    assert pair.server.reply_wait(0, b"", 0, 0) == Q_LARGE
+    assert pair.server.reply_wait(0, b"", 0, 0) == Q_LARGE
+    assert pair.server.waiting() == 1
+    assert pair.server.take_bulk() == len(body)
+    assert pair.server.bulk_body == body
+    assert pair.server.take_bulk() == Q_BUSY  # taken already: nothing to take twice
+    assert pair.server.reply_wait(0, b"", 0, 0) == Q_TIMEOUT
+
+
+@native
+def test_the_bulk_area_holds_one_message_until_the_peer_took_it(pair: Pair) -> None:
+    first, second = b"1" * 300, b"2" * 300
+    assert pair.client.call(first, len(first), deadline(0)) == Q_TIMEOUT
+    pair.client.call_done()
+    # Small ones still pass; a second large one would overwrite bytes not yet copied out.
+    assert pair.client.call(b"small", 5, deadline(0)) == Q_TIMEOUT
+    pair.client.call_done()
+    assert pair.client.call(second, len(second), deadline(0)) == Q_FULL
+    assert pair.client.info.posted == 0
+    assert pair.server.reply_wait(0, b"", 0, 0) == Q_LARGE
+    assert pair.server.take_bulk() == len(first)
+    assert pair.client.call(second, len(second), deadline(0)) == Q_TIMEOUT
+    pair.client.call_done()
+    assert pair.server.reply_wait(0, b"", 0, 0) == 5
+    assert pair.server.reply_wait(0, b"", 0, 0) == Q_LARGE
+    assert pair.server.take_bulk() == len(second)
+    assert pair.server.bulk_body == second
+
+
+@native
+def test_a_late_bulk_reply_is_dropped_without_a_copy(pair: Pair) -> None:
+    assert pair.client.call(b"one", 3, deadline(0.01)) == Q_TIMEOUT
+    first = pair.client.in_flight()
+    pair.client.call_done()
+    assert pair.server.reply_wait(0, b"", 0, 0) == 3
+    assert pair.server.reply(first, b"L" * 5000) == 0
+    second = in_thread(pair.client.call, b"two", 3, deadline(10))
+    assert pair.server.reply_wait(0, b"", 0, 10_000_000_000) == 3
+    assert pair.server.reply(pair.server.info.message_id, b"TWO") == 0
+    assert second() == 3
+    assert pair.client.unpack(3) == b"TWO"
+    assert pair.client.info.dropped == 1
+
+
+@native
+def test_a_limit_below_the_bulk_area_refuses_longer_entries(pair: Pair) -> None:
+    pair.server.limit_bulk(4096)
+    body = b"z" * 4097
+    assert pair.client.call(body, len(body), deadline(0)) == Q_TIMEOUT
+    assert pair.server.reply_wait(0, b"", 0, 0) == Q_E_LENGTH
 
 
 @native
@@ -281,6 +377,10 @@ def test_the_client_checks_the_region_header() -> None:
     ({"kind": 99}, Q_E_KIND),
     ({"length": 1 << 20}, Q_E_LENGTH),
     ({"length": 97}, Q_E_LENGTH),
+    ({"kind": REQUEST | BULK, "length": BULK_SIZE + 1}, Q_E_LENGTH),
+    ({"kind": REPLY | BULK}, Q_E_KIND),
+    ({"kind": BULK}, Q_E_KIND),
+    ({"kind": REQUEST | BULK, "reserved": 1}, Q_E_RESERVED),
     ({"reserved": 1}, Q_E_RESERVED),
     ({"message_id": 5}, Q_E_RESERVED),
     ({"message_id": 0}, Q_E_RESERVED),
@@ -305,6 +405,16 @@ def test_a_lying_head_is_refused(pair: Pair, head: int) -> None:
     pair.set_word(SERVER_SIDE, HEAD, head)
     assert pair.client.call(b"x", 1, deadline(0)) == Q_E_INDEX
     assert pair.client.info.posted == 0
+
+
+@native
+def test_a_bulk_entry_rewritten_before_its_take_is_not_taken(pair: Pair) -> None:
+    pair.publish_request(kind=REQUEST | BULK, length=300)
+    assert pair.server.reply_wait(0, b"", 0, 0) == Q_LARGE
+    ENTRY.pack_into(pair.region, pair.client_slot(0), REQUEST | BULK, 301, ID_BIT | 1, 0, 0, 0, 0)
+    assert pair.server.take_bulk() == Q_BUSY
+    assert pair.server.reply_wait(0, b"", 0, 0) == Q_LARGE
+    assert pair.server.take_bulk() == 301
 
 
 @native
@@ -333,6 +443,9 @@ def test_any_client_contents_give_a_request_or_an_error(pair: Pair, side: bytes,
     pair.region[start:start + len(ring)] = ring
     for _ in range(pair.slots + 1):
         status = pair.server.reply_wait(0, b"", 0, 0)
+        if status == Q_LARGE:
+            assert pair.server.info.length <= pair.server.bulk_max
+            status = pair.server.take_bulk()
         assert status in QUICK_ERRORS or status in (Q_TIMEOUT, Q_CHECK) or 0 <= status <= pair.server.payload_max
         if status < 0:
             break
@@ -348,6 +461,9 @@ def test_any_server_contents_give_a_reply_or_an_error(pair: Pair, side: bytes, r
     pair.region[SERVER_SIDE:SERVER_SIDE + 40] = side
     pair.region[512:512 + len(ring)] = ring
     status = pair.client.call(b"q", 1, deadline(0))
+    if status == Q_LARGE:
+        assert pair.client.info.length <= pair.client.bulk_max
+        status = pair.client.take_bulk()
     assert status in QUICK_ERRORS or status in (Q_TIMEOUT, Q_CHECK, Q_FULL, Q_ORDER, Q_DOORBELL) or (
         0 <= status <= pair.client.payload_max)
     pair.region[SERVER_SIDE:SERVER_SIDE + 40] = bytes(40)

@@ -4,11 +4,13 @@
  * The driver opens one real side of a channel (server or client) on a real
  * memfd and plays the other side itself: before every call it writes what a
  * malicious peer could write into its own words and ring (indices far ahead
- * or behind, lengths past a slot, wrong kinds, ids without the ring bit,
- * reserved words set, garbage states, a rewritten region header). The side
- * under test must answer with a payload no longer than a slot or with a
- * status, never read or write outside the mapping or its buffer (the receive
- * buffer is allocated at exactly qlpc_payload_max bytes), and never block:
+ * or behind, lengths past a slot or the bulk area, wrong kinds, bulk entries,
+ * ids without the ring bit, reserved words set, garbage states, a rewritten
+ * region header). The side under test must answer with a payload no longer
+ * than a slot, QLPC_LARGE for a bulk entry no longer than the bulk area (then
+ * taken into a buffer of exactly its length), or a status, never read or write
+ * outside the mapping or its buffers (the receive buffer is allocated at
+ * exactly qlpc_payload_max bytes), and never block:
  * every wait has a deadline already due. Calls attest what they take now and
  * then, against a pidfd of the driver itself (the kernel's answer must name it).
  *
@@ -104,8 +106,8 @@ static uint32_t pick_length(uint32_t payload_max)
     case 2: return payload_max + 1;
     case 3: return (uint32_t)below(payload_max + 1);
     case 4: return UINT32_MAX;
-    case 5: return 0x80000000u;
-    default: return (uint32_t)next();
+    case 5: return below(2) ? QLPC_BULK_SIZE : QLPC_BULK_SIZE + 1u;
+    default: return below(2) ? 0x80000000u : (uint32_t)next();
     }
 }
 
@@ -143,7 +145,7 @@ static int rig_open(struct rig *r, int role)
     }
     if (role == QLPC_CLIENT) {
         /* The (hostile) server initialised the region: usually right, sometimes not. */
-        uint32_t header[4] = {0x43504c51u, 1u, r->slots, r->slot_size};
+        uint32_t header[4] = {0x43504c51u, 2u, r->slots, r->slot_size};
         int lie = below(8) == 0;
         if (lie)
             header[below(4)] ^= 1u << below(32);
@@ -205,7 +207,7 @@ static void misbehave(struct rig *r)
     put64(peer + W_CONSUMED, below(3) == 0 ? 0 : below(2) ? UINT64_MAX : next());
     put32(peer + W_SEQ, (uint32_t)next());
 
-    put32(slot + 0, below(4) ? in_kind : (uint32_t)below(4));
+    put32(slot + 0, below(4) ? in_kind | (below(3) ? 0 : QLPC_BULK) : (uint32_t)below(4) | (below(2) ? 0 : QLPC_BULK));
     put32(slot + 4, pick_length(payload_max));
     if (in_kind == QLPC_REQUEST) {
         put32(slot + 8, id);
@@ -224,7 +226,7 @@ static void misbehave(struct rig *r)
 
 static int is_status(int rc)
 {
-    return (rc <= QLPC_TIMEOUT && rc >= QLPC_INTR) || (rc <= QLPC_E_INDEX && rc >= QLPC_E_SYSTEM);
+    return (rc <= QLPC_TIMEOUT && rc >= QLPC_LARGE) || (rc <= QLPC_E_INDEX && rc >= QLPC_E_SYSTEM);
 }
 
 static void check_result(struct rig *r, const char *what, int rc)
@@ -237,6 +239,31 @@ static void check_result(struct rig *r, const char *what, int rc)
     CHECK((rc >= 0 && (uint32_t)rc <= qlpc_payload_max(r->ch)) || is_status(rc), "%s returned %d", what, rc);
     CHECK(rc != QLPC_E_ARGS && rc != QLPC_E_SYSTEM && rc != QLPC_INTR && rc != QLPC_BUSY,
           "%s returned %d: not a peer's doing", what, rc);
+}
+
+/* After QLPC_LARGE: the entry described must fit the bulk area; take it into a buffer of
+ * exactly its length (ASan sees any write past it), sometimes after the peer rewrote it. */
+static int take_large(struct rig *r, qlpc_info *info, int rc)
+{
+    char *body;
+
+    if (rc != QLPC_LARGE)
+        return rc;
+    CHECK(info->bulk && info->length <= QLPC_BULK_SIZE && !info->taken, "QLPC_LARGE for a %u-byte entry (bulk %u)",
+          info->length, info->bulk);
+    if (below(8) == 0)
+        misbehave(r);
+    body = malloc(info->length ? info->length : 1);
+    if (body == NULL)
+        exit(2);
+    rc = qlpc_take_bulk(r->ch, info, body, info->length);
+    free(body);
+    inputs++;
+    CHECK(rc == (int)info->length || rc == QLPC_BUSY || rc == QLPC_E_INDEX, "take_bulk returned %d for %u bytes", rc,
+          info->length);
+    if (rc >= 0)
+        seen[0]++;
+    return rc == QLPC_BUSY ? QLPC_TIMEOUT : rc;
 }
 
 /* What an attesting call that took an entry says about its writer: this process, or nothing. */
@@ -255,7 +282,7 @@ static void check_attested(const qlpc_info *info, int attest, int rc)
 static void drive_server(struct rig *r)
 {
     qlpc_info info;
-    char reply[64];
+    static char reply[8192];  /* past a slot of every geometry: the bulk area */
     uint32_t len = (uint32_t)below(sizeof reply + 1);
     int rc, attest = (int)below(2);
 
@@ -266,11 +293,13 @@ static void drive_server(struct rig *r)
     case 0:
         rc = qlpc_reply_wait(r->ch, &info, r->buf, attest, 0, NULL, 0, 0);
         check_result(r, "reply_wait(receive only)", rc);
+        rc = take_large(r, &info, rc);
         check_attested(&info, attest, rc);
         break;
     case 1:
         rc = qlpc_reply_wait(r->ch, &info, r->buf, attest, QLPC_ID_BIT | 7u, reply, len, 0);
         check_result(r, "reply_wait(reply, receive)", rc);
+        rc = take_large(r, &info, rc);
         check_attested(&info, attest, rc);
         break;
     default:
@@ -296,7 +325,7 @@ static uint32_t posted_id(struct rig *r)
 static void drive_client(struct rig *r)
 {
     qlpc_info info;
-    char request[64];
+    static char request[8192];
     uint32_t len = (uint32_t)below(sizeof request + 1);
     int rc, attest = (int)below(2);
 
@@ -308,6 +337,7 @@ static void drive_client(struct rig *r)
     if (want != 0 && below(2)) {
         rc = qlpc_wait_reply(r->ch, &info, r->buf, attest, 0);
         check_result(r, "wait_reply", rc);
+        rc = take_large(r, &info, rc);
     } else {
         if (want != 0)
             qlpc_call_done(r->ch);
@@ -315,6 +345,7 @@ static void drive_client(struct rig *r)
         check_result(r, "call", rc);
         CHECK(rc < 0 || info.posted, "call returned a reply (%d) without posting its request", rc);
         want = posted_id(r);
+        rc = take_large(r, &info, rc);
     }
     if (rc >= 0)
         CHECK(info.callback_id == want, "a reply to %u taken for call %u", info.callback_id, want);
@@ -355,7 +386,7 @@ int main(int argc, char **argv)
     }
     /* A run long enough must have reached every check, or the peer model went stale. */
     if (iterations >= 100000) {
-        static const int expected[] = {QLPC_TIMEOUT, QLPC_FULL, QLPC_ORDER, QLPC_DOORBELL, QLPC_E_INDEX,
+        static const int expected[] = {QLPC_TIMEOUT, QLPC_LARGE, QLPC_FULL, QLPC_ORDER, QLPC_DOORBELL, QLPC_E_INDEX,
                                        QLPC_E_KIND, QLPC_E_LENGTH, QLPC_E_RESERVED, QLPC_E_LAYOUT};
         CHECK(seen[0] > 0, "no payload was ever received");
         CHECK(attested > 0 || qlpc_attest_probe() != 0, "no entry taken was ever attested");
