@@ -1080,18 +1080,27 @@ int qlpc_attest_probe(void)
     return err;
 }
 
-int qlpc_attest(qlpc_chan *ch, qlpc_info *info)
+/* A call outside a wait that reads the peer's ring: hold a use and the consumer's turn.
+ * 0, or QLPC_CLOSED / QLPC_BUSY (then neither is held). */
+static int begin_taking(qlpc_chan *ch)
 {
-    int rc;
-
-    if (ch == NULL || info == NULL)
-        return QLPC_E_ARGS;
     if (!enter(ch))
         return QLPC_CLOSED;
     if (atomic_exchange_explicit(&ch->taking, 1, memory_order_acquire)) {
         leave(ch);
         return QLPC_BUSY;
     }
+    return 0;
+}
+
+int qlpc_attest(qlpc_chan *ch, qlpc_info *info)
+{
+    int rc;
+
+    if (ch == NULL || info == NULL)
+        return QLPC_E_ARGS;
+    if ((rc = begin_taking(ch)) != 0)
+        return rc;
     rc = attest_peer(ch, info);
     atomic_store_explicit(&ch->taking, 0, memory_order_release);
     leave(ch);
@@ -1288,12 +1297,8 @@ int qlpc_take_bulk(qlpc_chan *ch, qlpc_info *info, char *dst, uint32_t len)
 
     if (ch == NULL || info == NULL || !info->bulk || len != info->length || (dst == NULL && len != 0))
         return QLPC_E_ARGS;
-    if (!enter(ch))
-        return QLPC_CLOSED;
-    if (atomic_exchange_explicit(&ch->taking, 1, memory_order_acquire)) {
-        leave(ch);
-        return QLPC_BUSY;
-    }
+    if ((rc = begin_taking(ch)) != 0)
+        return rc;
     rc = available(ch);
     if (rc == 1) {
         /* Still the entry the wait described? Its header is copied and checked again, as

@@ -19,6 +19,7 @@ import alpc
 from alpc import _native
 from alpc._native import QuickRing
 from tests.test_qlpc import PROMPT, Start, connect, peer_starter, shm_names_of
+from tests.test_qlpc_socket_interplay import ring_pair
 
 native = pytest.mark.skipif(_native.QUICK_UNAVAILABLE is not None, reason=str(_native.QUICK_UNAVAILABLE))
 pytestmark = [native, pytest.mark.timeout(60)]
@@ -97,64 +98,47 @@ def test_the_rings_keep_each_sides_max_message_length(broker, config) -> None:  
     """A server with a 64 KiB limit: the client's rings carry up to that, and a longer request
     is refused before it is sent, as on the socket (MessageTooLarge)."""
     limit = 65536
-    attributes = alpc.PortAttributes(max_message_length=limit)
-    with alpc.create_port("qb.limit", attributes, config=config) as port:
-        accepted: list[alpc.CommunicationPort] = []
-        listener = threading.Thread(target=lambda: accepted.append(port.listen(timeout=10).accept()))
-        listener.start()
-        with alpc.connect("qb.limit", config=config, timeout=10) as client:
-            listener.join(10)
-            server = accepted[0]
-            try:
-                assert client.quick and client._quick is not None
-                assert client._quick.carry_max == limit
-                served = threading.Thread(target=lambda: server.receive(timeout=10).reply(b"fits"))
-                served.start()
-                assert client.request(b"x" * limit, timeout=10).data == b"fits"
-                served.join(10)
-                with pytest.raises(alpc.MessageTooLarge):
-                    client.request(b"x" * (limit + 1), timeout=10)
-                with pytest.raises(alpc.MessageTooLarge):
-                    client.call(b"x" * (limit + 1), timeout=10)
-            finally:
-                server.close()
+    attributes = alpc.PortAttributes(max_message_length=limit, quick_lpc=True)
+    with ring_pair(config, "qb.limit", attributes) as (_, server, client):
+        assert client._quick is not None and client._quick.carry_max == limit
+        served = threading.Thread(target=lambda: server.receive(timeout=10).reply(b"fits"))
+        served.start()
+        assert client.request(b"x" * limit, timeout=10).data == b"fits"
+        served.join(10)
+        with pytest.raises(alpc.MessageTooLarge):
+            client.request(b"x" * (limit + 1), timeout=10)
+        with pytest.raises(alpc.MessageTooLarge):
+            client.call(b"x" * (limit + 1), timeout=10)
 
 
 def test_a_signal_between_the_look_and_the_take_loses_nothing(broker, config, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """An exception (a signal handler's) after the wait saw a bulk entry and before it was
     copied out leaves the entry in the ring: the next receive() delivers it."""
-    with alpc.create_port("qb.interrupt", alpc.PortAttributes(quick_lpc=True), config=config) as port:
-        accepted: list[alpc.CommunicationPort] = []
-        listener = threading.Thread(target=lambda: accepted.append(port.listen(timeout=10).accept()))
-        listener.start()
-        with alpc.connect("qb.interrupt", config=config, timeout=10) as client:
-            listener.join(10)
-            server = accepted[0]
-            quick = server._quick
-            assert quick is not None
-            body = body_of(200_000)
-            replies: list[bytes] = []
-            caller = threading.Thread(target=lambda: replies.append(client.call(body, timeout=10)))
-            caller.start()
-            real_take = QuickRing.take_bulk
-            raised = [0]
+    with ring_pair(config, "qb.interrupt") as (_, server, client):
+        quick = server._quick
+        assert quick is not None
+        body = body_of(200_000)
+        replies: list[bytes] = []
+        caller = threading.Thread(target=lambda: replies.append(client.call(body, timeout=10)))
+        caller.start()
+        real_take = QuickRing.take_bulk
+        raised = [0]
 
-            def interrupted(ring: QuickRing) -> int:
-                if ring is quick.ring and not raised[0]:
-                    raised[0] = 1
-                    raise KeyboardInterrupt  # as a signal handler would, as the wait returns
-                return real_take(ring)
+        def interrupted(ring: QuickRing) -> int:
+            if ring is quick.ring and not raised[0]:
+                raised[0] = 1
+                raise KeyboardInterrupt  # as a signal handler would, as the wait returns
+            return real_take(ring)
 
-            monkeypatch.setattr(QuickRing, "take_bulk", interrupted)
-            with pytest.raises(KeyboardInterrupt):
-                server.receive(timeout=10)
-            assert quick.ring.waiting() == 1  # still there
-            message = server.receive(timeout=10)
-            assert message.data == body
-            message.reply(b"got it")
-            caller.join(10)
-            assert replies == [b"got it"]
-            server.close()
+        monkeypatch.setattr(QuickRing, "take_bulk", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            server.receive(timeout=10)
+        assert quick.ring.waiting() == 1  # still there
+        message = server.receive(timeout=10)
+        assert message.data == body
+        message.reply(b"got it")
+        caller.join(10)
+        assert replies == [b"got it"]
 
 
 @pytest.mark.parametrize("victim", ["client", "server"])
