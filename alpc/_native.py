@@ -684,7 +684,7 @@ class QuickRing:
     process is gone.
     """
 
-    __slots__ = ("_buf", "_ch", "_ffi", "_lib", "bulk_body", "bulk_max",
+    __slots__ = ("_buf", "_ch", "_from_buffer", "_lib", "_take_bulk", "bulk_body", "bulk_max",
                  "call", "call_attested", "info", "kick", "payload_max", "post_reply",
                  "reply_wait", "reply_wait_attested", "unpack", "wait_reply", "wait_reply_attested", "waiting")
 
@@ -704,12 +704,13 @@ class QuickRing:
             raise QuotaExceeded(f"cannot set up the Quick-LPC rings ({os.strerror(ffi.errno) or code})")
         self._ch: Any = ffi.gc(ch, lib.qlpc_free)
         self._lib = lib
-        self._ffi = ffi
         self.payload_max = int(lib.qlpc_payload_max(ch))
         self.bulk_max = int(lib.QLPC_BULK_SIZE)
         self.bulk_body: bytes | None = None
         self.info: Any = ffi.new("qlpc_info *")
         self._buf: Any = ffi.new("char[]", max(self.payload_max, 1))
+        self._take_bulk: Callable[[Any, int], int] = partial(lib.qlpc_take_bulk, self._ch, self.info)
+        self._from_buffer: Callable[[bytes], Any] = ffi.from_buffer
         self.call: Callable[[bytes, int, int], int] = partial(lib.qlpc_call, self._ch, self.info, self._buf, 0)
         self.call_attested: Callable[[bytes, int, int], int] = partial(
             lib.qlpc_call, self._ch, self.info, self._buf, 1)
@@ -738,8 +739,8 @@ class QuickRing:
         length = self.info.length
         body: bytes = _new_bytes(None, length)
         self.bulk_body = body
-        with self._ffi.from_buffer(body) as target:
-            return int(self._lib.qlpc_take_bulk(self._ch, self.info, target, length))
+        # (No `with`: the temporary cdata, and its hold on body, go as the call returns.)
+        return int(self._take_bulk(self._from_buffer(body), length))
 
     def reply(self, callback_id: int, data: bytes) -> int:
         """Server: post a reply without waiting (0, Q_DOORBELL, or why it was not posted)."""

@@ -63,10 +63,12 @@ def test_large_requests_and_replies_take_the_bulk_areas(broker, config, peer, mo
             assert reply.callback_id & alpc.protocol.QUICK_ID_BIT  # a ring request's id
             assert comm.call(body, timeout=10) == body.upper()
             assert comm.call(f"big:{size}".encode(), timeout=10) == b"b" * size
+            big = comm.request(f"big:{size}".encode(), timeout=10)  # a large reply as a Message
+            assert big.data == b"b" * size and big.sender.pid == comm.peer.pid
         after = quick.ring.counts()
-        assert after["messages_out"] - before["messages_out"] == 3 * len(sizes)
+        assert after["messages_out"] - before["messages_out"] == 4 * len(sizes)
         assert after["bytes_out"] - before["bytes_out"] >= 2 * sum(sizes)
-        assert after["bytes_in"] - before["bytes_in"] >= 3 * sum(sizes)
+        assert after["bytes_in"] - before["bytes_in"] >= 4 * sum(sizes)
         assert sections_made(comm) == []
 
 
