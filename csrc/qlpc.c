@@ -793,7 +793,7 @@ static int post(qlpc_chan *ch, uint32_t kind, uint32_t message_id, uint32_t call
         } else if (used == ch->slots) {
             rc = QLPC_FULL;
         } else if (bulk && used > ch->tail - ch->bulk_until) {
-            rc = QLPC_FULL; /* the peer has not taken our last bulk entry: its bytes are still ours to keep */
+            rc = QLPC_FULL; /* the peer has not copied our last bulk body out: it would change under the copy */
         } else {
             uint8_t *slot = ch->out_ring + (size_t)(ch->tail & ch->mask) * ch->slot_size;
             struct entry header = {bulk ? kind | QLPC_BULK : kind, len, message_id, callback_id, my_tid(), 0,
@@ -1302,7 +1302,8 @@ int qlpc_take_bulk(qlpc_chan *ch, qlpc_info *info, char *dst, uint32_t len)
     rc = available(ch);
     if (rc == 1) {
         /* Still the entry the wait described? Its header is copied and checked again, as
-         * the peer may have rewritten it since (only to its own loss: it is dropped then). */
+         * the peer may have rewritten it since: then it is not taken, and the next wait
+         * checks it afresh (only the peer's connection loses time). */
         memcpy(&header, ch->in_ring + (size_t)(ch->head & ch->mask) * ch->slot_size, sizeof header);
         if (header.kind != (ch->in_kind | QLPC_BULK) || header.length != len ||
             header.message_id != info->message_id || header.callback_id != info->callback_id) {
