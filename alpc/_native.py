@@ -742,6 +742,11 @@ class QuickRing:
         # (No `with`: the temporary cdata, and its hold on body, go as the call returns.)
         return int(self._take_bulk(self._from_buffer(body), length))
 
+    def trim_bulk(self) -> int:
+        """Give this side's bulk area's pages back (0), unless a body in it is still to be
+        copied out (Q_FULL) or another thread posts (Q_BUSY)."""
+        return int(self._lib.qlpc_trim_bulk(self._ch))
+
     def reply(self, callback_id: int, data: bytes) -> int:
         """Server: post a reply without waiting (0, Q_DOORBELL, or why it was not posted)."""
         return int(self._lib.qlpc_reply(self._ch, callback_id, data, len(data)))

@@ -817,7 +817,10 @@ class CommunicationPort:
         return self._reserve(size, secure, deadline_after(timeout))
 
     def trim_sections(self, timeout: float | None = None) -> None:
-        """Unmap the idle sections of this side's pool (and the peer's mappings of them)."""
+        """Unmap the idle sections of this side's pool (and the peer's mappings of them), and
+        give back the pages of this side's Quick-LPC bulk area when no body waits in it."""
+        if self._quick is not None:
+            self._quick.trim()
         self._send(self._core.trim, deadline_after(timeout))
 
     def _reserve(self, size: int, secure: bool, deadline: float | None) -> SectionView:

@@ -303,6 +303,13 @@ class QuickLink:
         self.carry_max = max(0, min(self.ring.bulk_max, send_limit))
         self.ring.limit_bulk(recv_limit)
 
+    def trim(self) -> None:
+        """Give the pages of this side's bulk area back to the system, if no body waits in it
+        (the peer trims its own: it alone knows when its area is free)."""
+        status = self.ring.trim_bulk()
+        if status not in (0, Q_FULL, Q_BUSY, Q_CLOSED):
+            log.warning("cannot give a Quick-LPC bulk area's pages back (status %d)", status)
+
     def _settle(self, status: int) -> int:
         """A wait's status, with a bulk entry (Q_LARGE) taken: its length then."""
         return self.ring.take_bulk() if status == Q_LARGE else status

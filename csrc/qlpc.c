@@ -817,6 +817,27 @@ static int post(qlpc_chan *ch, uint32_t kind, uint32_t message_id, uint32_t call
     return rc;
 }
 
+int qlpc_trim_bulk(qlpc_chan *ch)
+{
+    int rc = 0;
+
+    if (ch == NULL)
+        return QLPC_E_ARGS;
+    if (!enter(ch))
+        return QLPC_CLOSED;
+    if (atomic_exchange_explicit(&ch->posting, 1, memory_order_acquire)) {
+        leave(ch);
+        return QLPC_BUSY;
+    }
+    if (ch->tail - atomic_load_explicit(&ch->peer->head, memory_order_acquire) > ch->tail - ch->bulk_until)
+        rc = QLPC_FULL; /* its body is still to be copied out (or the peer's head lies: keep it) */
+    else if (madvise(ch->out_bulk, QLPC_BULK_SIZE, MADV_REMOVE) != 0)
+        rc = QLPC_E_SYSTEM;
+    atomic_store_explicit(&ch->posting, 0, memory_order_release);
+    leave(ch);
+    return rc;
+}
+
 void qlpc_sent(qlpc_chan *ch, uint64_t nbytes)
 {
     if (ch == NULL || !enter(ch))

@@ -146,6 +146,12 @@ uint32_t qlpc_payload_max(qlpc_chan *ch);
  * default) are a protocol error (QLPC_E_LENGTH): this side's message size limit. */
 void qlpc_limit_bulk(qlpc_chan *ch, uint32_t max);
 
+/* Give the pages of this side's bulk area back to the system (MADV_REMOVE): 0, QLPC_FULL
+ * while the peer has not copied our last bulk body out (nothing is removed then), QLPC_BUSY
+ * while another thread posts, QLPC_CLOSED, or QLPC_E_SYSTEM. The next bulk post faults in
+ * fresh pages. Only the producer trims its area: it alone knows when nothing is in it. */
+int qlpc_trim_bulk(qlpc_chan *ch);
+
 /* After QLPC_LARGE: copy the bulk entry described by info (its ids and length)
  * into dst, which holds `len` == info->length bytes, and take it. Returns len,
  * QLPC_BUSY when that entry is no longer the next one (another thread took it,

@@ -96,6 +96,35 @@ def test_a_body_over_the_bulk_area_takes_a_section(broker, config, peer) -> None
         assert len(comm.call(f"big:{BULK + 1}".encode(), timeout=10)) == BULK + 1
 
 
+def ring_memory() -> int:
+    """Bytes of this process's ring mappings in memory now (Rss of memfd:alpc-qlpc)."""
+    total, in_ring = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            if line[0] in "0123456789abcdef" and "-" in line.split(" ", 1)[0]:
+                in_ring = "memfd:alpc-qlpc" in line
+            elif in_ring and line.startswith("Rss:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+def test_trim_sections_gives_the_bulk_areas_pages_back(broker, config, peer) -> None:  # type: ignore[no-untyped-def]
+    """A connection that sent 1 MiB requests keeps that area's pages until trim_sections()."""
+    peer("server", "qb.trim")
+    with connect(config, "qb.trim") as comm:
+        for _ in range(3):
+            comm.call(b"warm")
+        before = ring_memory()
+        # A 1 MiB request with a 10-byte reply (int() takes the padding), so only this side's
+        # area fills: the server's, which this side reads replies from, is the server's to trim.
+        body = b"big:10" + b" " * (BULK - 6)
+        assert comm.call(body, timeout=10) == b"b" * 10
+        assert ring_memory() >= before + BULK
+        comm.trim_sections(timeout=10)
+        assert ring_memory() < before + BULK // 4
+        assert comm.call(body, timeout=10) == b"b" * 10  # and it still works
+
+
 def test_the_rings_keep_each_sides_max_message_length(broker, config) -> None:  # type: ignore[no-untyped-def]
     """A server with a 64 KiB limit: the client's rings carry up to that, and a longer request
     is refused before it is sent, as on the socket (MessageTooLarge)."""

@@ -238,6 +238,29 @@ def test_the_bulk_area_holds_one_message_until_the_peer_took_it(pair: Pair) -> N
 
 
 @native
+def test_trimming_gives_a_free_bulk_area_back_and_leaves_a_busy_one(pair: Pair) -> None:
+    def held() -> int:
+        return os.fstat(pair.fd).st_blocks * 512
+
+    empty = held()
+    body = b"t" * BULK_SIZE
+    assert pair.client.call(body, len(body), deadline(0)) == Q_TIMEOUT
+    pair.client.call_done()
+    assert held() >= empty + BULK_SIZE
+    assert pair.client.trim_bulk() == Q_FULL  # the server has not copied it out yet
+    assert held() >= empty + BULK_SIZE
+    assert pair.server.reply_wait(0, b"", 0, 0) == Q_LARGE
+    assert pair.server.take_bulk() == BULK_SIZE and pair.server.bulk_body == body
+    assert pair.client.trim_bulk() == 0
+    assert held() == empty
+    assert pair.server.trim_bulk() == 0  # (an area never used: nothing to give back)
+    again = b"u" * 5000
+    assert pair.client.call(again, len(again), deadline(0)) == Q_TIMEOUT
+    assert pair.server.reply_wait(0, b"", 0, 0) == Q_LARGE
+    assert pair.server.take_bulk() == len(again) and pair.server.bulk_body == again
+
+
+@native
 def test_a_limit_below_the_bulk_area_refuses_longer_entries(pair: Pair) -> None:
     pair.server.limit_bulk(4096)
     body = b"z" * 4097

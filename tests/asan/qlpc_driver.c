@@ -310,6 +310,11 @@ static void drive_server(struct rig *r)
         CHECK(rc <= 1, "arm_poll returned %d", rc);
         break;
     }
+    if (below(16) == 0) {
+        rc = qlpc_trim_bulk(r->ch);
+        inputs++;
+        CHECK(rc == 0 || rc == QLPC_FULL, "trim_bulk returned %d", rc);
+    }
     qlpc_sent(r->ch, below(4096));
     qlpc_consumed(r->ch, below(4096));
 }
@@ -350,6 +355,11 @@ static void drive_client(struct rig *r)
     if (rc >= 0)
         CHECK(info.callback_id == want, "a reply to %u taken for call %u", info.callback_id, want);
     check_attested(&info, attest, rc);
+    if (below(16) == 0) {
+        rc = qlpc_trim_bulk(r->ch);
+        inputs++;
+        CHECK(rc == 0 || rc == QLPC_FULL, "trim_bulk returned %d", rc);
+    }
     qlpc_sent(r->ch, below(4096));
     qlpc_consumed(r->ch, below(4096));
 }
