@@ -764,8 +764,8 @@ class QuickRing:
         """Client: the call in flight is over (its reply came over the socket, or it was abandoned)."""
         self._lib.qlpc_call_done(self._ch)
 
-    def sent(self, nbytes: int) -> None:
-        self._lib.qlpc_sent(self._ch, nbytes)
+    def sent(self, nbytes: int, ordered: bool = True) -> None:
+        self._lib.qlpc_sent(self._ch, nbytes, ordered)
 
     def consumed(self, nbytes: int) -> None:
         self._lib.qlpc_consumed(self._ch, nbytes)

@@ -1014,7 +1014,7 @@ class CommunicationPort:
             self._leave_owed()
             return
         try:
-            self._write(frames, deadline_after(_RUNTIME_SEND_TIMEOUT))
+            self._write(frames, deadline_after(_RUNTIME_SEND_TIMEOUT), runtime=True)
         except Timeout:
             if not self._stream.broken and token is not None:
                 with self._state:
@@ -1040,7 +1040,7 @@ class CommunicationPort:
             return
         runtime = deadline_after(_RUNTIME_SEND_TIMEOUT)
         try:
-            self._write([], runtime if deadline is None or runtime is None else min(deadline, runtime))
+            self._write([], runtime if deadline is None or runtime is None else min(deadline, runtime), runtime=True)
         except (Timeout, ConnectionClosed):
             pass
 
@@ -1071,8 +1071,9 @@ class CommunicationPort:
         finally:
             self._send_lock.release()
 
-    def _write(self, frames: Frames, deadline: float | None, fds: Sequence[int] = ()) -> None:
+    def _write(self, frames: Frames, deadline: float | None, fds: Sequence[int] = (), runtime: bool = False) -> None:
         """Write ``frames`` after whatever the core owes the peer (caller holds _send_lock).
+        ``runtime``: ``frames`` are the runtime's own (releases, credits), no message.
 
         A hang-up raises PeerGone; what the peer sent before it is still read (see _hung_up).
         """
@@ -1089,8 +1090,9 @@ class CommunicationPort:
         try:
             self._stream.send(frames, fds, deadline=deadline)
             if self._quick is not None:
-                # Quick-LPC: ring posts wait until the peer read these bytes.
-                self._quick.sent(frames)
+                # Quick-LPC: ring posts wait until the peer read these bytes, if they carry a
+                # message (queued datagrams ride in the owed backlog).
+                self._quick.sent(frames, not runtime or (token is not None and bool(token[2])))
         except ConnectionClosed as hung_up:
             self.stats.errors += 1
             self._hung_up()

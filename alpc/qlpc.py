@@ -19,10 +19,11 @@ The rules that keep the two paths one ordered connection:
   entry, so the sender may write the next. Every other message takes the
   socket, and so does a ring message when the ring (or the bulk area) is full,
   the body is larger still, or another thread is posting.
-- A side posts to its ring only once the peer has read every socket byte it
-  sent before (the peer publishes its count), and a receiver takes its ring
-  before dispatching socket bytes: the two paths never reorder one sender's
-  messages.
+- A side posts to its ring only once the peer has read every socket write of
+  its that carried a message (the peer publishes its count of bytes read), and
+  a receiver takes its ring before dispatching socket bytes: the two paths
+  never reorder one sender's messages. Writes of the runtime alone (releases,
+  credits) may be overtaken (``sent(..., ordered=False)``).
 - A client keeps one ring request in flight (concurrent requests from other
   threads take the socket), and a reply takes the ring only when its request
   did. Ring request ids are chosen in C with ``protocol.QUICK_ID_BIT`` set,
@@ -337,9 +338,10 @@ class QuickLink:
 
     # -- socket bookkeeping (both sides) --------------------------------------------
 
-    def sent(self, frames: list[Buffer]) -> None:
-        """Bytes went out over the socket: hold ring posts until the peer read them."""
-        self.ring.sent(sum(b.nbytes if isinstance(b, memoryview) else len(b) for b in frames))
+    def sent(self, frames: list[Buffer], ordered: bool = True) -> None:
+        """Bytes went out over the socket: with ``ordered`` (they carry a message), hold ring
+        posts until the peer read them; the runtime's alone (releases, credits) may be overtaken."""
+        self.ring.sent(sum(b.nbytes if isinstance(b, memoryview) else len(b) for b in frames), ordered)
 
     def settled(self) -> bool:
         """May socket bytes just read go straight to the inbox? Only with nothing in the ring
@@ -592,9 +594,9 @@ class QuickLink:
         is to look (the socket has bytes, another thread reads, a signal, the port failed).
         Not called while ``by_socket``: the general path waits on the socket then.
 
-        A ring request is older than any socket byte not yet read (the C side
-        posts only once the peer read every socket byte before it), so with the
-        inbox empty nothing can be overtaken.
+        A ring request is older than any message in socket bytes not yet read
+        (the C side posts only once the peer read every write that carried one),
+        so with the inbox empty nothing can be overtaken.
         """
         core = port._core
         if core.releases_unannounced():

@@ -121,6 +121,7 @@ struct qlpc_chan {
     _Atomic uint32_t calling_id;
     uint32_t next_id;          /* client: ring request ids (under calling) */
     _Atomic uint64_t sent;     /* socket bytes we wrote */
+    _Atomic uint64_t ordered;  /* `sent` after our last write that carried a message */
     _Atomic uint64_t counts[QLPC_COUNTERS];
     uint64_t consumed;         /* socket bytes we dispatched (one reader at a time) */
     uint8_t *base;
@@ -784,7 +785,7 @@ static int post(qlpc_chan *ch, uint32_t kind, uint32_t message_id, uint32_t call
     if (atomic_exchange_explicit(&ch->posting, 1, memory_order_acquire))
         return QLPC_BUSY;
     if (atomic_load_explicit(&ch->peer->consumed, memory_order_acquire) <
-        atomic_load_explicit(&ch->sent, memory_order_relaxed)) {
+        atomic_load_explicit(&ch->ordered, memory_order_relaxed)) {
         rc = QLPC_ORDER;
     } else {
         uint32_t used = ch->tail - atomic_load_explicit(&ch->peer->head, memory_order_acquire);
@@ -838,11 +839,16 @@ int qlpc_trim_bulk(qlpc_chan *ch)
     return rc;
 }
 
-void qlpc_sent(qlpc_chan *ch, uint64_t nbytes)
+void qlpc_sent(qlpc_chan *ch, uint64_t nbytes, int ordered)
 {
+    uint64_t total;
+
     if (ch == NULL || !enter(ch))
         return;
-    atomic_fetch_add(&ch->sent, nbytes);
+    total = atomic_fetch_add(&ch->sent, nbytes) + nbytes;
+    /* Writes are serialised by the caller's send lock: the last ordered one sets this. */
+    if (ordered)
+        atomic_store(&ch->ordered, total);
     atomic_fetch_add(&ch->me->sock_sends, 1);
     /* A consumer in poll() sees the socket itself; one in the futex needs waking. */
     ring_bell(ch, 0);

@@ -203,10 +203,13 @@ int qlpc_reply_wait(qlpc_chan *ch, qlpc_info *info, char *buf, int attest, uint3
  * Returns 0 or a status (nothing was posted unless it is 0 or QLPC_DOORBELL). */
 int qlpc_reply(qlpc_chan *ch, uint32_t callback_id, const char *data, uint32_t len);
 
-/* We wrote nbytes to the socket: count them (a ring message is held back
- * until the peer has read them, keeping the two paths in order) and wake a
- * peer blocked in the futex so it looks at the socket. */
-void qlpc_sent(qlpc_chan *ch, uint64_t nbytes);
+/* We wrote nbytes to the socket: count them and wake a peer blocked in the
+ * futex so it looks at the socket. With `ordered` (the write carried a
+ * message) a ring message is held back until the peer has read them, keeping
+ * the two paths in order; bytes of the runtime alone (releases, credits) may be
+ * overtaken, so the release that follows every large socket reply does not send
+ * the next ring request to the socket too. */
+void qlpc_sent(qlpc_chan *ch, uint64_t nbytes, int ordered);
 
 /* We read and dispatched nbytes from the socket: tell the peer. */
 void qlpc_consumed(qlpc_chan *ch, uint64_t nbytes);

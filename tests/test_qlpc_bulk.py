@@ -84,6 +84,50 @@ def test_a_port_that_waits_gets_large_requests_through_the_bulk_area_too(broker,
                 assert comm.call(f"big:{size}".encode(), timeout=10) == b"b" * size
 
 
+@pytest.mark.parametrize("mode", ["serve", "receive"])
+def test_concurrent_callers_of_every_size_get_their_own_replies(broker, config, peer, mode: str) -> None:  # type: ignore[no-untyped-def]
+    """Four threads of one client, bodies from empty to past the bulk area, requests and calls:
+    one takes the ring while the others take the socket (the bulk area holds one body), and
+    every reply is the caller's own."""
+    peer("server", f"qb.many.{mode}", "--mode", mode)
+    sizes = [0, 1, 480, 481, 4096, 65536, 300_000, BULK - 1, BULK, BULK + 1]
+    with connect(config, f"qb.many.{mode}") as comm:
+        failures: list[BaseException] = []
+
+        def caller(seed: int) -> None:
+            try:
+                for turn in range(12):
+                    size = sizes[(seed * 7 + turn * 3) % len(sizes)]
+                    body = (b"%d:%d:" % (seed, turn)) + body_of(size)
+                    if turn % 2:
+                        assert comm.call(body, timeout=30) == body.upper()
+                    else:
+                        assert comm.request(body, timeout=30).data == body.upper()
+            except BaseException as exc:
+                failures.append(exc)
+
+        threads = [threading.Thread(target=caller, args=(seed,)) for seed in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert not any(thread.is_alive() for thread in threads)
+        assert failures == []
+        quick = comm._quick
+        assert quick is not None
+        # Alone again, a large call takes the ring: at once, or once the server has read the
+        # socket bytes this side sent before (releases of reply sections: a ring post waits for
+        # them, and takes the socket meanwhile).
+        body = body_of(300_000)
+        for _ in range(5):
+            before = quick.ring.counts()["bytes_out"]
+            assert comm.call(body, timeout=10) == body.upper()
+            if quick.ring.counts()["bytes_out"] == before + len(body):
+                break
+        else:
+            pytest.fail("a lone large call never took the ring")
+
+
 def test_a_body_over_the_bulk_area_takes_a_section(broker, config, peer) -> None:  # type: ignore[no-untyped-def]
     peer("server", "qb.over")
     with connect(config, "qb.over") as comm:

@@ -291,6 +291,23 @@ def test_ring_posts_wait_until_the_peer_read_our_socket_bytes(pair: Pair) -> Non
 
 
 @native
+def test_ring_posts_may_overtake_the_runtimes_own_socket_bytes(pair: Pair) -> None:
+    """Releases and credits carry no message: a ring post need not wait for the peer to read
+    them, only for the last write that carried one."""
+    pair.client.sent(100)
+    pair.client.sent(64, False)  # a release after it
+    pair.server.consumed(100)
+    assert pair.client.call(b"r", 1, deadline(0)) == Q_TIMEOUT
+    pair.client.call_done()
+    pair.client.sent(64, False)
+    pair.client.sent(30)  # a message after the release: both must be read first
+    pair.server.consumed(64)
+    assert pair.client.call(b"r", 1, deadline(0)) == Q_ORDER
+    pair.server.consumed(94)
+    assert pair.client.call(b"r", 1, deadline(0)) == Q_TIMEOUT
+
+
+@native
 def test_a_server_waiting_in_poll_gets_a_doorbell_once(pair: Pair) -> None:
     assert pair.server.arm_poll() == 0
     assert pair.client.call(b"1", 1, deadline(0)) == Q_DOORBELL

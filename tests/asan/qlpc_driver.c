@@ -315,7 +315,7 @@ static void drive_server(struct rig *r)
         inputs++;
         CHECK(rc == 0 || rc == QLPC_FULL, "trim_bulk returned %d", rc);
     }
-    qlpc_sent(r->ch, below(4096));
+    qlpc_sent(r->ch, below(4096), (int)below(2));
     qlpc_consumed(r->ch, below(4096));
 }
 
@@ -360,7 +360,7 @@ static void drive_client(struct rig *r)
         inputs++;
         CHECK(rc == 0 || rc == QLPC_FULL, "trim_bulk returned %d", rc);
     }
-    qlpc_sent(r->ch, below(4096));
+    qlpc_sent(r->ch, below(4096), (int)below(2));
     qlpc_consumed(r->ch, below(4096));
 }
 
