@@ -319,9 +319,7 @@ class Config:
     max_inflight_handles: int = 64
     refuse_identity_change: bool = False
     quick_lpc: bool = True
-    # The socket path's own bound (SpinBudget.MAX_US): a reply a server copies through the bulk
-    # area comes 60-100 us after a 1 MiB request, which a 50 us cap slept through every time.
-    quick_spin_us: int = 200
+    quick_spin_us: int = 50
 
     def __post_init__(self) -> None:
         # A str is the obvious thing to pass; every path join below needs a Path.
