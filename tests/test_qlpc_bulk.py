@@ -217,7 +217,7 @@ def test_a_signal_between_the_look_and_the_take_loses_nothing(broker, config, mo
 
 
 @pytest.mark.parametrize("victim", ["client", "server"])
-def test_sigkill_mid_transfer_leaves_nothing(broker, config, peer, runtime_dir: Path, victim: str) -> None:  # type: ignore[no-untyped-def]
+def test_sigkill_mid_transfer_leaves_nothing(broker, config, peer, victim: str) -> None:  # type: ignore[no-untyped-def]
     """1 MiB requests and replies in a loop while one side is SIGKILLed: the other sees the
     death at once, serves (or connects) again, and nothing is left in /dev/shm."""
     server = peer("server", f"qb.kill.{victim}")
