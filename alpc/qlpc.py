@@ -687,6 +687,9 @@ class QuickLink:
             return None
         self._counted[0] += 1
         self._counted[1] += length
+        # Handed on: a signal that interrupts a later wait before its C call (which clears this)
+        # must not have _rescue file this request a second time.
+        info.taken = 0
         return message
 
     def _attested_sender(self, port: CommunicationPort) -> tuple[PeerCred, bool]:

@@ -165,3 +165,38 @@ def test_a_ring_request_that_timed_out_before_it_was_taken_is_never_delivered(br
         first = port.wait(timeout=10)
         assert isinstance(first, alpc.Message) and first.data == b"after"
         assert not owed_ring_ids(server)
+
+
+def test_an_interrupt_before_a_ring_wait_files_no_request_twice(broker, config) -> None:  # type: ignore[no-untyped-def]
+    """A signal handler that raises after receive() began and before its ring wait's C call
+    (which clears what the last wait took) had _rescue file the request received before,
+    already answered, into the inbox again: the application got it a second time."""
+    with ring_pair(config, "ql.rescue") as (_, server, client):
+        quick = server._quick
+        assert quick is not None
+        replies: list[bytes] = []
+        caller = threading.Thread(target=lambda: replies.append(client.call(b"once", timeout=10)))
+        caller.start()
+        message = server.receive(timeout=10)
+        message.reply(b"ONCE")
+        caller.join(10)
+        assert replies == [b"ONCE"]
+        waited = quick._reply_wait_attested
+
+        def interrupted(*args: object) -> int:
+            raise KeyboardInterrupt  # as a signal handler would, before the C call
+
+        quick._reply_wait_attested = interrupted  # type: ignore[method-assign]
+        with pytest.raises(KeyboardInterrupt):
+            server.receive(timeout=10)
+        quick._reply_wait_attested = waited  # type: ignore[method-assign]
+        assert server.queue_depth == 0 and server._core.failure is None
+        with pytest.raises(alpc.Timeout):
+            server.receive(timeout=0.05)
+        caller = threading.Thread(target=lambda: replies.append(client.call(b"twice", timeout=10)))
+        caller.start()
+        message = server.receive(timeout=10)
+        assert message.data == b"twice"
+        message.reply(b"TWICE")
+        caller.join(10)
+        assert replies == [b"ONCE", b"TWICE"]
