@@ -1091,8 +1091,9 @@ class CommunicationPort:
             self._stream.send(frames, fds, deadline=deadline)
             if self._quick is not None:
                 # Quick-LPC: ring posts wait until the peer read these bytes, if they carry a
-                # message (queued datagrams ride in the owed backlog).
-                self._quick.sent(frames, not runtime or (token is not None and bool(token[2])))
+                # message: the caller's, or queued datagrams in the owed backlog (token[2]).
+                queued = token is not None and bool(token[2])
+                self._quick.sent(frames, not runtime or queued)
         except ConnectionClosed as hung_up:
             self.stats.errors += 1
             self._hung_up()

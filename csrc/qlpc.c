@@ -746,6 +746,14 @@ uint64_t qlpc_count(qlpc_chan *ch, int which)
 
 /* ---- producing ----------------------------------------------------------------- */
 
+/* Does our bulk area still hold a body the peer has not copied out? `used` is how many of
+ * our entries the peer has not taken; the bulk one is among them while fewer were posted
+ * after it. (A lying head makes it look in use: the area is kept, only the liar loses.) */
+static int bulk_in_use(const qlpc_chan *ch, uint32_t used)
+{
+    return used > ch->tail - ch->bulk_until;
+}
+
 /* After publishing: wake the consumer if it sleeps. 0, or QLPC_DOORBELL when it
  * waits in poll() and only a socket write reaches it (the caller sends one). */
 static int ring_bell(qlpc_chan *ch, int doorbell)
@@ -793,7 +801,7 @@ static int post(qlpc_chan *ch, uint32_t kind, uint32_t message_id, uint32_t call
             rc = QLPC_E_INDEX;
         } else if (used == ch->slots) {
             rc = QLPC_FULL;
-        } else if (bulk && used > ch->tail - ch->bulk_until) {
+        } else if (bulk && bulk_in_use(ch, used)) {
             rc = QLPC_FULL; /* the peer has not copied our last bulk body out: it would change under the copy */
         } else {
             uint8_t *slot = ch->out_ring + (size_t)(ch->tail & ch->mask) * ch->slot_size;
@@ -830,8 +838,8 @@ int qlpc_trim_bulk(qlpc_chan *ch)
         leave(ch);
         return QLPC_BUSY;
     }
-    if (ch->tail - atomic_load_explicit(&ch->peer->head, memory_order_acquire) > ch->tail - ch->bulk_until)
-        rc = QLPC_FULL; /* its body is still to be copied out (or the peer's head lies: keep it) */
+    if (bulk_in_use(ch, ch->tail - atomic_load_explicit(&ch->peer->head, memory_order_acquire)))
+        rc = QLPC_FULL;
     else if (madvise(ch->out_bulk, QLPC_BULK_SIZE, MADV_REMOVE) != 0)
         rc = QLPC_E_SYSTEM;
     atomic_store_explicit(&ch->posting, 0, memory_order_release);
