@@ -65,6 +65,7 @@ __all__ = [
     "Q_E_LENGTH",
     "Q_E_RESERVED",
     "Q_E_SYSTEM",
+    "Q_E_VIEW",
     "Q_FULL",
     "Q_INTR",
     "Q_LARGE",
@@ -617,7 +618,7 @@ QUICK_UNAVAILABLE: str | None = (
 QUICK_DEFAULTS = {"region_header": 512, "entry_header": 32, "max_slots": 1024, "min_slot": 64, "max_slot": 65536,
                   "bulk_size": 1 << 20, "bulk_align": 4096}
 Q_TIMEOUT, Q_CHECK, Q_CLOSED, Q_FULL, Q_ORDER, Q_TOO_LARGE, Q_DOORBELL, Q_BUSY, Q_INTR, Q_LARGE = range(-1, -11, -1)
-Q_E_INDEX, Q_E_KIND, Q_E_LENGTH, Q_E_RESERVED, Q_E_LAYOUT, Q_E_ARGS, Q_E_SYSTEM = range(-20, -27, -1)
+Q_E_INDEX, Q_E_KIND, Q_E_LENGTH, Q_E_RESERVED, Q_E_LAYOUT, Q_E_ARGS, Q_E_SYSTEM, Q_E_VIEW = range(-20, -28, -1)
 QUICK_COUNTERS = ("messages_in", "bytes_in", "messages_out", "bytes_out", "spins_caught", "spins_missed",
                   "sleeps", "wakes")
 QUICK_ERRORS = {
@@ -626,6 +627,7 @@ QUICK_ERRORS = {
     Q_E_LENGTH: "a ring entry longer than its slot (or than this side's max_message_length)",
     Q_E_RESERVED: "a ring entry with reserved words set or a missing id",
     Q_E_LAYOUT: "the ring region's header does not match the agreed geometry",
+    Q_E_VIEW: "a ring view entry while this side still held the peer's last view",
 }
 
 
@@ -675,6 +677,10 @@ class QuickRing:
     - ``take_bulk()``: after Q_LARGE (a message too large for a slot waits in the
       peer's bulk area, described in ``info``), copy it into a new ``bulk_body``
       and take it: its length, or a status
+    - ``take_view()``: after Q_LARGE with ``info.view`` (the peer wrote it in place),
+      take it without a copy and hold the peer's area until ``release_view()``
+    - ``lend_bulk()``: lend this side's bulk area to a view filled in place, then post
+      it with ``in_place`` as the data (``unlend_bulk()`` if it is not posted)
 
     They return a payload length (>= 0; the ids are then in ``info``) or a Q_*
     status. Deadlines are absolute CLOCK_MONOTONIC nanoseconds
@@ -685,7 +691,7 @@ class QuickRing:
     """
 
     __slots__ = ("_buf", "_ch", "_from_buffer", "_lib", "_take_bulk", "bulk_body", "bulk_max",
-                 "call", "call_attested", "info", "kick", "payload_max", "post_reply",
+                 "call", "call_attested", "in_place", "info", "kick", "payload_max", "post_reply", "release_view",
                  "reply_wait", "reply_wait_attested", "unpack", "wait_reply", "wait_reply_attested", "waiting")
 
     def __init__(self, memfd: int, size: int, slots: int, slot_size: int, *, server: bool, sock_fd: int,
@@ -727,6 +733,10 @@ class QuickRing:
         self.waiting: Callable[[], int] = partial(lib.qlpc_waiting, self._ch)
         # reply() bound, for the Message path's every ring reply: (callback_id, data, len(data)).
         self.post_reply: Callable[[int, bytes, int], int] = partial(lib.qlpc_reply, self._ch)
+        # The data of a post whose body a lent view wrote in place (see lend_bulk).
+        self.in_place: Any = ffi.NULL
+        # Bound: a received view's finaliser calls it, and it keeps the channel's struct alive.
+        self.release_view: Callable[[], None] = partial(lib.qlpc_release_view, self._ch)
 
     def limit_bulk(self, max_length: int) -> None:
         """Refuse (Q_E_LENGTH) bulk entries from the peer longer than ``max_length``."""
@@ -741,6 +751,25 @@ class QuickRing:
         self.bulk_body = body
         # (No `with`: the temporary cdata, and its hold on body, go as the call returns.)
         return int(self._take_bulk(self._from_buffer(body), length))
+
+    def take_view(self) -> int:
+        """After Q_LARGE with ``info.view``: take the entry without copying it, holding the
+        peer's bulk area for a view of it until ``release_view()``. Its length, Q_BUSY when it
+        is no longer the next entry (wait again), or a status (Q_E_VIEW: a view still held)."""
+        return int(self._lib.qlpc_take_view(self._ch, self.info))
+
+    def lend_bulk(self) -> int:
+        """Lend this side's bulk area to a view filled in place: 0, Q_FULL while it is in use
+        (or lent), Q_BUSY while another thread posts, or Q_CLOSED."""
+        return int(self._lib.qlpc_lend_bulk(self._ch))
+
+    def unlend_bulk(self) -> None:
+        """The lent view goes unposted: copies may use the area again."""
+        self._lib.qlpc_unlend_bulk(self._ch)
+
+    def bulk_lent(self) -> bool:
+        """Is this side's bulk area lent still (a post in place did not happen)?"""
+        return bool(self._lib.qlpc_bulk_lent(self._ch))
 
     def trim_bulk(self) -> int:
         """Give this side's bulk area's pages back (0), unless a body in it is still to be

@@ -51,7 +51,7 @@
 #include <unistd.h>
 
 #define REGION_MAGIC 0x43504c51u /* "QLPC" */
-#define REGION_VERSION 2u /* 2: bulk areas after the rings */
+#define REGION_VERSION 3u /* 2: bulk areas after the rings; 3: views into them (side.bulk_held) */
 #define BULK_ALIGN 4096u
 #define ATTACHED 0x41545421u
 #define SIDE_OFFSET 128u
@@ -96,7 +96,7 @@ struct side {
     _Atomic int32_t cpu;         /* where this side last ran */
     _Atomic uint32_t attached;   /* ATTACHED once the client uses the rings */
     _Atomic uint32_t sock_sends; /* socket writes so far */
-    uint32_t reserved;
+    _Atomic uint32_t bulk_held;  /* 1 while this side holds a view of the peer's bulk area */
     _Atomic uint64_t consumed;   /* socket bytes of the peer read and dispatched */
 };
 _Static_assert(sizeof(struct side) <= SIDE_SIZE, "side words fit their cache lines");
@@ -131,6 +131,7 @@ struct qlpc_chan {
     uint8_t *out_bulk, *in_bulk;
     uint32_t bulk_in_max;      /* longest bulk entry we take (qlpc_limit_bulk) */
     uint32_t bulk_until;       /* our tail just after our last bulk post (under posting) */
+    _Atomic uint32_t lent;     /* our bulk area is lent to a view being filled (qlpc_lend_bulk) */
     uint32_t slots, slot_size, mask, payload_max;
     uint32_t role, in_kind;
     uint32_t tail;             /* what we published (under posting) */
@@ -746,12 +747,20 @@ uint64_t qlpc_count(qlpc_chan *ch, int which)
 
 /* ---- producing ----------------------------------------------------------------- */
 
-/* Does our bulk area still hold a body the peer has not copied out? `used` is how many of
- * our entries the peer has not taken; the bulk one is among them while fewer were posted
- * after it. (A lying head makes it look in use: the area is kept, only the liar loses.) */
+/* Does our bulk area still hold a body the peer has not copied out, or holds as a view?
+ * `used` is how many of our entries the peer has not taken; the bulk one is among them
+ * while fewer were posted after it. The peer sets bulk_held before its head passes the
+ * entry, so a head read first shows one or the other. (A lying head or a view never
+ * released makes it look in use: the area is kept, only the liar loses.) */
 static int bulk_in_use(const qlpc_chan *ch, uint32_t used)
 {
-    return used > ch->tail - ch->bulk_until;
+    return used > ch->tail - ch->bulk_until || atomic_load_explicit(&ch->peer->bulk_held, memory_order_acquire);
+}
+
+/* How many of our entries the peer has not taken yet (under posting). */
+static uint32_t unconsumed(const qlpc_chan *ch)
+{
+    return ch->tail - atomic_load_explicit(&ch->peer->head, memory_order_acquire);
 }
 
 /* After publishing: wake the consumer if it sleeps. 0, or QLPC_DOORBELL when it
@@ -783,20 +792,23 @@ static int post(qlpc_chan *ch, uint32_t kind, uint32_t message_id, uint32_t call
                 uint32_t len)
 {
     int rc;
+    /* No data: the body is in place in our lent bulk area (a view). */
+    int in_place = data == NULL && len != 0;
     /* Too large for a slot: the bulk area, which holds one message at a time. */
-    int bulk = len > ch->payload_max;
+    int bulk = in_place || len > ch->payload_max;
 
     if (len > QLPC_BULK_SIZE)
         return QLPC_TOO_LARGE;
-    if (data == NULL && len != 0)
-        return QLPC_E_ARGS;
     if (atomic_exchange_explicit(&ch->posting, 1, memory_order_acquire))
         return QLPC_BUSY;
-    if (atomic_load_explicit(&ch->peer->consumed, memory_order_acquire) <
+    if (in_place != (int)atomic_load_explicit(&ch->lent, memory_order_relaxed) && (in_place || bulk)) {
+        /* In place needs the loan; a copy must not overwrite a view being filled. */
+        rc = in_place ? QLPC_E_ARGS : QLPC_FULL;
+    } else if (atomic_load_explicit(&ch->peer->consumed, memory_order_acquire) <
         atomic_load_explicit(&ch->ordered, memory_order_relaxed)) {
         rc = QLPC_ORDER;
     } else {
-        uint32_t used = ch->tail - atomic_load_explicit(&ch->peer->head, memory_order_acquire);
+        uint32_t used = unconsumed(ch);
         if (used > ch->slots) {
             rc = QLPC_E_INDEX;
         } else if (used == ch->slots) {
@@ -805,10 +817,12 @@ static int post(qlpc_chan *ch, uint32_t kind, uint32_t message_id, uint32_t call
             rc = QLPC_FULL; /* the peer has not copied our last bulk body out: it would change under the copy */
         } else {
             uint8_t *slot = ch->out_ring + (size_t)(ch->tail & ch->mask) * ch->slot_size;
-            struct entry header = {bulk ? kind | QLPC_BULK : kind, len, message_id, callback_id, my_tid(), 0,
-                                   now_ns()};
+            uint32_t flags = bulk ? QLPC_BULK | (in_place ? QLPC_VIEW : 0) : 0;
+            struct entry header = {kind | flags, len, message_id, callback_id, my_tid(), 0, now_ns()};
             /* The bytes first: the consumer reads them only after the tail below. */
-            if (bulk)
+            if (in_place)
+                atomic_store_explicit(&ch->lent, 0, memory_order_relaxed);
+            else if (bulk)
                 memcpy(ch->out_bulk, data, len);
             else if (len != 0)
                 memcpy(slot + QLPC_ENTRY_HEADER, data, len);
@@ -826,9 +840,12 @@ static int post(qlpc_chan *ch, uint32_t kind, uint32_t message_id, uint32_t call
     return rc;
 }
 
-int qlpc_trim_bulk(qlpc_chan *ch)
+/* Under the producer's turn, with our bulk area free (not lent, holding no body the peer has
+ * not taken, not held as a view): act on it. act's status, QLPC_FULL when the area is not
+ * free, QLPC_BUSY while another thread posts, or QLPC_CLOSED. */
+static int on_free_area(qlpc_chan *ch, int (*act)(qlpc_chan *))
 {
-    int rc = 0;
+    int rc;
 
     if (ch == NULL)
         return QLPC_E_ARGS;
@@ -838,13 +855,36 @@ int qlpc_trim_bulk(qlpc_chan *ch)
         leave(ch);
         return QLPC_BUSY;
     }
-    if (bulk_in_use(ch, ch->tail - atomic_load_explicit(&ch->peer->head, memory_order_acquire)))
-        rc = QLPC_FULL;
-    else if (madvise(ch->out_bulk, QLPC_BULK_SIZE, MADV_REMOVE) != 0)
-        rc = QLPC_E_SYSTEM;
+    rc = atomic_load(&ch->lent) || bulk_in_use(ch, unconsumed(ch)) ? QLPC_FULL : act(ch);
     atomic_store_explicit(&ch->posting, 0, memory_order_release);
     leave(ch);
     return rc;
+}
+
+static int remove_pages(qlpc_chan *ch)
+{
+    return madvise(ch->out_bulk, QLPC_BULK_SIZE, MADV_REMOVE) == 0 ? 0 : QLPC_E_SYSTEM;
+}
+
+static int lend(qlpc_chan *ch)
+{
+    atomic_store(&ch->lent, 1);
+    return 0;
+}
+
+int qlpc_trim_bulk(qlpc_chan *ch) { return on_free_area(ch, remove_pages); }
+
+int qlpc_lend_bulk(qlpc_chan *ch) { return on_free_area(ch, lend); }
+
+void qlpc_unlend_bulk(qlpc_chan *ch)
+{
+    if (ch != NULL)
+        atomic_store(&ch->lent, 0);
+}
+
+int qlpc_bulk_lent(qlpc_chan *ch)
+{
+    return ch != NULL && atomic_load(&ch->lent) != 0;
 }
 
 void qlpc_sent(qlpc_chan *ch, uint64_t nbytes, int ordered)
@@ -1163,7 +1203,7 @@ static int take(qlpc_chan *ch, qlpc_info *info, char *buf, uint64_t since, int a
     int bulk, stale;
 
     memcpy(&header, slot, sizeof header);
-    if (header.kind != ch->in_kind && header.kind != (ch->in_kind | QLPC_BULK))
+    if (header.kind != ch->in_kind && (header.kind & ~(uint32_t)QLPC_VIEW) != (ch->in_kind | QLPC_BULK))
         return QLPC_E_KIND;
     bulk = header.kind != ch->in_kind;
     if (header.length > (bulk ? ch->bulk_in_max : ch->payload_max))
@@ -1184,6 +1224,7 @@ static int take(qlpc_chan *ch, qlpc_info *info, char *buf, uint64_t since, int a
     info->sender_tid = header.sender_tid;
     info->length = header.length;
     info->bulk = (uint32_t)bulk;
+    info->view = (header.kind & QLPC_VIEW) != 0;
     if (since != 0)
         learn(ch, since, header.posted_ns);
     if (bulk && !stale)
@@ -1244,6 +1285,7 @@ static int start_call(qlpc_chan *ch, uint32_t role, qlpc_info *info, char *buf)
     info->dropped = 0;
     info->taken = 0;
     info->bulk = 0;
+    info->view = 0;
     info->attested = 0;
     if (!enter(ch))
         return QLPC_CLOSED;
@@ -1325,13 +1367,13 @@ uint32_t qlpc_in_flight(qlpc_chan *ch)
     return ch == NULL ? 0 : atomic_load_explicit(&ch->calling_id, memory_order_relaxed);
 }
 
-int qlpc_take_bulk(qlpc_chan *ch, qlpc_info *info, char *dst, uint32_t len)
+/* Take the bulk entry info describes: copy it into dst, or (dst NULL and `as_view`) hold the
+ * peer's area for a view of it. Its length, or a status (see qlpc_take_bulk). */
+static int take_described(qlpc_chan *ch, qlpc_info *info, char *dst, uint32_t len, int as_view)
 {
     struct entry header;
     int rc;
 
-    if (ch == NULL || info == NULL || !info->bulk || len != info->length || (dst == NULL && len != 0))
-        return QLPC_E_ARGS;
     if ((rc = begin_taking(ch)) != 0)
         return rc;
     rc = available(ch);
@@ -1340,14 +1382,20 @@ int qlpc_take_bulk(qlpc_chan *ch, qlpc_info *info, char *dst, uint32_t len)
          * the peer may have rewritten it since: then it is not taken, and the next wait
          * checks it afresh (only the peer's connection loses time). */
         memcpy(&header, ch->in_ring + (size_t)(ch->head & ch->mask) * ch->slot_size, sizeof header);
-        if (header.kind != (ch->in_kind | QLPC_BULK) || header.length != len ||
-            header.message_id != info->message_id || header.callback_id != info->callback_id) {
+        if ((header.kind & ~(uint32_t)QLPC_VIEW) != (ch->in_kind | QLPC_BULK) || header.length != len ||
+            header.message_id != info->message_id || header.callback_id != info->callback_id ||
+            (as_view && !(header.kind & QLPC_VIEW))) {
             rc = QLPC_BUSY;
+        } else if (as_view && atomic_load(&ch->me->bulk_held)) {
+            rc = QLPC_E_VIEW;
         } else {
-            if (len != 0)
+            if (as_view)
+                atomic_store(&ch->me->bulk_held, 1); /* before the head: see bulk_in_use */
+            else if (len != 0)
                 memcpy(dst, ch->in_bulk, len);
             advance(ch, len);
             info->taken = 1;
+            info->view = (uint32_t)as_view;
             rc = (int)len;
         }
     } else if (rc == 0) {
@@ -1358,6 +1406,28 @@ int qlpc_take_bulk(qlpc_chan *ch, qlpc_info *info, char *dst, uint32_t len)
         call_over(ch);
     leave(ch);
     return rc;
+}
+
+int qlpc_take_bulk(qlpc_chan *ch, qlpc_info *info, char *dst, uint32_t len)
+{
+    if (ch == NULL || info == NULL || !info->bulk || len != info->length || (dst == NULL && len != 0))
+        return QLPC_E_ARGS;
+    return take_described(ch, info, dst, len, 0);
+}
+
+int qlpc_take_view(qlpc_chan *ch, qlpc_info *info)
+{
+    if (ch == NULL || info == NULL || !info->bulk || !info->view)
+        return QLPC_E_ARGS;
+    return take_described(ch, info, NULL, info->length, 1);
+}
+
+void qlpc_release_view(qlpc_chan *ch)
+{
+    if (ch == NULL || !enter(ch))
+        return;
+    atomic_store_explicit(&ch->me->bulk_held, 0, memory_order_release);
+    leave(ch);
 }
 
 int qlpc_reply_wait(qlpc_chan *ch, qlpc_info *info, char *buf, int attest, uint32_t callback_id,

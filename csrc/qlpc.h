@@ -19,6 +19,10 @@
  * `length` bytes are at the start of its producer's bulk area, which holds one
  * message at a time (the producer writes it again only once the consumer's
  * head shows that entry taken, and the consumer copies it out before that).
+ * With QLPC_VIEW also set, the producer wrote the body in place (a view lent
+ * by qlpc_lend_bulk): the consumer may take it as a view (qlpc_take_view)
+ * rather than copy it, and then holds the area (its side's `bulk_held`) until
+ * it releases the view; the producer writes the area again only after that.
  * Bulk areas are sparse until used: an idle connection costs no memory for them.
  * Each side writes only its own words and its own ring, and keeps its own
  * indices privately: what it reads from the other side is checked first.
@@ -35,6 +39,7 @@ enum {
     QLPC_REQUEST = 1,
     QLPC_REPLY = 2,
     QLPC_BULK = 16,        /* or'ed into an entry's kind: its payload is in the bulk area */
+    QLPC_VIEW = 32,        /* or'ed with QLPC_BULK: written in place by a view, and may be taken as one */
     QLPC_BULK_SIZE = 1048576, /* each side's bulk area: the largest message the rings carry */
     QLPC_REGION_HEADER = 512,
     QLPC_ENTRY_HEADER = 32,
@@ -63,6 +68,7 @@ enum {
     QLPC_E_LAYOUT = -24,  /* the region header does not match what was agreed */
     QLPC_E_ARGS = -25,    /* bad arguments (a bug in the caller) */
     QLPC_E_SYSTEM = -26,  /* mmap, dup or the watcher failed */
+    QLPC_E_VIEW = -27,    /* a view entry while this side still holds the peer's last one */
     /* Counters for qlpc_count. */
     QLPC_MESSAGES_IN = 0,
     QLPC_BYTES_IN = 1,
@@ -89,6 +95,8 @@ typedef struct {
                         * signal handler raising as the call returns loses the return value */
     uint32_t length;
     uint32_t bulk;     /* 1 when the entry is (or was, once taken) a bulk one */
+    uint32_t view;     /* 1 when that bulk entry was written as a view (QLPC_VIEW) and, once
+                        * taken, was taken as one (qlpc_take_view; qlpc_take_bulk clears it) */
     /* Set by a call that attests what it takes (and by qlpc_attest): non-zero when pid,
      * uid and gid below are the kernel's word (PIDFD_GET_INFO on the peer's pidfd, read
      * as the entry was taken) for the process that wrote it, 0 when the kernel cannot
@@ -151,6 +159,27 @@ void qlpc_limit_bulk(qlpc_chan *ch, uint32_t max);
  * while another thread posts, QLPC_CLOSED, or QLPC_E_SYSTEM. The next bulk post faults in
  * fresh pages. Only the producer trims its area: it alone knows when nothing is in it. */
 int qlpc_trim_bulk(qlpc_chan *ch);
+
+/* Lend this side's bulk area to a view the caller fills in place: 0, QLPC_FULL
+ * while the area holds a body the peer has not taken or still holds as a view
+ * (or is lent already), QLPC_BUSY while another thread posts, QLPC_CLOSED.
+ * While lent, posts that would copy a body into the area get QLPC_FULL; a post
+ * with data NULL and len > 0 publishes the lent area's first len bytes instead
+ * (QLPC_VIEW) and ends the loan. qlpc_unlend_bulk ends it without posting. */
+int qlpc_lend_bulk(qlpc_chan *ch);
+void qlpc_unlend_bulk(qlpc_chan *ch);
+
+/* 1 while this side's bulk area is lent (so a post in place after it did not happen). */
+int qlpc_bulk_lent(qlpc_chan *ch);
+
+/* After QLPC_LARGE with info->view: take the entry without copying it, and hold
+ * the peer's bulk area for the caller's view of it (the caller maps the area
+ * itself) until qlpc_release_view. Its length, QLPC_BUSY as qlpc_take_bulk, or a
+ * status (QLPC_E_VIEW when the last view is still held: the peer broke the rule). */
+int qlpc_take_view(qlpc_chan *ch, qlpc_info *info);
+
+/* The view qlpc_take_view held is released: the peer may write its area again. */
+void qlpc_release_view(qlpc_chan *ch);
 
 /* After QLPC_LARGE: copy the bulk entry described by info (its ids and length)
  * into dst, which holds `len` == info->length bytes, and take it. Returns len,

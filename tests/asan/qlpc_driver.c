@@ -42,14 +42,14 @@ enum {
     W_CPU = 16,
     W_ATTACHED = 20,
     W_SOCK_SENDS = 24,
-    W_RESERVED = 28,
+    W_BULK_HELD = 28,
     W_CONSUMED = 32,
 };
 
 static uint64_t state = 0x9E3779B97F4A7C15ull;
 static unsigned long inputs, failures;
 /* How often each outcome came up: index 0 counts payloads, 1 + (-status) the statuses. */
-static unsigned long seen[1 - QLPC_E_SYSTEM + 1];
+static unsigned long seen[1 - QLPC_E_VIEW + 1];
 
 static uint64_t next(void)
 {
@@ -145,7 +145,7 @@ static int rig_open(struct rig *r, int role)
     }
     if (role == QLPC_CLIENT) {
         /* The (hostile) server initialised the region: usually right, sometimes not. */
-        uint32_t header[4] = {0x43504c51u, 2u, r->slots, r->slot_size};
+        uint32_t header[4] = {0x43504c51u, 3u, r->slots, r->slot_size};
         int lie = below(8) == 0;
         if (lie)
             header[below(4)] ^= 1u << below(32);
@@ -202,12 +202,13 @@ static void misbehave(struct rig *r)
     put32(peer + W_CPU, (uint32_t)next());
     put32(peer + W_ATTACHED, below(2) ? 0x41545421u : (uint32_t)next());
     put32(peer + W_SOCK_SENDS, (uint32_t)next());
-    put32(peer + W_RESERVED, (uint32_t)next());
+    put32(peer + W_BULK_HELD, below(2) ? (uint32_t)below(2) : (uint32_t)next());
     /* Behind what we sent (our next post must wait), far ahead, or anything. */
     put64(peer + W_CONSUMED, below(3) == 0 ? 0 : below(2) ? UINT64_MAX : next());
     put32(peer + W_SEQ, (uint32_t)next());
 
-    put32(slot + 0, below(4) ? in_kind | (below(3) ? 0 : QLPC_BULK) : (uint32_t)below(4) | (below(2) ? 0 : QLPC_BULK));
+    put32(slot + 0, below(4) ? in_kind | (below(3) ? 0 : QLPC_BULK | (below(2) ? QLPC_VIEW : 0))
+                             : (uint32_t)below(4) | (below(2) ? 0 : QLPC_BULK) | (below(2) ? 0 : QLPC_VIEW));
     put32(slot + 4, pick_length(payload_max));
     if (in_kind == QLPC_REQUEST) {
         put32(slot + 8, id);
@@ -226,7 +227,7 @@ static void misbehave(struct rig *r)
 
 static int is_status(int rc)
 {
-    return (rc <= QLPC_TIMEOUT && rc >= QLPC_LARGE) || (rc <= QLPC_E_INDEX && rc >= QLPC_E_SYSTEM);
+    return (rc <= QLPC_TIMEOUT && rc >= QLPC_LARGE) || (rc <= QLPC_E_INDEX && rc >= QLPC_E_VIEW);
 }
 
 static void check_result(struct rig *r, const char *what, int rc)
@@ -234,7 +235,7 @@ static void check_result(struct rig *r, const char *what, int rc)
     inputs++;
     if (rc >= 0)
         seen[0]++;
-    else if (rc >= QLPC_E_SYSTEM)
+    else if (rc >= QLPC_E_VIEW)
         seen[1 - rc]++;
     CHECK((rc >= 0 && (uint32_t)rc <= qlpc_payload_max(r->ch)) || is_status(rc), "%s returned %d", what, rc);
     CHECK(rc != QLPC_E_ARGS && rc != QLPC_E_SYSTEM && rc != QLPC_INTR && rc != QLPC_BUSY,
@@ -253,6 +254,27 @@ static int take_large(struct rig *r, qlpc_info *info, int rc)
           info->length, info->bulk);
     if (below(8) == 0)
         misbehave(r);
+    if (info->view && below(2)) {
+        /* Written in place: held as a view (read through, as the caller's view would), then
+         * released now or left held (the next view entry is then a protocol error). */
+        rc = qlpc_take_view(r->ch, info);
+        inputs++;
+        CHECK(rc == (int)info->length || rc == QLPC_BUSY || rc == QLPC_E_INDEX || rc == QLPC_E_VIEW,
+              "take_view returned %d for %u bytes", rc, info->length);
+        if (rc == QLPC_E_VIEW)
+            seen[1 - QLPC_E_VIEW]++;
+        if (rc >= 0) {
+            volatile uint8_t sum = 0;
+            const uint8_t *area = r->base + r->size - 2u * QLPC_BULK_SIZE +
+                                  (r->role == QLPC_SERVER ? QLPC_BULK_SIZE : 0);
+            for (uint32_t i = 0; i < info->length; i += 4096)
+                sum ^= area[i];
+            seen[0]++;
+            if (below(2))
+                qlpc_release_view(r->ch);
+        }
+        return rc == QLPC_BUSY ? QLPC_TIMEOUT : rc;
+    }
     body = malloc(info->length ? info->length : 1);
     if (body == NULL)
         exit(2);
@@ -279,12 +301,40 @@ static void check_attested(const qlpc_info *info, int attest, int rc)
     attested += info->attested != 0;
 }
 
+/* Sometimes lend our bulk area to a "view" and post it in place (data NULL, a body already
+ * there): the data to post, and its length (never 0 in place). */
+static const char *lend_maybe(struct rig *r, const char *copy, uint32_t cap, uint32_t *len)
+{
+    int rc;
+
+    if (below(4) != 0)
+        return copy;
+    rc = qlpc_lend_bulk(r->ch);
+    inputs++;
+    CHECK(rc == 0 || rc == QLPC_FULL, "lend_bulk returned %d", rc);
+    if (rc != 0)
+        return copy;
+    CHECK(qlpc_bulk_lent(r->ch), "a loan not told");
+    *len = 1 + (uint32_t)below(cap);
+    return NULL;
+}
+
+/* A loan the post did not end: end it now, or sometimes keep it for a while (copies into
+ * the area must then be refused, which the ring's consumer would see as a changed body). */
+static void end_loan(struct rig *r)
+{
+    if (qlpc_bulk_lent(r->ch) && below(4) != 0)
+        qlpc_unlend_bulk(r->ch);
+}
+
 static void drive_server(struct rig *r)
 {
     qlpc_info info;
     static char reply[8192];  /* past a slot of every geometry: the bulk area */
     uint32_t len = (uint32_t)below(sizeof reply + 1);
     int rc, attest = (int)below(2);
+
+    const char *data = lend_maybe(r, reply, sizeof reply, &len);
 
     memset(reply, 0x5a, sizeof reply);
     memset(&info, 0, sizeof info);
@@ -297,13 +347,13 @@ static void drive_server(struct rig *r)
         check_attested(&info, attest, rc);
         break;
     case 1:
-        rc = qlpc_reply_wait(r->ch, &info, r->buf, attest, QLPC_ID_BIT | 7u, reply, len, 0);
+        rc = qlpc_reply_wait(r->ch, &info, r->buf, attest, QLPC_ID_BIT | 7u, data, len, 0);
         check_result(r, "reply_wait(reply, receive)", rc);
         rc = take_large(r, &info, rc);
         check_attested(&info, attest, rc);
         break;
     default:
-        rc = qlpc_reply(r->ch, QLPC_ID_BIT | 9u, reply, len);
+        rc = qlpc_reply(r->ch, QLPC_ID_BIT | 9u, data, len);
         check_result(r, "reply", rc);
         rc = qlpc_arm_poll(r->ch);
         check_result(r, "arm_poll", rc);
@@ -315,6 +365,7 @@ static void drive_server(struct rig *r)
         inputs++;
         CHECK(rc == 0 || rc == QLPC_FULL, "trim_bulk returned %d", rc);
     }
+    end_loan(r);
     qlpc_sent(r->ch, below(4096), (int)below(2));
     qlpc_consumed(r->ch, below(4096));
 }
@@ -334,6 +385,8 @@ static void drive_client(struct rig *r)
     uint32_t len = (uint32_t)below(sizeof request + 1);
     int rc, attest = (int)below(2);
 
+    const char *data = lend_maybe(r, request, sizeof request, &len);
+
     memset(request, 0xa5, sizeof request);
     memset(&info, 0, sizeof info);
     misbehave(r);
@@ -346,7 +399,7 @@ static void drive_client(struct rig *r)
     } else {
         if (want != 0)
             qlpc_call_done(r->ch);
-        rc = qlpc_call(r->ch, &info, r->buf, attest, request, len, 0);
+        rc = qlpc_call(r->ch, &info, r->buf, attest, data, len, 0);
         check_result(r, "call", rc);
         CHECK(rc < 0 || info.posted, "call returned a reply (%d) without posting its request", rc);
         want = posted_id(r);
@@ -360,6 +413,7 @@ static void drive_client(struct rig *r)
         inputs++;
         CHECK(rc == 0 || rc == QLPC_FULL, "trim_bulk returned %d", rc);
     }
+    end_loan(r);
     qlpc_sent(r->ch, below(4096), (int)below(2));
     qlpc_consumed(r->ch, below(4096));
 }
@@ -397,7 +451,7 @@ int main(int argc, char **argv)
     /* A run long enough must have reached every check, or the peer model went stale. */
     if (iterations >= 100000) {
         static const int expected[] = {QLPC_TIMEOUT, QLPC_LARGE, QLPC_FULL, QLPC_ORDER, QLPC_DOORBELL, QLPC_E_INDEX,
-                                       QLPC_E_KIND, QLPC_E_LENGTH, QLPC_E_RESERVED, QLPC_E_LAYOUT};
+                                       QLPC_E_KIND, QLPC_E_LENGTH, QLPC_E_RESERVED, QLPC_E_LAYOUT, QLPC_E_VIEW};
         CHECK(seen[0] > 0, "no payload was ever received");
         CHECK(attested > 0 || qlpc_attest_probe() != 0, "no entry taken was ever attested");
         for (size_t i = 0; i < sizeof expected / sizeof expected[0]; i++)

@@ -1,0 +1,124 @@
+"""The C calls behind views in the bulk areas, on a pair of rings in one process: lending a
+side's area, posting a body in place, taking it as a view (held until released) or copying
+it, and what a peer's words and entries can and cannot do to that."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from qlpc_harness import BULK, BULK_SIZE, CLIENT_SIDE, ID_BIT, REQUEST, SERVER_SIDE, Pair, deadline, make_pair, native
+
+from alpc._native import Q_BUSY, Q_E_ARGS, Q_E_VIEW, Q_FULL, Q_LARGE, Q_TIMEOUT
+
+pytestmark = [native, pytest.mark.timeout(30)]
+
+VIEW = 32  # an entry's kind flag, with BULK: its body was written in place
+BULK_HELD = 28  # a side's word: it holds a view of the peer's bulk area
+
+
+@pytest.fixture
+def pair() -> Iterator[Pair]:
+    with make_pair(slots=4, slot_size=128) as made:
+        yield made
+
+
+def client_area(pair: Pair) -> int:
+    return len(pair.region) - BULK_SIZE
+
+
+def post_in_place(pair: Pair, body: bytes) -> int:
+    """The client lends its area, writes ``body`` there and posts it in place: the status."""
+    assert pair.client.lend_bulk() == 0 and pair.client.bulk_lent()
+    start = client_area(pair)
+    pair.region[start:start + len(body)] = body
+    return pair.client.call(pair.client.in_place, len(body), deadline(0))
+
+
+def test_a_body_posted_in_place_is_taken_as_a_view_and_held_until_released(pair: Pair) -> None:
+    body = b"in place" * 1000
+    assert post_in_place(pair, body) == Q_TIMEOUT
+    assert pair.client.info.posted == 1 and not pair.client.bulk_lent()  # the post ended the loan
+    assert pair.server.reply_wait(0, b"", 0, 0) == Q_LARGE
+    info = pair.server.info
+    assert (info.bulk, info.view, info.length, info.taken) == (1, 1, len(body), 0)
+    assert pair.server.take_view() == len(body)
+    assert (info.view, info.taken) == (1, 1)
+    assert pair.word(SERVER_SIDE, BULK_HELD) == 1
+    start = client_area(pair)
+    assert pair.region[start:start + len(body)] == body  # nothing was copied: the area is the body
+    # Held: the client can neither lend its area again nor copy a large body into it.
+    pair.client.call_done()
+    assert pair.client.lend_bulk() == Q_FULL
+    assert pair.client.call(b"x" * 500, 500, deadline(0)) == Q_FULL
+    assert pair.client.trim_bulk() == Q_FULL
+    pair.server.release_view()
+    assert pair.word(SERVER_SIDE, BULK_HELD) == 0
+    assert pair.client.lend_bulk() == 0
+    pair.client.unlend_bulk()
+
+
+def test_a_lent_area_takes_no_copies_until_the_loan_ends(pair: Pair) -> None:
+    assert pair.client.lend_bulk() == 0
+    assert pair.client.lend_bulk() == Q_FULL  # one view at a time
+    assert pair.client.call(b"x" * 500, 500, deadline(0)) == Q_FULL  # would overwrite the view being filled
+    assert pair.client.info.posted == 0
+    assert pair.client.call(b"small", 5, deadline(0)) == Q_TIMEOUT  # a slot's body still goes
+    pair.client.call_done()
+    assert pair.client.trim_bulk() == Q_FULL
+    pair.client.unlend_bulk()
+    assert not pair.client.bulk_lent()
+    assert pair.client.call(b"x" * 500, 500, deadline(0)) == Q_TIMEOUT
+
+
+def test_a_post_in_place_needs_a_loan(pair: Pair) -> None:
+    assert pair.client.call(pair.client.in_place, 100, deadline(0)) == Q_E_ARGS
+    assert pair.client.info.posted == 0
+
+
+def test_a_view_entry_can_be_copied_instead_and_then_holds_nothing(pair: Pair) -> None:
+    """The lean calls copy every bulk entry: one written in place too, with the area free at once."""
+    body = b"c" * 3000
+    assert post_in_place(pair, body) == Q_TIMEOUT
+    assert pair.server.reply_wait(0, b"", 0, 0) == Q_LARGE
+    assert pair.server.info.view == 1
+    assert pair.server.take_bulk() == len(body)
+    assert pair.server.bulk_body == body and pair.server.info.view == 0
+    assert pair.word(SERVER_SIDE, BULK_HELD) == 0
+    pair.client.call_done()
+    assert pair.client.lend_bulk() == 0
+    pair.client.unlend_bulk()
+
+
+def test_a_view_entry_while_the_last_is_held_is_a_protocol_error(pair: Pair) -> None:
+    """An honest client never lends an area the server holds: a view entry then is a lie."""
+    assert post_in_place(pair, b"first" * 100) == Q_TIMEOUT
+    assert pair.server.reply_wait(0, b"", 0, 0) == Q_LARGE
+    assert pair.server.take_view() == 500
+    pair.publish_request(kind=REQUEST | BULK | VIEW, length=100, message_id=ID_BIT | 99)
+    assert pair.server.reply_wait(0, b"", 0, 0) == Q_LARGE
+    assert pair.server.take_view() == Q_E_VIEW
+    # Copying it instead is no lie's reward either: it is only the liar's bytes.
+    assert pair.server.take_bulk() == 100
+
+
+def test_a_rewritten_entry_is_not_taken_as_a_view(pair: Pair) -> None:
+    """The entry described was a view; rewritten as a plain bulk one before the take, it is
+    not the entry described any more (Q_BUSY, nothing held)."""
+    assert post_in_place(pair, b"v" * 300) == Q_TIMEOUT
+    assert pair.server.reply_wait(0, b"", 0, 0) == Q_LARGE
+    slot = pair.client_slot(0)  # (the client's first entry)
+    pair.region[slot:slot + 4] = (REQUEST | BULK).to_bytes(4, "little")
+    assert pair.server.take_view() == Q_BUSY
+    assert pair.word(SERVER_SIDE, BULK_HELD) == 0
+
+
+def test_a_peer_that_never_releases_only_keeps_its_own_replies_off_the_area(pair: Pair) -> None:
+    """The client's word says it holds the server's area (a lie, or a view kept forever): the
+    server's large replies take the socket (Q_FULL), nothing waits on it."""
+    pair.set_word(CLIENT_SIDE, BULK_HELD, 1)
+    assert pair.server.lend_bulk() == Q_FULL
+    assert pair.server.reply(ID_BIT | 5, b"r" * 500) == Q_FULL
+    assert pair.server.reply(ID_BIT | 5, b"small") == 0
+    pair.set_word(CLIENT_SIDE, BULK_HELD, 0)
+    assert pair.server.lend_bulk() == 0
