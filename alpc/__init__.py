@@ -39,7 +39,7 @@ from .introspect import list_peers, port_stats
 from .port import CommunicationPort, PendingRequest, connect
 from .protocol import Message
 from .quotas import BrokerLimits, Limit
-from .section import Section, SectionView, View, sweep_stale_names
+from .section import RingView, Section, SectionView, View, sweep_stale_names
 from .security import HandleKind, PeerCred, PortAcl
 from .server import ConnectionPort, ConnectionRequest, create_port
 from .wire import MessageType
@@ -84,6 +84,7 @@ __all__ = [
     "ProtocolError",
     "QuotaExceeded",
     "RemoteError",
+    "RingView",
     "RpcError",
     "Section",
     "SectionError",

@@ -52,6 +52,7 @@ from .errors import (
     PortNotFound,
     ProtocolError,
     QuotaExceeded,
+    SectionError,
     Throttled,
     Timeout,
 )
@@ -62,7 +63,7 @@ from .protocol import EAGER_COPY_MAX, QUICK_ID_BIT, Channel, ConnectionPolicy, F
 from .protocol import Payload as WirePayload
 from .quotas import Limit, WindowClosed
 from .retry import retry_until
-from .section import ConnectionSections, SectionView, check_size, sweep_stale_names
+from .section import ConnectionSections, RingView, SectionView, check_size, sweep_stale_names
 from .security import PeerCred, kinds_from_mask, kinds_mask
 from .transport import (
     Buffer,
@@ -115,6 +116,16 @@ _FIRST_BATCH_FRAMES = 32
 _REQUEST = MessageType.REQUEST
 # Held only to make a port's _cv (once) when its first waiter comes.
 _COND_MADE = threading.Lock()
+
+
+def _ring_body(data: Payload, quick: qlpc.QuickLink) -> bytes | RingView | None:
+    """What the rings can carry of a body that is not bytes: a copy of a bytes-like one, a
+    view lent by this connection's own bulk area as it is; None: the socket path takes it."""
+    if isinstance(data, (bytearray, memoryview)):
+        return bytes(data)
+    if type(data) is RingView and data.owner is quick:
+        return data
+    return None
 
 
 def _owned(lock: threading.RLock) -> bool:
@@ -347,14 +358,14 @@ class CommunicationPort:
         quick = self._quick
         # The rings carry the client's requests only: a server's go by the socket.
         if (quick is not None and not quick.server and size <= quick.carry_max
-                and isinstance(data, (bytes, bytearray, memoryview))
-                and grant is None and not secure and not fds):
+                and grant is None and not secure and not fds
+                and (carried := data if type(data) is bytes else _ring_body(data, quick)) is not None):
             # Quick-LPC: the ring, unless it cannot take this one now. Datagrams queued
             # before (send(..., flush=False)) go first: order is kept.
             if self._core.backlogged:
                 self._flush_by(deadline)
             self.stats.sent(size)
-            reply = quick.request(self, data if type(data) is bytes else bytes(data), deadline)
+            reply = quick.request(self, carried, deadline)
             if reply is not None:
                 return reply
             self.stats.messages_out -= 1
@@ -721,12 +732,13 @@ class CommunicationPort:
         CLIENT_DIED notice follows) and Throttled raised.
         """
         quick = self._quick
-        if (quick is not None and (type(data) is bytes or isinstance(data, bytearray)) and message.id & QUICK_ID_BIT
+        if (quick is not None and message.id & QUICK_ID_BIT
+                and (carried := data if type(data) is bytes else _ring_body(data, quick)) is not None
                 and quick.server
                 and not self._core.backlogged
                 and message.type is _REQUEST and not (secure or fds or message.cancelled)
-                and len(data) <= quick.carry_max
-                and quick.reply(self, message.id, data if type(data) is bytes else bytes(data))):
+                and len(carried) <= quick.carry_max
+                and quick.reply(self, message.id, carried)):
             # Quick-LPC: a request that came through the ring, answered the same way.
             self.stats.replied(message.id, len(data))
             return
@@ -812,8 +824,19 @@ class CommunicationPort:
         or ``reply``: the peer gets a read-only view of the same memory, with no
         copy. Waits (up to ``timeout``) while the peer holds the section's space.
         ``secure`` gives the view its own section, write-sealed when sent.
+
+        On a connection with Quick-LPC rings, a view of up to 1 MiB (and the
+        peer's ``max_message_length``) lives in this side's bulk area when it
+        is free (a ``RingView``): a request or reply then goes through the ring
+        with no section and no socket frame; sent as a datagram it is copied
+        into a section first.
         """
         check_size("a view", size)
+        quick = self._quick
+        if quick is not None and not secure and self._core.failure is None:
+            view = quick.lend(size)
+            if view is not None:
+                return view
         return self._reserve(size, secure, deadline_after(timeout))
 
     def trim_sections(self, timeout: float | None = None) -> None:
@@ -897,21 +920,40 @@ class CommunicationPort:
         """Send a body through a section: fill a reserved range (unless ``data`` is a
         view already), then send the small frame naming it. Returns the message id."""
         core = self._core
+        lent = data if type(data) is RingView else None
+        if lent is not None:
+            # A view in this side's Quick-LPC bulk area that the ring does not carry now (a
+            # datagram, a full ring): its bytes go as a view from a section, and the area is
+            # free again once they are copied there.
+            quick = self._quick
+            if quick is None or lent.owner is not quick:
+                raise SectionError("the view belongs to another connection")
+            lent.check_secure(secure)
+            lent.claim()
+            data, as_view = lent.memory, True if as_view is None else as_view
+            if kind is MessageType.DATAGRAM:
+                quick.views_in_ring = False  # (see QuickLink.views_in_ring)
         if isinstance(data, SectionView):
             data.check_secure(secure)
             view, explicit = data, True
+            if self._quick is not None and kind is (MessageType.REPLY if self._is_server else MessageType.REQUEST):
+                self._quick.views_in_ring = True
         else:
             if not (secure or grant or span or fds or as_view or deadline_attr is not None):
                 message_id = self._send_copy(kind, data, deadline, callback_id)
                 if message_id is not None:
                     return message_id
-            self._channel.check_length(body_size(data))
-            view, explicit = self._reserve(body_size(data), secure, deadline), False
             try:
-                copy_body(view.memory, data)
-            except BaseException:
-                view.release()
-                raise
+                self._channel.check_length(body_size(data))
+                view, explicit = self._reserve(body_size(data), secure, deadline), False
+                try:
+                    copy_body(view.memory, data)
+                except BaseException:
+                    view.release()
+                    raise
+            finally:
+                if lent is not None:
+                    lent.returned()
         message_id = 0
         try:
             self._lock_send(deadline)

@@ -16,8 +16,13 @@ The rules that keep the two paths one ordered connection:
   max_message_length) goes through its sender's bulk area in the same region,
   which holds one message at a time: the C side copies it in, the receiver
   copies it out into a new bytes object (``take_bulk``) and only then takes the
-  entry, so the sender may write the next. Every other message takes the
-  socket, and so does a ring message when the ring (or the bulk area) is full,
+  entry, so the sender may write the next. ``create_view`` on a connection with
+  rings lends the caller its side's bulk area (``lend``, a ``RingView``): the
+  body is written there in place, the entry says so (``info.view``), and a
+  receiver that makes a Message of it maps the peer's area read-only instead of
+  copying (``take_view``), holding it until the view is released; the lean
+  calls copy it as any bulk body. Every other message takes the socket, and so
+  does a ring message when the ring (or the bulk area) is full,
   the body is larger still, or another thread is posting.
 - A side posts to its ring only once the peer has read every socket write of
   its that carried a message (the peer publishes its count of bytes read), and
@@ -41,8 +46,9 @@ server's ``receive()``, ``wait()`` and completion-port dispatch, a client's
 credentials through its pidfd as it takes the entry (PIDFD_GET_INFO, Linux
 6.13), and ``Message.sender`` / ``identity_changed`` come from them as on the
 socket. Only the two connected processes can write the rings: each closes the
-memfd once mapped, and the mapping is MADV_DONTFORK (a forked child, say a
-privilege-separated one, has none). The lean calls (``call()``,
+memfd once mapped, and the rings' mapping is MADV_DONTFORK (a forked child, say a
+privilege-separated one, has none; Python's mappings of the bulk areas for views
+hold bodies only, and a child inherits them as it inherits sections). The lean calls (``call()``,
 ``serve_requests()``) expose no sender and skip the question. ``attested()``
 says whether this kernel answers it; where it cannot, ring messages carry the
 connection's identity.
@@ -72,7 +78,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NoReturn, cast
 
 from . import _native
 from ._native import (
@@ -95,7 +101,7 @@ from .connection import answered_for_application
 from .errors import AlpcError, ConnectionClosed, PeerGone, ProtocolError, Timeout
 from .logs import fields
 from .protocol import MAX_ABANDONED, Message
-from .section import check_peer_fd, ring_memfd
+from .section import RingView, View, check_peer_fd, map_shared, ring_memfd
 from .security import PeerCred, identity_changed
 from .transport import Buffer, close_fds, deadline_after, remaining
 from .wire import MessageType
@@ -222,17 +228,40 @@ def offer(slots: int, slot_size: int, spin_us: int, sock_fd: int, pidfd: int | N
     try:
         ring = QuickRing(fd, size, slots, slot_size, server=True, sock_fd=sock_fd, pidfd=pidfd,
                          spin_ns=spin_us * 1000)
+        areas = BulkAreas(fd, size, ring.bulk_max, server=True)
     except BaseException:
         close_fds([fd])
         raise
-    return QuickLink(ring, server=True, attesting=pidfd is not None and attested()), fd
+    return QuickLink(ring, areas, server=True, attesting=pidfd is not None and attested()), fd
+
+
+class BulkAreas:
+    """This side's Python mappings of the region's two bulk areas, for views: its own
+    (writable: the views it lends) and the peer's (read-only: the views it receives).
+    Virtual only until a view touches them; every view keeps its mapping alive."""
+
+    def __init__(self, fd: int, region_size: int, area_size: int, *, server: bool) -> None:
+        server_area = region_size - 2 * area_size  # (the layout of csrc/qlpc.h)
+        client_area = server_area + area_size
+        own, peer = (server_area, client_area) if server else (client_area, server_area)
+        self.own = map_shared(fd, own, area_size, writable=True)
+        try:
+            self.peer = map_shared(fd, peer, area_size, writable=False)
+        except BaseException:
+            self.own.drop()
+            raise
+
+    def close(self) -> None:
+        self.own.drop()
+        self.peer.drop()
 
 
 class QuickLink:
     """This side of one connection's Quick-LPC rings."""
 
-    def __init__(self, ring: QuickRing, *, server: bool, attesting: bool = False) -> None:
+    def __init__(self, ring: QuickRing, areas: BulkAreas, *, server: bool, attesting: bool = False) -> None:
         self.ring = ring
+        self.areas = areas
         self.server = server
         # The kernel tells the peer's credentials for each entry taken as a Message (the
         # peer's pidfd is there and this kernel has PIDFD_GET_INFO).
@@ -274,6 +303,10 @@ class QuickLink:
         self.by_socket = False
         # Server: armed for the reader's wait on the socket (disarm() once it returns).
         self.armed = False
+        # create_view() lends the bulk area: until a view lent is sent as a datagram, which the
+        # rings do not carry (copied into a section, so a producer of datagrams would copy every
+        # view); then sections, until a view is sent as a request or reply the rings could carry.
+        self.views_in_ring = True
         # Server: told after this side waited on or took from the ring, which ends an arm()
         # (the multiplexer then arms this ring again before it next sleeps in poll()).
         self.on_take: Callable[[], None] | None = None
@@ -294,9 +327,14 @@ class QuickLink:
             check_peer_fd(fd, size, writable=True)
             ring = QuickRing(fd, size, slots, slot_size, server=False, sock_fd=sock_fd, pidfd=pidfd,
                              spin_ns=spin_us * 1000)
+            try:
+                areas = BulkAreas(fd, size, ring.bulk_max, server=False)
+            except BaseException:
+                ring.close()
+                raise
         finally:
             close_fds([fd])  # mapped now: a kept fd would let a forked child map the rings again
-        return cls(ring, server=False, attesting=pidfd is not None and attested())
+        return cls(ring, areas, server=False, attesting=pidfd is not None and attested())
 
     def limit(self, send_limit: int, recv_limit: int) -> None:
         """The connection's message size limits: the peer's (what this side sends through the
@@ -311,10 +349,18 @@ class QuickLink:
         if status not in (0, Q_FULL, Q_BUSY, Q_CLOSED):
             log.warning("cannot give a Quick-LPC bulk area's pages back (status %d)", status)
 
-    def _settle(self, status: int) -> int:
-        """A wait's status, with a bulk entry (Q_LARGE) taken: its length then. (receive() and the
-        serving loop test inline instead: a call per message on the hot path.)"""
-        return self.ring.take_bulk() if status == Q_LARGE else status
+    def _settle(self, status: int, as_view: bool = False) -> int:
+        """A wait's status, with a bulk entry (Q_LARGE) taken: its length then. ``as_view``: one
+        its sender wrote in place is taken as a view (for a Message). (receive() and the serving
+        loop test inline instead: a call per message on the hot path.)"""
+        if status != Q_LARGE:
+            return status
+        return self._take_large() if as_view else self.ring.take_bulk()
+
+    def _take_large(self) -> int:
+        """After Q_LARGE, for a Message: a body written in place is mapped (a view), any other copied."""
+        ring = self.ring
+        return ring.take_view() if ring.info.view else ring.take_bulk()
 
     def _body(self, length: int) -> bytes:
         """The payload of the entry the last wait took: from its slot, or the bulk copy."""
@@ -326,6 +372,45 @@ class QuickLink:
         assert body is not None and len(body) == length
         return body
 
+    def _message_body(self, message: Message, length: int) -> None:
+        """Give ``message`` the body the last wait took: its bytes, or the read-only view of
+        the peer's bulk area that ``take_view`` took (released, the area is the peer's again)."""
+        ring = self.ring
+        if ring.info.bulk and ring.info.view:
+            message._data = None
+            message.view = View(self.areas.peer, 0, length, on_gone=ring.release_view)
+        else:
+            message._data = self._body(length)
+
+    # -- views in the bulk areas ----------------------------------------------------
+
+    def lend(self, size: int) -> RingView | None:
+        """``create_view(size)`` through this side's bulk area, or None when it cannot be now
+        (in use, lent, too large for the rings or the peer, rings not in use): a section then."""
+        if not (self.views_in_ring and 0 < size <= self.carry_max and self.active):
+            return None
+        ring = self.ring
+        if ring.lend_bulk() != 0:
+            return None
+        try:
+            return RingView(self.areas.own, size, self, ring.unlend_bulk)
+        except BaseException:
+            ring.unlend_bulk()
+            raise
+
+    def _post_view(self, view: RingView, post: Callable[[], int]) -> int:
+        """Post a lent view in place with ``post`` (a C call given ``ring.in_place``): its status.
+        Not taken, the view may go another way still. (The loan ends only with a post in
+        place: what it says holds even when a signal handler raised and the status is lost.)"""
+        view.claim()
+        try:
+            return post()
+        finally:
+            if self.ring.bulk_lent():
+                view.unclaim()
+            else:
+                view.posted()
+
     @property
     def active(self) -> bool:
         """Are the rings in use (on the server: has the client attached)?"""
@@ -334,8 +419,10 @@ class QuickLink:
         return self._attached
 
     def close(self) -> None:
-        """Wake every waiter (they see the port closed) and unmap the rings."""
+        """Wake every waiter (they see the port closed) and unmap the rings (views keep
+        their bulk area mapped until released)."""
         self.ring.close()
+        self.areas.close()
 
     # -- socket bookkeeping (both sides) --------------------------------------------
 
@@ -390,7 +477,8 @@ class QuickLink:
                         return unpack(status)
                     got = slow(_alive(port_ref), status, deadline_ns)
                     if got is not None:
-                        return _socket_reply(got).data if isinstance(got, Message) else got[0]
+                        # (A ring reply is bytes here: slow() takes no views unless asked.)
+                        return _socket_reply(got).data if isinstance(got, Message) else cast("bytes", got[0])
                 except BaseException:
                     # A signal handler may raise as c_call returns, before slow() took over.
                     interrupted(port_ref())
@@ -401,19 +489,24 @@ class QuickLink:
 
         return call
 
-    def request(self, port: CommunicationPort, data: bytes, deadline: float | None) -> Message | None:
-        """``call`` for ``request()``: the REPLY as a Message."""
+    def request(self, port: CommunicationPort, data: bytes | RingView, deadline: float | None) -> Message | None:
+        """``call`` for ``request()``: the REPLY as a Message (a view lent by ``lend`` is posted
+        in place; a reply the server wrote in place comes as a view)."""
         if not self._calling.acquire(False):
             return None  # another thread's ring call is not unpacked yet: take the socket
         try:
             deadline_ns = -1 if deadline is None else int(deadline * 1e9)
-            status = self._call_attested(data, len(data), deadline_ns)
+            if isinstance(data, bytes):
+                status = self._call_attested(data, len(data), deadline_ns)
+            else:
+                status = self._post_view(data, functools.partial(
+                    self._call_attested, self.ring.in_place, len(data), deadline_ns))
             info = self.ring.info
             if status >= 0:
-                got: tuple[bytes, int, int] | Message | None = (self._unpack(status), info.sender_tid,
-                                                                 info.callback_id)
+                got: tuple[bytes | View, int, int] | Message | None = (self._unpack(status), info.sender_tid,
+                                                                        info.callback_id)
             else:
-                got = self._call_slow(port, status, deadline_ns, attest=True)
+                got = self._call_slow(port, status, deadline_ns, attest=True, as_view=True)
             # Read while the turn is ours: the next call reuses the ring's info.
             if type(got) is not tuple:
                 sender, changed = port.peer, False
@@ -430,7 +523,11 @@ class QuickLink:
         if isinstance(got, Message):
             return _socket_reply(got)  # it came over the socket: counted there, and with its fds, view and flags
         body, tid, request_id = got
-        message = Message(_REPLY, 0, request_id, body, sender, sender.pid, tid)
+        if isinstance(body, bytes):
+            message = Message(_REPLY, 0, request_id, body, sender, sender.pid, tid)
+        else:
+            message = Message(_REPLY, 0, request_id, b"", sender, sender.pid, tid)
+            message._data, message.view = None, body
         if changed:
             message.identity_changed = True  # (a keyword costs every message)
         message.port = port
@@ -439,11 +536,12 @@ class QuickLink:
         stats.bytes_in += len(body)
         return message
 
-    def _call_slow(self, port: CommunicationPort, status: int, deadline_ns: int,
-                   attest: bool = False) -> tuple[bytes, int, int] | Message | None:
+    def _call_slow(self, port: CommunicationPort, status: int, deadline_ns: int, attest: bool = False,
+                   as_view: bool = False) -> tuple[bytes | View, int, int] | Message | None:
         """Anything but a reply at once: (body, sender tid, request id) from the ring, the
         reply as a Message when it came over the socket, or None if the request was not sent.
-        ``attest``: a reply from the ring is attested (``ring.info``)."""
+        ``attest``: a reply from the ring is attested (``ring.info``); ``as_view``: one the
+        server wrote in place comes as a read-only View of its bulk area, not copied."""
         ring = self.ring
         wait_reply = ring.wait_reply_attested if attest else ring.wait_reply
         if not ring.info.posted:
@@ -455,12 +553,15 @@ class QuickLink:
         try:
             while True:
                 if status == Q_LARGE:
-                    status = ring.take_bulk()
+                    status = self._settle(status, as_view)
                     if status == Q_BUSY:
                         status = wait_reply(deadline_ns)  # rewritten under us: only the peer's loss
                         continue
                 if status >= 0:
-                    return self._body(status), ring.info.sender_tid, request_id
+                    info = ring.info
+                    if info.bulk and info.view:
+                        return View(self.areas.peer, 0, status, on_gone=ring.release_view), info.sender_tid, request_id
+                    return self._body(status), info.sender_tid, request_id
                 if status == Q_DOORBELL:
                     port._send(port._channel.doorbell, deadline_after(_DOORBELL_TIMEOUT))
                 elif status == Q_CHECK or status == Q_BUSY:
@@ -617,7 +718,7 @@ class QuickLink:
                     timeout_ns = int(left * 1e9) if left > 0 else 0
                 status = self._reply_wait_attested(0, b"", 0, timeout_ns)
                 if status == Q_LARGE:
-                    status = self.ring.take_bulk()
+                    status = self._take_large()
             except BaseException:
                 self._rescue(port)
                 raise
@@ -655,7 +756,7 @@ class QuickLink:
         reply_wait = self.ring.reply_wait_attested
         while True:
             try:
-                status = self._settle(reply_wait(0, b"", 0, 0))
+                status = self._settle(reply_wait(0, b"", 0, 0), True)
             except BaseException:
                 port._dispatch(messages)
                 self._rescue(port)
@@ -676,7 +777,11 @@ class QuickLink:
         # (Most messages repeat the last attested sender: one field read, no call.)
         cached = self._sender if info.attested == self._sender_gen else None
         sender, changed = cached if cached is not None else self._attested_sender(port)
-        message = Message(_REQUEST, info.message_id, 0, self._body(length), sender, sender.pid, info.sender_tid)
+        if info.bulk:
+            message = Message(_REQUEST, info.message_id, 0, b"", sender, sender.pid, info.sender_tid)
+            self._message_body(message, length)
+        else:
+            message = Message(_REQUEST, info.message_id, 0, self._unpack(length), sender, sender.pid, info.sender_tid)
         if changed:
             message.identity_changed = True  # (a keyword costs every message)
         try:
@@ -714,8 +819,9 @@ class QuickLink:
         self._sender, self._sender_gen = cached, generation
         return cached
 
-    def reply(self, port: CommunicationPort, request_id: int, data: bytes) -> bool:
-        """Server: answer a ring request through the ring; False: send it over the socket."""
+    def reply(self, port: CommunicationPort, request_id: int, data: bytes | RingView) -> bool:
+        """Server: answer a ring request through the ring (a view lent by ``lend`` in place);
+        False: send it over the socket."""
         core = port._core
         with port._state:
             # The channel alone says what is owed: a reply over the socket or a CANCEL ends that.
@@ -726,7 +832,10 @@ class QuickLink:
             if not owes:
                 return False
         size = len(data)
-        status = self._post_reply(request_id, data, size)
+        if isinstance(data, bytes):
+            status = self._post_reply(request_id, data, size)
+        else:
+            status = self._post_view(data, functools.partial(self._post_reply, request_id, self.ring.in_place, size))
         if status == 0 or status == Q_DOORBELL:
             counted = self._counted
             counted[2] += 1

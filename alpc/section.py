@@ -48,12 +48,14 @@ __all__ = [
     "F_SEAL_FUTURE_WRITE",
     "ConnectionSections",
     "PeerSections",
+    "RingView",
     "Section",
     "SectionPool",
     "SectionView",
     "View",
     "check_peer_fd",
     "check_size",
+    "map_shared",
     "ring_memfd",
     "shm_prefix",
     "sweep_stale_names",
@@ -151,7 +153,8 @@ class _Mapping:
 
     def __init__(self, mm: mmap.mmap, size: int, writable: bool) -> None:
         self._mm = mm
-        self._base = memoryview(mm)
+        # (Read-only here too when the pages are: see map_shared, whose mmap object thinks not.)
+        self._base = memoryview(mm) if writable else memoryview(mm).toreadonly()
         self.size = size
         self.writable = writable
         self._users = 1  # the section itself
@@ -397,9 +400,10 @@ def _made(size: int, make: Callable[[], Section]) -> Section:
 
 def ring_memfd(size: int) -> int:
     """A memfd for Quick-LPC's rings: sealed against shrinking and growing (no SIGBUS), not
-    against writes (both sides write their own half), and not mapped here: the C side maps
-    it MADV_DONTFORK, and a Python mapping meanwhile would hand a forked child a writable
-    one. Named "alpc-qlpc", so /proc/PID/maps tells it from sections. QuotaExceeded if the
+    against writes (both sides write their own half). The C side maps the rings
+    MADV_DONTFORK (a forked child must not post as this process); Python maps only the
+    bulk areas (``map_shared``), which hold bodies and no indices, as sections hold them.
+    Named "alpc-qlpc", so /proc/PID/maps tells it from sections. QuotaExceeded if the
     system cannot back it."""
     check_size("a ring region", size)
     try:
@@ -416,6 +420,22 @@ def ring_memfd(size: int) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def map_shared(fd: int, offset: int, length: int, *, writable: bool) -> _Mapping:
+    """A shared mapping of [offset, offset + length) of ``fd`` (offset page-aligned), which
+    views share and the last of them unmaps, as a section's; it keeps no fd of its own (a
+    Python mmap of ``fd`` would). QuotaExceeded if it cannot be made."""
+    try:
+        mm = mmap.mmap(-1, length)
+    except OSError as exc:
+        raise QuotaExceeded(f"cannot map {length} bytes of a shared-memory region: {exc}") from None
+    try:
+        _native.map_fixed(mm, fd, offset, writable)
+    except OSError as exc:
+        mm.close()
+        raise QuotaExceeded(f"cannot map {length} bytes of a shared-memory region: {exc}") from None
+    return _Mapping(mm, length, writable)
 
 
 class Section:
@@ -714,6 +734,52 @@ class SectionView(View):
         # Released (or dropped) before being sent: the space is ours again.
         if unsent:
             self._pool.give_back(self.slot)
+
+
+class RingView(SectionView):
+    """A view in this side's Quick-LPC bulk area (``create_view`` on a connection with rings).
+
+    Filled in place like any SectionView; a request or a reply through the ring
+    publishes it where it is, and the peer maps the same pages read-only: no
+    section, no frame on the socket. Sent any other way (a datagram, a ring that
+    cannot take it now, another connection) its bytes are copied into a section
+    and go as a view from there. The area is lent to one view at a time and
+    comes back when the view is posted (the peer then holds it until it releases
+    its view), released unsent, or copied out.
+    """
+
+    __slots__ = ("_unlend", "owner")
+
+    def __init__(self, mapping: _Mapping, size: int, owner: object, unlend: Callable[[], None]) -> None:
+        # (Not SectionView.__init__: no pool, no slot; the checks of sending read the rest.)
+        self.owner = owner  # the QuickLink that lent the area: sent on another, it is copied
+        self._unlend = unlend
+        self.section_id = 0
+        self.sent = False
+        self.announced = False
+        self.retired = []
+        View.__init__(self, mapping, 0, size)
+
+    def belongs_to(self, pool: SectionPool) -> bool:
+        return False  # no pool's: a section message copies it (see CommunicationPort._send_section)
+
+    def unclaim(self) -> None:
+        """The ring did not take it after all: it may be sent (or released) again."""
+        with _RELEASE_LOCK:
+            self.sent = False
+
+    def posted(self) -> None:
+        """The ring published it: the peer reads the area now, and gives it back itself."""
+        self._gone()
+
+    def returned(self) -> None:
+        """Its bytes went another way (copied into a section): the area is free again."""
+        self._gone()
+        self._unlend()
+
+    def _finished(self, unsent: bool) -> None:
+        if unsent:
+            self._unlend()
 
 
 class SectionPool:

@@ -192,7 +192,38 @@ def receive_loop(comm: alpc.CommunicationPort, seen: list[str]) -> None:
             return
 
 
+# Views of the client's requests this server keeps unreleased ("keep:" views) until "free".
+held: list[alpc.View] = []
+
+
+def answer_view(message: alpc.Message, comm: alpc.CommunicationPort) -> None:
+    """A request sent as a view: read in place, answered with a view of this side's (upper
+    case), and told on stdout: its length, whether the reply view lives in the bulk area,
+    and how many sections this side has made."""
+    view = message.view
+    assert view is not None and view.readonly
+    if bytes(view.memory[:5]) == b"keep:":
+        held.append(view)
+        message.reply(b"kept")
+        return
+    with view as memory:
+        upper = bytes(memory).upper()
+    reply = comm.create_view(len(upper), timeout=30)
+    reply.memory[:] = upper
+    in_ring = isinstance(reply, alpc.RingView)
+    message.reply(reply)
+    say("VIEWED", len(upper), in_ring, len(comm._channel.sections.pool.ledger.section_ids))  # type: ignore[union-attr]
+
+
 def handle(message: alpc.Message, comm: alpc.CommunicationPort, seen: list[str]) -> bool:
+    if message.type is alpc.MessageType.REQUEST and message.view is not None:
+        answer_view(message, comm)
+        return True
+    if message.type is alpc.MessageType.REQUEST and message.data == b"free":
+        while held:
+            held.pop().release()
+        message.reply(b"freed")
+        return True
     if message.type is alpc.MessageType.REQUEST:
         reply = answer(message.data, comm, seen)
         if reply is not None:
@@ -204,6 +235,12 @@ def handle(message: alpc.Message, comm: alpc.CommunicationPort, seen: list[str])
             say("HOLDING")
             sys.stdin.readline()
         return True
+    if held:
+        # The client is gone: the views it lent stay readable until released here.
+        intact = all(bytes(view.memory[:5]) == b"keep:" for view in held)
+        say("HELD", len(held), intact)
+        while held:
+            held.pop().release()
     report(message)
     return False
 
@@ -278,6 +315,11 @@ def client(args: argparse.Namespace) -> None:
                 sender = reply.sender
                 say("MESSAGE", reply.data.decode(), sender.pid, sender.uid, sender.gid, reply.identity_changed,
                     bool(reply.callback_id & ID_BIT))
+            elif command == "view":
+                view = comm.create_view(len(rest), timeout=30)
+                view.memory[:] = rest.encode()
+                say("VIEW", isinstance(view, alpc.RingView))
+                say("VIEWREPLY", comm.request(view, timeout=30).data.decode())
             elif command == "drop":
                 drop_privileges()
                 say("DROPPED", os.getuid(), os.getgid())

@@ -44,9 +44,20 @@ def accept_one(port: alpc.ConnectionPort) -> tuple[threading.Thread, list[alpc.C
 WARM_UP = 20
 
 
-def ring_lines(path: str) -> list[str]:
+def region_lines(path: str) -> list[str]:
+    """Every mapping of a ring region in a /proc/PID/maps."""
     with open(path) as maps:
         return [line for line in maps if RING_MEMFD in line]
+
+
+def ring_lines(path: str) -> list[str]:
+    """The mappings of the rings themselves: the C side maps each region from offset 0
+    (Python maps only the bulk areas at its end, for views, at a page offset past the rings)."""
+    return [line for line in region_lines(path) if int(line.split()[2], 16) == 0]
+
+
+def bulk_lines(path: str) -> list[str]:
+    return [line for line in region_lines(path) if int(line.split()[2], 16) != 0]
 
 
 def fd_targets(pid: int | str) -> list[str]:
@@ -148,7 +159,8 @@ def test_a_ring_reply_carries_the_servers_current_credentials(broker, config, sp
 def test_a_forked_child_has_no_mapping_of_the_rings(broker, config, spawn, runtime_dir) -> None:  # type: ignore[no-untyped-def]
     """The rings are MADV_DONTFORK: a child forked after connecting cannot write ring entries
     that would pass for its parent's. It closes its copy of the port without touching the
-    (absent) region, and the parent keeps using the rings."""
+    (absent) rings, and the parent keeps using them. (It inherits the bulk areas' mappings,
+    bodies only, as it inherits sections.)"""
     server = start_peer(spawn, runtime_dir, "server", "qid.fork")
     server.expect("READY")
     with alpc.connect("qid.fork", config=config, timeout=10) as comm:
@@ -207,8 +219,8 @@ def test_a_child_forked_while_the_server_sets_up_the_rings_has_no_mapping(
 
 @native
 def test_no_side_keeps_the_ring_memfd_open(broker, config, spawn, runtime_dir) -> None:  # type: ignore[no-untyped-def]
-    """Each side maps the rings once and holds no fd of their memfd (one would let a forked
-    child map them again)."""
+    """Each side maps the rings once (and the two bulk areas for views) and holds no fd of
+    their memfd (one would let a forked child map them again)."""
     server = start_peer(spawn, runtime_dir, "server", "qid.fds")
     server_pid = server.expect("READY")[0]
     with alpc.connect("qid.fds", config=config, timeout=10) as comm:
@@ -216,6 +228,7 @@ def test_no_side_keeps_the_ring_memfd_open(broker, config, spawn, runtime_dir) -
         server.expect("ACCEPTED")
         for pid in ("self", server_pid):
             assert [line.split()[-2] for line in ring_lines(f"/proc/{pid}/maps")] == ["/memfd:alpc-qlpc"]
+            assert len(bulk_lines(f"/proc/{pid}/maps")) == 2
             assert not [target for target in fd_targets(pid) if target.startswith(RING_MEMFD)]
 
 

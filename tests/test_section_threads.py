@@ -36,6 +36,18 @@ from alpc import aio
 pytestmark = pytest.mark.timeout(60)
 
 MIB = 1 << 20
+
+
+@pytest.fixture
+def local_pair(broker: alpc.Broker, config: alpc.Config) -> Iterator[tuple[alpc.CommunicationPort,
+                                                                         alpc.CommunicationPort]]:
+    """(server side, client side) of one connection without Quick-LPC rings: these tests are
+    about sections, and a view of up to 1 MiB on a connection with rings lives in its bulk area."""
+    with local_connection(config, "svc.local.sections", alpc.PortAttributes(quick_lpc=False)) as (_, server, client):
+        assert not client.quick
+        yield server, client
+
+
 def _memfds() -> int:
     count = 0
     for name in os.listdir("/proc/self/fd"):

@@ -6,7 +6,10 @@ the view itself. The server gets ``message.view``, a read-only memoryview
 into the client's section, hands it to the case's handler (which checks the
 payload in place, as every receiver does) inside ``with message.view as
 memory:``, and so releases the range before it replies: the release then
-travels with the reply. Replies are small and go inline.
+travels with the reply. Replies are small and go inline. On a connection with
+Quick-LPC rings a request view of up to 1 MiB is the client's bulk area
+instead (``alpc.RingView``): the ring carries it in place, and the release is
+a word in the shared region.
 """
 
 from __future__ import annotations

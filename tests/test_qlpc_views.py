@@ -1,0 +1,266 @@
+"""Zero-copy views through the rings' bulk areas: ``create_view`` on a connection with
+Quick-LPC lends the caller its side's bulk area, a request or reply publishes it in place,
+and the receiver maps the sender's area read-only; with real processes where the view
+crosses one, and in one process for the API's rules.
+
+(The C calls themselves, lend / post in place / take_view / release, and a hostile peer's
+view entries, are in test_qlpc_ring.py and the ASan driver.)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import alpc
+from tests.test_qlpc import Start, connect, peer_starter, shm_names_of
+from tests.test_qlpc_bulk import BULK, body_of, native, sections_made
+from tests.test_qlpc_socket_interplay import ring_pair
+
+pytestmark = [native, pytest.mark.timeout(60)]
+
+
+@pytest.fixture
+def peer(spawn, runtime_dir: Path) -> Start:  # type: ignore[no-untyped-def]
+    return peer_starter(spawn, runtime_dir)
+
+def filled(comm: alpc.CommunicationPort, body: bytes) -> alpc.SectionView:
+    view = comm.create_view(len(body), timeout=10)
+    view.memory[:] = body
+    return view
+
+
+def warm(comm: alpc.CommunicationPort) -> None:
+    # (The first posts may find the server in poll(): the doorbell, then the socket once.)
+    for _ in range(3):
+        comm.call(b"warm", timeout=10)
+
+
+@pytest.mark.parametrize("mode", ["receive", "wait"])
+def test_views_go_both_ways_through_the_bulk_areas(broker, config, peer, mode: str) -> None:  # type: ignore[no-untyped-def]
+    """A request sent as a view comes to the server as a read-only view, its reply (a view the
+    server filled) to the client as one: every byte through the ring counts, no section made
+    on either side, and the areas come back for the next view."""
+    server = peer("server", f"qv.both.{mode}", "--mode", mode)
+    with connect(config, f"qv.both.{mode}") as comm:
+        quick = comm._quick
+        assert comm.quick and quick is not None
+        warm(comm)
+        before = quick.ring.counts()
+        sizes = (1, quick.payload_max + 1, 65536, BULK)
+        for size in sizes:
+            body = body_of(size)
+            view = filled(comm, body)
+            assert isinstance(view, alpc.RingView) and not view.readonly
+            reply = comm.request(view, timeout=10)
+            assert view.released  # posted in place: the memory is the server's to read now
+            assert reply.view is not None and reply.view.readonly
+            with reply.view as memory:
+                assert bytes(memory) == body.upper()
+            assert server.expect("VIEWED")[:2] == [str(size), "True"]
+        after = quick.ring.counts()
+        assert after["bytes_out"] - before["bytes_out"] == sum(sizes)
+        assert after["bytes_in"] - before["bytes_in"] == sum(sizes)
+        assert sections_made(comm) == []
+        assert comm.request(b"x", timeout=10).data == b"X"
+        # (The server's last VIEWED said how many sections it made: checked below, after all.)
+        view = filled(comm, b"last")
+        assert comm.request(view, timeout=10).view is not None
+        assert server.expect("VIEWED") == ["4", "True", "0"]
+
+
+def test_a_lean_server_gets_a_view_request_as_bytes(broker, config, peer) -> None:  # type: ignore[no-untyped-def]
+    """serve_requests() hands its handler bytes: a request written in place is copied out,
+    and the client's area is free at once for the next view."""
+    peer("server", "qv.serve", "--mode", "serve")
+    with connect(config, "qv.serve") as comm:
+        warm(comm)
+        for size in (10, 65536, BULK):
+            body = body_of(size)
+            view = filled(comm, body)
+            assert isinstance(view, alpc.RingView)
+            assert comm.request(view, timeout=10).data == body.upper()
+        assert sections_made(comm) == []
+
+
+def test_a_view_the_server_holds_keeps_the_area_until_it_releases(broker, config, peer) -> None:  # type: ignore[no-untyped-def]
+    """While the server holds the client's last view, the client's next view takes a section
+    (the area is the server's to read), and the ring area comes back once it lets go."""
+    peer("server", "qv.hold", "--mode", "receive")
+    with connect(config, "qv.hold") as comm:
+        warm(comm)
+        kept = filled(comm, b"keep:" + body_of(70_000))
+        assert isinstance(kept, alpc.RingView)
+        assert comm.request(kept, timeout=10).data == b"kept"
+        second = filled(comm, body_of(5000))
+        assert not isinstance(second, alpc.RingView)
+        reply = comm.request(second, timeout=10)
+        assert reply.view is not None and reply.view.tobytes() == body_of(5000).upper()
+        reply.view.release()
+        assert sections_made(comm) != []
+        # A copy too large for a slot cannot take the held area either: the socket carries it.
+        body = body_of(100_000)
+        assert comm.call(body, timeout=10) == body.upper()
+        assert comm.request(b"free", timeout=10).data == b"freed"
+        third = filled(comm, body_of(3000))
+        assert isinstance(third, alpc.RingView)
+        assert comm.request(third, timeout=10).view is not None
+
+
+def test_a_view_sent_as_a_datagram_is_copied_into_a_section(broker, config, peer) -> None:  # type: ignore[no-untyped-def]
+    """The rings carry no datagrams: a view in the bulk area sent as one arrives as a view of
+    a section, with the same bytes. Views are then made in sections (a producer of datagrams
+    would otherwise pay that copy for each), until one goes as a request again."""
+    peer("server", "qv.datagram", "--mode", "receive")
+    with connect(config, "qv.datagram") as comm:
+        warm(comm)
+        view = filled(comm, b"datagram-view")
+        assert isinstance(view, alpc.RingView)
+        comm.send(view, timeout=10)
+        assert view.released
+        assert comm.request(b"order", timeout=10).data.endswith(b"D:datagram-view")
+        second = filled(comm, b"second-datagram")
+        assert not isinstance(second, alpc.RingView)
+        comm.send(second, timeout=10)
+        as_request = filled(comm, b"a request")
+        assert not isinstance(as_request, alpc.RingView)
+        assert comm.request(as_request, timeout=10).view is not None
+        again = filled(comm, b"next")
+        assert isinstance(again, alpc.RingView)
+        assert comm.request(again, timeout=10).view is not None
+        assert comm.request(b"order", timeout=10).data.endswith(b"order D:second-datagram")
+
+
+@pytest.mark.parametrize("victim", ["client", "server"])
+def test_sigkill_while_a_view_is_held_leaves_nothing(broker, config, peer, victim: str) -> None:  # type: ignore[no-untyped-def]
+    """A client killed while the server holds its view (or the server killed while the client
+    holds the server's reply view): the survivor reads on with no crash and no leak, and
+    nothing of either is left in /dev/shm."""
+    if victim == "client":
+        server = peer("server", "qv.kill", "--mode", "receive")
+        client = peer("client", "qv.kill")
+        client.send("view keep:" + "k" * 5000)
+        assert client.expect("VIEW") == ["True"]
+        assert client.expect("VIEWREPLY") == ["kept"]
+        client.kill()
+        assert server.expect("HELD") == ["1", "True"]
+        assert server.expect("CLIENT_DIED")[0] == str(client.pid)
+        with connect(config, "qv.kill") as comm:  # and it serves on
+            warm(comm)
+            assert comm.request(filled(comm, b"again"), timeout=10).view is not None
+        assert shm_names_of(client.pid, int(server.ready[0])) == []
+        return
+    server = peer("server", "qv.killserver", "--mode", "receive")
+    with connect(config, "qv.killserver") as comm:
+        warm(comm)
+        reply = comm.request(filled(comm, b"abc" * 1000), timeout=10)
+        server.expect("VIEWED")
+        assert reply.view is not None
+        os.kill(server.pid, signal.SIGKILL)
+        with pytest.raises(alpc.AlpcError):
+            while True:
+                comm.request(b"x", timeout=10)
+        assert reply.view.tobytes() == b"ABC" * 1000
+        reply.view.release()
+    assert shm_names_of(server.pid) == []
+
+
+# -- the API's rules, in one process ---------------------------------------------
+
+
+@pytest.fixture
+def pair(broker, config) -> Iterator[tuple[alpc.CommunicationPort, alpc.CommunicationPort]]:  # type: ignore[no-untyped-def]
+    with ring_pair(config, "qv.local", alpc.PortAttributes(quick_lpc=True)) as (_, server, client):
+        assert client.quick
+        yield server, client
+
+
+def test_one_view_at_a_time_lives_in_the_area(pair) -> None:  # type: ignore[no-untyped-def]
+    """The area is lent to one view: a second one, a secure one or one over 1 MiB is a
+    section's; releasing the lent view unsent gives the area back."""
+    _, client = pair
+    first = client.create_view(100, timeout=10)
+    assert isinstance(first, alpc.RingView)
+    for other in (client.create_view(100, timeout=10), client.create_view(100, secure=True, timeout=10),
+                  client.create_view(BULK + 1, timeout=10)):
+        assert not isinstance(other, alpc.RingView)
+        other.release()
+    first.release()
+    with client.create_view(100, timeout=10) as memory:
+        assert len(memory) == 100 and not memory.readonly
+    assert isinstance(client.create_view(100, timeout=10), alpc.RingView)  # (dropped: its finaliser gives it back)
+
+
+def test_a_view_cannot_be_sent_twice_or_after_release(pair) -> None:  # type: ignore[no-untyped-def]
+    server, client = pair
+    answered = threading.Thread(target=lambda: server.receive(timeout=10).reply(b"ok"))
+    answered.start()
+    view = client.create_view(10, timeout=10)
+    view.memory[:] = b"0123456789"
+    assert client.request(view, timeout=10).data == b"ok"
+    answered.join(10)
+    with pytest.raises(alpc.SectionError):
+        client.request(view, timeout=10)
+    unsent = client.create_view(10, timeout=10)
+    unsent.release()
+    with pytest.raises(alpc.SectionError):
+        client.send(unsent, timeout=10)
+    with pytest.raises(alpc.SectionError):
+        client.request(client.create_view(10, timeout=10), secure=True, timeout=10)
+    assert isinstance(client.create_view(10, timeout=10), alpc.RingView)
+
+
+def test_a_view_of_another_connection_is_refused(broker, config, pair) -> None:  # type: ignore[no-untyped-def]
+    _, client = pair
+    with ring_pair(config, "qv.other", alpc.PortAttributes(quick_lpc=True)) as (_, _, other):
+        view = other.create_view(10, timeout=10)
+        assert isinstance(view, alpc.RingView)
+        with pytest.raises(alpc.SectionError, match="another connection"):
+            client.send(view, timeout=10)
+        view.release()
+
+
+def test_a_received_view_outlives_its_connection(pair) -> None:  # type: ignore[no-untyped-def]
+    """Both ends closed while the server still holds the client's view: the view reads on
+    (its mapping is counted), and its release afterwards is harmless."""
+    server, client = pair
+    got: list[alpc.Message] = []
+    receiving = threading.Thread(target=lambda: got.append(server.receive(timeout=10)))
+    receiving.start()
+    view = client.create_view(4096, timeout=10)
+    view.memory[:] = b"v" * 4096
+    with pytest.raises(alpc.AlpcError):
+        # Nobody answers: the client gives up; then both ends close.
+        client.request(view, timeout=0.5)
+    receiving.join(10)
+    (message,) = got
+    assert message.view is not None and message.view.readonly
+    client.close()
+    server.close()
+    assert message.view.tobytes() == b"v" * 4096
+    message.view.release()
+
+
+def test_a_server_replies_with_a_view_through_the_ring(pair) -> None:  # type: ignore[no-untyped-def]
+    server, client = pair
+
+    def serve() -> None:
+        message = server.receive(timeout=10)
+        reply = server.create_view(70_000, timeout=10)
+        assert isinstance(reply, alpc.RingView)
+        reply.memory[:] = message.data * 7000
+        message.reply(reply)
+
+    serving = threading.Thread(target=serve)
+    serving.start()
+    reply = client.request(b"0123456789", timeout=10)
+    serving.join(10)
+    assert reply.view is not None and reply.view.readonly
+    assert reply.data == b"0123456789" * 7000  # (data copies the view)
+    reply.view.release()
+    assert sections_made(server) == []
