@@ -125,6 +125,8 @@ def _ring_body(data: Payload, quick: qlpc.QuickLink) -> bytes | RingView | None:
         return bytes(data)
     if type(data) is RingView and data.owner is quick:
         return data
+    if type(data) is SectionView:
+        quick.views_in_ring = True  # a section's view where a lent one would have gone in place
     return None
 
 
@@ -931,13 +933,10 @@ class CommunicationPort:
             lent.check_secure(secure)
             lent.claim()
             data, as_view = lent.memory, True if as_view is None else as_view
-            if kind is MessageType.DATAGRAM:
-                quick.views_in_ring = False  # (see QuickLink.views_in_ring)
+            quick.views_in_ring = False  # (see QuickLink.views_in_ring)
         if isinstance(data, SectionView):
             data.check_secure(secure)
             view, explicit = data, True
-            if self._quick is not None and kind is (MessageType.REPLY if self._is_server else MessageType.REQUEST):
-                self._quick.views_in_ring = True
         else:
             if not (secure or grant or span or fds or as_view or deadline_attr is not None):
                 message_id = self._send_copy(kind, data, deadline, callback_id)

@@ -303,9 +303,10 @@ class QuickLink:
         self.by_socket = False
         # Server: armed for the reader's wait on the socket (disarm() once it returns).
         self.armed = False
-        # create_view() lends the bulk area: until a view lent is sent as a datagram, which the
-        # rings do not carry (copied into a section, so a producer of datagrams would copy every
-        # view); then sections, until a view is sent as a request or reply the rings could carry.
+        # create_view() lends the bulk area until a view lent there has to be copied into a
+        # section (sent as a datagram, which the rings do not carry, or by a call that does not
+        # take them: start_request, a deadline, on_message): then sections, so such a producer
+        # does not copy every view, until a view is sent where a lent one would have gone in place.
         self.views_in_ring = True
         # Server: told after this side waited on or took from the ring, which ends an arm()
         # (the multiplexer then arms this ring again before it next sleeps in poll()).

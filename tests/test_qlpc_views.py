@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -264,3 +265,40 @@ def test_a_server_replies_with_a_view_through_the_ring(pair) -> None:  # type: i
     assert reply.data == b"0123456789" * 7000  # (data copies the view)
     reply.view.release()
     assert sections_made(server) == []
+
+
+def test_a_view_sent_by_a_call_that_skips_the_rings_is_copied_once(pair) -> None:  # type: ignore[no-untyped-def]
+    """start_request() (and a request with a deadline, which is one) does not take the rings: a
+    view lent by the area is copied into a section and arrives as a view; the next views are a
+    section's, until one is sent by a call the rings could have carried it in."""
+    server, client = pair
+    views: list[bytes] = []
+
+    def serve(count: int) -> None:
+        for _ in range(count):
+            message = server.receive(timeout=10)
+            assert message.view is not None
+            views.append(message.view.tobytes())
+            message.view.release()
+            message.reply(b"ok")
+
+    serving = threading.Thread(target=serve, args=(4,))
+    serving.start()
+    lent = client.create_view(5, timeout=10)
+    lent.memory[:] = b"first"
+    assert isinstance(lent, alpc.RingView)
+    assert client.start_request(lent, timeout=10).result(10).data == b"ok"
+    second = client.create_view(6, timeout=10)
+    second.memory[:] = b"second"
+    assert not isinstance(second, alpc.RingView)
+    assert client.request(second, deadline=time.monotonic() + 60, timeout=10).data == b"ok"  # (no ring: still sections)
+    third = client.create_view(5, timeout=10)
+    third.memory[:] = b"third"
+    assert not isinstance(third, alpc.RingView)
+    assert client.request(third, timeout=10).data == b"ok"  # the ring could have: lend again
+    fourth = client.create_view(6, timeout=10)
+    fourth.memory[:] = b"fourth"
+    assert isinstance(fourth, alpc.RingView)
+    assert client.request(fourth, timeout=10).data == b"ok"
+    serving.join(10)
+    assert views == [b"first", b"second", b"third", b"fourth"]
