@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
-import mmap
 import os
 import struct
 import threading
@@ -80,7 +79,6 @@ __all__ = [
     "buffer_address",
     "check_range",
     "copy_into",
-    "map_fixed",
     "copy_out",
     "epoll_wait",
     "getsockopt_bytes",
@@ -412,33 +410,6 @@ class _IoVec(ctypes.Structure):
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
-
-
-_MAP_FIXED = 0x10  # (Linux; Python's mmap module does not name it)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-
-
-def map_fixed(target: mmap.mmap, fd: int, offset: int, writable: bool) -> None:
-    """Replace the pages of ``target`` (an anonymous, writable mmap of this process's own) with
-    [offset, offset + len(target)) of ``fd``, shared, read-only unless ``writable``.
-
-    Python's mmap keeps a duplicate of the fd it maps (3.11 has no ``trackfd``): this maps
-    a file with no fd left open, and the mmap object still unmaps the range when it closes.
-    A read-only result must only be read through read-only memoryviews (``toreadonly``).
-    OSError if the kernel refuses (the anonymous pages then stay).
-    """
-    length = len(target)
-    anchor = ctypes.c_char.from_buffer(target)
-    try:
-        address = ctypes.addressof(anchor)
-    finally:
-        del anchor  # (its buffer export would keep target from ever closing)
-    prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-    mapped = _libc.mmap(address, length, prot, mmap.MAP_SHARED | _MAP_FIXED, fd, offset)
-    if mapped != address:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 def _vm_move_py(write: bool, pid: int, base: int, grant_len: int, offset: int, local: Any) -> int:
@@ -795,6 +766,12 @@ class QuickRing:
     def unlend_bulk(self) -> None:
         """The lent view goes unposted: copies may use the area again."""
         self._lib.qlpc_unlend_bulk(self._ch)
+
+    def map_bulk(self, own: bool, address: int) -> int:
+        """Map this side's bulk area (``own``, read-write) or the peer's (read-only) again at
+        ``address``, over a page-aligned mapping of the caller's: 0, Q_CLOSED or Q_E_SYSTEM."""
+        ffi = _ext[0]  # type: ignore[index]
+        return int(self._lib.qlpc_map_bulk(self._ch, own, ffi.cast("void *", address)))
 
     def bulk_lent(self) -> bool:
         """Is this side's bulk area lent still (a post in place did not happen)?"""

@@ -933,7 +933,8 @@ class CommunicationPort:
             lent.check_secure(secure)
             lent.claim()
             data, as_view = lent.memory, True if as_view is None else as_view
-            quick.views_in_ring = False  # (see QuickLink.views_in_ring)
+            if not lent.offered:
+                quick.views_in_ring = False  # (see QuickLink.views_in_ring)
         if isinstance(data, SectionView):
             data.check_secure(secure)
             view, explicit = data, True

@@ -47,8 +47,8 @@ credentials through its pidfd as it takes the entry (PIDFD_GET_INFO, Linux
 6.13), and ``Message.sender`` / ``identity_changed`` come from them as on the
 socket. Only the two connected processes can write the rings: each closes the
 memfd once mapped, and the rings' mapping is MADV_DONTFORK (a forked child, say a
-privilege-separated one, has none; Python's mappings of the bulk areas for views
-hold bodies only, and a child inherits them as it inherits sections). The lean calls (``call()``,
+privilege-separated one, has none; the bulk areas mapped again for views hold
+bodies only, and a child inherits those as it inherits sections). The lean calls (``call()``,
 ``serve_requests()``) expose no sender and skip the question. ``attested()``
 says whether this kernel answers it; where it cannot, ring messages carry the
 connection's identity.
@@ -101,7 +101,7 @@ from .connection import answered_for_application
 from .errors import AlpcError, ConnectionClosed, PeerGone, ProtocolError, Timeout
 from .logs import fields
 from .protocol import MAX_ABANDONED, Message
-from .section import RingView, View, check_peer_fd, map_shared, ring_memfd
+from .section import RingView, View, check_peer_fd, map_placed, ring_memfd
 from .security import PeerCred, identity_changed
 from .transport import Buffer, close_fds, deadline_after, remaining
 from .wire import MessageType
@@ -109,6 +109,7 @@ from .wire import MessageType
 if TYPE_CHECKING:
     from .config import Config, PortAttributes
     from .port import CommunicationPort
+    from .section import _Mapping
 
 __all__ = ["QuickLink", "asked_by", "attested", "available", "hold_watcher", "offer", "offered_by",
            "release_watcher", "ring_budget", "unattested_reason", "unavailable_reason"]
@@ -228,40 +229,73 @@ def offer(slots: int, slot_size: int, spin_us: int, sock_fd: int, pidfd: int | N
     try:
         ring = QuickRing(fd, size, slots, slot_size, server=True, sock_fd=sock_fd, pidfd=pidfd,
                          spin_ns=spin_us * 1000)
-        areas = BulkAreas(fd, size, ring.bulk_max, server=True)
     except BaseException:
         close_fds([fd])
         raise
-    return QuickLink(ring, areas, server=True, attesting=pidfd is not None and attested()), fd
+    return QuickLink(ring, server=True, attesting=pidfd is not None and attested()), fd
 
 
 class BulkAreas:
     """This side's Python mappings of the region's two bulk areas, for views: its own
     (writable: the views it lends) and the peer's (read-only: the views it receives).
-    Virtual only until a view touches them; every view keeps its mapping alive."""
 
-    def __init__(self, fd: int, region_size: int, area_size: int, *, server: bool) -> None:
-        server_area = region_size - 2 * area_size  # (the layout of csrc/qlpc.h)
-        client_area = server_area + area_size
-        own, peer = (server_area, client_area) if server else (client_area, server_area)
-        self.own = map_shared(fd, own, area_size, writable=True)
-        try:
-            self.peer = map_shared(fd, peer, area_size, writable=False)
-        except BaseException:
-            self.own.drop()
-            raise
+    Made on first use (a connection that never sends or gets a view never maps them, and
+    costs no memory for them), by the C side mapping the same pages again over an
+    anonymous mapping of ours: no fd needed. Every view keeps its mapping alive."""
+
+    __slots__ = ("_closed", "_own", "_peer", "_ring")
+
+    def __init__(self, ring: QuickRing) -> None:
+        self._ring = ring
+        self._own: _Mapping | None = None
+        self._peer: _Mapping | None = None
+        self._closed = False
+
+    def get(self, own: bool) -> _Mapping | None:
+        """The mapping of this side's area (``own``) or the peer's; None once closed or if the
+        system refuses one (the caller then takes a section, or copies)."""
+        mapping = self._own if own else self._peer
+        if mapping is not None:
+            return mapping
+        with _AREAS_LOCK:
+            mapping = self._own if own else self._peer
+            if mapping is None and not self._closed:
+                try:
+                    mapping = map_placed(self._ring.bulk_max, own, functools.partial(self._place, own))
+                except OSError as exc:
+                    log.warning("cannot map a Quick-LPC bulk area for views: %s", exc)
+                    return None
+                if own:
+                    self._own = mapping
+                else:
+                    self._peer = mapping
+            return mapping
+
+    def _place(self, own: bool, address: int) -> None:
+        status = self._ring.map_bulk(own, address)
+        if status != 0:
+            raise OSError(errno.EIO, f"status {status}")
 
     def close(self) -> None:
-        self.own.drop()
-        self.peer.drop()
+        with _AREAS_LOCK:
+            self._closed = True
+            mappings = (self._own, self._peer)
+            self._own = self._peer = None
+        for mapping in mappings:
+            if mapping is not None:
+                mapping.drop()
+
+
+# Making or dropping any connection's bulk-area mappings (rare: once each per connection).
+_AREAS_LOCK = threading.Lock()
 
 
 class QuickLink:
     """This side of one connection's Quick-LPC rings."""
 
-    def __init__(self, ring: QuickRing, areas: BulkAreas, *, server: bool, attesting: bool = False) -> None:
+    def __init__(self, ring: QuickRing, *, server: bool, attesting: bool = False) -> None:
         self.ring = ring
-        self.areas = areas
+        self.areas = BulkAreas(ring)
         self.server = server
         # The kernel tells the peer's credentials for each entry taken as a Message (the
         # peer's pidfd is there and this kernel has PIDFD_GET_INFO).
@@ -304,9 +338,10 @@ class QuickLink:
         # Server: armed for the reader's wait on the socket (disarm() once it returns).
         self.armed = False
         # create_view() lends the bulk area until a view lent there has to be copied into a
-        # section (sent as a datagram, which the rings do not carry, or by a call that does not
-        # take them: start_request, a deadline, on_message): then sections, so such a producer
-        # does not copy every view, until a view is sent where a lent one would have gone in place.
+        # section because it was sent where the rings never go (a datagram, start_request, a
+        # deadline, on_message): then sections, so such a producer does not copy every view,
+        # until a view is sent where a lent one would have gone in place. (A ring that refused
+        # one for the moment, full or behind socket bytes, changes nothing.)
         self.views_in_ring = True
         # Server: told after this side waited on or took from the ring, which ends an arm()
         # (the multiplexer then arms this ring again before it next sleeps in poll()).
@@ -328,14 +363,9 @@ class QuickLink:
             check_peer_fd(fd, size, writable=True)
             ring = QuickRing(fd, size, slots, slot_size, server=False, sock_fd=sock_fd, pidfd=pidfd,
                              spin_ns=spin_us * 1000)
-            try:
-                areas = BulkAreas(fd, size, ring.bulk_max, server=False)
-            except BaseException:
-                ring.close()
-                raise
         finally:
             close_fds([fd])  # mapped now: a kept fd would let a forked child map the rings again
-        return cls(ring, areas, server=False, attesting=pidfd is not None and attested())
+        return cls(ring, server=False, attesting=pidfd is not None and attested())
 
     def limit(self, send_limit: int, recv_limit: int) -> None:
         """The connection's message size limits: the peer's (what this side sends through the
@@ -359,9 +389,18 @@ class QuickLink:
         return self._take_large() if as_view else self.ring.take_bulk()
 
     def _take_large(self) -> int:
-        """After Q_LARGE, for a Message: a body written in place is mapped (a view), any other copied."""
+        """After Q_LARGE, for a Message: a body written in place is mapped (a view), any other
+        copied (and that one too, should its area not be mappable here)."""
         ring = self.ring
-        return ring.take_view() if ring.info.view else ring.take_bulk()
+        return ring.take_view() if ring.info.view and self.areas.get(False) is not None else ring.take_bulk()
+
+    def _peer_view(self, length: int) -> View:
+        """The read-only view of the peer's area that take_view just took."""
+        mapping = self.areas.get(False)
+        if mapping is None:  # (closed since the take, by another thread)
+            self.ring.release_view()
+            raise ConnectionClosed("the port is closed")
+        return View(mapping, 0, length, on_gone=self.ring.release_view)
 
     def _body(self, length: int) -> bytes:
         """The payload of the entry the last wait took: from its slot, or the bulk copy."""
@@ -379,7 +418,7 @@ class QuickLink:
         ring = self.ring
         if ring.info.bulk and ring.info.view:
             message._data = None
-            message.view = View(self.areas.peer, 0, length, on_gone=ring.release_view)
+            message.view = self._peer_view(length)
         else:
             message._data = self._body(length)
 
@@ -390,11 +429,12 @@ class QuickLink:
         (in use, lent, too large for the rings or the peer, rings not in use): a section then."""
         if not (self.views_in_ring and 0 < size <= self.carry_max and self.active):
             return None
+        mapping = self.areas.get(True)
         ring = self.ring
-        if ring.lend_bulk() != 0:
+        if mapping is None or ring.lend_bulk() != 0:
             return None
         try:
-            return RingView(self.areas.own, size, self, ring.unlend_bulk)
+            return RingView(mapping, size, self, ring.unlend_bulk)
         except BaseException:
             ring.unlend_bulk()
             raise
@@ -404,6 +444,7 @@ class QuickLink:
         Not taken, the view may go another way still. (The loan ends only with a post in
         place: what it says holds even when a signal handler raised and the status is lost.)"""
         view.claim()
+        view.offered = True
         try:
             return post()
         finally:
@@ -561,7 +602,7 @@ class QuickLink:
                 if status >= 0:
                     info = ring.info
                     if info.bulk and info.view:
-                        return View(self.areas.peer, 0, status, on_gone=ring.release_view), info.sender_tid, request_id
+                        return self._peer_view(status), info.sender_tid, request_id
                     return self._body(status), info.sender_tid, request_id
                 if status == Q_DOORBELL:
                     port._send(port._channel.doorbell, deadline_after(_DOORBELL_TIMEOUT))
@@ -654,7 +695,7 @@ class QuickLink:
                 port._read_socket(deadline, False)
                 return True
         try:
-            status = self._settle(self.ring.reply_wait_attested(0, b"", 0, _timeout_ns(deadline)))
+            status = self._settle(self.ring.reply_wait_attested(0, b"", 0, _timeout_ns(deadline)), True)
         except BaseException:
             self._rescue(port)
             raise

@@ -55,7 +55,7 @@ __all__ = [
     "View",
     "check_peer_fd",
     "check_size",
-    "map_shared",
+    "map_placed",
     "ring_memfd",
     "shm_prefix",
     "sweep_stale_names",
@@ -153,7 +153,7 @@ class _Mapping:
 
     def __init__(self, mm: mmap.mmap, size: int, writable: bool) -> None:
         self._mm = mm
-        # (Read-only here too when the pages are: see map_shared, whose mmap object thinks not.)
+        # (Read-only here too when the pages are: see map_placed, whose mmap object thinks not.)
         self._base = memoryview(mm) if writable else memoryview(mm).toreadonly()
         self.size = size
         self.writable = writable
@@ -401,8 +401,8 @@ def _made(size: int, make: Callable[[], Section]) -> Section:
 def ring_memfd(size: int) -> int:
     """A memfd for Quick-LPC's rings: sealed against shrinking and growing (no SIGBUS), not
     against writes (both sides write their own half). The C side maps the rings
-    MADV_DONTFORK (a forked child must not post as this process); Python maps only the
-    bulk areas (``map_shared``), which hold bodies and no indices, as sections hold them.
+    MADV_DONTFORK (a forked child must not post as this process); views map only the
+    bulk areas again (``map_placed``), which hold bodies and no indices, as sections hold them.
     Named "alpc-qlpc", so /proc/PID/maps tells it from sections. QuotaExceeded if the
     system cannot back it."""
     check_size("a ring region", size)
@@ -422,19 +422,20 @@ def ring_memfd(size: int) -> int:
     return fd
 
 
-def map_shared(fd: int, offset: int, length: int, *, writable: bool) -> _Mapping:
-    """A shared mapping of [offset, offset + length) of ``fd`` (offset page-aligned), which
-    views share and the last of them unmaps, as a section's; it keeps no fd of its own (a
-    Python mmap of ``fd`` would). QuotaExceeded if it cannot be made."""
+def map_placed(length: int, writable: bool, place: Callable[[int], None]) -> _Mapping:
+    """A mapping of ``length`` bytes whose pages ``place(address)`` replaces with shared ones
+    (a page-aligned anonymous mapping made here, at ``address``), shared by views and
+    unmapped by the last of them, as a section's. It keeps no fd, where a Python mmap of a
+    file keeps a duplicate (3.11 has no ``trackfd``). ``place`` raises if it cannot."""
+    mm = mmap.mmap(-1, length)
     try:
-        mm = mmap.mmap(-1, length)
-    except OSError as exc:
-        raise QuotaExceeded(f"cannot map {length} bytes of a shared-memory region: {exc}") from None
-    try:
-        _native.map_fixed(mm, fd, offset, writable)
-    except OSError as exc:
+        pinned = _native.buffer_address(mm, True)
+        address = pinned.address
+        pinned.release()
+        place(address)
+    except BaseException:
         mm.close()
-        raise QuotaExceeded(f"cannot map {length} bytes of a shared-memory region: {exc}") from None
+        raise
     return _Mapping(mm, length, writable)
 
 
@@ -748,12 +749,13 @@ class RingView(SectionView):
     its view), released unsent, or copied out.
     """
 
-    __slots__ = ("_unlend", "owner")
+    __slots__ = ("_unlend", "offered", "owner")
 
     def __init__(self, mapping: _Mapping, size: int, owner: object, unlend: Callable[[], None]) -> None:
         # (Not SectionView.__init__: no pool, no slot; the checks of sending read the rest.)
         self.owner = owner  # the QuickLink that lent the area: sent on another, it is copied
         self._unlend = unlend
+        self.offered = False  # a ring post was tried (and, if it is copied now, refused for the moment)
         self.section_id = 0
         self.sent = False
         self.announced = False

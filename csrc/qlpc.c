@@ -882,6 +882,26 @@ void qlpc_unlend_bulk(qlpc_chan *ch)
         atomic_store(&ch->lent, 0);
 }
 
+int qlpc_map_bulk(qlpc_chan *ch, int own, void *at)
+{
+    uint8_t *area;
+    void *mapped;
+    int rc = 0;
+
+    if (ch == NULL || at == NULL || (uintptr_t)at % BULK_ALIGN != 0)
+        return QLPC_E_ARGS;
+    if (!enter(ch))
+        return QLPC_CLOSED;
+    area = own ? ch->out_bulk : ch->in_bulk;
+    /* An old size of 0 duplicates a shared mapping: the same pages, a second address. */
+    mapped = mremap(area, 0, QLPC_BULK_SIZE, MREMAP_MAYMOVE | MREMAP_FIXED, at);
+    if (mapped != at || (!own && mprotect(at, QLPC_BULK_SIZE, PROT_READ) != 0) ||
+        madvise(at, QLPC_BULK_SIZE, MADV_DOFORK) != 0)
+        rc = QLPC_E_SYSTEM;
+    leave(ch);
+    return rc;
+}
+
 int qlpc_bulk_lent(qlpc_chan *ch)
 {
     return ch != NULL && atomic_load(&ch->lent) != 0;

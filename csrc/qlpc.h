@@ -181,6 +181,13 @@ int qlpc_take_view(qlpc_chan *ch, qlpc_info *info);
 /* The view qlpc_take_view held is released: the peer may write its area again. */
 void qlpc_release_view(qlpc_chan *ch);
 
+/* Map a bulk area again at `at` (page-aligned; QLPC_BULK_SIZE bytes that the caller
+ * mapped itself, replaced here): this side's own (`own`, read-write: views it lends) or
+ * the peer's (read-only: views it receives). The same pages, with no fd: the caller's
+ * mapping outlives the channel, and unlike the rings a forked child inherits it. 0,
+ * QLPC_CLOSED, QLPC_E_ARGS, or QLPC_E_SYSTEM (errno tells). */
+int qlpc_map_bulk(qlpc_chan *ch, int own, void *at);
+
 /* After QLPC_LARGE: copy the bulk entry described by info (its ids and length)
  * into dst, which holds `len` == info->length bytes, and take it. Returns len,
  * QLPC_BUSY when that entry is no longer the next one (another thread took it,

@@ -22,6 +22,7 @@ import alpc
 from tests.test_qlpc import Start, connect, peer_starter, shm_names_of
 from tests.test_qlpc_bulk import BULK, body_of, native, sections_made
 from tests.test_qlpc_socket_interplay import ring_pair
+from tests.test_quick_identity import RING_MEMFD, bulk_lines, fd_targets
 
 pytestmark = [native, pytest.mark.timeout(60)]
 
@@ -53,6 +54,7 @@ def test_views_go_both_ways_through_the_bulk_areas(broker, config, peer, mode: s
         assert comm.quick and quick is not None
         warm(comm)
         before = quick.ring.counts()
+        mapped = len(bulk_lines("/proc/self/maps"))  # (the connection maps its areas on first use)
         sizes = (1, quick.payload_max + 1, 65536, BULK)
         for size in sizes:
             body = body_of(size)
@@ -68,6 +70,9 @@ def test_views_go_both_ways_through_the_bulk_areas(broker, config, peer, mode: s
         assert after["bytes_out"] - before["bytes_out"] == sum(sizes)
         assert after["bytes_in"] - before["bytes_in"] == sum(sizes)
         assert sections_made(comm) == []
+        # Both areas mapped again here, for the views sent and received, and no fd kept for it.
+        assert len(bulk_lines("/proc/self/maps")) == mapped + 2
+        assert not [target for target in fd_targets("self") if target.startswith(RING_MEMFD)]
         assert comm.request(b"x", timeout=10).data == b"X"
         # (The server's last VIEWED said how many sections it made: checked below, after all.)
         view = filled(comm, b"last")
@@ -135,6 +140,28 @@ def test_a_view_sent_as_a_datagram_is_copied_into_a_section(broker, config, peer
         assert isinstance(again, alpc.RingView)
         assert comm.request(again, timeout=10).view is not None
         assert comm.request(b"order", timeout=10).data.endswith(b"order D:second-datagram")
+
+
+def test_views_after_datagrams_stay_views_and_stay_lent(broker, config, peer) -> None:  # type: ignore[no-untyped-def]
+    """A view request right after a datagram may find the ring refusing it for the moment
+    (behind the datagram's socket bytes): it goes by the socket, still a view at the server,
+    and the next view is lent from the bulk area again (only a view sent where the rings never
+    go sends later ones to sections). Fresh connections: the first requests of each too."""
+    server = peer("server", "qv.socketwait", "--mode", "receive")
+    for turn in range(5):
+        with connect(config, "qv.socketwait") as comm:
+            server.expect("ACCEPTED")
+            for step in range(4):
+                if step % 2:
+                    comm.send(b"d%d" % step, timeout=10)
+                view = filled(comm, body_of(5000))
+                # (Lent every time: a ring that refused the last one for the moment, behind the
+                # datagram's socket bytes, does not send views to sections.)
+                assert isinstance(view, alpc.RingView), f"connection {turn}, step {step}"
+                reply = comm.request(view, timeout=10)
+                assert reply.view is not None, f"connection {turn}, step {step}: the server got no view"
+                reply.view.release()
+                server.expect("VIEWED")
 
 
 @pytest.mark.parametrize("victim", ["client", "server"])
@@ -302,3 +329,39 @@ def test_a_view_sent_by_a_call_that_skips_the_rings_is_copied_once(pair) -> None
     assert client.request(fourth, timeout=10).data == b"ok"
     serving.join(10)
     assert views == [b"first", b"second", b"third", b"fourth"]
+
+
+def test_a_reader_that_takes_the_ring_from_the_general_path_gets_a_view(pair) -> None:  # type: ignore[no-untyped-def]
+    """Two threads receive: one waits on the ring, the other behind it, and reads next through
+    the port's general path (which waits on the ring and the socket together). A view request
+    taken there is a view as well, not a copy (it was: the first request of a connection, read
+    so while the client had not attached yet, came without one)."""
+    server, client = pair
+    seen: list[bytes | None] = []
+
+    def take_one() -> None:
+        message = server.receive(timeout=10)
+        view = message.view
+        seen.append(None if view is None else view.tobytes())
+        if view is not None:
+            view.release()
+        message.reply(b"ok")
+
+    takers = [threading.Thread(target=take_one) for _ in range(2)]
+    for taker in takers:
+        taker.start()
+    ready = threading.Event()
+    for _ in range(10_000):  # the handshake: one thread reads, the other waits behind it
+        if server._reading and server._waiters:
+            break
+        ready.wait(0.001)
+    else:
+        pytest.fail("the two receivers never both waited")
+    for body in (b"one", b"two"):
+        view = client.create_view(len(body), timeout=10)
+        view.memory[:] = body
+        assert isinstance(view, alpc.RingView)
+        assert client.request(view, timeout=10).data == b"ok"
+    for taker in takers:
+        taker.join(10)
+    assert sorted(seen, key=repr) == [b"one", b"two"]

@@ -327,6 +327,30 @@ static void end_loan(struct rig *r)
         qlpc_unlend_bulk(r->ch);
 }
 
+/* Now and then map a bulk area again, as a view's Python mapping does: the same bytes as the
+ * region's (the peer writes them at will), the peer's area read-only. */
+static void map_again(struct rig *r)
+{
+    int own = (int)below(2), rc;
+    int client_area = (r->role == QLPC_CLIENT) == own;
+    const uint8_t *area = r->base + r->size - (client_area ? 1u : 2u) * QLPC_BULK_SIZE;
+    void *at;
+
+    if (below(64) != 0)
+        return;
+    at = mmap(NULL, QLPC_BULK_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (at == MAP_FAILED)
+        exit(2);
+    rc = qlpc_map_bulk(r->ch, own, at);
+    inputs++;
+    CHECK(rc == 0, "map_bulk returned %d", rc);
+    if (rc == 0)
+        CHECK(memcmp(at, area, 4096) == 0 && memcmp((uint8_t *)at + QLPC_BULK_SIZE - 4096,
+                                                    area + QLPC_BULK_SIZE - 4096, 4096) == 0,
+              "a bulk area mapped again differs from the region's");
+    munmap(at, QLPC_BULK_SIZE);
+}
+
 static void drive_server(struct rig *r)
 {
     qlpc_info info;
@@ -366,6 +390,7 @@ static void drive_server(struct rig *r)
         CHECK(rc == 0 || rc == QLPC_FULL, "trim_bulk returned %d", rc);
     }
     end_loan(r);
+    map_again(r);
     qlpc_sent(r->ch, below(4096), (int)below(2));
     qlpc_consumed(r->ch, below(4096));
 }
@@ -414,6 +439,7 @@ static void drive_client(struct rig *r)
         CHECK(rc == 0 || rc == QLPC_FULL, "trim_bulk returned %d", rc);
     }
     end_loan(r);
+    map_again(r);
     qlpc_sent(r->ch, below(4096), (int)below(2));
     qlpc_consumed(r->ch, below(4096));
 }
