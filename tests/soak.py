@@ -2,8 +2,9 @@
 
 ``python tests/soak.py --duration 180`` (``make soak``) runs the driver; the
 same file is every child role (``server``, ``client``). Clients connect with
-``retry_timeout``, send requests of mixed sizes (up to 1 MiB) and datagrams, and
-check every reply. The chaos thread SIGKILLs random clients, servers (all but
+``retry_timeout``, send requests of mixed sizes (up to 1 MiB) and datagrams, a
+quarter of them as views (answered with views), and check every reply. The
+chaos thread SIGKILLs random clients, servers (all but
 ``soak.s0``, kept alive so that its memory can be measured over the whole run)
 and the broker, and restarts them. Servers with an odd number (``soak.s1``, ``soak.s3``) offer
 Quick-LPC rings outright (``quick_lpc=True``: a port left at its defaults offers none once it
@@ -134,9 +135,11 @@ def serve(args: argparse.Namespace) -> None:
                 event.accept()
                 counts["accepted"] += 1
             elif event.type is alpc.MessageType.REQUEST:
-                event.reply(event.data[::-1])
+                event.reply(_answer(event))
                 counts["requests"] += 1
             elif event.type is alpc.MessageType.DATAGRAM:
+                if event.view is not None:
+                    event.view.release()
                 counts["datagrams"] += 1
             else:
                 counts["notices"] += 1
@@ -146,6 +149,29 @@ def serve(args: argparse.Namespace) -> None:
     say("BYE", json.dumps({**counts, "fds_start": fds_start, "fds_end": fd_count(),
                            "reregistrations": port.registrations - 1}))
     port.close()
+
+
+def _answer(request: alpc.Message) -> bytes | alpc.SectionView:
+    """The body reversed; a view answered with a view (the bulk area's on a ring connection)."""
+    view = request.view
+    if view is None:
+        return request.data[::-1]
+    with view as memory:
+        answer = bytes(memory[::-1])
+    if not answer:
+        return answer
+    reply = request.port.create_view(len(answer), timeout=10)
+    reply.memory[:] = answer
+    return reply
+
+
+def _body(data: bytes, comm: alpc.CommunicationPort, rng: random.Random) -> bytes | alpc.SectionView:
+    """``data``, or one time in four a view holding it (a ring connection's bulk area or a section)."""
+    if not data or rng.random() >= 0.25:
+        return data
+    view = comm.create_view(len(data), timeout=10)
+    view.memory[:] = data
+    return view
 
 
 def _size(rng: random.Random) -> int:
@@ -183,12 +209,14 @@ def client(args: argparse.Namespace) -> None:
                     start = rng.randrange(0, len(BLOB) - size + 1)
                     data = BLOB[start:start + size]
                     if rng.random() < 0.15:
-                        comm.send(data, timeout=10)
+                        comm.send(_body(data, comm, rng), timeout=10)
                         counts["datagrams"] += 1
                     else:
-                        reply = comm.request(data, timeout=10)
+                        reply = comm.request(_body(data, comm, rng), timeout=10)
                         if reply.data != data[::-1]:
                             say("ERR", "Mismatch", server, f"{len(reply.data)}_bytes_for_{size}")
+                        if reply.view is not None:
+                            reply.view.release()
                         counts["requests"] += 1
                     counts["bytes"] += size
         except alpc.AlpcError as exc:
