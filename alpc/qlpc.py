@@ -535,7 +535,11 @@ class QuickLink:
         """``call`` for ``request()``: the REPLY as a Message (a view lent by ``lend`` is posted
         in place; a reply the server wrote in place comes as a view)."""
         if not self._calling.acquire(False):
-            return None  # another thread's ring call is not unpacked yet: take the socket
+            # Another thread's ring call is not unpacked yet: take the socket (for a lent view,
+            # only for now: see views_in_ring).
+            if type(data) is RingView:
+                data.offered = True
+            return None
         try:
             deadline_ns = -1 if deadline is None else int(deadline * 1e9)
             if isinstance(data, bytes):

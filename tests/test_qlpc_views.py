@@ -365,3 +365,38 @@ def test_a_reader_that_takes_the_ring_from_the_general_path_gets_a_view(pair) ->
     for taker in takers:
         taker.join(10)
     assert sorted(seen, key=repr) == [b"one", b"two"]
+
+
+def test_a_view_the_ring_refuses_for_now_leaves_views_lent(pair) -> None:  # type: ignore[no-untyped-def]
+    """Another thread's ring call in flight sends a view request by the socket (copied into a
+    section, a view at the server): only for now, the next view is lent again."""
+    server, client = pair
+    first_in = threading.Event()
+    views: list[bytes] = []
+
+    def serve() -> None:
+        first = server.receive(timeout=10)
+        first_in.set()
+        second = server.receive(timeout=10)
+        assert second.view is not None
+        views.append(second.view.tobytes())
+        second.view.release()
+        second.reply(b"second")
+        first.reply(b"first")
+
+    serving = threading.Thread(target=serve)
+    serving.start()
+    replies: list[bytes] = []
+    in_flight = threading.Thread(target=lambda: replies.append(client.request(b"a", timeout=10).data))
+    in_flight.start()
+    assert first_in.wait(10)
+    view = client.create_view(4, timeout=10)
+    view.memory[:] = b"view"
+    assert isinstance(view, alpc.RingView)
+    assert client.request(view, timeout=10).data == b"second"
+    in_flight.join(10)
+    serving.join(10)
+    assert replies == [b"first"] and views == [b"view"]
+    again = client.create_view(4, timeout=10)
+    assert isinstance(again, alpc.RingView)
+    again.release()
