@@ -869,6 +869,8 @@ class QuickLink:
         """Server: answer a ring request through the ring (a view lent by ``lend`` in place);
         False: send it over the socket."""
         core = port._core
+        if type(data) is RingView and (data.sent or data.released):
+            return False  # the socket path refuses it (SectionError), the reply still owed
         with port._state:
             # The channel alone says what is owed: a reply over the socket or a CANCEL ends that.
             # A dropped connection answers nothing more, on the ring neither: its reply() raises.

@@ -400,3 +400,19 @@ def test_a_view_the_ring_refuses_for_now_leaves_views_lent(pair) -> None:  # typ
     again = client.create_view(4, timeout=10)
     assert isinstance(again, alpc.RingView)
     again.release()
+
+
+def test_replying_with_a_spent_view_raises_and_leaves_the_reply_owed(pair) -> None:  # type: ignore[no-untyped-def]
+    server, client = pair
+    replies: list[bytes] = []
+    asking = threading.Thread(target=lambda: replies.append(client.request(b"q", timeout=10).data))
+    asking.start()
+    message = server.receive(timeout=10)
+    spent = server.create_view(4, timeout=10)
+    assert isinstance(spent, alpc.RingView)
+    spent.release()
+    with pytest.raises(alpc.SectionError):
+        message.reply(spent)
+    message.reply(b"answer")  # still owed: the first reply never went
+    asking.join(10)
+    assert replies == [b"answer"]
