@@ -679,8 +679,9 @@ class QuickRing:
       and take it: its length, or a status
     - ``take_view()``: after Q_LARGE with ``info.view`` (the peer wrote it in place),
       take it without a copy and hold the peer's area until ``release_view()``
-    - ``lend_bulk()``: lend this side's bulk area to a view filled in place, then post
-      it with ``in_place`` as the data (``unlend_bulk()`` if it is not posted)
+    - ``lend_bulk()``: lend this side's bulk area to a view filled in place (a loan
+      number), then post it with ``in_place`` as the data (``unlend_bulk(loan)`` if it
+      is not posted)
 
     They return a payload length (>= 0; the ids are then in ``info``) or a Q_*
     status. Deadlines are absolute CLOCK_MONOTONIC nanoseconds
@@ -759,13 +760,13 @@ class QuickRing:
         return int(self._lib.qlpc_take_view(self._ch, self.info))
 
     def lend_bulk(self) -> int:
-        """Lend this side's bulk area to a view filled in place: 0, Q_FULL while it is in use
-        (or lent), Q_BUSY while another thread posts, or Q_CLOSED."""
+        """Lend this side's bulk area to a view filled in place: the loan's number (> 0),
+        Q_FULL while it is in use (or lent), Q_BUSY while another thread posts, or Q_CLOSED."""
         return int(self._lib.qlpc_lend_bulk(self._ch))
 
-    def unlend_bulk(self) -> None:
-        """The lent view goes unposted: copies may use the area again."""
-        self._lib.qlpc_unlend_bulk(self._ch)
+    def unlend_bulk(self, loan: int) -> None:
+        """That loan's view goes unposted: copies may use the area again (nothing if it is over)."""
+        self._lib.qlpc_unlend_bulk(self._ch, loan)
 
     def map_bulk(self, own: bool, address: int) -> int:
         """Map this side's bulk area (``own``, read-write) or the peer's (read-only) again at
@@ -773,9 +774,9 @@ class QuickRing:
         ffi = _ext[0]  # type: ignore[index]
         return int(self._lib.qlpc_map_bulk(self._ch, own, ffi.cast("void *", address)))
 
-    def bulk_lent(self) -> bool:
-        """Is this side's bulk area lent still (a post in place did not happen)?"""
-        return bool(self._lib.qlpc_bulk_lent(self._ch))
+    def loan_in_force(self, loan: int) -> bool:
+        """Is that loan still in force (a post in place after it did not happen)?"""
+        return bool(self._lib.qlpc_loan_in_force(self._ch, loan))
 
     def trim_bulk(self) -> int:
         """Give this side's bulk area's pages back (0), unless a body in it is still to be

@@ -430,25 +430,29 @@ class QuickLink:
         if not (self.views_in_ring and 0 < size <= self.carry_max and self.active):
             return None
         mapping = self.areas.get(True)
+        if mapping is None:
+            return None
         ring = self.ring
-        if mapping is None or ring.lend_bulk() != 0:
+        loan = ring.lend_bulk()
+        if loan <= 0:
             return None
         try:
-            return RingView(mapping, size, self, ring.unlend_bulk)
+            return RingView(mapping, size, self, loan, ring.unlend_bulk)
         except BaseException:
-            ring.unlend_bulk()
+            ring.unlend_bulk(loan)
             raise
 
     def _post_view(self, view: RingView, post: Callable[[], int]) -> int:
         """Post a lent view in place with ``post`` (a C call given ``ring.in_place``): its status.
-        Not taken, the view may go another way still. (The loan ends only with a post in
-        place: what it says holds even when a signal handler raised and the status is lost.)"""
+        Not taken, the view may go another way still. (Its loan ends only with its post in
+        place: what that says holds even when a signal handler raised and the status is lost,
+        and whatever another thread lends meanwhile.)"""
         view.claim()
         view.offered = True
         try:
             return post()
         finally:
-            if self.ring.bulk_lent():
+            if self.ring.loan_in_force(view.loan):
                 view.unclaim()
             else:
                 view.posted()

@@ -749,11 +749,13 @@ class RingView(SectionView):
     its view), released unsent, or copied out.
     """
 
-    __slots__ = ("_unlend", "offered", "owner")
+    __slots__ = ("_unlend", "loan", "offered", "owner")
 
-    def __init__(self, mapping: _Mapping, size: int, owner: object, unlend: Callable[[], None]) -> None:
+    def __init__(self, mapping: _Mapping, size: int, owner: object, loan: int,
+                 unlend: Callable[[int], None]) -> None:
         # (Not SectionView.__init__: no pool, no slot; the checks of sending read the rest.)
         self.owner = owner  # the QuickLink that lent the area: sent on another, it is copied
+        self.loan = loan  # the C side's number for this loan of the area
         self._unlend = unlend
         self.offered = False  # a ring post was tried (and, if it is copied now, refused for the moment)
         self.section_id = 0
@@ -777,11 +779,11 @@ class RingView(SectionView):
     def returned(self) -> None:
         """Its bytes went another way (copied into a section): the area is free again."""
         self._gone()
-        self._unlend()
+        self._unlend(self.loan)
 
     def _finished(self, unsent: bool) -> None:
         if unsent:
-            self._unlend()
+            self._unlend(self.loan)
 
 
 class SectionPool:

@@ -132,6 +132,7 @@ struct qlpc_chan {
     uint32_t bulk_in_max;      /* longest bulk entry we take (qlpc_limit_bulk) */
     uint32_t bulk_until;       /* our tail just after our last bulk post (under posting) */
     _Atomic uint32_t lent;     /* our bulk area is lent to a view being filled (qlpc_lend_bulk) */
+    _Atomic uint32_t loan;     /* the number of that loan, or of the last one (stored before lent) */
     uint32_t slots, slot_size, mask, payload_max;
     uint32_t role, in_kind;
     uint32_t tail;             /* what we published (under posting) */
@@ -868,17 +869,29 @@ static int remove_pages(qlpc_chan *ch)
 
 static int lend(qlpc_chan *ch)
 {
+    uint32_t loan = atomic_load(&ch->loan) + 1;
+
+    loan = loan > (uint32_t)INT_MAX ? 1u : loan; /* a positive int, as the caller gets it */
+    atomic_store(&ch->loan, loan);
     atomic_store(&ch->lent, 1);
-    return 0;
+    return (int)loan;
 }
 
 int qlpc_trim_bulk(qlpc_chan *ch) { return on_free_area(ch, remove_pages); }
 
 int qlpc_lend_bulk(qlpc_chan *ch) { return on_free_area(ch, lend); }
 
-void qlpc_unlend_bulk(qlpc_chan *ch)
+/* 1 while `loan` is the loan in force. Only its holder ends it (posting in place or
+ * unlending), and a new loan is made only once lent is 0, storing its number first: so the
+ * holder, reading lent then the number, never mistakes another's loan for its own. */
+static int in_force(qlpc_chan *ch, uint32_t loan)
 {
-    if (ch != NULL)
+    return atomic_load(&ch->lent) != 0 && atomic_load(&ch->loan) == loan;
+}
+
+void qlpc_unlend_bulk(qlpc_chan *ch, uint32_t loan)
+{
+    if (ch != NULL && in_force(ch, loan))
         atomic_store(&ch->lent, 0);
 }
 
@@ -902,9 +915,9 @@ int qlpc_map_bulk(qlpc_chan *ch, int own, void *at)
     return rc;
 }
 
-int qlpc_bulk_lent(qlpc_chan *ch)
+int qlpc_loan_in_force(qlpc_chan *ch, uint32_t loan)
 {
-    return ch != NULL && atomic_load(&ch->lent) != 0;
+    return ch != NULL && in_force(ch, loan);
 }
 
 void qlpc_sent(qlpc_chan *ch, uint64_t nbytes, int ordered)

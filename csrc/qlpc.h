@@ -160,17 +160,18 @@ void qlpc_limit_bulk(qlpc_chan *ch, uint32_t max);
  * fresh pages. Only the producer trims its area: it alone knows when nothing is in it. */
 int qlpc_trim_bulk(qlpc_chan *ch);
 
-/* Lend this side's bulk area to a view the caller fills in place: 0, QLPC_FULL
- * while the area holds a body the peer has not taken or still holds as a view
- * (or is lent already), QLPC_BUSY while another thread posts, QLPC_CLOSED.
- * While lent, posts that would copy a body into the area get QLPC_FULL; a post
- * with data NULL and len > 0 publishes the lent area's first len bytes instead
- * (QLPC_VIEW) and ends the loan. qlpc_unlend_bulk ends it without posting. */
+/* Lend this side's bulk area to a view the caller fills in place: the loan's number (> 0),
+ * QLPC_FULL while the area holds a body the peer has not taken or still holds as a view (or
+ * is lent already), QLPC_BUSY while another thread posts, QLPC_CLOSED. While lent, posts
+ * that would copy a body into the area get QLPC_FULL; a post with data NULL and len > 0
+ * publishes the lent area's first len bytes instead (QLPC_VIEW) and ends the loan.
+ * qlpc_unlend_bulk ends it without posting (nothing if that loan is over already). */
 int qlpc_lend_bulk(qlpc_chan *ch);
-void qlpc_unlend_bulk(qlpc_chan *ch);
+void qlpc_unlend_bulk(qlpc_chan *ch, uint32_t loan);
 
-/* 1 while this side's bulk area is lent (so a post in place after it did not happen). */
-int qlpc_bulk_lent(qlpc_chan *ch);
+/* 1 while `loan` is in force: a post in place after it did not happen. (Not "is the area
+ * lent": another thread may have taken a new loan as soon as a post ended this one.) */
+int qlpc_loan_in_force(qlpc_chan *ch, uint32_t loan);
 
 /* After QLPC_LARGE with info->view: take the entry without copying it, and hold
  * the peer's bulk area for the caller's view of it (the caller maps the area

@@ -29,16 +29,19 @@ def client_area(pair: Pair) -> int:
 
 def post_in_place(pair: Pair, body: bytes) -> int:
     """The client lends its area, writes ``body`` there and posts it in place: the status."""
-    assert pair.client.lend_bulk() == 0 and pair.client.bulk_lent()
+    loan = pair.client.lend_bulk()
+    assert loan > 0 and pair.client.loan_in_force(loan)
     start = client_area(pair)
     pair.region[start:start + len(body)] = body
-    return pair.client.call(pair.client.in_place, len(body), deadline(0))
+    status = pair.client.call(pair.client.in_place, len(body), deadline(0))
+    assert pair.client.loan_in_force(loan) == (pair.client.info.posted == 0)  # a post ends the loan
+    return status
 
 
 def test_a_body_posted_in_place_is_taken_as_a_view_and_held_until_released(pair: Pair) -> None:
     body = b"in place" * 1000
     assert post_in_place(pair, body) == Q_TIMEOUT
-    assert pair.client.info.posted == 1 and not pair.client.bulk_lent()  # the post ended the loan
+    assert pair.client.info.posted == 1
     assert pair.server.reply_wait(0, b"", 0, 0) == Q_LARGE
     info = pair.server.info
     assert (info.bulk, info.view, info.length, info.taken) == (1, 1, len(body), 0)
@@ -54,20 +57,24 @@ def test_a_body_posted_in_place_is_taken_as_a_view_and_held_until_released(pair:
     assert pair.client.trim_bulk() == Q_FULL
     pair.server.release_view()
     assert pair.word(SERVER_SIDE, BULK_HELD) == 0
-    assert pair.client.lend_bulk() == 0
-    pair.client.unlend_bulk()
+    loan = pair.client.lend_bulk()
+    assert loan > 0
+    pair.client.unlend_bulk(loan)
 
 
 def test_a_lent_area_takes_no_copies_until_the_loan_ends(pair: Pair) -> None:
-    assert pair.client.lend_bulk() == 0
+    loan = pair.client.lend_bulk()
+    assert loan > 0
     assert pair.client.lend_bulk() == Q_FULL  # one view at a time
     assert pair.client.call(b"x" * 500, 500, deadline(0)) == Q_FULL  # would overwrite the view being filled
     assert pair.client.info.posted == 0
     assert pair.client.call(b"small", 5, deadline(0)) == Q_TIMEOUT  # a slot's body still goes
     pair.client.call_done()
     assert pair.client.trim_bulk() == Q_FULL
-    pair.client.unlend_bulk()
-    assert not pair.client.bulk_lent()
+    pair.client.unlend_bulk(loan + 1)  # another loan's number ends nothing
+    assert pair.client.loan_in_force(loan)
+    pair.client.unlend_bulk(loan)
+    assert not pair.client.loan_in_force(loan)
     assert pair.client.call(b"x" * 500, 500, deadline(0)) == Q_TIMEOUT
 
 
@@ -86,8 +93,9 @@ def test_a_view_entry_can_be_copied_instead_and_then_holds_nothing(pair: Pair) -
     assert pair.server.bulk_body == body and pair.server.info.view == 0
     assert pair.word(SERVER_SIDE, BULK_HELD) == 0
     pair.client.call_done()
-    assert pair.client.lend_bulk() == 0
-    pair.client.unlend_bulk()
+    loan = pair.client.lend_bulk()
+    assert loan > 0
+    pair.client.unlend_bulk(loan)
 
 
 def test_a_view_entry_while_the_last_is_held_is_a_protocol_error(pair: Pair) -> None:
@@ -121,4 +129,21 @@ def test_a_peer_that_never_releases_only_keeps_its_own_replies_off_the_area(pair
     assert pair.server.reply(ID_BIT | 5, b"r" * 500) == Q_FULL
     assert pair.server.reply(ID_BIT | 5, b"small") == 0
     pair.set_word(CLIENT_SIDE, BULK_HELD, 0)
-    assert pair.server.lend_bulk() == 0
+    assert pair.server.lend_bulk() > 0
+
+
+def test_a_loan_tells_its_own_post_from_the_next_loan(pair: Pair) -> None:
+    """A view posted in place ends its loan; a loan taken right after by another thread is in
+    force, and the first view's holder must not take it for its own (it once did: it sent its
+    view a second time over the socket and ended the other's loan, whose post then failed)."""
+    first = pair.client.lend_bulk()
+    assert pair.client.call(pair.client.in_place, 10, deadline(0)) == Q_TIMEOUT
+    pair.client.call_done()
+    assert pair.server.reply_wait(0, b"", 0, 0) == Q_LARGE
+    assert pair.server.take_bulk() == 10
+    second = pair.client.lend_bulk()
+    assert second > 0 and second != first
+    assert not pair.client.loan_in_force(first) and pair.client.loan_in_force(second)
+    pair.client.unlend_bulk(first)  # the first view's late give-back ends nothing now
+    assert pair.client.loan_in_force(second)
+    pair.client.unlend_bulk(second)

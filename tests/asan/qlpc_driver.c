@@ -118,6 +118,7 @@ struct rig {
     uint32_t slots, slot_size;
     qlpc_chan *ch;       /* the side under test */
     int role;
+    uint32_t loan;       /* the last loan of our bulk area (0: none yet) */
     char *buf;           /* exactly qlpc_payload_max bytes */
 };
 
@@ -311,10 +312,12 @@ static const char *lend_maybe(struct rig *r, const char *copy, uint32_t cap, uin
         return copy;
     rc = qlpc_lend_bulk(r->ch);
     inputs++;
-    CHECK(rc == 0 || rc == QLPC_FULL, "lend_bulk returned %d", rc);
-    if (rc != 0)
+    CHECK(rc > 0 || rc == QLPC_FULL, "lend_bulk returned %d", rc);
+    if (rc <= 0)
         return copy;
-    CHECK(qlpc_bulk_lent(r->ch), "a loan not told");
+    CHECK(qlpc_loan_in_force(r->ch, (uint32_t)rc) && (r->loan == 0 || !qlpc_loan_in_force(r->ch, r->loan)),
+          "loan %d not told apart from the last one, %u", rc, r->loan);
+    r->loan = (uint32_t)rc;
     *len = 1 + (uint32_t)below(cap);
     return NULL;
 }
@@ -323,8 +326,8 @@ static const char *lend_maybe(struct rig *r, const char *copy, uint32_t cap, uin
  * the area must then be refused, which the ring's consumer would see as a changed body). */
 static void end_loan(struct rig *r)
 {
-    if (qlpc_bulk_lent(r->ch) && below(4) != 0)
-        qlpc_unlend_bulk(r->ch);
+    if (r->loan != 0 && qlpc_loan_in_force(r->ch, r->loan) && below(4) != 0)
+        qlpc_unlend_bulk(r->ch, r->loan - (uint32_t)below(2)); /* (now and then a stale number: a no-op) */
 }
 
 /* Now and then map a bulk area again, as a view's Python mapping does: the same bytes as the
