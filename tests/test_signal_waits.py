@@ -275,8 +275,13 @@ def interrupt_a_receive_as_it_takes(comm: alpc.CommunicationPort, client: Any,
     (``blocked(tid)``), the client's request arriving then: the receive raises, and the next
     one must still get the request its C call took."""
     main = threading.get_native_id()
+    # Set as the main thread enters receive(): before that, a futex wait of the main thread is
+    # another one (starting this helper waits in one), and a handler raising there would not
+    # be receive()'s to raise (CI once saw Interrupted out of Thread.start()).
+    entering = threading.Event()
 
     def trip_then_call() -> None:
+        assert entering.wait(10)
         until(lambda: blocked(main))
         # Delivered to this helper thread: the main thread's wait goes on, with the handler due
         # as soon as it is back in Python.
@@ -286,6 +291,7 @@ def interrupt_a_receive_as_it_takes(comm: alpc.CommunicationPort, client: Any,
     helper = threading.Thread(target=trip_then_call, daemon=True)
     helper.start()
     with pytest.raises(Interrupted):
+        entering.set()
         comm.receive(timeout=20)
     helper.join(10)
     try:
