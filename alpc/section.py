@@ -743,8 +743,9 @@ class RingView(SectionView):
     Filled in place like any SectionView; a request or a reply through the ring
     publishes it where it is, and the peer maps the same pages read-only: no
     section, no frame on the socket. Sent any other way (a datagram, a ring that
-    cannot take it now, another connection) its bytes are copied into a section
-    and go as a view from there. The area is lent to one view at a time and
+    cannot take it now) its bytes are copied into a section and go as a view
+    from there; on another connection it is refused, as a section's view is.
+    The area is lent to one view at a time and
     comes back when the view is posted (the peer then holds it until it releases
     its view), released unsent, or copied out.
     """

@@ -354,6 +354,21 @@ static void map_again(struct rig *r)
     munmap(at, QLPC_BULK_SIZE);
 }
 
+/* What either side does after its turn: now and then a trim, the end of a loan, a bulk area
+ * mapped again, and the socket bytes it wrote and read. */
+static void between_turns(struct rig *r)
+{
+    if (below(16) == 0) {
+        int rc = qlpc_trim_bulk(r->ch);
+        inputs++;
+        CHECK(rc == 0 || rc == QLPC_FULL, "trim_bulk returned %d", rc);
+    }
+    end_loan(r);
+    map_again(r);
+    qlpc_sent(r->ch, below(4096), (int)below(2));
+    qlpc_consumed(r->ch, below(4096));
+}
+
 static void drive_server(struct rig *r)
 {
     qlpc_info info;
@@ -387,15 +402,7 @@ static void drive_server(struct rig *r)
         CHECK(rc <= 1, "arm_poll returned %d", rc);
         break;
     }
-    if (below(16) == 0) {
-        rc = qlpc_trim_bulk(r->ch);
-        inputs++;
-        CHECK(rc == 0 || rc == QLPC_FULL, "trim_bulk returned %d", rc);
-    }
-    end_loan(r);
-    map_again(r);
-    qlpc_sent(r->ch, below(4096), (int)below(2));
-    qlpc_consumed(r->ch, below(4096));
+    between_turns(r);
 }
 
 /* The id of the request the client last put in its ring (the entry before its tail). */
@@ -436,15 +443,7 @@ static void drive_client(struct rig *r)
     if (rc >= 0)
         CHECK(info.callback_id == want, "a reply to %u taken for call %u", info.callback_id, want);
     check_attested(&info, attest, rc);
-    if (below(16) == 0) {
-        rc = qlpc_trim_bulk(r->ch);
-        inputs++;
-        CHECK(rc == 0 || rc == QLPC_FULL, "trim_bulk returned %d", rc);
-    }
-    end_loan(r);
-    map_again(r);
-    qlpc_sent(r->ch, below(4096), (int)below(2));
-    qlpc_consumed(r->ch, below(4096));
+    between_turns(r);
 }
 
 int main(int argc, char **argv)
