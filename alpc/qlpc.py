@@ -380,7 +380,7 @@ class QuickLink:
         if status not in (0, Q_FULL, Q_BUSY, Q_CLOSED):
             log.warning("cannot give a Quick-LPC bulk area's pages back (status %d)", status)
 
-    def _settle(self, status: int, as_view: bool = False) -> int:
+    def _settle(self, status: int, as_view: bool) -> int:
         """A wait's status, with a bulk entry (Q_LARGE) taken: its length then. ``as_view``: one
         its sender wrote in place is taken as a view (for a Message). (receive() and the serving
         loop test inline instead: a call per message on the hot path.)"""
