@@ -1130,12 +1130,12 @@ class CommunicationPort:
             frames = owed + frames
             self._answers_owed = False  # they go now (or stay owed for the next write, if this one fails)
         try:
-            self._stream.send(frames, fds, deadline=deadline)
+            written = self._stream.send(frames, fds, deadline=deadline)
             if self._quick is not None:
                 # Quick-LPC: ring posts wait until the peer read these bytes, if they carry a
                 # message: the caller's, or queued datagrams in the owed backlog (token[2]).
                 queued = token is not None and bool(token[2])
-                self._quick.sent(frames, not runtime or queued)
+                self._quick.sent(written, not runtime or queued)
         except ConnectionClosed as hung_up:
             self.stats.errors += 1
             self._hung_up()

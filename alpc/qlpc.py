@@ -472,10 +472,10 @@ class QuickLink:
 
     # -- socket bookkeeping (both sides) --------------------------------------------
 
-    def sent(self, frames: list[Buffer], ordered: bool = True) -> None:
-        """Bytes went out over the socket: with ``ordered`` (they carry a message), hold ring
+    def sent(self, nbytes: int, ordered: bool = True) -> None:
+        """``nbytes`` went out over the socket: with ``ordered`` (they carry a message), hold ring
         posts until the peer read them; the runtime's alone (releases, credits) may be overtaken."""
-        self.ring.sent(sum(b.nbytes if isinstance(b, memoryview) else len(b) for b in frames), ordered)
+        self.ring.sent(nbytes, ordered)
 
     def settled(self) -> bool:
         """May socket bytes just read go straight to the inbox? Only with nothing in the ring

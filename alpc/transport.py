@@ -544,8 +544,8 @@ class Stream:
         except (BrokenPipeError, ConnectionResetError) as exc:
             raise ConnectionClosed(f"the peer is gone ({exc.strerror})") from None
 
-    def send(self, buffers: Sequence[Buffer], fds: Sequence[int] = (), deadline: float | None = None) -> None:
-        """Write every byte of ``buffers`` (fds ride with the first byte).
+    def send(self, buffers: Sequence[Buffer], fds: Sequence[int] = (), deadline: float | None = None) -> int:
+        """Write every byte of ``buffers`` (fds ride with the first byte): how many there were.
 
         A deadline that passes after part of a frame went out leaves the stream
         unusable, so ``broken`` is set and the caller must drop the channel. So
@@ -576,19 +576,21 @@ class Stream:
                     if isinstance(exc, (BrokenPipeError, ConnectionResetError)):
                         raise ConnectionClosed(f"the peer is gone ({exc.strerror})") from None
                     raise
-            if written == len(only):
+            size = len(only)
+            if written == size:
                 self.broken = False
-                return
+                return size
             rest = [memoryview(only).cast("B")[written:]]
             self._send_rest(rest, (), written > 0, deadline)
-            return
+            return size
         pending = [memoryview(b).cast("B") for b in buffers if len(b)]
         self.broken = True
-        self._send_rest(pending, fds, False, deadline)
+        return self._send_rest(pending, fds, False, deadline)
 
     def _send_rest(self, pending: list[memoryview], fds: Sequence[int], sent_any: bool,
-                   deadline: float | None) -> None:
-        total = sum(len(b) for b in pending)
+                   deadline: float | None) -> int:
+        """Write ``pending`` whole, waiting for room until ``deadline``: how many bytes it held."""
+        total = size = sum(len(b) for b in pending)
         while pending:
             try:
                 written = self.try_send(pending[:_IOV_MAX], fds if not sent_any else ())
@@ -610,6 +612,7 @@ class Stream:
                 self.broken = sent_any
                 raise Timeout(f"send timed out with {total} bytes unsent")
         self.broken = False
+        return size
 
     def watch(self, extra: Sequence[int] = ()) -> None:
         """Keep a poll set of this socket and ``extra`` (a peer's pidfd) for ``wait_readable``."""

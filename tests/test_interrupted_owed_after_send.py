@@ -26,12 +26,12 @@ def _interrupt_after_the_frame(port: alpc.CommunicationPort, monkeypatch: pytest
     send = stream.send
     calls: list[int] = []
 
-    def interrupted(*args: object, **kwargs: object) -> None:
+    def interrupted(*args: object, **kwargs: object) -> int:
         calls.append(1)
         if len(calls) == 1:
-            send(*args, **kwargs)  # type: ignore[arg-type]
+            written = send(*args, **kwargs)  # type: ignore[arg-type]
             port._leave_owed()
-            return
+            return written
         raise KeyboardInterrupt
 
     monkeypatch.setattr(stream, "send", interrupted)
