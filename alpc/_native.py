@@ -679,9 +679,9 @@ class QuickRing:
       and take it: its length, or a status
     - ``take_view()``: after Q_LARGE with ``info.view`` (the peer wrote it in place),
       take it without a copy and hold the peer's area until ``release_view()``
-    - ``lend_bulk()``: lend this side's bulk area to a view filled in place (a loan
-      number), then post it with ``in_place`` as the data (``unlend_bulk(loan)`` if it
-      is not posted)
+    - ``lend_bulk(loan)``: lend this side's bulk area to a view filled in place (as
+      loan number ``loan``), then post it with ``in_place`` as the data
+      (``unlend_bulk(loan)`` if it is not posted)
 
     They return a payload length (>= 0; the ids are then in ``info``) or a Q_*
     status. Deadlines are absolute CLOCK_MONOTONIC nanoseconds
@@ -759,10 +759,12 @@ class QuickRing:
         is no longer the next entry (wait again), or a status (Q_E_VIEW: a view still held)."""
         return int(self._lib.qlpc_take_view(self._ch, self.info))
 
-    def lend_bulk(self) -> int:
-        """Lend this side's bulk area to a view filled in place: the loan's number (> 0),
-        Q_FULL while it is in use (or lent), Q_BUSY while another thread posts, or Q_CLOSED."""
-        return int(self._lib.qlpc_lend_bulk(self._ch))
+    def lend_bulk(self, loan: int) -> int:
+        """Lend this side's bulk area to a view filled in place, as loan number ``loan`` (1 to
+        2**31 - 1, not in use: named by the caller, so a loan whose answer a signal handler cut
+        off can still be ended): ``loan``, Q_FULL while the area is in use (or lent), Q_BUSY
+        while another thread posts, or Q_CLOSED."""
+        return int(self._lib.qlpc_lend_bulk(self._ch, loan))
 
     def unlend_bulk(self, loan: int) -> None:
         """That loan's view goes unposted: copies may use the area again (nothing if it is over)."""

@@ -735,11 +735,11 @@ class CommunicationPort:
         """
         quick = self._quick
         if (quick is not None and message.id & QUICK_ID_BIT
+                and (len(data) if type(data) is bytes else body_size(data)) <= quick.carry_max
                 and (carried := data if type(data) is bytes else _ring_body(data, quick)) is not None
                 and quick.server
                 and not self._core.backlogged
                 and message.type is _REQUEST and not (secure or fds or message.cancelled)
-                and len(carried) <= quick.carry_max
                 and quick.reply(self, message.id, carried)):
             # Quick-LPC: a request that came through the ring, answered the same way.
             self.stats.replied(message.id, len(data))
@@ -932,6 +932,7 @@ class CommunicationPort:
                 raise SectionError("the view belongs to another connection")
             lent.check_secure(secure)
             lent.claim()
+            lent.busy = True  # (returned() below ends the loan, not a release meanwhile)
             data, as_view = lent.memory, True if as_view is None else as_view
             if not lent.offered:
                 quick.views_in_ring = False  # (see QuickLink.views_in_ring)

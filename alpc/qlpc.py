@@ -71,6 +71,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import itertools
 import logging
 import os
 import resource
@@ -98,7 +99,7 @@ from ._native import (
     quick_region_size,
 )
 from .connection import answered_for_application
-from .errors import AlpcError, ConnectionClosed, PeerGone, ProtocolError, Timeout
+from .errors import AlpcError, ConnectionClosed, PeerGone, ProtocolError, SectionError, Timeout
 from .logs import fields
 from .protocol import MAX_ABANDONED, Message
 from .section import RingView, View, check_peer_fd, map_placed, ring_memfd
@@ -288,6 +289,9 @@ class BulkAreas:
 
 # Making or dropping any connection's bulk-area mappings (rare: once each per connection).
 _AREAS_LOCK = threading.Lock()
+# Loan numbers (1 to 2**31 - 1, the C side's range), unique within the process for 2**31 loans.
+_LOANS = itertools.count()
+_LOAN_LIMIT = 2**31 - 1
 
 
 class QuickLink:
@@ -396,11 +400,23 @@ class QuickLink:
 
     def _peer_view(self, length: int) -> View:
         """The read-only view of the peer's area that take_view just took."""
+        ring = self.ring
         mapping = self.areas.get(False)
         if mapping is None:  # (closed since the take, by another thread)
-            self.ring.release_view()
+            ring.release_view()
             raise ConnectionClosed("the port is closed")
-        return View(mapping, 0, length, on_gone=self.ring.release_view)
+        view = View(mapping, 0, length, on_gone=ring.release_view)
+        ring.info.taken = 0  # the View holds the area now: its release gives it back
+        return view
+
+    def _drop_unwrapped_view(self) -> None:
+        """A signal handler raised after take_view held the peer's area and before a View held
+        it (``info`` says: taken as a view, not handed on): give it back, or the peer's area
+        stays held for ever (no view of the peer's, no large body of it, through the ring)."""
+        info = self.ring.info
+        if info.taken and info.bulk and info.view:
+            info.taken = 0
+            self.ring.release_view()
 
     def _body(self, length: int) -> bytes:
         """The payload of the entry the last wait took: from its slot, or the bulk copy."""
@@ -433,25 +449,36 @@ class QuickLink:
         if mapping is None:
             return None
         ring = self.ring
-        loan = ring.lend_bulk()
-        if loan <= 0:
-            return None
+        # Named before the call: should a signal handler raise as it returns, the loan is ended.
+        loan = next(_LOANS) % _LOAN_LIMIT + 1
         try:
+            if ring.lend_bulk(loan) != loan:
+                return None
             return RingView(mapping, size, self, loan, ring.unlend_bulk)
+        except SectionError:
+            ring.unlend_bulk(loan)
+            return None  # the port closed as it lent (its mapping is gone): a section says so
         except BaseException:
             ring.unlend_bulk(loan)
             raise
 
     def _post_view(self, view: RingView, post: Callable[[], int]) -> int:
         """Post a lent view in place with ``post`` (a C call given ``ring.in_place``): its status.
-        Not taken, the view may go another way still. (Its loan ends only with its post in
-        place: what that says holds even when a signal handler raised and the status is lost,
-        and whatever another thread lends meanwhile.)"""
+        Not taken, the view may go another way still."""
         view.claim()
+        return self._post_claimed(view, post)
+
+    def _post_claimed(self, view: RingView, post: Callable[[], int]) -> int:
+        """``_post_view`` for a view claimed already. (Its loan ends only with its post in
+        place: what that says holds even when a signal handler raised and the status is lost,
+        and whatever another thread lends meanwhile. Should one raise before the view is
+        settled here, its release ends the loan: see RingView._finished.)"""
         view.offered = True
+        view.busy = True
         try:
             return post()
         finally:
+            view.busy = False
             if self.ring.loan_in_force(view.loan):
                 view.unclaim()
             else:
@@ -633,6 +660,7 @@ class QuickLink:
             self._cancel(port, request_id)
             raise
         except BaseException as exc:
+            self._drop_unwrapped_view()
             self._abandon(port, request_id)
             if not isinstance(exc, AlpcError):
                 self._cancel(port, request_id)  # a signal handler's (Ctrl-C): cancelled as a timeout is
@@ -873,21 +901,28 @@ class QuickLink:
         """Server: answer a ring request through the ring (a view lent by ``lend`` in place);
         False: send it over the socket."""
         core = port._core
-        if type(data) is RingView and (data.sent or data.released):
-            return False  # the socket path refuses it (SectionError), the reply still owed
+        view = data if type(data) is RingView else None
+        if view is not None:
+            # Claimed before the reply stops being owed: a view another thread sends (or
+            # releases) meanwhile leaves the reply owed, as a spent view does.
+            try:
+                view.claim()
+            except SectionError:
+                return False  # the socket path refuses it (SectionError), the reply still owed
         with port._state:
             # The channel alone says what is owed: a reply over the socket or a CANCEL ends that.
             # A dropped connection answers nothing more, on the ring neither: its reply() raises.
-            if core.failure is not None:
-                return False
-            owes, owed = port._channel.quick_replying(request_id)
-            if not owes:
-                return False
+            owes, owed = (False, None) if core.failure is not None else port._channel.quick_replying(request_id)
+        if not owes:
+            if view is not None:
+                view.unclaim()
+            return False
         size = len(data)
         if isinstance(data, bytes):
             status = self._post_reply(request_id, data, size)
         else:
-            status = self._post_view(data, functools.partial(self._post_reply, request_id, self.ring.in_place, size))
+            status = self._post_claimed(data, functools.partial(self._post_reply, request_id, self.ring.in_place,
+                                                                size))
         if status == 0 or status == Q_DOORBELL:
             counted = self._counted
             counted[2] += 1

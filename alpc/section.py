@@ -426,10 +426,14 @@ def map_placed(length: int, writable: bool, place: Callable[[int], None]) -> _Ma
     """A mapping of ``length`` bytes whose pages ``place(address)`` replaces with shared ones
     (a page-aligned anonymous mapping made here, at ``address``), shared by views and
     unmapped by the last of them, as a section's. It keeps no fd, where a Python mmap of a
-    file keeps a duplicate (3.11 has no ``trackfd``). ``place`` raises if it cannot."""
-    mm = mmap.mmap(-1, length)
+    file keeps a duplicate (3.11 has no ``trackfd``). ``place`` raises if it cannot.
+
+    Not ``writable``, the mapping is read-only to Python too: its pages will be read-only
+    (the peer's), and a write through the mmap object (a view's ``memory.obj``) must raise
+    TypeError, not kill the process with SIGSEGV."""
+    mm = mmap.mmap(-1, length) if writable else mmap.mmap(-1, length, access=mmap.ACCESS_READ)
     try:
-        pinned = _native.buffer_address(mm, True)
+        pinned = _native.buffer_address(mm, writable)
         address = pinned.address
         pinned.release()
         place(address)
@@ -750,7 +754,7 @@ class RingView(SectionView):
     its view), released unsent, or copied out.
     """
 
-    __slots__ = ("_unlend", "loan", "offered", "owner")
+    __slots__ = ("_unlend", "busy", "loan", "offered", "owner")
 
     def __init__(self, mapping: _Mapping, size: int, owner: object, loan: int,
                  unlend: Callable[[int], None]) -> None:
@@ -759,6 +763,10 @@ class RingView(SectionView):
         self.loan = loan  # the C side's number for this loan of the area
         self._unlend = unlend
         self.offered = False  # a ring post was tried (and, if it is copied now, refused for the moment)
+        # A send is at work on it (a ring post, a copy into a section): that send, not a release
+        # meanwhile, ends the loan. Cleared first thing once it is over, before any call a
+        # signal handler could cut short.
+        self.busy = False
         self.section_id = 0
         self.sent = False
         self.announced = False
@@ -769,9 +777,13 @@ class RingView(SectionView):
         return False  # no pool's: a section message copies it (see CommunicationPort._send_section)
 
     def unclaim(self) -> None:
-        """The ring did not take it after all: it may be sent (or released) again."""
+        """The ring did not take it after all: it may be sent (or released) again. Released by
+        another thread meanwhile (which left the loan to the send), the loan ends here."""
         with _RELEASE_LOCK:
             self.sent = False
+            released = self._mapping is None
+        if released:
+            self._unlend(self.loan)
 
     def posted(self) -> None:
         """The ring published it: the peer reads the area now, and gives it back itself."""
@@ -779,11 +791,16 @@ class RingView(SectionView):
 
     def returned(self) -> None:
         """Its bytes went another way (copied into a section): the area is free again."""
+        self.busy = False
         self._gone()
         self._unlend(self.loan)
 
     def _finished(self, unsent: bool) -> None:
-        if unsent:
+        # The loan ends unless a send at work on the view ends it (unclaim, returned). Ending
+        # it here costs nothing when a post in place ended it already (the number is that
+        # post's, never another loan's), and it is what gives the area back when a signal
+        # handler cut a refused post short before unclaim().
+        if unsent or not self.busy:
             self._unlend(self.loan)
 
 

@@ -844,7 +844,7 @@ static int post(qlpc_chan *ch, uint32_t kind, uint32_t message_id, uint32_t call
 /* Under the producer's turn, with our bulk area free (not lent, holding no body the peer has
  * not taken, not held as a view): act on it. act's status, QLPC_FULL when the area is not
  * free, QLPC_BUSY while another thread posts, or QLPC_CLOSED. */
-static int on_free_area(qlpc_chan *ch, int (*act)(qlpc_chan *))
+static int on_free_area(qlpc_chan *ch, int (*act)(qlpc_chan *, uint32_t), uint32_t arg)
 {
     int rc;
 
@@ -856,30 +856,33 @@ static int on_free_area(qlpc_chan *ch, int (*act)(qlpc_chan *))
         leave(ch);
         return QLPC_BUSY;
     }
-    rc = atomic_load(&ch->lent) || bulk_in_use(ch, unconsumed(ch)) ? QLPC_FULL : act(ch);
+    rc = atomic_load(&ch->lent) || bulk_in_use(ch, unconsumed(ch)) ? QLPC_FULL : act(ch, arg);
     atomic_store_explicit(&ch->posting, 0, memory_order_release);
     leave(ch);
     return rc;
 }
 
-static int remove_pages(qlpc_chan *ch)
+static int remove_pages(qlpc_chan *ch, uint32_t unused)
 {
+    (void)unused;
     return madvise(ch->out_bulk, QLPC_BULK_SIZE, MADV_REMOVE) == 0 ? 0 : QLPC_E_SYSTEM;
 }
 
-static int lend(qlpc_chan *ch)
+static int lend(qlpc_chan *ch, uint32_t loan)
 {
-    uint32_t loan = atomic_load(&ch->loan) + 1;
-
-    loan = loan > (uint32_t)INT_MAX ? 1u : loan; /* a positive int, as the caller gets it */
     atomic_store(&ch->loan, loan);
     atomic_store(&ch->lent, 1);
     return (int)loan;
 }
 
-int qlpc_trim_bulk(qlpc_chan *ch) { return on_free_area(ch, remove_pages); }
+int qlpc_trim_bulk(qlpc_chan *ch) { return on_free_area(ch, remove_pages, 0); }
 
-int qlpc_lend_bulk(qlpc_chan *ch) { return on_free_area(ch, lend); }
+int qlpc_lend_bulk(qlpc_chan *ch, uint32_t loan)
+{
+    if (loan == 0 || loan > (uint32_t)INT_MAX)
+        return QLPC_E_ARGS;
+    return on_free_area(ch, lend, loan);
+}
 
 /* 1 while `loan` is the loan in force. Only its holder ends it (posting in place or
  * unlending), and a new loan is made only once lent is 0, storing its number first: so the

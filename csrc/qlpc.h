@@ -160,13 +160,16 @@ void qlpc_limit_bulk(qlpc_chan *ch, uint32_t max);
  * fresh pages. Only the producer trims its area: it alone knows when nothing is in it. */
 int qlpc_trim_bulk(qlpc_chan *ch);
 
-/* Lend this side's bulk area to a view the caller fills in place: the loan's number (> 0),
- * QLPC_FULL while the area holds a body the peer has not taken or still holds as a view (or
- * is lent already), QLPC_BUSY while another thread posts, QLPC_CLOSED. While lent, posts
+/* Lend this side's bulk area to a view the caller fills in place, as loan number `loan`
+ * (1..INT_MAX, the caller's choice: named before the call, a loan whose return value a
+ * signal handler lost can still be ended; a number not reused while an older loan of it
+ * may be in force): `loan`, QLPC_FULL while the area holds a body the peer has not taken or
+ * still holds as a view (or is lent already), QLPC_BUSY while another thread posts,
+ * QLPC_CLOSED, QLPC_E_ARGS for a number out of range. While lent, posts
  * that would copy a body into the area get QLPC_FULL; a post with data NULL and len > 0
  * publishes the lent area's first len bytes instead (QLPC_VIEW) and ends the loan.
  * qlpc_unlend_bulk ends it without posting (nothing if that loan is over already). */
-int qlpc_lend_bulk(qlpc_chan *ch);
+int qlpc_lend_bulk(qlpc_chan *ch, uint32_t loan);
 void qlpc_unlend_bulk(qlpc_chan *ch, uint32_t loan);
 
 /* 1 while `loan` is in force: a post in place after it did not happen. (Not "is the area

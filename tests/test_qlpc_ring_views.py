@@ -4,6 +4,7 @@ it, and what a peer's words and entries can and cannot do to that."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 
 import pytest
@@ -15,6 +16,7 @@ pytestmark = [native, pytest.mark.timeout(30)]
 
 VIEW = 32  # an entry's kind flag, with BULK: its body was written in place
 BULK_HELD = 28  # a side's word: it holds a view of the peer's bulk area
+LOANS = itertools.count(1)  # loan numbers: the caller names each loan
 
 
 @pytest.fixture
@@ -29,8 +31,8 @@ def client_area(pair: Pair) -> int:
 
 def post_in_place(pair: Pair, body: bytes) -> int:
     """The client lends its area, writes ``body`` there and posts it in place: the status."""
-    loan = pair.client.lend_bulk()
-    assert loan > 0 and pair.client.loan_in_force(loan)
+    loan = next(LOANS)
+    assert pair.client.lend_bulk(loan) == loan and pair.client.loan_in_force(loan)
     start = client_area(pair)
     pair.region[start:start + len(body)] = body
     status = pair.client.call(pair.client.in_place, len(body), deadline(0))
@@ -52,20 +54,20 @@ def test_a_body_posted_in_place_is_taken_as_a_view_and_held_until_released(pair:
     assert pair.region[start:start + len(body)] == body  # nothing was copied: the area is the body
     # Held: the client can neither lend its area again nor copy a large body into it.
     pair.client.call_done()
-    assert pair.client.lend_bulk() == Q_FULL
+    assert pair.client.lend_bulk(next(LOANS)) == Q_FULL
     assert pair.client.call(b"x" * 500, 500, deadline(0)) == Q_FULL
     assert pair.client.trim_bulk() == Q_FULL
     pair.server.release_view()
     assert pair.word(SERVER_SIDE, BULK_HELD) == 0
-    loan = pair.client.lend_bulk()
-    assert loan > 0
+    loan = next(LOANS)
+    assert pair.client.lend_bulk(loan) == loan
     pair.client.unlend_bulk(loan)
 
 
 def test_a_lent_area_takes_no_copies_until_the_loan_ends(pair: Pair) -> None:
-    loan = pair.client.lend_bulk()
-    assert loan > 0
-    assert pair.client.lend_bulk() == Q_FULL  # one view at a time
+    loan = next(LOANS)
+    assert pair.client.lend_bulk(loan) == loan
+    assert pair.client.lend_bulk(next(LOANS)) == Q_FULL  # one view at a time
     assert pair.client.call(b"x" * 500, 500, deadline(0)) == Q_FULL  # would overwrite the view being filled
     assert pair.client.info.posted == 0
     assert pair.client.call(b"small", 5, deadline(0)) == Q_TIMEOUT  # a slot's body still goes
@@ -93,8 +95,8 @@ def test_a_view_entry_can_be_copied_instead_and_then_holds_nothing(pair: Pair) -
     assert pair.server.bulk_body == body and pair.server.info.view == 0
     assert pair.word(SERVER_SIDE, BULK_HELD) == 0
     pair.client.call_done()
-    loan = pair.client.lend_bulk()
-    assert loan > 0
+    loan = next(LOANS)
+    assert pair.client.lend_bulk(loan) == loan
     pair.client.unlend_bulk(loan)
 
 
@@ -125,25 +127,38 @@ def test_a_peer_that_never_releases_only_keeps_its_own_replies_off_the_area(pair
     """The client's word says it holds the server's area (a lie, or a view kept forever): the
     server's large replies take the socket (Q_FULL), nothing waits on it."""
     pair.set_word(CLIENT_SIDE, BULK_HELD, 1)
-    assert pair.server.lend_bulk() == Q_FULL
+    assert pair.server.lend_bulk(next(LOANS)) == Q_FULL
     assert pair.server.reply(ID_BIT | 5, b"r" * 500) == Q_FULL
     assert pair.server.reply(ID_BIT | 5, b"small") == 0
     pair.set_word(CLIENT_SIDE, BULK_HELD, 0)
-    assert pair.server.lend_bulk() > 0
+    assert pair.server.lend_bulk(7) == 7
 
 
 def test_a_loan_tells_its_own_post_from_the_next_loan(pair: Pair) -> None:
     """A view posted in place ends its loan; a loan taken right after by another thread is in
     force, and the first view's holder must not take it for its own (it once did: it sent its
     view a second time over the socket and ended the other's loan, whose post then failed)."""
-    first = pair.client.lend_bulk()
+    first = next(LOANS)
+    assert pair.client.lend_bulk(first) == first
     assert pair.client.call(pair.client.in_place, 10, deadline(0)) == Q_TIMEOUT
     pair.client.call_done()
     assert pair.server.reply_wait(0, b"", 0, 0) == Q_LARGE
     assert pair.server.take_bulk() == 10
-    second = pair.client.lend_bulk()
-    assert second > 0 and second != first
+    second = next(LOANS)
+    assert pair.client.lend_bulk(second) == second
     assert not pair.client.loan_in_force(first) and pair.client.loan_in_force(second)
     pair.client.unlend_bulk(first)  # the first view's late give-back ends nothing now
     assert pair.client.loan_in_force(second)
     pair.client.unlend_bulk(second)
+
+
+def test_loan_numbers_are_the_callers_and_must_be_positive_ints(pair: Pair) -> None:
+    """The caller names the loan (so a signal handler that cuts its answer off cannot lose it):
+    0 and numbers past INT_MAX are refused, and the number asked for is the one in force."""
+    assert pair.client.lend_bulk(0) == Q_E_ARGS
+    assert pair.client.lend_bulk(2**31) == Q_E_ARGS
+    assert not pair.client.loan_in_force(0)
+    assert pair.client.lend_bulk(2**31 - 1) == 2**31 - 1
+    assert pair.client.loan_in_force(2**31 - 1)
+    pair.client.unlend_bulk(2**31 - 1)
+    assert not pair.client.loan_in_force(2**31 - 1)

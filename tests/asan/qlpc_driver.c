@@ -22,6 +22,7 @@
 #include "qlpc.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -119,6 +120,7 @@ struct rig {
     qlpc_chan *ch;       /* the side under test */
     int role;
     uint32_t loan;       /* the last loan of our bulk area (0: none yet) */
+    uint32_t loans;      /* loans asked for: the next one's number is one more */
     char *buf;           /* exactly qlpc_payload_max bytes */
 };
 
@@ -310,9 +312,11 @@ static const char *lend_maybe(struct rig *r, const char *copy, uint32_t cap, uin
 
     if (below(4) != 0)
         return copy;
-    rc = qlpc_lend_bulk(r->ch);
+    rc = qlpc_lend_bulk(r->ch, ++r->loans);
     inputs++;
-    CHECK(rc > 0 || rc == QLPC_FULL, "lend_bulk returned %d", rc);
+    CHECK(rc == (int)r->loans || rc == QLPC_FULL, "lend_bulk %u returned %d", r->loans, rc);
+    CHECK(qlpc_lend_bulk(r->ch, 0) == QLPC_E_ARGS && qlpc_lend_bulk(r->ch, (uint32_t)INT_MAX + 1) == QLPC_E_ARGS,
+          "loan numbers out of range were not refused");
     if (rc <= 0)
         return copy;
     CHECK(qlpc_loan_in_force(r->ch, (uint32_t)rc) && (r->loan == 0 || !qlpc_loan_in_force(r->ch, r->loan)),
