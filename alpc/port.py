@@ -944,6 +944,7 @@ class CommunicationPort:
                 message_id = self._send_copy(kind, data, deadline, callback_id)
                 if message_id is not None:
                     return message_id
+            copied = False
             try:
                 self._channel.check_length(body_size(data))
                 view, explicit = self._reserve(body_size(data), secure, deadline), False
@@ -952,9 +953,16 @@ class CommunicationPort:
                 except BaseException:
                     view.release()
                     raise
+                copied = True
             finally:
                 if lent is not None:
-                    lent.returned()
+                    if copied:
+                        lent.returned()
+                    else:
+                        # Not copied (no section space in time, too long): the view is the
+                        # caller's still, to send again or release, as a section's view is.
+                        lent.busy = False
+                        lent.unclaim()
         message_id = 0
         try:
             self._lock_send(deadline)

@@ -277,3 +277,27 @@ def test_create_view_racing_close_raises_connection_closed(pair, monkeypatch) ->
     monkeypatch.undo()
     with pytest.raises(alpc.ConnectionClosed):  # what a closed port says
         client.create_view(100, timeout=10)
+
+
+def test_a_ring_view_whose_copy_into_a_section_fails_can_be_sent_again(pair, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A RingView sent where the rings never go (a datagram) is copied into a section; when no
+    section space comes in time (Throttled), the view stays the caller's, to send again, as a
+    section's view does. (It was released with the failure, its bytes lost.)"""
+    server, client = pair
+    view = client.create_view(100, timeout=10)
+    assert isinstance(view, alpc.RingView)
+    view.memory[:] = b"v" * 100
+    real = alpc.CommunicationPort._reserve
+
+    def no_space(self, length, secure, deadline):  # type: ignore[no-untyped-def]
+        raise alpc.Throttled("no section space in time")
+
+    monkeypatch.setattr(alpc.CommunicationPort, "_reserve", no_space)
+    with pytest.raises(alpc.Throttled):
+        client.send(view, timeout=10)
+    monkeypatch.setattr(alpc.CommunicationPort, "_reserve", real)
+    assert not view.released and not view.sent
+    client.send(view, timeout=10)
+    message = server.receive(timeout=10)
+    assert message.type is alpc.MessageType.DATAGRAM and message.data == b"v" * 100
+    assert view.released and not client._quick.ring.loan_in_force(view.loan)  # copied: the area is free
