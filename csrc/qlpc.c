@@ -643,6 +643,7 @@ qlpc_chan *qlpc_open(int memfd, uint64_t size, uint32_t slots, uint32_t slot_siz
         atomic_store(&ch->me->tail, 0);
         atomic_store(&ch->me->head, 0);
         atomic_store(&ch->me->consumed, 0);
+        atomic_store(&ch->me->bulk_held, 0);
         atomic_store(&ch->me->state, ST_BUSY);
         atomic_store(&ch->me->cpu, this_cpu());
     }
