@@ -789,6 +789,12 @@ class QuickRing:
         """Server: post a reply without waiting (0, Q_DOORBELL, or why it was not posted)."""
         return int(self._lib.qlpc_reply(self._ch, callback_id, data, len(data)))
 
+    def reply_posted(self) -> int:
+        """Server: the callback id of the reply this thread's last ``reply`` / ``post_reply`` /
+        ``reply_wait`` with a reply posted, 0 if it posted none (for a caller whose status a
+        signal handler cut off)."""
+        return int(self._lib.qlpc_reply_posted())
+
     def attest(self) -> int:
         """Attest now what the last call took without attesting (into ``info``): 0, Q_CHECK
         when the peer's process is gone, or Q_CLOSED."""

@@ -1009,6 +1009,10 @@ class Channel:
             owed.request_id = message_id
             unreplied[message_id] = owed
 
+    def quick_request_known(self, message_id: int) -> bool:
+        """Server: has quick_request_received taken this ring request (and no reply gone yet)?"""
+        return message_id in self._unreplied
+
     def quick_cancel(self, request_id: int) -> Frames:
         """Client: the CANCEL of a ring request its caller gave up on (the C side tracks it)."""
         return self._frame(_Types.CANCEL, b"", callback_id=request_id)

@@ -732,13 +732,14 @@ class QuickLink:
                 return True
         try:
             status = self._settle(self.ring.reply_wait_attested(0, b"", 0, _timeout_ns(deadline)), True)
+            self._took()
+            request = self._request(port, status) if status >= 0 else None
         except BaseException:
+            self._took()  # the wait ended a wait()'s arm of this ring, as a return does
             self._rescue(port)
             raise
-        self._took()
         if status >= 0:
             # Any more in the ring come with the next read, still before socket bytes.
-            request = self._request(port, status)
             if request is not None:
                 port._dispatch([request])
             return True
@@ -797,13 +798,15 @@ class QuickLink:
                 status = self._reply_wait_attested(0, b"", 0, timeout_ns)
                 if status == Q_LARGE:
                     status = self._take_large()
+                if not self._take_told:
+                    self._took()
+                # (In the try: a signal handler raising before the request is handed on must not lose it.)
+                message = self._request(port, status) if status >= 0 else None
             except BaseException:
+                self._took()  # the wait ended a wait()'s arm of this ring, as a return does
                 self._rescue(port)
                 raise
-            if not self._take_told:
-                self._took()
             if status >= 0:
-                message = self._request(port, status)
                 if message is None:
                     return None  # the connection failed: the general path reports it
                 message.port = port
@@ -835,7 +838,9 @@ class QuickLink:
         while True:
             try:
                 status = self._settle(reply_wait(0, b"", 0, 0), True)
+                message = self._request(port, status) if status >= 0 else None
             except BaseException:
+                self._took()  # the look ended a wait()'s arm of this ring, as a return does
                 port._dispatch(messages)
                 self._rescue(port)
                 raise
@@ -844,7 +849,6 @@ class QuickLink:
                 if status in QUICK_ERRORS:
                     self._protocol_error(port, status)
                 return messages
-            message = self._request(port, status)
             if message is None:
                 return messages
             messages.append(message)
@@ -918,11 +922,19 @@ class QuickLink:
                 view.unclaim()
             return False
         size = len(data)
-        if isinstance(data, bytes):
-            status = self._post_reply(request_id, data, size)
-        else:
-            status = self._post_claimed(data, functools.partial(self._post_reply, request_id, self.ring.in_place,
-                                                                size))
+        try:
+            if isinstance(data, bytes):
+                status = self._post_reply(request_id, data, size)
+            else:
+                status = self._post_claimed(data, functools.partial(self._post_reply, request_id,
+                                                                    self.ring.in_place, size))
+        except BaseException:
+            # A signal handler raised as the post returned: a reply the ring refused is owed
+            # still, as one over the socket is when nothing of it left.
+            if self.ring.reply_posted() != request_id:
+                with port._state:
+                    port._channel.quick_reply_failed(request_id, owed)
+            raise
         if status == 0 or status == Q_DOORBELL:
             counted = self._counted
             counted[2] += 1
@@ -980,45 +992,68 @@ class QuickLink:
         reply_wait = self.ring.reply_wait
         unpack = self._unpack
         info = self.ring.info
-        reply_id = 0
+        carry_max = self.carry_max
+        stats = port.stats
+        reply_id = 0  # the request whose reply is the handler's and has not gone yet
         reply = b""
         # When the current wait began: a signal ends it early (Q_INTR), and what is left of
         # its timeout is waited then, not all of it again. Read only when there is a timeout.
         timed = timeout_ns > 0
         began = _monotonic_ns() if timed else 0
         wait_ns = timeout_ns
-        while True:
-            try:
-                status = reply_wait(reply_id, reply, len(reply), wait_ns)
-                if status == Q_LARGE:
-                    status = self.ring.take_bulk()
-            except BaseException:
-                self._rescue(port)
-                raise
-            if status >= 0:
-                reply_id = info.message_id
+        try:
+            while True:
                 try:
-                    answer = handler(unpack(status) if not info.bulk else self._body(status))
+                    status = reply_wait(reply_id, reply, len(reply), wait_ns)
+                    if status == Q_LARGE:
+                        status = self.ring.take_bulk()
                 except BaseException:
-                    self._answer_failed(port, reply_id)
+                    self._rescue(port)
                     raise
-                reply = answer if type(answer) is bytes else bytes(answer)
-                if timed:
-                    began = _monotonic_ns()
-                continue
-            if reply_id and not info.posted:
-                self._socket_reply(port, reply_id, reply)
-            reply_id = 0
-            if status == Q_INTR:
-                # A signal handler ran on the way back here, and did not raise: wait on.
-                wait_ns = max(0, timeout_ns - (_monotonic_ns() - began)) if timed else timeout_ns
-                continue
-            other = self._slow_status(port, status, handler, timeout)
-            if other is not None:
-                return other
-            wait_ns = timeout_ns
-            if timed:
-                began = _monotonic_ns()
+                if status >= 0:
+                    # Handed on: a signal before the next wait must not have _rescue file it again.
+                    info.taken = 0
+                    reply_id = info.message_id
+                    try:
+                        answer = handler(unpack(status) if not info.bulk else self._body(status))
+                        reply = answer if type(answer) is bytes else bytes(answer)
+                    except BaseException:
+                        failed, reply_id = reply_id, 0
+                        self._answer_failed(port, failed)
+                        raise
+                    if len(reply) > carry_max:
+                        # Past the client's max_message_length (or the rings'): the socket path
+                        # sends it or says why not (MessageTooLarge), as a reply() does.
+                        too_large, reply_id = reply_id, 0
+                        self._socket_reply(port, too_large, reply)
+                    if timed:
+                        began = _monotonic_ns()
+                    continue
+                if reply_id and not info.posted:
+                    self._socket_reply(port, reply_id, reply)
+                reply_id = 0
+                if status == Q_INTR:
+                    # A signal handler ran on the way back here, and did not raise: wait on.
+                    wait_ns = max(0, timeout_ns - (_monotonic_ns() - began)) if timed else timeout_ns
+                    continue
+                arrived = stats.messages_in
+                other = self._slow_status(port, status, handler, timeout)
+                if other is not None:
+                    return other
+                if timed and stats.messages_in == arrived:
+                    # Nothing came (a doorbell, the runtime's bytes, a reply the ring refused):
+                    # the same wait for the next message goes on, with what is left of it.
+                    wait_ns = max(0, timeout_ns - (_monotonic_ns() - began))
+                else:
+                    wait_ns = timeout_ns
+                    if timed:
+                        began = _monotonic_ns()
+        except BaseException:
+            if reply_id and self.ring.reply_posted() != reply_id:
+                # The handler's reply, which no reply_wait posted (a signal handler raised on the
+                # way, or as the ring refused it): the socket takes it, or its client waits in vain.
+                self._socket_reply_anyway(port, reply_id, reply)
+            raise
 
     def _rescue(self, port: CommunicationPort) -> None:
         """A signal handler raised (Ctrl-C) as a wait returned: CPython runs it as the C call
@@ -1028,6 +1063,10 @@ class QuickLink:
         if not info.taken:
             return
         info.taken = 0
+        if port._channel.quick_request_known(info.message_id):
+            # Handed to the channel already (the signal came after): its Message, lost with the
+            # exception, is answered for as a dropped one is.
+            return
         if self.attesting and not info.attested and self.ring.attest() != 0:
             # Its writer is gone (or the port closed): nobody will read the answer, and the
             # request cannot say who sent it. The next read reports the death.
@@ -1090,10 +1129,19 @@ class QuickLink:
         port._answer_failed(Message(_REQUEST, request_id, 0, b"", port.peer))
 
     def _socket_reply(self, port: CommunicationPort, request_id: int, data: bytes) -> None:
-        """A reply the ring would not take now: owe it in the channel and send it the usual way."""
+        """A reply the ring would not take now: owe it in the channel and send it the usual way
+        (should that raise, MessageTooLarge say, the request is answered as one dropped)."""
+        request = Message(_REQUEST, request_id, 0, b"", port.peer)
         with port._state:
-            port._channel.quick_request_received(request_id)
-        port.reply(Message(_REQUEST, request_id, 0, b"", port.peer), data)
+            port._channel.quick_request_received(request_id, request)
+        port.reply(request, data)
+
+    def _socket_reply_anyway(self, port: CommunicationPort, request_id: int, data: bytes) -> None:
+        """``_socket_reply`` while another exception propagates: best effort, bounded."""
+        try:
+            self._socket_reply(port, request_id, data)
+        except (AlpcError, ValueError) as exc:
+            log.debug("a lean reply cut short could not go by the socket either: %s", exc)
 
     def _answer_inbox(self, port: CommunicationPort, handler: Handler, timeout: float | None) -> Message | None:
         """Requests that came the slow way are answered here too; anything else ends serving."""

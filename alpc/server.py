@@ -353,6 +353,20 @@ class ConnectionPort:
         # Those whose ring may have left the armed state since wait() last armed it
         # (QuickLink.on_take): arming only these keeps a wait O(active), not O(clients).
         self._quick_unarmed: deque[weakref.ref[CommunicationPort]] = deque()
+        # Threads in wait() that armed the rings and have not left their poll() yet: a take from
+        # an armed ring by another thread (a receive() on that connection) ends the arm under
+        # them, and nothing else would wake them to arm it again (the client rings no doorbell
+        # for an unarmed ring). That thread writes ``_rearm`` (in the set, made with the port
+        # where it may offer rings: made later, it would look like a leaked fd), and they arm afresh.
+        self._armed_by: set[int] = set()
+        self._rearm: int | None = None
+        if attributes.quick_lpc is not False and qlpc.available():
+            try:
+                self._rearm = self._new_rearm()
+            except BaseException:
+                self._poller.close()
+                os.close(self._woken)
+                raise
 
     def __repr__(self) -> str:
         return f"<ConnectionPort {self.name!r} with {len(self._connections)} clients>"
@@ -547,9 +561,9 @@ class ConnectionPort:
         self._connections[comm] = None
         if quick is not None:
             self._quick_comms.add(comm)
-            mark = functools.partial(self._quick_unarmed.append, weakref.ref(comm))
+            mark = functools.partial(self._quick_unarmed_by, weakref.ref(comm))
             quick.on_take = mark
-            mark()
+            self._quick_unarmed.append(weakref.ref(comm))
         for fd in comm.wait_fds():
             self._owners[fd] = comm
             self._poller.register(fd)
@@ -615,16 +629,24 @@ class ConnectionPort:
             self._refuse_child()
         # A multiplexing server from now on: see _offer_rings.
         self._multiplexed = True
+        me = threading.get_ident()
         while True:
             with self._lock:
                 ready = self._next_event()
-                hot = self._quick_armed() if ready is None and self._quick_comms else []
+                armed = ready is None and bool(self._quick_comms)
+                if armed:
+                    self._armed_by.add(me)  # (with the arming: see _quick_unarmed_by)
+                hot = self._quick_armed() if armed else []
             if isinstance(ready, Message):
                 # A datagram's credit once due, answers to expired requests, the socket after a notice.
                 ready.port._after_take()
             if ready is not None:
                 return ready
-            polled = self._poll(0.0 if hot else deadline)
+            try:
+                polled = self._poll(0.0 if hot else deadline)
+            finally:
+                if armed:
+                    self._armed_by.discard(me)
             for comm in hot:
                 comm.pump()
             if not polled and not hot:
@@ -661,6 +683,28 @@ class ConnectionPort:
         with self._lock:
             if not self._quick_held and not self._closed:
                 self._quick_held = qlpc.hold_watcher()
+
+    def _new_rearm(self) -> int:
+        rearm = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        try:
+            self._poller.register(rearm)
+        except BaseException:
+            os.close(rearm)
+            raise
+        return rearm
+
+    def _quick_unarmed_by(self, comm: weakref.ref[CommunicationPort]) -> None:
+        """QuickLink.on_take: ``comm``'s ring left the armed state (any thread). A wait() of
+        another thread that armed it sleeps in poll() deaf to it now: wake it to arm it again."""
+        self._quick_unarmed.append(comm)
+        armed_by = self._armed_by
+        if armed_by and (len(armed_by) > 1 or threading.get_ident() not in armed_by):
+            rearm = self._rearm
+            if rearm is not None:
+                try:
+                    os.eventfd_write(rearm, 1)
+                except OSError:
+                    pass  # closed meanwhile: the port's waiters are woken by its close
 
     def _quick_armed(self) -> list[CommunicationPort]:
         """Quick-LPC: have every client whose ring is not armed ring its doorbell from now on;
@@ -737,6 +781,11 @@ class ConnectionPort:
                 owner.pump()
                 if in_turn and owner in in_turn and owner._core.failure is not None:
                     self._park(owner)
+            elif fd == self._rearm:
+                try:
+                    os.eventfd_read(fd)  # (the wait() loop arms the rings again)
+                except BlockingIOError:
+                    pass  # another waiter took it
         return True
 
     def _park(self, comm: CommunicationPort) -> None:
@@ -916,6 +965,9 @@ class ConnectionPort:
         if not self._poller.closed:
             self._poller.close()
             os.close(self._woken)
+            rearm, self._rearm = self._rearm, None  # (no longer written once it is None)
+            if rearm is not None:
+                os.close(rearm)
 
     def __del__(self) -> None:
         # Dropped without close(): the keeper (which holds the port weakly) closes the broker

@@ -129,7 +129,7 @@ struct qlpc_chan {
     struct side *me, *peer;
     uint8_t *out_ring, *in_ring;
     uint8_t *out_bulk, *in_bulk;
-    uint32_t bulk_in_max;      /* longest bulk entry we take (qlpc_limit_bulk) */
+    uint32_t in_max;           /* longest entry we take, in a slot or bulk (qlpc_limit_bulk) */
     uint32_t bulk_until;       /* our tail just after our last bulk post (under posting) */
     _Atomic uint32_t lent;     /* our bulk area is lent to a view being filled (qlpc_lend_bulk) */
     _Atomic uint32_t loan;     /* the number of that loan, or of the last one (stored before lent) */
@@ -187,6 +187,9 @@ static void futex_wake(_Atomic uint32_t *word, int private_)
 }
 
 static _Thread_local uint32_t t_tid;
+/* The callback id of the reply this thread's last reply call posted, 0 if it posted none:
+ * what a caller whose status a signal handler cut off asks (qlpc_reply_posted). */
+static _Thread_local uint32_t t_reply_posted;
 
 static uint32_t my_tid(void)
 {
@@ -596,7 +599,7 @@ qlpc_chan *qlpc_open(int memfd, uint64_t size, uint32_t slots, uint32_t slot_siz
     ch->slot_size = slot_size;
     ch->mask = slots - 1;
     ch->payload_max = slot_size - QLPC_ENTRY_HEADER;
-    ch->bulk_in_max = QLPC_BULK_SIZE;
+    ch->in_max = QLPC_BULK_SIZE;
     ch->role = (uint32_t)role;
     ch->in_kind = role == QLPC_SERVER ? QLPC_REQUEST : QLPC_REPLY;
     ch->size = size;
@@ -737,7 +740,7 @@ uint32_t qlpc_payload_max(qlpc_chan *ch) { return ch == NULL ? 0 : ch->payload_m
 void qlpc_limit_bulk(qlpc_chan *ch, uint32_t max)
 {
     if (ch != NULL)
-        ch->bulk_in_max = max < QLPC_BULK_SIZE ? max : QLPC_BULK_SIZE;
+        ch->in_max = max < QLPC_BULK_SIZE ? max : QLPC_BULK_SIZE;
 }
 
 uint64_t qlpc_count(qlpc_chan *ch, int which)
@@ -833,6 +836,8 @@ static int post(qlpc_chan *ch, uint32_t kind, uint32_t message_id, uint32_t call
             if (bulk)
                 ch->bulk_until = ch->tail;
             atomic_store_explicit(&ch->me->tail, ch->tail, memory_order_release);
+            if (kind == QLPC_REPLY)
+                t_reply_posted = callback_id;
             atomic_fetch_add_explicit(&ch->counts[QLPC_MESSAGES_OUT], 1, memory_order_relaxed);
             atomic_fetch_add_explicit(&ch->counts[QLPC_BYTES_OUT], len, memory_order_relaxed);
             rc = ring_bell(ch, 1);
@@ -1243,7 +1248,9 @@ static int take(qlpc_chan *ch, qlpc_info *info, char *buf, uint64_t since, int a
     if (header.kind != ch->in_kind && (header.kind & ~(uint32_t)QLPC_VIEW) != (ch->in_kind | QLPC_BULK))
         return QLPC_E_KIND;
     bulk = header.kind != ch->in_kind;
-    if (header.length > (bulk ? ch->bulk_in_max : ch->payload_max))
+    /* A slot's payload at most, the bulk area's for a bulk entry; and this side's message size
+     * limit for either (the socket's frame decoder holds any frame to it too). */
+    if (header.length > (bulk ? QLPC_BULK_SIZE : ch->payload_max) || header.length > ch->in_max)
         return QLPC_E_LENGTH;
     if (header.reserved != 0)
         return QLPC_E_RESERVED;
@@ -1470,7 +1477,11 @@ void qlpc_release_view(qlpc_chan *ch)
 int qlpc_reply_wait(qlpc_chan *ch, qlpc_info *info, char *buf, int attest, uint32_t callback_id,
                     const char *data, uint32_t len, int64_t timeout_ns)
 {
-    int rc = start_call(ch, QLPC_SERVER, info, buf);
+    int rc;
+
+    if (callback_id != 0)
+        t_reply_posted = 0;
+    rc = start_call(ch, QLPC_SERVER, info, buf);
     if (rc != 0)
         return rc;
     if (callback_id != 0) {
@@ -1489,6 +1500,7 @@ int qlpc_reply(qlpc_chan *ch, uint32_t callback_id, const char *data, uint32_t l
 {
     int rc;
 
+    t_reply_posted = 0;
     if (ch == NULL || ch->role != QLPC_SERVER || callback_id == 0)
         return QLPC_E_ARGS;
     if (!enter(ch))
@@ -1496,6 +1508,11 @@ int qlpc_reply(qlpc_chan *ch, uint32_t callback_id, const char *data, uint32_t l
     rc = post(ch, QLPC_REPLY, 0, callback_id, data, len);
     leave(ch);
     return rc;
+}
+
+uint32_t qlpc_reply_posted(void)
+{
+    return t_reply_posted;
 }
 
 int qlpc_arm_poll(qlpc_chan *ch)

@@ -150,8 +150,8 @@ int qlpc_peer_attached(qlpc_chan *ch);
 /* Largest payload a slot carries. */
 uint32_t qlpc_payload_max(qlpc_chan *ch);
 
-/* Bulk entries from the peer longer than `max` (at most QLPC_BULK_SIZE, the
- * default) are a protocol error (QLPC_E_LENGTH): this side's message size limit. */
+/* Entries from the peer longer than `max` (at most QLPC_BULK_SIZE, the default), in a slot
+ * or in the bulk area, are a protocol error (QLPC_E_LENGTH): this side's message size limit. */
 void qlpc_limit_bulk(qlpc_chan *ch, uint32_t max);
 
 /* Give the pages of this side's bulk area back to the system (MADV_REMOVE): 0, QLPC_FULL
@@ -242,6 +242,11 @@ int qlpc_reply_wait(qlpc_chan *ch, qlpc_info *info, char *buf, int attest, uint3
 /* Server: reply to callback_id through the ring without waiting for anything.
  * Returns 0 or a status (nothing was posted unless it is 0 or QLPC_DOORBELL). */
 int qlpc_reply(qlpc_chan *ch, uint32_t callback_id, const char *data, uint32_t len);
+
+/* Server: the callback id of the reply that this thread's last qlpc_reply, or qlpc_reply_wait
+ * with a reply, posted; 0 if that call posted none. A caller whose status a signal handler
+ * cut off (CPython runs it as the call returns) asks here whether its reply went. */
+uint32_t qlpc_reply_posted(void);
 
 /* We wrote nbytes to the socket: count them and wake a peer blocked in the
  * futex so it looks at the socket. With `ordered` (the write carried a
