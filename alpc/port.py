@@ -1732,6 +1732,8 @@ class CommunicationPort:
                 quick.by_socket = True
         with self._state:
             wake = core.route(batch)
+        if quick is not None and wake.ids:
+            quick.drop_late(self, wake.ids)
         if quick is not None and (sender is None or sender.pid == self._channel.peer.pid):
             # Only bytes from the process that maps the rings count: a child it forked (which
             # has no mapping) writes to the same socket, and counting its bytes would let the

@@ -321,8 +321,10 @@ class QuickLink:
         self._ring_waiting = ring.waiting
         # Client: held from posting a ring request until its reply is unpacked. The reply
         # lands in the ring's one buffer, which the next call would overwrite: a thread
-        # that finds it held sends over the socket instead, as when a call is in flight.
-        self._calling = threading.Lock()
+        # that finds it held (itself too: a signal handler's call) sends over the socket
+        # instead, as when a call is in flight. An RLock for its owner, which tells whether a
+        # signal handler raising as the acquire returned left the turn this thread's.
+        self._calling = threading.RLock()
         # Client: ring requests given up on, whose replies may still come over the socket.
         self._late: dict[int, None] = {}
         # Server: ring traffic of the Message paths, which count in the port's
@@ -529,6 +531,7 @@ class QuickLink:
         slow = self._call_slow
         take_turn = self._calling.acquire
         end_turn = self._calling.release
+        turn_owned = self._calling._is_owned  # type: ignore[attr-defined]
         interrupted = self._interrupted
         # Weak: the port holds this function, and must stay free to be collected.
         port_ref = weakref.ref(port)
@@ -536,8 +539,16 @@ class QuickLink:
         def call(data: bytes, timeout: float | None = None) -> bytes:
             # Datagrams queued by send(..., flush=False) go first: the socket path flushes them.
             port = port_ref()
-            if (type(data) is bytes and len(data) <= carry_max
-                    and not (port is not None and port._core.backlogged) and take_turn(False)):
+            owned = True  # (until known: a signal before then must not end an outer frame's turn)
+            try:
+                owned = turn_owned()
+                turn = (not owned and type(data) is bytes and len(data) <= carry_max
+                        and not (port is not None and port._core.backlogged) and take_turn(False))
+            except BaseException:
+                if not owned and turn_owned():
+                    end_turn()  # a signal handler raised as the turn was taken
+                raise
+            if turn:
                 try:
                     if timeout is None:
                         deadline_ns = -1
@@ -565,9 +576,18 @@ class QuickLink:
     def request(self, port: CommunicationPort, data: bytes | RingView, deadline: float | None) -> Message | None:
         """``call`` for ``request()``: the REPLY as a Message (a view lent by ``lend`` is posted
         in place; a reply the server wrote in place comes as a view)."""
-        if not self._calling.acquire(False):
-            # Another thread's ring call is not unpacked yet: take the socket (for a lent view,
-            # only for now: see views_in_ring).
+        calling = self._calling
+        owned = True  # (until known: a signal before then must not end an outer frame's turn)
+        try:
+            owned = calling._is_owned()  # type: ignore[attr-defined]
+            turn = not owned and calling.acquire(False)
+        except BaseException:
+            if not owned and calling._is_owned():  # type: ignore[attr-defined]
+                calling.release()  # a signal handler raised as the turn was taken
+            raise
+        if not turn:
+            # Another ring call is not unpacked yet: take the socket (for a lent view, only for
+            # now: see views_in_ring).
             if type(data) is RingView:
                 data.offered = True
             return None
@@ -693,6 +713,20 @@ class QuickLink:
             port._send(lambda: port._channel.quick_cancel(request_id), deadline_after(_DOORBELL_TIMEOUT))
         except (Timeout, ConnectionClosed):
             pass  # the request is dropped here anyway; a dead or stuck peer will not answer it
+
+    def drop_late(self, port: CommunicationPort, ids: list[int]) -> None:
+        """Replies just filed for ring requests their callers gave up on meanwhile (claimed
+        while still in flight, filed after the abandon): nobody will take them, drop them."""
+        late = self._late
+        if not late:
+            return
+        for request_id in ids:
+            if request_id in late:
+                del late[request_id]
+                with port._cv_lock:
+                    reply = port._replies.pop(request_id, None)
+                if reply is not None:
+                    reply.close_handles()
 
     def claims(self, request_id: int) -> bool:
         """A reply to a ring request came over the socket: deliver it (True) or drop it (False)."""

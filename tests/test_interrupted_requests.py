@@ -71,8 +71,8 @@ def interrupt() -> Iterator[Callable[[Callable[[], object], alpc.CommunicationPo
         def kick() -> None:
             ready()
             if comm.quick:
-                calling = comm._quick._calling  # type: ignore[union-attr]
-                until(lambda: calling.locked() and syscall.read_text().split()[0] == _FUTEX)
+                ring = comm._quick.ring  # type: ignore[union-attr]
+                until(lambda: ring.in_flight() != 0 and syscall.read_text().split()[0] == _FUTEX)
             else:
                 until(lambda: comm._reading and syscall.read_text().split()[0] in _POLLS)
             signal.pthread_kill(main.ident, signal.SIGUSR1)  # type: ignore[arg-type]
