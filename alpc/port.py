@@ -1112,13 +1112,15 @@ class CommunicationPort:
             raise
         return message_id
 
-    def _send(self, make: Callable[[], Frames], deadline: float | None, fds: Sequence[int] = ()) -> None:
+    def _send(self, make: Callable[[], Frames], deadline: float | None, fds: Sequence[int] = (),
+              runtime: bool = False) -> None:
+        """Write what ``make`` frames (under the state lock); ``runtime``: as ``_write``."""
         if not self._send_lock.acquire(False):  # uncontended: no call
             self._lock_send(deadline)
         try:
             with self._state:
                 frames = make()
-            self._write(frames, deadline, fds)
+            self._write(frames, deadline, fds, runtime)
         finally:
             self._send_lock.release()
 

@@ -37,7 +37,8 @@ The rules that keep the two paths one ordered connection:
   ``quick_claims``. A server owes replies to the ring requests it hands out as
   Messages in its channel, exactly as to socket ones.
 - A server waiting in poll() (``ConnectionPort.wait``) arms a doorbell: the
-  first client post after that sends a QUICK_DOORBELL frame over the socket.
+  first client post after that sends a QUICK_DOORBELL frame over the socket. The
+  frame carries no message: ring posts need not wait for the peer to read it.
 
 Identity: a socket message carries its writer's SCM_CREDENTIALS, a ring entry
 nothing the kernel vouches for. So where a ring entry becomes a Message (a
@@ -660,7 +661,7 @@ class QuickLink:
                         return self._peer_view(status), info.sender_tid, request_id
                     return self._body(status), info.sender_tid, request_id
                 if status == Q_DOORBELL:
-                    port._send(port._channel.doorbell, deadline_after(_DOORBELL_TIMEOUT))
+                    port._send(port._channel.doorbell, deadline_after(_DOORBELL_TIMEOUT), runtime=True)
                 elif status == Q_CHECK or status == Q_BUSY:
                     found = _socket_round(port, request_id, deadline)
                     if found is not None:
@@ -759,8 +760,8 @@ class QuickLink:
             if waiting == 0:
                 return None
             if waiting > 0:
-                # Posted as we armed: the client may have rung the doorbell, whose bytes, unread,
-                # would hold its next ring post back (they count as socket bytes not read).
+                # Posted as we armed: the client may have rung the doorbell; its bytes are read
+                # now rather than wake the next wait for nothing.
                 port._dispatch(self.drain(port))
                 port._read_socket(deadline, False)
                 return True
@@ -974,7 +975,7 @@ class QuickLink:
             counted[2] += 1
             counted[3] += size
             if status == Q_DOORBELL:
-                port._send(port._channel.doorbell, deadline_after(_DOORBELL_TIMEOUT))
+                port._send(port._channel.doorbell, deadline_after(_DOORBELL_TIMEOUT), runtime=True)
             # Releases held back while this reply was owed ("the reply carries them") did not
             # go with it: the ring carries no socket frames.
             if core.releases_unannounced():
@@ -1139,7 +1140,7 @@ class QuickLink:
                      timeout: float | None) -> Message | None:
         """What the serving loop does about anything but a request from the ring (or Q_INTR)."""
         if status == Q_DOORBELL:
-            port._send(port._channel.doorbell, deadline_after(_DOORBELL_TIMEOUT))
+            port._send(port._channel.doorbell, deadline_after(_DOORBELL_TIMEOUT), runtime=True)
         elif status == Q_CHECK:
             port._read(0.0, block=False)
             with port._cv_lock:

@@ -197,3 +197,21 @@ def test_an_interrupt_before_a_ring_wait_files_no_request_twice(broker, config) 
         message.reply(b"TWICE")
         caller.join(10)
         assert [reply.data for reply in second] == [b"TWICE"]  # type: ignore[attr-defined]
+
+
+def test_an_unread_doorbell_does_not_send_the_next_ring_request_by_the_socket(broker, config) -> None:  # type: ignore[no-untyped-def]
+    """A ring post to a server waiting in poll() sends a doorbell frame by the socket. A server
+    can take that request from the ring before it reads the frame (receive(), a wait() that
+    finds the ring full): the frame carries no message, and the client's next ring post does
+    not wait for it to be read. (It counted as a message's bytes: the next request took the
+    socket, and a wait() server's requests went every other one by the socket.)"""
+    with ring_pair(config, "bell.unread", alpc.PortAttributes(quick_lpc=True)) as (port, server, client):
+        with pytest.raises(alpc.Timeout):
+            port.wait(timeout=0.01)  # arms the ring: the client's next post rings the doorbell
+        for body in (b"one", b"two", b"three"):
+            caller, result = call_in_thread(client, body, 10)
+            message = server.receive(timeout=10)  # from the ring, the doorbell left unread
+            assert message.id & alpc.protocol.QUICK_ID_BIT, f"{body!r} took the socket"
+            message.reply(body.upper())
+            caller.join(10)
+            assert isinstance(result[0], alpc.Message) and result[0].data == body.upper()
