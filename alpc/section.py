@@ -275,7 +275,14 @@ class View:
         """A copy of the view's bytes (the one call for those who want bytes)."""
         if self.released:
             raise SectionError("the view was released")
-        return _native.copy_out(self.memory)
+        try:
+            return _native.copy_out(self.memory)
+        except ValueError:
+            # Released by another thread between the check and the copy (CPython refuses a
+            # released memoryview). Releasing a view while another thread reads it is the
+            # application's race: with the GIL let go in the C copy, the range may even go back
+            # to the sender mid-copy, so a reader must not release what another still reads.
+            raise SectionError("the view was released") from None
 
     def __len__(self) -> int:
         return self.length
