@@ -360,6 +360,9 @@ class ConnectionPort:
         # where it may offer rings: made later, it would look like a leaked fd), and they arm afresh.
         self._armed_by: set[int] = set()
         self._rearm: int | None = None
+        # Held across a write of _rearm and across its close (a leaf lock: nothing is taken
+        # under it), so a write never lands on its number once another file has it.
+        self._rearm_lock = threading.Lock()
         if attributes.quick_lpc is not False and qlpc.available():
             try:
                 self._rearm = self._new_rearm()
@@ -699,12 +702,12 @@ class ConnectionPort:
         self._quick_unarmed.append(comm)
         armed_by = self._armed_by
         if armed_by and (len(armed_by) > 1 or threading.get_ident() not in armed_by):
-            rearm = self._rearm
-            if rearm is not None:
-                try:
-                    os.eventfd_write(rearm, 1)
-                except OSError:
-                    pass  # closed meanwhile: the port's waiters are woken by its close
+            with self._rearm_lock:
+                if self._rearm is not None:  # (None once the port freed its set)
+                    try:
+                        os.eventfd_write(self._rearm, 1)
+                    except OSError as exc:  # (a counter at its limit: the waiter wakes anyway)
+                        log.debug("cannot wake a port's wait() to arm its rings again: %s", exc)
 
     def _quick_armed(self) -> list[CommunicationPort]:
         """Quick-LPC: have every client whose ring is not armed ring its doorbell from now on;
@@ -965,9 +968,10 @@ class ConnectionPort:
         if not self._poller.closed:
             self._poller.close()
             os.close(self._woken)
-            rearm, self._rearm = self._rearm, None  # (no longer written once it is None)
-            if rearm is not None:
-                os.close(rearm)
+            with self._rearm_lock:
+                rearm, self._rearm = self._rearm, None
+                if rearm is not None:
+                    os.close(rearm)
 
     def __del__(self) -> None:
         # Dropped without close(): the keeper (which holds the port weakly) closes the broker
