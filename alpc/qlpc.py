@@ -770,8 +770,7 @@ class QuickLink:
             self._took()
             request = self._request(port, status) if status >= 0 else None
         except BaseException:
-            self._took()  # the wait ended a wait()'s arm of this ring, as a return does
-            self._rescue(port)
+            self._rescued(port)
             raise
         if status >= 0:
             # Any more in the ring come with the next read, still before socket bytes.
@@ -838,8 +837,7 @@ class QuickLink:
                 # (In the try: a signal handler raising before the request is handed on must not lose it.)
                 message = self._request(port, status) if status >= 0 else None
             except BaseException:
-                self._took()  # the wait ended a wait()'s arm of this ring, as a return does
-                self._rescue(port)
+                self._rescued(port)
                 raise
             if status >= 0:
                 if message is None:
@@ -875,9 +873,8 @@ class QuickLink:
                 status = self._settle(reply_wait(0, b"", 0, 0), True)
                 message = self._request(port, status) if status >= 0 else None
             except BaseException:
-                self._took()  # the look ended a wait()'s arm of this ring, as a return does
                 port._dispatch(messages)
-                self._rescue(port)
+                self._rescued(port)
                 raise
             if status < 0:
                 self._took()
@@ -1089,6 +1086,16 @@ class QuickLink:
                 # way, or as the ring refused it): the socket takes it, or its client waits in vain.
                 self._socket_reply_anyway(port, reply_id, reply)
             raise
+
+    def _rescued(self, port: CommunicationPort) -> None:
+        """A signal handler raised as a ring wait returned (or before its request was handed
+        on): ``_rescue`` what it took, and tell on_take, as a return does: the wait ended a
+        wait()'s arm of this ring. Told last: a wait() arming while _rescue holds the ring's
+        turn (attest) finds it taken and does not arm, and only a later tell re-queues it."""
+        try:
+            self._rescue(port)
+        finally:
+            self._took()
 
     def _rescue(self, port: CommunicationPort) -> None:
         """A signal handler raised (Ctrl-C) as a wait returned: CPython runs it as the C call

@@ -647,6 +647,11 @@ class ConnectionPort:
                 return ready
             try:
                 polled = self._poll(0.0 if hot else deadline)
+            except BaseException:
+                # Armed with requests waiting, and off the arm queue: unpumped, no doorbell would
+                # ever tell of them (their clients wait for those replies). The next wait pumps them.
+                self._quick_unarmed.extend(weakref.ref(comm) for comm in hot)
+                raise
             finally:
                 if armed:
                     self._armed_by.discard(me)

@@ -340,3 +340,44 @@ def test_serve_requests_times_out_though_the_client_pings(broker, config) -> Non
             pinger.join(10)
         assert isinstance(pinger.result[0], int) and pinger.result[0] > 0  # type: ignore[attr-defined]
         assert took < 1.5, f"serve_requests(timeout=0.3) waited {took:.1f}s: every ping started its timeout again"
+
+
+def test_a_wait_interrupted_as_it_polls_leaves_the_rings_it_found_busy_for_the_next(broker, config) -> None:  # type: ignore[no-untyped-def]
+    """wait() arms the rings on its queue, and those that hold requests already (no doorbell
+    will come for them) it pumps after its poll. A signal handler raising in that poll left
+    them armed, off the queue and unpumped: the next wait() never looked at them, and the
+    client, with its call in flight, never posted again."""
+    with multiplexed(config, "rv.hot") as (port, server, client):
+        quick = server._quick
+        assert quick is not None
+        first = in_thread(client.call, b"one", 10)
+        message = port.wait(timeout=10)
+        assert isinstance(message, alpc.Message) and message.data == b"one"
+        message.reply(b"ONE")
+        first.join(10)
+        assert first.result == [b"ONE"]  # type: ignore[attr-defined]
+        server.pump()  # (its doorbell, if it came by the socket after the ring was read)
+        # Posted while nobody waits: the ring is not armed, no doorbell comes.
+        caller = in_thread(client.call, b"two", 10)
+        until(lambda: quick.ring.waiting() == 1)
+        real_poll = port._poll
+        raised: list[bool] = []
+
+        def interrupted(deadline: float | None) -> bool:
+            if not raised:
+                raised.append(True)
+                raise KeyboardInterrupt  # as a signal handler would, in the poll
+            return real_poll(deadline)
+
+        port._poll = interrupted  # type: ignore[method-assign]
+        with pytest.raises(KeyboardInterrupt):
+            port.wait(timeout=5)
+        port._poll = real_poll  # type: ignore[method-assign]
+        try:
+            message = port.wait(timeout=3)
+        except alpc.Timeout:
+            pytest.fail("the ring holding a request was never looked at again")
+        assert isinstance(message, alpc.Message) and message.data == b"two"
+        message.reply(b"TWO")
+        caller.join(10)
+        assert caller.result == [b"TWO"]  # type: ignore[attr-defined]
