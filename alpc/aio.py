@@ -1117,13 +1117,16 @@ class AsyncCommunicationPort:
         only way to let go of such a port), flushing with a blocking write then. While the
         port's loop runs on another thread, RuntimeError (its futures, readers and writer are
         that loop's alone): ``asyncio.run_coroutine_threadsafe(port.close(), its_loop)``.
-        Cancelled while it flushes, it still closes (what was not written is lost).
+        Cancelled while it flushes, it still closes (what was not written is lost). On the
+        port's loop it then waits (``timeout`` at most) for the handler tasks of ``serve()`` it
+        cancelled to end, so none still runs once it returns.
         """
         off_loop = _running_loop() is not self._loop
         # (A forked child's copy of a loop that ran at the fork says it runs: it never will.)
         if off_loop and self._loop.is_running() and not self._stream.inherited:
             self._own_loop("close()")
         self._closing = True
+        deadline: float | None = None
         try:
             deadline = deadline_after(timeout)
             # Not in a forked child: bytes the parent's loop has still to write are the parent's.
@@ -1141,6 +1144,17 @@ class AsyncCommunicationPort:
             # Cancelled mid-flush too: an open connection nobody closes would hold its fds and
             # leave the peer waiting.
             self._end(wake=not self._loop.is_closed())
+        if not off_loop:
+            await self._cancelled_handlers_ended(remaining(deadline))
+
+    async def _cancelled_handlers_ended(self, timeout: float | None) -> None:
+        """close(): the handler tasks _finalize cancelled run their cleanup (a handler's
+        ``except CancelledError`` or ``finally``) now, not after close() returned."""
+        current = asyncio.current_task()
+        pending = [task for task in (*self._tasks.values(), *self._handlers)
+                   if not task.done() and task is not current]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
 
     async def _room_for_notice(self, deadline: float | None) -> None:
         """close(): wait (until ``deadline`` at most) for room for PORT_CLOSED in a socket the

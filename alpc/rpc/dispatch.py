@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from functools import lru_cache, partial
 from typing import Any, NamedTuple, Protocol
 
-from ..errors import MarshalError, Timeout
+from ..errors import MarshalError, RemoteError, Timeout
 from ..protocol import Message, Payload
 from ..security import PeerCred
 from .codec import Call, Codec, ObjectRef
@@ -511,7 +511,10 @@ class Dispatcher:
         if code == ErrorCode.REMOTE and _deadline_ran_out(exc, deadline):
             code = ErrorCode.DEADLINE
         tb = _format_traceback(exc) if self._send_tracebacks else None
-        message = _describe(exc)
+        # A RemoteError relayed (a nested call's, let through): its own message, as the codec
+        # sends an exception value's. Its str() adds the type and the remote traceback, which
+        # this server may not be sending.
+        message = exc.remote_message if isinstance(exc, RemoteError) else _describe(exc)
         type_name = exception_type_name(exc)
         try:
             return self._codec.encode_error(code, type_name, message, tb)
