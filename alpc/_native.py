@@ -444,7 +444,11 @@ def _vm_move_c(write: bool, pid: int, base: int, grant_len: int, offset: int, lo
     either = offset | base | grant_len
     if either < 0 or either >> 64:
         return E_RANGE  # outside uint64_t (cffi would raise OverflowError), as the twin answers
-    with ffi.from_buffer(local, require_writable=not write) as buf:
+    try:
+        buf = ffi.from_buffer(local, require_writable=not write)
+    except (BufferError, TypeError) as exc:
+        raise SectionError(f"cannot {'write from' if write else 'read into'} {type(local).__name__}: {exc}") from None
+    with buf:
         call = lib.alpc_vm_write if write else lib.alpc_vm_read
         return int(call(pid, base, grant_len, offset, buf, len(buf)))
 

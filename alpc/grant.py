@@ -139,6 +139,8 @@ class PeerMemory:
         port = self._message.port
         if port is None:
             raise ConnectionClosed("the request is not attached to a port")
+        if not hasattr(port, "_grant_read"):
+            raise SectionError("memory grants are served by the blocking API only (not alpc.aio)")
         return port
 
     def _check(self, offset: int, length: int, allowed: bool, what: str) -> None:
@@ -150,6 +152,7 @@ class PeerMemory:
     def read(self, offset: int = 0, length: int | None = None, timeout: float | None = None) -> bytes:
         """A copy of [offset, offset + length) of the granted buffer."""
         length = self.length - offset if length is None else length
+        self._check(offset, length, self.readable, "reading")  # (before allocating what it names)
         into = bytearray(length)
         self.readinto(into, offset, timeout)
         return bytes(into)

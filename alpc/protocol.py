@@ -508,7 +508,7 @@ class Channel:
         self._held_grants: dict[int, LocalGrant] = {}
         self._peer_grants: dict[int, PeerMemory] = {}
         self._grant_reads: dict[int, Range] = {}
-        self._late_grant_reads: dict[int, None] = {}
+        self._late_grant_reads: dict[int, int] = {}  # request id -> fallback reads given up on
         self.unsent_releases: list[Release] = []
         # Set when the peer must hear of our releases at once: it asked
         # (RELEASE_WANTED), or it sent a body that no reply of ours will follow.
@@ -961,9 +961,10 @@ class Channel:
     def grant_read_abandoned(self, memory: PeerMemory) -> None:
         """The server stopped waiting for a fallback read; its answer will be dropped."""
         if self._grant_reads.pop(memory.request_id, None) is not None:
-            self._late_grant_reads[memory.request_id] = None
-            if len(self._late_grant_reads) > MAX_ABANDONED:
-                del self._late_grant_reads[next(iter(self._late_grant_reads))]
+            late = self._late_grant_reads
+            late[memory.request_id] = late.get(memory.request_id, 0) + 1
+            if len(late) > MAX_ABANDONED:
+                del late[next(iter(late))]
 
     def grant_active(self, memory: PeerMemory) -> bool:
         return self._peer_grants.get(memory.request_id) is memory
@@ -1517,12 +1518,18 @@ class Channel:
         return self._grant_message(frame, None, span)
 
     def _grant_data_received(self, frame: Frame, attrs: Attributes | None) -> Message | None:
-        asked = self._grant_reads.pop(frame.callback_id, None)
-        span = attrs.range if attrs is not None else None
-        if asked is None and frame.callback_id in self._late_grant_reads:
-            del self._late_grant_reads[frame.callback_id]
+        late = self._late_grant_reads.get(frame.callback_id)
+        if late:
+            # The client answers reads in the order they were asked: an answer to one given up
+            # on comes before the answer to the read asked since (which it must not be taken for).
+            if late == 1:
+                del self._late_grant_reads[frame.callback_id]
+            else:
+                self._late_grant_reads[frame.callback_id] = late - 1
             self._drop_body(attrs)
             return None
+        asked = self._grant_reads.pop(frame.callback_id, None)
+        span = attrs.range if attrs is not None else None
         if asked is None:
             raise ProtocolError(f"GRANT_DATA for request {frame.callback_id}, which asked for none")
         if span is not None and (span != asked or self._body_length(frame, attrs) != span.length):
