@@ -326,6 +326,10 @@ class Broker:
                 on_ready()  # in the try: a callback that fails (a bad --ready-fd) must not leave the socket behind
             while not self._stopping:
                 for key, events in self._selector.select(self._select_timeout()):
+                    if self._selector.get_map().get(key.fd) is not key:
+                        # Closed by an earlier event of this batch (and its number maybe another
+                        # file's since, a new server's pidfd say): this event is that old file's.
+                        continue
                     self._on_event(key.fd, events)
                     if self._handed_over_to is not None:
                         return
