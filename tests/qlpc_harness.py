@@ -8,7 +8,7 @@ import mmap
 import socket
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -64,7 +64,9 @@ class Pair:
 
 
 @contextmanager
-def make_pair(slots: int, slot_size: int, spin_us: int = 0) -> Iterator[Pair]:
+def make_pair(slots: int, slot_size: int, spin_us: int = 0,
+              before_client: Callable[[mmap.mmap], None] | None = None) -> Iterator[Pair]:
+    """``before_client(region)`` runs once the server laid the region out, before the client maps it."""
     size = quick_region_size(slots, slot_size)
     section = Section.create(size, backend="memfd", shared_writable=True)
     server_sock, client_sock = socket.socketpair()
@@ -72,12 +74,14 @@ def make_pair(slots: int, slot_size: int, spin_us: int = 0) -> Iterator[Pair]:
     try:
         server = QuickRing(section.fd, size, slots, slot_size, server=True, sock_fd=server_sock.fileno(),
                            pidfd=None, spin_ns=spin_us * 1000)
-        client = QuickRing(section.fd, size, slots, slot_size, server=False, sock_fd=client_sock.fileno(),
-                           pidfd=None, spin_ns=spin_us * 1000)
         region = mmap.mmap(section.fd, size)
-        # A server starts out waiting in poll() (doorbell wanted); one look in C ends that.
-        assert server.reply_wait(0, b"", 0, 0) == Q_TIMEOUT
         try:
+            if before_client is not None:
+                before_client(region)
+            client = QuickRing(section.fd, size, slots, slot_size, server=False, sock_fd=client_sock.fileno(),
+                               pidfd=None, spin_ns=spin_us * 1000)
+            # A server starts out waiting in poll() (doorbell wanted); one look in C ends that.
+            assert server.reply_wait(0, b"", 0, 0) == Q_TIMEOUT
             yield Pair(server, client, region, slots, slot_size, server_sock, client_sock, section.fd)
         finally:
             region.close()

@@ -15,35 +15,10 @@ import pytest
 
 import alpc
 from alpc import control
-from alpc.exchange import control_frame
-from alpc.wire import FrameDecoder, FrameLimits, MessageType
+from alpc.wire import MessageType
+from tests.test_broker_faults import _one_frame, _raw, _send
 
 pytestmark = pytest.mark.timeout(60)
-
-_ANY = FrameLimits(allowed_types=frozenset(MessageType), max_data=control.MAX_CONTROL_BODY, max_fds=1)
-
-
-def _raw(config: alpc.Config) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(10)
-    sock.connect(str(config.broker_socket))
-    return sock
-
-
-def _send(sock: socket.socket, body: control.Body) -> None:
-    sock.sendall(b"".join(control_frame(body)))
-
-
-def _one_frame(sock: socket.socket):  # type: ignore[no-untyped-def]
-    decoder = FrameDecoder(_ANY)
-    while True:
-        data = sock.recv(decoder.wanted())
-        if not data:
-            return None
-        frames = decoder.feed(data)
-        if frames:
-            return frames[0]
-
 
 def _create(name: str) -> control.CreatePort:
     return control.CreatePort(name=name, max_message_length=1024, max_connect_data=64, max_pending_connects=8)

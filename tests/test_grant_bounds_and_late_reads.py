@@ -7,34 +7,14 @@ that uses a grant hears an alpc error. Each test failed before.
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import mmap
 import select
 import threading
-from pathlib import Path
 
 import pytest
 from local_pairs import local_connection  # tests/ is on sys.path
 
 import alpc
 from alpc import aio
-
-LATE_PEERS = Path(__file__).resolve().parent / "grant_late_peers.py"
-PAGE = mmap.PAGESIZE
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_PROT_RW, _MAP_PRIVATE_ANON_FIXED = 0x3, 0x2 | 0x20 | 0x10
-
-
-def _address(area: mmap.mmap) -> int:
-    pointer = ctypes.c_char.from_buffer(area)
-    address = ctypes.addressof(pointer)
-    del pointer  # its export would keep the mapping from closing
-    return address
-
 
 # -- 1. PeerMemory.read allocates before it checks: a range outside the grant is not a SectionError --
 

@@ -6,8 +6,6 @@ lean loop's next wait. Each docstring says what went wrong before (each test fai
 from __future__ import annotations
 
 import dataclasses
-import threading
-import time
 from typing import Any
 
 import pytest
@@ -15,6 +13,7 @@ import pytest
 import alpc
 from alpc import _native
 from alpc._native import Q_LARGE
+from tests.test_qlpc_faults import in_thread, until
 from tests.test_qlpc_socket_interplay import ring_pair
 
 native = pytest.mark.skipif(_native.QUICK_UNAVAILABLE is not None, reason=str(_native.QUICK_UNAVAILABLE))
@@ -27,29 +26,6 @@ def bulk_body_of(size: int) -> bytes:
     return bytes(range(97, 123)) * (size // 26) + b"q" * (size % 26)
 
 
-def bulk_until(condition, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    """Wait for a condition on shared state (as tests/test_qlpc_faults.py does): ring words in
-    shared memory signal nothing a test could wait on."""
-    end = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < end, "condition not reached"
-        time.sleep(0.0005)
-
-
-def bulk_in_thread(target, *args: object) -> tuple[threading.Thread, list[object]]:  # type: ignore[no-untyped-def]
-    result: list[object] = []
-
-    def run() -> None:
-        try:
-            result.append(target(*args))
-        except BaseException as exc:
-            result.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, result
-
-
 def test_bulk_serve_requests_keeps_the_clients_max_message_length(broker, config) -> None:  # type: ignore[no-untyped-def]
     """QuickLink._serve (serve_requests' lean loop) hands the handler's answer to reply_wait,
     which posts anything up to 1 MiB into the server's bulk area: it never looks at carry_max,
@@ -60,14 +36,14 @@ def test_bulk_serve_requests_keeps_the_clients_max_message_length(broker, config
     with ring_pair(config, "rvb.servelimit", client_config=client_config) as (_, server, client):
         quick = server._quick
         assert quick is not None and quick.carry_max == 4096
-        served = bulk_in_thread(server.serve_requests, lambda body: b"r" * 8192, 4)
+        served = in_thread(server.serve_requests, lambda body: b"r" * 8192, 4)
         try:
             reply: object = client.request(b"hi", timeout=2)
         except BaseException as exc:
             reply = exc
-        served[0].join(10)
+        served.join(10)
         assert not isinstance(reply, alpc.PeerGone), reply  # the client blamed the server
-        assert isinstance(served[1][0], alpc.MessageTooLarge), served[1]
+        assert isinstance(served.result[0], alpc.MessageTooLarge), served.result
 
 
 def test_bulk_a_ring_request_over_the_servers_max_message_length_is_refused_in_a_slot_too(broker, config) -> None:  # type: ignore[no-untyped-def]
@@ -81,7 +57,7 @@ def test_bulk_a_ring_request_over_the_servers_max_message_length_is_refused_in_a
         hostile = client._quick
         assert hostile is not None and hostile.carry_max == 100
         hostile.carry_max = BULK  # a client that does not keep the server's limit
-        caller = bulk_in_thread(client.request, b"x" * 400, 3)
+        caller = in_thread(client.request, b"x" * 400, 3)
         got: object
         try:
             got = server.receive(timeout=5)
@@ -89,7 +65,7 @@ def test_bulk_a_ring_request_over_the_servers_max_message_length_is_refused_in_a
             got = exc
         if isinstance(got, alpc.Message) and got.type is alpc.MessageType.REQUEST:
             got.reply(b"")
-        caller[0].join(10)
+        caller.join(10)
         assert not (isinstance(got, alpc.Message) and len(got.data) > 100), \
             f"a {len(got.data)}-byte request delivered past max_message_length=100"  # type: ignore[union-attr]
 
@@ -106,20 +82,20 @@ def test_bulk_a_signal_as_port_wait_sees_a_bulk_entry_leaves_it_found(broker, co
         assert quick is not None
         # One request the usual way: the first post rings the doorbell (the ring starts armed),
         # wait() reads it; the ring is then unarmed and queued to be armed again.
-        first = bulk_in_thread(client.request, b"first", 10)
+        first = in_thread(client.request, b"first", 10)
         message = port.wait(timeout=10)
         assert isinstance(message, alpc.Message) and message.data == b"first"
         message.reply(b"FIRST")
-        first[0].join(10)
-        assert isinstance(first[1][0], alpc.Message) and first[1][0].data == b"FIRST"
+        first.join(10)
+        assert isinstance(first.result[0], alpc.Message) and first.result[0].data == b"FIRST"
         # The doorbell frame of the first may still be unread (wait() can find the request in
         # the ring before it comes): read, or the client's next post waits behind its bytes
         # (they count as socket bytes not read) and takes the socket.
         server.pump()
         # The next comes while the server is busy (not armed): no doorbell, the ring holds it.
         body = bulk_body_of(200_000)
-        second = bulk_in_thread(client.request, body, 20)
-        bulk_until(lambda: quick.ring.waiting() == 1)
+        second = in_thread(client.request, body, 20)
+        until(lambda: quick.ring.waiting() == 1)
         real = quick.ring.reply_wait_attested
         raised = [0]
 
@@ -143,8 +119,8 @@ def test_bulk_a_signal_as_port_wait_sees_a_bulk_entry_leaves_it_found(broker, co
             pytest.fail("wait() never looked at the ring again: the bulk request is stuck in it")
         assert isinstance(got, alpc.Message) and got.data == body
         got.reply(b"SECOND")
-        second[0].join(10)
-        assert isinstance(second[1][0], alpc.Message) and second[1][0].data == b"SECOND"
+        second.join(10)
+        assert isinstance(second.result[0], alpc.Message) and second.result[0].data == b"SECOND"
 
 
 def test_bulk_a_signal_before_serve_requests_next_wait_raises_keyboardinterrupt(broker, config) -> None:  # type: ignore[no-untyped-def]
@@ -158,7 +134,7 @@ def test_bulk_a_signal_before_serve_requests_next_wait_raises_keyboardinterrupt(
         quick = server._quick
         assert quick is not None
         body = bulk_body_of(100_000)
-        caller = bulk_in_thread(client.request, body, 5)
+        caller = in_thread(client.request, body, 5)
         real = quick.ring.reply_wait
         calls = [0]
 
@@ -180,7 +156,7 @@ def test_bulk_a_signal_before_serve_requests_next_wait_raises_keyboardinterrupt(
                 server.serve_requests(handler, timeout=10)
         finally:
             quick.ring.reply_wait = real  # type: ignore[misc]
-            caller[0].join(10)
+            caller.join(10)
         assert handled == [len(body)]
 
 
@@ -194,7 +170,7 @@ def test_bulk_a_signal_after_receive_took_a_bulk_request_loses_nothing(broker, c
         quick = server._quick
         assert quick is not None and quick.on_take is not None
         body = bulk_body_of(200_000)
-        caller = bulk_in_thread(client.request, body, 6)
+        caller = in_thread(client.request, body, 6)
         real = quick.on_take
         raised = [0]
 
@@ -217,6 +193,6 @@ def test_bulk_a_signal_after_receive_took_a_bulk_request_loses_nothing(broker, c
             message = None
         if message is not None:
             message.reply(b"got it")
-        caller[0].join(10)
+        caller.join(10)
         assert message is not None and message.data == body, "the request taken from the ring is lost"
-        assert isinstance(caller[1][0], alpc.Message) and caller[1][0].data == b"got it"
+        assert isinstance(caller.result[0], alpc.Message) and caller.result[0].data == b"got it"

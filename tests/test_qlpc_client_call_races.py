@@ -7,8 +7,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -16,30 +14,10 @@ import pytest
 import alpc
 from alpc import _native
 from alpc.protocol import QUICK_ID_BIT
+from tests.test_qlpc_socket_interplay import ring_pair
 
 native = pytest.mark.skipif(_native.QUICK_UNAVAILABLE is not None, reason=str(_native.QUICK_UNAVAILABLE))
 pytestmark = [native, pytest.mark.timeout(60)]
-
-
-@contextmanager
-def ring_pair(config: alpc.Config, name: str, attributes: alpc.PortAttributes | None = None,
-              client_config: alpc.Config | None = None
-              ) -> Iterator[tuple[alpc.ConnectionPort, alpc.CommunicationPort, alpc.CommunicationPort]]:
-    """A Quick-LPC port in this process, one client of it, and the server's side of that client."""
-    attributes = attributes or alpc.PortAttributes(quick_lpc=True)
-    with alpc.create_port(name, attributes, config=config) as port:
-        accepted: list[alpc.CommunicationPort] = []
-        listener = threading.Thread(target=lambda: accepted.append(port.listen(timeout=10).accept()))
-        listener.start()
-        client = alpc.connect(name, config=client_config or config, timeout=10)
-        listener.join(10)
-        server = accepted[0]
-        try:
-            assert client.quick and server.quick
-            yield port, server, client
-        finally:
-            client.close()
-            server.close()
 
 
 def answer(server: alpc.CommunicationPort, count: int) -> threading.Thread:

@@ -19,6 +19,7 @@ import pytest
 
 import alpc
 from alpc import _native
+from tests.test_qlpc_server_read_races import multiplexed
 from tests.test_qlpc_socket_interplay import ring_pair
 
 native = pytest.mark.skipif(_native.QUICK_UNAVAILABLE is not None, reason=str(_native.QUICK_UNAVAILABLE))
@@ -132,38 +133,24 @@ def test_a_receive_on_the_socket_leaves_a_port_wait_armed_for_the_ring(broker, c
     receive() after socket messages: that receive waits on the socket with the ring's doorbell
     armed and ends the arm as it returns; the port's next wait() must still see the client's
     ring request (it re-arms every ring its reads or a take told it about)."""
-    attributes = alpc.PortAttributes(quick_lpc=True)
-    with alpc.create_port("ql.mixed", attributes, config=config) as port:
-        connected: list[alpc.CommunicationPort] = []
-        connecting = threading.Thread(target=lambda: connected.append(alpc.connect("ql.mixed", config=config,
-                                                                                   timeout=10)))
-        connecting.start()
-        request = port.wait(timeout=10)
-        assert isinstance(request, alpc.ConnectionRequest)
-        server = request.accept()
-        connecting.join(10)
-        client = connected[0]
-        try:
-            assert client.quick and server.quick
-            socket_bodies(client)
-            client.send(LARGE, timeout=10)
-            assert port.wait(timeout=10).data == LARGE  # (its section's fd: the general path)
-            client.send(b"small", timeout=10)
-            assert port.wait(timeout=10).data == b"small"  # this wait armed the ring
-            replies: list[bytes] = []
-            asking = threading.Thread(target=lambda: replies.append(client.request(LARGE, timeout=10).data))
-            asking.start()
-            large = server.receive(timeout=10)  # waited for on the socket, the ring armed meanwhile
-            assert large.data == LARGE
-            large.reply(b"large")
-            asking.join(10)
-            assert replies == [b"large"]
-            caller = threading.Thread(target=lambda: replies.append(client.call(b"ring", timeout=10)))
-            caller.start()
-            message = port.wait(timeout=5)
-            assert isinstance(message, alpc.Message) and message.data == b"ring"
-            message.reply(b"done")
-            caller.join(10)
-            assert replies == [b"large", b"done"]
-        finally:
-            client.close()
+    with multiplexed(config, "ql.mixed") as (port, server, client):
+        socket_bodies(client)
+        client.send(LARGE, timeout=10)
+        assert port.wait(timeout=10).data == LARGE  # (its section's fd: the general path)
+        client.send(b"small", timeout=10)
+        assert port.wait(timeout=10).data == b"small"  # this wait armed the ring
+        replies: list[bytes] = []
+        asking = threading.Thread(target=lambda: replies.append(client.request(LARGE, timeout=10).data))
+        asking.start()
+        large = server.receive(timeout=10)  # waited for on the socket, the ring armed meanwhile
+        assert large.data == LARGE
+        large.reply(b"large")
+        asking.join(10)
+        assert replies == [b"large"]
+        caller = threading.Thread(target=lambda: replies.append(client.call(b"ring", timeout=10)))
+        caller.start()
+        message = port.wait(timeout=5)
+        assert isinstance(message, alpc.Message) and message.data == b"ring"
+        message.reply(b"done")
+        caller.join(10)
+        assert replies == [b"large", b"done"]

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import itertools
 import mmap
-import socket
 import struct
 from collections.abc import Iterator
 
 import pytest
 from qlpc_harness import BULK, BULK_SIZE, CLIENT_SIDE, ID_BIT, REQUEST, SERVER_SIDE, Pair, deadline, make_pair, native
 
-from alpc._native import Q_BUSY, Q_E_ARGS, Q_E_VIEW, Q_FULL, Q_LARGE, Q_TIMEOUT, QuickRing, quick_region_size
-from alpc.section import Section
+from alpc._native import Q_BUSY, Q_E_ARGS, Q_E_VIEW, Q_FULL, Q_LARGE, Q_TIMEOUT
 
 pytestmark = [native, pytest.mark.timeout(30)]
 
@@ -172,27 +170,12 @@ def test_a_client_clears_the_held_word_a_server_left_in_its_side() -> None:
     """The server lays the region out, and could leave the client's ``bulk_held`` set: the
     client would then refuse the first view reply as one "while the last is held" (Q_E_VIEW)
     and drop the connection. The client's words are its own once it maps the rings."""
-    slots, slot_size = 4, 128
-    size = quick_region_size(slots, slot_size)
-    section = Section.create(size, backend="memfd", shared_writable=True)
-    server_sock, client_sock = socket.socketpair()
-    server = client = None
-    region = mmap.mmap(section.fd, size)
-    try:
-        server = QuickRing(section.fd, size, slots, slot_size, server=True, sock_fd=server_sock.fileno(),
-                           pidfd=None, spin_ns=0)
-        struct.pack_into("<I", region, CLIENT_SIDE + BULK_HELD, 1)  # the server's lie
-        client = QuickRing(section.fd, size, slots, slot_size, server=False, sock_fd=client_sock.fileno(),
-                           pidfd=None, spin_ns=0)
-        assert struct.unpack_from("<I", region, CLIENT_SIDE + BULK_HELD)[0] == 0
+
+    def lie(region: mmap.mmap) -> None:
+        struct.pack_into("<I", region, CLIENT_SIDE + BULK_HELD, 1)
+
+    with make_pair(slots=4, slot_size=128, before_client=lie) as pair:
+        assert pair.word(CLIENT_SIDE, BULK_HELD) == 0
         loan = next(LOANS)
-        assert server.lend_bulk(loan) == loan  # (a held client word would say Q_FULL here)
-        server.unlend_bulk(loan)
-    finally:
-        region.close()
-        for ring in (server, client):
-            if ring is not None:
-                ring.close()
-        section.close()
-        server_sock.close()
-        client_sock.close()
+        assert pair.server.lend_bulk(loan) == loan  # (a held client word would say Q_FULL here)
+        pair.server.unlend_bulk(loan)

@@ -22,6 +22,7 @@ import pytest
 import alpc
 from alpc import _native, qlpc
 from alpc._native import Q_ORDER
+from tests.test_qlpc_faults import in_thread, until
 
 native = pytest.mark.skipif(_native.QUICK_UNAVAILABLE is not None, reason=str(_native.QUICK_UNAVAILABLE))
 pytestmark = [native, pytest.mark.timeout(60)]
@@ -51,28 +52,6 @@ def multiplexed(config: alpc.Config, name: str) -> Iterator[tuple[alpc.Connectio
         finally:
             client.close()
             server.close()
-
-
-def in_thread(target, *args):  # type: ignore[no-untyped-def]
-    result: list[object] = []
-
-    def run() -> None:
-        try:
-            result.append(target(*args))
-        except BaseException as exc:
-            result.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.result = result  # type: ignore[attr-defined]
-    return thread
-
-
-def until(condition, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    end = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < end, "condition not reached"
-        time.sleep(0.0005)  # handshake-free: ring words in shared memory signal nothing to wait on
 
 
 def wait_sees_ring_call(port: alpc.ConnectionPort, server: alpc.CommunicationPort,

@@ -17,6 +17,7 @@ import pytest
 
 import alpc
 from alpc._native import QuickRing
+from alpc.qlpc import QuickLink
 from tests.test_qlpc_bulk import native
 from tests.test_qlpc_socket_interplay import ring_pair
 
@@ -30,6 +31,18 @@ def pair(broker, config) -> Iterator[tuple[alpc.CommunicationPort, alpc.Communic
         yield server, client
 
 
+def refused_view(client: alpc.CommunicationPort) -> tuple[QuickLink, alpc.RingView]:
+    """The client's link and a filled view lent by its bulk area, whose ring post will be
+    refused for now (Q_ORDER): a datagram's socket bytes go unread before it."""
+    quick = client._quick
+    assert quick is not None
+    client.send(b"datagram", timeout=10)
+    view = client.create_view(10, timeout=10)
+    assert isinstance(view, alpc.RingView)
+    view.memory[:] = b"0123456789"
+    return quick, view
+
+
 def test_a_release_during_a_refused_ring_post_ends_the_loan(pair) -> None:  # type: ignore[no-untyped-def]
     """A RingView released by another thread while this one is in the ring post, which the ring
     refuses (Q_ORDER: a datagram's socket bytes are not read yet): the release saw the view
@@ -37,12 +50,7 @@ def test_a_release_during_a_refused_ring_post_ends_the_loan(pair) -> None:  # ty
     in force. Nobody can unlend it now (the view is released): the area stays lent for ever, so
     no later view is lent and no large copy goes through the ring."""
     _, client = pair
-    quick = client._quick
-    assert quick is not None
-    client.send(b"datagram", timeout=10)  # unread: the ring refuses posts behind its bytes for now
-    view = client.create_view(10, timeout=10)
-    assert isinstance(view, alpc.RingView)
-    view.memory[:] = b"0123456789"
+    quick, view = refused_view(client)
     real = quick._call_attested
 
     def released_meanwhile(*args: object) -> int:
@@ -134,12 +142,7 @@ def test_an_interrupt_before_a_refused_post_is_settled_leaves_the_loan_to_the_re
     the view claimed ("sent") with its loan in force: released afterwards it gives nothing back
     (RingView._finished unlends only an unsent view), and the area stays lent for ever."""
     _, client = pair
-    quick = client._quick
-    assert quick is not None
-    client.send(b"datagram", timeout=10)  # unread: the ring refuses posts behind its bytes for now
-    view = client.create_view(10, timeout=10)
-    assert isinstance(view, alpc.RingView)
-    view.memory[:] = b"0123456789"
+    _, view = refused_view(client)
     real = QuickRing.loan_in_force
     raised: list[bool] = []
 

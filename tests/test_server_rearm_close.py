@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-import alpc
 from alpc import _native
+from tests.test_qlpc_server_read_races import multiplexed
 
 native = pytest.mark.skipif(_native.QUICK_UNAVAILABLE is not None, reason=str(_native.QUICK_UNAVAILABLE))
 pytestmark = [native, pytest.mark.timeout(60)]
@@ -35,16 +35,7 @@ def test_rearm_write_racing_close_lands_in_another_file(broker, config, monkeypa
     freed the set writes after the last waiter closed it (_free_poller): by then the number may
     be another file's, which gets the 8 bytes. (The comment there expects only an OSError.)"""
     name = "rv.rearm.close"
-    with alpc.create_port(name, alpc.PortAttributes(quick_lpc=True), config=config) as port:
-        connected: list[alpc.CommunicationPort] = []
-        connecting = threading.Thread(target=lambda: connected.append(alpc.connect(name, config=config, timeout=10)))
-        connecting.start()
-        request = port.wait(timeout=10)
-        assert isinstance(request, alpc.ConnectionRequest)
-        server = request.accept()
-        connecting.join(10)
-        client = connected[0]
-        assert client.quick and server.quick
+    with multiplexed(config, name) as (port, server, client):
         rearm = port._rearm
         assert rearm is not None
 
