@@ -39,7 +39,7 @@ class SlowImpl(Slow):
         try:
             await asyncio.Event().wait()
         finally:
-            await asyncio.sleep(0.2)  # the handler's own cleanup work (not a synchronisation)
+            await asyncio.sleep(0.2)  # handshake-free: the handler's own cleanup work, not a synchronisation
             self.cleaned = True
 
 

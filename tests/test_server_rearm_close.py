@@ -7,26 +7,15 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 
 import pytest
 
 from alpc import _native
+from tests.test_qlpc_faults import until
 from tests.test_qlpc_server_read_races import multiplexed
 
 native = pytest.mark.skipif(_native.QUICK_UNAVAILABLE is not None, reason=str(_native.QUICK_UNAVAILABLE))
 pytestmark = [native, pytest.mark.timeout(60)]
-
-
-def _until(condition, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
-    """Poll a condition with no event to wait on (the port's _armed_by set), bounded."""
-    pause = threading.Event()
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            return False
-        pause.wait(0.002)
-    return True
 
 
 def test_rearm_write_racing_close_lands_in_another_file(broker, config, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -60,7 +49,7 @@ def test_rearm_write_racing_close_lands_in_another_file(broker, config, monkeypa
 
         w = threading.Thread(target=waiter, daemon=True)
         w.start()
-        assert _until(lambda: bool(port._armed_by), 10)  # the waiter armed the ring and sleeps in poll()
+        until(lambda: bool(port._armed_by))  # the waiter armed the ring and sleeps in poll()
 
         def take() -> None:
             taker.append(threading.get_ident())
