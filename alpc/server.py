@@ -316,13 +316,27 @@ class ConnectionPort:
         # last of them closes it; close() wakes them through this eventfd in the set (a port
         # that lost its registration for good has no link fd to wake them).
         self._pollers: list[None] = []  # append/pop are atomic: letting go takes no lock
-        self._woken = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        # Threads in wait() that armed the rings and have not left their poll() yet: a take from
+        # an armed ring by another thread (a receive() on that connection) ends the arm under
+        # them, and nothing else would wake them to arm it again (the client rings no doorbell
+        # for an unarmed ring). That thread writes ``_rearm`` (in the set, made with the port
+        # where it may offer rings: made later, it would look like a leaked fd), and they arm afresh.
+        self._armed_by: set[int] = set()
+        # Held across a write of _rearm and across its close (a leaf lock: nothing is taken
+        # under it), so a write never lands on its number once another file has it.
+        self._rearm_lock = threading.Lock()
+        self._rearm: int | None = None
+        woken = None
         try:
-            self._poller.register(self._woken)
+            woken = self._registered_eventfd()
+            if attributes.quick_lpc is not False and qlpc.available():
+                self._rearm = self._registered_eventfd()
         except BaseException:
             self._poller.close()
-            os.close(self._woken)
+            if woken is not None:
+                os.close(woken)
             raise
+        self._woken = woken
         # How long wait() spins before it sleeps, from how soon events came lately.
         self._spin = SpinBudget()
         # Connections whose inbox got something since they were last served.
@@ -353,23 +367,6 @@ class ConnectionPort:
         # Those whose ring may have left the armed state since wait() last armed it
         # (QuickLink.on_take): arming only these keeps a wait O(active), not O(clients).
         self._quick_unarmed: deque[weakref.ref[CommunicationPort]] = deque()
-        # Threads in wait() that armed the rings and have not left their poll() yet: a take from
-        # an armed ring by another thread (a receive() on that connection) ends the arm under
-        # them, and nothing else would wake them to arm it again (the client rings no doorbell
-        # for an unarmed ring). That thread writes ``_rearm`` (in the set, made with the port
-        # where it may offer rings: made later, it would look like a leaked fd), and they arm afresh.
-        self._armed_by: set[int] = set()
-        self._rearm: int | None = None
-        # Held across a write of _rearm and across its close (a leaf lock: nothing is taken
-        # under it), so a write never lands on its number once another file has it.
-        self._rearm_lock = threading.Lock()
-        if attributes.quick_lpc is not False and qlpc.available():
-            try:
-                self._rearm = self._new_rearm()
-            except BaseException:
-                self._poller.close()
-                os.close(self._woken)
-                raise
 
     def __repr__(self) -> str:
         return f"<ConnectionPort {self.name!r} with {len(self._connections)} clients>"
@@ -692,14 +689,15 @@ class ConnectionPort:
             if not self._quick_held and not self._closed:
                 self._quick_held = qlpc.hold_watcher()
 
-    def _new_rearm(self) -> int:
-        rearm = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    def _registered_eventfd(self) -> int:
+        """A new eventfd in the port's set (closed again if the set refuses it)."""
+        fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         try:
-            self._poller.register(rearm)
+            self._poller.register(fd)
         except BaseException:
-            os.close(rearm)
+            os.close(fd)
             raise
-        return rearm
+        return fd
 
     def _quick_unarmed_by(self, comm: weakref.ref[CommunicationPort]) -> None:
         """QuickLink.on_take: ``comm``'s ring left the armed state (any thread). A wait() of
